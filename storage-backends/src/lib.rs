@@ -1,0 +1,171 @@
+//! Bytes of KV blocks from storage into pinned staging memory, behind one trait.
+//!
+//! A backend is per core: [`BlockStore`] values are `!Send`, own their I/O queue and
+//! read into buffers of the core's staging slab. Reads are submitted with a buffer
+//! passed by value and come back, verified, with that buffer.
+//!
+//! Backends: `uring` (local NVMe or any mounted file system, io_uring + O_DIRECT +
+//! registered buffers). SPDK is a design slot only: it is not obtainable on the
+//! machines this project builds on, so no code for it exists (see ARCHITECTURE.md).
+
+mod sys;
+pub mod uring;
+
+use std::fmt;
+use std::ops::Range;
+use std::path::PathBuf;
+
+use block_layout::{BlockKey, Geometry, LayerPlacement};
+use staging::StagingBuffer;
+
+/// Index of a namespace within a store, in configuration order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct NamespaceId(pub u16);
+
+/// A namespace as the configuration declares it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamespaceSpec {
+    pub name: String,
+    pub geometry: Geometry,
+    pub capacity_bytes: u64,
+}
+
+/// Read layers `layers` of block `key` into the buffer given with the request.
+#[derive(Debug, Clone)]
+pub struct ReadRequest {
+    /// Returned with the completion; the backend does not interpret it.
+    pub tag: u64,
+    pub namespace: NamespaceId,
+    pub key: BlockKey,
+    pub layers: Range<u16>,
+}
+
+/// A finished read: on success, where each layer lies in `buffer`.
+#[derive(Debug)]
+pub struct ReadCompletion {
+    pub tag: u64,
+    pub result: Result<LayerPlacement, StoreError>,
+    pub buffer: StagingBuffer,
+}
+
+/// A read refused before submission; the buffer comes back untouched.
+#[derive(Debug)]
+pub struct Rejected {
+    pub error: StoreError,
+    pub buffer: StagingBuffer,
+}
+
+/// Per-shard counters, summed over shards by whoever reports them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ShardStats {
+    pub reads: u64,
+    pub read_bytes: u64,
+    pub read_errors: u64,
+    pub checksum_failures: u64,
+    pub puts: u64,
+    pub put_bytes: u64,
+    pub evictions: u64,
+    pub namespaces: Vec<NamespaceStats>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NamespaceStats {
+    pub name: String,
+    pub blocks: u64,
+    pub slots: u64,
+    pub slot_bytes: u64,
+}
+
+/// One core's handle on a block store.
+pub trait BlockStore {
+    fn namespace_id(&self, name: &str) -> Option<NamespaceId>;
+    fn geometry(&self, namespace: NamespaceId) -> Geometry;
+    /// Queues a read; it starts at the latest on the next [`BlockStore::reap`].
+    fn submit_read(&mut self, request: ReadRequest, buffer: StagingBuffer) -> Result<(), Rejected>;
+    /// Starts queued reads and moves finished ones into `out`; with `wait`, blocks
+    /// until at least one read has finished (if any is in flight).
+    fn reap(&mut self, out: &mut Vec<ReadCompletion>, wait: bool) -> Result<(), StoreError>;
+    fn reads_in_flight(&self) -> usize;
+    /// Stores whole blocks durably (on return they survive a crash); a key that
+    /// exists is replaced. Each block must be `geometry.block_bytes()` long.
+    fn put(&mut self, namespace: NamespaceId, blocks: &[(BlockKey, &[u8])]) -> Result<(), StoreError>;
+    /// Removes a block; false if it was not there.
+    fn delete(&mut self, namespace: NamespaceId, key: BlockKey) -> Result<bool, StoreError>;
+    fn contains(&self, namespace: NamespaceId, key: BlockKey) -> bool;
+    fn keys(&self, namespace: NamespaceId) -> Vec<BlockKey>;
+    fn stats(&self) -> ShardStats;
+}
+
+/// What an I/O operation was doing, for error messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoOp {
+    Open,
+    Read,
+    Write,
+    Sync,
+    Lock,
+    Ring,
+}
+
+impl fmt::Display for IoOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            IoOp::Open => "open",
+            IoOp::Read => "read",
+            IoOp::Write => "write",
+            IoOp::Sync => "sync",
+            IoOp::Lock => "lock",
+            IoOp::Ring => "io_uring setup",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("block {key} not found in namespace {namespace:?}")]
+    NotFound { namespace: String, key: BlockKey },
+    #[error("unknown namespace {name:?}; declare it as a [[namespace]] in the config")]
+    UnknownNamespace { name: String },
+    #[error("layers {layers:?} outside namespace {namespace:?} (which has {layer_count} layers)")]
+    LayerRange { namespace: String, layers: Range<u16>, layer_count: u16 },
+    #[error("a read of {needed} bytes does not fit a {buffer}-byte staging buffer; read fewer layers at once")]
+    BufferTooSmall { needed: u64, buffer: usize },
+    #[error("block {key} for namespace {namespace:?} is {got} bytes; its geometry needs exactly {expected}")]
+    WrongSize { namespace: String, key: BlockKey, expected: u64, got: u64 },
+    #[error("busy: {what}; retry after in-flight operations finish")]
+    Busy { what: &'static str },
+    #[error(
+        "block {key} in namespace {namespace:?} is corrupt: layer {layer} checksum {actual:08x}, \
+         expected {expected:08x} ({path}, offset {offset}); it was not served; store it again"
+    )]
+    Corrupt { namespace: String, key: BlockKey, layer: u16, expected: u32, actual: u32, path: PathBuf, offset: u64 },
+    #[error("{op} of {len} bytes at offset {offset} of {path}: {source}")]
+    Io { op: IoOp, path: PathBuf, offset: u64, len: u64, source: std::io::Error },
+    #[error("short read of {path} at offset {offset}: {got} of {expected} bytes (file truncated?)")]
+    ShortRead { path: PathBuf, offset: u64, expected: u64, got: u64 },
+    #[error("store {path}: {problem}; fix: {fix}")]
+    Layout { path: PathBuf, problem: String, fix: String },
+}
+
+impl StoreError {
+    /// Whether the same request may succeed if tried again later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Busy { .. } | StoreError::Io { .. } | StoreError::ShortRead { .. })
+    }
+
+    /// A short stable name for metrics labels and exit codes.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreError::NotFound { .. } => "not_found",
+            StoreError::UnknownNamespace { .. } => "unknown_namespace",
+            StoreError::LayerRange { .. } => "layer_range",
+            StoreError::BufferTooSmall { .. } => "buffer_too_small",
+            StoreError::WrongSize { .. } => "wrong_size",
+            StoreError::Busy { .. } => "busy",
+            StoreError::Corrupt { .. } => "corrupt",
+            StoreError::Io { .. } => "io",
+            StoreError::ShortRead { .. } => "short_read",
+            StoreError::Layout { .. } => "layout",
+        }
+    }
+}

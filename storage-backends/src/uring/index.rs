@@ -1,0 +1,348 @@
+//! The in-memory index of one shard's namespace: which slot holds which key, the
+//! per-layer checksums of each live block, least-recently-used order, and pins
+//! that keep a slot from being reused while a read into it is in flight.
+//!
+//! Pure bookkeeping, no I/O: every state change here is decided before or after the
+//! disk operation that makes it durable, by the shard.
+
+use std::collections::HashMap;
+
+use block_layout::BlockKey;
+
+const NIL: u32 = u32::MAX;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotState {
+    Free,
+    /// Taken by a put in progress; not visible to lookups.
+    Writing,
+    Live,
+    /// Replaced or deleted while pinned; freed when the last pin goes.
+    Retired,
+}
+
+#[derive(Debug, Clone)]
+struct Slot {
+    state: SlotState,
+    key: BlockKey,
+    generation: u64,
+    pins: u32,
+    /// The header file may hold a valid record for this slot: it must be
+    /// invalidated durably before the slot's data is overwritten.
+    record_on_disk: bool,
+    newer: u32,
+    older: u32,
+}
+
+/// A slot taken for a put.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reservation {
+    pub slot: u32,
+    /// The slot's old header record must be invalidated (and synced) first.
+    pub needs_invalidation: bool,
+    /// The key evicted to make room, if any.
+    pub evicted: Option<BlockKey>,
+}
+
+#[derive(Debug)]
+pub struct SlotTable {
+    slots: Vec<Slot>,
+    layers: usize,
+    crcs: Vec<u32>,
+    map: HashMap<BlockKey, u32>,
+    free: Vec<u32>,
+    /// Most recently used live slot.
+    newest: u32,
+    /// Least recently used live slot: the next to evict.
+    oldest: u32,
+}
+
+impl SlotTable {
+    pub fn new(slot_count: u32, layers: u16) -> Self {
+        let slot = Slot {
+            state: SlotState::Free,
+            key: BlockKey(0),
+            generation: 0,
+            pins: 0,
+            record_on_disk: false,
+            newer: NIL,
+            older: NIL,
+        };
+        Self {
+            slots: vec![slot; slot_count as usize],
+            layers: usize::from(layers),
+            crcs: vec![0; slot_count as usize * usize::from(layers)],
+            map: HashMap::with_capacity(slot_count as usize),
+            free: (0..slot_count).rev().collect(),
+            newest: NIL,
+            oldest: NIL,
+        }
+    }
+
+    pub fn slot_count(&self) -> u32 {
+        u32::try_from(self.slots.len()).expect("slot count came from a u32")
+    }
+
+    pub fn live_count(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = BlockKey> + '_ {
+        self.map.keys().copied()
+    }
+
+    pub fn lookup(&self, key: BlockKey) -> Option<u32> {
+        self.map.get(&key).copied()
+    }
+
+    pub fn layer_crcs(&self, slot: u32) -> &[u32] {
+        let start = slot as usize * self.layers;
+        &self.crcs[start..start + self.layers]
+    }
+
+    /// Marks a live slot most recently used.
+    pub fn touch(&mut self, slot: u32) {
+        debug_assert_eq!(self.slots[slot as usize].state, SlotState::Live);
+        self.unlink(slot);
+        self.link_newest(slot);
+    }
+
+    pub fn pin(&mut self, slot: u32) {
+        self.slots[slot as usize].pins += 1;
+    }
+
+    pub fn unpin(&mut self, slot: u32) {
+        let entry = &mut self.slots[slot as usize];
+        assert!(entry.pins > 0, "unpin of an unpinned slot");
+        entry.pins -= 1;
+        if entry.pins == 0 && entry.state == SlotState::Retired {
+            self.release(slot);
+        }
+    }
+
+    /// Takes a slot for a new block: a free one, else the least recently used
+    /// unpinned live one. `None` when every slot is pinned or being written.
+    pub fn reserve(&mut self) -> Option<Reservation> {
+        if let Some(slot) = self.free.pop() {
+            let entry = &mut self.slots[slot as usize];
+            entry.state = SlotState::Writing;
+            return Some(Reservation { slot, needs_invalidation: entry.record_on_disk, evicted: None });
+        }
+        let mut candidate = self.oldest;
+        while candidate != NIL && self.slots[candidate as usize].pins > 0 {
+            candidate = self.slots[candidate as usize].newer;
+        }
+        if candidate == NIL {
+            return None;
+        }
+        let evicted = self.slots[candidate as usize].key;
+        self.unlink(candidate);
+        self.map.remove(&evicted);
+        let entry = &mut self.slots[candidate as usize];
+        entry.state = SlotState::Writing;
+        Some(Reservation { slot: candidate, needs_invalidation: entry.record_on_disk, evicted: Some(evicted) })
+    }
+
+    /// The slot's old record has been invalidated durably.
+    pub fn mark_record_cleared(&mut self, slot: u32) {
+        self.slots[slot as usize].record_on_disk = false;
+    }
+
+    /// Gives back a reservation whose put failed. Its data may be partly written,
+    /// but no record describes it, so it is simply free.
+    pub fn abandon(&mut self, slot: u32) {
+        let entry = &mut self.slots[slot as usize];
+        assert_eq!(entry.state, SlotState::Writing, "abandon of a slot not being written");
+        entry.state = SlotState::Free;
+        self.free.push(slot);
+    }
+
+    /// Makes a written and durably recorded block visible. Returns the slot that
+    /// held the key before, which is now retired or free.
+    pub fn commit(&mut self, slot: u32, key: BlockKey, generation: u64, crcs: &[u32]) -> Option<u32> {
+        assert_eq!(crcs.len(), self.layers, "one checksum per layer");
+        let entry = &mut self.slots[slot as usize];
+        assert_eq!(entry.state, SlotState::Writing, "commit of a slot not being written");
+        entry.state = SlotState::Live;
+        entry.key = key;
+        entry.generation = generation;
+        entry.record_on_disk = true;
+        let start = slot as usize * self.layers;
+        self.crcs[start..start + self.layers].copy_from_slice(crcs);
+        self.link_newest(slot);
+        let previous = self.map.insert(key, slot);
+        if let Some(old) = previous {
+            self.retire(old);
+        }
+        previous
+    }
+
+    /// Inserts a block found valid at recovery (in ascending generation order, so the
+    /// newest ends most recently used). A second record of the same key wins when
+    /// its generation is higher.
+    pub fn recover(&mut self, slot: u32, key: BlockKey, generation: u64, crcs: &[u32]) {
+        if let Some(&existing) = self.map.get(&key) {
+            if self.slots[existing as usize].generation >= generation {
+                // A stale record: the slot is free, but its record must be cleared
+                // before reuse.
+                self.slots[slot as usize].record_on_disk = true;
+                return;
+            }
+        }
+        self.free.retain(|&free| free != slot);
+        self.slots[slot as usize].state = SlotState::Writing;
+        self.commit(slot, key, generation, crcs);
+    }
+
+    /// Marks a slot whose record on disk is unusable (torn or stale) for clearing.
+    pub fn mark_record_present(&mut self, slot: u32) {
+        self.slots[slot as usize].record_on_disk = true;
+    }
+
+    /// Removes a key. Returns its slot, which must have its record invalidated.
+    pub fn remove(&mut self, key: BlockKey) -> Option<u32> {
+        let slot = self.map.remove(&key)?;
+        self.retire(slot);
+        Some(slot)
+    }
+
+    fn retire(&mut self, slot: u32) {
+        self.unlink(slot);
+        let entry = &mut self.slots[slot as usize];
+        entry.state = SlotState::Retired;
+        if entry.pins == 0 {
+            self.release(slot);
+        }
+    }
+
+    fn release(&mut self, slot: u32) {
+        let entry = &mut self.slots[slot as usize];
+        entry.state = SlotState::Free;
+        self.free.push(slot);
+    }
+
+    fn link_newest(&mut self, slot: u32) {
+        let entry = &mut self.slots[slot as usize];
+        entry.older = self.newest;
+        entry.newer = NIL;
+        if self.newest != NIL {
+            self.slots[self.newest as usize].newer = slot;
+        }
+        self.newest = slot;
+        if self.oldest == NIL {
+            self.oldest = slot;
+        }
+    }
+
+    fn unlink(&mut self, slot: u32) {
+        let Slot { newer, older, .. } = self.slots[slot as usize];
+        let linked = newer != NIL || older != NIL || self.newest == slot;
+        if !linked {
+            return;
+        }
+        if newer != NIL {
+            self.slots[newer as usize].older = older;
+        } else {
+            self.newest = older;
+        }
+        if older != NIL {
+            self.slots[older as usize].newer = newer;
+        } else {
+            self.oldest = newer;
+        }
+        let entry = &mut self.slots[slot as usize];
+        entry.newer = NIL;
+        entry.older = NIL;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn put(table: &mut SlotTable, key: u128) -> Reservation {
+        let reservation = table.reserve().expect("a slot");
+        table.commit(reservation.slot, BlockKey(key), key as u64, &[key as u32]);
+        reservation
+    }
+
+    #[test]
+    fn least_recently_used_is_evicted_first() {
+        let mut table = SlotTable::new(3, 1);
+        for key in 1..=3 {
+            put(&mut table, key);
+        }
+        table.touch(table.lookup(BlockKey(1)).expect("present"));
+        let reservation = put(&mut table, 4);
+        assert_eq!(reservation.evicted, Some(BlockKey(2)));
+        assert!(reservation.needs_invalidation);
+        assert!(table.lookup(BlockKey(2)).is_none());
+        assert!(table.lookup(BlockKey(1)).is_some());
+    }
+
+    #[test]
+    fn pinned_slots_are_not_evicted() {
+        let mut table = SlotTable::new(2, 1);
+        put(&mut table, 1);
+        put(&mut table, 2);
+        let pinned = [1u128, 2].map(|key| table.lookup(BlockKey(key)).expect("present"));
+        pinned.iter().for_each(|&slot| table.pin(slot));
+        assert!(table.reserve().is_none(), "all pinned: no slot");
+        table.unpin(pinned[1]);
+        assert_eq!(table.reserve().map(|r| r.evicted), Some(Some(BlockKey(2))));
+    }
+
+    #[test]
+    fn replaced_pinned_slot_is_freed_when_unpinned() {
+        let mut table = SlotTable::new(2, 1);
+        put(&mut table, 7);
+        let old = table.lookup(BlockKey(7)).expect("present");
+        table.pin(old);
+        put(&mut table, 7);
+        assert_ne!(table.lookup(BlockKey(7)), Some(old));
+        table.unpin(old);
+        let reservation = table.reserve().expect("the old slot is free again");
+        assert_eq!(reservation.slot, old);
+        assert_eq!(reservation.evicted, None);
+        assert!(reservation.needs_invalidation, "its stale record must be cleared first");
+    }
+
+    proptest! {
+        /// Against a model: every key maps to exactly one live slot, no slot is shared,
+        /// and the table never holds more than its capacity.
+        #[test]
+        fn table_matches_a_model(operations in prop::collection::vec((0u8..4, 0u128..12), 1..300)) {
+            let mut table = SlotTable::new(5, 2);
+            let mut model: std::collections::HashSet<u128> = Default::default();
+            let mut generation = 0;
+            for (operation, key) in operations {
+                match operation {
+                    0 | 1 => {
+                        let reservation = table.reserve().expect("nothing pinned");
+                        if let Some(evicted) = reservation.evicted {
+                            prop_assert!(model.remove(&evicted.0));
+                        }
+                        generation += 1;
+                        table.commit(reservation.slot, BlockKey(key), generation, &[1, 2]);
+                        model.insert(key);
+                    }
+                    2 => {
+                        prop_assert_eq!(table.remove(BlockKey(key)).is_some(), model.remove(&key));
+                    }
+                    _ => {
+                        if let Some(slot) = table.lookup(BlockKey(key)) {
+                            table.touch(slot);
+                        }
+                    }
+                }
+                prop_assert!(model.len() <= 5);
+                prop_assert_eq!(table.live_count(), model.len());
+                let mut slots: Vec<u32> = model.iter().map(|&k| table.lookup(BlockKey(k)).expect("in model")).collect();
+                slots.sort_unstable();
+                slots.dedup();
+                prop_assert_eq!(slots.len(), model.len());
+            }
+        }
+    }
+}

@@ -1,0 +1,792 @@
+//! The `uring` backend: KV blocks in fixed-size slots of O_DIRECT files on a local
+//! or mounted file system, read with io_uring into registered staging buffers.
+//!
+//! [`UringStore`] is the store directory (manifest, lock), shared by the shards of
+//! one process; [`UringShard`] is one core's part of it: the keys that hash to its
+//! shard, its own files, ring and index. No state is shared between shards.
+//!
+//! Crash safety of `put`: (1) the records of reused slots are zeroed and synced,
+//! (2) the data is written and synced, (3) the new records are written and synced,
+//! (4) the block becomes visible. A crash at any point leaves each slot either with
+//! a valid record whose data is complete, or with no valid record (a missing block).
+//! Every read is verified against the per-layer checksums before it is returned.
+
+mod format;
+mod index;
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use block_layout::{BlockKey, Geometry, LayerPlacement};
+use staging::{StagingBuffer, StagingSlab};
+
+use crate::sys::uring::{Completion, Ring};
+use crate::{
+    BlockStore, IoOp, NamespaceId, NamespaceSpec, NamespaceStats, ReadCompletion, ReadRequest, Rejected,
+    ShardStats, StoreError,
+};
+use format::{BlockHeader, Manifest, ManifestNamespace, Record};
+use index::SlotTable;
+
+/// Blocks written between two syncs of one `put` call.
+const PUT_BATCH_BLOCKS: usize = 64;
+
+/// The store directory of one process: validated manifest and an exclusive lock.
+#[derive(Debug)]
+pub struct UringStore {
+    root: PathBuf,
+    manifest: Manifest,
+    /// Held (flock) for the life of the store so two processes never share it.
+    _lock: File,
+}
+
+impl UringStore {
+    /// Opens or creates the store at `root` for `shards` shards and `namespaces`.
+    /// Geometry and shard count are fixed once written; capacity may grow.
+    pub fn open(root: &Path, shards: u32, namespaces: &[NamespaceSpec]) -> Result<Arc<Self>, StoreError> {
+        assert!(shards > 0, "a store has at least one shard");
+        std::fs::create_dir_all(root).map_err(|source| io_error(IoOp::Open, root, 0, 0, source))?;
+        let lock = lock_store(root)?;
+        let manifest_path = root.join(format::MANIFEST_FILE);
+        let wanted = wanted_manifest(shards, namespaces);
+        let manifest = match std::fs::read_to_string(&manifest_path) {
+            Ok(text) => {
+                let existing = Manifest::decode(&text).map_err(|problem| StoreError::Layout {
+                    path: manifest_path.clone(),
+                    problem: format!("unreadable manifest: {problem}"),
+                    fix: "restore the file or move the store directory away and re-import".into(),
+                })?;
+                merge_manifest(&manifest_path, existing, wanted)?
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => wanted,
+            Err(source) => return Err(io_error(IoOp::Read, &manifest_path, 0, 0, source)),
+        };
+        write_manifest(root, &manifest)?;
+        Ok(Arc::new(Self { root: root.to_owned(), manifest, _lock: lock }))
+    }
+
+    pub fn shards(&self) -> u32 {
+        self.manifest.shards
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Opens shard `shard` on the calling core: its files, its ring with `slab`
+    /// registered, and its index recovered from the header files.
+    pub fn open_shard(
+        self: &Arc<Self>,
+        shard: u32,
+        slab: Rc<StagingSlab>,
+        queue_depth: u32,
+    ) -> Result<UringShard, StoreError> {
+        assert!(shard < self.manifest.shards, "shard {shard} of {}", self.manifest.shards);
+        let mut namespaces = Vec::with_capacity(self.manifest.namespaces.len());
+        let mut next_generation = 1;
+        for (index, entry) in self.manifest.namespaces.iter().enumerate() {
+            let file_index = u32::try_from(index).expect("namespace count bounded by config");
+            let (namespace, highest) = ShardNamespace::open(&self.root, shard, entry, file_index)?;
+            next_generation = next_generation.max(highest + 1);
+            namespaces.push(namespace);
+        }
+        let fds: Vec<_> = namespaces.iter().map(|namespace| namespace.data_file.as_raw_fd()).collect();
+        let depth = queue_depth.next_power_of_two();
+        let ring = Ring::new(depth, slab, &fds).map_err(|source| io_error(IoOp::Ring, &self.root, 0, 0, source))?;
+        Ok(UringShard {
+            ring,
+            pending: (0..depth).map(|_| None).collect(),
+            free_ops: (0..depth).rev().collect(),
+            completions: Vec::with_capacity(depth as usize * 2),
+            finished_reads: Vec::with_capacity(depth as usize),
+            reads_in_flight: 0,
+            write_failure: None,
+            namespaces,
+            next_generation,
+            stats: ShardStats::default(),
+            shard,
+            _store: Arc::clone(self),
+        })
+    }
+}
+
+fn wanted_manifest(shards: u32, namespaces: &[NamespaceSpec]) -> Manifest {
+    Manifest {
+        shards,
+        namespaces: namespaces
+            .iter()
+            .map(|spec| {
+                let slots = spec.capacity_bytes / spec.geometry.slot_bytes() / u64::from(shards);
+                ManifestNamespace {
+                    name: spec.name.clone(),
+                    geometry: spec.geometry,
+                    slots_per_shard: u32::try_from(slots.max(1)).unwrap_or(u32::MAX),
+                }
+            })
+            .collect(),
+    }
+}
+
+/// Checks the configured store against the one on disk: same shard count and
+/// geometry; capacity may grow but not shrink; new namespaces are added.
+fn merge_manifest(path: &Path, existing: Manifest, wanted: Manifest) -> Result<Manifest, StoreError> {
+    let layout_error = |problem: String, fix: String| StoreError::Layout { path: path.to_owned(), problem, fix };
+    if existing.shards != wanted.shards {
+        return Err(layout_error(
+            format!("the store was created for {} shards, the config asks for {}", existing.shards, wanted.shards),
+            format!("set gateway.cores = {} or import into a new store directory", existing.shards),
+        ));
+    }
+    let mut merged = existing.clone();
+    for namespace in wanted.namespaces {
+        match merged.namespaces.iter_mut().find(|old| old.name == namespace.name) {
+            None => merged.namespaces.push(namespace),
+            Some(old) if old.geometry != namespace.geometry => {
+                return Err(layout_error(
+                    format!("namespace {:?} was stored with geometry {:?}, the config says {:?}", old.name, old.geometry, namespace.geometry),
+                    "restore the old geometry in the config or use a new namespace name".into(),
+                ))
+            }
+            Some(old) if namespace.slots_per_shard < old.slots_per_shard => {
+                return Err(layout_error(
+                    format!(
+                        "namespace {:?} would shrink from {} to {} slots per shard, losing stored blocks",
+                        old.name, old.slots_per_shard, namespace.slots_per_shard
+                    ),
+                    "restore the old capacity (it may grow, not shrink) or move the store directory away".into(),
+                ))
+            }
+            Some(old) => old.slots_per_shard = namespace.slots_per_shard,
+        }
+    }
+    Ok(merged)
+}
+
+fn write_manifest(root: &Path, manifest: &Manifest) -> Result<(), StoreError> {
+    let path = root.join(format::MANIFEST_FILE);
+    let temporary = root.join(format!("{}.tmp", format::MANIFEST_FILE));
+    let write = || -> std::io::Result<()> {
+        std::fs::write(&temporary, manifest.encode())?;
+        File::open(&temporary)?.sync_all()?;
+        std::fs::rename(&temporary, &path)?;
+        File::open(root)?.sync_all()
+    };
+    write().map_err(|source| io_error(IoOp::Write, &path, 0, 0, source))
+}
+
+fn lock_store(root: &Path) -> Result<File, StoreError> {
+    let path = root.join("LOCK");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| io_error(IoOp::Open, &path, 0, 0, source))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Layout {
+            path: root.to_owned(),
+            problem: "the store is in use by another process (a running gateway?)".into(),
+            fix: "stop that process, or give this one another storage.path".into(),
+        }),
+        Err(std::fs::TryLockError::Error(source)) => Err(io_error(IoOp::Lock, &path, 0, 0, source)),
+    }
+}
+
+fn io_error(op: IoOp, path: &Path, offset: u64, len: u64, source: std::io::Error) -> StoreError {
+    StoreError::Io { op, path: path.to_owned(), offset, len, source }
+}
+
+/// One namespace's files and index within one shard.
+#[derive(Debug)]
+struct ShardNamespace {
+    name: String,
+    geometry: Geometry,
+    namespace_hash: u32,
+    table: SlotTable,
+    data_file: File,
+    data_path: PathBuf,
+    header_file: File,
+    header_path: PathBuf,
+    /// The data file's io_uring fixed-file index.
+    file_index: u32,
+    record_bytes: usize,
+}
+
+impl ShardNamespace {
+    /// Opens (creating or growing) the files and recovers the index. Returns the
+    /// highest generation found.
+    fn open(root: &Path, shard: u32, entry: &ManifestNamespace, file_index: u32) -> Result<(Self, u64), StoreError> {
+        let directory = root.join(&entry.name);
+        std::fs::create_dir_all(&directory).map_err(|source| io_error(IoOp::Open, &directory, 0, 0, source))?;
+        let geometry = entry.geometry;
+        let slots = u64::from(entry.slots_per_shard);
+        let data_path = directory.join(format!("shard-{shard}.blocks"));
+        let data_file = open_data_file(&data_path, slots * geometry.slot_bytes())?;
+        let header_path = directory.join(format!("shard-{shard}.headers"));
+        let record_bytes = format::record_bytes(geometry.layers);
+        let header_file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&header_path)
+            .map_err(|source| io_error(IoOp::Open, &header_path, 0, 0, source))?;
+        let header_len = slots * record_bytes as u64;
+        grow_file(&header_file, &header_path, header_len)?;
+        let mut namespace = Self {
+            name: entry.name.clone(),
+            geometry,
+            namespace_hash: format::namespace_hash(&entry.name),
+            table: SlotTable::new(entry.slots_per_shard, geometry.layers),
+            data_file,
+            data_path,
+            header_file,
+            header_path,
+            file_index,
+            record_bytes,
+        };
+        let highest = namespace.recover()?;
+        Ok((namespace, highest))
+    }
+
+    /// Rebuilds the index from the header file: valid records in generation order.
+    fn recover(&mut self) -> Result<u64, StoreError> {
+        let mut records = Vec::new();
+        (&self.header_file).rewind().map_err(|source| io_error(IoOp::Read, &self.header_path, 0, 0, source))?;
+        (&self.header_file)
+            .read_to_end(&mut records)
+            .map_err(|source| io_error(IoOp::Read, &self.header_path, 0, 0, source))?;
+        let mut valid = Vec::new();
+        for (slot, bytes) in records.chunks_exact(self.record_bytes).enumerate() {
+            let Ok(slot) = u32::try_from(slot) else { break };
+            if slot >= self.table.slot_count() {
+                break;
+            }
+            match format::decode_record(bytes) {
+                Record::Empty => {}
+                Record::Valid(header) if self.header_matches(&header) => valid.push((slot, header)),
+                Record::Valid(_) | Record::Invalid(_) => self.table.mark_record_present(slot),
+            }
+        }
+        valid.sort_by_key(|(_, header)| header.generation);
+        let highest = valid.last().map_or(0, |(_, header)| header.generation);
+        for (slot, header) in valid {
+            self.table.recover(slot, header.key, header.generation, &header.layer_crcs);
+        }
+        Ok(highest)
+    }
+
+    fn header_matches(&self, header: &BlockHeader) -> bool {
+        header.namespace_hash == self.namespace_hash
+            && header.layout == self.geometry.layout
+            && u64::from(header.layer_bytes) == self.geometry.layer_bytes()
+            && header.layer_crcs.len() == usize::from(self.geometry.layers)
+    }
+
+    fn slot_offset(&self, slot: u32) -> u64 {
+        u64::from(slot) * self.geometry.slot_bytes()
+    }
+
+    fn write_record(&self, slot: u32, record: &[u8]) -> Result<(), StoreError> {
+        let offset = u64::from(slot) * self.record_bytes as u64;
+        self.header_file
+            .write_all_at(record, offset)
+            .map_err(|source| io_error(IoOp::Write, &self.header_path, offset, record.len() as u64, source))
+    }
+
+    fn sync_headers(&self) -> Result<(), StoreError> {
+        self.header_file.sync_data().map_err(|source| io_error(IoOp::Sync, &self.header_path, 0, 0, source))
+    }
+
+    fn sync_data(&self) -> Result<(), StoreError> {
+        self.data_file.sync_data().map_err(|source| io_error(IoOp::Sync, &self.data_path, 0, 0, source))
+    }
+}
+
+fn open_data_file(path: &Path, len: u64) -> Result<File, StoreError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .map_err(|source| {
+            if source.raw_os_error() == Some(libc::EINVAL) {
+                StoreError::Layout {
+                    path: path.to_owned(),
+                    problem: "the file system does not support O_DIRECT (tmpfs?)".into(),
+                    fix: "put storage.path on a disk file system (ext4, xfs) or a mounted distributed file system".into(),
+                }
+            } else {
+                io_error(IoOp::Open, path, 0, 0, source)
+            }
+        })?;
+    grow_file(&file, path, len)?;
+    Ok(file)
+}
+
+fn grow_file(file: &File, path: &Path, len: u64) -> Result<(), StoreError> {
+    let current = file.metadata().map_err(|source| io_error(IoOp::Open, path, 0, 0, source))?.len();
+    if current < len {
+        file.set_len(len).map_err(|source| io_error(IoOp::Write, path, current, len - current, source))?;
+    }
+    Ok(())
+}
+
+#[derive(Debug)]
+enum PendingOp {
+    Read { tag: u64, key: BlockKey, namespace: u16, slot: u32, first_layer: u16, span: Span, placement: LayerPlacement, buffer: StagingBuffer },
+    Write { namespace: u16, span: Span, buffer: StagingBuffer },
+}
+
+/// Where an operation touches its data file.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    offset: u64,
+    len: u64,
+}
+
+/// One core's part of a [`UringStore`]. `!Send`: it owns that core's ring and
+/// staging buffers.
+#[derive(Debug)]
+pub struct UringShard {
+    /// Field order is drop order: the ring (and its registration of the slab and
+    /// files) goes first, then the in-flight table's buffers, then the files.
+    ring: Ring,
+    /// In-flight operations by `user_data`; never more than the ring's depth, so
+    /// neither queue of the ring can overflow.
+    pending: Vec<Option<PendingOp>>,
+    free_ops: Vec<u32>,
+    completions: Vec<Completion>,
+    finished_reads: Vec<ReadCompletion>,
+    reads_in_flight: usize,
+    /// The first failed write of the `put` in progress.
+    write_failure: Option<StoreError>,
+    namespaces: Vec<ShardNamespace>,
+    next_generation: u64,
+    stats: ShardStats,
+    shard: u32,
+    _store: Arc<UringStore>,
+}
+
+impl UringShard {
+    pub fn shard(&self) -> u32 {
+        self.shard
+    }
+
+    pub fn slab(&self) -> &Rc<StagingSlab> {
+        self.ring.slab()
+    }
+
+    fn namespace(&self, namespace: NamespaceId) -> &ShardNamespace {
+        &self.namespaces[usize::from(namespace.0)]
+    }
+
+    fn take_op(&mut self, op: PendingOp) -> Result<u64, PendingOp> {
+        match self.free_ops.pop() {
+            Some(index) => {
+                self.pending[index as usize] = Some(op);
+                Ok(u64::from(index))
+            }
+            None => Err(op),
+        }
+    }
+
+    /// Validates a read and finds where it lies on disk.
+    fn locate_read(&self, request: &ReadRequest, buffer: &StagingBuffer) -> Result<(u32, Span, LayerPlacement), StoreError> {
+        let namespace = self
+            .namespaces
+            .get(usize::from(request.namespace.0))
+            .ok_or_else(|| StoreError::UnknownNamespace { name: format!("#{}", request.namespace.0) })?;
+        let geometry = namespace.geometry;
+        if request.layers.start >= request.layers.end || request.layers.end > geometry.layers {
+            return Err(StoreError::LayerRange {
+                namespace: namespace.name.clone(),
+                layers: request.layers.clone(),
+                layer_count: geometry.layers,
+            });
+        }
+        let slot = namespace
+            .table
+            .lookup(request.key)
+            .ok_or_else(|| StoreError::NotFound { namespace: namespace.name.clone(), key: request.key })?;
+        let disk = geometry.disk_span(request.layers.clone());
+        if disk.len > buffer.len() as u64 {
+            return Err(StoreError::BufferTooSmall { needed: disk.len, buffer: buffer.len() });
+        }
+        let span = Span { offset: namespace.slot_offset(slot) + disk.slot_offset, len: disk.len };
+        Ok((slot, span, disk.placement))
+    }
+
+    /// Submits queued operations, waits for `want` completions, and handles them.
+    fn pump(&mut self, want: usize) -> Result<(), StoreError> {
+        self.ring
+            .submit_and_wait(want)
+            .map_err(|source| io_error(IoOp::Ring, &self.namespaces[0].data_path, 0, 0, source))?;
+        let mut completions = std::mem::take(&mut self.completions);
+        self.ring.drain(&mut completions);
+        for completion in completions.drain(..) {
+            self.complete(completion);
+        }
+        self.completions = completions;
+        Ok(())
+    }
+
+    fn complete(&mut self, completion: Completion) {
+        let index = usize::try_from(completion.user_data).expect("user_data is an op index");
+        let op = self.pending[index].take().expect("a completion for an operation in flight");
+        self.free_ops.push(u32::try_from(index).expect("op index below the ring depth"));
+        match op {
+            PendingOp::Read { tag, key, namespace, slot, first_layer, span, placement, buffer } => {
+                self.reads_in_flight -= 1;
+                let shard_namespace = &self.namespaces[usize::from(namespace)];
+                let result = check_transfer(&shard_namespace.data_path, IoOp::Read, span, completion.result)
+                    .and_then(|()| verify_layers(shard_namespace, key, slot, first_layer, span, placement, &buffer));
+                self.namespaces[usize::from(namespace)].table.unpin(slot);
+                match &result {
+                    Ok(()) => {
+                        self.stats.reads += 1;
+                        self.stats.read_bytes += placement.layer_bytes * u64::from(placement.layer_count);
+                    }
+                    Err(StoreError::Corrupt { .. }) => self.stats.checksum_failures += 1,
+                    Err(_) => self.stats.read_errors += 1,
+                }
+                self.finished_reads.push(ReadCompletion { tag, result: result.map(|()| placement), buffer });
+            }
+            PendingOp::Write { namespace, span, buffer } => {
+                drop(buffer);
+                let path = &self.namespaces[usize::from(namespace)].data_path;
+                if let Err(error) = check_transfer(path, IoOp::Write, span, completion.result) {
+                    self.write_failure.get_or_insert(error);
+                }
+            }
+        }
+    }
+
+    /// Reserves slots for `keys`, clearing the old records of reused slots durably.
+    fn reserve_slots(&mut self, namespace: NamespaceId, count: usize) -> Result<Vec<u32>, StoreError> {
+        let shard_namespace = &mut self.namespaces[usize::from(namespace.0)];
+        let mut slots = Vec::with_capacity(count);
+        let mut cleared = Vec::new();
+        for _ in 0..count {
+            let Some(reservation) = shard_namespace.table.reserve() else {
+                slots.iter().for_each(|&slot| shard_namespace.table.abandon(slot));
+                return Err(StoreError::Busy { what: "every slot of the namespace is being read or written" });
+            };
+            self.stats.evictions += u64::from(reservation.evicted.is_some());
+            if reservation.needs_invalidation {
+                cleared.push(reservation.slot);
+            }
+            slots.push(reservation.slot);
+        }
+        if !cleared.is_empty() {
+            let zeros = vec![0u8; shard_namespace.record_bytes];
+            let result = cleared
+                .iter()
+                .try_for_each(|&slot| shard_namespace.write_record(slot, &zeros))
+                .and_then(|()| shard_namespace.sync_headers());
+            if let Err(error) = result {
+                slots.iter().for_each(|&slot| shard_namespace.table.abandon(slot));
+                return Err(error);
+            }
+            cleared.iter().for_each(|&slot| shard_namespace.table.mark_record_cleared(slot));
+        }
+        Ok(slots)
+    }
+
+    /// Writes one block's on-disk image into its slot through staging buffers, a
+    /// buffer-sized aligned chunk at a time. Returns the per-layer checksums.
+    fn write_block(&mut self, namespace: NamespaceId, slot: u32, bytes: &[u8]) -> Result<Vec<u32>, StoreError> {
+        let geometry = self.namespace(namespace).geometry;
+        let crcs: Vec<u32> = bytes.chunks_exact(geometry.layer_bytes() as usize).map(crc32c::crc32c).collect();
+        let chunk_bytes = self.slab().buffer_bytes() as u64;
+        let slot_bytes = geometry.slot_bytes();
+        let mut image_offset = 0;
+        while image_offset < slot_bytes {
+            let len = chunk_bytes.min(slot_bytes - image_offset);
+            let mut buffer = self.acquire_buffer()?;
+            geometry.fill_disk_image(bytes, image_offset, &mut buffer.as_mut_slice()[..len as usize]);
+            self.submit_write(namespace, slot, Span { offset: image_offset, len }, buffer)?;
+            image_offset += len;
+        }
+        Ok(crcs)
+    }
+
+    fn acquire_buffer(&mut self) -> Result<StagingBuffer, StoreError> {
+        loop {
+            if let Some(buffer) = self.slab().acquire() {
+                return Ok(buffer);
+            }
+            if self.pending.iter().all(Option::is_none) {
+                return Err(StoreError::Busy { what: "no free staging buffer for a write" });
+            }
+            self.pump(1)?;
+        }
+    }
+
+    /// Submits a write of the first `within_slot.len` bytes of `buffer` to
+    /// `within_slot.offset` of the slot.
+    fn submit_write(&mut self, namespace: NamespaceId, slot: u32, within_slot: Span, buffer: StagingBuffer) -> Result<(), StoreError> {
+        let shard_namespace = self.namespace(namespace);
+        let span = Span { offset: shard_namespace.slot_offset(slot) + within_slot.offset, len: within_slot.len };
+        let file_index = shard_namespace.file_index;
+        let len = u32::try_from(span.len).expect("a span fits a staging buffer, which is below 4 GiB");
+        let mut op = PendingOp::Write { namespace: namespace.0, span, buffer };
+        loop {
+            match self.take_op(op) {
+                Ok(user_data) => {
+                    let Some(PendingOp::Write { buffer, .. }) = self.pending[user_data as usize].as_mut() else {
+                        unreachable!("just stored a write")
+                    };
+                    // SAFETY: the buffer now lives in `pending` until its completion is
+                    // reaped in `complete`; the data file stays open as long as `self`.
+                    let pushed = unsafe { self.ring.push_write(file_index, buffer, len, span.offset, user_data) };
+                    assert!(pushed, "in-flight operations never exceed the submission queue");
+                    return Ok(());
+                }
+                Err(returned) => {
+                    op = returned;
+                    self.pump(1)?;
+                }
+            }
+        }
+    }
+
+    fn wait_for_writes(&mut self) -> Result<(), StoreError> {
+        while self.pending.iter().any(|op| matches!(op, Some(PendingOp::Write { .. }))) {
+            self.pump(1)?;
+        }
+        match self.write_failure.take() {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+
+    fn put_batch(&mut self, namespace: NamespaceId, blocks: &[(BlockKey, &[u8])]) -> Result<(), StoreError> {
+        let slots = self.reserve_slots(namespace, blocks.len())?;
+        let written = self.write_batch_data(namespace, blocks, &slots);
+        let crcs = match written {
+            Ok(crcs) => crcs,
+            Err(error) => {
+                let table = &mut self.namespaces[usize::from(namespace.0)].table;
+                slots.iter().for_each(|&slot| table.abandon(slot));
+                return Err(error);
+            }
+        };
+        let first_generation = self.next_generation;
+        self.next_generation += blocks.len() as u64;
+        let shard_namespace = &mut self.namespaces[usize::from(namespace.0)];
+        let mut record = vec![0u8; shard_namespace.record_bytes];
+        let mut recorded = Ok(());
+        for (index, ((key, _), &slot)) in blocks.iter().zip(&slots).enumerate() {
+            let header = BlockHeader {
+                key: *key,
+                generation: first_generation + index as u64,
+                namespace_hash: shard_namespace.namespace_hash,
+                layout: shard_namespace.geometry.layout,
+                layer_bytes: u32::try_from(shard_namespace.geometry.layer_bytes()).expect("validated below 4 GiB"),
+                layer_crcs: crcs[index].clone(),
+            };
+            format::encode_record(&header, &mut record);
+            recorded = recorded.and_then(|()| shard_namespace.write_record(slot, &record));
+        }
+        recorded = recorded.and_then(|()| shard_namespace.sync_headers());
+        if let Err(error) = recorded {
+            // Records may be on disk but are not durable: clear and forget the slots.
+            slots.iter().for_each(|&slot| {
+                shard_namespace.table.mark_record_present(slot);
+                shard_namespace.table.abandon(slot);
+            });
+            return Err(error);
+        }
+        for (index, ((key, bytes), &slot)) in blocks.iter().zip(&slots).enumerate() {
+            shard_namespace.table.commit(slot, *key, first_generation + index as u64, &crcs[index]);
+            self.stats.puts += 1;
+            self.stats.put_bytes += bytes.len() as u64;
+        }
+        Ok(())
+    }
+
+    fn write_batch_data(&mut self, namespace: NamespaceId, blocks: &[(BlockKey, &[u8])], slots: &[u32]) -> Result<Vec<Vec<u32>>, StoreError> {
+        let mut crcs = Vec::with_capacity(blocks.len());
+        let mut result = Ok(());
+        for ((_, bytes), &slot) in blocks.iter().zip(slots) {
+            match self.write_block(namespace, slot, bytes) {
+                Ok(block_crcs) => crcs.push(block_crcs),
+                Err(error) => {
+                    result = Err(error);
+                    break;
+                }
+            }
+        }
+        // Always drain the writes already submitted before their slots can be reused.
+        let waited = self.wait_for_writes();
+        result.and(waited)?;
+        self.namespace(namespace).sync_data()?;
+        Ok(crcs)
+    }
+}
+
+fn check_transfer(path: &Path, op: IoOp, span: Span, result: i32) -> Result<(), StoreError> {
+    if result < 0 {
+        return Err(io_error(op, path, span.offset, span.len, std::io::Error::from_raw_os_error(-result)));
+    }
+    let done = u64::try_from(result).expect("non-negative");
+    if done != span.len {
+        return Err(StoreError::ShortRead { path: path.to_owned(), offset: span.offset, expected: span.len, got: done });
+    }
+    Ok(())
+}
+
+fn verify_layers(
+    namespace: &ShardNamespace,
+    key: BlockKey,
+    slot: u32,
+    first_layer: u16,
+    span: Span,
+    placement: LayerPlacement,
+    buffer: &StagingBuffer,
+) -> Result<(), StoreError> {
+    let bytes = buffer.as_slice();
+    let expected = namespace.table.layer_crcs(slot);
+    for index in 0..placement.layer_count {
+        let range = placement.layer_range(index);
+        let layer = first_layer + index;
+        let actual = crc32c::crc32c(&bytes[range.start as usize..range.end as usize]);
+        let wanted = expected[usize::from(layer)];
+        if actual != wanted {
+            return Err(StoreError::Corrupt {
+                namespace: namespace.name.clone(),
+                key,
+                layer,
+                expected: wanted,
+                actual,
+                path: namespace.data_path.clone(),
+                offset: span.offset + range.start,
+            });
+        }
+    }
+    Ok(())
+}
+
+impl BlockStore for UringShard {
+    fn namespace_id(&self, name: &str) -> Option<NamespaceId> {
+        let index = self.namespaces.iter().position(|namespace| namespace.name == name)?;
+        Some(NamespaceId(u16::try_from(index).expect("namespace count bounded by config")))
+    }
+
+    fn geometry(&self, namespace: NamespaceId) -> Geometry {
+        self.namespace(namespace).geometry
+    }
+
+    fn submit_read(&mut self, request: ReadRequest, buffer: StagingBuffer) -> Result<(), Rejected> {
+        let (slot, span, placement) = match self.locate_read(&request, &buffer) {
+            Ok(found) => found,
+            Err(error) => return Err(Rejected { error, buffer }),
+        };
+        let namespace = request.namespace.0;
+        let op = PendingOp::Read {
+            tag: request.tag,
+            key: request.key,
+            namespace,
+            slot,
+            first_layer: request.layers.start,
+            span,
+            placement,
+            buffer,
+        };
+        let user_data = match self.take_op(op) {
+            Ok(user_data) => user_data,
+            Err(PendingOp::Read { buffer, .. }) => {
+                return Err(Rejected { error: StoreError::Busy { what: "the storage queue is full" }, buffer })
+            }
+            Err(PendingOp::Write { .. }) => unreachable!("a read was offered"),
+        };
+        let shard_namespace = &mut self.namespaces[usize::from(namespace)];
+        shard_namespace.table.pin(slot);
+        shard_namespace.table.touch(slot);
+        let file_index = shard_namespace.file_index;
+        let Some(PendingOp::Read { buffer, .. }) = self.pending[user_data as usize].as_mut() else {
+            unreachable!("just stored a read")
+        };
+        let len = u32::try_from(span.len).expect("checked against the buffer length");
+        // SAFETY: the buffer lives in `pending` until `complete` takes it after the
+        // completion is reaped; the slot is pinned, so no put overwrites it meanwhile;
+        // the data file stays open and registered as long as `self`.
+        let pushed = unsafe { self.ring.push_read(file_index, buffer, len, span.offset, user_data) };
+        assert!(pushed, "in-flight operations never exceed the submission queue");
+        self.reads_in_flight += 1;
+        Ok(())
+    }
+
+    fn reap(&mut self, out: &mut Vec<ReadCompletion>, wait: bool) -> Result<(), StoreError> {
+        let want = usize::from(wait && self.finished_reads.is_empty() && self.reads_in_flight > 0);
+        self.pump(want)?;
+        out.append(&mut self.finished_reads);
+        Ok(())
+    }
+
+    fn reads_in_flight(&self) -> usize {
+        self.reads_in_flight
+    }
+
+    fn put(&mut self, namespace: NamespaceId, blocks: &[(BlockKey, &[u8])]) -> Result<(), StoreError> {
+        let shard_namespace = self.namespace(namespace);
+        let expected = shard_namespace.geometry.block_bytes();
+        if let Some((key, bytes)) = blocks.iter().find(|(_, bytes)| bytes.len() as u64 != expected) {
+            return Err(StoreError::WrongSize {
+                namespace: shard_namespace.name.clone(),
+                key: *key,
+                expected,
+                got: bytes.len() as u64,
+            });
+        }
+        let batch = PUT_BATCH_BLOCKS.min((shard_namespace.table.slot_count() as usize / 2).max(1));
+        for chunk in blocks.chunks(batch) {
+            self.put_batch(namespace, chunk)?;
+        }
+        Ok(())
+    }
+
+    fn delete(&mut self, namespace: NamespaceId, key: BlockKey) -> Result<bool, StoreError> {
+        let shard_namespace = &mut self.namespaces[usize::from(namespace.0)];
+        let Some(slot) = shard_namespace.table.remove(key) else {
+            return Ok(false);
+        };
+        let zeros = vec![0u8; shard_namespace.record_bytes];
+        shard_namespace.write_record(slot, &zeros)?;
+        shard_namespace.sync_headers()?;
+        shard_namespace.table.mark_record_cleared(slot);
+        Ok(true)
+    }
+
+    fn contains(&self, namespace: NamespaceId, key: BlockKey) -> bool {
+        self.namespace(namespace).table.lookup(key).is_some()
+    }
+
+    fn keys(&self, namespace: NamespaceId) -> Vec<BlockKey> {
+        self.namespace(namespace).table.keys().collect()
+    }
+
+    fn stats(&self) -> ShardStats {
+        let mut stats = self.stats.clone();
+        stats.namespaces = self
+            .namespaces
+            .iter()
+            .map(|namespace| NamespaceStats {
+                name: namespace.name.clone(),
+                blocks: namespace.table.live_count() as u64,
+                slots: u64::from(namespace.table.slot_count()),
+                slot_bytes: namespace.geometry.slot_bytes(),
+            })
+            .collect();
+        stats
+    }
+}
