@@ -1,1 +1,188 @@
-fn main() {}
+//! `dualpath`: the gateway binary and the tools that work on its block store.
+//!
+//! Exit codes: 0 success, 1 any other failure, 2 usage or configuration error,
+//! 3 block or namespace not found, 4 corrupt data found.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use block_layout::BlockKey;
+use clap::{Parser, Subcommand};
+use config::{ByteSize, ConfigError, GatewayConfig};
+use gateway::commands::bench_storage::{bench_storage, BenchStorageOptions};
+use gateway::commands::blocks;
+use gateway::commands::import::{import, Source};
+use storage_backends::StoreError;
+
+#[derive(Debug, Parser)]
+#[command(name = "dualpath", version, about = "dualpath storage gateway for disaggregated LLM inference")]
+struct Cli {
+    /// Gateway configuration (TOML); without it, the embedded default (a store under ./data).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Store one block from a file ("-" for stdin).
+    Put {
+        #[arg(long, short)]
+        namespace: String,
+        #[arg(long, short)]
+        key: BlockKey,
+        #[arg(long, short, default_value = "-")]
+        input: PathBuf,
+    },
+    /// Write one block (or a layer range) to a file ("-" for stdout).
+    Get {
+        #[arg(long, short)]
+        namespace: String,
+        #[arg(long, short)]
+        key: BlockKey,
+        /// Layer range START..END (END exclusive) or one layer.
+        #[arg(long)]
+        layers: Option<String>,
+        #[arg(long, short, default_value = "-")]
+        output: PathBuf,
+    },
+    /// Show the store's namespaces, fill and staging memory.
+    Stat,
+    /// Bulk-load blocks from a directory (files named by hex key) or a synthetic set.
+    Import {
+        #[arg(long, short)]
+        namespace: String,
+        #[arg(long, conflicts_with = "synthetic", required_unless_present = "synthetic")]
+        dir: Option<PathBuf>,
+        /// Number of synthetic blocks to generate.
+        #[arg(long)]
+        synthetic: Option<u64>,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Read back every block, checking checksums (and synthetic contents with --synthetic-seed).
+    Verify {
+        #[arg(long)]
+        synthetic_seed: Option<u64>,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        target: BenchTarget,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchTarget {
+    /// Read blocks through the uring backend and with fio, interleaved.
+    Storage {
+        /// Where the bench stores live (on the disk under test).
+        #[arg(long, default_value = "./bench-data")]
+        dir: PathBuf,
+        /// Bytes read per block size per run.
+        #[arg(long, default_value = "2GiB", value_parser = parse_size)]
+        size: u64,
+        #[arg(long, value_delimiter = ',', default_value = "256KiB,1MiB,4MiB", value_parser = parse_size)]
+        block_sizes: Vec<u64>,
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        #[arg(long, default_value_t = 32)]
+        queue_depth: u32,
+        /// Shards (threads); default: the config's cores.
+        #[arg(long)]
+        shards: Option<u32>,
+        /// Skip the fio reference.
+        #[arg(long)]
+        no_fio: bool,
+    },
+}
+
+/// `verify` found blocks that fail their checksum or hold the wrong bytes.
+#[derive(Debug, thiserror::Error)]
+#[error("verify found {0} damaged blocks (listed above)")]
+struct DamagedBlocks(u64);
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    ByteSize::parse(text).map(|size| size.0)
+}
+
+fn main() -> ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("dualpath: error: {error:#}");
+            ExitCode::from(exit_code(&error))
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DUALPATH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn exit_code(error: &anyhow::Error) -> u8 {
+    for cause in error.chain() {
+        if cause.downcast_ref::<DamagedBlocks>().is_some() {
+            return 4;
+        }
+        if cause.downcast_ref::<ConfigError>().is_some() {
+            return 2;
+        }
+        match cause.downcast_ref::<StoreError>() {
+            Some(StoreError::NotFound { .. } | StoreError::UnknownNamespace { .. }) => return 3,
+            Some(StoreError::Corrupt { .. }) => return 4,
+            _ => {}
+        }
+    }
+    1
+}
+
+fn load_config(path: Option<&PathBuf>) -> anyhow::Result<GatewayConfig> {
+    match path {
+        Some(path) => Ok(GatewayConfig::load(path)?),
+        None => Ok(GatewayConfig::embedded_default()),
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = load_config(cli.config.as_ref())?;
+    match cli.command {
+        Command::Put { namespace, key, input } => blocks::put(&config, &namespace, key, &input),
+        Command::Get { namespace, key, layers, output } => blocks::get(&config, &namespace, key, layers.as_deref(), &output),
+        Command::Stat => blocks::stat(&config),
+        Command::Import { namespace, dir, synthetic, seed } => {
+            let source = match (dir, synthetic) {
+                (Some(dir), _) => Source::Directory(dir),
+                (None, Some(count)) => Source::Synthetic { count, seed },
+                (None, None) => unreachable!("clap requires one of --dir and --synthetic"),
+            };
+            let imported = import(&config, &namespace, &source)?;
+            eprintln!("imported {imported} blocks into namespace {namespace:?}");
+            Ok(())
+        }
+        Command::Verify { synthetic_seed } => {
+            let report = blocks::verify(&config, synthetic_seed)?;
+            println!("{} blocks ok, {} corrupt, {} with wrong contents", report.blocks_ok, report.corrupt, report.wrong_content);
+            if report.corrupt + report.wrong_content > 0 {
+                return Err(DamagedBlocks(report.corrupt + report.wrong_content).into());
+            }
+            Ok(())
+        }
+        Command::Bench { target: BenchTarget::Storage { dir, size, block_sizes, rounds, queue_depth, shards, no_fio } } => {
+            bench_storage(&BenchStorageOptions {
+                directory: dir,
+                total_bytes: size,
+                block_sizes,
+                rounds,
+                queue_depth,
+                shards: shards.unwrap_or(config.cores),
+                with_fio: !no_fio,
+            })
+        }
+    }
+}

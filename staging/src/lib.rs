@@ -61,7 +61,8 @@ pub enum StagingError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PageKind {
     Huge2MiB,
-    /// 4 KiB pages because huge pages were off or unavailable.
+    /// Ordinary pages, with transparent huge pages requested (the kernel may or may
+    /// not provide them), because reserved huge pages were off or unavailable.
     Small { fell_back: bool },
 }
 

@@ -54,7 +54,15 @@ impl Ring {
         }
         // Twice as many completion entries as submissions: with no more than `depth`
         // operations in flight the completion queue can never overflow.
-        let ring = IoUring::builder().setup_cqsize(depth * 2).build(depth)?;
+        //
+        // The ring is used only by the thread that creates it (the shard is
+        // `!Send`), so completions can run as deferred task work on that thread
+        // when it waits, instead of interrupting it (SINGLE_ISSUER + DEFER_TASKRUN).
+        let ring = IoUring::builder()
+            .setup_cqsize(depth * 2)
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .build(depth)?;
         let iovecs: Vec<libc::iovec> = slab
             .raw_buffers()
             .map(|(base, len)| libc::iovec { iov_base: base.cast(), iov_len: len })
