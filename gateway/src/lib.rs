@@ -3,5 +3,6 @@
 #![forbid(unsafe_code)]
 
 pub mod commands;
+pub mod server;
 pub mod shards;
 pub mod synthetic;

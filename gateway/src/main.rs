@@ -26,6 +26,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the gateway: serve clients on the configured sockets until SIGTERM/SIGINT.
+    Serve,
     /// Store one block from a file ("-" for stdin).
     Put {
         #[arg(long, short)]
@@ -108,8 +110,9 @@ fn parse_size(text: &str) -> Result<u64, String> {
 }
 
 fn main() -> ExitCode {
-    init_logging();
     let cli = Cli::parse();
+    // The service logs its life cycle; the tools only what goes wrong.
+    init_logging(if matches!(cli.command, Command::Serve) { "info" } else { "warn" });
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -119,9 +122,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
+fn init_logging(default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("DUALPATH_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
@@ -152,6 +155,7 @@ fn load_config(path: Option<&PathBuf>) -> anyhow::Result<GatewayConfig> {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let config = load_config(cli.config.as_ref())?;
     match cli.command {
+        Command::Serve => gateway::server::run(config),
         Command::Put { namespace, key, input } => blocks::put(&config, &namespace, key, &input),
         Command::Get { namespace, key, layers, output } => blocks::get(&config, &namespace, key, layers.as_deref(), &output),
         Command::Stat => blocks::stat(&config),

@@ -54,15 +54,10 @@ impl Ring {
         }
         // Twice as many completion entries as submissions: with no more than `depth`
         // operations in flight the completion queue can never overflow.
-        //
-        // The ring is used only by the thread that creates it (the shard is
-        // `!Send`), so completions can run as deferred task work on that thread
-        // when it waits, instead of interrupting it (SINGLE_ISSUER + DEFER_TASKRUN).
-        let ring = IoUring::builder()
-            .setup_cqsize(depth * 2)
-            .setup_single_issuer()
-            .setup_defer_taskrun()
-            .build(depth)?;
+        // The ring is used only by the thread that creates it (the shard is `!Send`).
+        // DEFER_TASKRUN is not set: it would delay completions (and the eventfd that
+        // wakes an event loop) until the thread enters io_uring itself.
+        let ring = IoUring::builder().setup_cqsize(depth * 2).setup_single_issuer().build(depth)?;
         let iovecs: Vec<libc::iovec> = slab
             .raw_buffers()
             .map(|(base, len)| libc::iovec { iov_base: base.cast(), iov_len: len })
@@ -75,6 +70,12 @@ impl Ring {
             ring.submitter().register_files(files)?;
         }
         Ok(Self { ring, slab })
+    }
+
+    /// Signals `eventfd` whenever a completion is posted, so an event loop that
+    /// waits on other sources too (sockets) wakes for storage completions.
+    pub fn register_eventfd(&self, eventfd: RawFd) -> io::Result<()> {
+        self.ring.submitter().register_eventfd(eventfd)
     }
 
     pub fn slab(&self) -> &Rc<StagingSlab> {

@@ -385,6 +385,14 @@ impl UringShard {
         self.ring.slab()
     }
 
+    /// Makes the shard's ring signal `eventfd` on every completion (for event loops
+    /// that also wait on sockets).
+    pub fn register_completion_eventfd(&self, eventfd: std::os::fd::RawFd) -> Result<(), StoreError> {
+        self.ring
+            .register_eventfd(eventfd)
+            .map_err(|source| io_error(IoOp::Ring, self._store.root(), 0, 0, source))
+    }
+
     fn namespace(&self, namespace: NamespaceId) -> &ShardNamespace {
         &self.namespaces[usize::from(namespace.0)]
     }

@@ -1,0 +1,328 @@
+//! One connection to one gateway shard: the hello, a sender (the engine's
+//! threads, under a mutex) and a receive thread that writes `Data` payloads
+//! straight into the target region and records completions.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use block_layout::BlockKey;
+use protocol::{
+    decode_data_prefix, decode_header, encode_store_head, range_inside, ErrorCode, Frame, FrameType, Load, NamespaceInfo,
+    StorePrefix, DATA_PREFIX_BYTES, HEADER_BYTES, PROTOCOL_VERSION,
+};
+
+use crate::{BlockStatus, ClientError, ClientOptions, LoadShared, Region};
+
+/// Where a gateway listens.
+#[derive(Debug, Clone)]
+pub enum Endpoint {
+    Tcp(String),
+    Unix(std::path::PathBuf),
+}
+
+impl Endpoint {
+    pub fn parse(address: &str) -> Result<Self, ClientError> {
+        match address.strip_prefix("unix:") {
+            Some(path) if !path.is_empty() => Ok(Endpoint::Unix(path.into())),
+            Some(_) => Err(ClientError::Invalid(format!("{address:?}: a unix address needs a path (unix:/run/x.sock)"))),
+            None => Ok(Endpoint::Tcp(address.to_owned())),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Endpoint::Tcp(address) => address.clone(),
+            Endpoint::Unix(path) => format!("unix:{}", path.display()),
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Socket {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Socket {
+    fn try_clone(&self) -> io::Result<Socket> {
+        Ok(match self {
+            Socket::Tcp(stream) => Socket::Tcp(stream.try_clone()?),
+            Socket::Unix(stream) => Socket::Unix(stream.try_clone()?),
+        })
+    }
+
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        match self {
+            Socket::Tcp(stream) => stream.set_read_timeout(timeout),
+            Socket::Unix(stream) => stream.set_read_timeout(timeout),
+        }
+    }
+
+    fn shutdown(&self) {
+        let _ = match self {
+            Socket::Tcp(stream) => stream.shutdown(Shutdown::Both),
+            Socket::Unix(stream) => stream.shutdown(Shutdown::Both),
+        };
+    }
+}
+
+impl Read for Socket {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Socket::Tcp(stream) => stream.read(buffer),
+            Socket::Unix(stream) => stream.read(buffer),
+        }
+    }
+}
+
+impl Write for Socket {
+    fn write(&mut self, buffer: &[u8]) -> io::Result<usize> {
+        match self {
+            Socket::Tcp(stream) => stream.write(buffer),
+            Socket::Unix(stream) => stream.write(buffer),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Replies that a caller waits for, keyed by region id or request id.
+#[derive(Debug, Default)]
+struct Waiting {
+    regions: HashMap<u32, Option<Result<(), ClientError>>>,
+    stores: HashMap<u64, Option<(ErrorCode, String)>>,
+    loads: HashMap<u64, (Arc<LoadShared>, Vec<u32>)>,
+    /// Why the connection ended, once it has.
+    closed: Option<String>,
+}
+
+#[derive(Debug)]
+struct LinkShared {
+    address: String,
+    waiting: Mutex<Waiting>,
+    changed: Condvar,
+    regions: Arc<RwLock<HashMap<u32, Arc<Region>>>>,
+}
+
+#[derive(Debug)]
+pub struct ShardLink {
+    pub shard_count: u32,
+    pub namespaces: Vec<NamespaceInfo>,
+    writer: Mutex<Socket>,
+    shared: Arc<LinkShared>,
+    receiver: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ShardLink {
+    pub fn connect(
+        endpoint: &Endpoint,
+        shard: u32,
+        options: &ClientOptions,
+        regions: Arc<RwLock<HashMap<u32, Arc<Region>>>>,
+    ) -> Result<Self, ClientError> {
+        let address = endpoint.describe();
+        let connect_error = |source| ClientError::Connect { address: address.clone(), source };
+        let mut socket = open(endpoint, options.connect_timeout).map_err(connect_error)?;
+        socket.set_read_timeout(Some(options.request_timeout)).map_err(connect_error)?;
+        let hello = Frame::Hello { version: PROTOCOL_VERSION, shard, token: options.auth_token.clone() };
+        socket.write_all(&hello.encode()).map_err(connect_error)?;
+        let (shard_count, namespaces) = match read_control(&mut socket).map_err(connect_error)? {
+            Frame::HelloOk { shard_count, namespaces, .. } => (shard_count, namespaces),
+            Frame::Error { code, message, .. } => return Err(ClientError::Handshake { address, message: format!("{code}: {message}") }),
+            other => return Err(ClientError::Handshake { address, message: format!("unexpected {:?} frame", other.kind()) }),
+        };
+        socket.set_read_timeout(None).map_err(connect_error)?;
+        let reader = socket.try_clone().map_err(connect_error)?;
+        let shared = Arc::new(LinkShared { address: address.clone(), waiting: Mutex::default(), changed: Condvar::new(), regions });
+        let receiver_shared = Arc::clone(&shared);
+        let receiver = std::thread::Builder::new()
+            .name(format!("dualpath-recv-{shard}"))
+            .spawn(move || receive_loop(reader, &receiver_shared))
+            .map_err(connect_error)?;
+        Ok(Self { shard_count, namespaces, writer: Mutex::new(socket), shared, receiver: Some(receiver) })
+    }
+
+    fn send(&self, bytes: &[&[u8]]) -> Result<(), ClientError> {
+        let mut writer = self.writer.lock().expect("writer lock");
+        for part in bytes {
+            writer.write_all(part).map_err(|error| ClientError::Disconnected { address: self.shared.address.clone(), message: error.to_string() })?;
+        }
+        Ok(())
+    }
+
+    /// Waits until `done` says the reply is there, the link closed, or timeout.
+    fn wait_for<T>(&self, timeout: Duration, what: &str, mut done: impl FnMut(&mut Waiting) -> Option<T>) -> Result<T, ClientError> {
+        let deadline = Instant::now() + timeout;
+        let mut waiting = self.shared.waiting.lock().expect("link lock");
+        loop {
+            if let Some(value) = done(&mut waiting) {
+                return Ok(value);
+            }
+            if let Some(message) = &waiting.closed {
+                return Err(ClientError::Disconnected { address: self.shared.address.clone(), message: message.clone() });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(ClientError::Timeout { what: what.to_owned(), after: timeout });
+            }
+            waiting = self.shared.changed.wait_timeout(waiting, deadline - now).expect("link lock").0;
+        }
+    }
+
+    pub fn register_region(&self, region_id: u32, len: u64, timeout: Duration) -> Result<(), ClientError> {
+        self.shared.waiting.lock().expect("link lock").regions.insert(region_id, None);
+        self.send(&[&Frame::RegisterRegion { region_id, len }.encode()])?;
+        self.wait_for(timeout, &format!("registration of region {region_id}"), |waiting| waiting.regions.get_mut(&region_id)?.take())?
+    }
+
+    pub fn start_load(&self, load: Load, indexes: Vec<u32>, shared: Arc<LoadShared>) -> Result<(), ClientError> {
+        {
+            let mut waiting = self.shared.waiting.lock().expect("link lock");
+            if let Some(message) = &waiting.closed {
+                return Err(ClientError::Disconnected { address: self.shared.address.clone(), message: message.clone() });
+            }
+            waiting.loads.insert(load.request_id, (shared, indexes));
+        }
+        self.send(&[&Frame::Load(load).encode()])
+    }
+
+    pub fn store(&self, request_id: u64, namespace: &str, key: BlockKey, bytes: &[u8], timeout: Duration) -> Result<(), ClientError> {
+        let payload_len = u32::try_from(bytes.len()).map_err(|_| ClientError::Invalid("a block over 4 GiB".into()))?;
+        let head = encode_store_head(&StorePrefix { request_id, namespace: namespace.to_owned(), key, payload_len });
+        self.shared.waiting.lock().expect("link lock").stores.insert(request_id, None);
+        self.send(&[&head, bytes])?;
+        let (code, message) = self.wait_for(timeout, &format!("store of block {key}"), |waiting| waiting.stores.get_mut(&request_id)?.take())?;
+        self.shared.waiting.lock().expect("link lock").stores.remove(&request_id);
+        match code {
+            ErrorCode::Ok => Ok(()),
+            code => Err(ClientError::Gateway { code, message }),
+        }
+    }
+}
+
+impl Drop for ShardLink {
+    fn drop(&mut self) {
+        self.writer.lock().map(|writer| writer.shutdown()).ok();
+        if let Some(receiver) = self.receiver.take() {
+            let _ = receiver.join();
+        }
+    }
+}
+
+fn open(endpoint: &Endpoint, timeout: Duration) -> io::Result<Socket> {
+    match endpoint {
+        Endpoint::Tcp(address) => {
+            let mut last = io::Error::new(io::ErrorKind::NotFound, "the address resolved to nothing");
+            for resolved in address.to_socket_addrs()? {
+                match TcpStream::connect_timeout(&resolved, timeout) {
+                    Ok(stream) => {
+                        stream.set_nodelay(true)?;
+                        return Ok(Socket::Tcp(stream));
+                    }
+                    Err(error) => last = error,
+                }
+            }
+            Err(last)
+        }
+        Endpoint::Unix(path) => UnixStream::connect(path).map(Socket::Unix),
+    }
+}
+
+fn read_control(socket: &mut Socket) -> io::Result<Frame> {
+    let mut header = [0u8; HEADER_BYTES];
+    socket.read_exact(&mut header)?;
+    let header = decode_header(&header).map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error))?;
+    let mut body = vec![0u8; header.body_len as usize];
+    socket.read_exact(&mut body)?;
+    Frame::decode(header.kind, &body).map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error))
+}
+
+fn receive_loop(mut socket: Socket, shared: &LinkShared) {
+    let reason = loop {
+        match receive_one(&mut socket, shared) {
+            Ok(()) => continue,
+            Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => break String::from("the gateway closed the connection"),
+            Err(error) => break error.to_string(),
+        }
+    };
+    let mut waiting = shared.waiting.lock().expect("link lock");
+    waiting.closed = Some(reason.clone());
+    for (_, (load, indexes)) in waiting.loads.drain() {
+        load.fail(&indexes, ErrorCode::Io, ClientError::Disconnected { address: shared.address.clone(), message: reason.clone() });
+    }
+    shared.changed.notify_all();
+}
+
+fn receive_one(socket: &mut Socket, shared: &LinkShared) -> io::Result<()> {
+    let mut header = [0u8; HEADER_BYTES];
+    socket.read_exact(&mut header)?;
+    let header = decode_header(&header).map_err(invalid)?;
+    if header.kind == FrameType::Data {
+        let mut prefix = [0u8; DATA_PREFIX_BYTES];
+        socket.read_exact(&mut prefix)?;
+        let prefix = decode_data_prefix(header.body_len, &prefix).map_err(invalid)?;
+        let region = shared.regions.read().expect("region table lock").get(&prefix.region_id).cloned();
+        let region = region.ok_or_else(|| invalid(format!("data for unknown region {}", prefix.region_id)))?;
+        if !range_inside(prefix.offset, u64::from(prefix.len), region.len() as u64) {
+            return Err(invalid(format!("the gateway wrote outside region {} (offset {}, {} bytes)", prefix.region_id, prefix.offset, prefix.len)));
+        }
+        // SAFETY: the range was checked inside the region; it belongs to a load in
+        // flight, which the engine does not touch until the load reports it done.
+        let target = unsafe { region.slice_mut(prefix.offset as usize, prefix.len as usize) };
+        return socket.read_exact(target);
+    }
+    let mut body = vec![0u8; header.body_len as usize];
+    socket.read_exact(&mut body)?;
+    let frame = Frame::decode(header.kind, &body).map_err(invalid)?;
+    dispatch(frame, shared)
+}
+
+fn dispatch(frame: Frame, shared: &LinkShared) -> io::Result<()> {
+    let mut waiting = shared.waiting.lock().expect("link lock");
+    match frame {
+        Frame::RegionRegistered { region_id } => {
+            waiting.regions.insert(region_id, Some(Ok(())));
+        }
+        Frame::LayerDone { request_id, layer } => {
+            if let Some((load, _)) = waiting.loads.get(&request_id) {
+                load.layer_done(layer);
+            }
+        }
+        Frame::BlockDone { request_id, block_index, code, message } => {
+            if let Some((load, indexes)) = waiting.loads.get(&request_id) {
+                let status = if code == ErrorCode::Ok { BlockStatus::Done } else { BlockStatus::Failed { code, message } };
+                if let Some(&global) = indexes.get(block_index as usize) {
+                    load.block_done(global, status);
+                }
+            }
+        }
+        Frame::LoadDone { request_id, .. } => {
+            if let Some((load, _)) = waiting.loads.remove(&request_id) {
+                load.shard_done();
+            }
+        }
+        Frame::StoreDone { request_id, code, message } => {
+            waiting.stores.insert(request_id, Some((code, message)));
+        }
+        Frame::Error { request_id: 0, code, message } => return Err(invalid(format!("gateway error {code}: {message}"))),
+        Frame::Error { request_id, code, message } => {
+            if let Some((load, indexes)) = waiting.loads.remove(&request_id) {
+                load.fail(&indexes, code, ClientError::Gateway { code, message });
+            } else if let Some(slot) = waiting.stores.get_mut(&request_id) {
+                *slot = Some((code, message));
+            }
+        }
+        other => return Err(invalid(format!("unexpected {:?} frame from the gateway", other.kind()))),
+    }
+    shared.changed.notify_all();
+    Ok(())
+}
+
+fn invalid(error: impl ToString) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, error.to_string())
+}

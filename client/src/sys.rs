@@ -1,0 +1,94 @@
+//! The client's unsafe boundary: target memory that receive threads write into.
+//!
+//! A [`Region`] is a range of the engine's memory, given by pointer and length (or
+//! allocated here). The receive thread of each gateway connection writes block
+//! payloads into it at offsets the gateway names, after the bounds check in
+//! `protocol::range_inside`.
+
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::ptr::NonNull;
+
+/// Alignment of regions allocated by [`Region::allocate`].
+const REGION_ALIGN_BYTES: usize = 4096;
+
+#[derive(Debug)]
+pub struct Region {
+    base: NonNull<u8>,
+    len: usize,
+    /// Set when this library allocated the memory (and frees it on drop).
+    owned: Option<Layout>,
+}
+
+// SAFETY: a Region is a pointer and a length. Receive threads write to disjoint
+// ranges (distinct blocks and layers of loads the engine asked for); the engine
+// reads a range only after the load reported it complete, which happens after the
+// write (the completion is observed through a mutex, which orders the accesses).
+unsafe impl Send for Region {}
+// SAFETY: as above; shared references only hand out raw access through the unsafe
+// `slice_mut`, whose contract keeps concurrent accesses disjoint.
+unsafe impl Sync for Region {}
+
+impl Region {
+    /// Allocates `len` zeroed bytes of host memory, page-aligned.
+    pub fn allocate(len: usize) -> Self {
+        assert!(len > 0, "a region has at least one byte");
+        let layout = Layout::from_size_align(len, REGION_ALIGN_BYTES).expect("size below isize::MAX");
+        // SAFETY: `layout` has a non-zero size.
+        let pointer = unsafe { alloc_zeroed(layout) };
+        let base = NonNull::new(pointer).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        Self { base, len, owned: Some(layout) }
+    }
+
+    /// Wraps memory the engine owns (a tensor's storage, a NumPy buffer).
+    ///
+    /// # Safety
+    /// `pointer..pointer + len` must be valid for writes for as long as this region
+    /// is registered with any gateway, and the engine must not access a range that a
+    /// load targets until that load (or layer) has completed.
+    pub unsafe fn from_raw(pointer: *mut u8, len: usize) -> Self {
+        Self { base: NonNull::new(pointer).expect("a region pointer is not null"), len, owned: None }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.base.as_ptr()
+    }
+
+    /// A mutable view of `offset..offset + len`, for a receive thread.
+    ///
+    /// # Safety
+    /// No other thread may access this range while the view lives (loads target
+    /// disjoint ranges, and the engine waits for their completion).
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn slice_mut(&self, offset: usize, len: usize) -> &mut [u8] {
+        assert!(offset.checked_add(len).is_some_and(|end| end <= self.len), "range outside the region");
+        // SAFETY: in bounds (asserted); exclusivity is the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr().add(offset), len) }
+    }
+
+    /// Copies `offset..offset + len` out, for checks after a load completed.
+    pub fn read(&self, offset: usize, len: usize) -> Vec<u8> {
+        assert!(offset.checked_add(len).is_some_and(|end| end <= self.len), "range outside the region");
+        // SAFETY: in bounds (asserted); callers read ranges whose loads completed,
+        // so no receive thread writes them now.
+        unsafe { std::slice::from_raw_parts(self.base.as_ptr().add(offset), len) }.to_vec()
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        if let Some(layout) = self.owned {
+            // SAFETY: allocated in `allocate` with this layout, freed once. Every
+            // connection that could write into it holds an `Arc<Region>`, so no
+            // receive thread outlives it.
+            unsafe { dealloc(self.base.as_ptr(), layout) };
+        }
+    }
+}

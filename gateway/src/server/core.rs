@@ -1,0 +1,479 @@
+//! One data-path core: its shard of the store (ring, staging slab, index), its
+//! client connections, and the event loop that joins them. Nothing here is shared
+//! with other cores; new connections arrive through a channel and a waker.
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use protocol::{decode_store, encode_data_head, DataPrefix, ErrorCode, Frame, FrameType, Header, Load};
+use storage_backends::uring::UringShard;
+use storage_backends::{BlockStore, ReadCompletion, ReadRequest, StoreError};
+
+use super::connection::{ActiveLoad, Connection, InflightRead, Stream, RECEIVE_CHUNK_BYTES};
+use super::load::{Event, LoadProgress, Refusal};
+use super::metrics::{CoreCounters, LOAD_SECONDS, STORAGE_READ_SECONDS};
+
+pub const WAKER_TOKEN: Token = Token(usize::MAX - 1);
+const EVENTFD_TOKEN: Token = Token(usize::MAX - 2);
+/// Longest sleep of the loop: how soon a shutdown request is noticed.
+const POLL_TIMEOUT: Duration = Duration::from_millis(50);
+/// Most connections one core serves (a tag carries the index in 16 bits).
+const CONNECTIONS_MAX: usize = 1 << 16;
+
+/// A client whose hello was accepted, handed to its shard's core.
+#[derive(Debug)]
+pub struct NewConnection {
+    pub stream: Stream,
+    pub peer: String,
+}
+
+#[derive(Debug)]
+pub struct CoreSetup {
+    pub poll: Poll,
+    pub inbox: Receiver<NewConnection>,
+    pub counters: Arc<CoreCounters>,
+    pub shutdown: Arc<AtomicBool>,
+    pub queue_depth: u32,
+    /// How long in-flight loads may run after a shutdown request.
+    pub drain_timeout: Duration,
+}
+
+struct Core {
+    shard: UringShard,
+    setup: CoreSetup,
+    connections: Vec<Option<Connection>>,
+    next_generation: u16,
+    completions: Vec<ReadCompletion>,
+    events: Vec<Event>,
+    scratch: Vec<u8>,
+    round_robin: usize,
+    draining_since: Option<Instant>,
+}
+
+/// Runs a core until shutdown. `shard` was opened on this thread.
+pub fn run(shard: UringShard, setup: CoreSetup) -> anyhow::Result<()> {
+    let eventfd = EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC).context("cannot create an eventfd")?;
+    shard.register_completion_eventfd(eventfd.as_raw_fd())?;
+    let raw = eventfd.as_raw_fd();
+    setup.poll.registry().register(&mut SourceFd(&raw), EVENTFD_TOKEN, Interest::READABLE)?;
+    let counters = Arc::clone(&setup.counters);
+    let slab_bytes = shard.slab().buffer_count() as i64 * shard.slab().buffer_bytes() as i64;
+    counters.staging_bytes_total.store(slab_bytes, Ordering::Relaxed);
+    let mut core = Core {
+        shard,
+        setup,
+        connections: Vec::new(),
+        next_generation: 0,
+        completions: Vec::new(),
+        events: Vec::new(),
+        scratch: vec![0u8; RECEIVE_CHUNK_BYTES],
+        round_robin: 0,
+        draining_since: None,
+    };
+    let mut events = Events::with_capacity(1024);
+    loop {
+        match core.setup.poll.poll(&mut events, Some(POLL_TIMEOUT)) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(error).context("event loop poll failed"),
+        }
+        for event in events.iter() {
+            match event.token() {
+                WAKER_TOKEN => core.accept_new(),
+                EVENTFD_TOKEN => {
+                    let _ = eventfd.read();
+                }
+                Token(index) => {
+                    if event.is_readable() || event.is_read_closed() {
+                        core.on_readable(index);
+                    }
+                }
+            }
+        }
+        core.turn()?;
+        if core.shutdown_finished() {
+            break;
+        }
+    }
+    core.finish()
+}
+
+impl Core {
+    /// One pass after I/O readiness: completions, new reads, output, clean-up.
+    fn turn(&mut self) -> anyhow::Result<()> {
+        self.reap()?;
+        self.schedule();
+        self.flush_all();
+        self.close_dead();
+        let counters = &self.setup.counters;
+        counters.reads_in_flight.store(self.shard.reads_in_flight() as i64, Ordering::Relaxed);
+        let slab = self.shard.slab();
+        counters.staging_bytes_in_use.store(i64::from(slab.buffers_in_use()) * slab.buffer_bytes() as i64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn accept_new(&mut self) {
+        while let Ok(NewConnection { mut stream, peer }) = self.setup.inbox.try_recv() {
+            let Some(index) = self.free_connection_slot() else {
+                tracing::warn!("shard {}: refusing {peer}: {CONNECTIONS_MAX} connections already", self.shard.shard());
+                continue;
+            };
+            if let Err(error) = stream.register(self.setup.poll.registry(), Token(index)) {
+                tracing::warn!("cannot watch connection from {peer}: {error}");
+                continue;
+            }
+            self.next_generation = self.next_generation.wrapping_add(1);
+            tracing::debug!("shard {}: client {peer} connected", self.shard.shard());
+            self.connections[index] = Some(Connection::new(stream, peer, self.next_generation));
+            self.setup.counters.connected_clients.fetch_add(1, Ordering::Relaxed);
+            // Frames may have arrived before registration: read now.
+            self.on_readable(index);
+        }
+    }
+
+    fn free_connection_slot(&mut self) -> Option<usize> {
+        if let Some(index) = self.connections.iter().position(Option::is_none) {
+            return Some(index);
+        }
+        if self.connections.len() >= CONNECTIONS_MAX {
+            return None;
+        }
+        self.connections.push(None);
+        Some(self.connections.len() - 1)
+    }
+
+    fn on_readable(&mut self, index: usize) {
+        let Some(connection) = self.connections.get_mut(index).and_then(Option::as_mut) else { return };
+        if !connection.receive(&mut self.scratch) {
+            connection.dead = true;
+        }
+        loop {
+            let Some(connection) = self.connections[index].as_mut() else { return };
+            if connection.closing {
+                return;
+            }
+            match connection.next_frame() {
+                None => return,
+                Some(Ok((header, body))) => self.on_frame(index, header, &body),
+                Some(Err(error)) => self.protocol_error(index, &error.to_string()),
+            }
+        }
+    }
+
+    fn protocol_error(&mut self, index: usize, message: &str) {
+        self.setup.counters.error("protocol");
+        let Some(connection) = self.connections[index].as_mut() else { return };
+        tracing::info!("closing {}: {message}", connection.peer);
+        connection.send_control(&Frame::Error { request_id: 0, code: ErrorCode::BadFrame, message: message.to_owned() });
+        connection.closing = true;
+    }
+
+    fn on_frame(&mut self, index: usize, header: Header, body: &[u8]) {
+        if header.kind == FrameType::Store {
+            return self.on_store(index, body);
+        }
+        if !Connection::is_client_frame(header.kind) {
+            return self.protocol_error(index, &format!("a client may not send {:?} frames here", header.kind));
+        }
+        let frame = match Frame::decode(header.kind, body) {
+            Ok(frame) => frame,
+            Err(error) => return self.protocol_error(index, &error.to_string()),
+        };
+        let Some(connection) = self.connections[index].as_mut() else { return };
+        match frame {
+            Frame::RegisterRegion { region_id, len } => {
+                connection.regions.retain(|(id, _)| *id != region_id);
+                connection.regions.push((region_id, len));
+                connection.send_control(&Frame::RegionRegistered { region_id });
+            }
+            Frame::Load(load) => self.on_load(index, load),
+            _ => unreachable!("client frames are RegisterRegion, Load and Store"),
+        }
+    }
+
+    fn on_load(&mut self, index: usize, load: Load) {
+        let refuse = |code: ErrorCode, message: String| Frame::Error { request_id: load.request_id, code, message };
+        let refusal = if self.draining_since.is_some() {
+            Some(refuse(ErrorCode::ShuttingDown, "the gateway is shutting down; load elsewhere".into()))
+        } else {
+            None
+        };
+        let namespace = self.shard.namespace_id(&load.namespace);
+        let connection = self.connections[index].as_mut().expect("caller checked");
+        let refusal = refusal.or_else(|| match namespace {
+            None => Some(refuse(ErrorCode::UnknownNamespace, format!("unknown namespace {:?}", load.namespace))),
+            Some(_) if connection.region_len(load.region_id).is_none() => Some(refuse(
+                ErrorCode::OutOfRegion,
+                format!("region {} is not registered on this connection", load.region_id),
+            )),
+            Some(_) => None,
+        });
+        if let Some(frame) = refusal {
+            self.setup.counters.error("bad_request");
+            return connection.send_control(&frame);
+        }
+        let namespace = namespace.expect("checked above");
+        let region_len = connection.region_len(load.region_id).expect("checked above");
+        let geometry = self.shard.geometry(namespace);
+        let buffer_bytes = self.shard.slab().buffer_bytes() as u64;
+        match LoadProgress::new(geometry, load.blocks, load.layer_stride, region_len, buffer_bytes) {
+            Err(Refusal { code, message }) => {
+                self.setup.counters.error(if code == ErrorCode::OutOfRegion { "out_of_region" } else { "bad_request" });
+                connection.send_control(&Frame::Error { request_id: load.request_id, code, message });
+            }
+            Ok(progress) => {
+                let active = ActiveLoad { request_id: load.request_id, namespace, region_id: load.region_id, progress, started: Instant::now() };
+                let slot = connection.add_load(active);
+                let mut events = std::mem::take(&mut self.events);
+                connection.loads[slot].as_mut().expect("just added").progress.start(&mut events);
+                self.emit(index, slot, &mut events);
+                self.events = events;
+            }
+        }
+    }
+
+    fn on_store(&mut self, index: usize, body: &[u8]) {
+        let (prefix, payload) = match decode_store(body) {
+            Ok(decoded) => decoded,
+            Err(error) => return self.protocol_error(index, &error.to_string()),
+        };
+        // A put is synchronous (durable when StoreDone is sent); it pauses this
+        // core's loop for the write and its syncs.
+        let result = match self.shard.namespace_id(&prefix.namespace) {
+            None => Err((ErrorCode::UnknownNamespace, format!("unknown namespace {:?}", prefix.namespace))),
+            Some(namespace) => self.shard.put(namespace, &[(prefix.key, payload)]).map_err(|error| (store_error_code(&error), error.to_string())),
+        };
+        let frame = match result {
+            Ok(()) => {
+                CoreCounters::add(&self.setup.counters.blocks_stored, 1);
+                Frame::StoreDone { request_id: prefix.request_id, code: ErrorCode::Ok, message: String::new() }
+            }
+            Err((code, message)) => {
+                self.setup.counters.error(if code == ErrorCode::Io { "io" } else { "bad_request" });
+                Frame::StoreDone { request_id: prefix.request_id, code, message }
+            }
+        };
+        if let Some(connection) = self.connections[index].as_mut() {
+            connection.send_control(&frame);
+        }
+    }
+
+    /// Turns load events into frames; a finished load is removed.
+    fn emit(&mut self, index: usize, load_slot: usize, events: &mut Vec<Event>) {
+        let counters = Arc::clone(&self.setup.counters);
+        let Some(connection) = self.connections[index].as_mut() else { return events.clear() };
+        let load = connection.loads[load_slot].as_ref().expect("events belong to a live load");
+        let request_id = load.request_id;
+        let started = load.started;
+        for event in events.drain(..) {
+            let frame = match event {
+                Event::BlockDone { block, code, message } => {
+                    if code == ErrorCode::Ok {
+                        CoreCounters::add(&counters.blocks_loaded, 1);
+                    }
+                    Frame::BlockDone { request_id, block_index: block, code, message }
+                }
+                Event::LayerDone { layer } => Frame::LayerDone { request_id, layer },
+                Event::LoadDone { blocks_ok, blocks_failed } => {
+                    connection.loads[load_slot] = None;
+                    CoreCounters::add(&counters.loads_completed, 1);
+                    metrics::histogram!(LOAD_SECONDS, "shard" => counters.shard.to_string()).record(started.elapsed().as_secs_f64());
+                    Frame::LoadDone { request_id, blocks_ok, blocks_failed }
+                }
+            };
+            connection.send_control(&frame);
+        }
+    }
+
+    /// Issues reads, one per connection per pass (round robin), while the ring,
+    /// the slab and each connection's share of buffers allow.
+    fn schedule(&mut self) {
+        let live = self.connections.iter().flatten().count().max(1);
+        let per_connection = (self.shard.slab().buffer_count() as usize / live).max(2);
+        let count = self.connections.len();
+        let mut progress = true;
+        while progress {
+            progress = false;
+            for step in 0..count {
+                let index = (self.round_robin + step) % count;
+                if self.shard.reads_in_flight() >= self.setup.queue_depth as usize {
+                    return;
+                }
+                if self.shard.slab().buffers_in_use() >= self.shard.slab().buffer_count() {
+                    return;
+                }
+                progress |= self.issue_one(index, per_connection);
+            }
+            self.round_robin = self.round_robin.wrapping_add(1);
+        }
+    }
+
+    fn issue_one(&mut self, index: usize, per_connection: usize) -> bool {
+        let Some(connection) = self.connections[index].as_mut() else { return false };
+        if connection.dead || connection.closing || connection.held_buffers >= per_connection {
+            return false;
+        }
+        let Some(load_slot) = connection.loads.iter().position(|load| load.as_ref().is_some_and(|load| load.progress.has_unissued_units())) else {
+            return false;
+        };
+        let mut events = std::mem::take(&mut self.events);
+        let load = connection.loads[load_slot].as_mut().expect("found above");
+        let next = load.progress.next_unit(&mut events);
+        let issued = next.is_some();
+        if let Some(unit_index) = next {
+            let unit = load.progress.unit(unit_index).clone();
+            let (namespace, key) = (load.namespace, load.progress.blocks()[unit.block as usize].key);
+            let slot = connection.add_inflight(InflightRead { load_slot, unit: unit_index, submitted: Instant::now() });
+            let tag = (index as u64) << 48 | u64::from(connection.generation) << 32 | slot as u64;
+            let buffer = self.shard.slab().acquire().expect("schedule checked for a free buffer");
+            let request = ReadRequest { tag, namespace, key, layers: unit.layers };
+            match self.shard.submit_read(request, buffer) {
+                Ok(()) => connection.held_buffers += 1,
+                Err(rejected) => {
+                    connection.inflight[slot] = None;
+                    let load = connection.loads[load_slot].as_mut().expect("live");
+                    load.progress.unit_finished(unit_index, Err(refusal_of(&rejected.error)), &mut events);
+                    self.setup.counters.error(rejected.error.kind());
+                }
+            }
+        }
+        self.emit(index, load_slot, &mut events);
+        self.events = events;
+        issued
+    }
+
+    fn reap(&mut self) -> anyhow::Result<()> {
+        let mut completions = std::mem::take(&mut self.completions);
+        self.shard.reap(&mut completions, false).context("storage ring failed")?;
+        for completion in completions.drain(..) {
+            self.on_read_done(completion);
+        }
+        self.completions = completions;
+        Ok(())
+    }
+
+    fn on_read_done(&mut self, completion: ReadCompletion) {
+        let index = (completion.tag >> 48) as usize;
+        let generation = (completion.tag >> 32) as u16;
+        let slot = (completion.tag & 0xFFFF_FFFF) as usize;
+        let counters = Arc::clone(&self.setup.counters);
+        let Some(connection) = self.connections.get_mut(index).and_then(Option::as_mut).filter(|c| c.generation == generation) else {
+            return; // The client left; the buffer goes back to the slab.
+        };
+        let read = connection.inflight[slot].take().expect("a completion for a read in flight");
+        metrics::histogram!(STORAGE_READ_SECONDS, "backend" => "uring", "shard" => counters.shard.to_string())
+            .record(read.submitted.elapsed().as_secs_f64());
+        let load = connection.loads[read.load_slot].as_mut().expect("a load lives until its reads finish");
+        let mut events = std::mem::take(&mut self.events);
+        match completion.result {
+            Ok(placement) => {
+                let mut pieces = Vec::new();
+                load.progress.data_pieces(read.unit, &placement, &mut pieces);
+                let (request_id, region_id) = (load.request_id, load.region_id);
+                let frames = pieces
+                    .into_iter()
+                    .map(|(offset, range)| {
+                        let len = u32::try_from(range.len()).expect("a piece fits a staging buffer");
+                        (encode_data_head(&DataPrefix { request_id, region_id, offset, len }), range)
+                    })
+                    .collect();
+                CoreCounters::add(&counters.storage_reads, 1);
+                CoreCounters::add(&counters.storage_read_bytes, placement.layer_bytes * u64::from(placement.layer_count));
+                load.progress.unit_finished(read.unit, Ok(()), &mut events);
+                connection.send_data(completion.buffer, frames);
+            }
+            Err(error) => {
+                connection.held_buffers -= 1;
+                counters.error(error.kind());
+                tracing::debug!("read for {} failed: {error}", connection.peer);
+                load.progress.unit_finished(read.unit, Err(refusal_of(&error)), &mut events);
+            }
+        }
+        self.emit(index, read.load_slot, &mut events);
+        self.events = events;
+    }
+
+    fn flush_all(&mut self) {
+        for connection in self.connections.iter_mut().flatten() {
+            if connection.dead || !connection.has_output() {
+                if connection.closing && !connection.has_output() {
+                    connection.dead = true;
+                }
+                continue;
+            }
+            match connection.flush() {
+                Ok(bytes) => CoreCounters::add(&self.setup.counters.transport_sent_bytes, bytes),
+                Err(error) => {
+                    tracing::debug!("client {} gone: {error}", connection.peer);
+                    connection.dead = true;
+                }
+            }
+        }
+    }
+
+    fn close_dead(&mut self) {
+        for entry in self.connections.iter_mut() {
+            if entry.as_ref().is_some_and(|connection| connection.dead) {
+                let mut connection = entry.take().expect("checked");
+                if connection.closing {
+                    connection.stream.close_gently(&mut self.scratch);
+                }
+                let _ = connection.stream.deregister(self.setup.poll.registry());
+                self.setup.counters.connected_clients.fetch_sub(1, Ordering::Relaxed);
+                tracing::debug!("shard {}: client {} disconnected", self.shard.shard(), connection.peer);
+            }
+        }
+    }
+
+    fn shutdown_finished(&mut self) -> bool {
+        if !self.setup.shutdown.load(Ordering::Relaxed) {
+            return false;
+        }
+        let since = *self.draining_since.get_or_insert_with(Instant::now);
+        let busy = self.connections.iter().flatten().any(|connection| connection.loads.iter().any(Option::is_some) || connection.has_output());
+        !busy || since.elapsed() >= self.setup.drain_timeout
+    }
+
+    /// Fails what is left with a clear status, writes what can be written, and
+    /// waits for reads in flight so no buffer is dropped under the kernel.
+    fn finish(mut self) -> anyhow::Result<()> {
+        for connection in self.connections.iter_mut().flatten() {
+            let unfinished: Vec<u64> = connection.loads.iter().flatten().map(|load| load.request_id).collect();
+            for request_id in unfinished {
+                connection.send_control(&Frame::Error {
+                    request_id,
+                    code: ErrorCode::ShuttingDown,
+                    message: "the gateway shut down before this load finished; load elsewhere".into(),
+                });
+            }
+            let _ = connection.flush();
+        }
+        while self.shard.reads_in_flight() > 0 {
+            self.shard.reap(&mut self.completions, true)?;
+            self.completions.clear();
+        }
+        Ok(())
+    }
+}
+
+fn store_error_code(error: &StoreError) -> ErrorCode {
+    match error {
+        StoreError::NotFound { .. } => ErrorCode::NotFound,
+        StoreError::UnknownNamespace { .. } => ErrorCode::UnknownNamespace,
+        StoreError::Corrupt { .. } => ErrorCode::Corrupt,
+        StoreError::LayerRange { .. } | StoreError::BufferTooSmall { .. } | StoreError::WrongSize { .. } => ErrorCode::BadRequest,
+        StoreError::Busy { .. } => ErrorCode::Busy,
+        StoreError::Io { .. } | StoreError::ShortRead { .. } | StoreError::Layout { .. } => ErrorCode::Io,
+    }
+}
+
+fn refusal_of(error: &StoreError) -> Refusal {
+    Refusal { code: store_error_code(error), message: error.to_string() }
+}

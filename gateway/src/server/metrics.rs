@@ -1,0 +1,170 @@
+//! Every metric of the gateway, declared once: name, unit, help. Per-core counters
+//! are plain atomic fields written only by their core and summed (published into
+//! the `metrics` registry) at scrape time; histograms are recorded through the
+//! `metrics` crate. Served as Prometheus text on `GET /metrics`.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, Unit};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+pub const STORAGE_READ_SECONDS: &str = "dualpath_storage_read_seconds";
+pub const LOAD_SECONDS: &str = "dualpath_load_seconds";
+
+/// Error kinds counted per core; the index is the position here.
+pub const ERROR_KINDS: [&str; 9] =
+    ["not_found", "corrupt", "io", "bad_request", "out_of_region", "unknown_namespace", "busy", "protocol", "other"];
+
+/// Counters of one core. Written by that core only.
+#[derive(Debug)]
+pub struct CoreCounters {
+    pub shard: u32,
+    pub storage_reads: AtomicU64,
+    pub storage_read_bytes: AtomicU64,
+    pub transport_sent_bytes: AtomicU64,
+    pub blocks_loaded: AtomicU64,
+    pub loads_completed: AtomicU64,
+    pub blocks_stored: AtomicU64,
+    pub errors: [AtomicU64; ERROR_KINDS.len()],
+    pub connected_clients: AtomicI64,
+    pub reads_in_flight: AtomicI64,
+    pub staging_bytes_in_use: AtomicI64,
+    pub staging_bytes_total: AtomicI64,
+}
+
+impl CoreCounters {
+    pub fn new(shard: u32) -> Self {
+        Self {
+            shard,
+            storage_reads: AtomicU64::new(0),
+            storage_read_bytes: AtomicU64::new(0),
+            transport_sent_bytes: AtomicU64::new(0),
+            blocks_loaded: AtomicU64::new(0),
+            loads_completed: AtomicU64::new(0),
+            blocks_stored: AtomicU64::new(0),
+            errors: std::array::from_fn(|_| AtomicU64::new(0)),
+            connected_clients: AtomicI64::new(0),
+            reads_in_flight: AtomicI64::new(0),
+            staging_bytes_in_use: AtomicI64::new(0),
+            staging_bytes_total: AtomicI64::new(0),
+        }
+    }
+
+    pub fn add(counter: &AtomicU64, value: u64) {
+        counter.fetch_add(value, Ordering::Relaxed);
+    }
+
+    pub fn error(&self, kind: &str) {
+        let index = ERROR_KINDS.iter().position(|known| *known == kind).unwrap_or(ERROR_KINDS.len() - 1);
+        self.errors[index].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Installs the recorder and describes every metric.
+pub fn install() -> anyhow::Result<PrometheusHandle> {
+    let buckets = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+    let recorder = PrometheusBuilder::new().set_buckets(&buckets).context("histogram buckets")?.build_recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder).context("a metrics recorder is already installed")?;
+    describe_counter!("dualpath_storage_reads_total", "Block reads completed from storage");
+    describe_counter!("dualpath_storage_read_bytes_total", Unit::Bytes, "Payload bytes read from storage and verified");
+    describe_counter!("dualpath_transport_sent_bytes_total", Unit::Bytes, "Payload bytes written into client regions");
+    describe_counter!("dualpath_blocks_loaded_total", "Blocks delivered whole to clients");
+    describe_counter!("dualpath_loads_completed_total", "Load requests finished");
+    describe_counter!("dualpath_blocks_stored_total", "Blocks stored by clients");
+    describe_counter!("dualpath_errors_total", "Errors by kind");
+    describe_gauge!("dualpath_connected_clients", "Client connections open");
+    describe_gauge!("dualpath_storage_queue_depth", "Storage reads in flight");
+    describe_gauge!("dualpath_staging_bytes_in_use", Unit::Bytes, "Staging memory held by reads and unsent data");
+    describe_gauge!("dualpath_staging_bytes", Unit::Bytes, "Staging memory per shard");
+    describe_histogram!(STORAGE_READ_SECONDS, Unit::Seconds, "Latency of one storage read, submit to verified");
+    describe_histogram!(LOAD_SECONDS, Unit::Seconds, "Latency of one load on one shard, request to last byte queued");
+    Ok(handle)
+}
+
+/// Publishes the per-core counters into the registry (sums happen in Prometheus by label).
+pub fn publish(cores: &[Arc<CoreCounters>]) {
+    for core in cores {
+        let shard = core.shard.to_string();
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let read = |gauge: &AtomicI64| gauge.load(Ordering::Relaxed) as f64;
+        counter!("dualpath_storage_reads_total", "backend" => "uring", "shard" => shard.clone()).absolute(load(&core.storage_reads));
+        counter!("dualpath_storage_read_bytes_total", "backend" => "uring", "shard" => shard.clone()).absolute(load(&core.storage_read_bytes));
+        counter!("dualpath_transport_sent_bytes_total", "transport" => "tcp", "shard" => shard.clone()).absolute(load(&core.transport_sent_bytes));
+        counter!("dualpath_blocks_loaded_total", "path" => "gateway", "shard" => shard.clone()).absolute(load(&core.blocks_loaded));
+        counter!("dualpath_loads_completed_total", "shard" => shard.clone()).absolute(load(&core.loads_completed));
+        counter!("dualpath_blocks_stored_total", "shard" => shard.clone()).absolute(load(&core.blocks_stored));
+        for (kind, value) in ERROR_KINDS.iter().zip(&core.errors) {
+            counter!("dualpath_errors_total", "kind" => *kind, "shard" => shard.clone()).absolute(load(value));
+        }
+        gauge!("dualpath_connected_clients", "shard" => shard.clone()).set(read(&core.connected_clients));
+        gauge!("dualpath_storage_queue_depth", "backend" => "uring", "shard" => shard.clone()).set(read(&core.reads_in_flight));
+        gauge!("dualpath_staging_bytes_in_use", "shard" => shard.clone()).set(read(&core.staging_bytes_in_use));
+        gauge!("dualpath_staging_bytes", "shard" => shard).set(read(&core.staging_bytes_total));
+    }
+}
+
+/// Serves `GET /metrics` and `GET /healthz` until `shutdown`; read-only.
+pub fn serve(listener: TcpListener, handle: PrometheusHandle, cores: Vec<Arc<CoreCounters>>, shutdown: Arc<AtomicBool>) {
+    listener.set_nonblocking(true).expect("a bound listener can be made non-blocking");
+    let mut since_upkeep = Duration::ZERO;
+    let tick = Duration::from_millis(50);
+    while !shutdown.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                if let Err(error) = answer(stream, &handle, &cores) {
+                    tracing::debug!("metrics request failed: {error:#}");
+                }
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(tick);
+                since_upkeep += tick;
+                if since_upkeep >= Duration::from_secs(5) {
+                    // Drains histogram samples so they never pile up between scrapes.
+                    handle.run_upkeep();
+                    since_upkeep = Duration::ZERO;
+                }
+            }
+            Err(error) => tracing::warn!("metrics listener: {error}"),
+        }
+    }
+}
+
+fn answer(mut stream: TcpStream, handle: &PrometheusHandle, cores: &[Arc<CoreCounters>]) -> anyhow::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut request = [0u8; 4096];
+    let mut length = 0;
+    while length < request.len() && !request[..length].windows(4).any(|window| window == b"\r\n\r\n") {
+        let read = stream.read(&mut request[length..])?;
+        if read == 0 {
+            break;
+        }
+        length += read;
+    }
+    let line = std::str::from_utf8(&request[..length]).unwrap_or("").lines().next().unwrap_or("");
+    let (status, content_type, body) = match line.split_whitespace().take(2).collect::<Vec<_>>()[..] {
+        ["GET", "/metrics"] => {
+            publish(cores);
+            ("200 OK", "text/plain; version=0.0.4", handle.render())
+        }
+        ["GET", "/healthz"] => ("200 OK", "text/plain", "ok\n".to_owned()),
+        ["GET", _] => ("404 Not Found", "text/plain", "not found: try /metrics or /healthz\n".to_owned()),
+        _ => ("405 Method Not Allowed", "text/plain", "only GET is served\n".to_owned()),
+    };
+    write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    Ok(())
+}
+
+pub fn bind(address: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(address).with_context(|| format!("cannot listen for /metrics on {address}"))
+}

@@ -1,0 +1,165 @@
+//! The gateway service: one data-path core per shard, an acceptor thread for
+//! client hellos, a metrics thread for `/metrics` and `/healthz`, and signal
+//! handling for a graceful stop.
+
+mod acceptor;
+mod connection;
+mod core;
+pub mod load;
+pub mod metrics;
+
+use std::os::unix::net::UnixListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use config::GatewayConfig;
+use mio::{Poll, Waker};
+use protocol::NamespaceInfo;
+
+use crate::shards::{open_shard, open_store};
+use acceptor::{Acceptor, CoreDoor};
+use self::core::{CoreSetup, WAKER_TOKEN};
+use self::metrics::CoreCounters;
+
+/// How long loads in flight may finish after SIGTERM or SIGINT.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs the gateway until SIGTERM or SIGINT.
+pub fn run(config: GatewayConfig) -> anyhow::Result<()> {
+    let shutdown = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, Arc::clone(&shutdown)).context("cannot install signal handlers")?;
+    }
+    let handle = metrics::install()?;
+    let store = open_store(&config)?;
+    let tcp = config
+        .listen_tcp
+        .map(|address| std::net::TcpListener::bind(address).with_context(|| format!("cannot listen on {address}")))
+        .transpose()?;
+    let unix = config.listen_unix.as_ref().map(|path| bind_unix(path)).transpose()?;
+    let metrics_listener = config.metrics_listen.map(metrics::bind).transpose()?;
+    if tcp.is_none() && unix.is_none() {
+        bail!("the config sets neither gateway.listen_tcp nor gateway.listen_unix: clients could not connect");
+    }
+    let counters: Vec<_> = (0..config.cores).map(|shard| Arc::new(CoreCounters::new(shard))).collect();
+    let (doors, workers) = start_cores(&config, &store, &counters, &shutdown)?;
+    let mut addresses = Vec::new();
+    if let Some(listener) = &tcp {
+        addresses.push(format!("tcp {}", listener.local_addr()?));
+    }
+    if let Some(path) = &config.listen_unix {
+        addresses.push(format!("unix {}", path.display()));
+    }
+    let metrics_thread = match metrics_listener {
+        Some(listener) => {
+            addresses.push(format!("metrics http://{}/metrics", listener.local_addr()?));
+            let (cores, stop) = (counters.clone(), Arc::clone(&shutdown));
+            Some(std::thread::Builder::new().name("dualpath-metrics".into()).spawn(move || metrics::serve(listener, handle, cores, stop))?)
+        }
+        None => None,
+    };
+    // Tests and scripts read this line for the bound addresses (ports may be 0 in the config).
+    eprintln!("dualpath gateway ready: {} shards, {}", config.cores, addresses.join(", "));
+    let namespaces = config.namespaces.iter().map(|namespace| NamespaceInfo { name: namespace.name.clone(), geometry: namespace.geometry }).collect();
+    Acceptor { tcp, unix, cores: doors, namespaces, shutdown: Arc::clone(&shutdown) }.run();
+    tracing::info!("shutting down: no new clients; finishing loads in flight");
+    let mut failure = None;
+    for worker in workers {
+        match worker.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => failure = Some(error),
+            Err(_) => failure = Some(anyhow::anyhow!("a core thread panicked")),
+        }
+    }
+    if let Some(thread) = metrics_thread {
+        let _ = thread.join();
+    }
+    if let Some(path) = &config.listen_unix {
+        let _ = std::fs::remove_file(path);
+    }
+    eprintln!("dualpath gateway stopped");
+    failure.map_or(Ok(()), Err)
+}
+
+type CoreThread = std::thread::JoinHandle<anyhow::Result<()>>;
+
+/// Starts one thread per core, pinned, each opening its shard; waits until all are
+/// ready or one fails (then stops the others and returns its error).
+fn start_cores(
+    config: &GatewayConfig,
+    store: &Arc<storage_backends::uring::UringStore>,
+    counters: &[Arc<CoreCounters>],
+    shutdown: &Arc<AtomicBool>,
+) -> anyhow::Result<(Vec<CoreDoor>, Vec<CoreThread>)> {
+    let (ready_sender, ready) = mpsc::channel::<anyhow::Result<()>>();
+    let mut doors = Vec::new();
+    let mut workers = Vec::new();
+    for shard in 0..config.cores {
+        let poll = Poll::new().context("cannot create an event loop")?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER_TOKEN)?);
+        let (sender, inbox) = mpsc::channel();
+        doors.push(CoreDoor { sender, waker });
+        let setup = CoreSetup {
+            poll,
+            inbox,
+            counters: Arc::clone(&counters[shard as usize]),
+            shutdown: Arc::clone(shutdown),
+            queue_depth: config.storage.queue_depth,
+            drain_timeout: DRAIN_TIMEOUT,
+        };
+        let (config, store, ready_sender) = (config.clone(), Arc::clone(store), ready_sender.clone());
+        let worker = std::thread::Builder::new().name(format!("dualpath-core-{shard}")).spawn(move || {
+            pin_to_cpu(shard);
+            let shard_store = match open_shard(&store, &config, shard) {
+                Ok(opened) => {
+                    let _ = ready_sender.send(Ok(()));
+                    opened
+                }
+                Err(error) => {
+                    let _ = ready_sender.send(Err(error));
+                    return Ok(());
+                }
+            };
+            drop(ready_sender);
+            self::core::run(shard_store, setup)
+        })?;
+        workers.push(worker);
+    }
+    drop(ready_sender);
+    for _ in 0..config.cores {
+        let outcome = ready.recv().unwrap_or_else(|_| Err(anyhow::anyhow!("a core thread exited during start-up")));
+        if let Err(error) = outcome {
+            shutdown.store(true, Ordering::Relaxed);
+            workers.into_iter().for_each(|worker| drop(worker.join()));
+            return Err(error);
+        }
+    }
+    Ok((doors, workers))
+}
+
+/// Pins the calling thread to the `shard`-th CPU it may run on; logged, not fatal.
+fn pin_to_cpu(shard: u32) {
+    use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+    use nix::unistd::Pid;
+    let Ok(allowed) = sched_getaffinity(Pid::from_raw(0)) else { return };
+    let cpus: Vec<usize> = (0..CpuSet::count()).filter(|&cpu| allowed.is_set(cpu).unwrap_or(false)).collect();
+    if cpus.is_empty() {
+        return;
+    }
+    let cpu = cpus[shard as usize % cpus.len()];
+    let mut set = CpuSet::new();
+    if set.set(cpu).is_ok() && sched_setaffinity(Pid::from_raw(0), &set).is_err() {
+        tracing::info!("could not pin shard {shard} to CPU {cpu}; it runs unpinned");
+    }
+}
+
+fn bind_unix(path: &std::path::Path) -> anyhow::Result<UnixListener> {
+    if path.exists() {
+        // A socket left by a process that died; a live gateway holds the store lock,
+        // so reaching this point means the old one is gone.
+        std::fs::remove_file(path).with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+    }
+    UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))
+}

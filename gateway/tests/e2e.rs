@@ -1,0 +1,326 @@
+//! The gateway binary and the client library end to end over real sockets.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use block_layout::BlockKey;
+use client::{BlockStatus, Client, ClientError, ClientOptions, GatewayCode, Region};
+use gateway::synthetic;
+use protocol::BlockLoad;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_dualpath");
+const WAIT: Duration = Duration::from_secs(30);
+const SEED: u64 = 21;
+/// 8 layers of 16 tokens x 256 bytes: 4 KiB layers, 32 KiB blocks.
+const LAYERS: u16 = 8;
+const LAYER_BYTES: usize = 4096;
+const BLOCK_BYTES: usize = LAYER_BYTES * LAYERS as usize;
+
+struct Gateway {
+    child: Child,
+    tcp: String,
+    unix: PathBuf,
+    metrics: String,
+    dir: tempfile::TempDir,
+}
+
+fn write_config(dir: &Path) -> PathBuf {
+    let text = format!(
+        r#"
+[gateway]
+cores = 2
+listen_tcp = "127.0.0.1:0"
+listen_unix = "{unix}"
+metrics_listen = "127.0.0.1:0"
+[staging]
+bytes_per_core = "4MiB"
+buffer_bytes = "64KiB"
+huge_pages = "off"
+[storage]
+backend = "uring"
+path = "{store}"
+queue_depth = 32
+[[namespace]]
+name = "full"
+layers = {LAYERS}
+tokens_per_block = 16
+bytes_per_token_per_layer = 256
+layout = "full"
+capacity = "64MiB"
+[[namespace]]
+name = "layer"
+layers = {LAYERS}
+tokens_per_block = 16
+bytes_per_token_per_layer = 256
+layout = "layer"
+capacity = "64MiB"
+"#,
+        unix = dir.join("gw.sock").display(),
+        store = dir.join("store").display()
+    );
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, text).expect("config");
+    path
+}
+
+impl Gateway {
+    /// Imports `blocks` synthetic blocks into both namespaces, then starts the gateway.
+    fn start(blocks: u64) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = write_config(dir.path());
+        for namespace in ["full", "layer"] {
+            let status = Command::new(BINARY)
+                .arg("--config")
+                .arg(&config)
+                .args(["import", "-n", namespace, "--synthetic", &blocks.to_string(), "--seed", &SEED.to_string()])
+                .status()
+                .expect("import");
+            assert!(status.success());
+        }
+        let mut child = Command::new(BINARY)
+            .arg("--config")
+            .arg(&config)
+            .arg("serve")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start gateway");
+        let mut lines = BufReader::new(child.stderr.take().expect("stderr piped")).lines();
+        let ready = loop {
+            let line = lines.next().expect("gateway exited before it was ready").expect("utf-8");
+            if line.contains("dualpath gateway ready") {
+                break line;
+            }
+        };
+        // Keep draining stderr so the gateway never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        let field = |prefix: &str| {
+            let start = ready.find(prefix).expect("address in the ready line") + prefix.len();
+            ready[start..].split([',', '/']).next().expect("address").trim().to_owned()
+        };
+        Self { tcp: field("tcp "), metrics: field("metrics http://"), unix: dir.path().join("gw.sock"), child, dir }
+    }
+
+    fn client(&self) -> Client {
+        Client::connect(&[&self.tcp], ClientOptions::default()).expect("connect")
+    }
+
+    fn http_get(&self, path: &str) -> String {
+        let mut stream = TcpStream::connect(&self.metrics).expect("metrics endpoint");
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("response");
+        response
+    }
+
+    fn metric_sum(&self, name: &str) -> f64 {
+        self.http_get("/metrics")
+            .lines()
+            .filter(|line| line.starts_with(name) && line[name.len()..].starts_with(['{', ' ']))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn expected_block(index: u64) -> Vec<u8> {
+    let mut bytes = vec![0u8; BLOCK_BYTES];
+    synthetic::fill(synthetic::key(SEED, index), &mut bytes);
+    bytes
+}
+
+fn whole_blocks(count: u64) -> Vec<BlockLoad> {
+    (0..count)
+        .map(|index| BlockLoad { key: synthetic::key(SEED, index), layers: 0..LAYERS, dest_offset: index * BLOCK_BYTES as u64 })
+        .collect()
+}
+
+#[test]
+fn loads_1000_blocks_in_both_layouts_layer_by_layer_with_every_byte_checked() {
+    let gateway = Gateway::start(1000);
+    let client = gateway.client();
+    let mut moved = 0u64;
+    for namespace in ["layer", "full"] {
+        let region = Arc::new(Region::allocate(1000 * BLOCK_BYTES));
+        let id = client.register_region(Arc::clone(&region)).expect("register");
+        let load = client.load(namespace, id, &whole_blocks(1000), 0).expect("load");
+        for layer in 0..LAYERS {
+            load.wait_layer(layer, WAIT).expect("layer");
+            assert!(load.layers_done().end > layer);
+            // When a layer is reported, that layer of every block has landed.
+            for index in (0..1000).step_by(7) {
+                let offset = index as usize * BLOCK_BYTES + usize::from(layer) * LAYER_BYTES;
+                let expected = &expected_block(index)[usize::from(layer) * LAYER_BYTES..][..LAYER_BYTES];
+                assert!(region.read(offset, LAYER_BYTES) == expected, "{namespace}: block {index} layer {layer}");
+            }
+        }
+        let report = load.wait(WAIT).expect("load finished");
+        assert!(report.all_done(), "{:?}", report.failed().next());
+        for index in 0..1000u64 {
+            let got = region.read(index as usize * BLOCK_BYTES, BLOCK_BYTES);
+            assert_eq!(crc32c::crc32c(&got), crc32c::crc32c(&expected_block(index)), "{namespace} block {index}");
+        }
+        moved += 1000 * BLOCK_BYTES as u64;
+    }
+    assert_eq!(gateway.metric_sum("dualpath_transport_sent_bytes_total") as u64, moved);
+    assert_eq!(gateway.metric_sum("dualpath_storage_read_bytes_total") as u64, moved);
+    assert_eq!(gateway.metric_sum("dualpath_blocks_loaded_total") as u64, 2000);
+    assert!(gateway.http_get("/metrics").contains("dualpath_storage_read_seconds_bucket"));
+}
+
+#[test]
+fn strided_layer_destinations_land_where_asked() {
+    let gateway = Gateway::start(16);
+    let client = gateway.client();
+    // The engine's layout: [layer][block slot], 16 slots per layer.
+    let region = Arc::new(Region::allocate(16 * BLOCK_BYTES));
+    let id = client.register_region(Arc::clone(&region)).expect("register");
+    let stride = 16 * LAYER_BYTES as u64;
+    let blocks: Vec<BlockLoad> = (0..16)
+        .map(|index| BlockLoad { key: synthetic::key(SEED, index), layers: 2..6, dest_offset: index * LAYER_BYTES as u64 })
+        .collect();
+    for namespace in ["full", "layer"] {
+        let report = client.load(namespace, id, &blocks, stride).expect("load").wait(WAIT).expect("done");
+        assert!(report.all_done());
+        for index in 0..16u64 {
+            for layer in 2..6usize {
+                let offset = (layer - 2) * stride as usize + index as usize * LAYER_BYTES;
+                assert_eq!(region.read(offset, LAYER_BYTES), expected_block(index)[layer * LAYER_BYTES..][..LAYER_BYTES]);
+            }
+        }
+    }
+}
+
+#[test]
+fn unknown_key_fails_that_block_clearly_while_the_rest_complete() {
+    let gateway = Gateway::start(20);
+    let client = gateway.client();
+    let region = Arc::new(Region::allocate(21 * BLOCK_BYTES));
+    let id = client.register_region(Arc::clone(&region)).expect("register");
+    let mut blocks = whole_blocks(20);
+    blocks.insert(5, BlockLoad { key: BlockKey(0xdead), layers: 0..LAYERS, dest_offset: 20 * BLOCK_BYTES as u64 });
+    let report = client.load("layer", id, &blocks, 0).expect("load").wait(WAIT).expect("done");
+    match &report.blocks[5] {
+        BlockStatus::Failed { code, message } => {
+            assert_eq!(*code, GatewayCode::NotFound);
+            assert!(message.contains("0000dead") && message.contains("not found"), "{message}");
+        }
+        other => panic!("expected a failure, got {other:?}"),
+    }
+    assert_eq!(report.failed().count(), 1);
+    for (index, block) in blocks.iter().enumerate().filter(|(index, _)| *index != 5) {
+        assert_eq!(report.blocks[index], BlockStatus::Done);
+        let source = if index < 5 { index } else { index - 1 } as u64;
+        assert_eq!(region.read(block.dest_offset as usize, BLOCK_BYTES), expected_block(source));
+    }
+}
+
+#[test]
+fn refusals_are_typed_errors() {
+    let gateway = Gateway::start(4);
+    let client = gateway.client();
+    let region = Arc::new(Region::allocate(BLOCK_BYTES));
+    let id = client.register_region(Arc::clone(&region)).expect("register");
+    let error = client.load("nope", id, &whole_blocks(1), 0).expect_err("unknown namespace");
+    assert!(matches!(error, ClientError::UnknownNamespace { .. }), "{error}");
+    // The second block's destination lies outside the one-block region.
+    let error = client.load("full", id, &whole_blocks(2), 0).expect("sent").wait(WAIT).expect_err("out of region");
+    assert!(matches!(error, ClientError::Gateway { code: GatewayCode::OutOfRegion, .. }), "{error}");
+    assert_eq!(region.read(0, 16), vec![0u8; 16], "nothing was written for a refused load");
+}
+
+#[test]
+fn client_that_disconnects_mid_load_leaves_the_gateway_healthy() {
+    let gateway = Gateway::start(1000);
+    for _ in 0..3 {
+        let client = gateway.client();
+        let region = Arc::new(Region::allocate(1000 * BLOCK_BYTES));
+        let id = client.register_region(region).expect("register");
+        let _load = client.load("layer", id, &whole_blocks(1000), 0).expect("load");
+        std::thread::sleep(Duration::from_millis(5));
+        drop(client);
+    }
+    assert!(gateway.http_get("/healthz").contains("ok"));
+    let client = gateway.client();
+    let region = Arc::new(Region::allocate(100 * BLOCK_BYTES));
+    let id = client.register_region(Arc::clone(&region)).expect("register");
+    let report = client.load("full", id, &whole_blocks(100), 0).expect("load").wait(WAIT).expect("done");
+    assert!(report.all_done());
+    assert_eq!(region.read(99 * BLOCK_BYTES, BLOCK_BYTES), expected_block(99));
+    let deadline = Instant::now() + WAIT;
+    while gateway.metric_sum("dualpath_connected_clients") as u64 != 2 {
+        assert!(Instant::now() < deadline, "closed connections must be counted out");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn unix_socket_clients_and_stores_work() {
+    let gateway = Gateway::start(4);
+    let address = format!("unix:{}", gateway.unix.display());
+    let client = Client::connect(&[&address], ClientOptions::default()).expect("connect over the unix socket");
+    let block: Vec<u8> = (0..BLOCK_BYTES).map(|i| (i % 253) as u8).collect();
+    client.store("layer", BlockKey(0xabc), &block).expect("store");
+    let error = client.store("layer", BlockKey(0xabd), &block[..100]).expect_err("wrong size");
+    assert!(matches!(error, ClientError::Gateway { code: GatewayCode::BadRequest, .. }), "{error}");
+    let region = Arc::new(Region::allocate(BLOCK_BYTES));
+    let id = client.register_region(Arc::clone(&region)).expect("register");
+    let blocks = [BlockLoad { key: BlockKey(0xabc), layers: 0..LAYERS, dest_offset: 0 }];
+    assert!(client.load("layer", id, &blocks, 0).expect("load").wait(WAIT).expect("done").all_done());
+    assert_eq!(region.read(0, BLOCK_BYTES), block);
+}
+
+#[test]
+fn garbage_and_wrong_versions_get_an_error_frame_and_the_gateway_stays_up() {
+    let gateway = Gateway::start(2);
+    let mut raw = TcpStream::connect(&gateway.tcp).expect("connect");
+    raw.write_all(b"GET / HTTP/1.1\r\n\r\n").expect("garbage");
+    let mut reply = Vec::new();
+    raw.set_read_timeout(Some(WAIT)).expect("timeout");
+    raw.read_to_end(&mut reply).expect("closed after the error");
+    let header = protocol::decode_header(reply[..8].try_into().expect("a frame")).expect("an error frame");
+    let frame = protocol::Frame::decode(header.kind, &reply[8..8 + header.body_len as usize]).expect("decodes");
+    assert!(matches!(frame, protocol::Frame::Error { code: GatewayCode::BadFrame, .. }), "{frame:?}");
+
+    let mut old = TcpStream::connect(&gateway.tcp).expect("connect");
+    old.write_all(&protocol::Frame::Hello { version: 99, shard: 0, token: vec![] }.encode()).expect("hello");
+    let mut reply = Vec::new();
+    old.read_to_end(&mut reply).expect("closed");
+    let text = String::from_utf8_lossy(&reply);
+    assert!(text.contains("protocol version 1") && text.contains("upgrade"), "{text}");
+
+    let client = gateway.client();
+    let region = Arc::new(Region::allocate(BLOCK_BYTES));
+    let id = client.register_region(region).expect("still serving");
+    assert!(client.load("full", id, &whole_blocks(1), 0).expect("load").wait(WAIT).expect("done").all_done());
+}
+
+#[test]
+fn sigterm_stops_the_gateway_cleanly() {
+    let mut gateway = Gateway::start(2);
+    let client = gateway.client();
+    drop(client);
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(gateway.child.id()).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("signal");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(status) = gateway.child.try_wait().expect("wait") {
+            assert!(status.success(), "{status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the gateway did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!gateway.unix.exists(), "the unix socket is removed on exit");
+    let _ = &gateway.dir;
+}

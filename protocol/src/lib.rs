@@ -1,0 +1,666 @@
+//! The wire protocol between the client (in the prefill engine) and a gateway
+//! shard: versioned, length-prefixed binary frames, little-endian.
+//!
+//! Pure encode/decode, no I/O, so that every input can be property-tested: decoding
+//! never panics, every length and offset is bounds-checked, and no allocation is
+//! sized by an unchecked length. `docs/PROTOCOL.md` is the specification.
+#![forbid(unsafe_code)]
+
+use std::fmt;
+use std::ops::Range;
+
+use block_layout::{BlockKey, Geometry, Layout};
+
+pub const PROTOCOL_VERSION: u16 = 1;
+pub const FRAME_MAGIC: u16 = 0xD1A7;
+/// Bytes of every frame's header: magic u16, type u8, flags u8, body length u32.
+pub const HEADER_BYTES: usize = 8;
+/// Bytes of a `Data` body before its payload.
+pub const DATA_PREFIX_BYTES: usize = 24;
+/// Largest body of a control frame (everything but `Data` and `Store`).
+pub const CONTROL_BODY_MAX: u32 = 1 << 20;
+/// Largest payload of one `Data` or `Store` frame.
+pub const PAYLOAD_MAX: u32 = 256 << 20;
+/// Most blocks in one `Load`.
+pub const LOAD_BLOCKS_MAX: u32 = 16_384;
+/// Longest string (namespace, message, auth token).
+pub const STRING_MAX: usize = 1024;
+/// Most namespaces announced in `HelloOk`.
+pub const NAMESPACES_MAX: usize = 1024;
+
+const STORE_PREFIX_BYTES: usize = 8 + 2 + 16;
+/// Bytes of one block entry of a `Load`: key, layer start, layer end, offset.
+const LOAD_BLOCK_BYTES: usize = 16 + 2 + 2 + 8;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameType {
+    Hello = 1,
+    HelloOk = 2,
+    RegisterRegion = 3,
+    RegionRegistered = 4,
+    Load = 5,
+    Data = 6,
+    LayerDone = 7,
+    BlockDone = 8,
+    LoadDone = 9,
+    Store = 10,
+    StoreDone = 11,
+    Error = 12,
+}
+
+impl FrameType {
+    pub fn from_code(code: u8) -> Option<Self> {
+        use FrameType::*;
+        [Hello, HelloOk, RegisterRegion, RegionRegistered, Load, Data, LayerDone, BlockDone, LoadDone, Store, StoreDone, Error]
+            .into_iter()
+            .find(|kind| *kind as u8 == code)
+    }
+}
+
+/// Status codes of `BlockDone`, `StoreDone` and `Error`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum ErrorCode {
+    Ok = 0,
+    NotFound = 1,
+    Corrupt = 2,
+    BadRequest = 3,
+    OutOfRegion = 4,
+    UnknownNamespace = 5,
+    Busy = 6,
+    Io = 7,
+    ShuttingDown = 8,
+    UnsupportedVersion = 9,
+    BadFrame = 10,
+    Unauthorized = 11,
+    Internal = 12,
+}
+
+impl ErrorCode {
+    pub fn from_code(code: u16) -> Self {
+        use ErrorCode::*;
+        [Ok, NotFound, Corrupt, BadRequest, OutOfRegion, UnknownNamespace, Busy, Io, ShuttingDown, UnsupportedVersion, BadFrame, Unauthorized]
+            .into_iter()
+            .find(|kind| *kind as u16 == code)
+            .unwrap_or(Internal)
+    }
+
+    /// Whether the same request may succeed later or through another path.
+    pub fn is_retryable(self) -> bool {
+        matches!(self, ErrorCode::Busy | ErrorCode::Io | ErrorCode::ShuttingDown)
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("bad frame magic {0:#06x}: the peer does not speak the dualpath protocol")]
+    Magic(u16),
+    #[error("unknown frame type {0}")]
+    UnknownType(u8),
+    #[error("{kind:?} frame body of {len} bytes exceeds the limit of {max}")]
+    TooLong { kind: FrameType, len: u32, max: u32 },
+    #[error("{kind:?} frame body truncated: needed {needed} bytes, have {have}")]
+    Truncated { kind: FrameType, needed: usize, have: usize },
+    #[error("{kind:?} frame has {extra} unexpected trailing bytes")]
+    Trailing { kind: FrameType, extra: usize },
+    #[error("invalid {field} in {kind:?} frame: {problem}")]
+    Invalid { kind: FrameType, field: &'static str, problem: String },
+}
+
+/// A decoded frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub kind: FrameType,
+    pub body_len: u32,
+}
+
+/// Decodes and bounds-checks a header.
+pub fn decode_header(bytes: &[u8; HEADER_BYTES]) -> Result<Header, ProtocolError> {
+    let magic = u16::from_le_bytes([bytes[0], bytes[1]]);
+    if magic != FRAME_MAGIC {
+        return Err(ProtocolError::Magic(magic));
+    }
+    let kind = FrameType::from_code(bytes[2]).ok_or(ProtocolError::UnknownType(bytes[2]))?;
+    let body_len = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
+    let max = match kind {
+        FrameType::Data => DATA_PREFIX_BYTES as u32 + PAYLOAD_MAX,
+        FrameType::Store => STORE_PREFIX_BYTES as u32 + STRING_MAX as u32 + PAYLOAD_MAX,
+        _ => CONTROL_BODY_MAX,
+    };
+    if body_len > max {
+        return Err(ProtocolError::TooLong { kind, len: body_len, max });
+    }
+    Ok(Header { kind, body_len })
+}
+
+pub fn encode_header(kind: FrameType, body_len: u32) -> [u8; HEADER_BYTES] {
+    let mut header = [0u8; HEADER_BYTES];
+    header[0..2].copy_from_slice(&FRAME_MAGIC.to_le_bytes());
+    header[2] = kind as u8;
+    header[4..8].copy_from_slice(&body_len.to_le_bytes());
+    header
+}
+
+/// A namespace as the gateway announces it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamespaceInfo {
+    pub name: String,
+    pub geometry: Geometry,
+}
+
+/// One block of a `Load`: its key, the layers wanted, and where layer `layers.start`
+/// goes in the region (layer `l` goes to `dest_offset + (l - layers.start) * layer_stride`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockLoad {
+    pub key: BlockKey,
+    pub layers: Range<u16>,
+    pub dest_offset: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Load {
+    pub request_id: u64,
+    pub namespace: String,
+    pub region_id: u32,
+    /// Distance between consecutive layers of one block in the region; 0 means the
+    /// layer size (each block's layers back to back).
+    pub layer_stride: u64,
+    pub blocks: Vec<BlockLoad>,
+}
+
+/// The fixed part of a `Data` frame; `len` payload bytes follow it on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataPrefix {
+    pub request_id: u64,
+    pub region_id: u32,
+    pub offset: u64,
+    pub len: u32,
+}
+
+/// Every frame but `Data` and the payload of `Store`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    Hello { version: u16, shard: u32, token: Vec<u8> },
+    HelloOk { version: u16, shard: u32, shard_count: u32, namespaces: Vec<NamespaceInfo> },
+    RegisterRegion { region_id: u32, len: u64 },
+    RegionRegistered { region_id: u32 },
+    Load(Load),
+    LayerDone { request_id: u64, layer: u16 },
+    BlockDone { request_id: u64, block_index: u32, code: ErrorCode, message: String },
+    LoadDone { request_id: u64, blocks_ok: u32, blocks_failed: u32 },
+    StoreDone { request_id: u64, code: ErrorCode, message: String },
+    Error { request_id: u64, code: ErrorCode, message: String },
+}
+
+/// The fixed part of a `Store` frame; `payload_len` block bytes follow it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StorePrefix {
+    pub request_id: u64,
+    pub namespace: String,
+    pub key: BlockKey,
+    pub payload_len: u32,
+}
+
+struct Reader<'a> {
+    kind: FrameType,
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, len: usize) -> Result<&'a [u8], ProtocolError> {
+        let end = self.at.checked_add(len).filter(|&end| end <= self.bytes.len()).ok_or(ProtocolError::Truncated {
+            kind: self.kind,
+            needed: self.at.saturating_add(len),
+            have: self.bytes.len(),
+        })?;
+        let slice = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(slice)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], ProtocolError> {
+        let mut array = [0u8; N];
+        array.copy_from_slice(self.take(N)?);
+        Ok(array)
+    }
+
+    fn u8(&mut self) -> Result<u8, ProtocolError> {
+        Ok(self.array::<1>()?[0])
+    }
+    fn u16(&mut self) -> Result<u16, ProtocolError> {
+        Ok(u16::from_le_bytes(self.array()?))
+    }
+    fn u32(&mut self) -> Result<u32, ProtocolError> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+    fn u64(&mut self) -> Result<u64, ProtocolError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+    fn u128(&mut self) -> Result<u128, ProtocolError> {
+        Ok(u128::from_le_bytes(self.array()?))
+    }
+
+    fn bytes_u16(&mut self, field: &'static str) -> Result<&'a [u8], ProtocolError> {
+        let len = usize::from(self.u16()?);
+        if len > STRING_MAX {
+            return Err(self.invalid(field, format!("{len} bytes, the most is {STRING_MAX}")));
+        }
+        self.take(len)
+    }
+
+    fn string(&mut self, field: &'static str) -> Result<String, ProtocolError> {
+        let bytes = self.bytes_u16(field)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| self.invalid(field, "not UTF-8".into()))
+    }
+
+    fn invalid(&self, field: &'static str, problem: String) -> ProtocolError {
+        ProtocolError::Invalid { kind: self.kind, field, problem }
+    }
+
+    fn finish(&self) -> Result<(), ProtocolError> {
+        match self.bytes.len() - self.at {
+            0 => Ok(()),
+            extra => Err(ProtocolError::Trailing { kind: self.kind, extra }),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Writer {
+    bytes: Vec<u8>,
+}
+
+impl Writer {
+    fn u8(&mut self, value: u8) -> &mut Self {
+        self.bytes.push(value);
+        self
+    }
+    fn u16(&mut self, value: u16) -> &mut Self {
+        self.bytes.extend_from_slice(&value.to_le_bytes());
+        self
+    }
+    fn u32(&mut self, value: u32) -> &mut Self {
+        self.bytes.extend_from_slice(&value.to_le_bytes());
+        self
+    }
+    fn u64(&mut self, value: u64) -> &mut Self {
+        self.bytes.extend_from_slice(&value.to_le_bytes());
+        self
+    }
+    fn u128(&mut self, value: u128) -> &mut Self {
+        self.bytes.extend_from_slice(&value.to_le_bytes());
+        self
+    }
+    /// Strings longer than the limit are cut (at a character boundary): messages
+    /// are for humans, and a frame must stay decodable.
+    fn string(&mut self, value: &str) -> &mut Self {
+        let mut end = value.len().min(STRING_MAX);
+        while !value.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.bytes_u16(&value.as_bytes()[..end])
+    }
+    fn bytes_u16(&mut self, value: &[u8]) -> &mut Self {
+        let len = value.len().min(STRING_MAX);
+        self.u16(u16::try_from(len).expect("at most STRING_MAX"));
+        self.bytes.extend_from_slice(&value[..len]);
+        self
+    }
+}
+
+impl Frame {
+    pub fn kind(&self) -> FrameType {
+        match self {
+            Frame::Hello { .. } => FrameType::Hello,
+            Frame::HelloOk { .. } => FrameType::HelloOk,
+            Frame::RegisterRegion { .. } => FrameType::RegisterRegion,
+            Frame::RegionRegistered { .. } => FrameType::RegionRegistered,
+            Frame::Load(_) => FrameType::Load,
+            Frame::LayerDone { .. } => FrameType::LayerDone,
+            Frame::BlockDone { .. } => FrameType::BlockDone,
+            Frame::LoadDone { .. } => FrameType::LoadDone,
+            Frame::StoreDone { .. } => FrameType::StoreDone,
+            Frame::Error { .. } => FrameType::Error,
+        }
+    }
+
+    /// Appends the whole frame (header and body) to `out`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        let mut body = Writer { bytes: std::mem::take(out) };
+        let start = body.bytes.len();
+        body.bytes.extend_from_slice(&[0u8; HEADER_BYTES]);
+        self.encode_body(&mut body);
+        let body_len = u32::try_from(body.bytes.len() - start - HEADER_BYTES).expect("control frames are small");
+        body.bytes[start..start + HEADER_BYTES].copy_from_slice(&encode_header(self.kind(), body_len));
+        *out = body.bytes;
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.encode_into(&mut out);
+        out
+    }
+
+    fn encode_body(&self, out: &mut Writer) {
+        match self {
+            Frame::Hello { version, shard, token } => {
+                out.u16(*version).u32(*shard).bytes_u16(token);
+            }
+            Frame::HelloOk { version, shard, shard_count, namespaces } => {
+                out.u16(*version).u32(*shard).u32(*shard_count);
+                out.u16(u16::try_from(namespaces.len().min(NAMESPACES_MAX)).expect("bounded"));
+                for namespace in namespaces.iter().take(NAMESPACES_MAX) {
+                    let geometry = namespace.geometry;
+                    out.string(&namespace.name)
+                        .u16(geometry.layers)
+                        .u32(geometry.tokens_per_block)
+                        .u32(geometry.bytes_per_token_per_layer)
+                        .u8(geometry.layout.code());
+                }
+            }
+            Frame::RegisterRegion { region_id, len } => {
+                out.u32(*region_id).u64(*len);
+            }
+            Frame::RegionRegistered { region_id } => {
+                out.u32(*region_id);
+            }
+            Frame::Load(load) => {
+                out.u64(load.request_id).string(&load.namespace).u32(load.region_id).u64(load.layer_stride);
+                out.u32(u32::try_from(load.blocks.len()).expect("callers bound blocks per load"));
+                for block in &load.blocks {
+                    out.u128(block.key.0).u16(block.layers.start).u16(block.layers.end).u64(block.dest_offset);
+                }
+            }
+            Frame::LayerDone { request_id, layer } => {
+                out.u64(*request_id).u16(*layer);
+            }
+            Frame::BlockDone { request_id, block_index, code, message } => {
+                out.u64(*request_id).u32(*block_index).u16(*code as u16).string(message);
+            }
+            Frame::LoadDone { request_id, blocks_ok, blocks_failed } => {
+                out.u64(*request_id).u32(*blocks_ok).u32(*blocks_failed);
+            }
+            Frame::StoreDone { request_id, code, message } | Frame::Error { request_id, code, message } => {
+                out.u64(*request_id).u16(*code as u16).string(message);
+            }
+        }
+    }
+
+    /// Decodes the body of a control frame of type `kind`.
+    pub fn decode(kind: FrameType, body: &[u8]) -> Result<Self, ProtocolError> {
+        let mut reader = Reader { kind, bytes: body, at: 0 };
+        let frame = match kind {
+            FrameType::Hello => Frame::Hello {
+                version: reader.u16()?,
+                shard: reader.u32()?,
+                token: reader.bytes_u16("token")?.to_vec(),
+            },
+            FrameType::HelloOk => decode_hello_ok(&mut reader)?,
+            FrameType::RegisterRegion => Frame::RegisterRegion { region_id: reader.u32()?, len: reader.u64()? },
+            FrameType::RegionRegistered => Frame::RegionRegistered { region_id: reader.u32()? },
+            FrameType::Load => Frame::Load(decode_load(&mut reader)?),
+            FrameType::LayerDone => Frame::LayerDone { request_id: reader.u64()?, layer: reader.u16()? },
+            FrameType::BlockDone => Frame::BlockDone {
+                request_id: reader.u64()?,
+                block_index: reader.u32()?,
+                code: ErrorCode::from_code(reader.u16()?),
+                message: reader.string("message")?,
+            },
+            FrameType::LoadDone => Frame::LoadDone {
+                request_id: reader.u64()?,
+                blocks_ok: reader.u32()?,
+                blocks_failed: reader.u32()?,
+            },
+            FrameType::StoreDone => Frame::StoreDone {
+                request_id: reader.u64()?,
+                code: ErrorCode::from_code(reader.u16()?),
+                message: reader.string("message")?,
+            },
+            FrameType::Error => Frame::Error {
+                request_id: reader.u64()?,
+                code: ErrorCode::from_code(reader.u16()?),
+                message: reader.string("message")?,
+            },
+            FrameType::Data | FrameType::Store => {
+                return Err(ProtocolError::Invalid { kind, field: "type", problem: "not a control frame".into() })
+            }
+        };
+        reader.finish()?;
+        Ok(frame)
+    }
+}
+
+fn decode_hello_ok(reader: &mut Reader<'_>) -> Result<Frame, ProtocolError> {
+    let version = reader.u16()?;
+    let shard = reader.u32()?;
+    let shard_count = reader.u32()?;
+    let count = usize::from(reader.u16()?);
+    if count > NAMESPACES_MAX {
+        return Err(reader.invalid("namespaces", format!("{count}, the most is {NAMESPACES_MAX}")));
+    }
+    let mut namespaces = Vec::with_capacity(count.min(64));
+    for _ in 0..count {
+        let name = reader.string("namespace")?;
+        let geometry = Geometry {
+            layers: reader.u16()?,
+            tokens_per_block: reader.u32()?,
+            bytes_per_token_per_layer: reader.u32()?,
+            layout: Layout::from_code(reader.u8()?).ok_or_else(|| reader.invalid("layout", "unknown code".into()))?,
+        };
+        geometry.validate().map_err(|error| reader.invalid("geometry", error.to_string()))?;
+        namespaces.push(NamespaceInfo { name, geometry });
+    }
+    Ok(Frame::HelloOk { version, shard, shard_count, namespaces })
+}
+
+fn decode_load(reader: &mut Reader<'_>) -> Result<Load, ProtocolError> {
+    let request_id = reader.u64()?;
+    let namespace = reader.string("namespace")?;
+    let region_id = reader.u32()?;
+    let layer_stride = reader.u64()?;
+    let count = reader.u32()?;
+    if count > LOAD_BLOCKS_MAX {
+        return Err(reader.invalid("blocks", format!("{count}, the most is {LOAD_BLOCKS_MAX}")));
+    }
+    // The count is checked against the bytes present before anything is allocated.
+    let needed = count as usize * LOAD_BLOCK_BYTES;
+    if reader.bytes.len() - reader.at < needed {
+        return Err(ProtocolError::Truncated { kind: FrameType::Load, needed: reader.at + needed, have: reader.bytes.len() });
+    }
+    let mut blocks = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let key = BlockKey(reader.u128()?);
+        let start = reader.u16()?;
+        let end = reader.u16()?;
+        if start >= end {
+            return Err(reader.invalid("layers", format!("empty range {start}..{end} for block {key}")));
+        }
+        blocks.push(BlockLoad { key, layers: start..end, dest_offset: reader.u64()? });
+    }
+    Ok(Load { request_id, namespace, region_id, layer_stride, blocks })
+}
+
+/// Encodes a `Data` frame's header and prefix; `prefix.len` payload bytes follow.
+pub fn encode_data_head(prefix: &DataPrefix) -> [u8; HEADER_BYTES + DATA_PREFIX_BYTES] {
+    let mut head = [0u8; HEADER_BYTES + DATA_PREFIX_BYTES];
+    let body_len = DATA_PREFIX_BYTES as u32 + prefix.len;
+    head[..HEADER_BYTES].copy_from_slice(&encode_header(FrameType::Data, body_len));
+    head[8..16].copy_from_slice(&prefix.request_id.to_le_bytes());
+    head[16..20].copy_from_slice(&prefix.region_id.to_le_bytes());
+    head[24..32].copy_from_slice(&prefix.offset.to_le_bytes());
+    head
+}
+
+/// Decodes a `Data` prefix given the frame's body length.
+pub fn decode_data_prefix(body_len: u32, bytes: &[u8; DATA_PREFIX_BYTES]) -> Result<DataPrefix, ProtocolError> {
+    let len = body_len.checked_sub(DATA_PREFIX_BYTES as u32).ok_or(ProtocolError::Truncated {
+        kind: FrameType::Data,
+        needed: DATA_PREFIX_BYTES,
+        have: body_len as usize,
+    })?;
+    let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+    Ok(DataPrefix {
+        request_id: word(0),
+        region_id: u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")),
+        offset: word(16),
+        len,
+    })
+}
+
+/// Encodes a `Store` frame's header and prefix; `payload_len` bytes follow.
+pub fn encode_store_head(prefix: &StorePrefix) -> Vec<u8> {
+    let mut body = Writer::default();
+    body.u64(prefix.request_id).string(&prefix.namespace).u128(prefix.key.0);
+    let body_len = u32::try_from(body.bytes.len()).expect("small") + prefix.payload_len;
+    let mut head = encode_header(FrameType::Store, body_len).to_vec();
+    head.extend_from_slice(&body.bytes);
+    head
+}
+
+/// Decodes a `Store` body (prefix and payload); returns the prefix and the payload.
+pub fn decode_store(body: &[u8]) -> Result<(StorePrefix, &[u8]), ProtocolError> {
+    let mut reader = Reader { kind: FrameType::Store, bytes: body, at: 0 };
+    let request_id = reader.u64()?;
+    let namespace = reader.string("namespace")?;
+    let key = BlockKey(reader.u128()?);
+    let payload = &body[reader.at..];
+    let payload_len = u32::try_from(payload.len()).map_err(|_| reader.invalid("payload", "over 4 GiB".into()))?;
+    Ok((StorePrefix { request_id, namespace, key, payload_len }, payload))
+}
+
+/// Checks that `offset..offset + len` lies inside a region of `region_len` bytes.
+/// The one place where remote-write bounds are decided.
+pub fn range_inside(offset: u64, len: u64, region_len: u64) -> bool {
+    offset.checked_add(len).is_some_and(|end| end <= region_len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn round_trip(frame: &Frame) -> Frame {
+        let bytes = frame.encode();
+        let header = decode_header(bytes[..HEADER_BYTES].try_into().expect("8 bytes")).expect("header");
+        assert_eq!(header.body_len as usize, bytes.len() - HEADER_BYTES);
+        Frame::decode(header.kind, &bytes[HEADER_BYTES..]).expect("body")
+    }
+
+    #[test]
+    fn control_frames_round_trip() {
+        let frames = [
+            Frame::Hello { version: 1, shard: 3, token: b"secret".to_vec() },
+            Frame::HelloOk {
+                version: 1,
+                shard: 1,
+                shard_count: 2,
+                namespaces: vec![NamespaceInfo {
+                    name: "m".into(),
+                    geometry: Geometry { layers: 61, tokens_per_block: 64, bytes_per_token_per_layer: 656, layout: Layout::Layer },
+                }],
+            },
+            Frame::RegisterRegion { region_id: 9, len: 1 << 40 },
+            Frame::RegionRegistered { region_id: 9 },
+            Frame::Load(Load {
+                request_id: 77,
+                namespace: "m".into(),
+                region_id: 9,
+                layer_stride: 0,
+                blocks: vec![BlockLoad { key: BlockKey(5), layers: 0..61, dest_offset: 4096 }],
+            }),
+            Frame::LayerDone { request_id: 77, layer: 60 },
+            Frame::BlockDone { request_id: 77, block_index: 0, code: ErrorCode::NotFound, message: "gone".into() },
+            Frame::LoadDone { request_id: 77, blocks_ok: 1, blocks_failed: 0 },
+            Frame::StoreDone { request_id: 78, code: ErrorCode::Ok, message: String::new() },
+            Frame::Error { request_id: 0, code: ErrorCode::BadFrame, message: "bad".into() },
+        ];
+        for frame in frames {
+            assert_eq!(round_trip(&frame), frame);
+        }
+    }
+
+    #[test]
+    fn data_and_store_heads_round_trip() {
+        let prefix = DataPrefix { request_id: 1, region_id: 2, offset: 3 << 33, len: 4096 };
+        let head = encode_data_head(&prefix);
+        let header = decode_header(head[..8].try_into().expect("8")).expect("header");
+        assert_eq!(header.kind, FrameType::Data);
+        assert_eq!(decode_data_prefix(header.body_len, head[8..].try_into().expect("24")), Ok(prefix));
+        let store = StorePrefix { request_id: 5, namespace: "ns".into(), key: BlockKey(6), payload_len: 3 };
+        let mut frame = encode_store_head(&store);
+        frame.extend_from_slice(b"abc");
+        let header = decode_header(frame[..8].try_into().expect("8")).expect("header");
+        let (decoded, payload) = decode_store(&frame[8..8 + header.body_len as usize]).expect("store");
+        assert_eq!((decoded, payload), (store, &b"abc"[..]));
+    }
+
+    #[test]
+    fn oversized_and_foreign_headers_are_refused() {
+        assert!(matches!(decode_header(&encode_header(FrameType::Load, CONTROL_BODY_MAX + 1)), Err(ProtocolError::TooLong { .. })));
+        assert!(matches!(decode_header(b"GET / HT"), Err(ProtocolError::Magic(_))));
+        let mut unknown = encode_header(FrameType::Load, 0);
+        unknown[2] = 99;
+        assert_eq!(decode_header(&unknown), Err(ProtocolError::UnknownType(99)));
+    }
+
+    #[test]
+    fn load_with_a_huge_block_count_is_refused_before_allocating() {
+        let mut body = Writer::default();
+        body.u64(1).string("m").u32(0).u64(0).u32(LOAD_BLOCKS_MAX);
+        assert!(matches!(Frame::decode(FrameType::Load, &body.bytes), Err(ProtocolError::Truncated { .. })));
+    }
+
+    #[test]
+    fn range_inside_handles_overflow() {
+        assert!(range_inside(0, 10, 10));
+        assert!(!range_inside(1, 10, 10));
+        assert!(!range_inside(u64::MAX, 2, u64::MAX));
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(kind in 0u8..16, body in prop::collection::vec(any::<u8>(), 0..512)) {
+            if let Some(kind) = FrameType::from_code(kind) {
+                let _ = Frame::decode(kind, &body);
+            }
+            let _ = decode_store(&body);
+            if body.len() >= 8 {
+                let _ = decode_header(body[..8].try_into().expect("8"));
+            }
+        }
+
+        #[test]
+        fn loads_round_trip(
+            request_id in any::<u64>(),
+            blocks in prop::collection::vec((any::<u128>(), 0u16..100, 1u16..100, any::<u64>()), 0..50),
+        ) {
+            let load = Load {
+                request_id,
+                namespace: "ns-1".into(),
+                region_id: 3,
+                layer_stride: 8192,
+                blocks: blocks.into_iter().map(|(key, start, length, dest_offset)| BlockLoad {
+                    key: BlockKey(key), layers: start..start + length, dest_offset,
+                }).collect(),
+            };
+            prop_assert_eq!(round_trip(&Frame::Load(load.clone())), Frame::Load(load));
+        }
+
+        #[test]
+        fn truncating_a_frame_is_an_error_not_a_panic(cut in 0usize..200) {
+            let frame = Frame::BlockDone { request_id: 1, block_index: 2, code: ErrorCode::Corrupt, message: "x".repeat(100) };
+            let bytes = frame.encode();
+            let body = &bytes[HEADER_BYTES..];
+            let cut = cut.min(body.len().saturating_sub(1));
+            prop_assert!(Frame::decode(FrameType::BlockDone, &body[..cut]).is_err());
+        }
+    }
+}
