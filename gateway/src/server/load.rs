@@ -338,7 +338,8 @@ mod tests {
             }
             prop_assert!(done.iter().all(|&times| times == 1));
             prop_assert!(layers.windows(2).all(|pair| pair[0] < pair[1]));
-            prop_assert!(matches!(events.last(), Some(Event::LoadDone { .. })));
+            let finished = matches!(events.last(), Some(Event::LoadDone { .. }));
+            prop_assert!(finished, "LoadDone comes last");
         }
     }
 }
