@@ -18,9 +18,10 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use block_layout::{BlockKey, Geometry};
-use protocol::{BlockLoad, ErrorCode, Load, NamespaceInfo};
+use protocol::{ErrorCode, Load, NamespaceInfo};
 
 pub use link::Endpoint;
+pub use protocol::BlockLoad;
 pub use protocol::ErrorCode as GatewayCode;
 pub use sys::Region;
 
