@@ -10,6 +10,8 @@ use block_layout::BlockKey;
 use clap::{Parser, Subcommand};
 use config::{ByteSize, ConfigError, GatewayConfig};
 use gateway::commands::bench_storage::{bench_storage, BenchStorageOptions};
+use gateway::commands::bench_e2e::{bench_e2e, BenchE2eOptions};
+use gateway::commands::bench_transport::{bench_transport, BenchTransportOptions};
 use gateway::commands::blocks;
 use gateway::commands::import::{import, Source};
 use storage_backends::StoreError;
@@ -98,6 +100,35 @@ enum BenchTarget {
         #[arg(long)]
         no_fio: bool,
     },
+    /// Storage -> gateway -> TCP -> client region, through a real gateway, against fio.
+    E2e {
+        #[arg(long, default_value = "./bench-data/e2e")]
+        dir: PathBuf,
+        #[arg(long, default_value = "2GiB", value_parser = parse_size)]
+        size: u64,
+        #[arg(long, default_value = "1MiB", value_parser = parse_size)]
+        block_size: u64,
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        #[arg(long, default_value_t = 32)]
+        queue_depth: u32,
+        #[arg(long, default_value_t = 2)]
+        cores: u32,
+    },
+    /// Memory to memory over the TCP transport, against iperf3 and Mooncake's TCP transport.
+    Transport {
+        /// Seconds per run.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        #[arg(long, default_value = "256KiB", value_parser = parse_size)]
+        block_size: u64,
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        #[arg(long)]
+        no_iperf: bool,
+        #[arg(long)]
+        no_mooncake: bool,
+    },
 }
 
 /// `verify` found blocks that fail their checksum or hold the wrong bytes.
@@ -176,6 +207,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 return Err(DamagedBlocks(report.corrupt + report.wrong_content).into());
             }
             Ok(())
+        }
+        Command::Bench { target: BenchTarget::E2e { dir, size, block_size, rounds, queue_depth, cores } } => {
+            bench_e2e(&BenchE2eOptions { directory: dir, total_bytes: size, block_bytes: block_size, rounds, queue_depth, cores })
+        }
+        Command::Bench { target: BenchTarget::Transport { seconds, block_size, rounds, no_iperf, no_mooncake } } => {
+            bench_transport(&BenchTransportOptions {
+                seconds,
+                block_bytes: block_size,
+                rounds,
+                with_iperf: !no_iperf,
+                with_mooncake: !no_mooncake,
+            })
         }
         Command::Bench { target: BenchTarget::Storage { dir, size, block_sizes, rounds, queue_depth, shards, no_fio } } => {
             bench_storage(&BenchStorageOptions {

@@ -9,7 +9,7 @@ use block_layout::BlockKey;
 use config::{GatewayConfig, HugePagesSetting};
 use staging::{HugePages, SlabConfig, StagingSlab};
 use storage_backends::uring::{UringShard, UringStore};
-use storage_backends::NamespaceSpec;
+use storage_backends::{BlockStore, NamespaceSpec};
 
 pub fn namespace_specs(config: &GatewayConfig) -> Vec<NamespaceSpec> {
     config

@@ -8,6 +8,7 @@
 //! registered buffers). SPDK is a design slot only: it is not obtainable on the
 //! machines this project builds on, so no code for it exists (see ARCHITECTURE.md).
 
+pub mod loopback;
 mod sys;
 pub mod uring;
 
@@ -15,8 +16,11 @@ use std::fmt;
 use std::ops::Range;
 use std::path::PathBuf;
 
+use std::os::fd::RawFd;
+use std::rc::Rc;
+
 use block_layout::{BlockKey, Geometry, LayerPlacement};
-use staging::StagingBuffer;
+use staging::{StagingBuffer, StagingSlab};
 
 /// Index of a namespace within a store, in configuration order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -78,6 +82,18 @@ pub struct NamespaceStats {
 
 /// One core's handle on a block store.
 pub trait BlockStore {
+    /// The core's staging memory, which reads land in.
+    fn slab(&self) -> &Rc<StagingSlab>;
+    /// Which shard of the store this handle owns.
+    fn shard_index(&self) -> u32;
+    /// Makes the backend signal `eventfd` when reads complete, for event loops that
+    /// also wait on sockets. Backends whose reads complete at once ignore it and
+    /// report [`BlockStore::has_ready_completions`] instead.
+    fn notify_completions(&self, eventfd: RawFd) -> Result<(), StoreError>;
+    /// Whether `reap` would return something without waiting.
+    fn has_ready_completions(&self) -> bool {
+        false
+    }
     fn namespace_id(&self, name: &str) -> Option<NamespaceId>;
     fn geometry(&self, namespace: NamespaceId) -> Geometry;
     /// Queues a read; it starts at the latest on the next [`BlockStore::reap`].

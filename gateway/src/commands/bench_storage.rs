@@ -30,9 +30,9 @@ pub struct BenchStorageOptions {
 
 /// One measured run.
 #[derive(Debug, Clone, Copy)]
-struct Sample {
-    bytes_per_second: f64,
-    cpu_seconds_per_gib: f64,
+pub(crate) struct Sample {
+    pub bytes_per_second: f64,
+    pub cpu_seconds_per_gib: f64,
 }
 
 const LAYERS: u16 = 8;
@@ -109,12 +109,9 @@ fn bench_one_size(options: &BenchStorageOptions, block_bytes: u64) -> anyhow::Re
     Ok((ours, fio))
 }
 
-fn report(who: &str, round: u32, sample: Sample) -> Sample {
-    eprintln!(
-        "  round {round}: {who:>4} {:.3} GB/s, {:.3} CPU s/GiB",
-        sample.bytes_per_second / 1e9,
-        sample.cpu_seconds_per_gib
-    );
+pub(crate) fn report(who: &str, round: u32, sample: Sample) -> Sample {
+    let cpu = if sample.cpu_seconds_per_gib.is_nan() { String::new() } else { format!(", {:.3} CPU s/GiB", sample.cpu_seconds_per_gib) };
+    eprintln!("  round {round}: {who:>8} {:.3} GB/s{cpu}", sample.bytes_per_second / 1e9);
     sample
 }
 
@@ -229,6 +226,19 @@ fn read_shard(
 }
 
 fn run_fio(root: &Path, options: &BenchStorageOptions, keys: &[BlockKey], block_bytes: u64) -> anyhow::Result<Sample> {
+    let files: Vec<(PathBuf, u64)> = (0..options.shards)
+        .map(|shard_index| {
+            // The populated prefix of each shard's file: slots are filled from 0 up.
+            let blocks = keys.iter().filter(|key| key.shard(options.shards) == shard_index).count() as u64;
+            (root.join("bench").join(format!("shard-{shard_index}.blocks")), blocks * block_bytes)
+        })
+        .collect();
+    fio_random_reads(&files, block_bytes, options.queue_depth)
+}
+
+/// fio reading `files` (path, bytes from the start) once in random order, one job
+/// per file, O_DIRECT through io_uring with registered buffers.
+pub(crate) fn fio_random_reads(files: &[(PathBuf, u64)], block_bytes: u64, queue_depth: u32) -> anyhow::Result<Sample> {
     let mut command = Command::new("fio");
     command.args([
         "--output-format=json",
@@ -240,12 +250,9 @@ fn run_fio(root: &Path, options: &BenchStorageOptions, keys: &[BlockKey], block_
         "--rw=randread",
         "--thread",
     ]);
-    command.arg(format!("--bs={block_bytes}")).arg(format!("--iodepth={}", options.queue_depth));
-    for shard_index in 0..options.shards {
-        // The populated prefix of each shard's file: slots are filled from 0 up.
-        let blocks = keys.iter().filter(|key| key.shard(options.shards) == shard_index).count() as u64;
-        let file = root.join("bench").join(format!("shard-{shard_index}.blocks"));
-        command.arg(format!("--name=shard{shard_index}")).arg(format!("--filename={}", file.display())).arg(format!("--size={}", blocks * block_bytes));
+    command.arg(format!("--bs={block_bytes}")).arg(format!("--iodepth={queue_depth}"));
+    for (index, (file, bytes)) in files.iter().enumerate() {
+        command.arg(format!("--name=job{index}")).arg(format!("--filename={}", file.display())).arg(format!("--size={bytes}"));
     }
     let cpu_before = cpu_seconds(UsageWho::RUSAGE_CHILDREN);
     let output = command.output().context("cannot run fio")?;
@@ -272,14 +279,14 @@ fn json_number(text: &str, field: &str) -> Option<f64> {
     rest[..end].parse().ok()
 }
 
-fn which_fio() -> anyhow::Result<()> {
+pub(crate) fn which_fio() -> anyhow::Result<()> {
     match Command::new("fio").arg("--version").output() {
         Ok(output) if output.status.success() => Ok(()),
         _ => bail!("fio is not installed; `apt-get install fio`, or pass --no-fio"),
     }
 }
 
-fn cpu_seconds(who: UsageWho) -> f64 {
+pub(crate) fn cpu_seconds(who: UsageWho) -> f64 {
     let Ok(usage) = getrusage(who) else { return f64::NAN };
     let seconds = |time: nix::sys::time::TimeVal| time.tv_sec() as f64 + time.tv_usec() as f64 / 1e6;
     seconds(usage.user_time()) + seconds(usage.system_time())
@@ -295,7 +302,7 @@ fn shuffle(keys: &mut [BlockKey], seed: u64) {
     }
 }
 
-fn median(values: impl Iterator<Item = f64>) -> f64 {
+pub(crate) fn median(values: impl Iterator<Item = f64>) -> f64 {
     let mut values: Vec<f64> = values.collect();
     values.sort_by(f64::total_cmp);
     match values.len() {

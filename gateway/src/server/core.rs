@@ -13,7 +13,6 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use protocol::{decode_store, encode_data_head, DataPrefix, ErrorCode, Frame, FrameType, Header, Load};
-use storage_backends::uring::UringShard;
 use storage_backends::{BlockStore, ReadCompletion, ReadRequest, StoreError};
 
 use super::connection::{ActiveLoad, Connection, InflightRead, Stream, RECEIVE_CHUNK_BYTES};
@@ -45,8 +44,8 @@ pub struct CoreSetup {
     pub drain_timeout: Duration,
 }
 
-struct Core {
-    shard: UringShard,
+struct Core<S: BlockStore> {
+    shard: S,
     setup: CoreSetup,
     connections: Vec<Option<Connection>>,
     next_generation: u16,
@@ -58,9 +57,9 @@ struct Core {
 }
 
 /// Runs a core until shutdown. `shard` was opened on this thread.
-pub fn run(shard: UringShard, setup: CoreSetup) -> anyhow::Result<()> {
+pub fn run<S: BlockStore>(shard: S, setup: CoreSetup) -> anyhow::Result<()> {
     let eventfd = EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC).context("cannot create an eventfd")?;
-    shard.register_completion_eventfd(eventfd.as_raw_fd())?;
+    shard.notify_completions(eventfd.as_raw_fd())?;
     let raw = eventfd.as_raw_fd();
     setup.poll.registry().register(&mut SourceFd(&raw), EVENTFD_TOKEN, Interest::READABLE)?;
     let counters = Arc::clone(&setup.counters);
@@ -79,7 +78,8 @@ pub fn run(shard: UringShard, setup: CoreSetup) -> anyhow::Result<()> {
     };
     let mut events = Events::with_capacity(1024);
     loop {
-        match core.setup.poll.poll(&mut events, Some(POLL_TIMEOUT)) {
+        let timeout = if core.shard.has_ready_completions() { Duration::ZERO } else { POLL_TIMEOUT };
+        match core.setup.poll.poll(&mut events, Some(timeout)) {
             Ok(()) => {}
             Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
             Err(error) => return Err(error).context("event loop poll failed"),
@@ -105,7 +105,7 @@ pub fn run(shard: UringShard, setup: CoreSetup) -> anyhow::Result<()> {
     core.finish()
 }
 
-impl Core {
+impl<S: BlockStore> Core<S> {
     /// One pass after I/O readiness: completions, new reads, output, clean-up.
     fn turn(&mut self) -> anyhow::Result<()> {
         self.reap()?;
@@ -122,7 +122,7 @@ impl Core {
     fn accept_new(&mut self) {
         while let Ok(NewConnection { mut stream, peer }) = self.setup.inbox.try_recv() {
             let Some(index) = self.free_connection_slot() else {
-                tracing::warn!("shard {}: refusing {peer}: {CONNECTIONS_MAX} connections already", self.shard.shard());
+                tracing::warn!("shard {}: refusing {peer}: {CONNECTIONS_MAX} connections already", self.shard.shard_index());
                 continue;
             };
             if let Err(error) = stream.register(self.setup.poll.registry(), Token(index)) {
@@ -130,7 +130,7 @@ impl Core {
                 continue;
             }
             self.next_generation = self.next_generation.wrapping_add(1);
-            tracing::debug!("shard {}: client {peer} connected", self.shard.shard());
+            tracing::debug!("shard {}: client {peer} connected", self.shard.shard_index());
             self.connections[index] = Some(Connection::new(stream, peer, self.next_generation));
             self.setup.counters.connected_clients.fetch_add(1, Ordering::Relaxed);
             // Frames may have arrived before registration: read now.
@@ -427,7 +427,7 @@ impl Core {
                 }
                 let _ = connection.stream.deregister(self.setup.poll.registry());
                 self.setup.counters.connected_clients.fetch_sub(1, Ordering::Relaxed);
-                tracing::debug!("shard {}: client {} disconnected", self.shard.shard(), connection.peer);
+                tracing::debug!("shard {}: client {} disconnected", self.shard.shard_index(), connection.peer);
             }
         }
     }

@@ -34,36 +34,70 @@ pub fn run(config: GatewayConfig) -> anyhow::Result<()> {
     }
     let handle = metrics::install()?;
     let store = open_store(&config)?;
+    let opener_config = config.clone();
+    let opener = move |shard| open_shard(&store, &opener_config, shard);
+    // Tests and scripts read this line for the bound addresses (ports may be 0).
+    let announce = |addresses: &str| eprintln!("dualpath gateway ready: {} shards, {addresses}", config.cores);
+    serve(&config, Some(handle), opener, shutdown, announce)?;
+    eprintln!("dualpath gateway stopped");
+    Ok(())
+}
+
+/// The listening part of a gateway, bound before any core starts.
+struct Listeners {
+    tcp: Option<std::net::TcpListener>,
+    unix: Option<UnixListener>,
+    metrics: Option<std::net::TcpListener>,
+}
+
+fn bind(config: &GatewayConfig) -> anyhow::Result<Listeners> {
     let tcp = config
         .listen_tcp
         .map(|address| std::net::TcpListener::bind(address).with_context(|| format!("cannot listen on {address}")))
         .transpose()?;
     let unix = config.listen_unix.as_ref().map(|path| bind_unix(path)).transpose()?;
-    let metrics_listener = config.metrics_listen.map(metrics::bind).transpose()?;
+    let metrics = config.metrics_listen.map(metrics::bind).transpose()?;
     if tcp.is_none() && unix.is_none() {
         bail!("the config sets neither gateway.listen_tcp nor gateway.listen_unix: clients could not connect");
     }
+    Ok(Listeners { tcp, unix, metrics })
+}
+
+/// Serves clients with one core per shard until `shutdown` is set. `open` opens
+/// shard `n` on core `n`'s thread (the backend is per core and never moves).
+/// `announce` gets the bound addresses once every core is ready.
+pub fn serve<S, F>(
+    config: &GatewayConfig,
+    metrics_handle: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    open: F,
+    shutdown: Arc<AtomicBool>,
+    announce: impl FnOnce(&str),
+) -> anyhow::Result<()>
+where
+    S: storage_backends::BlockStore,
+    F: Fn(u32) -> anyhow::Result<S> + Send + Clone + 'static,
+{
+    let listeners = bind(config)?;
     let counters: Vec<_> = (0..config.cores).map(|shard| Arc::new(CoreCounters::new(shard))).collect();
-    let (doors, workers) = start_cores(&config, &store, &counters, &shutdown)?;
+    let (doors, workers) = start_cores(config, open, &counters, &shutdown)?;
     let mut addresses = Vec::new();
-    if let Some(listener) = &tcp {
+    if let Some(listener) = &listeners.tcp {
         addresses.push(format!("tcp {}", listener.local_addr()?));
     }
     if let Some(path) = &config.listen_unix {
         addresses.push(format!("unix {}", path.display()));
     }
-    let metrics_thread = match metrics_listener {
-        Some(listener) => {
+    let metrics_thread = match (listeners.metrics, metrics_handle) {
+        (Some(listener), Some(handle)) => {
             addresses.push(format!("metrics http://{}/metrics", listener.local_addr()?));
             let (cores, stop) = (counters.clone(), Arc::clone(&shutdown));
             Some(std::thread::Builder::new().name("dualpath-metrics".into()).spawn(move || metrics::serve(listener, handle, cores, stop))?)
         }
-        None => None,
+        _ => None,
     };
-    // Tests and scripts read this line for the bound addresses (ports may be 0 in the config).
-    eprintln!("dualpath gateway ready: {} shards, {}", config.cores, addresses.join(", "));
+    announce(&addresses.join(", "));
     let namespaces = config.namespaces.iter().map(|namespace| NamespaceInfo { name: namespace.name.clone(), geometry: namespace.geometry }).collect();
-    Acceptor { tcp, unix, cores: doors, namespaces, shutdown: Arc::clone(&shutdown) }.run();
+    Acceptor { tcp: listeners.tcp, unix: listeners.unix, cores: doors, namespaces, shutdown: Arc::clone(&shutdown) }.run();
     tracing::info!("shutting down: no new clients; finishing loads in flight");
     let mut failure = None;
     for worker in workers {
@@ -79,7 +113,6 @@ pub fn run(config: GatewayConfig) -> anyhow::Result<()> {
     if let Some(path) = &config.listen_unix {
         let _ = std::fs::remove_file(path);
     }
-    eprintln!("dualpath gateway stopped");
     failure.map_or(Ok(()), Err)
 }
 
@@ -87,12 +120,16 @@ type CoreThread = std::thread::JoinHandle<anyhow::Result<()>>;
 
 /// Starts one thread per core, pinned, each opening its shard; waits until all are
 /// ready or one fails (then stops the others and returns its error).
-fn start_cores(
+fn start_cores<S, F>(
     config: &GatewayConfig,
-    store: &Arc<storage_backends::uring::UringStore>,
+    open: F,
     counters: &[Arc<CoreCounters>],
     shutdown: &Arc<AtomicBool>,
-) -> anyhow::Result<(Vec<CoreDoor>, Vec<CoreThread>)> {
+) -> anyhow::Result<(Vec<CoreDoor>, Vec<CoreThread>)>
+where
+    S: storage_backends::BlockStore,
+    F: Fn(u32) -> anyhow::Result<S> + Send + Clone + 'static,
+{
     let (ready_sender, ready) = mpsc::channel::<anyhow::Result<()>>();
     let mut doors = Vec::new();
     let mut workers = Vec::new();
@@ -109,10 +146,10 @@ fn start_cores(
             queue_depth: config.storage.queue_depth,
             drain_timeout: DRAIN_TIMEOUT,
         };
-        let (config, store, ready_sender) = (config.clone(), Arc::clone(store), ready_sender.clone());
+        let (open, ready_sender) = (open.clone(), ready_sender.clone());
         let worker = std::thread::Builder::new().name(format!("dualpath-core-{shard}")).spawn(move || {
             pin_to_cpu(shard);
-            let shard_store = match open_shard(&store, &config, shard) {
+            let shard_store = match open(shard) {
                 Ok(opened) => {
                     let _ = ready_sender.send(Ok(()));
                     opened

@@ -377,22 +377,6 @@ pub struct UringShard {
 }
 
 impl UringShard {
-    pub fn shard(&self) -> u32 {
-        self.shard
-    }
-
-    pub fn slab(&self) -> &Rc<StagingSlab> {
-        self.ring.slab()
-    }
-
-    /// Makes the shard's ring signal `eventfd` on every completion (for event loops
-    /// that also wait on sockets).
-    pub fn register_completion_eventfd(&self, eventfd: std::os::fd::RawFd) -> Result<(), StoreError> {
-        self.ring
-            .register_eventfd(eventfd)
-            .map_err(|source| io_error(IoOp::Ring, self._store.root(), 0, 0, source))
-    }
-
     fn namespace(&self, namespace: NamespaceId) -> &ShardNamespace {
         &self.namespaces[usize::from(namespace.0)]
     }
@@ -685,6 +669,20 @@ fn verify_layers(
 }
 
 impl BlockStore for UringShard {
+    fn slab(&self) -> &Rc<StagingSlab> {
+        self.ring.slab()
+    }
+
+    fn shard_index(&self) -> u32 {
+        self.shard
+    }
+
+    fn notify_completions(&self, eventfd: std::os::fd::RawFd) -> Result<(), StoreError> {
+        self.ring
+            .register_eventfd(eventfd)
+            .map_err(|source| io_error(IoOp::Ring, self._store.root(), 0, 0, source))
+    }
+
     fn namespace_id(&self, name: &str) -> Option<NamespaceId> {
         let index = self.namespaces.iter().position(|namespace| namespace.name == name)?;
         Some(NamespaceId(u16::try_from(index).expect("namespace count bounded by config")))

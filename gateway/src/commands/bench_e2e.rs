@@ -1,0 +1,170 @@
+//! `bench e2e`: storage -> gateway -> TCP -> client region, end to end through a
+//! real gateway process, against fio reading the same bytes from the same files
+//! (O_DIRECT, io_uring, same block size and queue depth), interleaved.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use block_layout::BlockKey;
+use client::{BlockLoad, Client, ClientOptions, LoadHandle, Region};
+use config::{ByteSize, GatewayConfig};
+
+use super::bench_storage::{fio_random_reads, median, report, which_fio, Sample};
+use super::import::{import, Source};
+use crate::synthetic;
+
+#[derive(Debug, Clone)]
+pub struct BenchE2eOptions {
+    pub directory: PathBuf,
+    pub total_bytes: u64,
+    pub block_bytes: u64,
+    pub rounds: u32,
+    pub queue_depth: u32,
+    pub cores: u32,
+}
+
+const LAYERS: u16 = 8;
+const SEED: u64 = 0xe2e;
+/// Blocks per load; two loads are kept in flight.
+const BLOCKS_PER_LOAD: u64 = 128;
+
+pub fn bench_e2e(options: &BenchE2eOptions) -> anyhow::Result<()> {
+    which_fio()?;
+    std::fs::create_dir_all(&options.directory)?;
+    let config_path = options.directory.join("gateway.toml");
+    std::fs::write(&config_path, config_text(options)).context("cannot write the bench config")?;
+    let config = GatewayConfig::load(&config_path)?;
+    let block_count = options.total_bytes / options.block_bytes;
+    let keys: Vec<BlockKey> = (0..block_count).map(|index| synthetic::key(SEED, index)).collect();
+    if !options.directory.join("store/STORE").exists() {
+        eprintln!("importing {} of synthetic blocks", ByteSize(block_count * options.block_bytes));
+        import(&config, "bench", &Source::Synthetic { count: block_count, seed: SEED })?;
+    }
+    println!(
+        "bench e2e: {} of {} blocks, {} cores, queue depth {}, {} rounds",
+        ByteSize(block_count * options.block_bytes),
+        ByteSize(options.block_bytes),
+        options.cores,
+        options.queue_depth,
+        options.rounds
+    );
+    let files: Vec<(PathBuf, u64)> = (0..options.cores)
+        .map(|shard| {
+            let blocks = keys.iter().filter(|key| key.shard(options.cores) == shard).count() as u64;
+            (options.directory.join(format!("store/bench/shard-{shard}.blocks")), blocks * options.block_bytes)
+        })
+        .collect();
+    let (mut ours, mut fio) = (Vec::new(), Vec::new());
+    for round in 0..options.rounds {
+        if round % 2 == 1 {
+            fio.push(report("fio", round, fio_random_reads(&files, options.block_bytes, options.queue_depth)?));
+        }
+        ours.push(report("ours", round, run_through_gateway(&config_path, options, &keys)?));
+        if round % 2 == 0 {
+            fio.push(report("fio", round, fio_random_reads(&files, options.block_bytes, options.queue_depth)?));
+        }
+    }
+    let ours_median = median(ours.iter().map(|sample| sample.bytes_per_second));
+    let fio_median = median(fio.iter().map(|sample| sample.bytes_per_second));
+    println!(
+        "end to end (storage -> gateway -> TCP -> client region): {:.3} GB/s median; fio: {:.3} GB/s median; ratio {:.3}",
+        ours_median / 1e9,
+        fio_median / 1e9,
+        ours_median / fio_median
+    );
+    Ok(())
+}
+
+fn config_text(options: &BenchE2eOptions) -> String {
+    format!(
+        r#"[gateway]
+cores = {cores}
+listen_tcp = "127.0.0.1:0"
+[staging]
+bytes_per_core = "{staging}"
+buffer_bytes = "{block}"
+[storage]
+backend = "uring"
+path = "{store}"
+queue_depth = {depth}
+[[namespace]]
+name = "bench"
+layers = {LAYERS}
+tokens_per_block = 1
+bytes_per_token_per_layer = {per_layer}
+layout = "full"
+capacity = "{capacity}"
+"#,
+        cores = options.cores,
+        staging = 2 * u64::from(options.queue_depth) * options.block_bytes,
+        block = options.block_bytes,
+        store = options.directory.join("store").display(),
+        depth = options.queue_depth,
+        per_layer = options.block_bytes / u64::from(LAYERS),
+        capacity = options.total_bytes * 5 / 4 + u64::from(options.cores) * options.block_bytes,
+    )
+}
+
+/// Starts `dualpath serve`, loads every key once through it, stops it.
+fn run_through_gateway(config_path: &Path, options: &BenchE2eOptions, keys: &[BlockKey]) -> anyhow::Result<Sample> {
+    let mut child = Command::new(std::env::current_exe()?)
+        .arg("--config")
+        .arg(config_path)
+        .arg("serve")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot start the gateway")?;
+    let mut lines = BufReader::new(child.stderr.take().context("stderr")?).lines();
+    let address = loop {
+        let Some(line) = lines.next() else { bail!("the gateway exited before it was ready") };
+        let line = line?;
+        if let Some(at) = line.find("tcp ") {
+            break line[at + 4..].split(',').next().unwrap_or_default().trim().to_owned();
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    let measured = load_all(&address, options, keys);
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id())?);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    child.wait()?;
+    measured
+}
+
+fn load_all(address: &str, options: &BenchE2eOptions, keys: &[BlockKey]) -> anyhow::Result<Sample> {
+    let client = Client::connect(&[address], ClientOptions::default())?;
+    let half = BLOCKS_PER_LOAD * options.block_bytes;
+    let region = Arc::new(Region::allocate(usize::try_from(2 * half)?));
+    let id = client.register_region(Arc::clone(&region))?;
+    let started = Instant::now();
+    let mut in_flight: std::collections::VecDeque<LoadHandle> = std::collections::VecDeque::new();
+    for (batch, chunk) in keys.chunks(BLOCKS_PER_LOAD as usize).enumerate() {
+        let base = (batch as u64 % 2) * half;
+        let blocks: Vec<BlockLoad> = chunk
+            .iter()
+            .enumerate()
+            .map(|(index, key)| BlockLoad { key: *key, layers: 0..LAYERS, dest_offset: base + index as u64 * options.block_bytes })
+            .collect();
+        if in_flight.len() == 2 {
+            finish(in_flight.pop_front().expect("two in flight"))?;
+        }
+        in_flight.push_back(client.load("bench", id, &blocks, 0)?);
+    }
+    for load in in_flight {
+        finish(load)?;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    Ok(Sample { bytes_per_second: (keys.len() as u64 * options.block_bytes) as f64 / elapsed, cpu_seconds_per_gib: f64::NAN })
+}
+
+fn finish(load: LoadHandle) -> anyhow::Result<()> {
+    let report = load.wait(Duration::from_secs(120))?;
+    if !report.all_done() {
+        bail!("a bench load failed: {:?}", report.failed().next());
+    }
+    Ok(())
+}
