@@ -128,6 +128,9 @@ enum BenchTarget {
         no_iperf: bool,
         #[arg(long)]
         no_mooncake: bool,
+        /// Gateway cores (each serves its own client connection).
+        #[arg(long, default_value_t = 1)]
+        cores: u32,
     },
 }
 
@@ -211,13 +214,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench { target: BenchTarget::E2e { dir, size, block_size, rounds, queue_depth, cores } } => {
             bench_e2e(&BenchE2eOptions { directory: dir, total_bytes: size, block_bytes: block_size, rounds, queue_depth, cores })
         }
-        Command::Bench { target: BenchTarget::Transport { seconds, block_size, rounds, no_iperf, no_mooncake } } => {
+        Command::Bench { target: BenchTarget::Transport { seconds, block_size, rounds, no_iperf, no_mooncake, cores } } => {
             bench_transport(&BenchTransportOptions {
                 seconds,
                 block_bytes: block_size,
                 rounds,
                 with_iperf: !no_iperf,
                 with_mooncake: !no_mooncake,
+                cores,
             })
         }
         Command::Bench { target: BenchTarget::Storage { dir, size, block_sizes, rounds, queue_depth, shards, no_fio } } => {

@@ -25,6 +25,8 @@ pub struct BenchTransportOptions {
     pub rounds: u32,
     pub with_iperf: bool,
     pub with_mooncake: bool,
+    /// Gateway cores (one client connection each).
+    pub cores: u32,
 }
 
 const REGION_BLOCKS: u64 = 2048;
@@ -55,7 +57,7 @@ pub fn bench_transport(options: &BenchTransportOptions) -> anyhow::Result<()> {
         }
     }
     let ours_median = median(ours.iter().map(|sample| sample.bytes_per_second));
-    println!("ours (gateway TCP transport, 1 core, 1 connection): {:.3} GB/s median", ours_median / 1e9);
+    println!("ours (gateway TCP transport, {} cores, one connection each): {:.3} GB/s median", options.cores, ours_median / 1e9);
     if !iperf.is_empty() {
         let value = median(iperf.iter().map(|sample| sample.bytes_per_second));
         println!("iperf3 (1 stream): {:.3} GB/s median; ours / iperf3 = {:.3}", value / 1e9, ours_median / value);
@@ -67,7 +69,7 @@ pub fn bench_transport(options: &BenchTransportOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bench_config(block_bytes: u64) -> anyhow::Result<GatewayConfig> {
+fn bench_config(block_bytes: u64, cores: u32) -> anyhow::Result<GatewayConfig> {
     if block_bytes % (u64::from(LAYERS) * 4096) != 0 {
         bail!("block size must be a multiple of {} KiB", u64::from(LAYERS) * 4);
     }
@@ -78,7 +80,7 @@ fn bench_config(block_bytes: u64) -> anyhow::Result<GatewayConfig> {
         layout: Layout::Full,
     };
     Ok(GatewayConfig {
-        cores: 1,
+        cores,
         listen_tcp: Some("127.0.0.1:0".parse()?),
         listen_unix: None,
         metrics_listen: None,
@@ -90,7 +92,7 @@ fn bench_config(block_bytes: u64) -> anyhow::Result<GatewayConfig> {
 
 /// A gateway core on the loopback backend in this process, and the real client.
 fn run_ours(options: &BenchTransportOptions) -> anyhow::Result<Sample> {
-    let config = bench_config(options.block_bytes)?;
+    let config = bench_config(options.block_bytes, options.cores)?;
     let shutdown = Arc::new(AtomicBool::new(false));
     let (address_sender, address) = mpsc::channel();
     let server = {
