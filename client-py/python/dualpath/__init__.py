@@ -1,0 +1,28 @@
+"""dualpath: load KV-cache blocks from dualpath gateways into an inference engine's memory.
+
+    import numpy as np, dualpath
+    client = dualpath.Client(["127.0.0.1:7400"])
+    info = client.namespace("default")
+    kv = np.zeros(64 * info["block_bytes"], dtype=np.uint8)
+    region = client.register(kv)
+    load = client.load("default", region, keys, [i * info["block_bytes"] for i in range(len(keys))])
+    for layer in range(info["layers"]):
+        load.wait_layer(layer, timeout=10)   # GIL released while waiting
+        ...                                   # compute this layer
+    states = load.wait()
+
+Errors are `DualpathError` subclasses: `GatewayError` (the gateway refused; `args[0]`
+is the code, e.g. "NotFound"), `DisconnectedError`, `WaitTimeout`; bad arguments raise
+`ValueError`.
+"""
+
+from ._native import (
+    Client,
+    DisconnectedError,
+    DualpathError,
+    GatewayError,
+    Load,
+    WaitTimeout,
+)
+
+__all__ = ["Client", "Load", "DualpathError", "GatewayError", "DisconnectedError", "WaitTimeout"]

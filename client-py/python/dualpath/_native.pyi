@@ -1,0 +1,53 @@
+from typing import Any, Optional, Sequence, Tuple, Union, Awaitable
+
+Key = Union[int, str]
+BlockState = Tuple[str, str, str]
+
+class DualpathError(Exception): ...
+class GatewayError(DualpathError): ...
+class DisconnectedError(DualpathError): ...
+class WaitTimeout(DualpathError): ...
+
+class Load:
+    @property
+    def request_id(self) -> int: ...
+    def wait_layer(self, layer: int, timeout: Optional[float] = None) -> None:
+        """Block until layer `layer` of every block has landed (GIL released)."""
+    def wait_layer_async(self, layer: int, timeout: Optional[float] = None) -> Awaitable[None]:
+        """Awaitable form of wait_layer for asyncio engines."""
+    def wait(self, timeout: Optional[float] = None) -> list[BlockState]:
+        """Block until every block finished; one (state, code, message) per block."""
+    def block_status(self, index: int) -> BlockState:
+        """(state, code, message); state is "pending", "done" or "failed"."""
+    def layers_done(self) -> Tuple[int, int]:
+        """(start, end) of the layers complete so far."""
+
+class Client:
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        token: Optional[bytes] = None,
+        connect_timeout: float = 5.0,
+        request_timeout: float = 30.0,
+    ) -> None:
+        """Connect to every shard of each gateway ("host:port" or "unix:/path")."""
+    def namespace(self, name: str) -> Optional[dict[str, Any]]:
+        """layers, tokens_per_block, bytes_per_token_per_layer, layout, layer_bytes, block_bytes."""
+    def register(self, buffer: Any) -> int:
+        """Register a writable C-contiguous byte buffer (e.g. memoryview(arr).cast('B')); returns a region id."""
+    def register_pointer(self, pointer: int, length: int, owner: Any = None) -> int:
+        """Register raw memory (e.g. tensor.data_ptr()); `owner` is kept alive with the client."""
+    def load(
+        self,
+        namespace: str,
+        region: int,
+        keys: Sequence[Key],
+        dest_offsets: Sequence[int],
+        layers: Union[None, Tuple[int, int], Sequence[Tuple[int, int]]] = None,
+        layer_stride: int = 0,
+        gateway: int = 0,
+    ) -> Load:
+        """Start loading blocks; layer l of a block goes to dest + (l - start) * layer_stride."""
+    def store(self, namespace: str, key: Key, data: Any) -> None:
+        """Store one whole block (bytes-like); returns when durable."""
+    def addresses(self) -> list[str]: ...

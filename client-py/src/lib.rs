@@ -1,0 +1,289 @@
+//! `dualpath._native`: the Python binding of the `client` crate.
+//!
+//! Every call that waits or moves data releases the GIL. Block payloads go from
+//! the socket straight into the registered buffer (the engine's NumPy array or
+//! tensor memory); nothing on the data path passes through Python objects.
+
+mod sys;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use block_layout::{BlockKey, Layout};
+use client::{BlockLoad, BlockStatus, Client as RustClient, ClientError, ClientOptions, LoadHandle, Region, RegionId};
+use pyo3::create_exception;
+use pyo3::exceptions::{PyException, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+create_exception!(dualpath, DualpathError, PyException, "Base class of every dualpath error.");
+create_exception!(dualpath, GatewayError, DualpathError, "The gateway refused a request; `args[0]` is the code name.");
+create_exception!(dualpath, DisconnectedError, DualpathError, "A gateway could not be reached or went away.");
+create_exception!(dualpath, WaitTimeout, DualpathError, "A wait ran past its timeout.");
+
+fn to_python(error: ClientError) -> PyErr {
+    let message = error.to_string();
+    match error {
+        ClientError::Gateway { code, .. } => GatewayError::new_err((format!("{code}"), message)),
+        ClientError::Connect { .. } | ClientError::Disconnected { .. } | ClientError::Handshake { .. } => {
+            DisconnectedError::new_err(message)
+        }
+        ClientError::Timeout { .. } => WaitTimeout::new_err(message),
+        ClientError::UnknownNamespace { .. } | ClientError::Invalid(_) => PyValueError::new_err(message),
+    }
+}
+
+fn timeout_of(seconds: Option<f64>) -> PyResult<Duration> {
+    match seconds {
+        None => Ok(Duration::from_secs(3600 * 24)),
+        Some(seconds) if seconds.is_finite() && seconds >= 0.0 => Ok(Duration::from_secs_f64(seconds)),
+        Some(seconds) => Err(PyValueError::new_err(format!("timeout must be a non-negative number of seconds, got {seconds}"))),
+    }
+}
+
+/// A block key: a Python int (0 <= key < 2**128) or a hex string.
+#[derive(FromPyObject)]
+enum KeyArgument {
+    Int(u128),
+    Hex(String),
+}
+
+impl KeyArgument {
+    fn key(&self) -> PyResult<BlockKey> {
+        match self {
+            KeyArgument::Int(value) => Ok(BlockKey(*value)),
+            KeyArgument::Hex(text) => text.parse().map_err(|error: block_layout::ParseBlockKeyError| PyValueError::new_err(error.to_string())),
+        }
+    }
+}
+
+/// What keeps registered memory valid: an open buffer export, or the object
+/// that owns memory registered by pointer.
+enum Owner {
+    Export(#[allow(dead_code)] sys::Export),
+    Object(#[allow(dead_code)] PyObject),
+}
+
+/// Connection to one or more gateways.
+#[pyclass(module = "dualpath", frozen)]
+struct Client {
+    inner: Arc<RustClient>,
+    /// Kept for the life of the client: registrations are never withdrawn.
+    owners: Mutex<Vec<Owner>>,
+}
+
+#[pymethods]
+impl Client {
+    #[new]
+    #[pyo3(signature = (addresses, token=None, connect_timeout=5.0, request_timeout=30.0))]
+    fn new(py: Python<'_>, addresses: Vec<String>, token: Option<Vec<u8>>, connect_timeout: f64, request_timeout: f64) -> PyResult<Self> {
+        let options = ClientOptions {
+            connect_timeout: timeout_of(Some(connect_timeout))?,
+            request_timeout: timeout_of(Some(request_timeout))?,
+            auth_token: token.unwrap_or_default(),
+        };
+        let borrowed: Vec<&str> = addresses.iter().map(String::as_str).collect();
+        let inner = py.allow_threads(|| RustClient::connect(&borrowed, options)).map_err(to_python)?;
+        Ok(Self { inner: Arc::new(inner), owners: Mutex::new(Vec::new()) })
+    }
+
+    /// The geometry of a namespace as a dict, or None if the gateway does not serve it.
+    fn namespace<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let Some(geometry) = self.inner.namespace(name) else { return Ok(None) };
+        let info = PyDict::new(py);
+        info.set_item("layers", geometry.layers)?;
+        info.set_item("tokens_per_block", geometry.tokens_per_block)?;
+        info.set_item("bytes_per_token_per_layer", geometry.bytes_per_token_per_layer)?;
+        info.set_item("layout", match geometry.layout {
+            Layout::Full => "full",
+            Layout::Layer => "layer",
+        })?;
+        info.set_item("layer_bytes", geometry.layer_bytes())?;
+        info.set_item("block_bytes", geometry.block_bytes())?;
+        Ok(Some(info))
+    }
+
+    /// Registers a writable, C-contiguous buffer (bytearray, NumPy array, memoryview)
+    /// as a load target; returns its region id. The buffer stays referenced for the
+    /// life of the client.
+    fn register(&self, py: Python<'_>, buffer: Bound<'_, PyAny>) -> PyResult<u32> {
+        let (pointer, length, export) = sys::writable_bytes(&buffer)?;
+        // SAFETY: `writable_bytes` checked that the buffer is writable and contiguous;
+        // its export stays open in `owners` for as long as the client (and so the
+        // registration) lives, which keeps the memory in place.
+        let region = unsafe { Region::from_raw(pointer, length) };
+        self.owners.lock().expect("owners lock").push(Owner::Export(export));
+        self.register_region(py, region)
+    }
+
+    /// Registers `length` bytes at `pointer` (e.g. `tensor.data_ptr()`); `owner` is
+    /// kept alive with the client. The memory must stay valid that long.
+    #[pyo3(signature = (pointer, length, owner=None))]
+    fn register_pointer(&self, py: Python<'_>, pointer: usize, length: usize, owner: Option<PyObject>) -> PyResult<u32> {
+        if pointer == 0 || length == 0 {
+            return Err(PyValueError::new_err("register_pointer needs a non-null pointer and a positive length"));
+        }
+        // SAFETY: the caller promises (documented) that the memory stays valid while
+        // the client lives; `owner` (the tensor) is kept alive to help keep that true.
+        let region = unsafe { Region::from_raw(pointer as *mut u8, length) };
+        if let Some(owner) = owner {
+            self.owners.lock().expect("owners lock").push(Owner::Object(owner));
+        }
+        self.register_region(py, region)
+    }
+
+    /// Starts loading blocks. `keys`: ints or hex strings; `dest_offsets`: where
+    /// each block's first requested layer goes; `layers`: one (start, end) for all
+    /// blocks or one per block; layer l goes to dest + (l - start) * layer_stride
+    /// (0: the layer size).
+    #[pyo3(signature = (namespace, region, keys, dest_offsets, layers=None, layer_stride=0, gateway=0))]
+    #[allow(clippy::too_many_arguments)]
+    fn load(
+        &self,
+        py: Python<'_>,
+        namespace: &str,
+        region: u32,
+        keys: Vec<KeyArgument>,
+        dest_offsets: Vec<u64>,
+        layers: Option<Bound<'_, PyAny>>,
+        layer_stride: u64,
+        gateway: usize,
+    ) -> PyResult<Load> {
+        if keys.len() != dest_offsets.len() {
+            return Err(PyValueError::new_err(format!("{} keys but {} dest_offsets", keys.len(), dest_offsets.len())));
+        }
+        let geometry = self.inner.namespace(namespace).ok_or_else(|| PyValueError::new_err(format!("unknown namespace {namespace:?}")))?;
+        let ranges = layer_ranges(layers, keys.len(), geometry.layers)?;
+        let blocks = keys
+            .iter()
+            .zip(dest_offsets)
+            .zip(ranges)
+            .map(|((key, dest_offset), layers)| Ok(BlockLoad { key: key.key()?, layers, dest_offset }))
+            .collect::<PyResult<Vec<_>>>()?;
+        let inner = Arc::clone(&self.inner);
+        let namespace = namespace.to_owned();
+        let handle = py
+            .allow_threads(move || inner.load_from(gateway, &namespace, RegionId(region), &blocks, layer_stride))
+            .map_err(to_python)?;
+        Ok(Load { handle: Arc::new(handle), _client: Arc::clone(&self.inner) })
+    }
+
+    /// Stores one whole block (bytes-like); returns when it is durable.
+    fn store(&self, py: Python<'_>, namespace: &str, key: KeyArgument, data: Bound<'_, PyAny>) -> PyResult<()> {
+        let key = key.key()?;
+        let bytes = sys::readable_bytes(&data)?;
+        let inner = Arc::clone(&self.inner);
+        // SAFETY: `data` (and its buffer export inside `bytes`) stays alive until this
+        // call returns; the slice is only read during it.
+        py.allow_threads(|| inner.store(namespace, key, unsafe { bytes.as_slice() })).map_err(to_python)
+    }
+
+    fn addresses(&self) -> Vec<String> {
+        self.inner.gateway_addresses().into_iter().map(str::to_owned).collect()
+    }
+}
+
+impl Client {
+    fn register_region(&self, py: Python<'_>, region: Region) -> PyResult<u32> {
+        let inner = Arc::clone(&self.inner);
+        let id = py.allow_threads(move || inner.register_region(Arc::new(region))).map_err(to_python)?;
+        Ok(id.0)
+    }
+}
+
+fn layer_ranges(layers: Option<Bound<'_, PyAny>>, count: usize, layer_count: u16) -> PyResult<Vec<std::ops::Range<u16>>> {
+    let check = |(start, end): (u16, u16)| {
+        if start < end && end <= layer_count {
+            Ok(start..end)
+        } else {
+            Err(PyValueError::new_err(format!("layers ({start}, {end}) outside 0..{layer_count}")))
+        }
+    };
+    match layers {
+        None => Ok(vec![0..layer_count; count]),
+        Some(value) => {
+            if let Ok(pair) = value.extract::<(u16, u16)>() {
+                return Ok(vec![check(pair)?; count]);
+            }
+            let pairs: Vec<(u16, u16)> = value.extract()?;
+            if pairs.len() != count {
+                return Err(PyValueError::new_err(format!("{} layer ranges for {count} keys", pairs.len())));
+            }
+            pairs.into_iter().map(check).collect()
+        }
+    }
+}
+
+/// A load in progress.
+#[pyclass(module = "dualpath", frozen)]
+struct Load {
+    handle: Arc<LoadHandle>,
+    /// The connections the load's data arrives on stay open while the load lives.
+    _client: Arc<RustClient>,
+}
+
+fn status_tuple(status: &BlockStatus) -> (&'static str, String, String) {
+    match status {
+        BlockStatus::Pending => ("pending", String::new(), String::new()),
+        BlockStatus::Done => ("done", String::new(), String::new()),
+        BlockStatus::Failed { code, message } => ("failed", code.to_string(), message.clone()),
+    }
+}
+
+#[pymethods]
+impl Load {
+    #[getter]
+    fn request_id(&self) -> u64 {
+        self.handle.request_id()
+    }
+
+    /// Blocks (GIL released) until layer `layer` of every block has landed.
+    #[pyo3(signature = (layer, timeout=None))]
+    fn wait_layer(&self, py: Python<'_>, layer: u16, timeout: Option<f64>) -> PyResult<()> {
+        let timeout = timeout_of(timeout)?;
+        let handle = Arc::clone(&self.handle);
+        py.allow_threads(move || handle.wait_layer(layer, timeout)).map_err(to_python)
+    }
+
+    /// An awaitable of `wait_layer`, for asyncio engines (runs in the loop's executor).
+    #[pyo3(signature = (layer, timeout=None))]
+    fn wait_layer_async<'py>(slf: Bound<'py, Self>, layer: u16, timeout: Option<f64>) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        let event_loop = py.import("asyncio")?.call_method0("get_running_loop")?;
+        let method = slf.getattr("wait_layer")?;
+        event_loop.call_method1("run_in_executor", (py.None(), method, layer, timeout))
+    }
+
+    /// Blocks until every block finished; returns one (state, code, message) per block.
+    #[pyo3(signature = (timeout=None))]
+    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Vec<(&'static str, String, String)>> {
+        let timeout = timeout_of(timeout)?;
+        let handle = Arc::clone(&self.handle);
+        let report = py.allow_threads(move || handle.wait(timeout)).map_err(to_python)?;
+        Ok(report.blocks.iter().map(status_tuple).collect())
+    }
+
+    /// (state, code, message) of block `index`: state is "pending", "done" or "failed".
+    fn block_status(&self, index: usize) -> PyResult<(&'static str, String, String)> {
+        let status = self.handle.block_status(index).ok_or_else(|| PyValueError::new_err(format!("no block {index} in this load")))?;
+        Ok(status_tuple(&status))
+    }
+
+    /// (start, end) of the layers complete so far.
+    fn layers_done(&self) -> (u16, u16) {
+        let range = self.handle.layers_done();
+        (range.start, range.end)
+    }
+}
+
+#[pymodule]
+fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = module.py();
+    module.add_class::<Client>()?;
+    module.add_class::<Load>()?;
+    module.add("DualpathError", py.get_type::<DualpathError>())?;
+    module.add("GatewayError", py.get_type::<GatewayError>())?;
+    module.add("DisconnectedError", py.get_type::<DisconnectedError>())?;
+    module.add("WaitTimeout", py.get_type::<WaitTimeout>())?;
+    Ok(())
+}

@@ -1,0 +1,151 @@
+"""The Python binding against a real gateway process."""
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import dualpath
+from conftest import BLOCK_BYTES, BLOCKS, LAYER_BYTES, LAYERS, synthetic_block
+
+
+def test_numpy_buffer_receives_every_byte_layer_by_layer(gateway):
+    client = dualpath.Client([gateway.address])
+    info = client.namespace("kv")
+    assert info["layers"] == LAYERS and info["block_bytes"] == BLOCK_BYTES and info["layout"] == "layer"
+    kv = np.zeros(BLOCKS * BLOCK_BYTES, dtype=np.uint8)
+    region = client.register(memoryview(kv).cast("B"))
+    offsets = [index * BLOCK_BYTES for index in range(BLOCKS)]
+    load = client.load("kv", region, gateway.keys, offsets)
+    for layer in range(LAYERS):
+        load.wait_layer(layer, timeout=30)
+        assert load.layers_done()[1] > layer
+        for index in range(0, BLOCKS, 5):
+            start = index * BLOCK_BYTES + layer * LAYER_BYTES
+            expected = synthetic_block(gateway.keys[index])[layer * LAYER_BYTES:(layer + 1) * LAYER_BYTES]
+            assert kv[start:start + LAYER_BYTES].tobytes() == expected, (index, layer)
+    states = load.wait(timeout=30)
+    assert all(state == "done" for state, _, _ in states)
+    for index, key in enumerate(gateway.keys):
+        assert kv[index * BLOCK_BYTES:(index + 1) * BLOCK_BYTES].tobytes() == synthetic_block(key)
+
+
+def test_hex_keys_layer_ranges_and_strides(gateway):
+    client = dualpath.Client([gateway.address])
+    # The engine layout [layer][slot]: 4 slots per layer, layers 2..5 only.
+    kv = bytearray(3 * 4 * LAYER_BYTES)
+    region = client.register(kv)
+    keys = [format(key, "x") for key in gateway.keys[:4]]
+    offsets = [slot * LAYER_BYTES for slot in range(4)]
+    load = client.load("kv", region, keys, offsets, layers=(2, 5), layer_stride=4 * LAYER_BYTES)
+    assert all(state == "done" for state, _, _ in load.wait(timeout=30))
+    for slot, key in enumerate(gateway.keys[:4]):
+        block = synthetic_block(key)
+        for layer in range(2, 5):
+            start = (layer - 2) * 4 * LAYER_BYTES + slot * LAYER_BYTES
+            assert bytes(kv[start:start + LAYER_BYTES]) == block[layer * LAYER_BYTES:(layer + 1) * LAYER_BYTES]
+
+
+def test_missing_block_is_reported_and_the_rest_arrive(gateway):
+    client = dualpath.Client([gateway.address])
+    kv = np.zeros(3 * BLOCK_BYTES, dtype=np.uint8)
+    region = client.register(memoryview(kv).cast("B"))
+    keys = [gateway.keys[0], 0xDEAD, gateway.keys[1]]
+    load = client.load("kv", region, keys, [0, BLOCK_BYTES, 2 * BLOCK_BYTES])
+    states = load.wait(timeout=30)
+    assert states[0][0] == "done" and states[2][0] == "done"
+    state, code, message = states[1]
+    assert (state, code) == ("failed", "NotFound") and "dead" in message
+    assert load.block_status(1)[0] == "failed"
+
+
+def test_store_then_load_round_trip(gateway):
+    client = dualpath.Client([gateway.address])
+    block = bytes(range(256)) * (BLOCK_BYTES // 256)
+    client.store("kv", 0xC0FFEE, block)
+    with pytest.raises(dualpath.GatewayError) as refused:
+        client.store("kv", 0xC0FFEF, b"too short")
+    assert refused.value.args[0] == "BadRequest"
+    kv = bytearray(BLOCK_BYTES)
+    region = client.register(kv)
+    assert client.load("kv", region, [0xC0FFEE], [0]).wait(timeout=30)[0][0] == "done"
+    assert bytes(kv) == block
+
+
+def test_wait_releases_the_gil_and_asyncio_can_await_layers(gateway):
+    client = dualpath.Client([gateway.address])
+    kv = np.zeros(BLOCKS * BLOCK_BYTES, dtype=np.uint8)
+    region = client.register(memoryview(kv).cast("B"))
+    ticks = []
+    stop = threading.Event()
+
+    def ticker():
+        while not stop.is_set():
+            ticks.append(time.monotonic())
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=ticker)
+    thread.start()
+
+    async def consume():
+        load = client.load("kv", region, gateway.keys, [i * BLOCK_BYTES for i in range(BLOCKS)])
+        for layer in range(LAYERS):
+            await load.wait_layer_async(layer, timeout=30)
+        return load.wait(timeout=30)
+
+    states = asyncio.run(consume())
+    stop.set()
+    thread.join()
+    assert all(state == "done" for state, _, _ in states)
+    assert len(ticks) > 1, "another Python thread ran while the load was awaited"
+
+
+def test_errors_are_typed(gateway, tmp_path):
+    with pytest.raises(dualpath.DisconnectedError):
+        dualpath.Client(["127.0.0.1:1"], connect_timeout=1)
+    client = dualpath.Client([gateway.address])
+    with pytest.raises(ValueError, match="read-only"):
+        client.register(b"immutable bytes")
+    region = client.register(bytearray(BLOCK_BYTES))
+    with pytest.raises(ValueError, match="unknown namespace"):
+        client.load("nope", region, [1], [0])
+    with pytest.raises(dualpath.GatewayError) as refused:
+        client.load("kv", region, gateway.keys[:2], [0, BLOCK_BYTES]).wait(timeout=30)
+    assert refused.value.args[0] == "OutOfRegion"
+    with pytest.raises(dualpath.WaitTimeout):
+        big = client.register(bytearray(BLOCKS * BLOCK_BYTES))
+        client.load("kv", big, gateway.keys, [i * BLOCK_BYTES for i in range(BLOCKS)]).wait(timeout=0)
+    # A load keeps its connections open even when the client object is gone.
+    with pytest.raises(dualpath.GatewayError) as refused:
+        dualpath.Client([gateway.address], token=b"x").load("kv", 999, [1], [0]).wait(timeout=30)
+    assert refused.value.args[0] == "OutOfRegion" and "region 999" in refused.value.args[1]
+
+
+def test_a_dead_gateway_fails_waits_instead_of_hanging(gateway):
+    client = dualpath.Client([gateway.address])
+    region = client.register(bytearray(BLOCKS * BLOCK_BYTES))
+    gateway.kill()
+    with pytest.raises(dualpath.DualpathError):
+        load = client.load("kv", region, gateway.keys, [i * BLOCK_BYTES for i in range(BLOCKS)])
+        load.wait(timeout=30)
+
+
+def test_the_prefill_engine_example_runs(gateway):
+    import pathlib
+    import subprocess
+    import sys
+
+    from conftest import SEED
+
+    example = pathlib.Path(__file__).resolve().parents[2] / "examples" / "prefill_engine.py"
+    result = subprocess.run(
+        [sys.executable, str(example), "--gateway", gateway.address, "--namespace", "kv", "--blocks", str(BLOCKS), "--seed", str(SEED)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"loaded {BLOCKS}/{BLOCKS} blocks" in result.stdout
+    assert "layer   7 ready" in result.stdout and "stored the request's new block" in result.stdout

@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+"""Plays a prefill engine's part against a running dualpath gateway.
+
+It registers a NumPy buffer as the KV cache, loads a request's cached blocks layer by
+layer, "computes" each layer as soon as it has arrived (a checksum standing in for
+attention), writes the request's new block back, and prints timings.
+
+    dualpath import -n default --synthetic 200      # with the gateway stopped
+    dualpath serve &                                 # the README's run command
+    python3 examples/prefill_engine.py --blocks 64
+
+The keys are those of `dualpath import --synthetic N --seed S`.
+"""
+
+import argparse
+import time
+import zlib
+
+import numpy as np
+
+import dualpath
+
+MASK = (1 << 64) - 1
+
+
+def splitmix(value):
+    value = (value + 0x9E3779B97F4A7C15) & MASK
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & MASK
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & MASK
+    return value ^ (value >> 31)
+
+
+def synthetic_key(seed, index):
+    high = splitmix(seed ^ 0x5EED000000000000)
+    return (high << 64) | splitmix((index + high) & MASK)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gateway", default="127.0.0.1:7400")
+    parser.add_argument("--namespace", default="default")
+    parser.add_argument("--blocks", type=int, default=64, help="cached blocks of the request")
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+
+    client = dualpath.Client([args.gateway])
+    info = client.namespace(args.namespace)
+    if info is None:
+        raise SystemExit(f"the gateway does not serve namespace {args.namespace!r}")
+    layers, layer_bytes, block_bytes = info["layers"], info["layer_bytes"], info["block_bytes"]
+    # The engine's KV cache: [layer][block slot][layer bytes], one slot per block.
+    kv = np.zeros(layers * args.blocks * layer_bytes, dtype=np.uint8)
+    region = client.register(memoryview(kv).cast("B"))
+    keys = [synthetic_key(args.seed, index) for index in range(args.blocks)]
+    offsets = [slot * layer_bytes for slot in range(args.blocks)]
+
+    started = time.perf_counter()
+    load = client.load(args.namespace, region, keys, offsets, layer_stride=args.blocks * layer_bytes)
+    checksum = 0
+    for layer in range(layers):
+        load.wait_layer(layer, timeout=60)
+        arrived = time.perf_counter() - started
+        layer_view = kv[layer * args.blocks * layer_bytes:(layer + 1) * args.blocks * layer_bytes]
+        checksum = zlib.crc32(layer_view, checksum)  # "compute" this layer
+        print(f"layer {layer:3d} ready at {arrived * 1000:8.2f} ms, computed at {(time.perf_counter() - started) * 1000:8.2f} ms")
+    states = load.wait(timeout=60)
+    failed = [(index, code, message) for index, (state, code, message) in enumerate(states) if state != "done"]
+    elapsed = time.perf_counter() - started
+    moved = args.blocks * block_bytes - len(failed) * block_bytes
+    print(f"loaded {args.blocks - len(failed)}/{args.blocks} blocks, {moved / 1e6:.1f} MB in {elapsed * 1000:.1f} ms "
+          f"({moved / elapsed / 1e9:.2f} GB/s), checksum {checksum:08x}")
+    for index, code, message in failed:
+        print(f"block {index} failed: {code}: {message}")
+
+    new_block = np.random.default_rng(args.seed).integers(0, 256, block_bytes, dtype=np.uint8)
+    store_started = time.perf_counter()
+    client.store(args.namespace, synthetic_key(args.seed + 1_000_000, 0), memoryview(new_block).cast("B"))
+    print(f"stored the request's new block in {(time.perf_counter() - store_started) * 1000:.1f} ms")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
