@@ -3,7 +3,9 @@
 //! Every call that waits or moves data releases the GIL. Block payloads go from
 //! the socket straight into the registered buffer (the engine's NumPy array or
 //! tensor memory); nothing on the data path passes through Python objects.
+#![deny(unsafe_code)]
 
+#[allow(unsafe_code)]
 mod sys;
 
 use std::sync::{Arc, Mutex};
@@ -11,6 +13,7 @@ use std::time::Duration;
 
 use block_layout::{BlockKey, Layout};
 use client::{BlockLoad, BlockStatus, Client as RustClient, ClientError, ClientOptions, LoadHandle, Region, RegionId};
+
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
@@ -107,11 +110,9 @@ impl Client {
     /// as a load target; returns its region id. The buffer stays referenced for the
     /// life of the client.
     fn register(&self, py: Python<'_>, buffer: Bound<'_, PyAny>) -> PyResult<u32> {
-        let (pointer, length, export) = sys::writable_bytes(&buffer)?;
-        // SAFETY: `writable_bytes` checked that the buffer is writable and contiguous;
-        // its export stays open in `owners` for as long as the client (and so the
+        let (region, export) = sys::buffer_region(&buffer)?;
+        // The export stays open in `owners` for as long as the client (and so the
         // registration) lives, which keeps the memory in place.
-        let region = unsafe { Region::from_raw(pointer, length) };
         self.owners.lock().expect("owners lock").push(Owner::Export(export));
         self.register_region(py, region)
     }
@@ -120,12 +121,7 @@ impl Client {
     /// kept alive with the client. The memory must stay valid that long.
     #[pyo3(signature = (pointer, length, owner=None))]
     fn register_pointer(&self, py: Python<'_>, pointer: usize, length: usize, owner: Option<PyObject>) -> PyResult<u32> {
-        if pointer == 0 || length == 0 {
-            return Err(PyValueError::new_err("register_pointer needs a non-null pointer and a positive length"));
-        }
-        // SAFETY: the caller promises (documented) that the memory stays valid while
-        // the client lives; `owner` (the tensor) is kept alive to help keep that true.
-        let region = unsafe { Region::from_raw(pointer as *mut u8, length) };
+        let region = sys::pointer_region(pointer, length)?;
         if let Some(owner) = owner {
             self.owners.lock().expect("owners lock").push(Owner::Object(owner));
         }
@@ -171,11 +167,9 @@ impl Client {
     /// Stores one whole block (bytes-like); returns when it is durable.
     fn store(&self, py: Python<'_>, namespace: &str, key: KeyArgument, data: Bound<'_, PyAny>) -> PyResult<()> {
         let key = key.key()?;
-        let bytes = sys::readable_bytes(&data)?;
+        let export = sys::readable_bytes(&data)?;
         let inner = Arc::clone(&self.inner);
-        // SAFETY: `data` (and its buffer export inside `bytes`) stays alive until this
-        // call returns; the slice is only read during it.
-        py.allow_threads(|| inner.store(namespace, key, unsafe { bytes.as_slice() })).map_err(to_python)
+        py.allow_threads(|| export.with_bytes(|bytes| inner.store(namespace, key, bytes))).map_err(to_python)
     }
 
     fn addresses(&self) -> Vec<String> {

@@ -1,5 +1,6 @@
 //! The binding's unsafe boundary: raw views of Python buffer-protocol memory.
 
+use client::Region;
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -9,14 +10,31 @@ use pyo3::prelude::*;
 #[derive(Debug)]
 pub struct Export(PyBuffer<u8>);
 
-/// Start and length of a writable, C-contiguous byte buffer, and the export that
-/// keeps it valid.
-pub fn writable_bytes(object: &Bound<'_, PyAny>) -> PyResult<(*mut u8, usize, Export)> {
+/// A region over a writable, C-contiguous byte buffer, and the export that keeps
+/// its memory in place: hold the export as long as the region is registered.
+pub fn buffer_region(object: &Bound<'_, PyAny>) -> PyResult<(Region, Export)> {
     let buffer = export(object)?;
     if buffer.readonly() {
         return Err(PyValueError::new_err("the buffer is read-only; a load target must be writable"));
     }
-    Ok((buffer.buf_ptr().cast(), buffer.len_bytes(), Export(buffer)))
+    // SAFETY: the buffer is writable and C-contiguous (checked) and spans
+    // `len_bytes` from `buf_ptr`; the returned export keeps it valid, and the caller
+    // keeps the export as long as the registration.
+    let region = unsafe { Region::from_raw(buffer.buf_ptr().cast(), buffer.len_bytes()) };
+    Ok((region, Export(buffer)))
+}
+
+/// A region over raw memory named by the engine (`tensor.data_ptr()`).
+///
+/// The Python API documents the contract that Rust cannot check: the memory must
+/// stay valid and unused by the engine for loads in flight while the client lives.
+pub fn pointer_region(pointer: usize, length: usize) -> PyResult<Region> {
+    if pointer == 0 || length == 0 {
+        return Err(PyValueError::new_err("register_pointer needs a non-null pointer and a positive length"));
+    }
+    // SAFETY: upheld by the Python caller per the documented contract above, as
+    // with any pointer handed to a C extension (ctypes, DLPack consumers).
+    Ok(unsafe { Region::from_raw(pointer as *mut u8, length) })
 }
 
 /// A readable byte buffer for the duration of one call.
@@ -35,14 +53,13 @@ fn export(object: &Bound<'_, PyAny>) -> PyResult<PyBuffer<u8>> {
 }
 
 impl Export {
-    /// The exported bytes.
-    ///
-    /// # Safety
-    /// No one may write to the buffer while the slice lives (the binding only uses
-    /// it inside one call that sends it).
-    pub unsafe fn as_slice(&self) -> &[u8] {
-        // SAFETY: the export is open (held by `self`), C-contiguous (checked), and
-        // spans `len_bytes` bytes from `buf_ptr`; the caller rules out writers.
-        unsafe { std::slice::from_raw_parts(self.0.buf_ptr().cast::<u8>(), self.0.len_bytes()) }
+    /// Runs `use_bytes` on the exported bytes (the GIL may be released inside).
+    pub fn with_bytes<T>(&self, use_bytes: impl FnOnce(&[u8]) -> T) -> T {
+        // SAFETY: the export is open (held by `self`) and C-contiguous (checked), and
+        // spans `len_bytes` from `buf_ptr`. Another Python thread could write to it
+        // meanwhile, as with any C extension reading a buffer without the GIL; the
+        // bytes are only copied out (sent), never trusted for memory safety.
+        let bytes = unsafe { std::slice::from_raw_parts(self.0.buf_ptr().cast::<u8>(), self.0.len_bytes()) };
+        use_bytes(bytes)
     }
 }

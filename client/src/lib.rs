@@ -7,8 +7,10 @@
 //! header and then the payload received straight into the region, like a one-sided
 //! RDMA WRITE), and per-layer completions let prefill start on layer 0 while later
 //! layers stream in.
+#![deny(unsafe_code)]
 
 mod link;
+#[allow(unsafe_code)]
 mod sys;
 
 use std::collections::HashMap;

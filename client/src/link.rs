@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use block_layout::BlockKey;
 use protocol::{
-    decode_data_prefix, decode_header, encode_store_head, range_inside, ErrorCode, Frame, FrameType, Load, NamespaceInfo,
+    decode_data_prefix, decode_header, encode_store_head, ErrorCode, Frame, FrameType, Load, NamespaceInfo,
     StorePrefix, DATA_PREFIX_BYTES, HEADER_BYTES, PROTOCOL_VERSION,
 };
 
@@ -268,13 +268,7 @@ fn receive_one(socket: &mut Socket, shared: &LinkShared) -> io::Result<()> {
         let prefix = decode_data_prefix(header.body_len, &prefix).map_err(invalid)?;
         let region = shared.regions.read().expect("region table lock").get(&prefix.region_id).cloned();
         let region = region.ok_or_else(|| invalid(format!("data for unknown region {}", prefix.region_id)))?;
-        if !range_inside(prefix.offset, u64::from(prefix.len), region.len() as u64) {
-            return Err(invalid(format!("the gateway wrote outside region {} (offset {}, {} bytes)", prefix.region_id, prefix.offset, prefix.len)));
-        }
-        // SAFETY: the range was checked inside the region; it belongs to a load in
-        // flight, which the engine does not touch until the load reports it done.
-        let target = unsafe { region.slice_mut(prefix.offset as usize, prefix.len as usize) };
-        return socket.read_exact(target);
+        return region.receive_into(prefix.offset, prefix.len, socket);
     }
     let mut body = vec![0u8; header.body_len as usize];
     socket.read_exact(&mut body)?;

@@ -61,16 +61,22 @@ impl Region {
         self.base.as_ptr()
     }
 
-    /// A mutable view of `offset..offset + len`, for a receive thread.
-    ///
-    /// # Safety
-    /// No other thread may access this range while the view lives (loads target
-    /// disjoint ranges, and the engine waits for their completion).
-    #[allow(clippy::mut_from_ref)]
-    pub(crate) unsafe fn slice_mut(&self, offset: usize, len: usize) -> &mut [u8] {
-        assert!(offset.checked_add(len).is_some_and(|end| end <= self.len), "range outside the region");
-        // SAFETY: in bounds (asserted); exclusivity is the caller's contract.
-        unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr().add(offset), len) }
+    /// Receives exactly `len` bytes from `source` into `offset..offset + len`, for a
+    /// receive thread; the range must lie inside the region (checked).
+    pub(crate) fn receive_into(&self, offset: u64, len: u32, source: &mut impl std::io::Read) -> std::io::Result<()> {
+        if !protocol::range_inside(offset, u64::from(len), self.len as u64) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("the gateway wrote outside the region (offset {offset}, {len} bytes, region {} bytes)", self.len),
+            ));
+        }
+        // The check above bounds both values by the region length, a usize.
+        let (offset, len) = (offset as usize, len as usize);
+        // SAFETY: in bounds (checked above). The range belongs to a load in flight:
+        // the engine does not touch it until the load reports it complete, and loads
+        // in flight target disjoint ranges, so this is the only access.
+        let target = unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr().add(offset), len) };
+        source.read_exact(target)
     }
 
     /// Copies `offset..offset + len` out, for checks after a load completed.

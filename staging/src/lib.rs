@@ -5,7 +5,9 @@
 //! the same memory is registered with io_uring, and later with RDMA and CUDA,
 //! through the raw base pointer that [`StagingSlab::raw_region`] exposes. A slab is
 //! `!Send`: it and its buffers never leave the core that made them.
+#![deny(unsafe_code)]
 
+#[allow(unsafe_code)]
 mod sys;
 
 use std::cell::{Cell, RefCell};
@@ -236,6 +238,9 @@ impl StagingBuffer {
         false
     }
 
+    // The buffer's uniqueness (one handle per index) is what makes these views
+    // sound, and it is kept here, so the two `unsafe` calls sit here too.
+    #[allow(unsafe_code)]
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: buffers of a slab never overlap and each index is held by exactly
         // one `StagingBuffer`; `&self` rules out a live mutable view from this handle,
@@ -243,6 +248,7 @@ impl StagingBuffer {
         unsafe { self.slab.region.slice(self.offset(), self.slab.buffer_bytes) }
     }
 
+    #[allow(unsafe_code)]
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: as in `as_slice`, with `&mut self` proving the only view.
         unsafe { self.slab.region.slice_mut(self.offset(), self.slab.buffer_bytes) }
