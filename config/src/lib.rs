@@ -19,6 +19,8 @@ pub const EXAMPLE_GATEWAY_TOML: &str = include_str!("../gateway.example.toml");
 
 /// Most shards (cores) one gateway runs.
 pub const CORES_MAX: u32 = 256;
+/// Most layers of a namespace on the object backend (checksums in metadata).
+pub const OBJECT_LAYERS_MAX: u16 = 256;
 /// Most namespaces one store holds.
 pub const NAMESPACES_MAX: usize = 1024;
 
@@ -95,15 +97,89 @@ pub enum HugePagesSetting {
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
     Uring,
+    Object,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StorageSection {
     backend: BackendKind,
+    #[serde(default)]
     path: PathBuf,
     #[serde(default = "default_queue_depth")]
     queue_depth: u32,
+    object: Option<ObjectSection>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ObjectSection {
+    endpoint: String,
+    bucket: String,
+    #[serde(default = "default_region")]
+    region: String,
+    #[serde(default = "default_true")]
+    path_style: bool,
+    access_key_id: Option<String>,
+    secret_access_key: Option<String>,
+    #[serde(default)]
+    prefix: String,
+    #[serde(default = "default_object_concurrency")]
+    concurrency: u32,
+    #[serde(default = "default_object_timeout_ms")]
+    timeout_ms: u64,
+    #[serde(default = "default_object_retries")]
+    retries: u32,
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_object_concurrency() -> u32 {
+    16
+}
+fn default_object_timeout_ms() -> u64 {
+    10_000
+}
+fn default_object_retries() -> u32 {
+    3
+}
+
+/// An S3-compatible object store. Credentials come from the config or, when it
+/// names none, from `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ObjectConfig {
+    pub endpoint: String,
+    pub bucket: String,
+    pub region: String,
+    pub path_style: bool,
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    /// Prepended to every object key (`<prefix><namespace>/<block key>`).
+    pub prefix: String,
+    /// HTTP requests in flight per core.
+    pub concurrency: u32,
+    pub timeout_ms: u64,
+    /// Retries of a request that failed with a 5xx status or a timeout (never 4xx).
+    pub retries: u32,
+}
+
+impl std::fmt::Debug for ObjectConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectConfig")
+            .field("endpoint", &self.endpoint)
+            .field("bucket", &self.bucket)
+            .field("region", &self.region)
+            .field("path_style", &self.path_style)
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &"<redacted>")
+            .field("prefix", &self.prefix)
+            .field("concurrency", &self.concurrency)
+            .finish()
+    }
 }
 
 fn default_queue_depth() -> u32 {
@@ -139,8 +215,11 @@ pub struct StagingConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StorageConfig {
     pub backend: BackendKind,
+    /// The `uring` store's directory.
     pub path: PathBuf,
     pub queue_depth: u32,
+    /// Set when `backend = "object"`.
+    pub object: Option<ObjectConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -219,6 +298,9 @@ impl Validator<'_> {
         let staging = self.staging(&raw.staging)?;
         let storage = self.storage(raw.storage)?;
         let namespaces = self.namespaces(raw.namespace, &staging)?;
+        if storage.backend == BackendKind::Object {
+            self.object_limits(&namespaces)?;
+        }
         Ok(GatewayConfig {
             cores,
             listen_tcp: raw.gateway.listen_tcp,
@@ -261,10 +343,59 @@ impl Validator<'_> {
                 "use 1 to 4096 (io_uring ring size); 32 to 128 suits NVMe",
             ));
         }
-        if raw.path.as_os_str().is_empty() {
-            return Err(self.invalid("storage.path", "empty path", "name the store directory, e.g. \"./data\""));
+        let object = match raw.backend {
+            BackendKind::Uring => {
+                if raw.path.as_os_str().is_empty() {
+                    return Err(self.invalid("storage.path", "missing or empty", "name the store directory, e.g. \"./data\""));
+                }
+                None
+            }
+            BackendKind::Object => {
+                let section = raw.object.ok_or_else(|| {
+                    self.invalid("storage.object", "backend = \"object\" needs a [storage.object] table", "add endpoint and bucket")
+                })?;
+                Some(self.object(section)?)
+            }
+        };
+        Ok(StorageConfig { backend: raw.backend, path: raw.path, queue_depth: raw.queue_depth, object })
+    }
+
+    fn object(&self, raw: ObjectSection) -> Result<ObjectConfig, ConfigError> {
+        if !(raw.endpoint.starts_with("http://") || raw.endpoint.starts_with("https://")) {
+            return Err(self.invalid("storage.object.endpoint", format!("{:?} is not an http(s) URL", raw.endpoint), "write e.g. \"http://127.0.0.1:8333\""));
         }
-        Ok(StorageConfig { backend: raw.backend, path: raw.path, queue_depth: raw.queue_depth })
+        if raw.endpoint.starts_with("https://") {
+            return Err(self.invalid(
+                "storage.object.endpoint",
+                "https is not built into this gateway (no TLS library is linked)",
+                "reach the object store over http on a trusted network, or put a TLS-terminating proxy beside the gateway",
+            ));
+        }
+        if raw.bucket.is_empty() {
+            return Err(self.invalid("storage.object.bucket", "empty", "name the bucket"));
+        }
+        if raw.concurrency == 0 || raw.concurrency > 1024 {
+            return Err(self.invalid("storage.object.concurrency", format!("{}", raw.concurrency), "use 1 to 1024 requests in flight per core"));
+        }
+        let from_env = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
+        let access_key_id = raw.access_key_id.or_else(|| from_env("AWS_ACCESS_KEY_ID")).ok_or_else(|| {
+            self.invalid("storage.object.access_key_id", "no credentials", "set access_key_id and secret_access_key, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+        })?;
+        let secret_access_key = raw.secret_access_key.or_else(|| from_env("AWS_SECRET_ACCESS_KEY")).ok_or_else(|| {
+            self.invalid("storage.object.secret_access_key", "no secret", "set secret_access_key or AWS_SECRET_ACCESS_KEY")
+        })?;
+        Ok(ObjectConfig {
+            endpoint: raw.endpoint,
+            bucket: raw.bucket,
+            region: raw.region,
+            path_style: raw.path_style,
+            access_key_id,
+            secret_access_key,
+            prefix: raw.prefix,
+            concurrency: raw.concurrency,
+            timeout_ms: raw.timeout_ms,
+            retries: raw.retries,
+        })
     }
 
     fn namespaces(
@@ -345,6 +476,19 @@ impl Validator<'_> {
         }
         Ok(NamespaceConfig { name: raw.name, geometry, capacity_bytes: raw.capacity.0 })
     }
+
+    /// The object backend keeps per-layer checksums in object metadata, which S3
+    /// limits to 2 KiB.
+    fn object_limits(&self, namespaces: &[NamespaceConfig]) -> Result<(), ConfigError> {
+        match namespaces.iter().position(|namespace| namespace.geometry.layers > OBJECT_LAYERS_MAX) {
+            Some(index) => Err(self.invalid(
+                &format!("namespace[{index}].layers"),
+                format!("{} layers; the object backend stores at most {OBJECT_LAYERS_MAX}", namespaces[index].geometry.layers),
+                "use the uring backend (a mounted file system) for this namespace",
+            )),
+            None => Ok(()),
+        }
+    }
 }
 
 fn available_cpus() -> u32 {
@@ -418,6 +562,22 @@ mod tests {
             let error = parse(&text).expect_err(key).to_string();
             assert!(error.contains(&format!("`{key}`")), "{key}: {error}");
         }
+    }
+
+    #[test]
+    fn object_backend_needs_its_table_and_credentials() {
+        let object = MINIMAL.replace("backend = \"uring\"\n        path = \"/tmp/store\"", "backend = \"object\"");
+        let error = parse(&object).expect_err("no [storage.object]").to_string();
+        assert!(error.contains("storage.object"), "{error}");
+        let with_table = format!(
+            "{object}\n[storage.object]\nendpoint = \"http://127.0.0.1:1\"\nbucket = \"b\"\naccess_key_id = \"a\"\nsecret_access_key = \"s\"\n"
+        );
+        let config = parse(&with_table).expect("valid");
+        let object_config = config.storage.object.expect("object config");
+        assert_eq!(object_config.concurrency, 16);
+        assert!(!format!("{object_config:?}").contains("\"s\""), "the secret is not printed");
+        let tls = with_table.replace("http://", "https://");
+        assert!(parse(&tls).expect_err("no TLS").to_string().contains("TLS"));
     }
 
     #[test]

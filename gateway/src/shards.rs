@@ -2,13 +2,14 @@
 //! staging slab; and the routing of a key to its shard.
 
 use std::rc::Rc;
-use std::sync::Arc;
 
 use anyhow::Context;
 use block_layout::BlockKey;
-use config::{GatewayConfig, HugePagesSetting};
+use config::{BackendKind, GatewayConfig, HugePagesSetting};
 use staging::{HugePages, SlabConfig, StagingSlab};
-use storage_backends::uring::{UringShard, UringStore};
+use storage_backends::any::{AnyShard, AnyStore};
+use storage_backends::object::{ObjectSettings, ObjectStore};
+use storage_backends::uring::UringStore;
 use storage_backends::{BlockStore, NamespaceSpec};
 
 pub fn namespace_specs(config: &GatewayConfig) -> Vec<NamespaceSpec> {
@@ -23,9 +24,32 @@ pub fn namespace_specs(config: &GatewayConfig) -> Vec<NamespaceSpec> {
         .collect()
 }
 
-pub fn open_store(config: &GatewayConfig) -> anyhow::Result<Arc<UringStore>> {
-    UringStore::open(&config.storage.path, config.cores, &namespace_specs(config))
-        .with_context(|| format!("cannot open the block store at {}", config.storage.path.display()))
+/// Opens the store the config names (`storage.backend`).
+pub fn open_store(config: &GatewayConfig) -> anyhow::Result<AnyStore> {
+    let specs = namespace_specs(config);
+    match (config.storage.backend, &config.storage.object) {
+        (BackendKind::Uring, _) => UringStore::open(&config.storage.path, config.cores, &specs)
+            .map(AnyStore::Uring)
+            .with_context(|| format!("cannot open the block store at {}", config.storage.path.display())),
+        (BackendKind::Object, Some(object)) => {
+            let settings = ObjectSettings {
+                endpoint: object.endpoint.clone(),
+                bucket: object.bucket.clone(),
+                region: object.region.clone(),
+                path_style: object.path_style,
+                access_key_id: object.access_key_id.clone(),
+                secret_access_key: object.secret_access_key.clone(),
+                prefix: object.prefix.clone(),
+                concurrency: object.concurrency,
+                timeout: std::time::Duration::from_millis(object.timeout_ms),
+                retries: object.retries,
+            };
+            ObjectStore::open(&settings, &specs, config.cores)
+                .map(AnyStore::Object)
+                .with_context(|| format!("cannot use the object store at {}", object.endpoint))
+        }
+        (BackendKind::Object, None) => unreachable!("the config validator requires [storage.object]"),
+    }
 }
 
 pub fn slab_config(config: &GatewayConfig) -> anyhow::Result<SlabConfig> {
@@ -41,16 +65,16 @@ pub fn slab_config(config: &GatewayConfig) -> anyhow::Result<SlabConfig> {
 }
 
 /// Opens shard `index` with a fresh slab; call it on the thread that will use it.
-pub fn open_shard(store: &Arc<UringStore>, config: &GatewayConfig, index: u32) -> anyhow::Result<UringShard> {
+pub fn open_shard(store: &AnyStore, config: &GatewayConfig, index: u32) -> anyhow::Result<AnyShard> {
     let slab = StagingSlab::allocate(slab_config(config)?).context("cannot set up staging memory")?;
     store
         .open_shard(index, slab, config.storage.queue_depth)
-        .with_context(|| format!("cannot open shard {index} of {}", config.storage.path.display()))
+        .with_context(|| format!("cannot open shard {index} of the {} store", store.backend_name()))
 }
 
 /// Every shard on the calling thread: for commands that touch few blocks.
-pub fn open_all_shards(store: &Arc<UringStore>, config: &GatewayConfig) -> anyhow::Result<Vec<UringShard>> {
-    (0..store.shards()).map(|index| open_shard(store, config, index)).collect()
+pub fn open_all_shards(store: &AnyStore, config: &GatewayConfig) -> anyhow::Result<Vec<AnyShard>> {
+    (0..config.cores).map(|index| open_shard(store, config, index)).collect()
 }
 
 pub fn shard_of(key: BlockKey, shard_count: usize) -> usize {
@@ -58,6 +82,6 @@ pub fn shard_of(key: BlockKey, shard_count: usize) -> usize {
 }
 
 /// The slab of a shard, for acquiring read buffers.
-pub fn slab(shard: &UringShard) -> Rc<StagingSlab> {
+pub fn slab(shard: &AnyShard) -> Rc<StagingSlab> {
     Rc::clone(shard.slab())
 }

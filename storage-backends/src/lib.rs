@@ -9,7 +9,11 @@
 //! machines this project builds on, so no code for it exists (see ARCHITECTURE.md).
 #![deny(unsafe_code)]
 
+pub mod any;
 pub mod loopback;
+// The lent-buffer loan to HTTP workers lives in `object/sys.rs`.
+#[allow(unsafe_code)]
+pub mod object;
 #[allow(unsafe_code)]
 mod sys;
 // Two call sites of the ring's `unsafe` submission functions, where a buffer moves
@@ -166,12 +170,15 @@ pub enum StoreError {
     ShortRead { path: PathBuf, offset: u64, expected: u64, got: u64 },
     #[error("store {path}: {problem}; fix: {fix}")]
     Layout { path: PathBuf, problem: String, fix: String },
+    #[error("object {object}: {cause}")]
+    Remote { object: String, kind: &'static str, cause: String },
 }
 
 impl StoreError {
     /// Whether the same request may succeed if tried again later.
     pub fn is_retryable(&self) -> bool {
         matches!(self, StoreError::Busy { .. } | StoreError::Io { .. } | StoreError::ShortRead { .. })
+            || matches!(self, StoreError::Remote { kind: "unavailable" | "http_status" | "truncated", .. })
     }
 
     /// A short stable name for metrics labels and exit codes.
@@ -187,6 +194,7 @@ impl StoreError {
             StoreError::Io { .. } => "io",
             StoreError::ShortRead { .. } => "short_read",
             StoreError::Layout { .. } => "layout",
+            StoreError::Remote { kind, .. } => kind,
         }
     }
 }

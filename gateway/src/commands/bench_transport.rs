@@ -85,7 +85,7 @@ fn bench_config(block_bytes: u64, cores: u32) -> anyhow::Result<GatewayConfig> {
         listen_unix: None,
         metrics_listen: None,
         staging: StagingConfig { bytes_per_core: 64 * block_bytes, buffer_bytes: block_bytes, huge_pages: HugePagesSetting::Auto },
-        storage: StorageConfig { backend: BackendKind::Uring, path: PathBuf::from("/nonexistent"), queue_depth: 32 },
+        storage: StorageConfig { backend: BackendKind::Uring, path: PathBuf::from("/nonexistent"), queue_depth: 32, object: None },
         namespaces: vec![NamespaceConfig { name: "bench".into(), geometry, capacity_bytes: block_bytes }],
     })
 }
@@ -112,7 +112,7 @@ fn run_ours(options: &BenchTransportOptions) -> anyhow::Result<Sample> {
             let announce = |addresses: &str| {
                 let _ = address_sender.send(addresses.trim_start_matches("tcp ").to_owned());
             };
-            crate::server::serve(&config, None, open, shutdown, announce)
+            crate::server::serve(&config, "loopback", None, open, shutdown, announce)
         })
     };
     let address = address.recv_timeout(Duration::from_secs(30)).context("the bench gateway did not start")?;

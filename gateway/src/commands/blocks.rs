@@ -7,13 +7,13 @@ use anyhow::{bail, Context};
 use block_layout::BlockKey;
 use config::GatewayConfig;
 use storage_backends::{BlockStore, NamespaceId, StoreError};
-use storage_backends::uring::UringShard;
+use storage_backends::any::AnyShard;
 
 use super::read_layers;
 use crate::shards::{open_all_shards, open_store, shard_of};
 use crate::synthetic;
 
-pub fn namespace_id(shard: &UringShard, config: &GatewayConfig, name: &str) -> anyhow::Result<NamespaceId> {
+pub fn namespace_id(shard: &AnyShard, config: &GatewayConfig, name: &str) -> anyhow::Result<NamespaceId> {
     let known = || config.namespaces.iter().map(|namespace| namespace.name.as_str()).collect::<Vec<_>>();
     shard
         .namespace_id(name)
@@ -78,7 +78,10 @@ pub fn get(config: &GatewayConfig, namespace: &str, key: BlockKey, layers: Optio
 pub fn stat(config: &GatewayConfig) -> anyhow::Result<()> {
     let store = open_store(config)?;
     let shards = open_all_shards(&store, config)?;
-    println!("store {} ({} shards)", config.storage.path.display(), shards.len());
+    match &config.storage.object {
+        Some(object) => println!("object store {} bucket {} ({} shards)", object.endpoint, object.bucket, shards.len()),
+        None => println!("store {} ({} shards)", config.storage.path.display(), shards.len()),
+    }
     let page_kind = shards.first().map(|shard| shard.slab().page_kind());
     println!("staging pages: {page_kind:?}");
     for (index, namespace) in config.namespaces.iter().enumerate() {

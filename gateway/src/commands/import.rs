@@ -2,7 +2,6 @@
 //! thread per shard, with a progress bar.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use block_layout::BlockKey;
@@ -34,11 +33,11 @@ pub fn import(config: &GatewayConfig, namespace: &str, source: &Source) -> anyho
             .expect("a valid progress template"),
     );
     let batch = (BATCH_BYTES / block_bytes).max(1) as usize;
-    let shard_count = store.shards();
+    let shard_count = config.cores;
     std::thread::scope(|scope| {
         let workers: Vec<_> = (0..shard_count)
             .map(|shard_index| {
-                let (store, progress, items) = (Arc::clone(&store), progress.clone(), &items);
+                let (store, progress, items) = (store.clone(), progress.clone(), &items);
                 scope.spawn(move || -> anyhow::Result<u64> {
                     let mut shard = open_shard(&store, config, shard_index)?;
                     let namespace = namespace_id(&shard, config, namespace)?;

@@ -8,12 +8,12 @@ pub mod import;
 
 use block_layout::BlockKey;
 use storage_backends::{BlockStore, NamespaceId, ReadRequest, StoreError};
-use storage_backends::uring::UringShard;
+use storage_backends::any::AnyShard;
 
 /// Reads layers `layers` of `key` through buffer-sized reads, handing each layer's
 /// bytes to `sink` in order.
 pub fn read_layers(
-    shard: &mut UringShard,
+    shard: &mut AnyShard,
     namespace: NamespaceId,
     key: BlockKey,
     layers: std::ops::Range<u16>,

@@ -368,7 +368,7 @@ impl<S: BlockStore> Core<S> {
             return; // The client left; the buffer goes back to the slab.
         };
         let read = connection.inflight[slot].take().expect("a completion for a read in flight");
-        metrics::histogram!(STORAGE_READ_SECONDS, "backend" => "uring", "shard" => counters.shard.to_string())
+        metrics::histogram!(STORAGE_READ_SECONDS, "backend" => counters.backend, "shard" => counters.shard.to_string())
             .record(read.submitted.elapsed().as_secs_f64());
         let load = connection.loads[read.load_slot].as_mut().expect("a load lives until its reads finish");
         let mut events = std::mem::take(&mut self.events);
@@ -470,7 +470,7 @@ fn store_error_code(error: &StoreError) -> ErrorCode {
         StoreError::Corrupt { .. } => ErrorCode::Corrupt,
         StoreError::LayerRange { .. } | StoreError::BufferTooSmall { .. } | StoreError::WrongSize { .. } => ErrorCode::BadRequest,
         StoreError::Busy { .. } => ErrorCode::Busy,
-        StoreError::Io { .. } | StoreError::ShortRead { .. } | StoreError::Layout { .. } => ErrorCode::Io,
+        StoreError::Io { .. } | StoreError::ShortRead { .. } | StoreError::Layout { .. } | StoreError::Remote { .. } => ErrorCode::Io,
     }
 }
 

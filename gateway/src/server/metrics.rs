@@ -17,13 +17,29 @@ pub const STORAGE_READ_SECONDS: &str = "dualpath_storage_read_seconds";
 pub const LOAD_SECONDS: &str = "dualpath_load_seconds";
 
 /// Error kinds counted per core; the index is the position here.
-pub const ERROR_KINDS: [&str; 9] =
-    ["not_found", "corrupt", "io", "bad_request", "out_of_region", "unknown_namespace", "busy", "protocol", "other"];
+pub const ERROR_KINDS: [&str; 14] = [
+    "not_found",
+    "corrupt",
+    "io",
+    "bad_request",
+    "out_of_region",
+    "unknown_namespace",
+    "busy",
+    "protocol",
+    "unavailable",
+    "access_denied",
+    "no_such_bucket",
+    "truncated",
+    "http_status",
+    "other",
+];
 
 /// Counters of one core. Written by that core only.
 #[derive(Debug)]
 pub struct CoreCounters {
     pub shard: u32,
+    /// The storage backend's name, a label of the storage metrics.
+    pub backend: &'static str,
     pub storage_reads: AtomicU64,
     pub storage_read_bytes: AtomicU64,
     pub transport_sent_bytes: AtomicU64,
@@ -38,9 +54,10 @@ pub struct CoreCounters {
 }
 
 impl CoreCounters {
-    pub fn new(shard: u32) -> Self {
+    pub fn new(shard: u32, backend: &'static str) -> Self {
         Self {
             shard,
+            backend,
             storage_reads: AtomicU64::new(0),
             storage_read_bytes: AtomicU64::new(0),
             transport_sent_bytes: AtomicU64::new(0),
@@ -93,8 +110,8 @@ pub fn publish(cores: &[Arc<CoreCounters>]) {
         let shard = core.shard.to_string();
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         let read = |gauge: &AtomicI64| gauge.load(Ordering::Relaxed) as f64;
-        counter!("dualpath_storage_reads_total", "backend" => "uring", "shard" => shard.clone()).absolute(load(&core.storage_reads));
-        counter!("dualpath_storage_read_bytes_total", "backend" => "uring", "shard" => shard.clone()).absolute(load(&core.storage_read_bytes));
+        counter!("dualpath_storage_reads_total", "backend" => core.backend, "shard" => shard.clone()).absolute(load(&core.storage_reads));
+        counter!("dualpath_storage_read_bytes_total", "backend" => core.backend, "shard" => shard.clone()).absolute(load(&core.storage_read_bytes));
         counter!("dualpath_transport_sent_bytes_total", "transport" => "tcp", "shard" => shard.clone()).absolute(load(&core.transport_sent_bytes));
         counter!("dualpath_blocks_loaded_total", "path" => "gateway", "shard" => shard.clone()).absolute(load(&core.blocks_loaded));
         counter!("dualpath_loads_completed_total", "shard" => shard.clone()).absolute(load(&core.loads_completed));
@@ -103,7 +120,7 @@ pub fn publish(cores: &[Arc<CoreCounters>]) {
             counter!("dualpath_errors_total", "kind" => *kind, "shard" => shard.clone()).absolute(load(value));
         }
         gauge!("dualpath_connected_clients", "shard" => shard.clone()).set(read(&core.connected_clients));
-        gauge!("dualpath_storage_queue_depth", "backend" => "uring", "shard" => shard.clone()).set(read(&core.reads_in_flight));
+        gauge!("dualpath_storage_queue_depth", "backend" => core.backend, "shard" => shard.clone()).set(read(&core.reads_in_flight));
         gauge!("dualpath_staging_bytes_in_use", "shard" => shard.clone()).set(read(&core.staging_bytes_in_use));
         gauge!("dualpath_staging_bytes", "shard" => shard).set(read(&core.staging_bytes_total));
     }

@@ -34,11 +34,12 @@ pub fn run(config: GatewayConfig) -> anyhow::Result<()> {
     }
     let handle = metrics::install()?;
     let store = open_store(&config)?;
+    let backend = store.backend_name();
     let opener_config = config.clone();
     let opener = move |shard| open_shard(&store, &opener_config, shard);
     // Tests and scripts read this line for the bound addresses (ports may be 0).
     let announce = |addresses: &str| eprintln!("dualpath gateway ready: {} shards, {addresses}", config.cores);
-    serve(&config, Some(handle), opener, shutdown, announce)?;
+    serve(&config, backend, Some(handle), opener, shutdown, announce)?;
     eprintln!("dualpath gateway stopped");
     Ok(())
 }
@@ -68,6 +69,7 @@ fn bind(config: &GatewayConfig) -> anyhow::Result<Listeners> {
 /// `announce` gets the bound addresses once every core is ready.
 pub fn serve<S, F>(
     config: &GatewayConfig,
+    backend: &'static str,
     metrics_handle: Option<metrics_exporter_prometheus::PrometheusHandle>,
     open: F,
     shutdown: Arc<AtomicBool>,
@@ -78,7 +80,7 @@ where
     F: Fn(u32) -> anyhow::Result<S> + Send + Clone + 'static,
 {
     let listeners = bind(config)?;
-    let counters: Vec<_> = (0..config.cores).map(|shard| Arc::new(CoreCounters::new(shard))).collect();
+    let counters: Vec<_> = (0..config.cores).map(|shard| Arc::new(CoreCounters::new(shard, backend))).collect();
     let (doors, workers) = start_cores(config, open, &counters, &shutdown)?;
     let mut addresses = Vec::new();
     if let Some(listener) = &listeners.tcp {

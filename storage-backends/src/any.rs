@@ -1,0 +1,98 @@
+//! The backend a configuration selects, as one type: a store for the process and
+//! a shard per core, each dispatching to the `uring` or the `object` backend.
+
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use block_layout::{BlockKey, Geometry};
+use staging::{StagingBuffer, StagingSlab};
+
+use crate::object::{ObjectShard, ObjectStore};
+use crate::uring::{UringShard, UringStore};
+use crate::{BlockStore, NamespaceId, ReadCompletion, ReadRequest, Rejected, ShardStats, StoreError};
+
+/// The process's store.
+#[derive(Debug, Clone)]
+pub enum AnyStore {
+    Uring(Arc<UringStore>),
+    Object(Arc<ObjectStore>),
+}
+
+impl AnyStore {
+    /// Opens shard `index` on the calling core.
+    pub fn open_shard(&self, index: u32, slab: Rc<StagingSlab>, queue_depth: u32) -> Result<AnyShard, StoreError> {
+        match self {
+            AnyStore::Uring(store) => store.open_shard(index, slab, queue_depth).map(AnyShard::Uring),
+            AnyStore::Object(store) => Ok(AnyShard::Object(store.open_shard(index, slab))),
+        }
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        match self {
+            AnyStore::Uring(_) => "uring",
+            AnyStore::Object(_) => "object",
+        }
+    }
+}
+
+/// One core's shard of whichever backend.
+#[derive(Debug)]
+pub enum AnyShard {
+    Uring(UringShard),
+    Object(ObjectShard),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $shard:ident => $call:expr) => {
+        match $self {
+            AnyShard::Uring($shard) => $call,
+            AnyShard::Object($shard) => $call,
+        }
+    };
+}
+
+impl BlockStore for AnyShard {
+    fn slab(&self) -> &Rc<StagingSlab> {
+        dispatch!(self, shard => shard.slab())
+    }
+    fn shard_index(&self) -> u32 {
+        dispatch!(self, shard => shard.shard_index())
+    }
+    fn notify_completions(&self, eventfd: RawFd) -> Result<(), StoreError> {
+        dispatch!(self, shard => shard.notify_completions(eventfd))
+    }
+    fn has_ready_completions(&self) -> bool {
+        dispatch!(self, shard => shard.has_ready_completions())
+    }
+    fn namespace_id(&self, name: &str) -> Option<NamespaceId> {
+        dispatch!(self, shard => shard.namespace_id(name))
+    }
+    fn geometry(&self, namespace: NamespaceId) -> Geometry {
+        dispatch!(self, shard => shard.geometry(namespace))
+    }
+    fn submit_read(&mut self, request: ReadRequest, buffer: StagingBuffer) -> Result<(), Rejected> {
+        dispatch!(self, shard => shard.submit_read(request, buffer))
+    }
+    fn reap(&mut self, out: &mut Vec<ReadCompletion>, wait: bool) -> Result<(), StoreError> {
+        dispatch!(self, shard => shard.reap(out, wait))
+    }
+    fn reads_in_flight(&self) -> usize {
+        dispatch!(self, shard => shard.reads_in_flight())
+    }
+    fn put(&mut self, namespace: NamespaceId, blocks: &[(BlockKey, &[u8])]) -> Result<(), StoreError> {
+        dispatch!(self, shard => shard.put(namespace, blocks))
+    }
+    fn delete(&mut self, namespace: NamespaceId, key: BlockKey) -> Result<bool, StoreError> {
+        dispatch!(self, shard => shard.delete(namespace, key))
+    }
+    fn contains(&self, namespace: NamespaceId, key: BlockKey) -> bool {
+        dispatch!(self, shard => shard.contains(namespace, key))
+    }
+    fn keys(&self, namespace: NamespaceId) -> Vec<BlockKey> {
+        dispatch!(self, shard => shard.keys(namespace))
+    }
+    fn stats(&self) -> ShardStats {
+        dispatch!(self, shard => shard.stats())
+    }
+}

