@@ -80,6 +80,9 @@ impl BlockStore for AnyShard {
     fn reads_in_flight(&self) -> usize {
         dispatch!(self, shard => shard.reads_in_flight())
     }
+    fn queue_capacity(&self) -> usize {
+        dispatch!(self, shard => shard.queue_capacity())
+    }
     fn put(&mut self, namespace: NamespaceId, blocks: &[(BlockKey, &[u8])]) -> Result<(), StoreError> {
         dispatch!(self, shard => shard.put(namespace, blocks))
     }

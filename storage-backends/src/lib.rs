@@ -111,6 +111,8 @@ pub trait BlockStore {
     /// until at least one read has finished (if any is in flight).
     fn reap(&mut self, out: &mut Vec<ReadCompletion>, wait: bool) -> Result<(), StoreError>;
     fn reads_in_flight(&self) -> usize;
+    /// Most reads in flight at once; `submit_read` answers `Busy` beyond it.
+    fn queue_capacity(&self) -> usize;
     /// Stores whole blocks durably (on return they survive a crash); a key that
     /// exists is replaced. Each block must be `geometry.block_bytes()` long.
     fn put(&mut self, namespace: NamespaceId, blocks: &[(BlockKey, &[u8])]) -> Result<(), StoreError>;

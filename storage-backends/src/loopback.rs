@@ -77,6 +77,10 @@ impl BlockStore for LoopbackStore {
         self.ready.len()
     }
 
+    fn queue_capacity(&self) -> usize {
+        self.queue_depth
+    }
+
     fn put(&mut self, _namespace: NamespaceId, _blocks: &[(BlockKey, &[u8])]) -> Result<(), StoreError> {
         Err(StoreError::Busy { what: "the loopback backend stores nothing" })
     }

