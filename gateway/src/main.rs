@@ -10,6 +10,7 @@ use block_layout::BlockKey;
 use clap::{Parser, Subcommand};
 use config::{ByteSize, ConfigError, GatewayConfig};
 use gateway::commands::bench_storage::{bench_storage, BenchStorageOptions};
+use gateway::commands::bench_object::{bench_object, BenchObjectOptions};
 use gateway::commands::bench_e2e::{bench_e2e, BenchE2eOptions};
 use gateway::commands::bench_transport::{bench_transport, BenchTransportOptions};
 use gateway::commands::blocks;
@@ -115,6 +116,26 @@ enum BenchTarget {
         #[arg(long, default_value_t = 2)]
         cores: u32,
     },
+    /// Read blocks from an S3-compatible store through the object backend, against boto3.
+    Object {
+        #[arg(long)]
+        endpoint: String,
+        #[arg(long, default_value = "dualpath-bench")]
+        bucket: String,
+        /// Credentials; default: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
+        #[arg(long, env = "AWS_ACCESS_KEY_ID")]
+        access_key_id: String,
+        #[arg(long, env = "AWS_SECRET_ACCESS_KEY", hide_env_values = true)]
+        secret_access_key: String,
+        #[arg(long, default_value_t = 256)]
+        blocks: u64,
+        #[arg(long, default_value = "1MiB", value_parser = parse_size)]
+        block_size: u64,
+        #[arg(long, default_value_t = 16)]
+        concurrency: u32,
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+    },
     /// Memory to memory over the TCP transport, against iperf3 and Mooncake's TCP transport.
     Transport {
         /// Seconds per run.
@@ -210,6 +231,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 return Err(DamagedBlocks(report.corrupt + report.wrong_content).into());
             }
             Ok(())
+        }
+        Command::Bench { target: BenchTarget::Object { endpoint, bucket, access_key_id, secret_access_key, blocks, block_size, concurrency, rounds } } => {
+            bench_object(&BenchObjectOptions { endpoint, bucket, access_key_id, secret_access_key, blocks, block_bytes: block_size, concurrency, rounds })
         }
         Command::Bench { target: BenchTarget::E2e { dir, size, block_size, rounds, queue_depth, cores } } => {
             bench_e2e(&BenchE2eOptions { directory: dir, total_bytes: size, block_bytes: block_size, rounds, queue_depth, cores })
