@@ -1,18 +1,16 @@
 //! One client connection on one core: its socket, the frames it has sent that are
-//! not yet handled, its regions and loads, and the frames queued for it. Data
-//! frames are written with `writev` straight from the staging buffer that the
-//! storage read filled: header and payload, no copy in user space.
+//! not yet handled, its regions and loads, and the transport that carries block
+//! payloads and notices to it.
 
-use std::collections::VecDeque;
-use std::io::{self, IoSlice, Read, Write};
-use std::ops::Range;
+use std::io::{self, Read};
+use std::os::fd::AsFd;
 use std::time::Instant;
 
 use mio::event::Source;
 use mio::{Interest, Registry, Token};
 use protocol::{decode_header, Frame, FrameType, Header, HEADER_BYTES};
-use staging::StagingBuffer;
 use storage_backends::NamespaceId;
+use transport::{RemoteWrite, TcpTransport, Transport};
 
 use super::load::LoadProgress;
 
@@ -31,11 +29,13 @@ impl Stream {
         }
     }
 
-    fn write_vectored(&mut self, slices: &[IoSlice<'_>]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(stream) => stream.write_vectored(slices),
-            Stream::Unix(stream) => stream.write_vectored(slices),
-        }
+    /// The TCP transport over a second handle of this socket (same non-blocking
+    /// file description): the connection reads requests, the transport writes.
+    fn transport(&self) -> io::Result<Box<dyn Transport>> {
+        Ok(match self {
+            Stream::Tcp(stream) => Box::new(TcpTransport::new(std::net::TcpStream::from(stream.as_fd().try_clone_to_owned()?))),
+            Stream::Unix(stream) => Box::new(TcpTransport::new(std::os::unix::net::UnixStream::from(stream.as_fd().try_clone_to_owned()?))),
+        })
     }
 
     pub fn register(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
@@ -64,44 +64,6 @@ impl Stream {
     }
 }
 
-/// A frame queued for the client.
-#[derive(Debug)]
-pub enum OutItem {
-    Control(Vec<u8>),
-    /// Data frames whose payloads lie in `buffer`: (encoded head, payload range).
-    Data { buffer: StagingBuffer, pieces: Vec<([u8; 32], Range<usize>)> },
-}
-
-impl OutItem {
-    fn len(&self) -> usize {
-        match self {
-            OutItem::Control(bytes) => bytes.len(),
-            OutItem::Data { pieces, .. } => pieces.iter().map(|(head, range)| head.len() + range.len()).sum(),
-        }
-    }
-
-    /// Appends the item's slices after skipping its first `skip` bytes.
-    fn slices<'a>(&'a self, mut skip: usize, out: &mut Vec<IoSlice<'a>>) {
-        let mut push = |bytes: &'a [u8]| {
-            if skip >= bytes.len() {
-                skip -= bytes.len();
-            } else {
-                out.push(IoSlice::new(&bytes[skip..]));
-                skip = 0;
-            }
-        };
-        match self {
-            OutItem::Control(bytes) => push(bytes),
-            OutItem::Data { buffer, pieces } => {
-                for (head, range) in pieces {
-                    push(head);
-                    push(&buffer.as_slice()[range.clone()]);
-                }
-            }
-        }
-    }
-}
-
 /// A load being served on this connection.
 #[derive(Debug)]
 pub struct ActiveLoad {
@@ -120,9 +82,10 @@ pub struct InflightRead {
     pub submitted: Instant,
 }
 
-#[derive(Debug)]
 pub struct Connection {
     pub stream: Stream,
+    /// Carries payloads into the client's regions, and the notices after them.
+    transport: Box<dyn Transport>,
     pub peer: String,
     pub generation: u16,
     received: Vec<u8>,
@@ -131,8 +94,6 @@ pub struct Connection {
     pub inflight: Vec<Option<InflightRead>>,
     /// Staging buffers this connection holds: reads in flight plus unsent data.
     pub held_buffers: usize,
-    out: VecDeque<OutItem>,
-    out_written: usize,
     /// An error was sent: close once the queue is written.
     pub closing: bool,
     pub dead: bool,
@@ -141,10 +102,22 @@ pub struct Connection {
 /// Bytes read from a socket per `read` call.
 pub const RECEIVE_CHUNK_BYTES: usize = 64 << 10;
 
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("peer", &self.peer)
+            .field("transport", &self.transport.name())
+            .field("held_buffers", &self.held_buffers)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Connection {
-    pub fn new(stream: Stream, peer: String, generation: u16) -> Self {
-        Self {
+    pub fn new(stream: Stream, peer: String, generation: u16) -> io::Result<Self> {
+        let transport = stream.transport()?;
+        Ok(Self {
             stream,
+            transport,
             peer,
             generation,
             received: Vec::with_capacity(RECEIVE_CHUNK_BYTES),
@@ -152,11 +125,9 @@ impl Connection {
             loads: Vec::new(),
             inflight: Vec::new(),
             held_buffers: 0,
-            out: VecDeque::with_capacity(256),
-            out_written: 0,
             closing: false,
             dead: false,
-        }
+        })
     }
 
     /// Reads what the socket has; returns false at end of stream or on error.
@@ -192,58 +163,23 @@ impl Connection {
     }
 
     pub fn send_control(&mut self, frame: &Frame) {
-        self.out.push_back(OutItem::Control(frame.encode()));
+        self.transport.notify(frame);
     }
 
-    pub fn send_data(&mut self, buffer: StagingBuffer, pieces: Vec<([u8; 32], Range<usize>)>) {
-        self.out.push_back(OutItem::Data { buffer, pieces });
+    pub fn send_data(&mut self, write: RemoteWrite) {
+        self.transport.write(write);
     }
 
     pub fn has_output(&self) -> bool {
-        !self.out.is_empty()
+        self.transport.has_pending()
     }
 
-    /// Writes as much queued output as the socket takes. Returns the payload bytes
-    /// of data frames fully written, or an error if the peer is gone.
+    /// Moves queued output forward. Returns the payload bytes delivered, or an
+    /// error if the peer is gone.
     pub fn flush(&mut self) -> io::Result<u64> {
-        let mut payload_bytes = 0;
-        while !self.out.is_empty() {
-            let mut slices = Vec::with_capacity(64);
-            let mut skip = self.out_written;
-            for item in self.out.iter().take(32) {
-                item.slices(skip, &mut slices);
-                skip = 0;
-            }
-            let written = match self.stream.write_vectored(&slices) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(written) => written,
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
-                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-                Err(error) => return Err(error),
-            };
-            drop(slices);
-            payload_bytes += self.advance(written);
-        }
-        Ok(payload_bytes)
-    }
-
-    fn advance(&mut self, mut written: usize) -> u64 {
-        let mut payload_bytes = 0;
-        while written > 0 {
-            let front = self.out.front().expect("written bytes belong to queued items");
-            let remaining = front.len() - self.out_written;
-            if written < remaining {
-                self.out_written += written;
-                break;
-            }
-            written -= remaining;
-            self.out_written = 0;
-            if let Some(OutItem::Data { pieces, .. }) = self.out.pop_front() {
-                payload_bytes += pieces.iter().map(|(_, range)| range.len() as u64).sum::<u64>();
-                self.held_buffers -= 1;
-            }
-        }
-        payload_bytes
+        let progress = self.transport.progress()?;
+        self.held_buffers -= progress.buffers_released;
+        Ok(progress.payload_bytes)
     }
 
     pub fn region_len(&self, region_id: u32) -> Option<u64> {

@@ -12,8 +12,9 @@ use anyhow::Context;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use nix::sys::eventfd::{EfdFlags, EventFd};
-use protocol::{decode_store, encode_data_head, DataPrefix, ErrorCode, Frame, FrameType, Header, Load};
+use protocol::{decode_store, ErrorCode, Frame, FrameType, Header, Load};
 use storage_backends::{BlockStore, ReadCompletion, ReadRequest, StoreError};
+use transport::RemoteWrite;
 
 use super::connection::{ActiveLoad, Connection, InflightRead, Stream, RECEIVE_CHUNK_BYTES};
 use super::load::{Event, LoadProgress, Refusal};
@@ -131,7 +132,14 @@ impl<S: BlockStore> Core<S> {
             }
             self.next_generation = self.next_generation.wrapping_add(1);
             tracing::debug!("shard {}: client {peer} connected", self.shard.shard_index());
-            self.connections[index] = Some(Connection::new(stream, peer, self.next_generation));
+            let connection = match Connection::new(stream, peer, self.next_generation) {
+                Ok(connection) => connection,
+                Err(error) => {
+                    tracing::warn!("cannot set up a transport: {error}");
+                    continue;
+                }
+            };
+            self.connections[index] = Some(connection);
             self.setup.counters.connected_clients.fetch_add(1, Ordering::Relaxed);
             // Frames may have arrived before registration: read now.
             self.on_readable(index);
@@ -379,17 +387,10 @@ impl<S: BlockStore> Core<S> {
                 let mut pieces = Vec::new();
                 load.progress.data_pieces(read.unit, &placement, &mut pieces);
                 let (request_id, region_id) = (load.request_id, load.region_id);
-                let frames = pieces
-                    .into_iter()
-                    .map(|(offset, range)| {
-                        let len = u32::try_from(range.len()).expect("a piece fits a staging buffer");
-                        (encode_data_head(&DataPrefix { request_id, region_id, offset, len }), range)
-                    })
-                    .collect();
                 CoreCounters::add(&counters.storage_reads, 1);
                 CoreCounters::add(&counters.storage_read_bytes, placement.layer_bytes * u64::from(placement.layer_count));
                 load.progress.unit_finished(read.unit, Ok(()), &mut events);
-                connection.send_data(completion.buffer, frames);
+                connection.send_data(RemoteWrite { request_id, region_id, buffer: completion.buffer, pieces });
             }
             Err(error) => {
                 connection.held_buffers -= 1;

@@ -1,0 +1,54 @@
+//! Bytes from a gateway core's staging buffers into a client's registered memory,
+//! and the completion notices that must follow them.
+//!
+//! [`Transport`] is what the gateway's logic talks to: queue a remote write of some
+//! pieces of a staging buffer, queue a notice (a control frame) that the client must
+//! see only after every write queued before it, and make progress. The TCP transport
+//! sends `Data` frames (header, then the payload straight from the staging buffer,
+//! by `writev`); an RDMA transport posts RDMA WRITEs from the same registered memory
+//! and signals notices with WRITE WITH IMMEDIATE or a send, without changing the
+//! gateway.
+#![forbid(unsafe_code)]
+
+mod tcp;
+
+use std::io;
+use std::ops::Range;
+
+use protocol::Frame;
+use staging::StagingBuffer;
+
+pub use tcp::TcpTransport;
+
+/// A write into a client region: `pieces` are (offset in the region, range of
+/// `buffer`); the buffer is held until the write has completed.
+#[derive(Debug)]
+pub struct RemoteWrite {
+    pub request_id: u64,
+    pub region_id: u32,
+    pub buffer: StagingBuffer,
+    pub pieces: Vec<(u64, Range<usize>)>,
+}
+
+/// What one call of [`Transport::progress`] completed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// Payload bytes now in the client's memory (or handed to the kernel for it).
+    pub payload_bytes: u64,
+    /// Staging buffers released to their slab.
+    pub buffers_released: usize,
+}
+
+pub trait Transport {
+    /// A short name for metric labels ("tcp", "rdma").
+    fn name(&self) -> &'static str;
+    /// Queues a remote write; never blocks.
+    fn write(&mut self, write: RemoteWrite);
+    /// Queues a control frame, delivered after every write queued before it.
+    fn notify(&mut self, frame: &Frame);
+    /// Moves queued work forward as far as the peer allows without blocking. An
+    /// error means the peer is gone.
+    fn progress(&mut self) -> io::Result<Progress>;
+    /// Whether anything queued has not completed.
+    fn has_pending(&self) -> bool;
+}
