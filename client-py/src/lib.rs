@@ -78,12 +78,12 @@ struct Client {
 #[pymethods]
 impl Client {
     #[new]
-    #[pyo3(signature = (addresses, token=None, connect_timeout=5.0, request_timeout=30.0))]
-    fn new(py: Python<'_>, addresses: Vec<String>, token: Option<Vec<u8>>, connect_timeout: f64, request_timeout: f64) -> PyResult<Self> {
+    #[pyo3(signature = (addresses, secret=None, connect_timeout=5.0, request_timeout=30.0))]
+    fn new(py: Python<'_>, addresses: Vec<String>, secret: Option<Vec<u8>>, connect_timeout: f64, request_timeout: f64) -> PyResult<Self> {
         let options = ClientOptions {
             connect_timeout: timeout_of(Some(connect_timeout))?,
             request_timeout: timeout_of(Some(request_timeout))?,
-            auth_token: token.unwrap_or_default(),
+            secret,
         };
         let borrowed: Vec<&str> = addresses.iter().map(String::as_str).collect();
         let inner = py.allow_threads(|| RustClient::connect(&borrowed, options)).map_err(to_python)?;

@@ -49,7 +49,7 @@ capacity = "32MiB"
 
 
 class Gateway:
-    def __init__(self, tmp_path):
+    def __init__(self, tmp_path, secret=None):
         self.binary = gateway_binary()
         self.config = tmp_path / "gateway.toml"
         self.config.write_text(CONFIG.format(store=tmp_path / "store"))
@@ -59,8 +59,11 @@ class Gateway:
             capture_output=True,
         )
         self.keys = [synthetic_key(SEED, index) for index in range(BLOCKS)]
+        env = dict(os.environ)
+        if secret is not None:
+            env["DUALPATH_SECRET"] = secret
         self.process = subprocess.Popen(
-            [self.binary, "--config", str(self.config), "serve"], stderr=subprocess.PIPE, text=True
+            [self.binary, "--config", str(self.config), "serve"], stderr=subprocess.PIPE, text=True, env=env
         )
         for line in self.process.stderr:
             if "dualpath gateway ready" in line:
@@ -109,5 +112,16 @@ def synthetic_block(key, length=BLOCK_BYTES):
 @pytest.fixture
 def gateway(tmp_path):
     instance = Gateway(tmp_path)
+    yield instance
+    instance.stop()
+
+
+SECRET = "python-test-cluster-secret-0123456789"
+
+
+@pytest.fixture
+def secure_gateway(tmp_path):
+    """A gateway that requires clients to prove SECRET."""
+    instance = Gateway(tmp_path, secret=SECRET)
     yield instance
     instance.stop()

@@ -119,7 +119,7 @@ def test_errors_are_typed(gateway, tmp_path):
         client.load("kv", big, gateway.keys, [i * BLOCK_BYTES for i in range(BLOCKS)]).wait(timeout=0)
     # A load keeps its connections open even when the client object is gone.
     with pytest.raises(dualpath.GatewayError) as refused:
-        dualpath.Client([gateway.address], token=b"x").load("kv", 999, [1], [0]).wait(timeout=30)
+        dualpath.Client([gateway.address]).load("kv", 999, [1], [0]).wait(timeout=30)
     assert refused.value.args[0] == "OutOfRegion" and "region 999" in refused.value.args[1]
 
 
@@ -149,3 +149,17 @@ def test_the_prefill_engine_example_runs(gateway):
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"loaded {BLOCKS}/{BLOCKS} blocks" in result.stdout
     assert "layer   7 ready" in result.stdout and "stored the request's new block" in result.stdout
+
+
+def test_a_bad_secret_is_refused_and_the_right_one_works(secure_gateway):
+    from conftest import SECRET
+
+    with pytest.raises(dualpath.DisconnectedError, match="authentication failed"):
+        dualpath.Client([secure_gateway.address], secret=b"a wrong secret, long enough")
+    with pytest.raises(dualpath.DisconnectedError, match="requires authentication"):
+        dualpath.Client([secure_gateway.address])
+    client = dualpath.Client([secure_gateway.address], secret=SECRET.encode())
+    kv = bytearray(BLOCK_BYTES)
+    region = client.register(kv)
+    assert client.load("kv", region, [secure_gateway.keys[0]], [0]).wait(timeout=30)[0][0] == "done"
+    assert bytes(kv) == synthetic_block(secure_gateway.keys[0])

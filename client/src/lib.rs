@@ -64,13 +64,15 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// Bounds each wait for a gateway's answer (hello, region, store).
     pub request_timeout: Duration,
-    /// Sent in the hello (authentication is checked by gateways that enable it).
-    pub auth_token: Vec<u8>,
+    /// The cluster's shared secret, for gateways that require authentication. It
+    /// never crosses the wire: the client answers the gateway's challenge with an
+    /// HMAC over both sides' nonces.
+    pub secret: Option<Vec<u8>>,
 }
 
 impl Default for ClientOptions {
     fn default() -> Self {
-        Self { connect_timeout: Duration::from_secs(5), request_timeout: Duration::from_secs(30), auth_token: Vec::new() }
+        Self { connect_timeout: Duration::from_secs(5), request_timeout: Duration::from_secs(30), secret: None }
     }
 }
 

@@ -10,6 +10,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use block_layout::BlockKey;
+use protocol::auth;
 use protocol::{
     decode_data_prefix, decode_header, encode_store_head, ErrorCode, Frame, FrameType, Load, NamespaceInfo,
     StorePrefix, DATA_PREFIX_BYTES, HEADER_BYTES, PROTOCOL_VERSION,
@@ -129,13 +130,7 @@ impl ShardLink {
         let connect_error = |source| ClientError::Connect { address: address.clone(), source };
         let mut socket = open(endpoint, options.connect_timeout).map_err(connect_error)?;
         socket.set_read_timeout(Some(options.request_timeout)).map_err(connect_error)?;
-        let hello = Frame::Hello { version: PROTOCOL_VERSION, shard, token: options.auth_token.clone() };
-        socket.write_all(&hello.encode()).map_err(connect_error)?;
-        let (shard_count, namespaces) = match read_control(&mut socket).map_err(connect_error)? {
-            Frame::HelloOk { shard_count, namespaces, .. } => (shard_count, namespaces),
-            Frame::Error { code, message, .. } => return Err(ClientError::Handshake { address, message: format!("{code}: {message}") }),
-            other => return Err(ClientError::Handshake { address, message: format!("unexpected {:?} frame", other.kind()) }),
-        };
+        let (shard_count, namespaces) = hello(&mut socket, shard, options.secret.as_deref(), &address)?;
         socket.set_read_timeout(None).map_err(connect_error)?;
         let reader = socket.try_clone().map_err(connect_error)?;
         let shared = Arc::new(LinkShared { address: address.clone(), waiting: Mutex::default(), changed: Condvar::new(), regions });
@@ -230,6 +225,31 @@ fn open(endpoint: &Endpoint, timeout: Duration) -> io::Result<Socket> {
             Err(last)
         }
         Endpoint::Unix(path) => UnixStream::connect(path).map(Socket::Unix),
+    }
+}
+
+/// The hello exchange, answering the gateway's challenge when it sends one.
+fn hello(socket: &mut Socket, shard: u32, secret: Option<&[u8]>, address: &str) -> Result<(u32, Vec<NamespaceInfo>), ClientError> {
+    let connect_error = |source| ClientError::Connect { address: address.to_owned(), source };
+    let refused = |message: String| ClientError::Handshake { address: address.to_owned(), message };
+    let mut client_nonce = Vec::new();
+    if secret.is_some() {
+        client_nonce = vec![0u8; auth::NONCE_BYTES];
+        getrandom::getrandom(&mut client_nonce).map_err(|error| refused(format!("no randomness for a nonce: {error}")))?;
+    }
+    let hello = Frame::Hello { version: PROTOCOL_VERSION, shard, token: client_nonce.clone() };
+    socket.write_all(&hello.encode()).map_err(connect_error)?;
+    loop {
+        match read_control(socket).map_err(connect_error)? {
+            Frame::HelloOk { shard_count, namespaces, .. } => return Ok((shard_count, namespaces)),
+            Frame::Challenge { nonce } => {
+                let secret = secret.ok_or_else(|| refused("the gateway requires authentication: pass the cluster secret (ClientOptions::secret)".into()))?;
+                let mac = auth::proof(secret, &client_nonce, &nonce, shard);
+                socket.write_all(&Frame::Proof { mac }.encode()).map_err(connect_error)?;
+            }
+            Frame::Error { code, message, .. } => return Err(refused(format!("{code}: {message}"))),
+            other => return Err(refused(format!("unexpected {:?} frame", other.kind()))),
+        }
     }
 }
 

@@ -50,6 +50,7 @@ struct GatewayFile {
 #[serde(deny_unknown_fields)]
 struct GatewaySection {
     cores: Option<u32>,
+    auth_secret_file: Option<PathBuf>,
     listen_tcp: Option<SocketAddr>,
     listen_unix: Option<PathBuf>,
     metrics_listen: Option<SocketAddr>,
@@ -233,6 +234,9 @@ pub struct NamespaceConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GatewayConfig {
     pub cores: u32,
+    /// File holding the cluster's shared secret; clients must prove they know it.
+    /// (`DUALPATH_SECRET` in the environment is the other way to give it.)
+    pub auth_secret_file: Option<PathBuf>,
     pub listen_tcp: Option<SocketAddr>,
     pub listen_unix: Option<PathBuf>,
     pub metrics_listen: Option<SocketAddr>,
@@ -303,6 +307,7 @@ impl Validator<'_> {
         }
         Ok(GatewayConfig {
             cores,
+            auth_secret_file: raw.gateway.auth_secret_file,
             listen_tcp: raw.gateway.listen_tcp,
             listen_unix: raw.gateway.listen_unix,
             metrics_listen: raw.gateway.metrics_listen,

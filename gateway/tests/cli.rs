@@ -124,3 +124,18 @@ fn kill_9_during_bulk_import_never_leaves_a_torn_block() {
     let stat = dualpath(&config, &["stat"]);
     assert!(String::from_utf8_lossy(&stat.stdout).contains("namespace kv"), "{}", stderr(&stat));
 }
+
+#[test]
+fn a_secret_file_readable_by_others_is_refused_with_the_fix() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), "64MiB");
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "0123456789abcdef0123456789abcdef").expect("secret");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let text = std::fs::read_to_string(&config).expect("config").replace("cores = 2", &format!("cores = 2\nauth_secret_file = \"{}\"", secret.display()));
+    std::fs::write(&config, text).expect("rewrite");
+    let output = dualpath(&config, &["serve"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("chmod 600"), "{}", stderr(&output));
+}

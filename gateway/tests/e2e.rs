@@ -70,6 +70,11 @@ capacity = "64MiB"
 impl Gateway {
     /// Imports `blocks` synthetic blocks into both namespaces, then starts the gateway.
     fn start(blocks: u64) -> Self {
+        Self::start_with(blocks, None)
+    }
+
+    /// As `start`, requiring clients to prove `secret` (given as DUALPATH_SECRET).
+    fn start_with(blocks: u64, secret: Option<&str>) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = write_config(dir.path());
         for namespace in ["full", "layer"] {
@@ -81,14 +86,12 @@ impl Gateway {
                 .expect("import");
             assert!(status.success());
         }
-        let mut child = Command::new(BINARY)
-            .arg("--config")
-            .arg(&config)
-            .arg("serve")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start gateway");
+        let mut command = Command::new(BINARY);
+        command.arg("--config").arg(&config).arg("serve").stdout(Stdio::null()).stderr(Stdio::piped());
+        if let Some(secret) = secret {
+            command.env("DUALPATH_SECRET", secret);
+        }
+        let mut child = command.spawn().expect("start gateway");
         let mut lines = BufReader::new(child.stderr.take().expect("stderr piped")).lines();
         let ready = loop {
             let line = lines.next().expect("gateway exited before it was ready").expect("utf-8");
@@ -323,4 +326,23 @@ fn sigterm_stops_the_gateway_cleanly() {
     }
     assert!(!gateway.unix.exists(), "the unix socket is removed on exit");
     let _ = &gateway.dir;
+}
+
+#[test]
+fn clients_must_prove_the_cluster_secret_and_failures_are_counted() {
+    let secret = "a-cluster-secret-of-32-bytes-xyz";
+    let gateway = Gateway::start_with(4, Some(secret));
+    let with = |secret: Option<&str>| {
+        Client::connect(&[&gateway.tcp], ClientOptions { secret: secret.map(|text| text.as_bytes().to_vec()), ..ClientOptions::default() })
+    };
+    let client = with(Some(secret)).expect("the right secret is accepted");
+    let region = Arc::new(Region::allocate(BLOCK_BYTES));
+    let id = client.register_region(Arc::clone(&region)).expect("register");
+    assert!(client.load("full", id, &whole_blocks(1), 0).expect("load").wait(WAIT).expect("done").all_done());
+
+    let wrong = with(Some("not-the-cluster-secret-at-all!!")).expect_err("a wrong secret is refused");
+    assert!(wrong.to_string().contains("authentication failed"), "{wrong}");
+    let missing = with(None).expect_err("no secret is refused");
+    assert!(missing.to_string().contains("requires authentication"), "{missing}");
+    assert_eq!(gateway.metric_sum("dualpath_auth_failures_total") as u64, 2);
 }

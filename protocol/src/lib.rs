@@ -11,6 +11,8 @@ use std::ops::Range;
 
 use block_layout::{BlockKey, Geometry, Layout};
 
+pub mod auth;
+
 pub const PROTOCOL_VERSION: u16 = 1;
 pub const FRAME_MAGIC: u16 = 0xD1A7;
 /// Bytes of every frame's header: magic u16, type u8, flags u8, body length u32.
@@ -47,12 +49,14 @@ pub enum FrameType {
     Store = 10,
     StoreDone = 11,
     Error = 12,
+    Challenge = 13,
+    Proof = 14,
 }
 
 impl FrameType {
     pub fn from_code(code: u8) -> Option<Self> {
         use FrameType::*;
-        [Hello, HelloOk, RegisterRegion, RegionRegistered, Load, Data, LayerDone, BlockDone, LoadDone, Store, StoreDone, Error]
+        [Hello, HelloOk, RegisterRegion, RegionRegistered, Load, Data, LayerDone, BlockDone, LoadDone, Store, StoreDone, Error, Challenge, Proof]
             .into_iter()
             .find(|kind| *kind as u8 == code)
     }
@@ -197,6 +201,10 @@ pub enum Frame {
     LoadDone { request_id: u64, blocks_ok: u32, blocks_failed: u32 },
     StoreDone { request_id: u64, code: ErrorCode, message: String },
     Error { request_id: u64, code: ErrorCode, message: String },
+    /// The gateway's nonce, when it requires authentication.
+    Challenge { nonce: Vec<u8> },
+    /// The client's answer: `auth::proof` over both nonces.
+    Proof { mac: Vec<u8> },
 }
 
 /// The fixed part of a `Store` frame; `payload_len` block bytes follow it.
@@ -329,6 +337,8 @@ impl Frame {
             Frame::LoadDone { .. } => FrameType::LoadDone,
             Frame::StoreDone { .. } => FrameType::StoreDone,
             Frame::Error { .. } => FrameType::Error,
+            Frame::Challenge { .. } => FrameType::Challenge,
+            Frame::Proof { .. } => FrameType::Proof,
         }
     }
 
@@ -391,6 +401,12 @@ impl Frame {
             Frame::StoreDone { request_id, code, message } | Frame::Error { request_id, code, message } => {
                 out.u64(*request_id).u16(*code as u16).string(message);
             }
+            Frame::Challenge { nonce } => {
+                out.bytes_u16(nonce);
+            }
+            Frame::Proof { mac } => {
+                out.bytes_u16(mac);
+            }
         }
     }
 
@@ -429,6 +445,8 @@ impl Frame {
                 code: ErrorCode::from_code(reader.u16()?),
                 message: reader.string("message")?,
             },
+            FrameType::Challenge => Frame::Challenge { nonce: reader.bytes_u16("nonce")?.to_vec() },
+            FrameType::Proof => Frame::Proof { mac: reader.bytes_u16("mac")?.to_vec() },
             FrameType::Data | FrameType::Store => {
                 return Err(ProtocolError::Invalid { kind, field: "type", problem: "not a control frame".into() })
             }
@@ -581,6 +599,8 @@ mod tests {
             Frame::LoadDone { request_id: 77, blocks_ok: 1, blocks_failed: 0 },
             Frame::StoreDone { request_id: 78, code: ErrorCode::Ok, message: String::new() },
             Frame::Error { request_id: 0, code: ErrorCode::BadFrame, message: "bad".into() },
+            Frame::Challenge { nonce: vec![1; 32] },
+            Frame::Proof { mac: vec![2; 32] },
         ];
         for frame in frames {
             assert_eq!(round_trip(&frame), frame);

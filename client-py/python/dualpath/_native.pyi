@@ -26,11 +26,14 @@ class Client:
     def __init__(
         self,
         addresses: Sequence[str],
-        token: Optional[bytes] = None,
+        secret: Optional[bytes] = None,
         connect_timeout: float = 5.0,
         request_timeout: float = 30.0,
     ) -> None:
-        """Connect to every shard of each gateway ("host:port" or "unix:/path")."""
+        """Connect to every shard of each gateway ("host:port" or "unix:/path").
+
+        `secret` is the cluster's shared secret for gateways that require
+        authentication; it never crosses the wire (challenge-response)."""
     def namespace(self, name: str) -> Optional[dict[str, Any]]:
         """layers, tokens_per_block, bytes_per_token_per_layer, layout, layer_bytes, block_bytes."""
     def register(self, buffer: Any) -> int:

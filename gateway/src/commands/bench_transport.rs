@@ -81,6 +81,7 @@ fn bench_config(block_bytes: u64, cores: u32) -> anyhow::Result<GatewayConfig> {
     };
     Ok(GatewayConfig {
         cores,
+        auth_secret_file: None,
         listen_tcp: Some("127.0.0.1:0".parse()?),
         listen_unix: None,
         metrics_listen: None,
@@ -112,7 +113,7 @@ fn run_ours(options: &BenchTransportOptions) -> anyhow::Result<Sample> {
             let announce = |addresses: &str| {
                 let _ = address_sender.send(addresses.trim_start_matches("tcp ").to_owned());
             };
-            crate::server::serve(&config, "loopback", None, open, shutdown, announce)
+            crate::server::serve(&config, "loopback", None, None, open, shutdown, announce)
         })
     };
     let address = address.recv_timeout(Duration::from_secs(30)).context("the bench gateway did not start")?;

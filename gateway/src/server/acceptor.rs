@@ -12,7 +12,10 @@ use std::time::Duration;
 
 use anyhow::bail;
 use mio::Waker;
+use protocol::auth::{self, NONCE_BYTES};
 use protocol::{decode_header, ErrorCode, Frame, FrameType, NamespaceInfo, HEADER_BYTES, PROTOCOL_VERSION};
+
+use super::metrics::AcceptorCounters;
 
 use super::connection::Stream;
 use super::core::NewConnection;
@@ -35,6 +38,15 @@ pub struct Acceptor {
     pub cores: Vec<CoreDoor>,
     pub namespaces: Vec<NamespaceInfo>,
     pub shutdown: Arc<AtomicBool>,
+    /// The cluster secret clients must prove; `None`: no authentication.
+    pub secret: Option<Arc<[u8]>>,
+    pub counters: Arc<AcceptorCounters>,
+}
+
+impl std::fmt::Debug for super::metrics::AcceptorCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AcceptorCounters").finish_non_exhaustive()
+    }
 }
 
 /// Either kind of accepted socket, blocking, for the hello exchange.
@@ -110,26 +122,19 @@ impl Acceptor {
 
     fn hand_over(&self, shard: u32, stream: Stream, peer: String) {
         let door = &self.cores[shard as usize];
+        self.counters.accepted.fetch_add(1, Ordering::Relaxed);
         if door.sender.send(NewConnection { stream, peer }).is_ok() {
             let _ = door.waker.wake();
         }
     }
 
-    /// Reads the hello, answers it, and returns the shard the client asked for.
+    /// Reads the hello, checks the client's proof of the secret, answers, and
+    /// returns the shard the client asked for.
     fn handshake(&self, stream: &mut dyn HandshakeStream) -> anyhow::Result<u32> {
-        let mut header = [0u8; HEADER_BYTES];
-        stream.read_exact(&mut header)?;
-        let header = match decode_header(&header) {
-            Ok(header) if header.kind == FrameType::Hello => header,
-            Ok(header) => return refuse(stream, ErrorCode::BadFrame, format!("expected a Hello frame first, got {:?}", header.kind)),
-            Err(error) => return refuse(stream, ErrorCode::BadFrame, error.to_string()),
-        };
-        let mut body = vec![0u8; header.body_len as usize];
-        stream.read_exact(&mut body)?;
-        let (version, shard) = match Frame::decode(FrameType::Hello, &body) {
-            Ok(Frame::Hello { version, shard, .. }) => (version, shard),
-            Ok(_) => unreachable!("decoded as Hello"),
-            Err(error) => return refuse(stream, ErrorCode::BadFrame, error.to_string()),
+        let (version, shard, client_nonce) = match read_frame(stream, FrameType::Hello)? {
+            Ok(Frame::Hello { version, shard, token }) => (version, shard, token),
+            Ok(_) => unreachable!("read as Hello"),
+            Err(message) => return refuse(stream, ErrorCode::BadFrame, message),
         };
         if version != PROTOCOL_VERSION {
             let message = format!("this gateway speaks protocol version {PROTOCOL_VERSION}, the client {version}; upgrade one of them");
@@ -138,6 +143,12 @@ impl Acceptor {
         let shard_count = u32::try_from(self.cores.len()).expect("cores bounded by config");
         if shard >= shard_count {
             return refuse(stream, ErrorCode::BadRequest, format!("shard {shard} does not exist; this gateway has {shard_count}"));
+        }
+        if let Some(secret) = &self.secret {
+            if let Err(message) = self.authenticate(stream, secret, &client_nonce, shard)? {
+                self.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
+                return refuse(stream, ErrorCode::Unauthorized, message);
+            }
         }
         let reply = Frame::HelloOk { version: PROTOCOL_VERSION, shard, shard_count, namespaces: self.namespaces.clone() };
         stream.write_all(&reply.encode())?;
@@ -148,6 +159,42 @@ impl Acceptor {
 /// Answers with an error frame, then reads what the client still sends for a
 /// moment: closing with unread input would reset the connection and could discard
 /// the answer before the client reads it.
+impl Acceptor {
+    /// Challenge-response: sends a fresh nonce, checks the client's proof. The
+    /// inner `Err` is the refusal to send.
+    fn authenticate(&self, stream: &mut dyn HandshakeStream, secret: &[u8], client_nonce: &[u8], shard: u32) -> anyhow::Result<Result<(), String>> {
+        if client_nonce.len() != NONCE_BYTES {
+            return Ok(Err("this gateway requires authentication: give the client the cluster secret".into()));
+        }
+        let mut server_nonce = [0u8; NONCE_BYTES];
+        getrandom::getrandom(&mut server_nonce).map_err(|error| anyhow::anyhow!("no randomness for a nonce: {error}"))?;
+        stream.write_all(&Frame::Challenge { nonce: server_nonce.to_vec() }.encode())?;
+        let mac = match read_frame(stream, FrameType::Proof)? {
+            Ok(Frame::Proof { mac }) => mac,
+            Ok(_) => unreachable!("read as Proof"),
+            Err(message) => return Ok(Err(message)),
+        };
+        if !auth::verify(secret, client_nonce, &server_nonce, shard, &mac) {
+            return Ok(Err("authentication failed: the client's secret is not this cluster's".into()));
+        }
+        Ok(Ok(()))
+    }
+}
+
+/// Reads one control frame of type `kind`; the inner `Err` says what was wrong.
+fn read_frame(stream: &mut dyn HandshakeStream, kind: FrameType) -> anyhow::Result<Result<Frame, String>> {
+    let mut header = [0u8; HEADER_BYTES];
+    stream.read_exact(&mut header)?;
+    let header = match decode_header(&header) {
+        Ok(header) if header.kind == kind => header,
+        Ok(header) => return Ok(Err(format!("expected a {kind:?} frame, got {:?}", header.kind))),
+        Err(error) => return Ok(Err(error.to_string())),
+    };
+    let mut body = vec![0u8; header.body_len as usize];
+    stream.read_exact(&mut body)?;
+    Ok(Frame::decode(kind, &body).map_err(|error| error.to_string()))
+}
+
 fn refuse(stream: &mut dyn HandshakeStream, code: ErrorCode, message: String) -> anyhow::Result<u32> {
     let _ = stream.write_all(&Frame::Error { request_id: 0, code, message: message.clone() }.encode());
     let mut sink = [0u8; 4096];

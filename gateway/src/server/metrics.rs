@@ -82,6 +82,24 @@ impl CoreCounters {
     }
 }
 
+/// Counters of the acceptor (the control plane).
+pub struct AcceptorCounters {
+    pub auth_failures: AtomicU64,
+    pub accepted: AtomicU64,
+}
+
+impl AcceptorCounters {
+    pub fn new() -> Self {
+        Self { auth_failures: AtomicU64::new(0), accepted: AtomicU64::new(0) }
+    }
+}
+
+impl Default for AcceptorCounters {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Installs the recorder and describes every metric.
 pub fn install() -> anyhow::Result<PrometheusHandle> {
     let buckets = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
@@ -96,6 +114,8 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     describe_counter!("dualpath_blocks_stored_total", "Blocks stored by clients");
     describe_counter!("dualpath_errors_total", "Errors by kind");
     describe_gauge!("dualpath_connected_clients", "Client connections open");
+    describe_counter!("dualpath_auth_failures_total", "Clients refused because their proof of the cluster secret failed");
+    describe_counter!("dualpath_connections_accepted_total", "Client connections that completed the hello");
     describe_gauge!("dualpath_storage_queue_depth", "Storage reads in flight");
     describe_gauge!("dualpath_staging_bytes_in_use", Unit::Bytes, "Staging memory held by reads and unsent data");
     describe_gauge!("dualpath_staging_bytes", Unit::Bytes, "Staging memory per shard");
@@ -105,7 +125,9 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
 }
 
 /// Publishes the per-core counters into the registry (sums happen in Prometheus by label).
-pub fn publish(cores: &[Arc<CoreCounters>]) {
+pub fn publish(cores: &[Arc<CoreCounters>], acceptor: &AcceptorCounters) {
+    counter!("dualpath_auth_failures_total").absolute(acceptor.auth_failures.load(Ordering::Relaxed));
+    counter!("dualpath_connections_accepted_total").absolute(acceptor.accepted.load(Ordering::Relaxed));
     for core in cores {
         let shard = core.shard.to_string();
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
@@ -127,14 +149,20 @@ pub fn publish(cores: &[Arc<CoreCounters>]) {
 }
 
 /// Serves `GET /metrics` and `GET /healthz` until `shutdown`; read-only.
-pub fn serve(listener: TcpListener, handle: PrometheusHandle, cores: Vec<Arc<CoreCounters>>, shutdown: Arc<AtomicBool>) {
+pub fn serve(
+    listener: TcpListener,
+    handle: PrometheusHandle,
+    cores: Vec<Arc<CoreCounters>>,
+    acceptor: Arc<AcceptorCounters>,
+    shutdown: Arc<AtomicBool>,
+) {
     listener.set_nonblocking(true).expect("a bound listener can be made non-blocking");
     let mut since_upkeep = Duration::ZERO;
     let tick = Duration::from_millis(50);
     while !shutdown.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((stream, _)) => {
-                if let Err(error) = answer(stream, &handle, &cores) {
+                if let Err(error) = answer(stream, &handle, &cores, &acceptor) {
                     tracing::debug!("metrics request failed: {error:#}");
                 }
             }
@@ -152,7 +180,7 @@ pub fn serve(listener: TcpListener, handle: PrometheusHandle, cores: Vec<Arc<Cor
     }
 }
 
-fn answer(mut stream: TcpStream, handle: &PrometheusHandle, cores: &[Arc<CoreCounters>]) -> anyhow::Result<()> {
+fn answer(mut stream: TcpStream, handle: &PrometheusHandle, cores: &[Arc<CoreCounters>], acceptor: &AcceptorCounters) -> anyhow::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     let mut request = [0u8; 4096];
@@ -167,7 +195,7 @@ fn answer(mut stream: TcpStream, handle: &PrometheusHandle, cores: &[Arc<CoreCou
     let line = std::str::from_utf8(&request[..length]).unwrap_or("").lines().next().unwrap_or("");
     let (status, content_type, body) = match line.split_whitespace().take(2).collect::<Vec<_>>()[..] {
         ["GET", "/metrics"] => {
-            publish(cores);
+            publish(cores, acceptor);
             ("200 OK", "text/plain; version=0.0.4", handle.render())
         }
         ["GET", "/healthz"] => ("200 OK", "text/plain", "ok\n".to_owned()),

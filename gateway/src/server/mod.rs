@@ -33,13 +33,14 @@ pub fn run(config: GatewayConfig) -> anyhow::Result<()> {
         signal_hook::flag::register(signal, Arc::clone(&shutdown)).context("cannot install signal handlers")?;
     }
     let handle = metrics::install()?;
+    let secret = load_secret(&config)?;
     let store = open_store(&config)?;
     let backend = store.backend_name();
     let opener_config = config.clone();
     let opener = move |shard| open_shard(&store, &opener_config, shard);
     // Tests and scripts read this line for the bound addresses (ports may be 0).
     let announce = |addresses: &str| eprintln!("dualpath gateway ready: {} shards, {addresses}", config.cores);
-    serve(&config, backend, Some(handle), opener, shutdown, announce)?;
+    serve(&config, backend, secret, Some(handle), opener, shutdown, announce)?;
     eprintln!("dualpath gateway stopped");
     Ok(())
 }
@@ -67,9 +68,11 @@ fn bind(config: &GatewayConfig) -> anyhow::Result<Listeners> {
 /// Serves clients with one core per shard until `shutdown` is set. `open` opens
 /// shard `n` on core `n`'s thread (the backend is per core and never moves).
 /// `announce` gets the bound addresses once every core is ready.
+#[allow(clippy::too_many_arguments)]
 pub fn serve<S, F>(
     config: &GatewayConfig,
     backend: &'static str,
+    secret: Option<Arc<[u8]>>,
     metrics_handle: Option<metrics_exporter_prometheus::PrometheusHandle>,
     open: F,
     shutdown: Arc<AtomicBool>,
@@ -89,17 +92,27 @@ where
     if let Some(path) = &config.listen_unix {
         addresses.push(format!("unix {}", path.display()));
     }
+    let acceptor_counters = Arc::new(metrics::AcceptorCounters::new());
     let metrics_thread = match (listeners.metrics, metrics_handle) {
         (Some(listener), Some(handle)) => {
             addresses.push(format!("metrics http://{}/metrics", listener.local_addr()?));
-            let (cores, stop) = (counters.clone(), Arc::clone(&shutdown));
-            Some(std::thread::Builder::new().name("dualpath-metrics".into()).spawn(move || metrics::serve(listener, handle, cores, stop))?)
+            let (cores, acceptor, stop) = (counters.clone(), Arc::clone(&acceptor_counters), Arc::clone(&shutdown));
+            Some(std::thread::Builder::new().name("dualpath-metrics".into()).spawn(move || metrics::serve(listener, handle, cores, acceptor, stop))?)
         }
         _ => None,
     };
     announce(&addresses.join(", "));
     let namespaces = config.namespaces.iter().map(|namespace| NamespaceInfo { name: namespace.name.clone(), geometry: namespace.geometry }).collect();
-    Acceptor { tcp: listeners.tcp, unix: listeners.unix, cores: doors, namespaces, shutdown: Arc::clone(&shutdown) }.run();
+    Acceptor {
+        tcp: listeners.tcp,
+        unix: listeners.unix,
+        cores: doors,
+        namespaces,
+        shutdown: Arc::clone(&shutdown),
+        secret,
+        counters: acceptor_counters,
+    }
+    .run();
     tracing::info!("shutting down: no new clients; finishing loads in flight");
     let mut failure = None;
     for worker in workers {
@@ -192,6 +205,30 @@ fn pin_to_cpu(shard: u32) {
     if set.set(cpu).is_ok() && sched_setaffinity(Pid::from_raw(0), &set).is_err() {
         tracing::info!("could not pin shard {shard} to CPU {cpu}; it runs unpinned");
     }
+}
+
+/// The cluster secret, from `gateway.auth_secret_file` or `DUALPATH_SECRET`.
+fn load_secret(config: &GatewayConfig) -> anyhow::Result<Option<Arc<[u8]>>> {
+    use std::os::unix::fs::PermissionsExt;
+    let secret = match (&config.auth_secret_file, std::env::var_os("DUALPATH_SECRET")) {
+        (Some(path), _) => {
+            let mode = std::fs::metadata(path).with_context(|| format!("cannot read the secret file {}", path.display()))?.permissions().mode();
+            if mode & 0o077 != 0 {
+                bail!("the secret file {} is readable by others (mode {:o}); fix: chmod 600 {}", path.display(), mode & 0o777, path.display());
+            }
+            let bytes = std::fs::read(path).with_context(|| format!("cannot read the secret file {}", path.display()))?;
+            bytes.trim_ascii().to_vec()
+        }
+        (None, Some(value)) => value.into_encoded_bytes(),
+        (None, None) => {
+            tracing::warn!("authentication is off: any client that reaches the listen address may load and store blocks; set gateway.auth_secret_file or DUALPATH_SECRET");
+            return Ok(None);
+        }
+    };
+    if secret.len() < 16 {
+        bail!("the cluster secret is {} bytes; use at least 16 random bytes (e.g. `head -c 32 /dev/urandom | base64`)", secret.len());
+    }
+    Ok(Some(secret.into()))
 }
 
 fn bind_unix(path: &std::path::Path) -> anyhow::Result<UnixListener> {
