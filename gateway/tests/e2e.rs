@@ -178,7 +178,9 @@ fn loads_1000_blocks_in_both_layouts_layer_by_layer_with_every_byte_checked() {
     assert_eq!(gateway.metric_sum("dualpath_transport_sent_bytes_total") as u64, moved);
     assert_eq!(gateway.metric_sum("dualpath_storage_read_bytes_total") as u64, moved);
     assert_eq!(gateway.metric_sum("dualpath_blocks_loaded_total") as u64, 2000);
-    assert!(gateway.http_get("/metrics").contains("dualpath_storage_read_seconds_bucket"));
+    let metrics = gateway.http_get("/metrics");
+    assert!(metrics.contains("dualpath_storage_read_seconds_bucket"));
+    assert!(metrics.contains("dualpath_staging_huge_pages{shard=\"0\"} 0"), "the page fallback is visible");
 }
 
 #[test]

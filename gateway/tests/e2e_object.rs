@@ -82,6 +82,10 @@ fn gateway_loads_blocks_from_an_object_store_in_both_layouts() {
     let verify = dualpath(&config).args(["verify", "--synthetic-seed", &SEED.to_string()]).output().expect("verify");
     assert!(String::from_utf8_lossy(&verify.stdout).contains(&format!("{} blocks ok, 0 corrupt", 2 * BLOCKS)), "{}", String::from_utf8_lossy(&verify.stdout));
 
+    let stat = dualpath(&config).arg("stat").output().expect("stat");
+    let listing = String::from_utf8_lossy(&stat.stdout);
+    assert!(listing.contains(&format!("namespace full: {BLOCKS} blocks (objects)")), "{listing}");
+
     let mut child = dualpath(&config).arg("serve").stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("serve");
     let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
     let _gateway = Running(child);

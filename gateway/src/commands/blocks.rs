@@ -85,21 +85,31 @@ pub fn stat(config: &GatewayConfig) -> anyhow::Result<()> {
     let page_kind = shards.first().map(|shard| shard.slab().page_kind());
     println!("staging pages: {page_kind:?}");
     for (index, namespace) in config.namespaces.iter().enumerate() {
+        let geometry = namespace.geometry;
+        let shape = format!(
+            "layout {}, {} layers x {} bytes, block {} bytes",
+            geometry.layout,
+            geometry.layers,
+            geometry.layer_bytes(),
+            geometry.block_bytes()
+        );
+        if config.storage.object.is_some() {
+            // An object store has no slots: count the objects by listing them.
+            let id = namespace_id(&shards[0], config, &namespace.name)?;
+            let blocks: usize = shards.iter().map(|shard| shard.keys(id).len()).sum();
+            println!("namespace {}: {blocks} blocks (objects), {shape}", namespace.name);
+            continue;
+        }
         let (mut blocks, mut slots) = (0, 0);
         for shard in &shards {
             let stats = &shard.stats().namespaces[index];
             blocks += stats.blocks;
             slots += stats.slots;
         }
-        let geometry = namespace.geometry;
         println!(
-            "namespace {}: {blocks} of {slots} blocks ({:.1}% full), layout {}, {} layers x {} bytes, block {} bytes, slot {} bytes",
+            "namespace {}: {blocks} of {slots} blocks ({:.1}% full), {shape}, slot {} bytes",
             namespace.name,
             if slots == 0 { 0.0 } else { 100.0 * blocks as f64 / slots as f64 },
-            geometry.layout,
-            geometry.layers,
-            geometry.layer_bytes(),
-            geometry.block_bytes(),
             geometry.slot_bytes()
         );
     }

@@ -66,6 +66,8 @@ pub fn run<S: BlockStore>(shard: S, setup: CoreSetup) -> anyhow::Result<()> {
     let counters = Arc::clone(&setup.counters);
     let slab_bytes = shard.slab().buffer_count() as i64 * shard.slab().buffer_bytes() as i64;
     counters.staging_bytes_total.store(slab_bytes, Ordering::Relaxed);
+    let huge = matches!(shard.slab().page_kind(), staging::PageKind::Huge2MiB);
+    counters.staging_huge_pages.store(i64::from(huge), Ordering::Relaxed);
     let mut core = Core {
         shard,
         setup,

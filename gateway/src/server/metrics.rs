@@ -51,6 +51,8 @@ pub struct CoreCounters {
     pub reads_in_flight: AtomicI64,
     pub staging_bytes_in_use: AtomicI64,
     pub staging_bytes_total: AtomicI64,
+    /// 1 when the slab sits on reserved 2 MiB huge pages, 0 after the fallback.
+    pub staging_huge_pages: AtomicI64,
 }
 
 impl CoreCounters {
@@ -69,6 +71,7 @@ impl CoreCounters {
             reads_in_flight: AtomicI64::new(0),
             staging_bytes_in_use: AtomicI64::new(0),
             staging_bytes_total: AtomicI64::new(0),
+            staging_huge_pages: AtomicI64::new(0),
         }
     }
 
@@ -119,6 +122,7 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     describe_gauge!("dualpath_storage_queue_depth", "Storage reads in flight");
     describe_gauge!("dualpath_staging_bytes_in_use", Unit::Bytes, "Staging memory held by reads and unsent data");
     describe_gauge!("dualpath_staging_bytes", Unit::Bytes, "Staging memory per shard");
+    describe_gauge!("dualpath_staging_huge_pages", "1 if the shard's staging memory is on reserved huge pages, 0 if it fell back to ordinary pages");
     describe_histogram!(STORAGE_READ_SECONDS, Unit::Seconds, "Latency of one storage read, submit to verified");
     describe_histogram!(LOAD_SECONDS, Unit::Seconds, "Latency of one load on one shard, request to last byte queued");
     Ok(handle)
@@ -144,7 +148,8 @@ pub fn publish(cores: &[Arc<CoreCounters>], acceptor: &AcceptorCounters) {
         gauge!("dualpath_connected_clients", "shard" => shard.clone()).set(read(&core.connected_clients));
         gauge!("dualpath_storage_queue_depth", "backend" => core.backend, "shard" => shard.clone()).set(read(&core.reads_in_flight));
         gauge!("dualpath_staging_bytes_in_use", "shard" => shard.clone()).set(read(&core.staging_bytes_in_use));
-        gauge!("dualpath_staging_bytes", "shard" => shard).set(read(&core.staging_bytes_total));
+        gauge!("dualpath_staging_bytes", "shard" => shard.clone()).set(read(&core.staging_bytes_total));
+        gauge!("dualpath_staging_huge_pages", "shard" => shard).set(read(&core.staging_huge_pages));
     }
 }
 
