@@ -10,6 +10,8 @@
 //! bytes already queued there.
 #![forbid(unsafe_code)]
 
+pub mod progress;
+
 use std::fmt;
 
 /// Index of a path in a [`Scheduler`].

@@ -12,7 +12,7 @@ use protocol::{decode_header, Frame, FrameType, Header, HEADER_BYTES};
 use storage_backends::NamespaceId;
 use transport::{RemoteWrite, TcpTransport, Transport};
 
-use super::load::LoadProgress;
+use scheduler::progress::LoadProgress;
 
 /// A client socket, TCP or Unix.
 #[derive(Debug)]

@@ -17,7 +17,7 @@ use storage_backends::{BlockStore, ReadCompletion, ReadRequest, StoreError};
 use transport::RemoteWrite;
 
 use super::connection::{ActiveLoad, Connection, InflightRead, Stream, RECEIVE_CHUNK_BYTES};
-use super::load::{Event, LoadProgress, Refusal};
+use scheduler::progress::{Event, LoadProgress, Refusal};
 use super::metrics::{CoreCounters, LOAD_SECONDS, STORAGE_READ_SECONDS};
 
 pub const WAKER_TOKEN: Token = Token(usize::MAX - 1);

@@ -5,7 +5,6 @@
 mod acceptor;
 mod connection;
 mod core;
-pub mod load;
 pub mod metrics;
 
 use std::os::unix::net::UnixListener;

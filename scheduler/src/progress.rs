@@ -1,6 +1,7 @@
-//! The progress of one `Load` on one shard, as pure bookkeeping: which read comes
-//! next (layer-major for Layer namespaces), which frames a finished read produces,
-//! and when a layer, a block and the load are done. No I/O and no clocks.
+//! The progress of one load on one path (a gateway shard, or the prefill node's
+//! own reader), as pure bookkeeping: which read comes next (layer-major for Layer
+//! namespaces), where a finished read's layers go, and when a layer, a block and
+//! the load are done. No I/O and no clocks.
 
 use std::ops::Range;
 
