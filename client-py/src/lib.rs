@@ -78,12 +78,22 @@ struct Client {
 #[pymethods]
 impl Client {
     #[new]
-    #[pyo3(signature = (addresses, secret=None, connect_timeout=5.0, request_timeout=30.0))]
-    fn new(py: Python<'_>, addresses: Vec<String>, secret: Option<Vec<u8>>, connect_timeout: f64, request_timeout: f64) -> PyResult<Self> {
+    #[pyo3(signature = (addresses, secret=None, connect_timeout=5.0, request_timeout=30.0, policy="dualpath", pe_storage=None))]
+    fn new(
+        py: Python<'_>,
+        addresses: Vec<String>,
+        secret: Option<Vec<u8>>,
+        connect_timeout: f64,
+        request_timeout: f64,
+        policy: &str,
+        pe_storage: Option<Bound<'_, PyDict>>,
+    ) -> PyResult<Self> {
         let options = ClientOptions {
             connect_timeout: timeout_of(Some(connect_timeout))?,
             request_timeout: timeout_of(Some(request_timeout))?,
             secret,
+            pe_storage: pe_storage.map(|settings| object_settings(&settings)).transpose()?,
+            policy: policy.parse().map_err(PyValueError::new_err)?,
         };
         let borrowed: Vec<&str> = addresses.iter().map(String::as_str).collect();
         let inner = py.allow_threads(|| RustClient::connect(&borrowed, options)).map_err(to_python)?;
@@ -145,21 +155,34 @@ impl Client {
         layer_stride: u64,
         gateway: usize,
     ) -> PyResult<Load> {
-        if keys.len() != dest_offsets.len() {
-            return Err(PyValueError::new_err(format!("{} keys but {} dest_offsets", keys.len(), dest_offsets.len())));
-        }
-        let geometry = self.inner.namespace(namespace).ok_or_else(|| PyValueError::new_err(format!("unknown namespace {namespace:?}")))?;
-        let ranges = layer_ranges(layers, keys.len(), geometry.layers)?;
-        let blocks = keys
-            .iter()
-            .zip(dest_offsets)
-            .zip(ranges)
-            .map(|((key, dest_offset), layers)| Ok(BlockLoad { key: key.key()?, layers, dest_offset }))
-            .collect::<PyResult<Vec<_>>>()?;
+        let blocks = self.blocks(namespace, keys, dest_offsets, layers)?;
         let inner = Arc::clone(&self.inner);
         let namespace = namespace.to_owned();
         let handle = py
             .allow_threads(move || inner.load_from(gateway, &namespace, RegionId(region), &blocks, layer_stride))
+            .map_err(to_python)?;
+        Ok(Load { handle: Arc::new(handle), _client: Arc::clone(&self.inner) })
+    }
+
+    /// As `load`, over every path the policy allows: the prefill node's own reads
+    /// from `pe_storage` and the gateways, split per block; a failed path's blocks
+    /// are loaded through the others.
+    #[pyo3(signature = (namespace, region, keys, dest_offsets, layers=None, layer_stride=0))]
+    fn load_dual(
+        &self,
+        py: Python<'_>,
+        namespace: &str,
+        region: u32,
+        keys: Vec<KeyArgument>,
+        dest_offsets: Vec<u64>,
+        layers: Option<Bound<'_, PyAny>>,
+        layer_stride: u64,
+    ) -> PyResult<Load> {
+        let blocks = self.blocks(namespace, keys, dest_offsets, layers)?;
+        let inner = Arc::clone(&self.inner);
+        let namespace = namespace.to_owned();
+        let handle = py
+            .allow_threads(move || inner.load_dual(&namespace, RegionId(region), &blocks, layer_stride))
             .map_err(to_python)?;
         Ok(Load { handle: Arc::new(handle), _client: Arc::clone(&self.inner) })
     }
@@ -178,11 +201,45 @@ impl Client {
 }
 
 impl Client {
+    fn blocks(&self, namespace: &str, keys: Vec<KeyArgument>, dest_offsets: Vec<u64>, layers: Option<Bound<'_, PyAny>>) -> PyResult<Vec<BlockLoad>> {
+        if keys.len() != dest_offsets.len() {
+            return Err(PyValueError::new_err(format!("{} keys but {} dest_offsets", keys.len(), dest_offsets.len())));
+        }
+        let geometry = self.inner.namespace(namespace).ok_or_else(|| PyValueError::new_err(format!("unknown namespace {namespace:?}")))?;
+        let ranges = layer_ranges(layers, keys.len(), geometry.layers)?;
+        keys.iter()
+            .zip(dest_offsets)
+            .zip(ranges)
+            .map(|((key, dest_offset), layers)| Ok(BlockLoad { key: key.key()?, layers, dest_offset }))
+            .collect()
+    }
+
     fn register_region(&self, py: Python<'_>, region: Region) -> PyResult<u32> {
         let inner = Arc::clone(&self.inner);
         let id = py.allow_threads(move || inner.register_region(Arc::new(region))).map_err(to_python)?;
         Ok(id.0)
     }
+}
+
+/// `pe_storage` as a dict: endpoint, bucket, access_key_id, secret_access_key, and
+/// optionally region, prefix, concurrency, timeout (seconds), retries.
+fn object_settings(settings: &Bound<'_, PyDict>) -> PyResult<client::ObjectSettings> {
+    let required = |name: &str| -> PyResult<String> {
+        settings.get_item(name)?.ok_or_else(|| PyValueError::new_err(format!("pe_storage needs {name:?}")))?.extract()
+    };
+    let optional = |name: &str| -> PyResult<Option<Bound<'_, PyAny>>> { settings.get_item(name) };
+    Ok(client::ObjectSettings {
+        endpoint: required("endpoint")?,
+        bucket: required("bucket")?,
+        region: optional("region")?.map(|value| value.extract()).transpose()?.unwrap_or_else(|| "us-east-1".into()),
+        path_style: true,
+        access_key_id: required("access_key_id")?,
+        secret_access_key: required("secret_access_key")?,
+        prefix: optional("prefix")?.map(|value| value.extract()).transpose()?.unwrap_or_default(),
+        concurrency: optional("concurrency")?.map(|value| value.extract()).transpose()?.unwrap_or(16),
+        timeout: Duration::from_secs_f64(optional("timeout")?.map(|value| value.extract()).transpose()?.unwrap_or(10.0)),
+        retries: optional("retries")?.map(|value| value.extract()).transpose()?.unwrap_or(3),
+    })
 }
 
 fn layer_ranges(layers: Option<Bound<'_, PyAny>>, count: usize, layer_count: u16) -> PyResult<Vec<std::ops::Range<u16>>> {

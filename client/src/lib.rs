@@ -9,25 +9,32 @@
 //! layers stream in.
 #![deny(unsafe_code)]
 
+mod dual;
 mod link;
+mod load;
+mod pe;
 #[allow(unsafe_code)]
 mod sys;
 
 use std::collections::HashMap;
-use std::ops::Range;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use block_layout::{BlockKey, Geometry};
-use protocol::{ErrorCode, Load, NamespaceInfo};
+use protocol::{ErrorCode, NamespaceInfo};
 
 pub use link::Endpoint;
+pub use load::{LoadHandle, LoadReport};
+pub use pe::PrefillReader;
+pub use scheduler::Policy;
+pub use storage_backends::object::ObjectSettings;
 pub use protocol::BlockLoad;
 pub use protocol::ErrorCode as GatewayCode;
 pub use sys::Region;
 
 use link::ShardLink;
+use load::LoadShared;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -68,11 +75,22 @@ pub struct ClientOptions {
     /// never crosses the wire: the client answers the gateway's challenge with an
     /// HMAC over both sides' nonces.
     pub secret: Option<Vec<u8>>,
+    /// The shared storage this prefill node reads its own share from (the PE
+    /// path); `None`: only gateways load.
+    pub pe_storage: Option<ObjectSettings>,
+    /// Which paths `load_dual` may use.
+    pub policy: Policy,
 }
 
 impl Default for ClientOptions {
     fn default() -> Self {
-        Self { connect_timeout: Duration::from_secs(5), request_timeout: Duration::from_secs(30), secret: None }
+        Self {
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(30),
+            secret: None,
+            pe_storage: None,
+            policy: Policy::DualPath,
+        }
     }
 }
 
@@ -90,7 +108,7 @@ pub enum BlockStatus {
 
 /// One gateway (all its shards).
 #[derive(Debug)]
-struct Gateway {
+pub(crate) struct Gateway {
     address: String,
     shards: Vec<Arc<ShardLink>>,
     namespaces: Vec<NamespaceInfo>,
@@ -99,10 +117,12 @@ struct Gateway {
 /// A connection to one or more gateways.
 #[derive(Debug)]
 pub struct Client {
-    gateways: Vec<Gateway>,
+    gateways: Arc<Vec<Gateway>>,
+    pe_reader: Option<Arc<PrefillReader>>,
+    dual: Arc<dual::DualState>,
     regions: Arc<RwLock<HashMap<u32, Arc<Region>>>>,
     next_region: AtomicU32,
-    next_request: AtomicU64,
+    next_request: Arc<AtomicU64>,
     options: ClientOptions,
 }
 
@@ -125,7 +145,17 @@ impl Client {
             }
             gateways.push(Gateway { address: address.to_string(), shards, namespaces });
         }
-        Ok(Self { gateways, regions, next_region: AtomicU32::new(1), next_request: AtomicU64::new(1), options })
+        let pe_reader = options.pe_storage.as_ref().map(PrefillReader::new).transpose()?.map(Arc::new);
+        let dual = Arc::new(dual::DualState::new(options.policy, pe_reader.is_some(), gateways.len()));
+        Ok(Self {
+            gateways: Arc::new(gateways),
+            pe_reader,
+            dual,
+            regions,
+            next_region: AtomicU32::new(1),
+            next_request: Arc::new(AtomicU64::new(1)),
+            options,
+        })
     }
 
     /// The geometry of a namespace the (first) gateway serves.
@@ -160,6 +190,14 @@ impl Client {
         blocks: &[BlockLoad],
         layer_stride: u64,
     ) -> Result<LoadHandle, ClientError> {
+        self.check_load(gateway, namespace, blocks)?;
+        let shared = Arc::new(LoadShared::new(blocks, false));
+        let indexes: Vec<u32> = (0..u32::try_from(blocks.len()).expect("bounded by check_load")).collect();
+        let request_id = dual::start_on_gateway(&self.gateways[gateway], &self.next_request, namespace, region, blocks, &indexes, layer_stride, &shared);
+        Ok(LoadHandle { shared, request_id })
+    }
+
+    fn check_load(&self, gateway: usize, namespace: &str, blocks: &[BlockLoad]) -> Result<(), ClientError> {
         let gateway = self.gateways.get(gateway).ok_or_else(|| ClientError::Invalid(format!("no gateway #{gateway}")))?;
         if !gateway.namespaces.iter().any(|info| info.name == namespace) {
             let known = gateway.namespaces.iter().map(|info| info.name.clone()).collect();
@@ -168,23 +206,35 @@ impl Client {
         if blocks.len() > protocol::LOAD_BLOCKS_MAX as usize * gateway.shards.len() {
             return Err(ClientError::Invalid(format!("{} blocks in one load; split it", blocks.len())));
         }
-        let request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
-        let shard_count = u32::try_from(gateway.shards.len()).expect("shard count from the gateway");
-        let mut per_shard: Vec<(Vec<BlockLoad>, Vec<u32>)> = vec![(Vec::new(), Vec::new()); gateway.shards.len()];
-        for (index, block) in blocks.iter().enumerate() {
-            let shard = block.key.shard(shard_count) as usize;
-            per_shard[shard].0.push(block.clone());
-            per_shard[shard].1.push(u32::try_from(index).expect("bounded above"));
-        }
-        let shared = Arc::new(LoadShared::new(blocks, &per_shard));
-        for (shard, (shard_blocks, indexes)) in per_shard.into_iter().enumerate() {
-            if shard_blocks.is_empty() {
-                continue;
-            }
-            let load = Load { request_id, namespace: namespace.to_owned(), region_id: region.0, layer_stride, blocks: shard_blocks };
-            gateway.shards[shard].start_load(load, indexes, Arc::clone(&shared))?;
-        }
+        Ok(())
+    }
+
+    /// Loads blocks over every path the policy allows: the prefill node's own
+    /// storage reads (`ClientOptions::pe_storage`) and the gateways, each block
+    /// on the path where it is expected to finish first. If a path fails, its
+    /// unfinished blocks are loaded through the others.
+    pub fn load_dual(&self, namespace: &str, region: RegionId, blocks: &[BlockLoad], layer_stride: u64) -> Result<LoadHandle, ClientError> {
+        self.check_load(0, namespace, blocks)?;
+        let geometry = self.namespace(namespace).expect("checked above");
+        let region_memory = self.regions.read().expect("region table lock").get(&region.0).cloned();
+        let region_memory = region_memory.ok_or_else(|| ClientError::Invalid(format!("region {} is not registered", region.0)))?;
+        let shared = Arc::new(LoadShared::new(blocks, true));
+        let request_id = self.next_request.load(Ordering::Relaxed);
+        let plan = dual::Plan { namespace: namespace.to_owned(), geometry, region, region_memory, blocks: blocks.to_vec(), layer_stride };
+        let starter = dual::Starter {
+            gateways: Arc::clone(&self.gateways),
+            next_request: Arc::clone(&self.next_request),
+            pe_reader: self.pe_reader.clone(),
+            dual: Arc::clone(&self.dual),
+        };
+        dual::run(starter, plan, Arc::clone(&shared))?;
         Ok(LoadHandle { shared, request_id })
+    }
+
+    /// Each path of `load_dual` ("pe", "gateway N") and its current rate estimate
+    /// in bytes per second.
+    pub fn paths(&self) -> Vec<(String, f64)> {
+        self.dual.describe()
     }
 
     /// Stores one whole block (after prefill) through the shard that owns its key on
@@ -201,167 +251,3 @@ impl Client {
     }
 }
 
-/// Progress of a load, shared by the receive threads and the engine.
-#[derive(Debug)]
-pub(crate) struct LoadShared {
-    state: Mutex<LoadState>,
-    changed: Condvar,
-}
-
-#[derive(Debug)]
-struct LoadState {
-    first_layer: u16,
-    /// For each layer: how many shards have yet to report it.
-    layer_pending: Vec<u32>,
-    shards_pending: u32,
-    blocks: Vec<BlockStatus>,
-    /// A load-level failure: a refusal, or the gateway gone (`Disconnected`).
-    failure: Option<ClientError>,
-}
-
-impl LoadShared {
-    fn new(blocks: &[BlockLoad], per_shard: &[(Vec<BlockLoad>, Vec<u32>)]) -> Self {
-        let first_layer = blocks.iter().map(|block| block.layers.start).min().unwrap_or(0);
-        let last_layer = blocks.iter().map(|block| block.layers.end).max().unwrap_or(0);
-        let mut layer_pending = vec![0u32; usize::from(last_layer.saturating_sub(first_layer))];
-        let mut shards_pending = 0;
-        for (shard_blocks, _) in per_shard.iter().filter(|(shard_blocks, _)| !shard_blocks.is_empty()) {
-            shards_pending += 1;
-            // A shard reports every layer from its lowest to its highest requested.
-            let start = shard_blocks.iter().map(|block| block.layers.start).min().unwrap_or(0);
-            let end = shard_blocks.iter().map(|block| block.layers.end).max().unwrap_or(0);
-            for layer in start..end {
-                layer_pending[usize::from(layer - first_layer)] += 1;
-            }
-        }
-        Self {
-            state: Mutex::new(LoadState {
-                first_layer,
-                layer_pending,
-                shards_pending,
-                blocks: vec![BlockStatus::Pending; blocks.len()],
-                failure: None,
-            }),
-            changed: Condvar::new(),
-        }
-    }
-
-    fn update(&self, change: impl FnOnce(&mut LoadState)) {
-        change(&mut self.state.lock().expect("load state lock"));
-        self.changed.notify_all();
-    }
-
-    pub(crate) fn layer_done(&self, layer: u16) {
-        self.update(|state| {
-            if let Some(pending) = layer.checked_sub(state.first_layer).and_then(|index| state.layer_pending.get_mut(usize::from(index))) {
-                *pending = pending.saturating_sub(1);
-            }
-        });
-    }
-
-    pub(crate) fn block_done(&self, index: u32, status: BlockStatus) {
-        self.update(|state| {
-            if let Some(slot) = state.blocks.get_mut(index as usize) {
-                *slot = status;
-            }
-        });
-    }
-
-    pub(crate) fn shard_done(&self) {
-        self.update(|state| state.shards_pending = state.shards_pending.saturating_sub(1));
-    }
-
-    /// Ends one shard's part of the load (blocks `indexes`) with a load-level error.
-    pub(crate) fn fail(&self, indexes: &[u32], code: ErrorCode, failure: ClientError) {
-        self.update(|state| {
-            let message = failure.to_string();
-            for &index in indexes {
-                if let Some(slot @ BlockStatus::Pending) = state.blocks.get_mut(index as usize) {
-                    *slot = BlockStatus::Failed { code, message: message.clone() };
-                }
-            }
-            state.failure.get_or_insert(failure);
-            state.shards_pending = state.shards_pending.saturating_sub(1);
-        });
-    }
-}
-
-/// A load in progress.
-#[derive(Debug)]
-pub struct LoadHandle {
-    shared: Arc<LoadShared>,
-    request_id: u64,
-}
-
-/// The outcome of a finished load.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LoadReport {
-    pub blocks: Vec<BlockStatus>,
-}
-
-impl LoadReport {
-    pub fn failed(&self) -> impl Iterator<Item = (usize, &BlockStatus)> {
-        self.blocks.iter().enumerate().filter(|(_, status)| matches!(status, BlockStatus::Failed { .. }))
-    }
-
-    pub fn all_done(&self) -> bool {
-        self.blocks.iter().all(|status| *status == BlockStatus::Done)
-    }
-}
-
-impl LoadHandle {
-    pub fn request_id(&self) -> u64 {
-        self.request_id
-    }
-
-    /// Waits until layer `layer` of every block that asked for it has landed in the
-    /// region (or its block failed: see [`LoadHandle::block_status`]). An error means
-    /// the load as a whole failed (refused, gateway gone) or the wait timed out.
-    pub fn wait_layer(&self, layer: u16, timeout: Duration) -> Result<(), ClientError> {
-        self.wait_until(timeout, &format!("layer {layer} of load {}", self.request_id), |state| {
-            let index = layer.checked_sub(state.first_layer).map(usize::from);
-            let pending = index.and_then(|index| state.layer_pending.get(index)).copied().unwrap_or(0);
-            pending == 0 || state.shards_pending == 0
-        })?;
-        Ok(())
-    }
-
-    /// Waits until every block has finished, and reports each.
-    pub fn wait(&self, timeout: Duration) -> Result<LoadReport, ClientError> {
-        let blocks = self.wait_until(timeout, &format!("load {}", self.request_id), |state| state.shards_pending == 0)?;
-        Ok(LoadReport { blocks })
-    }
-
-    pub fn block_status(&self, index: usize) -> Option<BlockStatus> {
-        self.shared.state.lock().expect("load state lock").blocks.get(index).cloned()
-    }
-
-    /// The layers reported complete so far, as a range from the first.
-    pub fn layers_done(&self) -> Range<u16> {
-        let state = self.shared.state.lock().expect("load state lock");
-        let done = state.layer_pending.iter().take_while(|&&pending| pending == 0).count();
-        state.first_layer..state.first_layer + u16::try_from(done).expect("layers fit u16")
-    }
-
-    fn wait_until(&self, timeout: Duration, what: &str, ready: impl Fn(&LoadState) -> bool) -> Result<Vec<BlockStatus>, ClientError> {
-        let deadline = Instant::now() + timeout;
-        let mut state = self.shared.state.lock().expect("load state lock");
-        loop {
-            if let Some(failure) = &state.failure {
-                return Err(match failure {
-                    ClientError::Disconnected { address, message } => ClientError::Disconnected { address: address.clone(), message: message.clone() },
-                    ClientError::Gateway { code, message } => ClientError::Gateway { code: *code, message: message.clone() },
-                    other => ClientError::Invalid(other.to_string()),
-                });
-            }
-            if ready(&state) {
-                return Ok(state.blocks.clone());
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(ClientError::Timeout { what: what.to_owned(), after: timeout });
-            }
-            state = self.shared.changed.wait_timeout(state, deadline - now).expect("load state lock").0;
-        }
-    }
-}

@@ -16,7 +16,8 @@ use protocol::{
     StorePrefix, DATA_PREFIX_BYTES, HEADER_BYTES, PROTOCOL_VERSION,
 };
 
-use crate::{BlockStatus, ClientError, ClientOptions, LoadShared, Region};
+use crate::load::{LoadShared, PartId};
+use crate::{BlockStatus, ClientError, ClientOptions, Region};
 
 /// Where a gateway listens.
 #[derive(Debug, Clone)]
@@ -97,7 +98,7 @@ impl Write for Socket {
 struct Waiting {
     regions: HashMap<u32, Option<Result<(), ClientError>>>,
     stores: HashMap<u64, Option<(ErrorCode, String)>>,
-    loads: HashMap<u64, (Arc<LoadShared>, Vec<u32>)>,
+    loads: HashMap<u64, (Arc<LoadShared>, PartId, Vec<u32>)>,
     /// Why the connection ended, once it has.
     closed: Option<String>,
 }
@@ -175,13 +176,13 @@ impl ShardLink {
         self.wait_for(timeout, &format!("registration of region {region_id}"), |waiting| waiting.regions.get_mut(&region_id)?.take())?
     }
 
-    pub fn start_load(&self, load: Load, indexes: Vec<u32>, shared: Arc<LoadShared>) -> Result<(), ClientError> {
+    pub fn start_load(&self, load: Load, indexes: Vec<u32>, part: PartId, shared: Arc<LoadShared>) -> Result<(), ClientError> {
         {
             let mut waiting = self.shared.waiting.lock().expect("link lock");
             if let Some(message) = &waiting.closed {
                 return Err(ClientError::Disconnected { address: self.shared.address.clone(), message: message.clone() });
             }
-            waiting.loads.insert(load.request_id, (shared, indexes));
+            waiting.loads.insert(load.request_id, (shared, part, indexes));
         }
         self.send(&[&Frame::Load(load).encode()])
     }
@@ -272,8 +273,8 @@ fn receive_loop(mut socket: Socket, shared: &LinkShared) {
     };
     let mut waiting = shared.waiting.lock().expect("link lock");
     waiting.closed = Some(reason.clone());
-    for (_, (load, indexes)) in waiting.loads.drain() {
-        load.fail(&indexes, ErrorCode::Io, ClientError::Disconnected { address: shared.address.clone(), message: reason.clone() });
+    for (_, (load, part, _)) in waiting.loads.drain() {
+        load.fail_part(part, ErrorCode::Io, ClientError::Disconnected { address: shared.address.clone(), message: reason.clone() });
     }
     shared.changed.notify_all();
 }
@@ -303,12 +304,12 @@ fn dispatch(frame: Frame, shared: &LinkShared) -> io::Result<()> {
             waiting.regions.insert(region_id, Some(Ok(())));
         }
         Frame::LayerDone { request_id, layer } => {
-            if let Some((load, _)) = waiting.loads.get(&request_id) {
-                load.layer_done(layer);
+            if let Some((load, part, _)) = waiting.loads.get(&request_id) {
+                load.layer_done(*part, layer);
             }
         }
         Frame::BlockDone { request_id, block_index, code, message } => {
-            if let Some((load, indexes)) = waiting.loads.get(&request_id) {
+            if let Some((load, _, indexes)) = waiting.loads.get(&request_id) {
                 let status = if code == ErrorCode::Ok { BlockStatus::Done } else { BlockStatus::Failed { code, message } };
                 if let Some(&global) = indexes.get(block_index as usize) {
                     load.block_done(global, status);
@@ -316,8 +317,8 @@ fn dispatch(frame: Frame, shared: &LinkShared) -> io::Result<()> {
             }
         }
         Frame::LoadDone { request_id, .. } => {
-            if let Some((load, _)) = waiting.loads.remove(&request_id) {
-                load.shard_done();
+            if let Some((load, part, _)) = waiting.loads.remove(&request_id) {
+                load.part_done(part);
             }
         }
         Frame::StoreDone { request_id, code, message } => {
@@ -325,8 +326,8 @@ fn dispatch(frame: Frame, shared: &LinkShared) -> io::Result<()> {
         }
         Frame::Error { request_id: 0, code, message } => return Err(invalid(format!("gateway error {code}: {message}"))),
         Frame::Error { request_id, code, message } => {
-            if let Some((load, indexes)) = waiting.loads.remove(&request_id) {
-                load.fail(&indexes, code, ClientError::Gateway { code, message });
+            if let Some((load, part, _)) = waiting.loads.remove(&request_id) {
+                load.fail_part(part, code, ClientError::Gateway { code, message });
             } else if let Some(slot) = waiting.stores.get_mut(&request_id) {
                 *slot = Some((code, message));
             }

@@ -79,6 +79,19 @@ impl Region {
         source.read_exact(target)
     }
 
+    /// Runs `fill` on `offset..offset + len` of the region (the prefill node's own
+    /// storage reads land here directly); `None` if the range is outside.
+    pub(crate) fn fill<T>(&self, offset: u64, len: u64, fill: impl FnOnce(&mut [u8]) -> T) -> Option<T> {
+        if !protocol::range_inside(offset, len, self.len as u64) {
+            return None;
+        }
+        // SAFETY: in bounds (checked above); the range belongs to one unit of a load
+        // in flight, read by exactly one worker, and the engine does not touch it
+        // until the load reports it complete.
+        let target = unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr().add(offset as usize), len as usize) };
+        Some(fill(target))
+    }
+
     /// Copies `offset..offset + len` out, for checks after a load completed.
     pub fn read(&self, offset: usize, len: usize) -> Vec<u8> {
         assert!(offset.checked_add(len).is_some_and(|end| end <= self.len), "range outside the region");

@@ -29,6 +29,8 @@ class Client:
         secret: Optional[bytes] = None,
         connect_timeout: float = 5.0,
         request_timeout: float = 30.0,
+        policy: str = "dualpath",
+        pe_storage: Optional[dict[str, Any]] = None,
     ) -> None:
         """Connect to every shard of each gateway ("host:port" or "unix:/path").
 
@@ -51,6 +53,18 @@ class Client:
         gateway: int = 0,
     ) -> Load:
         """Start loading blocks; layer l of a block goes to dest + (l - start) * layer_stride."""
+    def load_dual(
+        self,
+        namespace: str,
+        region: int,
+        keys: Sequence[Key],
+        dest_offsets: Sequence[int],
+        layers: Union[None, Tuple[int, int], Sequence[Tuple[int, int]]] = None,
+        layer_stride: int = 0,
+    ) -> Load:
+        """Load over every path `policy` allows ("pe-only", "de-only", "dualpath"):
+        the prefill node's own reads from `pe_storage` (an S3 store: endpoint,
+        bucket, access_key_id, secret_access_key, prefix) and the gateways."""
     def store(self, namespace: str, key: Key, data: Any) -> None:
         """Store one whole block (bytes-like); returns when durable."""
     def addresses(self) -> list[str]: ...

@@ -115,8 +115,14 @@ impl ObjectClient {
         }
     }
 
-    /// GETs bytes `range` of `object` straight into `target`.
-    pub fn get_range(&self, object: &str, range: Range<u64>, mut target: LentBuffer) -> Result<GetOutcome, ObjectError> {
+    /// GETs bytes `range` of `object` straight into a lent staging buffer.
+    pub(crate) fn get_range(&self, object: &str, range: Range<u64>, mut target: LentBuffer) -> Result<GetOutcome, ObjectError> {
+        self.get_range_into(object, range, target.as_mut_slice())
+    }
+
+    /// GETs bytes `range` of `object` straight into `body` (exactly as long).
+    pub fn get_range_into(&self, object: &str, range: Range<u64>, body: &mut [u8]) -> Result<GetOutcome, ObjectError> {
+        assert_eq!(body.len() as u64, range.end - range.start, "the target is as long as the range");
         self.with_retries(|| {
             let url = self.bucket.get_object(Some(&self.credentials), object).sign(SIGNATURE_LIFETIME);
             let response = self
@@ -128,7 +134,6 @@ impl ObjectClient {
             let outcome = parse_metadata(&response)?;
             let expected = range.end - range.start;
             let mut reader = response.into_reader();
-            let body = target.as_mut_slice();
             let mut received = 0;
             while received < body.len() {
                 match reader.read(&mut body[received..]) {

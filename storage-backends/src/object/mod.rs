@@ -27,8 +27,7 @@ use block_layout::{BlockKey, Geometry, LayerPlacement};
 use staging::{StagingBuffer, StagingSlab};
 
 use crate::{BlockStore, NamespaceId, NamespaceSpec, NamespaceStats, ReadCompletion, ReadRequest, Rejected, ShardStats, StoreError};
-pub use http::ObjectClient;
-use http::{GetOutcome, ObjectError};
+pub use http::{GetOutcome, ObjectClient, ObjectError};
 use sys::LentBuffer;
 
 /// Connection settings of an object store.
@@ -105,8 +104,13 @@ impl ObjectStore {
     }
 
     fn object_name(&self, namespace: &str, key: BlockKey) -> String {
-        format!("{}{namespace}/{key}", self.client.prefix())
+        object_name(self.client.prefix(), namespace, key)
     }
+}
+
+/// The object that holds block `key` of `namespace`.
+pub fn object_name(prefix: &str, namespace: &str, key: BlockKey) -> String {
+    format!("{prefix}{namespace}/{key}")
 }
 
 struct Job {
@@ -193,7 +197,7 @@ impl ObjectShard {
         let spec = &self.store.namespaces[usize::from(pending.namespace)];
         let checked = match result.outcome {
             Ok(outcome) => verify(spec, &pending, &outcome),
-            Err(http::ObjectError::NotFound) => Err(StoreError::NotFound { namespace: spec.name.clone(), key: pending.key }),
+            Err(ObjectError::NotFound) => Err(StoreError::NotFound { namespace: spec.name.clone(), key: pending.key }),
             Err(error) => Err(error.into_store_error(&pending.object)),
         };
         match &checked {

@@ -1,0 +1,218 @@
+//! Dual-path loads: each block goes to the path (the prefill node's own storage
+//! reads, or a gateway) where the `scheduler` expects it to finish first; blocks of
+//! a path that fails are handed to the paths that remain.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use block_layout::Geometry;
+use protocol::{BlockLoad, ErrorCode, Load};
+use scheduler::{Path, PathId, PathKind, Policy, RateEstimate, Scheduler};
+
+use crate::load::LoadShared;
+use crate::{ClientError, Gateway, PrefillReader, Region, RegionId};
+
+/// A first guess of every path's rate, until completions teach better.
+const INITIAL_BYTES_PER_SECOND: f64 = 1e9;
+const RATE_WEIGHT: f64 = 0.3;
+/// How often the coordinator checks for blocks to hand to another path.
+const COORDINATOR_TICK: Duration = Duration::from_millis(20);
+
+/// The client's paths and what it has learnt of them.
+#[derive(Debug)]
+pub(crate) struct DualState {
+    scheduler: Mutex<Scheduler>,
+    pe_path: Option<PathId>,
+    /// Path of gateway `n`.
+    gateway_paths: Vec<PathId>,
+}
+
+impl DualState {
+    pub(crate) fn new(policy: Policy, has_pe: bool, gateways: usize) -> Self {
+        let mut scheduler = Scheduler::new(policy, f64::INFINITY);
+        let path = |kind| Path {
+            kind,
+            queued_bytes: 0,
+            queued_bytes_max: u64::MAX / 2,
+            storage_rate: RateEstimate::new(INITIAL_BYTES_PER_SECOND, RATE_WEIGHT),
+            link_rate: None,
+            healthy: true,
+            last_heard: 0.0,
+            foreign_queued_bytes: 0,
+        };
+        let pe_path = has_pe.then(|| scheduler.add_path(path(PathKind::PrefillLocal)));
+        let gateway_paths = (0..gateways).map(|index| scheduler.add_path(path(PathKind::Gateway(index as u32)))).collect();
+        Self { scheduler: Mutex::new(scheduler), pe_path, gateway_paths }
+    }
+
+    /// Bytes each path has carried and its current rate estimate, PE first.
+    pub(crate) fn describe(&self) -> Vec<(String, f64)> {
+        let scheduler = self.scheduler.lock().expect("scheduler lock");
+        scheduler
+            .paths()
+            .map(|(_, path)| {
+                let name = match path.kind {
+                    PathKind::PrefillLocal => "pe".to_owned(),
+                    PathKind::Gateway(index) => format!("gateway {index}"),
+                };
+                (name, path.storage_rate.bytes_per_second())
+            })
+            .collect()
+    }
+}
+
+/// What a dual load needs to start parts on any path.
+pub(crate) struct Plan {
+    pub namespace: String,
+    pub geometry: Geometry,
+    pub region: RegionId,
+    pub region_memory: Arc<Region>,
+    pub blocks: Vec<BlockLoad>,
+    pub layer_stride: u64,
+}
+
+/// Everything a coordinator thread needs from the client.
+#[derive(Clone)]
+pub(crate) struct Starter {
+    pub gateways: Arc<Vec<Gateway>>,
+    pub next_request: Arc<AtomicU64>,
+    pub pe_reader: Option<Arc<PrefillReader>>,
+    pub dual: Arc<DualState>,
+}
+
+/// Starts a dual load; a coordinator thread hands failed paths' blocks on.
+pub(crate) fn run(starter: Starter, plan: Plan, shared: Arc<LoadShared>) -> Result<(), ClientError> {
+    let all: Vec<u32> = (0..u32::try_from(plan.blocks.len()).expect("bounded")).collect();
+    let mut owners = vec![None; plan.blocks.len()];
+    starter.assign_and_start(&plan, &shared, &all, &mut owners)?;
+    std::thread::Builder::new()
+        .name("dualpath-dual".into())
+        .spawn(move || starter.coordinate(plan, shared, owners))
+        .map_err(|error| ClientError::Invalid(format!("cannot start a load coordinator: {error}")))?;
+    Ok(())
+}
+
+impl Starter {
+    /// Assigns `blocks` (positions in the plan) to paths and starts one part per
+    /// path (per gateway shard). Records each block's path in `owners`.
+    fn assign_and_start(&self, plan: &Plan, shared: &Arc<LoadShared>, blocks: &[u32], owners: &mut [Option<PathId>]) -> Result<(), ClientError> {
+        let sizes: Vec<u64> = blocks
+            .iter()
+            .map(|&block| u64::from(plan.blocks[block as usize].layers.end - plan.blocks[block as usize].layers.start) * plan.geometry.layer_bytes())
+            .collect();
+        let mut choices = Vec::with_capacity(blocks.len());
+        {
+            let mut scheduler = self.dual.scheduler.lock().expect("scheduler lock");
+            if let Err(error) = scheduler.assign(&sizes, &mut choices) {
+                shared.fail_blocks(blocks, ErrorCode::Io, &error.to_string());
+                return Ok(());
+            }
+        }
+        let mut per_path: Vec<(PathId, Vec<u32>)> = Vec::new();
+        for (&block, choice) in blocks.iter().zip(choices) {
+            let path = choice.expect("queue limits are far above any load");
+            owners[block as usize] = Some(path);
+            match per_path.iter_mut().find(|(id, _)| *id == path) {
+                Some((_, list)) => list.push(block),
+                None => per_path.push((path, vec![block])),
+            }
+        }
+        for (path, list) in per_path {
+            self.start_part(plan, shared, path, list);
+        }
+        Ok(())
+    }
+
+    fn start_part(&self, plan: &Plan, shared: &Arc<LoadShared>, path: PathId, blocks: Vec<u32>) {
+        let subset: Vec<BlockLoad> = blocks.iter().map(|&block| plan.blocks[block as usize].clone()).collect();
+        if Some(path) == self.dual.pe_path {
+            let reader = Arc::clone(self.pe_reader.as_ref().expect("a PE path has a reader"));
+            let (shared, region, namespace, geometry, stride) =
+                (Arc::clone(shared), Arc::clone(&plan.region_memory), plan.namespace.clone(), plan.geometry, plan.layer_stride);
+            let part = shared.add_part(blocks.clone());
+            std::thread::spawn(move || reader.load(&namespace, geometry, &region, subset, &blocks, stride, &shared, part));
+            return;
+        }
+        let gateway = self.dual.gateway_paths.iter().position(|id| *id == path).expect("a gateway path");
+        start_on_gateway(&self.gateways[gateway], &self.next_request, &plan.namespace, plan.region, &subset, &blocks, plan.layer_stride, shared);
+    }
+
+    /// Hands blocks of failed paths to the others until the load ends, then
+    /// teaches the scheduler what each path achieved.
+    fn coordinate(self, plan: Plan, shared: Arc<LoadShared>, mut owners: Vec<Option<PathId>>) {
+        let started = Instant::now();
+        loop {
+            let running = shared.wait_for_retries_or_end(COORDINATOR_TICK);
+            let retries = shared.take_retries();
+            if retries.is_empty() {
+                if running {
+                    continue;
+                }
+                break;
+            }
+            {
+                let mut scheduler = self.dual.scheduler.lock().expect("scheduler lock");
+                for &block in &retries {
+                    if let Some(path) = owners[block as usize] {
+                        scheduler.set_healthy(path, false, started.elapsed().as_secs_f64());
+                        let bytes = u64::from(plan.blocks[block as usize].layers.end - plan.blocks[block as usize].layers.start) * plan.geometry.layer_bytes();
+                        scheduler.abandoned(path, bytes);
+                    }
+                }
+            }
+            let _ = self.assign_and_start(&plan, &shared, &retries, &mut owners);
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let mut scheduler = self.dual.scheduler.lock().expect("scheduler lock");
+        let mut carried: Vec<(PathId, u64)> = Vec::new();
+        for (block, owner) in owners.iter().enumerate() {
+            let Some(path) = owner else { continue };
+            let bytes = u64::from(plan.blocks[block].layers.end - plan.blocks[block].layers.start) * plan.geometry.layer_bytes();
+            match carried.iter_mut().find(|(id, _)| id == path) {
+                Some((_, total)) => *total += bytes,
+                None => carried.push((*path, bytes)),
+            }
+        }
+        for (path, bytes) in carried {
+            if scheduler.path(path).healthy {
+                scheduler.completed(path, bytes, elapsed, None, elapsed);
+            }
+        }
+    }
+}
+
+/// Sends `blocks` (positions `indexes` in the whole load) to the shards of
+/// `gateway` that own them, one part per shard. Returns the first request id.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn start_on_gateway(
+    gateway: &Gateway,
+    next_request: &AtomicU64,
+    namespace: &str,
+    region: RegionId,
+    blocks: &[BlockLoad],
+    indexes: &[u32],
+    layer_stride: u64,
+    shared: &Arc<LoadShared>,
+) -> u64 {
+    let shard_count = u32::try_from(gateway.shards.len()).expect("shard count from the gateway");
+    let mut per_shard: Vec<(Vec<BlockLoad>, Vec<u32>)> = vec![(Vec::new(), Vec::new()); gateway.shards.len()];
+    for (block, &index) in blocks.iter().zip(indexes) {
+        let shard = block.key.shard(shard_count) as usize;
+        per_shard[shard].0.push(block.clone());
+        per_shard[shard].1.push(index);
+    }
+    let first = next_request.load(Ordering::Relaxed);
+    for (shard, (shard_blocks, shard_indexes)) in per_shard.into_iter().enumerate() {
+        if shard_blocks.is_empty() {
+            continue;
+        }
+        let request_id = next_request.fetch_add(1, Ordering::Relaxed);
+        let part = shared.add_part(shard_indexes.clone());
+        let load = Load { request_id, namespace: namespace.to_owned(), region_id: region.0, layer_stride, blocks: shard_blocks };
+        if let Err(error) = gateway.shards[shard].start_load(load, shard_indexes, part, Arc::clone(shared)) {
+            shared.fail_part(part, ErrorCode::Io, error);
+        }
+    }
+    first
+}

@@ -1,0 +1,265 @@
+//! The progress of one load as the engine sees it, fed by its parts: one per
+//! gateway shard it went to, and one for the prefill node's own reads.
+//!
+//! Progress is kept per block (how far its layers have landed, whether it is done
+//! or failed), so a layer is ready when every block that asked for it has it, no
+//! matter which path carried it, and a part that fails can be handed to another
+//! path without double counting.
+
+use std::ops::Range;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use protocol::{BlockLoad, ErrorCode};
+
+use crate::{BlockStatus, ClientError};
+
+/// A part of a load: blocks sent down one path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct PartId(pub u32);
+
+#[derive(Debug)]
+struct Part {
+    /// Positions (in the whole load) of the part's blocks.
+    blocks: Vec<u32>,
+    done: bool,
+}
+
+#[derive(Debug)]
+pub(crate) struct LoadState {
+    layers: Vec<Range<u16>>,
+    /// Per block: every layer below this has landed.
+    landed_end: Vec<u16>,
+    blocks: Vec<BlockStatus>,
+    parts: Vec<Part>,
+    /// A load-level failure (refusal, or a path gone with no retry).
+    failure: Option<ClientError>,
+    /// With retries on, blocks of failed parts wait here for another path.
+    retry: Option<Vec<u32>>,
+    /// Blocks handed to another path after theirs failed.
+    reassigned: usize,
+}
+
+/// Progress shared by the receive threads, the PE readers and the engine.
+#[derive(Debug)]
+pub(crate) struct LoadShared {
+    state: Mutex<LoadState>,
+    changed: Condvar,
+}
+
+impl LoadShared {
+    /// `retry`: blocks of a part that fails for a retryable reason are queued for
+    /// another path instead of failing the load.
+    pub(crate) fn new(blocks: &[BlockLoad], retry: bool) -> Self {
+        Self {
+            state: Mutex::new(LoadState {
+                layers: blocks.iter().map(|block| block.layers.clone()).collect(),
+                landed_end: blocks.iter().map(|block| block.layers.start).collect(),
+                blocks: vec![BlockStatus::Pending; blocks.len()],
+                parts: Vec::new(),
+                failure: None,
+                retry: retry.then(Vec::new),
+                reassigned: 0,
+            }),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn update<T>(&self, change: impl FnOnce(&mut LoadState) -> T) -> T {
+        let result = change(&mut self.state.lock().expect("load state lock"));
+        self.changed.notify_all();
+        result
+    }
+
+    pub(crate) fn add_part(&self, blocks: Vec<u32>) -> PartId {
+        self.update(|state| {
+            state.parts.push(Part { blocks, done: false });
+            PartId(u32::try_from(state.parts.len() - 1).expect("parts fit u32"))
+        })
+    }
+
+    /// Every block of `part` has layer `layer` in place.
+    pub(crate) fn layer_done(&self, part: PartId, layer: u16) {
+        self.update(|state| {
+            let Some(entry) = state.parts.get(part.0 as usize) else { return };
+            for &block in &entry.blocks {
+                let landed = &mut state.landed_end[block as usize];
+                if layer >= *landed {
+                    *landed = layer + 1;
+                }
+            }
+        });
+    }
+
+    pub(crate) fn block_done(&self, block: u32, status: BlockStatus) {
+        self.update(|state| {
+            if let Some(slot) = state.blocks.get_mut(block as usize) {
+                if *slot == BlockStatus::Pending {
+                    *slot = status;
+                }
+            }
+        });
+    }
+
+    pub(crate) fn part_done(&self, part: PartId) {
+        self.update(|state| {
+            if let Some(entry) = state.parts.get_mut(part.0 as usize) {
+                entry.done = true;
+            }
+        });
+    }
+
+    /// `part` ended early (its path refused it or went away). Its unfinished
+    /// blocks wait for another path if retries are on and the cause is worth a
+    /// retry; otherwise they fail with `failure`.
+    pub(crate) fn fail_part(&self, part: PartId, code: ErrorCode, failure: ClientError) {
+        self.update(|state| {
+            let Some(entry) = state.parts.get_mut(part.0 as usize) else { return };
+            entry.done = true;
+            let unfinished: Vec<u32> = entry.blocks.iter().copied().filter(|&block| state.blocks[block as usize] == BlockStatus::Pending).collect();
+            let retryable = code.is_retryable() || matches!(failure, ClientError::Disconnected { .. });
+            if let (Some(retry), true) = (state.retry.as_mut(), retryable) {
+                retry.extend(unfinished);
+                return;
+            }
+            let message = failure.to_string();
+            for block in unfinished {
+                state.blocks[block as usize] = BlockStatus::Failed { code, message: message.clone() };
+            }
+            state.failure.get_or_insert(failure);
+        });
+    }
+
+    /// Blocks waiting for another path (retries on), taken; empty if none.
+    pub(crate) fn take_retries(&self) -> Vec<u32> {
+        self.update(|state| {
+            let taken = state.retry.as_mut().map(std::mem::take).unwrap_or_default();
+            state.reassigned += taken.len();
+            taken
+        })
+    }
+
+    /// Fails blocks that no path can load any more.
+    pub(crate) fn fail_blocks(&self, blocks: &[u32], code: ErrorCode, message: &str) {
+        self.update(|state| {
+            for &block in blocks {
+                state.blocks[block as usize] = BlockStatus::Failed { code, message: message.to_owned() };
+            }
+        });
+    }
+
+    /// Waits until blocks wait for a retry, or every part is done; true if any
+    /// part is still running.
+    pub(crate) fn wait_for_retries_or_end(&self, timeout: Duration) -> bool {
+        let state = self.state.lock().expect("load state lock");
+        let (state, _) = self
+            .changed
+            .wait_timeout_while(state, timeout, |state| {
+                state.retry.as_ref().is_none_or(Vec::is_empty) && state.parts.iter().any(|part| !part.done)
+            })
+            .expect("load state lock");
+        state.parts.iter().any(|part| !part.done)
+    }
+
+    fn wait_until<T>(&self, timeout: Duration, what: &str, mut ready: impl FnMut(&LoadState) -> Option<T>) -> Result<T, ClientError> {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.state.lock().expect("load state lock");
+        loop {
+            if let Some(failure) = &state.failure {
+                return Err(copy_error(failure));
+            }
+            if let Some(value) = ready(&state) {
+                return Ok(value);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(ClientError::Timeout { what: what.to_owned(), after: timeout });
+            }
+            state = self.changed.wait_timeout(state, deadline - now).expect("load state lock").0;
+        }
+    }
+}
+
+impl LoadState {
+    fn block_has_layer(&self, block: usize, layer: u16) -> bool {
+        !self.layers[block].contains(&layer) || self.landed_end[block] > layer || self.blocks[block] != BlockStatus::Pending
+    }
+
+    fn finished(&self) -> bool {
+        self.blocks.iter().all(|status| *status != BlockStatus::Pending)
+    }
+}
+
+fn copy_error(error: &ClientError) -> ClientError {
+    match error {
+        ClientError::Disconnected { address, message } => ClientError::Disconnected { address: address.clone(), message: message.clone() },
+        ClientError::Gateway { code, message } => ClientError::Gateway { code: *code, message: message.clone() },
+        other => ClientError::Invalid(other.to_string()),
+    }
+}
+
+/// A load in progress.
+#[derive(Debug)]
+pub struct LoadHandle {
+    pub(crate) shared: std::sync::Arc<LoadShared>,
+    pub(crate) request_id: u64,
+}
+
+/// The outcome of a finished load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadReport {
+    pub blocks: Vec<BlockStatus>,
+}
+
+impl LoadReport {
+    pub fn failed(&self) -> impl Iterator<Item = (usize, &BlockStatus)> {
+        self.blocks.iter().enumerate().filter(|(_, status)| matches!(status, BlockStatus::Failed { .. }))
+    }
+
+    pub fn all_done(&self) -> bool {
+        self.blocks.iter().all(|status| *status == BlockStatus::Done)
+    }
+}
+
+impl LoadHandle {
+    pub fn request_id(&self) -> u64 {
+        self.request_id
+    }
+
+    /// Waits until layer `layer` of every block that asked for it has landed in the
+    /// region (or its block failed: see [`LoadHandle::block_status`]). An error means
+    /// the load as a whole failed (refused, its path gone) or the wait timed out.
+    pub fn wait_layer(&self, layer: u16, timeout: Duration) -> Result<(), ClientError> {
+        self.shared.wait_until(timeout, &format!("layer {layer} of load {}", self.request_id), |state| {
+            (0..state.blocks.len()).all(|block| state.block_has_layer(block, layer)).then_some(())
+        })
+    }
+
+    /// Waits until every block has finished, and reports each.
+    pub fn wait(&self, timeout: Duration) -> Result<LoadReport, ClientError> {
+        self.shared.wait_until(timeout, &format!("load {}", self.request_id), |state| {
+            state.finished().then(|| LoadReport { blocks: state.blocks.clone() })
+        })
+    }
+
+    /// How many blocks were handed to another path because theirs failed.
+    pub fn reassigned_blocks(&self) -> usize {
+        self.shared.state.lock().expect("load state lock").reassigned
+    }
+
+    pub fn block_status(&self, index: usize) -> Option<BlockStatus> {
+        self.shared.state.lock().expect("load state lock").blocks.get(index).cloned()
+    }
+
+    /// The layers complete for every block so far, as a range from the first.
+    pub fn layers_done(&self) -> Range<u16> {
+        let state = self.shared.state.lock().expect("load state lock");
+        let first = state.layers.iter().map(|layers| layers.start).min().unwrap_or(0);
+        let last = state.layers.iter().map(|layers| layers.end).max().unwrap_or(0);
+        let mut end = first;
+        while end < last && (0..state.blocks.len()).all(|block| state.block_has_layer(block, end)) {
+            end += 1;
+        }
+        first..end
+    }
+}

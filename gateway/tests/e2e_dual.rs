@@ -1,0 +1,148 @@
+//! Dual-path loading end to end: a SeaweedFS as the shared storage, two gateways
+//! reading from it, and a client that also reads its own share from it (the PE
+//! path). Every byte is checked; a gateway killed mid-load does not lose blocks.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use client::{BlockLoad, Client, ClientOptions, Policy, Region};
+use gateway::synthetic;
+use test_support::{settings, Seaweed, ACCESS_KEY, BUCKET, SECRET_KEY};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_dualpath");
+const SEED: u64 = 99;
+const BLOCK_BYTES: usize = 8 * 4096;
+const WAIT: Duration = Duration::from_secs(120);
+
+fn write_config(dir: &Path, name: &str, endpoint: &str) -> PathBuf {
+    let text = format!(
+        r#"
+[gateway]
+cores = 2
+listen_tcp = "127.0.0.1:0"
+metrics_listen = "127.0.0.1:0"
+[staging]
+bytes_per_core = "4MiB"
+buffer_bytes = "64KiB"
+huge_pages = "off"
+[storage]
+backend = "object"
+[storage.object]
+endpoint = "{endpoint}"
+bucket = "{BUCKET}"
+prefix = "dual/"
+concurrency = 4
+access_key_id = "{ACCESS_KEY}"
+secret_access_key = "{SECRET_KEY}"
+[[namespace]]
+name = "kv"
+layers = 8
+tokens_per_block = 16
+bytes_per_token_per_layer = 256
+layout = "layer"
+capacity = "1GiB"
+"#
+    );
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).expect("config");
+    path
+}
+
+struct Gateway {
+    child: Child,
+    tcp: String,
+    metrics: String,
+}
+
+impl Gateway {
+    fn start(config: &Path) -> Self {
+        let mut child = Command::new(BINARY).arg("--config").arg(config).arg("serve").stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("serve");
+        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let ready = loop {
+            let line = lines.next().expect("gateway exited before it was ready").expect("utf-8");
+            if line.contains("dualpath gateway ready") {
+                break line;
+            }
+        };
+        std::thread::spawn(move || lines.for_each(drop));
+        let field = |prefix: &str| ready[ready.find(prefix).expect("in the ready line") + prefix.len()..].split([',', '/']).next().expect("value").trim().to_owned();
+        Self { tcp: field("tcp "), metrics: field("metrics http://"), child }
+    }
+
+    fn sent_bytes(&self) -> u64 {
+        let mut stream = TcpStream::connect(&self.metrics).expect("metrics");
+        write!(stream, "GET /metrics HTTP/1.1\r\n\r\n").expect("request");
+        let mut text = String::new();
+        stream.read_to_string(&mut text).expect("response");
+        text.lines()
+            .filter(|line| line.starts_with("dualpath_transport_sent_bytes_total"))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn blocks(count: u64) -> Vec<BlockLoad> {
+    (0..count).map(|index| BlockLoad { key: synthetic::key(SEED, index), layers: 0..8, dest_offset: index * BLOCK_BYTES as u64 }).collect()
+}
+
+fn check(region: &Region, count: u64) {
+    let mut expected = vec![0u8; BLOCK_BYTES];
+    for index in 0..count {
+        synthetic::fill(synthetic::key(SEED, index), &mut expected);
+        assert!(region.read(index as usize * BLOCK_BYTES, BLOCK_BYTES) == expected, "block {index}");
+    }
+}
+
+#[test]
+fn dual_path_load_uses_both_paths_and_survives_a_gateway_killed_mid_load() {
+    let Some((server, _one)) = Seaweed::start() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first = write_config(dir.path(), "a", &server.endpoint());
+    let second = write_config(dir.path(), "b", &server.endpoint());
+    let count = 600u64;
+    let import = Command::new(BINARY).arg("--config").arg(&first).args(["import", "-n", "kv", "--synthetic", &count.to_string(), "--seed", &SEED.to_string()]).output().expect("import");
+    assert!(import.status.success(), "{}", String::from_utf8_lossy(&import.stderr));
+    let gateway_a = Gateway::start(&first);
+    let mut gateway_b = Gateway::start(&second);
+
+    let mut pe_storage = settings(&server.endpoint(), ACCESS_KEY, SECRET_KEY);
+    pe_storage.prefix = "dual/".into();
+    let options = ClientOptions { pe_storage: Some(pe_storage), policy: Policy::DualPath, ..ClientOptions::default() };
+    let client = Client::connect(&[&gateway_a.tcp, &gateway_b.tcp], options).expect("connect");
+    let region = Arc::new(Region::allocate(count as usize * BLOCK_BYTES));
+    let id = client.register_region(Arc::clone(&region)).expect("register");
+
+    let load = client.load_dual("kv", id, &blocks(count), 0).expect("load");
+    assert_eq!(load.reassigned_blocks(), 0);
+    for layer in 0..8 {
+        load.wait_layer(layer, WAIT).expect("layer");
+    }
+    assert!(load.wait(WAIT).expect("done").all_done());
+    check(&region, count);
+    let (via_a, via_b) = (gateway_a.sent_bytes(), gateway_b.sent_bytes());
+    let total = count * BLOCK_BYTES as u64;
+    assert!(via_a > 0 && via_b > 0, "both gateways carried data: {via_a} {via_b}");
+    assert!(via_a + via_b < total, "the PE path carried the rest: {via_a} + {via_b} of {total}");
+
+    // Again, killing gateway B as soon as the load starts: its blocks move to the
+    // other paths and every byte still arrives.
+    let fresh = Arc::new(Region::allocate(count as usize * BLOCK_BYTES));
+    let id = client.register_region(Arc::clone(&fresh)).expect("register");
+    let load = client.load_dual("kv", id, &blocks(count), 0).expect("load");
+    gateway_b.child.kill().expect("SIGKILL");
+    let report = load.wait(WAIT).expect("the load completes through the remaining paths");
+    assert!(report.all_done(), "{:?}", report.failed().next());
+    assert!(load.reassigned_blocks() > 0, "gateway B's unfinished blocks went to the other paths");
+    check(&fresh, count);
+}
