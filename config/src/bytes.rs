@@ -51,7 +51,7 @@ impl ByteSize {
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (name, multiplier) in [("TiB", 1u64 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
-            if self.0 >= multiplier && self.0 % multiplier == 0 {
+            if self.0 >= multiplier && self.0.is_multiple_of(multiplier) {
                 return write!(f, "{}{name}", self.0 / multiplier);
             }
         }

@@ -319,7 +319,7 @@ impl Validator<'_> {
 
     fn staging(&self, raw: &StagingSection) -> Result<StagingConfig, ConfigError> {
         let buffer = raw.buffer_bytes.0;
-        if buffer == 0 || buffer % 4096 != 0 {
+        if buffer == 0 || !buffer.is_multiple_of(4096) {
             return Err(self.invalid(
                 "staging.buffer_bytes",
                 format!("{buffer} bytes is not a positive multiple of 4 KiB"),
@@ -458,7 +458,7 @@ impl Validator<'_> {
             },
         };
         geometry.validate().map_err(|error| {
-            self.invalid(&format!("{key}"), error.to_string(), "fix the namespace's geometry")
+            self.invalid(key, error.to_string(), "fix the namespace's geometry")
         })?;
         if geometry.layers_fitting(0, staging.buffer_bytes) == 0 {
             return Err(self.invalid(

@@ -11,6 +11,8 @@ pub fn key(seed: u64, index: u64) -> BlockKey {
 }
 
 /// Fills `out` with the contents of block `key` (any length).
+// Folding the key's two halves drops bits on purpose.
+#[allow(clippy::cast_possible_truncation)]
 pub fn fill(key: BlockKey, out: &mut [u8]) {
     let mut state = (key.0 as u64) ^ ((key.0 >> 64) as u64);
     for chunk in out.chunks_mut(8) {

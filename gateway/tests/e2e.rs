@@ -1,4 +1,6 @@
 //! The gateway binary and the client library end to end over real sockets.
+// Test data and metric values are small: narrowing casts here cannot truncate.
+#![allow(clippy::cast_possible_truncation)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;

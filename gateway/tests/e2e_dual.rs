@@ -1,6 +1,8 @@
 //! Dual-path loading end to end: a SeaweedFS as the shared storage, two gateways
 //! reading from it, and a client that also reads its own share from it (the PE
 //! path). Every byte is checked; a gateway killed mid-load does not lose blocks.
+// Test data and metric values are small: narrowing casts here cannot truncate.
+#![allow(clippy::cast_possible_truncation)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;

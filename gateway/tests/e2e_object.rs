@@ -1,4 +1,6 @@
 //! The gateway serving from an S3 object store (a real SeaweedFS) end to end.
+// Test data and metric values are small: narrowing casts here cannot truncate.
+#![allow(clippy::cast_possible_truncation)]
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;

@@ -40,12 +40,10 @@ pub enum Policy {
 
 impl Policy {
     fn allows(self, kind: PathKind) -> bool {
-        match (self, kind) {
-            (Policy::DualPath, _) => true,
-            (Policy::PeOnly, PathKind::PrefillLocal) => true,
-            (Policy::DeOnly, PathKind::Gateway(_)) => true,
-            _ => false,
-        }
+        matches!(
+            (self, kind),
+            (Policy::DualPath, _) | (Policy::PeOnly, PathKind::PrefillLocal) | (Policy::DeOnly, PathKind::Gateway(_))
+        )
     }
 }
 
@@ -332,7 +330,7 @@ mod tests {
         assert_eq!(split(&mut scheduler, 10), vec![10, 0]);
         scheduler.peer_report(7, 1.0 * GB, 0, 0.2);
         assert!(scheduler.path(gateway).healthy);
-        assert_eq!(split(&mut scheduler, 10)[1] > 0, true);
+        assert!(split(&mut scheduler, 10)[1] > 0);
     }
 
     #[test]

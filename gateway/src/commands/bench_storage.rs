@@ -75,7 +75,7 @@ pub fn bench_storage(options: &BenchStorageOptions) -> anyhow::Result<()> {
 }
 
 fn bench_one_size(options: &BenchStorageOptions, block_bytes: u64) -> anyhow::Result<(Vec<Sample>, Vec<Sample>)> {
-    if block_bytes % (u64::from(LAYERS) * 4096) != 0 {
+    if !block_bytes.is_multiple_of(u64::from(LAYERS) * 4096) {
         bail!("block size {} must be a multiple of {} KiB", ByteSize(block_bytes), u64::from(LAYERS) * 4);
     }
     let geometry = Geometry {

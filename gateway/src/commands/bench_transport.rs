@@ -70,7 +70,7 @@ pub fn bench_transport(options: &BenchTransportOptions) -> anyhow::Result<()> {
 }
 
 fn bench_config(block_bytes: u64, cores: u32) -> anyhow::Result<GatewayConfig> {
-    if block_bytes % (u64::from(LAYERS) * 4096) != 0 {
+    if !block_bytes.is_multiple_of(u64::from(LAYERS) * 4096) {
         bail!("block size must be a multiple of {} KiB", u64::from(LAYERS) * 4);
     }
     let geometry = Geometry {

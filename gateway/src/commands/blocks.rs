@@ -138,7 +138,10 @@ pub fn verify(config: &GatewayConfig, synthetic_seed: Option<u64>) -> anyhow::Re
             let mut actual = Vec::with_capacity(expected.len());
             for key in shard.keys(namespace) {
                 actual.clear();
-                match read_layers(shard, namespace, key, 0..geometry.layers, |bytes| Ok(actual.extend_from_slice(bytes))) {
+                match read_layers(shard, namespace, key, 0..geometry.layers, |bytes| {
+                    actual.extend_from_slice(bytes);
+                    Ok(())
+                }) {
                     Ok(()) => {}
                     Err(error) if matches!(error.downcast_ref(), Some(StoreError::Corrupt { .. })) => {
                         eprintln!("{error:#}");

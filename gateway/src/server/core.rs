@@ -371,6 +371,8 @@ impl<S: BlockStore> Core<S> {
         Ok(())
     }
 
+    // The tag packs connection index (16 bits), generation (16) and slot (32).
+    #[allow(clippy::cast_possible_truncation)]
     fn on_read_done(&mut self, completion: ReadCompletion) {
         let index = (completion.tag >> 48) as usize;
         let generation = (completion.tag >> 32) as u16;
