@@ -2,10 +2,10 @@
 // Test data and metric values are small: narrowing casts here cannot truncate.
 #![allow(clippy::cast_possible_truncation)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,6 +13,7 @@ use block_layout::BlockKey;
 use client::{BlockStatus, Client, ClientError, ClientOptions, GatewayCode, Region};
 use gateway::synthetic;
 use protocol::BlockLoad;
+use test_support::GatewayProcess;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_dualpath");
 const WAIT: Duration = Duration::from_secs(30);
@@ -23,11 +24,10 @@ const LAYER_BYTES: usize = 4096;
 const BLOCK_BYTES: usize = LAYER_BYTES * LAYERS as usize;
 
 struct Gateway {
-    child: Child,
+    process: GatewayProcess,
     tcp: String,
     unix: PathBuf,
-    metrics: String,
-    dir: tempfile::TempDir,
+    _dir: tempfile::TempDir,
 }
 
 fn write_config(dir: &Path) -> PathBuf {
@@ -89,25 +89,12 @@ impl Gateway {
             assert!(status.success());
         }
         let mut command = Command::new(BINARY);
-        command.arg("--config").arg(&config).arg("serve").stdout(Stdio::null()).stderr(Stdio::piped());
+        command.arg("--config").arg(&config).arg("serve");
         if let Some(secret) = secret {
             command.env("DUALPATH_SECRET", secret);
         }
-        let mut child = command.spawn().expect("start gateway");
-        let mut lines = BufReader::new(child.stderr.take().expect("stderr piped")).lines();
-        let ready = loop {
-            let line = lines.next().expect("gateway exited before it was ready").expect("utf-8");
-            if line.contains("dualpath gateway ready") {
-                break line;
-            }
-        };
-        // Keep draining stderr so the gateway never blocks on a full pipe.
-        std::thread::spawn(move || lines.for_each(drop));
-        let field = |prefix: &str| {
-            let start = ready.find(prefix).expect("address in the ready line") + prefix.len();
-            ready[start..].split([',', '/']).next().expect("address").trim().to_owned()
-        };
-        Self { tcp: field("tcp "), metrics: field("metrics http://"), unix: dir.path().join("gw.sock"), child, dir }
+        let process = GatewayProcess::start(command);
+        Self { tcp: process.tcp.clone(), unix: dir.path().join("gw.sock"), process, _dir: dir }
     }
 
     fn client(&self) -> Client {
@@ -115,26 +102,11 @@ impl Gateway {
     }
 
     fn http_get(&self, path: &str) -> String {
-        let mut stream = TcpStream::connect(&self.metrics).expect("metrics endpoint");
-        write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
-        let mut response = String::new();
-        stream.read_to_string(&mut response).expect("response");
-        response
+        self.process.http_get(path)
     }
 
     fn metric_sum(&self, name: &str) -> f64 {
-        self.http_get("/metrics")
-            .lines()
-            .filter(|line| line.starts_with(name) && line[name.len()..].starts_with(['{', ' ']))
-            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.metric_sum(name)
     }
 }
 
@@ -317,11 +289,11 @@ fn sigterm_stops_the_gateway_cleanly() {
     let mut gateway = Gateway::start(2);
     let client = gateway.client();
     drop(client);
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(gateway.child.id()).expect("pid"));
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(gateway.process.child.id()).expect("pid"));
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("signal");
     let deadline = Instant::now() + WAIT;
     loop {
-        if let Some(status) = gateway.child.try_wait().expect("wait") {
+        if let Some(status) = gateway.process.child.try_wait().expect("wait") {
             assert!(status.success(), "{status}");
             break;
         }
@@ -329,7 +301,6 @@ fn sigterm_stops_the_gateway_cleanly() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(!gateway.unix.exists(), "the unix socket is removed on exit");
-    let _ = &gateway.dir;
 }
 
 #[test]

@@ -4,16 +4,14 @@
 // Test data and metric values are small: narrowing casts here cannot truncate.
 #![allow(clippy::cast_possible_truncation)]
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
 use client::{BlockLoad, Client, ClientOptions, Policy, Region};
 use gateway::synthetic;
-use test_support::{settings, Seaweed, ACCESS_KEY, BUCKET, SECRET_KEY};
+use test_support::{settings, GatewayProcess, Seaweed, ACCESS_KEY, BUCKET, SECRET_KEY};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_dualpath");
 const SEED: u64 = 99;
@@ -54,44 +52,14 @@ capacity = "1GiB"
     path
 }
 
-struct Gateway {
-    child: Child,
-    tcp: String,
-    metrics: String,
+fn start(config: &Path) -> GatewayProcess {
+    let mut command = Command::new(BINARY);
+    command.arg("--config").arg(config).arg("serve");
+    GatewayProcess::start(command)
 }
 
-impl Gateway {
-    fn start(config: &Path) -> Self {
-        let mut child = Command::new(BINARY).arg("--config").arg(config).arg("serve").stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("serve");
-        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-        let ready = loop {
-            let line = lines.next().expect("gateway exited before it was ready").expect("utf-8");
-            if line.contains("dualpath gateway ready") {
-                break line;
-            }
-        };
-        std::thread::spawn(move || lines.for_each(drop));
-        let field = |prefix: &str| ready[ready.find(prefix).expect("in the ready line") + prefix.len()..].split([',', '/']).next().expect("value").trim().to_owned();
-        Self { tcp: field("tcp "), metrics: field("metrics http://"), child }
-    }
-
-    fn sent_bytes(&self) -> u64 {
-        let mut stream = TcpStream::connect(&self.metrics).expect("metrics");
-        write!(stream, "GET /metrics HTTP/1.1\r\n\r\n").expect("request");
-        let mut text = String::new();
-        stream.read_to_string(&mut text).expect("response");
-        text.lines()
-            .filter(|line| line.starts_with("dualpath_transport_sent_bytes_total"))
-            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>() as u64
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn sent_bytes(gateway: &GatewayProcess) -> u64 {
+    gateway.metric_sum("dualpath_transport_sent_bytes_total") as u64
 }
 
 fn blocks(count: u64) -> Vec<BlockLoad> {
@@ -115,8 +83,8 @@ fn dual_path_load_uses_both_paths_and_survives_a_gateway_killed_mid_load() {
     let count = 600u64;
     let import = Command::new(BINARY).arg("--config").arg(&first).args(["import", "-n", "kv", "--synthetic", &count.to_string(), "--seed", &SEED.to_string()]).output().expect("import");
     assert!(import.status.success(), "{}", String::from_utf8_lossy(&import.stderr));
-    let gateway_a = Gateway::start(&first);
-    let mut gateway_b = Gateway::start(&second);
+    let gateway_a = start(&first);
+    let mut gateway_b = start(&second);
 
     let mut pe_storage = settings(&server.endpoint(), ACCESS_KEY, SECRET_KEY);
     pe_storage.prefix = "dual/".into();
@@ -132,7 +100,7 @@ fn dual_path_load_uses_both_paths_and_survives_a_gateway_killed_mid_load() {
     }
     assert!(load.wait(WAIT).expect("done").all_done());
     check(&region, count);
-    let (via_a, via_b) = (gateway_a.sent_bytes(), gateway_b.sent_bytes());
+    let (via_a, via_b) = (sent_bytes(&gateway_a), sent_bytes(&gateway_b));
     let total = count * BLOCK_BYTES as u64;
     assert!(via_a > 0 && via_b > 0, "both gateways carried data: {via_a} {via_b}");
     assert!(via_a + via_b < total, "the PE path carried the rest: {via_a} + {via_b} of {total}");

@@ -2,16 +2,15 @@
 // Test data and metric values are small: narrowing casts here cannot truncate.
 #![allow(clippy::cast_possible_truncation)]
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
 use block_layout::BlockKey;
 use client::{BlockLoad, BlockStatus, Client, ClientOptions, GatewayCode, Region};
 use gateway::synthetic;
-use test_support::{Seaweed, ACCESS_KEY, BUCKET, SECRET_KEY};
+use test_support::{GatewayProcess, Seaweed, ACCESS_KEY, BUCKET, SECRET_KEY};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_dualpath");
 const SEED: u64 = 77;
@@ -63,15 +62,6 @@ fn dualpath(config: &Path) -> Command {
     command
 }
 
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn gateway_loads_blocks_from_an_object_store_in_both_layouts() {
     let Some((server, _one)) = Seaweed::start() else { return };
@@ -88,16 +78,10 @@ fn gateway_loads_blocks_from_an_object_store_in_both_layouts() {
     let listing = String::from_utf8_lossy(&stat.stdout);
     assert!(listing.contains(&format!("namespace full: {BLOCKS} blocks (objects)")), "{listing}");
 
-    let mut child = dualpath(&config).arg("serve").stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("serve");
-    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-    let _gateway = Running(child);
-    let address = loop {
-        let line = lines.next().expect("gateway exited before it was ready").expect("utf-8");
-        if let Some(at) = line.find("tcp ") {
-            break line[at + 4..].split(',').next().expect("address").trim().to_owned();
-        }
-    };
-    std::thread::spawn(move || lines.for_each(drop));
+    let mut serve = dualpath(&config);
+    serve.arg("serve");
+    let gateway = GatewayProcess::start(serve);
+    let address = gateway.tcp.clone();
 
     let client = Client::connect(&[&address], ClientOptions::default()).expect("connect");
     let region = Arc::new(Region::allocate((BLOCKS as usize + 1) * BLOCK_BYTES));

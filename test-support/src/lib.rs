@@ -112,3 +112,63 @@ pub fn settings(endpoint: &str, access: &str, secret: &str) -> ObjectSettings {
         retries: 2,
     }
 }
+
+/// A `dualpath serve` process, its bound addresses read from its ready line, killed
+/// on drop.
+#[derive(Debug)]
+pub struct GatewayProcess {
+    pub child: Child,
+    pub tcp: String,
+    /// `host:port` of `/metrics`, when the config enables it.
+    pub metrics: Option<String>,
+}
+
+impl GatewayProcess {
+    /// Runs `command` (the binary with `--config ... serve` and any environment)
+    /// and waits for its ready line.
+    pub fn start(mut command: Command) -> Self {
+        use std::io::{BufRead, BufReader};
+        let mut child = command.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("start the gateway");
+        let mut lines = BufReader::new(child.stderr.take().expect("stderr piped")).lines();
+        let ready = loop {
+            let line = lines.next().expect("the gateway exited before it was ready").expect("utf-8");
+            if line.contains("dualpath gateway ready") {
+                break line;
+            }
+        };
+        // Keep draining stderr so the gateway never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        let field = |prefix: &str| {
+            let start = ready.find(prefix)? + prefix.len();
+            Some(ready[start..].split([',', '/']).next()?.trim().to_owned())
+        };
+        Self { tcp: field("tcp ").expect("a tcp address in the ready line"), metrics: field("metrics http://"), child }
+    }
+
+    /// The body of `GET path` on the metrics address.
+    pub fn http_get(&self, path: &str) -> String {
+        use std::io::{Read, Write};
+        let address = self.metrics.as_ref().expect("the config enables metrics_listen");
+        let mut stream = std::net::TcpStream::connect(address).expect("metrics endpoint");
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("response");
+        response
+    }
+
+    /// The sum of a metric over all its label sets.
+    pub fn metric_sum(&self, name: &str) -> f64 {
+        self.http_get("/metrics")
+            .lines()
+            .filter(|line| line.starts_with(name) && line[name.len()..].starts_with(['{', ' ']))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
