@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use config::{ByteSize, ConfigError, GatewayConfig};
 use gateway::commands::bench_storage::{bench_storage, BenchStorageOptions};
 use gateway::commands::bench_object::{bench_object, BenchObjectOptions};
+use gateway::commands::bench_load::{bench_load, BenchLoadOptions};
 use gateway::commands::bench_e2e::{bench_e2e, BenchE2eOptions};
 use gateway::commands::bench_transport::{bench_transport, BenchTransportOptions};
 use gateway::commands::blocks;
@@ -136,6 +137,40 @@ enum BenchTarget {
         #[arg(long, default_value_t = 3)]
         rounds: u32,
     },
+    /// The prefill node's side of the emulated cluster: load a synthetic set through
+    /// the paths a policy allows; prints throughput and request latency.
+    Load {
+        /// Gateway addresses (repeat).
+        #[arg(long = "gateway", required = true)]
+        gateways: Vec<String>,
+        /// The shared object store for the PE path (http://host:port).
+        #[arg(long)]
+        pe_endpoint: Option<String>,
+        #[arg(long, default_value = "dualpath-kv")]
+        bucket: String,
+        #[arg(long, default_value = "")]
+        prefix: String,
+        #[arg(long, env = "AWS_ACCESS_KEY_ID", default_value = "")]
+        access_key_id: String,
+        #[arg(long, env = "AWS_SECRET_ACCESS_KEY", default_value = "", hide_env_values = true)]
+        secret_access_key: String,
+        /// pe-only, de-only or dualpath.
+        #[arg(long, default_value = "dualpath")]
+        policy: String,
+        #[arg(long, short, default_value = "default")]
+        namespace: String,
+        #[arg(long)]
+        blocks: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 32)]
+        blocks_per_request: u64,
+        #[arg(long, default_value_t = 4)]
+        requests_in_flight: usize,
+        /// PE-path requests in flight.
+        #[arg(long, default_value_t = 16)]
+        pe_concurrency: u32,
+    },
     /// Memory to memory over the TCP transport, against iperf3 and Mooncake's TCP transport.
     Transport {
         /// Seconds per run.
@@ -231,6 +266,40 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 return Err(DamagedBlocks(report.corrupt + report.wrong_content).into());
             }
             Ok(())
+        }
+        Command::Bench {
+            target:
+                BenchTarget::Load {
+                    gateways,
+                    pe_endpoint,
+                    bucket,
+                    prefix,
+                    access_key_id,
+                    secret_access_key,
+                    policy,
+                    namespace,
+                    blocks,
+                    seed,
+                    blocks_per_request,
+                    requests_in_flight,
+                    pe_concurrency,
+                },
+        } => {
+            let pe_storage = pe_endpoint.map(|endpoint| client::ObjectSettings {
+                endpoint,
+                bucket,
+                region: "us-east-1".into(),
+                path_style: true,
+                access_key_id,
+                secret_access_key,
+                prefix,
+                concurrency: pe_concurrency,
+                timeout: std::time::Duration::from_secs(30),
+                retries: 3,
+            });
+            let policy = policy.parse().map_err(|message: String| anyhow::anyhow!(message))?;
+            let secret = std::env::var_os("DUALPATH_SECRET").map(|value| value.into_encoded_bytes());
+            bench_load(&BenchLoadOptions { gateways, pe_storage, policy, namespace, blocks, seed, blocks_per_request, requests_in_flight, secret })
         }
         Command::Bench { target: BenchTarget::Object { endpoint, bucket, access_key_id, secret_access_key, blocks, block_size, concurrency, rounds } } => {
             bench_object(&BenchObjectOptions { endpoint, bucket, access_key_id, secret_access_key, blocks, block_bytes: block_size, concurrency, rounds })

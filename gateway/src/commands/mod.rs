@@ -1,6 +1,7 @@
 //! The `dualpath` subcommands that work on a block store directly (no gateway).
 
 pub mod bench_e2e;
+pub mod bench_load;
 pub mod bench_object;
 pub mod bench_storage;
 pub mod bench_transport;

@@ -1,0 +1,90 @@
+//! `bench load`: the prefill node's side of the emulated cluster
+//! (`scripts/cluster.sh bench`). Loads a synthetic KV set as a stream of requests
+//! with a fixed number in flight, through the paths a policy allows, and reports
+//! aggregate throughput and per-request latency.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use client::{BlockLoad, Client, ClientOptions, LoadHandle, ObjectSettings, Policy, Region};
+
+use crate::synthetic;
+
+#[derive(Debug, Clone)]
+pub struct BenchLoadOptions {
+    pub gateways: Vec<String>,
+    pub pe_storage: Option<ObjectSettings>,
+    pub policy: Policy,
+    pub namespace: String,
+    pub blocks: u64,
+    pub seed: u64,
+    pub blocks_per_request: u64,
+    pub requests_in_flight: usize,
+    pub secret: Option<Vec<u8>>,
+}
+
+pub fn bench_load(options: &BenchLoadOptions) -> anyhow::Result<()> {
+    let addresses: Vec<&str> = options.gateways.iter().map(String::as_str).collect();
+    let client_options = ClientOptions {
+        pe_storage: options.pe_storage.clone(),
+        policy: options.policy,
+        secret: options.secret.clone(),
+        request_timeout: Duration::from_secs(120),
+        ..ClientOptions::default()
+    };
+    let client = Client::connect(&addresses, client_options).context("cannot connect to the gateways")?;
+    let geometry = client.namespace(&options.namespace).with_context(|| format!("the gateways do not serve {:?}", options.namespace))?;
+    let block_bytes = geometry.block_bytes();
+    let slot_bytes = options.blocks_per_request * block_bytes;
+    let slots = options.requests_in_flight.max(1);
+    let region = Arc::new(Region::allocate(usize::try_from(slot_bytes)? * slots));
+    let id = client.register_region(Arc::clone(&region))?;
+    let keys: Vec<_> = (0..options.blocks).map(|index| synthetic::key(options.seed, index)).collect();
+    let started = Instant::now();
+    let mut latencies = Vec::new();
+    let mut in_flight: std::collections::VecDeque<(LoadHandle, Instant)> = std::collections::VecDeque::new();
+    for (request, chunk) in keys.chunks(usize::try_from(options.blocks_per_request)?).enumerate() {
+        if in_flight.len() == slots {
+            let (load, sent) = in_flight.pop_front().expect("slots in flight");
+            finish(&load)?;
+            latencies.push(sent.elapsed().as_secs_f64());
+        }
+        let base = (request % slots) as u64 * slot_bytes;
+        let blocks: Vec<BlockLoad> = chunk
+            .iter()
+            .enumerate()
+            .map(|(index, key)| BlockLoad { key: *key, layers: 0..geometry.layers, dest_offset: base + index as u64 * block_bytes })
+            .collect();
+        let load = client.load_dual(&options.namespace, id, &blocks, 0)?;
+        in_flight.push_back((load, Instant::now()));
+    }
+    for (load, sent) in in_flight {
+        finish(&load)?;
+        latencies.push(sent.elapsed().as_secs_f64());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    latencies.sort_by(f64::total_cmp);
+    let percentile = |fraction: f64| latencies[((latencies.len() - 1) as f64 * fraction).round() as usize];
+    let bytes = options.blocks * block_bytes;
+    println!(
+        "policy={} bytes={bytes} seconds={elapsed:.3} throughput_mb_s={:.1} requests={} latency_p50_s={:.3} latency_p99_s={:.3}",
+        options.policy,
+        bytes as f64 / elapsed / 1e6,
+        latencies.len(),
+        percentile(0.5),
+        percentile(0.99)
+    );
+    for (path, rate) in client.paths() {
+        println!("path {path}: estimated {:.1} MB/s", rate / 1e6);
+    }
+    Ok(())
+}
+
+fn finish(load: &LoadHandle) -> anyhow::Result<()> {
+    let report = load.wait(Duration::from_secs(600))?;
+    if !report.all_done() {
+        bail!("a load failed: {:?}", report.failed().next());
+    }
+    Ok(())
+}
