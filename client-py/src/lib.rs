@@ -94,6 +94,7 @@ impl Client {
             secret,
             pe_storage: pe_storage.map(|settings| object_settings(&settings)).transpose()?,
             policy: policy.parse().map_err(PyValueError::new_err)?,
+            ..ClientOptions::default()
         };
         let borrowed: Vec<&str> = addresses.iter().map(String::as_str).collect();
         let inner = py.allow_threads(|| RustClient::connect(&borrowed, options)).map_err(to_python)?;

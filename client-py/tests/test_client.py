@@ -163,3 +163,15 @@ def test_a_bad_secret_is_refused_and_the_right_one_works(secure_gateway):
     region = client.register(kv)
     assert client.load("kv", region, [secure_gateway.keys[0]], [0]).wait(timeout=30)[0][0] == "done"
     assert bytes(kv) == synthetic_block(secure_gateway.keys[0])
+
+
+def test_load_dual_without_pe_storage_uses_the_gateways(gateway):
+    client = dualpath.Client([gateway.address], policy="dualpath")
+    kv = np.zeros(BLOCKS * BLOCK_BYTES, dtype=np.uint8)
+    region = client.register(memoryview(kv).cast("B"))
+    load = client.load_dual("kv", region, gateway.keys, [i * BLOCK_BYTES for i in range(BLOCKS)])
+    assert all(state == "done" for state, _, _ in load.wait(timeout=30))
+    for index, key in enumerate(gateway.keys):
+        assert kv[index * BLOCK_BYTES:(index + 1) * BLOCK_BYTES].tobytes() == synthetic_block(key)
+    with pytest.raises(ValueError, match="unknown policy"):
+        dualpath.Client([gateway.address], policy="fastest")

@@ -10,7 +10,7 @@ use block_layout::Geometry;
 use protocol::{BlockLoad, ErrorCode, Load};
 use scheduler::{Path, PathId, PathKind, Policy, RateEstimate, Scheduler};
 
-use crate::load::LoadShared;
+use crate::load::{LoadShared, PartId};
 use crate::{ClientError, Gateway, PrefillReader, Region, RegionId};
 
 /// A first guess of every path's rate, until completions teach better.
@@ -44,6 +44,36 @@ impl DualState {
         let pe_path = has_pe.then(|| scheduler.add_path(path(PathKind::PrefillLocal)));
         let gateway_paths = (0..gateways).map(|index| scheduler.add_path(path(PathKind::Gateway(index as u32)))).collect();
         Self { scheduler: Mutex::new(scheduler), pe_path, gateway_paths }
+    }
+
+    /// Folds in the pool's view from gateway `gateway`: each listed gateway that this
+    /// client uses gets the load other clients put on it; a gateway the pool has not
+    /// heard from within `silence` drops out of the split until it is heard again.
+    pub(crate) fn pool_report(&self, gateways: &[Gateway], peers: &[protocol::PeerStatus], silence: Duration, now: f64) {
+        let mut scheduler = self.scheduler.lock().expect("scheduler lock");
+        for peer in peers {
+            let Some(index) = gateways.iter().position(|gateway| gateway.address == peer.address) else { continue };
+            let path = self.gateway_paths[index];
+            if gateways[index].shards.iter().any(|link| link.is_closed()) {
+                scheduler.set_healthy(path, false, now);
+                continue;
+            }
+            if u128::from(peer.age_ms) > silence.as_millis() {
+                scheduler.set_healthy(path, false, now);
+                continue;
+            }
+            let own = scheduler.path(path).queued_bytes;
+            let foreign = peer.queued_bytes.saturating_sub(own);
+            // A busy gateway's read rate is its capacity; an idle one's says nothing.
+            let rate = if peer.queued_bytes > 0 { peer.read_bytes_per_second as f64 } else { 0.0 };
+            scheduler.peer_report(index as u32, rate, foreign, now);
+        }
+    }
+
+    /// Whether path `gateway` is in the split now.
+    pub(crate) fn gateway_healthy(&self, gateway: usize) -> bool {
+        let scheduler = self.scheduler.lock().expect("scheduler lock");
+        scheduler.path(self.gateway_paths[gateway]).healthy
     }
 
     /// Bytes each path has carried and its current rate estimate, PE first.
@@ -85,10 +115,11 @@ pub(crate) struct Starter {
 pub(crate) fn run(starter: Starter, plan: Plan, shared: Arc<LoadShared>) -> Result<(), ClientError> {
     let all: Vec<u32> = (0..u32::try_from(plan.blocks.len()).expect("bounded")).collect();
     let mut owners = vec![None; plan.blocks.len()];
-    starter.assign_and_start(&plan, &shared, &all, &mut owners)?;
+    let mut parts = Vec::new();
+    starter.assign_and_start(&plan, &shared, &all, &mut owners, &mut parts)?;
     std::thread::Builder::new()
         .name("dualpath-dual".into())
-        .spawn(move || starter.coordinate(plan, shared, owners))
+        .spawn(move || starter.coordinate(plan, shared, owners, parts))
         .map_err(|error| ClientError::Invalid(format!("cannot start a load coordinator: {error}")))?;
     Ok(())
 }
@@ -96,7 +127,14 @@ pub(crate) fn run(starter: Starter, plan: Plan, shared: Arc<LoadShared>) -> Resu
 impl Starter {
     /// Assigns `blocks` (positions in the plan) to paths and starts one part per
     /// path (per gateway shard). Records each block's path in `owners`.
-    fn assign_and_start(&self, plan: &Plan, shared: &Arc<LoadShared>, blocks: &[u32], owners: &mut [Option<PathId>]) -> Result<(), ClientError> {
+    fn assign_and_start(
+        &self,
+        plan: &Plan,
+        shared: &Arc<LoadShared>,
+        blocks: &[u32],
+        owners: &mut [Option<PathId>],
+        parts: &mut Vec<(PartId, PathId)>,
+    ) -> Result<(), ClientError> {
         let sizes: Vec<u64> = blocks
             .iter()
             .map(|&block| u64::from(plan.blocks[block as usize].layers.end - plan.blocks[block as usize].layers.start) * plan.geometry.layer_bytes())
@@ -119,12 +157,14 @@ impl Starter {
             }
         }
         for (path, list) in per_path {
-            self.start_part(plan, shared, path, list);
+            for part in self.start_part(plan, shared, path, list) {
+                parts.push((part, path));
+            }
         }
         Ok(())
     }
 
-    fn start_part(&self, plan: &Plan, shared: &Arc<LoadShared>, path: PathId, blocks: Vec<u32>) {
+    fn start_part(&self, plan: &Plan, shared: &Arc<LoadShared>, path: PathId, blocks: Vec<u32>) -> Vec<PartId> {
         let subset: Vec<BlockLoad> = blocks.iter().map(|&block| plan.blocks[block as usize].clone()).collect();
         if Some(path) == self.dual.pe_path {
             let reader = Arc::clone(self.pe_reader.as_ref().expect("a PE path has a reader"));
@@ -132,18 +172,19 @@ impl Starter {
                 (Arc::clone(shared), Arc::clone(&plan.region_memory), plan.namespace.clone(), plan.geometry, plan.layer_stride);
             let part = shared.add_part(blocks.clone());
             std::thread::spawn(move || reader.load(&namespace, geometry, &region, subset, &blocks, stride, &shared, part));
-            return;
+            return vec![part];
         }
         let gateway = self.dual.gateway_paths.iter().position(|id| *id == path).expect("a gateway path");
-        start_on_gateway(&self.gateways[gateway], &self.next_request, &plan.namespace, plan.region, &subset, &blocks, plan.layer_stride, shared);
+        start_on_gateway(&self.gateways[gateway], &self.next_request, &plan.namespace, plan.region, &subset, &blocks, plan.layer_stride, shared).1
     }
 
     /// Hands blocks of failed paths to the others until the load ends, then
     /// teaches the scheduler what each path achieved.
-    fn coordinate(self, plan: Plan, shared: Arc<LoadShared>, mut owners: Vec<Option<PathId>>) {
+    fn coordinate(self, plan: Plan, shared: Arc<LoadShared>, mut owners: Vec<Option<PathId>>, mut parts: Vec<(PartId, PathId)>) {
         let started = Instant::now();
         loop {
             let running = shared.wait_for_retries_or_end(COORDINATOR_TICK);
+            self.abandon_parts_on_dropped_paths(&shared, &mut parts);
             let retries = shared.take_retries();
             if retries.is_empty() {
                 if running {
@@ -161,7 +202,7 @@ impl Starter {
                     }
                 }
             }
-            let _ = self.assign_and_start(&plan, &shared, &retries, &mut owners);
+            let _ = self.assign_and_start(&plan, &shared, &retries, &mut owners, &mut parts);
         }
         let elapsed = started.elapsed().as_secs_f64();
         let mut scheduler = self.dual.scheduler.lock().expect("scheduler lock");
@@ -182,6 +223,22 @@ impl Starter {
     }
 }
 
+impl Starter {
+    /// Parts running on a path that left the split (silent in the pool's view) may
+    /// never finish: their unfinished blocks go back for another path. Late bytes
+    /// from such a part are the same block bytes and land harmlessly.
+    fn abandon_parts_on_dropped_paths(&self, shared: &LoadShared, parts: &mut Vec<(PartId, PathId)>) {
+        let scheduler = self.dual.scheduler.lock().expect("scheduler lock");
+        parts.retain(|&(part, path)| {
+            if scheduler.path(path).healthy {
+                return true;
+            }
+            shared.fail_part(part, ErrorCode::Io, ClientError::Disconnected { address: format!("path {}", path.0), message: "the gateway went silent".into() });
+            false
+        });
+    }
+}
+
 /// Sends `blocks` (positions `indexes` in the whole load) to the shards of
 /// `gateway` that own them, one part per shard. Returns the first request id.
 #[allow(clippy::too_many_arguments)]
@@ -194,7 +251,7 @@ pub(crate) fn start_on_gateway(
     indexes: &[u32],
     layer_stride: u64,
     shared: &Arc<LoadShared>,
-) -> u64 {
+) -> (u64, Vec<PartId>) {
     let shard_count = u32::try_from(gateway.shards.len()).expect("shard count from the gateway");
     let mut per_shard: Vec<(Vec<BlockLoad>, Vec<u32>)> = vec![(Vec::new(), Vec::new()); gateway.shards.len()];
     for (block, &index) in blocks.iter().zip(indexes) {
@@ -203,16 +260,18 @@ pub(crate) fn start_on_gateway(
         per_shard[shard].1.push(index);
     }
     let first = next_request.load(Ordering::Relaxed);
+    let mut parts = Vec::new();
     for (shard, (shard_blocks, shard_indexes)) in per_shard.into_iter().enumerate() {
         if shard_blocks.is_empty() {
             continue;
         }
         let request_id = next_request.fetch_add(1, Ordering::Relaxed);
         let part = shared.add_part(shard_indexes.clone());
+        parts.push(part);
         let load = Load { request_id, namespace: namespace.to_owned(), region_id: region.0, layer_stride, blocks: shard_blocks };
         if let Err(error) = gateway.shards[shard].start_load(load, shard_indexes, part, Arc::clone(shared)) {
             shared.fail_part(part, ErrorCode::Io, error);
         }
     }
-    first
+    (first, parts)
 }

@@ -80,6 +80,10 @@ pub struct ClientOptions {
     pub pe_storage: Option<ObjectSettings>,
     /// Which paths `load_dual` may use.
     pub policy: Policy,
+    /// How often the client asks its gateways for the pool's load (0: never).
+    pub pool_poll_interval: Duration,
+    /// A gateway the pool has not heard from for this long leaves the split.
+    pub pool_silence: Duration,
 }
 
 impl Default for ClientOptions {
@@ -90,6 +94,8 @@ impl Default for ClientOptions {
             secret: None,
             pe_storage: None,
             policy: Policy::DualPath,
+            pool_poll_interval: Duration::from_millis(50),
+            pool_silence: Duration::from_millis(500),
         }
     }
 }
@@ -124,6 +130,8 @@ pub struct Client {
     next_region: AtomicU32,
     next_request: Arc<AtomicU64>,
     options: ClientOptions,
+    /// The thread that polls the gateways' pool status; stopped on drop.
+    poller: Option<(Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<()>)>,
 }
 
 impl Client {
@@ -147,14 +155,17 @@ impl Client {
         }
         let pe_reader = options.pe_storage.as_ref().map(PrefillReader::new).transpose()?.map(Arc::new);
         let dual = Arc::new(dual::DualState::new(options.policy, pe_reader.is_some(), gateways.len()));
+        let gateways = Arc::new(gateways);
+        let poller = (!options.pool_poll_interval.is_zero()).then(|| start_poller(&gateways, &dual, &options));
         Ok(Self {
-            gateways: Arc::new(gateways),
+            gateways,
             pe_reader,
             dual,
             regions,
             next_region: AtomicU32::new(1),
             next_request: Arc::new(AtomicU64::new(1)),
             options,
+            poller,
         })
     }
 
@@ -168,8 +179,15 @@ impl Client {
         let id = self.next_region.fetch_add(1, Ordering::Relaxed);
         let len = region.len() as u64;
         self.regions.write().expect("region table lock").insert(id, region);
-        for link in self.gateways.iter().flat_map(|gateway| &gateway.shards) {
-            link.register_region(id, len, self.options.request_timeout)?;
+        // Gateways out of the split (or gone) are skipped: a load announces the
+        // region itself on a connection that has not seen it.
+        for (index, gateway) in self.gateways.iter().enumerate() {
+            if !self.dual.gateway_healthy(index) {
+                continue;
+            }
+            for link in &gateway.shards {
+                link.register_region(id, len)?;
+            }
         }
         Ok(RegionId(id))
     }
@@ -193,7 +211,7 @@ impl Client {
         self.check_load(gateway, namespace, blocks)?;
         let shared = Arc::new(LoadShared::new(blocks, false));
         let indexes: Vec<u32> = (0..u32::try_from(blocks.len()).expect("bounded by check_load")).collect();
-        let request_id = dual::start_on_gateway(&self.gateways[gateway], &self.next_request, namespace, region, blocks, &indexes, layer_stride, &shared);
+        let (request_id, _) = dual::start_on_gateway(&self.gateways[gateway], &self.next_request, namespace, region, blocks, &indexes, layer_stride, &shared);
         Ok(LoadHandle { shared, request_id })
     }
 
@@ -246,8 +264,48 @@ impl Client {
         gateway.shards[key.shard(shard_count) as usize].store(request_id, namespace, key, bytes, self.options.request_timeout)
     }
 
+    /// Whether gateway `gateway` is in the dual-path split now (false once its
+    /// connection failed, or while the pool reports it silent).
+    pub fn gateway_in_split(&self, gateway: usize) -> bool {
+        self.dual.gateway_healthy(gateway)
+    }
+
     pub fn gateway_addresses(&self) -> Vec<&str> {
         self.gateways.iter().map(|gateway| gateway.address.as_str()).collect()
     }
 }
 
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        if let Some((stop, thread)) = self.poller.take() {
+            stop.store(true, Ordering::Relaxed);
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Polls every gateway's view of the pool and feeds it to the scheduler.
+fn start_poller(gateways: &Arc<Vec<Gateway>>, dual: &Arc<dual::DualState>, options: &ClientOptions) -> (Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<()>) {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (gateways, dual, stop_flag) = (Arc::clone(gateways), Arc::clone(dual), Arc::clone(&stop));
+    let (interval, silence) = (options.pool_poll_interval, options.pool_silence);
+    let started = std::time::Instant::now();
+    let thread = std::thread::Builder::new()
+        .name("dualpath-pool".into())
+        .spawn(move || {
+            while !stop_flag.load(Ordering::Relaxed) {
+                for gateway in gateways.iter() {
+                    let now = started.elapsed().as_secs_f64();
+                    match gateway.shards[0].pool_status(silence) {
+                        Ok(peers) => dual.pool_report(&gateways, &peers, silence, now),
+                        // A gateway that does not answer in time is silent itself.
+                        Err(_) => dual.pool_report(&gateways, &[protocol::PeerStatus { address: gateway.address.clone(), queued_bytes: 0, read_bytes_per_second: 0, age_ms: u32::MAX }], silence, now),
+                    }
+                }
+                std::thread::sleep(interval);
+            }
+        })
+        .expect("a thread can be spawned");
+    (stop, thread)
+}

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use block_layout::BlockKey;
 use protocol::auth;
+use protocol::PeerStatus;
 use protocol::{
     decode_data_prefix, decode_header, encode_store_head, ErrorCode, Frame, FrameType, Load, NamespaceInfo,
     StorePrefix, DATA_PREFIX_BYTES, HEADER_BYTES, PROTOCOL_VERSION,
@@ -96,9 +97,10 @@ impl Write for Socket {
 /// Replies that a caller waits for, keyed by region id or request id.
 #[derive(Debug, Default)]
 struct Waiting {
-    regions: HashMap<u32, Option<Result<(), ClientError>>>,
     stores: HashMap<u64, Option<(ErrorCode, String)>>,
     loads: HashMap<u64, (Arc<LoadShared>, PartId, Vec<u32>)>,
+    /// The latest `PoolStatus`, taken by whoever asked for it.
+    pool: Option<Vec<PeerStatus>>,
     /// Why the connection ended, once it has.
     closed: Option<String>,
 }
@@ -115,7 +117,9 @@ struct LinkShared {
 pub struct ShardLink {
     pub shard_count: u32,
     pub namespaces: Vec<NamespaceInfo>,
-    writer: Mutex<Socket>,
+    /// The socket's write side, and the regions already announced on it (held
+    /// together so a region is always announced before a load that uses it).
+    writer: Mutex<(Socket, std::collections::HashSet<u32>)>,
     shared: Arc<LinkShared>,
     receiver: Option<std::thread::JoinHandle<()>>,
 }
@@ -140,15 +144,34 @@ impl ShardLink {
             .name(format!("dualpath-recv-{shard}"))
             .spawn(move || receive_loop(reader, &receiver_shared))
             .map_err(connect_error)?;
-        Ok(Self { shard_count, namespaces, writer: Mutex::new(socket), shared, receiver: Some(receiver) })
+        Ok(Self { shard_count, namespaces, writer: Mutex::new((socket, Default::default())), shared, receiver: Some(receiver) })
     }
 
     fn send(&self, bytes: &[&[u8]]) -> Result<(), ClientError> {
         let mut writer = self.writer.lock().expect("writer lock");
+        self.write_parts(&mut writer.0, bytes)
+    }
+
+    fn write_parts(&self, socket: &mut Socket, bytes: &[&[u8]]) -> Result<(), ClientError> {
         for part in bytes {
-            writer.write_all(part).map_err(|error| ClientError::Disconnected { address: self.shared.address.clone(), message: error.to_string() })?;
+            socket.write_all(part).map_err(|error| ClientError::Disconnected { address: self.shared.address.clone(), message: error.to_string() })?;
         }
         Ok(())
+    }
+
+    /// Sends `load`, announcing its region first if this connection has not seen
+    /// it. The gateway handles frames in order, so no acknowledgement is awaited.
+    fn send_load(&self, load: &Load) -> Result<(), ClientError> {
+        let mut writer = self.writer.lock().expect("writer lock");
+        let (socket, announced) = &mut *writer;
+        if !announced.contains(&load.region_id) {
+            let len = self.shared.regions.read().expect("region table lock").get(&load.region_id).map(|region| region.len() as u64);
+            if let Some(len) = len {
+                self.write_parts(socket, &[&Frame::RegisterRegion { region_id: load.region_id, len }.encode()])?;
+                announced.insert(load.region_id);
+            }
+        }
+        self.write_parts(socket, &[&Frame::Load(load.clone()).encode()])
     }
 
     /// Waits until `done` says the reply is there, the link closed, or timeout.
@@ -170,10 +193,13 @@ impl ShardLink {
         }
     }
 
-    pub fn register_region(&self, region_id: u32, len: u64, timeout: Duration) -> Result<(), ClientError> {
-        self.shared.waiting.lock().expect("link lock").regions.insert(region_id, None);
-        self.send(&[&Frame::RegisterRegion { region_id, len }.encode()])?;
-        self.wait_for(timeout, &format!("registration of region {region_id}"), |waiting| waiting.regions.get_mut(&region_id)?.take())?
+    /// Announces a region now (loads announce it themselves if this was missed).
+    pub fn register_region(&self, region_id: u32, len: u64) -> Result<(), ClientError> {
+        let mut writer = self.writer.lock().expect("writer lock");
+        let (socket, announced) = &mut *writer;
+        self.write_parts(socket, &[&Frame::RegisterRegion { region_id, len }.encode()])?;
+        announced.insert(region_id);
+        Ok(())
     }
 
     pub fn start_load(&self, load: Load, indexes: Vec<u32>, part: PartId, shared: Arc<LoadShared>) -> Result<(), ClientError> {
@@ -184,7 +210,19 @@ impl ShardLink {
             }
             waiting.loads.insert(load.request_id, (shared, part, indexes));
         }
-        self.send(&[&Frame::Load(load).encode()])
+        self.send_load(&load)
+    }
+
+    /// The gateway's view of the decode pool.
+    pub fn pool_status(&self, timeout: Duration) -> Result<Vec<PeerStatus>, ClientError> {
+        self.shared.waiting.lock().expect("link lock").pool = None;
+        self.send(&[&Frame::StatusRequest.encode()])?;
+        self.wait_for(timeout, "the gateway's pool status", |waiting| waiting.pool.take())
+    }
+
+    /// Whether the connection has ended.
+    pub fn is_closed(&self) -> bool {
+        self.shared.waiting.lock().expect("link lock").closed.is_some()
     }
 
     pub fn store(&self, request_id: u64, namespace: &str, key: BlockKey, bytes: &[u8], timeout: Duration) -> Result<(), ClientError> {
@@ -203,7 +241,7 @@ impl ShardLink {
 
 impl Drop for ShardLink {
     fn drop(&mut self) {
-        self.writer.lock().map(|writer| writer.shutdown()).ok();
+        self.writer.lock().map(|writer| writer.0.shutdown()).ok();
         if let Some(receiver) = self.receiver.take() {
             let _ = receiver.join();
         }
@@ -300,9 +338,7 @@ fn receive_one(socket: &mut Socket, shared: &LinkShared) -> io::Result<()> {
 fn dispatch(frame: Frame, shared: &LinkShared) -> io::Result<()> {
     let mut waiting = shared.waiting.lock().expect("link lock");
     match frame {
-        Frame::RegionRegistered { region_id } => {
-            waiting.regions.insert(region_id, Some(Ok(())));
-        }
+        Frame::RegionRegistered { .. } => {}
         Frame::LayerDone { request_id, layer } => {
             if let Some((load, part, _)) = waiting.loads.get(&request_id) {
                 load.layer_done(*part, layer);
@@ -320,6 +356,9 @@ fn dispatch(frame: Frame, shared: &LinkShared) -> io::Result<()> {
             if let Some((load, part, _)) = waiting.loads.remove(&request_id) {
                 load.part_done(part);
             }
+        }
+        Frame::PoolStatus { peers } => {
+            waiting.pool = Some(peers);
         }
         Frame::StoreDone { request_id, code, message } => {
             waiting.stores.insert(request_id, Some((code, message)));

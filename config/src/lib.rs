@@ -51,6 +51,11 @@ struct GatewayFile {
 struct GatewaySection {
     cores: Option<u32>,
     auth_secret_file: Option<PathBuf>,
+    gossip_listen: Option<SocketAddr>,
+    #[serde(default)]
+    peers: Vec<SocketAddr>,
+    gossip_interval_ms: Option<u64>,
+    peer_timeout_ms: Option<u64>,
     listen_tcp: Option<SocketAddr>,
     listen_unix: Option<PathBuf>,
     metrics_listen: Option<SocketAddr>,
@@ -234,6 +239,13 @@ pub struct NamespaceConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GatewayConfig {
     pub cores: u32,
+    /// Where this gateway hears its peers' load reports (UDP); `None`: no gossip.
+    pub gossip_listen: Option<SocketAddr>,
+    /// The other gateways' `gossip_listen` addresses.
+    pub peers: Vec<SocketAddr>,
+    pub gossip_interval_ms: u64,
+    /// A peer not heard from for this long is reported as silent.
+    pub peer_timeout_ms: u64,
     /// File holding the cluster's shared secret; clients must prove they know it.
     /// (`DUALPATH_SECRET` in the environment is the other way to give it.)
     pub auth_secret_file: Option<PathBuf>,
@@ -305,8 +317,24 @@ impl Validator<'_> {
         if storage.backend == BackendKind::Object {
             self.object_limits(&namespaces)?;
         }
+        let gossip_interval_ms = raw.gateway.gossip_interval_ms.unwrap_or(20);
+        let peer_timeout_ms = raw.gateway.peer_timeout_ms.unwrap_or(10 * gossip_interval_ms);
+        if gossip_interval_ms == 0 || peer_timeout_ms <= gossip_interval_ms {
+            return Err(self.invalid(
+                "gateway.peer_timeout_ms",
+                format!("{peer_timeout_ms} ms with reports every {gossip_interval_ms} ms"),
+                "make peer_timeout_ms several times gossip_interval_ms (default 10x)",
+            ));
+        }
+        if !raw.gateway.peers.is_empty() && raw.gateway.gossip_listen.is_none() {
+            return Err(self.invalid("gateway.gossip_listen", "peers are listed but no gossip address", "set gossip_listen, the UDP address peers send to"));
+        }
         Ok(GatewayConfig {
             cores,
+            gossip_listen: raw.gateway.gossip_listen,
+            peers: raw.gateway.peers,
+            gossip_interval_ms,
+            peer_timeout_ms,
             auth_secret_file: raw.gateway.auth_secret_file,
             listen_tcp: raw.gateway.listen_tcp,
             listen_unix: raw.gateway.listen_unix,

@@ -19,9 +19,15 @@ const BLOCK_BYTES: usize = 8 * 4096;
 const WAIT: Duration = Duration::from_secs(120);
 
 fn write_config(dir: &Path, name: &str, endpoint: &str) -> PathBuf {
+    write_config_with(dir, name, endpoint, "")
+}
+
+/// `extra` goes into the [gateway] table (gossip settings).
+fn write_config_with(dir: &Path, name: &str, endpoint: &str, extra: &str) -> PathBuf {
     let text = format!(
         r#"
 [gateway]
+{extra}
 cores = 2
 listen_tcp = "127.0.0.1:0"
 metrics_listen = "127.0.0.1:0"
@@ -115,4 +121,66 @@ fn dual_path_load_uses_both_paths_and_survives_a_gateway_killed_mid_load() {
     assert!(report.all_done(), "{:?}", report.failed().next());
     assert!(load.reassigned_blocks() > 0, "gateway B's unfinished blocks went to the other paths");
     check(&fresh, count);
+}
+
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").expect("a free port").local_addr().expect("address").port()
+}
+
+fn signal(gateway: &GatewayProcess, signal: nix::sys::signal::Signal) {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(gateway.child.id()).expect("pid"));
+    nix::sys::signal::kill(pid, signal).expect("signal");
+}
+
+fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !condition() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Gateways gossip their load; a gateway that stops answering (SIGSTOP) leaves the
+/// client's split within a bounded time, loads complete without it, and it comes
+/// back when it answers again (SIGCONT).
+#[test]
+fn a_silent_gateway_leaves_the_split_and_returns() {
+    let Some((server, _one)) = Seaweed::start() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (port_a, port_b) = (free_udp_port(), free_udp_port());
+    let gossip = |me: u16, peer: u16| format!("gossip_listen = \"127.0.0.1:{me}\"\npeers = [\"127.0.0.1:{peer}\"]\ngossip_interval_ms = 10\npeer_timeout_ms = 150");
+    let first = write_config_with(dir.path(), "a", &server.endpoint(), &gossip(port_a, port_b));
+    let second = write_config_with(dir.path(), "b", &server.endpoint(), &gossip(port_b, port_a));
+    let count = 256u64;
+    let import = Command::new(BINARY).arg("--config").arg(&first).args(["import", "-n", "kv", "--synthetic", &count.to_string(), "--seed", &SEED.to_string()]).output().expect("import");
+    assert!(import.status.success(), "{}", String::from_utf8_lossy(&import.stderr));
+    let gateway_a = start(&first);
+    let gateway_b = start(&second);
+    wait_until("each gateway hears the other", || {
+        gateway_a.metric_sum("dualpath_pool_peers_alive") == 1.0 && gateway_b.metric_sum("dualpath_pool_peers_alive") == 1.0
+    });
+
+    let mut pe_storage = settings(&server.endpoint(), ACCESS_KEY, SECRET_KEY);
+    pe_storage.prefix = "dual/".into();
+    let options = ClientOptions {
+        pe_storage: Some(pe_storage),
+        pool_poll_interval: Duration::from_millis(20),
+        pool_silence: Duration::from_millis(300),
+        ..ClientOptions::default()
+    };
+    let client = Client::connect(&[&gateway_a.tcp, &gateway_b.tcp], options).expect("connect");
+    assert!(client.gateway_in_split(0) && client.gateway_in_split(1));
+
+    signal(&gateway_b, nix::sys::signal::Signal::SIGSTOP);
+    wait_until("the stopped gateway leaves the split", || !client.gateway_in_split(1));
+    assert!(client.gateway_in_split(0));
+    let region = Arc::new(Region::allocate(count as usize * BLOCK_BYTES));
+    let id = client.register_region(Arc::clone(&region)).expect("register");
+    let report = client.load_dual("kv", id, &blocks(count), 0).expect("load").wait(WAIT).expect("done without gateway B");
+    assert!(report.all_done());
+    check(&region, count);
+
+    signal(&gateway_b, nix::sys::signal::Signal::SIGCONT);
+    wait_until("the gateway returns to the split", || client.gateway_in_split(1));
 }

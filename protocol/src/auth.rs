@@ -31,8 +31,41 @@ pub fn verify(secret: &[u8], client_nonce: &[u8], server_nonce: &[u8], shard: u3
     mac(secret, client_nonce, server_nonce, shard).verify_slice(proof).is_ok()
 }
 
+const SIGNATURE_CONTEXT: &[u8] = b"dualpath-gossip-v1";
+/// Bytes of a signature appended by [`sign`].
+pub const SIGNATURE_BYTES: usize = 32;
+
+/// Appends an HMAC-SHA256 of `message` under `secret` (gateway-to-gateway gossip).
+pub fn sign(secret: &[u8], message: &mut Vec<u8>) {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes a key of any length");
+    mac.update(SIGNATURE_CONTEXT);
+    mac.update(message);
+    message.extend_from_slice(&mac.finalize().into_bytes());
+}
+
+/// Checks and strips the signature `sign` appended; `None` if it does not verify.
+pub fn verify_signed<'a>(secret: &[u8], signed: &'a [u8]) -> Option<&'a [u8]> {
+    let split = signed.len().checked_sub(SIGNATURE_BYTES)?;
+    let (message, signature) = signed.split_at(split);
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes a key of any length");
+    mac.update(SIGNATURE_CONTEXT);
+    mac.update(message);
+    mac.verify_slice(signature).ok().map(|()| message)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn signed_messages_verify_only_with_the_secret_and_unchanged() {
+        let mut message = b"report".to_vec();
+        super::sign(b"secret", &mut message);
+        assert_eq!(super::verify_signed(b"secret", &message), Some(&b"report"[..]));
+        assert_eq!(super::verify_signed(b"other", &message), None);
+        message[0] ^= 1;
+        assert_eq!(super::verify_signed(b"secret", &message), None);
+        assert_eq!(super::verify_signed(b"secret", b"short"), None);
+    }
+
     use super::*;
 
     #[test]

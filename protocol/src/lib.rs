@@ -51,12 +51,14 @@ pub enum FrameType {
     Error = 12,
     Challenge = 13,
     Proof = 14,
+    StatusRequest = 15,
+    PoolStatus = 16,
 }
 
 impl FrameType {
     pub fn from_code(code: u8) -> Option<Self> {
         use FrameType::*;
-        [Hello, HelloOk, RegisterRegion, RegionRegistered, Load, Data, LayerDone, BlockDone, LoadDone, Store, StoreDone, Error, Challenge, Proof]
+        [Hello, HelloOk, RegisterRegion, RegionRegistered, Load, Data, LayerDone, BlockDone, LoadDone, Store, StoreDone, Error, Challenge, Proof, StatusRequest, PoolStatus]
             .into_iter()
             .find(|kind| *kind as u8 == code)
     }
@@ -205,7 +207,27 @@ pub enum Frame {
     Challenge { nonce: Vec<u8> },
     /// The client's answer: `auth::proof` over both nonces.
     Proof { mac: Vec<u8> },
+    /// Asks a gateway for its view of the decode pool.
+    StatusRequest,
+    /// The gateway's view of the decode pool: itself and the peers it hears from.
+    PoolStatus { peers: Vec<PeerStatus> },
 }
+
+/// One gateway's load as the pool sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerStatus {
+    /// The gateway's client address (`gateway.listen_tcp`), its identity.
+    pub address: String,
+    /// Bytes of loads accepted and not yet delivered.
+    pub queued_bytes: u64,
+    /// Storage bytes read per second, recently.
+    pub read_bytes_per_second: u64,
+    /// Milliseconds since the last report from it (0 for the gateway itself).
+    pub age_ms: u32,
+}
+
+/// Most peers in one `PoolStatus`.
+pub const PEERS_MAX: usize = 4096;
 
 /// The fixed part of a `Store` frame; `payload_len` block bytes follow it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -339,6 +361,8 @@ impl Frame {
             Frame::Error { .. } => FrameType::Error,
             Frame::Challenge { .. } => FrameType::Challenge,
             Frame::Proof { .. } => FrameType::Proof,
+            Frame::StatusRequest => FrameType::StatusRequest,
+            Frame::PoolStatus { .. } => FrameType::PoolStatus,
         }
     }
 
@@ -407,6 +431,13 @@ impl Frame {
             Frame::Proof { mac } => {
                 out.bytes_u16(mac);
             }
+            Frame::StatusRequest => {}
+            Frame::PoolStatus { peers } => {
+                out.u32(u32::try_from(peers.len().min(PEERS_MAX)).expect("bounded"));
+                for peer in peers.iter().take(PEERS_MAX) {
+                    out.string(&peer.address).u64(peer.queued_bytes).u64(peer.read_bytes_per_second).u32(peer.age_ms);
+                }
+            }
         }
     }
 
@@ -447,6 +478,8 @@ impl Frame {
             },
             FrameType::Challenge => Frame::Challenge { nonce: reader.bytes_u16("nonce")?.to_vec() },
             FrameType::Proof => Frame::Proof { mac: reader.bytes_u16("mac")?.to_vec() },
+            FrameType::StatusRequest => Frame::StatusRequest,
+            FrameType::PoolStatus => decode_pool_status(&mut reader)?,
             FrameType::Data | FrameType::Store => {
                 return Err(ProtocolError::Invalid { kind, field: "type", problem: "not a control frame".into() })
             }
@@ -477,6 +510,23 @@ fn decode_hello_ok(reader: &mut Reader<'_>) -> Result<Frame, ProtocolError> {
         namespaces.push(NamespaceInfo { name, geometry });
     }
     Ok(Frame::HelloOk { version, shard, shard_count, namespaces })
+}
+
+fn decode_pool_status(reader: &mut Reader<'_>) -> Result<Frame, ProtocolError> {
+    let count = reader.u32()? as usize;
+    if count > PEERS_MAX {
+        return Err(reader.invalid("peers", format!("{count}, the most is {PEERS_MAX}")));
+    }
+    let mut peers = Vec::with_capacity(count.min(64));
+    for _ in 0..count {
+        peers.push(PeerStatus {
+            address: reader.string("address")?,
+            queued_bytes: reader.u64()?,
+            read_bytes_per_second: reader.u64()?,
+            age_ms: reader.u32()?,
+        });
+    }
+    Ok(Frame::PoolStatus { peers })
 }
 
 fn decode_load(reader: &mut Reader<'_>) -> Result<Load, ProtocolError> {
@@ -601,6 +651,10 @@ mod tests {
             Frame::Error { request_id: 0, code: ErrorCode::BadFrame, message: "bad".into() },
             Frame::Challenge { nonce: vec![1; 32] },
             Frame::Proof { mac: vec![2; 32] },
+            Frame::StatusRequest,
+            Frame::PoolStatus {
+                peers: vec![PeerStatus { address: "10.0.0.1:7400".into(), queued_bytes: 5, read_bytes_per_second: 6, age_ms: 7 }],
+            },
         ];
         for frame in frames {
             assert_eq!(round_trip(&frame), frame);

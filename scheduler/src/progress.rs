@@ -31,6 +31,8 @@ pub struct LoadProgress {
     units: Vec<Unit>,
     next_unit: usize,
     units_left: usize,
+    /// Payload bytes of the units not yet finished.
+    bytes_left: u64,
     first_layer: u16,
     layer_remaining: Vec<u32>,
     next_layer_to_report: usize,
@@ -77,10 +79,12 @@ impl LoadProgress {
                 layer_remaining[usize::from(layer - first_layer)] += 1;
             }
         }
+        let bytes_left = units.iter().map(|unit| u64::from(unit.layers.end - unit.layers.start) * layer_bytes).sum();
         Ok(Self {
             geometry,
             layer_stride,
             units_left: units.len(),
+            bytes_left,
             block_failed: vec![false; blocks.len()],
             blocks,
             units,
@@ -104,6 +108,11 @@ impl LoadProgress {
 
     pub fn has_unissued_units(&self) -> bool {
         self.next_unit < self.units.len()
+    }
+
+    /// Payload bytes still to deliver.
+    pub fn bytes_left(&self) -> u64 {
+        self.bytes_left
     }
 
     pub fn is_complete(&self) -> bool {
@@ -147,7 +156,7 @@ impl LoadProgress {
             self.blocks_ok += 1;
             events.push(Event::BlockDone { block: unit.block, code: ErrorCode::Ok, message: String::new() });
         }
-        for layer in unit.layers {
+        for layer in unit.layers.clone() {
             self.layer_remaining[usize::from(layer - self.first_layer)] -= 1;
         }
         while self.next_layer_to_report < self.layer_remaining.len() && self.layer_remaining[self.next_layer_to_report] == 0 {
@@ -156,6 +165,7 @@ impl LoadProgress {
             self.next_layer_to_report += 1;
         }
         self.units_left -= 1;
+        self.bytes_left -= u64::from(unit.layers.end - unit.layers.start) * self.geometry.layer_bytes();
         if self.units_left == 0 {
             events.push(Event::LoadDone { blocks_ok: self.blocks_ok, blocks_failed: self.blocks_failed });
         }

@@ -81,6 +81,10 @@ fn bench_config(block_bytes: u64, cores: u32) -> anyhow::Result<GatewayConfig> {
     };
     Ok(GatewayConfig {
         cores,
+        gossip_listen: None,
+        peers: Vec::new(),
+        gossip_interval_ms: 20,
+        peer_timeout_ms: 200,
         auth_secret_file: None,
         listen_tcp: Some("127.0.0.1:0".parse()?),
         listen_unix: None,

@@ -215,6 +215,6 @@ impl Connection {
 
     /// Whether a Hello or a gateway-to-client frame arrived where it should not.
     pub fn is_client_frame(kind: FrameType) -> bool {
-        matches!(kind, FrameType::RegisterRegion | FrameType::Load | FrameType::Store)
+        matches!(kind, FrameType::RegisterRegion | FrameType::Load | FrameType::Store | FrameType::StatusRequest)
     }
 }

@@ -37,6 +37,8 @@ pub struct NewConnection {
 #[derive(Debug)]
 pub struct CoreSetup {
     pub poll: Poll,
+    /// The decode pool's load, for `StatusRequest`.
+    pub pool: Arc<super::pool::Pool>,
     pub inbox: Receiver<NewConnection>,
     pub counters: Arc<CoreCounters>,
     pub shutdown: Arc<AtomicBool>,
@@ -119,6 +121,8 @@ impl<S: BlockStore> Core<S> {
         counters.reads_in_flight.store(self.shard.reads_in_flight() as i64, Ordering::Relaxed);
         let slab = self.shard.slab();
         counters.staging_bytes_in_use.store(i64::from(slab.buffers_in_use()) * slab.buffer_bytes() as i64, Ordering::Relaxed);
+        let queued: u64 = self.connections.iter().flatten().flat_map(|connection| connection.loads.iter().flatten()).map(|load| load.progress.bytes_left()).sum();
+        counters.queued_load_bytes.store(i64::try_from(queued).unwrap_or(i64::MAX), Ordering::Relaxed);
         Ok(())
     }
 
@@ -204,7 +208,8 @@ impl<S: BlockStore> Core<S> {
                 connection.send_control(&Frame::RegionRegistered { region_id });
             }
             Frame::Load(load) => self.on_load(index, load),
-            _ => unreachable!("client frames are RegisterRegion, Load and Store"),
+            Frame::StatusRequest => connection.send_control(&Frame::PoolStatus { peers: self.setup.pool.status() }),
+            _ => unreachable!("client frames are RegisterRegion, Load, StatusRequest and Store"),
         }
     }
 

@@ -53,6 +53,8 @@ pub struct CoreCounters {
     pub staging_bytes_total: AtomicI64,
     /// 1 when the slab sits on reserved 2 MiB huge pages, 0 after the fallback.
     pub staging_huge_pages: AtomicI64,
+    /// Bytes of loads accepted and not yet delivered.
+    pub queued_load_bytes: AtomicI64,
 }
 
 impl CoreCounters {
@@ -72,6 +74,7 @@ impl CoreCounters {
             staging_bytes_in_use: AtomicI64::new(0),
             staging_bytes_total: AtomicI64::new(0),
             staging_huge_pages: AtomicI64::new(0),
+            queued_load_bytes: AtomicI64::new(0),
         }
     }
 
@@ -122,6 +125,10 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     describe_gauge!("dualpath_storage_queue_depth", "Storage reads in flight");
     describe_gauge!("dualpath_staging_bytes_in_use", Unit::Bytes, "Staging memory held by reads and unsent data");
     describe_gauge!("dualpath_staging_bytes", Unit::Bytes, "Staging memory per shard");
+    describe_gauge!("dualpath_queued_load_bytes", Unit::Bytes, "Bytes of loads accepted and not yet delivered");
+    describe_gauge!("dualpath_pool_peers_alive", "Peer gateways heard from within the peer timeout");
+    describe_gauge!("dualpath_pool_peers_known", "Peer gateways ever heard from");
+    describe_counter!("dualpath_pool_reports_rejected_total", "Gossip reports dropped because their signature did not verify");
     describe_gauge!("dualpath_staging_huge_pages", "1 if the shard's staging memory is on reserved huge pages, 0 if it fell back to ordinary pages");
     describe_histogram!(STORAGE_READ_SECONDS, Unit::Seconds, "Latency of one storage read, submit to verified");
     describe_histogram!(LOAD_SECONDS, Unit::Seconds, "Latency of one load on one shard, request to last byte queued");
@@ -149,7 +156,8 @@ pub fn publish(cores: &[Arc<CoreCounters>], acceptor: &AcceptorCounters) {
         gauge!("dualpath_storage_queue_depth", "backend" => core.backend, "shard" => shard.clone()).set(read(&core.reads_in_flight));
         gauge!("dualpath_staging_bytes_in_use", "shard" => shard.clone()).set(read(&core.staging_bytes_in_use));
         gauge!("dualpath_staging_bytes", "shard" => shard.clone()).set(read(&core.staging_bytes_total));
-        gauge!("dualpath_staging_huge_pages", "shard" => shard).set(read(&core.staging_huge_pages));
+        gauge!("dualpath_staging_huge_pages", "shard" => shard.clone()).set(read(&core.staging_huge_pages));
+        gauge!("dualpath_queued_load_bytes", "shard" => shard).set(read(&core.queued_load_bytes));
     }
 }
 

@@ -6,6 +6,7 @@ mod acceptor;
 mod connection;
 mod core;
 pub mod metrics;
+mod pool;
 
 use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -83,7 +84,26 @@ where
 {
     let listeners = bind(config)?;
     let counters: Vec<_> = (0..config.cores).map(|shard| Arc::new(CoreCounters::new(shard, backend))).collect();
-    let (doors, workers) = start_cores(config, open, &counters, &shutdown)?;
+    let me = match &listeners.tcp {
+        Some(listener) => listener.local_addr()?.to_string(),
+        None => config.listen_unix.as_ref().map(|path| format!("unix:{}", path.display())).unwrap_or_default(),
+    };
+    let pool = Arc::new(pool::Pool::new(me, Duration::from_millis(config.peer_timeout_ms)));
+    let gossip_socket = config
+        .gossip_listen
+        .map(|address| std::net::UdpSocket::bind(address).with_context(|| format!("cannot listen for gossip on {address}")))
+        .transpose()?;
+    let (doors, workers) = start_cores(config, open, &counters, &shutdown, &pool)?;
+    let gossip = pool::Gossip {
+        pool: Arc::clone(&pool),
+        socket: gossip_socket,
+        peers: config.peers.clone(),
+        interval: Duration::from_millis(config.gossip_interval_ms),
+        secret: secret.clone(),
+        cores: counters.clone(),
+        shutdown: Arc::clone(&shutdown),
+    };
+    let gossip_thread = std::thread::Builder::new().name("dualpath-gossip".into()).spawn(move || gossip.run())?;
     let mut addresses = Vec::new();
     if let Some(listener) = &listeners.tcp {
         addresses.push(format!("tcp {}", listener.local_addr()?));
@@ -124,6 +144,7 @@ where
     if let Some(thread) = metrics_thread {
         let _ = thread.join();
     }
+    let _ = gossip_thread.join();
     if let Some(path) = &config.listen_unix {
         let _ = std::fs::remove_file(path);
     }
@@ -139,6 +160,7 @@ fn start_cores<S, F>(
     open: F,
     counters: &[Arc<CoreCounters>],
     shutdown: &Arc<AtomicBool>,
+    pool: &Arc<pool::Pool>,
 ) -> anyhow::Result<(Vec<CoreDoor>, Vec<CoreThread>)>
 where
     S: storage_backends::BlockStore,
@@ -154,6 +176,7 @@ where
         doors.push(CoreDoor { sender, waker });
         let setup = CoreSetup {
             poll,
+            pool: Arc::clone(pool),
             inbox,
             counters: Arc::clone(&counters[shard as usize]),
             shutdown: Arc::clone(shutdown),

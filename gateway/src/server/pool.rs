@@ -1,0 +1,162 @@
+//! The decode pool as this gateway sees it: its own load and its peers' reports,
+//! shared by gossip over UDP every few milliseconds (signed with the cluster secret
+//! when one is set). Clients read it with `StatusRequest` to account for other
+//! clients' work and to drop silent gateways from their split.
+//!
+//! Control plane only: one thread sends and receives reports; cores read the table
+//! under a mutex once per `StatusRequest`, never per block.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use protocol::{auth, decode_header, Frame, FrameType, PeerStatus, HEADER_BYTES};
+
+use super::metrics::CoreCounters;
+
+#[derive(Debug, Clone, Copy)]
+struct Load {
+    queued_bytes: u64,
+    read_bytes_per_second: u64,
+    heard: Instant,
+}
+
+#[derive(Debug)]
+pub struct Pool {
+    /// This gateway's client address: its identity in the pool.
+    me: String,
+    own: Mutex<Load>,
+    peers: Mutex<HashMap<String, Load>>,
+    timeout: Duration,
+}
+
+impl Pool {
+    pub fn new(me: String, timeout: Duration) -> Self {
+        let idle = Load { queued_bytes: 0, read_bytes_per_second: 0, heard: Instant::now() };
+        Self { me, own: Mutex::new(idle), peers: Mutex::new(HashMap::new()), timeout }
+    }
+
+    /// This gateway and every peer heard from, with each report's age.
+    pub fn status(&self) -> Vec<PeerStatus> {
+        let own = *self.own.lock().expect("pool lock");
+        let mut entries = vec![PeerStatus {
+            address: self.me.clone(),
+            queued_bytes: own.queued_bytes,
+            read_bytes_per_second: own.read_bytes_per_second,
+            age_ms: 0,
+        }];
+        for (address, load) in self.peers.lock().expect("pool lock").iter() {
+            entries.push(PeerStatus {
+                address: address.clone(),
+                queued_bytes: load.queued_bytes,
+                read_bytes_per_second: load.read_bytes_per_second,
+                age_ms: u32::try_from(load.heard.elapsed().as_millis()).unwrap_or(u32::MAX),
+            });
+        }
+        entries
+    }
+
+    fn report(&self) -> PeerStatus {
+        let own = *self.own.lock().expect("pool lock");
+        PeerStatus { address: self.me.clone(), queued_bytes: own.queued_bytes, read_bytes_per_second: own.read_bytes_per_second, age_ms: 0 }
+    }
+
+    fn heard(&self, status: PeerStatus) {
+        if status.address == self.me {
+            return;
+        }
+        let load = Load { queued_bytes: status.queued_bytes, read_bytes_per_second: status.read_bytes_per_second, heard: Instant::now() };
+        self.peers.lock().expect("pool lock").insert(status.address, load);
+    }
+
+    fn publish_metrics(&self) {
+        let peers = self.peers.lock().expect("pool lock");
+        let alive = peers.values().filter(|load| load.heard.elapsed() < self.timeout).count();
+        metrics::gauge!("dualpath_pool_peers_alive").set(alive as f64);
+        metrics::gauge!("dualpath_pool_peers_known").set(peers.len() as f64);
+    }
+}
+
+/// What the gossip thread needs.
+#[derive(Debug)]
+pub struct Gossip {
+    pub pool: Arc<Pool>,
+    pub socket: Option<UdpSocket>,
+    pub peers: Vec<SocketAddr>,
+    pub interval: Duration,
+    pub secret: Option<Arc<[u8]>>,
+    pub cores: Vec<Arc<CoreCounters>>,
+    pub shutdown: Arc<AtomicBool>,
+}
+
+impl Gossip {
+    /// Every interval: measure this gateway's load, send it to every peer, and take
+    /// in what peers sent.
+    pub fn run(self) {
+        if let Some(socket) = &self.socket {
+            socket.set_read_timeout(Some(self.interval)).expect("a bound socket takes a timeout");
+        }
+        let mut last_read_bytes = self.read_bytes();
+        let mut last_tick = Instant::now();
+        let mut buffer = vec![0u8; 2048];
+        while !self.shutdown.load(Ordering::Relaxed) {
+            let elapsed = last_tick.elapsed();
+            if elapsed >= self.interval {
+                let read_bytes = self.read_bytes();
+                let rate = (read_bytes - last_read_bytes) as f64 / elapsed.as_secs_f64();
+                last_read_bytes = read_bytes;
+                last_tick = Instant::now();
+                let queued = self.cores.iter().map(|core| core.queued_load_bytes.load(Ordering::Relaxed).max(0) as u64).sum();
+                *self.pool.own.lock().expect("pool lock") = Load { queued_bytes: queued, read_bytes_per_second: rate as u64, heard: Instant::now() };
+                self.send();
+                self.pool.publish_metrics();
+            }
+            match &self.socket {
+                Some(socket) => {
+                    if let Ok((length, _)) = socket.recv_from(&mut buffer) {
+                        self.receive(&buffer[..length]);
+                    }
+                }
+                None => std::thread::sleep(self.interval),
+            }
+        }
+    }
+
+    fn read_bytes(&self) -> u64 {
+        self.cores.iter().map(|core| core.storage_read_bytes.load(Ordering::Relaxed)).sum()
+    }
+
+    fn send(&self) {
+        let Some(socket) = &self.socket else { return };
+        let mut message = Frame::PoolStatus { peers: vec![self.pool.report()] }.encode();
+        if let Some(secret) = &self.secret {
+            auth::sign(secret, &mut message);
+        }
+        for peer in &self.peers {
+            // A peer that is down makes sends fail; it shows up as silent.
+            let _ = socket.send_to(&message, peer);
+        }
+    }
+
+    fn receive(&self, datagram: &[u8]) {
+        let message = match &self.secret {
+            Some(secret) => match auth::verify_signed(secret, datagram) {
+                Some(message) => message,
+                None => {
+                    metrics::counter!("dualpath_pool_reports_rejected_total").increment(1);
+                    return;
+                }
+            },
+            None => datagram,
+        };
+        let Some(header) = message.get(..HEADER_BYTES).and_then(|bytes| decode_header(bytes.try_into().ok()?).ok()) else { return };
+        if header.kind != FrameType::PoolStatus || message.len() != HEADER_BYTES + header.body_len as usize {
+            return;
+        }
+        if let Ok(Frame::PoolStatus { peers }) = Frame::decode(FrameType::PoolStatus, &message[HEADER_BYTES..]) {
+            peers.into_iter().for_each(|status| self.pool.heard(status));
+        }
+    }
+}
