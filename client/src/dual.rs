@@ -19,10 +19,36 @@ const RATE_WEIGHT: f64 = 0.3;
 /// How often the coordinator checks for blocks to hand to another path.
 const COORDINATOR_TICK: Duration = Duration::from_millis(20);
 
+/// What one path has carried, for `Client::path_stats` and the metrics.
+#[derive(Debug, Clone, Default)]
+struct Carried {
+    bytes: u64,
+    blocks: u64,
+    /// Share of the bytes of the last assignment that went to this path.
+    last_share: f64,
+}
+
+/// One path as the engine can inspect it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PathStats {
+    /// "pe" or "gateway N" (N: position in the addresses given to `connect`).
+    pub name: String,
+    pub in_split: bool,
+    /// Bytes and blocks this path has delivered in dual-path loads.
+    pub bytes: u64,
+    pub blocks: u64,
+    /// Bytes assigned to it and not yet delivered.
+    pub queued_bytes: u64,
+    pub estimated_bytes_per_second: f64,
+    /// Its share of the bytes of the most recent assignment.
+    pub last_share: f64,
+}
+
 /// The client's paths and what it has learnt of them.
 #[derive(Debug)]
 pub(crate) struct DualState {
     scheduler: Mutex<Scheduler>,
+    carried: Mutex<Vec<Carried>>,
     pe_path: Option<PathId>,
     /// Path of gateway `n`.
     gateway_paths: Vec<PathId>,
@@ -42,8 +68,9 @@ impl DualState {
             foreign_queued_bytes: 0,
         };
         let pe_path = has_pe.then(|| scheduler.add_path(path(PathKind::PrefillLocal)));
-        let gateway_paths = (0..gateways).map(|index| scheduler.add_path(path(PathKind::Gateway(index as u32)))).collect();
-        Self { scheduler: Mutex::new(scheduler), pe_path, gateway_paths }
+        let gateway_paths: Vec<PathId> = (0..gateways).map(|index| scheduler.add_path(path(PathKind::Gateway(index as u32)))).collect();
+        let carried = Mutex::new(vec![Carried::default(); usize::from(has_pe) + gateway_paths.len()]);
+        Self { scheduler: Mutex::new(scheduler), carried, pe_path, gateway_paths }
     }
 
     /// Folds in the pool's view from gateway `gateway`: each listed gateway that this
@@ -76,19 +103,57 @@ impl DualState {
         scheduler.path(self.gateway_paths[gateway]).healthy
     }
 
-    /// Bytes each path has carried and its current rate estimate, PE first.
-    pub(crate) fn describe(&self) -> Vec<(String, f64)> {
+    /// Every path's counters and estimates, PE first.
+    pub(crate) fn stats(&self) -> Vec<PathStats> {
         let scheduler = self.scheduler.lock().expect("scheduler lock");
+        let carried = self.carried.lock().expect("carried lock");
         scheduler
             .paths()
-            .map(|(_, path)| {
-                let name = match path.kind {
-                    PathKind::PrefillLocal => "pe".to_owned(),
-                    PathKind::Gateway(index) => format!("gateway {index}"),
-                };
-                (name, path.storage_rate.bytes_per_second())
+            .map(|(id, path)| {
+                let done = &carried[id.0 as usize];
+                PathStats {
+                    name: path_name(path.kind),
+                    in_split: path.healthy,
+                    bytes: done.bytes,
+                    blocks: done.blocks,
+                    queued_bytes: path.queued_bytes,
+                    estimated_bytes_per_second: path.effective_rate(),
+                    last_share: done.last_share,
+                }
             })
             .collect()
+    }
+
+    /// Records an assignment's shares and publishes the per-path gauges.
+    fn record_shares(&self, shares: &[(PathId, u64)]) {
+        let total: u64 = shares.iter().map(|(_, bytes)| bytes).sum();
+        let scheduler = self.scheduler.lock().expect("scheduler lock");
+        let mut carried = self.carried.lock().expect("carried lock");
+        for (id, path) in scheduler.paths() {
+            let bytes = shares.iter().find(|(path_id, _)| *path_id == id).map_or(0, |(_, bytes)| *bytes);
+            let share = if total == 0 { 0.0 } else { bytes as f64 / total as f64 };
+            carried[id.0 as usize].last_share = share;
+            let name = path_name(path.kind);
+            metrics::gauge!("dualpath_client_path_share", "path" => name.clone()).set(share);
+            metrics::gauge!("dualpath_client_path_queued_bytes", "path" => name.clone()).set(path.queued_bytes as f64);
+            metrics::gauge!("dualpath_client_path_rate_bytes_per_second", "path" => name).set(path.effective_rate());
+        }
+    }
+
+    fn record_carried(&self, path: PathId, kind: PathKind, bytes: u64, blocks: u64) {
+        let mut carried = self.carried.lock().expect("carried lock");
+        carried[path.0 as usize].bytes += bytes;
+        carried[path.0 as usize].blocks += blocks;
+        let name = path_name(kind);
+        metrics::counter!("dualpath_client_path_bytes_total", "path" => name.clone()).increment(bytes);
+        metrics::counter!("dualpath_client_path_blocks_total", "path" => name).increment(blocks);
+    }
+}
+
+fn path_name(kind: PathKind) -> String {
+    match kind {
+        PathKind::PrefillLocal => "pe".to_owned(),
+        PathKind::Gateway(index) => format!("gateway {index}"),
     }
 }
 
@@ -148,14 +213,20 @@ impl Starter {
             }
         }
         let mut per_path: Vec<(PathId, Vec<u32>)> = Vec::new();
-        for (&block, choice) in blocks.iter().zip(choices) {
+        let mut shares: Vec<(PathId, u64)> = Vec::new();
+        for ((&block, choice), bytes) in blocks.iter().zip(choices).zip(&sizes) {
             let path = choice.expect("queue limits are far above any load");
             owners[block as usize] = Some(path);
             match per_path.iter_mut().find(|(id, _)| *id == path) {
                 Some((_, list)) => list.push(block),
                 None => per_path.push((path, vec![block])),
             }
+            match shares.iter_mut().find(|(id, _)| *id == path) {
+                Some((_, total)) => *total += bytes,
+                None => shares.push((path, *bytes)),
+            }
         }
+        self.dual.record_shares(&shares);
         for (path, list) in per_path {
             for part in self.start_part(plan, shared, path, list) {
                 parts.push((part, path));
@@ -196,7 +267,12 @@ impl Starter {
                 let mut scheduler = self.dual.scheduler.lock().expect("scheduler lock");
                 for &block in &retries {
                     if let Some(path) = owners[block as usize] {
-                        scheduler.set_healthy(path, false, started.elapsed().as_secs_f64());
+                        // A gateway whose part failed leaves the split (the pool
+                        // poller brings it back when it answers). The PE path has
+                        // no link to lose: its failures are per block.
+                        if Some(path) != self.dual.pe_path {
+                            scheduler.set_healthy(path, false, started.elapsed().as_secs_f64());
+                        }
                         let bytes = u64::from(plan.blocks[block as usize].layers.end - plan.blocks[block as usize].layers.start) * plan.geometry.layer_bytes();
                         scheduler.abandoned(path, bytes);
                     }
@@ -205,20 +281,27 @@ impl Starter {
             let _ = self.assign_and_start(&plan, &shared, &retries, &mut owners, &mut parts);
         }
         let elapsed = started.elapsed().as_secs_f64();
-        let mut scheduler = self.dual.scheduler.lock().expect("scheduler lock");
-        let mut carried: Vec<(PathId, u64)> = Vec::new();
+        let mut carried: Vec<(PathId, u64, u64)> = Vec::new();
         for (block, owner) in owners.iter().enumerate() {
             let Some(path) = owner else { continue };
             let bytes = u64::from(plan.blocks[block].layers.end - plan.blocks[block].layers.start) * plan.geometry.layer_bytes();
-            match carried.iter_mut().find(|(id, _)| id == path) {
-                Some((_, total)) => *total += bytes,
-                None => carried.push((*path, bytes)),
+            match carried.iter_mut().find(|(id, _, _)| id == path) {
+                Some((_, total, blocks)) => {
+                    *total += bytes;
+                    *blocks += 1;
+                }
+                None => carried.push((*path, bytes, 1)),
             }
         }
-        for (path, bytes) in carried {
-            if scheduler.path(path).healthy {
-                scheduler.completed(path, bytes, elapsed, None, elapsed);
-            }
+        for (path, bytes, blocks) in carried {
+            let kind = {
+                let mut scheduler = self.dual.scheduler.lock().expect("scheduler lock");
+                if scheduler.path(path).healthy {
+                    scheduler.completed(path, bytes, elapsed, None, elapsed);
+                }
+                scheduler.path(path).kind
+            };
+            self.dual.record_carried(path, kind, bytes, blocks);
         }
     }
 }

@@ -25,6 +25,7 @@ use block_layout::{BlockKey, Geometry};
 use protocol::{ErrorCode, NamespaceInfo};
 
 pub use link::Endpoint;
+pub use dual::PathStats;
 pub use load::{LoadHandle, LoadReport};
 pub use pe::PrefillReader;
 pub use scheduler::Policy;
@@ -249,10 +250,12 @@ impl Client {
         Ok(LoadHandle { shared, request_id })
     }
 
-    /// Each path of `load_dual` ("pe", "gateway N") and its current rate estimate
-    /// in bytes per second.
-    pub fn paths(&self) -> Vec<(String, f64)> {
-        self.dual.describe()
+    /// Each path of `load_dual` ("pe", "gateway N"): whether it is in the split,
+    /// bytes and blocks carried, bytes queued, estimated rate, last share. The same
+    /// figures go to the `metrics` facade (`dualpath_client_path_*`), for engines
+    /// that install a recorder.
+    pub fn path_stats(&self) -> Vec<PathStats> {
+        self.dual.stats()
     }
 
     /// Stores one whole block (after prefill) through the shard that owns its key on

@@ -110,6 +110,11 @@ fn dual_path_load_uses_both_paths_and_survives_a_gateway_killed_mid_load() {
     let total = count * BLOCK_BYTES as u64;
     assert!(via_a > 0 && via_b > 0, "both gateways carried data: {via_a} {via_b}");
     assert!(via_a + via_b < total, "the PE path carried the rest: {via_a} + {via_b} of {total}");
+    let stats = client.path_stats();
+    assert_eq!(stats.iter().map(|path| path.name.as_str()).collect::<Vec<_>>(), ["pe", "gateway 0", "gateway 1"]);
+    assert_eq!(stats.iter().map(|path| path.blocks).sum::<u64>(), count);
+    assert_eq!(stats[1].bytes, via_a, "the client's count of gateway A's bytes matches the gateway's");
+    assert!((stats.iter().map(|path| path.last_share).sum::<f64>() - 1.0).abs() < 1e-9);
 
     // Again, killing gateway B as soon as the load starts: its blocks move to the
     // other paths and every byte still arrives.
@@ -118,7 +123,7 @@ fn dual_path_load_uses_both_paths_and_survives_a_gateway_killed_mid_load() {
     let load = client.load_dual("kv", id, &blocks(count), 0).expect("load");
     gateway_b.child.kill().expect("SIGKILL");
     let report = load.wait(WAIT).expect("the load completes through the remaining paths");
-    assert!(report.all_done(), "{:?}", report.failed().next());
+    assert!(report.all_done(), "{:?} {:?}", report.failed().next(), client.path_stats());
     assert!(load.reassigned_blocks() > 0, "gateway B's unfinished blocks went to the other paths");
     check(&fresh, count);
 }

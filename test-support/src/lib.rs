@@ -77,7 +77,11 @@ impl Seaweed {
         let client = ObjectStore::open(&settings(&self.endpoint(), ACCESS_KEY, SECRET_KEY), &[], 1).expect("valid settings");
         let deadline = Instant::now() + Duration::from_secs(60);
         while let Err(error) = client.client().create_bucket() {
-            assert!(Instant::now() < deadline, "SeaweedFS did not come up ({error:?}); see {}", self.directory.join("weed.log").display());
+            if Instant::now() >= deadline {
+                let log = std::fs::read_to_string(self.directory.join("weed.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                panic!("SeaweedFS did not come up ({error:?}); the end of its log, newest first:\n{}", tail.join("\n"));
+            }
             std::thread::sleep(Duration::from_millis(250));
         }
     }

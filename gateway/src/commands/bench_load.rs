@@ -75,8 +75,16 @@ pub fn bench_load(options: &BenchLoadOptions) -> anyhow::Result<()> {
         percentile(0.5),
         percentile(0.99)
     );
-    for (path, rate) in client.paths() {
-        println!("path {path}: estimated {:.1} MB/s", rate / 1e6);
+    for path in client.path_stats() {
+        println!(
+            "path {}: {} blocks, {:.1} MB, last share {:.0}%, estimated {:.1} MB/s{}",
+            path.name,
+            path.blocks,
+            path.bytes as f64 / 1e6,
+            100.0 * path.last_share,
+            path.estimated_bytes_per_second / 1e6,
+            if path.in_split { "" } else { " (out of the split)" }
+        );
     }
     Ok(())
 }
