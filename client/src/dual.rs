@@ -91,9 +91,10 @@ impl DualState {
             }
             let own = scheduler.path(path).queued_bytes;
             let foreign = peer.queued_bytes.saturating_sub(own);
-            // A busy gateway's read rate is its capacity; an idle one's says nothing.
-            let rate = if peer.queued_bytes > 0 { peer.read_bytes_per_second as f64 } else { 0.0 };
-            scheduler.peer_report(index as u32, rate, foreign, now);
+            // The gateway's read rate over its last gossip interval is too noisy to
+            // replace the estimate learnt from this client's own completions, so
+            // only the other clients' queued work is taken from the pool.
+            scheduler.peer_report(index as u32, 0.0, foreign, now);
         }
     }
 
