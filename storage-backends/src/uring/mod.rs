@@ -11,7 +11,7 @@
 //! a valid record whose data is complete, or with no valid record (a missing block).
 //! Every read is verified against the per-layer checksums before it is returned.
 
-mod format;
+pub mod format;
 mod index;
 
 use std::fs::{File, OpenOptions};
