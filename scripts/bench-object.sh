@@ -10,26 +10,8 @@ python3 -c "import boto3" 2>/dev/null || { echo "bench-object: boto3 is missing:
 cargo build --release -p gateway --bin dualpath
 
 work=$(mktemp -d)
-trap 'kill "${weed_pid:-}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
-read -r -a ports <<<"$(python3 -c 'import socket
-s=[socket.socket() for _ in range(8)]
-[x.bind(("127.0.0.1",0)) for x in s]
-print(" ".join(str(x.getsockname()[1]) for x in s))')"
+trap 'kill "${SEAWEED_PID:-}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
 export AWS_ACCESS_KEY_ID=dualpath-bench AWS_SECRET_ACCESS_KEY=dualpath-bench-secret
-cat >"$work/s3.json" <<JSON
-{"identities":[{"name":"bench","credentials":[{"accessKey":"$AWS_ACCESS_KEY_ID","secretKey":"$AWS_SECRET_ACCESS_KEY"}],"actions":["Admin","Read","Write","List"]}]}
-JSON
-mkdir -p "$work/data"
-(cd "$work" && exec weed server -dir=data -ip=127.0.0.1 -ip.bind=127.0.0.1 -master.telemetry=false -iam=false \
-    -s3 -s3.config=s3.json -master.volumeSizeLimitMB=256 -volume.max=30 \
-    -s3.port="${ports[0]}" -s3.port.grpc="${ports[1]}" -master.port="${ports[2]}" -master.port.grpc="${ports[3]}" \
-    -volume.port="${ports[4]}" -volume.port.grpc="${ports[5]}" -filer.port="${ports[6]}" -filer.port.grpc="${ports[7]}" \
-    >"$work/weed.log" 2>&1) &
-weed_pid=$!
-endpoint="http://127.0.0.1:${ports[0]}"
-for _ in $(seq 1 120); do
-    curl -s -o /dev/null "$endpoint/" && break
-    sleep 0.5
-done
-sleep 2
-target/release/dualpath bench object --endpoint "$endpoint" "$@"
+source scripts/lib/seaweed.sh
+seaweed_start "$work"
+target/release/dualpath bench object --endpoint "$SEAWEED_ENDPOINT" "$@"

@@ -170,6 +170,9 @@ enum BenchTarget {
         /// PE-path requests in flight.
         #[arg(long, default_value_t = 16)]
         pe_concurrency: u32,
+        /// Check every loaded byte against the synthetic contents.
+        #[arg(long)]
+        verify: bool,
     },
     /// Memory to memory over the TCP transport, against iperf3 and Mooncake's TCP transport.
     Transport {
@@ -283,6 +286,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     blocks_per_request,
                     requests_in_flight,
                     pe_concurrency,
+                    verify,
                 },
         } => {
             let pe_storage = pe_endpoint.map(|endpoint| client::ObjectSettings {
@@ -299,7 +303,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             });
             let policy = policy.parse().map_err(|message: String| anyhow::anyhow!(message))?;
             let secret = std::env::var_os("DUALPATH_SECRET").map(|value| value.into_encoded_bytes());
-            bench_load(&BenchLoadOptions { gateways, pe_storage, policy, namespace, blocks, seed, blocks_per_request, requests_in_flight, secret })
+            bench_load(&BenchLoadOptions { gateways, pe_storage, policy, namespace, blocks, seed, blocks_per_request, requests_in_flight, secret, verify })
         }
         Command::Bench { target: BenchTarget::Object { endpoint, bucket, access_key_id, secret_access_key, blocks, block_size, concurrency, rounds } } => {
             bench_object(&BenchObjectOptions { endpoint, bucket, access_key_id, secret_access_key, blocks, block_bytes: block_size, concurrency, rounds })

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use block_layout::BlockKey;
 use client::{BlockLoad, Client, ClientOptions, LoadHandle, ObjectSettings, Policy, Region};
 
 use crate::synthetic;
@@ -22,6 +23,8 @@ pub struct BenchLoadOptions {
     pub blocks_per_request: u64,
     pub requests_in_flight: usize,
     pub secret: Option<Vec<u8>>,
+    /// Check every loaded byte against the synthetic contents.
+    pub verify: bool,
 }
 
 pub fn bench_load(options: &BenchLoadOptions) -> anyhow::Result<()> {
@@ -43,12 +46,16 @@ pub fn bench_load(options: &BenchLoadOptions) -> anyhow::Result<()> {
     let keys: Vec<_> = (0..options.blocks).map(|index| synthetic::key(options.seed, index)).collect();
     let started = Instant::now();
     let mut latencies = Vec::new();
-    let mut in_flight: std::collections::VecDeque<(LoadHandle, Instant)> = std::collections::VecDeque::new();
+    let mut in_flight: std::collections::VecDeque<(LoadHandle, Instant, u64, Vec<BlockKey>)> = std::collections::VecDeque::new();
+    let mut verified = 0u64;
     for (request, chunk) in keys.chunks(usize::try_from(options.blocks_per_request)?).enumerate() {
         if in_flight.len() == slots {
-            let (load, sent) = in_flight.pop_front().expect("slots in flight");
+            let (load, sent, slot, chunk_keys) = in_flight.pop_front().expect("slots in flight");
             finish(&load)?;
             latencies.push(sent.elapsed().as_secs_f64());
+            if options.verify {
+                verified += verify(&region, slot * slot_bytes, &chunk_keys, block_bytes)?;
+            }
         }
         let base = (request % slots) as u64 * slot_bytes;
         let blocks: Vec<BlockLoad> = chunk
@@ -57,18 +64,21 @@ pub fn bench_load(options: &BenchLoadOptions) -> anyhow::Result<()> {
             .map(|(index, key)| BlockLoad { key: *key, layers: 0..geometry.layers, dest_offset: base + index as u64 * block_bytes })
             .collect();
         let load = client.load_dual(&options.namespace, id, &blocks, 0)?;
-        in_flight.push_back((load, Instant::now()));
+        in_flight.push_back((load, Instant::now(), (request % slots) as u64, chunk.to_vec()));
     }
-    for (load, sent) in in_flight {
+    for (load, sent, slot, chunk_keys) in in_flight {
         finish(&load)?;
         latencies.push(sent.elapsed().as_secs_f64());
+        if options.verify {
+            verified += verify(&region, slot * slot_bytes, &chunk_keys, block_bytes)?;
+        }
     }
     let elapsed = started.elapsed().as_secs_f64();
     latencies.sort_by(f64::total_cmp);
     let percentile = |fraction: f64| latencies[((latencies.len() - 1) as f64 * fraction).round() as usize];
     let bytes = options.blocks * block_bytes;
     println!(
-        "policy={} bytes={bytes} seconds={elapsed:.3} throughput_mb_s={:.1} requests={} latency_p50_s={:.3} latency_p99_s={:.3}",
+        "policy={} bytes={bytes} verified_bytes={verified} seconds={elapsed:.3} throughput_mb_s={:.1} requests={} latency_p50_s={:.3} latency_p99_s={:.3}",
         options.policy,
         bytes as f64 / elapsed / 1e6,
         latencies.len(),
@@ -87,6 +97,19 @@ pub fn bench_load(options: &BenchLoadOptions) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Checks the blocks of one request slot against their synthetic contents.
+fn verify(region: &Region, base: u64, keys: &[BlockKey], block_bytes: u64) -> anyhow::Result<u64> {
+    let mut expected = vec![0u8; usize::try_from(block_bytes)?];
+    for (index, key) in keys.iter().enumerate() {
+        synthetic::fill(*key, &mut expected);
+        let offset = usize::try_from(base + index as u64 * block_bytes)?;
+        if region.read(offset, expected.len()) != expected {
+            bail!("block {key} arrived with wrong bytes");
+        }
+    }
+    Ok(keys.len() as u64 * block_bytes)
 }
 
 fn finish(load: &LoadHandle) -> anyhow::Result<()> {
