@@ -125,6 +125,8 @@ pub(crate) struct Gateway {
 #[derive(Debug)]
 pub struct Client {
     gateways: Arc<Vec<Gateway>>,
+    /// Addresses that could not be reached at `connect`.
+    unreachable: Vec<String>,
     pe_reader: Option<Arc<PrefillReader>>,
     dual: Arc<dual::DualState>,
     regions: Arc<RwLock<HashMap<u32, Arc<Region>>>>,
@@ -137,22 +139,30 @@ pub struct Client {
 
 impl Client {
     /// Connects to every shard of every gateway in `addresses` ("host:port" or
-    /// "unix:/path").
+    /// "unix:/path"). Gateways that cannot be reached are left out (see
+    /// [`Client::unreachable_gateways`]); it fails only if none can be, or on a
+    /// refusal (a wrong secret, an unsupported version). Gateway indexes
+    /// (`load_from`, path names) count the reachable ones, in order.
     pub fn connect(addresses: &[&str], options: ClientOptions) -> Result<Self, ClientError> {
         if addresses.is_empty() {
             return Err(ClientError::Invalid("no gateway address given".into()));
         }
         let regions = Arc::new(RwLock::new(HashMap::new()));
         let mut gateways = Vec::with_capacity(addresses.len());
+        let mut unreachable = Vec::new();
+        let mut first_error = None;
         for address in addresses {
-            let endpoint = Endpoint::parse(address)?;
-            let first = ShardLink::connect(&endpoint, 0, &options, Arc::clone(&regions))?;
-            let (shard_count, namespaces) = (first.shard_count, first.namespaces.clone());
-            let mut shards = vec![Arc::new(first)];
-            for shard in 1..shard_count {
-                shards.push(Arc::new(ShardLink::connect(&endpoint, shard, &options, Arc::clone(&regions))?));
+            match connect_gateway(address, &options, &regions) {
+                Ok(gateway) => gateways.push(gateway),
+                Err(error @ (ClientError::Connect { .. } | ClientError::Disconnected { .. })) => {
+                    unreachable.push(address.to_string());
+                    first_error.get_or_insert(error);
+                }
+                Err(error) => return Err(error),
             }
-            gateways.push(Gateway { address: address.to_string(), shards, namespaces });
+        }
+        if gateways.is_empty() {
+            return Err(first_error.expect("every address failed"));
         }
         let pe_reader = options.pe_storage.as_ref().map(PrefillReader::new).transpose()?.map(Arc::new);
         let dual = Arc::new(dual::DualState::new(options.policy, pe_reader.is_some(), gateways.len()));
@@ -160,6 +170,7 @@ impl Client {
         let poller = (!options.pool_poll_interval.is_zero()).then(|| start_poller(&gateways, &dual, &options));
         Ok(Self {
             gateways,
+            unreachable,
             pe_reader,
             dual,
             regions,
@@ -273,11 +284,28 @@ impl Client {
         self.dual.gateway_healthy(gateway)
     }
 
+    /// Addresses given to `connect` that could not be reached then.
+    pub fn unreachable_gateways(&self) -> &[String] {
+        &self.unreachable
+    }
+
     pub fn gateway_addresses(&self) -> Vec<&str> {
         self.gateways.iter().map(|gateway| gateway.address.as_str()).collect()
     }
 }
 
+
+/// Connects to every shard of one gateway.
+fn connect_gateway(address: &str, options: &ClientOptions, regions: &Arc<RwLock<HashMap<u32, Arc<Region>>>>) -> Result<Gateway, ClientError> {
+    let endpoint = Endpoint::parse(address)?;
+    let first = ShardLink::connect(&endpoint, 0, options, Arc::clone(regions))?;
+    let (shard_count, namespaces) = (first.shard_count, first.namespaces.clone());
+    let mut shards = vec![Arc::new(first)];
+    for shard in 1..shard_count {
+        shards.push(Arc::new(ShardLink::connect(&endpoint, shard, options, Arc::clone(regions))?));
+    }
+    Ok(Gateway { address: address.to_string(), shards, namespaces })
+}
 
 impl Drop for Client {
     fn drop(&mut self) {

@@ -321,3 +321,17 @@ fn clients_must_prove_the_cluster_secret_and_failures_are_counted() {
     assert!(missing.to_string().contains("requires authentication"), "{missing}");
     assert_eq!(gateway.metric_sum("dualpath_auth_failures_total") as u64, 2);
 }
+
+#[test]
+fn an_unreachable_gateway_is_left_out_at_connect() {
+    let gateway = Gateway::start(2);
+    let dead = "127.0.0.1:1";
+    let client = Client::connect(&[dead, &gateway.tcp], ClientOptions::default()).expect("one gateway is enough");
+    assert_eq!(client.unreachable_gateways(), [dead.to_owned()]);
+    assert_eq!(client.gateway_addresses(), [gateway.tcp.as_str()]);
+    let region = Arc::new(Region::allocate(BLOCK_BYTES));
+    let id = client.register_region(Arc::clone(&region)).expect("register");
+    assert!(client.load("full", id, &whole_blocks(1), 0).expect("load").wait(WAIT).expect("done").all_done());
+    let error = Client::connect(&[dead], ClientOptions::default()).expect_err("nothing reachable");
+    assert!(error.is_retryable(), "{error}");
+}
