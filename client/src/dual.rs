@@ -81,7 +81,7 @@ impl DualState {
         for peer in peers {
             let Some(index) = gateways.iter().position(|gateway| gateway.address == peer.address) else { continue };
             let path = self.gateway_paths[index];
-            if gateways[index].shards.iter().any(|link| link.is_closed()) {
+            if gateways[index].is_closed() {
                 scheduler.set_healthy(path, false, now);
                 continue;
             }
@@ -317,6 +317,13 @@ impl Starter {
             if scheduler.path(path).healthy {
                 return true;
             }
+            // Cut the gateway off before its blocks go elsewhere: once they land
+            // through another path the engine may reuse the memory, and a late
+            // write from the silent gateway must not land on top. The pool poller
+            // reconnects when it answers again.
+            if let Some(gateway) = self.dual.gateway_paths.iter().position(|id| *id == path) {
+                self.gateways[gateway].disconnect();
+            }
             shared.fail_part(part, ErrorCode::Io, ClientError::Disconnected { address: format!("path {}", path.0), message: "the gateway went silent".into() });
             false
         });
@@ -336,8 +343,9 @@ pub(crate) fn start_on_gateway(
     layer_stride: u64,
     shared: &Arc<LoadShared>,
 ) -> (u64, Vec<PartId>) {
-    let shard_count = u32::try_from(gateway.shards.len()).expect("shard count from the gateway");
-    let mut per_shard: Vec<(Vec<BlockLoad>, Vec<u32>)> = vec![(Vec::new(), Vec::new()); gateway.shards.len()];
+    let links = gateway.links();
+    let shard_count = u32::try_from(links.len()).expect("shard count from the gateway");
+    let mut per_shard: Vec<(Vec<BlockLoad>, Vec<u32>)> = vec![(Vec::new(), Vec::new()); links.len()];
     for (block, &index) in blocks.iter().zip(indexes) {
         let shard = block.key.shard(shard_count) as usize;
         per_shard[shard].0.push(block.clone());
@@ -353,7 +361,7 @@ pub(crate) fn start_on_gateway(
         let part = shared.add_part(shard_indexes.clone());
         parts.push(part);
         let load = Load { request_id, namespace: namespace.to_owned(), region_id: region.0, layer_stride, blocks: shard_blocks };
-        if let Err(error) = gateway.shards[shard].start_load(load, shard_indexes, part, Arc::clone(shared)) {
+        if let Err(error) = links[shard].start_load(load, shard_indexes, part, Arc::clone(shared)) {
             shared.fail_part(part, ErrorCode::Io, error);
         }
     }

@@ -117,7 +117,8 @@ pub enum BlockStatus {
 #[derive(Debug)]
 pub(crate) struct Gateway {
     address: String,
-    shards: Vec<Arc<ShardLink>>,
+    /// Replaced as a whole when the client reconnects after a failure.
+    shards: RwLock<Vec<Arc<ShardLink>>>,
     namespaces: Vec<NamespaceInfo>,
 }
 
@@ -167,7 +168,7 @@ impl Client {
         let pe_reader = options.pe_storage.as_ref().map(PrefillReader::new).transpose()?.map(Arc::new);
         let dual = Arc::new(dual::DualState::new(options.policy, pe_reader.is_some(), gateways.len()));
         let gateways = Arc::new(gateways);
-        let poller = (!options.pool_poll_interval.is_zero()).then(|| start_poller(&gateways, &dual, &options));
+        let poller = (!options.pool_poll_interval.is_zero()).then(|| start_poller(&gateways, &dual, &options, &regions));
         Ok(Self {
             gateways,
             unreachable,
@@ -197,7 +198,7 @@ impl Client {
             if !self.dual.gateway_healthy(index) {
                 continue;
             }
-            for link in &gateway.shards {
+            for link in gateway.links() {
                 link.register_region(id, len)?;
             }
         }
@@ -233,7 +234,7 @@ impl Client {
             let known = gateway.namespaces.iter().map(|info| info.name.clone()).collect();
             return Err(ClientError::UnknownNamespace { name: namespace.to_owned(), known });
         }
-        if blocks.len() > protocol::LOAD_BLOCKS_MAX as usize * gateway.shards.len() {
+        if blocks.len() > protocol::LOAD_BLOCKS_MAX as usize * gateway.links().len() {
             return Err(ClientError::Invalid(format!("{} blocks in one load; split it", blocks.len())));
         }
         Ok(())
@@ -273,9 +274,10 @@ impl Client {
     /// gateway 0; returns when it is durable.
     pub fn store(&self, namespace: &str, key: BlockKey, bytes: &[u8]) -> Result<(), ClientError> {
         let gateway = &self.gateways[0];
-        let shard_count = u32::try_from(gateway.shards.len()).expect("shard count from the gateway");
+        let links = gateway.links();
+        let shard_count = u32::try_from(links.len()).expect("shard count from the gateway");
         let request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
-        gateway.shards[key.shard(shard_count) as usize].store(request_id, namespace, key, bytes, self.options.request_timeout)
+        links[key.shard(shard_count) as usize].store(request_id, namespace, key, bytes, self.options.request_timeout)
     }
 
     /// Whether gateway `gateway` is in the dual-path split now (false once its
@@ -304,7 +306,43 @@ fn connect_gateway(address: &str, options: &ClientOptions, regions: &Arc<RwLock<
     for shard in 1..shard_count {
         shards.push(Arc::new(ShardLink::connect(&endpoint, shard, options, Arc::clone(regions))?));
     }
-    Ok(Gateway { address: address.to_string(), shards, namespaces })
+    Ok(Gateway { address: address.to_string(), shards: RwLock::new(shards), namespaces })
+}
+
+impl Gateway {
+    /// The current connections, one per shard.
+    pub(crate) fn links(&self) -> Vec<Arc<ShardLink>> {
+        self.shards.read().expect("links lock").clone()
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.links().iter().any(|link| link.is_closed())
+    }
+
+    /// Cuts every connection: nothing more arrives from this gateway (a late write
+    /// from a gateway that went silent must not land after its blocks were loaded
+    /// elsewhere and the memory reused).
+    pub(crate) fn disconnect(&self) {
+        let links = self.links();
+        links.iter().for_each(|link| link.close());
+        // Shutting the socket down wakes a receive thread blocked in a read; wait
+        // until each has stopped, so no write into the region is still under way.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while links.iter().any(|link| !link.is_closed()) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Connects again after a failure; true on success.
+    fn reconnect(&self, options: &ClientOptions, regions: &Arc<RwLock<HashMap<u32, Arc<Region>>>>) -> bool {
+        match connect_gateway(&self.address, options, regions) {
+            Ok(fresh) => {
+                *self.shards.write().expect("links lock") = fresh.links();
+                true
+            }
+            Err(_) => false,
+        }
+    }
 }
 
 impl Drop for Client {
@@ -317,9 +355,15 @@ impl Drop for Client {
 }
 
 /// Polls every gateway's view of the pool and feeds it to the scheduler.
-fn start_poller(gateways: &Arc<Vec<Gateway>>, dual: &Arc<dual::DualState>, options: &ClientOptions) -> (Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<()>) {
+fn start_poller(
+    gateways: &Arc<Vec<Gateway>>,
+    dual: &Arc<dual::DualState>,
+    options: &ClientOptions,
+    regions: &Arc<RwLock<HashMap<u32, Arc<Region>>>>,
+) -> (Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<()>) {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (gateways, dual, stop_flag) = (Arc::clone(gateways), Arc::clone(dual), Arc::clone(&stop));
+    let (options, regions) = (options.clone(), Arc::clone(regions));
     let (interval, silence) = (options.pool_poll_interval, options.pool_silence);
     let started = std::time::Instant::now();
     let thread = std::thread::Builder::new()
@@ -328,7 +372,11 @@ fn start_poller(gateways: &Arc<Vec<Gateway>>, dual: &Arc<dual::DualState>, optio
             while !stop_flag.load(Ordering::Relaxed) {
                 for gateway in gateways.iter() {
                     let now = started.elapsed().as_secs_f64();
-                    match gateway.shards[0].pool_status(silence) {
+                    if gateway.is_closed() && !gateway.reconnect(&options, &regions) {
+                        dual.pool_report(&gateways, &[protocol::PeerStatus { address: gateway.address.clone(), queued_bytes: 0, read_bytes_per_second: 0, age_ms: u32::MAX }], silence, now);
+                        continue;
+                    }
+                    match gateway.links()[0].pool_status(silence) {
                         Ok(peers) => dual.pool_report(&gateways, &peers, silence, now),
                         // A gateway that does not answer in time is silent itself.
                         Err(_) => dual.pool_report(&gateways, &[protocol::PeerStatus { address: gateway.address.clone(), queued_bytes: 0, read_bytes_per_second: 0, age_ms: u32::MAX }], silence, now),

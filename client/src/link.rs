@@ -220,6 +220,12 @@ impl ShardLink {
         self.wait_for(timeout, "the gateway's pool status", |waiting| waiting.pool.take())
     }
 
+    /// Ends the connection now: the receive thread stops, and nothing more from
+    /// this gateway reaches the region.
+    pub fn close(&self) {
+        self.writer.lock().map(|writer| writer.0.shutdown()).ok();
+    }
+
     /// Whether the connection has ended.
     pub fn is_closed(&self) -> bool {
         self.shared.waiting.lock().expect("link lock").closed.is_some()

@@ -38,7 +38,15 @@ pub(crate) struct LoadState {
     retry: Option<Vec<u32>>,
     /// Blocks handed to another path after theirs failed.
     reassigned: usize,
+    /// Per block: how many paths have failed it.
+    attempts: Vec<u8>,
+    /// Per block: the part now responsible for it (a block handed to another path
+    /// must not be handed on again when its old part ends).
+    owner: Vec<Option<PartId>>,
 }
+
+/// Paths a block may fail on before its failure is final.
+const ATTEMPTS_MAX: u8 = 3;
 
 /// Progress shared by the receive threads, the PE readers and the engine.
 #[derive(Debug)]
@@ -60,6 +68,8 @@ impl LoadShared {
                 failure: None,
                 retry: retry.then(Vec::new),
                 reassigned: 0,
+                attempts: vec![0; blocks.len()],
+                owner: vec![None; blocks.len()],
             }),
             changed: Condvar::new(),
         }
@@ -73,8 +83,12 @@ impl LoadShared {
 
     pub(crate) fn add_part(&self, blocks: Vec<u32>) -> PartId {
         self.update(|state| {
+            let part = PartId(u32::try_from(state.parts.len()).expect("parts fit u32"));
+            for &block in &blocks {
+                state.owner[block as usize] = Some(part);
+            }
             state.parts.push(Part { blocks, done: false });
-            PartId(u32::try_from(state.parts.len() - 1).expect("parts fit u32"))
+            part
         })
     }
 
@@ -91,13 +105,23 @@ impl LoadShared {
         });
     }
 
+    /// A path finished a block. With retries on, a failure worth retrying (an I/O
+    /// error, a busy or stopping gateway) sends the block to another path, up to
+    /// `ATTEMPTS_MAX` paths.
     pub(crate) fn block_done(&self, block: u32, status: BlockStatus) {
         self.update(|state| {
-            if let Some(slot) = state.blocks.get_mut(block as usize) {
-                if *slot == BlockStatus::Pending {
-                    *slot = status;
+            let index = block as usize;
+            if state.blocks.get(index) != Some(&BlockStatus::Pending) {
+                return;
+            }
+            if let (BlockStatus::Failed { code, .. }, Some(retry)) = (&status, state.retry.as_mut()) {
+                if code.is_retryable() && state.attempts[index] + 1 < ATTEMPTS_MAX {
+                    state.attempts[index] += 1;
+                    retry.push(block);
+                    return;
                 }
             }
+            state.blocks[index] = status;
         });
     }
 
@@ -116,7 +140,13 @@ impl LoadShared {
         self.update(|state| {
             let Some(entry) = state.parts.get_mut(part.0 as usize) else { return };
             entry.done = true;
-            let unfinished: Vec<u32> = entry.blocks.iter().copied().filter(|&block| state.blocks[block as usize] == BlockStatus::Pending).collect();
+            // Blocks already handed to a newer part are that part's business.
+            let unfinished: Vec<u32> = entry
+                .blocks
+                .iter()
+                .copied()
+                .filter(|&block| state.blocks[block as usize] == BlockStatus::Pending && state.owner[block as usize] == Some(part))
+                .collect();
             let retryable = code.is_retryable() || matches!(failure, ClientError::Disconnected { .. });
             if let (Some(retry), true) = (state.retry.as_mut(), retryable) {
                 retry.extend(unfinished);

@@ -38,6 +38,8 @@ pub struct LoadProgress {
     next_layer_to_report: usize,
     block_remaining: Vec<u32>,
     block_failed: Vec<bool>,
+    /// The first failure of each failed block, reported once all its reads ended.
+    block_failure: Vec<Option<Refusal>>,
     blocks_ok: u32,
     blocks_failed: u32,
 }
@@ -86,6 +88,7 @@ impl LoadProgress {
             units_left: units.len(),
             bytes_left,
             block_failed: vec![false; blocks.len()],
+            block_failure: vec![None; blocks.len()],
             blocks,
             units,
             next_unit: 0,
@@ -147,14 +150,24 @@ impl LoadProgress {
         if let Err(failure) = result {
             if !self.block_failed[block] {
                 self.block_failed[block] = true;
-                self.blocks_failed += 1;
-                events.push(Event::BlockDone { block: unit.block, code: failure.code, message: failure.message });
+                self.block_failure[block] = Some(failure);
             }
         }
+        // A block is reported only when none of its reads is still in flight, so
+        // that after its BlockDone this path writes nothing more for it: the
+        // client may load a failed block elsewhere and reuse the memory.
         self.block_remaining[block] -= 1;
-        if self.block_remaining[block] == 0 && !self.block_failed[block] {
-            self.blocks_ok += 1;
-            events.push(Event::BlockDone { block: unit.block, code: ErrorCode::Ok, message: String::new() });
+        if self.block_remaining[block] == 0 {
+            match self.block_failure[block].take() {
+                Some(failure) => {
+                    self.blocks_failed += 1;
+                    events.push(Event::BlockDone { block: unit.block, code: failure.code, message: failure.message });
+                }
+                None => {
+                    self.blocks_ok += 1;
+                    events.push(Event::BlockDone { block: unit.block, code: ErrorCode::Ok, message: String::new() });
+                }
+            }
         }
         for layer in unit.layers.clone() {
             self.layer_remaining[usize::from(layer - self.first_layer)] -= 1;
@@ -294,6 +307,21 @@ mod tests {
         let failures: Vec<_> = events.iter().filter(|event| matches!(event, Event::BlockDone { code: ErrorCode::NotFound, .. })).collect();
         assert_eq!(failures.len(), 1);
         assert_eq!(events.last(), Some(&Event::LoadDone { blocks_ok: 2, blocks_failed: 1 }));
+    }
+
+    #[test]
+    fn a_failed_block_is_reported_only_after_its_last_read_ends() {
+        let mut progress = LoadProgress::new(geometry(Layout::Layer), blocks(1), 0, 1 << 20, 1 << 20).expect("valid");
+        let mut events = Vec::new();
+        let issued: Vec<usize> = std::iter::from_fn(|| progress.next_unit(&mut events)).collect();
+        assert_eq!(issued.len(), 4, "all four layer reads in flight");
+        progress.unit_finished(issued[0], Err(refusal(ErrorCode::Io, "read failed".into())), &mut events);
+        for &unit in &issued[1..3] {
+            progress.unit_finished(unit, Ok(()), &mut events);
+        }
+        assert!(!events.iter().any(|event| matches!(event, Event::BlockDone { .. })), "{events:?}");
+        progress.unit_finished(issued[3], Ok(()), &mut events);
+        assert!(events.contains(&Event::BlockDone { block: 0, code: ErrorCode::Io, message: "read failed".into() }));
     }
 
     #[test]

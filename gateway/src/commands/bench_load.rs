@@ -105,8 +105,12 @@ fn verify(region: &Region, base: u64, keys: &[BlockKey], block_bytes: u64) -> an
     for (index, key) in keys.iter().enumerate() {
         synthetic::fill(*key, &mut expected);
         let offset = usize::try_from(base + index as u64 * block_bytes)?;
-        if region.read(offset, expected.len()) != expected {
-            bail!("block {key} arrived with wrong bytes");
+        let got = region.read(offset, expected.len());
+        if got != expected {
+            let first = got.iter().zip(&expected).position(|(a, b)| a != b).unwrap_or(0);
+            let last = got.iter().zip(&expected).rposition(|(a, b)| a != b).unwrap_or(0);
+            let zeros = got[first..=last].iter().all(|&byte| byte == 0);
+            bail!("block {key} arrived with wrong bytes (bytes {first}..={last} of {} differ{})", expected.len(), if zeros { ", all zero" } else { "" });
         }
     }
     Ok(keys.len() as u64 * block_bytes)

@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# Soak: dual-path load with faults injected, for a chosen duration. A throw-away
+# SeaweedFS holds the blocks; two gateways read from it; the client loads through
+# both gateways and its own PE path and checks every byte. Meanwhile a fault
+# injector, every FAULT_EVERY seconds, SIGKILLs a gateway (restarting it a second
+# later) or stops it with SIGSTOP for a second. At the end: loads completed, bytes
+# verified, faults injected, errors by kind, gateways' peak RSS.
+#   scripts/soak.sh [SECONDS]   (default 60; FAULT_EVERY=3, BLOCKS=256, FAULTS=both|sigkill|sigstop)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+duration=${1:-60}
+fault_every=${FAULT_EVERY:-3}
+faults=${FAULTS:-both}   # sigkill, sigstop or both
+blocks=${BLOCKS:-256}
+cargo build --release -q -p gateway --bin dualpath
+bin=$PWD/target/release/dualpath
+work=$(mktemp -d)
+cleanup() {
+    for pidfile in "$work"/*.pid; do [ -e "$pidfile" ] && kill -CONT "$(cat "$pidfile")" 2>/dev/null && kill "$(cat "$pidfile")" 2>/dev/null; done
+    kill "${SEAWEED_PID:-}" "${injector:-}" 2>/dev/null || true
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+source scripts/lib/seaweed.sh
+seaweed_start "$work"
+read -r -a ports <<<"$(python3 -c 'import socket
+s=[socket.socket() for _ in range(2)]
+[x.bind(("127.0.0.1",0)) for x in s]
+print(" ".join(str(x.getsockname()[1]) for x in s))')"
+for index in 0 1; do
+    cat >"$work/g$index.toml" <<CONFIG
+[gateway]
+cores = 1
+listen_tcp = "127.0.0.1:${ports[$index]}"
+[staging]
+bytes_per_core = "16MiB"
+buffer_bytes = "256KiB"
+huge_pages = "off"
+[storage]
+backend = "object"
+[storage.object]
+endpoint = "$SEAWEED_ENDPOINT"
+bucket = "dualpath-kv"
+prefix = "soak/"
+concurrency = 8
+[[namespace]]
+name = "kv"
+layers = 8
+tokens_per_block = 32
+bytes_per_token_per_layer = 1024
+layout = "layer"
+capacity = "4GiB"
+CONFIG
+done
+"$bin" --config "$work/g0.toml" import -n kv --synthetic "$blocks" --seed 3 >/dev/null 2>&1
+start_gateway() {
+    (exec "$bin" --config "$work/g$1.toml" serve >>"$work/g$1.log" 2>&1) &
+    echo $! >"$work/g$1.pid"
+    for _ in $(seq 1 100); do grep -q "gateway ready" "$work/g$1.log" 2>/dev/null && return; sleep 0.1; done
+}
+peak_rss_kb() { awk '/VmHWM/ {print $2}' "/proc/$(cat "$work/g$1.pid")/status" 2>/dev/null || echo 0; }
+start_gateway 0
+start_gateway 1
+end=$((SECONDS + duration))
+: >"$work/faults"; : >"$work/rss"
+(
+    while [ "$SECONDS" -lt "$end" ]; do
+        sleep "$fault_every"
+        index=$((RANDOM % 2))
+        peak_rss_kb "$index" >>"$work/rss"
+        kind=$faults
+        [ "$kind" = both ] && kind=$([ $((RANDOM % 2)) = 0 ] && echo sigkill || echo sigstop)
+        if [ "$kind" = sigkill ]; then
+            kill -9 "$(cat "$work/g$index.pid")" 2>/dev/null || true
+            echo sigkill >>"$work/faults"
+            sleep 1
+            start_gateway "$index"
+        else
+            kill -STOP "$(cat "$work/g$index.pid")" 2>/dev/null || true
+            echo sigstop >>"$work/faults"
+            sleep 1
+            kill -CONT "$(cat "$work/g$index.pid")" 2>/dev/null || true
+        fi
+    done
+) &
+injector=$!
+runs=0 requests=0 verified=0
+: >"$work/errors"
+while [ "$SECONDS" -lt "$end" ]; do
+    if output=$(timeout 120 "$bin" bench load --gateway "127.0.0.1:${ports[0]}" --gateway "127.0.0.1:${ports[1]}" \
+        --pe-endpoint "$SEAWEED_ENDPOINT" --prefix soak/ -n kv --blocks "$blocks" --seed 3 --blocks-per-request 16 --verify 2>&1); then
+        runs=$((runs + 1))
+        requests=$((requests + $(sed -nE 's/.*requests=([0-9]+).*/\1/p' <<<"$output" | head -1)))
+        verified=$((verified + $(sed -nE 's/.*verified_bytes=([0-9]+).*/\1/p' <<<"$output" | head -1)))
+    else
+        grep -m1 -oE "error: [^:]*" <<<"$output" >>"$work/errors" || echo "error: unknown" >>"$work/errors"
+    fi
+done
+wait "$injector" 2>/dev/null || true
+for index in 0 1; do peak_rss_kb "$index" >>"$work/rss"; done
+echo "soak: ${duration}s, $runs load runs, $requests loads completed, $((verified / 1048576)) MiB verified byte for byte"
+echo "soak: faults injected: $(sort "$work/faults" | uniq -c | awk '{printf "%s %s, ", $1, $2}')total $(wc -l <"$work/faults")"
+if [ -s "$work/errors" ]; then
+    echo "soak: errors by kind: $(sort "$work/errors" | uniq -c | awk '{c=$1; $1=""; printf "%d x%s; ", c, $0}')"
+else
+    echo "soak: errors: none"
+fi
+echo "soak: gateways' peak RSS: $(sort -n "$work/rss" | tail -1) KiB"
