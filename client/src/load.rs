@@ -117,6 +117,7 @@ impl LoadShared {
             if let (BlockStatus::Failed { code, .. }, Some(retry)) = (&status, state.retry.as_mut()) {
                 if code.is_retryable() && state.attempts[index] + 1 < ATTEMPTS_MAX {
                     state.attempts[index] += 1;
+                    state.owner[index] = None;
                     retry.push(block);
                     return;
                 }
@@ -149,6 +150,13 @@ impl LoadShared {
                 .collect();
             let retryable = code.is_retryable() || matches!(failure, ClientError::Disconnected { .. });
             if let (Some(retry), true) = (state.retry.as_mut(), retryable) {
+                // A block waiting for a new path belongs to no part: a second report
+                // of the same failure (the connection's end, then the coordinator)
+                // must not queue it twice, or two paths would load it and the later
+                // one write after the load is over.
+                for &block in &unfinished {
+                    state.owner[block as usize] = None;
+                }
                 retry.extend(unfinished);
                 return;
             }
@@ -163,7 +171,9 @@ impl LoadShared {
     /// Blocks waiting for another path (retries on), taken; empty if none.
     pub(crate) fn take_retries(&self) -> Vec<u32> {
         self.update(|state| {
-            let taken = state.retry.as_mut().map(std::mem::take).unwrap_or_default();
+            let mut taken = state.retry.as_mut().map(std::mem::take).unwrap_or_default();
+            taken.sort_unstable();
+            taken.dedup();
             state.reassigned += taken.len();
             taken
         })
@@ -291,5 +301,53 @@ impl LoadHandle {
             end += 1;
         }
         first..end
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use block_layout::BlockKey;
+
+    fn blocks(count: u64) -> Vec<BlockLoad> {
+        (0..count).map(|index| BlockLoad { key: BlockKey(index.into()), layers: 0..2, dest_offset: index * 8192 }).collect()
+    }
+
+    fn gone() -> ClientError {
+        ClientError::Disconnected { address: "gateway".into(), message: "gone".into() }
+    }
+
+    /// The bug the fault soak found: a part's failure reported twice (its
+    /// connection's end, then the coordinator) queued its blocks twice, two paths
+    /// loaded them, and the later one wrote after the load had finished.
+    #[test]
+    fn a_failed_part_queues_each_block_once_however_often_it_is_reported() {
+        let shared = LoadShared::new(&blocks(3), true);
+        let first = shared.add_part(vec![0, 1, 2]);
+        shared.block_done(0, BlockStatus::Done);
+        shared.fail_part(first, ErrorCode::Io, gone());
+        shared.fail_part(first, ErrorCode::Io, gone());
+        assert_eq!(shared.take_retries(), vec![1, 2]);
+        let second = shared.add_part(vec![1, 2]);
+        // The old part's end, reported late, leaves the new part's blocks alone.
+        shared.fail_part(first, ErrorCode::Io, gone());
+        assert!(shared.take_retries().is_empty());
+        shared.fail_part(second, ErrorCode::Io, gone());
+        assert_eq!(shared.take_retries(), vec![1, 2]);
+    }
+
+    #[test]
+    fn retryable_block_failures_move_on_and_final_ones_stay() {
+        let shared = LoadShared::new(&blocks(1), true);
+        let failure = || BlockStatus::Failed { code: ErrorCode::Io, message: "read failed".into() };
+        for _ in 0..ATTEMPTS_MAX - 1 {
+            shared.add_part(vec![0]);
+            shared.block_done(0, failure());
+            assert_eq!(shared.take_retries(), vec![0]);
+        }
+        shared.block_done(0, failure());
+        assert!(shared.take_retries().is_empty());
+        let handle = LoadHandle { shared: std::sync::Arc::new(shared), request_id: 1 };
+        assert_eq!(handle.block_status(0), Some(failure()));
     }
 }
