@@ -157,12 +157,7 @@ impl Client {
         gateway: usize,
     ) -> PyResult<Load> {
         let blocks = self.blocks(namespace, keys, dest_offsets, layers)?;
-        let inner = Arc::clone(&self.inner);
-        let namespace = namespace.to_owned();
-        let handle = py
-            .allow_threads(move || inner.load_from(gateway, &namespace, RegionId(region), &blocks, layer_stride))
-            .map_err(to_python)?;
-        Ok(Load { handle: Arc::new(handle), _client: Arc::clone(&self.inner) })
+        self.start_load(py, |client| client.load_from(gateway, namespace, RegionId(region), &blocks, layer_stride))
     }
 
     /// As `load`, over every path the policy allows: the prefill node's own reads
@@ -180,12 +175,7 @@ impl Client {
         layer_stride: u64,
     ) -> PyResult<Load> {
         let blocks = self.blocks(namespace, keys, dest_offsets, layers)?;
-        let inner = Arc::clone(&self.inner);
-        let namespace = namespace.to_owned();
-        let handle = py
-            .allow_threads(move || inner.load_dual(&namespace, RegionId(region), &blocks, layer_stride))
-            .map_err(to_python)?;
-        Ok(Load { handle: Arc::new(handle), _client: Arc::clone(&self.inner) })
+        self.start_load(py, |client| client.load_dual(namespace, RegionId(region), &blocks, layer_stride))
     }
 
     /// Stores one whole block (bytes-like); returns when it is durable.
@@ -202,6 +192,14 @@ impl Client {
 }
 
 impl Client {
+    /// Starts a load with the GIL released; the `Load` keeps the client's
+    /// connections open.
+    fn start_load(&self, py: Python<'_>, start: impl FnOnce(&RustClient) -> Result<LoadHandle, ClientError> + Send) -> PyResult<Load> {
+        let inner = Arc::clone(&self.inner);
+        let handle = py.allow_threads(move || start(&inner)).map_err(to_python)?;
+        Ok(Load { handle: Arc::new(handle), _client: Arc::clone(&self.inner) })
+    }
+
     fn blocks(&self, namespace: &str, keys: Vec<KeyArgument>, dest_offsets: Vec<u64>, layers: Option<Bound<'_, PyAny>>) -> PyResult<Vec<BlockLoad>> {
         if keys.len() != dest_offsets.len() {
             return Err(PyValueError::new_err(format!("{} keys but {} dest_offsets", keys.len(), dest_offsets.len())));
