@@ -1,7 +1,6 @@
 //! Opening the store a config describes, one shard per core, with each shard's
 //! staging slab; and the routing of a key to its shard.
 
-use std::rc::Rc;
 
 use anyhow::Context;
 use block_layout::BlockKey;
@@ -10,7 +9,7 @@ use staging::{HugePages, SlabConfig, StagingSlab};
 use storage_backends::any::{AnyShard, AnyStore};
 use storage_backends::object::{ObjectSettings, ObjectStore};
 use storage_backends::uring::UringStore;
-use storage_backends::{BlockStore, NamespaceSpec};
+use storage_backends::NamespaceSpec;
 
 pub fn namespace_specs(config: &GatewayConfig) -> Vec<NamespaceSpec> {
     config
@@ -79,9 +78,4 @@ pub fn open_all_shards(store: &AnyStore, config: &GatewayConfig) -> anyhow::Resu
 
 pub fn shard_of(key: BlockKey, shard_count: usize) -> usize {
     key.shard(u32::try_from(shard_count).expect("shard count bounded by config")) as usize
-}
-
-/// The slab of a shard, for acquiring read buffers.
-pub fn slab(shard: &AnyShard) -> Rc<StagingSlab> {
-    Rc::clone(shard.slab())
 }
