@@ -196,8 +196,9 @@ fn log_small_page_fallback_once(bytes: usize, cause: &std::io::Error) {
     static LOGGED: std::sync::Once = std::sync::Once::new();
     LOGGED.call_once(|| {
         tracing::info!(
-            "staging memory uses 4 KiB pages: no 2 MiB huge pages could be mapped ({cause}); \
-             reserve {} per core with `echo N > /proc/sys/vm/nr_hugepages` for fewer TLB misses",
+            "staging memory uses ordinary pages (transparent huge pages requested): no reserved 2 MiB \
+             huge pages could be mapped ({cause}); reserve {} per core with \
+             `echo N > /proc/sys/vm/nr_hugepages` for fewer TLB misses",
             bytes.div_ceil(HUGE_PAGE_BYTES)
         );
     });

@@ -44,7 +44,7 @@ impl Seaweed {
         );
         std::fs::write(directory.join("s3.json"), identities).expect("s3 config");
         let mut server = Self { child: None, directory, ports: (0..8).map(|_| free_port()).collect(), _temporary: temporary };
-        server.launch();
+        server.launch_on_free_ports();
         Some((server, guard))
     }
 
@@ -52,7 +52,31 @@ impl Seaweed {
         format!("http://127.0.0.1:{}", self.ports[0])
     }
 
+    /// Starts the server on its ports (again, after `kill`, on the same ones).
     pub fn launch(&mut self) {
+        if let Err(problem) = self.try_launch() {
+            panic!("{problem}");
+        }
+    }
+
+    /// Starts the server; if it does not come up, tries twice more on fresh ports
+    /// (a port picked free can be taken by another socket before weed binds it).
+    fn launch_on_free_ports(&mut self) {
+        let mut problem = String::new();
+        for _ in 0..3 {
+            match self.try_launch() {
+                Ok(()) => return,
+                Err(failure) => {
+                    problem = failure;
+                    self.kill();
+                    self.ports = (0..8).map(|_| free_port()).collect();
+                }
+            }
+        }
+        panic!("{problem}");
+    }
+
+    fn try_launch(&mut self) -> Result<(), String> {
         let p = &self.ports;
         let child = Command::new("weed")
             .current_dir(&self.directory)
@@ -75,15 +99,17 @@ impl Seaweed {
         // Ready when a signed bucket creation succeeds (the S3 gateway needs the filer
         // and a volume server up).
         let client = ObjectStore::open(&settings(&self.endpoint(), ACCESS_KEY, SECRET_KEY), &[], 1).expect("valid settings");
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_secs(40);
         while let Err(error) = client.client().create_bucket() {
-            if Instant::now() >= deadline {
+            let exited = self.child.as_mut().and_then(|child| child.try_wait().ok().flatten()).is_some();
+            if exited || Instant::now() >= deadline {
                 let log = std::fs::read_to_string(self.directory.join("weed.log")).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(15).collect();
-                panic!("SeaweedFS did not come up ({error:?}); the end of its log, newest first:\n{}", tail.join("\n"));
+                return Err(format!("SeaweedFS did not come up ({error:?}); the end of its log, newest first:\n{}", tail.join("\n")));
             }
             std::thread::sleep(Duration::from_millis(250));
         }
+        Ok(())
     }
 
     pub fn kill(&mut self) {
