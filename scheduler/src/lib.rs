@@ -36,13 +36,19 @@ pub enum Policy {
     /// Both, split per block by expected completion time.
     #[default]
     DualPath,
+    /// The DualPath paper's rule: the whole load goes to the one path (the
+    /// prefill node's link or a gateway) where it is expected to finish first,
+    /// which with equal rates is the path with the shorter read queue.
+    Paper,
 }
 
 impl Policy {
     fn allows(self, kind: PathKind) -> bool {
         matches!(
             (self, kind),
-            (Policy::DualPath, _) | (Policy::PeOnly, PathKind::PrefillLocal) | (Policy::DeOnly, PathKind::Gateway(_))
+            (Policy::DualPath | Policy::Paper, _)
+                | (Policy::PeOnly, PathKind::PrefillLocal)
+                | (Policy::DeOnly, PathKind::Gateway(_))
         )
     }
 }
@@ -54,7 +60,8 @@ impl std::str::FromStr for Policy {
             "pe-only" => Ok(Policy::PeOnly),
             "de-only" => Ok(Policy::DeOnly),
             "dualpath" => Ok(Policy::DualPath),
-            other => Err(format!("unknown policy {other:?}; use pe-only, de-only or dualpath")),
+            "paper" => Ok(Policy::Paper),
+            other => Err(format!("unknown policy {other:?}; use pe-only, de-only, dualpath or paper")),
         }
     }
 }
@@ -65,6 +72,7 @@ impl fmt::Display for Policy {
             Policy::PeOnly => "pe-only",
             Policy::DeOnly => "de-only",
             Policy::DualPath => "dualpath",
+            Policy::Paper => "paper",
         })
     }
 }
@@ -160,6 +168,12 @@ impl Scheduler {
         &self.paths[id.0 as usize]
     }
 
+    /// For callers that know a path's state better than completions tell (the
+    /// cluster simulator sets queues from its links' true state).
+    pub fn path_mut(&mut self, id: PathId) -> &mut Path {
+        &mut self.paths[id.0 as usize]
+    }
+
     pub fn paths(&self) -> impl Iterator<Item = (PathId, &Path)> {
         self.paths.iter().enumerate().map(|(index, path)| (PathId(index as u32), path))
     }
@@ -186,6 +200,12 @@ impl Scheduler {
             if !self.paths.iter().any(|path| self.usable(path) && bytes <= path.queued_bytes_max) {
                 return Err(ScheduleError::TooLarge { block, bytes });
             }
+        }
+        if self.policy == Policy::Paper {
+            self.assign_whole(block_bytes, out);
+            return Ok(());
+        }
+        for &bytes in block_bytes {
             let choice = self
                 .paths
                 .iter()
@@ -199,6 +219,24 @@ impl Scheduler {
             out.push(choice.map(|index| PathId(index as u32)));
         }
         Ok(())
+    }
+
+    /// The paper's rule: every block to the one path where the whole load is
+    /// expected to finish first and that has room for all of it; with no such
+    /// path, nothing is assigned (all `None`: wait and call again).
+    fn assign_whole(&mut self, block_bytes: &[u64], out: &mut Vec<Option<PathId>>) {
+        let total: u64 = block_bytes.iter().sum();
+        let choice = self
+            .paths
+            .iter()
+            .enumerate()
+            .filter(|(_, path)| self.usable(path) && path.queued_bytes.saturating_add(total) <= path.queued_bytes_max)
+            .min_by(|(_, a), (_, b)| a.expected_finish(total).total_cmp(&b.expected_finish(total)))
+            .map(|(index, _)| index);
+        if let Some(index) = choice {
+            self.paths[index].queued_bytes += total;
+        }
+        out.extend(block_bytes.iter().map(|_| choice.map(|index| PathId(index as u32))));
     }
 
     /// `bytes` finished on `path` after `storage_seconds` reading and
@@ -321,6 +359,18 @@ mod tests {
     }
 
     #[test]
+    fn paper_policy_sends_the_whole_load_to_the_shorter_queue() {
+        let mut scheduler = Scheduler::new(Policy::Paper, 1.0);
+        let pe = scheduler.add_path(path(PathKind::PrefillLocal, 1.0 * GB, None, u64::MAX));
+        scheduler.add_path(path(PathKind::Gateway(0), 1.0 * GB, Some(10.0 * GB), u64::MAX));
+        scheduler.path_mut(pe).queued_bytes = 10 << 20;
+        assert_eq!(split(&mut scheduler, 100), vec![0, 100]);
+        // Now the gateway holds 100 MiB queued: the next load goes to the PE path whole.
+        assert_eq!(split(&mut scheduler, 20), vec![20, 0]);
+        "paper".parse::<Policy>().map(|policy| assert_eq!(policy, Policy::Paper)).expect("parses");
+    }
+
+    #[test]
     fn a_silent_gateway_drops_out_and_returns_when_heard() {
         let mut scheduler = Scheduler::new(Policy::DualPath, 0.05);
         scheduler.add_path(path(PathKind::PrefillLocal, 1.0 * GB, None, u64::MAX));
@@ -354,7 +404,7 @@ mod tests {
     }
 
     fn scheduler_strategy() -> impl Strategy<Value = (Scheduler, Vec<bool>)> {
-        let policy = prop_oneof![Just(Policy::PeOnly), Just(Policy::DeOnly), Just(Policy::DualPath)];
+        let policy = prop_oneof![Just(Policy::PeOnly), Just(Policy::DeOnly), Just(Policy::DualPath), Just(Policy::Paper)];
         let gateway = (0.1f64..10.0, 0.1f64..10.0, any::<bool>(), 1u64..64);
         (policy, 0.1f64..10.0, any::<bool>(), prop::collection::vec(gateway, 0..6)).prop_map(|(policy, pe_rate, pe_healthy, gateways)| {
             let mut scheduler = Scheduler::new(policy, 1.0);
