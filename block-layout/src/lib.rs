@@ -68,11 +68,15 @@ impl FromStr for BlockKey {
     fn from_str(input: &str) -> Result<Self, Self::Err> {
         let digits = input.strip_prefix("0x").unwrap_or(input);
         if digits.is_empty() || digits.len() > 32 {
-            return Err(ParseBlockKeyError { input: input.to_owned() });
+            return Err(ParseBlockKeyError {
+                input: input.to_owned(),
+            });
         }
         u128::from_str_radix(digits, 16)
             .map(BlockKey)
-            .map_err(|_| ParseBlockKeyError { input: input.to_owned() })
+            .map_err(|_| ParseBlockKeyError {
+                input: input.to_owned(),
+            })
     }
 }
 
@@ -263,7 +267,11 @@ impl Geometry {
     /// taking the layers from `payload` (the block's layers back to back). Lets a
     /// block larger than one buffer be written in aligned chunks of any size.
     pub fn fill_disk_image(&self, payload: &[u8], image_offset: u64, target: &mut [u8]) {
-        assert_eq!(payload.len() as u64, self.block_bytes(), "payload is one whole block");
+        assert_eq!(
+            payload.len() as u64,
+            self.block_bytes(),
+            "payload is one whole block"
+        );
         let image_end = image_offset + target.len() as u64;
         assert!(image_end <= self.slot_bytes(), "chunk beyond the slot");
         target.fill(0);

@@ -68,18 +68,39 @@ impl DualState {
             foreign_queued_bytes: 0,
         };
         let pe_path = has_pe.then(|| scheduler.add_path(path(PathKind::PrefillLocal)));
-        let gateway_paths: Vec<PathId> = (0..gateways).map(|index| scheduler.add_path(path(PathKind::Gateway(index as u32)))).collect();
-        let carried = Mutex::new(vec![Carried::default(); usize::from(has_pe) + gateway_paths.len()]);
-        Self { scheduler: Mutex::new(scheduler), carried, pe_path, gateway_paths }
+        let gateway_paths: Vec<PathId> = (0..gateways)
+            .map(|index| scheduler.add_path(path(PathKind::Gateway(index as u32))))
+            .collect();
+        let carried = Mutex::new(vec![
+            Carried::default();
+            usize::from(has_pe) + gateway_paths.len()
+        ]);
+        Self {
+            scheduler: Mutex::new(scheduler),
+            carried,
+            pe_path,
+            gateway_paths,
+        }
     }
 
     /// Folds in the pool's view from gateway `gateway`: each listed gateway that this
     /// client uses gets the load other clients put on it; a gateway the pool has not
     /// heard from within `silence` drops out of the split until it is heard again.
-    pub(crate) fn pool_report(&self, gateways: &[Gateway], peers: &[protocol::PeerStatus], silence: Duration, now: f64) {
+    pub(crate) fn pool_report(
+        &self,
+        gateways: &[Gateway],
+        peers: &[protocol::PeerStatus],
+        silence: Duration,
+        now: f64,
+    ) {
         let mut scheduler = self.scheduler.lock().expect("scheduler lock");
         for peer in peers {
-            let Some(index) = gateways.iter().position(|gateway| gateway.address == peer.address) else { continue };
+            let Some(index) = gateways
+                .iter()
+                .position(|gateway| gateway.address == peer.address)
+            else {
+                continue;
+            };
             let path = self.gateway_paths[index];
             if gateways[index].is_closed() {
                 scheduler.set_healthy(path, false, now);
@@ -131,13 +152,22 @@ impl DualState {
         let scheduler = self.scheduler.lock().expect("scheduler lock");
         let mut carried = self.carried.lock().expect("carried lock");
         for (id, path) in scheduler.paths() {
-            let bytes = shares.iter().find(|(path_id, _)| *path_id == id).map_or(0, |(_, bytes)| *bytes);
-            let share = if total == 0 { 0.0 } else { bytes as f64 / total as f64 };
+            let bytes = shares
+                .iter()
+                .find(|(path_id, _)| *path_id == id)
+                .map_or(0, |(_, bytes)| *bytes);
+            let share = if total == 0 {
+                0.0
+            } else {
+                bytes as f64 / total as f64
+            };
             carried[id.0 as usize].last_share = share;
             let name = path_name(path.kind);
             metrics::gauge!("dualpath_client_path_share", "path" => name.clone()).set(share);
-            metrics::gauge!("dualpath_client_path_queued_bytes", "path" => name.clone()).set(path.queued_bytes as f64);
-            metrics::gauge!("dualpath_client_path_rate_bytes_per_second", "path" => name).set(path.effective_rate());
+            metrics::gauge!("dualpath_client_path_queued_bytes", "path" => name.clone())
+                .set(path.queued_bytes as f64);
+            metrics::gauge!("dualpath_client_path_rate_bytes_per_second", "path" => name)
+                .set(path.effective_rate());
         }
     }
 
@@ -146,7 +176,8 @@ impl DualState {
         carried[path.0 as usize].bytes += bytes;
         carried[path.0 as usize].blocks += blocks;
         let name = path_name(kind);
-        metrics::counter!("dualpath_client_path_bytes_total", "path" => name.clone()).increment(bytes);
+        metrics::counter!("dualpath_client_path_bytes_total", "path" => name.clone())
+            .increment(bytes);
         metrics::counter!("dualpath_client_path_blocks_total", "path" => name).increment(blocks);
     }
 }
@@ -178,7 +209,11 @@ pub(crate) struct Starter {
 }
 
 /// Starts a dual load; a coordinator thread hands failed paths' blocks on.
-pub(crate) fn run(starter: Starter, plan: Plan, shared: Arc<LoadShared>) -> Result<(), ClientError> {
+pub(crate) fn run(
+    starter: Starter,
+    plan: Plan,
+    shared: Arc<LoadShared>,
+) -> Result<(), ClientError> {
     let all: Vec<u32> = (0..u32::try_from(plan.blocks.len()).expect("bounded")).collect();
     let mut owners = vec![None; plan.blocks.len()];
     let mut parts = Vec::new();
@@ -186,7 +221,9 @@ pub(crate) fn run(starter: Starter, plan: Plan, shared: Arc<LoadShared>) -> Resu
     std::thread::Builder::new()
         .name("dualpath-dual".into())
         .spawn(move || starter.coordinate(plan, shared, owners, parts))
-        .map_err(|error| ClientError::Invalid(format!("cannot start a load coordinator: {error}")))?;
+        .map_err(|error| {
+            ClientError::Invalid(format!("cannot start a load coordinator: {error}"))
+        })?;
     Ok(())
 }
 
@@ -203,7 +240,12 @@ impl Starter {
     ) -> Result<(), ClientError> {
         let sizes: Vec<u64> = blocks
             .iter()
-            .map(|&block| u64::from(plan.blocks[block as usize].layers.end - plan.blocks[block as usize].layers.start) * plan.geometry.layer_bytes())
+            .map(|&block| {
+                u64::from(
+                    plan.blocks[block as usize].layers.end
+                        - plan.blocks[block as usize].layers.start,
+                ) * plan.geometry.layer_bytes()
+            })
             .collect();
         let mut choices = Vec::with_capacity(blocks.len());
         {
@@ -236,23 +278,62 @@ impl Starter {
         Ok(())
     }
 
-    fn start_part(&self, plan: &Plan, shared: &Arc<LoadShared>, path: PathId, blocks: Vec<u32>) -> Vec<PartId> {
-        let subset: Vec<BlockLoad> = blocks.iter().map(|&block| plan.blocks[block as usize].clone()).collect();
+    fn start_part(
+        &self,
+        plan: &Plan,
+        shared: &Arc<LoadShared>,
+        path: PathId,
+        blocks: Vec<u32>,
+    ) -> Vec<PartId> {
+        let subset: Vec<BlockLoad> = blocks
+            .iter()
+            .map(|&block| plan.blocks[block as usize].clone())
+            .collect();
         if Some(path) == self.dual.pe_path {
             let reader = Arc::clone(self.pe_reader.as_ref().expect("a PE path has a reader"));
-            let (shared, region, namespace, geometry, stride) =
-                (Arc::clone(shared), Arc::clone(&plan.region_memory), plan.namespace.clone(), plan.geometry, plan.layer_stride);
+            let (shared, region, namespace, geometry, stride) = (
+                Arc::clone(shared),
+                Arc::clone(&plan.region_memory),
+                plan.namespace.clone(),
+                plan.geometry,
+                plan.layer_stride,
+            );
             let part = shared.add_part(blocks.clone());
-            std::thread::spawn(move || reader.load(&namespace, geometry, &region, subset, &blocks, stride, &shared, part));
+            std::thread::spawn(move || {
+                reader.load(
+                    &namespace, geometry, &region, subset, &blocks, stride, &shared, part,
+                )
+            });
             return vec![part];
         }
-        let gateway = self.dual.gateway_paths.iter().position(|id| *id == path).expect("a gateway path");
-        start_on_gateway(&self.gateways[gateway], &self.next_request, &plan.namespace, plan.region, &subset, &blocks, plan.layer_stride, shared).1
+        let gateway = self
+            .dual
+            .gateway_paths
+            .iter()
+            .position(|id| *id == path)
+            .expect("a gateway path");
+        start_on_gateway(
+            &self.gateways[gateway],
+            &self.next_request,
+            &plan.namespace,
+            plan.region,
+            &subset,
+            &blocks,
+            plan.layer_stride,
+            shared,
+        )
+        .1
     }
 
     /// Hands blocks of failed paths to the others until the load ends, then
     /// teaches the scheduler what each path achieved.
-    fn coordinate(self, plan: Plan, shared: Arc<LoadShared>, mut owners: Vec<Option<PathId>>, mut parts: Vec<(PartId, PathId)>) {
+    fn coordinate(
+        self,
+        plan: Plan,
+        shared: Arc<LoadShared>,
+        mut owners: Vec<Option<PathId>>,
+        mut parts: Vec<(PartId, PathId)>,
+    ) {
         let started = Instant::now();
         loop {
             let running = shared.wait_for_retries_or_end(COORDINATOR_TICK);
@@ -274,7 +355,10 @@ impl Starter {
                         if Some(path) != self.dual.pe_path {
                             scheduler.set_healthy(path, false, started.elapsed().as_secs_f64());
                         }
-                        let bytes = u64::from(plan.blocks[block as usize].layers.end - plan.blocks[block as usize].layers.start) * plan.geometry.layer_bytes();
+                        let bytes = u64::from(
+                            plan.blocks[block as usize].layers.end
+                                - plan.blocks[block as usize].layers.start,
+                        ) * plan.geometry.layer_bytes();
                         scheduler.abandoned(path, bytes);
                     }
                 }
@@ -285,7 +369,8 @@ impl Starter {
         let mut carried: Vec<(PathId, u64, u64)> = Vec::new();
         for (block, owner) in owners.iter().enumerate() {
             let Some(path) = owner else { continue };
-            let bytes = u64::from(plan.blocks[block].layers.end - plan.blocks[block].layers.start) * plan.geometry.layer_bytes();
+            let bytes = u64::from(plan.blocks[block].layers.end - plan.blocks[block].layers.start)
+                * plan.geometry.layer_bytes();
             match carried.iter_mut().find(|(id, _, _)| id == path) {
                 Some((_, total, blocks)) => {
                     *total += bytes;
@@ -311,7 +396,11 @@ impl Starter {
     /// Parts running on a path that left the split (silent in the pool's view) may
     /// never finish: their unfinished blocks go back for another path. Late bytes
     /// from such a part are the same block bytes and land harmlessly.
-    fn abandon_parts_on_dropped_paths(&self, shared: &LoadShared, parts: &mut Vec<(PartId, PathId)>) {
+    fn abandon_parts_on_dropped_paths(
+        &self,
+        shared: &LoadShared,
+        parts: &mut Vec<(PartId, PathId)>,
+    ) {
         let scheduler = self.dual.scheduler.lock().expect("scheduler lock");
         parts.retain(|&(part, path)| {
             if scheduler.path(path).healthy {
@@ -324,7 +413,14 @@ impl Starter {
             if let Some(gateway) = self.dual.gateway_paths.iter().position(|id| *id == path) {
                 self.gateways[gateway].disconnect();
             }
-            shared.fail_part(part, ErrorCode::Io, ClientError::Disconnected { address: format!("path {}", path.0), message: "the gateway went silent".into() });
+            shared.fail_part(
+                part,
+                ErrorCode::Io,
+                ClientError::Disconnected {
+                    address: format!("path {}", path.0),
+                    message: "the gateway went silent".into(),
+                },
+            );
             false
         });
     }
@@ -345,7 +441,8 @@ pub(crate) fn start_on_gateway(
 ) -> (u64, Vec<PartId>) {
     let links = gateway.links();
     let shard_count = u32::try_from(links.len()).expect("shard count from the gateway");
-    let mut per_shard: Vec<(Vec<BlockLoad>, Vec<u32>)> = vec![(Vec::new(), Vec::new()); links.len()];
+    let mut per_shard: Vec<(Vec<BlockLoad>, Vec<u32>)> =
+        vec![(Vec::new(), Vec::new()); links.len()];
     for (block, &index) in blocks.iter().zip(indexes) {
         let shard = block.key.shard(shard_count) as usize;
         per_shard[shard].0.push(block.clone());
@@ -360,7 +457,13 @@ pub(crate) fn start_on_gateway(
         let request_id = next_request.fetch_add(1, Ordering::Relaxed);
         let part = shared.add_part(shard_indexes.clone());
         parts.push(part);
-        let load = Load { request_id, namespace: namespace.to_owned(), region_id: region.0, layer_stride, blocks: shard_blocks };
+        let load = Load {
+            request_id,
+            namespace: namespace.to_owned(),
+            region_id: region.0,
+            layer_stride,
+            blocks: shard_blocks,
+        };
         if let Err(error) = links[shard].start_load(load, shard_indexes, part, Arc::clone(shared)) {
             shared.fail_part(part, ErrorCode::Io, error);
         }

@@ -24,14 +24,14 @@ use std::time::Duration;
 use block_layout::{BlockKey, Geometry};
 use protocol::{ErrorCode, NamespaceInfo};
 
-pub use link::Endpoint;
 pub use dual::PathStats;
+pub use link::Endpoint;
 pub use load::{LoadHandle, LoadReport};
 pub use pe::PrefillReader;
-pub use scheduler::Policy;
-pub use storage_backends::object::ObjectSettings;
 pub use protocol::BlockLoad;
 pub use protocol::ErrorCode as GatewayCode;
+pub use scheduler::Policy;
+pub use storage_backends::object::ObjectSettings;
 pub use sys::Region;
 
 use link::ShardLink;
@@ -40,7 +40,10 @@ use load::LoadShared;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot connect to gateway {address}: {source}")]
-    Connect { address: String, source: std::io::Error },
+    Connect {
+        address: String,
+        source: std::io::Error,
+    },
     #[error("gateway {address} refused the connection: {message}")]
     Handshake { address: String, message: String },
     #[error("unknown namespace {name:?}; the gateway serves {known:?}")]
@@ -59,7 +62,9 @@ impl ClientError {
     /// Whether trying again (later, or through another gateway) may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            ClientError::Connect { .. } | ClientError::Disconnected { .. } | ClientError::Timeout { .. } => true,
+            ClientError::Connect { .. }
+            | ClientError::Disconnected { .. }
+            | ClientError::Timeout { .. } => true,
             ClientError::Gateway { code, .. } => code.is_retryable(),
             _ => false,
         }
@@ -135,7 +140,10 @@ pub struct Client {
     next_request: Arc<AtomicU64>,
     options: ClientOptions,
     /// The thread that polls the gateways' pool status; stopped on drop.
-    poller: Option<(Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<()>)>,
+    poller: Option<(
+        Arc<std::sync::atomic::AtomicBool>,
+        std::thread::JoinHandle<()>,
+    )>,
 }
 
 impl Client {
@@ -165,10 +173,20 @@ impl Client {
         if gateways.is_empty() {
             return Err(first_error.expect("every address failed"));
         }
-        let pe_reader = options.pe_storage.as_ref().map(PrefillReader::new).transpose()?.map(Arc::new);
-        let dual = Arc::new(dual::DualState::new(options.policy, pe_reader.is_some(), gateways.len()));
+        let pe_reader = options
+            .pe_storage
+            .as_ref()
+            .map(PrefillReader::new)
+            .transpose()?
+            .map(Arc::new);
+        let dual = Arc::new(dual::DualState::new(
+            options.policy,
+            pe_reader.is_some(),
+            gateways.len(),
+        ));
         let gateways = Arc::new(gateways);
-        let poller = (!options.pool_poll_interval.is_zero()).then(|| start_poller(&gateways, &dual, &options, &regions));
+        let poller = (!options.pool_poll_interval.is_zero())
+            .then(|| start_poller(&gateways, &dual, &options, &regions));
         Ok(Self {
             gateways,
             unreachable,
@@ -184,14 +202,21 @@ impl Client {
 
     /// The geometry of a namespace the (first) gateway serves.
     pub fn namespace(&self, name: &str) -> Option<Geometry> {
-        self.gateways[0].namespaces.iter().find(|namespace| namespace.name == name).map(|namespace| namespace.geometry)
+        self.gateways[0]
+            .namespaces
+            .iter()
+            .find(|namespace| namespace.name == name)
+            .map(|namespace| namespace.geometry)
     }
 
     /// Registers `region` as a load target on every gateway shard.
     pub fn register_region(&self, region: Arc<Region>) -> Result<RegionId, ClientError> {
         let id = self.next_region.fetch_add(1, Ordering::Relaxed);
         let len = region.len() as u64;
-        self.regions.write().expect("region table lock").insert(id, region);
+        self.regions
+            .write()
+            .expect("region table lock")
+            .insert(id, region);
         // Gateways out of the split (or gone) are skipped: a load announces the
         // region itself on a connection that has not seen it.
         for (index, gateway) in self.gateways.iter().enumerate() {
@@ -208,7 +233,13 @@ impl Client {
     /// Starts loading `blocks` of `namespace` into `region` from gateway 0. Layer `l`
     /// of a block goes to `dest_offset + (l - layers.start) * layer_stride`
     /// (`layer_stride` 0: the layer size, each block's layers back to back).
-    pub fn load(&self, namespace: &str, region: RegionId, blocks: &[BlockLoad], layer_stride: u64) -> Result<LoadHandle, ClientError> {
+    pub fn load(
+        &self,
+        namespace: &str,
+        region: RegionId,
+        blocks: &[BlockLoad],
+        layer_stride: u64,
+    ) -> Result<LoadHandle, ClientError> {
         self.load_from(0, namespace, region, blocks, layer_stride)
     }
 
@@ -223,19 +254,47 @@ impl Client {
     ) -> Result<LoadHandle, ClientError> {
         self.check_load(gateway, namespace, blocks)?;
         let shared = Arc::new(LoadShared::new(blocks, false));
-        let indexes: Vec<u32> = (0..u32::try_from(blocks.len()).expect("bounded by check_load")).collect();
-        let (request_id, _) = dual::start_on_gateway(&self.gateways[gateway], &self.next_request, namespace, region, blocks, &indexes, layer_stride, &shared);
+        let indexes: Vec<u32> =
+            (0..u32::try_from(blocks.len()).expect("bounded by check_load")).collect();
+        let (request_id, _) = dual::start_on_gateway(
+            &self.gateways[gateway],
+            &self.next_request,
+            namespace,
+            region,
+            blocks,
+            &indexes,
+            layer_stride,
+            &shared,
+        );
         Ok(LoadHandle { shared, request_id })
     }
 
-    fn check_load(&self, gateway: usize, namespace: &str, blocks: &[BlockLoad]) -> Result<(), ClientError> {
-        let gateway = self.gateways.get(gateway).ok_or_else(|| ClientError::Invalid(format!("no gateway #{gateway}")))?;
+    fn check_load(
+        &self,
+        gateway: usize,
+        namespace: &str,
+        blocks: &[BlockLoad],
+    ) -> Result<(), ClientError> {
+        let gateway = self
+            .gateways
+            .get(gateway)
+            .ok_or_else(|| ClientError::Invalid(format!("no gateway #{gateway}")))?;
         if !gateway.namespaces.iter().any(|info| info.name == namespace) {
-            let known = gateway.namespaces.iter().map(|info| info.name.clone()).collect();
-            return Err(ClientError::UnknownNamespace { name: namespace.to_owned(), known });
+            let known = gateway
+                .namespaces
+                .iter()
+                .map(|info| info.name.clone())
+                .collect();
+            return Err(ClientError::UnknownNamespace {
+                name: namespace.to_owned(),
+                known,
+            });
         }
         if blocks.len() > protocol::LOAD_BLOCKS_MAX as usize * gateway.links().len() {
-            return Err(ClientError::Invalid(format!("{} blocks in one load; split it", blocks.len())));
+            return Err(ClientError::Invalid(format!(
+                "{} blocks in one load; split it",
+                blocks.len()
+            )));
         }
         Ok(())
     }
@@ -244,14 +303,34 @@ impl Client {
     /// storage reads (`ClientOptions::pe_storage`) and the gateways, each block
     /// on the path where it is expected to finish first. If a path fails, its
     /// unfinished blocks are loaded through the others.
-    pub fn load_dual(&self, namespace: &str, region: RegionId, blocks: &[BlockLoad], layer_stride: u64) -> Result<LoadHandle, ClientError> {
+    pub fn load_dual(
+        &self,
+        namespace: &str,
+        region: RegionId,
+        blocks: &[BlockLoad],
+        layer_stride: u64,
+    ) -> Result<LoadHandle, ClientError> {
         self.check_load(0, namespace, blocks)?;
         let geometry = self.namespace(namespace).expect("checked above");
-        let region_memory = self.regions.read().expect("region table lock").get(&region.0).cloned();
-        let region_memory = region_memory.ok_or_else(|| ClientError::Invalid(format!("region {} is not registered", region.0)))?;
+        let region_memory = self
+            .regions
+            .read()
+            .expect("region table lock")
+            .get(&region.0)
+            .cloned();
+        let region_memory = region_memory.ok_or_else(|| {
+            ClientError::Invalid(format!("region {} is not registered", region.0))
+        })?;
         let shared = Arc::new(LoadShared::new(blocks, true));
         let request_id = self.next_request.load(Ordering::Relaxed);
-        let plan = dual::Plan { namespace: namespace.to_owned(), geometry, region, region_memory, blocks: blocks.to_vec(), layer_stride };
+        let plan = dual::Plan {
+            namespace: namespace.to_owned(),
+            geometry,
+            region,
+            region_memory,
+            blocks: blocks.to_vec(),
+            layer_stride,
+        };
         let starter = dual::Starter {
             gateways: Arc::clone(&self.gateways),
             next_request: Arc::clone(&self.next_request),
@@ -277,7 +356,13 @@ impl Client {
         let links = gateway.links();
         let shard_count = u32::try_from(links.len()).expect("shard count from the gateway");
         let request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
-        links[key.shard(shard_count) as usize].store(request_id, namespace, key, bytes, self.options.request_timeout)
+        links[key.shard(shard_count) as usize].store(
+            request_id,
+            namespace,
+            key,
+            bytes,
+            self.options.request_timeout,
+        )
     }
 
     /// Whether gateway `gateway` is in the dual-path split now (false once its
@@ -292,21 +377,36 @@ impl Client {
     }
 
     pub fn gateway_addresses(&self) -> Vec<&str> {
-        self.gateways.iter().map(|gateway| gateway.address.as_str()).collect()
+        self.gateways
+            .iter()
+            .map(|gateway| gateway.address.as_str())
+            .collect()
     }
 }
 
-
 /// Connects to every shard of one gateway.
-fn connect_gateway(address: &str, options: &ClientOptions, regions: &Arc<RwLock<HashMap<u32, Arc<Region>>>>) -> Result<Gateway, ClientError> {
+fn connect_gateway(
+    address: &str,
+    options: &ClientOptions,
+    regions: &Arc<RwLock<HashMap<u32, Arc<Region>>>>,
+) -> Result<Gateway, ClientError> {
     let endpoint = Endpoint::parse(address)?;
     let first = ShardLink::connect(&endpoint, 0, options, Arc::clone(regions))?;
     let (shard_count, namespaces) = (first.shard_count, first.namespaces.clone());
     let mut shards = vec![Arc::new(first)];
     for shard in 1..shard_count {
-        shards.push(Arc::new(ShardLink::connect(&endpoint, shard, options, Arc::clone(regions))?));
+        shards.push(Arc::new(ShardLink::connect(
+            &endpoint,
+            shard,
+            options,
+            Arc::clone(regions),
+        )?));
     }
-    Ok(Gateway { address: address.to_string(), shards: RwLock::new(shards), namespaces })
+    Ok(Gateway {
+        address: address.to_string(),
+        shards: RwLock::new(shards),
+        namespaces,
+    })
 }
 
 impl Gateway {
@@ -334,7 +434,11 @@ impl Gateway {
     }
 
     /// Connects again after a failure; true on success.
-    fn reconnect(&self, options: &ClientOptions, regions: &Arc<RwLock<HashMap<u32, Arc<Region>>>>) -> bool {
+    fn reconnect(
+        &self,
+        options: &ClientOptions,
+        regions: &Arc<RwLock<HashMap<u32, Arc<Region>>>>,
+    ) -> bool {
         match connect_gateway(&self.address, options, regions) {
             Ok(fresh) => {
                 *self.shards.write().expect("links lock") = fresh.links();
@@ -360,7 +464,10 @@ fn start_poller(
     dual: &Arc<dual::DualState>,
     options: &ClientOptions,
     regions: &Arc<RwLock<HashMap<u32, Arc<Region>>>>,
-) -> (Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<()>) {
+) -> (
+    Arc<std::sync::atomic::AtomicBool>,
+    std::thread::JoinHandle<()>,
+) {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (gateways, dual, stop_flag) = (Arc::clone(gateways), Arc::clone(dual), Arc::clone(&stop));
     let (options, regions) = (options.clone(), Arc::clone(regions));
@@ -373,13 +480,33 @@ fn start_poller(
                 for gateway in gateways.iter() {
                     let now = started.elapsed().as_secs_f64();
                     if gateway.is_closed() && !gateway.reconnect(&options, &regions) {
-                        dual.pool_report(&gateways, &[protocol::PeerStatus { address: gateway.address.clone(), queued_bytes: 0, read_bytes_per_second: 0, age_ms: u32::MAX }], silence, now);
+                        dual.pool_report(
+                            &gateways,
+                            &[protocol::PeerStatus {
+                                address: gateway.address.clone(),
+                                queued_bytes: 0,
+                                read_bytes_per_second: 0,
+                                age_ms: u32::MAX,
+                            }],
+                            silence,
+                            now,
+                        );
                         continue;
                     }
                     match gateway.links()[0].pool_status(silence) {
                         Ok(peers) => dual.pool_report(&gateways, &peers, silence, now),
                         // A gateway that does not answer in time is silent itself.
-                        Err(_) => dual.pool_report(&gateways, &[protocol::PeerStatus { address: gateway.address.clone(), queued_bytes: 0, read_bytes_per_second: 0, age_ms: u32::MAX }], silence, now),
+                        Err(_) => dual.pool_report(
+                            &gateways,
+                            &[protocol::PeerStatus {
+                                address: gateway.address.clone(),
+                                queued_bytes: 0,
+                                read_bytes_per_second: 0,
+                                age_ms: u32::MAX,
+                            }],
+                            silence,
+                            now,
+                        ),
                     }
                 }
                 std::thread::sleep(interval);

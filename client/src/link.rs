@@ -13,8 +13,8 @@ use block_layout::BlockKey;
 use protocol::auth;
 use protocol::PeerStatus;
 use protocol::{
-    decode_data_prefix, decode_header, encode_store_head, ErrorCode, Frame, FrameType, Load, NamespaceInfo,
-    StorePrefix, DATA_PREFIX_BYTES, HEADER_BYTES, PROTOCOL_VERSION,
+    decode_data_prefix, decode_header, encode_store_head, ErrorCode, Frame, FrameType, Load,
+    NamespaceInfo, StorePrefix, DATA_PREFIX_BYTES, HEADER_BYTES, PROTOCOL_VERSION,
 };
 
 use crate::load::{LoadShared, PartId};
@@ -31,7 +31,9 @@ impl Endpoint {
     pub fn parse(address: &str) -> Result<Self, ClientError> {
         match address.strip_prefix("unix:") {
             Some(path) if !path.is_empty() => Ok(Endpoint::Unix(path.into())),
-            Some(_) => Err(ClientError::Invalid(format!("{address:?}: a unix address needs a path (unix:/run/x.sock)"))),
+            Some(_) => Err(ClientError::Invalid(format!(
+                "{address:?}: a unix address needs a path (unix:/run/x.sock)"
+            ))),
             None => Ok(Endpoint::Tcp(address.to_owned())),
         }
     }
@@ -132,19 +134,36 @@ impl ShardLink {
         regions: Arc<RwLock<HashMap<u32, Arc<Region>>>>,
     ) -> Result<Self, ClientError> {
         let address = endpoint.describe();
-        let connect_error = |source| ClientError::Connect { address: address.clone(), source };
+        let connect_error = |source| ClientError::Connect {
+            address: address.clone(),
+            source,
+        };
         let mut socket = open(endpoint, options.connect_timeout).map_err(connect_error)?;
-        socket.set_read_timeout(Some(options.request_timeout)).map_err(connect_error)?;
-        let (shard_count, namespaces) = hello(&mut socket, shard, options.secret.as_deref(), &address)?;
+        socket
+            .set_read_timeout(Some(options.request_timeout))
+            .map_err(connect_error)?;
+        let (shard_count, namespaces) =
+            hello(&mut socket, shard, options.secret.as_deref(), &address)?;
         socket.set_read_timeout(None).map_err(connect_error)?;
         let reader = socket.try_clone().map_err(connect_error)?;
-        let shared = Arc::new(LinkShared { address: address.clone(), waiting: Mutex::default(), changed: Condvar::new(), regions });
+        let shared = Arc::new(LinkShared {
+            address: address.clone(),
+            waiting: Mutex::default(),
+            changed: Condvar::new(),
+            regions,
+        });
         let receiver_shared = Arc::clone(&shared);
         let receiver = std::thread::Builder::new()
             .name(format!("dualpath-recv-{shard}"))
             .spawn(move || receive_loop(reader, &receiver_shared))
             .map_err(connect_error)?;
-        Ok(Self { shard_count, namespaces, writer: Mutex::new((socket, Default::default())), shared, receiver: Some(receiver) })
+        Ok(Self {
+            shard_count,
+            namespaces,
+            writer: Mutex::new((socket, Default::default())),
+            shared,
+            receiver: Some(receiver),
+        })
     }
 
     fn send(&self, bytes: &[&[u8]]) -> Result<(), ClientError> {
@@ -154,7 +173,12 @@ impl ShardLink {
 
     fn write_parts(&self, socket: &mut Socket, bytes: &[&[u8]]) -> Result<(), ClientError> {
         for part in bytes {
-            socket.write_all(part).map_err(|error| ClientError::Disconnected { address: self.shared.address.clone(), message: error.to_string() })?;
+            socket
+                .write_all(part)
+                .map_err(|error| ClientError::Disconnected {
+                    address: self.shared.address.clone(),
+                    message: error.to_string(),
+                })?;
         }
         Ok(())
     }
@@ -165,9 +189,22 @@ impl ShardLink {
         let mut writer = self.writer.lock().expect("writer lock");
         let (socket, announced) = &mut *writer;
         if !announced.contains(&load.region_id) {
-            let len = self.shared.regions.read().expect("region table lock").get(&load.region_id).map(|region| region.len() as u64);
+            let len = self
+                .shared
+                .regions
+                .read()
+                .expect("region table lock")
+                .get(&load.region_id)
+                .map(|region| region.len() as u64);
             if let Some(len) = len {
-                self.write_parts(socket, &[&Frame::RegisterRegion { region_id: load.region_id, len }.encode()])?;
+                self.write_parts(
+                    socket,
+                    &[&Frame::RegisterRegion {
+                        region_id: load.region_id,
+                        len,
+                    }
+                    .encode()],
+                )?;
                 announced.insert(load.region_id);
             }
         }
@@ -175,7 +212,12 @@ impl ShardLink {
     }
 
     /// Waits until `done` says the reply is there, the link closed, or timeout.
-    fn wait_for<T>(&self, timeout: Duration, what: &str, mut done: impl FnMut(&mut Waiting) -> Option<T>) -> Result<T, ClientError> {
+    fn wait_for<T>(
+        &self,
+        timeout: Duration,
+        what: &str,
+        mut done: impl FnMut(&mut Waiting) -> Option<T>,
+    ) -> Result<T, ClientError> {
         let deadline = Instant::now() + timeout;
         let mut waiting = self.shared.waiting.lock().expect("link lock");
         loop {
@@ -183,13 +225,24 @@ impl ShardLink {
                 return Ok(value);
             }
             if let Some(message) = &waiting.closed {
-                return Err(ClientError::Disconnected { address: self.shared.address.clone(), message: message.clone() });
+                return Err(ClientError::Disconnected {
+                    address: self.shared.address.clone(),
+                    message: message.clone(),
+                });
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(ClientError::Timeout { what: what.to_owned(), after: timeout });
+                return Err(ClientError::Timeout {
+                    what: what.to_owned(),
+                    after: timeout,
+                });
             }
-            waiting = self.shared.changed.wait_timeout(waiting, deadline - now).expect("link lock").0;
+            waiting = self
+                .shared
+                .changed
+                .wait_timeout(waiting, deadline - now)
+                .expect("link lock")
+                .0;
         }
     }
 
@@ -197,18 +250,32 @@ impl ShardLink {
     pub fn register_region(&self, region_id: u32, len: u64) -> Result<(), ClientError> {
         let mut writer = self.writer.lock().expect("writer lock");
         let (socket, announced) = &mut *writer;
-        self.write_parts(socket, &[&Frame::RegisterRegion { region_id, len }.encode()])?;
+        self.write_parts(
+            socket,
+            &[&Frame::RegisterRegion { region_id, len }.encode()],
+        )?;
         announced.insert(region_id);
         Ok(())
     }
 
-    pub fn start_load(&self, load: Load, indexes: Vec<u32>, part: PartId, shared: Arc<LoadShared>) -> Result<(), ClientError> {
+    pub fn start_load(
+        &self,
+        load: Load,
+        indexes: Vec<u32>,
+        part: PartId,
+        shared: Arc<LoadShared>,
+    ) -> Result<(), ClientError> {
         {
             let mut waiting = self.shared.waiting.lock().expect("link lock");
             if let Some(message) = &waiting.closed {
-                return Err(ClientError::Disconnected { address: self.shared.address.clone(), message: message.clone() });
+                return Err(ClientError::Disconnected {
+                    address: self.shared.address.clone(),
+                    message: message.clone(),
+                });
             }
-            waiting.loads.insert(load.request_id, (shared, part, indexes));
+            waiting
+                .loads
+                .insert(load.request_id, (shared, part, indexes));
         }
         self.send_load(&load)
     }
@@ -217,7 +284,9 @@ impl ShardLink {
     pub fn pool_status(&self, timeout: Duration) -> Result<Vec<PeerStatus>, ClientError> {
         self.shared.waiting.lock().expect("link lock").pool = None;
         self.send(&[&Frame::StatusRequest.encode()])?;
-        self.wait_for(timeout, "the gateway's pool status", |waiting| waiting.pool.take())
+        self.wait_for(timeout, "the gateway's pool status", |waiting| {
+            waiting.pool.take()
+        })
     }
 
     /// Ends the connection now: the receive thread stops, and nothing more from
@@ -228,16 +297,47 @@ impl ShardLink {
 
     /// Whether the connection has ended.
     pub fn is_closed(&self) -> bool {
-        self.shared.waiting.lock().expect("link lock").closed.is_some()
+        self.shared
+            .waiting
+            .lock()
+            .expect("link lock")
+            .closed
+            .is_some()
     }
 
-    pub fn store(&self, request_id: u64, namespace: &str, key: BlockKey, bytes: &[u8], timeout: Duration) -> Result<(), ClientError> {
-        let payload_len = u32::try_from(bytes.len()).map_err(|_| ClientError::Invalid("a block over 4 GiB".into()))?;
-        let head = encode_store_head(&StorePrefix { request_id, namespace: namespace.to_owned(), key, payload_len });
-        self.shared.waiting.lock().expect("link lock").stores.insert(request_id, None);
+    pub fn store(
+        &self,
+        request_id: u64,
+        namespace: &str,
+        key: BlockKey,
+        bytes: &[u8],
+        timeout: Duration,
+    ) -> Result<(), ClientError> {
+        let payload_len = u32::try_from(bytes.len())
+            .map_err(|_| ClientError::Invalid("a block over 4 GiB".into()))?;
+        let head = encode_store_head(&StorePrefix {
+            request_id,
+            namespace: namespace.to_owned(),
+            key,
+            payload_len,
+        });
+        self.shared
+            .waiting
+            .lock()
+            .expect("link lock")
+            .stores
+            .insert(request_id, None);
         self.send(&[&head, bytes])?;
-        let (code, message) = self.wait_for(timeout, &format!("store of block {key}"), |waiting| waiting.stores.get_mut(&request_id)?.take())?;
-        self.shared.waiting.lock().expect("link lock").stores.remove(&request_id);
+        let (code, message) =
+            self.wait_for(timeout, &format!("store of block {key}"), |waiting| {
+                waiting.stores.get_mut(&request_id)?.take()
+            })?;
+        self.shared
+            .waiting
+            .lock()
+            .expect("link lock")
+            .stores
+            .remove(&request_id);
         match code {
             ErrorCode::Ok => Ok(()),
             code => Err(ClientError::Gateway { code, message }),
@@ -257,7 +357,8 @@ impl Drop for ShardLink {
 fn open(endpoint: &Endpoint, timeout: Duration) -> io::Result<Socket> {
     match endpoint {
         Endpoint::Tcp(address) => {
-            let mut last = io::Error::new(io::ErrorKind::NotFound, "the address resolved to nothing");
+            let mut last =
+                io::Error::new(io::ErrorKind::NotFound, "the address resolved to nothing");
             for resolved in address.to_socket_addrs()? {
                 match TcpStream::connect_timeout(&resolved, timeout) {
                     Ok(stream) => {
@@ -274,25 +375,49 @@ fn open(endpoint: &Endpoint, timeout: Duration) -> io::Result<Socket> {
 }
 
 /// The hello exchange, answering the gateway's challenge when it sends one.
-fn hello(socket: &mut Socket, shard: u32, secret: Option<&[u8]>, address: &str) -> Result<(u32, Vec<NamespaceInfo>), ClientError> {
-    let connect_error = |source| ClientError::Connect { address: address.to_owned(), source };
-    let refused = |message: String| ClientError::Handshake { address: address.to_owned(), message };
+fn hello(
+    socket: &mut Socket,
+    shard: u32,
+    secret: Option<&[u8]>,
+    address: &str,
+) -> Result<(u32, Vec<NamespaceInfo>), ClientError> {
+    let connect_error = |source| ClientError::Connect {
+        address: address.to_owned(),
+        source,
+    };
+    let refused = |message: String| ClientError::Handshake {
+        address: address.to_owned(),
+        message,
+    };
     let mut client_nonce = Vec::new();
     if secret.is_some() {
         client_nonce = vec![0u8; auth::NONCE_BYTES];
-        getrandom::getrandom(&mut client_nonce).map_err(|error| refused(format!("no randomness for a nonce: {error}")))?;
+        getrandom::getrandom(&mut client_nonce)
+            .map_err(|error| refused(format!("no randomness for a nonce: {error}")))?;
     }
-    let hello = Frame::Hello { version: PROTOCOL_VERSION, shard, token: client_nonce.clone() };
+    let hello = Frame::Hello {
+        version: PROTOCOL_VERSION,
+        shard,
+        token: client_nonce.clone(),
+    };
     socket.write_all(&hello.encode()).map_err(connect_error)?;
     loop {
         match read_control(socket).map_err(connect_error)? {
-            Frame::HelloOk { shard_count, namespaces, .. } => return Ok((shard_count, namespaces)),
+            Frame::HelloOk {
+                shard_count,
+                namespaces,
+                ..
+            } => return Ok((shard_count, namespaces)),
             Frame::Challenge { nonce } => {
                 let secret = secret.ok_or_else(|| refused("the gateway requires authentication: pass the cluster secret (ClientOptions::secret)".into()))?;
                 let mac = auth::proof(secret, &client_nonce, &nonce, shard);
-                socket.write_all(&Frame::Proof { mac }.encode()).map_err(connect_error)?;
+                socket
+                    .write_all(&Frame::Proof { mac }.encode())
+                    .map_err(connect_error)?;
             }
-            Frame::Error { code, message, .. } => return Err(refused(format!("{code}: {message}"))),
+            Frame::Error { code, message, .. } => {
+                return Err(refused(format!("{code}: {message}")))
+            }
             other => return Err(refused(format!("unexpected {:?} frame", other.kind()))),
         }
     }
@@ -301,24 +426,35 @@ fn hello(socket: &mut Socket, shard: u32, secret: Option<&[u8]>, address: &str) 
 fn read_control(socket: &mut Socket) -> io::Result<Frame> {
     let mut header = [0u8; HEADER_BYTES];
     socket.read_exact(&mut header)?;
-    let header = decode_header(&header).map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error))?;
+    let header = decode_header(&header)
+        .map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error))?;
     let mut body = vec![0u8; header.body_len as usize];
     socket.read_exact(&mut body)?;
-    Frame::decode(header.kind, &body).map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error))
+    Frame::decode(header.kind, &body)
+        .map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error))
 }
 
 fn receive_loop(mut socket: Socket, shared: &LinkShared) {
     let reason = loop {
         match receive_one(&mut socket, shared) {
             Ok(()) => continue,
-            Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => break String::from("the gateway closed the connection"),
+            Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => {
+                break String::from("the gateway closed the connection")
+            }
             Err(error) => break error.to_string(),
         }
     };
     let mut waiting = shared.waiting.lock().expect("link lock");
     waiting.closed = Some(reason.clone());
     for (_, (load, part, _)) in waiting.loads.drain() {
-        load.fail_part(part, ErrorCode::Io, ClientError::Disconnected { address: shared.address.clone(), message: reason.clone() });
+        load.fail_part(
+            part,
+            ErrorCode::Io,
+            ClientError::Disconnected {
+                address: shared.address.clone(),
+                message: reason.clone(),
+            },
+        );
     }
     shared.changed.notify_all();
 }
@@ -331,8 +467,14 @@ fn receive_one(socket: &mut Socket, shared: &LinkShared) -> io::Result<()> {
         let mut prefix = [0u8; DATA_PREFIX_BYTES];
         socket.read_exact(&mut prefix)?;
         let prefix = decode_data_prefix(header.body_len, &prefix).map_err(invalid)?;
-        let region = shared.regions.read().expect("region table lock").get(&prefix.region_id).cloned();
-        let region = region.ok_or_else(|| invalid(format!("data for unknown region {}", prefix.region_id)))?;
+        let region = shared
+            .regions
+            .read()
+            .expect("region table lock")
+            .get(&prefix.region_id)
+            .cloned();
+        let region = region
+            .ok_or_else(|| invalid(format!("data for unknown region {}", prefix.region_id)))?;
         return region.receive_into(prefix.offset, prefix.len, socket);
     }
     let mut body = vec![0u8; header.body_len as usize];
@@ -350,9 +492,18 @@ fn dispatch(frame: Frame, shared: &LinkShared) -> io::Result<()> {
                 load.layer_done(*part, layer);
             }
         }
-        Frame::BlockDone { request_id, block_index, code, message } => {
+        Frame::BlockDone {
+            request_id,
+            block_index,
+            code,
+            message,
+        } => {
             if let Some((load, _, indexes)) = waiting.loads.get(&request_id) {
-                let status = if code == ErrorCode::Ok { BlockStatus::Done } else { BlockStatus::Failed { code, message } };
+                let status = if code == ErrorCode::Ok {
+                    BlockStatus::Done
+                } else {
+                    BlockStatus::Failed { code, message }
+                };
                 if let Some(&global) = indexes.get(block_index as usize) {
                     load.block_done(global, status);
                 }
@@ -366,18 +517,35 @@ fn dispatch(frame: Frame, shared: &LinkShared) -> io::Result<()> {
         Frame::PoolStatus { peers } => {
             waiting.pool = Some(peers);
         }
-        Frame::StoreDone { request_id, code, message } => {
+        Frame::StoreDone {
+            request_id,
+            code,
+            message,
+        } => {
             waiting.stores.insert(request_id, Some((code, message)));
         }
-        Frame::Error { request_id: 0, code, message } => return Err(invalid(format!("gateway error {code}: {message}"))),
-        Frame::Error { request_id, code, message } => {
+        Frame::Error {
+            request_id: 0,
+            code,
+            message,
+        } => return Err(invalid(format!("gateway error {code}: {message}"))),
+        Frame::Error {
+            request_id,
+            code,
+            message,
+        } => {
             if let Some((load, part, _)) = waiting.loads.remove(&request_id) {
                 load.fail_part(part, code, ClientError::Gateway { code, message });
             } else if let Some(slot) = waiting.stores.get_mut(&request_id) {
                 *slot = Some((code, message));
             }
         }
-        other => return Err(invalid(format!("unexpected {:?} frame from the gateway", other.kind()))),
+        other => {
+            return Err(invalid(format!(
+                "unexpected {:?} frame from the gateway",
+                other.kind()
+            )))
+        }
     }
     shared.changed.notify_all();
     Ok(())

@@ -87,7 +87,10 @@ impl LoadShared {
             for &block in &blocks {
                 state.owner[block as usize] = Some(part);
             }
-            state.parts.push(Part { blocks, done: false });
+            state.parts.push(Part {
+                blocks,
+                done: false,
+            });
             part
         })
     }
@@ -95,7 +98,9 @@ impl LoadShared {
     /// Every block of `part` has layer `layer` in place.
     pub(crate) fn layer_done(&self, part: PartId, layer: u16) {
         self.update(|state| {
-            let Some(entry) = state.parts.get(part.0 as usize) else { return };
+            let Some(entry) = state.parts.get(part.0 as usize) else {
+                return;
+            };
             for &block in &entry.blocks {
                 let landed = &mut state.landed_end[block as usize];
                 if layer >= *landed {
@@ -114,7 +119,8 @@ impl LoadShared {
             if state.blocks.get(index) != Some(&BlockStatus::Pending) {
                 return;
             }
-            if let (BlockStatus::Failed { code, .. }, Some(retry)) = (&status, state.retry.as_mut()) {
+            if let (BlockStatus::Failed { code, .. }, Some(retry)) = (&status, state.retry.as_mut())
+            {
                 if code.is_retryable() && state.attempts[index] + 1 < ATTEMPTS_MAX {
                     state.attempts[index] += 1;
                     state.owner[index] = None;
@@ -139,16 +145,22 @@ impl LoadShared {
     /// retry; otherwise they fail with `failure`.
     pub(crate) fn fail_part(&self, part: PartId, code: ErrorCode, failure: ClientError) {
         self.update(|state| {
-            let Some(entry) = state.parts.get_mut(part.0 as usize) else { return };
+            let Some(entry) = state.parts.get_mut(part.0 as usize) else {
+                return;
+            };
             entry.done = true;
             // Blocks already handed to a newer part are that part's business.
             let unfinished: Vec<u32> = entry
                 .blocks
                 .iter()
                 .copied()
-                .filter(|&block| state.blocks[block as usize] == BlockStatus::Pending && state.owner[block as usize] == Some(part))
+                .filter(|&block| {
+                    state.blocks[block as usize] == BlockStatus::Pending
+                        && state.owner[block as usize] == Some(part)
+                })
                 .collect();
-            let retryable = code.is_retryable() || matches!(failure, ClientError::Disconnected { .. });
+            let retryable =
+                code.is_retryable() || matches!(failure, ClientError::Disconnected { .. });
             if let (Some(retry), true) = (state.retry.as_mut(), retryable) {
                 // A block waiting for a new path belongs to no part: a second report
                 // of the same failure (the connection's end, then the coordinator)
@@ -162,7 +174,10 @@ impl LoadShared {
             }
             let message = failure.to_string();
             for block in unfinished {
-                state.blocks[block as usize] = BlockStatus::Failed { code, message: message.clone() };
+                state.blocks[block as usize] = BlockStatus::Failed {
+                    code,
+                    message: message.clone(),
+                };
             }
             state.failure.get_or_insert(failure);
         });
@@ -183,7 +198,10 @@ impl LoadShared {
     pub(crate) fn fail_blocks(&self, blocks: &[u32], code: ErrorCode, message: &str) {
         self.update(|state| {
             for &block in blocks {
-                state.blocks[block as usize] = BlockStatus::Failed { code, message: message.to_owned() };
+                state.blocks[block as usize] = BlockStatus::Failed {
+                    code,
+                    message: message.to_owned(),
+                };
             }
         });
     }
@@ -195,13 +213,19 @@ impl LoadShared {
         let (state, _) = self
             .changed
             .wait_timeout_while(state, timeout, |state| {
-                state.retry.as_ref().is_none_or(Vec::is_empty) && state.parts.iter().any(|part| !part.done)
+                state.retry.as_ref().is_none_or(Vec::is_empty)
+                    && state.parts.iter().any(|part| !part.done)
             })
             .expect("load state lock");
         state.parts.iter().any(|part| !part.done)
     }
 
-    fn wait_until<T>(&self, timeout: Duration, what: &str, mut ready: impl FnMut(&LoadState) -> Option<T>) -> Result<T, ClientError> {
+    fn wait_until<T>(
+        &self,
+        timeout: Duration,
+        what: &str,
+        mut ready: impl FnMut(&LoadState) -> Option<T>,
+    ) -> Result<T, ClientError> {
         let deadline = Instant::now() + timeout;
         let mut state = self.state.lock().expect("load state lock");
         loop {
@@ -213,27 +237,44 @@ impl LoadShared {
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(ClientError::Timeout { what: what.to_owned(), after: timeout });
+                return Err(ClientError::Timeout {
+                    what: what.to_owned(),
+                    after: timeout,
+                });
             }
-            state = self.changed.wait_timeout(state, deadline - now).expect("load state lock").0;
+            state = self
+                .changed
+                .wait_timeout(state, deadline - now)
+                .expect("load state lock")
+                .0;
         }
     }
 }
 
 impl LoadState {
     fn block_has_layer(&self, block: usize, layer: u16) -> bool {
-        !self.layers[block].contains(&layer) || self.landed_end[block] > layer || self.blocks[block] != BlockStatus::Pending
+        !self.layers[block].contains(&layer)
+            || self.landed_end[block] > layer
+            || self.blocks[block] != BlockStatus::Pending
     }
 
     fn finished(&self) -> bool {
-        self.blocks.iter().all(|status| *status != BlockStatus::Pending)
+        self.blocks
+            .iter()
+            .all(|status| *status != BlockStatus::Pending)
     }
 }
 
 fn copy_error(error: &ClientError) -> ClientError {
     match error {
-        ClientError::Disconnected { address, message } => ClientError::Disconnected { address: address.clone(), message: message.clone() },
-        ClientError::Gateway { code, message } => ClientError::Gateway { code: *code, message: message.clone() },
+        ClientError::Disconnected { address, message } => ClientError::Disconnected {
+            address: address.clone(),
+            message: message.clone(),
+        },
+        ClientError::Gateway { code, message } => ClientError::Gateway {
+            code: *code,
+            message: message.clone(),
+        },
         other => ClientError::Invalid(other.to_string()),
     }
 }
@@ -253,11 +294,16 @@ pub struct LoadReport {
 
 impl LoadReport {
     pub fn failed(&self) -> impl Iterator<Item = (usize, &BlockStatus)> {
-        self.blocks.iter().enumerate().filter(|(_, status)| matches!(status, BlockStatus::Failed { .. }))
+        self.blocks
+            .iter()
+            .enumerate()
+            .filter(|(_, status)| matches!(status, BlockStatus::Failed { .. }))
     }
 
     pub fn all_done(&self) -> bool {
-        self.blocks.iter().all(|status| *status == BlockStatus::Done)
+        self.blocks
+            .iter()
+            .all(|status| *status == BlockStatus::Done)
     }
 }
 
@@ -270,32 +316,61 @@ impl LoadHandle {
     /// region (or its block failed: see [`LoadHandle::block_status`]). An error means
     /// the load as a whole failed (refused, its path gone) or the wait timed out.
     pub fn wait_layer(&self, layer: u16, timeout: Duration) -> Result<(), ClientError> {
-        self.shared.wait_until(timeout, &format!("layer {layer} of load {}", self.request_id), |state| {
-            (0..state.blocks.len()).all(|block| state.block_has_layer(block, layer)).then_some(())
-        })
+        self.shared.wait_until(
+            timeout,
+            &format!("layer {layer} of load {}", self.request_id),
+            |state| {
+                (0..state.blocks.len())
+                    .all(|block| state.block_has_layer(block, layer))
+                    .then_some(())
+            },
+        )
     }
 
     /// Waits until every block has finished, and reports each.
     pub fn wait(&self, timeout: Duration) -> Result<LoadReport, ClientError> {
-        self.shared.wait_until(timeout, &format!("load {}", self.request_id), |state| {
-            state.finished().then(|| LoadReport { blocks: state.blocks.clone() })
-        })
+        self.shared
+            .wait_until(timeout, &format!("load {}", self.request_id), |state| {
+                state.finished().then(|| LoadReport {
+                    blocks: state.blocks.clone(),
+                })
+            })
     }
 
     /// How many blocks were handed to another path because theirs failed.
     pub fn reassigned_blocks(&self) -> usize {
-        self.shared.state.lock().expect("load state lock").reassigned
+        self.shared
+            .state
+            .lock()
+            .expect("load state lock")
+            .reassigned
     }
 
     pub fn block_status(&self, index: usize) -> Option<BlockStatus> {
-        self.shared.state.lock().expect("load state lock").blocks.get(index).cloned()
+        self.shared
+            .state
+            .lock()
+            .expect("load state lock")
+            .blocks
+            .get(index)
+            .cloned()
     }
 
     /// The layers complete for every block so far, as a range from the first.
     pub fn layers_done(&self) -> Range<u16> {
         let state = self.shared.state.lock().expect("load state lock");
-        let first = state.layers.iter().map(|layers| layers.start).min().unwrap_or(0);
-        let last = state.layers.iter().map(|layers| layers.end).max().unwrap_or(0);
+        let first = state
+            .layers
+            .iter()
+            .map(|layers| layers.start)
+            .min()
+            .unwrap_or(0);
+        let last = state
+            .layers
+            .iter()
+            .map(|layers| layers.end)
+            .max()
+            .unwrap_or(0);
         let mut end = first;
         while end < last && (0..state.blocks.len()).all(|block| state.block_has_layer(block, end)) {
             end += 1;
@@ -310,11 +385,20 @@ mod tests {
     use block_layout::BlockKey;
 
     fn blocks(count: u64) -> Vec<BlockLoad> {
-        (0..count).map(|index| BlockLoad { key: BlockKey(index.into()), layers: 0..2, dest_offset: index * 8192 }).collect()
+        (0..count)
+            .map(|index| BlockLoad {
+                key: BlockKey(index.into()),
+                layers: 0..2,
+                dest_offset: index * 8192,
+            })
+            .collect()
     }
 
     fn gone() -> ClientError {
-        ClientError::Disconnected { address: "gateway".into(), message: "gone".into() }
+        ClientError::Disconnected {
+            address: "gateway".into(),
+            message: "gone".into(),
+        }
     }
 
     /// The bug the fault soak found: a part's failure reported twice (its
@@ -339,7 +423,10 @@ mod tests {
     #[test]
     fn retryable_block_failures_move_on_and_final_ones_stay() {
         let shared = LoadShared::new(&blocks(1), true);
-        let failure = || BlockStatus::Failed { code: ErrorCode::Io, message: "read failed".into() };
+        let failure = || BlockStatus::Failed {
+            code: ErrorCode::Io,
+            message: "read failed".into(),
+        };
         for _ in 0..ATTEMPTS_MAX - 1 {
             shared.add_part(vec![0]);
             shared.block_done(0, failure());
@@ -347,7 +434,10 @@ mod tests {
         }
         shared.block_done(0, failure());
         assert!(shared.take_retries().is_empty());
-        let handle = LoadHandle { shared: std::sync::Arc::new(shared), request_id: 1 };
+        let handle = LoadHandle {
+            shared: std::sync::Arc::new(shared),
+            request_id: 1,
+        };
         assert_eq!(handle.block_status(0), Some(failure()));
     }
 }

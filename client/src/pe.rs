@@ -23,8 +23,13 @@ pub struct PrefillReader {
 
 impl PrefillReader {
     pub fn new(settings: &ObjectSettings) -> Result<Self, ClientError> {
-        let client = ObjectClient::new(settings).map_err(|error| ClientError::Invalid(format!("PE storage: {error}")))?;
-        Ok(Self { client, prefix: settings.prefix.clone(), concurrency: settings.concurrency.max(1) as usize })
+        let client = ObjectClient::new(settings)
+            .map_err(|error| ClientError::Invalid(format!("PE storage: {error}")))?;
+        Ok(Self {
+            client,
+            prefix: settings.prefix.clone(),
+            concurrency: settings.concurrency.max(1) as usize,
+        })
     }
 
     /// Loads `blocks` (whose positions in the whole load are `indexes`) into
@@ -43,20 +48,34 @@ impl PrefillReader {
     ) {
         // One whole block per request in the Full layout; one layer per request,
         // layer-major, in the Layer layout (so early layers complete first).
-        let progress = match LoadProgress::new(geometry, blocks, layer_stride, region.len() as u64, geometry.block_bytes()) {
+        let progress = match LoadProgress::new(
+            geometry,
+            blocks,
+            layer_stride,
+            region.len() as u64,
+            geometry.block_bytes(),
+        ) {
             Ok(progress) => Mutex::new(progress),
             Err(Refusal { code, message }) => {
                 shared.fail_part(part, code, ClientError::Gateway { code, message });
                 return;
             }
         };
-        let stride = if layer_stride == 0 { geometry.layer_bytes() } else { layer_stride };
+        let stride = if layer_stride == 0 {
+            geometry.layer_bytes()
+        } else {
+            layer_stride
+        };
         let mut events = Vec::new();
         progress.lock().expect("progress lock").start(&mut events);
         report(&events, indexes, shared, part);
         std::thread::scope(|scope| {
             for _ in 0..self.concurrency {
-                scope.spawn(|| self.work(namespace, &geometry, region, stride, &progress, indexes, shared, part));
+                scope.spawn(|| {
+                    self.work(
+                        namespace, &geometry, region, stride, &progress, indexes, shared, part,
+                    )
+                });
             }
         });
     }
@@ -79,13 +98,19 @@ impl PrefillReader {
                 let mut progress = progress.lock().expect("progress lock");
                 let next = progress.next_unit(&mut events).map(|index| {
                     let unit = progress.unit(index).clone();
-                    (index, unit.layers.clone(), progress.blocks()[unit.block as usize].clone())
+                    (
+                        index,
+                        unit.layers.clone(),
+                        progress.blocks()[unit.block as usize].clone(),
+                    )
                 });
                 report(&events, indexes, shared, part);
                 events.clear();
                 next
             };
-            let Some((index, layers, block)) = next else { return };
+            let Some((index, layers, block)) = next else {
+                return;
+            };
             let result = self.read_unit(namespace, geometry, region, stride, &block, layers);
             let mut progress = progress.lock().expect("progress lock");
             progress.unit_finished(index, result, &mut events);
@@ -108,10 +133,14 @@ impl PrefillReader {
         let layer_bytes = geometry.layer_bytes();
         let contiguous = stride == layer_bytes;
         // Contiguous destinations take one ranged GET; strided ones one per layer.
-        let pieces: Vec<std::ops::Range<u16>> =
-            if contiguous { vec![layers] } else { layers.map(|layer| layer..layer + 1).collect() };
+        let pieces: Vec<std::ops::Range<u16>> = if contiguous {
+            vec![layers]
+        } else {
+            layers.map(|layer| layer..layer + 1).collect()
+        };
         for piece in pieces {
-            let destination = block.dest_offset + u64::from(piece.start - block.layers.start) * stride;
+            let destination =
+                block.dest_offset + u64::from(piece.start - block.layers.start) * stride;
             let len = u64::from(piece.end - piece.start) * layer_bytes;
             let range = u64::from(piece.start) * layer_bytes..u64::from(piece.end) * layer_bytes;
             let outcome = region
@@ -120,16 +149,28 @@ impl PrefillReader {
                     verify(target, &outcome, geometry, piece.clone(), block)?;
                     Ok(())
                 })
-                .ok_or_else(|| Refusal { code: ErrorCode::OutOfRegion, message: format!("block {} does not fit the region", block.key) })?;
+                .ok_or_else(|| Refusal {
+                    code: ErrorCode::OutOfRegion,
+                    message: format!("block {} does not fit the region", block.key),
+                })?;
             outcome.map_err(|error: ObjectError| refusal(error, &object, block))?;
         }
         Ok(())
     }
 }
 
-fn verify(bytes: &[u8], outcome: &storage_backends::object::GetOutcome, geometry: &Geometry, layers: std::ops::Range<u16>, block: &BlockLoad) -> Result<(), ObjectError> {
+fn verify(
+    bytes: &[u8],
+    outcome: &storage_backends::object::GetOutcome,
+    geometry: &Geometry,
+    layers: std::ops::Range<u16>,
+    block: &BlockLoad,
+) -> Result<(), ObjectError> {
     if outcome.layers != geometry.layers || outcome.layer_bytes != geometry.layer_bytes() {
-        return Err(ObjectError::BadMetadata(format!("block {} was stored with another geometry", block.key)));
+        return Err(ObjectError::BadMetadata(format!(
+            "block {} was stored with another geometry",
+            block.key
+        )));
     }
     let placement = LayerPlacement {
         first_layer_offset: 0,
@@ -155,7 +196,9 @@ fn refusal(error: ObjectError, object: &str, block: &BlockLoad) -> Refusal {
     let code = match &error {
         ObjectError::NotFound => ErrorCode::NotFound,
         ObjectError::BadMetadata(message) if message.contains("corrupt") => ErrorCode::Corrupt,
-        ObjectError::Unavailable(_) | ObjectError::Truncated { .. } | ObjectError::Status { .. } => ErrorCode::Io,
+        ObjectError::Unavailable(_)
+        | ObjectError::Truncated { .. }
+        | ObjectError::Status { .. } => ErrorCode::Io,
         _ => ErrorCode::BadRequest,
     };
     let message = match error {
@@ -169,8 +212,19 @@ fn refusal(error: ObjectError, object: &str, block: &BlockLoad) -> Refusal {
 fn report(events: &[Event], indexes: &[u32], shared: &LoadShared, part: PartId) {
     for event in events {
         match event {
-            Event::BlockDone { block, code, message } => {
-                let status = if *code == ErrorCode::Ok { BlockStatus::Done } else { BlockStatus::Failed { code: *code, message: message.clone() } };
+            Event::BlockDone {
+                block,
+                code,
+                message,
+            } => {
+                let status = if *code == ErrorCode::Ok {
+                    BlockStatus::Done
+                } else {
+                    BlockStatus::Failed {
+                        code: *code,
+                        message: message.clone(),
+                    }
+                };
                 shared.block_done(indexes[*block as usize], status);
             }
             Event::LayerDone { layer } => shared.layer_done(part, *layer),

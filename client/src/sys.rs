@@ -32,11 +32,16 @@ impl Region {
     /// Allocates `len` zeroed bytes of host memory, page-aligned.
     pub fn allocate(len: usize) -> Self {
         assert!(len > 0, "a region has at least one byte");
-        let layout = Layout::from_size_align(len, REGION_ALIGN_BYTES).expect("size below isize::MAX");
+        let layout =
+            Layout::from_size_align(len, REGION_ALIGN_BYTES).expect("size below isize::MAX");
         // SAFETY: `layout` has a non-zero size.
         let pointer = unsafe { alloc_zeroed(layout) };
         let base = NonNull::new(pointer).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        Self { base, len, owned: Some(layout) }
+        Self {
+            base,
+            len,
+            owned: Some(layout),
+        }
     }
 
     /// Wraps memory the engine owns (a tensor's storage, a NumPy buffer).
@@ -46,7 +51,11 @@ impl Region {
     /// is registered with any gateway, and the engine must not access a range that a
     /// load targets until that load (or layer) has completed.
     pub unsafe fn from_raw(pointer: *mut u8, len: usize) -> Self {
-        Self { base: NonNull::new(pointer).expect("a region pointer is not null"), len, owned: None }
+        Self {
+            base: NonNull::new(pointer).expect("a region pointer is not null"),
+            len,
+            owned: None,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -63,7 +72,12 @@ impl Region {
 
     /// Receives exactly `len` bytes from `source` into `offset..offset + len`, for a
     /// receive thread; the range must lie inside the region (checked).
-    pub(crate) fn receive_into(&self, offset: u64, len: u32, source: &mut impl std::io::Read) -> std::io::Result<()> {
+    pub(crate) fn receive_into(
+        &self,
+        offset: u64,
+        len: u32,
+        source: &mut impl std::io::Read,
+    ) -> std::io::Result<()> {
         if !protocol::range_inside(offset, u64::from(len), self.len as u64) {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
@@ -81,20 +95,30 @@ impl Region {
 
     /// Runs `fill` on `offset..offset + len` of the region (the prefill node's own
     /// storage reads land here directly); `None` if the range is outside.
-    pub(crate) fn fill<T>(&self, offset: u64, len: u64, fill: impl FnOnce(&mut [u8]) -> T) -> Option<T> {
+    pub(crate) fn fill<T>(
+        &self,
+        offset: u64,
+        len: u64,
+        fill: impl FnOnce(&mut [u8]) -> T,
+    ) -> Option<T> {
         if !protocol::range_inside(offset, len, self.len as u64) {
             return None;
         }
         // SAFETY: in bounds (checked above); the range belongs to one unit of a load
         // in flight, read by exactly one worker, and the engine does not touch it
         // until the load reports it complete.
-        let target = unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr().add(offset as usize), len as usize) };
+        let target = unsafe {
+            std::slice::from_raw_parts_mut(self.base.as_ptr().add(offset as usize), len as usize)
+        };
         Some(fill(target))
     }
 
     /// Copies `offset..offset + len` out, for checks after a load completed.
     pub fn read(&self, offset: usize, len: usize) -> Vec<u8> {
-        assert!(offset.checked_add(len).is_some_and(|end| end <= self.len), "range outside the region");
+        assert!(
+            offset.checked_add(len).is_some_and(|end| end <= self.len),
+            "range outside the region"
+        );
         // SAFETY: in bounds (asserted); callers read ranges whose loads completed,
         // so no receive thread writes them now.
         unsafe { std::slice::from_raw_parts(self.base.as_ptr().add(offset), len) }.to_vec()

@@ -23,7 +23,9 @@ const UNITS: [(&str, u64); 9] = [
 impl ByteSize {
     pub fn parse(text: &str) -> Result<Self, String> {
         let text = text.trim();
-        let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
+        let split = text
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(text.len());
         let (number, unit) = text.split_at(split);
         let unit = unit.trim();
         let multiplier = if unit.is_empty() {
@@ -35,9 +37,9 @@ impl ByteSize {
                 .map(|&(_, multiplier)| multiplier)
                 .ok_or_else(|| format!("unknown unit {unit:?} in {text:?}; use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB"))?
         };
-        let value: f64 = number
-            .parse()
-            .map_err(|_| format!("{text:?} is not a size; write for example 4096, \"256MiB\" or \"2GiB\""))?;
+        let value: f64 = number.parse().map_err(|_| {
+            format!("{text:?} is not a size; write for example 4096, \"256MiB\" or \"2GiB\"")
+        })?;
         let bytes = value * multiplier as f64;
         if !(0.0..=u64::MAX as f64).contains(&bytes) || bytes.fract() != 0.0 {
             return Err(format!("{text:?} is not a whole number of bytes"));
@@ -50,7 +52,12 @@ impl ByteSize {
 
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (name, multiplier) in [("TiB", 1u64 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        for (name, multiplier) in [
+            ("TiB", 1u64 << 40),
+            ("GiB", 1 << 30),
+            ("MiB", 1 << 20),
+            ("KiB", 1 << 10),
+        ] {
             if self.0 >= multiplier && self.0.is_multiple_of(multiplier) {
                 return write!(f, "{}{name}", self.0 / multiplier);
             }
@@ -68,7 +75,9 @@ impl<'de> Deserialize<'de> for ByteSize {
                 f.write_str("a byte count (4096) or a size with a unit (\"256MiB\")")
             }
             fn visit_i64<E: de::Error>(self, value: i64) -> Result<ByteSize, E> {
-                u64::try_from(value).map(ByteSize).map_err(|_| E::custom("a size cannot be negative"))
+                u64::try_from(value)
+                    .map(ByteSize)
+                    .map_err(|_| E::custom("a size cannot be negative"))
             }
             fn visit_u64<E: de::Error>(self, value: u64) -> Result<ByteSize, E> {
                 Ok(ByteSize(value))
@@ -92,7 +101,9 @@ mod tests {
         assert_eq!(ByteSize::parse("2 GiB"), Ok(ByteSize(2 << 30)));
         assert_eq!(ByteSize::parse("1.5GB"), Ok(ByteSize(1_500_000_000)));
         assert_eq!(ByteSize::parse("4kib"), Ok(ByteSize(4096)));
-        assert!(ByteSize::parse("12 parsecs").unwrap_err().contains("unknown unit"));
+        assert!(ByteSize::parse("12 parsecs")
+            .unwrap_err()
+            .contains("unknown unit"));
         assert!(ByteSize::parse("lots").is_err());
         assert_eq!(ByteSize(4 << 20).to_string(), "4MiB");
     }

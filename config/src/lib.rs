@@ -27,11 +27,19 @@ pub const NAMESPACES_MAX: usize = 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("config {file}: cannot read it: {source}")]
-    Read { file: PathBuf, source: std::io::Error },
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config {file}: {message}")]
     Parse { file: PathBuf, message: String },
     #[error("config {file}: key `{key}`: {problem}; fix: {fix}")]
-    Invalid { file: PathBuf, key: String, problem: String, fix: String },
+    Invalid {
+        file: PathBuf,
+        key: String,
+        problem: String,
+        fix: String,
+    },
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -260,15 +268,20 @@ pub struct GatewayConfig {
 impl GatewayConfig {
     /// Reads and validates a configuration file.
     pub fn load(file: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(file)
-            .map_err(|source| ConfigError::Read { file: file.to_owned(), source })?;
+        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+            file: file.to_owned(),
+            source,
+        })?;
         Self::parse(&text, file)
     }
 
     /// The embedded default (the example file): a local store under ./data.
     pub fn embedded_default() -> Self {
-        Self::parse(EXAMPLE_GATEWAY_TOML, Path::new("<embedded gateway.example.toml>"))
-            .expect("the embedded example configuration is valid (checked by a test)")
+        Self::parse(
+            EXAMPLE_GATEWAY_TOML,
+            Path::new("<embedded gateway.example.toml>"),
+        )
+        .expect("the embedded example configuration is valid (checked by a test)")
     }
 
     /// Parses `text`; `file` names it in errors.
@@ -281,7 +294,9 @@ impl GatewayConfig {
     }
 
     pub fn namespace(&self, name: &str) -> Option<&NamespaceConfig> {
-        self.namespaces.iter().find(|namespace| namespace.name == name)
+        self.namespaces
+            .iter()
+            .find(|namespace| namespace.name == name)
     }
 }
 
@@ -290,7 +305,12 @@ struct Validator<'a> {
 }
 
 impl Validator<'_> {
-    fn invalid(&self, key: &str, problem: impl Into<String>, fix: impl Into<String>) -> ConfigError {
+    fn invalid(
+        &self,
+        key: &str,
+        problem: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> ConfigError {
         ConfigError::Invalid {
             file: self.file.to_owned(),
             key: key.to_owned(),
@@ -318,7 +338,10 @@ impl Validator<'_> {
             self.object_limits(&namespaces)?;
         }
         let gossip_interval_ms = raw.gateway.gossip_interval_ms.unwrap_or(20);
-        let peer_timeout_ms = raw.gateway.peer_timeout_ms.unwrap_or(10 * gossip_interval_ms);
+        let peer_timeout_ms = raw
+            .gateway
+            .peer_timeout_ms
+            .unwrap_or(10 * gossip_interval_ms);
         if gossip_interval_ms == 0 || peer_timeout_ms <= gossip_interval_ms {
             return Err(self.invalid(
                 "gateway.peer_timeout_ms",
@@ -327,7 +350,11 @@ impl Validator<'_> {
             ));
         }
         if !raw.gateway.peers.is_empty() && raw.gateway.gossip_listen.is_none() {
-            return Err(self.invalid("gateway.gossip_listen", "peers are listed but no gossip address", "set gossip_listen, the UDP address peers send to"));
+            return Err(self.invalid(
+                "gateway.gossip_listen",
+                "peers are listed but no gossip address",
+                "set gossip_listen, the UDP address peers send to",
+            ));
         }
         Ok(GatewayConfig {
             cores,
@@ -379,23 +406,40 @@ impl Validator<'_> {
         let object = match raw.backend {
             BackendKind::Uring => {
                 if raw.path.as_os_str().is_empty() {
-                    return Err(self.invalid("storage.path", "missing or empty", "name the store directory, e.g. \"./data\""));
+                    return Err(self.invalid(
+                        "storage.path",
+                        "missing or empty",
+                        "name the store directory, e.g. \"./data\"",
+                    ));
                 }
                 None
             }
             BackendKind::Object => {
                 let section = raw.object.ok_or_else(|| {
-                    self.invalid("storage.object", "backend = \"object\" needs a [storage.object] table", "add endpoint and bucket")
+                    self.invalid(
+                        "storage.object",
+                        "backend = \"object\" needs a [storage.object] table",
+                        "add endpoint and bucket",
+                    )
                 })?;
                 Some(self.object(section)?)
             }
         };
-        Ok(StorageConfig { backend: raw.backend, path: raw.path, queue_depth: raw.queue_depth, object })
+        Ok(StorageConfig {
+            backend: raw.backend,
+            path: raw.path,
+            queue_depth: raw.queue_depth,
+            object,
+        })
     }
 
     fn object(&self, raw: ObjectSection) -> Result<ObjectConfig, ConfigError> {
         if !(raw.endpoint.starts_with("http://") || raw.endpoint.starts_with("https://")) {
-            return Err(self.invalid("storage.object.endpoint", format!("{:?} is not an http(s) URL", raw.endpoint), "write e.g. \"http://127.0.0.1:8333\""));
+            return Err(self.invalid(
+                "storage.object.endpoint",
+                format!("{:?} is not an http(s) URL", raw.endpoint),
+                "write e.g. \"http://127.0.0.1:8333\"",
+            ));
         }
         if raw.endpoint.starts_with("https://") {
             return Err(self.invalid(
@@ -408,15 +452,26 @@ impl Validator<'_> {
             return Err(self.invalid("storage.object.bucket", "empty", "name the bucket"));
         }
         if raw.concurrency == 0 || raw.concurrency > 1024 {
-            return Err(self.invalid("storage.object.concurrency", format!("{}", raw.concurrency), "use 1 to 1024 requests in flight per core"));
+            return Err(self.invalid(
+                "storage.object.concurrency",
+                format!("{}", raw.concurrency),
+                "use 1 to 1024 requests in flight per core",
+            ));
         }
         let from_env = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
         let access_key_id = raw.access_key_id.or_else(|| from_env("AWS_ACCESS_KEY_ID")).ok_or_else(|| {
             self.invalid("storage.object.access_key_id", "no credentials", "set access_key_id and secret_access_key, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
         })?;
-        let secret_access_key = raw.secret_access_key.or_else(|| from_env("AWS_SECRET_ACCESS_KEY")).ok_or_else(|| {
-            self.invalid("storage.object.secret_access_key", "no secret", "set secret_access_key or AWS_SECRET_ACCESS_KEY")
-        })?;
+        let secret_access_key = raw
+            .secret_access_key
+            .or_else(|| from_env("AWS_SECRET_ACCESS_KEY"))
+            .ok_or_else(|| {
+                self.invalid(
+                    "storage.object.secret_access_key",
+                    "no secret",
+                    "set secret_access_key or AWS_SECRET_ACCESS_KEY",
+                )
+            })?;
         Ok(ObjectConfig {
             endpoint: raw.endpoint,
             bucket: raw.bucket,
@@ -447,7 +502,10 @@ impl Validator<'_> {
         for (index, section) in raw.into_iter().enumerate() {
             let key = format!("namespace[{index}]");
             let namespace = self.namespace(&key, section, staging)?;
-            if namespaces.iter().any(|other: &NamespaceConfig| other.name == namespace.name) {
+            if namespaces
+                .iter()
+                .any(|other: &NamespaceConfig| other.name == namespace.name)
+            {
                 return Err(self.invalid(
                     &format!("{key}.name"),
                     format!("namespace {:?} is declared twice", namespace.name),
@@ -467,7 +525,10 @@ impl Validator<'_> {
     ) -> Result<NamespaceConfig, ConfigError> {
         let name_ok = !raw.name.is_empty()
             && raw.name.len() <= 64
-            && raw.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            && raw
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
             && !raw.name.starts_with('.');
         if !name_ok {
             return Err(self.invalid(
@@ -503,20 +564,34 @@ impl Validator<'_> {
         if raw.capacity.0 < geometry.slot_bytes() {
             return Err(self.invalid(
                 &format!("{key}.capacity"),
-                format!("{} holds no block of {} bytes", raw.capacity, geometry.slot_bytes()),
+                format!(
+                    "{} holds no block of {} bytes",
+                    raw.capacity,
+                    geometry.slot_bytes()
+                ),
                 "raise capacity to many blocks",
             ));
         }
-        Ok(NamespaceConfig { name: raw.name, geometry, capacity_bytes: raw.capacity.0 })
+        Ok(NamespaceConfig {
+            name: raw.name,
+            geometry,
+            capacity_bytes: raw.capacity.0,
+        })
     }
 
     /// The object backend keeps per-layer checksums in object metadata, which S3
     /// limits to 2 KiB.
     fn object_limits(&self, namespaces: &[NamespaceConfig]) -> Result<(), ConfigError> {
-        match namespaces.iter().position(|namespace| namespace.geometry.layers > OBJECT_LAYERS_MAX) {
+        match namespaces
+            .iter()
+            .position(|namespace| namespace.geometry.layers > OBJECT_LAYERS_MAX)
+        {
             Some(index) => Err(self.invalid(
                 &format!("namespace[{index}].layers"),
-                format!("{} layers; the object backend stores at most {OBJECT_LAYERS_MAX}", namespaces[index].geometry.layers),
+                format!(
+                    "{} layers; the object backend stores at most {OBJECT_LAYERS_MAX}",
+                    namespaces[index].geometry.layers
+                ),
                 "use the uring backend (a mounted file system) for this namespace",
             )),
             None => Ok(()),
@@ -526,7 +601,11 @@ impl Validator<'_> {
 
 fn available_cpus() -> u32 {
     std::thread::available_parallelism()
-        .map(|count| u32::try_from(count.get()).unwrap_or(CORES_MAX).min(CORES_MAX))
+        .map(|count| {
+            u32::try_from(count.get())
+                .unwrap_or(CORES_MAX)
+                .min(CORES_MAX)
+        })
         .unwrap_or(1)
 }
 
@@ -570,26 +649,55 @@ mod tests {
     #[test]
     fn unknown_key_is_an_error_naming_the_key_and_file() {
         let text = MINIMAL.replace("path =", "pathh = \"x\"\npath =");
-        let error = parse(&text).expect_err("typo must not be ignored").to_string();
-        assert!(error.contains("test.toml") && error.contains("pathh"), "{error}");
+        let error = parse(&text)
+            .expect_err("typo must not be ignored")
+            .to_string();
+        assert!(
+            error.contains("test.toml") && error.contains("pathh"),
+            "{error}"
+        );
     }
 
     #[test]
     fn buffer_smaller_than_a_layer_is_refused_with_the_fix() {
-        let text = format!("[staging]\nbuffer_bytes = \"4KiB\"\nbytes_per_core = \"1MiB\"\n{MINIMAL}")
-            .replace("bytes_per_token_per_layer = 256", "bytes_per_token_per_layer = 1024");
-        let error = parse(&text).expect_err("layer of 16 KiB cannot fit 4 KiB").to_string();
-        assert!(error.contains("staging.buffer_bytes") && error.contains("fix:"), "{error}");
+        let text =
+            format!("[staging]\nbuffer_bytes = \"4KiB\"\nbytes_per_core = \"1MiB\"\n{MINIMAL}")
+                .replace(
+                    "bytes_per_token_per_layer = 256",
+                    "bytes_per_token_per_layer = 1024",
+                );
+        let error = parse(&text)
+            .expect_err("layer of 16 KiB cannot fit 4 KiB")
+            .to_string();
+        assert!(
+            error.contains("staging.buffer_bytes") && error.contains("fix:"),
+            "{error}"
+        );
     }
 
     #[test]
     fn bad_values_name_their_key() {
         let cases = [
             (MINIMAL.replace("layers = 4", "layers = 0"), "namespace[0]"),
-            (MINIMAL.replace("capacity = \"1MiB\"", "capacity = \"1KiB\""), "namespace[0].capacity"),
-            (MINIMAL.replace("name = \"m\"", "name = \"../x\""), "namespace[0].name"),
-            (format!("{MINIMAL}\n[gateway]\ncores = 0\n"), "gateway.cores"),
-            (MINIMAL.replace("path = \"/tmp/store\"", "path = \"/tmp/s\"\nqueue_depth = 0"), "storage.queue_depth"),
+            (
+                MINIMAL.replace("capacity = \"1MiB\"", "capacity = \"1KiB\""),
+                "namespace[0].capacity",
+            ),
+            (
+                MINIMAL.replace("name = \"m\"", "name = \"../x\""),
+                "namespace[0].name",
+            ),
+            (
+                format!("{MINIMAL}\n[gateway]\ncores = 0\n"),
+                "gateway.cores",
+            ),
+            (
+                MINIMAL.replace(
+                    "path = \"/tmp/store\"",
+                    "path = \"/tmp/s\"\nqueue_depth = 0",
+                ),
+                "storage.queue_depth",
+            ),
         ];
         for (text, key) in cases {
             let error = parse(&text).expect_err(key).to_string();
@@ -599,7 +707,10 @@ mod tests {
 
     #[test]
     fn object_backend_needs_its_table_and_credentials() {
-        let object = MINIMAL.replace("backend = \"uring\"\n        path = \"/tmp/store\"", "backend = \"object\"");
+        let object = MINIMAL.replace(
+            "backend = \"uring\"\n        path = \"/tmp/store\"",
+            "backend = \"object\"",
+        );
         let error = parse(&object).expect_err("no [storage.object]").to_string();
         assert!(error.contains("storage.object"), "{error}");
         let with_table = format!(
@@ -608,7 +719,10 @@ mod tests {
         let config = parse(&with_table).expect("valid");
         let object_config = config.storage.object.expect("object config");
         assert_eq!(object_config.concurrency, 16);
-        assert!(!format!("{object_config:?}").contains("\"s\""), "the secret is not printed");
+        assert!(
+            !format!("{object_config:?}").contains("\"s\""),
+            "the secret is not printed"
+        );
         let tls = with_table.replace("http://", "https://");
         assert!(parse(&tls).expect_err("no TLS").to_string().contains("TLS"));
     }

@@ -9,17 +9,21 @@ use std::process::ExitCode;
 use block_layout::BlockKey;
 use clap::{Parser, Subcommand};
 use config::{ByteSize, ConfigError, GatewayConfig};
-use gateway::commands::bench_storage::{bench_storage, BenchStorageOptions};
-use gateway::commands::bench_object::{bench_object, BenchObjectOptions};
-use gateway::commands::bench_load::{bench_load, BenchLoadOptions};
 use gateway::commands::bench_e2e::{bench_e2e, BenchE2eOptions};
+use gateway::commands::bench_load::{bench_load, BenchLoadOptions};
+use gateway::commands::bench_object::{bench_object, BenchObjectOptions};
+use gateway::commands::bench_storage::{bench_storage, BenchStorageOptions};
 use gateway::commands::bench_transport::{bench_transport, BenchTransportOptions};
 use gateway::commands::blocks;
 use gateway::commands::import::{import, Source};
 use storage_backends::StoreError;
 
 #[derive(Debug, Parser)]
-#[command(name = "dualpath", version, about = "dualpath storage gateway for disaggregated LLM inference")]
+#[command(
+    name = "dualpath",
+    version,
+    about = "dualpath storage gateway for disaggregated LLM inference"
+)]
 struct Cli {
     /// Gateway configuration (TOML); without it, the embedded default (a store under ./data).
     #[arg(long, global = true, value_name = "FILE")]
@@ -59,7 +63,11 @@ enum Command {
     Import {
         #[arg(long, short)]
         namespace: String,
-        #[arg(long, conflicts_with = "synthetic", required_unless_present = "synthetic")]
+        #[arg(
+            long,
+            conflicts_with = "synthetic",
+            required_unless_present = "synthetic"
+        )]
         dir: Option<PathBuf>,
         /// Number of synthetic blocks to generate.
         #[arg(long)]
@@ -152,7 +160,12 @@ enum BenchTarget {
         prefix: String,
         #[arg(long, env = "AWS_ACCESS_KEY_ID", default_value = "")]
         access_key_id: String,
-        #[arg(long, env = "AWS_SECRET_ACCESS_KEY", default_value = "", hide_env_values = true)]
+        #[arg(
+            long,
+            env = "AWS_SECRET_ACCESS_KEY",
+            default_value = "",
+            hide_env_values = true
+        )]
         secret_access_key: String,
         /// pe-only, de-only or dualpath.
         #[arg(long, default_value = "dualpath")]
@@ -205,7 +218,11 @@ fn parse_size(text: &str) -> Result<u64, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The service logs its life cycle; the tools only what goes wrong.
-    init_logging(if matches!(cli.command, Command::Serve) { "info" } else { "warn" });
+    init_logging(if matches!(cli.command, Command::Serve) {
+        "info"
+    } else {
+        "warn"
+    });
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -218,7 +235,10 @@ fn main() -> ExitCode {
 fn init_logging(default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("DUALPATH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn exit_code(error: &anyhow::Error) -> u8 {
@@ -249,10 +269,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let config = load_config(cli.config.as_ref())?;
     match cli.command {
         Command::Serve => gateway::server::run(config),
-        Command::Put { namespace, key, input } => blocks::put(&config, &namespace, key, &input),
-        Command::Get { namespace, key, layers, output } => blocks::get(&config, &namespace, key, layers.as_deref(), &output),
+        Command::Put {
+            namespace,
+            key,
+            input,
+        } => blocks::put(&config, &namespace, key, &input),
+        Command::Get {
+            namespace,
+            key,
+            layers,
+            output,
+        } => blocks::get(&config, &namespace, key, layers.as_deref(), &output),
         Command::Stat => blocks::stat(&config),
-        Command::Import { namespace, dir, synthetic, seed } => {
+        Command::Import {
+            namespace,
+            dir,
+            synthetic,
+            seed,
+        } => {
             let source = match (dir, synthetic) {
                 (Some(dir), _) => Source::Directory(dir),
                 (None, Some(count)) => Source::Synthetic { count, seed },
@@ -264,7 +298,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Verify { synthetic_seed } => {
             let report = blocks::verify(&config, synthetic_seed)?;
-            println!("{} blocks ok, {} corrupt, {} with wrong contents", report.blocks_ok, report.corrupt, report.wrong_content);
+            println!(
+                "{} blocks ok, {} corrupt, {} with wrong contents",
+                report.blocks_ok, report.corrupt, report.wrong_content
+            );
             if report.corrupt + report.wrong_content > 0 {
                 return Err(DamagedBlocks(report.corrupt + report.wrong_content).into());
             }
@@ -301,36 +338,101 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 timeout: std::time::Duration::from_secs(30),
                 retries: 3,
             });
-            let policy = policy.parse().map_err(|message: String| anyhow::anyhow!(message))?;
-            let secret = std::env::var_os("DUALPATH_SECRET").map(|value| value.into_encoded_bytes());
-            bench_load(&BenchLoadOptions { gateways, pe_storage, policy, namespace, blocks, seed, blocks_per_request, requests_in_flight, secret, verify })
-        }
-        Command::Bench { target: BenchTarget::Object { endpoint, bucket, access_key_id, secret_access_key, blocks, block_size, concurrency, rounds } } => {
-            bench_object(&BenchObjectOptions { endpoint, bucket, access_key_id, secret_access_key, blocks, block_bytes: block_size, concurrency, rounds })
-        }
-        Command::Bench { target: BenchTarget::E2e { dir, size, block_size, rounds, queue_depth, cores } } => {
-            bench_e2e(&BenchE2eOptions { directory: dir, total_bytes: size, block_bytes: block_size, rounds, queue_depth, cores })
-        }
-        Command::Bench { target: BenchTarget::Transport { seconds, block_size, rounds, no_iperf, no_mooncake, cores } } => {
-            bench_transport(&BenchTransportOptions {
-                seconds,
-                block_bytes: block_size,
-                rounds,
-                with_iperf: !no_iperf,
-                with_mooncake: !no_mooncake,
-                cores,
+            let policy = policy
+                .parse()
+                .map_err(|message: String| anyhow::anyhow!(message))?;
+            let secret =
+                std::env::var_os("DUALPATH_SECRET").map(|value| value.into_encoded_bytes());
+            bench_load(&BenchLoadOptions {
+                gateways,
+                pe_storage,
+                policy,
+                namespace,
+                blocks,
+                seed,
+                blocks_per_request,
+                requests_in_flight,
+                secret,
+                verify,
             })
         }
-        Command::Bench { target: BenchTarget::Storage { dir, size, block_sizes, rounds, queue_depth, shards, no_fio } } => {
-            bench_storage(&BenchStorageOptions {
-                directory: dir,
-                total_bytes: size,
-                block_sizes,
-                rounds,
-                queue_depth,
-                shards: shards.unwrap_or(config.cores),
-                with_fio: !no_fio,
-            })
-        }
+        Command::Bench {
+            target:
+                BenchTarget::Object {
+                    endpoint,
+                    bucket,
+                    access_key_id,
+                    secret_access_key,
+                    blocks,
+                    block_size,
+                    concurrency,
+                    rounds,
+                },
+        } => bench_object(&BenchObjectOptions {
+            endpoint,
+            bucket,
+            access_key_id,
+            secret_access_key,
+            blocks,
+            block_bytes: block_size,
+            concurrency,
+            rounds,
+        }),
+        Command::Bench {
+            target:
+                BenchTarget::E2e {
+                    dir,
+                    size,
+                    block_size,
+                    rounds,
+                    queue_depth,
+                    cores,
+                },
+        } => bench_e2e(&BenchE2eOptions {
+            directory: dir,
+            total_bytes: size,
+            block_bytes: block_size,
+            rounds,
+            queue_depth,
+            cores,
+        }),
+        Command::Bench {
+            target:
+                BenchTarget::Transport {
+                    seconds,
+                    block_size,
+                    rounds,
+                    no_iperf,
+                    no_mooncake,
+                    cores,
+                },
+        } => bench_transport(&BenchTransportOptions {
+            seconds,
+            block_bytes: block_size,
+            rounds,
+            with_iperf: !no_iperf,
+            with_mooncake: !no_mooncake,
+            cores,
+        }),
+        Command::Bench {
+            target:
+                BenchTarget::Storage {
+                    dir,
+                    size,
+                    block_sizes,
+                    rounds,
+                    queue_depth,
+                    shards,
+                    no_fio,
+                },
+        } => bench_storage(&BenchStorageOptions {
+            directory: dir,
+            total_bytes: size,
+            block_sizes,
+            rounds,
+            queue_depth,
+            shards: shards.unwrap_or(config.cores),
+            with_fio: !no_fio,
+        }),
     }
 }

@@ -1,7 +1,6 @@
 //! Opening the store a config describes, one shard per core, with each shard's
 //! staging slab; and the routing of a key to its shard.
 
-
 use anyhow::Context;
 use block_layout::BlockKey;
 use config::{BackendKind, GatewayConfig, HugePagesSetting};
@@ -29,7 +28,12 @@ pub fn open_store(config: &GatewayConfig) -> anyhow::Result<AnyStore> {
     match (config.storage.backend, &config.storage.object) {
         (BackendKind::Uring, _) => UringStore::open(&config.storage.path, config.cores, &specs)
             .map(AnyStore::Uring)
-            .with_context(|| format!("cannot open the block store at {}", config.storage.path.display())),
+            .with_context(|| {
+                format!(
+                    "cannot open the block store at {}",
+                    config.storage.path.display()
+                )
+            }),
         (BackendKind::Object, Some(object)) => {
             let settings = ObjectSettings {
                 endpoint: object.endpoint.clone(),
@@ -47,14 +51,18 @@ pub fn open_store(config: &GatewayConfig) -> anyhow::Result<AnyStore> {
                 .map(AnyStore::Object)
                 .with_context(|| format!("cannot use the object store at {}", object.endpoint))
         }
-        (BackendKind::Object, None) => unreachable!("the config validator requires [storage.object]"),
+        (BackendKind::Object, None) => {
+            unreachable!("the config validator requires [storage.object]")
+        }
     }
 }
 
 pub fn slab_config(config: &GatewayConfig) -> anyhow::Result<SlabConfig> {
     Ok(SlabConfig {
-        slab_bytes: usize::try_from(config.staging.bytes_per_core).context("staging.bytes_per_core exceeds memory")?,
-        buffer_bytes: usize::try_from(config.staging.buffer_bytes).context("staging.buffer_bytes exceeds memory")?,
+        slab_bytes: usize::try_from(config.staging.bytes_per_core)
+            .context("staging.bytes_per_core exceeds memory")?,
+        buffer_bytes: usize::try_from(config.staging.buffer_bytes)
+            .context("staging.buffer_bytes exceeds memory")?,
         huge_pages: match config.staging.huge_pages {
             HugePagesSetting::Auto => HugePages::Auto,
             HugePagesSetting::Require => HugePages::Require,
@@ -64,16 +72,28 @@ pub fn slab_config(config: &GatewayConfig) -> anyhow::Result<SlabConfig> {
 }
 
 /// Opens shard `index` with a fresh slab; call it on the thread that will use it.
-pub fn open_shard(store: &AnyStore, config: &GatewayConfig, index: u32) -> anyhow::Result<AnyShard> {
-    let slab = StagingSlab::allocate(slab_config(config)?).context("cannot set up staging memory")?;
+pub fn open_shard(
+    store: &AnyStore,
+    config: &GatewayConfig,
+    index: u32,
+) -> anyhow::Result<AnyShard> {
+    let slab =
+        StagingSlab::allocate(slab_config(config)?).context("cannot set up staging memory")?;
     store
         .open_shard(index, slab, config.storage.queue_depth)
-        .with_context(|| format!("cannot open shard {index} of the {} store", store.backend_name()))
+        .with_context(|| {
+            format!(
+                "cannot open shard {index} of the {} store",
+                store.backend_name()
+            )
+        })
 }
 
 /// Every shard on the calling thread: for commands that touch few blocks.
 pub fn open_all_shards(store: &AnyStore, config: &GatewayConfig) -> anyhow::Result<Vec<AnyShard>> {
-    (0..config.cores).map(|index| open_shard(store, config, index)).collect()
+    (0..config.cores)
+        .map(|index| open_shard(store, config, index))
+        .collect()
 }
 
 pub fn shard_of(key: BlockKey, shard_count: usize) -> usize {

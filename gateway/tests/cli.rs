@@ -36,7 +36,12 @@ capacity = "{capacity}"
 }
 
 fn dualpath(config: &Path, args: &[&str]) -> Output {
-    Command::new(BINARY).arg("--config").arg(config).args(args).output().expect("run dualpath")
+    Command::new(BINARY)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .expect("run dualpath")
 }
 
 fn stderr(output: &Output) -> String {
@@ -50,42 +55,91 @@ fn put_get_round_trip_and_exit_codes() {
     let block: Vec<u8> = (0..128 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
     std::fs::write(dir.path().join("block"), &block).expect("block file");
     let block_path = dir.path().join("block");
-    let put = dualpath(&config, &["put", "-n", "kv", "-k", "beef", "-i", block_path.to_str().expect("utf-8")]);
+    let put = dualpath(
+        &config,
+        &[
+            "put",
+            "-n",
+            "kv",
+            "-k",
+            "beef",
+            "-i",
+            block_path.to_str().expect("utf-8"),
+        ],
+    );
     assert!(put.status.success(), "{}", stderr(&put));
     let whole = dualpath(&config, &["get", "-n", "kv", "-k", "beef"]);
-    assert!(whole.status.success() && whole.stdout == block, "{}", stderr(&whole));
-    let part = dualpath(&config, &["get", "-n", "kv", "-k", "beef", "--layers", "3..5"]);
+    assert!(
+        whole.status.success() && whole.stdout == block,
+        "{}",
+        stderr(&whole)
+    );
+    let part = dualpath(
+        &config,
+        &["get", "-n", "kv", "-k", "beef", "--layers", "3..5"],
+    );
     assert_eq!(part.stdout, block[3 * 8192..5 * 8192]);
 
     let missing = dualpath(&config, &["get", "-n", "kv", "-k", "bee"]);
     assert_eq!(missing.status.code(), Some(3));
-    assert!(stderr(&missing).contains("not found"), "{}", stderr(&missing));
+    assert!(
+        stderr(&missing).contains("not found"),
+        "{}",
+        stderr(&missing)
+    );
     let namespace = dualpath(&config, &["get", "-n", "nope", "-k", "beef"]);
     assert_eq!(namespace.status.code(), Some(3));
-    assert!(stderr(&namespace).contains("unknown namespace \"nope\""), "{}", stderr(&namespace));
+    assert!(
+        stderr(&namespace).contains("unknown namespace \"nope\""),
+        "{}",
+        stderr(&namespace)
+    );
 
-    let short = dualpath(&config, &["put", "-n", "kv", "-k", "1", "-i", config.to_str().expect("utf-8")]);
+    let short = dualpath(
+        &config,
+        &[
+            "put",
+            "-n",
+            "kv",
+            "-k",
+            "1",
+            "-i",
+            config.to_str().expect("utf-8"),
+        ],
+    );
     assert_eq!(short.status.code(), Some(1));
-    assert!(stderr(&short).contains("needs exactly 131072"), "{}", stderr(&short));
+    assert!(
+        stderr(&short).contains("needs exactly 131072"),
+        "{}",
+        stderr(&short)
+    );
 }
 
 #[test]
 fn config_typo_names_the_key_and_exits_2() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = write_config(dir.path(), "64MiB");
-    let text = std::fs::read_to_string(&config).expect("config").replace("queue_depth", "queue_dept");
+    let text = std::fs::read_to_string(&config)
+        .expect("config")
+        .replace("queue_depth", "queue_dept");
     std::fs::write(&config, text).expect("rewrite");
     let output = dualpath(&config, &["stat"]);
     assert_eq!(output.status.code(), Some(2));
     let message = stderr(&output);
-    assert!(message.contains("queue_dept") && message.contains("gateway.toml"), "{message}");
+    assert!(
+        message.contains("queue_dept") && message.contains("gateway.toml"),
+        "{message}"
+    );
 }
 
 #[test]
 fn corrupt_block_on_disk_fails_verify_with_exit_4() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = write_config(dir.path(), "64MiB");
-    let import = dualpath(&config, &["import", "-n", "kv", "--synthetic", "50", "--seed", "3"]);
+    let import = dualpath(
+        &config,
+        &["import", "-n", "kv", "--synthetic", "50", "--seed", "3"],
+    );
     assert!(import.status.success(), "{}", stderr(&import));
     let data = dir.path().join("store/kv/shard-0.blocks");
     let mut bytes = std::fs::read(&data).expect("data file");
@@ -113,16 +167,30 @@ fn kill_9_during_bulk_import_never_leaves_a_torn_block() {
             .spawn()
             .expect("spawn import");
         std::thread::sleep(Duration::from_millis(delay_ms));
-        assert!(child.try_wait().expect("poll").is_none(), "round {round}: import finished before the kill");
+        assert!(
+            child.try_wait().expect("poll").is_none(),
+            "round {round}: import finished before the kill"
+        );
         child.kill().expect("SIGKILL");
         child.wait().expect("reap");
         let verify = dualpath(&config, &["verify", "--synthetic-seed", "11"]);
         let report = String::from_utf8_lossy(&verify.stdout).into_owned();
-        assert!(verify.status.success(), "round {round}: {report} {}", stderr(&verify));
-        assert!(report.contains("0 corrupt, 0 with wrong contents"), "round {round}: {report}");
+        assert!(
+            verify.status.success(),
+            "round {round}: {report} {}",
+            stderr(&verify)
+        );
+        assert!(
+            report.contains("0 corrupt, 0 with wrong contents"),
+            "round {round}: {report}"
+        );
     }
     let stat = dualpath(&config, &["stat"]);
-    assert!(String::from_utf8_lossy(&stat.stdout).contains("namespace kv"), "{}", stderr(&stat));
+    assert!(
+        String::from_utf8_lossy(&stat.stdout).contains("namespace kv"),
+        "{}",
+        stderr(&stat)
+    );
 }
 
 #[test]
@@ -133,7 +201,10 @@ fn a_secret_file_readable_by_others_is_refused_with_the_fix() {
     let secret = dir.path().join("secret");
     std::fs::write(&secret, "0123456789abcdef0123456789abcdef").expect("secret");
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-    let text = std::fs::read_to_string(&config).expect("config").replace("cores = 2", &format!("cores = 2\nauth_secret_file = \"{}\"", secret.display()));
+    let text = std::fs::read_to_string(&config).expect("config").replace(
+        "cores = 2",
+        &format!("cores = 2\nauth_secret_file = \"{}\"", secret.display()),
+    );
     std::fs::write(&config, text).expect("rewrite");
     let output = dualpath(&config, &["serve"]);
     assert_eq!(output.status.code(), Some(1));

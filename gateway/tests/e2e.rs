@@ -83,7 +83,15 @@ impl Gateway {
             let status = Command::new(BINARY)
                 .arg("--config")
                 .arg(&config)
-                .args(["import", "-n", namespace, "--synthetic", &blocks.to_string(), "--seed", &SEED.to_string()])
+                .args([
+                    "import",
+                    "-n",
+                    namespace,
+                    "--synthetic",
+                    &blocks.to_string(),
+                    "--seed",
+                    &SEED.to_string(),
+                ])
                 .status()
                 .expect("import");
             assert!(status.success());
@@ -94,7 +102,12 @@ impl Gateway {
             command.env("DUALPATH_SECRET", secret);
         }
         let process = GatewayProcess::start(command);
-        Self { tcp: process.tcp.clone(), unix: dir.path().join("gw.sock"), process, _dir: dir }
+        Self {
+            tcp: process.tcp.clone(),
+            unix: dir.path().join("gw.sock"),
+            process,
+            _dir: dir,
+        }
     }
 
     fn client(&self) -> Client {
@@ -118,7 +131,11 @@ fn expected_block(index: u64) -> Vec<u8> {
 
 fn whole_blocks(count: u64) -> Vec<BlockLoad> {
     (0..count)
-        .map(|index| BlockLoad { key: synthetic::key(SEED, index), layers: 0..LAYERS, dest_offset: index * BLOCK_BYTES as u64 })
+        .map(|index| BlockLoad {
+            key: synthetic::key(SEED, index),
+            layers: 0..LAYERS,
+            dest_offset: index * BLOCK_BYTES as u64,
+        })
         .collect()
 }
 
@@ -129,32 +146,56 @@ fn loads_1000_blocks_in_both_layouts_layer_by_layer_with_every_byte_checked() {
     let mut moved = 0u64;
     for namespace in ["layer", "full"] {
         let region = Arc::new(Region::allocate(1000 * BLOCK_BYTES));
-        let id = client.register_region(Arc::clone(&region)).expect("register");
-        let load = client.load(namespace, id, &whole_blocks(1000), 0).expect("load");
+        let id = client
+            .register_region(Arc::clone(&region))
+            .expect("register");
+        let load = client
+            .load(namespace, id, &whole_blocks(1000), 0)
+            .expect("load");
         for layer in 0..LAYERS {
             load.wait_layer(layer, WAIT).expect("layer");
             assert!(load.layers_done().end > layer);
             // When a layer is reported, that layer of every block has landed.
             for index in (0..1000).step_by(7) {
                 let offset = index as usize * BLOCK_BYTES + usize::from(layer) * LAYER_BYTES;
-                let expected = &expected_block(index)[usize::from(layer) * LAYER_BYTES..][..LAYER_BYTES];
-                assert!(region.read(offset, LAYER_BYTES) == expected, "{namespace}: block {index} layer {layer}");
+                let expected =
+                    &expected_block(index)[usize::from(layer) * LAYER_BYTES..][..LAYER_BYTES];
+                assert!(
+                    region.read(offset, LAYER_BYTES) == expected,
+                    "{namespace}: block {index} layer {layer}"
+                );
             }
         }
         let report = load.wait(WAIT).expect("load finished");
         assert!(report.all_done(), "{:?}", report.failed().next());
         for index in 0..1000u64 {
             let got = region.read(index as usize * BLOCK_BYTES, BLOCK_BYTES);
-            assert_eq!(crc32c::crc32c(&got), crc32c::crc32c(&expected_block(index)), "{namespace} block {index}");
+            assert_eq!(
+                crc32c::crc32c(&got),
+                crc32c::crc32c(&expected_block(index)),
+                "{namespace} block {index}"
+            );
         }
         moved += 1000 * BLOCK_BYTES as u64;
     }
-    assert_eq!(gateway.metric_sum("dualpath_transport_sent_bytes_total") as u64, moved);
-    assert_eq!(gateway.metric_sum("dualpath_storage_read_bytes_total") as u64, moved);
-    assert_eq!(gateway.metric_sum("dualpath_blocks_loaded_total") as u64, 2000);
+    assert_eq!(
+        gateway.metric_sum("dualpath_transport_sent_bytes_total") as u64,
+        moved
+    );
+    assert_eq!(
+        gateway.metric_sum("dualpath_storage_read_bytes_total") as u64,
+        moved
+    );
+    assert_eq!(
+        gateway.metric_sum("dualpath_blocks_loaded_total") as u64,
+        2000
+    );
     let metrics = gateway.http_get("/metrics");
     assert!(metrics.contains("dualpath_storage_read_seconds_bucket"));
-    assert!(metrics.contains("dualpath_staging_huge_pages{shard=\"0\"} 0"), "the page fallback is visible");
+    assert!(
+        metrics.contains("dualpath_staging_huge_pages{shard=\"0\"} 0"),
+        "the page fallback is visible"
+    );
 }
 
 #[test]
@@ -163,18 +204,31 @@ fn strided_layer_destinations_land_where_asked() {
     let client = gateway.client();
     // The engine's layout: [layer][block slot], 16 slots per layer.
     let region = Arc::new(Region::allocate(16 * BLOCK_BYTES));
-    let id = client.register_region(Arc::clone(&region)).expect("register");
+    let id = client
+        .register_region(Arc::clone(&region))
+        .expect("register");
     let stride = 16 * LAYER_BYTES as u64;
     let blocks: Vec<BlockLoad> = (0..16)
-        .map(|index| BlockLoad { key: synthetic::key(SEED, index), layers: 2..6, dest_offset: index * LAYER_BYTES as u64 })
+        .map(|index| BlockLoad {
+            key: synthetic::key(SEED, index),
+            layers: 2..6,
+            dest_offset: index * LAYER_BYTES as u64,
+        })
         .collect();
     for namespace in ["full", "layer"] {
-        let report = client.load(namespace, id, &blocks, stride).expect("load").wait(WAIT).expect("done");
+        let report = client
+            .load(namespace, id, &blocks, stride)
+            .expect("load")
+            .wait(WAIT)
+            .expect("done");
         assert!(report.all_done());
         for index in 0..16u64 {
             for layer in 2..6usize {
                 let offset = (layer - 2) * stride as usize + index as usize * LAYER_BYTES;
-                assert_eq!(region.read(offset, LAYER_BYTES), expected_block(index)[layer * LAYER_BYTES..][..LAYER_BYTES]);
+                assert_eq!(
+                    region.read(offset, LAYER_BYTES),
+                    expected_block(index)[layer * LAYER_BYTES..][..LAYER_BYTES]
+                );
             }
         }
     }
@@ -185,14 +239,30 @@ fn unknown_key_fails_that_block_clearly_while_the_rest_complete() {
     let gateway = Gateway::start(20);
     let client = gateway.client();
     let region = Arc::new(Region::allocate(21 * BLOCK_BYTES));
-    let id = client.register_region(Arc::clone(&region)).expect("register");
+    let id = client
+        .register_region(Arc::clone(&region))
+        .expect("register");
     let mut blocks = whole_blocks(20);
-    blocks.insert(5, BlockLoad { key: BlockKey(0xdead), layers: 0..LAYERS, dest_offset: 20 * BLOCK_BYTES as u64 });
-    let report = client.load("layer", id, &blocks, 0).expect("load").wait(WAIT).expect("done");
+    blocks.insert(
+        5,
+        BlockLoad {
+            key: BlockKey(0xdead),
+            layers: 0..LAYERS,
+            dest_offset: 20 * BLOCK_BYTES as u64,
+        },
+    );
+    let report = client
+        .load("layer", id, &blocks, 0)
+        .expect("load")
+        .wait(WAIT)
+        .expect("done");
     match &report.blocks[5] {
         BlockStatus::Failed { code, message } => {
             assert_eq!(*code, GatewayCode::NotFound);
-            assert!(message.contains("0000dead") && message.contains("not found"), "{message}");
+            assert!(
+                message.contains("0000dead") && message.contains("not found"),
+                "{message}"
+            );
         }
         other => panic!("expected a failure, got {other:?}"),
     }
@@ -200,7 +270,10 @@ fn unknown_key_fails_that_block_clearly_while_the_rest_complete() {
     for (index, block) in blocks.iter().enumerate().filter(|(index, _)| *index != 5) {
         assert_eq!(report.blocks[index], BlockStatus::Done);
         let source = if index < 5 { index } else { index - 1 } as u64;
-        assert_eq!(region.read(block.dest_offset as usize, BLOCK_BYTES), expected_block(source));
+        assert_eq!(
+            region.read(block.dest_offset as usize, BLOCK_BYTES),
+            expected_block(source)
+        );
     }
 }
 
@@ -209,13 +282,37 @@ fn refusals_are_typed_errors() {
     let gateway = Gateway::start(4);
     let client = gateway.client();
     let region = Arc::new(Region::allocate(BLOCK_BYTES));
-    let id = client.register_region(Arc::clone(&region)).expect("register");
-    let error = client.load("nope", id, &whole_blocks(1), 0).expect_err("unknown namespace");
-    assert!(matches!(error, ClientError::UnknownNamespace { .. }), "{error}");
+    let id = client
+        .register_region(Arc::clone(&region))
+        .expect("register");
+    let error = client
+        .load("nope", id, &whole_blocks(1), 0)
+        .expect_err("unknown namespace");
+    assert!(
+        matches!(error, ClientError::UnknownNamespace { .. }),
+        "{error}"
+    );
     // The second block's destination lies outside the one-block region.
-    let error = client.load("full", id, &whole_blocks(2), 0).expect("sent").wait(WAIT).expect_err("out of region");
-    assert!(matches!(error, ClientError::Gateway { code: GatewayCode::OutOfRegion, .. }), "{error}");
-    assert_eq!(region.read(0, 16), vec![0u8; 16], "nothing was written for a refused load");
+    let error = client
+        .load("full", id, &whole_blocks(2), 0)
+        .expect("sent")
+        .wait(WAIT)
+        .expect_err("out of region");
+    assert!(
+        matches!(
+            error,
+            ClientError::Gateway {
+                code: GatewayCode::OutOfRegion,
+                ..
+            }
+        ),
+        "{error}"
+    );
+    assert_eq!(
+        region.read(0, 16),
+        vec![0u8; 16],
+        "nothing was written for a refused load"
+    );
 }
 
 #[test]
@@ -225,20 +322,34 @@ fn client_that_disconnects_mid_load_leaves_the_gateway_healthy() {
         let client = gateway.client();
         let region = Arc::new(Region::allocate(1000 * BLOCK_BYTES));
         let id = client.register_region(region).expect("register");
-        let _load = client.load("layer", id, &whole_blocks(1000), 0).expect("load");
+        let _load = client
+            .load("layer", id, &whole_blocks(1000), 0)
+            .expect("load");
         std::thread::sleep(Duration::from_millis(5));
         drop(client);
     }
     assert!(gateway.http_get("/healthz").contains("ok"));
     let client = gateway.client();
     let region = Arc::new(Region::allocate(100 * BLOCK_BYTES));
-    let id = client.register_region(Arc::clone(&region)).expect("register");
-    let report = client.load("full", id, &whole_blocks(100), 0).expect("load").wait(WAIT).expect("done");
+    let id = client
+        .register_region(Arc::clone(&region))
+        .expect("register");
+    let report = client
+        .load("full", id, &whole_blocks(100), 0)
+        .expect("load")
+        .wait(WAIT)
+        .expect("done");
     assert!(report.all_done());
-    assert_eq!(region.read(99 * BLOCK_BYTES, BLOCK_BYTES), expected_block(99));
+    assert_eq!(
+        region.read(99 * BLOCK_BYTES, BLOCK_BYTES),
+        expected_block(99)
+    );
     let deadline = Instant::now() + WAIT;
     while gateway.metric_sum("dualpath_connected_clients") as u64 != 2 {
-        assert!(Instant::now() < deadline, "closed connections must be counted out");
+        assert!(
+            Instant::now() < deadline,
+            "closed connections must be counted out"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -247,15 +358,40 @@ fn client_that_disconnects_mid_load_leaves_the_gateway_healthy() {
 fn unix_socket_clients_and_stores_work() {
     let gateway = Gateway::start(4);
     let address = format!("unix:{}", gateway.unix.display());
-    let client = Client::connect(&[&address], ClientOptions::default()).expect("connect over the unix socket");
+    let client = Client::connect(&[&address], ClientOptions::default())
+        .expect("connect over the unix socket");
     let block: Vec<u8> = (0..BLOCK_BYTES).map(|i| (i % 253) as u8).collect();
-    client.store("layer", BlockKey(0xabc), &block).expect("store");
-    let error = client.store("layer", BlockKey(0xabd), &block[..100]).expect_err("wrong size");
-    assert!(matches!(error, ClientError::Gateway { code: GatewayCode::BadRequest, .. }), "{error}");
+    client
+        .store("layer", BlockKey(0xabc), &block)
+        .expect("store");
+    let error = client
+        .store("layer", BlockKey(0xabd), &block[..100])
+        .expect_err("wrong size");
+    assert!(
+        matches!(
+            error,
+            ClientError::Gateway {
+                code: GatewayCode::BadRequest,
+                ..
+            }
+        ),
+        "{error}"
+    );
     let region = Arc::new(Region::allocate(BLOCK_BYTES));
-    let id = client.register_region(Arc::clone(&region)).expect("register");
-    let blocks = [BlockLoad { key: BlockKey(0xabc), layers: 0..LAYERS, dest_offset: 0 }];
-    assert!(client.load("layer", id, &blocks, 0).expect("load").wait(WAIT).expect("done").all_done());
+    let id = client
+        .register_region(Arc::clone(&region))
+        .expect("register");
+    let blocks = [BlockLoad {
+        key: BlockKey(0xabc),
+        layers: 0..LAYERS,
+        dest_offset: 0,
+    }];
+    assert!(client
+        .load("layer", id, &blocks, 0)
+        .expect("load")
+        .wait(WAIT)
+        .expect("done")
+        .all_done());
     assert_eq!(region.read(0, BLOCK_BYTES), block);
 }
 
@@ -267,21 +403,48 @@ fn garbage_and_wrong_versions_get_an_error_frame_and_the_gateway_stays_up() {
     let mut reply = Vec::new();
     raw.set_read_timeout(Some(WAIT)).expect("timeout");
     raw.read_to_end(&mut reply).expect("closed after the error");
-    let header = protocol::decode_header(reply[..8].try_into().expect("a frame")).expect("an error frame");
-    let frame = protocol::Frame::decode(header.kind, &reply[8..8 + header.body_len as usize]).expect("decodes");
-    assert!(matches!(frame, protocol::Frame::Error { code: GatewayCode::BadFrame, .. }), "{frame:?}");
+    let header =
+        protocol::decode_header(reply[..8].try_into().expect("a frame")).expect("an error frame");
+    let frame = protocol::Frame::decode(header.kind, &reply[8..8 + header.body_len as usize])
+        .expect("decodes");
+    assert!(
+        matches!(
+            frame,
+            protocol::Frame::Error {
+                code: GatewayCode::BadFrame,
+                ..
+            }
+        ),
+        "{frame:?}"
+    );
 
     let mut old = TcpStream::connect(&gateway.tcp).expect("connect");
-    old.write_all(&protocol::Frame::Hello { version: 99, shard: 0, token: vec![] }.encode()).expect("hello");
+    old.write_all(
+        &protocol::Frame::Hello {
+            version: 99,
+            shard: 0,
+            token: vec![],
+        }
+        .encode(),
+    )
+    .expect("hello");
     let mut reply = Vec::new();
     old.read_to_end(&mut reply).expect("closed");
     let text = String::from_utf8_lossy(&reply);
-    assert!(text.contains("protocol version 1") && text.contains("upgrade"), "{text}");
+    assert!(
+        text.contains("protocol version 1") && text.contains("upgrade"),
+        "{text}"
+    );
 
     let client = gateway.client();
     let region = Arc::new(Region::allocate(BLOCK_BYTES));
     let id = client.register_region(region).expect("still serving");
-    assert!(client.load("full", id, &whole_blocks(1), 0).expect("load").wait(WAIT).expect("done").all_done());
+    assert!(client
+        .load("full", id, &whole_blocks(1), 0)
+        .expect("load")
+        .wait(WAIT)
+        .expect("done")
+        .all_done());
 }
 
 #[test]
@@ -308,17 +471,37 @@ fn clients_must_prove_the_cluster_secret_and_failures_are_counted() {
     let secret = "a-cluster-secret-of-32-bytes-xyz";
     let gateway = Gateway::start_with(4, Some(secret));
     let with = |secret: Option<&str>| {
-        Client::connect(&[&gateway.tcp], ClientOptions { secret: secret.map(|text| text.as_bytes().to_vec()), ..ClientOptions::default() })
+        Client::connect(
+            &[&gateway.tcp],
+            ClientOptions {
+                secret: secret.map(|text| text.as_bytes().to_vec()),
+                ..ClientOptions::default()
+            },
+        )
     };
     let client = with(Some(secret)).expect("the right secret is accepted");
     let region = Arc::new(Region::allocate(BLOCK_BYTES));
-    let id = client.register_region(Arc::clone(&region)).expect("register");
-    assert!(client.load("full", id, &whole_blocks(1), 0).expect("load").wait(WAIT).expect("done").all_done());
+    let id = client
+        .register_region(Arc::clone(&region))
+        .expect("register");
+    assert!(client
+        .load("full", id, &whole_blocks(1), 0)
+        .expect("load")
+        .wait(WAIT)
+        .expect("done")
+        .all_done());
 
-    let wrong = with(Some("not-the-cluster-secret-at-all!!")).expect_err("a wrong secret is refused");
-    assert!(wrong.to_string().contains("authentication failed"), "{wrong}");
+    let wrong =
+        with(Some("not-the-cluster-secret-at-all!!")).expect_err("a wrong secret is refused");
+    assert!(
+        wrong.to_string().contains("authentication failed"),
+        "{wrong}"
+    );
     let missing = with(None).expect_err("no secret is refused");
-    assert!(missing.to_string().contains("requires authentication"), "{missing}");
+    assert!(
+        missing.to_string().contains("requires authentication"),
+        "{missing}"
+    );
     assert_eq!(gateway.metric_sum("dualpath_auth_failures_total") as u64, 2);
 }
 
@@ -326,12 +509,20 @@ fn clients_must_prove_the_cluster_secret_and_failures_are_counted() {
 fn an_unreachable_gateway_is_left_out_at_connect() {
     let gateway = Gateway::start(2);
     let dead = "127.0.0.1:1";
-    let client = Client::connect(&[dead, &gateway.tcp], ClientOptions::default()).expect("one gateway is enough");
+    let client = Client::connect(&[dead, &gateway.tcp], ClientOptions::default())
+        .expect("one gateway is enough");
     assert_eq!(client.unreachable_gateways(), [dead.to_owned()]);
     assert_eq!(client.gateway_addresses(), [gateway.tcp.as_str()]);
     let region = Arc::new(Region::allocate(BLOCK_BYTES));
-    let id = client.register_region(Arc::clone(&region)).expect("register");
-    assert!(client.load("full", id, &whole_blocks(1), 0).expect("load").wait(WAIT).expect("done").all_done());
+    let id = client
+        .register_region(Arc::clone(&region))
+        .expect("register");
+    assert!(client
+        .load("full", id, &whole_blocks(1), 0)
+        .expect("load")
+        .wait(WAIT)
+        .expect("done")
+        .all_done());
     let error = Client::connect(&[dead], ClientOptions::default()).expect_err("nothing reachable");
     assert!(error.is_retryable(), "{error}");
 }

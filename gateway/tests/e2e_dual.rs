@@ -69,35 +69,69 @@ fn sent_bytes(gateway: &GatewayProcess) -> u64 {
 }
 
 fn blocks(count: u64) -> Vec<BlockLoad> {
-    (0..count).map(|index| BlockLoad { key: synthetic::key(SEED, index), layers: 0..8, dest_offset: index * BLOCK_BYTES as u64 }).collect()
+    (0..count)
+        .map(|index| BlockLoad {
+            key: synthetic::key(SEED, index),
+            layers: 0..8,
+            dest_offset: index * BLOCK_BYTES as u64,
+        })
+        .collect()
 }
 
 fn check(region: &Region, count: u64) {
     let mut expected = vec![0u8; BLOCK_BYTES];
     for index in 0..count {
         synthetic::fill(synthetic::key(SEED, index), &mut expected);
-        assert!(region.read(index as usize * BLOCK_BYTES, BLOCK_BYTES) == expected, "block {index}");
+        assert!(
+            region.read(index as usize * BLOCK_BYTES, BLOCK_BYTES) == expected,
+            "block {index}"
+        );
     }
 }
 
 #[test]
 fn dual_path_load_uses_both_paths_and_survives_a_gateway_killed_mid_load() {
-    let Some((server, _one)) = Seaweed::start() else { return };
+    let Some((server, _one)) = Seaweed::start() else {
+        return;
+    };
     let dir = tempfile::tempdir().expect("tempdir");
     let first = write_config(dir.path(), "a", &server.endpoint());
     let second = write_config(dir.path(), "b", &server.endpoint());
     let count = 600u64;
-    let import = Command::new(BINARY).arg("--config").arg(&first).args(["import", "-n", "kv", "--synthetic", &count.to_string(), "--seed", &SEED.to_string()]).output().expect("import");
-    assert!(import.status.success(), "{}", String::from_utf8_lossy(&import.stderr));
+    let import = Command::new(BINARY)
+        .arg("--config")
+        .arg(&first)
+        .args([
+            "import",
+            "-n",
+            "kv",
+            "--synthetic",
+            &count.to_string(),
+            "--seed",
+            &SEED.to_string(),
+        ])
+        .output()
+        .expect("import");
+    assert!(
+        import.status.success(),
+        "{}",
+        String::from_utf8_lossy(&import.stderr)
+    );
     let gateway_a = start(&first);
     let mut gateway_b = start(&second);
 
     let mut pe_storage = settings(&server.endpoint(), ACCESS_KEY, SECRET_KEY);
     pe_storage.prefix = "dual/".into();
-    let options = ClientOptions { pe_storage: Some(pe_storage), policy: Policy::DualPath, ..ClientOptions::default() };
+    let options = ClientOptions {
+        pe_storage: Some(pe_storage),
+        policy: Policy::DualPath,
+        ..ClientOptions::default()
+    };
     let client = Client::connect(&[&gateway_a.tcp, &gateway_b.tcp], options).expect("connect");
     let region = Arc::new(Region::allocate(count as usize * BLOCK_BYTES));
-    let id = client.register_region(Arc::clone(&region)).expect("register");
+    let id = client
+        .register_region(Arc::clone(&region))
+        .expect("register");
 
     let load = client.load_dual("kv", id, &blocks(count), 0).expect("load");
     assert_eq!(load.reassigned_blocks(), 0);
@@ -108,29 +142,59 @@ fn dual_path_load_uses_both_paths_and_survives_a_gateway_killed_mid_load() {
     check(&region, count);
     let (via_a, via_b) = (sent_bytes(&gateway_a), sent_bytes(&gateway_b));
     let total = count * BLOCK_BYTES as u64;
-    assert!(via_a > 0 && via_b > 0, "both gateways carried data: {via_a} {via_b}");
-    assert!(via_a + via_b < total, "the PE path carried the rest: {via_a} + {via_b} of {total}");
+    assert!(
+        via_a > 0 && via_b > 0,
+        "both gateways carried data: {via_a} {via_b}"
+    );
+    assert!(
+        via_a + via_b < total,
+        "the PE path carried the rest: {via_a} + {via_b} of {total}"
+    );
     let stats = client.path_stats();
-    assert_eq!(stats.iter().map(|path| path.name.as_str()).collect::<Vec<_>>(), ["pe", "gateway 0", "gateway 1"]);
+    assert_eq!(
+        stats
+            .iter()
+            .map(|path| path.name.as_str())
+            .collect::<Vec<_>>(),
+        ["pe", "gateway 0", "gateway 1"]
+    );
     assert_eq!(stats.iter().map(|path| path.blocks).sum::<u64>(), count);
-    assert_eq!(stats[1].bytes, via_a, "the client's count of gateway A's bytes matches the gateway's");
+    assert_eq!(
+        stats[1].bytes, via_a,
+        "the client's count of gateway A's bytes matches the gateway's"
+    );
     assert!((stats.iter().map(|path| path.last_share).sum::<f64>() - 1.0).abs() < 1e-9);
 
     // Again, killing gateway B as soon as the load starts: its blocks move to the
     // other paths and every byte still arrives.
     let fresh = Arc::new(Region::allocate(count as usize * BLOCK_BYTES));
-    let id = client.register_region(Arc::clone(&fresh)).expect("register");
+    let id = client
+        .register_region(Arc::clone(&fresh))
+        .expect("register");
     let load = client.load_dual("kv", id, &blocks(count), 0).expect("load");
     gateway_b.child.kill().expect("SIGKILL");
-    let report = load.wait(WAIT).expect("the load completes through the remaining paths");
-    assert!(report.all_done(), "{:?} {:?}", report.failed().next(), client.path_stats());
-    assert!(load.reassigned_blocks() > 0, "gateway B's unfinished blocks went to the other paths");
+    let report = load
+        .wait(WAIT)
+        .expect("the load completes through the remaining paths");
+    assert!(
+        report.all_done(),
+        "{:?} {:?}",
+        report.failed().next(),
+        client.path_stats()
+    );
+    assert!(
+        load.reassigned_blocks() > 0,
+        "gateway B's unfinished blocks went to the other paths"
+    );
     check(&fresh, count);
 }
 
-
 fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0").expect("a free port").local_addr().expect("address").port()
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .expect("a free port")
+        .local_addr()
+        .expect("address")
+        .port()
 }
 
 fn signal(gateway: &GatewayProcess, signal: nix::sys::signal::Signal) {
@@ -141,7 +205,10 @@ fn signal(gateway: &GatewayProcess, signal: nix::sys::signal::Signal) {
 fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while !condition() {
-        assert!(std::time::Instant::now() < deadline, "timed out waiting until {what}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -151,19 +218,41 @@ fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
 /// back when it answers again (SIGCONT).
 #[test]
 fn a_silent_gateway_leaves_the_split_and_returns() {
-    let Some((server, _one)) = Seaweed::start() else { return };
+    let Some((server, _one)) = Seaweed::start() else {
+        return;
+    };
     let dir = tempfile::tempdir().expect("tempdir");
     let (port_a, port_b) = (free_udp_port(), free_udp_port());
-    let gossip = |me: u16, peer: u16| format!("gossip_listen = \"127.0.0.1:{me}\"\npeers = [\"127.0.0.1:{peer}\"]\ngossip_interval_ms = 10\npeer_timeout_ms = 150");
+    let gossip = |me: u16, peer: u16| {
+        format!("gossip_listen = \"127.0.0.1:{me}\"\npeers = [\"127.0.0.1:{peer}\"]\ngossip_interval_ms = 10\npeer_timeout_ms = 150")
+    };
     let first = write_config_with(dir.path(), "a", &server.endpoint(), &gossip(port_a, port_b));
     let second = write_config_with(dir.path(), "b", &server.endpoint(), &gossip(port_b, port_a));
     let count = 256u64;
-    let import = Command::new(BINARY).arg("--config").arg(&first).args(["import", "-n", "kv", "--synthetic", &count.to_string(), "--seed", &SEED.to_string()]).output().expect("import");
-    assert!(import.status.success(), "{}", String::from_utf8_lossy(&import.stderr));
+    let import = Command::new(BINARY)
+        .arg("--config")
+        .arg(&first)
+        .args([
+            "import",
+            "-n",
+            "kv",
+            "--synthetic",
+            &count.to_string(),
+            "--seed",
+            &SEED.to_string(),
+        ])
+        .output()
+        .expect("import");
+    assert!(
+        import.status.success(),
+        "{}",
+        String::from_utf8_lossy(&import.stderr)
+    );
     let gateway_a = start(&first);
     let gateway_b = start(&second);
     wait_until("each gateway hears the other", || {
-        gateway_a.metric_sum("dualpath_pool_peers_alive") == 1.0 && gateway_b.metric_sum("dualpath_pool_peers_alive") == 1.0
+        gateway_a.metric_sum("dualpath_pool_peers_alive") == 1.0
+            && gateway_b.metric_sum("dualpath_pool_peers_alive") == 1.0
     });
 
     let mut pe_storage = settings(&server.endpoint(), ACCESS_KEY, SECRET_KEY);
@@ -178,14 +267,24 @@ fn a_silent_gateway_leaves_the_split_and_returns() {
     assert!(client.gateway_in_split(0) && client.gateway_in_split(1));
 
     signal(&gateway_b, nix::sys::signal::Signal::SIGSTOP);
-    wait_until("the stopped gateway leaves the split", || !client.gateway_in_split(1));
+    wait_until("the stopped gateway leaves the split", || {
+        !client.gateway_in_split(1)
+    });
     assert!(client.gateway_in_split(0));
     let region = Arc::new(Region::allocate(count as usize * BLOCK_BYTES));
-    let id = client.register_region(Arc::clone(&region)).expect("register");
-    let report = client.load_dual("kv", id, &blocks(count), 0).expect("load").wait(WAIT).expect("done without gateway B");
+    let id = client
+        .register_region(Arc::clone(&region))
+        .expect("register");
+    let report = client
+        .load_dual("kv", id, &blocks(count), 0)
+        .expect("load")
+        .wait(WAIT)
+        .expect("done without gateway B");
     assert!(report.all_done());
     check(&region, count);
 
     signal(&gateway_b, nix::sys::signal::Signal::SIGCONT);
-    wait_until("the gateway returns to the split", || client.gateway_in_split(1));
+    wait_until("the gateway returns to the split", || {
+        client.gateway_in_split(1)
+    });
 }

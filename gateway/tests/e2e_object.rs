@@ -58,25 +58,57 @@ capacity = "64MiB"
 /// Credentials come from the environment, as AWS tools take them.
 fn dualpath(config: &Path) -> Command {
     let mut command = Command::new(BINARY);
-    command.arg("--config").arg(config).env("AWS_ACCESS_KEY_ID", ACCESS_KEY).env("AWS_SECRET_ACCESS_KEY", SECRET_KEY);
+    command
+        .arg("--config")
+        .arg(config)
+        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY);
     command
 }
 
 #[test]
 fn gateway_loads_blocks_from_an_object_store_in_both_layouts() {
-    let Some((server, _one)) = Seaweed::start() else { return };
+    let Some((server, _one)) = Seaweed::start() else {
+        return;
+    };
     let dir = tempfile::tempdir().expect("tempdir");
     let config = write_config(dir.path(), &server.endpoint());
     for namespace in ["full", "layer"] {
-        let import = dualpath(&config).args(["import", "-n", namespace, "--synthetic", &BLOCKS.to_string(), "--seed", &SEED.to_string()]).output().expect("import");
-        assert!(import.status.success(), "{}", String::from_utf8_lossy(&import.stderr));
+        let import = dualpath(&config)
+            .args([
+                "import",
+                "-n",
+                namespace,
+                "--synthetic",
+                &BLOCKS.to_string(),
+                "--seed",
+                &SEED.to_string(),
+            ])
+            .output()
+            .expect("import");
+        assert!(
+            import.status.success(),
+            "{}",
+            String::from_utf8_lossy(&import.stderr)
+        );
     }
-    let verify = dualpath(&config).args(["verify", "--synthetic-seed", &SEED.to_string()]).output().expect("verify");
-    assert!(String::from_utf8_lossy(&verify.stdout).contains(&format!("{} blocks ok, 0 corrupt", 2 * BLOCKS)), "{}", String::from_utf8_lossy(&verify.stdout));
+    let verify = dualpath(&config)
+        .args(["verify", "--synthetic-seed", &SEED.to_string()])
+        .output()
+        .expect("verify");
+    assert!(
+        String::from_utf8_lossy(&verify.stdout)
+            .contains(&format!("{} blocks ok, 0 corrupt", 2 * BLOCKS)),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
 
     let stat = dualpath(&config).arg("stat").output().expect("stat");
     let listing = String::from_utf8_lossy(&stat.stdout);
-    assert!(listing.contains(&format!("namespace full: {BLOCKS} blocks (objects)")), "{listing}");
+    assert!(
+        listing.contains(&format!("namespace full: {BLOCKS} blocks (objects)")),
+        "{listing}"
+    );
 
     let mut serve = dualpath(&config);
     serve.arg("serve");
@@ -85,23 +117,47 @@ fn gateway_loads_blocks_from_an_object_store_in_both_layouts() {
 
     let client = Client::connect(&[&address], ClientOptions::default()).expect("connect");
     let region = Arc::new(Region::allocate((BLOCKS as usize + 1) * BLOCK_BYTES));
-    let id = client.register_region(Arc::clone(&region)).expect("register");
+    let id = client
+        .register_region(Arc::clone(&region))
+        .expect("register");
     for namespace in ["layer", "full"] {
         let mut blocks: Vec<BlockLoad> = (0..BLOCKS)
-            .map(|index| BlockLoad { key: synthetic::key(SEED, index), layers: 0..8, dest_offset: index * BLOCK_BYTES as u64 })
+            .map(|index| BlockLoad {
+                key: synthetic::key(SEED, index),
+                layers: 0..8,
+                dest_offset: index * BLOCK_BYTES as u64,
+            })
             .collect();
-        blocks.push(BlockLoad { key: BlockKey(0xbad), layers: 0..8, dest_offset: BLOCKS * BLOCK_BYTES as u64 });
+        blocks.push(BlockLoad {
+            key: BlockKey(0xbad),
+            layers: 0..8,
+            dest_offset: BLOCKS * BLOCK_BYTES as u64,
+        });
         let load = client.load(namespace, id, &blocks, 0).expect("load");
         for layer in 0..8 {
-            load.wait_layer(layer, Duration::from_secs(60)).expect("layer");
+            load.wait_layer(layer, Duration::from_secs(60))
+                .expect("layer");
         }
         let report = load.wait(Duration::from_secs(60)).expect("done");
-        assert!(matches!(&report.blocks[BLOCKS as usize], BlockStatus::Failed { code: GatewayCode::NotFound, .. }), "{:?}", report.blocks[BLOCKS as usize]);
+        assert!(
+            matches!(
+                &report.blocks[BLOCKS as usize],
+                BlockStatus::Failed {
+                    code: GatewayCode::NotFound,
+                    ..
+                }
+            ),
+            "{:?}",
+            report.blocks[BLOCKS as usize]
+        );
         for index in 0..BLOCKS {
             assert_eq!(report.blocks[index as usize], BlockStatus::Done);
             let mut expected = vec![0u8; BLOCK_BYTES];
             synthetic::fill(synthetic::key(SEED, index), &mut expected);
-            assert!(region.read(index as usize * BLOCK_BYTES, BLOCK_BYTES) == expected, "{namespace} block {index}");
+            assert!(
+                region.read(index as usize * BLOCK_BYTES, BLOCK_BYTES) == expected,
+                "{namespace} block {index}"
+            );
         }
     }
 }

@@ -23,12 +23,23 @@ fn mac(secret: &[u8], client_nonce: &[u8], server_nonce: &[u8], shard: u32) -> H
 
 /// The client's proof of the secret for one hello exchange.
 pub fn proof(secret: &[u8], client_nonce: &[u8], server_nonce: &[u8], shard: u32) -> Vec<u8> {
-    mac(secret, client_nonce, server_nonce, shard).finalize().into_bytes().to_vec()
+    mac(secret, client_nonce, server_nonce, shard)
+        .finalize()
+        .into_bytes()
+        .to_vec()
 }
 
 /// Checks a proof in constant time.
-pub fn verify(secret: &[u8], client_nonce: &[u8], server_nonce: &[u8], shard: u32, proof: &[u8]) -> bool {
-    mac(secret, client_nonce, server_nonce, shard).verify_slice(proof).is_ok()
+pub fn verify(
+    secret: &[u8],
+    client_nonce: &[u8],
+    server_nonce: &[u8],
+    shard: u32,
+    proof: &[u8],
+) -> bool {
+    mac(secret, client_nonce, server_nonce, shard)
+        .verify_slice(proof)
+        .is_ok()
 }
 
 const SIGNATURE_CONTEXT: &[u8] = b"dualpath-gossip-v1";
@@ -59,7 +70,10 @@ mod tests {
     fn signed_messages_verify_only_with_the_secret_and_unchanged() {
         let mut message = b"report".to_vec();
         super::sign(b"secret", &mut message);
-        assert_eq!(super::verify_signed(b"secret", &message), Some(&b"report"[..]));
+        assert_eq!(
+            super::verify_signed(b"secret", &message),
+            Some(&b"report"[..])
+        );
         assert_eq!(super::verify_signed(b"other", &message), None);
         message[0] ^= 1;
         assert_eq!(super::verify_signed(b"secret", &message), None);

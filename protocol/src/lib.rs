@@ -58,9 +58,26 @@ pub enum FrameType {
 impl FrameType {
     pub fn from_code(code: u8) -> Option<Self> {
         use FrameType::*;
-        [Hello, HelloOk, RegisterRegion, RegionRegistered, Load, Data, LayerDone, BlockDone, LoadDone, Store, StoreDone, Error, Challenge, Proof, StatusRequest, PoolStatus]
-            .into_iter()
-            .find(|kind| *kind as u8 == code)
+        [
+            Hello,
+            HelloOk,
+            RegisterRegion,
+            RegionRegistered,
+            Load,
+            Data,
+            LayerDone,
+            BlockDone,
+            LoadDone,
+            Store,
+            StoreDone,
+            Error,
+            Challenge,
+            Proof,
+            StatusRequest,
+            PoolStatus,
+        ]
+        .into_iter()
+        .find(|kind| *kind as u8 == code)
     }
 }
 
@@ -86,15 +103,31 @@ pub enum ErrorCode {
 impl ErrorCode {
     pub fn from_code(code: u16) -> Self {
         use ErrorCode::*;
-        [Ok, NotFound, Corrupt, BadRequest, OutOfRegion, UnknownNamespace, Busy, Io, ShuttingDown, UnsupportedVersion, BadFrame, Unauthorized]
-            .into_iter()
-            .find(|kind| *kind as u16 == code)
-            .unwrap_or(Internal)
+        [
+            Ok,
+            NotFound,
+            Corrupt,
+            BadRequest,
+            OutOfRegion,
+            UnknownNamespace,
+            Busy,
+            Io,
+            ShuttingDown,
+            UnsupportedVersion,
+            BadFrame,
+            Unauthorized,
+        ]
+        .into_iter()
+        .find(|kind| *kind as u16 == code)
+        .unwrap_or(Internal)
     }
 
     /// Whether the same request may succeed later or through another path.
     pub fn is_retryable(self) -> bool {
-        matches!(self, ErrorCode::Busy | ErrorCode::Io | ErrorCode::ShuttingDown)
+        matches!(
+            self,
+            ErrorCode::Busy | ErrorCode::Io | ErrorCode::ShuttingDown
+        )
     }
 }
 
@@ -113,11 +146,19 @@ pub enum ProtocolError {
     #[error("{kind:?} frame body of {len} bytes exceeds the limit of {max}")]
     TooLong { kind: FrameType, len: u32, max: u32 },
     #[error("{kind:?} frame body truncated: needed {needed} bytes, have {have}")]
-    Truncated { kind: FrameType, needed: usize, have: usize },
+    Truncated {
+        kind: FrameType,
+        needed: usize,
+        have: usize,
+    },
     #[error("{kind:?} frame has {extra} unexpected trailing bytes")]
     Trailing { kind: FrameType, extra: usize },
     #[error("invalid {field} in {kind:?} frame: {problem}")]
-    Invalid { kind: FrameType, field: &'static str, problem: String },
+    Invalid {
+        kind: FrameType,
+        field: &'static str,
+        problem: String,
+    },
 }
 
 /// A decoded frame header.
@@ -141,7 +182,11 @@ pub fn decode_header(bytes: &[u8; HEADER_BYTES]) -> Result<Header, ProtocolError
         _ => CONTROL_BODY_MAX,
     };
     if body_len > max {
-        return Err(ProtocolError::TooLong { kind, len: body_len, max });
+        return Err(ProtocolError::TooLong {
+            kind,
+            len: body_len,
+            max,
+        });
     }
     Ok(Header { kind, body_len })
 }
@@ -193,24 +238,64 @@ pub struct DataPrefix {
 /// Every frame but `Data` and the payload of `Store`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
-    Hello { version: u16, shard: u32, token: Vec<u8> },
-    HelloOk { version: u16, shard: u32, shard_count: u32, namespaces: Vec<NamespaceInfo> },
-    RegisterRegion { region_id: u32, len: u64 },
-    RegionRegistered { region_id: u32 },
+    Hello {
+        version: u16,
+        shard: u32,
+        token: Vec<u8>,
+    },
+    HelloOk {
+        version: u16,
+        shard: u32,
+        shard_count: u32,
+        namespaces: Vec<NamespaceInfo>,
+    },
+    RegisterRegion {
+        region_id: u32,
+        len: u64,
+    },
+    RegionRegistered {
+        region_id: u32,
+    },
     Load(Load),
-    LayerDone { request_id: u64, layer: u16 },
-    BlockDone { request_id: u64, block_index: u32, code: ErrorCode, message: String },
-    LoadDone { request_id: u64, blocks_ok: u32, blocks_failed: u32 },
-    StoreDone { request_id: u64, code: ErrorCode, message: String },
-    Error { request_id: u64, code: ErrorCode, message: String },
+    LayerDone {
+        request_id: u64,
+        layer: u16,
+    },
+    BlockDone {
+        request_id: u64,
+        block_index: u32,
+        code: ErrorCode,
+        message: String,
+    },
+    LoadDone {
+        request_id: u64,
+        blocks_ok: u32,
+        blocks_failed: u32,
+    },
+    StoreDone {
+        request_id: u64,
+        code: ErrorCode,
+        message: String,
+    },
+    Error {
+        request_id: u64,
+        code: ErrorCode,
+        message: String,
+    },
     /// The gateway's nonce, when it requires authentication.
-    Challenge { nonce: Vec<u8> },
+    Challenge {
+        nonce: Vec<u8>,
+    },
     /// The client's answer: `auth::proof` over both nonces.
-    Proof { mac: Vec<u8> },
+    Proof {
+        mac: Vec<u8>,
+    },
     /// Asks a gateway for its view of the decode pool.
     StatusRequest,
     /// The gateway's view of the decode pool: itself and the peers it hears from.
-    PoolStatus { peers: Vec<PeerStatus> },
+    PoolStatus {
+        peers: Vec<PeerStatus>,
+    },
 }
 
 /// One gateway's load as the pool sees it.
@@ -246,11 +331,15 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn take(&mut self, len: usize) -> Result<&'a [u8], ProtocolError> {
-        let end = self.at.checked_add(len).filter(|&end| end <= self.bytes.len()).ok_or(ProtocolError::Truncated {
-            kind: self.kind,
-            needed: self.at.saturating_add(len),
-            have: self.bytes.len(),
-        })?;
+        let end = self
+            .at
+            .checked_add(len)
+            .filter(|&end| end <= self.bytes.len())
+            .ok_or(ProtocolError::Truncated {
+                kind: self.kind,
+                needed: self.at.saturating_add(len),
+                have: self.bytes.len(),
+            })?;
         let slice = &self.bytes[self.at..end];
         self.at = end;
         Ok(slice)
@@ -292,13 +381,20 @@ impl<'a> Reader<'a> {
     }
 
     fn invalid(&self, field: &'static str, problem: String) -> ProtocolError {
-        ProtocolError::Invalid { kind: self.kind, field, problem }
+        ProtocolError::Invalid {
+            kind: self.kind,
+            field,
+            problem,
+        }
     }
 
     fn finish(&self) -> Result<(), ProtocolError> {
         match self.bytes.len() - self.at {
             0 => Ok(()),
-            extra => Err(ProtocolError::Trailing { kind: self.kind, extra }),
+            extra => Err(ProtocolError::Trailing {
+                kind: self.kind,
+                extra,
+            }),
         }
     }
 }
@@ -368,12 +464,16 @@ impl Frame {
 
     /// Appends the whole frame (header and body) to `out`.
     pub fn encode_into(&self, out: &mut Vec<u8>) {
-        let mut body = Writer { bytes: std::mem::take(out) };
+        let mut body = Writer {
+            bytes: std::mem::take(out),
+        };
         let start = body.bytes.len();
         body.bytes.extend_from_slice(&[0u8; HEADER_BYTES]);
         self.encode_body(&mut body);
-        let body_len = u32::try_from(body.bytes.len() - start - HEADER_BYTES).expect("control frames are small");
-        body.bytes[start..start + HEADER_BYTES].copy_from_slice(&encode_header(self.kind(), body_len));
+        let body_len = u32::try_from(body.bytes.len() - start - HEADER_BYTES)
+            .expect("control frames are small");
+        body.bytes[start..start + HEADER_BYTES]
+            .copy_from_slice(&encode_header(self.kind(), body_len));
         *out = body.bytes;
     }
 
@@ -385,10 +485,19 @@ impl Frame {
 
     fn encode_body(&self, out: &mut Writer) {
         match self {
-            Frame::Hello { version, shard, token } => {
+            Frame::Hello {
+                version,
+                shard,
+                token,
+            } => {
                 out.u16(*version).u32(*shard).bytes_u16(token);
             }
-            Frame::HelloOk { version, shard, shard_count, namespaces } => {
+            Frame::HelloOk {
+                version,
+                shard,
+                shard_count,
+                namespaces,
+            } => {
                 out.u16(*version).u32(*shard).u32(*shard_count);
                 out.u16(u16::try_from(namespaces.len().min(NAMESPACES_MAX)).expect("bounded"));
                 for namespace in namespaces.iter().take(NAMESPACES_MAX) {
@@ -407,22 +516,49 @@ impl Frame {
                 out.u32(*region_id);
             }
             Frame::Load(load) => {
-                out.u64(load.request_id).string(&load.namespace).u32(load.region_id).u64(load.layer_stride);
+                out.u64(load.request_id)
+                    .string(&load.namespace)
+                    .u32(load.region_id)
+                    .u64(load.layer_stride);
                 out.u32(u32::try_from(load.blocks.len()).expect("callers bound blocks per load"));
                 for block in &load.blocks {
-                    out.u128(block.key.0).u16(block.layers.start).u16(block.layers.end).u64(block.dest_offset);
+                    out.u128(block.key.0)
+                        .u16(block.layers.start)
+                        .u16(block.layers.end)
+                        .u64(block.dest_offset);
                 }
             }
             Frame::LayerDone { request_id, layer } => {
                 out.u64(*request_id).u16(*layer);
             }
-            Frame::BlockDone { request_id, block_index, code, message } => {
-                out.u64(*request_id).u32(*block_index).u16(*code as u16).string(message);
+            Frame::BlockDone {
+                request_id,
+                block_index,
+                code,
+                message,
+            } => {
+                out.u64(*request_id)
+                    .u32(*block_index)
+                    .u16(*code as u16)
+                    .string(message);
             }
-            Frame::LoadDone { request_id, blocks_ok, blocks_failed } => {
+            Frame::LoadDone {
+                request_id,
+                blocks_ok,
+                blocks_failed,
+            } => {
                 out.u64(*request_id).u32(*blocks_ok).u32(*blocks_failed);
             }
-            Frame::StoreDone { request_id, code, message } | Frame::Error { request_id, code, message } => {
+            Frame::StoreDone {
+                request_id,
+                code,
+                message,
+            }
+            | Frame::Error {
+                request_id,
+                code,
+                message,
+            } => {
                 out.u64(*request_id).u16(*code as u16).string(message);
             }
             Frame::Challenge { nonce } => {
@@ -435,7 +571,10 @@ impl Frame {
             Frame::PoolStatus { peers } => {
                 out.u32(u32::try_from(peers.len().min(PEERS_MAX)).expect("bounded"));
                 for peer in peers.iter().take(PEERS_MAX) {
-                    out.string(&peer.address).u64(peer.queued_bytes).u64(peer.read_bytes_per_second).u32(peer.age_ms);
+                    out.string(&peer.address)
+                        .u64(peer.queued_bytes)
+                        .u64(peer.read_bytes_per_second)
+                        .u32(peer.age_ms);
                 }
             }
         }
@@ -443,7 +582,11 @@ impl Frame {
 
     /// Decodes the body of a control frame of type `kind`.
     pub fn decode(kind: FrameType, body: &[u8]) -> Result<Self, ProtocolError> {
-        let mut reader = Reader { kind, bytes: body, at: 0 };
+        let mut reader = Reader {
+            kind,
+            bytes: body,
+            at: 0,
+        };
         let frame = match kind {
             FrameType::Hello => Frame::Hello {
                 version: reader.u16()?,
@@ -451,10 +594,18 @@ impl Frame {
                 token: reader.bytes_u16("token")?.to_vec(),
             },
             FrameType::HelloOk => decode_hello_ok(&mut reader)?,
-            FrameType::RegisterRegion => Frame::RegisterRegion { region_id: reader.u32()?, len: reader.u64()? },
-            FrameType::RegionRegistered => Frame::RegionRegistered { region_id: reader.u32()? },
+            FrameType::RegisterRegion => Frame::RegisterRegion {
+                region_id: reader.u32()?,
+                len: reader.u64()?,
+            },
+            FrameType::RegionRegistered => Frame::RegionRegistered {
+                region_id: reader.u32()?,
+            },
             FrameType::Load => Frame::Load(decode_load(&mut reader)?),
-            FrameType::LayerDone => Frame::LayerDone { request_id: reader.u64()?, layer: reader.u16()? },
+            FrameType::LayerDone => Frame::LayerDone {
+                request_id: reader.u64()?,
+                layer: reader.u16()?,
+            },
             FrameType::BlockDone => Frame::BlockDone {
                 request_id: reader.u64()?,
                 block_index: reader.u32()?,
@@ -476,12 +627,20 @@ impl Frame {
                 code: ErrorCode::from_code(reader.u16()?),
                 message: reader.string("message")?,
             },
-            FrameType::Challenge => Frame::Challenge { nonce: reader.bytes_u16("nonce")?.to_vec() },
-            FrameType::Proof => Frame::Proof { mac: reader.bytes_u16("mac")?.to_vec() },
+            FrameType::Challenge => Frame::Challenge {
+                nonce: reader.bytes_u16("nonce")?.to_vec(),
+            },
+            FrameType::Proof => Frame::Proof {
+                mac: reader.bytes_u16("mac")?.to_vec(),
+            },
             FrameType::StatusRequest => Frame::StatusRequest,
             FrameType::PoolStatus => decode_pool_status(&mut reader)?,
             FrameType::Data | FrameType::Store => {
-                return Err(ProtocolError::Invalid { kind, field: "type", problem: "not a control frame".into() })
+                return Err(ProtocolError::Invalid {
+                    kind,
+                    field: "type",
+                    problem: "not a control frame".into(),
+                })
             }
         };
         reader.finish()?;
@@ -495,7 +654,10 @@ fn decode_hello_ok(reader: &mut Reader<'_>) -> Result<Frame, ProtocolError> {
     let shard_count = reader.u32()?;
     let count = usize::from(reader.u16()?);
     if count > NAMESPACES_MAX {
-        return Err(reader.invalid("namespaces", format!("{count}, the most is {NAMESPACES_MAX}")));
+        return Err(reader.invalid(
+            "namespaces",
+            format!("{count}, the most is {NAMESPACES_MAX}"),
+        ));
     }
     let mut namespaces = Vec::with_capacity(count.min(64));
     for _ in 0..count {
@@ -504,12 +666,20 @@ fn decode_hello_ok(reader: &mut Reader<'_>) -> Result<Frame, ProtocolError> {
             layers: reader.u16()?,
             tokens_per_block: reader.u32()?,
             bytes_per_token_per_layer: reader.u32()?,
-            layout: Layout::from_code(reader.u8()?).ok_or_else(|| reader.invalid("layout", "unknown code".into()))?,
+            layout: Layout::from_code(reader.u8()?)
+                .ok_or_else(|| reader.invalid("layout", "unknown code".into()))?,
         };
-        geometry.validate().map_err(|error| reader.invalid("geometry", error.to_string()))?;
+        geometry
+            .validate()
+            .map_err(|error| reader.invalid("geometry", error.to_string()))?;
         namespaces.push(NamespaceInfo { name, geometry });
     }
-    Ok(Frame::HelloOk { version, shard, shard_count, namespaces })
+    Ok(Frame::HelloOk {
+        version,
+        shard,
+        shard_count,
+        namespaces,
+    })
 }
 
 fn decode_pool_status(reader: &mut Reader<'_>) -> Result<Frame, ProtocolError> {
@@ -541,7 +711,11 @@ fn decode_load(reader: &mut Reader<'_>) -> Result<Load, ProtocolError> {
     // The count is checked against the bytes present before anything is allocated.
     let needed = count as usize * LOAD_BLOCK_BYTES;
     if reader.bytes.len() - reader.at < needed {
-        return Err(ProtocolError::Truncated { kind: FrameType::Load, needed: reader.at + needed, have: reader.bytes.len() });
+        return Err(ProtocolError::Truncated {
+            kind: FrameType::Load,
+            needed: reader.at + needed,
+            have: reader.bytes.len(),
+        });
     }
     let mut blocks = Vec::with_capacity(count as usize);
     for _ in 0..count {
@@ -549,11 +723,24 @@ fn decode_load(reader: &mut Reader<'_>) -> Result<Load, ProtocolError> {
         let start = reader.u16()?;
         let end = reader.u16()?;
         if start >= end {
-            return Err(reader.invalid("layers", format!("empty range {start}..{end} for block {key}")));
+            return Err(reader.invalid(
+                "layers",
+                format!("empty range {start}..{end} for block {key}"),
+            ));
         }
-        blocks.push(BlockLoad { key, layers: start..end, dest_offset: reader.u64()? });
+        blocks.push(BlockLoad {
+            key,
+            layers: start..end,
+            dest_offset: reader.u64()?,
+        });
     }
-    Ok(Load { request_id, namespace, region_id, layer_stride, blocks })
+    Ok(Load {
+        request_id,
+        namespace,
+        region_id,
+        layer_stride,
+        blocks,
+    })
 }
 
 /// Encodes a `Data` frame's header and prefix; `prefix.len` payload bytes follow.
@@ -568,12 +755,17 @@ pub fn encode_data_head(prefix: &DataPrefix) -> [u8; HEADER_BYTES + DATA_PREFIX_
 }
 
 /// Decodes a `Data` prefix given the frame's body length.
-pub fn decode_data_prefix(body_len: u32, bytes: &[u8; DATA_PREFIX_BYTES]) -> Result<DataPrefix, ProtocolError> {
-    let len = body_len.checked_sub(DATA_PREFIX_BYTES as u32).ok_or(ProtocolError::Truncated {
-        kind: FrameType::Data,
-        needed: DATA_PREFIX_BYTES,
-        have: body_len as usize,
-    })?;
+pub fn decode_data_prefix(
+    body_len: u32,
+    bytes: &[u8; DATA_PREFIX_BYTES],
+) -> Result<DataPrefix, ProtocolError> {
+    let len = body_len
+        .checked_sub(DATA_PREFIX_BYTES as u32)
+        .ok_or(ProtocolError::Truncated {
+            kind: FrameType::Data,
+            needed: DATA_PREFIX_BYTES,
+            have: body_len as usize,
+        })?;
     let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
     Ok(DataPrefix {
         request_id: word(0),
@@ -586,7 +778,9 @@ pub fn decode_data_prefix(body_len: u32, bytes: &[u8; DATA_PREFIX_BYTES]) -> Res
 /// Encodes a `Store` frame's header and prefix; `payload_len` bytes follow.
 pub fn encode_store_head(prefix: &StorePrefix) -> Vec<u8> {
     let mut body = Writer::default();
-    body.u64(prefix.request_id).string(&prefix.namespace).u128(prefix.key.0);
+    body.u64(prefix.request_id)
+        .string(&prefix.namespace)
+        .u128(prefix.key.0);
     let body_len = u32::try_from(body.bytes.len()).expect("small") + prefix.payload_len;
     let mut head = encode_header(FrameType::Store, body_len).to_vec();
     head.extend_from_slice(&body.bytes);
@@ -595,13 +789,26 @@ pub fn encode_store_head(prefix: &StorePrefix) -> Vec<u8> {
 
 /// Decodes a `Store` body (prefix and payload); returns the prefix and the payload.
 pub fn decode_store(body: &[u8]) -> Result<(StorePrefix, &[u8]), ProtocolError> {
-    let mut reader = Reader { kind: FrameType::Store, bytes: body, at: 0 };
+    let mut reader = Reader {
+        kind: FrameType::Store,
+        bytes: body,
+        at: 0,
+    };
     let request_id = reader.u64()?;
     let namespace = reader.string("namespace")?;
     let key = BlockKey(reader.u128()?);
     let payload = &body[reader.at..];
-    let payload_len = u32::try_from(payload.len()).map_err(|_| reader.invalid("payload", "over 4 GiB".into()))?;
-    Ok((StorePrefix { request_id, namespace, key, payload_len }, payload))
+    let payload_len =
+        u32::try_from(payload.len()).map_err(|_| reader.invalid("payload", "over 4 GiB".into()))?;
+    Ok((
+        StorePrefix {
+            request_id,
+            namespace,
+            key,
+            payload_len,
+        },
+        payload,
+    ))
 }
 
 /// Checks that `offset..offset + len` lies inside a region of `region_len` bytes.
@@ -617,7 +824,8 @@ mod tests {
 
     fn round_trip(frame: &Frame) -> Frame {
         let bytes = frame.encode();
-        let header = decode_header(bytes[..HEADER_BYTES].try_into().expect("8 bytes")).expect("header");
+        let header =
+            decode_header(bytes[..HEADER_BYTES].try_into().expect("8 bytes")).expect("header");
         assert_eq!(header.body_len as usize, bytes.len() - HEADER_BYTES);
         Frame::decode(header.kind, &bytes[HEADER_BYTES..]).expect("body")
     }
@@ -625,35 +833,76 @@ mod tests {
     #[test]
     fn control_frames_round_trip() {
         let frames = [
-            Frame::Hello { version: 1, shard: 3, token: b"secret".to_vec() },
+            Frame::Hello {
+                version: 1,
+                shard: 3,
+                token: b"secret".to_vec(),
+            },
             Frame::HelloOk {
                 version: 1,
                 shard: 1,
                 shard_count: 2,
                 namespaces: vec![NamespaceInfo {
                     name: "m".into(),
-                    geometry: Geometry { layers: 61, tokens_per_block: 64, bytes_per_token_per_layer: 656, layout: Layout::Layer },
+                    geometry: Geometry {
+                        layers: 61,
+                        tokens_per_block: 64,
+                        bytes_per_token_per_layer: 656,
+                        layout: Layout::Layer,
+                    },
                 }],
             },
-            Frame::RegisterRegion { region_id: 9, len: 1 << 40 },
+            Frame::RegisterRegion {
+                region_id: 9,
+                len: 1 << 40,
+            },
             Frame::RegionRegistered { region_id: 9 },
             Frame::Load(Load {
                 request_id: 77,
                 namespace: "m".into(),
                 region_id: 9,
                 layer_stride: 0,
-                blocks: vec![BlockLoad { key: BlockKey(5), layers: 0..61, dest_offset: 4096 }],
+                blocks: vec![BlockLoad {
+                    key: BlockKey(5),
+                    layers: 0..61,
+                    dest_offset: 4096,
+                }],
             }),
-            Frame::LayerDone { request_id: 77, layer: 60 },
-            Frame::BlockDone { request_id: 77, block_index: 0, code: ErrorCode::NotFound, message: "gone".into() },
-            Frame::LoadDone { request_id: 77, blocks_ok: 1, blocks_failed: 0 },
-            Frame::StoreDone { request_id: 78, code: ErrorCode::Ok, message: String::new() },
-            Frame::Error { request_id: 0, code: ErrorCode::BadFrame, message: "bad".into() },
+            Frame::LayerDone {
+                request_id: 77,
+                layer: 60,
+            },
+            Frame::BlockDone {
+                request_id: 77,
+                block_index: 0,
+                code: ErrorCode::NotFound,
+                message: "gone".into(),
+            },
+            Frame::LoadDone {
+                request_id: 77,
+                blocks_ok: 1,
+                blocks_failed: 0,
+            },
+            Frame::StoreDone {
+                request_id: 78,
+                code: ErrorCode::Ok,
+                message: String::new(),
+            },
+            Frame::Error {
+                request_id: 0,
+                code: ErrorCode::BadFrame,
+                message: "bad".into(),
+            },
             Frame::Challenge { nonce: vec![1; 32] },
             Frame::Proof { mac: vec![2; 32] },
             Frame::StatusRequest,
             Frame::PoolStatus {
-                peers: vec![PeerStatus { address: "10.0.0.1:7400".into(), queued_bytes: 5, read_bytes_per_second: 6, age_ms: 7 }],
+                peers: vec![PeerStatus {
+                    address: "10.0.0.1:7400".into(),
+                    queued_bytes: 5,
+                    read_bytes_per_second: 6,
+                    age_ms: 7,
+                }],
             },
         ];
         for frame in frames {
@@ -663,23 +912,43 @@ mod tests {
 
     #[test]
     fn data_and_store_heads_round_trip() {
-        let prefix = DataPrefix { request_id: 1, region_id: 2, offset: 3 << 33, len: 4096 };
+        let prefix = DataPrefix {
+            request_id: 1,
+            region_id: 2,
+            offset: 3 << 33,
+            len: 4096,
+        };
         let head = encode_data_head(&prefix);
         let header = decode_header(head[..8].try_into().expect("8")).expect("header");
         assert_eq!(header.kind, FrameType::Data);
-        assert_eq!(decode_data_prefix(header.body_len, head[8..].try_into().expect("24")), Ok(prefix));
-        let store = StorePrefix { request_id: 5, namespace: "ns".into(), key: BlockKey(6), payload_len: 3 };
+        assert_eq!(
+            decode_data_prefix(header.body_len, head[8..].try_into().expect("24")),
+            Ok(prefix)
+        );
+        let store = StorePrefix {
+            request_id: 5,
+            namespace: "ns".into(),
+            key: BlockKey(6),
+            payload_len: 3,
+        };
         let mut frame = encode_store_head(&store);
         frame.extend_from_slice(b"abc");
         let header = decode_header(frame[..8].try_into().expect("8")).expect("header");
-        let (decoded, payload) = decode_store(&frame[8..8 + header.body_len as usize]).expect("store");
+        let (decoded, payload) =
+            decode_store(&frame[8..8 + header.body_len as usize]).expect("store");
         assert_eq!((decoded, payload), (store, &b"abc"[..]));
     }
 
     #[test]
     fn oversized_and_foreign_headers_are_refused() {
-        assert!(matches!(decode_header(&encode_header(FrameType::Load, CONTROL_BODY_MAX + 1)), Err(ProtocolError::TooLong { .. })));
-        assert!(matches!(decode_header(b"GET / HT"), Err(ProtocolError::Magic(_))));
+        assert!(matches!(
+            decode_header(&encode_header(FrameType::Load, CONTROL_BODY_MAX + 1)),
+            Err(ProtocolError::TooLong { .. })
+        ));
+        assert!(matches!(
+            decode_header(b"GET / HT"),
+            Err(ProtocolError::Magic(_))
+        ));
         let mut unknown = encode_header(FrameType::Load, 0);
         unknown[2] = 99;
         assert_eq!(decode_header(&unknown), Err(ProtocolError::UnknownType(99)));
@@ -689,7 +958,10 @@ mod tests {
     fn load_with_a_huge_block_count_is_refused_before_allocating() {
         let mut body = Writer::default();
         body.u64(1).string("m").u32(0).u64(0).u32(LOAD_BLOCKS_MAX);
-        assert!(matches!(Frame::decode(FrameType::Load, &body.bytes), Err(ProtocolError::Truncated { .. })));
+        assert!(matches!(
+            Frame::decode(FrameType::Load, &body.bytes),
+            Err(ProtocolError::Truncated { .. })
+        ));
     }
 
     #[test]

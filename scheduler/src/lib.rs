@@ -61,7 +61,9 @@ impl std::str::FromStr for Policy {
             "de-only" => Ok(Policy::DeOnly),
             "dualpath" => Ok(Policy::DualPath),
             "paper" => Ok(Policy::Paper),
-            other => Err(format!("unknown policy {other:?}; use pe-only, de-only, dualpath or paper")),
+            other => Err(format!(
+                "unknown policy {other:?}; use pe-only, de-only, dualpath or paper"
+            )),
         }
     }
 }
@@ -87,9 +89,15 @@ pub struct RateEstimate {
 
 impl RateEstimate {
     pub fn new(initial_bytes_per_second: f64, weight: f64) -> Self {
-        assert!(initial_bytes_per_second > 0.0, "a rate estimate starts positive");
+        assert!(
+            initial_bytes_per_second > 0.0,
+            "a rate estimate starts positive"
+        );
         assert!(weight > 0.0 && weight <= 1.0, "EWMA weight in (0, 1]");
-        Self { bytes_per_second: initial_bytes_per_second, weight }
+        Self {
+            bytes_per_second: initial_bytes_per_second,
+            weight,
+        }
     }
 
     pub fn bytes_per_second(&self) -> f64 {
@@ -128,7 +136,8 @@ impl Path {
     /// The rate a block moves at on this path: the slower of its links.
     pub fn effective_rate(&self) -> f64 {
         let storage = self.storage_rate.bytes_per_second();
-        self.link_rate.map_or(storage, |link| storage.min(link.bytes_per_second()))
+        self.link_rate
+            .map_or(storage, |link| storage.min(link.bytes_per_second()))
     }
 
     /// When `bytes` more would finish on this path, in seconds from now.
@@ -156,7 +165,11 @@ pub struct Scheduler {
 
 impl Scheduler {
     pub fn new(policy: Policy, silence_timeout: f64) -> Self {
-        Self { paths: Vec::new(), policy, silence_timeout }
+        Self {
+            paths: Vec::new(),
+            policy,
+            silence_timeout,
+        }
     }
 
     pub fn add_path(&mut self, path: Path) -> PathId {
@@ -175,7 +188,10 @@ impl Scheduler {
     }
 
     pub fn paths(&self) -> impl Iterator<Item = (PathId, &Path)> {
-        self.paths.iter().enumerate().map(|(index, path)| (PathId(index as u32), path))
+        self.paths
+            .iter()
+            .enumerate()
+            .map(|(index, path)| (PathId(index as u32), path))
     }
 
     pub fn policy(&self) -> Policy {
@@ -191,13 +207,23 @@ impl Scheduler {
     /// spreads over the paths in proportion to their rates. Paths at their queue
     /// limit are skipped; if none can take a block, the remaining blocks get `None`
     /// (wait for completions and call again). Every `Some` is counted as queued.
-    pub fn assign(&mut self, block_bytes: &[u64], out: &mut Vec<Option<PathId>>) -> Result<(), ScheduleError> {
+    pub fn assign(
+        &mut self,
+        block_bytes: &[u64],
+        out: &mut Vec<Option<PathId>>,
+    ) -> Result<(), ScheduleError> {
         out.clear();
         if !self.paths.iter().any(|path| self.usable(path)) {
-            return Err(ScheduleError::NoPath { policy: self.policy });
+            return Err(ScheduleError::NoPath {
+                policy: self.policy,
+            });
         }
         for (block, &bytes) in block_bytes.iter().enumerate() {
-            if !self.paths.iter().any(|path| self.usable(path) && bytes <= path.queued_bytes_max) {
+            if !self
+                .paths
+                .iter()
+                .any(|path| self.usable(path) && bytes <= path.queued_bytes_max)
+            {
                 return Err(ScheduleError::TooLarge { block, bytes });
             }
         }
@@ -210,8 +236,13 @@ impl Scheduler {
                 .paths
                 .iter()
                 .enumerate()
-                .filter(|(_, path)| self.usable(path) && path.queued_bytes + bytes <= path.queued_bytes_max)
-                .min_by(|(_, a), (_, b)| a.expected_finish(bytes).total_cmp(&b.expected_finish(bytes)))
+                .filter(|(_, path)| {
+                    self.usable(path) && path.queued_bytes + bytes <= path.queued_bytes_max
+                })
+                .min_by(|(_, a), (_, b)| {
+                    a.expected_finish(bytes)
+                        .total_cmp(&b.expected_finish(bytes))
+                })
                 .map(|(index, _)| index);
             if let Some(index) = choice {
                 self.paths[index].queued_bytes += bytes;
@@ -230,18 +261,35 @@ impl Scheduler {
             .paths
             .iter()
             .enumerate()
-            .filter(|(_, path)| self.usable(path) && path.queued_bytes.saturating_add(total) <= path.queued_bytes_max)
-            .min_by(|(_, a), (_, b)| a.expected_finish(total).total_cmp(&b.expected_finish(total)))
+            .filter(|(_, path)| {
+                self.usable(path)
+                    && path.queued_bytes.saturating_add(total) <= path.queued_bytes_max
+            })
+            .min_by(|(_, a), (_, b)| {
+                a.expected_finish(total)
+                    .total_cmp(&b.expected_finish(total))
+            })
             .map(|(index, _)| index);
         if let Some(index) = choice {
             self.paths[index].queued_bytes += total;
         }
-        out.extend(block_bytes.iter().map(|_| choice.map(|index| PathId(index as u32))));
+        out.extend(
+            block_bytes
+                .iter()
+                .map(|_| choice.map(|index| PathId(index as u32))),
+        );
     }
 
     /// `bytes` finished on `path` after `storage_seconds` reading and
     /// `link_seconds` on the compute link (for gateways).
-    pub fn completed(&mut self, path: PathId, bytes: u64, storage_seconds: f64, link_seconds: Option<f64>, now: f64) {
+    pub fn completed(
+        &mut self,
+        path: PathId,
+        bytes: u64,
+        storage_seconds: f64,
+        link_seconds: Option<f64>,
+        now: f64,
+    ) {
         let entry = &mut self.paths[path.0 as usize];
         entry.queued_bytes = entry.queued_bytes.saturating_sub(bytes);
         entry.storage_rate.observe(bytes, storage_seconds);
@@ -268,10 +316,21 @@ impl Scheduler {
 
     /// A gateway's gossip: its storage rate and the bytes other clients have queued
     /// on it, so that this client's split accounts for the whole decode pool.
-    pub fn peer_report(&mut self, gateway: u32, storage_bytes_per_second: f64, foreign_queued_bytes: u64, now: f64) {
-        if let Some(entry) = self.paths.iter_mut().find(|path| path.kind == PathKind::Gateway(gateway)) {
+    pub fn peer_report(
+        &mut self,
+        gateway: u32,
+        storage_bytes_per_second: f64,
+        foreign_queued_bytes: u64,
+        now: f64,
+    ) {
+        if let Some(entry) = self
+            .paths
+            .iter_mut()
+            .find(|path| path.kind == PathKind::Gateway(gateway))
+        {
             if storage_bytes_per_second > 0.0 {
-                entry.storage_rate = RateEstimate::new(storage_bytes_per_second, entry.storage_rate.weight);
+                entry.storage_rate =
+                    RateEstimate::new(storage_bytes_per_second, entry.storage_rate.weight);
             }
             entry.foreign_queued_bytes = foreign_queued_bytes;
             entry.last_heard = now;
@@ -317,7 +376,9 @@ mod tests {
 
     fn split(scheduler: &mut Scheduler, blocks: usize) -> Vec<usize> {
         let mut out = Vec::new();
-        scheduler.assign(&vec![1 << 20; blocks], &mut out).expect("a path");
+        scheduler
+            .assign(&vec![1 << 20; blocks], &mut out)
+            .expect("a path");
         let mut counts = vec![0; scheduler.paths.len()];
         for choice in out.into_iter().flatten() {
             counts[choice.0 as usize] += 1;
@@ -329,7 +390,12 @@ mod tests {
     fn equal_storage_links_split_a_load_in_half() {
         let mut scheduler = Scheduler::new(Policy::DualPath, 1.0);
         scheduler.add_path(path(PathKind::PrefillLocal, 1.0 * GB, None, u64::MAX));
-        scheduler.add_path(path(PathKind::Gateway(0), 1.0 * GB, Some(10.0 * GB), u64::MAX));
+        scheduler.add_path(path(
+            PathKind::Gateway(0),
+            1.0 * GB,
+            Some(10.0 * GB),
+            u64::MAX,
+        ));
         assert_eq!(split(&mut scheduler, 100), vec![50, 50]);
     }
 
@@ -338,43 +404,79 @@ mod tests {
         let mut scheduler = Scheduler::new(Policy::DualPath, 1.0);
         scheduler.add_path(path(PathKind::PrefillLocal, 1.0 * GB, None, u64::MAX));
         // Fast storage, but a compute link of 0.5 GB/s: the gateway moves 0.5 GB/s.
-        scheduler.add_path(path(PathKind::Gateway(0), 4.0 * GB, Some(0.5 * GB), u64::MAX));
+        scheduler.add_path(path(
+            PathKind::Gateway(0),
+            4.0 * GB,
+            Some(0.5 * GB),
+            u64::MAX,
+        ));
         let counts = split(&mut scheduler, 300);
-        assert!((195..=205).contains(&counts[0]) && (95..=105).contains(&counts[1]), "{counts:?}");
+        assert!(
+            (195..=205).contains(&counts[0]) && (95..=105).contains(&counts[1]),
+            "{counts:?}"
+        );
     }
 
     #[test]
     fn policies_restrict_the_paths() {
         let mut pe_only = Scheduler::new(Policy::PeOnly, 1.0);
         pe_only.add_path(path(PathKind::PrefillLocal, 1.0 * GB, None, u64::MAX));
-        pe_only.add_path(path(PathKind::Gateway(0), 9.0 * GB, Some(9.0 * GB), u64::MAX));
+        pe_only.add_path(path(
+            PathKind::Gateway(0),
+            9.0 * GB,
+            Some(9.0 * GB),
+            u64::MAX,
+        ));
         assert_eq!(split(&mut pe_only, 10), vec![10, 0]);
         let mut de_only = Scheduler::new(Policy::DeOnly, 1.0);
         de_only.add_path(path(PathKind::PrefillLocal, 9.0 * GB, None, u64::MAX));
-        de_only.add_path(path(PathKind::Gateway(0), 1.0 * GB, Some(1.0 * GB), u64::MAX));
+        de_only.add_path(path(
+            PathKind::Gateway(0),
+            1.0 * GB,
+            Some(1.0 * GB),
+            u64::MAX,
+        ));
         assert_eq!(split(&mut de_only, 10), vec![0, 10]);
         de_only.set_healthy(PathId(1), false, 0.0);
         let mut out = Vec::new();
-        assert_eq!(de_only.assign(&[1], &mut out), Err(ScheduleError::NoPath { policy: Policy::DeOnly }));
+        assert_eq!(
+            de_only.assign(&[1], &mut out),
+            Err(ScheduleError::NoPath {
+                policy: Policy::DeOnly
+            })
+        );
     }
 
     #[test]
     fn paper_policy_sends_the_whole_load_to_the_shorter_queue() {
         let mut scheduler = Scheduler::new(Policy::Paper, 1.0);
         let pe = scheduler.add_path(path(PathKind::PrefillLocal, 1.0 * GB, None, u64::MAX));
-        scheduler.add_path(path(PathKind::Gateway(0), 1.0 * GB, Some(10.0 * GB), u64::MAX));
+        scheduler.add_path(path(
+            PathKind::Gateway(0),
+            1.0 * GB,
+            Some(10.0 * GB),
+            u64::MAX,
+        ));
         scheduler.path_mut(pe).queued_bytes = 10 << 20;
         assert_eq!(split(&mut scheduler, 100), vec![0, 100]);
         // Now the gateway holds 100 MiB queued: the next load goes to the PE path whole.
         assert_eq!(split(&mut scheduler, 20), vec![20, 0]);
-        "paper".parse::<Policy>().map(|policy| assert_eq!(policy, Policy::Paper)).expect("parses");
+        "paper"
+            .parse::<Policy>()
+            .map(|policy| assert_eq!(policy, Policy::Paper))
+            .expect("parses");
     }
 
     #[test]
     fn a_silent_gateway_drops_out_and_returns_when_heard() {
         let mut scheduler = Scheduler::new(Policy::DualPath, 0.05);
         scheduler.add_path(path(PathKind::PrefillLocal, 1.0 * GB, None, u64::MAX));
-        let gateway = scheduler.add_path(path(PathKind::Gateway(7), 1.0 * GB, Some(1.0 * GB), u64::MAX));
+        let gateway = scheduler.add_path(path(
+            PathKind::Gateway(7),
+            1.0 * GB,
+            Some(1.0 * GB),
+            u64::MAX,
+        ));
         assert_eq!(scheduler.expire_silent(0.01), vec![]);
         assert_eq!(scheduler.expire_silent(0.1), vec![gateway]);
         assert_eq!(split(&mut scheduler, 10), vec![10, 0]);
@@ -387,7 +489,12 @@ mod tests {
     fn other_clients_load_on_a_gateway_shifts_work_away_from_it() {
         let mut scheduler = Scheduler::new(Policy::DualPath, 1.0);
         scheduler.add_path(path(PathKind::PrefillLocal, 1.0 * GB, None, u64::MAX));
-        scheduler.add_path(path(PathKind::Gateway(0), 1.0 * GB, Some(10.0 * GB), u64::MAX));
+        scheduler.add_path(path(
+            PathKind::Gateway(0),
+            1.0 * GB,
+            Some(10.0 * GB),
+            u64::MAX,
+        ));
         scheduler.peer_report(0, 1.0 * GB, 50 << 20, 0.0);
         let counts = split(&mut scheduler, 100);
         assert!((73..=77).contains(&counts[0]), "{counts:?}");
@@ -400,27 +507,46 @@ mod tests {
         assert!((rate.bytes_per_second() - 1.5 * GB).abs() < 1.0);
         rate.observe(0, 1.0);
         rate.observe(10, 0.0);
-        assert!((rate.bytes_per_second() - 1.5 * GB).abs() < 1.0, "empty or instant observations are ignored");
+        assert!(
+            (rate.bytes_per_second() - 1.5 * GB).abs() < 1.0,
+            "empty or instant observations are ignored"
+        );
     }
 
     fn scheduler_strategy() -> impl Strategy<Value = (Scheduler, Vec<bool>)> {
-        let policy = prop_oneof![Just(Policy::PeOnly), Just(Policy::DeOnly), Just(Policy::DualPath), Just(Policy::Paper)];
+        let policy = prop_oneof![
+            Just(Policy::PeOnly),
+            Just(Policy::DeOnly),
+            Just(Policy::DualPath),
+            Just(Policy::Paper)
+        ];
         let gateway = (0.1f64..10.0, 0.1f64..10.0, any::<bool>(), 1u64..64);
-        (policy, 0.1f64..10.0, any::<bool>(), prop::collection::vec(gateway, 0..6)).prop_map(|(policy, pe_rate, pe_healthy, gateways)| {
-            let mut scheduler = Scheduler::new(policy, 1.0);
-            let mut healthy = Vec::new();
-            let mut pe = path(PathKind::PrefillLocal, pe_rate * GB, None, 64 << 20);
-            pe.healthy = pe_healthy;
-            healthy.push(pe_healthy);
-            scheduler.add_path(pe);
-            for (index, (storage, link, up, max_mib)) in gateways.into_iter().enumerate() {
-                let mut gateway = path(PathKind::Gateway(index as u32), storage * GB, Some(link * GB), max_mib << 20);
-                gateway.healthy = up;
-                healthy.push(up);
-                scheduler.add_path(gateway);
-            }
-            (scheduler, healthy)
-        })
+        (
+            policy,
+            0.1f64..10.0,
+            any::<bool>(),
+            prop::collection::vec(gateway, 0..6),
+        )
+            .prop_map(|(policy, pe_rate, pe_healthy, gateways)| {
+                let mut scheduler = Scheduler::new(policy, 1.0);
+                let mut healthy = Vec::new();
+                let mut pe = path(PathKind::PrefillLocal, pe_rate * GB, None, 64 << 20);
+                pe.healthy = pe_healthy;
+                healthy.push(pe_healthy);
+                scheduler.add_path(pe);
+                for (index, (storage, link, up, max_mib)) in gateways.into_iter().enumerate() {
+                    let mut gateway = path(
+                        PathKind::Gateway(index as u32),
+                        storage * GB,
+                        Some(link * GB),
+                        max_mib << 20,
+                    );
+                    gateway.healthy = up;
+                    healthy.push(up);
+                    scheduler.add_path(gateway);
+                }
+                (scheduler, healthy)
+            })
     }
 
     proptest! {

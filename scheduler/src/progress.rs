@@ -18,9 +18,18 @@ pub struct Unit {
 /// What the client is told as a load progresses, in the order to send it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    BlockDone { block: u32, code: ErrorCode, message: String },
-    LayerDone { layer: u16 },
-    LoadDone { blocks_ok: u32, blocks_failed: u32 },
+    BlockDone {
+        block: u32,
+        code: ErrorCode,
+        message: String,
+    },
+    LayerDone {
+        layer: u16,
+    },
+    LoadDone {
+        blocks_ok: u32,
+        blocks_failed: u32,
+    },
 }
 
 #[derive(Debug)]
@@ -63,16 +72,31 @@ impl LoadProgress {
         buffer_bytes: u64,
     ) -> Result<Self, Refusal> {
         let layer_bytes = geometry.layer_bytes();
-        let layer_stride = if layer_stride == 0 { layer_bytes } else { layer_stride };
+        let layer_stride = if layer_stride == 0 {
+            layer_bytes
+        } else {
+            layer_stride
+        };
         if layer_stride < layer_bytes {
-            return Err(refusal(ErrorCode::BadRequest, format!("layer_stride {layer_stride} is below the layer size {layer_bytes}")));
+            return Err(refusal(
+                ErrorCode::BadRequest,
+                format!("layer_stride {layer_stride} is below the layer size {layer_bytes}"),
+            ));
         }
         for (index, block) in blocks.iter().enumerate() {
             validate_block(index, block, &geometry, layer_stride, region_len)?;
         }
         let units = plan_units(&geometry, &blocks, buffer_bytes);
-        let first_layer = blocks.iter().map(|block| block.layers.start).min().unwrap_or(0);
-        let last_layer = blocks.iter().map(|block| block.layers.end).max().unwrap_or(0);
+        let first_layer = blocks
+            .iter()
+            .map(|block| block.layers.start)
+            .min()
+            .unwrap_or(0);
+        let last_layer = blocks
+            .iter()
+            .map(|block| block.layers.end)
+            .max()
+            .unwrap_or(0);
         let mut layer_remaining = vec![0u32; usize::from(last_layer.saturating_sub(first_layer))];
         let mut block_remaining = vec![0u32; blocks.len()];
         for unit in &units {
@@ -81,7 +105,10 @@ impl LoadProgress {
                 layer_remaining[usize::from(layer - first_layer)] += 1;
             }
         }
-        let bytes_left = units.iter().map(|unit| u64::from(unit.layers.end - unit.layers.start) * layer_bytes).sum();
+        let bytes_left = units
+            .iter()
+            .map(|unit| u64::from(unit.layers.end - unit.layers.start) * layer_bytes)
+            .sum();
         Ok(Self {
             geometry,
             layer_stride,
@@ -125,7 +152,10 @@ impl LoadProgress {
     /// Events for a load with no blocks at all.
     pub fn start(&mut self, events: &mut Vec<Event>) {
         if self.units.is_empty() {
-            events.push(Event::LoadDone { blocks_ok: 0, blocks_failed: 0 });
+            events.push(Event::LoadDone {
+                blocks_ok: 0,
+                blocks_failed: 0,
+            });
         }
     }
 
@@ -144,7 +174,12 @@ impl LoadProgress {
     }
 
     /// Records a finished read (or a skipped one, as `Ok`) and emits what follows.
-    pub fn unit_finished(&mut self, index: usize, result: Result<(), Refusal>, events: &mut Vec<Event>) {
+    pub fn unit_finished(
+        &mut self,
+        index: usize,
+        result: Result<(), Refusal>,
+        events: &mut Vec<Event>,
+    ) {
         let unit = self.units[index].clone();
         let block = unit.block as usize;
         if let Err(failure) = result {
@@ -161,37 +196,58 @@ impl LoadProgress {
             match self.block_failure[block].take() {
                 Some(failure) => {
                     self.blocks_failed += 1;
-                    events.push(Event::BlockDone { block: unit.block, code: failure.code, message: failure.message });
+                    events.push(Event::BlockDone {
+                        block: unit.block,
+                        code: failure.code,
+                        message: failure.message,
+                    });
                 }
                 None => {
                     self.blocks_ok += 1;
-                    events.push(Event::BlockDone { block: unit.block, code: ErrorCode::Ok, message: String::new() });
+                    events.push(Event::BlockDone {
+                        block: unit.block,
+                        code: ErrorCode::Ok,
+                        message: String::new(),
+                    });
                 }
             }
         }
         for layer in unit.layers.clone() {
             self.layer_remaining[usize::from(layer - self.first_layer)] -= 1;
         }
-        while self.next_layer_to_report < self.layer_remaining.len() && self.layer_remaining[self.next_layer_to_report] == 0 {
-            let layer = self.first_layer + u16::try_from(self.next_layer_to_report).expect("layers fit u16");
+        while self.next_layer_to_report < self.layer_remaining.len()
+            && self.layer_remaining[self.next_layer_to_report] == 0
+        {
+            let layer = self.first_layer
+                + u16::try_from(self.next_layer_to_report).expect("layers fit u16");
             events.push(Event::LayerDone { layer });
             self.next_layer_to_report += 1;
         }
         self.units_left -= 1;
-        self.bytes_left -= u64::from(unit.layers.end - unit.layers.start) * self.geometry.layer_bytes();
+        self.bytes_left -=
+            u64::from(unit.layers.end - unit.layers.start) * self.geometry.layer_bytes();
         if self.units_left == 0 {
-            events.push(Event::LoadDone { blocks_ok: self.blocks_ok, blocks_failed: self.blocks_failed });
+            events.push(Event::LoadDone {
+                blocks_ok: self.blocks_ok,
+                blocks_failed: self.blocks_failed,
+            });
         }
     }
 
     /// The `(region offset, buffer range)` pieces to send for a finished read,
     /// merging layers that are contiguous both in the buffer and in the region.
-    pub fn data_pieces(&self, index: usize, placement: &LayerPlacement, out: &mut Vec<(u64, Range<usize>)>) {
+    pub fn data_pieces(
+        &self,
+        index: usize,
+        placement: &LayerPlacement,
+        out: &mut Vec<(u64, Range<usize>)>,
+    ) {
         let unit = &self.units[index];
         let block = &self.blocks[unit.block as usize];
         for (position, layer) in unit.layers.clone().enumerate() {
             let source = placement.layer_range(u16::try_from(position).expect("layers fit u16"));
-            let destination = block.dest_offset + u64::from(layer - block.layers.start) * self.layer_stride;
+            let destination =
+                block.dest_offset + u64::from(layer - block.layers.start) * self.layer_stride;
             let source = source.start as usize..source.end as usize;
             if let Some((last_destination, last_source)) = out.last_mut() {
                 let contiguous = last_source.end == source.start
@@ -203,7 +259,9 @@ impl LoadProgress {
             }
             out.push((destination, source));
         }
-        debug_assert!(out.iter().all(|(_, range)| (range.len() as u64).is_multiple_of(self.geometry.layer_bytes())));
+        debug_assert!(out
+            .iter()
+            .all(|(_, range)| (range.len() as u64).is_multiple_of(self.geometry.layer_bytes())));
     }
 }
 
@@ -211,15 +269,26 @@ fn refusal(code: ErrorCode, message: String) -> Refusal {
     Refusal { code, message }
 }
 
-fn validate_block(index: usize, block: &BlockLoad, geometry: &Geometry, layer_stride: u64, region_len: u64) -> Result<(), Refusal> {
+fn validate_block(
+    index: usize,
+    block: &BlockLoad,
+    geometry: &Geometry,
+    layer_stride: u64,
+    region_len: u64,
+) -> Result<(), Refusal> {
     if block.layers.start >= block.layers.end || block.layers.end > geometry.layers {
         return Err(refusal(
             ErrorCode::BadRequest,
-            format!("block {index} ({}): layers {:?} outside 0..{}", block.key, block.layers, geometry.layers),
+            format!(
+                "block {index} ({}): layers {:?} outside 0..{}",
+                block.key, block.layers, geometry.layers
+            ),
         ));
     }
     let count = u64::from(block.layers.end - block.layers.start);
-    let span = (count - 1).checked_mul(layer_stride).and_then(|bytes| bytes.checked_add(geometry.layer_bytes()));
+    let span = (count - 1)
+        .checked_mul(layer_stride)
+        .and_then(|bytes| bytes.checked_add(geometry.layer_bytes()));
     let inside = span.is_some_and(|span| range_inside(block.dest_offset, span, region_len));
     if !inside {
         return Err(refusal(
@@ -237,12 +306,23 @@ fn plan_units(geometry: &Geometry, blocks: &[BlockLoad], buffer_bytes: u64) -> V
     let mut units = Vec::new();
     match geometry.layout {
         Layout::Layer => {
-            let first = blocks.iter().map(|block| block.layers.start).min().unwrap_or(0);
-            let last = blocks.iter().map(|block| block.layers.end).max().unwrap_or(0);
+            let first = blocks
+                .iter()
+                .map(|block| block.layers.start)
+                .min()
+                .unwrap_or(0);
+            let last = blocks
+                .iter()
+                .map(|block| block.layers.end)
+                .max()
+                .unwrap_or(0);
             for layer in first..last {
                 for (index, block) in blocks.iter().enumerate() {
                     if block.layers.contains(&layer) {
-                        units.push(Unit { block: index as u32, layers: layer..layer + 1 });
+                        units.push(Unit {
+                            block: index as u32,
+                            layers: layer..layer + 1,
+                        });
                     }
                 }
             }
@@ -251,8 +331,13 @@ fn plan_units(geometry: &Geometry, blocks: &[BlockLoad], buffer_bytes: u64) -> V
             for (index, block) in blocks.iter().enumerate() {
                 let mut start = block.layers.start;
                 while start < block.layers.end {
-                    let count = geometry.layers_fitting(start, buffer_bytes).clamp(1, block.layers.end - start);
-                    units.push(Unit { block: index as u32, layers: start..start + count });
+                    let count = geometry
+                        .layers_fitting(start, buffer_bytes)
+                        .clamp(1, block.layers.end - start);
+                    units.push(Unit {
+                        block: index as u32,
+                        layers: start..start + count,
+                    });
                     start += count;
                 }
             }
@@ -268,11 +353,22 @@ mod tests {
     use proptest::prelude::*;
 
     fn geometry(layout: Layout) -> Geometry {
-        Geometry { layers: 4, tokens_per_block: 1, bytes_per_token_per_layer: 4096, layout }
+        Geometry {
+            layers: 4,
+            tokens_per_block: 1,
+            bytes_per_token_per_layer: 4096,
+            layout,
+        }
     }
 
     fn blocks(count: u64) -> Vec<BlockLoad> {
-        (0..count).map(|index| BlockLoad { key: BlockKey(index.into()), layers: 0..4, dest_offset: index * 4 * 4096 }).collect()
+        (0..count)
+            .map(|index| BlockLoad {
+                key: BlockKey(index.into()),
+                layers: 0..4,
+                dest_offset: index * 4 * 4096,
+            })
+            .collect()
     }
 
     fn run_all(progress: &mut LoadProgress, fail_block: Option<u32>) -> Vec<Event> {
@@ -280,7 +376,11 @@ mod tests {
         progress.start(&mut events);
         while let Some(index) = progress.next_unit(&mut events) {
             let failed = fail_block == Some(progress.unit(index).block);
-            let result = if failed { Err(refusal(ErrorCode::NotFound, "gone".into())) } else { Ok(()) };
+            let result = if failed {
+                Err(refusal(ErrorCode::NotFound, "gone".into()))
+            } else {
+                Ok(())
+            };
             progress.unit_finished(index, result, &mut events);
         }
         events
@@ -288,64 +388,130 @@ mod tests {
 
     #[test]
     fn layer_layout_reads_layer_major_and_reports_layers_in_order() {
-        let mut progress = LoadProgress::new(geometry(Layout::Layer), blocks(3), 0, 1 << 20, 1 << 20).expect("valid");
-        let order: Vec<(u32, u16)> = progress.units.iter().map(|unit| (unit.block, unit.layers.start)).collect();
+        let mut progress =
+            LoadProgress::new(geometry(Layout::Layer), blocks(3), 0, 1 << 20, 1 << 20)
+                .expect("valid");
+        let order: Vec<(u32, u16)> = progress
+            .units
+            .iter()
+            .map(|unit| (unit.block, unit.layers.start))
+            .collect();
         assert_eq!(&order[..4], &[(0, 0), (1, 0), (2, 0), (0, 1)]);
         let events = run_all(&mut progress, None);
-        let layers: Vec<u16> = events.iter().filter_map(|event| match event {
-            Event::LayerDone { layer } => Some(*layer),
-            _ => None,
-        }).collect();
+        let layers: Vec<u16> = events
+            .iter()
+            .filter_map(|event| match event {
+                Event::LayerDone { layer } => Some(*layer),
+                _ => None,
+            })
+            .collect();
         assert_eq!(layers, vec![0, 1, 2, 3]);
-        assert_eq!(events.last(), Some(&Event::LoadDone { blocks_ok: 3, blocks_failed: 0 }));
+        assert_eq!(
+            events.last(),
+            Some(&Event::LoadDone {
+                blocks_ok: 3,
+                blocks_failed: 0
+            })
+        );
     }
 
     #[test]
     fn a_failed_block_is_reported_once_and_the_rest_completes() {
-        let mut progress = LoadProgress::new(geometry(Layout::Layer), blocks(3), 0, 1 << 20, 1 << 20).expect("valid");
+        let mut progress =
+            LoadProgress::new(geometry(Layout::Layer), blocks(3), 0, 1 << 20, 1 << 20)
+                .expect("valid");
         let events = run_all(&mut progress, Some(1));
-        let failures: Vec<_> = events.iter().filter(|event| matches!(event, Event::BlockDone { code: ErrorCode::NotFound, .. })).collect();
+        let failures: Vec<_> = events
+            .iter()
+            .filter(|event| {
+                matches!(
+                    event,
+                    Event::BlockDone {
+                        code: ErrorCode::NotFound,
+                        ..
+                    }
+                )
+            })
+            .collect();
         assert_eq!(failures.len(), 1);
-        assert_eq!(events.last(), Some(&Event::LoadDone { blocks_ok: 2, blocks_failed: 1 }));
+        assert_eq!(
+            events.last(),
+            Some(&Event::LoadDone {
+                blocks_ok: 2,
+                blocks_failed: 1
+            })
+        );
     }
 
     #[test]
     fn a_failed_block_is_reported_only_after_its_last_read_ends() {
-        let mut progress = LoadProgress::new(geometry(Layout::Layer), blocks(1), 0, 1 << 20, 1 << 20).expect("valid");
+        let mut progress =
+            LoadProgress::new(geometry(Layout::Layer), blocks(1), 0, 1 << 20, 1 << 20)
+                .expect("valid");
         let mut events = Vec::new();
         let issued: Vec<usize> = std::iter::from_fn(|| progress.next_unit(&mut events)).collect();
         assert_eq!(issued.len(), 4, "all four layer reads in flight");
-        progress.unit_finished(issued[0], Err(refusal(ErrorCode::Io, "read failed".into())), &mut events);
+        progress.unit_finished(
+            issued[0],
+            Err(refusal(ErrorCode::Io, "read failed".into())),
+            &mut events,
+        );
         for &unit in &issued[1..3] {
             progress.unit_finished(unit, Ok(()), &mut events);
         }
-        assert!(!events.iter().any(|event| matches!(event, Event::BlockDone { .. })), "{events:?}");
+        assert!(
+            !events
+                .iter()
+                .any(|event| matches!(event, Event::BlockDone { .. })),
+            "{events:?}"
+        );
         progress.unit_finished(issued[3], Ok(()), &mut events);
-        assert!(events.contains(&Event::BlockDone { block: 0, code: ErrorCode::Io, message: "read failed".into() }));
+        assert!(events.contains(&Event::BlockDone {
+            block: 0,
+            code: ErrorCode::Io,
+            message: "read failed".into()
+        }));
     }
 
     #[test]
     fn out_of_region_destinations_are_refused() {
-        let refusal = LoadProgress::new(geometry(Layout::Full), blocks(2), 0, 4 * 4096, 1 << 20).expect_err("second block outside");
+        let refusal = LoadProgress::new(geometry(Layout::Full), blocks(2), 0, 4 * 4096, 1 << 20)
+            .expect_err("second block outside");
         assert_eq!(refusal.code, ErrorCode::OutOfRegion);
         let mut huge = blocks(1);
         huge[0].dest_offset = u64::MAX - 10;
         assert!(LoadProgress::new(geometry(Layout::Full), huge, 0, u64::MAX, 1 << 20).is_err());
-        let refusal = LoadProgress::new(geometry(Layout::Full), blocks(1), 100, 1 << 20, 1 << 20).expect_err("stride too small");
+        let refusal = LoadProgress::new(geometry(Layout::Full), blocks(1), 100, 1 << 20, 1 << 20)
+            .expect_err("stride too small");
         assert_eq!(refusal.code, ErrorCode::BadRequest);
     }
 
     #[test]
     fn contiguous_layers_become_one_piece_and_strided_ones_stay_apart() {
-        let progress = LoadProgress::new(geometry(Layout::Full), blocks(1), 0, 1 << 20, 1 << 20).expect("valid");
-        let placement = LayerPlacement { first_layer_offset: 0, layer_stride: 4096, layer_bytes: 4096, layer_count: 4 };
+        let progress = LoadProgress::new(geometry(Layout::Full), blocks(1), 0, 1 << 20, 1 << 20)
+            .expect("valid");
+        let placement = LayerPlacement {
+            first_layer_offset: 0,
+            layer_stride: 4096,
+            layer_bytes: 4096,
+            layer_count: 4,
+        };
         let mut pieces = Vec::new();
         progress.data_pieces(0, &placement, &mut pieces);
         assert_eq!(pieces, vec![(0, 0..16384)]);
-        let strided = LoadProgress::new(geometry(Layout::Full), blocks(1), 8192, 1 << 20, 1 << 20).expect("valid");
+        let strided = LoadProgress::new(geometry(Layout::Full), blocks(1), 8192, 1 << 20, 1 << 20)
+            .expect("valid");
         pieces.clear();
         strided.data_pieces(0, &placement, &mut pieces);
-        assert_eq!(pieces, vec![(0, 0..4096), (8192, 4096..8192), (16384, 8192..12288), (24576, 12288..16384)]);
+        assert_eq!(
+            pieces,
+            vec![
+                (0, 0..4096),
+                (8192, 4096..8192),
+                (16384, 8192..12288),
+                (24576, 12288..16384)
+            ]
+        );
     }
 
     proptest! {

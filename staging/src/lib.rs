@@ -43,20 +43,32 @@ pub enum StagingError {
         "buffer size {buffer_bytes} bytes must be a positive multiple of {BUFFER_ALIGN_BYTES} \
          and no larger than the slab ({slab_bytes} bytes)"
     )]
-    BufferSize { buffer_bytes: usize, slab_bytes: usize },
+    BufferSize {
+        buffer_bytes: usize,
+        slab_bytes: usize,
+    },
     #[error(
         "huge pages were required but could not be mapped ({source}); reserve them with \
          `echo {pages_needed} > /proc/sys/vm/nr_hugepages` or set staging.huge_pages = \"auto\""
     )]
-    HugePagesUnavailable { pages_needed: usize, source: std::io::Error },
+    HugePagesUnavailable {
+        pages_needed: usize,
+        source: std::io::Error,
+    },
     #[error("could not map {bytes} bytes of staging memory: {source}")]
-    Map { bytes: usize, source: std::io::Error },
+    Map {
+        bytes: usize,
+        source: std::io::Error,
+    },
     #[error(
         "could not lock {bytes} bytes of staging memory in RAM ({source}); raise the limit \
          with `ulimit -l unlimited` (or LimitMEMLOCK=infinity in systemd) or grant CAP_IPC_LOCK, \
          or lower staging.bytes_per_core"
     )]
-    Lock { bytes: usize, source: std::io::Error },
+    Lock {
+        bytes: usize,
+        source: std::io::Error,
+    },
 }
 
 /// How the slab's pages were obtained; exported as a metric and by `stat`.
@@ -65,7 +77,9 @@ pub enum PageKind {
     Huge2MiB,
     /// Ordinary pages, with transparent huge pages requested (the kernel may or may
     /// not provide them), because reserved huge pages were off or unavailable.
-    Small { fell_back: bool },
+    Small {
+        fell_back: bool,
+    },
 }
 
 static NEXT_SLAB_ID: AtomicU64 = AtomicU64::new(1);
@@ -98,14 +112,23 @@ impl StagingSlab {
     /// Maps, locks and cuts a slab. Call it on the core that will use it, so that
     /// first touch places the pages on that core's NUMA node.
     pub fn allocate(config: SlabConfig) -> Result<Rc<Self>, StagingError> {
-        let SlabConfig { slab_bytes, buffer_bytes, huge_pages } = config;
-        if buffer_bytes == 0 || buffer_bytes % BUFFER_ALIGN_BYTES != 0 || buffer_bytes > slab_bytes {
-            return Err(StagingError::BufferSize { buffer_bytes, slab_bytes });
+        let SlabConfig {
+            slab_bytes,
+            buffer_bytes,
+            huge_pages,
+        } = config;
+        if buffer_bytes == 0 || buffer_bytes % BUFFER_ALIGN_BYTES != 0 || buffer_bytes > slab_bytes
+        {
+            return Err(StagingError::BufferSize {
+                buffer_bytes,
+                slab_bytes,
+            });
         }
         let (region, page_kind) = map_region(slab_bytes, huge_pages)?;
-        region
-            .lock()
-            .map_err(|source| StagingError::Lock { bytes: region.len(), source })?;
+        region.lock().map_err(|source| StagingError::Lock {
+            bytes: region.len(),
+            source,
+        })?;
         let buffer_count = u32::try_from(slab_bytes / buffer_bytes).unwrap_or(u32::MAX);
         // Hand out low indices first: a stack popped from the end.
         let free = (0..buffer_count).rev().collect();
@@ -124,7 +147,10 @@ impl StagingSlab {
     pub fn acquire(self: &Rc<Self>) -> Option<StagingBuffer> {
         let index = self.free.borrow_mut().pop()?;
         self.in_use.set(self.in_use.get() + 1);
-        Some(StagingBuffer { slab: Rc::clone(self), index })
+        Some(StagingBuffer {
+            slab: Rc::clone(self),
+            index,
+        })
     }
 
     pub fn id(&self) -> u64 {
@@ -158,8 +184,12 @@ impl StagingSlab {
     /// per-buffer registration, where the buffer index is the registration index).
     pub fn raw_buffers(&self) -> impl Iterator<Item = (*mut u8, usize)> + '_ {
         let base = self.region.base().as_ptr();
-        (0..self.buffer_count as usize)
-            .map(move |index| (base.wrapping_add(index * self.buffer_bytes), self.buffer_bytes))
+        (0..self.buffer_count as usize).map(move |index| {
+            (
+                base.wrapping_add(index * self.buffer_bytes),
+                self.buffer_bytes,
+            )
+        })
     }
 
     fn release(&self, index: u32) {
@@ -168,7 +198,10 @@ impl StagingSlab {
     }
 }
 
-fn map_region(bytes: usize, huge_pages: HugePages) -> Result<(sys::PinnedRegion, PageKind), StagingError> {
+fn map_region(
+    bytes: usize,
+    huge_pages: HugePages,
+) -> Result<(sys::PinnedRegion, PageKind), StagingError> {
     let small = |fell_back| {
         sys::PinnedRegion::map_small(bytes)
             .map(|region| (region, PageKind::Small { fell_back }))
@@ -246,13 +279,21 @@ impl StagingBuffer {
         // SAFETY: buffers of a slab never overlap and each index is held by exactly
         // one `StagingBuffer`; `&self` rules out a live mutable view from this handle,
         // and I/O into the buffer only happens while the store owns the handle.
-        unsafe { self.slab.region.slice(self.offset(), self.slab.buffer_bytes) }
+        unsafe {
+            self.slab
+                .region
+                .slice(self.offset(), self.slab.buffer_bytes)
+        }
     }
 
     #[allow(unsafe_code)]
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: as in `as_slice`, with `&mut self` proving the only view.
-        unsafe { self.slab.region.slice_mut(self.offset(), self.slab.buffer_bytes) }
+        unsafe {
+            self.slab
+                .region
+                .slice_mut(self.offset(), self.slab.buffer_bytes)
+        }
     }
 
     /// Start address, for submitting I/O. Writing through it is allowed only to the
@@ -291,7 +332,10 @@ mod tests {
         assert_eq!(slab.buffer_count(), 16);
         let mut buffers: Vec<_> = std::iter::from_fn(|| slab.acquire()).collect();
         assert_eq!(buffers.len(), 16);
-        assert!(slab.acquire().is_none(), "an exhausted slab must refuse, not grow");
+        assert!(
+            slab.acquire().is_none(),
+            "an exhausted slab must refuse, not grow"
+        );
         for (value, buffer) in buffers.iter_mut().enumerate() {
             assert_eq!(buffer.as_mut_ptr() as usize % BUFFER_ALIGN_BYTES, 0);
             buffer.as_mut_slice().fill(value as u8);

@@ -33,12 +33,22 @@ impl PinnedRegion {
         // SAFETY: an anonymous mapping with a null hint touches no existing memory;
         // the result is checked for MAP_FAILED before use.
         let base = unsafe {
-            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0)
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                -1,
+                0,
+            )
         };
         if base == libc::MAP_FAILED {
             return Err(HugePageRefusal(io::Error::last_os_error()));
         }
-        Ok(Self { base: non_null(base), len })
+        Ok(Self {
+            base: non_null(base),
+            len,
+        })
     }
 
     /// Maps `len` bytes (rounded up to 2 MiB) of ordinary pages at a 2 MiB-aligned
@@ -52,7 +62,14 @@ impl PinnedRegion {
         let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
         // SAFETY: as in `map_huge`: a fresh anonymous mapping, checked below.
         let mapped = unsafe {
-            libc::mmap(std::ptr::null_mut(), mapped_len, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0)
+            libc::mmap(
+                std::ptr::null_mut(),
+                mapped_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                -1,
+                0,
+            )
         };
         if mapped == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
@@ -76,7 +93,10 @@ impl PinnedRegion {
         // SAFETY: `base..base+len` is our mapping; madvise only changes paging policy.
         // Failure is harmless (4 KiB pages).
         unsafe { libc::madvise(base, len, libc::MADV_HUGEPAGE) };
-        Ok(Self { base: non_null(base), len })
+        Ok(Self {
+            base: non_null(base),
+            len,
+        })
     }
 
     /// Locks the region in RAM so that DMA targets never move or page out.
@@ -96,7 +116,6 @@ impl PinnedRegion {
     pub fn len(&self) -> usize {
         self.len
     }
-
 }
 
 impl Drop for PinnedRegion {
@@ -119,7 +138,10 @@ impl PinnedRegion {
     /// No mutable view of an overlapping range may exist, and no I/O may be writing
     /// into it, for the lifetime of the returned slice.
     pub unsafe fn slice(&self, offset: usize, len: usize) -> &[u8] {
-        assert!(offset.checked_add(len).is_some_and(|end| end <= self.len), "slice outside the region");
+        assert!(
+            offset.checked_add(len).is_some_and(|end| end <= self.len),
+            "slice outside the region"
+        );
         // SAFETY: in bounds (asserted); the caller upholds the aliasing rules.
         unsafe { std::slice::from_raw_parts(self.base.as_ptr().add(offset), len) }
     }
@@ -131,7 +153,10 @@ impl PinnedRegion {
     /// for the lifetime of the returned slice.
     #[allow(clippy::mut_from_ref)]
     pub unsafe fn slice_mut(&self, offset: usize, len: usize) -> &mut [u8] {
-        assert!(offset.checked_add(len).is_some_and(|end| end <= self.len), "slice outside the region");
+        assert!(
+            offset.checked_add(len).is_some_and(|end| end <= self.len),
+            "slice outside the region"
+        );
         // SAFETY: in bounds (asserted); the caller guarantees exclusive access.
         unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr().add(offset), len) }
     }

@@ -10,7 +10,9 @@ use staging::{StagingBuffer, StagingSlab};
 
 use crate::object::{ObjectShard, ObjectStore};
 use crate::uring::{UringShard, UringStore};
-use crate::{BlockStore, NamespaceId, ReadCompletion, ReadRequest, Rejected, ShardStats, StoreError};
+use crate::{
+    BlockStore, NamespaceId, ReadCompletion, ReadRequest, Rejected, ShardStats, StoreError,
+};
 
 /// The process's store.
 #[derive(Debug, Clone)]
@@ -21,9 +23,16 @@ pub enum AnyStore {
 
 impl AnyStore {
     /// Opens shard `index` on the calling core.
-    pub fn open_shard(&self, index: u32, slab: Rc<StagingSlab>, queue_depth: u32) -> Result<AnyShard, StoreError> {
+    pub fn open_shard(
+        &self,
+        index: u32,
+        slab: Rc<StagingSlab>,
+        queue_depth: u32,
+    ) -> Result<AnyShard, StoreError> {
         match self {
-            AnyStore::Uring(store) => store.open_shard(index, slab, queue_depth).map(AnyShard::Uring),
+            AnyStore::Uring(store) => store
+                .open_shard(index, slab, queue_depth)
+                .map(AnyShard::Uring),
             AnyStore::Object(store) => Ok(AnyShard::Object(store.open_shard(index, slab))),
         }
     }
@@ -85,7 +94,11 @@ impl BlockStore for AnyShard {
     fn queue_capacity(&self) -> usize {
         dispatch!(self, shard => shard.queue_capacity())
     }
-    fn put(&mut self, namespace: NamespaceId, blocks: &[(BlockKey, &[u8])]) -> Result<(), StoreError> {
+    fn put(
+        &mut self,
+        namespace: NamespaceId,
+        blocks: &[(BlockKey, &[u8])],
+    ) -> Result<(), StoreError> {
         dispatch!(self, shard => shard.put(namespace, blocks))
     }
     fn delete(&mut self, namespace: NamespaceId, key: BlockKey) -> Result<bool, StoreError> {

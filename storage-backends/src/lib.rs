@@ -115,7 +115,11 @@ pub trait BlockStore {
     fn queue_capacity(&self) -> usize;
     /// Stores whole blocks durably (on return they survive a crash); a key that
     /// exists is replaced. Each block must be `geometry.block_bytes()` long.
-    fn put(&mut self, namespace: NamespaceId, blocks: &[(BlockKey, &[u8])]) -> Result<(), StoreError>;
+    fn put(
+        &mut self,
+        namespace: NamespaceId,
+        blocks: &[(BlockKey, &[u8])],
+    ) -> Result<(), StoreError>;
     /// Removes a block; false if it was not there.
     fn delete(&mut self, namespace: NamespaceId, key: BlockKey) -> Result<bool, StoreError>;
     fn contains(&self, namespace: NamespaceId, key: BlockKey) -> bool;
@@ -154,33 +158,79 @@ pub enum StoreError {
     #[error("unknown namespace {name:?}; declare it as a [[namespace]] in the config")]
     UnknownNamespace { name: String },
     #[error("layers {layers:?} outside namespace {namespace:?} (which has {layer_count} layers)")]
-    LayerRange { namespace: String, layers: Range<u16>, layer_count: u16 },
+    LayerRange {
+        namespace: String,
+        layers: Range<u16>,
+        layer_count: u16,
+    },
     #[error("a read of {needed} bytes does not fit a {buffer}-byte staging buffer; read fewer layers at once")]
     BufferTooSmall { needed: u64, buffer: usize },
     #[error("block {key} for namespace {namespace:?} is {got} bytes; its geometry needs exactly {expected}")]
-    WrongSize { namespace: String, key: BlockKey, expected: u64, got: u64 },
+    WrongSize {
+        namespace: String,
+        key: BlockKey,
+        expected: u64,
+        got: u64,
+    },
     #[error("busy: {what}; retry after in-flight operations finish")]
     Busy { what: &'static str },
     #[error(
         "block {key} in namespace {namespace:?} is corrupt: layer {layer} checksum {actual:08x}, \
          expected {expected:08x} ({path}, offset {offset}); it was not served; store it again"
     )]
-    Corrupt { namespace: String, key: BlockKey, layer: u16, expected: u32, actual: u32, path: PathBuf, offset: u64 },
+    Corrupt {
+        namespace: String,
+        key: BlockKey,
+        layer: u16,
+        expected: u32,
+        actual: u32,
+        path: PathBuf,
+        offset: u64,
+    },
     #[error("{op} of {len} bytes at offset {offset} of {path}: {source}")]
-    Io { op: IoOp, path: PathBuf, offset: u64, len: u64, source: std::io::Error },
-    #[error("short read of {path} at offset {offset}: {got} of {expected} bytes (file truncated?)")]
-    ShortRead { path: PathBuf, offset: u64, expected: u64, got: u64 },
+    Io {
+        op: IoOp,
+        path: PathBuf,
+        offset: u64,
+        len: u64,
+        source: std::io::Error,
+    },
+    #[error(
+        "short read of {path} at offset {offset}: {got} of {expected} bytes (file truncated?)"
+    )]
+    ShortRead {
+        path: PathBuf,
+        offset: u64,
+        expected: u64,
+        got: u64,
+    },
     #[error("store {path}: {problem}; fix: {fix}")]
-    Layout { path: PathBuf, problem: String, fix: String },
+    Layout {
+        path: PathBuf,
+        problem: String,
+        fix: String,
+    },
     #[error("object {object}: {cause}")]
-    Remote { object: String, kind: &'static str, cause: String },
+    Remote {
+        object: String,
+        kind: &'static str,
+        cause: String,
+    },
 }
 
 impl StoreError {
     /// Whether the same request may succeed if tried again later.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, StoreError::Busy { .. } | StoreError::Io { .. } | StoreError::ShortRead { .. })
-            || matches!(self, StoreError::Remote { kind: "unavailable" | "http_status" | "truncated", .. })
+        matches!(
+            self,
+            StoreError::Busy { .. } | StoreError::Io { .. } | StoreError::ShortRead { .. }
+        ) || matches!(
+            self,
+            StoreError::Remote {
+                kind: "unavailable" | "http_status" | "truncated",
+                ..
+            }
+        )
     }
 
     /// A short stable name for metrics labels and exit codes.

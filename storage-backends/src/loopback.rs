@@ -12,7 +12,9 @@ use std::rc::Rc;
 use block_layout::{BlockKey, Geometry};
 use staging::{StagingBuffer, StagingSlab};
 
-use crate::{BlockStore, NamespaceId, ReadCompletion, ReadRequest, Rejected, ShardStats, StoreError};
+use crate::{
+    BlockStore, NamespaceId, ReadCompletion, ReadRequest, Rejected, ShardStats, StoreError,
+};
 
 #[derive(Debug)]
 pub struct LoopbackStore {
@@ -24,8 +26,19 @@ pub struct LoopbackStore {
 }
 
 impl LoopbackStore {
-    pub fn new(shard: u32, slab: Rc<StagingSlab>, namespaces: Vec<(String, Geometry)>, queue_depth: usize) -> Self {
-        Self { slab, namespaces, ready: VecDeque::with_capacity(queue_depth), queue_depth, shard }
+    pub fn new(
+        shard: u32,
+        slab: Rc<StagingSlab>,
+        namespaces: Vec<(String, Geometry)>,
+        queue_depth: usize,
+    ) -> Self {
+        Self {
+            slab,
+            namespaces,
+            ready: VecDeque::with_capacity(queue_depth),
+            queue_depth,
+            shard,
+        }
     }
 }
 
@@ -47,7 +60,10 @@ impl BlockStore for LoopbackStore {
     }
 
     fn namespace_id(&self, name: &str) -> Option<NamespaceId> {
-        let index = self.namespaces.iter().position(|(known, _)| known == name)?;
+        let index = self
+            .namespaces
+            .iter()
+            .position(|(known, _)| known == name)?;
         Some(NamespaceId(u16::try_from(index).ok()?))
     }
 
@@ -57,14 +73,29 @@ impl BlockStore for LoopbackStore {
 
     fn submit_read(&mut self, request: ReadRequest, buffer: StagingBuffer) -> Result<(), Rejected> {
         if self.ready.len() >= self.queue_depth {
-            return Err(Rejected { error: StoreError::Busy { what: "the loopback queue is full" }, buffer });
+            return Err(Rejected {
+                error: StoreError::Busy {
+                    what: "the loopback queue is full",
+                },
+                buffer,
+            });
         }
         let geometry = self.geometry(request.namespace);
         let span = geometry.disk_span(request.layers);
         if span.len > buffer.len() as u64 {
-            return Err(Rejected { error: StoreError::BufferTooSmall { needed: span.len, buffer: buffer.len() }, buffer });
+            return Err(Rejected {
+                error: StoreError::BufferTooSmall {
+                    needed: span.len,
+                    buffer: buffer.len(),
+                },
+                buffer,
+            });
         }
-        self.ready.push_back(ReadCompletion { tag: request.tag, result: Ok(span.placement), buffer });
+        self.ready.push_back(ReadCompletion {
+            tag: request.tag,
+            result: Ok(span.placement),
+            buffer,
+        });
         Ok(())
     }
 
@@ -81,8 +112,14 @@ impl BlockStore for LoopbackStore {
         self.queue_depth
     }
 
-    fn put(&mut self, _namespace: NamespaceId, _blocks: &[(BlockKey, &[u8])]) -> Result<(), StoreError> {
-        Err(StoreError::Busy { what: "the loopback backend stores nothing" })
+    fn put(
+        &mut self,
+        _namespace: NamespaceId,
+        _blocks: &[(BlockKey, &[u8])],
+    ) -> Result<(), StoreError> {
+        Err(StoreError::Busy {
+            what: "the loopback backend stores nothing",
+        })
     }
 
     fn delete(&mut self, _namespace: NamespaceId, _key: BlockKey) -> Result<bool, StoreError> {

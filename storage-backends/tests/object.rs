@@ -15,13 +15,31 @@ use storage_backends::object::{ObjectShard, ObjectStore};
 use storage_backends::{BlockStore, NamespaceId, NamespaceSpec, ReadRequest, StoreError};
 use test_support::{settings, Seaweed, ACCESS_KEY, BUCKET, SECRET_KEY};
 
-const FULL: Geometry = Geometry { layers: 8, tokens_per_block: 16, bytes_per_token_per_layer: 256, layout: Layout::Full };
-const ODD: Geometry = Geometry { layers: 5, tokens_per_block: 3, bytes_per_token_per_layer: 1000, layout: Layout::Layer };
+const FULL: Geometry = Geometry {
+    layers: 8,
+    tokens_per_block: 16,
+    bytes_per_token_per_layer: 256,
+    layout: Layout::Full,
+};
+const ODD: Geometry = Geometry {
+    layers: 5,
+    tokens_per_block: 3,
+    bytes_per_token_per_layer: 1000,
+    layout: Layout::Layer,
+};
 
 fn specs() -> Vec<NamespaceSpec> {
     vec![
-        NamespaceSpec { name: "full".into(), geometry: FULL, capacity_bytes: 0 },
-        NamespaceSpec { name: "odd".into(), geometry: ODD, capacity_bytes: 0 },
+        NamespaceSpec {
+            name: "full".into(),
+            geometry: FULL,
+            capacity_bytes: 0,
+        },
+        NamespaceSpec {
+            name: "odd".into(),
+            geometry: ODD,
+            capacity_bytes: 0,
+        },
     ]
 }
 
@@ -30,19 +48,38 @@ fn store(endpoint: &str, access: &str, secret: &str) -> Arc<ObjectStore> {
 }
 
 fn shard(store: &Arc<ObjectStore>) -> ObjectShard {
-    let slab: Rc<StagingSlab> = StagingSlab::allocate(SlabConfig { slab_bytes: 1 << 20, buffer_bytes: 64 << 10, huge_pages: HugePages::Off })
-        .expect("staging");
+    let slab: Rc<StagingSlab> = StagingSlab::allocate(SlabConfig {
+        slab_bytes: 1 << 20,
+        buffer_bytes: 64 << 10,
+        huge_pages: HugePages::Off,
+    })
+    .expect("staging");
     store.open_shard(0, slab)
 }
 
 fn payload(key: u128, geometry: &Geometry) -> Vec<u8> {
-    (0..geometry.block_bytes()).map(|index| ((index * 7 + key as u64 * 13) % 251) as u8).collect()
+    (0..geometry.block_bytes())
+        .map(|index| ((index * 7 + key as u64 * 13) % 251) as u8)
+        .collect()
 }
 
-fn read(shard: &mut ObjectShard, namespace: NamespaceId, key: u128, layers: std::ops::Range<u16>) -> Result<Vec<u8>, StoreError> {
+fn read(
+    shard: &mut ObjectShard,
+    namespace: NamespaceId,
+    key: u128,
+    layers: std::ops::Range<u16>,
+) -> Result<Vec<u8>, StoreError> {
     let buffer = shard.slab().acquire().expect("a buffer");
     shard
-        .submit_read(ReadRequest { tag: 1, namespace, key: BlockKey(key), layers }, buffer)
+        .submit_read(
+            ReadRequest {
+                tag: 1,
+                namespace,
+                key: BlockKey(key),
+                layers,
+            },
+            buffer,
+        )
         .map_err(|rejected| rejected.error)?;
     let mut done = Vec::new();
     while done.is_empty() {
@@ -51,31 +88,48 @@ fn read(shard: &mut ObjectShard, namespace: NamespaceId, key: u128, layers: std:
     let completion = done.pop().expect("one");
     let placement = completion.result?;
     let bytes = completion.buffer.as_slice();
-    Ok((0..placement.layer_count).flat_map(|index| bytes[{
-        let range = placement.layer_range(index);
-        range.start as usize..range.end as usize
-    }].to_vec()).collect())
+    Ok((0..placement.layer_count)
+        .flat_map(|index| {
+            bytes[{
+                let range = placement.layer_range(index);
+                range.start as usize..range.end as usize
+            }]
+            .to_vec()
+        })
+        .collect())
 }
 
 fn layers_of(key: u128, geometry: &Geometry, layers: std::ops::Range<u16>) -> Vec<u8> {
     let layer = geometry.layer_bytes() as usize;
-    payload(key, geometry)[usize::from(layers.start) * layer..usize::from(layers.end) * layer].to_vec()
+    payload(key, geometry)[usize::from(layers.start) * layer..usize::from(layers.end) * layer]
+        .to_vec()
 }
 
 #[test]
 fn object_store_round_trips_partial_ranges_missing_objects_and_bad_credentials() {
-    let Some((server, _one)) = Seaweed::start() else { return };
+    let Some((server, _one)) = Seaweed::start() else {
+        return;
+    };
     let store = store(&server.endpoint(), ACCESS_KEY, SECRET_KEY);
     let mut shard = shard(&store);
     for (name, geometry) in [("full", FULL), ("odd", ODD)] {
         let namespace = shard.namespace_id(name).expect("declared");
-        let blocks: Vec<(BlockKey, Vec<u8>)> = (1..=3).map(|key| (BlockKey(key), payload(key, &geometry))).collect();
-        let borrowed: Vec<(BlockKey, &[u8])> = blocks.iter().map(|(key, bytes)| (*key, bytes.as_slice())).collect();
+        let blocks: Vec<(BlockKey, Vec<u8>)> = (1..=3)
+            .map(|key| (BlockKey(key), payload(key, &geometry)))
+            .collect();
+        let borrowed: Vec<(BlockKey, &[u8])> = blocks
+            .iter()
+            .map(|(key, bytes)| (*key, bytes.as_slice()))
+            .collect();
         shard.put(namespace, &borrowed).expect("put");
         for key in 1..=3 {
             for start in 0..geometry.layers {
                 for end in start + 1..=geometry.layers {
-                    assert_eq!(read(&mut shard, namespace, key, start..end).expect("read"), layers_of(key, &geometry, start..end), "{name} {key} {start}..{end}");
+                    assert_eq!(
+                        read(&mut shard, namespace, key, start..end).expect("read"),
+                        layers_of(key, &geometry, start..end),
+                        "{name} {key} {start}..{end}"
+                    );
                 }
             }
         }
@@ -88,18 +142,26 @@ fn object_store_round_trips_partial_ranges_missing_objects_and_bad_credentials()
     assert!(matches!(missing, StoreError::NotFound { .. }), "{missing}");
     assert!(shard.delete(full, BlockKey(3)).expect("delete"));
     assert!(!shard.delete(full, BlockKey(3)).expect("second delete"));
-    assert!(matches!(read(&mut shard, full, 3, 0..1), Err(StoreError::NotFound { .. })));
+    assert!(matches!(
+        read(&mut shard, full, 3, 0..1),
+        Err(StoreError::NotFound { .. })
+    ));
 
     let intruder = self::store(&server.endpoint(), ACCESS_KEY, "wrong-secret");
     let mut intruder_shard = self::shard(&intruder);
     let denied = read(&mut intruder_shard, full, 1, 0..1).expect_err("denied");
-    assert!(denied.to_string().contains("access denied") && denied.to_string().contains("credentials"), "{denied}");
+    assert!(
+        denied.to_string().contains("access denied") && denied.to_string().contains("credentials"),
+        "{denied}"
+    );
     assert!(!denied.is_retryable());
 }
 
 #[test]
 fn corrupted_object_is_a_checksum_error_not_data() {
-    let Some((server, _one)) = Seaweed::start() else { return };
+    let Some((server, _one)) = Seaweed::start() else {
+        return;
+    };
     let store = store(&server.endpoint(), ACCESS_KEY, SECRET_KEY);
     let mut shard = shard(&store);
     let namespace = NamespaceId(0);
@@ -115,15 +177,31 @@ fn corrupted_object_is_a_checksum_error_not_data() {
         Err(StoreError::Corrupt { layer, .. }) => assert_eq!(layer, 2),
         other => panic!("expected a checksum error, got {other:?}"),
     }
-    assert_eq!(read(&mut shard, namespace, 5, 0..2).expect("layers 0 and 1 are intact"), good[..2 * 4096]);
+    assert_eq!(
+        read(&mut shard, namespace, 5, 0..2).expect("layers 0 and 1 are intact"),
+        good[..2 * 4096]
+    );
 }
 
 /// PUTs `bytes` under `object` with the dualpath metadata computed from `metadata_of`.
 fn raw_put_with_metadata_of(endpoint: &str, object: &str, metadata_of: &[u8], bytes: &[u8]) {
-    let bucket = rusty_s3::Bucket::new(endpoint.parse().expect("url"), rusty_s3::UrlStyle::Path, BUCKET, "us-east-1").expect("bucket");
+    let bucket = rusty_s3::Bucket::new(
+        endpoint.parse().expect("url"),
+        rusty_s3::UrlStyle::Path,
+        BUCKET,
+        "us-east-1",
+    )
+    .expect("bucket");
     let credentials = rusty_s3::Credentials::new(ACCESS_KEY, SECRET_KEY);
-    let crcs: String = metadata_of.chunks(4096).map(|layer| format!("{:08x}", crc32c::crc32c(layer))).collect();
-    let headers = [("x-amz-meta-dp-layers", "8".to_owned()), ("x-amz-meta-dp-layer-bytes", "4096".to_owned()), ("x-amz-meta-dp-crcs", crcs)];
+    let crcs: String = metadata_of
+        .chunks(4096)
+        .map(|layer| format!("{:08x}", crc32c::crc32c(layer)))
+        .collect();
+    let headers = [
+        ("x-amz-meta-dp-layers", "8".to_owned()),
+        ("x-amz-meta-dp-layer-bytes", "4096".to_owned()),
+        ("x-amz-meta-dp-crcs", crcs),
+    ];
     let mut action = bucket.put_object(Some(&credentials), object);
     for (name, value) in &headers {
         action.headers_mut().insert(*name, value.clone());
@@ -138,16 +216,33 @@ fn raw_put_with_metadata_of(endpoint: &str, object: &str, metadata_of: &[u8], by
 
 #[test]
 fn server_killed_mid_read_fails_cleanly_and_a_retry_after_restart_succeeds() {
-    let Some((mut server, _one)) = Seaweed::start() else { return };
+    let Some((mut server, _one)) = Seaweed::start() else {
+        return;
+    };
     let store = store(&server.endpoint(), ACCESS_KEY, SECRET_KEY);
     let mut shard = shard(&store);
     let namespace = NamespaceId(0);
-    let blocks: Vec<(BlockKey, Vec<u8>)> = (1..=8).map(|key| (BlockKey(key), payload(key, &FULL))).collect();
-    let borrowed: Vec<(BlockKey, &[u8])> = blocks.iter().map(|(key, bytes)| (*key, bytes.as_slice())).collect();
+    let blocks: Vec<(BlockKey, Vec<u8>)> = (1..=8)
+        .map(|key| (BlockKey(key), payload(key, &FULL)))
+        .collect();
+    let borrowed: Vec<(BlockKey, &[u8])> = blocks
+        .iter()
+        .map(|(key, bytes)| (*key, bytes.as_slice()))
+        .collect();
     shard.put(namespace, &borrowed).expect("put");
     for key in 1..=8u128 {
         let buffer = shard.slab().acquire().expect("16 buffers");
-        shard.submit_read(ReadRequest { tag: key as u64, namespace, key: BlockKey(key), layers: 0..8 }, buffer).expect("submit");
+        shard
+            .submit_read(
+                ReadRequest {
+                    tag: key as u64,
+                    namespace,
+                    key: BlockKey(key),
+                    layers: 0..8,
+                },
+                buffer,
+            )
+            .expect("submit");
     }
     server.kill();
     let started = Instant::now();
@@ -161,13 +256,22 @@ fn server_killed_mid_read_fails_cleanly_and_a_retry_after_restart_succeeds() {
             // A read that finished before the kill is whole and verified.
             Ok(placement) => {
                 let end = placement.layer_range(7).end as usize;
-                assert_eq!(completion.buffer.as_slice()[..end], payload(u128::from(completion.tag), &FULL)[..]);
+                assert_eq!(
+                    completion.buffer.as_slice()[..end],
+                    payload(u128::from(completion.tag), &FULL)[..]
+                );
             }
-            Err(error) => assert!(error.is_retryable(), "a dead server is worth retrying: {error}"),
+            Err(error) => assert!(
+                error.is_retryable(),
+                "a dead server is worth retrying: {error}"
+            ),
         }
     }
     let after_kill = read(&mut shard, namespace, 1, 0..8).expect_err("the server is down");
-    assert!(after_kill.to_string().contains("did not answer"), "{after_kill}");
+    assert!(
+        after_kill.to_string().contains("did not answer"),
+        "{after_kill}"
+    );
     server.launch();
     // The volume server re-registers with the master a moment after the restart;
     // until then the store answers 5xx, which is retryable.
@@ -175,7 +279,9 @@ fn server_killed_mid_read_fails_cleanly_and_a_retry_after_restart_succeeds() {
     let bytes = loop {
         match read(&mut shard, namespace, 1, 0..8) {
             Ok(bytes) => break bytes,
-            Err(error) if error.is_retryable() && Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+            Err(error) if error.is_retryable() && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(200))
+            }
             Err(error) => panic!("after restart: {error}"),
         }
     };

@@ -11,22 +11,42 @@ use staging::{HugePages, SlabConfig, StagingSlab};
 use storage_backends::uring::{UringShard, UringStore};
 use storage_backends::{BlockStore, NamespaceId, NamespaceSpec, ReadRequest, StoreError};
 
-const ALIGNED: Geometry = Geometry { layers: 8, tokens_per_block: 16, bytes_per_token_per_layer: 256, layout: Layout::Layer };
+const ALIGNED: Geometry = Geometry {
+    layers: 8,
+    tokens_per_block: 16,
+    bytes_per_token_per_layer: 256,
+    layout: Layout::Layer,
+};
 /// 3,000-byte layers: nothing lines up with 4 KiB.
-const ODD: Geometry = Geometry { layers: 5, tokens_per_block: 3, bytes_per_token_per_layer: 1000, layout: Layout::Full };
+const ODD: Geometry = Geometry {
+    layers: 5,
+    tokens_per_block: 3,
+    bytes_per_token_per_layer: 1000,
+    layout: Layout::Full,
+};
 
 fn spec(name: &str, geometry: Geometry, blocks: u64) -> NamespaceSpec {
-    NamespaceSpec { name: name.into(), geometry, capacity_bytes: blocks * geometry.slot_bytes() }
+    NamespaceSpec {
+        name: name.into(),
+        geometry,
+        capacity_bytes: blocks * geometry.slot_bytes(),
+    }
 }
 
 fn slab() -> Rc<StagingSlab> {
-    StagingSlab::allocate(SlabConfig { slab_bytes: 1 << 20, buffer_bytes: 64 << 10, huge_pages: HugePages::Off })
-        .expect("1 MiB of staging memory")
+    StagingSlab::allocate(SlabConfig {
+        slab_bytes: 1 << 20,
+        buffer_bytes: 64 << 10,
+        huge_pages: HugePages::Off,
+    })
+    .expect("1 MiB of staging memory")
 }
 
 fn payload(key: BlockKey, geometry: &Geometry) -> Vec<u8> {
     let seed = (key.0 as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    (0..geometry.block_bytes()).map(|index| (seed.wrapping_add(index * 31) >> 7) as u8).collect()
+    (0..geometry.block_bytes())
+        .map(|index| (seed.wrapping_add(index * 31) >> 7) as u8)
+        .collect()
 }
 
 fn open(root: &Path, shards: u32, specs: &[NamespaceSpec]) -> (Arc<UringStore>, UringShard) {
@@ -37,15 +57,28 @@ fn open(root: &Path, shards: u32, specs: &[NamespaceSpec]) -> (Arc<UringStore>, 
 
 fn put_keys(shard: &mut UringShard, namespace: NamespaceId, keys: &[u128]) {
     let geometry = shard.geometry(namespace);
-    let blocks: Vec<(BlockKey, Vec<u8>)> = keys.iter().map(|&k| (BlockKey(k), payload(BlockKey(k), &geometry))).collect();
+    let blocks: Vec<(BlockKey, Vec<u8>)> = keys
+        .iter()
+        .map(|&k| (BlockKey(k), payload(BlockKey(k), &geometry)))
+        .collect();
     let borrowed: Vec<(BlockKey, &[u8])> = blocks.iter().map(|(k, b)| (*k, b.as_slice())).collect();
     shard.put(namespace, &borrowed).expect("put");
 }
 
 /// Reads `layers` of `key` and returns the layer bytes back to back.
-fn read(shard: &mut UringShard, namespace: NamespaceId, key: u128, layers: std::ops::Range<u16>) -> Result<Vec<u8>, StoreError> {
+fn read(
+    shard: &mut UringShard,
+    namespace: NamespaceId,
+    key: u128,
+    layers: std::ops::Range<u16>,
+) -> Result<Vec<u8>, StoreError> {
     let buffer = shard.slab().acquire().expect("a free buffer");
-    let request = ReadRequest { tag: 7, namespace, key: BlockKey(key), layers };
+    let request = ReadRequest {
+        tag: 7,
+        namespace,
+        key: BlockKey(key),
+        layers,
+    };
     if let Err(rejected) = shard.submit_read(request, buffer) {
         return Err(rejected.error);
     }
@@ -67,13 +100,26 @@ fn read(shard: &mut UringShard, namespace: NamespaceId, key: u128, layers: std::
 
 fn expected_layers(key: u128, geometry: &Geometry, layers: std::ops::Range<u16>) -> Vec<u8> {
     let layer_bytes = geometry.layer_bytes() as usize;
-    payload(BlockKey(key), geometry)[usize::from(layers.start) * layer_bytes..usize::from(layers.end) * layer_bytes].to_vec()
+    payload(BlockKey(key), geometry)
+        [usize::from(layers.start) * layer_bytes..usize::from(layers.end) * layer_bytes]
+        .to_vec()
 }
 
 #[test]
 fn both_layouts_round_trip_whole_blocks_and_every_layer_range() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let specs = [spec("aligned", ALIGNED, 16), spec("odd", ODD, 16), spec("odd-layer", Geometry { layout: Layout::Layer, ..ODD }, 16)];
+    let specs = [
+        spec("aligned", ALIGNED, 16),
+        spec("odd", ODD, 16),
+        spec(
+            "odd-layer",
+            Geometry {
+                layout: Layout::Layer,
+                ..ODD
+            },
+            16,
+        ),
+    ];
     let (_store, mut shard) = open(dir.path(), 1, &specs);
     for name in ["aligned", "odd", "odd-layer"] {
         let namespace = shard.namespace_id(name).expect("declared");
@@ -83,7 +129,10 @@ fn both_layouts_round_trip_whole_blocks_and_every_layer_range() {
             for start in 0..geometry.layers {
                 for end in start + 1..=geometry.layers {
                     let got = read(&mut shard, namespace, key, start..end).expect("read");
-                    assert!(got == expected_layers(key, &geometry, start..end), "{name} key {key} layers {start}..{end}");
+                    assert!(
+                        got == expected_layers(key, &geometry, start..end),
+                        "{name} key {key} layers {start}..{end}"
+                    );
                 }
             }
         }
@@ -100,10 +149,19 @@ fn blocks_larger_than_one_buffer_are_written_in_chunks_and_read_by_layer_ranges(
     put_keys(&mut shard, namespace, &[9]);
     let fitting = geometry.layers_fitting(0, 64 << 10);
     assert!(fitting < 40);
-    assert_eq!(read(&mut shard, namespace, 9, 0..fitting).expect("first part"), expected_layers(9, &geometry, 0..fitting));
-    assert_eq!(read(&mut shard, namespace, 9, 30..40).expect("tail"), expected_layers(9, &geometry, 30..40));
+    assert_eq!(
+        read(&mut shard, namespace, 9, 0..fitting).expect("first part"),
+        expected_layers(9, &geometry, 0..fitting)
+    );
+    assert_eq!(
+        read(&mut shard, namespace, 9, 30..40).expect("tail"),
+        expected_layers(9, &geometry, 30..40)
+    );
     let error = read(&mut shard, namespace, 9, 0..40).expect_err("whole block exceeds a buffer");
-    assert!(matches!(error, StoreError::BufferTooSmall { .. }), "{error}");
+    assert!(
+        matches!(error, StoreError::BufferTooSmall { .. }),
+        "{error}"
+    );
 }
 
 #[test]
@@ -116,8 +174,14 @@ fn blocks_survive_a_restart() {
         assert!(shard.delete(NamespaceId(0), BlockKey(11)).expect("delete"));
     }
     let (_store, mut shard) = open(dir.path(), 1, &specs);
-    assert_eq!(read(&mut shard, NamespaceId(0), 10, 0..8).expect("10"), expected_layers(10, &ALIGNED, 0..8));
-    assert_eq!(read(&mut shard, NamespaceId(0), 12, 2..5).expect("12"), expected_layers(12, &ALIGNED, 2..5));
+    assert_eq!(
+        read(&mut shard, NamespaceId(0), 10, 0..8).expect("10"),
+        expected_layers(10, &ALIGNED, 0..8)
+    );
+    assert_eq!(
+        read(&mut shard, NamespaceId(0), 12, 2..5).expect("12"),
+        expected_layers(12, &ALIGNED, 2..5)
+    );
     let missing = read(&mut shard, NamespaceId(0), 11, 0..1).expect_err("deleted");
     assert!(matches!(missing, StoreError::NotFound { .. }), "{missing}");
     // Generations continue: a new put of an old key wins after another restart.
@@ -144,9 +208,15 @@ fn corrupt_block_is_reported_not_served_and_others_still_read() {
     }
     assert!(error.to_string().contains("corrupt"), "{error}");
     // Layer 0 alone is intact and may be served; other blocks are untouched.
-    assert_eq!(read(&mut shard, NamespaceId(0), 1, 0..1).expect("layer 0"), expected_layers(1, &ODD, 0..1));
+    assert_eq!(
+        read(&mut shard, NamespaceId(0), 1, 0..1).expect("layer 0"),
+        expected_layers(1, &ODD, 0..1)
+    );
     for key in [2, 3] {
-        assert_eq!(read(&mut shard, NamespaceId(0), key, 0..5).expect("intact"), expected_layers(key, &ODD, 0..5));
+        assert_eq!(
+            read(&mut shard, NamespaceId(0), key, 0..5).expect("intact"),
+            expected_layers(key, &ODD, 0..5)
+        );
     }
     assert_eq!(shard.stats().checksum_failures, 1);
 }
@@ -164,8 +234,14 @@ fn torn_header_record_makes_that_block_missing_after_restart() {
     bytes[20] ^= 0xff; // inside slot 0's record: its key
     std::fs::write(&headers, &bytes).expect("write back");
     let (_store, mut shard) = open(dir.path(), 1, &specs);
-    assert!(matches!(read(&mut shard, NamespaceId(0), 1, 0..8), Err(StoreError::NotFound { .. })));
-    assert_eq!(read(&mut shard, NamespaceId(0), 2, 0..8).expect("2"), expected_layers(2, &ALIGNED, 0..8));
+    assert!(matches!(
+        read(&mut shard, NamespaceId(0), 1, 0..8),
+        Err(StoreError::NotFound { .. })
+    ));
+    assert_eq!(
+        read(&mut shard, NamespaceId(0), 2, 0..8).expect("2"),
+        expected_layers(2, &ALIGNED, 0..8)
+    );
     // The torn slot is reused safely.
     put_keys(&mut shard, NamespaceId(0), &[3, 4, 5, 6, 7, 8, 9]);
     assert_eq!(shard.stats().namespaces[0].blocks, 8);
@@ -179,10 +255,16 @@ fn full_store_evicts_least_recently_used() {
     put_keys(&mut shard, namespace, &[1, 2, 3, 4]);
     read(&mut shard, namespace, 1, 0..1).expect("touch 1");
     put_keys(&mut shard, namespace, &[5, 6]);
-    assert!(shard.contains(namespace, BlockKey(1)), "recently read block kept");
+    assert!(
+        shard.contains(namespace, BlockKey(1)),
+        "recently read block kept"
+    );
     assert!(!shard.contains(namespace, BlockKey(2)) && !shard.contains(namespace, BlockKey(3)));
     for key in [1, 4, 5, 6] {
-        assert_eq!(read(&mut shard, namespace, key, 0..8).expect("live"), expected_layers(key, &ALIGNED, 0..8));
+        assert_eq!(
+            read(&mut shard, namespace, key, 0..8).expect("live"),
+            expected_layers(key, &ALIGNED, 0..8)
+        );
     }
     assert_eq!(shard.stats().evictions, 2);
 }
@@ -193,13 +275,36 @@ fn unknown_keys_bad_ranges_and_wrong_sizes_are_clear_errors() {
     let (_store, mut shard) = open(dir.path(), 1, &[spec("a", ALIGNED, 4)]);
     let namespace = NamespaceId(0);
     let error = read(&mut shard, namespace, 99, 0..1).expect_err("unknown");
-    assert!(error.to_string().contains("00000000000000000000000000000063"), "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("00000000000000000000000000000063"),
+        "{error}"
+    );
     put_keys(&mut shard, namespace, &[1]);
-    assert!(matches!(read(&mut shard, namespace, 1, 3..3), Err(StoreError::LayerRange { .. })));
-    assert!(matches!(read(&mut shard, namespace, 1, 0..9), Err(StoreError::LayerRange { .. })));
+    assert!(matches!(
+        read(&mut shard, namespace, 1, 3..3),
+        Err(StoreError::LayerRange { .. })
+    ));
+    assert!(matches!(
+        read(&mut shard, namespace, 1, 0..9),
+        Err(StoreError::LayerRange { .. })
+    ));
     let short = vec![0u8; 1000];
-    let error = shard.put(namespace, &[(BlockKey(2), &short)]).expect_err("wrong size");
-    assert!(matches!(error, StoreError::WrongSize { expected: 32768, got: 1000, .. }), "{error}");
+    let error = shard
+        .put(namespace, &[(BlockKey(2), &short)])
+        .expect_err("wrong size");
+    assert!(
+        matches!(
+            error,
+            StoreError::WrongSize {
+                expected: 32768,
+                got: 1000,
+                ..
+            }
+        ),
+        "{error}"
+    );
     assert_eq!(shard.slab().buffers_in_use(), 0, "every buffer came back");
 }
 
@@ -207,10 +312,15 @@ fn unknown_keys_bad_ranges_and_wrong_sizes_are_clear_errors() {
 fn changed_geometry_or_shard_count_is_refused_with_a_fix() {
     let dir = tempfile::tempdir().expect("tempdir");
     drop(open(dir.path(), 1, &[spec("a", ALIGNED, 4)]));
-    let changed = Geometry { layers: 9, ..ALIGNED };
-    let error = UringStore::open(dir.path(), 1, &[spec("a", changed, 4)]).expect_err("geometry changed");
+    let changed = Geometry {
+        layers: 9,
+        ..ALIGNED
+    };
+    let error =
+        UringStore::open(dir.path(), 1, &[spec("a", changed, 4)]).expect_err("geometry changed");
     assert!(error.to_string().contains("fix:"), "{error}");
-    let error = UringStore::open(dir.path(), 2, &[spec("a", ALIGNED, 4)]).expect_err("shards changed");
+    let error =
+        UringStore::open(dir.path(), 2, &[spec("a", ALIGNED, 4)]).expect_err("shards changed");
     assert!(error.to_string().contains("gateway.cores = 1"), "{error}");
     let _held = UringStore::open(dir.path(), 1, &[spec("a", ALIGNED, 4)]).expect("reopens");
     let error = UringStore::open(dir.path(), 1, &[spec("a", ALIGNED, 4)]).expect_err("locked");
@@ -225,7 +335,11 @@ fn both_cores_read_their_shards_concurrently() {
     std::thread::scope(|scope| {
         for shard_index in 0..2u32 {
             let store = Arc::clone(&store);
-            let keys: Vec<u128> = keys.iter().copied().filter(|&k| BlockKey(k).shard(2) == shard_index).collect();
+            let keys: Vec<u128> = keys
+                .iter()
+                .copied()
+                .filter(|&k| BlockKey(k).shard(2) == shard_index)
+                .collect();
             scope.spawn(move || {
                 let mut shard = store.open_shard(shard_index, slab(), 16).expect("shard");
                 put_keys(&mut shard, NamespaceId(0), &keys);
@@ -233,18 +347,33 @@ fn both_cores_read_their_shards_concurrently() {
                 for round in 0..5 {
                     let mut pending = 0;
                     for &key in &keys {
-                        let buffer = shard.slab().acquire().expect("16 buffers, at most 16 in flight");
-                        let request = ReadRequest { tag: key as u64, namespace: NamespaceId(0), key: BlockKey(key), layers: 0..8 };
+                        let buffer = shard
+                            .slab()
+                            .acquire()
+                            .expect("16 buffers, at most 16 in flight");
+                        let request = ReadRequest {
+                            tag: key as u64,
+                            namespace: NamespaceId(0),
+                            key: BlockKey(key),
+                            layers: 0..8,
+                        };
                         shard.submit_read(request, buffer).expect("submit");
                         pending += 1;
-                        while pending == 16 || (pending > 0 && key == *keys.last().expect("non-empty")) {
+                        while pending == 16
+                            || (pending > 0 && key == *keys.last().expect("non-empty"))
+                        {
                             let mut done = Vec::new();
                             shard.reap(&mut done, true).expect("reap");
                             for completion in done {
                                 let placement = completion.result.expect("read");
-                                let range = placement.layer_range(0).start as usize..placement.layer_range(7).end as usize;
-                                let expected = payload(BlockKey(u128::from(completion.tag)), &ALIGNED);
-                                assert!(completion.buffer.as_slice()[range] == expected[..], "round {round}");
+                                let range = placement.layer_range(0).start as usize
+                                    ..placement.layer_range(7).end as usize;
+                                let expected =
+                                    payload(BlockKey(u128::from(completion.tag)), &ALIGNED);
+                                assert!(
+                                    completion.buffer.as_slice()[range] == expected[..],
+                                    "round {round}"
+                                );
                                 pending -= 1;
                             }
                         }

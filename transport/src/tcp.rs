@@ -18,14 +18,20 @@ const ITEMS_PER_WRITE: usize = 32;
 #[derive(Debug)]
 enum OutItem {
     Control(Vec<u8>),
-    Data { buffer: StagingBuffer, pieces: Vec<([u8; HEAD_BYTES], Range<usize>)> },
+    Data {
+        buffer: StagingBuffer,
+        pieces: Vec<([u8; HEAD_BYTES], Range<usize>)>,
+    },
 }
 
 impl OutItem {
     fn len(&self) -> usize {
         match self {
             OutItem::Control(bytes) => bytes.len(),
-            OutItem::Data { pieces, .. } => pieces.iter().map(|(head, range)| head.len() + range.len()).sum(),
+            OutItem::Data { pieces, .. } => pieces
+                .iter()
+                .map(|(head, range)| head.len() + range.len())
+                .sum(),
         }
     }
 
@@ -63,12 +69,19 @@ pub struct TcpTransport<S: Write> {
 impl<S: Write> TcpTransport<S> {
     /// `socket` must be non-blocking: `progress` stops at `WouldBlock`.
     pub fn new(socket: S) -> Self {
-        Self { socket, out: VecDeque::with_capacity(256), out_written: 0 }
+        Self {
+            socket,
+            out: VecDeque::with_capacity(256),
+            out_written: 0,
+        }
     }
 
     fn advance(&mut self, mut written: usize, progress: &mut Progress) {
         while written > 0 {
-            let front = self.out.front().expect("written bytes belong to queued items");
+            let front = self
+                .out
+                .front()
+                .expect("written bytes belong to queued items");
             let remaining = front.len() - self.out_written;
             if written < remaining {
                 self.out_written += written;
@@ -77,7 +90,10 @@ impl<S: Write> TcpTransport<S> {
             written -= remaining;
             self.out_written = 0;
             if let Some(OutItem::Data { pieces, .. }) = self.out.pop_front() {
-                progress.payload_bytes += pieces.iter().map(|(_, range)| range.len() as u64).sum::<u64>();
+                progress.payload_bytes += pieces
+                    .iter()
+                    .map(|(_, range)| range.len() as u64)
+                    .sum::<u64>();
                 progress.buffers_released += 1;
             }
         }
@@ -90,12 +106,25 @@ impl<S: Write> Transport for TcpTransport<S> {
     }
 
     fn write(&mut self, write: RemoteWrite) {
-        let RemoteWrite { request_id, region_id, buffer, pieces } = write;
+        let RemoteWrite {
+            request_id,
+            region_id,
+            buffer,
+            pieces,
+        } = write;
         let pieces = pieces
             .into_iter()
             .map(|(offset, range)| {
                 let len = u32::try_from(range.len()).expect("a piece lies in one staging buffer");
-                (encode_data_head(&DataPrefix { request_id, region_id, offset, len }), range)
+                (
+                    encode_data_head(&DataPrefix {
+                        request_id,
+                        region_id,
+                        offset,
+                        len,
+                    }),
+                    range,
+                )
             })
             .collect();
         self.out.push_back(OutItem::Data { buffer, pieces });
@@ -171,27 +200,67 @@ mod tests {
 
     #[test]
     fn partial_writes_deliver_frames_in_order_and_release_buffers() {
-        let slab = StagingSlab::allocate(SlabConfig { slab_bytes: 1 << 16, buffer_bytes: 4096, huge_pages: HugePages::Off }).expect("slab");
+        let slab = StagingSlab::allocate(SlabConfig {
+            slab_bytes: 1 << 16,
+            buffer_bytes: 4096,
+            huge_pages: HugePages::Off,
+        })
+        .expect("slab");
         let mut buffer = slab.acquire().expect("buffer");
-        buffer.as_mut_slice().iter_mut().enumerate().for_each(|(index, byte)| *byte = index as u8);
-        let mut transport = TcpTransport::new(Trickle { received: Vec::new(), chunk: 1000, block_next: false });
-        transport.write(RemoteWrite { request_id: 7, region_id: 1, buffer, pieces: vec![(0, 0..4096)] });
-        transport.notify(&Frame::LayerDone { request_id: 7, layer: 0 });
+        buffer
+            .as_mut_slice()
+            .iter_mut()
+            .enumerate()
+            .for_each(|(index, byte)| *byte = index as u8);
+        let mut transport = TcpTransport::new(Trickle {
+            received: Vec::new(),
+            chunk: 1000,
+            block_next: false,
+        });
+        transport.write(RemoteWrite {
+            request_id: 7,
+            region_id: 1,
+            buffer,
+            pieces: vec![(0, 0..4096)],
+        });
+        transport.notify(&Frame::LayerDone {
+            request_id: 7,
+            layer: 0,
+        });
         let mut total = Progress::default();
         while transport.has_pending() {
             let step = transport.progress().expect("no error");
             total.payload_bytes += step.payload_bytes;
             total.buffers_released += step.buffers_released;
         }
-        assert_eq!(total, Progress { payload_bytes: 4096, buffers_released: 1 });
+        assert_eq!(
+            total,
+            Progress {
+                payload_bytes: 4096,
+                buffers_released: 1
+            }
+        );
         assert_eq!(slab.buffers_in_use(), 0);
         let received = &transport.socket.received;
-        let header = protocol::decode_header(received[..8].try_into().expect("8")).expect("data header");
-        let prefix = protocol::decode_data_prefix(header.body_len, received[8..32].try_into().expect("24")).expect("prefix");
+        let header =
+            protocol::decode_header(received[..8].try_into().expect("8")).expect("data header");
+        let prefix =
+            protocol::decode_data_prefix(header.body_len, received[8..32].try_into().expect("24"))
+                .expect("prefix");
         assert_eq!((prefix.request_id, prefix.len), (7, 4096));
-        assert!(received[32..32 + 4096].iter().enumerate().all(|(index, byte)| *byte == index as u8));
+        assert!(received[32..32 + 4096]
+            .iter()
+            .enumerate()
+            .all(|(index, byte)| *byte == index as u8));
         let control = &received[32 + 4096..];
-        let header = protocol::decode_header(control[..8].try_into().expect("8")).expect("control header");
-        assert_eq!(Frame::decode(header.kind, &control[8..]).expect("frame"), Frame::LayerDone { request_id: 7, layer: 0 });
+        let header =
+            protocol::decode_header(control[..8].try_into().expect("8")).expect("control header");
+        assert_eq!(
+            Frame::decode(header.kind, &control[8..]).expect("frame"),
+            Frame::LayerDone {
+                request_id: 7,
+                layer: 0
+            }
+        );
     }
 }

@@ -39,12 +39,26 @@ pub fn bench_e2e(options: &BenchE2eOptions) -> anyhow::Result<()> {
     std::fs::write(&config_path, config_text(options)).context("cannot write the bench config")?;
     let config = GatewayConfig::load(&config_path)?;
     let block_count = options.total_bytes / options.block_bytes;
-    let keys: Vec<BlockKey> = (0..block_count).map(|index| synthetic::key(SEED, index)).collect();
+    let keys: Vec<BlockKey> = (0..block_count)
+        .map(|index| synthetic::key(SEED, index))
+        .collect();
     // The synthetic set is imported once per shape; later runs reuse it.
-    let marker = options.directory.join(format!("imported-{block_count}-{}", options.block_bytes));
+    let marker = options
+        .directory
+        .join(format!("imported-{block_count}-{}", options.block_bytes));
     if !marker.exists() {
-        eprintln!("importing {} of synthetic blocks", ByteSize(block_count * options.block_bytes));
-        import(&config, "bench", &Source::Synthetic { count: block_count, seed: SEED })?;
+        eprintln!(
+            "importing {} of synthetic blocks",
+            ByteSize(block_count * options.block_bytes)
+        );
+        import(
+            &config,
+            "bench",
+            &Source::Synthetic {
+                count: block_count,
+                seed: SEED,
+            },
+        )?;
         std::fs::write(&marker, b"")?;
     }
     println!(
@@ -57,18 +71,38 @@ pub fn bench_e2e(options: &BenchE2eOptions) -> anyhow::Result<()> {
     );
     let files: Vec<(PathBuf, u64)> = (0..options.cores)
         .map(|shard| {
-            let blocks = keys.iter().filter(|key| key.shard(options.cores) == shard).count() as u64;
-            (options.directory.join(format!("store/bench/shard-{shard}.blocks")), blocks * options.block_bytes)
+            let blocks = keys
+                .iter()
+                .filter(|key| key.shard(options.cores) == shard)
+                .count() as u64;
+            (
+                options
+                    .directory
+                    .join(format!("store/bench/shard-{shard}.blocks")),
+                blocks * options.block_bytes,
+            )
         })
         .collect();
     let (mut ours, mut fio) = (Vec::new(), Vec::new());
     for round in 0..options.rounds {
         if round % 2 == 1 {
-            fio.push(report("fio", round, fio_random_reads(&files, options.block_bytes, options.queue_depth)?));
+            fio.push(report(
+                "fio",
+                round,
+                fio_random_reads(&files, options.block_bytes, options.queue_depth)?,
+            ));
         }
-        ours.push(report("ours", round, run_through_gateway(&config_path, options, &keys)?));
+        ours.push(report(
+            "ours",
+            round,
+            run_through_gateway(&config_path, options, &keys)?,
+        ));
         if round % 2 == 0 {
-            fio.push(report("fio", round, fio_random_reads(&files, options.block_bytes, options.queue_depth)?));
+            fio.push(report(
+                "fio",
+                round,
+                fio_random_reads(&files, options.block_bytes, options.queue_depth)?,
+            ));
         }
     }
     let ours_median = median(ours.iter().map(|sample| sample.bytes_per_second));
@@ -113,7 +147,11 @@ capacity = "{capacity}"
 }
 
 /// Starts `dualpath serve`, loads every key once through it, stops it.
-fn run_through_gateway(config_path: &Path, options: &BenchE2eOptions, keys: &[BlockKey]) -> anyhow::Result<Sample> {
+fn run_through_gateway(
+    config_path: &Path,
+    options: &BenchE2eOptions,
+    keys: &[BlockKey],
+) -> anyhow::Result<Sample> {
     let mut child = Command::new(std::env::current_exe()?)
         .arg("--config")
         .arg(config_path)
@@ -124,10 +162,17 @@ fn run_through_gateway(config_path: &Path, options: &BenchE2eOptions, keys: &[Bl
         .context("cannot start the gateway")?;
     let mut lines = BufReader::new(child.stderr.take().context("stderr")?).lines();
     let address = loop {
-        let Some(line) = lines.next() else { bail!("the gateway exited before it was ready") };
+        let Some(line) = lines.next() else {
+            bail!("the gateway exited before it was ready")
+        };
         let line = line?;
         if let Some(at) = line.find("tcp ") {
-            break line[at + 4..].split(',').next().unwrap_or_default().trim().to_owned();
+            break line[at + 4..]
+                .split(',')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_owned();
         }
     };
     std::thread::spawn(move || lines.for_each(drop));
@@ -150,7 +195,11 @@ fn load_all(address: &str, options: &BenchE2eOptions, keys: &[BlockKey]) -> anyh
         let blocks: Vec<BlockLoad> = chunk
             .iter()
             .enumerate()
-            .map(|(index, key)| BlockLoad { key: *key, layers: 0..LAYERS, dest_offset: base + index as u64 * options.block_bytes })
+            .map(|(index, key)| BlockLoad {
+                key: *key,
+                layers: 0..LAYERS,
+                dest_offset: base + index as u64 * options.block_bytes,
+            })
             .collect();
         if in_flight.len() == 2 {
             finish(in_flight.pop_front().expect("two in flight"))?;
@@ -161,7 +210,10 @@ fn load_all(address: &str, options: &BenchE2eOptions, keys: &[BlockKey]) -> anyh
         finish(load)?;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    Ok(Sample { bytes_per_second: (keys.len() as u64 * options.block_bytes) as f64 / elapsed, cpu_seconds_per_gib: f64::NAN })
+    Ok(Sample {
+        bytes_per_second: (keys.len() as u64 * options.block_bytes) as f64 / elapsed,
+        cpu_seconds_per_gib: f64::NAN,
+    })
 }
 
 fn finish(load: LoadHandle) -> anyhow::Result<()> {

@@ -36,19 +36,28 @@ pub fn bench_load(options: &BenchLoadOptions) -> anyhow::Result<()> {
         request_timeout: Duration::from_secs(120),
         ..ClientOptions::default()
     };
-    let client = Client::connect(&addresses, client_options).context("cannot connect to the gateways")?;
-    let geometry = client.namespace(&options.namespace).with_context(|| format!("the gateways do not serve {:?}", options.namespace))?;
+    let client =
+        Client::connect(&addresses, client_options).context("cannot connect to the gateways")?;
+    let geometry = client
+        .namespace(&options.namespace)
+        .with_context(|| format!("the gateways do not serve {:?}", options.namespace))?;
     let block_bytes = geometry.block_bytes();
     let slot_bytes = options.blocks_per_request * block_bytes;
     let slots = options.requests_in_flight.max(1);
     let region = Arc::new(Region::allocate(usize::try_from(slot_bytes)? * slots));
     let id = client.register_region(Arc::clone(&region))?;
-    let keys: Vec<_> = (0..options.blocks).map(|index| synthetic::key(options.seed, index)).collect();
+    let keys: Vec<_> = (0..options.blocks)
+        .map(|index| synthetic::key(options.seed, index))
+        .collect();
     let started = Instant::now();
     let mut latencies = Vec::new();
-    let mut in_flight: std::collections::VecDeque<(LoadHandle, Instant, u64, Vec<BlockKey>)> = std::collections::VecDeque::new();
+    let mut in_flight: std::collections::VecDeque<(LoadHandle, Instant, u64, Vec<BlockKey>)> =
+        std::collections::VecDeque::new();
     let mut verified = 0u64;
-    for (request, chunk) in keys.chunks(usize::try_from(options.blocks_per_request)?).enumerate() {
+    for (request, chunk) in keys
+        .chunks(usize::try_from(options.blocks_per_request)?)
+        .enumerate()
+    {
         if in_flight.len() == slots {
             let (load, sent, slot, chunk_keys) = in_flight.pop_front().expect("slots in flight");
             finish(&load)?;
@@ -61,10 +70,19 @@ pub fn bench_load(options: &BenchLoadOptions) -> anyhow::Result<()> {
         let blocks: Vec<BlockLoad> = chunk
             .iter()
             .enumerate()
-            .map(|(index, key)| BlockLoad { key: *key, layers: 0..geometry.layers, dest_offset: base + index as u64 * block_bytes })
+            .map(|(index, key)| BlockLoad {
+                key: *key,
+                layers: 0..geometry.layers,
+                dest_offset: base + index as u64 * block_bytes,
+            })
             .collect();
         let load = client.load_dual(&options.namespace, id, &blocks, 0)?;
-        in_flight.push_back((load, Instant::now(), (request % slots) as u64, chunk.to_vec()));
+        in_flight.push_back((
+            load,
+            Instant::now(),
+            (request % slots) as u64,
+            chunk.to_vec(),
+        ));
     }
     for (load, sent, slot, chunk_keys) in in_flight {
         finish(&load)?;
@@ -75,7 +93,8 @@ pub fn bench_load(options: &BenchLoadOptions) -> anyhow::Result<()> {
     }
     let elapsed = started.elapsed().as_secs_f64();
     latencies.sort_by(f64::total_cmp);
-    let percentile = |fraction: f64| latencies[((latencies.len() - 1) as f64 * fraction).round() as usize];
+    let percentile =
+        |fraction: f64| latencies[((latencies.len() - 1) as f64 * fraction).round() as usize];
     let bytes = options.blocks * block_bytes;
     println!(
         "policy={} bytes={bytes} verified_bytes={verified} seconds={elapsed:.3} throughput_mb_s={:.1} requests={} latency_p50_s={:.3} latency_p99_s={:.3}",
@@ -93,7 +112,11 @@ pub fn bench_load(options: &BenchLoadOptions) -> anyhow::Result<()> {
             path.bytes as f64 / 1e6,
             100.0 * path.last_share,
             path.estimated_bytes_per_second / 1e6,
-            if path.in_split { "" } else { " (out of the split)" }
+            if path.in_split {
+                ""
+            } else {
+                " (out of the split)"
+            }
         );
     }
     Ok(())
@@ -107,10 +130,22 @@ fn verify(region: &Region, base: u64, keys: &[BlockKey], block_bytes: u64) -> an
         let offset = usize::try_from(base + index as u64 * block_bytes)?;
         let got = region.read(offset, expected.len());
         if got != expected {
-            let first = got.iter().zip(&expected).position(|(a, b)| a != b).unwrap_or(0);
-            let last = got.iter().zip(&expected).rposition(|(a, b)| a != b).unwrap_or(0);
+            let first = got
+                .iter()
+                .zip(&expected)
+                .position(|(a, b)| a != b)
+                .unwrap_or(0);
+            let last = got
+                .iter()
+                .zip(&expected)
+                .rposition(|(a, b)| a != b)
+                .unwrap_or(0);
             let zeros = got[first..=last].iter().all(|&byte| byte == 0);
-            bail!("block {key} arrived with wrong bytes (bytes {first}..={last} of {} differ{})", expected.len(), if zeros { ", all zero" } else { "" });
+            bail!(
+                "block {key} arrived with wrong bytes (bytes {first}..={last} of {} differ{})",
+                expected.len(),
+                if zeros { ", all zero" } else { "" }
+            );
         }
     }
     Ok(keys.len() as u64 * block_bytes)

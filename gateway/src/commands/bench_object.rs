@@ -37,7 +37,11 @@ pub fn bench_object(options: &BenchObjectOptions) -> anyhow::Result<()> {
         bytes_per_token_per_layer: u32::try_from(options.block_bytes / u64::from(LAYERS))?,
         layout: Layout::Full,
     };
-    let spec = NamespaceSpec { name: "bench".into(), geometry, capacity_bytes: 0 };
+    let spec = NamespaceSpec {
+        name: "bench".into(),
+        geometry,
+        capacity_bytes: 0,
+    };
     let settings = ObjectSettings {
         endpoint: options.endpoint.clone(),
         bucket: options.bucket.clone(),
@@ -51,8 +55,13 @@ pub fn bench_object(options: &BenchObjectOptions) -> anyhow::Result<()> {
         retries: 3,
     };
     let store = ObjectStore::open(&settings, std::slice::from_ref(&spec), 1)?;
-    store.client().create_bucket().map_err(|error| anyhow::anyhow!("cannot create the bucket: {error:?}"))?;
-    let keys: Vec<BlockKey> = (0..options.blocks).map(|index| synthetic::key(SEED, index)).collect();
+    store
+        .client()
+        .create_bucket()
+        .map_err(|error| anyhow::anyhow!("cannot create the bucket: {error:?}"))?;
+    let keys: Vec<BlockKey> = (0..options.blocks)
+        .map(|index| synthetic::key(SEED, index))
+        .collect();
     let slab = StagingSlab::allocate(SlabConfig {
         slab_bytes: usize::try_from(options.block_bytes)? * options.concurrency as usize * 2,
         buffer_bytes: usize::try_from(options.block_bytes)?,
@@ -64,9 +73,21 @@ pub fn bench_object(options: &BenchObjectOptions) -> anyhow::Result<()> {
         synthetic::fill(*key, &mut block);
         shard.put(NamespaceId(0), &[(*key, &block)])?;
     }
-    let names_file = std::env::temp_dir().join(format!("dualpath-bench-objects-{}", std::process::id()));
-    std::fs::write(&names_file, keys.iter().map(|key| format!("bench/bench/{key}\n")).collect::<String>())?;
-    println!("bench object: {} blocks of {} at concurrency {}, {} rounds", options.blocks, config::ByteSize(options.block_bytes), options.concurrency, options.rounds);
+    let names_file =
+        std::env::temp_dir().join(format!("dualpath-bench-objects-{}", std::process::id()));
+    std::fs::write(
+        &names_file,
+        keys.iter()
+            .map(|key| format!("bench/bench/{key}\n"))
+            .collect::<String>(),
+    )?;
+    println!(
+        "bench object: {} blocks of {} at concurrency {}, {} rounds",
+        options.blocks,
+        config::ByteSize(options.block_bytes),
+        options.concurrency,
+        options.rounds
+    );
     let (mut ours, mut reference) = (Vec::new(), Vec::new());
     for round in 0..options.rounds {
         if round % 2 == 1 {
@@ -89,15 +110,29 @@ pub fn bench_object(options: &BenchObjectOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn read_all(shard: &mut storage_backends::object::ObjectShard, keys: &[BlockKey], options: &BenchObjectOptions) -> anyhow::Result<Sample> {
+fn read_all(
+    shard: &mut storage_backends::object::ObjectShard,
+    keys: &[BlockKey],
+    options: &BenchObjectOptions,
+) -> anyhow::Result<Sample> {
     let started = Instant::now();
     let (mut next, mut bytes) = (0, 0u64);
     let mut done = Vec::new();
     while next < keys.len() || shard.reads_in_flight() > 0 {
         while next < keys.len() && shard.reads_in_flight() < options.concurrency as usize {
-            let Some(buffer) = shard.slab().acquire() else { break };
+            let Some(buffer) = shard.slab().acquire() else {
+                break;
+            };
             shard
-                .submit_read(ReadRequest { tag: 0, namespace: NamespaceId(0), key: keys[next], layers: 0..LAYERS }, buffer)
+                .submit_read(
+                    ReadRequest {
+                        tag: 0,
+                        namespace: NamespaceId(0),
+                        key: keys[next],
+                        layers: 0..LAYERS,
+                    },
+                    buffer,
+                )
                 .map_err(|rejected| rejected.error)?;
             next += 1;
         }
@@ -107,26 +142,47 @@ fn read_all(shard: &mut storage_backends::object::ObjectShard, keys: &[BlockKey]
             bytes += placement.layer_bytes * u64::from(placement.layer_count);
         }
     }
-    Ok(Sample { bytes_per_second: bytes as f64 / started.elapsed().as_secs_f64(), cpu_seconds_per_gib: f64::NAN })
+    Ok(Sample {
+        bytes_per_second: bytes as f64 / started.elapsed().as_secs_f64(),
+        cpu_seconds_per_gib: f64::NAN,
+    })
 }
 
 fn run_reference(options: &BenchObjectOptions, names_file: &PathBuf) -> anyhow::Result<Sample> {
-    let script = std::env::var("DUALPATH_S3_REFERENCE").unwrap_or_else(|_| "scripts/s3_reference_reader.py".into());
+    let script = std::env::var("DUALPATH_S3_REFERENCE")
+        .unwrap_or_else(|_| "scripts/s3_reference_reader.py".into());
     let output = Command::new("python3")
         .arg(&script)
         .args(["--endpoint", &options.endpoint, "--bucket", &options.bucket])
-        .args(["--access-key", &options.access_key_id, "--secret-key", &options.secret_access_key])
+        .args([
+            "--access-key",
+            &options.access_key_id,
+            "--secret-key",
+            &options.secret_access_key,
+        ])
         .arg("--objects")
         .arg(names_file)
         .args(["--concurrency", &options.concurrency.to_string()])
         .output()
         .with_context(|| format!("cannot run {script} (pip install boto3)"))?;
     if !output.status.success() {
-        bail!("the reference reader failed: {}", String::from_utf8_lossy(&output.stderr));
+        bail!(
+            "the reference reader failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
     let text = String::from_utf8_lossy(&output.stdout);
     let mut fields = text.split_whitespace();
-    let bytes: f64 = fields.next().and_then(|value| value.parse().ok()).context("reference output: bytes")?;
-    let seconds: f64 = fields.next().and_then(|value| value.parse().ok()).context("reference output: seconds")?;
-    Ok(Sample { bytes_per_second: bytes / seconds, cpu_seconds_per_gib: f64::NAN })
+    let bytes: f64 = fields
+        .next()
+        .and_then(|value| value.parse().ok())
+        .context("reference output: bytes")?;
+    let seconds: f64 = fields
+        .next()
+        .and_then(|value| value.parse().ok())
+        .context("reference output: seconds")?;
+    Ok(Sample {
+        bytes_per_second: bytes / seconds,
+        cpu_seconds_per_gib: f64::NAN,
+    })
 }

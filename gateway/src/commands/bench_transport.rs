@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use block_layout::{BlockKey, Geometry, Layout};
 use client::{BlockLoad, Client, ClientOptions, Region};
-use config::{BackendKind, GatewayConfig, HugePagesSetting, NamespaceConfig, StagingConfig, StorageConfig};
+use config::{
+    BackendKind, GatewayConfig, HugePagesSetting, NamespaceConfig, StagingConfig, StorageConfig,
+};
 use staging::{HugePages, SlabConfig, StagingSlab};
 use storage_backends::loopback::LoopbackStore;
 
@@ -33,7 +35,11 @@ const REGION_BLOCKS: u64 = 2048;
 const LAYERS: u16 = 8;
 
 pub fn bench_transport(options: &BenchTransportOptions) -> anyhow::Result<()> {
-    let mooncake = if options.with_mooncake { Some(find_mooncake()?) } else { None };
+    let mooncake = if options.with_mooncake {
+        Some(find_mooncake()?)
+    } else {
+        None
+    };
     println!(
         "bench transport: memory to memory on loopback, {} blocks, {:.0} s per run, {} rounds",
         config::ByteSize(options.block_bytes),
@@ -46,10 +52,16 @@ pub fn bench_transport(options: &BenchTransportOptions) -> anyhow::Result<()> {
         for step in 0..3 {
             match (round as usize + step) % 3 {
                 0 => ours.push(report("ours", round, run_ours(options)?)),
-                1 if options.with_iperf => iperf.push(report("iperf3", round, run_iperf(options.seconds)?)),
+                1 if options.with_iperf => {
+                    iperf.push(report("iperf3", round, run_iperf(options.seconds)?))
+                }
                 2 => {
                     if let Some(binary) = &mooncake {
-                        mooncake_samples.push(report("mooncake", round, run_mooncake(binary, options)?));
+                        mooncake_samples.push(report(
+                            "mooncake",
+                            round,
+                            run_mooncake(binary, options)?,
+                        ));
                     }
                 }
                 _ => {}
@@ -57,21 +69,40 @@ pub fn bench_transport(options: &BenchTransportOptions) -> anyhow::Result<()> {
         }
     }
     let ours_median = median(ours.iter().map(|sample| sample.bytes_per_second));
-    println!("ours (gateway TCP transport, {} cores, one connection each): {:.3} GB/s median", options.cores, ours_median / 1e9);
+    println!(
+        "ours (gateway TCP transport, {} cores, one connection each): {:.3} GB/s median",
+        options.cores,
+        ours_median / 1e9
+    );
     if !iperf.is_empty() {
         let value = median(iperf.iter().map(|sample| sample.bytes_per_second));
-        println!("iperf3 (1 stream): {:.3} GB/s median; ours / iperf3 = {:.3}", value / 1e9, ours_median / value);
+        println!(
+            "iperf3 (1 stream): {:.3} GB/s median; ours / iperf3 = {:.3}",
+            value / 1e9,
+            ours_median / value
+        );
     }
     if !mooncake_samples.is_empty() {
-        let value = median(mooncake_samples.iter().map(|sample| sample.bytes_per_second));
-        println!("mooncake transfer engine (tcp, 1 thread): {:.3} GB/s median; ours / mooncake = {:.3}", value / 1e9, ours_median / value);
+        let value = median(
+            mooncake_samples
+                .iter()
+                .map(|sample| sample.bytes_per_second),
+        );
+        println!(
+            "mooncake transfer engine (tcp, 1 thread): {:.3} GB/s median; ours / mooncake = {:.3}",
+            value / 1e9,
+            ours_median / value
+        );
     }
     Ok(())
 }
 
 fn bench_config(block_bytes: u64, cores: u32) -> anyhow::Result<GatewayConfig> {
     if !block_bytes.is_multiple_of(u64::from(LAYERS) * 4096) {
-        bail!("block size must be a multiple of {} KiB", u64::from(LAYERS) * 4);
+        bail!(
+            "block size must be a multiple of {} KiB",
+            u64::from(LAYERS) * 4
+        );
     }
     let geometry = Geometry {
         layers: LAYERS,
@@ -89,9 +120,22 @@ fn bench_config(block_bytes: u64, cores: u32) -> anyhow::Result<GatewayConfig> {
         listen_tcp: Some("127.0.0.1:0".parse()?),
         listen_unix: None,
         metrics_listen: None,
-        staging: StagingConfig { bytes_per_core: 64 * block_bytes, buffer_bytes: block_bytes, huge_pages: HugePagesSetting::Auto },
-        storage: StorageConfig { backend: BackendKind::Uring, path: PathBuf::from("/nonexistent"), queue_depth: 32, object: None },
-        namespaces: vec![NamespaceConfig { name: "bench".into(), geometry, capacity_bytes: block_bytes }],
+        staging: StagingConfig {
+            bytes_per_core: 64 * block_bytes,
+            buffer_bytes: block_bytes,
+            huge_pages: HugePagesSetting::Auto,
+        },
+        storage: StorageConfig {
+            backend: BackendKind::Uring,
+            path: PathBuf::from("/nonexistent"),
+            queue_depth: 32,
+            object: None,
+        },
+        namespaces: vec![NamespaceConfig {
+            name: "bench".into(),
+            geometry,
+            capacity_bytes: block_bytes,
+        }],
     })
 }
 
@@ -103,7 +147,11 @@ fn run_ours(options: &BenchTransportOptions) -> anyhow::Result<Sample> {
     let server = {
         let (config, shutdown) = (config.clone(), Arc::clone(&shutdown));
         std::thread::spawn(move || {
-            let namespaces: Vec<_> = config.namespaces.iter().map(|namespace| (namespace.name.clone(), namespace.geometry)).collect();
+            let namespaces: Vec<_> = config
+                .namespaces
+                .iter()
+                .map(|namespace| (namespace.name.clone(), namespace.geometry))
+                .collect();
             let staging = config.staging;
             let open = move |shard| -> anyhow::Result<LoopbackStore> {
                 let slab = StagingSlab::allocate(SlabConfig {
@@ -120,10 +168,14 @@ fn run_ours(options: &BenchTransportOptions) -> anyhow::Result<Sample> {
             crate::server::serve(&config, "loopback", None, None, open, shutdown, announce)
         })
     };
-    let address = address.recv_timeout(Duration::from_secs(30)).context("the bench gateway did not start")?;
+    let address = address
+        .recv_timeout(Duration::from_secs(30))
+        .context("the bench gateway did not start")?;
     let measured = measure_loads(&address, options);
     shutdown.store(true, Ordering::Relaxed);
-    server.join().map_err(|_| anyhow::anyhow!("bench gateway panicked"))??;
+    server
+        .join()
+        .map_err(|_| anyhow::anyhow!("bench gateway panicked"))??;
     measured
 }
 
@@ -137,15 +189,23 @@ fn fill_once(slab: &std::rc::Rc<StagingSlab>) {
 
 fn measure_loads(address: &str, options: &BenchTransportOptions) -> anyhow::Result<Sample> {
     let client = Client::connect(&[address], ClientOptions::default())?;
-    let region = Arc::new(Region::allocate(usize::try_from(REGION_BLOCKS * options.block_bytes)?));
+    let region = Arc::new(Region::allocate(usize::try_from(
+        REGION_BLOCKS * options.block_bytes,
+    )?));
     let id = client.register_region(Arc::clone(&region))?;
     let blocks: Vec<BlockLoad> = (0..REGION_BLOCKS)
-        .map(|index| BlockLoad { key: BlockKey(u128::from(index)), layers: 0..LAYERS, dest_offset: index * options.block_bytes })
+        .map(|index| BlockLoad {
+            key: BlockKey(u128::from(index)),
+            layers: 0..LAYERS,
+            dest_offset: index * options.block_bytes,
+        })
         .collect();
     let started = Instant::now();
     let mut bytes = 0u64;
     while started.elapsed().as_secs_f64() < options.seconds {
-        let report = client.load("bench", id, &blocks, 0)?.wait(Duration::from_secs(60))?;
+        let report = client
+            .load("bench", id, &blocks, 0)?
+            .wait(Duration::from_secs(60))?;
         if !report.all_done() {
             bail!("a bench load failed: {:?}", report.failed().next());
         }
@@ -155,7 +215,10 @@ fn measure_loads(address: &str, options: &BenchTransportOptions) -> anyhow::Resu
     if region.read(usize::try_from(options.block_bytes)? * 7, 64) != vec![0x5a; 64] {
         bail!("the bench region does not hold the bytes sent");
     }
-    Ok(Sample { bytes_per_second: bytes as f64 / elapsed, cpu_seconds_per_gib: f64::NAN })
+    Ok(Sample {
+        bytes_per_second: bytes as f64 / elapsed,
+        cpu_seconds_per_gib: f64::NAN,
+    })
 }
 
 fn run_iperf(seconds: f64) -> anyhow::Result<Sample> {
@@ -170,22 +233,40 @@ fn run_iperf(seconds: f64) -> anyhow::Result<Sample> {
     );
     std::thread::sleep(Duration::from_millis(300));
     let output = Command::new("iperf3")
-        .args(["-c", "127.0.0.1", "-p", &port.to_string(), "-J", "-t", &format!("{}", seconds.ceil())])
+        .args([
+            "-c",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-J",
+            "-t",
+            &format!("{}", seconds.ceil()),
+        ])
         .output()
         .context("iperf3 client")?;
     let _ = server.0.wait();
     let text = String::from_utf8_lossy(&output.stdout);
-    let at = text.find("\"sum_received\"").context("no sum_received in iperf3's output")?;
-    let bits = number_after(&text[at..], "\"bits_per_second\"").context("no bits_per_second in iperf3's output")?;
-    Ok(Sample { bytes_per_second: bits / 8.0, cpu_seconds_per_gib: f64::NAN })
+    let at = text
+        .find("\"sum_received\"")
+        .context("no sum_received in iperf3's output")?;
+    let bits = number_after(&text[at..], "\"bits_per_second\"")
+        .context("no bits_per_second in iperf3's output")?;
+    Ok(Sample {
+        bytes_per_second: bits / 8.0,
+        cpu_seconds_per_gib: f64::NAN,
+    })
 }
 
 fn find_mooncake() -> anyhow::Result<PathBuf> {
     let output = Command::new("python3")
-        .args(["-c", "import mooncake, os; print(os.path.dirname(mooncake.__file__))"])
+        .args([
+            "-c",
+            "import mooncake, os; print(os.path.dirname(mooncake.__file__))",
+        ])
         .output()
         .context("python3 is needed to find Mooncake")?;
-    let binary = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()).join("transfer_engine_bench");
+    let binary =
+        PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()).join("transfer_engine_bench");
     if !output.status.success() || !binary.exists() {
         bail!("Mooncake is not installed: pip install mooncake-transfer-engine-non-cuda, or pass --no-mooncake");
     }
@@ -199,7 +280,12 @@ fn run_mooncake(binary: &PathBuf, options: &BenchTransportOptions) -> anyhow::Re
     let log_file = std::fs::File::create(&log)?;
     let _target = KillOnDrop(
         Command::new(binary)
-            .args(["--mode=target", "--metadata_server=P2PHANDSHAKE", "--protocol=tcp", "--buffer_size=1073741824"])
+            .args([
+                "--mode=target",
+                "--metadata_server=P2PHANDSHAKE",
+                "--protocol=tcp",
+                "--buffer_size=1073741824",
+            ])
             .arg(format!("--local_server_name=127.0.0.1:{target_port}"))
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
@@ -210,7 +296,10 @@ fn run_mooncake(binary: &PathBuf, options: &BenchTransportOptions) -> anyhow::Re
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         if let Some(at) = text.find("listening on 127.0.0.1:") {
             let rest = &text[at + "listening on 127.0.0.1:".len()..];
-            break rest.chars().take_while(char::is_ascii_digit).collect::<String>();
+            break rest
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>();
         }
         if Instant::now() > deadline {
             bail!("the Mooncake target did not start: {text}");
@@ -218,16 +307,33 @@ fn run_mooncake(binary: &PathBuf, options: &BenchTransportOptions) -> anyhow::Re
         std::thread::sleep(Duration::from_millis(100));
     };
     let output = Command::new(binary)
-        .args(["--mode=initiator", "--metadata_server=P2PHANDSHAKE", "--protocol=tcp", "--operation=write"])
-        .args(["--batch_size=128", "--threads=1", "--buffer_size=1073741824"])
+        .args([
+            "--mode=initiator",
+            "--metadata_server=P2PHANDSHAKE",
+            "--protocol=tcp",
+            "--operation=write",
+        ])
+        .args([
+            "--batch_size=128",
+            "--threads=1",
+            "--buffer_size=1073741824",
+        ])
         .arg(format!("--block_size={}", options.block_bytes))
         .arg(format!("--duration={}", options.seconds.ceil()))
         .arg(format!("--local_server_name=127.0.0.1:{}", free_port()?))
         .arg(format!("--segment_id=127.0.0.1:{segment}"))
         .output()?;
-    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-    let gigabytes = number_after(&text, "throughput").with_context(|| format!("no throughput in Mooncake's output: {text}"))?;
-    Ok(Sample { bytes_per_second: gigabytes * 1e9, cpu_seconds_per_gib: f64::NAN })
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let gigabytes = number_after(&text, "throughput")
+        .with_context(|| format!("no throughput in Mooncake's output: {text}"))?;
+    Ok(Sample {
+        bytes_per_second: gigabytes * 1e9,
+        cpu_seconds_per_gib: f64::NAN,
+    })
 }
 
 struct KillOnDrop(Child);
@@ -242,12 +348,16 @@ impl Drop for KillOnDrop {
 fn number_after(text: &str, field: &str) -> Option<f64> {
     let at = text.find(field)? + field.len();
     let rest = text[at..].trim_start_matches(|c: char| c == ':' || c == '"' || c.is_whitespace());
-    let end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == 'e' || c == '+' || c == '-')).unwrap_or(rest.len());
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == 'e' || c == '+' || c == '-'))
+        .unwrap_or(rest.len());
     rest[..end].parse().ok()
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 fn tempfile_path(name: &str) -> PathBuf {

@@ -6,24 +6,40 @@ use std::path::Path;
 use anyhow::{bail, Context};
 use block_layout::BlockKey;
 use config::GatewayConfig;
-use storage_backends::{BlockStore, NamespaceId, StoreError};
 use storage_backends::any::AnyShard;
+use storage_backends::{BlockStore, NamespaceId, StoreError};
 
 use super::read_layers;
 use crate::shards::{open_all_shards, open_store, shard_of};
 use crate::synthetic;
 
-pub fn namespace_id(shard: &AnyShard, config: &GatewayConfig, name: &str) -> anyhow::Result<NamespaceId> {
-    let known = || config.namespaces.iter().map(|namespace| namespace.name.as_str()).collect::<Vec<_>>();
+pub fn namespace_id(
+    shard: &AnyShard,
+    config: &GatewayConfig,
+    name: &str,
+) -> anyhow::Result<NamespaceId> {
+    let known = || {
+        config
+            .namespaces
+            .iter()
+            .map(|namespace| namespace.name.as_str())
+            .collect::<Vec<_>>()
+    };
     shard
         .namespace_id(name)
-        .ok_or_else(|| StoreError::UnknownNamespace { name: name.to_owned() })
+        .ok_or_else(|| StoreError::UnknownNamespace {
+            name: name.to_owned(),
+        })
         .with_context(|| format!("the config declares {:?}", known()))
 }
 
 /// Parses "a..b" or "a" into a layer range.
 pub fn parse_layers(text: &str, layer_count: u16) -> anyhow::Result<std::ops::Range<u16>> {
-    let parse = |part: &str| part.trim().parse::<u16>().with_context(|| format!("bad layer number {part:?} in --layers"));
+    let parse = |part: &str| {
+        part.trim()
+            .parse::<u16>()
+            .with_context(|| format!("bad layer number {part:?} in --layers"))
+    };
     let range = match text.split_once("..") {
         Some((start, end)) => parse(start)?..parse(end)?,
         None => {
@@ -37,7 +53,12 @@ pub fn parse_layers(text: &str, layer_count: u16) -> anyhow::Result<std::ops::Ra
     Ok(range)
 }
 
-pub fn put(config: &GatewayConfig, namespace: &str, key: BlockKey, input: &Path) -> anyhow::Result<()> {
+pub fn put(
+    config: &GatewayConfig,
+    namespace: &str,
+    key: BlockKey,
+    input: &Path,
+) -> anyhow::Result<()> {
     let store = open_store(config)?;
     let mut shards = open_all_shards(&store, config)?;
     let shard_count = shards.len();
@@ -45,7 +66,8 @@ pub fn put(config: &GatewayConfig, namespace: &str, key: BlockKey, input: &Path)
     let namespace = namespace_id(shard, config, namespace)?;
     let bytes = if input == Path::new("-") {
         let mut bytes = Vec::new();
-        std::io::Read::read_to_end(&mut std::io::stdin(), &mut bytes).context("cannot read the block from stdin")?;
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut bytes)
+            .context("cannot read the block from stdin")?;
         bytes
     } else {
         std::fs::read(input).with_context(|| format!("cannot read {}", input.display()))?
@@ -54,7 +76,13 @@ pub fn put(config: &GatewayConfig, namespace: &str, key: BlockKey, input: &Path)
     Ok(())
 }
 
-pub fn get(config: &GatewayConfig, namespace: &str, key: BlockKey, layers: Option<&str>, output: &Path) -> anyhow::Result<()> {
+pub fn get(
+    config: &GatewayConfig,
+    namespace: &str,
+    key: BlockKey,
+    layers: Option<&str>,
+    output: &Path,
+) -> anyhow::Result<()> {
     let store = open_store(config)?;
     let mut shards = open_all_shards(&store, config)?;
     let shard_count = shards.len();
@@ -68,9 +96,14 @@ pub fn get(config: &GatewayConfig, namespace: &str, key: BlockKey, layers: Optio
     let mut out: Box<dyn Write> = if output == Path::new("-") {
         Box::new(std::io::stdout().lock())
     } else {
-        Box::new(std::fs::File::create(output).with_context(|| format!("cannot create {}", output.display()))?)
+        Box::new(
+            std::fs::File::create(output)
+                .with_context(|| format!("cannot create {}", output.display()))?,
+        )
     };
-    read_layers(shard, namespace, key, layers, |bytes| Ok(out.write_all(bytes)?))?;
+    read_layers(shard, namespace, key, layers, |bytes| {
+        Ok(out.write_all(bytes)?)
+    })?;
     out.flush()?;
     Ok(())
 }
@@ -79,8 +112,17 @@ pub fn stat(config: &GatewayConfig) -> anyhow::Result<()> {
     let store = open_store(config)?;
     let shards = open_all_shards(&store, config)?;
     match &config.storage.object {
-        Some(object) => println!("object store {} bucket {} ({} shards)", object.endpoint, object.bucket, shards.len()),
-        None => println!("store {} ({} shards)", config.storage.path.display(), shards.len()),
+        Some(object) => println!(
+            "object store {} bucket {} ({} shards)",
+            object.endpoint,
+            object.bucket,
+            shards.len()
+        ),
+        None => println!(
+            "store {} ({} shards)",
+            config.storage.path.display(),
+            shards.len()
+        ),
     }
     let page_kind = shards.first().map(|shard| shard.slab().page_kind());
     println!("staging pages: {page_kind:?}");
@@ -97,7 +139,10 @@ pub fn stat(config: &GatewayConfig) -> anyhow::Result<()> {
             // An object store has no slots: count the objects by listing them.
             let id = namespace_id(&shards[0], config, &namespace.name)?;
             let blocks: usize = shards.iter().map(|shard| shard.keys(id).len()).sum();
-            println!("namespace {}: {blocks} blocks (objects), {shape}", namespace.name);
+            println!(
+                "namespace {}: {blocks} blocks (objects), {shape}",
+                namespace.name
+            );
             continue;
         }
         let (mut blocks, mut slots) = (0, 0);
@@ -109,7 +154,11 @@ pub fn stat(config: &GatewayConfig) -> anyhow::Result<()> {
         println!(
             "namespace {}: {blocks} of {slots} blocks ({:.1}% full), {shape}, slot {} bytes",
             namespace.name,
-            if slots == 0 { 0.0 } else { 100.0 * blocks as f64 / slots as f64 },
+            if slots == 0 {
+                0.0
+            } else {
+                100.0 * blocks as f64 / slots as f64
+            },
             geometry.slot_bytes()
         );
     }
@@ -143,7 +192,9 @@ pub fn verify(config: &GatewayConfig, synthetic_seed: Option<u64>) -> anyhow::Re
                     Ok(())
                 }) {
                     Ok(()) => {}
-                    Err(error) if matches!(error.downcast_ref(), Some(StoreError::Corrupt { .. })) => {
+                    Err(error)
+                        if matches!(error.downcast_ref(), Some(StoreError::Corrupt { .. })) =>
+                    {
                         eprintln!("{error:#}");
                         report.corrupt += 1;
                         continue;
@@ -153,7 +204,10 @@ pub fn verify(config: &GatewayConfig, synthetic_seed: Option<u64>) -> anyhow::Re
                 if synthetic_seed.is_some() {
                     synthetic::fill(key, &mut expected);
                     if actual != expected {
-                        eprintln!("block {key} in namespace {:?} does not hold its synthetic contents", namespace_config.name);
+                        eprintln!(
+                            "block {key} in namespace {:?} does not hold its synthetic contents",
+                            namespace_config.name
+                        );
                         report.wrong_content += 1;
                         continue;
                     }

@@ -9,8 +9,8 @@ pub mod blocks;
 pub mod import;
 
 use block_layout::BlockKey;
-use storage_backends::{BlockStore, NamespaceId, ReadRequest, StoreError};
 use storage_backends::any::AnyShard;
+use storage_backends::{BlockStore, NamespaceId, ReadRequest, StoreError};
 
 /// Reads layers `layers` of `key` through buffer-sized reads, handing each layer's
 /// bytes to `sink` in order.
@@ -26,10 +26,21 @@ pub fn read_layers(
     let mut first = layers.start;
     let mut done = Vec::with_capacity(1);
     while first < layers.end {
-        let count = geometry.layers_fitting(first, buffer_bytes).min(layers.end - first);
-        let buffer = shard.slab().acquire().ok_or(StoreError::Busy { what: "no free staging buffer" })?;
-        let request = ReadRequest { tag: 0, namespace, key, layers: first..first + count };
-        shard.submit_read(request, buffer).map_err(|rejected| rejected.error)?;
+        let count = geometry
+            .layers_fitting(first, buffer_bytes)
+            .min(layers.end - first);
+        let buffer = shard.slab().acquire().ok_or(StoreError::Busy {
+            what: "no free staging buffer",
+        })?;
+        let request = ReadRequest {
+            tag: 0,
+            namespace,
+            key,
+            layers: first..first + count,
+        };
+        shard
+            .submit_read(request, buffer)
+            .map_err(|rejected| rejected.error)?;
         while done.is_empty() {
             shard.reap(&mut done, true)?;
         }

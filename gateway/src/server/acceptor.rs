@@ -13,7 +13,9 @@ use std::time::Duration;
 use anyhow::bail;
 use mio::Waker;
 use protocol::auth::{self, NONCE_BYTES};
-use protocol::{decode_header, ErrorCode, Frame, FrameType, NamespaceInfo, HEADER_BYTES, PROTOCOL_VERSION};
+use protocol::{
+    decode_header, ErrorCode, Frame, FrameType, NamespaceInfo, HEADER_BYTES, PROTOCOL_VERSION,
+};
 
 use super::metrics::AcceptorCounters;
 
@@ -67,10 +69,14 @@ impl HandshakeStream for UnixStream {
 impl Acceptor {
     pub fn run(self) {
         for listener in self.tcp.iter() {
-            listener.set_nonblocking(true).expect("a bound listener can be made non-blocking");
+            listener
+                .set_nonblocking(true)
+                .expect("a bound listener can be made non-blocking");
         }
         for listener in self.unix.iter() {
-            listener.set_nonblocking(true).expect("a bound listener can be made non-blocking");
+            listener
+                .set_nonblocking(true)
+                .expect("a bound listener can be made non-blocking");
         }
         while !self.shutdown.load(Ordering::Relaxed) {
             let mut accepted = false;
@@ -93,31 +99,49 @@ impl Acceptor {
     }
 
     fn admit_tcp(&self, stream: TcpStream, peer: String) {
-        let prepared = stream.set_nonblocking(false).and_then(|()| stream.set_read_timeout(Some(HELLO_TIMEOUT)));
+        let prepared = stream
+            .set_nonblocking(false)
+            .and_then(|()| stream.set_read_timeout(Some(HELLO_TIMEOUT)));
         let _ = stream.set_nodelay(true);
         let mut handshake = stream;
-        let shard = match prepared.map_err(anyhow::Error::from).and_then(|()| self.handshake(&mut handshake)) {
+        let shard = match prepared
+            .map_err(anyhow::Error::from)
+            .and_then(|()| self.handshake(&mut handshake))
+        {
             Ok(shard) => shard,
             Err(error) => return tracing::info!("refused client {peer}: {error:#}"),
         };
         if handshake.set_nonblocking(true).is_err() {
             return;
         }
-        self.hand_over(shard, Stream::Tcp(mio::net::TcpStream::from_std(handshake)), peer);
+        self.hand_over(
+            shard,
+            Stream::Tcp(mio::net::TcpStream::from_std(handshake)),
+            peer,
+        );
     }
 
     fn admit_unix(&self, stream: UnixStream) {
         let peer = String::from("unix socket client");
-        let prepared = stream.set_nonblocking(false).and_then(|()| stream.set_read_timeout(Some(HELLO_TIMEOUT)));
+        let prepared = stream
+            .set_nonblocking(false)
+            .and_then(|()| stream.set_read_timeout(Some(HELLO_TIMEOUT)));
         let mut handshake = stream;
-        let shard = match prepared.map_err(anyhow::Error::from).and_then(|()| self.handshake(&mut handshake)) {
+        let shard = match prepared
+            .map_err(anyhow::Error::from)
+            .and_then(|()| self.handshake(&mut handshake))
+        {
             Ok(shard) => shard,
             Err(error) => return tracing::info!("refused {peer}: {error:#}"),
         };
         if handshake.set_nonblocking(true).is_err() {
             return;
         }
-        self.hand_over(shard, Stream::Unix(mio::net::UnixStream::from_std(handshake)), peer);
+        self.hand_over(
+            shard,
+            Stream::Unix(mio::net::UnixStream::from_std(handshake)),
+            peer,
+        );
     }
 
     fn hand_over(&self, shard: u32, stream: Stream, peer: String) {
@@ -132,7 +156,11 @@ impl Acceptor {
     /// returns the shard the client asked for.
     fn handshake(&self, stream: &mut dyn HandshakeStream) -> anyhow::Result<u32> {
         let (version, shard, client_nonce) = match read_frame(stream, FrameType::Hello)? {
-            Ok(Frame::Hello { version, shard, token }) => (version, shard, token),
+            Ok(Frame::Hello {
+                version,
+                shard,
+                token,
+            }) => (version, shard, token),
             Ok(_) => unreachable!("read as Hello"),
             Err(message) => return refuse(stream, ErrorCode::BadFrame, message),
         };
@@ -142,7 +170,11 @@ impl Acceptor {
         }
         let shard_count = u32::try_from(self.cores.len()).expect("cores bounded by config");
         if shard >= shard_count {
-            return refuse(stream, ErrorCode::BadRequest, format!("shard {shard} does not exist; this gateway has {shard_count}"));
+            return refuse(
+                stream,
+                ErrorCode::BadRequest,
+                format!("shard {shard} does not exist; this gateway has {shard_count}"),
+            );
         }
         if let Some(secret) = &self.secret {
             if let Err(message) = self.authenticate(stream, secret, &client_nonce, shard)? {
@@ -150,7 +182,12 @@ impl Acceptor {
                 return refuse(stream, ErrorCode::Unauthorized, message);
             }
         }
-        let reply = Frame::HelloOk { version: PROTOCOL_VERSION, shard, shard_count, namespaces: self.namespaces.clone() };
+        let reply = Frame::HelloOk {
+            version: PROTOCOL_VERSION,
+            shard,
+            shard_count,
+            namespaces: self.namespaces.clone(),
+        };
         stream.write_all(&reply.encode())?;
         Ok(shard)
     }
@@ -162,32 +199,56 @@ impl Acceptor {
 impl Acceptor {
     /// Challenge-response: sends a fresh nonce, checks the client's proof. The
     /// inner `Err` is the refusal to send.
-    fn authenticate(&self, stream: &mut dyn HandshakeStream, secret: &[u8], client_nonce: &[u8], shard: u32) -> anyhow::Result<Result<(), String>> {
+    fn authenticate(
+        &self,
+        stream: &mut dyn HandshakeStream,
+        secret: &[u8],
+        client_nonce: &[u8],
+        shard: u32,
+    ) -> anyhow::Result<Result<(), String>> {
         if client_nonce.len() != NONCE_BYTES {
-            return Ok(Err("this gateway requires authentication: give the client the cluster secret".into()));
+            return Ok(Err(
+                "this gateway requires authentication: give the client the cluster secret".into(),
+            ));
         }
         let mut server_nonce = [0u8; NONCE_BYTES];
-        getrandom::getrandom(&mut server_nonce).map_err(|error| anyhow::anyhow!("no randomness for a nonce: {error}"))?;
-        stream.write_all(&Frame::Challenge { nonce: server_nonce.to_vec() }.encode())?;
+        getrandom::getrandom(&mut server_nonce)
+            .map_err(|error| anyhow::anyhow!("no randomness for a nonce: {error}"))?;
+        stream.write_all(
+            &Frame::Challenge {
+                nonce: server_nonce.to_vec(),
+            }
+            .encode(),
+        )?;
         let mac = match read_frame(stream, FrameType::Proof)? {
             Ok(Frame::Proof { mac }) => mac,
             Ok(_) => unreachable!("read as Proof"),
             Err(message) => return Ok(Err(message)),
         };
         if !auth::verify(secret, client_nonce, &server_nonce, shard, &mac) {
-            return Ok(Err("authentication failed: the client's secret is not this cluster's".into()));
+            return Ok(Err(
+                "authentication failed: the client's secret is not this cluster's".into(),
+            ));
         }
         Ok(Ok(()))
     }
 }
 
 /// Reads one control frame of type `kind`; the inner `Err` says what was wrong.
-fn read_frame(stream: &mut dyn HandshakeStream, kind: FrameType) -> anyhow::Result<Result<Frame, String>> {
+fn read_frame(
+    stream: &mut dyn HandshakeStream,
+    kind: FrameType,
+) -> anyhow::Result<Result<Frame, String>> {
     let mut header = [0u8; HEADER_BYTES];
     stream.read_exact(&mut header)?;
     let header = match decode_header(&header) {
         Ok(header) if header.kind == kind => header,
-        Ok(header) => return Ok(Err(format!("expected a {kind:?} frame, got {:?}", header.kind))),
+        Ok(header) => {
+            return Ok(Err(format!(
+                "expected a {kind:?} frame, got {:?}",
+                header.kind
+            )))
+        }
         Err(error) => return Ok(Err(error.to_string())),
     };
     let mut body = vec![0u8; header.body_len as usize];
@@ -195,8 +256,19 @@ fn read_frame(stream: &mut dyn HandshakeStream, kind: FrameType) -> anyhow::Resu
     Ok(Frame::decode(kind, &body).map_err(|error| error.to_string()))
 }
 
-fn refuse(stream: &mut dyn HandshakeStream, code: ErrorCode, message: String) -> anyhow::Result<u32> {
-    let _ = stream.write_all(&Frame::Error { request_id: 0, code, message: message.clone() }.encode());
+fn refuse(
+    stream: &mut dyn HandshakeStream,
+    code: ErrorCode,
+    message: String,
+) -> anyhow::Result<u32> {
+    let _ = stream.write_all(
+        &Frame::Error {
+            request_id: 0,
+            code,
+            message: message.clone(),
+        }
+        .encode(),
+    );
     let mut sink = [0u8; 4096];
     let linger = Duration::from_millis(200);
     let _ = stream.set_timeout(linger);

@@ -33,8 +33,12 @@ impl Stream {
     /// file description): the connection reads requests, the transport writes.
     fn transport(&self) -> io::Result<Box<dyn Transport>> {
         Ok(match self {
-            Stream::Tcp(stream) => Box::new(TcpTransport::new(std::net::TcpStream::from(stream.as_fd().try_clone_to_owned()?))),
-            Stream::Unix(stream) => Box::new(TcpTransport::new(std::os::unix::net::UnixStream::from(stream.as_fd().try_clone_to_owned()?))),
+            Stream::Tcp(stream) => Box::new(TcpTransport::new(std::net::TcpStream::from(
+                stream.as_fd().try_clone_to_owned()?,
+            ))),
+            Stream::Unix(stream) => Box::new(TcpTransport::new(
+                std::os::unix::net::UnixStream::from(stream.as_fd().try_clone_to_owned()?),
+            )),
         })
     }
 
@@ -148,7 +152,9 @@ impl Connection {
         if self.received.len() < HEADER_BYTES {
             return None;
         }
-        let header_bytes: [u8; HEADER_BYTES] = self.received[..HEADER_BYTES].try_into().expect("length checked");
+        let header_bytes: [u8; HEADER_BYTES] = self.received[..HEADER_BYTES]
+            .try_into()
+            .expect("length checked");
         let header = match decode_header(&header_bytes) {
             Ok(header) => header,
             Err(error) => return Some(Err(error)),
@@ -183,7 +189,10 @@ impl Connection {
     }
 
     pub fn region_len(&self, region_id: u32) -> Option<u64> {
-        self.regions.iter().find(|(id, _)| *id == region_id).map(|(_, len)| *len)
+        self.regions
+            .iter()
+            .find(|(id, _)| *id == region_id)
+            .map(|(_, len)| *len)
     }
 
     /// Stores `load` in a free slot and returns the slot.
@@ -215,6 +224,12 @@ impl Connection {
 
     /// Whether a Hello or a gateway-to-client frame arrived where it should not.
     pub fn is_client_frame(kind: FrameType) -> bool {
-        matches!(kind, FrameType::RegisterRegion | FrameType::Load | FrameType::Store | FrameType::StatusRequest)
+        matches!(
+            kind,
+            FrameType::RegisterRegion
+                | FrameType::Load
+                | FrameType::Store
+                | FrameType::StatusRequest
+        )
     }
 }

@@ -17,8 +17,8 @@ use storage_backends::{BlockStore, ReadCompletion, ReadRequest, StoreError};
 use transport::RemoteWrite;
 
 use super::connection::{ActiveLoad, Connection, InflightRead, Stream, RECEIVE_CHUNK_BYTES};
-use scheduler::progress::{Event, LoadProgress, Refusal};
 use super::metrics::{CoreCounters, LOAD_SECONDS, STORAGE_READ_SECONDS};
+use scheduler::progress::{Event, LoadProgress, Refusal};
 
 pub const WAKER_TOKEN: Token = Token(usize::MAX - 1);
 const EVENTFD_TOKEN: Token = Token(usize::MAX - 2);
@@ -61,15 +61,23 @@ struct Core<S: BlockStore> {
 
 /// Runs a core until shutdown. `shard` was opened on this thread.
 pub fn run<S: BlockStore>(shard: S, setup: CoreSetup) -> anyhow::Result<()> {
-    let eventfd = EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC).context("cannot create an eventfd")?;
+    let eventfd = EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
+        .context("cannot create an eventfd")?;
     shard.notify_completions(eventfd.as_raw_fd())?;
     let raw = eventfd.as_raw_fd();
-    setup.poll.registry().register(&mut SourceFd(&raw), EVENTFD_TOKEN, Interest::READABLE)?;
+    setup
+        .poll
+        .registry()
+        .register(&mut SourceFd(&raw), EVENTFD_TOKEN, Interest::READABLE)?;
     let counters = Arc::clone(&setup.counters);
     let slab_bytes = shard.slab().buffer_count() as i64 * shard.slab().buffer_bytes() as i64;
-    counters.staging_bytes_total.store(slab_bytes, Ordering::Relaxed);
+    counters
+        .staging_bytes_total
+        .store(slab_bytes, Ordering::Relaxed);
     let huge = matches!(shard.slab().page_kind(), staging::PageKind::Huge2MiB);
-    counters.staging_huge_pages.store(i64::from(huge), Ordering::Relaxed);
+    counters
+        .staging_huge_pages
+        .store(i64::from(huge), Ordering::Relaxed);
     let mut core = Core {
         shard,
         setup,
@@ -83,7 +91,11 @@ pub fn run<S: BlockStore>(shard: S, setup: CoreSetup) -> anyhow::Result<()> {
     };
     let mut events = Events::with_capacity(1024);
     loop {
-        let timeout = if core.shard.has_ready_completions() { Duration::ZERO } else { POLL_TIMEOUT };
+        let timeout = if core.shard.has_ready_completions() {
+            Duration::ZERO
+        } else {
+            POLL_TIMEOUT
+        };
         match core.setup.poll.poll(&mut events, Some(timeout)) {
             Ok(()) => {}
             Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
@@ -118,18 +130,34 @@ impl<S: BlockStore> Core<S> {
         self.flush_all();
         self.close_dead();
         let counters = &self.setup.counters;
-        counters.reads_in_flight.store(self.shard.reads_in_flight() as i64, Ordering::Relaxed);
+        counters
+            .reads_in_flight
+            .store(self.shard.reads_in_flight() as i64, Ordering::Relaxed);
         let slab = self.shard.slab();
-        counters.staging_bytes_in_use.store(i64::from(slab.buffers_in_use()) * slab.buffer_bytes() as i64, Ordering::Relaxed);
-        let queued: u64 = self.connections.iter().flatten().flat_map(|connection| connection.loads.iter().flatten()).map(|load| load.progress.bytes_left()).sum();
-        counters.queued_load_bytes.store(i64::try_from(queued).unwrap_or(i64::MAX), Ordering::Relaxed);
+        counters.staging_bytes_in_use.store(
+            i64::from(slab.buffers_in_use()) * slab.buffer_bytes() as i64,
+            Ordering::Relaxed,
+        );
+        let queued: u64 = self
+            .connections
+            .iter()
+            .flatten()
+            .flat_map(|connection| connection.loads.iter().flatten())
+            .map(|load| load.progress.bytes_left())
+            .sum();
+        counters
+            .queued_load_bytes
+            .store(i64::try_from(queued).unwrap_or(i64::MAX), Ordering::Relaxed);
         Ok(())
     }
 
     fn accept_new(&mut self) {
         while let Ok(NewConnection { mut stream, peer }) = self.setup.inbox.try_recv() {
             let Some(index) = self.free_connection_slot() else {
-                tracing::warn!("shard {}: refusing {peer}: {CONNECTIONS_MAX} connections already", self.shard.shard_index());
+                tracing::warn!(
+                    "shard {}: refusing {peer}: {CONNECTIONS_MAX} connections already",
+                    self.shard.shard_index()
+                );
                 continue;
             };
             if let Err(error) = stream.register(self.setup.poll.registry(), Token(index)) {
@@ -137,7 +165,10 @@ impl<S: BlockStore> Core<S> {
                 continue;
             }
             self.next_generation = self.next_generation.wrapping_add(1);
-            tracing::debug!("shard {}: client {peer} connected", self.shard.shard_index());
+            tracing::debug!(
+                "shard {}: client {peer} connected",
+                self.shard.shard_index()
+            );
             let connection = match Connection::new(stream, peer, self.next_generation) {
                 Ok(connection) => connection,
                 Err(error) => {
@@ -146,7 +177,10 @@ impl<S: BlockStore> Core<S> {
                 }
             };
             self.connections[index] = Some(connection);
-            self.setup.counters.connected_clients.fetch_add(1, Ordering::Relaxed);
+            self.setup
+                .counters
+                .connected_clients
+                .fetch_add(1, Ordering::Relaxed);
             // Frames may have arrived before registration: read now.
             self.on_readable(index);
         }
@@ -164,12 +198,16 @@ impl<S: BlockStore> Core<S> {
     }
 
     fn on_readable(&mut self, index: usize) {
-        let Some(connection) = self.connections.get_mut(index).and_then(Option::as_mut) else { return };
+        let Some(connection) = self.connections.get_mut(index).and_then(Option::as_mut) else {
+            return;
+        };
         if !connection.receive(&mut self.scratch) {
             connection.dead = true;
         }
         loop {
-            let Some(connection) = self.connections[index].as_mut() else { return };
+            let Some(connection) = self.connections[index].as_mut() else {
+                return;
+            };
             if connection.closing {
                 return;
             }
@@ -183,9 +221,15 @@ impl<S: BlockStore> Core<S> {
 
     fn protocol_error(&mut self, index: usize, message: &str) {
         self.setup.counters.error("protocol");
-        let Some(connection) = self.connections[index].as_mut() else { return };
+        let Some(connection) = self.connections[index].as_mut() else {
+            return;
+        };
         tracing::info!("closing {}: {message}", connection.peer);
-        connection.send_control(&Frame::Error { request_id: 0, code: ErrorCode::BadFrame, message: message.to_owned() });
+        connection.send_control(&Frame::Error {
+            request_id: 0,
+            code: ErrorCode::BadFrame,
+            message: message.to_owned(),
+        });
         connection.closing = true;
     }
 
@@ -194,13 +238,18 @@ impl<S: BlockStore> Core<S> {
             return self.on_store(index, body);
         }
         if !Connection::is_client_frame(header.kind) {
-            return self.protocol_error(index, &format!("a client may not send {:?} frames here", header.kind));
+            return self.protocol_error(
+                index,
+                &format!("a client may not send {:?} frames here", header.kind),
+            );
         }
         let frame = match Frame::decode(header.kind, body) {
             Ok(frame) => frame,
             Err(error) => return self.protocol_error(index, &error.to_string()),
         };
-        let Some(connection) = self.connections[index].as_mut() else { return };
+        let Some(connection) = self.connections[index].as_mut() else {
+            return;
+        };
         match frame {
             Frame::RegisterRegion { region_id, len } => {
                 connection.regions.retain(|(id, _)| *id != region_id);
@@ -208,25 +257,40 @@ impl<S: BlockStore> Core<S> {
                 connection.send_control(&Frame::RegionRegistered { region_id });
             }
             Frame::Load(load) => self.on_load(index, load),
-            Frame::StatusRequest => connection.send_control(&Frame::PoolStatus { peers: self.setup.pool.status() }),
+            Frame::StatusRequest => connection.send_control(&Frame::PoolStatus {
+                peers: self.setup.pool.status(),
+            }),
             _ => unreachable!("client frames are RegisterRegion, Load, StatusRequest and Store"),
         }
     }
 
     fn on_load(&mut self, index: usize, load: Load) {
-        let refuse = |code: ErrorCode, message: String| Frame::Error { request_id: load.request_id, code, message };
+        let refuse = |code: ErrorCode, message: String| Frame::Error {
+            request_id: load.request_id,
+            code,
+            message,
+        };
         let refusal = if self.draining_since.is_some() {
-            Some(refuse(ErrorCode::ShuttingDown, "the gateway is shutting down; load elsewhere".into()))
+            Some(refuse(
+                ErrorCode::ShuttingDown,
+                "the gateway is shutting down; load elsewhere".into(),
+            ))
         } else {
             None
         };
         let namespace = self.shard.namespace_id(&load.namespace);
         let connection = self.connections[index].as_mut().expect("caller checked");
         let refusal = refusal.or_else(|| match namespace {
-            None => Some(refuse(ErrorCode::UnknownNamespace, format!("unknown namespace {:?}", load.namespace))),
+            None => Some(refuse(
+                ErrorCode::UnknownNamespace,
+                format!("unknown namespace {:?}", load.namespace),
+            )),
             Some(_) if connection.region_len(load.region_id).is_none() => Some(refuse(
                 ErrorCode::OutOfRegion,
-                format!("region {} is not registered on this connection", load.region_id),
+                format!(
+                    "region {} is not registered on this connection",
+                    load.region_id
+                ),
             )),
             Some(_) => None,
         });
@@ -235,19 +299,47 @@ impl<S: BlockStore> Core<S> {
             return connection.send_control(&frame);
         }
         let namespace = namespace.expect("checked above");
-        let region_len = connection.region_len(load.region_id).expect("checked above");
+        let region_len = connection
+            .region_len(load.region_id)
+            .expect("checked above");
         let geometry = self.shard.geometry(namespace);
         let buffer_bytes = self.shard.slab().buffer_bytes() as u64;
-        match LoadProgress::new(geometry, load.blocks, load.layer_stride, region_len, buffer_bytes) {
+        match LoadProgress::new(
+            geometry,
+            load.blocks,
+            load.layer_stride,
+            region_len,
+            buffer_bytes,
+        ) {
             Err(Refusal { code, message }) => {
-                self.setup.counters.error(if code == ErrorCode::OutOfRegion { "out_of_region" } else { "bad_request" });
-                connection.send_control(&Frame::Error { request_id: load.request_id, code, message });
+                self.setup
+                    .counters
+                    .error(if code == ErrorCode::OutOfRegion {
+                        "out_of_region"
+                    } else {
+                        "bad_request"
+                    });
+                connection.send_control(&Frame::Error {
+                    request_id: load.request_id,
+                    code,
+                    message,
+                });
             }
             Ok(progress) => {
-                let active = ActiveLoad { request_id: load.request_id, namespace, region_id: load.region_id, progress, started: Instant::now() };
+                let active = ActiveLoad {
+                    request_id: load.request_id,
+                    namespace,
+                    region_id: load.region_id,
+                    progress,
+                    started: Instant::now(),
+                };
                 let slot = connection.add_load(active);
                 let mut events = std::mem::take(&mut self.events);
-                connection.loads[slot].as_mut().expect("just added").progress.start(&mut events);
+                connection.loads[slot]
+                    .as_mut()
+                    .expect("just added")
+                    .progress
+                    .start(&mut events);
                 self.emit(index, slot, &mut events);
                 self.events = events;
             }
@@ -262,17 +354,35 @@ impl<S: BlockStore> Core<S> {
         // A put is synchronous (durable when StoreDone is sent); it pauses this
         // core's loop for the write and its syncs.
         let result = match self.shard.namespace_id(&prefix.namespace) {
-            None => Err((ErrorCode::UnknownNamespace, format!("unknown namespace {:?}", prefix.namespace))),
-            Some(namespace) => self.shard.put(namespace, &[(prefix.key, payload)]).map_err(|error| (store_error_code(&error), error.to_string())),
+            None => Err((
+                ErrorCode::UnknownNamespace,
+                format!("unknown namespace {:?}", prefix.namespace),
+            )),
+            Some(namespace) => self
+                .shard
+                .put(namespace, &[(prefix.key, payload)])
+                .map_err(|error| (store_error_code(&error), error.to_string())),
         };
         let frame = match result {
             Ok(()) => {
                 CoreCounters::add(&self.setup.counters.blocks_stored, 1);
-                Frame::StoreDone { request_id: prefix.request_id, code: ErrorCode::Ok, message: String::new() }
+                Frame::StoreDone {
+                    request_id: prefix.request_id,
+                    code: ErrorCode::Ok,
+                    message: String::new(),
+                }
             }
             Err((code, message)) => {
-                self.setup.counters.error(if code == ErrorCode::Io { "io" } else { "bad_request" });
-                Frame::StoreDone { request_id: prefix.request_id, code, message }
+                self.setup.counters.error(if code == ErrorCode::Io {
+                    "io"
+                } else {
+                    "bad_request"
+                });
+                Frame::StoreDone {
+                    request_id: prefix.request_id,
+                    code,
+                    message,
+                }
             }
         };
         if let Some(connection) = self.connections[index].as_mut() {
@@ -283,24 +393,45 @@ impl<S: BlockStore> Core<S> {
     /// Turns load events into frames; a finished load is removed.
     fn emit(&mut self, index: usize, load_slot: usize, events: &mut Vec<Event>) {
         let counters = Arc::clone(&self.setup.counters);
-        let Some(connection) = self.connections[index].as_mut() else { return events.clear() };
-        let load = connection.loads[load_slot].as_ref().expect("events belong to a live load");
+        let Some(connection) = self.connections[index].as_mut() else {
+            return events.clear();
+        };
+        let load = connection.loads[load_slot]
+            .as_ref()
+            .expect("events belong to a live load");
         let request_id = load.request_id;
         let started = load.started;
         for event in events.drain(..) {
             let frame = match event {
-                Event::BlockDone { block, code, message } => {
+                Event::BlockDone {
+                    block,
+                    code,
+                    message,
+                } => {
                     if code == ErrorCode::Ok {
                         CoreCounters::add(&counters.blocks_loaded, 1);
                     }
-                    Frame::BlockDone { request_id, block_index: block, code, message }
+                    Frame::BlockDone {
+                        request_id,
+                        block_index: block,
+                        code,
+                        message,
+                    }
                 }
                 Event::LayerDone { layer } => Frame::LayerDone { request_id, layer },
-                Event::LoadDone { blocks_ok, blocks_failed } => {
+                Event::LoadDone {
+                    blocks_ok,
+                    blocks_failed,
+                } => {
                     connection.loads[load_slot] = None;
                     CoreCounters::add(&counters.loads_completed, 1);
-                    metrics::histogram!(LOAD_SECONDS, "shard" => counters.shard.to_string()).record(started.elapsed().as_secs_f64());
-                    Frame::LoadDone { request_id, blocks_ok, blocks_failed }
+                    metrics::histogram!(LOAD_SECONDS, "shard" => counters.shard.to_string())
+                        .record(started.elapsed().as_secs_f64());
+                    Frame::LoadDone {
+                        request_id,
+                        blocks_ok,
+                        blocks_failed,
+                    }
                 }
             };
             connection.send_control(&frame);
@@ -318,7 +449,8 @@ impl<S: BlockStore> Core<S> {
             progress = false;
             for step in 0..count {
                 let index = (self.round_robin + step) % count;
-                let queue_limit = (self.setup.queue_depth as usize).min(self.shard.queue_capacity());
+                let queue_limit =
+                    (self.setup.queue_depth as usize).min(self.shard.queue_capacity());
                 if self.shard.reads_in_flight() >= queue_limit {
                     return;
                 }
@@ -332,11 +464,16 @@ impl<S: BlockStore> Core<S> {
     }
 
     fn issue_one(&mut self, index: usize, per_connection: usize) -> bool {
-        let Some(connection) = self.connections[index].as_mut() else { return false };
+        let Some(connection) = self.connections[index].as_mut() else {
+            return false;
+        };
         if connection.dead || connection.closing || connection.held_buffers >= per_connection {
             return false;
         }
-        let Some(load_slot) = connection.loads.iter().position(|load| load.as_ref().is_some_and(|load| load.progress.has_unissued_units())) else {
+        let Some(load_slot) = connection.loads.iter().position(|load| {
+            load.as_ref()
+                .is_some_and(|load| load.progress.has_unissued_units())
+        }) else {
             return false;
         };
         let mut events = std::mem::take(&mut self.events);
@@ -345,18 +482,41 @@ impl<S: BlockStore> Core<S> {
         let issued = next.is_some();
         if let Some(unit_index) = next {
             let unit = load.progress.unit(unit_index).clone();
-            let (namespace, key) = (load.namespace, load.progress.blocks()[unit.block as usize].key);
-            let slot = connection.add_inflight(InflightRead { load_slot, unit: unit_index, submitted: Instant::now() });
+            let (namespace, key) = (
+                load.namespace,
+                load.progress.blocks()[unit.block as usize].key,
+            );
+            let slot = connection.add_inflight(InflightRead {
+                load_slot,
+                unit: unit_index,
+                submitted: Instant::now(),
+            });
             let tag = (index as u64) << 48 | u64::from(connection.generation) << 32 | slot as u64;
-            let buffer = self.shard.slab().acquire().expect("schedule checked for a free buffer");
-            let request = ReadRequest { tag, namespace, key, layers: unit.layers };
+            let buffer = self
+                .shard
+                .slab()
+                .acquire()
+                .expect("schedule checked for a free buffer");
+            let request = ReadRequest {
+                tag,
+                namespace,
+                key,
+                layers: unit.layers,
+            };
             match self.shard.submit_read(request, buffer) {
                 Ok(()) => connection.held_buffers += 1,
                 Err(rejected) => {
-                    debug_assert!(!matches!(rejected.error, StoreError::Busy { .. }), "schedule keeps below the queue capacity");
+                    debug_assert!(
+                        !matches!(rejected.error, StoreError::Busy { .. }),
+                        "schedule keeps below the queue capacity"
+                    );
                     connection.inflight[slot] = None;
                     let load = connection.loads[load_slot].as_mut().expect("live");
-                    load.progress.unit_finished(unit_index, Err(refusal_of(&rejected.error)), &mut events);
+                    load.progress.unit_finished(
+                        unit_index,
+                        Err(refusal_of(&rejected.error)),
+                        &mut events,
+                    );
                     self.setup.counters.error(rejected.error.kind());
                 }
             }
@@ -368,7 +528,9 @@ impl<S: BlockStore> Core<S> {
 
     fn reap(&mut self) -> anyhow::Result<()> {
         let mut completions = std::mem::take(&mut self.completions);
-        self.shard.reap(&mut completions, false).context("storage ring failed")?;
+        self.shard
+            .reap(&mut completions, false)
+            .context("storage ring failed")?;
         for completion in completions.drain(..) {
             self.on_read_done(completion);
         }
@@ -383,29 +545,48 @@ impl<S: BlockStore> Core<S> {
         let generation = (completion.tag >> 32) as u16;
         let slot = (completion.tag & 0xFFFF_FFFF) as usize;
         let counters = Arc::clone(&self.setup.counters);
-        let Some(connection) = self.connections.get_mut(index).and_then(Option::as_mut).filter(|c| c.generation == generation) else {
+        let Some(connection) = self
+            .connections
+            .get_mut(index)
+            .and_then(Option::as_mut)
+            .filter(|c| c.generation == generation)
+        else {
             return; // The client left; the buffer goes back to the slab.
         };
-        let read = connection.inflight[slot].take().expect("a completion for a read in flight");
+        let read = connection.inflight[slot]
+            .take()
+            .expect("a completion for a read in flight");
         metrics::histogram!(STORAGE_READ_SECONDS, "backend" => counters.backend, "shard" => counters.shard.to_string())
             .record(read.submitted.elapsed().as_secs_f64());
-        let load = connection.loads[read.load_slot].as_mut().expect("a load lives until its reads finish");
+        let load = connection.loads[read.load_slot]
+            .as_mut()
+            .expect("a load lives until its reads finish");
         let mut events = std::mem::take(&mut self.events);
         match completion.result {
             Ok(placement) => {
                 let mut pieces = Vec::new();
-                load.progress.data_pieces(read.unit, &placement, &mut pieces);
+                load.progress
+                    .data_pieces(read.unit, &placement, &mut pieces);
                 let (request_id, region_id) = (load.request_id, load.region_id);
                 CoreCounters::add(&counters.storage_reads, 1);
-                CoreCounters::add(&counters.storage_read_bytes, placement.layer_bytes * u64::from(placement.layer_count));
+                CoreCounters::add(
+                    &counters.storage_read_bytes,
+                    placement.layer_bytes * u64::from(placement.layer_count),
+                );
                 load.progress.unit_finished(read.unit, Ok(()), &mut events);
-                connection.send_data(RemoteWrite { request_id, region_id, buffer: completion.buffer, pieces });
+                connection.send_data(RemoteWrite {
+                    request_id,
+                    region_id,
+                    buffer: completion.buffer,
+                    pieces,
+                });
             }
             Err(error) => {
                 connection.held_buffers -= 1;
                 counters.error(error.kind());
                 tracing::debug!("read for {} failed: {error}", connection.peer);
-                load.progress.unit_finished(read.unit, Err(refusal_of(&error)), &mut events);
+                load.progress
+                    .unit_finished(read.unit, Err(refusal_of(&error)), &mut events);
             }
         }
         self.emit(index, read.load_slot, &mut events);
@@ -438,8 +619,15 @@ impl<S: BlockStore> Core<S> {
                     connection.stream.close_gently(&mut self.scratch);
                 }
                 let _ = connection.stream.deregister(self.setup.poll.registry());
-                self.setup.counters.connected_clients.fetch_sub(1, Ordering::Relaxed);
-                tracing::debug!("shard {}: client {} disconnected", self.shard.shard_index(), connection.peer);
+                self.setup
+                    .counters
+                    .connected_clients
+                    .fetch_sub(1, Ordering::Relaxed);
+                tracing::debug!(
+                    "shard {}: client {} disconnected",
+                    self.shard.shard_index(),
+                    connection.peer
+                );
             }
         }
     }
@@ -449,7 +637,9 @@ impl<S: BlockStore> Core<S> {
             return false;
         }
         let since = *self.draining_since.get_or_insert_with(Instant::now);
-        let busy = self.connections.iter().flatten().any(|connection| connection.loads.iter().any(Option::is_some) || connection.has_output());
+        let busy = self.connections.iter().flatten().any(|connection| {
+            connection.loads.iter().any(Option::is_some) || connection.has_output()
+        });
         !busy || since.elapsed() >= self.setup.drain_timeout
     }
 
@@ -457,12 +647,18 @@ impl<S: BlockStore> Core<S> {
     /// waits for reads in flight so no buffer is dropped under the kernel.
     fn finish(mut self) -> anyhow::Result<()> {
         for connection in self.connections.iter_mut().flatten() {
-            let unfinished: Vec<u64> = connection.loads.iter().flatten().map(|load| load.request_id).collect();
+            let unfinished: Vec<u64> = connection
+                .loads
+                .iter()
+                .flatten()
+                .map(|load| load.request_id)
+                .collect();
             for request_id in unfinished {
                 connection.send_control(&Frame::Error {
                     request_id,
                     code: ErrorCode::ShuttingDown,
-                    message: "the gateway shut down before this load finished; load elsewhere".into(),
+                    message: "the gateway shut down before this load finished; load elsewhere"
+                        .into(),
                 });
             }
             let _ = connection.flush();
@@ -480,12 +676,20 @@ fn store_error_code(error: &StoreError) -> ErrorCode {
         StoreError::NotFound { .. } => ErrorCode::NotFound,
         StoreError::UnknownNamespace { .. } => ErrorCode::UnknownNamespace,
         StoreError::Corrupt { .. } => ErrorCode::Corrupt,
-        StoreError::LayerRange { .. } | StoreError::BufferTooSmall { .. } | StoreError::WrongSize { .. } => ErrorCode::BadRequest,
+        StoreError::LayerRange { .. }
+        | StoreError::BufferTooSmall { .. }
+        | StoreError::WrongSize { .. } => ErrorCode::BadRequest,
         StoreError::Busy { .. } => ErrorCode::Busy,
-        StoreError::Io { .. } | StoreError::ShortRead { .. } | StoreError::Layout { .. } | StoreError::Remote { .. } => ErrorCode::Io,
+        StoreError::Io { .. }
+        | StoreError::ShortRead { .. }
+        | StoreError::Layout { .. }
+        | StoreError::Remote { .. } => ErrorCode::Io,
     }
 }
 
 fn refusal_of(error: &StoreError) -> Refusal {
-    Refusal { code: store_error_code(error), message: error.to_string() }
+    Refusal {
+        code: store_error_code(error),
+        message: error.to_string(),
+    }
 }

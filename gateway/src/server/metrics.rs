@@ -83,7 +83,10 @@ impl CoreCounters {
     }
 
     pub fn error(&self, kind: &str) {
-        let index = ERROR_KINDS.iter().position(|known| *known == kind).unwrap_or(ERROR_KINDS.len() - 1);
+        let index = ERROR_KINDS
+            .iter()
+            .position(|known| *known == kind)
+            .unwrap_or(ERROR_KINDS.len() - 1);
         self.errors[index].fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -96,7 +99,10 @@ pub struct AcceptorCounters {
 
 impl AcceptorCounters {
     pub fn new() -> Self {
-        Self { auth_failures: AtomicU64::new(0), accepted: AtomicU64::new(0) }
+        Self {
+            auth_failures: AtomicU64::new(0),
+            accepted: AtomicU64::new(0),
+        }
     }
 }
 
@@ -108,37 +114,91 @@ impl Default for AcceptorCounters {
 
 /// Installs the recorder and describes every metric.
 pub fn install() -> anyhow::Result<PrometheusHandle> {
-    let buckets = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
-    let recorder = PrometheusBuilder::new().set_buckets(&buckets).context("histogram buckets")?.build_recorder();
+    let buckets = [
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0, 10.0,
+    ];
+    let recorder = PrometheusBuilder::new()
+        .set_buckets(&buckets)
+        .context("histogram buckets")?
+        .build_recorder();
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).context("a metrics recorder is already installed")?;
-    describe_counter!("dualpath_storage_reads_total", "Block reads completed from storage");
-    describe_counter!("dualpath_storage_read_bytes_total", Unit::Bytes, "Payload bytes read from storage and verified");
-    describe_counter!("dualpath_transport_sent_bytes_total", Unit::Bytes, "Payload bytes written into client regions");
-    describe_counter!("dualpath_blocks_loaded_total", "Blocks delivered whole to clients");
+    describe_counter!(
+        "dualpath_storage_reads_total",
+        "Block reads completed from storage"
+    );
+    describe_counter!(
+        "dualpath_storage_read_bytes_total",
+        Unit::Bytes,
+        "Payload bytes read from storage and verified"
+    );
+    describe_counter!(
+        "dualpath_transport_sent_bytes_total",
+        Unit::Bytes,
+        "Payload bytes written into client regions"
+    );
+    describe_counter!(
+        "dualpath_blocks_loaded_total",
+        "Blocks delivered whole to clients"
+    );
     describe_counter!("dualpath_loads_completed_total", "Load requests finished");
     describe_counter!("dualpath_blocks_stored_total", "Blocks stored by clients");
     describe_counter!("dualpath_errors_total", "Errors by kind");
     describe_gauge!("dualpath_connected_clients", "Client connections open");
-    describe_counter!("dualpath_auth_failures_total", "Clients refused because their proof of the cluster secret failed");
-    describe_counter!("dualpath_connections_accepted_total", "Client connections that completed the hello");
+    describe_counter!(
+        "dualpath_auth_failures_total",
+        "Clients refused because their proof of the cluster secret failed"
+    );
+    describe_counter!(
+        "dualpath_connections_accepted_total",
+        "Client connections that completed the hello"
+    );
     describe_gauge!("dualpath_storage_queue_depth", "Storage reads in flight");
-    describe_gauge!("dualpath_staging_bytes_in_use", Unit::Bytes, "Staging memory held by reads and unsent data");
-    describe_gauge!("dualpath_staging_bytes", Unit::Bytes, "Staging memory per shard");
-    describe_gauge!("dualpath_queued_load_bytes", Unit::Bytes, "Bytes of loads accepted and not yet delivered");
-    describe_gauge!("dualpath_pool_peers_alive", "Peer gateways heard from within the peer timeout");
+    describe_gauge!(
+        "dualpath_staging_bytes_in_use",
+        Unit::Bytes,
+        "Staging memory held by reads and unsent data"
+    );
+    describe_gauge!(
+        "dualpath_staging_bytes",
+        Unit::Bytes,
+        "Staging memory per shard"
+    );
+    describe_gauge!(
+        "dualpath_queued_load_bytes",
+        Unit::Bytes,
+        "Bytes of loads accepted and not yet delivered"
+    );
+    describe_gauge!(
+        "dualpath_pool_peers_alive",
+        "Peer gateways heard from within the peer timeout"
+    );
     describe_gauge!("dualpath_pool_peers_known", "Peer gateways ever heard from");
-    describe_counter!("dualpath_pool_reports_rejected_total", "Gossip reports dropped because their signature did not verify");
+    describe_counter!(
+        "dualpath_pool_reports_rejected_total",
+        "Gossip reports dropped because their signature did not verify"
+    );
     describe_gauge!("dualpath_staging_huge_pages", "1 if the shard's staging memory is on reserved huge pages, 0 if it fell back to ordinary pages");
-    describe_histogram!(STORAGE_READ_SECONDS, Unit::Seconds, "Latency of one storage read, submit to verified");
-    describe_histogram!(LOAD_SECONDS, Unit::Seconds, "Latency of one load on one shard, request to last byte queued");
+    describe_histogram!(
+        STORAGE_READ_SECONDS,
+        Unit::Seconds,
+        "Latency of one storage read, submit to verified"
+    );
+    describe_histogram!(
+        LOAD_SECONDS,
+        Unit::Seconds,
+        "Latency of one load on one shard, request to last byte queued"
+    );
     Ok(handle)
 }
 
 /// Publishes the per-core counters into the registry (sums happen in Prometheus by label).
 pub fn publish(cores: &[Arc<CoreCounters>], acceptor: &AcceptorCounters) {
-    counter!("dualpath_auth_failures_total").absolute(acceptor.auth_failures.load(Ordering::Relaxed));
-    counter!("dualpath_connections_accepted_total").absolute(acceptor.accepted.load(Ordering::Relaxed));
+    counter!("dualpath_auth_failures_total")
+        .absolute(acceptor.auth_failures.load(Ordering::Relaxed));
+    counter!("dualpath_connections_accepted_total")
+        .absolute(acceptor.accepted.load(Ordering::Relaxed));
     for core in cores {
         let shard = core.shard.to_string();
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
@@ -146,17 +206,26 @@ pub fn publish(cores: &[Arc<CoreCounters>], acceptor: &AcceptorCounters) {
         counter!("dualpath_storage_reads_total", "backend" => core.backend, "shard" => shard.clone()).absolute(load(&core.storage_reads));
         counter!("dualpath_storage_read_bytes_total", "backend" => core.backend, "shard" => shard.clone()).absolute(load(&core.storage_read_bytes));
         counter!("dualpath_transport_sent_bytes_total", "transport" => "tcp", "shard" => shard.clone()).absolute(load(&core.transport_sent_bytes));
-        counter!("dualpath_blocks_loaded_total", "path" => "gateway", "shard" => shard.clone()).absolute(load(&core.blocks_loaded));
-        counter!("dualpath_loads_completed_total", "shard" => shard.clone()).absolute(load(&core.loads_completed));
-        counter!("dualpath_blocks_stored_total", "shard" => shard.clone()).absolute(load(&core.blocks_stored));
+        counter!("dualpath_blocks_loaded_total", "path" => "gateway", "shard" => shard.clone())
+            .absolute(load(&core.blocks_loaded));
+        counter!("dualpath_loads_completed_total", "shard" => shard.clone())
+            .absolute(load(&core.loads_completed));
+        counter!("dualpath_blocks_stored_total", "shard" => shard.clone())
+            .absolute(load(&core.blocks_stored));
         for (kind, value) in ERROR_KINDS.iter().zip(&core.errors) {
-            counter!("dualpath_errors_total", "kind" => *kind, "shard" => shard.clone()).absolute(load(value));
+            counter!("dualpath_errors_total", "kind" => *kind, "shard" => shard.clone())
+                .absolute(load(value));
         }
-        gauge!("dualpath_connected_clients", "shard" => shard.clone()).set(read(&core.connected_clients));
-        gauge!("dualpath_storage_queue_depth", "backend" => core.backend, "shard" => shard.clone()).set(read(&core.reads_in_flight));
-        gauge!("dualpath_staging_bytes_in_use", "shard" => shard.clone()).set(read(&core.staging_bytes_in_use));
-        gauge!("dualpath_staging_bytes", "shard" => shard.clone()).set(read(&core.staging_bytes_total));
-        gauge!("dualpath_staging_huge_pages", "shard" => shard.clone()).set(read(&core.staging_huge_pages));
+        gauge!("dualpath_connected_clients", "shard" => shard.clone())
+            .set(read(&core.connected_clients));
+        gauge!("dualpath_storage_queue_depth", "backend" => core.backend, "shard" => shard.clone())
+            .set(read(&core.reads_in_flight));
+        gauge!("dualpath_staging_bytes_in_use", "shard" => shard.clone())
+            .set(read(&core.staging_bytes_in_use));
+        gauge!("dualpath_staging_bytes", "shard" => shard.clone())
+            .set(read(&core.staging_bytes_total));
+        gauge!("dualpath_staging_huge_pages", "shard" => shard.clone())
+            .set(read(&core.staging_huge_pages));
         gauge!("dualpath_queued_load_bytes", "shard" => shard).set(read(&core.queued_load_bytes));
     }
 }
@@ -169,7 +238,9 @@ pub fn serve(
     acceptor: Arc<AcceptorCounters>,
     shutdown: Arc<AtomicBool>,
 ) {
-    listener.set_nonblocking(true).expect("a bound listener can be made non-blocking");
+    listener
+        .set_nonblocking(true)
+        .expect("a bound listener can be made non-blocking");
     let mut since_upkeep = Duration::ZERO;
     let tick = Duration::from_millis(50);
     while !shutdown.load(Ordering::Relaxed) {
@@ -193,27 +264,49 @@ pub fn serve(
     }
 }
 
-fn answer(mut stream: TcpStream, handle: &PrometheusHandle, cores: &[Arc<CoreCounters>], acceptor: &AcceptorCounters) -> anyhow::Result<()> {
+fn answer(
+    mut stream: TcpStream,
+    handle: &PrometheusHandle,
+    cores: &[Arc<CoreCounters>],
+    acceptor: &AcceptorCounters,
+) -> anyhow::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     let mut request = [0u8; 4096];
     let mut length = 0;
-    while length < request.len() && !request[..length].windows(4).any(|window| window == b"\r\n\r\n") {
+    while length < request.len()
+        && !request[..length]
+            .windows(4)
+            .any(|window| window == b"\r\n\r\n")
+    {
         let read = stream.read(&mut request[length..])?;
         if read == 0 {
             break;
         }
         length += read;
     }
-    let line = std::str::from_utf8(&request[..length]).unwrap_or("").lines().next().unwrap_or("");
-    let (status, content_type, body) = match line.split_whitespace().take(2).collect::<Vec<_>>()[..] {
+    let line = std::str::from_utf8(&request[..length])
+        .unwrap_or("")
+        .lines()
+        .next()
+        .unwrap_or("");
+    let (status, content_type, body) = match line.split_whitespace().take(2).collect::<Vec<_>>()[..]
+    {
         ["GET", "/metrics"] => {
             publish(cores, acceptor);
             ("200 OK", "text/plain; version=0.0.4", handle.render())
         }
         ["GET", "/healthz"] => ("200 OK", "text/plain", "ok\n".to_owned()),
-        ["GET", _] => ("404 Not Found", "text/plain", "not found: try /metrics or /healthz\n".to_owned()),
-        _ => ("405 Method Not Allowed", "text/plain", "only GET is served\n".to_owned()),
+        ["GET", _] => (
+            "404 Not Found",
+            "text/plain",
+            "not found: try /metrics or /healthz\n".to_owned(),
+        ),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "only GET is served\n".to_owned(),
+        ),
     };
     write!(
         stream,

@@ -18,10 +18,10 @@ use config::GatewayConfig;
 use mio::{Poll, Waker};
 use protocol::NamespaceInfo;
 
-use crate::shards::{open_shard, open_store};
-use acceptor::{Acceptor, CoreDoor};
 use self::core::{CoreSetup, WAKER_TOKEN};
 use self::metrics::CoreCounters;
+use crate::shards::{open_shard, open_store};
+use acceptor::{Acceptor, CoreDoor};
 
 /// How long loads in flight may finish after SIGTERM or SIGINT.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -30,7 +30,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 pub fn run(config: GatewayConfig) -> anyhow::Result<()> {
     let shutdown = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(signal, Arc::clone(&shutdown)).context("cannot install signal handlers")?;
+        signal_hook::flag::register(signal, Arc::clone(&shutdown))
+            .context("cannot install signal handlers")?;
     }
     let handle = metrics::install()?;
     let secret = load_secret(&config)?;
@@ -39,8 +40,21 @@ pub fn run(config: GatewayConfig) -> anyhow::Result<()> {
     let opener_config = config.clone();
     let opener = move |shard| open_shard(&store, &opener_config, shard);
     // Tests and scripts read this line for the bound addresses (ports may be 0).
-    let announce = |addresses: &str| eprintln!("dualpath gateway ready: {} shards, {addresses}", config.cores);
-    serve(&config, backend, secret, Some(handle), opener, shutdown, announce)?;
+    let announce = |addresses: &str| {
+        eprintln!(
+            "dualpath gateway ready: {} shards, {addresses}",
+            config.cores
+        )
+    };
+    serve(
+        &config,
+        backend,
+        secret,
+        Some(handle),
+        opener,
+        shutdown,
+        announce,
+    )?;
     eprintln!("dualpath gateway stopped");
     Ok(())
 }
@@ -55,9 +69,16 @@ struct Listeners {
 fn bind(config: &GatewayConfig) -> anyhow::Result<Listeners> {
     let tcp = config
         .listen_tcp
-        .map(|address| std::net::TcpListener::bind(address).with_context(|| format!("cannot listen on {address}")))
+        .map(|address| {
+            std::net::TcpListener::bind(address)
+                .with_context(|| format!("cannot listen on {address}"))
+        })
         .transpose()?;
-    let unix = config.listen_unix.as_ref().map(|path| bind_unix(path)).transpose()?;
+    let unix = config
+        .listen_unix
+        .as_ref()
+        .map(|path| bind_unix(path))
+        .transpose()?;
     let metrics = config.metrics_listen.map(metrics::bind).transpose()?;
     if tcp.is_none() && unix.is_none() {
         bail!("the config sets neither gateway.listen_tcp nor gateway.listen_unix: clients could not connect");
@@ -83,15 +104,27 @@ where
     F: Fn(u32) -> anyhow::Result<S> + Send + Clone + 'static,
 {
     let listeners = bind(config)?;
-    let counters: Vec<_> = (0..config.cores).map(|shard| Arc::new(CoreCounters::new(shard, backend))).collect();
+    let counters: Vec<_> = (0..config.cores)
+        .map(|shard| Arc::new(CoreCounters::new(shard, backend)))
+        .collect();
     let me = match &listeners.tcp {
         Some(listener) => listener.local_addr()?.to_string(),
-        None => config.listen_unix.as_ref().map(|path| format!("unix:{}", path.display())).unwrap_or_default(),
+        None => config
+            .listen_unix
+            .as_ref()
+            .map(|path| format!("unix:{}", path.display()))
+            .unwrap_or_default(),
     };
-    let pool = Arc::new(pool::Pool::new(me, Duration::from_millis(config.peer_timeout_ms)));
+    let pool = Arc::new(pool::Pool::new(
+        me,
+        Duration::from_millis(config.peer_timeout_ms),
+    ));
     let gossip_socket = config
         .gossip_listen
-        .map(|address| std::net::UdpSocket::bind(address).with_context(|| format!("cannot listen for gossip on {address}")))
+        .map(|address| {
+            std::net::UdpSocket::bind(address)
+                .with_context(|| format!("cannot listen for gossip on {address}"))
+        })
         .transpose()?;
     let (doors, workers) = start_cores(config, open, &counters, &shutdown, &pool)?;
     let gossip = pool::Gossip {
@@ -103,7 +136,9 @@ where
         cores: counters.clone(),
         shutdown: Arc::clone(&shutdown),
     };
-    let gossip_thread = std::thread::Builder::new().name("dualpath-gossip".into()).spawn(move || gossip.run())?;
+    let gossip_thread = std::thread::Builder::new()
+        .name("dualpath-gossip".into())
+        .spawn(move || gossip.run())?;
     let mut addresses = Vec::new();
     if let Some(listener) = &listeners.tcp {
         addresses.push(format!("tcp {}", listener.local_addr()?));
@@ -115,13 +150,28 @@ where
     let metrics_thread = match (listeners.metrics, metrics_handle) {
         (Some(listener), Some(handle)) => {
             addresses.push(format!("metrics http://{}/metrics", listener.local_addr()?));
-            let (cores, acceptor, stop) = (counters.clone(), Arc::clone(&acceptor_counters), Arc::clone(&shutdown));
-            Some(std::thread::Builder::new().name("dualpath-metrics".into()).spawn(move || metrics::serve(listener, handle, cores, acceptor, stop))?)
+            let (cores, acceptor, stop) = (
+                counters.clone(),
+                Arc::clone(&acceptor_counters),
+                Arc::clone(&shutdown),
+            );
+            Some(
+                std::thread::Builder::new()
+                    .name("dualpath-metrics".into())
+                    .spawn(move || metrics::serve(listener, handle, cores, acceptor, stop))?,
+            )
         }
         _ => None,
     };
     announce(&addresses.join(", "));
-    let namespaces = config.namespaces.iter().map(|namespace| NamespaceInfo { name: namespace.name.clone(), geometry: namespace.geometry }).collect();
+    let namespaces = config
+        .namespaces
+        .iter()
+        .map(|namespace| NamespaceInfo {
+            name: namespace.name.clone(),
+            geometry: namespace.geometry,
+        })
+        .collect();
     Acceptor {
         tcp: listeners.tcp,
         unix: listeners.unix,
@@ -184,26 +234,30 @@ where
             drain_timeout: DRAIN_TIMEOUT,
         };
         let (open, ready_sender) = (open.clone(), ready_sender.clone());
-        let worker = std::thread::Builder::new().name(format!("dualpath-core-{shard}")).spawn(move || {
-            pin_to_cpu(shard);
-            let shard_store = match open(shard) {
-                Ok(opened) => {
-                    let _ = ready_sender.send(Ok(()));
-                    opened
-                }
-                Err(error) => {
-                    let _ = ready_sender.send(Err(error));
-                    return Ok(());
-                }
-            };
-            drop(ready_sender);
-            self::core::run(shard_store, setup)
-        })?;
+        let worker = std::thread::Builder::new()
+            .name(format!("dualpath-core-{shard}"))
+            .spawn(move || {
+                pin_to_cpu(shard);
+                let shard_store = match open(shard) {
+                    Ok(opened) => {
+                        let _ = ready_sender.send(Ok(()));
+                        opened
+                    }
+                    Err(error) => {
+                        let _ = ready_sender.send(Err(error));
+                        return Ok(());
+                    }
+                };
+                drop(ready_sender);
+                self::core::run(shard_store, setup)
+            })?;
         workers.push(worker);
     }
     drop(ready_sender);
     for _ in 0..config.cores {
-        let outcome = ready.recv().unwrap_or_else(|_| Err(anyhow::anyhow!("a core thread exited during start-up")));
+        let outcome = ready
+            .recv()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("a core thread exited during start-up")));
         if let Err(error) = outcome {
             shutdown.store(true, Ordering::Relaxed);
             workers.into_iter().for_each(|worker| drop(worker.join()));
@@ -217,8 +271,12 @@ where
 fn pin_to_cpu(shard: u32) {
     use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
     use nix::unistd::Pid;
-    let Ok(allowed) = sched_getaffinity(Pid::from_raw(0)) else { return };
-    let cpus: Vec<usize> = (0..CpuSet::count()).filter(|&cpu| allowed.is_set(cpu).unwrap_or(false)).collect();
+    let Ok(allowed) = sched_getaffinity(Pid::from_raw(0)) else {
+        return;
+    };
+    let cpus: Vec<usize> = (0..CpuSet::count())
+        .filter(|&cpu| allowed.is_set(cpu).unwrap_or(false))
+        .collect();
     if cpus.is_empty() {
         return;
     }
@@ -232,13 +290,25 @@ fn pin_to_cpu(shard: u32) {
 /// The cluster secret, from `gateway.auth_secret_file` or `DUALPATH_SECRET`.
 fn load_secret(config: &GatewayConfig) -> anyhow::Result<Option<Arc<[u8]>>> {
     use std::os::unix::fs::PermissionsExt;
-    let secret = match (&config.auth_secret_file, std::env::var_os("DUALPATH_SECRET")) {
+    let secret = match (
+        &config.auth_secret_file,
+        std::env::var_os("DUALPATH_SECRET"),
+    ) {
         (Some(path), _) => {
-            let mode = std::fs::metadata(path).with_context(|| format!("cannot read the secret file {}", path.display()))?.permissions().mode();
+            let mode = std::fs::metadata(path)
+                .with_context(|| format!("cannot read the secret file {}", path.display()))?
+                .permissions()
+                .mode();
             if mode & 0o077 != 0 {
-                bail!("the secret file {} is readable by others (mode {:o}); fix: chmod 600 {}", path.display(), mode & 0o777, path.display());
+                bail!(
+                    "the secret file {} is readable by others (mode {:o}); fix: chmod 600 {}",
+                    path.display(),
+                    mode & 0o777,
+                    path.display()
+                );
             }
-            let bytes = std::fs::read(path).with_context(|| format!("cannot read the secret file {}", path.display()))?;
+            let bytes = std::fs::read(path)
+                .with_context(|| format!("cannot read the secret file {}", path.display()))?;
             bytes.trim_ascii().to_vec()
         }
         (None, Some(value)) => value.into_encoded_bytes(),
@@ -257,7 +327,8 @@ fn bind_unix(path: &std::path::Path) -> anyhow::Result<UnixListener> {
     if path.exists() {
         // A socket left by a process that died; a live gateway holds the store lock,
         // so reaching this point means the old one is gone.
-        std::fs::remove_file(path).with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
     }
     UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))
 }

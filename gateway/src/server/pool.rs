@@ -34,8 +34,17 @@ pub struct Pool {
 
 impl Pool {
     pub fn new(me: String, timeout: Duration) -> Self {
-        let idle = Load { queued_bytes: 0, read_bytes_per_second: 0, heard: Instant::now() };
-        Self { me, own: Mutex::new(idle), peers: Mutex::new(HashMap::new()), timeout }
+        let idle = Load {
+            queued_bytes: 0,
+            read_bytes_per_second: 0,
+            heard: Instant::now(),
+        };
+        Self {
+            me,
+            own: Mutex::new(idle),
+            peers: Mutex::new(HashMap::new()),
+            timeout,
+        }
     }
 
     /// This gateway and every peer heard from, with each report's age.
@@ -60,20 +69,35 @@ impl Pool {
 
     fn report(&self) -> PeerStatus {
         let own = *self.own.lock().expect("pool lock");
-        PeerStatus { address: self.me.clone(), queued_bytes: own.queued_bytes, read_bytes_per_second: own.read_bytes_per_second, age_ms: 0 }
+        PeerStatus {
+            address: self.me.clone(),
+            queued_bytes: own.queued_bytes,
+            read_bytes_per_second: own.read_bytes_per_second,
+            age_ms: 0,
+        }
     }
 
     fn heard(&self, status: PeerStatus) {
         if status.address == self.me {
             return;
         }
-        let load = Load { queued_bytes: status.queued_bytes, read_bytes_per_second: status.read_bytes_per_second, heard: Instant::now() };
-        self.peers.lock().expect("pool lock").insert(status.address, load);
+        let load = Load {
+            queued_bytes: status.queued_bytes,
+            read_bytes_per_second: status.read_bytes_per_second,
+            heard: Instant::now(),
+        };
+        self.peers
+            .lock()
+            .expect("pool lock")
+            .insert(status.address, load);
     }
 
     fn publish_metrics(&self) {
         let peers = self.peers.lock().expect("pool lock");
-        let alive = peers.values().filter(|load| load.heard.elapsed() < self.timeout).count();
+        let alive = peers
+            .values()
+            .filter(|load| load.heard.elapsed() < self.timeout)
+            .count();
         metrics::gauge!("dualpath_pool_peers_alive").set(alive as f64);
         metrics::gauge!("dualpath_pool_peers_known").set(peers.len() as f64);
     }
@@ -96,7 +120,9 @@ impl Gossip {
     /// in what peers sent.
     pub fn run(self) {
         if let Some(socket) = &self.socket {
-            socket.set_read_timeout(Some(self.interval)).expect("a bound socket takes a timeout");
+            socket
+                .set_read_timeout(Some(self.interval))
+                .expect("a bound socket takes a timeout");
         }
         let mut last_read_bytes = self.read_bytes();
         let mut last_tick = Instant::now();
@@ -108,8 +134,16 @@ impl Gossip {
                 let rate = (read_bytes - last_read_bytes) as f64 / elapsed.as_secs_f64();
                 last_read_bytes = read_bytes;
                 last_tick = Instant::now();
-                let queued = self.cores.iter().map(|core| core.queued_load_bytes.load(Ordering::Relaxed).max(0) as u64).sum();
-                *self.pool.own.lock().expect("pool lock") = Load { queued_bytes: queued, read_bytes_per_second: rate as u64, heard: Instant::now() };
+                let queued = self
+                    .cores
+                    .iter()
+                    .map(|core| core.queued_load_bytes.load(Ordering::Relaxed).max(0) as u64)
+                    .sum();
+                *self.pool.own.lock().expect("pool lock") = Load {
+                    queued_bytes: queued,
+                    read_bytes_per_second: rate as u64,
+                    heard: Instant::now(),
+                };
                 self.send();
                 self.pool.publish_metrics();
             }
@@ -125,12 +159,18 @@ impl Gossip {
     }
 
     fn read_bytes(&self) -> u64 {
-        self.cores.iter().map(|core| core.storage_read_bytes.load(Ordering::Relaxed)).sum()
+        self.cores
+            .iter()
+            .map(|core| core.storage_read_bytes.load(Ordering::Relaxed))
+            .sum()
     }
 
     fn send(&self) {
         let Some(socket) = &self.socket else { return };
-        let mut message = Frame::PoolStatus { peers: vec![self.pool.report()] }.encode();
+        let mut message = Frame::PoolStatus {
+            peers: vec![self.pool.report()],
+        }
+        .encode();
         if let Some(secret) = &self.secret {
             auth::sign(secret, &mut message);
         }
@@ -151,11 +191,20 @@ impl Gossip {
             },
             None => datagram,
         };
-        let Some(header) = message.get(..HEADER_BYTES).and_then(|bytes| decode_header(bytes.try_into().ok()?).ok()) else { return };
-        if header.kind != FrameType::PoolStatus || message.len() != HEADER_BYTES + header.body_len as usize {
+        let Some(header) = message
+            .get(..HEADER_BYTES)
+            .and_then(|bytes| decode_header(bytes.try_into().ok()?).ok())
+        else {
+            return;
+        };
+        if header.kind != FrameType::PoolStatus
+            || message.len() != HEADER_BYTES + header.body_len as usize
+        {
             return;
         }
-        if let Ok(Frame::PoolStatus { peers }) = Frame::decode(FrameType::PoolStatus, &message[HEADER_BYTES..]) {
+        if let Ok(Frame::PoolStatus { peers }) =
+            Frame::decode(FrameType::PoolStatus, &message[HEADER_BYTES..])
+        {
             peers.into_iter().for_each(|status| self.pool.heard(status));
         }
     }

@@ -26,7 +26,10 @@ use std::time::{Duration, Instant};
 use block_layout::{BlockKey, Geometry, LayerPlacement};
 use staging::{StagingBuffer, StagingSlab};
 
-use crate::{BlockStore, NamespaceId, NamespaceSpec, NamespaceStats, ReadCompletion, ReadRequest, Rejected, ShardStats, StoreError};
+use crate::{
+    BlockStore, NamespaceId, NamespaceSpec, NamespaceStats, ReadCompletion, ReadRequest, Rejected,
+    ShardStats, StoreError,
+};
 pub use http::{GetOutcome, ObjectClient, ObjectError};
 use sys::LentBuffer;
 
@@ -47,7 +50,10 @@ pub struct ObjectSettings {
 
 impl std::fmt::Debug for ObjectSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ObjectSettings").field("endpoint", &self.endpoint).field("bucket", &self.bucket).finish_non_exhaustive()
+        f.debug_struct("ObjectSettings")
+            .field("endpoint", &self.endpoint)
+            .field("bucket", &self.bucket)
+            .finish_non_exhaustive()
     }
 }
 
@@ -62,9 +68,18 @@ pub struct ObjectStore {
 
 impl ObjectStore {
     /// `shards`: how many cores share the store (each lists only its keys).
-    pub fn open(settings: &ObjectSettings, namespaces: &[NamespaceSpec], shards: u32) -> Result<Arc<Self>, StoreError> {
+    pub fn open(
+        settings: &ObjectSettings,
+        namespaces: &[NamespaceSpec],
+        shards: u32,
+    ) -> Result<Arc<Self>, StoreError> {
         let client = ObjectClient::new(settings)?;
-        Ok(Arc::new(Self { client, namespaces: namespaces.to_vec(), concurrency: settings.concurrency, shards }))
+        Ok(Arc::new(Self {
+            client,
+            namespaces: namespaces.to_vec(),
+            concurrency: settings.concurrency,
+            shards,
+        }))
     }
 
     pub fn client(&self) -> &ObjectClient {
@@ -79,7 +94,12 @@ impl ObjectStore {
         let eventfd = Arc::new(AtomicI32::new(-1));
         let workers = (0..self.concurrency)
             .map(|index| {
-                let (store, receiver, sender, eventfd) = (Arc::clone(self), Arc::clone(&job_receiver), result_sender.clone(), Arc::clone(&eventfd));
+                let (store, receiver, sender, eventfd) = (
+                    Arc::clone(self),
+                    Arc::clone(&job_receiver),
+                    result_sender.clone(),
+                    Arc::clone(&eventfd),
+                );
                 std::thread::Builder::new()
                     .name(format!("dualpath-s3-{shard}-{index}"))
                     .spawn(move || worker(&store, &receiver, &sender, &eventfd))
@@ -125,14 +145,27 @@ struct JobResult {
     outcome: Result<GetOutcome, ObjectError>,
 }
 
-fn worker(store: &ObjectStore, jobs: &Mutex<Receiver<Job>>, results: &Sender<JobResult>, eventfd: &AtomicI32) {
+fn worker(
+    store: &ObjectStore,
+    jobs: &Mutex<Receiver<Job>>,
+    results: &Sender<JobResult>,
+    eventfd: &AtomicI32,
+) {
     loop {
         let job = match jobs.lock().expect("job queue lock").recv() {
             Ok(job) => job,
             Err(_) => return, // The shard is gone.
         };
-        let outcome = store.client.get_range(&job.object, job.range.clone(), job.target);
-        if results.send(JobResult { slot: job.slot, outcome }).is_err() {
+        let outcome = store
+            .client
+            .get_range(&job.object, job.range.clone(), job.target);
+        if results
+            .send(JobResult {
+                slot: job.slot,
+                outcome,
+            })
+            .is_err()
+        {
             return;
         }
         sys::signal(eventfd.load(Ordering::Acquire));
@@ -172,7 +205,10 @@ pub struct ObjectShard {
 
 impl std::fmt::Debug for ObjectShard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ObjectShard").field("shard", &self.shard).field("in_flight", &self.in_flight).finish_non_exhaustive()
+        f.debug_struct("ObjectShard")
+            .field("shard", &self.shard)
+            .field("in_flight", &self.in_flight)
+            .finish_non_exhaustive()
     }
 }
 
@@ -191,32 +227,45 @@ impl ObjectShard {
     }
 
     fn complete(&mut self, result: JobResult) {
-        let pending = self.pending[result.slot].take().expect("a result for a request in flight");
+        let pending = self.pending[result.slot]
+            .take()
+            .expect("a result for a request in flight");
         self.free_slots.push(result.slot);
         self.in_flight -= 1;
         let spec = &self.store.namespaces[usize::from(pending.namespace)];
         let checked = match result.outcome {
             Ok(outcome) => verify(spec, &pending, &outcome),
-            Err(ObjectError::NotFound) => Err(StoreError::NotFound { namespace: spec.name.clone(), key: pending.key }),
+            Err(ObjectError::NotFound) => Err(StoreError::NotFound {
+                namespace: spec.name.clone(),
+                key: pending.key,
+            }),
             Err(error) => Err(error.into_store_error(&pending.object)),
         };
         match &checked {
             Ok(()) => {
                 self.stats.reads += 1;
-                self.stats.read_bytes += pending.placement.layer_bytes * u64::from(pending.placement.layer_count);
+                self.stats.read_bytes +=
+                    pending.placement.layer_bytes * u64::from(pending.placement.layer_count);
             }
             Err(StoreError::Corrupt { .. }) => self.stats.checksum_failures += 1,
             Err(_) => self.stats.read_errors += 1,
         }
         tracing::trace!("{} done in {:?}", pending.object, pending.started.elapsed());
-        self.finished.push(ReadCompletion { tag: pending.tag, result: checked.map(|()| pending.placement), buffer: pending.buffer });
+        self.finished.push(ReadCompletion {
+            tag: pending.tag,
+            result: checked.map(|()| pending.placement),
+            buffer: pending.buffer,
+        });
     }
 }
 
 /// Checks the object's geometry and every received layer against its checksum.
 fn verify(spec: &NamespaceSpec, pending: &Pending, outcome: &GetOutcome) -> Result<(), StoreError> {
     let geometry = spec.geometry;
-    if outcome.layers != geometry.layers || outcome.layer_bytes != geometry.layer_bytes() || outcome.layer_crcs.len() != usize::from(geometry.layers) {
+    if outcome.layers != geometry.layers
+        || outcome.layer_bytes != geometry.layer_bytes()
+        || outcome.layer_crcs.len() != usize::from(geometry.layers)
+    {
         return Err(StoreError::Layout {
             path: pending.object.clone().into(),
             problem: format!(
@@ -270,7 +319,11 @@ impl BlockStore for ObjectShard {
     }
 
     fn namespace_id(&self, name: &str) -> Option<NamespaceId> {
-        let index = self.store.namespaces.iter().position(|spec| spec.name == name)?;
+        let index = self
+            .store
+            .namespaces
+            .iter()
+            .position(|spec| spec.name == name)?;
         Some(NamespaceId(u16::try_from(index).ok()?))
     }
 
@@ -278,28 +331,60 @@ impl BlockStore for ObjectShard {
         self.spec(namespace).geometry
     }
 
-    fn submit_read(&mut self, request: ReadRequest, mut buffer: StagingBuffer) -> Result<(), Rejected> {
+    fn submit_read(
+        &mut self,
+        request: ReadRequest,
+        mut buffer: StagingBuffer,
+    ) -> Result<(), Rejected> {
         let store = Arc::clone(&self.store);
         let spec = &store.namespaces[usize::from(request.namespace.0)];
         let geometry = spec.geometry;
         if request.layers.start >= request.layers.end || request.layers.end > geometry.layers {
-            let error = StoreError::LayerRange { namespace: spec.name.clone(), layers: request.layers, layer_count: geometry.layers };
+            let error = StoreError::LayerRange {
+                namespace: spec.name.clone(),
+                layers: request.layers,
+                layer_count: geometry.layers,
+            };
             return Err(Rejected { error, buffer });
         }
         let layer_bytes = geometry.layer_bytes();
         let count = request.layers.end - request.layers.start;
         let len = layer_bytes * u64::from(count);
         if len > buffer.len() as u64 {
-            return Err(Rejected { error: StoreError::BufferTooSmall { needed: len, buffer: buffer.len() }, buffer });
+            return Err(Rejected {
+                error: StoreError::BufferTooSmall {
+                    needed: len,
+                    buffer: buffer.len(),
+                },
+                buffer,
+            });
         }
         let Some(slot) = self.free_slots.pop() else {
-            return Err(Rejected { error: StoreError::Busy { what: "the object store queue is full" }, buffer });
+            return Err(Rejected {
+                error: StoreError::Busy {
+                    what: "the object store queue is full",
+                },
+                buffer,
+            });
         };
         let object = self.store.object_name(&spec.name, request.key);
         let start = u64::from(request.layers.start) * layer_bytes;
-        let target = LentBuffer::lend(&mut buffer, usize::try_from(len).expect("checked against the buffer"));
-        let placement = LayerPlacement { first_layer_offset: 0, layer_stride: layer_bytes, layer_bytes, layer_count: count };
-        let job = Job { slot, object: object.clone(), range: start..start + len, target };
+        let target = LentBuffer::lend(
+            &mut buffer,
+            usize::try_from(len).expect("checked against the buffer"),
+        );
+        let placement = LayerPlacement {
+            first_layer_offset: 0,
+            layer_stride: layer_bytes,
+            layer_bytes,
+            layer_count: count,
+        };
+        let job = Job {
+            slot,
+            object: object.clone(),
+            range: start..start + len,
+            target,
+        };
         self.pending[slot] = Some(Pending {
             tag: request.tag,
             namespace: request.namespace.0,
@@ -311,7 +396,11 @@ impl BlockStore for ObjectShard {
             started: Instant::now(),
         });
         self.in_flight += 1;
-        self.jobs.as_ref().expect("open while the shard lives").send(job).expect("workers live as long as the shard");
+        self.jobs
+            .as_ref()
+            .expect("open while the shard lives")
+            .send(job)
+            .expect("workers live as long as the shard");
         Ok(())
     }
 
@@ -320,7 +409,10 @@ impl BlockStore for ObjectShard {
             self.complete(result);
         }
         if wait && self.finished.is_empty() && self.in_flight > 0 {
-            let result = self.results.recv().expect("workers live as long as the shard");
+            let result = self
+                .results
+                .recv()
+                .expect("workers live as long as the shard");
             self.complete(result);
         }
         out.append(&mut self.finished);
@@ -335,15 +427,27 @@ impl BlockStore for ObjectShard {
         self.pending.len()
     }
 
-    fn put(&mut self, namespace: NamespaceId, blocks: &[(BlockKey, &[u8])]) -> Result<(), StoreError> {
+    fn put(
+        &mut self,
+        namespace: NamespaceId,
+        blocks: &[(BlockKey, &[u8])],
+    ) -> Result<(), StoreError> {
         let spec = self.spec(namespace).clone();
         let expected = spec.geometry.block_bytes();
         for (key, bytes) in blocks {
             if bytes.len() as u64 != expected {
-                return Err(StoreError::WrongSize { namespace: spec.name.clone(), key: *key, expected, got: bytes.len() as u64 });
+                return Err(StoreError::WrongSize {
+                    namespace: spec.name.clone(),
+                    key: *key,
+                    expected,
+                    got: bytes.len() as u64,
+                });
             }
             let object = self.store.object_name(&spec.name, *key);
-            self.store.client.put_block(&object, &spec.geometry, bytes).map_err(|error| error.into_store_error(&object))?;
+            self.store
+                .client
+                .put_block(&object, &spec.geometry, bytes)
+                .map_err(|error| error.into_store_error(&object))?;
             self.stats.puts += 1;
             self.stats.put_bytes += bytes.len() as u64;
         }
@@ -352,7 +456,10 @@ impl BlockStore for ObjectShard {
 
     fn delete(&mut self, namespace: NamespaceId, key: BlockKey) -> Result<bool, StoreError> {
         let object = self.store.object_name(&self.spec(namespace).name, key);
-        self.store.client.delete(&object).map_err(|error| error.into_store_error(&object))
+        self.store
+            .client
+            .delete(&object)
+            .map_err(|error| error.into_store_error(&object))
     }
 
     fn contains(&self, namespace: NamespaceId, key: BlockKey) -> bool {
@@ -380,7 +487,12 @@ impl BlockStore for ObjectShard {
             .store
             .namespaces
             .iter()
-            .map(|spec| NamespaceStats { name: spec.name.clone(), blocks: 0, slots: 0, slot_bytes: spec.geometry.block_bytes() })
+            .map(|spec| NamespaceStats {
+                name: spec.name.clone(),
+                blocks: 0,
+                slots: 0,
+                slot_bytes: spec.geometry.block_bytes(),
+            })
             .collect();
         stats
     }

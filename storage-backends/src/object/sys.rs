@@ -21,7 +21,10 @@ unsafe impl Send for LentBuffer {}
 impl LentBuffer {
     pub fn lend(buffer: &mut StagingBuffer, len: usize) -> Self {
         assert!(len <= buffer.len(), "a loan within the buffer");
-        Self { start: buffer.as_mut_ptr(), len }
+        Self {
+            start: buffer.as_mut_ptr(),
+            len,
+        }
     }
 
     pub fn as_mut_slice(&mut self) -> &mut [u8] {

@@ -57,10 +57,16 @@ impl Ring {
         // The ring is used only by the thread that creates it (the shard is `!Send`).
         // DEFER_TASKRUN is not set: it would delay completions (and the eventfd that
         // wakes an event loop) until the thread enters io_uring itself.
-        let ring = IoUring::builder().setup_cqsize(depth * 2).setup_single_issuer().build(depth)?;
+        let ring = IoUring::builder()
+            .setup_cqsize(depth * 2)
+            .setup_single_issuer()
+            .build(depth)?;
         let iovecs: Vec<libc::iovec> = slab
             .raw_buffers()
-            .map(|(base, len)| libc::iovec { iov_base: base.cast(), iov_len: len })
+            .map(|(base, len)| libc::iovec {
+                iov_base: base.cast(),
+                iov_len: len,
+            })
             .collect();
         // SAFETY: each iovec is a buffer of `slab`, a live, locked mapping; the ring
         // holds an `Rc` to the slab (field `slab`) and is dropped before it, so the
@@ -135,8 +141,15 @@ impl Ring {
         len: u32,
         build: impl FnOnce(*mut u8, u16) -> squeue::Entry,
     ) -> squeue::Entry {
-        assert_eq!(buffer.slab_id(), self.slab.id(), "buffer from a slab not registered with this ring");
-        assert!(len as usize <= buffer.len(), "I/O of {len} bytes exceeds its buffer");
+        assert_eq!(
+            buffer.slab_id(),
+            self.slab.id(),
+            "buffer from a slab not registered with this ring"
+        );
+        assert!(
+            len as usize <= buffer.len(),
+            "I/O of {len} bytes exceeds its buffer"
+        );
         let index = u16::try_from(buffer.index()).expect("buffer count checked at registration");
         build(buffer.as_mut_ptr(), index)
     }
@@ -154,7 +167,9 @@ impl Ring {
             match self.ring.submit_and_wait(want) {
                 Ok(_) => return Ok(()),
                 Err(error) if error.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(error) if error.raw_os_error() == Some(libc::EBUSY) && want == 0 => return Ok(()),
+                Err(error) if error.raw_os_error() == Some(libc::EBUSY) && want == 0 => {
+                    return Ok(())
+                }
                 Err(error) => return Err(error),
             }
         }
@@ -163,7 +178,10 @@ impl Ring {
     /// Moves every ready completion into `out` (drain first, act later).
     pub fn drain(&mut self, out: &mut Vec<Completion>) {
         for entry in self.ring.completion() {
-            out.push(Completion { user_data: entry.user_data(), result: entry.result() });
+            out.push(Completion {
+                user_data: entry.user_data(),
+                result: entry.result(),
+            });
         }
     }
 }

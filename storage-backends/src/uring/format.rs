@@ -20,7 +20,8 @@ pub const MANIFEST_MAGIC: &str = "dualpath-store 1";
 
 /// Bytes of one header record for a namespace with `layers` layers.
 pub fn record_bytes(layers: u16) -> usize {
-    (HEADER_FIXED_BYTES + 4 * usize::from(layers) + 4).div_ceil(RECORD_ALIGN_BYTES) * RECORD_ALIGN_BYTES
+    (HEADER_FIXED_BYTES + 4 * usize::from(layers) + 4).div_ceil(RECORD_ALIGN_BYTES)
+        * RECORD_ALIGN_BYTES
 }
 
 /// A decoded header record.
@@ -51,7 +52,8 @@ pub fn namespace_hash(name: &str) -> u32 {
 /// Encodes `header` into `out` (exactly `record_bytes(layers)` long).
 pub fn encode_record(header: &BlockHeader, out: &mut [u8]) {
     let layers = header.layer_crcs.len();
-    let layers_u16 = u16::try_from(layers).expect("layer count validated by the namespace geometry");
+    let layers_u16 =
+        u16::try_from(layers).expect("layer count validated by the namespace geometry");
     assert_eq!(out.len(), record_bytes(layers_u16), "record buffer size");
     out.fill(0);
     out[0..4].copy_from_slice(&HEADER_MAGIC.to_le_bytes());
@@ -63,7 +65,10 @@ pub fn encode_record(header: &BlockHeader, out: &mut [u8]) {
     out[32..40].copy_from_slice(&header.generation.to_le_bytes());
     out[40..44].copy_from_slice(&header.namespace_hash.to_le_bytes());
     let crc_end = HEADER_FIXED_BYTES + 4 * layers;
-    for (chunk, crc) in out[HEADER_FIXED_BYTES..crc_end].chunks_exact_mut(4).zip(&header.layer_crcs) {
+    for (chunk, crc) in out[HEADER_FIXED_BYTES..crc_end]
+        .chunks_exact_mut(4)
+        .zip(&header.layer_crcs)
+    {
         chunk.copy_from_slice(&crc.to_le_bytes());
     }
     let record_crc = crc32c::crc32c(&out[..crc_end]);
@@ -181,7 +186,9 @@ fn decode_namespace_line(line: &str) -> Result<ManifestNamespace, String> {
     if words.next() != Some("namespace") {
         return Err(format!("unexpected line {line:?}"));
     }
-    let name = words.next().ok_or_else(|| format!("namespace line without a name: {line:?}"))?;
+    let name = words
+        .next()
+        .ok_or_else(|| format!("namespace line without a name: {line:?}"))?;
     let mut field = |expected: &str| -> Result<&str, String> {
         words
             .next()
@@ -189,19 +196,31 @@ fn decode_namespace_line(line: &str) -> Result<ManifestNamespace, String> {
             .ok_or_else(|| format!("namespace {name}: missing {expected}"))
     };
     let number_error = |what: &str| format!("namespace {name}: bad {what}");
-    let layers = field("layers")?.parse().map_err(|_| number_error("layers"))?;
-    let tokens_per_block = field("tokens_per_block")?.parse().map_err(|_| number_error("tokens_per_block"))?;
-    let bytes_per_token_per_layer =
-        field("bytes_per_token_per_layer")?.parse().map_err(|_| number_error("bytes_per_token_per_layer"))?;
+    let layers = field("layers")?
+        .parse()
+        .map_err(|_| number_error("layers"))?;
+    let tokens_per_block = field("tokens_per_block")?
+        .parse()
+        .map_err(|_| number_error("tokens_per_block"))?;
+    let bytes_per_token_per_layer = field("bytes_per_token_per_layer")?
+        .parse()
+        .map_err(|_| number_error("bytes_per_token_per_layer"))?;
     let layout = match field("layout")? {
         "full" => Layout::Full,
         "layer" => Layout::Layer,
         _ => return Err(number_error("layout")),
     };
-    let slots_per_shard = field("slots_per_shard")?.parse().map_err(|_| number_error("slots_per_shard"))?;
+    let slots_per_shard = field("slots_per_shard")?
+        .parse()
+        .map_err(|_| number_error("slots_per_shard"))?;
     Ok(ManifestNamespace {
         name: name.to_owned(),
-        geometry: Geometry { layers, tokens_per_block, bytes_per_token_per_layer, layout },
+        geometry: Geometry {
+            layers,
+            tokens_per_block,
+            bytes_per_token_per_layer,
+            layout,
+        },
         slots_per_shard,
     })
 }
@@ -268,7 +287,12 @@ mod tests {
             shards: 2,
             namespaces: vec![ManifestNamespace {
                 name: "m".into(),
-                geometry: Geometry { layers: 61, tokens_per_block: 64, bytes_per_token_per_layer: 656, layout: Layout::Layer },
+                geometry: Geometry {
+                    layers: 61,
+                    tokens_per_block: 64,
+                    bytes_per_token_per_layer: 656,
+                    layout: Layout::Layer,
+                },
                 slots_per_shard: 100,
             }],
         };

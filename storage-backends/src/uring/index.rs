@@ -126,7 +126,11 @@ impl SlotTable {
         if let Some(slot) = self.free.pop() {
             let entry = &mut self.slots[slot as usize];
             entry.state = SlotState::Writing;
-            return Some(Reservation { slot, needs_invalidation: entry.record_on_disk, evicted: None });
+            return Some(Reservation {
+                slot,
+                needs_invalidation: entry.record_on_disk,
+                evicted: None,
+            });
         }
         let mut candidate = self.oldest;
         while candidate != NIL && self.slots[candidate as usize].pins > 0 {
@@ -140,7 +144,11 @@ impl SlotTable {
         self.map.remove(&evicted);
         let entry = &mut self.slots[candidate as usize];
         entry.state = SlotState::Writing;
-        Some(Reservation { slot: candidate, needs_invalidation: entry.record_on_disk, evicted: Some(evicted) })
+        Some(Reservation {
+            slot: candidate,
+            needs_invalidation: entry.record_on_disk,
+            evicted: Some(evicted),
+        })
     }
 
     /// The slot's old record has been invalidated durably.
@@ -152,17 +160,31 @@ impl SlotTable {
     /// but no record describes it, so it is simply free.
     pub fn abandon(&mut self, slot: u32) {
         let entry = &mut self.slots[slot as usize];
-        assert_eq!(entry.state, SlotState::Writing, "abandon of a slot not being written");
+        assert_eq!(
+            entry.state,
+            SlotState::Writing,
+            "abandon of a slot not being written"
+        );
         entry.state = SlotState::Free;
         self.free.push(slot);
     }
 
     /// Makes a written and durably recorded block visible. Returns the slot that
     /// held the key before, which is now retired or free.
-    pub fn commit(&mut self, slot: u32, key: BlockKey, generation: u64, crcs: &[u32]) -> Option<u32> {
+    pub fn commit(
+        &mut self,
+        slot: u32,
+        key: BlockKey,
+        generation: u64,
+        crcs: &[u32],
+    ) -> Option<u32> {
         assert_eq!(crcs.len(), self.layers, "one checksum per layer");
         let entry = &mut self.slots[slot as usize];
-        assert_eq!(entry.state, SlotState::Writing, "commit of a slot not being written");
+        assert_eq!(
+            entry.state,
+            SlotState::Writing,
+            "commit of a slot not being written"
+        );
         entry.state = SlotState::Live;
         entry.key = key;
         entry.generation = generation;
@@ -306,7 +328,10 @@ mod tests {
         let reservation = table.reserve().expect("the old slot is free again");
         assert_eq!(reservation.slot, old);
         assert_eq!(reservation.evicted, None);
-        assert!(reservation.needs_invalidation, "its stale record must be cleared first");
+        assert!(
+            reservation.needs_invalidation,
+            "its stale record must be cleared first"
+        );
     }
 
     proptest! {

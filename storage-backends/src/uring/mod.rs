@@ -27,8 +27,8 @@ use staging::{StagingBuffer, StagingSlab};
 
 use crate::sys::uring::{Completion, Ring};
 use crate::{
-    BlockStore, IoOp, NamespaceId, NamespaceSpec, NamespaceStats, ReadCompletion, ReadRequest, Rejected,
-    ShardStats, StoreError,
+    BlockStore, IoOp, NamespaceId, NamespaceSpec, NamespaceStats, ReadCompletion, ReadRequest,
+    Rejected, ShardStats, StoreError,
 };
 use format::{BlockHeader, Manifest, ManifestNamespace, Record};
 use index::SlotTable;
@@ -48,7 +48,11 @@ pub struct UringStore {
 impl UringStore {
     /// Opens or creates the store at `root` for `shards` shards and `namespaces`.
     /// Geometry and shard count are fixed once written; capacity may grow.
-    pub fn open(root: &Path, shards: u32, namespaces: &[NamespaceSpec]) -> Result<Arc<Self>, StoreError> {
+    pub fn open(
+        root: &Path,
+        shards: u32,
+        namespaces: &[NamespaceSpec],
+    ) -> Result<Arc<Self>, StoreError> {
         assert!(shards > 0, "a store has at least one shard");
         std::fs::create_dir_all(root).map_err(|source| io_error(IoOp::Open, root, 0, 0, source))?;
         let lock = lock_store(root)?;
@@ -67,7 +71,11 @@ impl UringStore {
             Err(source) => return Err(io_error(IoOp::Read, &manifest_path, 0, 0, source)),
         };
         write_manifest(root, &manifest)?;
-        Ok(Arc::new(Self { root: root.to_owned(), manifest, _lock: lock }))
+        Ok(Arc::new(Self {
+            root: root.to_owned(),
+            manifest,
+            _lock: lock,
+        }))
     }
 
     pub fn shards(&self) -> u32 {
@@ -86,7 +94,11 @@ impl UringStore {
         slab: Rc<StagingSlab>,
         queue_depth: u32,
     ) -> Result<UringShard, StoreError> {
-        assert!(shard < self.manifest.shards, "shard {shard} of {}", self.manifest.shards);
+        assert!(
+            shard < self.manifest.shards,
+            "shard {shard} of {}",
+            self.manifest.shards
+        );
         let mut namespaces = Vec::with_capacity(self.manifest.namespaces.len());
         let mut next_generation = 1;
         for (index, entry) in self.manifest.namespaces.iter().enumerate() {
@@ -95,9 +107,13 @@ impl UringStore {
             next_generation = next_generation.max(highest + 1);
             namespaces.push(namespace);
         }
-        let fds: Vec<_> = namespaces.iter().map(|namespace| namespace.data_file.as_raw_fd()).collect();
+        let fds: Vec<_> = namespaces
+            .iter()
+            .map(|namespace| namespace.data_file.as_raw_fd())
+            .collect();
         let depth = queue_depth.next_power_of_two();
-        let ring = Ring::new(depth, slab, &fds).map_err(|source| io_error(IoOp::Ring, &self.root, 0, 0, source))?;
+        let ring = Ring::new(depth, slab, &fds)
+            .map_err(|source| io_error(IoOp::Ring, &self.root, 0, 0, source))?;
         Ok(UringShard {
             ring,
             pending: (0..depth).map(|_| None).collect(),
@@ -134,12 +150,26 @@ fn wanted_manifest(shards: u32, namespaces: &[NamespaceSpec]) -> Manifest {
 
 /// Checks the configured store against the one on disk: same shard count and
 /// geometry; capacity may grow but not shrink; new namespaces are added.
-fn merge_manifest(path: &Path, existing: Manifest, wanted: Manifest) -> Result<Manifest, StoreError> {
-    let layout_error = |problem: String, fix: String| StoreError::Layout { path: path.to_owned(), problem, fix };
+fn merge_manifest(
+    path: &Path,
+    existing: Manifest,
+    wanted: Manifest,
+) -> Result<Manifest, StoreError> {
+    let layout_error = |problem: String, fix: String| StoreError::Layout {
+        path: path.to_owned(),
+        problem,
+        fix,
+    };
     if existing.shards != wanted.shards {
         return Err(layout_error(
-            format!("the store was created for {} shards, the config asks for {}", existing.shards, wanted.shards),
-            format!("set gateway.cores = {} or import into a new store directory", existing.shards),
+            format!(
+                "the store was created for {} shards, the config asks for {}",
+                existing.shards, wanted.shards
+            ),
+            format!(
+                "set gateway.cores = {} or import into a new store directory",
+                existing.shards
+            ),
         ));
     }
     let mut merged = existing.clone();
@@ -199,7 +229,13 @@ fn lock_store(root: &Path) -> Result<File, StoreError> {
 }
 
 fn io_error(op: IoOp, path: &Path, offset: u64, len: u64, source: std::io::Error) -> StoreError {
-    StoreError::Io { op, path: path.to_owned(), offset, len, source }
+    StoreError::Io {
+        op,
+        path: path.to_owned(),
+        offset,
+        len,
+        source,
+    }
 }
 
 /// One namespace's files and index within one shard.
@@ -221,9 +257,15 @@ struct ShardNamespace {
 impl ShardNamespace {
     /// Opens (creating or growing) the files and recovers the index. Returns the
     /// highest generation found.
-    fn open(root: &Path, shard: u32, entry: &ManifestNamespace, file_index: u32) -> Result<(Self, u64), StoreError> {
+    fn open(
+        root: &Path,
+        shard: u32,
+        entry: &ManifestNamespace,
+        file_index: u32,
+    ) -> Result<(Self, u64), StoreError> {
         let directory = root.join(&entry.name);
-        std::fs::create_dir_all(&directory).map_err(|source| io_error(IoOp::Open, &directory, 0, 0, source))?;
+        std::fs::create_dir_all(&directory)
+            .map_err(|source| io_error(IoOp::Open, &directory, 0, 0, source))?;
         let geometry = entry.geometry;
         let slots = u64::from(entry.slots_per_shard);
         let data_path = directory.join(format!("shard-{shard}.blocks"));
@@ -258,7 +300,9 @@ impl ShardNamespace {
     /// Rebuilds the index from the header file: valid records in generation order.
     fn recover(&mut self) -> Result<u64, StoreError> {
         let mut records = Vec::new();
-        (&self.header_file).rewind().map_err(|source| io_error(IoOp::Read, &self.header_path, 0, 0, source))?;
+        (&self.header_file)
+            .rewind()
+            .map_err(|source| io_error(IoOp::Read, &self.header_path, 0, 0, source))?;
         (&self.header_file)
             .read_to_end(&mut records)
             .map_err(|source| io_error(IoOp::Read, &self.header_path, 0, 0, source))?;
@@ -277,7 +321,8 @@ impl ShardNamespace {
         valid.sort_by_key(|(_, header)| header.generation);
         let highest = valid.last().map_or(0, |(_, header)| header.generation);
         for (slot, header) in valid {
-            self.table.recover(slot, header.key, header.generation, &header.layer_crcs);
+            self.table
+                .recover(slot, header.key, header.generation, &header.layer_crcs);
         }
         Ok(highest)
     }
@@ -297,15 +342,27 @@ impl ShardNamespace {
         let offset = u64::from(slot) * self.record_bytes as u64;
         self.header_file
             .write_all_at(record, offset)
-            .map_err(|source| io_error(IoOp::Write, &self.header_path, offset, record.len() as u64, source))
+            .map_err(|source| {
+                io_error(
+                    IoOp::Write,
+                    &self.header_path,
+                    offset,
+                    record.len() as u64,
+                    source,
+                )
+            })
     }
 
     fn sync_headers(&self) -> Result<(), StoreError> {
-        self.header_file.sync_data().map_err(|source| io_error(IoOp::Sync, &self.header_path, 0, 0, source))
+        self.header_file
+            .sync_data()
+            .map_err(|source| io_error(IoOp::Sync, &self.header_path, 0, 0, source))
     }
 
     fn sync_data(&self) -> Result<(), StoreError> {
-        self.data_file.sync_data().map_err(|source| io_error(IoOp::Sync, &self.data_path, 0, 0, source))
+        self.data_file
+            .sync_data()
+            .map_err(|source| io_error(IoOp::Sync, &self.data_path, 0, 0, source))
     }
 }
 
@@ -333,17 +390,34 @@ fn open_data_file(path: &Path, len: u64) -> Result<File, StoreError> {
 }
 
 fn grow_file(file: &File, path: &Path, len: u64) -> Result<(), StoreError> {
-    let current = file.metadata().map_err(|source| io_error(IoOp::Open, path, 0, 0, source))?.len();
+    let current = file
+        .metadata()
+        .map_err(|source| io_error(IoOp::Open, path, 0, 0, source))?
+        .len();
     if current < len {
-        file.set_len(len).map_err(|source| io_error(IoOp::Write, path, current, len - current, source))?;
+        file.set_len(len)
+            .map_err(|source| io_error(IoOp::Write, path, current, len - current, source))?;
     }
     Ok(())
 }
 
 #[derive(Debug)]
 enum PendingOp {
-    Read { tag: u64, key: BlockKey, namespace: u16, slot: u32, first_layer: u16, span: Span, placement: LayerPlacement, buffer: StagingBuffer },
-    Write { namespace: u16, span: Span, buffer: StagingBuffer },
+    Read {
+        tag: u64,
+        key: BlockKey,
+        namespace: u16,
+        slot: u32,
+        first_layer: u16,
+        span: Span,
+        placement: LayerPlacement,
+        buffer: StagingBuffer,
+    },
+    Write {
+        namespace: u16,
+        span: Span,
+        buffer: StagingBuffer,
+    },
 }
 
 /// Where an operation touches its data file.
@@ -392,11 +466,17 @@ impl UringShard {
     }
 
     /// Validates a read and finds where it lies on disk.
-    fn locate_read(&self, request: &ReadRequest, buffer: &StagingBuffer) -> Result<(u32, Span, LayerPlacement), StoreError> {
+    fn locate_read(
+        &self,
+        request: &ReadRequest,
+        buffer: &StagingBuffer,
+    ) -> Result<(u32, Span, LayerPlacement), StoreError> {
         let namespace = self
             .namespaces
             .get(usize::from(request.namespace.0))
-            .ok_or_else(|| StoreError::UnknownNamespace { name: format!("#{}", request.namespace.0) })?;
+            .ok_or_else(|| StoreError::UnknownNamespace {
+                name: format!("#{}", request.namespace.0),
+            })?;
         let geometry = namespace.geometry;
         if request.layers.start >= request.layers.end || request.layers.end > geometry.layers {
             return Err(StoreError::LayerRange {
@@ -408,12 +488,21 @@ impl UringShard {
         let slot = namespace
             .table
             .lookup(request.key)
-            .ok_or_else(|| StoreError::NotFound { namespace: namespace.name.clone(), key: request.key })?;
+            .ok_or_else(|| StoreError::NotFound {
+                namespace: namespace.name.clone(),
+                key: request.key,
+            })?;
         let disk = geometry.disk_span(request.layers.clone());
         if disk.len > buffer.len() as u64 {
-            return Err(StoreError::BufferTooSmall { needed: disk.len, buffer: buffer.len() });
+            return Err(StoreError::BufferTooSmall {
+                needed: disk.len,
+                buffer: buffer.len(),
+            });
         }
-        let span = Span { offset: namespace.slot_offset(slot) + disk.slot_offset, len: disk.len };
+        let span = Span {
+            offset: namespace.slot_offset(slot) + disk.slot_offset,
+            len: disk.len,
+        };
         Ok((slot, span, disk.placement))
     }
 
@@ -433,26 +522,62 @@ impl UringShard {
 
     fn complete(&mut self, completion: Completion) {
         let index = usize::try_from(completion.user_data).expect("user_data is an op index");
-        let op = self.pending[index].take().expect("a completion for an operation in flight");
-        self.free_ops.push(u32::try_from(index).expect("op index below the ring depth"));
+        let op = self.pending[index]
+            .take()
+            .expect("a completion for an operation in flight");
+        self.free_ops
+            .push(u32::try_from(index).expect("op index below the ring depth"));
         match op {
-            PendingOp::Read { tag, key, namespace, slot, first_layer, span, placement, buffer } => {
+            PendingOp::Read {
+                tag,
+                key,
+                namespace,
+                slot,
+                first_layer,
+                span,
+                placement,
+                buffer,
+            } => {
                 self.reads_in_flight -= 1;
                 let shard_namespace = &self.namespaces[usize::from(namespace)];
-                let result = check_transfer(&shard_namespace.data_path, IoOp::Read, span, completion.result)
-                    .and_then(|()| verify_layers(shard_namespace, key, slot, first_layer, span, placement, &buffer));
+                let result = check_transfer(
+                    &shard_namespace.data_path,
+                    IoOp::Read,
+                    span,
+                    completion.result,
+                )
+                .and_then(|()| {
+                    verify_layers(
+                        shard_namespace,
+                        key,
+                        slot,
+                        first_layer,
+                        span,
+                        placement,
+                        &buffer,
+                    )
+                });
                 self.namespaces[usize::from(namespace)].table.unpin(slot);
                 match &result {
                     Ok(()) => {
                         self.stats.reads += 1;
-                        self.stats.read_bytes += placement.layer_bytes * u64::from(placement.layer_count);
+                        self.stats.read_bytes +=
+                            placement.layer_bytes * u64::from(placement.layer_count);
                     }
                     Err(StoreError::Corrupt { .. }) => self.stats.checksum_failures += 1,
                     Err(_) => self.stats.read_errors += 1,
                 }
-                self.finished_reads.push(ReadCompletion { tag, result: result.map(|()| placement), buffer });
+                self.finished_reads.push(ReadCompletion {
+                    tag,
+                    result: result.map(|()| placement),
+                    buffer,
+                });
             }
-            PendingOp::Write { namespace, span, buffer } => {
+            PendingOp::Write {
+                namespace,
+                span,
+                buffer,
+            } => {
                 drop(buffer);
                 let path = &self.namespaces[usize::from(namespace)].data_path;
                 if let Err(error) = check_transfer(path, IoOp::Write, span, completion.result) {
@@ -463,14 +588,22 @@ impl UringShard {
     }
 
     /// Reserves slots for `keys`, clearing the old records of reused slots durably.
-    fn reserve_slots(&mut self, namespace: NamespaceId, count: usize) -> Result<Vec<u32>, StoreError> {
+    fn reserve_slots(
+        &mut self,
+        namespace: NamespaceId,
+        count: usize,
+    ) -> Result<Vec<u32>, StoreError> {
         let shard_namespace = &mut self.namespaces[usize::from(namespace.0)];
         let mut slots = Vec::with_capacity(count);
         let mut cleared = Vec::new();
         for _ in 0..count {
             let Some(reservation) = shard_namespace.table.reserve() else {
-                slots.iter().for_each(|&slot| shard_namespace.table.abandon(slot));
-                return Err(StoreError::Busy { what: "every slot of the namespace is being read or written" });
+                slots
+                    .iter()
+                    .for_each(|&slot| shard_namespace.table.abandon(slot));
+                return Err(StoreError::Busy {
+                    what: "every slot of the namespace is being read or written",
+                });
             };
             self.stats.evictions += u64::from(reservation.evicted.is_some());
             if reservation.needs_invalidation {
@@ -485,27 +618,51 @@ impl UringShard {
                 .try_for_each(|&slot| shard_namespace.write_record(slot, &zeros))
                 .and_then(|()| shard_namespace.sync_headers());
             if let Err(error) = result {
-                slots.iter().for_each(|&slot| shard_namespace.table.abandon(slot));
+                slots
+                    .iter()
+                    .for_each(|&slot| shard_namespace.table.abandon(slot));
                 return Err(error);
             }
-            cleared.iter().for_each(|&slot| shard_namespace.table.mark_record_cleared(slot));
+            cleared
+                .iter()
+                .for_each(|&slot| shard_namespace.table.mark_record_cleared(slot));
         }
         Ok(slots)
     }
 
     /// Writes one block's on-disk image into its slot through staging buffers, a
     /// buffer-sized aligned chunk at a time. Returns the per-layer checksums.
-    fn write_block(&mut self, namespace: NamespaceId, slot: u32, bytes: &[u8]) -> Result<Vec<u32>, StoreError> {
+    fn write_block(
+        &mut self,
+        namespace: NamespaceId,
+        slot: u32,
+        bytes: &[u8],
+    ) -> Result<Vec<u32>, StoreError> {
         let geometry = self.namespace(namespace).geometry;
-        let crcs: Vec<u32> = bytes.chunks_exact(geometry.layer_bytes() as usize).map(crc32c::crc32c).collect();
+        let crcs: Vec<u32> = bytes
+            .chunks_exact(geometry.layer_bytes() as usize)
+            .map(crc32c::crc32c)
+            .collect();
         let chunk_bytes = self.slab().buffer_bytes() as u64;
         let slot_bytes = geometry.slot_bytes();
         let mut image_offset = 0;
         while image_offset < slot_bytes {
             let len = chunk_bytes.min(slot_bytes - image_offset);
             let mut buffer = self.acquire_buffer()?;
-            geometry.fill_disk_image(bytes, image_offset, &mut buffer.as_mut_slice()[..len as usize]);
-            self.submit_write(namespace, slot, Span { offset: image_offset, len }, buffer)?;
+            geometry.fill_disk_image(
+                bytes,
+                image_offset,
+                &mut buffer.as_mut_slice()[..len as usize],
+            );
+            self.submit_write(
+                namespace,
+                slot,
+                Span {
+                    offset: image_offset,
+                    len,
+                },
+                buffer,
+            )?;
             image_offset += len;
         }
         Ok(crcs)
@@ -517,7 +674,9 @@ impl UringShard {
                 return Ok(buffer);
             }
             if self.pending.iter().all(Option::is_none) {
-                return Err(StoreError::Busy { what: "no free staging buffer for a write" });
+                return Err(StoreError::Busy {
+                    what: "no free staging buffer for a write",
+                });
             }
             self.pump(1)?;
         }
@@ -525,22 +684,44 @@ impl UringShard {
 
     /// Submits a write of the first `within_slot.len` bytes of `buffer` to
     /// `within_slot.offset` of the slot.
-    fn submit_write(&mut self, namespace: NamespaceId, slot: u32, within_slot: Span, buffer: StagingBuffer) -> Result<(), StoreError> {
+    fn submit_write(
+        &mut self,
+        namespace: NamespaceId,
+        slot: u32,
+        within_slot: Span,
+        buffer: StagingBuffer,
+    ) -> Result<(), StoreError> {
         let shard_namespace = self.namespace(namespace);
-        let span = Span { offset: shard_namespace.slot_offset(slot) + within_slot.offset, len: within_slot.len };
+        let span = Span {
+            offset: shard_namespace.slot_offset(slot) + within_slot.offset,
+            len: within_slot.len,
+        };
         let file_index = shard_namespace.file_index;
-        let len = u32::try_from(span.len).expect("a span fits a staging buffer, which is below 4 GiB");
-        let mut op = PendingOp::Write { namespace: namespace.0, span, buffer };
+        let len =
+            u32::try_from(span.len).expect("a span fits a staging buffer, which is below 4 GiB");
+        let mut op = PendingOp::Write {
+            namespace: namespace.0,
+            span,
+            buffer,
+        };
         loop {
             match self.take_op(op) {
                 Ok(user_data) => {
-                    let Some(PendingOp::Write { buffer, .. }) = self.pending[user_data as usize].as_mut() else {
+                    let Some(PendingOp::Write { buffer, .. }) =
+                        self.pending[user_data as usize].as_mut()
+                    else {
                         unreachable!("just stored a write")
                     };
                     // SAFETY: the buffer now lives in `pending` until its completion is
                     // reaped in `complete`; the data file stays open as long as `self`.
-                    let pushed = unsafe { self.ring.push_write(file_index, buffer, len, span.offset, user_data) };
-                    assert!(pushed, "in-flight operations never exceed the submission queue");
+                    let pushed = unsafe {
+                        self.ring
+                            .push_write(file_index, buffer, len, span.offset, user_data)
+                    };
+                    assert!(
+                        pushed,
+                        "in-flight operations never exceed the submission queue"
+                    );
                     return Ok(());
                 }
                 Err(returned) => {
@@ -552,7 +733,11 @@ impl UringShard {
     }
 
     fn wait_for_writes(&mut self) -> Result<(), StoreError> {
-        while self.pending.iter().any(|op| matches!(op, Some(PendingOp::Write { .. }))) {
+        while self
+            .pending
+            .iter()
+            .any(|op| matches!(op, Some(PendingOp::Write { .. })))
+        {
             self.pump(1)?;
         }
         match self.write_failure.take() {
@@ -561,7 +746,11 @@ impl UringShard {
         }
     }
 
-    fn put_batch(&mut self, namespace: NamespaceId, blocks: &[(BlockKey, &[u8])]) -> Result<(), StoreError> {
+    fn put_batch(
+        &mut self,
+        namespace: NamespaceId,
+        blocks: &[(BlockKey, &[u8])],
+    ) -> Result<(), StoreError> {
         let slots = self.reserve_slots(namespace, blocks.len())?;
         let written = self.write_batch_data(namespace, blocks, &slots);
         let crcs = match written {
@@ -583,7 +772,8 @@ impl UringShard {
                 generation: first_generation + index as u64,
                 namespace_hash: shard_namespace.namespace_hash,
                 layout: shard_namespace.geometry.layout,
-                layer_bytes: u32::try_from(shard_namespace.geometry.layer_bytes()).expect("validated below 4 GiB"),
+                layer_bytes: u32::try_from(shard_namespace.geometry.layer_bytes())
+                    .expect("validated below 4 GiB"),
                 layer_crcs: crcs[index].clone(),
             };
             format::encode_record(&header, &mut record);
@@ -599,14 +789,21 @@ impl UringShard {
             return Err(error);
         }
         for (index, ((key, bytes), &slot)) in blocks.iter().zip(&slots).enumerate() {
-            shard_namespace.table.commit(slot, *key, first_generation + index as u64, &crcs[index]);
+            shard_namespace
+                .table
+                .commit(slot, *key, first_generation + index as u64, &crcs[index]);
             self.stats.puts += 1;
             self.stats.put_bytes += bytes.len() as u64;
         }
         Ok(())
     }
 
-    fn write_batch_data(&mut self, namespace: NamespaceId, blocks: &[(BlockKey, &[u8])], slots: &[u32]) -> Result<Vec<Vec<u32>>, StoreError> {
+    fn write_batch_data(
+        &mut self,
+        namespace: NamespaceId,
+        blocks: &[(BlockKey, &[u8])],
+        slots: &[u32],
+    ) -> Result<Vec<Vec<u32>>, StoreError> {
         let mut crcs = Vec::with_capacity(blocks.len());
         let mut result = Ok(());
         for ((_, bytes), &slot) in blocks.iter().zip(slots) {
@@ -628,11 +825,22 @@ impl UringShard {
 
 fn check_transfer(path: &Path, op: IoOp, span: Span, result: i32) -> Result<(), StoreError> {
     if result < 0 {
-        return Err(io_error(op, path, span.offset, span.len, std::io::Error::from_raw_os_error(-result)));
+        return Err(io_error(
+            op,
+            path,
+            span.offset,
+            span.len,
+            std::io::Error::from_raw_os_error(-result),
+        ));
     }
     let done = u64::try_from(result).expect("non-negative");
     if done != span.len {
-        return Err(StoreError::ShortRead { path: path.to_owned(), offset: span.offset, expected: span.len, got: done });
+        return Err(StoreError::ShortRead {
+            path: path.to_owned(),
+            offset: span.offset,
+            expected: span.len,
+            got: done,
+        });
     }
     Ok(())
 }
@@ -684,8 +892,13 @@ impl BlockStore for UringShard {
     }
 
     fn namespace_id(&self, name: &str) -> Option<NamespaceId> {
-        let index = self.namespaces.iter().position(|namespace| namespace.name == name)?;
-        Some(NamespaceId(u16::try_from(index).expect("namespace count bounded by config")))
+        let index = self
+            .namespaces
+            .iter()
+            .position(|namespace| namespace.name == name)?;
+        Some(NamespaceId(
+            u16::try_from(index).expect("namespace count bounded by config"),
+        ))
     }
 
     fn geometry(&self, namespace: NamespaceId) -> Geometry {
@@ -711,7 +924,12 @@ impl BlockStore for UringShard {
         let user_data = match self.take_op(op) {
             Ok(user_data) => user_data,
             Err(PendingOp::Read { buffer, .. }) => {
-                return Err(Rejected { error: StoreError::Busy { what: "the storage queue is full" }, buffer })
+                return Err(Rejected {
+                    error: StoreError::Busy {
+                        what: "the storage queue is full",
+                    },
+                    buffer,
+                })
             }
             Err(PendingOp::Write { .. }) => unreachable!("a read was offered"),
         };
@@ -726,8 +944,14 @@ impl BlockStore for UringShard {
         // SAFETY: the buffer lives in `pending` until `complete` takes it after the
         // completion is reaped; the slot is pinned, so no put overwrites it meanwhile;
         // the data file stays open and registered as long as `self`.
-        let pushed = unsafe { self.ring.push_read(file_index, buffer, len, span.offset, user_data) };
-        assert!(pushed, "in-flight operations never exceed the submission queue");
+        let pushed = unsafe {
+            self.ring
+                .push_read(file_index, buffer, len, span.offset, user_data)
+        };
+        assert!(
+            pushed,
+            "in-flight operations never exceed the submission queue"
+        );
         self.reads_in_flight += 1;
         Ok(())
     }
@@ -747,10 +971,17 @@ impl BlockStore for UringShard {
         self.pending.len()
     }
 
-    fn put(&mut self, namespace: NamespaceId, blocks: &[(BlockKey, &[u8])]) -> Result<(), StoreError> {
+    fn put(
+        &mut self,
+        namespace: NamespaceId,
+        blocks: &[(BlockKey, &[u8])],
+    ) -> Result<(), StoreError> {
         let shard_namespace = self.namespace(namespace);
         let expected = shard_namespace.geometry.block_bytes();
-        if let Some((key, bytes)) = blocks.iter().find(|(_, bytes)| bytes.len() as u64 != expected) {
+        if let Some((key, bytes)) = blocks
+            .iter()
+            .find(|(_, bytes)| bytes.len() as u64 != expected)
+        {
             return Err(StoreError::WrongSize {
                 namespace: shard_namespace.name.clone(),
                 key: *key,
