@@ -1,0 +1,150 @@
+//! Safe RDMA verbs for the gateway's RDMA transport and the client: open a
+//! device port, register memory, create reliable-connected queue pairs, post
+//! RDMA WRITEs and SENDs, poll completions. All `unsafe` is in `sys`; the two
+//! operations whose buffers leave Rust's control (`post_write`, `post_recv`)
+//! and memory registration stay `unsafe fn`s with their contracts.
+//!
+//! Links against libibverbs (rdma-core). Without a device, `Verbs::open`
+//! returns `VerbsError::NoDevice` and callers fall back to TCP.
+
+mod sys;
+
+use std::sync::Arc;
+
+pub use sys::{device_names, CompletionQueue, MemoryRegion, QueuePair};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerbsError {
+    #[error("no RDMA device is present (ibv_get_device_list found none): use the tcp transport, or load a driver (e.g. rdma_rxe for Soft-RoCE)")]
+    NoDevice,
+    #[error("RDMA device {name:?} not found; present: {present:?}")]
+    UnknownDevice { name: String, present: Vec<String> },
+    #[error("RDMA device {device} port {port} is not active")]
+    PortDown { device: String, port: u8 },
+    #[error("RDMA device {device} port {port} has no GID at index {gid_index}: pick another rdma_gid_index (see `ibv_devinfo -v`)")]
+    NoGid { device: String, port: u8, gid_index: u8 },
+    #[error("{op} failed: {source}")]
+    Os { op: &'static str, source: std::io::Error },
+}
+
+/// Where a queue pair can be reached: what the two sides exchange to connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoint {
+    pub qp_num: u32,
+    pub psn: u32,
+    pub lid: u16,
+    pub gid: [u8; 16],
+}
+
+/// A scatter-gather entry: local memory inside a registered region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sge {
+    pub address: u64,
+    pub len: u32,
+    pub lkey: u32,
+}
+
+/// One polled work completion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    pub wr_id: u64,
+    pub ok: bool,
+    pub status: u32,
+    pub status_text: &'static str,
+    pub is_receive: bool,
+    pub byte_len: u32,
+}
+
+/// An open device port and a protection domain on it: what memory regions
+/// and queue pairs are created from. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Verbs {
+    pd: Arc<sys::ProtectionDomain>,
+}
+
+impl Verbs {
+    /// Opens `device` (or the first present) on `port` using the GID at
+    /// `gid_index` (RoCE v2 over IPv4 is usually index 1 on Soft-RoCE).
+    pub fn open(device: Option<&str>, port: u8, gid_index: u8) -> Result<Self, VerbsError> {
+        let device = Arc::new(sys::Device::open(device, port, gid_index)?);
+        Ok(Self { pd: Arc::new(sys::ProtectionDomain::new(device)?) })
+    }
+
+    pub fn device_name(&self) -> &str {
+        &self.pd.device.name
+    }
+
+    /// Registers memory for local use and, with `remote_write`, for RDMA
+    /// WRITEs from peers that know its rkey.
+    ///
+    /// # Safety
+    /// `[address, address + len)` must stay mapped, and not be freed or
+    /// remapped, until the returned region is dropped.
+    pub unsafe fn register(&self, address: *mut u8, len: usize, remote_write: bool) -> Result<MemoryRegion, VerbsError> {
+        // SAFETY: forwarded contract.
+        unsafe { MemoryRegion::register(self.pd.clone(), address, len, remote_write) }
+    }
+
+    /// A reliable-connected queue pair in INIT with room for `send_depth`
+    /// outstanding sends/writes and `recv_depth` posted receives; SENDs up to
+    /// `max_inline` bytes are copied into the work request.
+    pub fn queue_pair(&self, send_depth: u32, recv_depth: u32, max_inline: u32, recv_channel: bool) -> Result<QueuePair, VerbsError> {
+        QueuePair::new(self.pd.clone(), send_depth, recv_depth, max_inline, recv_channel)
+    }
+}
+
+impl MemoryRegion {
+    pub fn address(&self) -> u64 {
+        self.address
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl QueuePair {
+    pub fn endpoint(&self) -> Endpoint {
+        let device = self.device();
+        Endpoint { qp_num: self.qp_num(), psn: self.psn, lid: device.lid, gid: device.gid }
+    }
+
+    /// Connects to the peer (INIT -> RTR -> RTS). After this, posted work flows.
+    pub fn connect_to(&mut self, remote: &Endpoint) -> Result<(), VerbsError> {
+        self.connect(remote)
+    }
+
+    /// # Safety
+    /// See [`QueuePair`]'s `post_write` contract: local memory registered on
+    /// this protection domain and untouched until completion; the remote range
+    /// inside the peer's region.
+    pub unsafe fn write(&mut self, wr_id: u64, sges: &[Sge], remote_address: u64, rkey: u32, signaled: bool) -> Result<(), VerbsError> {
+        // SAFETY: forwarded contract.
+        unsafe { self.post_write(wr_id, sges, remote_address, rkey, signaled) }
+    }
+
+    /// Sends `bytes` (at most the `max_inline` given at creation) as one message.
+    pub fn send_inline(&mut self, wr_id: u64, bytes: &[u8], signaled: bool) -> Result<(), VerbsError> {
+        self.post_send_inline(wr_id, bytes, signaled)
+    }
+
+    /// # Safety
+    /// `sge` lies in a region registered on this protection domain and is
+    /// neither read nor written by Rust until its completion is polled.
+    pub unsafe fn receive(&mut self, wr_id: u64, sge: Sge) -> Result<(), VerbsError> {
+        // SAFETY: forwarded contract.
+        unsafe { self.post_recv(wr_id, sge) }
+    }
+
+    pub fn send_queue(&mut self) -> &mut CompletionQueue {
+        &mut self.send_cq
+    }
+
+    pub fn recv_queue(&mut self) -> &mut CompletionQueue {
+        &mut self.recv_cq
+    }
+}
