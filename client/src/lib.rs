@@ -90,6 +90,31 @@ pub struct ClientOptions {
     pub pool_poll_interval: Duration,
     /// A gateway the pool has not heard from for this long leaves the split.
     pub pool_silence: Duration,
+    /// Ask gateways to write payloads by RDMA (`None`: TCP).
+    pub rdma: Option<RdmaOptions>,
+}
+
+/// Which RDMA device this client's memory is registered on, and whether RDMA
+/// is required (else a gateway or machine without it means TCP, logged once).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RdmaOptions {
+    /// Device name (`ibv_devices`); `None`: the first present.
+    pub device: Option<String>,
+    pub port: u8,
+    /// The GID index of the RoCE v2 IPv4 address (`ibv_devinfo -v`).
+    pub gid_index: u8,
+    pub required: bool,
+}
+
+impl Default for RdmaOptions {
+    fn default() -> Self {
+        Self {
+            device: None,
+            port: 1,
+            gid_index: 1,
+            required: false,
+        }
+    }
 }
 
 impl Default for ClientOptions {
@@ -102,6 +127,7 @@ impl Default for ClientOptions {
             policy: Policy::DualPath,
             pool_poll_interval: Duration::from_millis(50),
             pool_silence: Duration::from_millis(500),
+            rdma: None,
         }
     }
 }
@@ -156,12 +182,29 @@ impl Client {
         if addresses.is_empty() {
             return Err(ClientError::Invalid("no gateway address given".into()));
         }
+        let verbs = match &options.rdma {
+            None => None,
+            Some(rdma) => {
+                match verbs::Verbs::open(rdma.device.as_deref(), rdma.port, rdma.gid_index) {
+                    Ok(verbs) => Some(verbs),
+                    Err(error) if rdma.required => {
+                        return Err(ClientError::Invalid(format!(
+                            "RDMA is required but cannot be used: {error}"
+                        )))
+                    }
+                    Err(error) => {
+                        tracing::info!("RDMA is off ({error}); gateways send over TCP");
+                        None
+                    }
+                }
+            }
+        };
         let regions = Arc::new(RwLock::new(HashMap::new()));
         let mut gateways = Vec::with_capacity(addresses.len());
         let mut unreachable = Vec::new();
         let mut first_error = None;
         for address in addresses {
-            match connect_gateway(address, &options, &regions) {
+            match connect_gateway(address, &options, &regions, verbs.as_ref()) {
                 Ok(gateway) => gateways.push(gateway),
                 Err(error @ (ClientError::Connect { .. } | ClientError::Disconnected { .. })) => {
                     unreachable.push(address.to_string());
@@ -186,7 +229,7 @@ impl Client {
         ));
         let gateways = Arc::new(gateways);
         let poller = (!options.pool_poll_interval.is_zero())
-            .then(|| start_poller(&gateways, &dual, &options, &regions));
+            .then(|| start_poller(&gateways, &dual, &options, &regions, verbs.clone()));
         Ok(Self {
             gateways,
             unreachable,
@@ -198,6 +241,21 @@ impl Client {
             options,
             poller,
         })
+    }
+
+    /// Per reachable gateway: "rdma" when it writes payloads into this client's
+    /// memory by RDMA WRITE, "tcp" when it sends them over the socket.
+    pub fn transports(&self) -> Vec<&'static str> {
+        self.gateways
+            .iter()
+            .map(|gateway| {
+                if gateway.links().iter().all(|link| link.uses_rdma()) {
+                    "rdma"
+                } else {
+                    "tcp"
+                }
+            })
+            .collect()
     }
 
     /// The geometry of a namespace the (first) gateway serves.
@@ -212,7 +270,7 @@ impl Client {
     /// Registers `region` as a load target on every gateway shard.
     pub fn register_region(&self, region: Arc<Region>) -> Result<RegionId, ClientError> {
         let id = self.next_region.fetch_add(1, Ordering::Relaxed);
-        let len = region.len() as u64;
+        let region_arc = Arc::clone(&region);
         self.regions
             .write()
             .expect("region table lock")
@@ -224,7 +282,7 @@ impl Client {
                 continue;
             }
             for link in gateway.links() {
-                link.register_region(id, len)?;
+                link.register_region(id, &region_arc)?;
             }
         }
         Ok(RegionId(id))
@@ -389,9 +447,10 @@ fn connect_gateway(
     address: &str,
     options: &ClientOptions,
     regions: &Arc<RwLock<HashMap<u32, Arc<Region>>>>,
+    verbs: Option<&verbs::Verbs>,
 ) -> Result<Gateway, ClientError> {
     let endpoint = Endpoint::parse(address)?;
-    let first = ShardLink::connect(&endpoint, 0, options, Arc::clone(regions))?;
+    let first = ShardLink::connect(&endpoint, 0, options, Arc::clone(regions), verbs)?;
     let (shard_count, namespaces) = (first.shard_count, first.namespaces.clone());
     let mut shards = vec![Arc::new(first)];
     for shard in 1..shard_count {
@@ -400,6 +459,7 @@ fn connect_gateway(
             shard,
             options,
             Arc::clone(regions),
+            verbs,
         )?));
     }
     Ok(Gateway {
@@ -438,8 +498,9 @@ impl Gateway {
         &self,
         options: &ClientOptions,
         regions: &Arc<RwLock<HashMap<u32, Arc<Region>>>>,
+        verbs: Option<&verbs::Verbs>,
     ) -> bool {
-        match connect_gateway(&self.address, options, regions) {
+        match connect_gateway(&self.address, options, regions, verbs) {
             Ok(fresh) => {
                 *self.shards.write().expect("links lock") = fresh.links();
                 true
@@ -464,6 +525,7 @@ fn start_poller(
     dual: &Arc<dual::DualState>,
     options: &ClientOptions,
     regions: &Arc<RwLock<HashMap<u32, Arc<Region>>>>,
+    verbs: Option<verbs::Verbs>,
 ) -> (
     Arc<std::sync::atomic::AtomicBool>,
     std::thread::JoinHandle<()>,
@@ -479,7 +541,8 @@ fn start_poller(
             while !stop_flag.load(Ordering::Relaxed) {
                 for gateway in gateways.iter() {
                     let now = started.elapsed().as_secs_f64();
-                    if gateway.is_closed() && !gateway.reconnect(&options, &regions) {
+                    if gateway.is_closed() && !gateway.reconnect(&options, &regions, verbs.as_ref())
+                    {
                         dual.pool_report(
                             &gateways,
                             &[protocol::PeerStatus {

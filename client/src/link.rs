@@ -18,6 +18,7 @@ use protocol::{
 };
 
 use crate::load::{LoadShared, PartId};
+use crate::sys::ReceiveRing;
 use crate::{BlockStatus, ClientError, ClientOptions, Region};
 
 /// Where a gateway listens.
@@ -124,7 +125,23 @@ pub struct ShardLink {
     writer: Mutex<(Socket, std::collections::HashSet<u32>)>,
     shared: Arc<LinkShared>,
     receiver: Option<std::thread::JoinHandle<()>>,
+    /// Set when the gateway writes payloads by RDMA on this connection.
+    rdma: Option<RdmaLink>,
 }
+
+/// The RDMA side of a connection: the verbs handle (to register regions) and
+/// the thread that receives the gateway's notices from the queue pair.
+#[derive(Debug)]
+struct RdmaLink {
+    verbs: verbs::Verbs,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    receiver: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Notice receive buffers per connection, and their size (a notice is at most
+/// `transport::RDMA_NOTICE_MAX` bytes; the slack is for future frames).
+const NOTICE_SLOTS: usize = 128;
+const NOTICE_SLOT_BYTES: usize = 512;
 
 impl ShardLink {
     pub fn connect(
@@ -132,6 +149,7 @@ impl ShardLink {
         shard: u32,
         options: &ClientOptions,
         regions: Arc<RwLock<HashMap<u32, Arc<Region>>>>,
+        verbs: Option<&verbs::Verbs>,
     ) -> Result<Self, ClientError> {
         let address = endpoint.describe();
         let connect_error = |source| ClientError::Connect {
@@ -144,6 +162,10 @@ impl ShardLink {
             .map_err(connect_error)?;
         let (shard_count, namespaces) =
             hello(&mut socket, shard, options.secret.as_deref(), &address)?;
+        let inbox = match verbs {
+            Some(verbs) => rdma_handshake(&mut socket, verbs, &address, options)?,
+            None => None,
+        };
         socket.set_read_timeout(None).map_err(connect_error)?;
         let reader = socket.try_clone().map_err(connect_error)?;
         let shared = Arc::new(LinkShared {
@@ -152,6 +174,24 @@ impl ShardLink {
             changed: Condvar::new(),
             regions,
         });
+        let rdma = match inbox {
+            Some((queue_pair, ring)) => {
+                let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let (thread_shared, thread_stop) = (Arc::clone(&shared), Arc::clone(&stop));
+                let receiver = std::thread::Builder::new()
+                    .name(format!("dualpath-rdma-{shard}"))
+                    .spawn(move || {
+                        rdma_receive_loop(queue_pair, ring, &thread_shared, &thread_stop)
+                    })
+                    .map_err(connect_error)?;
+                Some(RdmaLink {
+                    verbs: verbs.expect("an inbox needs verbs").clone(),
+                    stop,
+                    receiver: Some(receiver),
+                })
+            }
+            None => None,
+        };
         let receiver_shared = Arc::clone(&shared);
         let receiver = std::thread::Builder::new()
             .name(format!("dualpath-recv-{shard}"))
@@ -163,7 +203,35 @@ impl ShardLink {
             writer: Mutex::new((socket, Default::default())),
             shared,
             receiver: Some(receiver),
+            rdma,
         })
+    }
+
+    /// Whether the gateway writes payloads by RDMA on this connection.
+    pub fn uses_rdma(&self) -> bool {
+        self.rdma.is_some()
+    }
+
+    /// The frame that announces `region_id`: with its RDMA key when this
+    /// connection uses RDMA.
+    fn region_frame(&self, region_id: u32, region: &Region) -> Result<Frame, ClientError> {
+        let len = region.len() as u64;
+        match &self.rdma {
+            None => Ok(Frame::RegisterRegion { region_id, len }),
+            Some(rdma) => {
+                let (address, rkey) = region.rdma_key(&rdma.verbs).map_err(|error| {
+                    ClientError::Invalid(format!(
+                        "cannot register region {region_id} ({len} bytes) for RDMA: {error}"
+                    ))
+                })?;
+                Ok(Frame::RegisterRemoteRegion {
+                    region_id,
+                    len,
+                    address,
+                    rkey,
+                })
+            }
+        }
     }
 
     fn send(&self, bytes: &[&[u8]]) -> Result<(), ClientError> {
@@ -189,22 +257,16 @@ impl ShardLink {
         let mut writer = self.writer.lock().expect("writer lock");
         let (socket, announced) = &mut *writer;
         if !announced.contains(&load.region_id) {
-            let len = self
+            let region = self
                 .shared
                 .regions
                 .read()
                 .expect("region table lock")
                 .get(&load.region_id)
-                .map(|region| region.len() as u64);
-            if let Some(len) = len {
-                self.write_parts(
-                    socket,
-                    &[&Frame::RegisterRegion {
-                        region_id: load.region_id,
-                        len,
-                    }
-                    .encode()],
-                )?;
+                .cloned();
+            if let Some(region) = region {
+                let frame = self.region_frame(load.region_id, &region)?;
+                self.write_parts(socket, &[&frame.encode()])?;
                 announced.insert(load.region_id);
             }
         }
@@ -247,13 +309,11 @@ impl ShardLink {
     }
 
     /// Announces a region now (loads announce it themselves if this was missed).
-    pub fn register_region(&self, region_id: u32, len: u64) -> Result<(), ClientError> {
+    pub fn register_region(&self, region_id: u32, region: &Region) -> Result<(), ClientError> {
+        let frame = self.region_frame(region_id, region)?;
         let mut writer = self.writer.lock().expect("writer lock");
         let (socket, announced) = &mut *writer;
-        self.write_parts(
-            socket,
-            &[&Frame::RegisterRegion { region_id, len }.encode()],
-        )?;
+        self.write_parts(socket, &[&frame.encode()])?;
         announced.insert(region_id);
         Ok(())
     }
@@ -351,7 +411,160 @@ impl Drop for ShardLink {
         if let Some(receiver) = self.receiver.take() {
             let _ = receiver.join();
         }
+        if let Some(rdma) = self.rdma.as_mut() {
+            rdma.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            if let Some(receiver) = rdma.receiver.take() {
+                let _ = receiver.join();
+            }
+        }
     }
+}
+
+/// Asks the gateway for RDMA on this connection: a queue pair with posted
+/// receive buffers, its endpoint sent in `RdmaConnect`, the gateway's in
+/// `RdmaAccept`. A gateway without RDMA answers with an error: then this
+/// connection stays on TCP, unless the options require RDMA.
+fn rdma_handshake(
+    socket: &mut Socket,
+    verbs: &verbs::Verbs,
+    address: &str,
+    options: &ClientOptions,
+) -> Result<Option<(verbs::QueuePair, ReceiveRing)>, ClientError> {
+    let refused = |message: String| ClientError::Handshake {
+        address: address.to_owned(),
+        message,
+    };
+    let setup = |error: verbs::VerbsError| refused(format!("RDMA set-up failed: {error}"));
+    let mut queue_pair = verbs
+        .queue_pair(
+            4,
+            NOTICE_SLOTS as u32,
+            0,
+            verbs::QueueChannels {
+                send: false,
+                receive: true,
+            },
+        )
+        .map_err(setup)?;
+    let ring = ReceiveRing::new(verbs, NOTICE_SLOTS, NOTICE_SLOT_BYTES).map_err(setup)?;
+    for slot in 0..ring.slots() {
+        ring.post(&mut queue_pair, slot).map_err(setup)?;
+    }
+    queue_pair.recv_queue().arm().map_err(setup)?;
+    let local = queue_pair.endpoint();
+    let request = Frame::RdmaConnect(protocol::RdmaEndpoint {
+        qp_num: local.qp_num,
+        psn: local.psn,
+        lid: local.lid,
+        gid: local.gid,
+    });
+    let io_error = |source| ClientError::Connect {
+        address: address.to_owned(),
+        source,
+    };
+    socket.write_all(&request.encode()).map_err(io_error)?;
+    match read_control(socket).map_err(io_error)? {
+        Frame::RdmaAccept(remote) => {
+            queue_pair
+                .connect_to(&verbs::Endpoint {
+                    qp_num: remote.qp_num,
+                    psn: remote.psn,
+                    lid: remote.lid,
+                    gid: remote.gid,
+                })
+                .map_err(setup)?;
+            Ok(Some((queue_pair, ring)))
+        }
+        Frame::Error { code, message, .. }
+            if !options.rdma.as_ref().is_some_and(|rdma| rdma.required) =>
+        {
+            tracing::info!("{address}: the gateway refused RDMA ({code}: {message}); using TCP");
+            Ok(None)
+        }
+        Frame::Error { code, message, .. } => {
+            Err(refused(format!("RDMA refused: {code}: {message}")))
+        }
+        other => Err(refused(format!(
+            "unexpected {:?} frame in the RDMA handshake",
+            other.kind()
+        ))),
+    }
+}
+
+/// Receives the gateway's notices from the queue pair until the link stops or
+/// fails: each completed receive holds one frame, dispatched like a TCP frame,
+/// then its buffer goes back to the NIC.
+fn rdma_receive_loop(
+    mut queue_pair: verbs::QueuePair,
+    ring: ReceiveRing,
+    shared: &LinkShared,
+    stop: &std::sync::atomic::AtomicBool,
+) {
+    let mut completions = Vec::with_capacity(NOTICE_SLOTS);
+    let failure = 'receive: loop {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let queue = queue_pair.recv_queue();
+        let drained = (|| -> Result<(), verbs::VerbsError> {
+            // At most 100 ms, so `stop` is seen.
+            queue.wait(100)?;
+            while queue.take_event()? {}
+            completions.clear();
+            queue.poll(&mut completions, NOTICE_SLOTS)?;
+            queue.arm()?;
+            queue.poll(&mut completions, NOTICE_SLOTS)?;
+            Ok(())
+        })();
+        if let Err(error) = drained {
+            break format!("RDMA receive queue: {error}");
+        }
+        for completion in &completions {
+            if !completion.ok {
+                break 'receive format!("RDMA receive failed: {}", completion.status_text);
+            }
+            let slot = completion.wr_id as usize;
+            let message = ring.message(slot, completion.byte_len as usize);
+            if let Err(error) = dispatch_message(message, shared) {
+                break 'receive error.to_string();
+            }
+            if let Err(error) = ring.post(&mut queue_pair, slot) {
+                break 'receive format!("cannot repost an RDMA receive: {error}");
+            }
+        }
+    };
+    let mut waiting = shared.waiting.lock().expect("link lock");
+    if waiting.closed.is_none() {
+        waiting.closed = Some(failure.clone());
+    }
+    for (_, (load, part, _)) in waiting.loads.drain() {
+        load.fail_part(
+            part,
+            ErrorCode::Io,
+            ClientError::Disconnected {
+                address: shared.address.clone(),
+                message: failure.clone(),
+            },
+        );
+    }
+    shared.changed.notify_all();
+}
+
+fn dispatch_message(message: &[u8], shared: &LinkShared) -> io::Result<()> {
+    let header: [u8; HEADER_BYTES] = message
+        .get(..HEADER_BYTES)
+        .and_then(|bytes| bytes.try_into().ok())
+        .ok_or_else(|| {
+            invalid(format!(
+                "an RDMA notice of {} bytes is shorter than a frame header",
+                message.len()
+            ))
+        })?;
+    let header = decode_header(&header).map_err(invalid)?;
+    let body = message
+        .get(HEADER_BYTES..HEADER_BYTES + header.body_len as usize)
+        .ok_or_else(|| invalid("an RDMA notice is shorter than its frame header says"))?;
+    dispatch(Frame::decode(header.kind, body).map_err(invalid)?, shared)
 }
 
 fn open(endpoint: &Endpoint, timeout: Duration) -> io::Result<Socket> {

@@ -17,6 +17,9 @@ pub struct Region {
     len: usize,
     /// Set when this library allocated the memory (and frees it on drop).
     owned: Option<Layout>,
+    /// The region's registration for remote writes, made when the first RDMA
+    /// connection needs it; deregistered in `Drop` before the memory is freed.
+    rdma: std::sync::Mutex<Option<verbs::MemoryRegion>>,
 }
 
 // SAFETY: a Region is a pointer and a length. Receive threads write to disjoint
@@ -41,6 +44,7 @@ impl Region {
             base,
             len,
             owned: Some(layout),
+            rdma: std::sync::Mutex::new(None),
         }
     }
 
@@ -55,6 +59,7 @@ impl Region {
             base: NonNull::new(pointer).expect("a region pointer is not null"),
             len,
             owned: None,
+            rdma: std::sync::Mutex::new(None),
         }
     }
 
@@ -125,13 +130,92 @@ impl Region {
     }
 }
 
+impl Region {
+    /// The region's address and rkey for gateways writing by RDMA, registering
+    /// it with `verbs` (remote write allowed) the first time.
+    pub(crate) fn rdma_key(&self, verbs: &verbs::Verbs) -> Result<(u64, u32), verbs::VerbsError> {
+        let mut registration = self.rdma.lock().expect("region registration lock");
+        if let Some(region) = registration.as_ref() {
+            return Ok((region.address(), region.rkey()));
+        }
+        // SAFETY: the memory is valid for writes while this `Region` lives (its
+        // constructor's contract), and the registration is dropped in `Drop`
+        // before the memory is freed or handed back.
+        let region = unsafe { verbs.register(self.base.as_ptr(), self.len, true)? };
+        let key = (region.address(), region.rkey());
+        *registration = Some(region);
+        Ok(key)
+    }
+}
+
 impl Drop for Region {
     fn drop(&mut self) {
+        // No gateway may write here once the memory goes: deregister first. Every
+        // RDMA connection that could target it holds an `Arc<Region>` through the
+        // client's region table, so none is still open.
+        drop(self.rdma.lock().map(|mut registration| registration.take()));
         if let Some(layout) = self.owned {
             // SAFETY: allocated in `allocate` with this layout, freed once. Every
             // connection that could write into it holds an `Arc<Region>`, so no
             // receive thread outlives it.
             unsafe { dealloc(self.base.as_ptr(), layout) };
         }
+    }
+}
+
+/// Receive buffers for notices a gateway SENDs over RDMA: `slots` buffers of
+/// `slot_bytes`, registered once. A slot is given to the NIC by `post` and read
+/// only after its completion was polled, before it is posted again.
+#[derive(Debug)]
+pub(crate) struct ReceiveRing {
+    // Field order is drop order: deregister before the memory is freed.
+    region: verbs::MemoryRegion,
+    memory: Box<[u8]>,
+    slot_bytes: usize,
+}
+
+impl ReceiveRing {
+    pub(crate) fn new(
+        verbs: &verbs::Verbs,
+        slots: usize,
+        slot_bytes: usize,
+    ) -> Result<Self, verbs::VerbsError> {
+        let mut memory = vec![0u8; slots * slot_bytes].into_boxed_slice();
+        // SAFETY: the boxed slice is never reallocated and is dropped after the
+        // registration (field order above).
+        let region = unsafe { verbs.register(memory.as_mut_ptr(), memory.len(), false)? };
+        Ok(Self {
+            region,
+            memory,
+            slot_bytes,
+        })
+    }
+
+    pub(crate) fn slots(&self) -> usize {
+        self.memory.len() / self.slot_bytes
+    }
+
+    /// Hands slot `slot` to the NIC for the next incoming SEND.
+    pub(crate) fn post(
+        &self,
+        queue_pair: &mut verbs::QueuePair,
+        slot: usize,
+    ) -> Result<(), verbs::VerbsError> {
+        assert!(slot < self.slots(), "slot in range");
+        let sge = verbs::Sge {
+            address: self.region.address() + (slot * self.slot_bytes) as u64,
+            len: u32::try_from(self.slot_bytes).expect("slots are small"),
+            lkey: self.region.lkey(),
+        };
+        // SAFETY: the slot lies in this registered ring; Rust reads it only in
+        // `message`, which the receive loop calls after this receive completed and
+        // before posting the slot again; nothing writes it from Rust.
+        unsafe { queue_pair.receive(slot as u64, sge) }
+    }
+
+    /// The message the NIC placed in `slot` (after its completion).
+    pub(crate) fn message(&self, slot: usize, len: usize) -> &[u8] {
+        let start = slot * self.slot_bytes;
+        &self.memory[start..start + len.min(self.slot_bytes)]
     }
 }

@@ -52,6 +52,40 @@ struct GatewayFile {
     storage: StorageSection,
     #[serde(default)]
     namespace: Vec<NamespaceSection>,
+    #[serde(default)]
+    rdma: RdmaSection,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RdmaSection {
+    transport: Option<String>,
+    device: Option<String>,
+    port: Option<u8>,
+    gid_index: Option<u8>,
+}
+
+/// How payloads reach clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportSetting {
+    /// TCP only; clients asking for RDMA are refused (they fall back to TCP).
+    Tcp,
+    /// RDMA WRITE for clients that ask; the gateway fails to start without a device.
+    Rdma,
+    /// RDMA when a device is present, else TCP only (logged once at start).
+    Auto,
+}
+
+/// The `[rdma]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RdmaConfig {
+    pub transport: TransportSetting,
+    /// Device name (`ibv_devices`); `None`: the first present.
+    pub device: Option<String>,
+    pub port: u8,
+    /// GID table index: for RoCE v2 over IPv4, the entry holding the interface's
+    /// IPv4 address (`ibv_devinfo -v`; 1 on Soft-RoCE).
+    pub gid_index: u8,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -263,6 +297,7 @@ pub struct GatewayConfig {
     pub staging: StagingConfig,
     pub storage: StorageConfig,
     pub namespaces: Vec<NamespaceConfig>,
+    pub rdma: RdmaConfig,
 }
 
 impl GatewayConfig {
@@ -356,7 +391,26 @@ impl Validator<'_> {
                 "set gossip_listen, the UDP address peers send to",
             ));
         }
+        let transport = match raw.rdma.transport.as_deref() {
+            None | Some("auto") => TransportSetting::Auto,
+            Some("tcp") => TransportSetting::Tcp,
+            Some("rdma") => TransportSetting::Rdma,
+            Some(other) => {
+                return Err(self.invalid(
+                    "rdma.transport",
+                    format!("{other:?} is not a transport"),
+                    "use \"tcp\", \"rdma\" or \"auto\" (RDMA when a device is present)",
+                ))
+            }
+        };
+        let rdma = RdmaConfig {
+            transport,
+            device: raw.rdma.device.clone(),
+            port: raw.rdma.port.unwrap_or(1),
+            gid_index: raw.rdma.gid_index.unwrap_or(1),
+        };
         Ok(GatewayConfig {
+            rdma,
             cores,
             gossip_listen: raw.gateway.gossip_listen,
             peers: raw.gateway.peers,

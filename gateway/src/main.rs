@@ -203,6 +203,10 @@ enum BenchTarget {
         /// Gateway cores (each serves its own client connection).
         #[arg(long, default_value_t = 1)]
         cores: u32,
+        /// Use the RDMA transport and compare with ib_write_bw (perftest) on the
+        /// same device instead of iperf3 and Mooncake.
+        #[arg(long)]
+        rdma: bool,
     },
 }
 
@@ -405,14 +409,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     no_iperf,
                     no_mooncake,
                     cores,
+                    rdma,
                 },
         } => bench_transport(&BenchTransportOptions {
             seconds,
             block_bytes: block_size,
             rounds,
-            with_iperf: !no_iperf,
-            with_mooncake: !no_mooncake,
+            with_iperf: !no_iperf && !rdma,
+            with_mooncake: !no_mooncake && !rdma,
             cores,
+            rdma,
         }),
         Command::Bench {
             target:

@@ -53,6 +53,9 @@ pub enum FrameType {
     Proof = 14,
     StatusRequest = 15,
     PoolStatus = 16,
+    RdmaConnect = 17,
+    RdmaAccept = 18,
+    RegisterRemoteRegion = 19,
 }
 
 impl FrameType {
@@ -75,6 +78,9 @@ impl FrameType {
             Proof,
             StatusRequest,
             PoolStatus,
+            RdmaConnect,
+            RdmaAccept,
+            RegisterRemoteRegion,
         ]
         .into_iter()
         .find(|kind| *kind as u8 == code)
@@ -296,6 +302,28 @@ pub enum Frame {
     PoolStatus {
         peers: Vec<PeerStatus>,
     },
+    /// The client asks for RDMA on this connection: its queue pair's endpoint.
+    RdmaConnect(RdmaEndpoint),
+    /// The gateway's queue pair for this connection; from here on the gateway
+    /// writes payloads with RDMA WRITE and sends every frame over the queue pair.
+    RdmaAccept(RdmaEndpoint),
+    /// A region the client registered for remote writes: where it is and its key.
+    RegisterRemoteRegion {
+        region_id: u32,
+        len: u64,
+        address: u64,
+        rkey: u32,
+    },
+}
+
+/// A reliable-connected queue pair's address, as exchanged on the control
+/// connection (RoCE v2: the GID carries the IP address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RdmaEndpoint {
+    pub qp_num: u32,
+    pub psn: u32,
+    pub lid: u16,
+    pub gid: [u8; 16],
 }
 
 /// One gateway's load as the pool sees it.
@@ -459,6 +487,9 @@ impl Frame {
             Frame::Proof { .. } => FrameType::Proof,
             Frame::StatusRequest => FrameType::StatusRequest,
             Frame::PoolStatus { .. } => FrameType::PoolStatus,
+            Frame::RdmaConnect(_) => FrameType::RdmaConnect,
+            Frame::RdmaAccept(_) => FrameType::RdmaAccept,
+            Frame::RegisterRemoteRegion { .. } => FrameType::RegisterRemoteRegion,
         }
     }
 
@@ -514,6 +545,20 @@ impl Frame {
             }
             Frame::RegionRegistered { region_id } => {
                 out.u32(*region_id);
+            }
+            Frame::RdmaConnect(endpoint) | Frame::RdmaAccept(endpoint) => {
+                out.u32(endpoint.qp_num)
+                    .u32(endpoint.psn)
+                    .u16(endpoint.lid)
+                    .bytes_u16(&endpoint.gid);
+            }
+            Frame::RegisterRemoteRegion {
+                region_id,
+                len,
+                address,
+                rkey,
+            } => {
+                out.u32(*region_id).u64(*len).u64(*address).u32(*rkey);
             }
             Frame::Load(load) => {
                 out.u64(load.request_id)
@@ -601,6 +646,14 @@ impl Frame {
             FrameType::RegionRegistered => Frame::RegionRegistered {
                 region_id: reader.u32()?,
             },
+            FrameType::RdmaConnect => Frame::RdmaConnect(decode_endpoint(&mut reader)?),
+            FrameType::RdmaAccept => Frame::RdmaAccept(decode_endpoint(&mut reader)?),
+            FrameType::RegisterRemoteRegion => Frame::RegisterRemoteRegion {
+                region_id: reader.u32()?,
+                len: reader.u64()?,
+                address: reader.u64()?,
+                rkey: reader.u32()?,
+            },
             FrameType::Load => Frame::Load(decode_load(&mut reader)?),
             FrameType::LayerDone => Frame::LayerDone {
                 request_id: reader.u64()?,
@@ -679,6 +732,24 @@ fn decode_hello_ok(reader: &mut Reader<'_>) -> Result<Frame, ProtocolError> {
         shard,
         shard_count,
         namespaces,
+    })
+}
+
+fn decode_endpoint(reader: &mut Reader<'_>) -> Result<RdmaEndpoint, ProtocolError> {
+    let qp_num = reader.u32()?;
+    let psn = reader.u32()?;
+    let lid = reader.u16()?;
+    let gid = reader.bytes_u16("gid")?;
+    let gid: [u8; 16] = gid.try_into().map_err(|_| ProtocolError::Invalid {
+        kind: reader.kind,
+        field: "gid",
+        problem: "must be 16 bytes".into(),
+    })?;
+    Ok(RdmaEndpoint {
+        qp_num,
+        psn,
+        lid,
+        gid,
     })
 }
 
@@ -857,6 +928,24 @@ mod tests {
                 len: 1 << 40,
             },
             Frame::RegionRegistered { region_id: 9 },
+            Frame::RdmaConnect(RdmaEndpoint {
+                qp_num: 17,
+                psn: 0x00AB_CDEF,
+                lid: 0,
+                gid: [7; 16],
+            }),
+            Frame::RdmaAccept(RdmaEndpoint {
+                qp_num: 18,
+                psn: 1,
+                lid: 3,
+                gid: [1; 16],
+            }),
+            Frame::RegisterRemoteRegion {
+                region_id: 4,
+                len: 1 << 30,
+                address: 0x7f00_0000_0000,
+                rkey: 0x1234,
+            },
             Frame::Load(Load {
                 request_id: 77,
                 namespace: "m".into(),

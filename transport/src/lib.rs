@@ -8,8 +8,12 @@
 //! by `writev`); an RDMA transport posts RDMA WRITEs from the same registered memory
 //! and signals notices with WRITE WITH IMMEDIATE or a send, without changing the
 //! gateway.
-#![forbid(unsafe_code)]
+// Only `rdma_sys` may use unsafe: slab registration and posting RDMA WRITEs.
+#![deny(unsafe_code)]
 
+mod rdma;
+#[allow(unsafe_code)]
+mod rdma_sys;
 mod tcp;
 
 use std::io;
@@ -18,7 +22,10 @@ use std::ops::Range;
 use protocol::Frame;
 use staging::StagingBuffer;
 
+pub use rdma::{RdmaTransport, RDMA_NOTICE_MAX};
+pub use rdma_sys::SlabRegistration;
 pub use tcp::TcpTransport;
+pub use verbs;
 
 /// A write into a client region: `pieces` are (offset in the region, range of
 /// `buffer`); the buffer is held until the write has completed.
@@ -51,4 +58,20 @@ pub trait Transport {
     fn progress(&mut self) -> io::Result<Progress>;
     /// Whether anything queued has not completed.
     fn has_pending(&self) -> bool;
+    /// The client registered a region for remote writes (RDMA); transports that
+    /// write through a byte stream ignore it.
+    fn register_remote_region(&mut self, _region_id: u32, _region: RemoteRegion) {}
+    /// A file descriptor that becomes readable when `progress` has work (RDMA
+    /// completions); `None` when socket readiness is enough.
+    fn event_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+}
+
+/// Where a client's region is for RDMA: its address, length and key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteRegion {
+    pub address: u64,
+    pub len: u64,
+    pub rkey: u32,
 }

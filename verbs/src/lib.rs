@@ -22,9 +22,16 @@ pub enum VerbsError {
     #[error("RDMA device {device} port {port} is not active")]
     PortDown { device: String, port: u8 },
     #[error("RDMA device {device} port {port} has no GID at index {gid_index}: pick another rdma_gid_index (see `ibv_devinfo -v`)")]
-    NoGid { device: String, port: u8, gid_index: u8 },
+    NoGid {
+        device: String,
+        port: u8,
+        gid_index: u8,
+    },
     #[error("{op} failed: {source}")]
-    Os { op: &'static str, source: std::io::Error },
+    Os {
+        op: &'static str,
+        source: std::io::Error,
+    },
 }
 
 /// Where a queue pair can be reached: what the two sides exchange to connect.
@@ -55,6 +62,13 @@ pub struct Completion {
     pub byte_len: u32,
 }
 
+/// Which completion queues of a queue pair get an event channel.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueChannels {
+    pub send: bool,
+    pub receive: bool,
+}
+
 /// An open device port and a protection domain on it: what memory regions
 /// and queue pairs are created from. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -67,7 +81,9 @@ impl Verbs {
     /// `gid_index` (RoCE v2 over IPv4 is usually index 1 on Soft-RoCE).
     pub fn open(device: Option<&str>, port: u8, gid_index: u8) -> Result<Self, VerbsError> {
         let device = Arc::new(sys::Device::open(device, port, gid_index)?);
-        Ok(Self { pd: Arc::new(sys::ProtectionDomain::new(device)?) })
+        Ok(Self {
+            pd: Arc::new(sys::ProtectionDomain::new(device)?),
+        })
     }
 
     pub fn device_name(&self) -> &str {
@@ -80,16 +96,33 @@ impl Verbs {
     /// # Safety
     /// `[address, address + len)` must stay mapped, and not be freed or
     /// remapped, until the returned region is dropped.
-    pub unsafe fn register(&self, address: *mut u8, len: usize, remote_write: bool) -> Result<MemoryRegion, VerbsError> {
+    pub unsafe fn register(
+        &self,
+        address: *mut u8,
+        len: usize,
+        remote_write: bool,
+    ) -> Result<MemoryRegion, VerbsError> {
         // SAFETY: forwarded contract.
         unsafe { MemoryRegion::register(self.pd.clone(), address, len, remote_write) }
     }
 
     /// A reliable-connected queue pair in INIT with room for `send_depth`
     /// outstanding sends/writes and `recv_depth` posted receives; SENDs up to
-    /// `max_inline` bytes are copied into the work request.
-    pub fn queue_pair(&self, send_depth: u32, recv_depth: u32, max_inline: u32, recv_channel: bool) -> Result<QueuePair, VerbsError> {
-        QueuePair::new(self.pd.clone(), send_depth, recv_depth, max_inline, recv_channel)
+    /// `max_inline` bytes are copied into the work request. Each completion
+    /// queue gets an event channel (a pollable fd) when asked.
+    pub fn queue_pair(
+        &self,
+        send_depth: u32,
+        recv_depth: u32,
+        max_inline: u32,
+        channels: QueueChannels,
+    ) -> Result<QueuePair, VerbsError> {
+        QueuePair::new(
+            self.pd.clone(),
+            (send_depth, recv_depth),
+            max_inline,
+            (channels.send, channels.receive),
+        )
     }
 }
 
@@ -110,7 +143,12 @@ impl MemoryRegion {
 impl QueuePair {
     pub fn endpoint(&self) -> Endpoint {
         let device = self.device();
-        Endpoint { qp_num: self.qp_num(), psn: self.psn, lid: device.lid, gid: device.gid }
+        Endpoint {
+            qp_num: self.qp_num(),
+            psn: self.psn,
+            lid: device.lid,
+            gid: device.gid,
+        }
     }
 
     /// Connects to the peer (INIT -> RTR -> RTS). After this, posted work flows.
@@ -122,13 +160,30 @@ impl QueuePair {
     /// See [`QueuePair`]'s `post_write` contract: local memory registered on
     /// this protection domain and untouched until completion; the remote range
     /// inside the peer's region.
-    pub unsafe fn write(&mut self, wr_id: u64, sges: &[Sge], remote_address: u64, rkey: u32, signaled: bool) -> Result<(), VerbsError> {
+    pub unsafe fn write(
+        &mut self,
+        wr_id: u64,
+        sges: &[Sge],
+        remote_address: u64,
+        rkey: u32,
+        signaled: bool,
+    ) -> Result<(), VerbsError> {
         // SAFETY: forwarded contract.
         unsafe { self.post_write(wr_id, sges, remote_address, rkey, signaled) }
     }
 
-    /// Sends `bytes` (at most the `max_inline` given at creation) as one message.
-    pub fn send_inline(&mut self, wr_id: u64, bytes: &[u8], signaled: bool) -> Result<(), VerbsError> {
+    /// The largest SEND that may go inline (what the provider granted).
+    pub fn max_inline(&self) -> usize {
+        self.max_inline as usize
+    }
+
+    /// Sends `bytes` (at most [`QueuePair::max_inline`]) as one message.
+    pub fn send_inline(
+        &mut self,
+        wr_id: u64,
+        bytes: &[u8],
+        signaled: bool,
+    ) -> Result<(), VerbsError> {
         self.post_send_inline(wr_id, bytes, signaled)
     }
 

@@ -13,7 +13,10 @@ use rdma_sys as ffi;
 use crate::{Completion, Endpoint, Sge, VerbsError};
 
 fn os_error(op: &'static str) -> VerbsError {
-    VerbsError::Os { op, source: std::io::Error::last_os_error() }
+    VerbsError::Os {
+        op,
+        source: std::io::Error::last_os_error(),
+    }
 }
 
 fn check(op: &'static str, code: i32) -> Result<(), VerbsError> {
@@ -21,8 +24,17 @@ fn check(op: &'static str, code: i32) -> Result<(), VerbsError> {
         Ok(())
     } else {
         // Verbs calls return the errno value itself (or -1 and set errno).
-        let errno = if code > 0 { code } else { std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO) };
-        Err(VerbsError::Os { op, source: std::io::Error::from_raw_os_error(errno) })
+        let errno = if code > 0 {
+            code
+        } else {
+            std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO)
+        };
+        Err(VerbsError::Os {
+            op,
+            source: std::io::Error::from_raw_os_error(errno),
+        })
     }
 }
 
@@ -39,7 +51,11 @@ pub fn device_names() -> Vec<String> {
             return Vec::new();
         }
         let names = (0..usize::try_from(count).unwrap_or(0))
-            .map(|index| CStr::from_ptr(ffi::ibv_get_device_name(*list.add(index))).to_string_lossy().into_owned())
+            .map(|index| {
+                CStr::from_ptr(ffi::ibv_get_device_name(*list.add(index)))
+                    .to_string_lossy()
+                    .into_owned()
+            })
             .collect();
         ffi::ibv_free_device_list(list);
         names
@@ -81,7 +97,9 @@ impl Device {
             let mut chosen = None;
             for index in 0..usize::try_from(count).unwrap_or(0) {
                 let device = *list.add(index);
-                let device_name = CStr::from_ptr(ffi::ibv_get_device_name(device)).to_string_lossy().into_owned();
+                let device_name = CStr::from_ptr(ffi::ibv_get_device_name(device))
+                    .to_string_lossy()
+                    .into_owned();
                 if name.is_none_or(|wanted| wanted == device_name) {
                     chosen = Some((device, device_name));
                     break;
@@ -89,7 +107,10 @@ impl Device {
             }
             let Some((device, device_name)) = chosen else {
                 ffi::ibv_free_device_list(list);
-                return Err(VerbsError::UnknownDevice { name: name.unwrap_or_default().to_string(), present: device_names() });
+                return Err(VerbsError::UnknownDevice {
+                    name: name.unwrap_or_default().to_string(),
+                    present: device_names(),
+                });
             };
             let context = ffi::ibv_open_device(device);
             ffi::ibv_free_device_list(list);
@@ -98,26 +119,47 @@ impl Device {
         if context.is_null() {
             return Err(os_error("ibv_open_device"));
         }
-        let mut device = Device { context, name: found, port, gid_index, gid: [0; 16], lid: 0, active_mtu: 0 };
+        let mut device = Device {
+            context,
+            name: found,
+            port,
+            gid_index,
+            gid: [0; 16],
+            lid: 0,
+            active_mtu: 0,
+        };
         // SAFETY: `context` is open; `port_attr` is a plain C struct the call fills.
         let port_attr = unsafe {
             let mut port_attr: ffi::ibv_port_attr = std::mem::zeroed();
-            check("ibv_query_port", ffi::___ibv_query_port(context, port, &mut port_attr))?;
+            check(
+                "ibv_query_port",
+                ffi::___ibv_query_port(context, port, &mut port_attr),
+            )?;
             port_attr
         };
         if port_attr.state != ffi::ibv_port_state::IBV_PORT_ACTIVE {
-            return Err(VerbsError::PortDown { device: device.name.clone(), port });
+            return Err(VerbsError::PortDown {
+                device: device.name.clone(),
+                port,
+            });
         }
         device.lid = port_attr.lid;
         device.active_mtu = port_attr.active_mtu;
         // SAFETY: `context` is open; `gid` is a 16-byte union the call fills.
         unsafe {
             let mut gid: ffi::ibv_gid = std::mem::zeroed();
-            check("ibv_query_gid", ffi::ibv_query_gid(context, port, i32::from(gid_index), &mut gid))?;
+            check(
+                "ibv_query_gid",
+                ffi::ibv_query_gid(context, port, i32::from(gid_index), &mut gid),
+            )?;
             device.gid = gid.raw;
         }
         if device.gid == [0; 16] {
-            return Err(VerbsError::NoGid { device: device.name.clone(), port, gid_index });
+            return Err(VerbsError::NoGid {
+                device: device.name.clone(),
+                port,
+                gid_index,
+            });
         }
         Ok(device)
     }
@@ -179,7 +221,12 @@ impl MemoryRegion {
     /// `[address, address + len)` must stay mapped and must not be freed or
     /// remapped until this region is dropped: the NIC reads and (with
     /// `remote_write`) writes it by physical address behind Rust's back.
-    pub(crate) unsafe fn register(pd: Arc<ProtectionDomain>, address: *mut u8, len: usize, remote_write: bool) -> Result<Self, VerbsError> {
+    pub(crate) unsafe fn register(
+        pd: Arc<ProtectionDomain>,
+        address: *mut u8,
+        len: usize,
+        remote_write: bool,
+    ) -> Result<Self, VerbsError> {
         let mut access = ffi::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0;
         if remote_write {
             access |= ffi::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0;
@@ -190,7 +237,12 @@ impl MemoryRegion {
         if mr.is_null() {
             return Err(os_error("ibv_reg_mr"));
         }
-        Ok(Self { mr, address: address as u64, len, _pd: pd })
+        Ok(Self {
+            mr,
+            address: address as u64,
+            len,
+            _pd: pd,
+        })
     }
 
     pub fn lkey(&self) -> u32 {
@@ -225,7 +277,11 @@ pub struct CompletionQueue {
 unsafe impl Send for CompletionQueue {}
 
 impl CompletionQueue {
-    pub(crate) fn new(device: Arc<Device>, depth: u32, with_channel: bool) -> Result<Self, VerbsError> {
+    pub(crate) fn new(
+        device: Arc<Device>,
+        depth: u32,
+        with_channel: bool,
+    ) -> Result<Self, VerbsError> {
         let mut channel = ptr::null_mut();
         if with_channel {
             // SAFETY: the context is open while `device` lives.
@@ -252,7 +308,12 @@ impl CompletionQueue {
             }
             return Err(error);
         }
-        Ok(Self { cq, channel, unacked_events: 0, _device: device })
+        Ok(Self {
+            cq,
+            channel,
+            unacked_events: 0,
+            _device: device,
+        })
     }
 
     /// Appends up to `max` completions to `out`; returns how many.
@@ -266,16 +327,24 @@ impl CompletionQueue {
             // SAFETY: `cq` is valid; `entries` has room for `want` completions.
             let polled = unsafe { ffi::ibv_poll_cq(self.cq, want, entries.as_mut_ptr()) };
             if polled < 0 {
-                return Err(VerbsError::Os { op: "ibv_poll_cq", source: std::io::Error::from_raw_os_error(-polled) });
+                return Err(VerbsError::Os {
+                    op: "ibv_poll_cq",
+                    source: std::io::Error::from_raw_os_error(-polled),
+                });
             }
             for entry in &entries[..polled as usize] {
                 // SAFETY: `ibv_wc_status_str` returns a static string for any status.
-                let status_text = unsafe { CStr::from_ptr(ffi::ibv_wc_status_str(entry.status)) }.to_string_lossy();
+                let status_text = unsafe { CStr::from_ptr(ffi::ibv_wc_status_str(entry.status)) }
+                    .to_string_lossy();
                 out.push(Completion {
                     wr_id: entry.wr_id,
                     ok: entry.status == ffi::ibv_wc_status::IBV_WC_SUCCESS,
                     status: entry.status,
-                    status_text: if entry.status == ffi::ibv_wc_status::IBV_WC_SUCCESS { "" } else { static_status(&status_text) },
+                    status_text: if entry.status == ffi::ibv_wc_status::IBV_WC_SUCCESS {
+                        ""
+                    } else {
+                        static_status(&status_text)
+                    },
                     is_receive: entry.opcode & ffi::ibv_wc_opcode::IBV_WC_RECV != 0,
                     byte_len: entry.byte_len,
                 });
@@ -291,12 +360,37 @@ impl CompletionQueue {
     /// Asks for an event on the channel at the next completion.
     pub fn arm(&mut self) -> Result<(), VerbsError> {
         // SAFETY: `cq` is valid.
-        check("ibv_req_notify_cq", unsafe { ffi::ibv_req_notify_cq(self.cq, 0) })
+        check("ibv_req_notify_cq", unsafe {
+            ffi::ibv_req_notify_cq(self.cq, 0)
+        })
     }
 
     pub fn channel_fd(&self) -> Option<RawFd> {
         // SAFETY: `channel` is valid when not NULL.
         (!self.channel.is_null()).then(|| unsafe { (*self.channel).fd })
+    }
+
+    /// Waits up to `timeout_ms` for the channel to have an event (after `arm`).
+    pub fn wait(&mut self, timeout_ms: i32) -> Result<(), VerbsError> {
+        let Some(fd) = self.channel_fd() else {
+            return Ok(());
+        };
+        let mut pollfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd on the channel's fd, which lives while `self` does.
+        if unsafe { libc::poll(&mut pollfd, 1, timeout_ms) } < 0 {
+            let error = std::io::Error::last_os_error();
+            if error.kind() != std::io::ErrorKind::Interrupted {
+                return Err(VerbsError::Os {
+                    op: "poll",
+                    source: error,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Consumes a pending channel event, if any (non-blocking).
@@ -310,7 +404,14 @@ impl CompletionQueue {
         let code = unsafe { ffi::ibv_get_cq_event(self.channel, &mut cq, &mut context) };
         if code != 0 {
             let error = std::io::Error::last_os_error();
-            return if error.kind() == std::io::ErrorKind::WouldBlock { Ok(false) } else { Err(VerbsError::Os { op: "ibv_get_cq_event", source: error }) };
+            return if error.kind() == std::io::ErrorKind::WouldBlock {
+                Ok(false)
+            } else {
+                Err(VerbsError::Os {
+                    op: "ibv_get_cq_event",
+                    source: error,
+                })
+            };
         }
         self.unacked_events += 1;
         if self.unacked_events >= 64 {
@@ -362,6 +463,7 @@ pub struct QueuePair {
     // declaration order: its completion queues, then the protection domain.
     qp: *mut ffi::ibv_qp,
     pub(crate) psn: u32,
+    pub(crate) max_inline: u32,
     pub(crate) send_cq: CompletionQueue,
     pub(crate) recv_cq: CompletionQueue,
     pd: Arc<ProtectionDomain>,
@@ -374,8 +476,15 @@ unsafe impl Send for QueuePair {}
 impl QueuePair {
     /// Creates the queue pair and its completion queues (the receive queue's
     /// with an event channel when asked) and moves it to INIT on the port.
-    pub(crate) fn new(pd: Arc<ProtectionDomain>, send_depth: u32, recv_depth: u32, max_inline: u32, recv_channel: bool) -> Result<Self, VerbsError> {
-        let send_cq = CompletionQueue::new(pd.device.clone(), send_depth, false)?;
+    pub(crate) fn new(
+        pd: Arc<ProtectionDomain>,
+        depths: (u32, u32),
+        max_inline: u32,
+        channels: (bool, bool),
+    ) -> Result<Self, VerbsError> {
+        let (send_depth, recv_depth) = depths;
+        let (send_channel, recv_channel) = channels;
+        let send_cq = CompletionQueue::new(pd.device.clone(), send_depth, send_channel)?;
         let recv_cq = CompletionQueue::new(pd.device.clone(), recv_depth.max(1), recv_channel)?;
         // SAFETY: plain C struct; zero is valid for every field we do not set.
         let mut init: ffi::ibv_qp_init_attr = unsafe { std::mem::zeroed() };
@@ -394,19 +503,31 @@ impl QueuePair {
             return Err(os_error("ibv_create_qp"));
         }
         let psn = random_psn();
-        let queue_pair = Self { qp, psn, send_cq, recv_cq, pd };
+        // The provider reports what it granted; sends above it must not be inline.
+        let max_inline = init.cap.max_inline_data;
+        let queue_pair = Self {
+            qp,
+            psn,
+            max_inline,
+            send_cq,
+            recv_cq,
+            pd,
+        };
         // SAFETY: as above for the attribute struct.
         let mut attr: ffi::ibv_qp_attr = unsafe { std::mem::zeroed() };
         attr.qp_state = ffi::ibv_qp_state::IBV_QPS_INIT;
         attr.pkey_index = 0;
         attr.port_num = queue_pair.pd.device.port;
-        attr.qp_access_flags = (ffi::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0 | ffi::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0) as u32;
+        attr.qp_access_flags = (ffi::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0
+            | ffi::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0);
         let mask = ffi::ibv_qp_attr_mask::IBV_QP_STATE.0
             | ffi::ibv_qp_attr_mask::IBV_QP_PKEY_INDEX.0
             | ffi::ibv_qp_attr_mask::IBV_QP_PORT.0
             | ffi::ibv_qp_attr_mask::IBV_QP_ACCESS_FLAGS.0;
         // SAFETY: `qp` is valid; `attr` and `mask` describe the INIT transition.
-        check("ibv_modify_qp(INIT)", unsafe { ffi::ibv_modify_qp(queue_pair.qp, &mut attr, mask as i32) })?;
+        check("ibv_modify_qp(INIT)", unsafe {
+            ffi::ibv_modify_qp(queue_pair.qp, &mut attr, mask as i32)
+        })?;
         Ok(queue_pair)
     }
 
@@ -440,7 +561,9 @@ impl QueuePair {
             | ffi::ibv_qp_attr_mask::IBV_QP_MAX_DEST_RD_ATOMIC.0
             | ffi::ibv_qp_attr_mask::IBV_QP_MIN_RNR_TIMER.0;
         // SAFETY: `qp` valid; attributes describe the RTR transition.
-        check("ibv_modify_qp(RTR)", unsafe { ffi::ibv_modify_qp(self.qp, &mut attr, mask as i32) })?;
+        check("ibv_modify_qp(RTR)", unsafe {
+            ffi::ibv_modify_qp(self.qp, &mut attr, mask as i32)
+        })?;
         // SAFETY: as above.
         let mut attr: ffi::ibv_qp_attr = unsafe { std::mem::zeroed() };
         attr.qp_state = ffi::ibv_qp_state::IBV_QPS_RTS;
@@ -458,7 +581,9 @@ impl QueuePair {
             | ffi::ibv_qp_attr_mask::IBV_QP_RNR_RETRY.0
             | ffi::ibv_qp_attr_mask::IBV_QP_MAX_QP_RD_ATOMIC.0;
         // SAFETY: as above, the RTS transition.
-        check("ibv_modify_qp(RTS)", unsafe { ffi::ibv_modify_qp(self.qp, &mut attr, mask as i32) })
+        check("ibv_modify_qp(RTS)", unsafe {
+            ffi::ibv_modify_qp(self.qp, &mut attr, mask as i32)
+        })
     }
 
     /// # Safety
@@ -467,11 +592,29 @@ impl QueuePair {
     /// until this work request's completion (or, unsignalled, a later signalled
     /// one's) has been polled. `remote_address..+len` must lie in the peer's
     /// region with `rkey`.
-    pub(crate) unsafe fn post_write(&mut self, wr_id: u64, sges: &[Sge], remote_address: u64, rkey: u32, signaled: bool) -> Result<(), VerbsError> {
-        let mut list: [ffi::ibv_sge; 4] = [ffi::ibv_sge { addr: 0, length: 0, lkey: 0 }; 4];
-        assert!(sges.len() <= list.len(), "at most 4 scatter-gather entries per write");
+    pub(crate) unsafe fn post_write(
+        &mut self,
+        wr_id: u64,
+        sges: &[Sge],
+        remote_address: u64,
+        rkey: u32,
+        signaled: bool,
+    ) -> Result<(), VerbsError> {
+        let mut list: [ffi::ibv_sge; 4] = [ffi::ibv_sge {
+            addr: 0,
+            length: 0,
+            lkey: 0,
+        }; 4];
+        assert!(
+            sges.len() <= list.len(),
+            "at most 4 scatter-gather entries per write"
+        );
         for (slot, sge) in list.iter_mut().zip(sges) {
-            *slot = ffi::ibv_sge { addr: sge.address, length: sge.len, lkey: sge.lkey };
+            *slot = ffi::ibv_sge {
+                addr: sge.address,
+                length: sge.len,
+                lkey: sge.lkey,
+            };
         }
         // SAFETY: plain C struct; the union members we set match the opcode.
         let mut wr: ffi::ibv_send_wr = unsafe { std::mem::zeroed() };
@@ -479,18 +622,40 @@ impl QueuePair {
         wr.sg_list = list.as_mut_ptr();
         wr.num_sge = sges.len() as i32;
         wr.opcode = ffi::ibv_wr_opcode::IBV_WR_RDMA_WRITE;
-        wr.send_flags = if signaled { ffi::ibv_send_flags::IBV_SEND_SIGNALED.0 } else { 0 };
-        wr.wr.rdma = ffi::rdma_t { remote_addr: remote_address, rkey };
+        wr.send_flags = if signaled {
+            ffi::ibv_send_flags::IBV_SEND_SIGNALED.0
+        } else {
+            0
+        };
+        wr.wr.rdma = ffi::rdma_t {
+            remote_addr: remote_address,
+            rkey,
+        };
         let mut bad = ptr::null_mut();
         // SAFETY: `qp` valid; `wr` and `list` live across the call (the provider
         // copies them); the buffers' validity is the caller's contract.
-        check("ibv_post_send(RDMA_WRITE)", unsafe { ffi::ibv_post_send(self.qp, &mut wr, &mut bad) })
+        check("ibv_post_send(RDMA_WRITE)", unsafe {
+            ffi::ibv_post_send(self.qp, &mut wr, &mut bad)
+        })
     }
 
     /// Posts a SEND whose payload is copied into the work request (inline), so
     /// `bytes` may be reused at once.
-    pub(crate) fn post_send_inline(&mut self, wr_id: u64, bytes: &[u8], signaled: bool) -> Result<(), VerbsError> {
-        let mut sge = ffi::ibv_sge { addr: bytes.as_ptr() as u64, length: bytes.len() as u32, lkey: 0 };
+    pub(crate) fn post_send_inline(
+        &mut self,
+        wr_id: u64,
+        bytes: &[u8],
+        signaled: bool,
+    ) -> Result<(), VerbsError> {
+        assert!(
+            bytes.len() <= self.max_inline as usize,
+            "an inline send fits the queue pair's max_inline_data"
+        );
+        let mut sge = ffi::ibv_sge {
+            addr: bytes.as_ptr() as u64,
+            length: bytes.len() as u32,
+            lkey: 0,
+        };
         // SAFETY: plain C struct, zero-initialised.
         let mut wr: ffi::ibv_send_wr = unsafe { std::mem::zeroed() };
         wr.wr_id = wr_id;
@@ -506,14 +671,20 @@ impl QueuePair {
         // SAFETY: with IBV_SEND_INLINE the provider copies `bytes` during the call
         // (no lkey needed, nothing referenced afterwards); the caller keeps
         // `bytes.len()` within the queue pair's max_inline_data.
-        check("ibv_post_send(SEND inline)", unsafe { ffi::ibv_post_send(self.qp, &mut wr, &mut bad) })
+        check("ibv_post_send(SEND inline)", unsafe {
+            ffi::ibv_post_send(self.qp, &mut wr, &mut bad)
+        })
     }
 
     /// # Safety
     /// `sge` must lie in a region registered on this protection domain and stay
     /// valid, unread and unwritten by Rust until the receive's completion.
     pub(crate) unsafe fn post_recv(&mut self, wr_id: u64, sge: Sge) -> Result<(), VerbsError> {
-        let mut list = ffi::ibv_sge { addr: sge.address, length: sge.len, lkey: sge.lkey };
+        let mut list = ffi::ibv_sge {
+            addr: sge.address,
+            length: sge.len,
+            lkey: sge.lkey,
+        };
         // SAFETY: plain C struct, zero-initialised.
         let mut wr: ffi::ibv_recv_wr = unsafe { std::mem::zeroed() };
         wr.wr_id = wr_id;
@@ -521,7 +692,9 @@ impl QueuePair {
         wr.num_sge = 1;
         let mut bad = ptr::null_mut();
         // SAFETY: `qp` valid; the buffer contract is the caller's.
-        check("ibv_post_recv", unsafe { ffi::ibv_post_recv(self.qp, &mut wr, &mut bad) })
+        check("ibv_post_recv", unsafe {
+            ffi::ibv_post_recv(self.qp, &mut wr, &mut bad)
+        })
     }
 
     pub(crate) fn device(&self) -> &Device {

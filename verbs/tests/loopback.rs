@@ -5,14 +5,23 @@
 //! checks nothing else.
 
 use std::time::{Duration, Instant};
-use verbs::{Completion, Sge, Verbs, VerbsError};
+use verbs::{Completion, QueueChannels, Sge, Verbs, VerbsError};
 
 fn open() -> Option<Verbs> {
     let device = std::env::var("DUALPATH_RDMA_DEVICE").ok();
-    match Verbs::open(device.as_deref(), 1, std::env::var("DUALPATH_RDMA_GID_INDEX").ok().and_then(|v| v.parse().ok()).unwrap_or(1)) {
+    match Verbs::open(
+        device.as_deref(),
+        1,
+        std::env::var("DUALPATH_RDMA_GID_INDEX")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1),
+    ) {
         Ok(verbs) => Some(verbs),
         Err(VerbsError::NoDevice) => {
-            eprintln!("SKIPPED: no RDMA device here (run scripts/test-rdma.sh for Soft-RoCE in a VM)");
+            eprintln!(
+                "SKIPPED: no RDMA device here (run scripts/test-rdma.sh for Soft-RoCE in a VM)"
+            );
             None
         }
         Err(error) => panic!("opening the RDMA device: {error}"),
@@ -25,7 +34,10 @@ fn wait(queue: &mut verbs::CompletionQueue, count: usize) -> Vec<Completion> {
     while out.len() < count {
         let missing = count - out.len();
         queue.poll(&mut out, missing).expect("poll");
-        assert!(Instant::now() < deadline, "completions did not arrive within 10 s");
+        assert!(
+            Instant::now() < deadline,
+            "completions did not arrive within 10 s"
+        );
     }
     out
 }
@@ -43,36 +55,88 @@ fn write_then_send_arrive_in_order_and_out_of_region_writes_fail() {
     // after the regions and queue pairs, which are declared later).
     let (source_mr, target_mr, inbox_mr) = unsafe {
         (
-            verbs.register(source.as_mut_ptr(), source.len(), false).expect("register source"),
-            verbs.register(target.as_mut_ptr(), target.len(), true).expect("register target"),
-            verbs.register(inbox.as_mut_ptr(), inbox.len(), false).expect("register inbox"),
+            verbs
+                .register(source.as_mut_ptr(), source.len(), false)
+                .expect("register source"),
+            verbs
+                .register(target.as_mut_ptr(), target.len(), true)
+                .expect("register target"),
+            verbs
+                .register(inbox.as_mut_ptr(), inbox.len(), false)
+                .expect("register inbox"),
         )
     };
-    let mut writer = verbs.queue_pair(64, 1, 256, false).expect("writer qp");
-    let mut reader = verbs.queue_pair(1, 16, 0, true).expect("reader qp");
+    let mut writer = verbs
+        .queue_pair(64, 1, 128, QueueChannels::default())
+        .expect("writer qp");
+    let mut reader = verbs
+        .queue_pair(
+            1,
+            16,
+            0,
+            QueueChannels {
+                send: false,
+                receive: true,
+            },
+        )
+        .expect("reader qp");
+    eprintln!("max inline granted: {}", writer.max_inline());
     let (writer_end, reader_end) = (writer.endpoint(), reader.endpoint());
     writer.connect_to(&reader_end).expect("connect writer");
     reader.connect_to(&writer_end).expect("connect reader");
     // SAFETY: `inbox` is registered and untouched until the receive completes.
-    unsafe { reader.receive(9, Sge { address: inbox_mr.address(), len: 4096, lkey: inbox_mr.lkey() }) }.expect("post recv");
+    unsafe {
+        reader.receive(
+            9,
+            Sge {
+                address: inbox_mr.address(),
+                len: 4096,
+                lkey: inbox_mr.lkey(),
+            },
+        )
+    }
+    .expect("post recv");
     let half = (source.len() / 2) as u32;
     let pieces = [
-        Sge { address: source_mr.address(), len: half, lkey: source_mr.lkey() },
-        Sge { address: source_mr.address() + u64::from(half), len: half, lkey: source_mr.lkey() },
+        Sge {
+            address: source_mr.address(),
+            len: half,
+            lkey: source_mr.lkey(),
+        },
+        Sge {
+            address: source_mr.address() + u64::from(half),
+            len: half,
+            lkey: source_mr.lkey(),
+        },
     ];
     // SAFETY: `source` is registered and unchanged until the completion below;
     // the remote range is the whole target region.
-    unsafe { writer.write(1, &pieces, target_mr.address(), target_mr.rkey(), false) }.expect("post write");
-    writer.send_inline(2, b"layer 0 done", true).expect("post send");
+    unsafe { writer.write(1, &pieces, target_mr.address(), target_mr.rkey(), false) }
+        .expect("post write");
+    writer
+        .send_inline(2, b"layer 0 done", true)
+        .expect("post send");
     let sent = wait(writer.send_queue(), 1);
     assert!(sent[0].ok, "send: {}", sent[0].status_text);
     let received = wait(reader.recv_queue(), 1);
     assert!(received[0].ok && received[0].is_receive && received[0].byte_len == 12);
     assert_eq!(&inbox[..12], b"layer 0 done");
-    assert!(target == source, "the write landed before the send that followed it");
+    assert!(
+        target == source,
+        "the write landed before the send that followed it"
+    );
     // One byte past the end of the peer's region: refused by the peer's NIC.
     // SAFETY: local memory registered; the remote range is deliberately outside.
-    unsafe { writer.write(3, &pieces[..1], target_mr.address() + target_mr.len() as u64 - 8, target_mr.rkey(), true) }.expect("post");
+    unsafe {
+        writer.write(
+            3,
+            &pieces[..1],
+            target_mr.address() + target_mr.len() as u64 - 8,
+            target_mr.rkey(),
+            true,
+        )
+    }
+    .expect("post");
     let failed = wait(writer.send_queue(), 1);
     assert!(!failed[0].ok, "an out-of-region write must fail");
     eprintln!("out-of-region write: {}", failed[0].status_text);

@@ -29,6 +29,9 @@ pub struct BenchTransportOptions {
     pub with_mooncake: bool,
     /// Gateway cores (one client connection each).
     pub cores: u32,
+    /// RDMA WRITE instead of TCP, compared with `ib_write_bw` (perftest)
+    /// instead of iperf3 and Mooncake.
+    pub rdma: bool,
 }
 
 const REGION_BLOCKS: u64 = 2048;
@@ -97,7 +100,7 @@ pub fn bench_transport(options: &BenchTransportOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bench_config(block_bytes: u64, cores: u32) -> anyhow::Result<GatewayConfig> {
+fn bench_config(block_bytes: u64, cores: u32, rdma: bool) -> anyhow::Result<GatewayConfig> {
     if !block_bytes.is_multiple_of(u64::from(LAYERS) * 4096) {
         bail!(
             "block size must be a multiple of {} KiB",
@@ -136,12 +139,22 @@ fn bench_config(block_bytes: u64, cores: u32) -> anyhow::Result<GatewayConfig> {
             geometry,
             capacity_bytes: block_bytes,
         }],
+        rdma: config::RdmaConfig {
+            transport: if rdma {
+                config::TransportSetting::Rdma
+            } else {
+                config::TransportSetting::Tcp
+            },
+            device: None,
+            port: 1,
+            gid_index: 1,
+        },
     })
 }
 
 /// A gateway core on the loopback backend in this process, and the real client.
 fn run_ours(options: &BenchTransportOptions) -> anyhow::Result<Sample> {
-    let config = bench_config(options.block_bytes, options.cores)?;
+    let config = bench_config(options.block_bytes, options.cores, options.rdma)?;
     let shutdown = Arc::new(AtomicBool::new(false));
     let (address_sender, address) = mpsc::channel();
     let server = {

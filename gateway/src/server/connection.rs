@@ -8,9 +8,13 @@ use std::time::Instant;
 
 use mio::event::Source;
 use mio::{Interest, Registry, Token};
+use protocol::RdmaEndpoint;
 use protocol::{decode_header, Frame, FrameType, Header, HEADER_BYTES};
 use storage_backends::NamespaceId;
-use transport::{RemoteWrite, TcpTransport, Transport};
+use transport::verbs::{Endpoint as VerbsEndpoint, QueueChannels, Verbs};
+use transport::{
+    RdmaTransport, RemoteRegion, RemoteWrite, SlabRegistration, TcpTransport, Transport,
+};
 
 use scheduler::progress::LoadProgress;
 
@@ -103,6 +107,9 @@ pub struct Connection {
     pub dead: bool,
 }
 
+/// RDMA work requests a connection may have posted at once.
+const RDMA_SEND_DEPTH: u32 = 256;
+
 /// Bytes read from a socket per `read` call.
 pub const RECEIVE_CHUNK_BYTES: usize = 64 << 10;
 
@@ -188,6 +195,81 @@ impl Connection {
         Ok(progress.payload_bytes)
     }
 
+    /// Switches this connection to RDMA: a queue pair connected to the
+    /// client's, `RdmaAccept` sent over TCP, then payloads by RDMA WRITE and
+    /// notices by SEND. Returns the completion event fd to watch.
+    pub fn enable_rdma(
+        &mut self,
+        verbs: &Verbs,
+        staging: &std::rc::Rc<SlabRegistration>,
+        client: RdmaEndpoint,
+    ) -> io::Result<Option<std::os::fd::RawFd>> {
+        if self.transport.name() == "rdma" {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "RDMA is already on for this connection",
+            ));
+        }
+        if self.transport.has_pending() || self.loads.iter().any(Option::is_some) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "ask for RDMA before the first load",
+            ));
+        }
+        let mut queue_pair = verbs
+            .queue_pair(
+                RDMA_SEND_DEPTH,
+                1,
+                transport::RDMA_NOTICE_MAX as u32,
+                QueueChannels {
+                    send: true,
+                    receive: false,
+                },
+            )
+            .map_err(io::Error::other)?;
+        let local = queue_pair.endpoint();
+        queue_pair
+            .connect_to(&VerbsEndpoint {
+                qp_num: client.qp_num,
+                psn: client.psn,
+                lid: client.lid,
+                gid: client.gid,
+            })
+            .map_err(io::Error::other)?;
+        let mut control = self.stream.transport()?;
+        control.notify(&Frame::RdmaAccept(RdmaEndpoint {
+            qp_num: local.qp_num,
+            psn: local.psn,
+            lid: local.lid,
+            gid: local.gid,
+        }));
+        let rdma = RdmaTransport::new(
+            queue_pair,
+            RDMA_SEND_DEPTH,
+            std::rc::Rc::clone(staging),
+            control,
+        )?;
+        let event_fd = rdma.event_fd();
+        self.transport = Box::new(rdma);
+        Ok(event_fd)
+    }
+
+    pub fn uses_rdma(&self) -> bool {
+        self.transport.name() == "rdma"
+    }
+
+    pub fn event_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.transport.event_fd()
+    }
+
+    /// A region registered for RDMA: recorded for the load checks and given to
+    /// the transport, which writes only inside it.
+    pub fn register_remote_region(&mut self, region_id: u32, region: RemoteRegion) {
+        self.regions.retain(|(id, _)| *id != region_id);
+        self.regions.push((region_id, region.len));
+        self.transport.register_remote_region(region_id, region);
+    }
+
     pub fn region_len(&self, region_id: u32) -> Option<u64> {
         self.regions
             .iter()
@@ -227,6 +309,8 @@ impl Connection {
         matches!(
             kind,
             FrameType::RegisterRegion
+                | FrameType::RegisterRemoteRegion
+                | FrameType::RdmaConnect
                 | FrameType::Load
                 | FrameType::Store
                 | FrameType::StatusRequest

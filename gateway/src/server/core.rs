@@ -57,10 +57,43 @@ struct Core<S: BlockStore> {
     scratch: Vec<u8>,
     round_robin: usize,
     draining_since: Option<Instant>,
+    rdma: Option<CoreRdma>,
 }
 
+/// This core's RDMA resources: its own device context and protection domain,
+/// and its staging slab registered once at start.
+#[derive(Debug)]
+pub struct CoreRdma {
+    verbs: transport::verbs::Verbs,
+    staging: std::rc::Rc<transport::SlabRegistration>,
+}
+
+impl CoreRdma {
+    pub fn open(
+        config: &config::RdmaConfig,
+        slab: &std::rc::Rc<staging::StagingSlab>,
+    ) -> anyhow::Result<Self> {
+        let verbs =
+            transport::verbs::Verbs::open(config.device.as_deref(), config.port, config.gid_index)
+                .context("cannot open the RDMA device on a core")?;
+        let staging = transport::SlabRegistration::new(&verbs, std::rc::Rc::clone(slab))
+            .context("cannot register the staging slab for RDMA (locked memory limit? run as root or raise RLIMIT_MEMLOCK)")?;
+        Ok(Self {
+            verbs,
+            staging: std::rc::Rc::new(staging),
+        })
+    }
+}
+
+/// Tokens at and above this mark a connection's RDMA completion channel.
+const RDMA_TOKEN_BASE: usize = 1 << 32;
+
 /// Runs a core until shutdown. `shard` was opened on this thread.
-pub fn run<S: BlockStore>(shard: S, setup: CoreSetup) -> anyhow::Result<()> {
+pub fn run<S: BlockStore>(
+    shard: S,
+    setup: CoreSetup,
+    rdma: Option<CoreRdma>,
+) -> anyhow::Result<()> {
     let eventfd = EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
         .context("cannot create an eventfd")?;
     shard.notify_completions(eventfd.as_raw_fd())?;
@@ -88,7 +121,11 @@ pub fn run<S: BlockStore>(shard: S, setup: CoreSetup) -> anyhow::Result<()> {
         scratch: vec![0u8; RECEIVE_CHUNK_BYTES],
         round_robin: 0,
         draining_since: None,
+        rdma,
     };
+    counters
+        .rdma_enabled
+        .store(i64::from(core.rdma.is_some()), Ordering::Relaxed);
     let mut events = Events::with_capacity(1024);
     loop {
         let timeout = if core.shard.has_ready_completions() {
@@ -107,6 +144,8 @@ pub fn run<S: BlockStore>(shard: S, setup: CoreSetup) -> anyhow::Result<()> {
                 EVENTFD_TOKEN => {
                     let _ = eventfd.read();
                 }
+                // RDMA completions: `turn` polls every connection's queue.
+                Token(index) if index >= RDMA_TOKEN_BASE => {}
                 Token(index) => {
                     if event.is_readable() || event.is_read_closed() {
                         core.on_readable(index);
@@ -256,11 +295,63 @@ impl<S: BlockStore> Core<S> {
                 connection.regions.push((region_id, len));
                 connection.send_control(&Frame::RegionRegistered { region_id });
             }
+            Frame::RegisterRemoteRegion {
+                region_id,
+                len,
+                address,
+                rkey,
+            } => {
+                connection.register_remote_region(
+                    region_id,
+                    transport::RemoteRegion { address, len, rkey },
+                );
+                connection.send_control(&Frame::RegionRegistered { region_id });
+            }
+            Frame::RdmaConnect(endpoint) => self.on_rdma_connect(index, endpoint),
             Frame::Load(load) => self.on_load(index, load),
             Frame::StatusRequest => connection.send_control(&Frame::PoolStatus {
                 peers: self.setup.pool.status(),
             }),
             _ => unreachable!("client frames are RegisterRegion, Load, StatusRequest and Store"),
+        }
+    }
+
+    fn on_rdma_connect(&mut self, index: usize, endpoint: protocol::RdmaEndpoint) {
+        let connection = self.connections[index].as_mut().expect("caller checked");
+        let Some(rdma) = self.rdma.as_ref() else {
+            return connection.send_control(&Frame::Error {
+                request_id: 0,
+                code: ErrorCode::BadRequest,
+                message: "this gateway serves TCP only (no RDMA device, or rdma.transport = \"tcp\"); connect without RDMA".into(),
+            });
+        };
+        match connection.enable_rdma(&rdma.verbs, &rdma.staging, endpoint) {
+            Ok(event_fd) => {
+                if let Some(fd) = event_fd {
+                    if let Err(error) = self.setup.poll.registry().register(
+                        &mut SourceFd(&fd),
+                        Token(RDMA_TOKEN_BASE + index),
+                        Interest::READABLE,
+                    ) {
+                        tracing::warn!(
+                            "cannot watch RDMA completions of {}: {error}",
+                            connection.peer
+                        );
+                        connection.dead = true;
+                        return;
+                    }
+                }
+                self.setup
+                    .counters
+                    .rdma_connections
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("client {} uses RDMA", connection.peer);
+            }
+            Err(error) => connection.send_control(&Frame::Error {
+                request_id: 0,
+                code: ErrorCode::BadRequest,
+                message: format!("cannot set up RDMA: {error}"),
+            }),
         }
     }
 
@@ -619,6 +710,15 @@ impl<S: BlockStore> Core<S> {
                     connection.stream.close_gently(&mut self.scratch);
                 }
                 let _ = connection.stream.deregister(self.setup.poll.registry());
+                if let Some(fd) = connection.event_fd() {
+                    let _ = self.setup.poll.registry().deregister(&mut SourceFd(&fd));
+                }
+                if connection.uses_rdma() {
+                    self.setup
+                        .counters
+                        .rdma_connections
+                        .fetch_sub(1, Ordering::Relaxed);
+                }
                 self.setup
                     .counters
                     .connected_clients

@@ -55,6 +55,10 @@ pub struct CoreCounters {
     pub staging_huge_pages: AtomicI64,
     /// Bytes of loads accepted and not yet delivered.
     pub queued_load_bytes: AtomicI64,
+    /// 1 when this shard can serve RDMA WRITE (device opened, slab registered).
+    pub rdma_enabled: AtomicI64,
+    /// Client connections using the RDMA transport now.
+    pub rdma_connections: AtomicI64,
 }
 
 impl CoreCounters {
@@ -75,6 +79,8 @@ impl CoreCounters {
             staging_bytes_total: AtomicI64::new(0),
             staging_huge_pages: AtomicI64::new(0),
             queued_load_bytes: AtomicI64::new(0),
+            rdma_enabled: AtomicI64::new(0),
+            rdma_connections: AtomicI64::new(0),
         }
     }
 
@@ -179,6 +185,11 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         "dualpath_pool_reports_rejected_total",
         "Gossip reports dropped because their signature did not verify"
     );
+    describe_gauge!("dualpath_rdma_enabled", "1 if the shard serves RDMA WRITE to clients that ask, 0 if TCP only (no device, or rdma.transport = \"tcp\")");
+    describe_gauge!(
+        "dualpath_rdma_connections",
+        "Client connections on the shard using the RDMA transport"
+    );
     describe_gauge!("dualpath_staging_huge_pages", "1 if the shard's staging memory is on reserved huge pages, 0 if it fell back to ordinary pages");
     describe_histogram!(
         STORAGE_READ_SECONDS,
@@ -226,6 +237,9 @@ pub fn publish(cores: &[Arc<CoreCounters>], acceptor: &AcceptorCounters) {
             .set(read(&core.staging_bytes_total));
         gauge!("dualpath_staging_huge_pages", "shard" => shard.clone())
             .set(read(&core.staging_huge_pages));
+        gauge!("dualpath_rdma_enabled", "shard" => shard.clone()).set(read(&core.rdma_enabled));
+        gauge!("dualpath_rdma_connections", "shard" => shard.clone())
+            .set(read(&core.rdma_connections));
         gauge!("dualpath_queued_load_bytes", "shard" => shard).set(read(&core.queued_load_bytes));
     }
 }

@@ -203,6 +203,38 @@ where
 
 type CoreThread = std::thread::JoinHandle<anyhow::Result<()>>;
 
+/// Decides once, at start, whether clients may ask for RDMA, and says so.
+fn probe_rdma(config: &GatewayConfig) -> anyhow::Result<Option<config::RdmaConfig>> {
+    let rdma = &config.rdma;
+    let opened =
+        || transport::verbs::Verbs::open(rdma.device.as_deref(), rdma.port, rdma.gid_index);
+    match rdma.transport {
+        config::TransportSetting::Tcp => {
+            tracing::info!("transport: TCP only (rdma.transport = \"tcp\")");
+            Ok(None)
+        }
+        config::TransportSetting::Rdma => {
+            let verbs = opened().context("rdma.transport = \"rdma\" but the RDMA device cannot be used; fix [rdma] or set transport = \"auto\"")?;
+            tracing::info!(
+                "transport: RDMA WRITE through {} port {} for clients that ask, TCP for the rest",
+                verbs.device_name(),
+                rdma.port
+            );
+            Ok(Some(rdma.clone()))
+        }
+        config::TransportSetting::Auto => match opened() {
+            Ok(verbs) => {
+                tracing::info!("transport: RDMA WRITE through {} port {} for clients that ask, TCP for the rest", verbs.device_name(), rdma.port);
+                Ok(Some(rdma.clone()))
+            }
+            Err(error) => {
+                tracing::info!("transport: TCP only; RDMA is off: {error}");
+                Ok(None)
+            }
+        },
+    }
+}
+
 /// Starts one thread per core, pinned, each opening its shard; waits until all are
 /// ready or one fails (then stops the others and returns its error).
 fn start_cores<S, F>(
@@ -216,6 +248,7 @@ where
     S: storage_backends::BlockStore,
     F: Fn(u32) -> anyhow::Result<S> + Send + Clone + 'static,
 {
+    let rdma = probe_rdma(config)?;
     let (ready_sender, ready) = mpsc::channel::<anyhow::Result<()>>();
     let mut doors = Vec::new();
     let mut workers = Vec::new();
@@ -233,12 +266,19 @@ where
             queue_depth: config.storage.queue_depth,
             drain_timeout: DRAIN_TIMEOUT,
         };
+        let rdma = rdma.clone();
         let (open, ready_sender) = (open.clone(), ready_sender.clone());
         let worker = std::thread::Builder::new()
             .name(format!("dualpath-core-{shard}"))
             .spawn(move || {
                 pin_to_cpu(shard);
-                let shard_store = match open(shard) {
+                let opened = open(shard).and_then(|store| {
+                    let rdma = rdma
+                        .map(|config| self::core::CoreRdma::open(&config, store.slab()))
+                        .transpose()?;
+                    Ok((store, rdma))
+                });
+                let (shard_store, rdma) = match opened {
                     Ok(opened) => {
                         let _ = ready_sender.send(Ok(()));
                         opened
@@ -249,7 +289,7 @@ where
                     }
                 };
                 drop(ready_sender);
-                self::core::run(shard_store, setup)
+                self::core::run(shard_store, setup, rdma)
             })?;
         workers.push(worker);
     }

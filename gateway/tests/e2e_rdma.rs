@@ -1,0 +1,374 @@
+//! The gateway and the client over RDMA, on real verbs: a gateway process and a
+//! client process (this test) on one RDMA device (`scripts/test-rdma.sh` runs
+//! these inside a VM with Soft-RoCE). Without a device each test prints why it
+//! skipped and checks nothing else.
+// Test data is small: narrowing casts here cannot truncate.
+#![allow(clippy::cast_possible_truncation)]
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use client::{Client, ClientError, ClientOptions, GatewayCode, RdmaOptions, Region};
+use gateway::synthetic;
+use protocol::BlockLoad;
+use test_support::GatewayProcess;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_dualpath");
+const WAIT: Duration = Duration::from_secs(60);
+const SEED: u64 = 33;
+/// 8 layers of 16 tokens x 256 bytes: 4 KiB layers, 32 KiB blocks. Soft-RoCE
+/// under emulation moves about 20-40 MB/s, so loads stay a few MB.
+const LAYERS: u16 = 8;
+const LAYER_BYTES: usize = 4096;
+const BLOCK_BYTES: usize = LAYER_BYTES * LAYERS as usize;
+const BLOCKS: u64 = 160;
+const CHILD_ENV: &str = "DUALPATH_RDMA_TEST_CHILD_GATEWAY";
+
+fn rdma_device() -> Option<String> {
+    let names = transport::verbs::device_names();
+    match names.first() {
+        Some(name) => Some(std::env::var("DUALPATH_RDMA_DEVICE").unwrap_or_else(|_| name.clone())),
+        None => {
+            eprintln!("SKIPPED: no RDMA device on this machine; scripts/test-rdma.sh runs this test on Soft-RoCE in a VM");
+            None
+        }
+    }
+}
+
+struct Gateway {
+    process: GatewayProcess,
+    _dir: tempfile::TempDir,
+}
+
+fn write_config(dir: &Path, device: &str, transport: &str) -> PathBuf {
+    let text = format!(
+        r#"
+[gateway]
+cores = 1
+listen_tcp = "127.0.0.1:0"
+metrics_listen = "127.0.0.1:0"
+[rdma]
+transport = "{transport}"
+device = "{device}"
+gid_index = 1
+[staging]
+bytes_per_core = "4MiB"
+buffer_bytes = "64KiB"
+huge_pages = "off"
+[storage]
+backend = "uring"
+path = "{store}"
+queue_depth = 16
+[[namespace]]
+name = "full"
+layers = {LAYERS}
+tokens_per_block = 16
+bytes_per_token_per_layer = 256
+layout = "full"
+capacity = "16MiB"
+[[namespace]]
+name = "layer"
+layers = {LAYERS}
+tokens_per_block = 16
+bytes_per_token_per_layer = 256
+layout = "layer"
+capacity = "16MiB"
+"#,
+        store = dir.join("store").display()
+    );
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, text).expect("config");
+    path
+}
+
+impl Gateway {
+    fn start(device: &str, transport: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = write_config(dir.path(), device, transport);
+        for namespace in ["full", "layer"] {
+            let status = Command::new(BINARY)
+                .arg("--config")
+                .arg(&config)
+                .args([
+                    "import",
+                    "-n",
+                    namespace,
+                    "--synthetic",
+                    &BLOCKS.to_string(),
+                    "--seed",
+                    &SEED.to_string(),
+                ])
+                .status()
+                .expect("import");
+            assert!(status.success());
+        }
+        let mut command = Command::new(BINARY);
+        command.arg("--config").arg(&config).arg("serve");
+        Self {
+            process: GatewayProcess::start(command),
+            _dir: dir,
+        }
+    }
+
+    fn client(&self, device: &str, required: bool) -> Client {
+        let rdma = RdmaOptions {
+            device: Some(device.to_owned()),
+            required,
+            ..RdmaOptions::default()
+        };
+        Client::connect(
+            &[&self.process.tcp],
+            ClientOptions {
+                rdma: Some(rdma),
+                ..ClientOptions::default()
+            },
+        )
+        .expect("connect")
+    }
+}
+
+fn expected_block(index: u64) -> Vec<u8> {
+    let mut bytes = vec![0u8; BLOCK_BYTES];
+    synthetic::fill(synthetic::key(SEED, index), &mut bytes);
+    bytes
+}
+
+fn whole_blocks(count: u64) -> Vec<BlockLoad> {
+    (0..count)
+        .map(|index| BlockLoad {
+            key: synthetic::key(SEED, index),
+            layers: 0..LAYERS,
+            dest_offset: index * BLOCK_BYTES as u64,
+        })
+        .collect()
+}
+
+#[test]
+fn loads_both_layouts_by_rdma_write_layer_by_layer_with_every_byte_checked() {
+    let Some(device) = rdma_device() else { return };
+    let gateway = Gateway::start(&device, "rdma");
+    let client = gateway.client(&device, true);
+    assert_eq!(client.transports(), vec!["rdma"]);
+    let mut moved = 0u64;
+    for namespace in ["layer", "full"] {
+        let region = Arc::new(Region::allocate(BLOCKS as usize * BLOCK_BYTES));
+        let id = client
+            .register_region(Arc::clone(&region))
+            .expect("register");
+        let load = client
+            .load(namespace, id, &whole_blocks(BLOCKS), 0)
+            .expect("load");
+        for layer in 0..LAYERS {
+            load.wait_layer(layer, WAIT).expect("layer");
+            assert!(load.layers_done().end > layer, "layers complete in order");
+            // The notice for a layer arrives after that layer's writes landed.
+            for index in 0..BLOCKS {
+                let offset = index as usize * BLOCK_BYTES + usize::from(layer) * LAYER_BYTES;
+                let expected =
+                    &expected_block(index)[usize::from(layer) * LAYER_BYTES..][..LAYER_BYTES];
+                assert!(
+                    region.read(offset, LAYER_BYTES) == expected,
+                    "{namespace}: block {index} layer {layer}"
+                );
+            }
+        }
+        let report = load.wait(WAIT).expect("load finished");
+        assert!(report.all_done(), "{:?}", report.failed().next());
+        for index in 0..BLOCKS {
+            assert!(
+                region.read(index as usize * BLOCK_BYTES, BLOCK_BYTES) == expected_block(index),
+                "{namespace} block {index}"
+            );
+        }
+        moved += BLOCKS * BLOCK_BYTES as u64;
+    }
+    assert_eq!(
+        gateway
+            .process
+            .metric_sum("dualpath_transport_sent_bytes_total") as u64,
+        moved
+    );
+    assert_eq!(
+        gateway.process.metric_sum("dualpath_rdma_connections") as u64,
+        1
+    );
+    assert_eq!(
+        gateway.process.metric_sum("dualpath_rdma_enabled") as u64,
+        1
+    );
+}
+
+#[test]
+fn an_out_of_region_load_is_refused_before_anything_is_posted() {
+    let Some(device) = rdma_device() else { return };
+    let gateway = Gateway::start(&device, "rdma");
+    let client = gateway.client(&device, true);
+    let region = Arc::new(Region::allocate(2 * BLOCK_BYTES));
+    let id = client
+        .register_region(Arc::clone(&region))
+        .expect("register");
+    // Block 0 fits; block 1 would end one layer past the region.
+    let mut blocks = whole_blocks(2);
+    blocks[1].dest_offset = BLOCK_BYTES as u64 + LAYER_BYTES as u64;
+    let refused = client
+        .load("full", id, &blocks, 0)
+        .expect("sent")
+        .wait(WAIT);
+    let error = refused.expect_err("the gateway refuses the load");
+    assert!(
+        matches!(
+            error,
+            ClientError::Gateway {
+                code: GatewayCode::OutOfRegion,
+                ..
+            }
+        ),
+        "{error}"
+    );
+    assert_eq!(
+        gateway
+            .process
+            .metric_sum("dualpath_transport_sent_bytes_total") as u64,
+        0,
+        "nothing was written"
+    );
+    // The connection and the gateway go on serving.
+    let report = client
+        .load("full", id, &whole_blocks(2), 0)
+        .expect("load")
+        .wait(WAIT)
+        .expect("finished");
+    assert!(report.all_done());
+    assert!(region.read(BLOCK_BYTES, BLOCK_BYTES) == expected_block(1));
+}
+
+#[test]
+fn a_gateway_without_rdma_serves_an_rdma_client_over_tcp() {
+    let Some(device) = rdma_device() else { return };
+    let gateway = Gateway::start(&device, "tcp");
+    let client = gateway.client(&device, false);
+    assert_eq!(
+        client.transports(),
+        vec!["tcp"],
+        "the refusal falls back to TCP"
+    );
+    let region = Arc::new(Region::allocate(4 * BLOCK_BYTES));
+    let id = client
+        .register_region(Arc::clone(&region))
+        .expect("register");
+    assert!(client
+        .load("layer", id, &whole_blocks(4), 0)
+        .expect("load")
+        .wait(WAIT)
+        .expect("done")
+        .all_done());
+    assert!(region.read(3 * BLOCK_BYTES, BLOCK_BYTES) == expected_block(3));
+    let required = Client::connect(
+        &[&gateway.process.tcp],
+        ClientOptions {
+            rdma: Some(RdmaOptions {
+                device: Some(device),
+                required: true,
+                ..RdmaOptions::default()
+            }),
+            ..ClientOptions::default()
+        },
+    );
+    assert!(
+        required.is_err(),
+        "a client that requires RDMA is told it cannot have it"
+    );
+}
+
+/// Run as a child process by the next test: load, say so, and wait to be killed.
+#[test]
+fn child_process_loading_until_killed() {
+    let Ok(address) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let device = rdma_device().expect("the parent found a device");
+    let rdma = RdmaOptions {
+        device: Some(device),
+        required: true,
+        ..RdmaOptions::default()
+    };
+    let client = Client::connect(
+        &[&address],
+        ClientOptions {
+            rdma: Some(rdma),
+            ..ClientOptions::default()
+        },
+    )
+    .expect("connect");
+    let region = Arc::new(Region::allocate(BLOCKS as usize * BLOCK_BYTES));
+    let id = client
+        .register_region(Arc::clone(&region))
+        .expect("register");
+    let _load = client
+        .load("full", id, &whole_blocks(BLOCKS), 0)
+        .expect("load");
+    println!("CHILD LOADING");
+    std::thread::sleep(Duration::from_secs(600));
+}
+
+#[test]
+fn a_client_killed_mid_load_leaves_the_gateway_healthy() {
+    let Some(device) = rdma_device() else { return };
+    if std::env::var(CHILD_ENV).is_ok() {
+        return;
+    }
+    let gateway = Gateway::start(&device, "rdma");
+    for _ in 0..2 {
+        let mut child = Command::new(std::env::current_exe().expect("test binary"))
+            .args([
+                "--exact",
+                "child_process_loading_until_killed",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
+            .env(CHILD_ENV, &gateway.process.tcp)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("child client");
+        let stdout = child.stdout.take().expect("piped");
+        let started = std::io::BufReader::new(stdout)
+            .lines()
+            .any(|line| line.is_ok_and(|line| line.contains("CHILD LOADING")));
+        assert!(started, "the child client started its load");
+        child.kill().expect("SIGKILL the client");
+        child.wait().expect("reaped");
+    }
+    // The gateway notices (RDMA errors or the closed socket), drops those
+    // connections, and serves a new client in full.
+    let client = gateway.client(&device, true);
+    let region = Arc::new(Region::allocate(BLOCKS as usize * BLOCK_BYTES));
+    let id = client
+        .register_region(Arc::clone(&region))
+        .expect("register");
+    let report = client
+        .load("layer", id, &whole_blocks(BLOCKS), 0)
+        .expect("load")
+        .wait(WAIT)
+        .expect("finished");
+    assert!(report.all_done(), "{:?}", report.failed().next());
+    for index in 0..BLOCKS {
+        assert!(
+            region.read(index as usize * BLOCK_BYTES, BLOCK_BYTES) == expected_block(index),
+            "block {index}"
+        );
+    }
+    assert!(gateway.process.http_get("/healthz").contains("200"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while gateway.process.metric_sum("dualpath_rdma_connections") as u64 != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the killed clients' connections were dropped"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,293 @@
+//! The RDMA transport: payloads go from the core's registered staging buffers
+//! into the client's registered region with RDMA WRITE; notices go as SENDs on
+//! the same reliable-connected queue pair, so the client sees a notice only
+//! after every write posted before it has landed (RC ordering), without polling
+//! memory. A notice too large for an inline SEND (a pool status report) goes on
+//! the TCP control connection once the writes before it have completed.
+//!
+//! Bounds: at most `send_depth` work requests posted; more work waits in a
+//! local queue whose length the core's per-connection buffer share bounds. A
+//! staging buffer goes back to its slab only when its last write completed.
+//! Any failed completion (remote access error, retry exceeded, flushed) breaks
+//! the transport: `progress` returns the error and the core drops the
+//! connection, which destroys the queue pair before the buffers are released.
+
+use std::collections::VecDeque;
+use std::io;
+use std::rc::Rc;
+
+use protocol::Frame;
+use staging::StagingBuffer;
+use verbs::{Completion, QueuePair};
+
+use crate::rdma_sys::{post_buffer_write, SlabRegistration};
+use crate::{Progress, RemoteRegion, RemoteWrite, Transport};
+
+/// Largest notice sent as an inline SEND; larger ones go over TCP. The client
+/// posts receive buffers of at least this size.
+pub const RDMA_NOTICE_MAX: usize = 192;
+
+#[derive(Debug)]
+enum Queued {
+    Write(RemoteWrite),
+    Notice(Vec<u8>),
+    OverControl(Frame),
+}
+
+/// One signalled work request and what its completion releases.
+#[derive(Debug)]
+struct Signaled {
+    wr_id: u64,
+    /// Work requests this completion retires (the unsignalled ones before it).
+    work_requests: u32,
+    payload_bytes: u64,
+    buffer: Option<StagingBuffer>,
+}
+
+pub struct RdmaTransport {
+    // Field order is drop order: the queue pair is destroyed (its posted work
+    // flushed) before `in_flight` returns the buffers it may still read.
+    queue_pair: QueuePair,
+    in_flight: VecDeque<Signaled>,
+    queued: VecDeque<Queued>,
+    staging: Rc<SlabRegistration>,
+    /// The TCP control connection: `RdmaAccept`, and notices too big to inline.
+    control: Box<dyn Transport>,
+    regions: Vec<(u32, RemoteRegion)>,
+    posted: u32,
+    send_depth: u32,
+    next_wr_id: u64,
+    completions: Vec<Completion>,
+    broken: Option<String>,
+    send_fd: Option<std::os::fd::RawFd>,
+}
+
+impl std::fmt::Debug for RdmaTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RdmaTransport")
+            .field("posted", &self.posted)
+            .field("queued", &self.queued.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RdmaTransport {
+    /// `queue_pair` is connected to the client's; `control` carries what must
+    /// go over TCP (first the `RdmaAccept` the caller queued on it).
+    pub fn new(
+        mut queue_pair: QueuePair,
+        send_depth: u32,
+        staging: Rc<SlabRegistration>,
+        control: Box<dyn Transport>,
+    ) -> io::Result<Self> {
+        queue_pair.send_queue().arm().map_err(io::Error::other)?;
+        let send_fd = queue_pair.send_queue().channel_fd();
+        Ok(Self {
+            send_fd,
+            queue_pair,
+            in_flight: VecDeque::new(),
+            queued: VecDeque::new(),
+            staging,
+            control,
+            regions: Vec::new(),
+            posted: 0,
+            send_depth,
+            next_wr_id: 1,
+            completions: Vec::with_capacity(64),
+            broken: None,
+        })
+    }
+
+    fn region(&self, region_id: u32) -> Option<RemoteRegion> {
+        self.regions
+            .iter()
+            .find(|(id, _)| *id == region_id)
+            .map(|(_, region)| *region)
+    }
+
+    fn reap(&mut self, progress: &mut Progress) -> io::Result<()> {
+        self.completions.clear();
+        let queue = self.queue_pair.send_queue();
+        queue
+            .poll(&mut self.completions, 256)
+            .map_err(io::Error::other)?;
+        for completion in &self.completions {
+            if !completion.ok {
+                let reason = format!(
+                    "an RDMA write or send to the client failed: {} (status {})",
+                    completion.status_text, completion.status
+                );
+                self.broken = Some(reason.clone());
+                return Err(io::Error::new(io::ErrorKind::ConnectionAborted, reason));
+            }
+            let signaled = self
+                .in_flight
+                .pop_front()
+                .expect("a completion for every signalled work request");
+            debug_assert_eq!(
+                signaled.wr_id, completion.wr_id,
+                "RC completions arrive in post order"
+            );
+            self.posted -= signaled.work_requests;
+            progress.payload_bytes += signaled.payload_bytes;
+            if signaled.buffer.is_some() {
+                progress.buffers_released += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn wr_id(&mut self) -> u64 {
+        self.next_wr_id += 1;
+        self.next_wr_id
+    }
+
+    /// Posts queued work while the send queue has room.
+    fn post(&mut self) -> io::Result<()> {
+        while let Some(front) = self.queued.front() {
+            let needed = match front {
+                Queued::Write(write) => write.pieces.len() as u32,
+                Queued::Notice(_) => 1,
+                Queued::OverControl(_) if self.in_flight.is_empty() => 0,
+                Queued::OverControl(_) => return Ok(()),
+            };
+            if self.posted + needed > self.send_depth {
+                return Ok(());
+            }
+            match self.queued.pop_front().expect("front exists") {
+                Queued::Write(write) => self.post_write(write)?,
+                Queued::Notice(bytes) => {
+                    let wr_id = self.wr_id();
+                    self.queue_pair
+                        .send_inline(wr_id, &bytes, true)
+                        .map_err(io::Error::other)?;
+                    self.posted += 1;
+                    self.in_flight.push_back(Signaled {
+                        wr_id,
+                        work_requests: 1,
+                        payload_bytes: 0,
+                        buffer: None,
+                    });
+                }
+                Queued::OverControl(frame) => self.control.notify(&frame),
+            }
+        }
+        Ok(())
+    }
+
+    fn post_write(&mut self, write: RemoteWrite) -> io::Result<()> {
+        let Some(region) = self.region(write.region_id) else {
+            let reason = format!("region {} has no RDMA key on this connection (register it with RegisterRemoteRegion)", write.region_id);
+            self.broken = Some(reason.clone());
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, reason));
+        };
+        // The core checked the load against the region; check every piece again
+        // here, where the addresses are formed and before any is posted, so no
+        // bug above can aim a write outside what the client registered.
+        if let Some((offset, range)) = write.pieces.iter().find(|(offset, range)| {
+            offset
+                .checked_add(range.len() as u64)
+                .is_none_or(|end| end > region.len)
+        }) {
+            let reason = format!(
+                "refused a write of {} bytes at offset {offset} outside region {} ({} bytes)",
+                range.len(),
+                write.region_id,
+                region.len
+            );
+            self.broken = Some(reason.clone());
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, reason));
+        }
+        let count = write.pieces.len();
+        let mut payload = 0u64;
+        for (index, (offset, range)) in write.pieces.iter().enumerate() {
+            let len = range.len() as u64;
+            let last = index + 1 == count;
+            let wr_id = if last { self.wr_id() } else { 0 };
+            post_buffer_write(
+                &mut self.queue_pair,
+                &self.staging,
+                &write.buffer,
+                range.clone(),
+                (region.address + offset, region.rkey),
+                wr_id,
+                last,
+            )
+            .map_err(io::Error::other)?;
+            payload += len;
+        }
+        self.posted += count as u32;
+        let wr_id = self.next_wr_id;
+        self.in_flight.push_back(Signaled {
+            wr_id,
+            work_requests: count as u32,
+            payload_bytes: payload,
+            buffer: Some(write.buffer),
+        });
+        Ok(())
+    }
+}
+
+impl Transport for RdmaTransport {
+    fn name(&self) -> &'static str {
+        "rdma"
+    }
+
+    fn write(&mut self, write: RemoteWrite) {
+        if write.pieces.is_empty() {
+            return; // Nothing to move; the buffer goes back to the slab now.
+        }
+        self.queued.push_back(Queued::Write(write));
+    }
+
+    fn notify(&mut self, frame: &Frame) {
+        let bytes = frame.encode();
+        if bytes.len() <= RDMA_NOTICE_MAX.min(self.queue_pair.max_inline()) {
+            self.queued.push_back(Queued::Notice(bytes));
+        } else {
+            self.queued.push_back(Queued::OverControl(frame.clone()));
+        }
+    }
+
+    fn progress(&mut self) -> io::Result<Progress> {
+        if let Some(reason) = &self.broken {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                reason.clone(),
+            ));
+        }
+        let mut progress = Progress::default();
+        while self
+            .queue_pair
+            .send_queue()
+            .take_event()
+            .map_err(io::Error::other)?
+        {}
+        self.reap(&mut progress)?;
+        self.queue_pair
+            .send_queue()
+            .arm()
+            .map_err(io::Error::other)?;
+        // A completion may have arrived between the poll and the arm.
+        self.reap(&mut progress)?;
+        self.post()?;
+        let control = self.control.progress()?;
+        progress.payload_bytes += control.payload_bytes;
+        progress.buffers_released += control.buffers_released;
+        Ok(progress)
+    }
+
+    fn has_pending(&self) -> bool {
+        !self.queued.is_empty() || !self.in_flight.is_empty() || self.control.has_pending()
+    }
+
+    fn register_remote_region(&mut self, region_id: u32, region: RemoteRegion) {
+        self.regions.retain(|(id, _)| *id != region_id);
+        self.regions.push((region_id, region));
+    }
+
+    fn event_fd(&self) -> Option<std::os::fd::RawFd> {
+        // The send queue's event channel: it lives as long as the queue pair.
+        self.send_fd
+    }
+}
