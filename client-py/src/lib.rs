@@ -78,7 +78,8 @@ struct Client {
 #[pymethods]
 impl Client {
     #[new]
-    #[pyo3(signature = (addresses, secret=None, connect_timeout=5.0, request_timeout=30.0, policy="dualpath", pe_storage=None))]
+    #[pyo3(signature = (addresses, secret=None, connect_timeout=5.0, request_timeout=30.0, policy="dualpath", pe_storage=None, rdma="off", rdma_device=None))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         addresses: Vec<String>,
@@ -87,18 +88,33 @@ impl Client {
         request_timeout: f64,
         policy: &str,
         pe_storage: Option<Bound<'_, PyDict>>,
+        rdma: &str,
+        rdma_device: Option<String>,
     ) -> PyResult<Self> {
+        let rdma = match rdma {
+            "off" => None,
+            "auto" => Some(client::RdmaOptions { device: rdma_device, ..client::RdmaOptions::default() }),
+            "required" => Some(client::RdmaOptions { device: rdma_device, required: true, ..client::RdmaOptions::default() }),
+            other => return Err(PyValueError::new_err(format!("rdma={other:?}: use \"off\", \"auto\" (RDMA where the device and gateway allow, else TCP) or \"required\""))),
+        };
         let options = ClientOptions {
             connect_timeout: timeout_of(Some(connect_timeout))?,
             request_timeout: timeout_of(Some(request_timeout))?,
             secret,
             pe_storage: pe_storage.map(|settings| object_settings(&settings)).transpose()?,
             policy: policy.parse().map_err(PyValueError::new_err)?,
+            rdma,
             ..ClientOptions::default()
         };
         let borrowed: Vec<&str> = addresses.iter().map(String::as_str).collect();
         let inner = py.allow_threads(|| RustClient::connect(&borrowed, options)).map_err(to_python)?;
         Ok(Self { inner: Arc::new(inner), owners: Mutex::new(Vec::new()) })
+    }
+
+    /// Per gateway, "rdma" when it writes payloads into this client's memory by
+    /// RDMA WRITE, else "tcp".
+    fn transports(&self) -> Vec<&'static str> {
+        self.inner.transports()
     }
 
     /// The geometry of a namespace as a dict, or None if the gateway does not serve it.

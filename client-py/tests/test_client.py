@@ -175,3 +175,18 @@ def test_load_dual_without_pe_storage_uses_the_gateways(gateway):
         assert kv[index * BLOCK_BYTES:(index + 1) * BLOCK_BYTES].tobytes() == synthetic_block(key)
     with pytest.raises(ValueError, match="unknown policy"):
         dualpath.Client([gateway.address], policy="fastest")
+
+
+def test_rdma_option_falls_back_to_tcp_without_a_device_and_is_checked(gateway):
+    # This machine has no RDMA device (the RDMA path is tested on Soft-RoCE by
+    # scripts/test-rdma.sh): "auto" loads over TCP, "required" is refused.
+    client = dualpath.Client([gateway.address], rdma="auto")
+    assert client.transports() == ["tcp"]
+    buffer = np.zeros(BLOCK_BYTES, dtype=np.uint8)
+    region = client.register(memoryview(buffer).cast("B"))
+    client.load("kv", region, gateway.keys[:1], [0]).wait(timeout=30)
+    assert bytes(buffer) == synthetic_block(gateway.keys[0])
+    with pytest.raises(ValueError, match="rdma="):
+        dualpath.Client([gateway.address], rdma="sometimes")
+    with pytest.raises(ValueError, match="RDMA is required"):
+        dualpath.Client([gateway.address], rdma="required")

@@ -518,8 +518,8 @@ impl QueuePair {
         attr.qp_state = ffi::ibv_qp_state::IBV_QPS_INIT;
         attr.pkey_index = 0;
         attr.port_num = queue_pair.pd.device.port;
-        attr.qp_access_flags = (ffi::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0
-            | ffi::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0);
+        attr.qp_access_flags = ffi::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0
+            | ffi::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0;
         let mask = ffi::ibv_qp_attr_mask::IBV_QP_STATE.0
             | ffi::ibv_qp_attr_mask::IBV_QP_PKEY_INDEX.0
             | ffi::ibv_qp_attr_mask::IBV_QP_PORT.0

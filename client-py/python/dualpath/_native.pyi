@@ -31,11 +31,19 @@ class Client:
         request_timeout: float = 30.0,
         policy: str = "dualpath",
         pe_storage: Optional[dict[str, Any]] = None,
+        rdma: str = "off",
+        rdma_device: Optional[str] = None,
     ) -> None:
         """Connect to every shard of each gateway ("host:port" or "unix:/path").
 
         `secret` is the cluster's shared secret for gateways that require
-        authentication; it never crosses the wire (challenge-response)."""
+        authentication; it never crosses the wire (challenge-response).
+        `rdma`: "off" (TCP), "auto" (gateways write by RDMA WRITE where this
+        machine has an RDMA device and the gateway serves RDMA, else TCP) or
+        "required"; `rdma_device` picks the device (default: the first)."""
+        ...
+    def transports(self) -> list[str]:
+        """Per gateway, "rdma" or "tcp": how payloads reach this client."""
     def namespace(self, name: str) -> Optional[dict[str, Any]]:
         """layers, tokens_per_block, bytes_per_token_per_layer, layout, layer_bytes, block_bytes."""
     def register(self, buffer: Any) -> int:

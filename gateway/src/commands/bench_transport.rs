@@ -35,6 +35,7 @@ pub struct BenchTransportOptions {
 }
 
 const REGION_BLOCKS: u64 = 2048;
+const RDMA_REGION_BLOCKS: u64 = 32;
 const LAYERS: u16 = 8;
 
 pub fn bench_transport(options: &BenchTransportOptions) -> anyhow::Result<()> {
@@ -50,11 +51,15 @@ pub fn bench_transport(options: &BenchTransportOptions) -> anyhow::Result<()> {
         options.rounds
     );
     let (mut ours, mut iperf, mut mooncake_samples) = (Vec::new(), Vec::new(), Vec::new());
+    let mut ib_write_bw = Vec::new();
     for round in 0..options.rounds {
         // Rotate who goes first: this machine's speed drifts.
         for step in 0..3 {
             match (round as usize + step) % 3 {
                 0 => ours.push(report("ours", round, run_ours(options)?)),
+                1 if options.rdma => {
+                    ib_write_bw.push(report("ib_write_bw", round, run_ib_write_bw(options)?))
+                }
                 1 if options.with_iperf => {
                     iperf.push(report("iperf3", round, run_iperf(options.seconds)?))
                 }
@@ -73,10 +78,20 @@ pub fn bench_transport(options: &BenchTransportOptions) -> anyhow::Result<()> {
     }
     let ours_median = median(ours.iter().map(|sample| sample.bytes_per_second));
     println!(
-        "ours (gateway TCP transport, {} cores, one connection each): {:.3} GB/s median",
+        "ours (gateway {} transport, {} cores, one connection each): {:.4} GB/s median",
+        if options.rdma { "RDMA" } else { "TCP" },
         options.cores,
         ours_median / 1e9
     );
+    if !ib_write_bw.is_empty() {
+        let value = median(ib_write_bw.iter().map(|sample| sample.bytes_per_second));
+        println!(
+            "ib_write_bw (perftest, same device, {} messages): {:.4} GB/s median; ours / ib_write_bw = {:.3}",
+            config::ByteSize(options.block_bytes),
+            value / 1e9,
+            ours_median / value
+        );
+    }
     if !iperf.is_empty() {
         let value = median(iperf.iter().map(|sample| sample.bytes_per_second));
         println!(
@@ -201,12 +216,31 @@ fn fill_once(slab: &std::rc::Rc<StagingSlab>) {
 }
 
 fn measure_loads(address: &str, options: &BenchTransportOptions) -> anyhow::Result<Sample> {
-    let client = Client::connect(&[address], ClientOptions::default())?;
+    let rdma = options.rdma.then(|| client::RdmaOptions {
+        required: true,
+        ..client::RdmaOptions::default()
+    });
+    let client = Client::connect(
+        &[address],
+        ClientOptions {
+            rdma,
+            ..ClientOptions::default()
+        },
+    )?;
+    if options.rdma && client.transports() != ["rdma"] {
+        bail!("the bench client did not get RDMA");
+    }
+    // Emulated RDMA (Soft-RoCE in a VM) moves tens of MB/s: smaller loads.
+    let region_blocks = if options.rdma {
+        RDMA_REGION_BLOCKS
+    } else {
+        REGION_BLOCKS
+    };
     let region = Arc::new(Region::allocate(usize::try_from(
-        REGION_BLOCKS * options.block_bytes,
+        region_blocks * options.block_bytes,
     )?));
     let id = client.register_region(Arc::clone(&region))?;
-    let blocks: Vec<BlockLoad> = (0..REGION_BLOCKS)
+    let blocks: Vec<BlockLoad> = (0..region_blocks)
         .map(|index| BlockLoad {
             key: BlockKey(u128::from(index)),
             layers: 0..LAYERS,
@@ -222,7 +256,7 @@ fn measure_loads(address: &str, options: &BenchTransportOptions) -> anyhow::Resu
         if !report.all_done() {
             bail!("a bench load failed: {:?}", report.failed().next());
         }
-        bytes += REGION_BLOCKS * options.block_bytes;
+        bytes += region_blocks * options.block_bytes;
     }
     let elapsed = started.elapsed().as_secs_f64();
     if region.read(usize::try_from(options.block_bytes)? * 7, 64) != vec![0x5a; 64] {
@@ -356,6 +390,64 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// perftest's `ib_write_bw` between two processes on the same device, with
+/// our message size; its average bandwidth (`--report_gbits`: 10^9 bit/s).
+fn run_ib_write_bw(options: &BenchTransportOptions) -> anyhow::Result<Sample> {
+    let port = free_port()?.to_string();
+    let size = options.block_bytes.to_string();
+    let seconds = format!("{}", options.seconds.ceil().max(2.0));
+    let device = transport::verbs::device_names()
+        .into_iter()
+        .next()
+        .context("no RDMA device for ib_write_bw")?;
+    let common = [
+        "-d",
+        &device,
+        "-x",
+        "1",
+        "-s",
+        &size,
+        "-D",
+        &seconds,
+        "-p",
+        &port,
+        "-F",
+        "--report_gbits",
+    ];
+    let mut server = KillOnDrop(
+        Command::new("ib_write_bw")
+            .args(common)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot run ib_write_bw; apt-get install perftest")?,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let target = std::env::var("RDMA_VM_IP").unwrap_or_else(|_| "127.0.0.1".into());
+    let output = Command::new("ib_write_bw")
+        .args(common)
+        .arg(&target)
+        .output()
+        .context("ib_write_bw client")?;
+    let _ = server.0.wait();
+    let text = String::from_utf8_lossy(&output.stdout);
+    // The line after the header holds: bytes, iterations, peak, average, rate.
+    let values = text
+        .lines()
+        .skip_while(|line| !line.contains("BW average"))
+        .nth(1)
+        .context("no result line in ib_write_bw's output")?;
+    let average_gbits: f64 = values
+        .split_whitespace()
+        .nth(3)
+        .and_then(|field| field.parse().ok())
+        .with_context(|| format!("cannot read ib_write_bw's average from {values:?}"))?;
+    Ok(Sample {
+        bytes_per_second: average_gbits * 1e9 / 8.0,
+        cpu_seconds_per_gib: f64::NAN,
+    })
 }
 
 fn number_after(text: &str, field: &str) -> Option<f64> {
