@@ -78,7 +78,7 @@ struct Client {
 #[pymethods]
 impl Client {
     #[new]
-    #[pyo3(signature = (addresses, secret=None, connect_timeout=5.0, request_timeout=30.0, policy="dualpath", pe_storage=None, rdma="off", rdma_device=None))]
+    #[pyo3(signature = (addresses, secret=None, connect_timeout=5.0, request_timeout=30.0, policy="dualpath", pe_storage=None, rdma="off", rdma_device=None, token=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -90,6 +90,7 @@ impl Client {
         pe_storage: Option<Bound<'_, PyDict>>,
         rdma: &str,
         rdma_device: Option<String>,
+        token: Option<String>,
     ) -> PyResult<Self> {
         let rdma = match rdma {
             "off" => None,
@@ -104,6 +105,7 @@ impl Client {
             pe_storage: pe_storage.map(|settings| object_settings(&settings)).transpose()?,
             policy: policy.parse().map_err(PyValueError::new_err)?,
             rdma,
+            token,
             ..ClientOptions::default()
         };
         let borrowed: Vec<&str> = addresses.iter().map(String::as_str).collect();

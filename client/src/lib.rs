@@ -81,6 +81,9 @@ pub struct ClientOptions {
     /// never crosses the wire: the client answers the gateway's challenge with an
     /// HMAC over both sides' nonces.
     pub secret: Option<Vec<u8>>,
+    /// An access token from `dualpath token` (instead of the secret): proves the
+    /// client's grant, which limits it to the namespaces the token lists.
+    pub token: Option<String>,
     /// The shared storage this prefill node reads its own share from (the PE
     /// path); `None`: only gateways load.
     pub pe_storage: Option<ObjectSettings>,
@@ -123,6 +126,7 @@ impl Default for ClientOptions {
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
             secret: None,
+            token: None,
             pe_storage: None,
             policy: Policy::DualPath,
             pool_poll_interval: Duration::from_millis(50),

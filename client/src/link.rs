@@ -160,8 +160,11 @@ impl ShardLink {
         socket
             .set_read_timeout(Some(options.request_timeout))
             .map_err(connect_error)?;
-        let (shard_count, namespaces) =
-            hello(&mut socket, shard, options.secret.as_deref(), &address)?;
+        let credential = match &options.token {
+            Some(token) => Some(auth::parse_token(token).map_err(ClientError::Invalid)?),
+            None => options.secret.clone().map(|secret| (Vec::new(), secret)),
+        };
+        let (shard_count, namespaces) = hello(&mut socket, shard, credential.as_ref(), &address)?;
         let inbox = match verbs {
             Some(verbs) => rdma_handshake(&mut socket, verbs, &address, options)?,
             None => None,
@@ -588,10 +591,11 @@ fn open(endpoint: &Endpoint, timeout: Duration) -> io::Result<Socket> {
 }
 
 /// The hello exchange, answering the gateway's challenge when it sends one.
+/// `credential`: a token's grant and key, or (empty grant) the cluster secret.
 fn hello(
     socket: &mut Socket,
     shard: u32,
-    secret: Option<&[u8]>,
+    credential: Option<&(Vec<u8>, Vec<u8>)>,
     address: &str,
 ) -> Result<(u32, Vec<NamespaceInfo>), ClientError> {
     let connect_error = |source| ClientError::Connect {
@@ -603,15 +607,19 @@ fn hello(
         message,
     };
     let mut client_nonce = Vec::new();
-    if secret.is_some() {
+    let mut token = Vec::new();
+    if let Some((grant, _)) = credential {
         client_nonce = vec![0u8; auth::NONCE_BYTES];
         getrandom::getrandom(&mut client_nonce)
             .map_err(|error| refused(format!("no randomness for a nonce: {error}")))?;
+        token.extend_from_slice(&client_nonce);
+        token.extend_from_slice(grant);
     }
+    let secret = credential.map(|(_, key)| key.as_slice());
     let hello = Frame::Hello {
         version: PROTOCOL_VERSION,
         shard,
-        token: client_nonce.clone(),
+        token,
     };
     socket.write_all(&hello.encode()).map_err(connect_error)?;
     loop {
@@ -622,7 +630,7 @@ fn hello(
                 ..
             } => return Ok((shard_count, namespaces)),
             Frame::Challenge { nonce } => {
-                let secret = secret.ok_or_else(|| refused("the gateway requires authentication: pass the cluster secret (ClientOptions::secret)".into()))?;
+                let secret = secret.ok_or_else(|| refused("the gateway requires authentication: pass an access token (ClientOptions::token) or the cluster secret".into()))?;
                 let mac = auth::proof(secret, &client_nonce, &nonce, shard);
                 socket
                     .write_all(&Frame::Proof { mac }.encode())

@@ -59,6 +59,19 @@ enum Command {
     },
     /// Show the store's namespaces, fill and staging memory.
     Stat,
+    /// Issue an access token for one client: it may read the namespaces given
+    /// with --read (and --write) and store into those given with --write ("*":
+    /// all). Needs the cluster secret (auth_secret_file or DUALPATH_SECRET); the
+    /// client never sees the secret.
+    Token {
+        /// A name for the client, shown in the gateway's refusals and logs.
+        #[arg(long)]
+        client: String,
+        #[arg(long, value_delimiter = ',')]
+        read: Vec<String>,
+        #[arg(long, value_delimiter = ',')]
+        write: Vec<String>,
+    },
     /// Bulk-load blocks from a directory (files named by hex key) or a synthetic set.
     Import {
         #[arg(long, short)]
@@ -285,6 +298,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             output,
         } => blocks::get(&config, &namespace, key, layers.as_deref(), &output),
         Command::Stat => blocks::stat(&config),
+        Command::Token {
+            client,
+            read,
+            write,
+        } => {
+            let secret = anyhow::Context::context(gateway::server::cluster_secret(&config)?,
+                "no cluster secret: set gateway.auth_secret_file or DUALPATH_SECRET (tokens are derived from it)",
+            )?;
+            let grant = protocol::auth::AccessGrant {
+                client,
+                read,
+                write,
+            };
+            let token = protocol::auth::issue_token(&secret, &grant)
+                .map_err(|problem| anyhow::anyhow!("{problem}"))?;
+            println!("{token}");
+            Ok(())
+        }
         Command::Import {
             namespace,
             dir,

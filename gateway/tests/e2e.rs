@@ -505,6 +505,95 @@ fn clients_must_prove_the_cluster_secret_and_failures_are_counted() {
     assert_eq!(gateway.metric_sum("dualpath_auth_failures_total") as u64, 2);
 }
 
+/// A token issued by `dualpath token` limits its client to the namespaces it
+/// lists; the client never holds the cluster secret; an altered token is refused.
+#[test]
+fn an_access_token_limits_a_client_to_its_namespaces() {
+    let secret = "another-cluster-secret-32-bytes!";
+    let gateway = Gateway::start_with(4, Some(secret));
+    let issue = |args: &[&str]| {
+        let output = Command::new(BINARY)
+            .arg("--config")
+            .arg(gateway._dir.path().join("gateway.toml"))
+            .arg("token")
+            .args(args)
+            .env("DUALPATH_SECRET", secret)
+            .output()
+            .expect("dualpath token");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout)
+            .expect("utf-8")
+            .trim()
+            .to_owned()
+    };
+    let connect = |token: &str| {
+        Client::connect(
+            &[&gateway.tcp],
+            ClientOptions {
+                token: Some(token.to_owned()),
+                ..ClientOptions::default()
+            },
+        )
+    };
+    let reader =
+        connect(&issue(&["--client", "pe-1", "--read", "full"])).expect("a token is accepted");
+    let region = Arc::new(Region::allocate(4 * BLOCK_BYTES));
+    let id = reader
+        .register_region(Arc::clone(&region))
+        .expect("register");
+    let report = reader
+        .load("full", id, &whole_blocks(4), 0)
+        .expect("load")
+        .wait(WAIT)
+        .expect("allowed");
+    assert!(report.all_done());
+    assert!(region.read(0, BLOCK_BYTES) == expected_block(0));
+    let refused = reader
+        .load("layer", id, &whole_blocks(4), 0)
+        .expect("sent")
+        .wait(WAIT);
+    let error = refused.expect_err("reading an unlisted namespace is refused");
+    assert!(
+        matches!(&error, ClientError::Gateway { code: GatewayCode::Unauthorized, message } if message.contains("pe-1") && message.contains("\"layer\"")),
+        "{error}"
+    );
+    let store = reader.store("full", BlockKey(7), &vec![1u8; BLOCK_BYTES]);
+    assert!(
+        matches!(
+            store,
+            Err(ClientError::Gateway {
+                code: GatewayCode::Unauthorized,
+                ..
+            })
+        ),
+        "{store:?}"
+    );
+    let writer = connect(&issue(&["--client", "pe-2", "--write", "layer"])).expect("accepted");
+    writer
+        .store("layer", BlockKey(7), &vec![2u8; BLOCK_BYTES])
+        .expect("writing a listed namespace");
+    // Widening the grant without the secret: the key no longer matches.
+    let token = issue(&["--client", "pe-3", "--read", "full"]);
+    let widened = token.replacen(&hex_of("read=full"), &hex_of("read=*,xx"), 1);
+    assert_ne!(widened, token);
+    let error = connect(&widened).expect_err("an altered token is refused");
+    assert!(
+        error
+            .to_string()
+            .contains("not issued with this cluster's secret"),
+        "{error}"
+    );
+    assert_eq!(gateway.metric_sum("dualpath_auth_failures_total") as u64, 1);
+}
+
+fn hex_of(text: &str) -> String {
+    text.bytes().map(|byte| format!("{byte:02x}")).collect()
+}
+
 #[test]
 fn an_unreachable_gateway_is_left_out_at_connect() {
     let gateway = Gateway::start(2);

@@ -33,6 +33,7 @@ class Client:
         pe_storage: Optional[dict[str, Any]] = None,
         rdma: str = "off",
         rdma_device: Optional[str] = None,
+        token: Optional[str] = None,
     ) -> None:
         """Connect to every shard of each gateway ("host:port" or "unix:/path").
 
@@ -40,7 +41,9 @@ class Client:
         authentication; it never crosses the wire (challenge-response).
         `rdma`: "off" (TCP), "auto" (gateways write by RDMA WRITE where this
         machine has an RDMA device and the gateway serves RDMA, else TCP) or
-        "required"; `rdma_device` picks the device (default: the first)."""
+        "required"; `rdma_device` picks the device (default: the first).
+        `token`: an access token from `dualpath token` instead of the secret;
+        it limits the client to the namespaces it lists."""
         ...
     def transports(self) -> list[str]:
         """Per gateway, "rdma" or "tcp": how payloads reach this client."""

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::bail;
 use mio::Waker;
+use protocol::auth::AccessGrant;
 use protocol::auth::{self, NONCE_BYTES};
 use protocol::{
     decode_header, ErrorCode, Frame, FrameType, NamespaceInfo, HEADER_BYTES, PROTOCOL_VERSION,
@@ -104,11 +105,11 @@ impl Acceptor {
             .and_then(|()| stream.set_read_timeout(Some(HELLO_TIMEOUT)));
         let _ = stream.set_nodelay(true);
         let mut handshake = stream;
-        let shard = match prepared
+        let (shard, access) = match prepared
             .map_err(anyhow::Error::from)
             .and_then(|()| self.handshake(&mut handshake))
         {
-            Ok(shard) => shard,
+            Ok(admitted) => admitted,
             Err(error) => return tracing::info!("refused client {peer}: {error:#}"),
         };
         if handshake.set_nonblocking(true).is_err() {
@@ -118,6 +119,7 @@ impl Acceptor {
             shard,
             Stream::Tcp(mio::net::TcpStream::from_std(handshake)),
             peer,
+            access,
         );
     }
 
@@ -127,11 +129,11 @@ impl Acceptor {
             .set_nonblocking(false)
             .and_then(|()| stream.set_read_timeout(Some(HELLO_TIMEOUT)));
         let mut handshake = stream;
-        let shard = match prepared
+        let (shard, access) = match prepared
             .map_err(anyhow::Error::from)
             .and_then(|()| self.handshake(&mut handshake))
         {
-            Ok(shard) => shard,
+            Ok(admitted) => admitted,
             Err(error) => return tracing::info!("refused {peer}: {error:#}"),
         };
         if handshake.set_nonblocking(true).is_err() {
@@ -141,20 +143,33 @@ impl Acceptor {
             shard,
             Stream::Unix(mio::net::UnixStream::from_std(handshake)),
             peer,
+            access,
         );
     }
 
-    fn hand_over(&self, shard: u32, stream: Stream, peer: String) {
+    fn hand_over(&self, shard: u32, stream: Stream, peer: String, access: Arc<AccessGrant>) {
         let door = &self.cores[shard as usize];
         self.counters.accepted.fetch_add(1, Ordering::Relaxed);
-        if door.sender.send(NewConnection { stream, peer }).is_ok() {
+        if door
+            .sender
+            .send(NewConnection {
+                stream,
+                peer,
+                access,
+            })
+            .is_ok()
+        {
             let _ = door.waker.wake();
         }
     }
 
-    /// Reads the hello, checks the client's proof of the secret, answers, and
-    /// returns the shard the client asked for.
-    fn handshake(&self, stream: &mut dyn HandshakeStream) -> anyhow::Result<u32> {
+    /// Reads the hello, checks the client's proof of the secret (or of its
+    /// token's key), answers, and returns the shard the client asked for and what
+    /// it may do.
+    fn handshake(
+        &self,
+        stream: &mut dyn HandshakeStream,
+    ) -> anyhow::Result<(u32, Arc<AccessGrant>)> {
         let (version, shard, client_nonce) = match read_frame(stream, FrameType::Hello)? {
             Ok(Frame::Hello {
                 version,
@@ -176,10 +191,14 @@ impl Acceptor {
                 format!("shard {shard} does not exist; this gateway has {shard_count}"),
             );
         }
+        let mut access = AccessGrant::everything();
         if let Some(secret) = &self.secret {
-            if let Err(message) = self.authenticate(stream, secret, &client_nonce, shard)? {
-                self.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
-                return refuse(stream, ErrorCode::Unauthorized, message);
+            match self.authenticate(stream, secret, &client_nonce, shard)? {
+                Ok(grant) => access = grant,
+                Err(message) => {
+                    self.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
+                    return refuse(stream, ErrorCode::Unauthorized, message);
+                }
             }
         }
         let reply = Frame::HelloOk {
@@ -189,7 +208,7 @@ impl Acceptor {
             namespaces: self.namespaces.clone(),
         };
         stream.write_all(&reply.encode())?;
-        Ok(shard)
+        Ok((shard, Arc::new(access)))
     }
 }
 
@@ -198,14 +217,27 @@ impl Acceptor {
 /// the answer before the client reads it.
 impl Acceptor {
     /// Challenge-response: sends a fresh nonce, checks the client's proof. The
-    /// inner `Err` is the refusal to send.
+    /// hello's token field is the client's nonce, then (for a token holder) the
+    /// token's grant, whose key the proof must use. The inner `Err` is the
+    /// refusal to send.
     fn authenticate(
         &self,
         stream: &mut dyn HandshakeStream,
         secret: &[u8],
-        client_nonce: &[u8],
+        hello_token: &[u8],
         shard: u32,
-    ) -> anyhow::Result<Result<(), String>> {
+    ) -> anyhow::Result<Result<AccessGrant, String>> {
+        let (client_nonce, grant_body) = hello_token.split_at(hello_token.len().min(NONCE_BYTES));
+        let (key, grant) = if grant_body.is_empty() {
+            (secret.to_vec(), AccessGrant::everything())
+        } else {
+            match AccessGrant::decode(grant_body) {
+                Ok(grant) => (auth::token_key(secret, grant_body), grant),
+                Err(problem) => {
+                    return Ok(Err(format!("the client's token is malformed: {problem}")))
+                }
+            }
+        };
         if client_nonce.len() != NONCE_BYTES {
             return Ok(Err(
                 "this gateway requires authentication: give the client the cluster secret".into(),
@@ -225,12 +257,14 @@ impl Acceptor {
             Ok(_) => unreachable!("read as Proof"),
             Err(message) => return Ok(Err(message)),
         };
-        if !auth::verify(secret, client_nonce, &server_nonce, shard, &mac) {
-            return Ok(Err(
-                "authentication failed: the client's secret is not this cluster's".into(),
-            ));
+        if !auth::verify(&key, client_nonce, &server_nonce, shard, &mac) {
+            return Ok(Err(if grant_body.is_empty() {
+                "authentication failed: the client's secret is not this cluster's".into()
+            } else {
+                format!("authentication failed: the token of {:?} was not issued with this cluster's secret (or was altered)", grant.client)
+            }));
         }
-        Ok(Ok(()))
+        Ok(Ok(grant))
     }
 }
 
@@ -260,7 +294,7 @@ fn refuse(
     stream: &mut dyn HandshakeStream,
     code: ErrorCode,
     message: String,
-) -> anyhow::Result<u32> {
+) -> anyhow::Result<(u32, Arc<AccessGrant>)> {
     let _ = stream.write_all(
         &Frame::Error {
             request_id: 0,

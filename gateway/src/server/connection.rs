@@ -96,6 +96,8 @@ pub struct Connection {
     transport: Box<dyn Transport>,
     pub peer: String,
     pub generation: u16,
+    /// The namespaces this client may read and write.
+    pub access: std::sync::Arc<protocol::auth::AccessGrant>,
     received: Vec<u8>,
     pub regions: Vec<(u32, u64)>,
     pub loads: Vec<Option<ActiveLoad>>,
@@ -124,13 +126,19 @@ impl std::fmt::Debug for Connection {
 }
 
 impl Connection {
-    pub fn new(stream: Stream, peer: String, generation: u16) -> io::Result<Self> {
+    pub fn new(
+        stream: Stream,
+        peer: String,
+        generation: u16,
+        access: std::sync::Arc<protocol::auth::AccessGrant>,
+    ) -> io::Result<Self> {
         let transport = stream.transport()?;
         Ok(Self {
             stream,
             transport,
             peer,
             generation,
+            access,
             received: Vec::with_capacity(RECEIVE_CHUNK_BYTES),
             regions: Vec::new(),
             loads: Vec::new(),

@@ -32,6 +32,8 @@ const CONNECTIONS_MAX: usize = 1 << 16;
 pub struct NewConnection {
     pub stream: Stream,
     pub peer: String,
+    /// What the client proved it may do (its token's grant, or everything).
+    pub access: Arc<protocol::auth::AccessGrant>,
 }
 
 #[derive(Debug)]
@@ -83,6 +85,15 @@ impl CoreRdma {
             staging: std::rc::Rc::new(staging),
         })
     }
+}
+
+fn unauthorized(
+    access: Option<&protocol::auth::AccessGrant>,
+    action: &str,
+    namespace: &str,
+) -> String {
+    let client = access.map_or("this client", |access| access.client.as_str());
+    format!("{client}'s token does not allow it to {action} namespace {namespace:?}; issue a token that lists it (dualpath token --{action} {namespace})")
 }
 
 /// Tokens at and above this mark a connection's RDMA completion channel.
@@ -191,7 +202,12 @@ impl<S: BlockStore> Core<S> {
     }
 
     fn accept_new(&mut self) {
-        while let Ok(NewConnection { mut stream, peer }) = self.setup.inbox.try_recv() {
+        while let Ok(NewConnection {
+            mut stream,
+            peer,
+            access,
+        }) = self.setup.inbox.try_recv()
+        {
             let Some(index) = self.free_connection_slot() else {
                 tracing::warn!(
                     "shard {}: refusing {peer}: {CONNECTIONS_MAX} connections already",
@@ -208,7 +224,7 @@ impl<S: BlockStore> Core<S> {
                 "shard {}: client {peer} connected",
                 self.shard.shard_index()
             );
-            let connection = match Connection::new(stream, peer, self.next_generation) {
+            let connection = match Connection::new(stream, peer, self.next_generation, access) {
                 Ok(connection) => connection,
                 Err(error) => {
                     tracing::warn!("cannot set up a transport: {error}");
@@ -372,6 +388,10 @@ impl<S: BlockStore> Core<S> {
         let namespace = self.shard.namespace_id(&load.namespace);
         let connection = self.connections[index].as_mut().expect("caller checked");
         let refusal = refusal.or_else(|| match namespace {
+            _ if !connection.access.may_read(&load.namespace) => Some(refuse(
+                ErrorCode::Unauthorized,
+                unauthorized(Some(&connection.access), "read", &load.namespace),
+            )),
             None => Some(refuse(
                 ErrorCode::UnknownNamespace,
                 format!("unknown namespace {:?}", load.namespace),
@@ -444,7 +464,20 @@ impl<S: BlockStore> Core<S> {
         };
         // A put is synchronous (durable when StoreDone is sent); it pauses this
         // core's loop for the write and its syncs.
+        let access = self.connections[index]
+            .as_ref()
+            .map(|connection| Arc::clone(&connection.access));
         let result = match self.shard.namespace_id(&prefix.namespace) {
+            _ if access
+                .as_ref()
+                .is_some_and(|access| !access.may_write(&prefix.namespace)) =>
+            {
+                self.setup.counters.error("unauthorized");
+                Err((
+                    ErrorCode::Unauthorized,
+                    unauthorized(access.as_deref(), "write", &prefix.namespace),
+                ))
+            }
             None => Err((
                 ErrorCode::UnknownNamespace,
                 format!("unknown namespace {:?}", prefix.namespace),

@@ -328,6 +328,12 @@ fn pin_to_cpu(shard: u32) {
 }
 
 /// The cluster secret, from `gateway.auth_secret_file` or `DUALPATH_SECRET`.
+/// The cluster secret from the config's file or `DUALPATH_SECRET` (checked as
+/// the gateway checks it at start), for `dualpath token`.
+pub fn cluster_secret(config: &GatewayConfig) -> anyhow::Result<Option<Arc<[u8]>>> {
+    load_secret(config)
+}
+
 fn load_secret(config: &GatewayConfig) -> anyhow::Result<Option<Arc<[u8]>>> {
     use std::os::unix::fs::PermissionsExt;
     let secret = match (
