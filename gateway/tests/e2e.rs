@@ -590,6 +590,93 @@ fn an_access_token_limits_a_client_to_its_namespaces() {
     assert_eq!(gateway.metric_sum("dualpath_auth_failures_total") as u64, 1);
 }
 
+/// A storage read error (the block file cut short under a running gateway: the
+/// kernel returns short reads for the slots past the new end): on one gateway
+/// those blocks fail with a clear, retryable error and the rest arrive; with a
+/// second gateway holding the same blocks, a dual-path load gets every block.
+#[test]
+fn blocks_that_fail_to_read_fail_clearly_or_come_from_another_gateway() {
+    const COUNT: u64 = 64;
+    let damaged = Gateway::start(COUNT);
+    let healthy = Gateway::start(COUNT);
+    let mut cut = 0;
+    for shard in 0..2 {
+        let path = damaged
+            ._dir
+            .path()
+            .join("store/full")
+            .join(format!("shard-{shard}.blocks"));
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("block file");
+        // Slots are laid out from the start of the file (each shard holds about
+        // half the blocks): keep the first 16 slots' worth.
+        file.set_len(16 * BLOCK_BYTES as u64).expect("truncate");
+        cut += 1;
+    }
+    assert_eq!(cut, 2);
+    let alone = damaged.client();
+    let region = Arc::new(Region::allocate(COUNT as usize * BLOCK_BYTES));
+    let id = alone
+        .register_region(Arc::clone(&region))
+        .expect("register");
+    let report = alone
+        .load("full", id, &whole_blocks(COUNT), 0)
+        .expect("load")
+        .wait(WAIT)
+        .expect("finished");
+    let failed: Vec<_> = report.failed().collect();
+    assert!(
+        !failed.is_empty() && failed.len() < COUNT as usize,
+        "some blocks lie past the cut: {} failed",
+        failed.len()
+    );
+    eprintln!(
+        "{} of {COUNT} blocks failed on the damaged gateway, e.g. {:?}",
+        failed.len(),
+        failed[0].1
+    );
+    for (_, status) in &failed {
+        let BlockStatus::Failed { code, message } = status else {
+            unreachable!("failed() yields failures")
+        };
+        assert_eq!(*code, GatewayCode::Io, "{message}");
+        assert!(
+            message.contains("short read") || message.contains("read"),
+            "the message says what failed: {message}"
+        );
+    }
+    for index in 0..COUNT {
+        if !failed.iter().any(|(failed, _)| *failed as u64 == index) {
+            assert!(
+                region.read(index as usize * BLOCK_BYTES, BLOCK_BYTES) == expected_block(index),
+                "block {index}"
+            );
+        }
+    }
+    // Both gateways in the split: the damaged one's failures are retried on the other.
+    let options = ClientOptions {
+        policy: client::Policy::DualPath,
+        ..ClientOptions::default()
+    };
+    let both = Client::connect(&[&damaged.tcp, &healthy.tcp], options).expect("connect");
+    let region = Arc::new(Region::allocate(COUNT as usize * BLOCK_BYTES));
+    let id = both.register_region(Arc::clone(&region)).expect("register");
+    let report = both
+        .load_dual("full", id, &whole_blocks(COUNT), 0)
+        .expect("load")
+        .wait(WAIT)
+        .expect("finished");
+    assert!(report.all_done(), "{:?}", report.failed().next());
+    for index in 0..COUNT {
+        assert!(
+            region.read(index as usize * BLOCK_BYTES, BLOCK_BYTES) == expected_block(index),
+            "block {index}"
+        );
+    }
+}
+
 fn hex_of(text: &str) -> String {
     text.bytes().map(|byte| format!("{byte:02x}")).collect()
 }
