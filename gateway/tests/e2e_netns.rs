@@ -1,0 +1,273 @@
+//! A link that drops: one gateway runs in its own network namespace behind a
+//! shaped veth pair; mid-load the link goes down. The client must notice within
+//! a bounded time, take that gateway out of the split, finish the load through
+//! the other gateway with every byte checked, and take it back once the link is
+//! up again. Needs root (network namespaces); otherwise it says why it skipped.
+// Test data is small: narrowing casts here cannot truncate.
+#![allow(clippy::cast_possible_truncation)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use client::{BlockLoad, Client, ClientOptions, Policy, Region};
+use gateway::synthetic;
+use test_support::GatewayProcess;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_dualpath");
+const SEED: u64 = 57;
+const LAYERS: u16 = 8;
+const BLOCK_BYTES: usize = LAYERS as usize * 4096;
+const BLOCKS: u64 = 1200;
+
+/// A namespace and a veth pair into it, removed on drop.
+struct Namespace {
+    name: String,
+    outside: String,
+    inside_address: String,
+}
+
+fn ip(args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(args)
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
+impl Namespace {
+    fn create() -> Option<Self> {
+        let id = std::process::id() % 10_000;
+        let subnet = 10 + id % 200;
+        let name = format!("dpt{id}");
+        let (outside, inside) = (format!("dpt{id}o"), format!("dpt{id}i"));
+        let inside_address = format!("10.213.{subnet}.2");
+        if !ip(&["netns", "add", &name]) {
+            eprintln!("SKIPPED: cannot create a network namespace (needs root and iproute2)");
+            return None;
+        }
+        let namespace = Self {
+            name,
+            outside,
+            inside_address,
+        };
+        let ns = namespace.name.as_str();
+        let ok = ip(&["link", "add", &namespace.outside, "type", "veth", "peer", "name", &inside])
+            && ip(&["link", "set", &inside, "netns", ns])
+            && ip(&["addr", "add", &format!("10.213.{subnet}.1/24"), "dev", &namespace.outside])
+            && ip(&["link", "set", &namespace.outside, "up"])
+            && ip(&["-n", ns, "addr", "add", &format!("{}/24", namespace.inside_address), "dev", &inside])
+            && ip(&["-n", ns, "link", "set", &inside, "up"])
+            && ip(&["-n", ns, "link", "set", "lo", "up"])
+            // What the gateway sends out of its namespace: 80 Mbit/s, so a load
+            // through it takes long enough to be cut in the middle.
+            && Command::new("ip")
+                .args(["netns", "exec", ns, "tc", "qdisc", "add", "dev", &inside, "root", "tbf", "rate", "80mbit", "burst", "64kb", "latency", "200ms"])
+                .status()
+                .is_ok_and(|status| status.success());
+        assert!(ok, "setting up the namespace's veth pair failed");
+        Some(namespace)
+    }
+
+    fn link(&self, up: bool) {
+        assert!(ip(&[
+            "link",
+            "set",
+            &self.outside,
+            if up { "up" } else { "down" }
+        ]));
+    }
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        let _ = ip(&["link", "del", &self.outside]);
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+fn write_config(dir: &Path, listen: &str) -> PathBuf {
+    let text = format!(
+        r#"
+[gateway]
+cores = 1
+listen_tcp = "{listen}"
+[staging]
+bytes_per_core = "4MiB"
+buffer_bytes = "64KiB"
+huge_pages = "off"
+[storage]
+backend = "uring"
+path = "{store}"
+queue_depth = 32
+[[namespace]]
+name = "kv"
+layers = {LAYERS}
+tokens_per_block = 16
+bytes_per_token_per_layer = 256
+layout = "layer"
+capacity = "64MiB"
+"#,
+        store = dir.join("store").display()
+    );
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, text).expect("config");
+    path
+}
+
+/// Imports the blocks, then runs the gateway (inside `namespace` if given).
+fn start_gateway(dir: &Path, listen: &str, namespace: Option<&str>) -> GatewayProcess {
+    let config = write_config(dir, listen);
+    let status = Command::new(BINARY)
+        .arg("--config")
+        .arg(&config)
+        .args([
+            "import",
+            "-n",
+            "kv",
+            "--synthetic",
+            &BLOCKS.to_string(),
+            "--seed",
+            &SEED.to_string(),
+        ])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("import");
+    assert!(status.success());
+    let mut command = match namespace {
+        Some(namespace) => {
+            let mut command = Command::new("ip");
+            command.args(["netns", "exec", namespace, BINARY]);
+            command
+        }
+        None => Command::new(BINARY),
+    };
+    command.arg("--config").arg(&config).arg("serve");
+    GatewayProcess::start(command)
+}
+
+fn expected_block(index: u64) -> Vec<u8> {
+    let mut bytes = vec![0u8; BLOCK_BYTES];
+    synthetic::fill(synthetic::key(SEED, index), &mut bytes);
+    bytes
+}
+
+fn wait_until(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !condition() {
+        assert!(
+            started.elapsed() < limit,
+            "{what} did not happen within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    started.elapsed()
+}
+
+#[test]
+fn a_dropped_link_takes_its_gateway_out_of_the_split_and_the_load_completes() {
+    let Some(namespace) = Namespace::create() else {
+        return;
+    };
+    let (near_dir, far_dir) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let near = start_gateway(near_dir.path(), "127.0.0.1:0", None);
+    let far = start_gateway(
+        far_dir.path(),
+        &format!("{}:7400", namespace.inside_address),
+        Some(&namespace.name),
+    );
+    let options = ClientOptions {
+        policy: Policy::DualPath,
+        pool_poll_interval: Duration::from_millis(50),
+        pool_silence: Duration::from_millis(500),
+        connect_timeout: Duration::from_secs(1),
+        ..ClientOptions::default()
+    };
+    let client = Client::connect(&[&near.tcp, &far.tcp], options).expect("connect");
+    assert!(client.gateway_in_split(1));
+    let blocks: Vec<BlockLoad> = (0..BLOCKS)
+        .map(|index| BlockLoad {
+            key: synthetic::key(SEED, index),
+            layers: 0..LAYERS,
+            dest_offset: index * BLOCK_BYTES as u64,
+        })
+        .collect();
+    let region = Arc::new(Region::allocate(BLOCKS as usize * BLOCK_BYTES));
+    let id = client
+        .register_region(Arc::clone(&region))
+        .expect("register");
+    let load = client.load_dual("kv", id, &blocks, 0).expect("load");
+    let far_queued = client
+        .path_stats()
+        .into_iter()
+        .find(|stats| stats.name == "gateway 1")
+        .expect("stats")
+        .queued_bytes;
+    assert!(
+        far_queued > 0,
+        "the far gateway has a share of the load when its link drops"
+    );
+    std::thread::sleep(Duration::from_millis(150));
+    namespace.link(false);
+    let detected = wait_until(
+        "taking the unreachable gateway out of the split",
+        Duration::from_secs(5),
+        || !client.gateway_in_split(1),
+    );
+    let report = load
+        .wait(Duration::from_secs(60))
+        .expect("the load finishes through the other gateway");
+    assert!(report.all_done(), "{:?}", report.failed().next());
+    for index in 0..BLOCKS {
+        assert!(
+            region.read(index as usize * BLOCK_BYTES, BLOCK_BYTES) == expected_block(index),
+            "block {index}"
+        );
+    }
+    eprintln!(
+        "link down: gateway out of the split after {detected:?}; {:?}",
+        client.path_stats()
+    );
+    namespace.link(true);
+    let restored = wait_until(
+        "the gateway's return to the split",
+        Duration::from_secs(15),
+        || client.gateway_in_split(1),
+    );
+    eprintln!("link up: gateway back in the split after {restored:?}");
+    let started = Instant::now();
+    let again = client
+        .load_dual("kv", id, &blocks, 0)
+        .expect("load")
+        .wait(Duration::from_secs(60))
+        .expect("finished");
+    assert!(again.all_done());
+    // The paths' books close just after the load reports done.
+    wait_until(
+        "the paths' accounting to settle",
+        Duration::from_secs(5),
+        || {
+            client
+                .path_stats()
+                .iter()
+                .all(|stats| stats.queued_bytes == 0)
+        },
+    );
+    eprintln!(
+        "second load {:?}: {:?}",
+        started.elapsed(),
+        client.path_stats()
+    );
+    let far_share = client
+        .path_stats()
+        .into_iter()
+        .find(|stats| stats.name == "gateway 1")
+        .expect("stats");
+    assert!(
+        far_share.in_split && far_share.bytes > 0,
+        "the gateway carries load again: {far_share:?}"
+    );
+}
