@@ -677,6 +677,116 @@ fn blocks_that_fail_to_read_fail_clearly_or_come_from_another_gateway() {
     }
 }
 
+/// The gateway's peak resident memory (VmHWM), bytes.
+fn peak_rss_bytes(process: &GatewayProcess) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", process.child.id()))
+        .expect("proc status");
+    let line = status
+        .lines()
+        .find(|line| line.starts_with("VmHWM:"))
+        .expect("VmHWM");
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|kib| kib.parse::<u64>().ok())
+        .expect("a number")
+        * 1024
+}
+
+/// 64 clients issue 10,000 loads while one client asks for 64 MiB and never
+/// reads: every load of the 64 completes with every byte right, and the
+/// gateway's memory stays within its staging memory plus the documented
+/// overhead (docs/SECURITY.md, "Resource bounds").
+#[test]
+fn sixty_four_clients_and_a_stalled_one_stay_within_memory_bounds() {
+    const CLIENTS: usize = 64;
+    const LOADS: usize = 10_000;
+    const BLOCKS_PER_LOAD: u64 = 4;
+    let gateway = Gateway::start(256);
+    // The stalled client: hello on shard 0, a region, a load of every block
+    // (several times over), then silence: it never reads a byte.
+    let mut stalled = TcpStream::connect(&gateway.tcp).expect("connect");
+    let hello = protocol::Frame::Hello {
+        version: protocol::PROTOCOL_VERSION,
+        shard: 0,
+        token: Vec::new(),
+    };
+    stalled.write_all(&hello.encode()).expect("hello");
+    let region_len = 64u64 << 20;
+    stalled
+        .write_all(
+            &protocol::Frame::RegisterRegion {
+                region_id: 1,
+                len: region_len,
+            }
+            .encode(),
+        )
+        .expect("region");
+    let all: Vec<BlockLoad> = (0..2048u64)
+        .map(|slot| BlockLoad {
+            key: synthetic::key(SEED, slot % 256),
+            layers: 0..LAYERS,
+            dest_offset: slot * BLOCK_BYTES as u64,
+        })
+        .collect();
+    let load = protocol::Load {
+        request_id: 1,
+        namespace: "full".into(),
+        region_id: 1,
+        layer_stride: 0,
+        blocks: all,
+    };
+    stalled
+        .write_all(&protocol::Frame::Load(load).encode())
+        .expect("load");
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for worker in 0..CLIENTS {
+            let (gateway, done) = (&gateway, Arc::clone(&done));
+            scope.spawn(move || {
+                let client = gateway.client();
+                let region = Arc::new(Region::allocate(BLOCKS_PER_LOAD as usize * BLOCK_BYTES));
+                let id = client
+                    .register_region(Arc::clone(&region))
+                    .expect("register");
+                for round in (worker..LOADS).step_by(CLIENTS) {
+                    let first = (round as u64 * 7) % (256 - BLOCKS_PER_LOAD);
+                    let blocks: Vec<BlockLoad> = (0..BLOCKS_PER_LOAD)
+                        .map(|slot| BlockLoad {
+                            key: synthetic::key(SEED, first + slot),
+                            layers: 0..LAYERS,
+                            dest_offset: slot * BLOCK_BYTES as u64,
+                        })
+                        .collect();
+                    let namespace = if round % 2 == 0 { "full" } else { "layer" };
+                    let report = client
+                        .load(namespace, id, &blocks, 0)
+                        .expect("load")
+                        .wait(WAIT)
+                        .expect("finished");
+                    assert!(report.all_done(), "{:?}", report.failed().next());
+                    let last = BLOCKS_PER_LOAD - 1;
+                    assert!(
+                        region.read(last as usize * BLOCK_BYTES, BLOCK_BYTES)
+                            == expected_block(first + last)
+                    );
+                    done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    assert_eq!(done.load(std::sync::atomic::Ordering::Relaxed), LOADS);
+    let elapsed = started.elapsed();
+    // Staging: 2 cores x 4 MiB. Overhead bound: 32 MiB for the binary, its
+    // threads and metrics, plus 160 KiB per connection (64 clients x 2 shards + 1).
+    let staging = 2 * (4u64 << 20);
+    let bound = staging + (32u64 << 20) + 129 * (160 << 10);
+    let peak = peak_rss_bytes(&gateway.process);
+    eprintln!("{LOADS} loads by {CLIENTS} clients in {elapsed:?} beside a stalled client; gateway peak RSS {} MiB (bound {} MiB)", peak >> 20, bound >> 20);
+    assert!(peak <= bound, "peak RSS {peak} over the bound {bound}");
+    drop(stalled);
+}
+
 fn hex_of(text: &str) -> String {
     text.bytes().map(|byte| format!("{byte:02x}")).collect()
 }
