@@ -78,7 +78,7 @@ struct Client {
 #[pymethods]
 impl Client {
     #[new]
-    #[pyo3(signature = (addresses, secret=None, connect_timeout=5.0, request_timeout=30.0, policy="dualpath", pe_storage=None, rdma="off", rdma_device=None, token=None))]
+    #[pyo3(signature = (addresses, secret=None, connect_timeout=5.0, request_timeout=30.0, policy="dualpath", pe_storage=None, rdma="off", rdma_device=None, token=None, tls_ca_file=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -91,6 +91,7 @@ impl Client {
         rdma: &str,
         rdma_device: Option<String>,
         token: Option<String>,
+        tls_ca_file: Option<std::path::PathBuf>,
     ) -> PyResult<Self> {
         let rdma = match rdma {
             "off" => None,
@@ -106,6 +107,7 @@ impl Client {
             policy: policy.parse().map_err(PyValueError::new_err)?,
             rdma,
             token,
+            tls: tls_ca_file.map(|ca_file| client::TlsOptions { ca_file, server_name: None }),
             ..ClientOptions::default()
         };
         let borrowed: Vec<&str> = addresses.iter().map(String::as_str).collect();

@@ -95,6 +95,17 @@ pub struct ClientOptions {
     pub pool_silence: Duration,
     /// Ask gateways to write payloads by RDMA (`None`: TCP).
     pub rdma: Option<RdmaOptions>,
+    /// TLS on TCP connections to gateways that require it (`None`: plain TCP).
+    pub tls: Option<TlsOptions>,
+}
+
+/// Trust for gateways' TLS certificates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsOptions {
+    /// PEM file with the CA certificate(s) that signed the gateways' certificates.
+    pub ca_file: std::path::PathBuf,
+    /// The name to verify in the certificate; `None`: the host of the address.
+    pub server_name: Option<String>,
 }
 
 /// Which RDMA device this client's memory is registered on, and whether RDMA
@@ -132,6 +143,7 @@ impl Default for ClientOptions {
             pool_poll_interval: Duration::from_millis(50),
             pool_silence: Duration::from_millis(500),
             rdma: None,
+            tls: None,
         }
     }
 }

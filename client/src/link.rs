@@ -51,6 +51,20 @@ impl Endpoint {
 enum Socket {
     Tcp(TcpStream),
     Unix(UnixStream),
+    /// TLS: the session is shared by the receive thread and the writers; the
+    /// socket's blocking reads happen outside its lock.
+    Tls {
+        tcp: TcpStream,
+        session: Arc<Mutex<TlsClient>>,
+    },
+}
+
+/// A TLS session and the records read from the socket but not yet given to
+/// it (rustls takes records only while its plaintext buffer is empty).
+#[derive(Debug)]
+struct TlsClient {
+    conn: rustls::ClientConnection,
+    pending: Vec<u8>,
 }
 
 impl Socket {
@@ -58,22 +72,38 @@ impl Socket {
         Ok(match self {
             Socket::Tcp(stream) => Socket::Tcp(stream.try_clone()?),
             Socket::Unix(stream) => Socket::Unix(stream.try_clone()?),
+            Socket::Tls { tcp, session } => Socket::Tls {
+                tcp: tcp.try_clone()?,
+                session: Arc::clone(session),
+            },
         })
     }
 
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         match self {
-            Socket::Tcp(stream) => stream.set_read_timeout(timeout),
+            Socket::Tcp(stream) | Socket::Tls { tcp: stream, .. } => {
+                stream.set_read_timeout(timeout)
+            }
             Socket::Unix(stream) => stream.set_read_timeout(timeout),
         }
     }
 
     fn shutdown(&self) {
         let _ = match self {
-            Socket::Tcp(stream) => stream.shutdown(Shutdown::Both),
+            Socket::Tcp(stream) | Socket::Tls { tcp: stream, .. } => {
+                stream.shutdown(Shutdown::Both)
+            }
             Socket::Unix(stream) => stream.shutdown(Shutdown::Both),
         };
     }
+}
+
+/// Writes rustls's pending records to the (blocking) socket.
+fn flush_records(session: &mut rustls::ClientConnection, tcp: &mut TcpStream) -> io::Result<()> {
+    while session.wants_write() {
+        session.write_tls(tcp)?;
+    }
+    Ok(())
 }
 
 impl Read for Socket {
@@ -81,6 +111,42 @@ impl Read for Socket {
         match self {
             Socket::Tcp(stream) => stream.read(buffer),
             Socket::Unix(stream) => stream.read(buffer),
+            Socket::Tls { tcp, session } => {
+                let mut records = [0u8; 16 << 10];
+                loop {
+                    {
+                        let mut guard = session.lock().expect("TLS session lock");
+                        let tls = &mut *guard;
+                        match tls.conn.reader().read(buffer) {
+                            Ok(count) => return Ok(count),
+                            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                            Err(error) => return Err(error),
+                        }
+                        if !tls.pending.is_empty() {
+                            let taken = tls.conn.read_tls(&mut tls.pending.as_slice())?;
+                            tls.pending.drain(..taken);
+                            tls.conn.process_new_packets().map_err(|error| {
+                                io::Error::new(io::ErrorKind::InvalidData, error)
+                            })?;
+                            flush_records(&mut tls.conn, tcp)?;
+                            continue;
+                        }
+                    }
+                    // Block on the socket without the lock, so writers go on.
+                    let count = tcp.read(&mut records)?;
+                    if count == 0 {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "the gateway closed the TLS connection",
+                        ));
+                    }
+                    session
+                        .lock()
+                        .expect("TLS session lock")
+                        .pending
+                        .extend_from_slice(&records[..count]);
+                }
+            }
         }
     }
 }
@@ -90,6 +156,12 @@ impl Write for Socket {
         match self {
             Socket::Tcp(stream) => stream.write(buffer),
             Socket::Unix(stream) => stream.write(buffer),
+            Socket::Tls { tcp, session } => {
+                let mut session = session.lock().expect("TLS session lock");
+                session.conn.writer().write_all(buffer)?;
+                flush_records(&mut session.conn, tcp)?;
+                Ok(buffer.len())
+            }
         }
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -156,7 +228,8 @@ impl ShardLink {
             address: address.clone(),
             source,
         };
-        let mut socket = open(endpoint, options.connect_timeout).map_err(connect_error)?;
+        let mut socket =
+            open(endpoint, options.connect_timeout, options.tls.as_ref()).map_err(connect_error)?;
         socket
             .set_read_timeout(Some(options.request_timeout))
             .map_err(connect_error)?;
@@ -570,7 +643,11 @@ fn dispatch_message(message: &[u8], shared: &LinkShared) -> io::Result<()> {
     dispatch(Frame::decode(header.kind, body).map_err(invalid)?, shared)
 }
 
-fn open(endpoint: &Endpoint, timeout: Duration) -> io::Result<Socket> {
+fn open(
+    endpoint: &Endpoint,
+    timeout: Duration,
+    tls: Option<&crate::TlsOptions>,
+) -> io::Result<Socket> {
     match endpoint {
         Endpoint::Tcp(address) => {
             let mut last =
@@ -579,7 +656,10 @@ fn open(endpoint: &Endpoint, timeout: Duration) -> io::Result<Socket> {
                 match TcpStream::connect_timeout(&resolved, timeout) {
                     Ok(stream) => {
                         stream.set_nodelay(true)?;
-                        return Ok(Socket::Tcp(stream));
+                        return match tls {
+                            None => Ok(Socket::Tcp(stream)),
+                            Some(tls) => start_tls(stream, address, tls, timeout),
+                        };
                     }
                     Err(error) => last = error,
                 }
@@ -588,6 +668,69 @@ fn open(endpoint: &Endpoint, timeout: Duration) -> io::Result<Socket> {
         }
         Endpoint::Unix(path) => UnixStream::connect(path).map(Socket::Unix),
     }
+}
+
+/// The TLS handshake on a fresh connection, verifying the gateway's
+/// certificate against the CA file and the expected name.
+fn start_tls(
+    mut tcp: TcpStream,
+    address: &str,
+    options: &crate::TlsOptions,
+    timeout: Duration,
+) -> io::Result<Socket> {
+    use rustls::pki_types::pem::PemObject;
+    let invalid_input = |message: String| io::Error::new(io::ErrorKind::InvalidInput, message);
+    let mut roots = rustls::RootCertStore::empty();
+    let certificates =
+        rustls::pki_types::CertificateDer::pem_file_iter(&options.ca_file).map_err(|error| {
+            invalid_input(format!(
+                "cannot read the TLS CA file {}: {error}",
+                options.ca_file.display()
+            ))
+        })?;
+    for certificate in certificates {
+        let certificate = certificate
+            .map_err(|error| invalid_input(format!("{}: {error}", options.ca_file.display())))?;
+        roots
+            .add(certificate)
+            .map_err(|error| invalid_input(format!("{}: {error}", options.ca_file.display())))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|error| invalid_input(error.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let host = options.server_name.clone().unwrap_or_else(|| {
+        address
+            .rsplit_once(':')
+            .map_or(address, |(host, _)| host)
+            .trim_matches(['[', ']'])
+            .to_owned()
+    });
+    let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|_| {
+        invalid_input(format!(
+            "{host:?} is not a valid TLS server name; set TlsOptions::server_name"
+        ))
+    })?;
+    let mut session = rustls::ClientConnection::new(Arc::new(config), name)
+        .map_err(|error| invalid_input(error.to_string()))?;
+    tcp.set_read_timeout(Some(timeout))?;
+    while session.is_handshaking() {
+        session.complete_io(&mut tcp).map_err(|error| {
+            io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("TLS handshake with {address} failed: {error}"),
+            )
+        })?;
+    }
+    Ok(Socket::Tls {
+        tcp,
+        session: Arc::new(Mutex::new(TlsClient {
+            conn: session,
+            pending: Vec::new(),
+        })),
+    })
 }
 
 /// The hello exchange, answering the gateway's challenge when it sends one.

@@ -65,6 +65,13 @@ struct RdmaSection {
     gid_index: Option<u8>,
 }
 
+/// The gateway's TLS certificate chain and private key (PEM files).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
 /// How payloads reach clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TransportSetting {
@@ -101,6 +108,8 @@ struct GatewaySection {
     listen_tcp: Option<SocketAddr>,
     listen_unix: Option<PathBuf>,
     metrics_listen: Option<SocketAddr>,
+    tls_cert_file: Option<PathBuf>,
+    tls_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -294,6 +303,8 @@ pub struct GatewayConfig {
     pub listen_tcp: Option<SocketAddr>,
     pub listen_unix: Option<PathBuf>,
     pub metrics_listen: Option<SocketAddr>,
+    /// TLS for client TCP connections: the server's PEM certificate chain and key.
+    pub tls: Option<TlsFiles>,
     pub staging: StagingConfig,
     pub storage: StorageConfig,
     pub namespaces: Vec<NamespaceConfig>,
@@ -409,7 +420,25 @@ impl Validator<'_> {
             port: raw.rdma.port.unwrap_or(1),
             gid_index: raw.rdma.gid_index.unwrap_or(1),
         };
+        let tls = match (
+            raw.gateway.tls_cert_file.clone(),
+            raw.gateway.tls_key_file.clone(),
+        ) {
+            (None, None) => None,
+            (Some(cert_file), Some(key_file)) => Some(TlsFiles {
+                cert_file,
+                key_file,
+            }),
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(self.invalid(
+                    "gateway.tls_cert_file/tls_key_file",
+                    "only one of the two is set",
+                    "set both (the PEM certificate chain and its private key) or neither",
+                ))
+            }
+        };
         Ok(GatewayConfig {
+            tls,
             rdma,
             cores,
             gossip_listen: raw.gateway.gossip_listen,

@@ -34,6 +34,7 @@ class Client:
         rdma: str = "off",
         rdma_device: Optional[str] = None,
         token: Optional[str] = None,
+        tls_ca_file: Optional[str] = None,
     ) -> None:
         """Connect to every shard of each gateway ("host:port" or "unix:/path").
 
@@ -43,7 +44,8 @@ class Client:
         machine has an RDMA device and the gateway serves RDMA, else TCP) or
         "required"; `rdma_device` picks the device (default: the first).
         `token`: an access token from `dualpath token` instead of the secret;
-        it limits the client to the namespaces it lists."""
+        it limits the client to the namespaces it lists. `tls_ca_file`: connect
+        with TLS, trusting the gateways' certificates signed by this PEM CA."""
         ...
     def transports(self) -> list[str]:
         """Per gateway, "rdma" or "tcp": how payloads reach this client."""

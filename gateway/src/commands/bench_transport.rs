@@ -138,6 +138,7 @@ fn bench_config(block_bytes: u64, cores: u32, rdma: bool) -> anyhow::Result<Gate
         listen_tcp: Some("127.0.0.1:0".parse()?),
         listen_unix: None,
         metrics_listen: None,
+        tls: None,
         staging: StagingConfig {
             bytes_per_core: 64 * block_bytes,
             buffer_bytes: block_bytes,

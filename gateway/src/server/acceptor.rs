@@ -43,6 +43,8 @@ pub struct Acceptor {
     pub shutdown: Arc<AtomicBool>,
     /// The cluster secret clients must prove; `None`: no authentication.
     pub secret: Option<Arc<[u8]>>,
+    /// TLS for TCP clients; `None`: plain TCP.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     pub counters: Arc<AcceptorCounters>,
 }
 
@@ -55,6 +57,11 @@ impl std::fmt::Debug for super::metrics::AcceptorCounters {
 /// Either kind of accepted socket, blocking, for the hello exchange.
 trait HandshakeStream: Read + Write {
     fn set_timeout(&self, timeout: Duration) -> std::io::Result<()>;
+}
+impl HandshakeStream for rustls::StreamOwned<rustls::ServerConnection, TcpStream> {
+    fn set_timeout(&self, timeout: Duration) -> std::io::Result<()> {
+        self.sock.set_read_timeout(Some(timeout))
+    }
 }
 impl HandshakeStream for TcpStream {
     fn set_timeout(&self, timeout: Duration) -> std::io::Result<()> {
@@ -104,6 +111,12 @@ impl Acceptor {
             .set_nonblocking(false)
             .and_then(|()| stream.set_read_timeout(Some(HELLO_TIMEOUT)));
         let _ = stream.set_nodelay(true);
+        if let Some(tls) = &self.tls {
+            if let Err(error) = prepared {
+                return tracing::info!("refused client {peer}: {error}");
+            }
+            return self.admit_tls(stream, peer, Arc::clone(tls));
+        }
         let mut handshake = stream;
         let (shard, access) = match prepared
             .map_err(anyhow::Error::from)
@@ -118,6 +131,36 @@ impl Acceptor {
         self.hand_over(
             shard,
             Stream::Tcp(mio::net::TcpStream::from_std(handshake)),
+            peer,
+            access,
+        );
+    }
+
+    /// The TLS handshake and the hello inside it; then the session goes to the
+    /// core, non-blocking.
+    fn admit_tls(&self, stream: TcpStream, peer: String, config: Arc<rustls::ServerConfig>) {
+        let session = match rustls::ServerConnection::new(config) {
+            Ok(session) => session,
+            Err(error) => return tracing::warn!("cannot start TLS for {peer}: {error}"),
+        };
+        let mut tls = rustls::StreamOwned::new(session, stream);
+        let (shard, access) = match self.handshake(&mut tls) {
+            Ok(admitted) => admitted,
+            Err(error) => {
+                if tls.conn.is_handshaking() {
+                    self.counters.tls_failures.fetch_add(1, Ordering::Relaxed);
+                }
+                return tracing::info!("refused TLS client {peer}: {error:#}");
+            }
+        };
+        let rustls::StreamOwned { conn, sock } = tls;
+        if sock.set_nonblocking(true).is_err() {
+            return;
+        }
+        let session = super::tls::TlsSession { conn, tcp: sock };
+        self.hand_over(
+            shard,
+            Stream::Tls(Arc::new(std::sync::Mutex::new(session))),
             peer,
             access,
         );

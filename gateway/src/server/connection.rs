@@ -18,11 +18,12 @@ use transport::{
 
 use scheduler::progress::LoadProgress;
 
-/// A client socket, TCP or Unix.
+/// A client socket: TCP, TCP with TLS, or Unix.
 #[derive(Debug)]
 pub enum Stream {
     Tcp(mio::net::TcpStream),
     Unix(mio::net::UnixStream),
+    Tls(super::tls::SharedSession),
 }
 
 impl Stream {
@@ -30,6 +31,15 @@ impl Stream {
         match self {
             Stream::Tcp(stream) => stream.read(buffer),
             Stream::Unix(stream) => stream.read(buffer),
+            Stream::Tls(session) => super::tls::read(session, buffer),
+        }
+    }
+
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        match self {
+            Stream::Tls(session) => Some(session.lock().expect("TLS session lock").tcp.as_raw_fd()),
+            _ => None,
         }
     }
 
@@ -43,6 +53,9 @@ impl Stream {
             Stream::Unix(stream) => Box::new(TcpTransport::new(
                 std::os::unix::net::UnixStream::from(stream.as_fd().try_clone_to_owned()?),
             )),
+            Stream::Tls(session) => Box::new(super::tls::TlsTransport::new(std::sync::Arc::clone(
+                session,
+            ))),
         })
     }
 
@@ -51,6 +64,10 @@ impl Stream {
         match self {
             Stream::Tcp(stream) => stream.register(registry, token, interest),
             Stream::Unix(stream) => stream.register(registry, token, interest),
+            Stream::Tls(_) => {
+                let fd = self.raw_fd().expect("a TLS stream has a socket");
+                registry.register(&mut mio::unix::SourceFd(&fd), token, interest)
+            }
         }
     }
 
@@ -60,6 +77,10 @@ impl Stream {
         let _ = match self {
             Stream::Tcp(stream) => stream.shutdown(std::net::Shutdown::Write),
             Stream::Unix(stream) => stream.shutdown(std::net::Shutdown::Write),
+            Stream::Tls(session) => {
+                super::tls::close(session);
+                Ok(())
+            }
         };
         while matches!(self.read(scratch), Ok(count) if count > 0) {}
     }
@@ -68,6 +89,10 @@ impl Stream {
         match self {
             Stream::Tcp(stream) => stream.deregister(registry),
             Stream::Unix(stream) => stream.deregister(registry),
+            Stream::Tls(_) => {
+                let fd = self.raw_fd().expect("a TLS stream has a socket");
+                registry.deregister(&mut mio::unix::SourceFd(&fd))
+            }
         }
     }
 }

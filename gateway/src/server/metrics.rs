@@ -100,6 +100,8 @@ impl CoreCounters {
 /// Counters of the acceptor (the control plane).
 pub struct AcceptorCounters {
     pub auth_failures: AtomicU64,
+    /// Connections whose TLS handshake failed (wrong CA, plain TCP to a TLS port).
+    pub tls_failures: AtomicU64,
     pub accepted: AtomicU64,
 }
 
@@ -107,6 +109,7 @@ impl AcceptorCounters {
     pub fn new() -> Self {
         Self {
             auth_failures: AtomicU64::new(0),
+            tls_failures: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
         }
     }
@@ -185,6 +188,10 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         "dualpath_pool_reports_rejected_total",
         "Gossip reports dropped because their signature did not verify"
     );
+    describe_counter!(
+        "dualpath_tls_handshake_failures_total",
+        "Client connections refused because their TLS handshake failed"
+    );
     describe_gauge!("dualpath_rdma_enabled", "1 if the shard serves RDMA WRITE to clients that ask, 0 if TCP only (no device, or rdma.transport = \"tcp\")");
     describe_gauge!(
         "dualpath_rdma_connections",
@@ -208,6 +215,8 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
 pub fn publish(cores: &[Arc<CoreCounters>], acceptor: &AcceptorCounters) {
     counter!("dualpath_auth_failures_total")
         .absolute(acceptor.auth_failures.load(Ordering::Relaxed));
+    counter!("dualpath_tls_handshake_failures_total")
+        .absolute(acceptor.tls_failures.load(Ordering::Relaxed));
     counter!("dualpath_connections_accepted_total")
         .absolute(acceptor.accepted.load(Ordering::Relaxed));
     for core in cores {

@@ -7,6 +7,7 @@ mod connection;
 mod core;
 pub mod metrics;
 mod pool;
+mod tls;
 
 use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -103,6 +104,11 @@ where
     S: storage_backends::BlockStore,
     F: Fn(u32) -> anyhow::Result<S> + Send + Clone + 'static,
 {
+    let tls = config
+        .tls
+        .as_ref()
+        .map(|files| tls::server_config(&files.cert_file, &files.key_file))
+        .transpose()?;
     let listeners = bind(config)?;
     let counters: Vec<_> = (0..config.cores)
         .map(|shard| Arc::new(CoreCounters::new(shard, backend)))
@@ -179,6 +185,7 @@ where
         namespaces,
         shutdown: Arc::clone(&shutdown),
         secret,
+        tls,
         counters: acceptor_counters,
     }
     .run();
