@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs each fuzz target (fuzz/fuzz_targets: the protocol decoders, the config
+# Runs each fuzz target (fuzz/fuzz_targets: the protocol decoders, the access
+# token parsers, the config
 # parser, the on-disk block header decoder) for a fixed time with libFuzzer, from
 # the committed corpora, with a memory cap so that an allocation sized by an
 # unchecked length fails the run. Needs the nightly toolchain and cargo-fuzz
@@ -9,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-60}
 command -v cargo-fuzz >/dev/null || { echo "fuzz: cargo-fuzz is missing: cargo install cargo-fuzz" >&2; exit 1; }
-for target in protocol_frames config_toml block_header; do
+for target in protocol_frames config_toml block_header access_token; do
     echo "fuzz: $target for ${seconds}s"
     cargo +nightly fuzz run "$target" "fuzz/corpus/$target" -- \
         -max_total_time="$seconds" -malloc_limit_mb=128 -rss_limit_mb=1024 -timeout=10 -print_final_stats=1 2>&1 \
