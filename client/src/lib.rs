@@ -10,6 +10,9 @@
 #![deny(unsafe_code)]
 
 mod dual;
+pub mod gpu;
+#[allow(unsafe_code)]
+mod gpu_sys;
 mod link;
 mod load;
 mod pe;
@@ -272,6 +275,11 @@ impl Client {
                 }
             })
             .collect()
+    }
+
+    /// Identifies this client among others (for per-client registrations).
+    pub(crate) fn identity(&self) -> usize {
+        Arc::as_ptr(&self.regions) as usize
     }
 
     /// The geometry of a namespace the (first) gateway serves.

@@ -308,6 +308,14 @@ impl LoadReport {
 }
 
 impl LoadHandle {
+    /// A second handle on the same load (for a thread that follows it).
+    pub(crate) fn clone_handle(&self) -> Self {
+        Self {
+            shared: std::sync::Arc::clone(&self.shared),
+            request_id: self.request_id,
+        }
+    }
+
     pub fn request_id(&self) -> u64 {
         self.request_id
     }

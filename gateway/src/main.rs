@@ -102,6 +102,20 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum BenchTarget {
+    /// Host-to-device copy rate from the client's pinned staging (copies of one
+    /// layer each, as loads deliver them) against one cudaMemcpyAsync of pinned
+    /// memory (the peak), interleaved. Needs a CUDA device.
+    Gpu {
+        #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+        size: u64,
+        /// Bytes per copy (a DeepSeek-V3.2 layer of 64 blocks is about 2.7 MB).
+        #[arg(long, default_value = "2688KiB", value_parser = parse_size)]
+        chunk: u64,
+        #[arg(long, default_value_t = 5)]
+        rounds: u32,
+        #[arg(long, default_value_t = 0)]
+        device: usize,
+    },
     /// Read blocks through the uring backend and with fio, interleaved.
     Storage {
         /// Where the bench stores live (on the disk under test).
@@ -451,6 +465,46 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             cores,
             rdma,
         }),
+        Command::Bench {
+            target:
+                BenchTarget::Gpu {
+                    size,
+                    chunk,
+                    rounds,
+                    device,
+                },
+        } => {
+            let gpu = anyhow::Context::context(
+                client::gpu::GpuDevice::open(device),
+                "bench gpu needs a CUDA device",
+            )?;
+            let samples = client::gpu::bench_host_to_device(
+                &gpu,
+                usize::try_from(size)?,
+                usize::try_from(chunk)?,
+                rounds,
+            )?;
+            for (round, (ours, peak)) in samples.iter().enumerate() {
+                println!(
+                    "  round {round}: ours {:.2} GB/s, cudaMemcpyAsync peak {:.2} GB/s",
+                    ours / 1e9,
+                    peak / 1e9
+                );
+            }
+            let median =
+                |values: Vec<f64>| gateway::commands::bench_storage::median(values.into_iter());
+            let ours = median(samples.iter().map(|sample| sample.0).collect());
+            let peak = median(samples.iter().map(|sample| sample.1).collect());
+            println!(
+                "host to device, {} in {} copies: ours {:.2} GB/s, peak {:.2} GB/s (medians); ours / peak = {:.3}",
+                config::ByteSize(size),
+                config::ByteSize(chunk),
+                ours / 1e9,
+                peak / 1e9,
+                ours / peak
+            );
+            Ok(())
+        }
         Command::Bench {
             target:
                 BenchTarget::Storage {

@@ -425,7 +425,7 @@ fn shuffle(keys: &mut [BlockKey], seed: u64) {
     }
 }
 
-pub(crate) fn median(values: impl Iterator<Item = f64>) -> f64 {
+pub fn median(values: impl Iterator<Item = f64>) -> f64 {
     let mut values: Vec<f64> = values.collect();
     values.sort_by(f64::total_cmp);
     match values.len() {

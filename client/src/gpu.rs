@@ -1,0 +1,527 @@
+//! GPU memory as the load target. Payloads land in pinned host staging (a
+//! host region page-locked with cuMemHostRegister), whatever the path (TCP,
+//! RDMA into host memory, the PE path); as each layer completes there, a copier
+//! thread queues its host-to-device copies on a dedicated stream and records an
+//! event, so the copy of layer `l` overlaps the receipt of layer `l + 1`. A layer
+//! is reported to the engine only after its event completed on the device.
+//!
+//! GPUDirect RDMA (the gateway's NIC writing straight into HBM through a dma-buf
+//! registration) is not built: this machine has neither a GPU nor an RDMA NIC to
+//! build it against. Every device load goes through host staging; that fallback
+//! is logged once and counted (`dualpath_client_gpu_staged_loads_total`).
+//!
+//! cudarc loads libcuda at run time: on a machine without the driver,
+//! [`GpuDevice::open`] returns [`GpuError::NoDriver`] (never a panic).
+
+use std::ops::Range;
+use std::sync::{Arc, Condvar, Mutex, Once};
+use std::time::{Duration, Instant};
+
+pub use crate::gpu_sys::GpuError;
+use crate::gpu_sys::{self, DeviceMemory, DeviceTarget, Event, PinnedHost, PinnedRegion};
+use crate::{BlockLoad, Client, ClientError, LoadHandle, LoadReport, RegionId};
+
+/// One CUDA device: its context, the stream copies go on, and pinned staging
+/// buffers kept for reuse (registration is slow).
+#[derive(Debug)]
+pub struct GpuDevice {
+    ordinal: usize,
+    context: Arc<cudarc::driver::CudaContext>,
+    stream: Arc<cudarc::driver::CudaStream>,
+    staging: Mutex<Vec<PinnedStaging>>,
+}
+
+/// Pinned host staging, and the client it is registered with as a load
+/// target (with its region id there).
+#[derive(Debug)]
+struct PinnedStaging {
+    pinned: PinnedRegion,
+    client_region: Option<(usize, RegionId)>,
+}
+
+impl GpuDevice {
+    /// Opens CUDA device `ordinal`. Without the driver or the device, a clear
+    /// error (the same binary runs on machines without CUDA).
+    pub fn open(ordinal: usize) -> Result<Arc<Self>, GpuError> {
+        let (context, stream) = gpu_sys::open(ordinal)?;
+        Ok(Arc::new(Self {
+            ordinal,
+            context,
+            stream,
+            staging: Mutex::new(Vec::new()),
+        }))
+    }
+
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    fn take_staging(&self, len: usize) -> Result<PinnedStaging, GpuError> {
+        let mut pool = self.staging.lock().expect("staging pool lock");
+        if let Some(position) = pool
+            .iter()
+            .position(|staging| staging.pinned.region().len() >= len)
+        {
+            return Ok(pool.swap_remove(position));
+        }
+        drop(pool);
+        Ok(PinnedStaging {
+            pinned: PinnedRegion::allocate(&self.context, len)?,
+            client_region: None,
+        })
+    }
+
+    fn return_staging(&self, staging: PinnedStaging) {
+        self.staging
+            .lock()
+            .expect("staging pool lock")
+            .push(staging);
+    }
+}
+
+/// Device memory a load writes into: allocated here, or the engine's own (a
+/// tensor's storage).
+#[derive(Debug)]
+pub struct DeviceRegion {
+    device: Arc<GpuDevice>,
+    target: DeviceTarget,
+}
+
+impl DeviceRegion {
+    /// Allocates `len` zeroed bytes on the device.
+    pub fn allocate(device: &Arc<GpuDevice>, len: usize) -> Result<Self, GpuError> {
+        let memory = Arc::new(DeviceMemory::allocate(&device.context, len)?);
+        let target = DeviceTarget {
+            pointer: memory.pointer(),
+            len: memory.len(),
+            _owned: Some(memory),
+        };
+        Ok(Self {
+            device: Arc::clone(device),
+            target,
+        })
+    }
+
+    /// Wraps device memory the engine owns (e.g. `tensor.data_ptr()`).
+    ///
+    /// # Safety
+    /// `pointer..pointer + len` must be device memory of `device`'s context that
+    /// stays allocated while this region is used, and the engine must not read a
+    /// range a load targets before that layer is reported.
+    #[allow(unsafe_code)] // The contract is the caller's; nothing unsafe is done here.
+    pub unsafe fn from_raw(device: &Arc<GpuDevice>, pointer: u64, len: usize) -> Self {
+        Self {
+            device: Arc::clone(device),
+            target: DeviceTarget {
+                pointer,
+                len,
+                _owned: None,
+            },
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.target.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.target.len == 0
+    }
+
+    /// Copies `len` bytes at `offset` back to the host (for checking).
+    pub fn read(&self, offset: usize, len: usize) -> Result<Vec<u8>, GpuError> {
+        assert!(
+            offset
+                .checked_add(len)
+                .is_some_and(|end| end <= self.target.len),
+            "read inside the region"
+        );
+        let mut out = vec![0u8; len];
+        gpu_sys::copy_to_host(
+            &self.device.context,
+            self.target.pointer + offset as u64,
+            &mut out,
+        )?;
+        Ok(out)
+    }
+}
+
+/// Where each layer's copies stand.
+#[derive(Debug, Default)]
+struct CopyProgress {
+    /// Per layer (from the load's first), the event after its copies.
+    events: Vec<Option<Event>>,
+    failure: Option<String>,
+    finished: bool,
+}
+
+/// A load into device memory: per-layer completion means on the device.
+#[derive(Debug)]
+pub struct GpuLoad {
+    host: LoadHandle,
+    layers: Range<u16>,
+    progress: Arc<(Mutex<CopyProgress>, Condvar)>,
+    copier: Option<std::thread::JoinHandle<()>>,
+    staging: Option<Arc<PinnedStaging>>,
+    /// Held so owned device memory outlives the copies into it.
+    _target: DeviceTarget,
+    device: Arc<GpuDevice>,
+}
+
+static STAGED_NOTICE: Once = Once::new();
+
+impl Client {
+    /// Loads `blocks` of `namespace` into device memory `target` (offsets and
+    /// `layer_stride` as for [`Client::load`]), through every path the policy
+    /// allows when `dual` is set, else through gateway 0.
+    pub fn load_to_device(
+        &self,
+        namespace: &str,
+        target: &DeviceRegion,
+        blocks: &[BlockLoad],
+        layer_stride: u64,
+        dual: bool,
+    ) -> Result<GpuLoad, ClientError> {
+        let geometry = self
+            .namespace(namespace)
+            .ok_or_else(|| ClientError::Invalid(format!("unknown namespace {namespace:?}")))?;
+        let layer_bytes = geometry.layer_bytes();
+        let stride = if layer_stride == 0 {
+            layer_bytes
+        } else {
+            layer_stride
+        };
+        // Refused before anything is read: every layer must land inside the region.
+        for block in blocks {
+            let layers = u64::from(block.layers.end.saturating_sub(block.layers.start));
+            let end = layers
+                .checked_sub(1)
+                .map_or(Some(block.dest_offset), |last| {
+                    last.checked_mul(stride)
+                        .and_then(|span| block.dest_offset.checked_add(span))
+                        .and_then(|start| start.checked_add(layer_bytes))
+                });
+            if end.is_none_or(|end| end > target.len() as u64) {
+                return Err(ClientError::Invalid(format!(
+                    "block {} at offset {} ends past the device region's {} bytes",
+                    block.key,
+                    block.dest_offset,
+                    target.len()
+                )));
+            }
+        }
+        let device = Arc::clone(&target.device);
+        let gpu_error =
+            |error: GpuError| ClientError::Invalid(format!("GPU {}: {error}", device.ordinal));
+        let mut staging = device.take_staging(target.len()).map_err(gpu_error)?;
+        let identity = self.identity();
+        let id = match staging.client_region {
+            Some((owner, id)) if owner == identity => id,
+            _ => {
+                let id = self.register_region(Arc::clone(staging.pinned.region()))?;
+                staging.client_region = Some((identity, id));
+                id
+            }
+        };
+        STAGED_NOTICE.call_once(|| {
+            tracing::info!("GPU loads go through pinned host staging and host-to-device copies (GPUDirect RDMA is not built)");
+        });
+        metrics::counter!("dualpath_client_gpu_staged_loads_total").increment(1);
+        let host = if dual {
+            self.load_dual(namespace, id, blocks, layer_stride)?
+        } else {
+            self.load(namespace, id, blocks, layer_stride)?
+        };
+        let layers = blocks
+            .iter()
+            .map(|block| block.layers.start)
+            .min()
+            .unwrap_or(0)
+            ..blocks
+                .iter()
+                .map(|block| block.layers.end)
+                .max()
+                .unwrap_or(0);
+        let progress = Arc::new((Mutex::new(CopyProgress::default()), Condvar::new()));
+        let staging = Arc::new(staging);
+        let plan = CopyPlan {
+            blocks: blocks.to_vec(),
+            layers: layers.clone(),
+            layer_bytes,
+            stride,
+        };
+        let copier = {
+            let (host, progress, device) = (
+                host.clone_handle(),
+                Arc::clone(&progress),
+                Arc::clone(&device),
+            );
+            let (staging, target) = (Arc::clone(&staging), target.target.clone());
+            std::thread::Builder::new()
+                .name("dualpath-gpu-copy".into())
+                .spawn(move || {
+                    copy_layers(&plan, &host, &device, &staging.pinned, &target, &progress)
+                })
+                .map_err(|error| {
+                    ClientError::Invalid(format!("cannot start the GPU copy thread: {error}"))
+                })?
+        };
+        Ok(GpuLoad {
+            host,
+            layers,
+            progress,
+            copier: Some(copier),
+            staging: Some(staging),
+            _target: target.target.clone(),
+            device,
+        })
+    }
+}
+
+/// What the copier needs: which ranges of staging go where on the device.
+#[derive(Debug)]
+struct CopyPlan {
+    blocks: Vec<BlockLoad>,
+    layers: Range<u16>,
+    layer_bytes: u64,
+    stride: u64,
+}
+
+impl CopyPlan {
+    /// The byte ranges (region offsets) of `layer`, adjacent ones merged.
+    fn ranges(&self, layer: u16) -> Vec<Range<u64>> {
+        let mut ranges: Vec<Range<u64>> = self
+            .blocks
+            .iter()
+            .filter(|block| block.layers.contains(&layer))
+            .map(|block| {
+                let start = block.dest_offset + u64::from(layer - block.layers.start) * self.stride;
+                start..start + self.layer_bytes
+            })
+            .collect();
+        ranges.sort_by_key(|range| range.start);
+        let mut merged: Vec<Range<u64>> = Vec::with_capacity(ranges.len());
+        for range in ranges {
+            match merged.last_mut() {
+                Some(last) if last.end == range.start => last.end = range.end,
+                _ => merged.push(range),
+            }
+        }
+        merged
+    }
+}
+
+fn copy_layers(
+    plan: &CopyPlan,
+    host: &LoadHandle,
+    device: &GpuDevice,
+    staging: &PinnedRegion,
+    target: &DeviceTarget,
+    progress: &(Mutex<CopyProgress>, Condvar),
+) {
+    let (state, changed) = progress;
+    let fail = |message: String| {
+        let mut state = state.lock().expect("copy progress lock");
+        state.failure = Some(message);
+        state.finished = true;
+        changed.notify_all();
+    };
+    for layer in plan.layers.clone() {
+        // Bounded: the host load's own timeouts end it; this only paces the copies.
+        if let Err(error) = host.wait_layer(layer, Duration::from_secs(3600)) {
+            return fail(format!(
+                "layer {layer} did not arrive in host staging: {error}"
+            ));
+        }
+        for range in plan.ranges(layer) {
+            let range = range.start as usize..range.end as usize;
+            if let Err(error) = gpu_sys::queue_copy(&device.stream, staging, range, target) {
+                return fail(format!("copying layer {layer} to the GPU: {error}"));
+            }
+        }
+        match Event::record(&device.stream) {
+            Ok(event) => {
+                let mut state = state.lock().expect("copy progress lock");
+                state.events.push(Some(event));
+                changed.notify_all();
+            }
+            Err(error) => return fail(format!("recording layer {layer}'s copy event: {error}")),
+        }
+    }
+    let mut state = state.lock().expect("copy progress lock");
+    state.finished = true;
+    changed.notify_all();
+}
+
+impl GpuLoad {
+    /// Waits until layer `layer` of every block is in device memory.
+    pub fn wait_layer(&self, layer: u16, timeout: Duration) -> Result<(), ClientError> {
+        let deadline = Instant::now() + timeout;
+        if !self.layers.contains(&layer) {
+            return Err(ClientError::Invalid(format!(
+                "layer {layer} is not in this load ({:?})",
+                self.layers
+            )));
+        }
+        let index = usize::from(layer - self.layers.start);
+        let (state, changed) = &*self.progress;
+        let mut guard = state.lock().expect("copy progress lock");
+        loop {
+            if let Some(Some(event)) = guard.events.get(index) {
+                loop {
+                    match event.done() {
+                        Ok(true) => return Ok(()),
+                        Ok(false) if Instant::now() < deadline => {
+                            std::thread::sleep(Duration::from_micros(20))
+                        }
+                        Ok(false) => {
+                            return Err(ClientError::Timeout {
+                                what: format!("layer {layer} on the GPU"),
+                                after: timeout,
+                            })
+                        }
+                        Err(error) => return Err(ClientError::Invalid(format!("GPU: {error}"))),
+                    }
+                }
+            }
+            if let Some(failure) = &guard.failure {
+                return Err(ClientError::Invalid(failure.clone()));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(ClientError::Timeout {
+                    what: format!("layer {layer} on the GPU"),
+                    after: timeout,
+                });
+            }
+            guard = changed
+                .wait_timeout(guard, deadline - now)
+                .expect("copy progress lock")
+                .0;
+        }
+    }
+
+    /// Waits for the whole load, on the device, and reports every block.
+    pub fn wait(&self, timeout: Duration) -> Result<LoadReport, ClientError> {
+        let started = Instant::now();
+        let report = self.host.wait(timeout)?;
+        for layer in self.layers.clone() {
+            self.wait_layer(layer, timeout.saturating_sub(started.elapsed()))?;
+        }
+        Ok(report)
+    }
+
+    /// The host-side load (its block statuses).
+    pub fn host(&self) -> &LoadHandle {
+        &self.host
+    }
+}
+
+impl Drop for GpuLoad {
+    fn drop(&mut self) {
+        // The staging goes back to the pool only when no copy reads it.
+        if let Some(copier) = self.copier.take() {
+            let _ = copier.join();
+        }
+        let _ = self.device.stream.synchronize();
+        if let Some(staging) = self
+            .staging
+            .take()
+            .and_then(|staging| Arc::try_unwrap(staging).ok())
+        {
+            self.device.return_staging(staging);
+        }
+    }
+}
+
+/// Host-to-device copy rate from our pinned staging (copies of `chunk_bytes`,
+/// as layers arrive) against one `cuMemcpyHtoDAsync` of the same bytes from
+/// `cuMemAllocHost` memory (the peak), interleaved over `rounds`; bytes/s each.
+pub fn bench_host_to_device(
+    device: &Arc<GpuDevice>,
+    bytes: usize,
+    chunk_bytes: usize,
+    rounds: u32,
+) -> Result<Vec<(f64, f64)>, GpuError> {
+    let memory = Arc::new(DeviceMemory::allocate(&device.context, bytes)?);
+    let target = DeviceTarget {
+        pointer: memory.pointer(),
+        len: bytes,
+        _owned: Some(Arc::clone(&memory)),
+    };
+    let staging = device.take_staging(bytes)?;
+    let peak_source = PinnedHost::allocate(&device.context, bytes)?;
+    let mut samples = Vec::new();
+    for _ in 0..rounds {
+        let started = Instant::now();
+        let mut offset = 0;
+        while offset < bytes {
+            let len = chunk_bytes.min(bytes - offset);
+            gpu_sys::queue_copy(
+                &device.stream,
+                &staging.pinned,
+                offset..offset + len,
+                &target,
+            )?;
+            offset += len;
+        }
+        device
+            .stream
+            .synchronize()
+            .map_err(|error| GpuError::Cuda {
+                op: "cuStreamSynchronize",
+                code: error.0,
+            })?;
+        let ours = bytes as f64 / started.elapsed().as_secs_f64();
+        let started = Instant::now();
+        gpu_sys::queue_peak_copy(&device.stream, &peak_source, &memory)?;
+        device
+            .stream
+            .synchronize()
+            .map_err(|error| GpuError::Cuda {
+                op: "cuStreamSynchronize",
+                code: error.0,
+            })?;
+        samples.push((ours, bytes as f64 / started.elapsed().as_secs_f64()));
+    }
+    device.return_staging(staging);
+    Ok(samples)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_ranges_are_per_block_and_merged_when_adjacent() {
+        let block = |key: u128, dest_offset: u64, layers: Range<u16>| BlockLoad {
+            key: block_layout::BlockKey(key),
+            layers,
+            dest_offset,
+        };
+        // Layer-major: layer l of every block back to back (stride = blocks x layer).
+        // Blocks at 0, 100, 200 with a stride of 1000: layer l of the first two
+        // blocks lies at l*1000 and l*1000+100 (adjacent: merged); the third block
+        // starts at layer 1, so its layer l lies at 200 + (l-1)*1000.
+        let plan = CopyPlan {
+            blocks: vec![block(1, 0, 0..4), block(2, 100, 0..4), block(3, 200, 1..4)],
+            layers: 0..4,
+            layer_bytes: 100,
+            stride: 1000,
+        };
+        assert_eq!(plan.ranges(0), vec![0..200]);
+        assert_eq!(plan.ranges(1), vec![200..300, 1000..1200]);
+        assert_eq!(plan.ranges(3), vec![2200..2300, 3000..3200]);
+    }
+
+    #[test]
+    fn without_a_driver_opening_a_device_is_a_clear_error_not_a_panic() {
+        if gpu_sys::driver_present() {
+            eprintln!("SKIPPED: this machine has a CUDA driver; the no-driver error is checked where there is none");
+            return;
+        }
+        let error = GpuDevice::open(0).expect_err("no driver here");
+        assert!(matches!(error, GpuError::NoDriver));
+        assert!(error.to_string().contains("no CUDA driver"), "{error}");
+    }
+}

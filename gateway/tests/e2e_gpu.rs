@@ -1,0 +1,167 @@
+//! Loads into GPU memory: a gateway process, the client loading into device
+//! memory through pinned staging, each layer checked on the device (copied
+//! back) when it is reported, in both layouts. Needs a CUDA device:
+//! `scripts/gpu-check.sh` runs it on a GPU machine; elsewhere each test prints
+//! why it skipped.
+// Test data is small: narrowing casts here cannot truncate.
+#![allow(clippy::cast_possible_truncation)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use client::gpu::{DeviceRegion, GpuDevice, GpuError};
+use client::{BlockLoad, Client, ClientOptions};
+use gateway::synthetic;
+use test_support::GatewayProcess;
+
+/// The gateway binary: `DUALPATH_BIN` when the test runs away from its build
+/// tree (scripts/gpu-check.sh on a GPU machine).
+fn binary() -> String {
+    std::env::var("DUALPATH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_dualpath").to_owned())
+}
+const SEED: u64 = 83;
+const LAYERS: u16 = 8;
+const LAYER_BYTES: usize = 4096;
+const BLOCK_BYTES: usize = LAYER_BYTES * LAYERS as usize;
+const BLOCKS: u64 = 512;
+const WAIT: Duration = Duration::from_secs(60);
+
+fn gpu() -> Option<Arc<GpuDevice>> {
+    match GpuDevice::open(0) {
+        Ok(device) => Some(device),
+        Err(error @ (GpuError::NoDriver | GpuError::NoDevice { .. })) => {
+            eprintln!("SKIPPED: {error}; scripts/gpu-check.sh runs this on a GPU machine");
+            None
+        }
+        Err(error) => panic!("CUDA is present but failed: {error}"),
+    }
+}
+
+fn write_config(dir: &Path) -> PathBuf {
+    let text = format!(
+        r#"
+[gateway]
+cores = 2
+listen_tcp = "127.0.0.1:0"
+[staging]
+bytes_per_core = "8MiB"
+buffer_bytes = "64KiB"
+huge_pages = "off"
+[storage]
+backend = "uring"
+path = "{store}"
+queue_depth = 32
+[[namespace]]
+name = "full"
+layers = {LAYERS}
+tokens_per_block = 16
+bytes_per_token_per_layer = 256
+layout = "full"
+capacity = "64MiB"
+[[namespace]]
+name = "layer"
+layers = {LAYERS}
+tokens_per_block = 16
+bytes_per_token_per_layer = 256
+layout = "layer"
+capacity = "64MiB"
+"#,
+        store = dir.join("store").display()
+    );
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, text).expect("config");
+    path
+}
+
+fn expected_block(index: u64) -> Vec<u8> {
+    let mut bytes = vec![0u8; BLOCK_BYTES];
+    synthetic::fill(synthetic::key(SEED, index), &mut bytes);
+    bytes
+}
+
+#[test]
+fn loads_into_device_memory_layer_by_layer_with_every_byte_checked_on_the_device() {
+    let Some(device) = gpu() else { return };
+    let dir = tempfile::tempdir().expect("dir");
+    let config = write_config(dir.path());
+    for namespace in ["full", "layer"] {
+        let status = Command::new(binary())
+            .arg("--config")
+            .arg(&config)
+            .args([
+                "import",
+                "-n",
+                namespace,
+                "--synthetic",
+                &BLOCKS.to_string(),
+                "--seed",
+                &SEED.to_string(),
+            ])
+            .status()
+            .expect("import");
+        assert!(status.success());
+    }
+    let mut command = Command::new(binary());
+    command.arg("--config").arg(&config).arg("serve");
+    let gateway = GatewayProcess::start(command);
+    let client = Client::connect(&[&gateway.tcp], ClientOptions::default()).expect("connect");
+    for namespace in ["layer", "full"] {
+        // Layer-major in device memory: layer l of every block back to back, as
+        // an engine's per-layer KV tensor would hold it.
+        let stride = BLOCKS * LAYER_BYTES as u64;
+        let target =
+            DeviceRegion::allocate(&device, BLOCKS as usize * BLOCK_BYTES).expect("device memory");
+        let blocks: Vec<BlockLoad> = (0..BLOCKS)
+            .map(|index| BlockLoad {
+                key: synthetic::key(SEED, index),
+                layers: 0..LAYERS,
+                dest_offset: index * LAYER_BYTES as u64,
+            })
+            .collect();
+        let load = client
+            .load_to_device(namespace, &target, &blocks, stride, false)
+            .expect("load");
+        for layer in 0..LAYERS {
+            load.wait_layer(layer, WAIT).expect("layer on the device");
+            let on_device = target
+                .read(usize::from(layer) * stride as usize, stride as usize)
+                .expect("copy back");
+            for index in 0..BLOCKS {
+                let expected =
+                    &expected_block(index)[usize::from(layer) * LAYER_BYTES..][..LAYER_BYTES];
+                assert!(
+                    &on_device[index as usize * LAYER_BYTES..][..LAYER_BYTES] == expected,
+                    "{namespace}: block {index} layer {layer}"
+                );
+            }
+        }
+        assert!(load.wait(WAIT).expect("finished").all_done());
+    }
+}
+
+#[test]
+fn a_load_past_the_device_region_is_refused() {
+    let Some(device) = gpu() else { return };
+    let client_less = DeviceRegion::allocate(&device, BLOCK_BYTES).expect("device memory");
+    assert_eq!(client_less.len(), BLOCK_BYTES);
+    let dir = tempfile::tempdir().expect("dir");
+    let config = write_config(dir.path());
+    let mut command = Command::new(binary());
+    command.arg("--config").arg(&config).arg("serve");
+    let gateway = GatewayProcess::start(command);
+    let client = Client::connect(&[&gateway.tcp], ClientOptions::default()).expect("connect");
+    let blocks = vec![BlockLoad {
+        key: synthetic::key(SEED, 0),
+        layers: 0..LAYERS,
+        dest_offset: BLOCK_BYTES as u64,
+    }];
+    let error = client
+        .load_to_device("full", &client_less, &blocks, 0, false)
+        .expect_err("refused");
+    assert!(
+        error.to_string().contains("past the device region"),
+        "{error}"
+    );
+}

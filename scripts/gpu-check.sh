@@ -1,0 +1,54 @@
+#!/bin/bash
+# gpu-check.sh: the GPU checks, for a machine with an NVIDIA GPU.
+#
+#   scripts/gpu-check.sh prepare   (here: build release test binaries and the
+#                                   gateway into target/gpu-check/, with the
+#                                   libibverbs libraries they link, stripped)
+#   scripts/gpu-check.sh run       (on the GPU machine, from the repository root:
+#                                   no Rust toolchain or packages needed there)
+#
+# `run` does, in a few minutes: the GPU unit tests (client::gpu); a gateway
+# process serving 512 blocks that the client loads into device memory in both
+# layouts, every layer copied back and compared when it is reported; and the
+# host-to-device copy rate from our pinned staging against one cudaMemcpyAsync
+# of cuMemAllocHost memory, interleaved (goal: ours >= 0.9x the peak).
+# Without a CUDA driver every GPU test prints why it skipped; `run` then fails.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=target/gpu-check
+
+prepare() {
+    cargo build --release -q -p gateway --bin dualpath
+    local log; log=$(mktemp)
+    cargo test --release -p client --lib --no-run 2>"$log" || { cat "$log"; exit 1; }
+    cargo test --release -p gateway --test e2e_gpu --no-run 2>>"$log" || { cat "$log"; exit 1; }
+    rm -rf "$out"; mkdir -p "$out/lib"
+    cp target/release/dualpath "$out/dualpath"
+    cp "$(sed -nE 's/.*Executable unittests src\/lib.rs \((.*client-[^)]*)\)/\1/p' "$log" | head -1)" "$out/client-unit"
+    cp "$(sed -nE 's/.*Executable tests\/e2e_gpu.rs \((.*)\)/\1/p' "$log" | head -1)" "$out/e2e-gpu"
+    rm -f "$log"
+    strip "$out/dualpath" "$out/client-unit" "$out/e2e-gpu"
+    # The machine may lack rdma-core: carry what the binaries link besides libc.
+    for library in $(ldd "$out/dualpath" | awk '/ibverbs|libnl/ {print $3}'); do cp -L "$library" "$out/lib/"; done
+    du -sh "$out"
+}
+
+run() {
+    [ -x "$out/dualpath" ] || { echo "gpu-check: run 'scripts/gpu-check.sh prepare' first (on the build machine)" >&2; exit 1; }
+    export LD_LIBRARY_PATH="$PWD/$out/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    export DUALPATH_BIN="$PWD/$out/dualpath"
+    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+    echo "gpu-check: unit tests"
+    "$out/client-unit" gpu --nocapture
+    echo "gpu-check: loads into device memory"
+    "$out/e2e-gpu" --nocapture --test-threads 1 2>&1 | tee "$out/e2e.log"
+    if grep -q SKIPPED "$out/e2e.log"; then echo "gpu-check: FAILED: no usable GPU (see SKIPPED above)"; exit 1; fi
+    echo "gpu-check: host-to-device copy rate"
+    "$out/dualpath" bench gpu --size 1GiB --rounds 5
+}
+
+case "${1:-run}" in
+    prepare) prepare ;;
+    run) run ;;
+    *) echo "usage: $0 prepare | run" >&2; exit 2 ;;
+esac
