@@ -13,15 +13,18 @@ use block_layout::BlockKey;
 use client::{BlockStatus, Client, ClientError, ClientOptions, GatewayCode, Region};
 use gateway::synthetic;
 use protocol::BlockLoad;
-use test_support::GatewayProcess;
+use test_support::{
+    import_synthetic, GatewayProcess, UringGatewayConfig, TEST_BLOCK_BYTES, TEST_LAYERS,
+    TEST_LAYER_BYTES,
+};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_dualpath");
 const WAIT: Duration = Duration::from_secs(30);
 const SEED: u64 = 21;
 /// 8 layers of 16 tokens x 256 bytes: 4 KiB layers, 32 KiB blocks.
-const LAYERS: u16 = 8;
-const LAYER_BYTES: usize = 4096;
-const BLOCK_BYTES: usize = LAYER_BYTES * LAYERS as usize;
+const LAYERS: u16 = TEST_LAYERS;
+const LAYER_BYTES: usize = TEST_LAYER_BYTES;
+const BLOCK_BYTES: usize = TEST_BLOCK_BYTES;
 
 struct Gateway {
     process: GatewayProcess,
@@ -31,42 +34,14 @@ struct Gateway {
 }
 
 fn write_config(dir: &Path) -> PathBuf {
-    let text = format!(
-        r#"
-[gateway]
-cores = 2
-listen_tcp = "127.0.0.1:0"
-listen_unix = "{unix}"
-metrics_listen = "127.0.0.1:0"
-[staging]
-bytes_per_core = "4MiB"
-buffer_bytes = "64KiB"
-huge_pages = "off"
-[storage]
-backend = "uring"
-path = "{store}"
-queue_depth = 32
-[[namespace]]
-name = "full"
-layers = {LAYERS}
-tokens_per_block = 16
-bytes_per_token_per_layer = 256
-layout = "full"
-capacity = "64MiB"
-[[namespace]]
-name = "layer"
-layers = {LAYERS}
-tokens_per_block = 16
-bytes_per_token_per_layer = 256
-layout = "layer"
-capacity = "64MiB"
-"#,
-        unix = dir.join("gw.sock").display(),
-        store = dir.join("store").display()
-    );
-    let path = dir.join("gateway.toml");
-    std::fs::write(&path, text).expect("config");
-    path
+    UringGatewayConfig {
+        gateway_lines: format!(
+            "listen_unix = \"{}\"\nmetrics_listen = \"127.0.0.1:0\"",
+            dir.join("gw.sock").display()
+        ),
+        ..UringGatewayConfig::default()
+    }
+    .write(dir)
 }
 
 impl Gateway {
@@ -80,21 +55,7 @@ impl Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = write_config(dir.path());
         for namespace in ["full", "layer"] {
-            let status = Command::new(BINARY)
-                .arg("--config")
-                .arg(&config)
-                .args([
-                    "import",
-                    "-n",
-                    namespace,
-                    "--synthetic",
-                    &blocks.to_string(),
-                    "--seed",
-                    &SEED.to_string(),
-                ])
-                .status()
-                .expect("import");
-            assert!(status.success());
+            import_synthetic(BINARY, &config, namespace, blocks, SEED);
         }
         let mut command = Command::new(BINARY);
         command.arg("--config").arg(&config).arg("serve");

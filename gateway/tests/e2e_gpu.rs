@@ -14,7 +14,10 @@ use std::time::Duration;
 use client::gpu::{DeviceRegion, GpuDevice, GpuError};
 use client::{BlockLoad, Client, ClientOptions};
 use gateway::synthetic;
-use test_support::GatewayProcess;
+use test_support::{
+    import_synthetic, GatewayProcess, UringGatewayConfig, TEST_BLOCK_BYTES, TEST_LAYERS,
+    TEST_LAYER_BYTES,
+};
 
 /// The gateway binary: `DUALPATH_BIN` when the test runs away from its build
 /// tree (scripts/gpu-check.sh on a GPU machine).
@@ -22,9 +25,9 @@ fn binary() -> String {
     std::env::var("DUALPATH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_dualpath").to_owned())
 }
 const SEED: u64 = 83;
-const LAYERS: u16 = 8;
-const LAYER_BYTES: usize = 4096;
-const BLOCK_BYTES: usize = LAYER_BYTES * LAYERS as usize;
+const LAYERS: u16 = TEST_LAYERS;
+const LAYER_BYTES: usize = TEST_LAYER_BYTES;
+const BLOCK_BYTES: usize = TEST_BLOCK_BYTES;
 const BLOCKS: u64 = 512;
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -40,39 +43,12 @@ fn gpu() -> Option<Arc<GpuDevice>> {
 }
 
 fn write_config(dir: &Path) -> PathBuf {
-    let text = format!(
-        r#"
-[gateway]
-cores = 2
-listen_tcp = "127.0.0.1:0"
-[staging]
-bytes_per_core = "8MiB"
-buffer_bytes = "64KiB"
-huge_pages = "off"
-[storage]
-backend = "uring"
-path = "{store}"
-queue_depth = 32
-[[namespace]]
-name = "full"
-layers = {LAYERS}
-tokens_per_block = 16
-bytes_per_token_per_layer = 256
-layout = "full"
-capacity = "64MiB"
-[[namespace]]
-name = "layer"
-layers = {LAYERS}
-tokens_per_block = 16
-bytes_per_token_per_layer = 256
-layout = "layer"
-capacity = "64MiB"
-"#,
-        store = dir.join("store").display()
-    );
-    let path = dir.join("gateway.toml");
-    std::fs::write(&path, text).expect("config");
-    path
+    UringGatewayConfig {
+        gateway_lines: String::new(),
+        staging_bytes_per_core: "8MiB",
+        ..UringGatewayConfig::default()
+    }
+    .write(dir)
 }
 
 fn expected_block(index: u64) -> Vec<u8> {
@@ -87,21 +63,7 @@ fn loads_into_device_memory_layer_by_layer_with_every_byte_checked_on_the_device
     let dir = tempfile::tempdir().expect("dir");
     let config = write_config(dir.path());
     for namespace in ["full", "layer"] {
-        let status = Command::new(binary())
-            .arg("--config")
-            .arg(&config)
-            .args([
-                "import",
-                "-n",
-                namespace,
-                "--synthetic",
-                &BLOCKS.to_string(),
-                "--seed",
-                &SEED.to_string(),
-            ])
-            .status()
-            .expect("import");
-        assert!(status.success());
+        import_synthetic(&binary(), &config, namespace, BLOCKS, SEED);
     }
     let mut command = Command::new(binary());
     command.arg("--config").arg(&config).arg("serve");

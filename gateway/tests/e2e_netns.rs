@@ -13,12 +13,14 @@ use std::time::{Duration, Instant};
 
 use client::{BlockLoad, Client, ClientOptions, Policy, Region};
 use gateway::synthetic;
-use test_support::GatewayProcess;
+use test_support::{
+    import_synthetic, GatewayProcess, UringGatewayConfig, TEST_BLOCK_BYTES, TEST_LAYERS,
+};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_dualpath");
 const SEED: u64 = 57;
-const LAYERS: u16 = 8;
-const BLOCK_BYTES: usize = LAYERS as usize * 4096;
+const LAYERS: u16 = TEST_LAYERS;
+const BLOCK_BYTES: usize = TEST_BLOCK_BYTES;
 const BLOCKS: u64 = 1200;
 
 /// A namespace and a veth pair into it, removed on drop.
@@ -87,53 +89,20 @@ impl Drop for Namespace {
 }
 
 fn write_config(dir: &Path, listen: &str) -> PathBuf {
-    let text = format!(
-        r#"
-[gateway]
-cores = 1
-listen_tcp = "{listen}"
-[staging]
-bytes_per_core = "4MiB"
-buffer_bytes = "64KiB"
-huge_pages = "off"
-[storage]
-backend = "uring"
-path = "{store}"
-queue_depth = 32
-[[namespace]]
-name = "kv"
-layers = {LAYERS}
-tokens_per_block = 16
-bytes_per_token_per_layer = 256
-layout = "layer"
-capacity = "64MiB"
-"#,
-        store = dir.join("store").display()
-    );
-    let path = dir.join("gateway.toml");
-    std::fs::write(&path, text).expect("config");
-    path
+    UringGatewayConfig {
+        cores: 1,
+        listen_tcp: listen.to_owned(),
+        gateway_lines: String::new(),
+        namespaces: vec![("kv", "layer")],
+        ..UringGatewayConfig::default()
+    }
+    .write(dir)
 }
 
 /// Imports the blocks, then runs the gateway (inside `namespace` if given).
 fn start_gateway(dir: &Path, listen: &str, namespace: Option<&str>) -> GatewayProcess {
     let config = write_config(dir, listen);
-    let status = Command::new(BINARY)
-        .arg("--config")
-        .arg(&config)
-        .args([
-            "import",
-            "-n",
-            "kv",
-            "--synthetic",
-            &BLOCKS.to_string(),
-            "--seed",
-            &SEED.to_string(),
-        ])
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("import");
-    assert!(status.success());
+    import_synthetic(BINARY, &config, "kv", BLOCKS, SEED);
     let mut command = match namespace {
         Some(namespace) => {
             let mut command = Command::new("ip");

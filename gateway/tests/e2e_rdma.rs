@@ -14,16 +14,19 @@ use std::time::Duration;
 use client::{Client, ClientError, ClientOptions, GatewayCode, RdmaOptions, Region};
 use gateway::synthetic;
 use protocol::BlockLoad;
-use test_support::GatewayProcess;
+use test_support::{
+    import_synthetic, GatewayProcess, UringGatewayConfig, TEST_BLOCK_BYTES, TEST_LAYERS,
+    TEST_LAYER_BYTES,
+};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_dualpath");
 const WAIT: Duration = Duration::from_secs(60);
 const SEED: u64 = 33;
 /// 8 layers of 16 tokens x 256 bytes: 4 KiB layers, 32 KiB blocks. Soft-RoCE
 /// under emulation moves about 20-40 MB/s, so loads stay a few MB.
-const LAYERS: u16 = 8;
-const LAYER_BYTES: usize = 4096;
-const BLOCK_BYTES: usize = LAYER_BYTES * LAYERS as usize;
+const LAYERS: u16 = TEST_LAYERS;
+const LAYER_BYTES: usize = TEST_LAYER_BYTES;
+const BLOCK_BYTES: usize = TEST_BLOCK_BYTES;
 const BLOCKS: u64 = 160;
 const CHILD_ENV: &str = "DUALPATH_RDMA_TEST_CHILD_GATEWAY";
 
@@ -44,44 +47,14 @@ struct Gateway {
 }
 
 fn write_config(dir: &Path, device: &str, transport: &str) -> PathBuf {
-    let text = format!(
-        r#"
-[gateway]
-cores = 1
-listen_tcp = "127.0.0.1:0"
-metrics_listen = "127.0.0.1:0"
-[rdma]
-transport = "{transport}"
-device = "{device}"
-gid_index = 1
-[staging]
-bytes_per_core = "4MiB"
-buffer_bytes = "64KiB"
-huge_pages = "off"
-[storage]
-backend = "uring"
-path = "{store}"
-queue_depth = 16
-[[namespace]]
-name = "full"
-layers = {LAYERS}
-tokens_per_block = 16
-bytes_per_token_per_layer = 256
-layout = "full"
-capacity = "16MiB"
-[[namespace]]
-name = "layer"
-layers = {LAYERS}
-tokens_per_block = 16
-bytes_per_token_per_layer = 256
-layout = "layer"
-capacity = "16MiB"
-"#,
-        store = dir.join("store").display()
-    );
-    let path = dir.join("gateway.toml");
-    std::fs::write(&path, text).expect("config");
-    path
+    UringGatewayConfig {
+        cores: 1,
+        tables: format!(
+            "[rdma]\ntransport = \"{transport}\"\ndevice = \"{device}\"\ngid_index = 1"
+        ),
+        ..UringGatewayConfig::default()
+    }
+    .write(dir)
 }
 
 impl Gateway {
@@ -89,21 +62,7 @@ impl Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = write_config(dir.path(), device, transport);
         for namespace in ["full", "layer"] {
-            let status = Command::new(BINARY)
-                .arg("--config")
-                .arg(&config)
-                .args([
-                    "import",
-                    "-n",
-                    namespace,
-                    "--synthetic",
-                    &BLOCKS.to_string(),
-                    "--seed",
-                    &SEED.to_string(),
-                ])
-                .status()
-                .expect("import");
-            assert!(status.success());
+            import_synthetic(BINARY, &config, namespace, BLOCKS, SEED);
         }
         let mut command = Command::new(BINARY);
         command.arg("--config").arg(&config).arg("serve");

@@ -11,12 +11,14 @@ use std::time::Duration;
 
 use client::{BlockLoad, Client, ClientOptions, Region, TlsOptions};
 use gateway::synthetic;
-use test_support::GatewayProcess;
+use test_support::{
+    import_synthetic, GatewayProcess, UringGatewayConfig, TEST_BLOCK_BYTES, TEST_LAYERS,
+};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_dualpath");
 const SEED: u64 = 71;
-const LAYERS: u16 = 8;
-const BLOCK_BYTES: usize = LAYERS as usize * 4096;
+const LAYERS: u16 = TEST_LAYERS;
+const BLOCK_BYTES: usize = TEST_BLOCK_BYTES;
 const BLOCKS: u64 = 300;
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -29,44 +31,15 @@ fn certificate() -> (String, String) {
 }
 
 fn write_config(dir: &Path, cert: &Path, key: &Path) -> PathBuf {
-    let text = format!(
-        r#"
-[gateway]
-cores = 2
-listen_tcp = "127.0.0.1:0"
-metrics_listen = "127.0.0.1:0"
-tls_cert_file = "{cert}"
-tls_key_file = "{key}"
-[staging]
-bytes_per_core = "4MiB"
-buffer_bytes = "64KiB"
-huge_pages = "off"
-[storage]
-backend = "uring"
-path = "{store}"
-queue_depth = 32
-[[namespace]]
-name = "full"
-layers = {LAYERS}
-tokens_per_block = 16
-bytes_per_token_per_layer = 256
-layout = "full"
-capacity = "64MiB"
-[[namespace]]
-name = "layer"
-layers = {LAYERS}
-tokens_per_block = 16
-bytes_per_token_per_layer = 256
-layout = "layer"
-capacity = "64MiB"
-"#,
-        cert = cert.display(),
-        key = key.display(),
-        store = dir.join("store").display()
-    );
-    let path = dir.join("gateway.toml");
-    std::fs::write(&path, text).expect("config");
-    path
+    UringGatewayConfig {
+        gateway_lines: format!(
+            "metrics_listen = \"127.0.0.1:0\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"",
+            cert.display(),
+            key.display()
+        ),
+        ..UringGatewayConfig::default()
+    }
+    .write(dir)
 }
 
 fn expected_block(index: u64) -> Vec<u8> {
@@ -87,22 +60,7 @@ fn loads_over_tls_and_refuses_clients_without_it_or_with_another_ca() {
     std::fs::write(&key_path, key).expect("key");
     let config = write_config(dir.path(), &cert_path, &key_path);
     for namespace in ["full", "layer"] {
-        let status = Command::new(BINARY)
-            .arg("--config")
-            .arg(&config)
-            .args([
-                "import",
-                "-n",
-                namespace,
-                "--synthetic",
-                &BLOCKS.to_string(),
-                "--seed",
-                &SEED.to_string(),
-            ])
-            .stderr(std::process::Stdio::null())
-            .status()
-            .expect("import");
-        assert!(status.success());
+        import_synthetic(BINARY, &config, namespace, BLOCKS, SEED);
     }
     let mut command = Command::new(BINARY);
     command.arg("--config").arg(&config).arg("serve");

@@ -243,3 +243,89 @@ impl Drop for GatewayProcess {
         let _ = self.child.wait();
     }
 }
+
+/// Geometry of the test namespaces: 8 layers of 16 tokens x 256 bytes (4 KiB
+/// layers, 32 KiB blocks).
+pub const TEST_LAYERS: u16 = 8;
+pub const TEST_LAYER_BYTES: usize = 4096;
+pub const TEST_BLOCK_BYTES: usize = TEST_LAYER_BYTES * TEST_LAYERS as usize;
+
+/// A gateway config on a `uring` store in a test directory: what differs
+/// between tests is set, the rest is the shared test shape.
+#[derive(Debug, Clone)]
+pub struct UringGatewayConfig {
+    pub cores: u32,
+    pub listen_tcp: String,
+    /// Extra lines for the `[gateway]` table (unix socket, metrics, TLS, ...).
+    pub gateway_lines: String,
+    /// Extra tables after `[storage]` (e.g. `[rdma]`).
+    pub tables: String,
+    pub staging_bytes_per_core: &'static str,
+    /// (name, layout) of each namespace, all of the test geometry.
+    pub namespaces: Vec<(&'static str, &'static str)>,
+}
+
+impl Default for UringGatewayConfig {
+    fn default() -> Self {
+        Self {
+            cores: 2,
+            listen_tcp: "127.0.0.1:0".into(),
+            gateway_lines: "metrics_listen = \"127.0.0.1:0\"".into(),
+            tables: String::new(),
+            staging_bytes_per_core: "4MiB",
+            namespaces: vec![("full", "full"), ("layer", "layer")],
+        }
+    }
+}
+
+impl UringGatewayConfig {
+    /// Writes `gateway.toml` into `dir` (the store goes to `dir/store`).
+    pub fn write(&self, dir: &std::path::Path) -> PathBuf {
+        let mut text = format!(
+            "[gateway]\ncores = {}\nlisten_tcp = \"{}\"\n{}\n[staging]\nbytes_per_core = \"{}\"\nbuffer_bytes = \"64KiB\"\nhuge_pages = \"off\"\n[storage]\nbackend = \"uring\"\npath = \"{}\"\nqueue_depth = 32\n{}\n",
+            self.cores,
+            self.listen_tcp,
+            self.gateway_lines,
+            self.staging_bytes_per_core,
+            dir.join("store").display(),
+            self.tables,
+        );
+        for (name, layout) in &self.namespaces {
+            text.push_str(&format!(
+                "[[namespace]]\nname = \"{name}\"\nlayers = {TEST_LAYERS}\ntokens_per_block = 16\nbytes_per_token_per_layer = 256\nlayout = \"{layout}\"\ncapacity = \"64MiB\"\n"
+            ));
+        }
+        let path = dir.join("gateway.toml");
+        std::fs::write(&path, text).expect("write the gateway config");
+        path
+    }
+}
+
+/// `dualpath import --synthetic`: `blocks` blocks of `seed` into `namespace`.
+pub fn import_synthetic(
+    binary: &str,
+    config: &std::path::Path,
+    namespace: &str,
+    blocks: u64,
+    seed: u64,
+) {
+    let status = Command::new(binary)
+        .arg("--config")
+        .arg(config)
+        .args([
+            "import",
+            "-n",
+            namespace,
+            "--synthetic",
+            &blocks.to_string(),
+            "--seed",
+            &seed.to_string(),
+        ])
+        .stderr(Stdio::null())
+        .status()
+        .expect("run dualpath import");
+    assert!(
+        status.success(),
+        "importing synthetic blocks into {namespace} failed"
+    );
+}
