@@ -198,6 +198,39 @@ impl Client {
         self.start_load(py, |client| client.load_dual(namespace, RegionId(region), &blocks, layer_stride))
     }
 
+    /// Starts loading blocks into GPU memory: `device_pointer` and `length` name
+    /// device memory of CUDA device `device` (e.g. `tensor.data_ptr()`,
+    /// `tensor.nbytes`; keep the tensor alive until the load is waited for).
+    /// Offsets, layers and stride as for `load`. Payloads land in pinned host
+    /// staging and are copied to the device layer by layer; `wait_layer`
+    /// returns when the layer is on the device. Needs the NVIDIA driver.
+    #[pyo3(signature = (namespace, device_pointer, length, keys, dest_offsets, device=0, layers=None, layer_stride=0, dual=false))]
+    #[allow(clippy::too_many_arguments)]
+    fn load_to_device(
+        &self,
+        py: Python<'_>,
+        namespace: &str,
+        device_pointer: u64,
+        length: usize,
+        keys: Vec<KeyArgument>,
+        dest_offsets: Vec<u64>,
+        device: usize,
+        layers: Option<Bound<'_, PyAny>>,
+        layer_stride: u64,
+        dual: bool,
+    ) -> PyResult<DeviceLoad> {
+        let blocks = self.blocks(namespace, keys, dest_offsets, layers)?;
+        let inner = Arc::clone(&self.inner);
+        let load = py
+            .allow_threads(move || -> Result<client::gpu::GpuLoad, ClientError> {
+                let gpu = client::gpu::GpuDevice::open(device).map_err(|error| ClientError::Invalid(error.to_string()))?;
+                let target = sys::engine_device_region(&gpu, device_pointer, length);
+                inner.load_to_device(namespace, &target, &blocks, layer_stride, dual)
+            })
+            .map_err(to_python)?;
+        Ok(DeviceLoad { load: Arc::new(load), _client: Arc::clone(&self.inner) })
+    }
+
     /// Stores one whole block (bytes-like); returns when it is durable.
     fn store(&self, py: Python<'_>, namespace: &str, key: KeyArgument, data: Bound<'_, PyAny>) -> PyResult<()> {
         let key = key.key()?;
@@ -292,6 +325,33 @@ struct Load {
     _client: Arc<RustClient>,
 }
 
+/// A load into GPU memory in progress.
+#[pyclass(module = "dualpath", frozen)]
+struct DeviceLoad {
+    load: Arc<client::gpu::GpuLoad>,
+    _client: Arc<RustClient>,
+}
+
+#[pymethods]
+impl DeviceLoad {
+    /// Blocks (GIL released) until layer `layer` of every block is in device memory.
+    #[pyo3(signature = (layer, timeout=None))]
+    fn wait_layer(&self, py: Python<'_>, layer: u16, timeout: Option<f64>) -> PyResult<()> {
+        let timeout = timeout_of(timeout)?;
+        let load = Arc::clone(&self.load);
+        py.allow_threads(move || load.wait_layer(layer, timeout)).map_err(to_python)
+    }
+
+    /// Blocks until every block is on the device; one (state, code, message) per block.
+    #[pyo3(signature = (timeout=None))]
+    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Vec<(&'static str, String, String)>> {
+        let timeout = timeout_of(timeout)?;
+        let load = Arc::clone(&self.load);
+        let report = py.allow_threads(move || load.wait(timeout)).map_err(to_python)?;
+        Ok(report.blocks.iter().map(status_tuple).collect())
+    }
+}
+
 fn status_tuple(status: &BlockStatus) -> (&'static str, String, String) {
     match status {
         BlockStatus::Pending => ("pending", String::new(), String::new()),
@@ -351,6 +411,7 @@ fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = module.py();
     module.add_class::<Client>()?;
     module.add_class::<Load>()?;
+    module.add_class::<DeviceLoad>()?;
     module.add("DualpathError", py.get_type::<DualpathError>())?;
     module.add("GatewayError", py.get_type::<GatewayError>())?;
     module.add("DisconnectedError", py.get_type::<DisconnectedError>())?;

@@ -63,3 +63,12 @@ impl Export {
         use_bytes(bytes)
     }
 }
+
+/// Device memory an engine named by pointer and length (`load_to_device`).
+pub fn engine_device_region(device: &std::sync::Arc<client::gpu::GpuDevice>, pointer: u64, length: usize) -> client::gpu::DeviceRegion {
+    // SAFETY: the Python API's documented contract (`Client.load_to_device`):
+    // the pointer names `length` bytes of memory on that device (a tensor's
+    // storage) that the engine keeps alive and does not read before the layers
+    // are reported; we cannot check a raw device pointer from here.
+    unsafe { client::gpu::DeviceRegion::from_raw(device, pointer, length) }
+}

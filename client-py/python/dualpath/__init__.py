@@ -18,6 +18,7 @@ is the code, e.g. "NotFound"), `DisconnectedError`, `WaitTimeout`; bad arguments
 
 from ._native import (
     Client,
+    DeviceLoad,
     DisconnectedError,
     DualpathError,
     GatewayError,
@@ -25,4 +26,4 @@ from ._native import (
     WaitTimeout,
 )
 
-__all__ = ["Client", "Load", "DualpathError", "GatewayError", "DisconnectedError", "WaitTimeout"]
+__all__ = ["Client", "Load", "DeviceLoad", "DualpathError", "GatewayError", "DisconnectedError", "WaitTimeout"]

@@ -49,6 +49,21 @@ class Client:
         ...
     def transports(self) -> list[str]:
         """Per gateway, "rdma" or "tcp": how payloads reach this client."""
+    def load_to_device(
+        self,
+        namespace: str,
+        device_pointer: int,
+        length: int,
+        keys: Sequence[Union[int, str]],
+        dest_offsets: Sequence[int],
+        device: int = 0,
+        layers: Any = None,
+        layer_stride: int = 0,
+        dual: bool = False,
+    ) -> "DeviceLoad":
+        """Load into GPU memory (e.g. tensor.data_ptr(), tensor.nbytes; keep the
+        tensor alive until waited for): pinned host staging, then per-layer
+        host-to-device copies; needs the NVIDIA driver."""
     def namespace(self, name: str) -> Optional[dict[str, Any]]:
         """layers, tokens_per_block, bytes_per_token_per_layer, layout, layer_bytes, block_bytes."""
     def register(self, buffer: Any) -> int:
@@ -81,3 +96,10 @@ class Client:
     def store(self, namespace: str, key: Key, data: Any) -> None:
         """Store one whole block (bytes-like); returns when durable."""
     def addresses(self) -> list[str]: ...
+
+
+class DeviceLoad:
+    def wait_layer(self, layer: int, timeout: Optional[float] = None) -> None:
+        """Block until layer `layer` of every block is in device memory."""
+    def wait(self, timeout: Optional[float] = None) -> list[tuple[str, str, str]]:
+        """Block until every block is on the device; (state, code, message) per block."""
