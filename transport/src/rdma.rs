@@ -111,15 +111,21 @@ impl RdmaTransport {
         queue
             .poll(&mut self.completions, 256)
             .map_err(io::Error::other)?;
-        for completion in &self.completions {
-            if !completion.ok {
-                let reason = format!(
+        // A failed completion ends the transport (the connection goes with it).
+        let failure = self
+            .completions
+            .iter()
+            .find(|completion| !completion.ok)
+            .map(|completion| {
+                format!(
                     "an RDMA write or send to the client failed: {} (status {})",
                     completion.status_text, completion.status
-                );
-                self.broken = Some(reason.clone());
-                return Err(io::Error::new(io::ErrorKind::ConnectionAborted, reason));
-            }
+                )
+            });
+        if let Some(reason) = failure {
+            return Err(self.break_with(reason));
+        }
+        for completion in &self.completions {
             let signaled = self
                 .in_flight
                 .pop_front()
@@ -135,6 +141,21 @@ impl RdmaTransport {
             }
         }
         Ok(())
+    }
+
+    /// The transport cannot go on: tell the client why on the TCP control
+    /// connection (best effort: the queue pair may be what failed), then report
+    /// the error so the core drops the connection and its queue pair.
+    fn break_with(&mut self, reason: String) -> io::Error {
+        let message = format!("{reason}; connect again");
+        self.control.notify(&Frame::Error {
+            request_id: 0,
+            code: protocol::ErrorCode::Io,
+            message,
+        });
+        let _ = self.control.progress();
+        self.broken = Some(reason.clone());
+        io::Error::new(io::ErrorKind::ConnectionAborted, reason)
     }
 
     fn wr_id(&mut self) -> u64 {
@@ -178,8 +199,7 @@ impl RdmaTransport {
     fn post_write(&mut self, write: RemoteWrite) -> io::Result<()> {
         let Some(region) = self.region(write.region_id) else {
             let reason = format!("region {} has no RDMA key on this connection (register it with RegisterRemoteRegion)", write.region_id);
-            self.broken = Some(reason.clone());
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, reason));
+            return Err(self.break_with(reason));
         };
         // The core checked the load against the region; check every piece again
         // here, where the addresses are formed and before any is posted, so no
@@ -195,8 +215,7 @@ impl RdmaTransport {
                 write.region_id,
                 region.len
             );
-            self.broken = Some(reason.clone());
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, reason));
+            return Err(self.break_with(reason));
         }
         let count = write.pieces.len();
         let mut payload = 0u64;
