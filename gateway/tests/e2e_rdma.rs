@@ -331,3 +331,134 @@ fn a_client_killed_mid_load_leaves_the_gateway_healthy() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Reads one frame from a raw control connection.
+fn read_frame(stream: &mut std::net::TcpStream) -> protocol::Frame {
+    use std::io::Read;
+    let mut header = [0u8; protocol::HEADER_BYTES];
+    stream.read_exact(&mut header).expect("frame header");
+    let header = protocol::decode_header(&header).expect("valid header");
+    let mut body = vec![0u8; header.body_len as usize];
+    stream.read_exact(&mut body).expect("frame body");
+    protocol::Frame::decode(header.kind, &body).expect("valid frame")
+}
+
+/// A client that announces a region larger than it registered with its NIC:
+/// the gateway's writes past the registration get "remote access error" from
+/// the client's NIC; the gateway tells the client why on TCP, drops that
+/// connection, and serves the next client in full.
+#[test]
+fn a_remote_access_error_is_reported_to_the_client_and_the_gateway_goes_on() {
+    use protocol::{Frame, RdmaEndpoint};
+    use std::io::Write;
+    use transport::verbs::{Endpoint, QueueChannels, Sge, Verbs};
+    let Some(device) = rdma_device() else { return };
+    let gateway = Gateway::start(&device, "rdma");
+    let mut control = std::net::TcpStream::connect(&gateway.process.tcp).expect("connect");
+    control.set_read_timeout(Some(WAIT)).expect("timeout");
+    let hello = Frame::Hello {
+        version: protocol::PROTOCOL_VERSION,
+        shard: 0,
+        token: Vec::new(),
+    };
+    control.write_all(&hello.encode()).expect("hello");
+    assert!(matches!(read_frame(&mut control), Frame::HelloOk { .. }));
+    let verbs = Verbs::open(Some(&device), 1, 1).expect("device");
+    let mut queue_pair = verbs
+        .queue_pair(
+            4,
+            64,
+            0,
+            QueueChannels {
+                send: false,
+                receive: true,
+            },
+        )
+        .expect("queue pair");
+    let mut inbox = vec![0u8; 64 * 512];
+    let mut memory = vec![0u8; BLOCK_BYTES];
+    // SAFETY: both vectors outlive their registrations and the queue pair (all
+    // dropped at the end of this test, the registrations and queue pair first:
+    // declared later); nothing reads the inbox while receives are posted.
+    let (inbox_region, region) = unsafe {
+        (
+            verbs
+                .register(inbox.as_mut_ptr(), inbox.len(), false)
+                .expect("inbox"),
+            verbs
+                .register(memory.as_mut_ptr(), memory.len(), true)
+                .expect("region"),
+        )
+    };
+    for slot in 0..64u64 {
+        let sge = Sge {
+            address: inbox_region.address() + slot * 512,
+            len: 512,
+            lkey: inbox_region.lkey(),
+        };
+        // SAFETY: the slot lies in the registered inbox, untouched until completion.
+        unsafe { queue_pair.receive(slot, sge) }.expect("post receive");
+    }
+    let local = queue_pair.endpoint();
+    let request = RdmaEndpoint {
+        qp_num: local.qp_num,
+        psn: local.psn,
+        lid: local.lid,
+        gid: local.gid,
+    };
+    control
+        .write_all(&Frame::RdmaConnect(request).encode())
+        .expect("rdma connect");
+    let Frame::RdmaAccept(remote) = read_frame(&mut control) else {
+        panic!("the gateway accepts RDMA")
+    };
+    queue_pair
+        .connect_to(&Endpoint {
+            qp_num: remote.qp_num,
+            psn: remote.psn,
+            lid: remote.lid,
+            gid: remote.gid,
+        })
+        .expect("connect queue pair");
+    // The lie: four blocks announced, one registered.
+    let announced = Frame::RegisterRemoteRegion {
+        region_id: 1,
+        len: 4 * BLOCK_BYTES as u64,
+        address: region.address(),
+        rkey: region.rkey(),
+    };
+    control.write_all(&announced.encode()).expect("region");
+    let blocks: Vec<BlockLoad> = whole_blocks(4);
+    let load = protocol::Load {
+        request_id: 9,
+        namespace: "full".into(),
+        region_id: 1,
+        layer_stride: 0,
+        blocks,
+    };
+    control
+        .write_all(&Frame::Load(load).encode())
+        .expect("load");
+    let error = match read_frame(&mut control) {
+        Frame::Error { message, .. } => message,
+        other => panic!("unexpected {other:?} on the control connection"),
+    };
+    assert!(
+        error.contains("remote access error"),
+        "the client learns why: {error}"
+    );
+    drop(queue_pair);
+    // The gateway goes on: a well-behaved client loads everything.
+    let client = gateway.client(&device, true);
+    let target = Arc::new(Region::allocate(BLOCKS as usize * BLOCK_BYTES));
+    let id = client
+        .register_region(Arc::clone(&target))
+        .expect("register");
+    assert!(client
+        .load("layer", id, &whole_blocks(BLOCKS), 0)
+        .expect("load")
+        .wait(WAIT)
+        .expect("finished")
+        .all_done());
+    assert!(target.read(5 * BLOCK_BYTES, BLOCK_BYTES) == expected_block(5));
+}
