@@ -178,6 +178,7 @@ fn dualpath_doubles_throughput_when_storage_is_all_that_limits() {
     let throughput =
         |policy| summarize("run", &simulate(&config, policy).expect("runs")).load_mb_per_s;
     let ratio = throughput(Policy::DualPath) / throughput(Policy::PeOnly);
+    eprintln!("closed form: dualpath / pe-only = {ratio:.4}");
     assert!((ratio - 2.0).abs() <= 0.04, "dualpath / pe-only = {ratio}");
     // The paper's rule moves whole loads: one engine loading one request at a
     // time gains nothing from a second link.
