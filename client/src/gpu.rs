@@ -149,6 +149,8 @@ impl DeviceRegion {
 /// Where each layer's copies stand.
 #[derive(Debug, Default)]
 struct CopyProgress {
+    /// Set when the `GpuLoad` is dropped: the copier stops waiting.
+    cancelled: bool,
     /// Per layer (from the load's first), the event after its copies.
     events: Vec<Option<Event>>,
     failure: Option<String>,
@@ -327,11 +329,19 @@ fn copy_layers(
         changed.notify_all();
     };
     for layer in plan.layers.clone() {
-        // Bounded: the host load's own timeouts end it; this only paces the copies.
-        if let Err(error) = host.wait_layer(layer, Duration::from_secs(3600)) {
-            return fail(format!(
-                "layer {layer} did not arrive in host staging: {error}"
-            ));
+        // Short waits, so a dropped load (cancelled) never keeps this thread.
+        loop {
+            match host.wait_layer(layer, Duration::from_millis(100)) {
+                Ok(()) => break,
+                Err(ClientError::Timeout { .. })
+                    if !state.lock().expect("copy progress lock").cancelled => {}
+                Err(ClientError::Timeout { .. }) => return fail("the load was dropped".into()),
+                Err(error) => {
+                    return fail(format!(
+                        "layer {layer} did not arrive in host staging: {error}"
+                    ))
+                }
+            }
         }
         for range in plan.ranges(layer) {
             let range = range.start as usize..range.end as usize;
@@ -420,16 +430,27 @@ impl GpuLoad {
 impl Drop for GpuLoad {
     fn drop(&mut self) {
         // The staging goes back to the pool only when no copy reads it.
+        self.progress
+            .0
+            .lock()
+            .expect("copy progress lock")
+            .cancelled = true;
         if let Some(copier) = self.copier.take() {
             let _ = copier.join();
         }
         let _ = self.device.stream.synchronize();
+        // A load dropped before it finished may still receive into its staging:
+        // that buffer is not reused (the client's region table keeps its memory
+        // alive for those late writes).
+        let finished = self.host.wait(Duration::ZERO).is_ok();
         if let Some(staging) = self
             .staging
             .take()
             .and_then(|staging| Arc::try_unwrap(staging).ok())
         {
-            self.device.return_staging(staging);
+            if finished {
+                self.device.return_staging(staging);
+            }
         }
     }
 }
