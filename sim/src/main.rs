@@ -298,12 +298,9 @@ fn max_rate(
             config.workload.arrival = "poisson".into();
             config.workload.arrival_rate_per_s = rate;
             config.workload.agents = ((rate * span_s).round() as u32).max(10);
-            let mut config_for_run = config.clone();
-            config_for_run.engine.oracle = policy.is_none();
-            let outcome = simulate(&config_for_run, policy.unwrap_or(Policy::DualPath))?;
+            let (summary, outcome, _) = one(&config, policy, &format!("{name}@{rate:.3}"))?;
             let ttft_mean = outcome.ttft_us.mean() / 1e6;
             let tpot_mean = outcome.tpot_us.mean() / 1e3;
-            let summary = report::summarize(&format!("{name}@{rate:.3}"), &outcome);
             eprintln!("{name} at {rate:.3} agents/s: mean TTFT {ttft_mean:.2} s, mean TPOT {tpot_mean:.1} ms");
             Ok((ttft_mean <= ttft_slo_s && tpot_mean <= tpot_slo_ms, summary))
         };
