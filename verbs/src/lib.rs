@@ -34,6 +34,15 @@ pub enum VerbsError {
     },
 }
 
+impl VerbsError {
+    /// Whether the device or its driver does not offer the operation at all
+    /// (as opposed to refusing these arguments).
+    pub fn is_unsupported(&self) -> bool {
+        matches!(self, VerbsError::Os { source, .. }
+            if matches!(source.raw_os_error(), Some(code) if code == libc::EOPNOTSUPP || code == libc::ENOSYS || code == libc::ENOTTY))
+    }
+}
+
 /// Where a queue pair can be reached: what the two sides exchange to connect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Endpoint {
@@ -104,6 +113,29 @@ impl Verbs {
     ) -> Result<MemoryRegion, VerbsError> {
         // SAFETY: forwarded contract.
         unsafe { MemoryRegion::register(self.pd.clone(), address, len, remote_write) }
+    }
+
+    /// Registers part of a dma-buf (GPU memory exported by the CUDA driver) so
+    /// that peers' RDMA WRITEs land in it directly: `len` bytes from `offset`
+    /// into the buffer, which peers address as `iova..iova + len`. Devices or
+    /// drivers without dma-buf support fail with `EOPNOTSUPP` (see
+    /// [`VerbsError::is_unsupported`]).
+    ///
+    /// # Safety
+    /// The memory behind the dma-buf must stay allocated until the returned
+    /// region is dropped.
+    pub unsafe fn register_dmabuf(
+        &self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+        iova: u64,
+        remote_write: bool,
+    ) -> Result<MemoryRegion, VerbsError> {
+        // SAFETY: forwarded contract.
+        unsafe {
+            MemoryRegion::register_dmabuf(self.pd.clone(), fd, offset, len, iova, remote_write)
+        }
     }
 
     /// A reliable-connected queue pair in INIT with room for `send_depth`

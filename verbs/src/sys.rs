@@ -245,6 +245,43 @@ impl MemoryRegion {
         })
     }
 
+    /// Registers `len` bytes at `offset` into the dma-buf `fd` (device memory an
+    /// exporter such as the CUDA driver handed out), addressed by peers as
+    /// `iova..iova + len`.
+    ///
+    /// # Safety
+    /// The memory behind the dma-buf must stay allocated until this region is
+    /// dropped: the NIC writes it behind Rust's back.
+    pub(crate) unsafe fn register_dmabuf(
+        pd: Arc<ProtectionDomain>,
+        fd: std::os::fd::BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+        iova: u64,
+        remote_write: bool,
+    ) -> Result<Self, VerbsError> {
+        use std::os::fd::AsRawFd;
+        let mut access = ffi::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0;
+        if remote_write {
+            access |= ffi::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0;
+        }
+        // SAFETY: `pd` is valid while we hold its `Arc`; `fd` is an open file
+        // descriptor for the call's duration (the kernel takes its own reference
+        // to the dma-buf); the caller keeps the memory behind it allocated.
+        let mr = unsafe {
+            ffi::ibv_reg_dmabuf_mr(pd.pd, offset, len, iova, fd.as_raw_fd(), access as i32)
+        };
+        if mr.is_null() {
+            return Err(os_error("ibv_reg_dmabuf_mr"));
+        }
+        Ok(Self {
+            mr,
+            address: iova,
+            len,
+            _pd: pd,
+        })
+    }
+
     pub fn lkey(&self) -> u32 {
         // SAFETY: `mr` is valid until drop; lkey is set at registration.
         unsafe { (*self.mr).lkey }

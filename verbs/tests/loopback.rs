@@ -141,3 +141,42 @@ fn write_then_send_arrive_in_order_and_out_of_region_writes_fail() {
     assert!(!failed[0].ok, "an out-of-region write must fail");
     eprintln!("out-of-region write: {}", failed[0].status_text);
 }
+
+/// GPUDirect RDMA registers GPU memory through a dma-buf. Soft-RoCE has no
+/// dma-buf support: the registration must fail with an error the client
+/// recognises as "unsupported" (it then stages in host memory), not crash.
+/// The fd is a plain file, not a dma-buf: a device that supports dma-buf
+/// registration refuses it too, with another error.
+#[test]
+fn dmabuf_registration_fails_cleanly_where_the_device_lacks_it() {
+    let Some(verbs) = open() else { return };
+    let file = tempfile_fd();
+    use std::os::fd::AsFd;
+    // SAFETY: nothing is registered (the call fails); had it succeeded, the
+    // file outlives the region (dropped at the end of the test, after it).
+    let result = unsafe { verbs.register_dmabuf(file.as_fd(), 0, 1 << 20, 0x10_0000, true) };
+    let error = result.expect_err("a plain file is not a dma-buf");
+    let text = error.to_string();
+    assert!(text.contains("ibv_reg_dmabuf_mr"), "{text}");
+    if verbs.device_name().starts_with("rxe") {
+        assert!(
+            error.is_unsupported(),
+            "Soft-RoCE has no dma-buf registration: {text}"
+        );
+    }
+    eprintln!("{}: {text}", verbs.device_name());
+}
+
+fn tempfile_fd() -> std::fs::File {
+    let path = std::env::temp_dir().join(format!("dualpath-dmabuf-{}", std::process::id()));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .expect("temporary file");
+    file.set_len(1 << 20).expect("size the file");
+    std::fs::remove_file(&path).expect("unlink the file");
+    file
+}
