@@ -73,12 +73,24 @@ struct Client {
     inner: Arc<RustClient>,
     /// Kept for the life of the client: registrations are never withdrawn.
     owners: Mutex<Vec<Owner>>,
+    /// Opened CUDA devices (with their pinned staging pools) and the device
+    /// memory loads went to (with its GPUDirect registration), kept for reuse:
+    /// staging and registration cost milliseconds.
+    gpus: Mutex<GpuTargets>,
+}
+
+type DeviceKey = (usize, u64, usize);
+
+#[derive(Default)]
+struct GpuTargets {
+    devices: std::collections::HashMap<usize, Arc<client::gpu::GpuDevice>>,
+    regions: std::collections::HashMap<DeviceKey, Arc<client::gpu::DeviceRegion>>,
 }
 
 #[pymethods]
 impl Client {
     #[new]
-    #[pyo3(signature = (addresses, secret=None, connect_timeout=5.0, request_timeout=30.0, policy="dualpath", pe_storage=None, rdma="off", rdma_device=None, token=None, tls_ca_file=None))]
+    #[pyo3(signature = (addresses, secret=None, connect_timeout=5.0, request_timeout=30.0, policy="dualpath", pe_storage=None, rdma="off", rdma_device=None, token=None, tls_ca_file=None, gpu_direct=true))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -92,6 +104,7 @@ impl Client {
         rdma_device: Option<String>,
         token: Option<String>,
         tls_ca_file: Option<std::path::PathBuf>,
+        gpu_direct: bool,
     ) -> PyResult<Self> {
         let rdma = match rdma {
             "off" => None,
@@ -108,11 +121,12 @@ impl Client {
             rdma,
             token,
             tls: tls_ca_file.map(|ca_file| client::TlsOptions { ca_file, server_name: None }),
+            gpu_direct,
             ..ClientOptions::default()
         };
         let borrowed: Vec<&str> = addresses.iter().map(String::as_str).collect();
         let inner = py.allow_threads(|| RustClient::connect(&borrowed, options)).map_err(to_python)?;
-        Ok(Self { inner: Arc::new(inner), owners: Mutex::new(Vec::new()) })
+        Ok(Self { inner: Arc::new(inner), owners: Mutex::new(Vec::new()), gpus: Mutex::default() })
     }
 
     /// Per gateway, "rdma" when it writes payloads into this client's memory by
@@ -201,9 +215,13 @@ impl Client {
     /// Starts loading blocks into GPU memory: `device_pointer` and `length` name
     /// device memory of CUDA device `device` (e.g. `tensor.data_ptr()`,
     /// `tensor.nbytes`; keep the tensor alive until the load is waited for).
-    /// Offsets, layers and stride as for `load`. Payloads land in pinned host
-    /// staging and are copied to the device layer by layer; `wait_layer`
-    /// returns when the layer is on the device. Needs the NVIDIA driver.
+    /// Offsets, layers and stride as for `load`. Gateways writing by RDMA
+    /// load straight into the device (GPUDirect RDMA) where the NIC and driver
+    /// allow and `gpu_direct` is on; everything else lands in pinned host
+    /// staging and is copied to the device layer by layer. `wait_layer`
+    /// returns when the layer is on the device. Needs the NVIDIA driver. The
+    /// device memory stays registered with the client (for the next load) for
+    /// the client's life.
     #[pyo3(signature = (namespace, device_pointer, length, keys, dest_offsets, device=0, layers=None, layer_stride=0, dual=false))]
     #[allow(clippy::too_many_arguments)]
     fn load_to_device(
@@ -220,13 +238,10 @@ impl Client {
         dual: bool,
     ) -> PyResult<DeviceLoad> {
         let blocks = self.blocks(namespace, keys, dest_offsets, layers)?;
+        let target = self.device_region(py, device, device_pointer, length)?;
         let inner = Arc::clone(&self.inner);
         let load = py
-            .allow_threads(move || -> Result<client::gpu::GpuLoad, ClientError> {
-                let gpu = client::gpu::GpuDevice::open(device).map_err(|error| ClientError::Invalid(error.to_string()))?;
-                let target = sys::engine_device_region(&gpu, device_pointer, length);
-                inner.load_to_device(namespace, &target, &blocks, layer_stride, dual)
-            })
+            .allow_threads(move || inner.load_to_device(namespace, &target, &blocks, layer_stride, dual))
             .map_err(to_python)?;
         Ok(DeviceLoad { load: Arc::new(load), _client: Arc::clone(&self.inner) })
     }
@@ -264,6 +279,25 @@ impl Client {
             .zip(ranges)
             .map(|((key, dest_offset), layers)| Ok(BlockLoad { key: key.key()?, layers, dest_offset }))
             .collect()
+    }
+
+    /// The device region for (device, pointer, length), opened on first use.
+    fn device_region(&self, py: Python<'_>, device: usize, pointer: u64, length: usize) -> PyResult<Arc<client::gpu::DeviceRegion>> {
+        let mut gpus = self.gpus.lock().expect("GPU targets lock");
+        if let Some(region) = gpus.regions.get(&(device, pointer, length)) {
+            return Ok(Arc::clone(region));
+        }
+        let gpu = match gpus.devices.get(&device) {
+            Some(gpu) => Arc::clone(gpu),
+            None => {
+                let gpu = py.allow_threads(|| client::gpu::GpuDevice::open(device)).map_err(|error| to_python(ClientError::Invalid(error.to_string())))?;
+                gpus.devices.insert(device, Arc::clone(&gpu));
+                gpu
+            }
+        };
+        let region = Arc::new(sys::engine_device_region(&gpu, pointer, length));
+        gpus.regions.insert((device, pointer, length), Arc::clone(&region));
+        Ok(region)
     }
 
     fn register_region(&self, py: Python<'_>, region: Region) -> PyResult<u32> {
@@ -340,6 +374,12 @@ impl DeviceLoad {
         let timeout = timeout_of(timeout)?;
         let load = Arc::clone(&self.load);
         py.allow_threads(move || load.wait_layer(layer, timeout)).map_err(to_python)
+    }
+
+    /// Whether gateways writing by RDMA load this straight into GPU memory.
+    #[getter]
+    fn direct(&self) -> bool {
+        self.load.is_direct()
     }
 
     /// Blocks until every block is on the device; one (state, code, message) per block.

@@ -10,7 +10,7 @@ use block_layout::Geometry;
 use protocol::{BlockLoad, ErrorCode, Load};
 use scheduler::{Path, PathId, PathKind, Policy, RateEstimate, Scheduler};
 
-use crate::load::{LoadShared, PartId};
+use crate::load::{Landing, LoadShared, PartId};
 use crate::{ClientError, Gateway, PrefillReader, Region, RegionId};
 
 /// A first guess of every path's rate, until completions teach better.
@@ -195,6 +195,9 @@ pub(crate) struct Plan {
     pub geometry: Geometry,
     pub region: RegionId,
     pub region_memory: Arc<Region>,
+    /// GPU memory registered for GPUDirect RDMA: gateways that write by RDMA
+    /// load into it (same offsets as `region`), the others into `region`.
+    pub direct: Option<RegionId>,
     pub blocks: Vec<BlockLoad>,
     pub layer_stride: u64,
 }
@@ -298,7 +301,7 @@ impl Starter {
                 plan.geometry,
                 plan.layer_stride,
             );
-            let part = shared.add_part(blocks.clone());
+            let part = shared.add_part(blocks.clone(), Landing::Host);
             std::thread::spawn(move || {
                 reader.load(
                     &namespace, geometry, &region, subset, &blocks, stride, &shared, part,
@@ -316,7 +319,7 @@ impl Starter {
             &self.gateways[gateway],
             &self.next_request,
             &plan.namespace,
-            plan.region,
+            (plan.region, plan.direct),
             &subset,
             &blocks,
             plan.layer_stride,
@@ -427,13 +430,15 @@ impl Starter {
 }
 
 /// Sends `blocks` (positions `indexes` in the whole load) to the shards of
-/// `gateway` that own them, one part per shard. Returns the first request id.
+/// `gateway` that own them, one part per shard. `regions`: the host region, and
+/// GPU memory that shards writing by RDMA load into instead. Returns the first
+/// request id.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn start_on_gateway(
     gateway: &Gateway,
     next_request: &AtomicU64,
     namespace: &str,
-    region: RegionId,
+    regions: (RegionId, Option<RegionId>),
     blocks: &[BlockLoad],
     indexes: &[u32],
     layer_stride: u64,
@@ -455,7 +460,11 @@ pub(crate) fn start_on_gateway(
             continue;
         }
         let request_id = next_request.fetch_add(1, Ordering::Relaxed);
-        let part = shared.add_part(shard_indexes.clone());
+        let (region, landing) = match regions {
+            (_, Some(device)) if links[shard].uses_rdma() => (device, Landing::Device),
+            (host, _) => (host, Landing::Host),
+        };
+        let part = shared.add_part(shard_indexes.clone(), landing);
         parts.push(part);
         let load = Load {
             request_id,

@@ -1,25 +1,37 @@
-//! GPU memory as the load target. Payloads land in pinned host staging (a
-//! host region page-locked with cuMemHostRegister), whatever the path (TCP,
-//! RDMA into host memory, the PE path); as each layer completes there, a copier
-//! thread queues its host-to-device copies on a dedicated stream and records an
-//! event, so the copy of layer `l` overlaps the receipt of layer `l + 1`. A layer
-//! is reported to the engine only after its event completed on the device.
+//! GPU memory as the load target.
 //!
-//! GPUDirect RDMA (the gateway's NIC writing straight into HBM through a dma-buf
-//! registration) is not built: this machine has neither a GPU nor an RDMA NIC to
-//! build it against. Every device load goes through host staging; that fallback
-//! is logged once and counted (`dualpath_client_gpu_staged_loads_total`).
+//! GPUDirect RDMA first: when the client's gateway connections write by RDMA
+//! and the NIC can reach the GPU's memory (a dma-buf the CUDA driver exports,
+//! registered with `ibv_reg_dmabuf_mr`, or else the nvidia-peermem path), the
+//! device region is announced to those gateways and their RDMA WRITEs land
+//! straight in HBM; before a layer is reported, `cuFlushGPUDirectRDMAWrites`
+//! makes them visible to the engine's next kernels.
+//!
+//! Everything else (the prefill node's own storage reads, gateways on TCP, and
+//! every load where the registration failed) lands in pinned host staging (a
+//! host region page-locked with cuMemHostRegister); as each layer completes
+//! there, a copier thread queues its host-to-device copies on a dedicated
+//! stream and records an event, so the copy of layer `l` overlaps the receipt
+//! of layer `l + 1`. A layer is reported to the engine only after its event
+//! completed on the device. The staging fallback is logged once per reason and
+//! counted (`dualpath_client_gpu_staged_loads_total{reason}`).
+//!
+//! The GPUDirect registration has not run on hardware: no machine it was built
+//! on has a GPU and an RDMA NIC together (see ARCHITECTURE.md).
 //!
 //! cudarc loads libcuda at run time: on a machine without the driver,
 //! [`GpuDevice::open`] returns [`GpuError::NoDriver`] (never a panic).
 
+use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::{Arc, Condvar, Mutex, Once};
+use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 pub use crate::gpu_sys::GpuError;
-use crate::gpu_sys::{self, DeviceMemory, DeviceTarget, Event, PinnedHost, PinnedRegion};
-use crate::{BlockLoad, Client, ClientError, LoadHandle, LoadReport, RegionId};
+use crate::gpu_sys::{
+    self, DeviceMemory, DeviceTarget, DirectRegistrar, Event, PinnedHost, PinnedRegion,
+};
+use crate::{BlockLoad, Client, ClientError, LoadHandle, LoadReport, Region, RegionId};
 
 /// One CUDA device: its context, the stream copies go on, and pinned staging
 /// buffers kept for reuse (registration is slow).
@@ -85,6 +97,36 @@ impl GpuDevice {
 pub struct DeviceRegion {
     device: Arc<GpuDevice>,
     target: DeviceTarget,
+    /// Its GPUDirect registration with a client, or why there is none.
+    direct: Mutex<Option<DirectRegistration>>,
+}
+
+/// A device region as a client's RDMA target.
+#[derive(Debug)]
+struct DirectRegistration {
+    /// The client (`Client::identity`) and its region table, where the region
+    /// is removed when the device region drops.
+    client: usize,
+    table: Weak<RwLock<HashMap<u32, Arc<Region>>>>,
+    outcome: Result<(RegionId, Arc<Region>), String>,
+}
+
+impl Drop for DeviceRegion {
+    fn drop(&mut self) {
+        // No gateway may be asked to write here any more; the memory
+        // registration goes when the last load holding the region ends.
+        let registration = self.direct.lock().map(|mut direct| direct.take());
+        if let Ok(Some(DirectRegistration {
+            table,
+            outcome: Ok((id, _)),
+            ..
+        })) = registration
+        {
+            if let Some(table) = table.upgrade() {
+                table.write().expect("region table lock").remove(&id.0);
+            }
+        }
+    }
 }
 
 impl DeviceRegion {
@@ -99,6 +141,7 @@ impl DeviceRegion {
         Ok(Self {
             device: Arc::clone(device),
             target,
+            direct: Mutex::new(None),
         })
     }
 
@@ -117,6 +160,7 @@ impl DeviceRegion {
                 len,
                 _owned: None,
             },
+            direct: Mutex::new(None),
         }
     }
 
@@ -167,10 +211,42 @@ pub struct GpuLoad {
     staging: Option<Arc<PinnedStaging>>,
     /// Held so owned device memory outlives the copies into it.
     _target: DeviceTarget,
+    /// Held so the GPUDirect registration outlives the RDMA writes into it.
+    direct: Option<Arc<Region>>,
     device: Arc<GpuDevice>,
 }
 
-static STAGED_NOTICE: Once = Once::new();
+/// Staging reasons already logged (each once per process).
+static STAGED_NOTICES: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
+
+/// Why a device load stages in host memory instead of GPUDirect RDMA.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StagedReason {
+    /// `ClientOptions::gpu_direct` is off.
+    Off,
+    /// No gateway connection writes by RDMA.
+    NoRdma,
+    /// The NIC or driver cannot register GPU memory (the message says why).
+    Unsupported(String),
+}
+
+impl StagedReason {
+    fn label(&self) -> &'static str {
+        match self {
+            StagedReason::Off => "off",
+            StagedReason::NoRdma => "no_rdma",
+            StagedReason::Unsupported(_) => "unsupported",
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            StagedReason::Off => "GPUDirect RDMA is turned off (ClientOptions::gpu_direct)".into(),
+            StagedReason::NoRdma => "no gateway connection writes by RDMA".into(),
+            StagedReason::Unsupported(why) => why.clone(),
+        }
+    }
+}
 
 impl Client {
     /// Loads `blocks` of `namespace` into device memory `target` (offsets and
@@ -225,14 +301,31 @@ impl Client {
                 id
             }
         };
-        STAGED_NOTICE.call_once(|| {
-            tracing::info!("GPU loads go through pinned host staging and host-to-device copies (GPUDirect RDMA is not built)");
-        });
-        metrics::counter!("dualpath_client_gpu_staged_loads_total").increment(1);
+        let direct = match self.direct_region(target) {
+            Ok((id, region)) => {
+                metrics::counter!("dualpath_client_gpu_direct_loads_total").increment(1);
+                Some((id, region))
+            }
+            Err(reason) => {
+                let label = reason.label();
+                let mut logged = STAGED_NOTICES.lock().expect("notice lock");
+                if !logged.contains(&label) {
+                    logged.push(label);
+                    tracing::info!(
+                        "GPU loads go through pinned host staging and host-to-device copies: {}",
+                        reason.describe()
+                    );
+                }
+                metrics::counter!("dualpath_client_gpu_staged_loads_total", "reason" => label)
+                    .increment(1);
+                None
+            }
+        };
+        let regions = (id, direct.as_ref().map(|(id, _)| *id));
         let host = if dual {
-            self.load_dual(namespace, id, blocks, layer_stride)?
+            self.start_dual(namespace, regions, blocks, layer_stride)?
         } else {
-            self.load(namespace, id, blocks, layer_stride)?
+            self.start_from(0, namespace, regions, blocks, layer_stride)?
         };
         let layers = blocks
             .iter()
@@ -275,8 +368,53 @@ impl Client {
             copier: Some(copier),
             staging: Some(staging),
             _target: target.target.clone(),
+            direct: direct.map(|(_, region)| region),
             device,
         })
+    }
+
+    /// Why loads into `target` stage in host memory, or the client region
+    /// through which gateways writing by RDMA load into it directly
+    /// (registered on first use, the outcome kept for later loads).
+    pub fn gpu_direct(&self, target: &DeviceRegion) -> Result<(), StagedReason> {
+        self.direct_region(target).map(|_| ())
+    }
+
+    fn direct_region(
+        &self,
+        target: &DeviceRegion,
+    ) -> Result<(RegionId, Arc<Region>), StagedReason> {
+        if !self.options.gpu_direct {
+            return Err(StagedReason::Off);
+        }
+        let verbs = self
+            .gateways
+            .iter()
+            .flat_map(|gateway| gateway.links())
+            .find_map(|link| link.verbs().cloned())
+            .ok_or(StagedReason::NoRdma)?;
+        let identity = self.identity();
+        let mut direct = target.direct.lock().expect("direct registration lock");
+        if let Some(registration) = direct.as_ref().filter(|known| known.client == identity) {
+            return registration
+                .outcome
+                .clone()
+                .map_err(StagedReason::Unsupported);
+        }
+        let registrar = DirectRegistrar::new(&target.device.context, target.target.clone());
+        let region = Arc::new(Region::device(Arc::new(registrar)));
+        // All of a client's RDMA connections share one protection domain: one
+        // registration serves them all.
+        let outcome = match region.rdma_key(&verbs) {
+            Ok(_) => Ok((self.insert_region(Arc::clone(&region)), region)),
+            Err(why) => Err(why),
+        };
+        *direct = Some(DirectRegistration {
+            client: identity,
+            table: Arc::downgrade(&self.regions),
+            outcome: outcome.clone(),
+        });
+        outcome.map_err(StagedReason::Unsupported)
     }
 }
 
@@ -290,12 +428,18 @@ struct CopyPlan {
 }
 
 impl CopyPlan {
-    /// The byte ranges (region offsets) of `layer`, adjacent ones merged.
-    fn ranges(&self, layer: u16) -> Vec<Range<u64>> {
+    /// The byte ranges (region offsets) of `layer` to copy from staging,
+    /// adjacent ones merged; blocks whose layer landed on the device
+    /// (`on_device[block]`) have nothing to copy.
+    fn ranges(&self, layer: u16, on_device: &[bool]) -> Vec<Range<u64>> {
         let mut ranges: Vec<Range<u64>> = self
             .blocks
             .iter()
-            .filter(|block| block.layers.contains(&layer))
+            .enumerate()
+            .filter(|(index, block)| {
+                block.layers.contains(&layer) && !on_device.get(*index).copied().unwrap_or(false)
+            })
+            .map(|(_, block)| block)
             .map(|block| {
                 let start = block.dest_offset + u64::from(layer - block.layers.start) * self.stride;
                 start..start + self.layer_bytes
@@ -343,7 +487,16 @@ fn copy_layers(
                 }
             }
         }
-        for range in plan.ranges(layer) {
+        // Layers written straight into GPU memory: visible before reporting.
+        let on_device = host.layer_on_device(layer);
+        if on_device.contains(&true) {
+            if let Err(error) = gpu_sys::flush_direct_writes(&device.context) {
+                return fail(format!(
+                    "flushing layer {layer}'s GPUDirect writes: {error}"
+                ));
+            }
+        }
+        for range in plan.ranges(layer, &on_device) {
             let range = range.start as usize..range.end as usize;
             if let Err(error) = gpu_sys::queue_copy(&device.stream, staging, range, target) {
                 return fail(format!("copying layer {layer} to the GPU: {error}"));
@@ -419,6 +572,12 @@ impl GpuLoad {
             self.wait_layer(layer, timeout.saturating_sub(started.elapsed()))?;
         }
         Ok(report)
+    }
+
+    /// Whether gateways writing by RDMA load this straight into GPU memory
+    /// (GPUDirect RDMA); the other paths' blocks still go through staging.
+    pub fn is_direct(&self) -> bool {
+        self.direct.is_some()
     }
 
     /// The host-side load (its block statuses).
@@ -530,9 +689,15 @@ mod tests {
             layer_bytes: 100,
             stride: 1000,
         };
-        assert_eq!(plan.ranges(0), vec![0..200]);
-        assert_eq!(plan.ranges(1), vec![200..300, 1000..1200]);
-        assert_eq!(plan.ranges(3), vec![2200..2300, 3000..3200]);
+        let staged = [false; 3];
+        assert_eq!(plan.ranges(0, &staged), vec![0..200]);
+        assert_eq!(plan.ranges(1, &staged), vec![200..300, 1000..1200]);
+        assert_eq!(plan.ranges(3, &staged), vec![2200..2300, 3000..3200]);
+        // Block 2's layers landed on the device by GPUDirect: only 1 and 3 copy.
+        assert_eq!(
+            plan.ranges(1, &[false, true, false]),
+            vec![200..300, 1000..1100]
+        );
     }
 
     #[test]

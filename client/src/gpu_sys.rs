@@ -346,3 +346,135 @@ impl Event {
         }
     }
 }
+
+/// Device memory offered to the NIC for GPUDirect RDMA: registered through a
+/// dma-buf the CUDA driver exports (`cuMemGetHandleForAddressRange`, then
+/// `ibv_reg_dmabuf_mr`), or, where that fails, through the peer-memory path
+/// (`ibv_reg_mr` on the device address, served by the nvidia-peermem module).
+///
+/// Not run on hardware yet: no machine this was built on has both a GPU and an
+/// RDMA NIC. Where either step is missing the registration fails with both
+/// reasons, and the load stages through host memory instead.
+#[derive(Debug)]
+pub struct DirectRegistrar {
+    context: Arc<CudaContext>,
+    target: DeviceTarget,
+}
+
+impl DirectRegistrar {
+    pub fn new(context: &Arc<CudaContext>, target: DeviceTarget) -> Self {
+        Self {
+            context: Arc::clone(context),
+            target,
+        }
+    }
+
+    /// A dma-buf fd covering the target (page-aligned, as the driver requires),
+    /// and the target's offset in it.
+    fn export_dmabuf(&self) -> Result<(std::os::fd::OwnedFd, u64), String> {
+        use std::os::fd::FromRawFd;
+        let supported = self
+            .context
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED)
+            .map_err(|error| format!("cuDeviceGetAttribute(DMA_BUF_SUPPORTED): {error:?}"))?;
+        if supported == 0 {
+            return Err("the CUDA driver cannot export this device's memory as a dma-buf (it needs the open kernel modules and Linux 5.12 or later)".into());
+        }
+        let page = 4096u64;
+        let start = self.target.pointer & !(page - 1);
+        let end = (self.target.pointer + self.target.len as u64).div_ceil(page) * page;
+        let mut fd: std::ffi::c_int = -1;
+        // SAFETY: the context is current (bound by the caller); `fd` is a valid
+        // out-pointer for the int the driver writes; the range lies in device
+        // memory kept alive by `target` (the page rounding stays inside the
+        // allocation's pages).
+        check("cuMemGetHandleForAddressRange", unsafe {
+            sys::cuMemGetHandleForAddressRange(
+                (&mut fd as *mut std::ffi::c_int).cast::<c_void>(),
+                start,
+                (end - start) as usize,
+                sys::CUmemRangeHandleType::CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD,
+                0,
+            )
+        })
+        .map_err(|error| error.to_string())?;
+        if fd < 0 {
+            return Err("cuMemGetHandleForAddressRange returned no file descriptor".into());
+        }
+        // SAFETY: the driver handed us this new fd; we own and close it.
+        Ok((
+            unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) },
+            self.target.pointer - start,
+        ))
+    }
+}
+
+impl crate::sys::DeviceRegistrar for DirectRegistrar {
+    fn range(&self) -> (u64, usize) {
+        (self.target.pointer, self.target.len)
+    }
+
+    fn register(&self, verbs: &verbs::Verbs) -> Result<verbs::MemoryRegion, String> {
+        use std::os::fd::AsFd;
+        self.context
+            .bind_to_thread()
+            .map_err(|error| format!("cuCtxSetCurrent: {error:?}"))?;
+        let (pointer, len) = (self.target.pointer, self.target.len);
+        let dmabuf = match self.export_dmabuf() {
+            // SAFETY: the device memory stays allocated while `self.target`
+            // lives; the client region holding this registrar drops the memory
+            // registration before it drops the registrar.
+            Ok((fd, offset)) => {
+                match unsafe { verbs.register_dmabuf(fd.as_fd(), offset, len, pointer, true) } {
+                    Ok(region) => return Ok(region),
+                    Err(error) => error.to_string(),
+                }
+            }
+            Err(error) => error,
+        };
+        // The peer-memory path: RDMA needs synchronous memory operations on
+        // this range so that a copy the engine queues cannot overtake a write.
+        let enable: std::ffi::c_uint = 1;
+        // SAFETY: the context is current; the value is a valid unsigned int
+        // for SYNC_MEMOPS; `pointer` is device memory of this context.
+        let _ = unsafe {
+            sys::cuPointerSetAttribute(
+                (&enable as *const std::ffi::c_uint).cast::<c_void>(),
+                sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_SYNC_MEMOPS,
+                pointer,
+            )
+        };
+        // SAFETY: as above; the kernel pins the device pages through
+        // nvidia-peermem, or refuses (EFAULT) without it.
+        match unsafe { verbs.register(pointer as *mut u8, len, true) } {
+            Ok(region) => Ok(region),
+            Err(error) => Err(format!(
+                "{} cannot write into GPU memory: dma-buf: {dmabuf}; peer memory: {error} (is nvidia-peermem loaded?)",
+                verbs.device_name()
+            )),
+        }
+    }
+}
+
+/// Makes GPUDirect RDMA writes that completed so far visible to work the
+/// engine queues next on the device. Devices and platforms where they always
+/// are say the call is not supported: nothing to do there.
+pub fn flush_direct_writes(context: &Arc<CudaContext>) -> Result<(), GpuError> {
+    context.bind_to_thread().map_err(|error| GpuError::Cuda {
+        op: "cuCtxSetCurrent",
+        code: error.0,
+    })?;
+    // SAFETY: the context is current; both arguments are valid enum values.
+    match unsafe {
+        sys::cuFlushGPUDirectRDMAWrites(
+            sys::CUflushGPUDirectRDMAWritesTarget::CU_FLUSH_GPU_DIRECT_RDMA_WRITES_TARGET_CURRENT_CTX,
+            sys::CUflushGPUDirectRDMAWritesScope::CU_FLUSH_GPU_DIRECT_RDMA_WRITES_TO_OWNER,
+        )
+    } {
+        sys::CUresult::CUDA_SUCCESS | sys::CUresult::CUDA_ERROR_NOT_SUPPORTED => Ok(()),
+        code => Err(GpuError::Cuda {
+            op: "cuFlushGPUDirectRDMAWrites",
+            code,
+        }),
+    }
+}

@@ -100,6 +100,9 @@ pub struct ClientOptions {
     pub rdma: Option<RdmaOptions>,
     /// TLS on TCP connections to gateways that require it (`None`: plain TCP).
     pub tls: Option<TlsOptions>,
+    /// Loads into GPU memory try GPUDirect RDMA (gateways writing by RDMA
+    /// straight into the device) before staging in host memory.
+    pub gpu_direct: bool,
 }
 
 /// Trust for gateways' TLS certificates.
@@ -147,6 +150,7 @@ impl Default for ClientOptions {
             pool_silence: Duration::from_millis(500),
             rdma: None,
             tls: None,
+            gpu_direct: true,
         }
     }
 }
@@ -293,12 +297,8 @@ impl Client {
 
     /// Registers `region` as a load target on every gateway shard.
     pub fn register_region(&self, region: Arc<Region>) -> Result<RegionId, ClientError> {
-        let id = self.next_region.fetch_add(1, Ordering::Relaxed);
-        let region_arc = Arc::clone(&region);
-        self.regions
-            .write()
-            .expect("region table lock")
-            .insert(id, region);
+        let RegionId(id) = self.insert_region(Arc::clone(&region));
+        let region_arc = region;
         // Gateways out of the split (or gone) are skipped: a load announces the
         // region itself on a connection that has not seen it.
         for (index, gateway) in self.gateways.iter().enumerate() {
@@ -310,6 +310,16 @@ impl Client {
             }
         }
         Ok(RegionId(id))
+    }
+
+    /// Adds `region` to the table loads announce regions from (on first use).
+    pub(crate) fn insert_region(&self, region: Arc<Region>) -> RegionId {
+        let id = self.next_region.fetch_add(1, Ordering::Relaxed);
+        self.regions
+            .write()
+            .expect("region table lock")
+            .insert(id, region);
+        RegionId(id)
     }
 
     /// Starts loading `blocks` of `namespace` into `region` from gateway 0. Layer `l`
@@ -334,6 +344,19 @@ impl Client {
         blocks: &[BlockLoad],
         layer_stride: u64,
     ) -> Result<LoadHandle, ClientError> {
+        self.start_from(gateway, namespace, (region, None), blocks, layer_stride)
+    }
+
+    /// `load_from`, with GPU memory that RDMA connections write into instead of
+    /// the host region (`regions.1`, same offsets).
+    pub(crate) fn start_from(
+        &self,
+        gateway: usize,
+        namespace: &str,
+        (region, direct): (RegionId, Option<RegionId>),
+        blocks: &[BlockLoad],
+        layer_stride: u64,
+    ) -> Result<LoadHandle, ClientError> {
         self.check_load(gateway, namespace, blocks)?;
         let shared = Arc::new(LoadShared::new(blocks, false));
         let indexes: Vec<u32> =
@@ -342,7 +365,7 @@ impl Client {
             &self.gateways[gateway],
             &self.next_request,
             namespace,
-            region,
+            (region, direct),
             blocks,
             &indexes,
             layer_stride,
@@ -392,6 +415,34 @@ impl Client {
         blocks: &[BlockLoad],
         layer_stride: u64,
     ) -> Result<LoadHandle, ClientError> {
+        self.start_dual(namespace, (region, None), blocks, layer_stride)
+    }
+
+    /// `load_dual` where connections that write by RDMA load into `direct`
+    /// (same offsets) and every other path into `region`: the routing under
+    /// [`Client::load_to_device`] with GPUDirect RDMA. Public for the RDMA
+    /// tests, which have no GPU (a host region stands in for device memory).
+    #[doc(hidden)]
+    pub fn load_dual_split(
+        &self,
+        namespace: &str,
+        region: RegionId,
+        direct: RegionId,
+        blocks: &[BlockLoad],
+        layer_stride: u64,
+    ) -> Result<LoadHandle, ClientError> {
+        self.start_dual(namespace, (region, Some(direct)), blocks, layer_stride)
+    }
+
+    /// `load_dual`, with GPU memory that RDMA connections write into instead of
+    /// the host region (`regions.1`, same offsets).
+    pub(crate) fn start_dual(
+        &self,
+        namespace: &str,
+        (region, direct): (RegionId, Option<RegionId>),
+        blocks: &[BlockLoad],
+        layer_stride: u64,
+    ) -> Result<LoadHandle, ClientError> {
         self.check_load(0, namespace, blocks)?;
         let geometry = self.namespace(namespace).expect("checked above");
         let region_memory = self
@@ -410,6 +461,7 @@ impl Client {
             geometry,
             region,
             region_memory,
+            direct,
             blocks: blocks.to_vec(),
             layer_stride,
         };

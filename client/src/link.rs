@@ -288,11 +288,21 @@ impl ShardLink {
         self.rdma.is_some()
     }
 
+    /// The verbs handle regions are registered on (all of a client's RDMA
+    /// connections share one protection domain).
+    pub fn verbs(&self) -> Option<&verbs::Verbs> {
+        self.rdma.as_ref().map(|rdma| &rdma.verbs)
+    }
+
     /// The frame that announces `region_id`: with its RDMA key when this
     /// connection uses RDMA.
     fn region_frame(&self, region_id: u32, region: &Region) -> Result<Frame, ClientError> {
         let len = region.len() as u64;
         match &self.rdma {
+            None if region.is_device() => Err(ClientError::Invalid(format!(
+                "region {region_id} is GPU memory: only a gateway writing by RDMA can load into it (this connection to {} is TCP)",
+                self.shared.address
+            ))),
             None => Ok(Frame::RegisterRegion { region_id, len }),
             Some(rdma) => {
                 let (address, rkey) = region.rdma_key(&rdma.verbs).map_err(|error| {

@@ -18,11 +18,22 @@ use crate::{BlockStatus, ClientError};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct PartId(pub u32);
 
+/// Where a part's payloads land.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Landing {
+    /// In the load's host region (for a GPU load: its pinned staging, copied
+    /// to the device afterwards).
+    Host,
+    /// Straight in GPU memory (GPUDirect RDMA): nothing to copy.
+    Device,
+}
+
 #[derive(Debug)]
 struct Part {
     /// Positions (in the whole load) of the part's blocks.
     blocks: Vec<u32>,
     done: bool,
+    landing: Landing,
 }
 
 #[derive(Debug)]
@@ -43,6 +54,10 @@ pub(crate) struct LoadState {
     /// Per block: the part now responsible for it (a block handed to another path
     /// must not be handed on again when its old part ends).
     owner: Vec<Option<PartId>>,
+    /// Per block, a bit per layer (from the block's first): set when that layer
+    /// landed straight in GPU memory. `None` until a device part lands anything,
+    /// so host-only loads never allocate it.
+    on_device: Option<Vec<Vec<u64>>>,
 }
 
 /// Paths a block may fail on before its failure is final.
@@ -70,6 +85,7 @@ impl LoadShared {
                 reassigned: 0,
                 attempts: vec![0; blocks.len()],
                 owner: vec![None; blocks.len()],
+                on_device: None,
             }),
             changed: Condvar::new(),
         }
@@ -81,7 +97,7 @@ impl LoadShared {
         result
     }
 
-    pub(crate) fn add_part(&self, blocks: Vec<u32>) -> PartId {
+    pub(crate) fn add_part(&self, blocks: Vec<u32>, landing: Landing) -> PartId {
         self.update(|state| {
             let part = PartId(u32::try_from(state.parts.len()).expect("parts fit u32"));
             for &block in &blocks {
@@ -90,6 +106,7 @@ impl LoadShared {
             state.parts.push(Part {
                 blocks,
                 done: false,
+                landing,
             });
             part
         })
@@ -101,10 +118,12 @@ impl LoadShared {
             let Some(entry) = state.parts.get(part.0 as usize) else {
                 return;
             };
-            for &block in &entry.blocks {
-                let landed = &mut state.landed_end[block as usize];
-                if layer >= *landed {
-                    *landed = layer + 1;
+            let landing = entry.landing;
+            for index in 0..entry.blocks.len() {
+                let block = state.parts[part.0 as usize].blocks[index] as usize;
+                let landed = state.landed_end[block];
+                if layer >= landed {
+                    state.landed(block, landed..layer + 1, landing);
                 }
             }
         });
@@ -127,6 +146,15 @@ impl LoadShared {
                     retry.push(block);
                     return;
                 }
+            }
+            // A block done has every layer: those not reported layer by layer
+            // landed where its part writes.
+            if status == BlockStatus::Done {
+                let landing = state.owner[index]
+                    .and_then(|part| state.parts.get(part.0 as usize))
+                    .map_or(Landing::Host, |part| part.landing);
+                let rest = state.landed_end[index]..state.layers[index].end;
+                state.landed(index, rest, landing);
             }
             state.blocks[index] = status;
         });
@@ -252,6 +280,41 @@ impl LoadShared {
 }
 
 impl LoadState {
+    /// Layers `layers` of `block` are in place, landed as `landing` says.
+    fn landed(&mut self, block: usize, layers: Range<u16>, landing: Landing) {
+        if layers.is_empty() {
+            return;
+        }
+        let first = self.layers[block].start;
+        self.landed_end[block] = self.landed_end[block].max(layers.end);
+        if landing == Landing::Device {
+            let spans = &self.layers;
+            let bits = self.on_device.get_or_insert_with(|| {
+                spans
+                    .iter()
+                    .map(|span| vec![0u64; usize::from(span.end - span.start).div_ceil(64)])
+                    .collect()
+            });
+            for layer in layers {
+                let bit = usize::from(layer - first);
+                bits[block][bit / 64] |= 1 << (bit % 64);
+            }
+        }
+        // A layer counts as landed once: bytes that land again through another
+        // path after a retry are the same bytes, wherever they go.
+    }
+
+    fn on_device(&self, block: usize, layer: u16) -> bool {
+        let span = &self.layers[block];
+        match &self.on_device {
+            Some(bits) if span.contains(&layer) => {
+                let bit = usize::from(layer - span.start);
+                bits[block][bit / 64] & (1 << (bit % 64)) != 0
+            }
+            _ => false,
+        }
+    }
+
     fn block_has_layer(&self, block: usize, layer: u16) -> bool {
         !self.layers[block].contains(&layer)
             || self.landed_end[block] > layer
@@ -345,6 +408,16 @@ impl LoadHandle {
             })
     }
 
+    /// Per block of the load: whether its layer `layer` landed straight in GPU
+    /// memory (false: in the host region, or not landed, or not in the block).
+    #[doc(hidden)]
+    pub fn layer_on_device(&self, layer: u16) -> Vec<bool> {
+        let state = self.shared.state.lock().expect("load state lock");
+        (0..state.blocks.len())
+            .map(|block| state.on_device(block, layer))
+            .collect()
+    }
+
     /// How many blocks were handed to another path because theirs failed.
     pub fn reassigned_blocks(&self) -> usize {
         self.shared
@@ -415,17 +488,57 @@ mod tests {
     #[test]
     fn a_failed_part_queues_each_block_once_however_often_it_is_reported() {
         let shared = LoadShared::new(&blocks(3), true);
-        let first = shared.add_part(vec![0, 1, 2]);
+        let first = shared.add_part(vec![0, 1, 2], Landing::Host);
         shared.block_done(0, BlockStatus::Done);
         shared.fail_part(first, ErrorCode::Io, gone());
         shared.fail_part(first, ErrorCode::Io, gone());
         assert_eq!(shared.take_retries(), vec![1, 2]);
-        let second = shared.add_part(vec![1, 2]);
+        let second = shared.add_part(vec![1, 2], Landing::Host);
         // The old part's end, reported late, leaves the new part's blocks alone.
         shared.fail_part(first, ErrorCode::Io, gone());
         assert!(shared.take_retries().is_empty());
         shared.fail_part(second, ErrorCode::Io, gone());
         assert_eq!(shared.take_retries(), vec![1, 2]);
+    }
+
+    /// A GPU load copies from staging only the layers that landed there: a
+    /// layer written straight into GPU memory (GPUDirect) must not be
+    /// overwritten by stale staging bytes, and one that landed in staging must
+    /// be copied even if its block later moved to a GPUDirect path.
+    #[test]
+    fn each_layer_remembers_whether_it_landed_on_the_device_or_in_host_memory() {
+        let shared = std::sync::Arc::new(LoadShared::new(&blocks(3), true));
+        let handle = LoadHandle {
+            shared: std::sync::Arc::clone(&shared),
+            request_id: 1,
+        };
+        let direct = shared.add_part(vec![0, 1], Landing::Device);
+        let host = shared.add_part(vec![2], Landing::Host);
+        assert_eq!(handle.layer_on_device(0), vec![false, false, false]);
+        shared.layer_done(direct, 0);
+        shared.layer_done(host, 0);
+        assert_eq!(handle.layer_on_device(0), vec![true, true, false]);
+        // Block 1's path fails after layer 0: it moves to a host path, whose
+        // layer 1 lands in staging (layer 0 stays where it landed first).
+        shared.block_done(
+            1,
+            BlockStatus::Failed {
+                code: ErrorCode::Io,
+                message: "gone".into(),
+            },
+        );
+        assert_eq!(shared.take_retries(), vec![1]);
+        let moved = shared.add_part(vec![1], Landing::Host);
+        shared.layer_done(moved, 0);
+        shared.layer_done(moved, 1);
+        assert_eq!(handle.layer_on_device(0), vec![true, true, false]);
+        assert_eq!(handle.layer_on_device(1), vec![false, false, false]);
+        // A block reported done before its layer notices landed where its
+        // part writes.
+        shared.block_done(0, BlockStatus::Done);
+        assert_eq!(handle.layer_on_device(1), vec![true, false, false]);
+        // Layers outside a block are never on the device.
+        assert_eq!(handle.layer_on_device(7), vec![false, false, false]);
     }
 
     #[test]
@@ -436,7 +549,7 @@ mod tests {
             message: "read failed".into(),
         };
         for _ in 0..ATTEMPTS_MAX - 1 {
-            shared.add_part(vec![0]);
+            shared.add_part(vec![0], Landing::Host);
             shared.block_done(0, failure());
             assert_eq!(shared.take_retries(), vec![0]);
         }

@@ -4,9 +4,14 @@
 //! allocated here). The receive thread of each gateway connection writes block
 //! payloads into it at offsets the gateway names, after the bounds check in
 //! `protocol::range_inside`.
+//!
+//! A region may also be GPU memory (for GPUDirect RDMA): the CPU never touches
+//! it; only a gateway's RDMA WRITEs land there, and every CPU access path
+//! (`receive_into`, `fill`, `read`) refuses it.
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 /// Alignment of regions allocated by [`Region::allocate`].
 const REGION_ALIGN_BYTES: usize = 4096;
@@ -20,6 +25,18 @@ pub struct Region {
     /// The region's registration for remote writes, made when the first RDMA
     /// connection needs it; deregistered in `Drop` before the memory is freed.
     rdma: std::sync::Mutex<Option<verbs::MemoryRegion>>,
+    /// Set for GPU memory: how to register it with a NIC.
+    device: Option<Arc<dyn DeviceRegistrar>>,
+}
+
+/// Registers GPU memory for remote writes (GPUDirect RDMA): dma-buf, or the
+/// peer-memory path. Implemented by `gpu_sys`.
+pub(crate) trait DeviceRegistrar: Send + Sync + std::fmt::Debug {
+    /// The memory's device address (what peers write to) and length.
+    fn range(&self) -> (u64, usize);
+    /// A registration on `verbs`'s protection domain allowing remote writes,
+    /// or why the NIC or driver cannot write into this memory.
+    fn register(&self, verbs: &verbs::Verbs) -> Result<verbs::MemoryRegion, String>;
 }
 
 // SAFETY: a Region is a pointer and a length. Receive threads write to disjoint
@@ -45,6 +62,7 @@ impl Region {
             len,
             owned: Some(layout),
             rdma: std::sync::Mutex::new(None),
+            device: None,
         }
     }
 
@@ -60,7 +78,26 @@ impl Region {
             len,
             owned: None,
             rdma: std::sync::Mutex::new(None),
+            device: None,
         }
+    }
+
+    /// GPU memory, written only by RDMA (never by the CPU).
+    pub(crate) fn device(registrar: Arc<dyn DeviceRegistrar>) -> Self {
+        let (address, len) = registrar.range();
+        Self {
+            // Only an address for the gateway's writes: never dereferenced.
+            base: NonNull::new(address as *mut u8).expect("a device address is not null"),
+            len,
+            owned: None,
+            rdma: std::sync::Mutex::new(None),
+            device: Some(registrar),
+        }
+    }
+
+    /// Whether this is GPU memory (only RDMA writes may target it).
+    pub(crate) fn is_device(&self) -> bool {
+        self.device.is_some()
     }
 
     pub fn len(&self) -> usize {
@@ -83,6 +120,12 @@ impl Region {
         len: u32,
         source: &mut impl std::io::Read,
     ) -> std::io::Result<()> {
+        if self.is_device() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "the gateway sent payload bytes over TCP for a region in GPU memory, which only RDMA may write",
+            ));
+        }
         if !protocol::range_inside(offset, u64::from(len), self.len as u64) {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
@@ -106,7 +149,7 @@ impl Region {
         len: u64,
         fill: impl FnOnce(&mut [u8]) -> T,
     ) -> Option<T> {
-        if !protocol::range_inside(offset, len, self.len as u64) {
+        if self.is_device() || !protocol::range_inside(offset, len, self.len as u64) {
             return None;
         }
         // SAFETY: in bounds (checked above); the range belongs to one unit of a load
@@ -121,6 +164,10 @@ impl Region {
     /// Copies `offset..offset + len` out, for checks after a load completed.
     pub fn read(&self, offset: usize, len: usize) -> Vec<u8> {
         assert!(
+            !self.is_device(),
+            "GPU memory is read with DeviceRegion::read"
+        );
+        assert!(
             offset.checked_add(len).is_some_and(|end| end <= self.len),
             "range outside the region"
         );
@@ -133,15 +180,22 @@ impl Region {
 impl Region {
     /// The region's address and rkey for gateways writing by RDMA, registering
     /// it with `verbs` (remote write allowed) the first time.
-    pub(crate) fn rdma_key(&self, verbs: &verbs::Verbs) -> Result<(u64, u32), verbs::VerbsError> {
+    pub(crate) fn rdma_key(&self, verbs: &verbs::Verbs) -> Result<(u64, u32), String> {
         let mut registration = self.rdma.lock().expect("region registration lock");
         if let Some(region) = registration.as_ref() {
             return Ok((region.address(), region.rkey()));
         }
+        if let Some(device) = &self.device {
+            let region = device.register(verbs)?;
+            let key = (region.address(), region.rkey());
+            *registration = Some(region);
+            return Ok(key);
+        }
         // SAFETY: the memory is valid for writes while this `Region` lives (its
         // constructor's contract), and the registration is dropped in `Drop`
         // before the memory is freed or handed back.
-        let region = unsafe { verbs.register(self.base.as_ptr(), self.len, true)? };
+        let region = unsafe { verbs.register(self.base.as_ptr(), self.len, true) }
+            .map_err(|error| error.to_string())?;
         let key = (region.address(), region.rkey());
         *registration = Some(region);
         Ok(key)

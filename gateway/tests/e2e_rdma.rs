@@ -242,6 +242,100 @@ fn a_gateway_without_rdma_serves_an_rdma_client_over_tcp() {
     );
 }
 
+/// The routing under GPUDirect loads (`Client::load_to_device`): blocks that
+/// a gateway writes by RDMA land in the direct target, all others in host
+/// memory, and the load records which, layer by layer (what the GPU copier
+/// reads to copy only staged layers). No GPU here: a second host region
+/// stands in for the device memory; `scripts/gpu-check.sh` runs the CUDA part.
+#[test]
+fn rdma_paths_load_into_the_direct_target_and_tcp_paths_into_host_memory() {
+    let Some(device) = rdma_device() else { return };
+    let rdma_gateway = Gateway::start(&device, "rdma");
+    let tcp_gateway = Gateway::start(&device, "tcp");
+    let client = Client::connect(
+        &[&rdma_gateway.process.tcp, &tcp_gateway.process.tcp],
+        ClientOptions {
+            rdma: Some(RdmaOptions {
+                device: Some(device.clone()),
+                ..RdmaOptions::default()
+            }),
+            ..ClientOptions::default()
+        },
+    )
+    .expect("connect");
+    assert_eq!(client.transports(), vec!["rdma", "tcp"]);
+    let len = BLOCKS as usize * BLOCK_BYTES;
+    let host = Arc::new(Region::allocate(len));
+    let direct = Arc::new(Region::allocate(len));
+    let host_id = client.register_region(Arc::clone(&host)).expect("host");
+    let direct_id = client.register_region(Arc::clone(&direct)).expect("direct");
+    let load = client
+        .load_dual_split("layer", host_id, direct_id, &whole_blocks(BLOCKS), 0)
+        .expect("load");
+    let zeros = vec![0u8; LAYER_BYTES];
+    let mut on_device_blocks = vec![0u64; LAYERS as usize];
+    for layer in 0..LAYERS {
+        load.wait_layer(layer, WAIT).expect("layer");
+        let on_device = load.layer_on_device(layer);
+        for index in 0..BLOCKS {
+            let offset = index as usize * BLOCK_BYTES + usize::from(layer) * LAYER_BYTES;
+            let expected =
+                &expected_block(index)[usize::from(layer) * LAYER_BYTES..][..LAYER_BYTES];
+            let (landed, untouched) = if on_device[index as usize] {
+                (&direct, &host)
+            } else {
+                (&host, &direct)
+            };
+            assert!(
+                landed.read(offset, LAYER_BYTES) == expected,
+                "block {index} layer {layer} (on device: {})",
+                on_device[index as usize]
+            );
+            assert!(
+                untouched.read(offset, LAYER_BYTES) == zeros,
+                "block {index} layer {layer} landed in both targets"
+            );
+        }
+        on_device_blocks[usize::from(layer)] =
+            on_device.iter().filter(|&&direct| direct).count() as u64;
+    }
+    assert!(load.wait(WAIT).expect("finished").all_done());
+    // Every layer of a block lands the same way, and exactly the RDMA
+    // gateway's share went to the direct target. (The load's coordinator
+    // records what each path carried just after the load ends.)
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut stats = client.path_stats();
+    while stats.iter().map(|path| path.blocks).sum::<u64>() < BLOCKS
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(10));
+        stats = client.path_stats();
+    }
+    let rdma_path = stats
+        .iter()
+        .find(|path| path.name == "gateway 0")
+        .expect("gateway 0");
+    let tcp_path = stats
+        .iter()
+        .find(|path| path.name == "gateway 1")
+        .expect("gateway 1");
+    assert!(
+        rdma_path.blocks > 0 && tcp_path.blocks > 0,
+        "the split used both gateways: {stats:?}"
+    );
+    assert!(
+        on_device_blocks
+            .iter()
+            .all(|&count| count == rdma_path.blocks),
+        "per layer on the device {on_device_blocks:?}, RDMA gateway carried {} blocks",
+        rdma_path.blocks
+    );
+    eprintln!(
+        "direct (RDMA) {} blocks, host (TCP) {} blocks",
+        rdma_path.blocks, tcp_path.blocks
+    );
+}
+
 /// Run as a child process by the next test (`--ignored --exact`): load, say
 /// so, and wait to be killed. Not a test on its own.
 #[test]
