@@ -7,7 +7,9 @@
 #   scripts/gpu-check.sh run       (on the GPU machine, from the repository root:
 #                                   no Rust toolchain or packages needed there)
 #
-# `run` does, in a few minutes: the GPU unit tests (client::gpu); a gateway
+# `run` does, in a few minutes: the GPU unit tests (client::gpu, including the
+# CUDA half of GPUDirect RDMA: device memory exported as a dma-buf, the write
+# flush; the NIC half needs an RDMA NIC next to the GPU); a gateway
 # process serving 512 blocks that the client loads into device memory in both
 # layouts, every layer copied back and compared when it is reported; and the
 # host-to-device copy rate from our pinned staging against one cudaMemcpyAsync

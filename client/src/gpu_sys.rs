@@ -371,7 +371,7 @@ impl DirectRegistrar {
 
     /// A dma-buf fd covering the target (page-aligned, as the driver requires),
     /// and the target's offset in it.
-    fn export_dmabuf(&self) -> Result<(std::os::fd::OwnedFd, u64), String> {
+    pub(crate) fn export_dmabuf(&self) -> Result<(std::os::fd::OwnedFd, u64), String> {
         use std::os::fd::FromRawFd;
         let supported = self
             .context

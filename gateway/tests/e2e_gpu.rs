@@ -85,6 +85,12 @@ fn loads_into_device_memory_layer_by_layer_with_every_byte_checked_on_the_device
         let load = client
             .load_to_device(namespace, &target, &blocks, stride, false)
             .expect("load");
+        // The gateway sends over TCP: GPUDirect is not possible, and says why.
+        assert!(!load.is_direct());
+        assert_eq!(
+            client.gpu_direct(&target),
+            Err(client::gpu::StagedReason::NoRdma)
+        );
         for layer in 0..LAYERS {
             load.wait_layer(layer, WAIT).expect("layer on the device");
             let on_device = target
