@@ -195,6 +195,10 @@ def test_rdma_option_falls_back_to_tcp_without_a_device_and_is_checked(gateway):
 def test_device_loads_need_a_cuda_driver_and_say_so(gateway):
     # No GPU here: the binding loads libcuda at run time and reports its absence
     # as an error, never a crash (scripts/gpu-check.sh runs device loads).
-    client = dualpath.Client([gateway.address])
-    with pytest.raises(ValueError, match="no CUDA driver"):
-        client.load_to_device("kv", 0x7F00_0000_0000, BLOCK_BYTES, gateway.keys[:1], [0])
+    for gpu_direct in (True, False):
+        client = dualpath.Client([gateway.address], gpu_direct=gpu_direct)
+        with pytest.raises(ValueError, match="no CUDA driver"):
+            client.load_to_device("kv", 0x7F00_0000_0000, BLOCK_BYTES, gateway.keys[:1], [0])
+        # The failed open is not cached: asking again gives the same answer.
+        with pytest.raises(ValueError, match="no CUDA driver"):
+            client.load_to_device("kv", 0x7F00_0000_0000, BLOCK_BYTES, gateway.keys[:1], [0])
