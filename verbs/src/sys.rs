@@ -216,6 +216,15 @@ unsafe impl Send for MemoryRegion {}
 // SAFETY: as above.
 unsafe impl Sync for MemoryRegion {}
 
+/// Local write always (completions and receives need it), remote write when asked.
+fn access_flags(remote_write: bool) -> i32 {
+    let mut access = ffi::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0;
+    if remote_write {
+        access |= ffi::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0;
+    }
+    access as i32
+}
+
 impl MemoryRegion {
     /// # Safety
     /// `[address, address + len)` must stay mapped and must not be freed or
@@ -227,13 +236,10 @@ impl MemoryRegion {
         len: usize,
         remote_write: bool,
     ) -> Result<Self, VerbsError> {
-        let mut access = ffi::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0;
-        if remote_write {
-            access |= ffi::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0;
-        }
+        let access = access_flags(remote_write);
         // SAFETY: the caller keeps the memory alive (above); `pd` is valid while
         // we hold its `Arc`. `access` is a valid combination of flags.
-        let mr = unsafe { ffi::ibv_reg_mr(pd.pd, address.cast(), len, access as i32) };
+        let mr = unsafe { ffi::ibv_reg_mr(pd.pd, address.cast(), len, access) };
         if mr.is_null() {
             return Err(os_error("ibv_reg_mr"));
         }
@@ -261,16 +267,12 @@ impl MemoryRegion {
         remote_write: bool,
     ) -> Result<Self, VerbsError> {
         use std::os::fd::AsRawFd;
-        let mut access = ffi::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0;
-        if remote_write {
-            access |= ffi::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0;
-        }
+        let access = access_flags(remote_write);
         // SAFETY: `pd` is valid while we hold its `Arc`; `fd` is an open file
         // descriptor for the call's duration (the kernel takes its own reference
         // to the dma-buf); the caller keeps the memory behind it allocated.
-        let mr = unsafe {
-            ffi::ibv_reg_dmabuf_mr(pd.pd, offset, len, iova, fd.as_raw_fd(), access as i32)
-        };
+        let mr =
+            unsafe { ffi::ibv_reg_dmabuf_mr(pd.pd, offset, len, iova, fd.as_raw_fd(), access) };
         if mr.is_null() {
             return Err(os_error("ibv_reg_dmabuf_mr"));
         }
