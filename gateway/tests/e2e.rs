@@ -153,6 +153,16 @@ fn loads_1000_blocks_in_both_layouts_layer_by_layer_with_every_byte_checked() {
     );
     let metrics = gateway.http_get("/metrics");
     assert!(metrics.contains("dualpath_storage_read_seconds_bucket"));
+    // One latency sample per read and per load (handles registered once per core).
+    assert_eq!(
+        gateway.metric_sum("dualpath_storage_read_seconds_count"),
+        gateway.metric_sum("dualpath_storage_reads_total")
+    );
+    assert_eq!(
+        gateway.metric_sum("dualpath_load_seconds_count"),
+        gateway.metric_sum("dualpath_loads_completed_total")
+    );
+    assert!(gateway.metric_sum("dualpath_load_seconds_count") >= 2.0);
     assert!(
         metrics.contains("dualpath_staging_huge_pages{shard=\"0\"} 0"),
         "the page fallback is visible"

@@ -17,7 +17,7 @@ use storage_backends::{BlockStore, ReadCompletion, ReadRequest, StoreError};
 use transport::RemoteWrite;
 
 use super::connection::{ActiveLoad, Connection, InflightRead, Stream, RECEIVE_CHUNK_BYTES};
-use super::metrics::{CoreCounters, LOAD_SECONDS, STORAGE_READ_SECONDS};
+use super::metrics::CoreCounters;
 use scheduler::progress::{Event, LoadProgress, Refusal};
 
 pub const WAKER_TOKEN: Token = Token(usize::MAX - 1);
@@ -549,7 +549,8 @@ impl<S: BlockStore> Core<S> {
                 } => {
                     connection.loads[load_slot] = None;
                     CoreCounters::add(&counters.loads_completed, 1);
-                    metrics::histogram!(LOAD_SECONDS, "shard" => counters.shard.to_string())
+                    counters
+                        .load_seconds
                         .record(started.elapsed().as_secs_f64());
                     Frame::LoadDone {
                         request_id,
@@ -680,7 +681,8 @@ impl<S: BlockStore> Core<S> {
         let read = connection.inflight[slot]
             .take()
             .expect("a completion for a read in flight");
-        metrics::histogram!(STORAGE_READ_SECONDS, "backend" => counters.backend, "shard" => counters.shard.to_string())
+        counters
+            .storage_read_seconds
             .record(read.submitted.elapsed().as_secs_f64());
         let load = connection.loads[read.load_slot]
             .as_mut()

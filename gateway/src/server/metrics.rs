@@ -59,6 +59,10 @@ pub struct CoreCounters {
     pub rdma_enabled: AtomicI64,
     /// Client connections using the RDMA transport now.
     pub rdma_connections: AtomicI64,
+    /// Histogram handles, registered once: a `histogram!` with labels per read
+    /// would build its key (allocating) and look it up in the registry each time.
+    pub storage_read_seconds: metrics::Histogram,
+    pub load_seconds: metrics::Histogram,
 }
 
 impl CoreCounters {
@@ -81,6 +85,8 @@ impl CoreCounters {
             queued_load_bytes: AtomicI64::new(0),
             rdma_enabled: AtomicI64::new(0),
             rdma_connections: AtomicI64::new(0),
+            storage_read_seconds: metrics::histogram!(STORAGE_READ_SECONDS, "backend" => backend, "shard" => shard.to_string()),
+            load_seconds: metrics::histogram!(LOAD_SECONDS, "shard" => shard.to_string()),
         }
     }
 
