@@ -27,6 +27,9 @@ pub use rdma_sys::SlabRegistration;
 pub use tcp::TcpTransport;
 pub use verbs;
 
+/// (offset in the client's region, range of the staging buffer) per piece.
+pub type Pieces = Vec<(u64, Range<usize>)>;
+
 /// A write into a client region: `pieces` are (offset in the region, range of
 /// `buffer`); the buffer is held until the write has completed.
 #[derive(Debug)]
@@ -34,7 +37,39 @@ pub struct RemoteWrite {
     pub request_id: u64,
     pub region_id: u32,
     pub buffer: StagingBuffer,
-    pub pieces: Vec<(u64, Range<usize>)>,
+    pub pieces: Pieces,
+}
+
+/// Vectors kept for reuse, so that the read path does not allocate per read:
+/// a transport takes one when it queues work and gives it back, cleared, when
+/// the work is done. Holds at most `KEPT` vectors, none larger than
+/// `KEPT_CAPACITY` elements (a rare huge one is dropped, not kept forever).
+#[derive(Debug)]
+pub(crate) struct Spares<T> {
+    kept: Vec<Vec<T>>,
+}
+
+impl<T> Default for Spares<T> {
+    fn default() -> Self {
+        Self { kept: Vec::new() }
+    }
+}
+
+impl<T> Spares<T> {
+    const KEPT: usize = 256;
+    const KEPT_CAPACITY: usize = 4096;
+
+    /// An empty vector, with room from an earlier use when there is one.
+    pub(crate) fn take(&mut self) -> Vec<T> {
+        self.kept.pop().unwrap_or_default()
+    }
+
+    pub(crate) fn give(&mut self, mut spare: Vec<T>) {
+        if self.kept.len() < Self::KEPT && spare.capacity() <= Self::KEPT_CAPACITY {
+            spare.clear();
+            self.kept.push(spare);
+        }
+    }
 }
 
 /// What one call of [`Transport::progress`] completed.
@@ -58,6 +93,11 @@ pub trait Transport {
     fn progress(&mut self) -> io::Result<Progress>;
     /// Whether anything queued has not completed.
     fn has_pending(&self) -> bool;
+    /// An empty pieces list for the next `write`, recycled from completed
+    /// writes (the read path fills one per read).
+    fn pieces(&mut self) -> Pieces {
+        Vec::new()
+    }
     /// The client registered a region for remote writes (RDMA); transports that
     /// write through a byte stream ignore it.
     fn register_remote_region(&mut self, _region_id: u32, _region: RemoteRegion) {}

@@ -14,6 +14,7 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::ops::Range;
 use std::rc::Rc;
 
 use protocol::Frame;
@@ -21,7 +22,7 @@ use staging::StagingBuffer;
 use verbs::{Completion, QueuePair};
 
 use crate::rdma_sys::{post_buffer_write, SlabRegistration};
-use crate::{Progress, RemoteRegion, RemoteWrite, Transport};
+use crate::{Pieces, Progress, RemoteRegion, RemoteWrite, Spares, Transport};
 
 /// Largest notice sent as an inline SEND; larger ones go over TCP. The client
 /// posts receive buffers of at least this size.
@@ -60,6 +61,9 @@ pub struct RdmaTransport {
     completions: Vec<Completion>,
     broken: Option<String>,
     send_fd: Option<std::os::fd::RawFd>,
+    /// Piece lists and notice bytes of work already posted, for reuse.
+    spare_pieces: Spares<(u64, Range<usize>)>,
+    spare_notices: Spares<u8>,
 }
 
 impl std::fmt::Debug for RdmaTransport {
@@ -95,6 +99,8 @@ impl RdmaTransport {
             next_wr_id: 1,
             completions: Vec::with_capacity(64),
             broken: None,
+            spare_pieces: Spares::default(),
+            spare_notices: Spares::default(),
         })
     }
 
@@ -179,9 +185,11 @@ impl RdmaTransport {
                 Queued::Write(write) => self.post_write(write)?,
                 Queued::Notice(bytes) => {
                     let wr_id = self.wr_id();
+                    // Inline: the bytes are copied into the work request.
                     self.queue_pair
                         .send_inline(wr_id, &bytes, true)
                         .map_err(io::Error::other)?;
+                    self.spare_notices.give(bytes);
                     self.posted += 1;
                     self.in_flight.push_back(Signaled {
                         wr_id,
@@ -236,6 +244,7 @@ impl RdmaTransport {
             payload += len;
         }
         self.posted += count as u32;
+        self.spare_pieces.give(write.pieces);
         let wr_id = self.next_wr_id;
         self.in_flight.push_back(Signaled {
             wr_id,
@@ -260,12 +269,18 @@ impl Transport for RdmaTransport {
     }
 
     fn notify(&mut self, frame: &Frame) {
-        let bytes = frame.encode();
+        let mut bytes = self.spare_notices.take();
+        frame.encode_into(&mut bytes);
         if bytes.len() <= RDMA_NOTICE_MAX.min(self.queue_pair.max_inline()) {
             self.queued.push_back(Queued::Notice(bytes));
         } else {
+            self.spare_notices.give(bytes);
             self.queued.push_back(Queued::OverControl(frame.clone()));
         }
+    }
+
+    fn pieces(&mut self) -> Pieces {
+        self.spare_pieces.take()
     }
 
     fn progress(&mut self) -> io::Result<Progress> {

@@ -9,18 +9,22 @@ use std::ops::Range;
 use protocol::{encode_data_head, DataPrefix, Frame, DATA_PREFIX_BYTES, HEADER_BYTES};
 use staging::StagingBuffer;
 
-use crate::{Progress, RemoteWrite, Transport};
+use crate::{Pieces, Progress, RemoteWrite, Spares, Transport};
 
 const HEAD_BYTES: usize = HEADER_BYTES + DATA_PREFIX_BYTES;
 /// Queue entries gathered into one `writev`.
 const ITEMS_PER_WRITE: usize = 32;
+/// Slices per `writev` (each data piece is two: its head and its payload).
+const IOV_BATCH: usize = 256;
 
 #[derive(Debug)]
 enum OutItem {
     Control(Vec<u8>),
     Data {
         buffer: StagingBuffer,
-        pieces: Vec<([u8; HEAD_BYTES], Range<usize>)>,
+        /// Per piece, its encoded `Data` head, then its range of `buffer`.
+        heads: Vec<[u8; HEAD_BYTES]>,
+        pieces: Pieces,
     },
 }
 
@@ -30,30 +34,60 @@ impl OutItem {
             OutItem::Control(bytes) => bytes.len(),
             OutItem::Data { pieces, .. } => pieces
                 .iter()
-                .map(|(head, range)| head.len() + range.len())
+                .map(|(_, range)| HEAD_BYTES + range.len())
                 .sum(),
         }
     }
 
-    /// Appends the item's slices after skipping its first `skip` bytes.
-    fn slices<'a>(&'a self, mut skip: usize, out: &mut Vec<IoSlice<'a>>) {
+    /// Adds the item's slices after skipping its first `skip` bytes, until
+    /// `batch` is full; false if it filled up before the item's end.
+    fn slices<'a>(&'a self, mut skip: usize, batch: &mut IoBatch<'a>) -> bool {
         let mut push = |bytes: &'a [u8]| {
             if skip >= bytes.len() {
                 skip -= bytes.len();
+                true
             } else {
-                out.push(IoSlice::new(&bytes[skip..]));
+                let taken = batch.push(&bytes[skip..]);
                 skip = 0;
+                taken
             }
         };
         match self {
             OutItem::Control(bytes) => push(bytes),
-            OutItem::Data { buffer, pieces } => {
-                for (head, range) in pieces {
-                    push(head);
-                    push(&buffer.as_slice()[range.clone()]);
-                }
-            }
+            OutItem::Data {
+                buffer,
+                heads,
+                pieces,
+            } => heads
+                .iter()
+                .zip(pieces)
+                .all(|(head, (_, range))| push(head) && push(&buffer.as_slice()[range.clone()])),
         }
+    }
+}
+
+/// The slices of one `writev`, on the stack.
+struct IoBatch<'a> {
+    slices: [IoSlice<'a>; IOV_BATCH],
+    len: usize,
+}
+
+impl<'a> IoBatch<'a> {
+    fn new() -> Self {
+        Self {
+            slices: [IoSlice::new(&[]); IOV_BATCH],
+            len: 0,
+        }
+    }
+
+    /// False (and nothing added) when full.
+    fn push(&mut self, bytes: &'a [u8]) -> bool {
+        if self.len == IOV_BATCH {
+            return false;
+        }
+        self.slices[self.len] = IoSlice::new(bytes);
+        self.len += 1;
+        true
     }
 }
 
@@ -64,6 +98,9 @@ pub struct TcpTransport<S: Write> {
     out: VecDeque<OutItem>,
     /// Bytes of the front item already written.
     out_written: usize,
+    spare_pieces: Spares<(u64, Range<usize>)>,
+    spare_heads: Spares<[u8; HEAD_BYTES]>,
+    spare_bytes: Spares<u8>,
 }
 
 impl<S: Write> TcpTransport<S> {
@@ -73,6 +110,9 @@ impl<S: Write> TcpTransport<S> {
             socket,
             out: VecDeque::with_capacity(256),
             out_written: 0,
+            spare_pieces: Spares::default(),
+            spare_heads: Spares::default(),
+            spare_bytes: Spares::default(),
         }
     }
 
@@ -89,12 +129,17 @@ impl<S: Write> TcpTransport<S> {
             }
             written -= remaining;
             self.out_written = 0;
-            if let Some(OutItem::Data { pieces, .. }) = self.out.pop_front() {
-                progress.payload_bytes += pieces
-                    .iter()
-                    .map(|(_, range)| range.len() as u64)
-                    .sum::<u64>();
-                progress.buffers_released += 1;
+            match self.out.pop_front().expect("the front item exists") {
+                OutItem::Data { heads, pieces, .. } => {
+                    progress.payload_bytes += pieces
+                        .iter()
+                        .map(|(_, range)| range.len() as u64)
+                        .sum::<u64>();
+                    progress.buffers_released += 1;
+                    self.spare_heads.give(heads);
+                    self.spare_pieces.give(pieces);
+                }
+                OutItem::Control(bytes) => self.spare_bytes.give(bytes),
             }
         }
     }
@@ -112,48 +157,54 @@ impl<S: Write> Transport for TcpTransport<S> {
             buffer,
             pieces,
         } = write;
-        let pieces = pieces
-            .into_iter()
-            .map(|(offset, range)| {
-                let len = u32::try_from(range.len()).expect("a piece lies in one staging buffer");
-                (
-                    encode_data_head(&DataPrefix {
-                        request_id,
-                        region_id,
-                        offset,
-                        len,
-                    }),
-                    range,
-                )
+        let mut heads = self.spare_heads.take();
+        heads.extend(pieces.iter().map(|(offset, range)| {
+            let len = u32::try_from(range.len()).expect("a piece lies in one staging buffer");
+            encode_data_head(&DataPrefix {
+                request_id,
+                region_id,
+                offset: *offset,
+                len,
             })
-            .collect();
-        self.out.push_back(OutItem::Data { buffer, pieces });
+        }));
+        self.out.push_back(OutItem::Data {
+            buffer,
+            heads,
+            pieces,
+        });
     }
 
     fn notify(&mut self, frame: &Frame) {
-        self.out.push_back(OutItem::Control(frame.encode()));
+        let mut bytes = self.spare_bytes.take();
+        frame.encode_into(&mut bytes);
+        self.out.push_back(OutItem::Control(bytes));
     }
 
     fn progress(&mut self) -> io::Result<Progress> {
         let mut progress = Progress::default();
         while !self.out.is_empty() {
-            let mut slices = Vec::with_capacity(2 * ITEMS_PER_WRITE);
+            let mut batch = IoBatch::new();
             let mut skip = self.out_written;
             for item in self.out.iter().take(ITEMS_PER_WRITE) {
-                item.slices(skip, &mut slices);
+                if !item.slices(skip, &mut batch) {
+                    break;
+                }
                 skip = 0;
             }
-            let written = match self.socket.write_vectored(&slices) {
+            let written = match self.socket.write_vectored(&batch.slices[..batch.len]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(written) => written,
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
                 Err(error) => return Err(error),
             };
-            drop(slices);
             self.advance(written, &mut progress);
         }
         Ok(progress)
+    }
+
+    fn pieces(&mut self) -> Pieces {
+        self.spare_pieces.take()
     }
 
     fn has_pending(&self) -> bool {

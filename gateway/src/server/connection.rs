@@ -216,6 +216,11 @@ impl Connection {
         self.transport.write(write);
     }
 
+    /// An empty pieces list for the next `send_data`, recycled by the transport.
+    pub fn pieces(&mut self) -> transport::Pieces {
+        self.transport.pieces()
+    }
+
     pub fn has_output(&self) -> bool {
         self.transport.has_pending()
     }

@@ -690,7 +690,10 @@ impl<S: BlockStore> Core<S> {
         let mut events = std::mem::take(&mut self.events);
         match completion.result {
             Ok(placement) => {
-                let mut pieces = Vec::new();
+                let mut pieces = connection.pieces();
+                let load = connection.loads[read.load_slot]
+                    .as_mut()
+                    .expect("a load lives until its reads finish");
                 load.progress
                     .data_pieces(read.unit, &placement, &mut pieces);
                 let (request_id, region_id) = (load.request_id, load.region_id);
