@@ -189,17 +189,26 @@ fn path_name(kind: PathKind) -> String {
     }
 }
 
+/// Where a load's blocks land: a registered region, every block of the load
+/// with its offset there, and the layer stride.
+#[derive(Debug, Clone)]
+pub(crate) struct Target {
+    pub region: RegionId,
+    pub blocks: Vec<BlockLoad>,
+    pub layer_stride: u64,
+}
+
 /// What a dual load needs to start parts on any path.
 pub(crate) struct Plan {
     pub namespace: String,
     pub geometry: Geometry,
-    pub region: RegionId,
+    /// Host memory: where the PE path and gateways on TCP write.
+    pub host: Target,
     pub region_memory: Arc<Region>,
     /// GPU memory registered for GPUDirect RDMA: gateways that write by RDMA
-    /// load into it (same offsets as `region`), the others into `region`.
-    pub direct: Option<RegionId>,
-    pub blocks: Vec<BlockLoad>,
-    pub layer_stride: u64,
+    /// load into it instead of `host` (same blocks and layers; the offsets may
+    /// differ, as host staging is packed).
+    pub direct: Option<Target>,
 }
 
 /// Everything a coordinator thread needs from the client.
@@ -217,8 +226,8 @@ pub(crate) fn run(
     plan: Plan,
     shared: Arc<LoadShared>,
 ) -> Result<(), ClientError> {
-    let all: Vec<u32> = (0..u32::try_from(plan.blocks.len()).expect("bounded")).collect();
-    let mut owners = vec![None; plan.blocks.len()];
+    let all: Vec<u32> = (0..u32::try_from(plan.host.blocks.len()).expect("bounded")).collect();
+    let mut owners = vec![None; plan.host.blocks.len()];
     let mut parts = Vec::new();
     starter.assign_and_start(&plan, &shared, &all, &mut owners, &mut parts)?;
     std::thread::Builder::new()
@@ -245,8 +254,8 @@ impl Starter {
             .iter()
             .map(|&block| {
                 u64::from(
-                    plan.blocks[block as usize].layers.end
-                        - plan.blocks[block as usize].layers.start,
+                    plan.host.blocks[block as usize].layers.end
+                        - plan.host.blocks[block as usize].layers.start,
                 ) * plan.geometry.layer_bytes()
             })
             .collect();
@@ -288,18 +297,18 @@ impl Starter {
         path: PathId,
         blocks: Vec<u32>,
     ) -> Vec<PartId> {
-        let subset: Vec<BlockLoad> = blocks
-            .iter()
-            .map(|&block| plan.blocks[block as usize].clone())
-            .collect();
         if Some(path) == self.dual.pe_path {
+            let subset: Vec<BlockLoad> = blocks
+                .iter()
+                .map(|&block| plan.host.blocks[block as usize].clone())
+                .collect();
             let reader = Arc::clone(self.pe_reader.as_ref().expect("a PE path has a reader"));
             let (shared, region, namespace, geometry, stride) = (
                 Arc::clone(shared),
                 Arc::clone(&plan.region_memory),
                 plan.namespace.clone(),
                 plan.geometry,
-                plan.layer_stride,
+                plan.host.layer_stride,
             );
             let part = shared.add_part(blocks.clone(), Landing::Host);
             std::thread::spawn(move || {
@@ -319,10 +328,8 @@ impl Starter {
             &self.gateways[gateway],
             &self.next_request,
             &plan.namespace,
-            (plan.region, plan.direct),
-            &subset,
+            (&plan.host, plan.direct.as_ref()),
             &blocks,
-            plan.layer_stride,
             shared,
         )
         .1
@@ -359,8 +366,8 @@ impl Starter {
                             scheduler.set_healthy(path, false, started.elapsed().as_secs_f64());
                         }
                         let bytes = u64::from(
-                            plan.blocks[block as usize].layers.end
-                                - plan.blocks[block as usize].layers.start,
+                            plan.host.blocks[block as usize].layers.end
+                                - plan.host.blocks[block as usize].layers.start,
                         ) * plan.geometry.layer_bytes();
                         scheduler.abandoned(path, bytes);
                     }
@@ -372,8 +379,9 @@ impl Starter {
         let mut carried: Vec<(PathId, u64, u64)> = Vec::new();
         for (block, owner) in owners.iter().enumerate() {
             let Some(path) = owner else { continue };
-            let bytes = u64::from(plan.blocks[block].layers.end - plan.blocks[block].layers.start)
-                * plan.geometry.layer_bytes();
+            let bytes = u64::from(
+                plan.host.blocks[block].layers.end - plan.host.blocks[block].layers.start,
+            ) * plan.geometry.layer_bytes();
             match carried.iter_mut().find(|(id, _, _)| id == path) {
                 Some((_, total, blocks)) => {
                     *total += bytes;
@@ -429,49 +437,47 @@ impl Starter {
     }
 }
 
-/// Sends `blocks` (positions `indexes` in the whole load) to the shards of
-/// `gateway` that own them, one part per shard. `regions`: the host region, and
-/// GPU memory that shards writing by RDMA load into instead. Returns the first
+/// Sends the blocks at positions `indexes` of the load to the shards of
+/// `gateway` that own them, one part per shard: into the host target, or into
+/// the direct (GPU) target on shards that write by RDMA. Returns the first
 /// request id.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn start_on_gateway(
     gateway: &Gateway,
     next_request: &AtomicU64,
     namespace: &str,
-    regions: (RegionId, Option<RegionId>),
-    blocks: &[BlockLoad],
+    (host, direct): (&Target, Option<&Target>),
     indexes: &[u32],
-    layer_stride: u64,
     shared: &Arc<LoadShared>,
 ) -> (u64, Vec<PartId>) {
     let links = gateway.links();
     let shard_count = u32::try_from(links.len()).expect("shard count from the gateway");
-    let mut per_shard: Vec<(Vec<BlockLoad>, Vec<u32>)> =
-        vec![(Vec::new(), Vec::new()); links.len()];
-    for (block, &index) in blocks.iter().zip(indexes) {
-        let shard = block.key.shard(shard_count) as usize;
-        per_shard[shard].0.push(block.clone());
-        per_shard[shard].1.push(index);
+    let mut per_shard: Vec<Vec<u32>> = vec![Vec::new(); links.len()];
+    for &index in indexes {
+        let shard = host.blocks[index as usize].key.shard(shard_count) as usize;
+        per_shard[shard].push(index);
     }
     let first = next_request.load(Ordering::Relaxed);
     let mut parts = Vec::new();
-    for (shard, (shard_blocks, shard_indexes)) in per_shard.into_iter().enumerate() {
-        if shard_blocks.is_empty() {
+    for (shard, shard_indexes) in per_shard.into_iter().enumerate() {
+        if shard_indexes.is_empty() {
             continue;
         }
         let request_id = next_request.fetch_add(1, Ordering::Relaxed);
-        let (region, landing) = match regions {
-            (_, Some(device)) if links[shard].uses_rdma() => (device, Landing::Device),
-            (host, _) => (host, Landing::Host),
+        let (target, landing) = match direct {
+            Some(device) if links[shard].uses_rdma() => (device, Landing::Device),
+            _ => (host, Landing::Host),
         };
         let part = shared.add_part(shard_indexes.clone(), landing);
         parts.push(part);
         let load = Load {
             request_id,
             namespace: namespace.to_owned(),
-            region_id: region.0,
-            layer_stride,
-            blocks: shard_blocks,
+            region_id: target.region.0,
+            layer_stride: target.layer_stride,
+            blocks: shard_indexes
+                .iter()
+                .map(|&index| target.blocks[index as usize].clone())
+                .collect(),
         };
         if let Err(error) = links[shard].start_load(load, shard_indexes, part, Arc::clone(shared)) {
             shared.fail_part(part, ErrorCode::Io, error);

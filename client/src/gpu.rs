@@ -27,6 +27,7 @@ use std::ops::Range;
 use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
+use crate::dual::Target;
 pub use crate::gpu_sys::GpuError;
 use crate::gpu_sys::{
     self, DeviceMemory, DeviceTarget, DirectRegistrar, Event, PinnedHost, PinnedRegion,
@@ -291,7 +292,17 @@ impl Client {
         let device = Arc::clone(&target.device);
         let gpu_error =
             |error: GpuError| ClientError::Invalid(format!("GPU {}: {error}", device.ordinal));
-        let mut staging = device.take_staging(target.len()).map_err(gpu_error)?;
+        // Host staging holds only this load's layers, packed (not the whole
+        // device region, which may be the engine's entire KV pool).
+        let packed = PackedStaging::new(blocks, layer_bytes, stride);
+        let mut staging = device
+            .take_staging(usize::try_from(packed.len.max(1)).map_err(|_| {
+                ClientError::Invalid(format!(
+                    "a load of {} bytes does not fit memory",
+                    packed.len
+                ))
+            })?)
+            .map_err(gpu_error)?;
         let identity = self.identity();
         let id = match staging.client_region {
             Some((owner, id)) if owner == identity => id,
@@ -321,11 +332,20 @@ impl Client {
                 None
             }
         };
-        let regions = (id, direct.as_ref().map(|(id, _)| *id));
+        let host_target = Target {
+            region: id,
+            blocks: packed.blocks.clone(),
+            layer_stride: packed.stride,
+        };
+        let direct_target = direct.as_ref().map(|(region, _)| Target {
+            region: *region,
+            blocks: blocks.to_vec(),
+            layer_stride: stride,
+        });
         let host = if dual {
-            self.start_dual(namespace, regions, blocks, layer_stride)?
+            self.start_dual(namespace, host_target, direct_target)?
         } else {
-            self.start_from(0, namespace, regions, blocks, layer_stride)?
+            self.start_from(0, namespace, host_target, direct_target)?
         };
         let layers = blocks
             .iter()
@@ -341,6 +361,7 @@ impl Client {
         let staging = Arc::new(staging);
         let plan = CopyPlan {
             blocks: blocks.to_vec(),
+            staged: packed,
             layers: layers.clone(),
             layer_bytes,
             stride,
@@ -418,39 +439,126 @@ impl Client {
     }
 }
 
+/// Where a device load's layers sit in host staging: packed, with the
+/// device layout's shape where one stride allows it (a load names one stride
+/// for all its blocks), so that layers adjacent on the device are adjacent in
+/// staging too and copy as one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PackedStaging {
+    /// The load's blocks at their staging offsets.
+    blocks: Vec<BlockLoad>,
+    stride: u64,
+    /// Staging bytes the load needs.
+    len: u64,
+}
+
+impl PackedStaging {
+    fn new(blocks: &[BlockLoad], layer_bytes: u64, device_stride: u64) -> Self {
+        let span =
+            |block: &BlockLoad| u64::from(block.layers.end.saturating_sub(block.layers.start));
+        if device_stride == layer_bytes {
+            // Block-major on the device (each block's layers back to back):
+            // the same in staging, blocks one after another.
+            let mut offset = 0;
+            let blocks = blocks
+                .iter()
+                .map(|block| {
+                    let staged = BlockLoad {
+                        dest_offset: offset,
+                        ..block.clone()
+                    };
+                    offset += span(block) * layer_bytes;
+                    staged
+                })
+                .collect();
+            return Self {
+                blocks,
+                stride: layer_bytes,
+                len: offset,
+            };
+        }
+        // Layer-major (an engine's per-layer KV tensors): layer l of every
+        // block back to back, the load's first layer first.
+        let first = blocks
+            .iter()
+            .map(|block| block.layers.start)
+            .min()
+            .unwrap_or(0);
+        let end = blocks
+            .iter()
+            .map(|block| block.layers.end)
+            .max()
+            .unwrap_or(first);
+        let stride = blocks.len() as u64 * layer_bytes;
+        let staged = blocks
+            .iter()
+            .enumerate()
+            .map(|(index, block)| BlockLoad {
+                dest_offset: index as u64 * layer_bytes
+                    + u64::from(block.layers.start - first) * stride,
+                ..block.clone()
+            })
+            .collect();
+        Self {
+            blocks: staged,
+            stride,
+            len: u64::from(end - first) * stride,
+        }
+    }
+}
+
+/// One host-to-device copy: staging offset, device offset, length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Copy {
+    from: u64,
+    to: u64,
+    len: u64,
+}
+
 /// What the copier needs: which ranges of staging go where on the device.
 #[derive(Debug)]
 struct CopyPlan {
+    /// The load's blocks at their device offsets.
     blocks: Vec<BlockLoad>,
+    staged: PackedStaging,
     layers: Range<u16>,
     layer_bytes: u64,
+    /// The device layout's layer stride.
     stride: u64,
 }
 
 impl CopyPlan {
-    /// The byte ranges (region offsets) of `layer` to copy from staging,
-    /// adjacent ones merged; blocks whose layer landed on the device
+    /// The copies of `layer` from staging, in device order, merged where both
+    /// sides are adjacent; blocks whose layer landed on the device
     /// (`on_device[block]`) have nothing to copy.
-    fn ranges(&self, layer: u16, on_device: &[bool]) -> Vec<Range<u64>> {
-        let mut ranges: Vec<Range<u64>> = self
+    fn copies(&self, layer: u16, on_device: &[bool]) -> Vec<Copy> {
+        let mut copies: Vec<Copy> = self
             .blocks
             .iter()
+            .zip(&self.staged.blocks)
             .enumerate()
-            .filter(|(index, block)| {
+            .filter(|(index, (block, _))| {
                 block.layers.contains(&layer) && !on_device.get(*index).copied().unwrap_or(false)
             })
-            .map(|(_, block)| block)
-            .map(|block| {
-                let start = block.dest_offset + u64::from(layer - block.layers.start) * self.stride;
-                start..start + self.layer_bytes
+            .map(|(_, (block, staged))| {
+                let layer_in_block = u64::from(layer - block.layers.start);
+                Copy {
+                    from: staged.dest_offset + layer_in_block * self.staged.stride,
+                    to: block.dest_offset + layer_in_block * self.stride,
+                    len: self.layer_bytes,
+                }
             })
             .collect();
-        ranges.sort_by_key(|range| range.start);
-        let mut merged: Vec<Range<u64>> = Vec::with_capacity(ranges.len());
-        for range in ranges {
+        copies.sort_by_key(|copy| copy.to);
+        let mut merged: Vec<Copy> = Vec::with_capacity(copies.len());
+        for copy in copies {
             match merged.last_mut() {
-                Some(last) if last.end == range.start => last.end = range.end,
-                _ => merged.push(range),
+                Some(last)
+                    if last.from + last.len == copy.from && last.to + last.len == copy.to =>
+                {
+                    last.len += copy.len;
+                }
+                _ => merged.push(copy),
             }
         }
         merged
@@ -496,9 +604,12 @@ fn copy_layers(
                 ));
             }
         }
-        for range in plan.ranges(layer, &on_device) {
-            let range = range.start as usize..range.end as usize;
-            if let Err(error) = gpu_sys::queue_copy(&device.stream, staging, range, target) {
+        for copy in plan.copies(layer, &on_device) {
+            // Inside the staging region (checked when planned), so inside usize.
+            let from = usize::try_from(copy.from).expect("a staging offset")
+                ..usize::try_from(copy.from + copy.len).expect("a staging offset");
+            if let Err(error) = gpu_sys::queue_copy(&device.stream, staging, from, target, copy.to)
+            {
                 return fail(format!("copying layer {layer} to the GPU: {error}"));
             }
         }
@@ -642,6 +753,7 @@ pub fn bench_host_to_device(
                 &staging.pinned,
                 offset..offset + len,
                 &target,
+                offset as u64,
             )?;
             offset += len;
         }
@@ -672,32 +784,144 @@ pub fn bench_host_to_device(
 mod tests {
     use super::*;
 
-    #[test]
-    fn layer_ranges_are_per_block_and_merged_when_adjacent() {
-        let block = |key: u128, dest_offset: u64, layers: Range<u16>| BlockLoad {
+    fn block(key: u128, dest_offset: u64, layers: Range<u16>) -> BlockLoad {
+        BlockLoad {
             key: block_layout::BlockKey(key),
             layers,
             dest_offset,
-        };
-        // Layer-major: layer l of every block back to back (stride = blocks x layer).
-        // Blocks at 0, 100, 200 with a stride of 1000: layer l of the first two
-        // blocks lies at l*1000 and l*1000+100 (adjacent: merged); the third block
-        // starts at layer 1, so its layer l lies at 200 + (l-1)*1000.
-        let plan = CopyPlan {
-            blocks: vec![block(1, 0, 0..4), block(2, 100, 0..4), block(3, 200, 1..4)],
+        }
+    }
+
+    fn copy(from: u64, to: u64, len: u64) -> Copy {
+        Copy { from, to, len }
+    }
+
+    fn plan(blocks: Vec<BlockLoad>, layer_bytes: u64, stride: u64) -> CopyPlan {
+        CopyPlan {
+            staged: PackedStaging::new(&blocks, layer_bytes, stride),
             layers: 0..4,
-            layer_bytes: 100,
-            stride: 1000,
-        };
-        let staged = [false; 3];
-        assert_eq!(plan.ranges(0, &staged), vec![0..200]);
-        assert_eq!(plan.ranges(1, &staged), vec![200..300, 1000..1200]);
-        assert_eq!(plan.ranges(3, &staged), vec![2200..2300, 3000..3200]);
-        // Block 2's layers landed on the device by GPUDirect: only 1 and 3 copy.
-        assert_eq!(
-            plan.ranges(1, &[false, true, false]),
-            vec![200..300, 1000..1100]
+            blocks,
+            layer_bytes,
+            stride,
+        }
+    }
+
+    #[test]
+    fn layer_major_loads_stage_packed_and_copy_each_layer_in_as_few_pieces_as_the_device_allows() {
+        // Layer-major device memory (stride 1000 = room for 10 blocks of 100-byte
+        // layers): three blocks at 0, 100, 200; the third starts at layer 1.
+        let plan = plan(
+            vec![block(1, 0, 0..4), block(2, 100, 0..4), block(3, 200, 1..4)],
+            100,
+            1000,
         );
+        // Staging is layer-major too, packed to the load's 3 blocks: 4 x 300 bytes.
+        assert_eq!(plan.staged.stride, 300);
+        assert_eq!(plan.staged.len, 1200);
+        let offsets: Vec<u64> = plan.staged.blocks.iter().map(|b| b.dest_offset).collect();
+        assert_eq!(offsets, vec![0, 100, 500]);
+        let none = [false; 3];
+        // Blocks 1 and 2 are adjacent on both sides: one copy.
+        assert_eq!(plan.copies(0, &none), vec![copy(0, 0, 200)]);
+        // Block 3's first layer sits at 200 on the device, 500 in staging.
+        assert_eq!(
+            plan.copies(1, &none),
+            vec![copy(500, 200, 100), copy(300, 1000, 200)]
+        );
+        assert_eq!(
+            plan.copies(3, &none),
+            vec![copy(1100, 2200, 100), copy(900, 3000, 200)]
+        );
+        // Block 2's layer landed on the device by GPUDirect: nothing to copy for it.
+        assert_eq!(
+            plan.copies(1, &[false, true, false]),
+            vec![copy(500, 200, 100), copy(300, 1000, 100)]
+        );
+    }
+
+    #[test]
+    fn block_major_loads_stage_each_block_back_to_back_whatever_their_device_offsets() {
+        // Block-major device memory (stride = layer size) in a large pool: two
+        // blocks far apart and out of order.
+        let plan = plan(
+            vec![block(1, 1 << 30, 0..4), block(2, 4096, 0..4)],
+            100,
+            100,
+        );
+        assert_eq!(plan.staged.stride, 100);
+        assert_eq!(
+            plan.staged.len, 800,
+            "staging is the load's size, not the pool's"
+        );
+        assert_eq!(
+            plan.copies(2, &[false, false]),
+            vec![copy(600, 4096 + 200, 100), copy(200, (1 << 30) + 200, 100)]
+        );
+    }
+
+    proptest::proptest! {
+        /// Whatever the layout (block- or layer-major, any offsets and layer
+        /// ranges), the copies move every staged (block, layer) to its device
+        /// place exactly once, read only inside the packed staging, and never
+        /// read two layers from one staging byte.
+        #[test]
+        fn copies_move_every_staged_layer_to_its_place_exactly_once(
+            spans in proptest::collection::vec((0u16..6, 1u16..6), 1..12),
+            layer_major in proptest::bool::ANY,
+            gaps in proptest::collection::vec(0u64..3, 12),
+        ) {
+            let layer_bytes = 16u64;
+            let count = spans.len() as u64;
+            // Device places: layer-major slots of a pool twice the load's width,
+            // or block-major blocks with gaps between them; never overlapping.
+            let stride = if layer_major { 2 * count * layer_bytes } else { layer_bytes };
+            let mut next = 0u64;
+            let blocks: Vec<BlockLoad> = spans
+                .iter()
+                .enumerate()
+                .map(|(index, &(start, len))| {
+                    let layers = start..(start + len).min(8);
+                    let dest_offset = if layer_major {
+                        (2 * index as u64 + gaps[index] % 2) * layer_bytes
+                    } else {
+                        let at = next + gaps[index] * layer_bytes;
+                        next = at + u64::from(layers.end - layers.start) * layer_bytes;
+                        at
+                    };
+                    block(index as u128, dest_offset, layers)
+                })
+                .collect();
+            let plan = CopyPlan {
+                staged: PackedStaging::new(&blocks, layer_bytes, stride),
+                layers: 0..8,
+                blocks: blocks.clone(),
+                layer_bytes,
+                stride,
+            };
+            let none = vec![false; blocks.len()];
+            let mut moved = std::collections::BTreeMap::new();
+            let mut read = std::collections::BTreeSet::new();
+            for layer in 0..8u16 {
+                for copy in plan.copies(layer, &none) {
+                    proptest::prop_assert!(copy.from + copy.len <= plan.staged.len);
+                    for step in 0..copy.len / layer_bytes {
+                        let (from, to) = (copy.from + step * layer_bytes, copy.to + step * layer_bytes);
+                        proptest::prop_assert!(read.insert(from), "staging byte {} read twice", from);
+                        proptest::prop_assert!(moved.insert(to, (layer, from)).is_none(), "device offset {} written twice", to);
+                    }
+                }
+            }
+            let expected: usize = blocks.iter().map(|b| usize::from(b.layers.end - b.layers.start)).sum();
+            proptest::prop_assert_eq!(moved.len(), expected);
+            for (block, staged) in blocks.iter().zip(&plan.staged.blocks) {
+                for layer in block.layers.clone() {
+                    let in_block = u64::from(layer - block.layers.start);
+                    let to = block.dest_offset + in_block * stride;
+                    let from = staged.dest_offset + in_block * plan.staged.stride;
+                    proptest::prop_assert_eq!(moved.get(&to), Some(&(layer, from)));
+                }
+            }
+        }
     }
 
     /// The CUDA half of GPUDirect RDMA: device memory exported as a dma-buf,

@@ -239,7 +239,7 @@ pub struct DeviceTarget {
     pub _owned: Option<Arc<DeviceMemory>>,
 }
 
-/// Queues the copy of `staging[range]` to the same offsets of `device` on
+/// Queues the copy of `staging[range]` to `device` at offset `to` on
 /// `stream`. Ranges are checked against both sides. The caller keeps `staging`
 /// and `device` alive and the staging bytes unchanged until the stream is
 /// synchronized (`GpuLoad` holds both until its drop synchronizes).
@@ -248,13 +248,15 @@ pub fn queue_copy(
     staging: &PinnedRegion,
     range: std::ops::Range<usize>,
     device: &DeviceTarget,
+    to: u64,
 ) -> Result<(), GpuError> {
     assert!(
         range.start <= range.end && range.end <= staging.region.len(),
         "a copy reads inside the staging region"
     );
     assert!(
-        range.end <= device.len,
+        to.checked_add(range.len() as u64)
+            .is_some_and(|end| end <= device.len as u64),
         "a copy writes inside the device region"
     );
     let host = staging.region.as_ptr().wrapping_add(range.start);
@@ -263,7 +265,7 @@ pub fn queue_copy(
     // the stream is synchronized); the stream is valid while borrowed.
     check("cuMemcpyHtoDAsync", unsafe {
         sys::cuMemcpyHtoDAsync_v2(
-            device.pointer + range.start as u64,
+            device.pointer + to,
             host.cast::<c_void>(),
             range.len(),
             stream.cu_stream(),

@@ -37,6 +37,7 @@ pub use scheduler::Policy;
 pub use storage_backends::object::ObjectSettings;
 pub use sys::Region;
 
+use dual::Target;
 use link::ShardLink;
 use load::LoadShared;
 
@@ -344,31 +345,33 @@ impl Client {
         blocks: &[BlockLoad],
         layer_stride: u64,
     ) -> Result<LoadHandle, ClientError> {
-        self.start_from(gateway, namespace, (region, None), blocks, layer_stride)
+        let host = Target {
+            region,
+            blocks: blocks.to_vec(),
+            layer_stride,
+        };
+        self.start_from(gateway, namespace, host, None)
     }
 
     /// `load_from`, with GPU memory that RDMA connections write into instead of
-    /// the host region (`regions.1`, same offsets).
+    /// host memory (`direct`: the same blocks, at their device offsets).
     pub(crate) fn start_from(
         &self,
         gateway: usize,
         namespace: &str,
-        (region, direct): (RegionId, Option<RegionId>),
-        blocks: &[BlockLoad],
-        layer_stride: u64,
+        host: Target,
+        direct: Option<Target>,
     ) -> Result<LoadHandle, ClientError> {
-        self.check_load(gateway, namespace, blocks)?;
-        let shared = Arc::new(LoadShared::new(blocks, false));
+        self.check_load(gateway, namespace, &host.blocks)?;
+        let shared = Arc::new(LoadShared::new(&host.blocks, false));
         let indexes: Vec<u32> =
-            (0..u32::try_from(blocks.len()).expect("bounded by check_load")).collect();
+            (0..u32::try_from(host.blocks.len()).expect("bounded by check_load")).collect();
         let (request_id, _) = dual::start_on_gateway(
             &self.gateways[gateway],
             &self.next_request,
             namespace,
-            (region, direct),
-            blocks,
+            (&host, direct.as_ref()),
             &indexes,
-            layer_stride,
             &shared,
         );
         Ok(LoadHandle { shared, request_id })
@@ -415,7 +418,12 @@ impl Client {
         blocks: &[BlockLoad],
         layer_stride: u64,
     ) -> Result<LoadHandle, ClientError> {
-        self.start_dual(namespace, (region, None), blocks, layer_stride)
+        let host = Target {
+            region,
+            blocks: blocks.to_vec(),
+            layer_stride,
+        };
+        self.start_dual(namespace, host, None)
     }
 
     /// `load_dual` where connections that write by RDMA load into `direct`
@@ -431,19 +439,24 @@ impl Client {
         blocks: &[BlockLoad],
         layer_stride: u64,
     ) -> Result<LoadHandle, ClientError> {
-        self.start_dual(namespace, (region, Some(direct)), blocks, layer_stride)
+        let target = |region| Target {
+            region,
+            blocks: blocks.to_vec(),
+            layer_stride,
+        };
+        self.start_dual(namespace, target(region), Some(target(direct)))
     }
 
     /// `load_dual`, with GPU memory that RDMA connections write into instead of
-    /// the host region (`regions.1`, same offsets).
+    /// host memory (`direct`: the same blocks, at their device offsets).
     pub(crate) fn start_dual(
         &self,
         namespace: &str,
-        (region, direct): (RegionId, Option<RegionId>),
-        blocks: &[BlockLoad],
-        layer_stride: u64,
+        host: Target,
+        direct: Option<Target>,
     ) -> Result<LoadHandle, ClientError> {
-        self.check_load(0, namespace, blocks)?;
+        let region = host.region;
+        self.check_load(0, namespace, &host.blocks)?;
         let geometry = self.namespace(namespace).expect("checked above");
         let region_memory = self
             .regions
@@ -454,16 +467,14 @@ impl Client {
         let region_memory = region_memory.ok_or_else(|| {
             ClientError::Invalid(format!("region {} is not registered", region.0))
         })?;
-        let shared = Arc::new(LoadShared::new(blocks, true));
+        let shared = Arc::new(LoadShared::new(&host.blocks, true));
         let request_id = self.next_request.load(Ordering::Relaxed);
         let plan = dual::Plan {
             namespace: namespace.to_owned(),
             geometry,
-            region,
+            host,
             region_memory,
             direct,
-            blocks: blocks.to_vec(),
-            layer_stride,
         };
         let starter = dual::Starter {
             gateways: Arc::clone(&self.gateways),
