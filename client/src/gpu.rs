@@ -112,19 +112,23 @@ struct DirectRegistration {
     outcome: Result<(RegionId, Arc<Region>), String>,
 }
 
+impl DirectRegistration {
+    /// Removes the region from its client's table: no load will name it again
+    /// (loads in flight hold it until they end).
+    fn withdraw(self) {
+        if let (Ok((id, _)), Some(table)) = (self.outcome, self.table.upgrade()) {
+            table.write().expect("region table lock").remove(&id.0);
+        }
+    }
+}
+
 impl Drop for DeviceRegion {
     fn drop(&mut self) {
         // No gateway may be asked to write here any more; the memory
         // registration goes when the last load holding the region ends.
-        let registration = self.direct.lock().map(|mut direct| direct.take());
-        if let Ok(Some(DirectRegistration {
-            table,
-            outcome: Ok((id, _)),
-            ..
-        })) = registration
-        {
-            if let Some(table) = table.upgrade() {
-                table.write().expect("region table lock").remove(&id.0);
+        if let Ok(mut direct) = self.direct.lock() {
+            if let Some(registration) = direct.take() {
+                registration.withdraw();
             }
         }
     }
@@ -394,9 +398,9 @@ impl Client {
         })
     }
 
-    /// Why loads into `target` stage in host memory, or the client region
-    /// through which gateways writing by RDMA load into it directly
-    /// (registered on first use, the outcome kept for later loads).
+    /// Whether gateways writing by RDMA can load into `target` directly
+    /// (GPUDirect RDMA), registering it on first use and keeping the outcome
+    /// for later loads; else why loads into it stage in host memory.
     pub fn gpu_direct(&self, target: &DeviceRegion) -> Result<(), StagedReason> {
         self.direct_region(target).map(|_| ())
     }
@@ -421,6 +425,10 @@ impl Client {
                 .outcome
                 .clone()
                 .map_err(StagedReason::Unsupported);
+        }
+        // Registered with another client before: that client lets go of it.
+        if let Some(registration) = direct.take() {
+            registration.withdraw();
         }
         let registrar = DirectRegistrar::new(&target.device.context, target.target.clone());
         let region = Arc::new(Region::device(Arc::new(registrar)));
