@@ -427,24 +427,34 @@ impl Client {
     }
 
     /// `load_dual` where connections that write by RDMA load into `direct`
-    /// (same offsets) and every other path into `region`: the routing under
+    /// and every other path into `host`, each a (region, the load's blocks at
+    /// their offsets there, layer stride): the routing under
     /// [`Client::load_to_device`] with GPUDirect RDMA. Public for the RDMA
     /// tests, which have no GPU (a host region stands in for device memory).
     #[doc(hidden)]
     pub fn load_dual_split(
         &self,
         namespace: &str,
-        region: RegionId,
-        direct: RegionId,
-        blocks: &[BlockLoad],
-        layer_stride: u64,
+        host: (RegionId, &[BlockLoad], u64),
+        direct: (RegionId, &[BlockLoad], u64),
     ) -> Result<LoadHandle, ClientError> {
-        let target = |region| Target {
+        let target = |(region, blocks, layer_stride): (RegionId, &[BlockLoad], u64)| Target {
             region,
             blocks: blocks.to_vec(),
             layer_stride,
         };
-        self.start_dual(namespace, target(region), Some(target(direct)))
+        if host.1.len() != direct.1.len()
+            || host
+                .1
+                .iter()
+                .zip(direct.1)
+                .any(|(a, b)| a.key != b.key || a.layers != b.layers)
+        {
+            return Err(ClientError::Invalid(
+                "both targets must list the same blocks and layers".into(),
+            ));
+        }
+        self.start_dual(namespace, target(host), Some(target(direct)))
     }
 
     /// `load_dual`, with GPU memory that RDMA connections write into instead of

@@ -269,8 +269,22 @@ fn rdma_paths_load_into_the_direct_target_and_tcp_paths_into_host_memory() {
     let direct = Arc::new(Region::allocate(len));
     let host_id = client.register_region(Arc::clone(&host)).expect("host");
     let direct_id = client.register_region(Arc::clone(&direct)).expect("direct");
+    // As in a GPU load: the "device" layer-major (an engine's per-layer
+    // tensors), host staging block-major; the same blocks at other offsets.
+    let device_stride = BLOCKS * LAYER_BYTES as u64;
+    let device_blocks: Vec<BlockLoad> = whole_blocks(BLOCKS)
+        .into_iter()
+        .map(|block| BlockLoad {
+            dest_offset: block.dest_offset / LAYERS as u64,
+            ..block
+        })
+        .collect();
     let load = client
-        .load_dual_split("layer", host_id, direct_id, &whole_blocks(BLOCKS), 0)
+        .load_dual_split(
+            "layer",
+            (host_id, &whole_blocks(BLOCKS), 0),
+            (direct_id, &device_blocks, device_stride),
+        )
         .expect("load");
     let zeros = vec![0u8; LAYER_BYTES];
     let mut on_device_blocks = vec![0u64; LAYERS as usize];
@@ -278,21 +292,23 @@ fn rdma_paths_load_into_the_direct_target_and_tcp_paths_into_host_memory() {
         load.wait_layer(layer, WAIT).expect("layer");
         let on_device = load.layer_on_device(layer);
         for index in 0..BLOCKS {
-            let offset = index as usize * BLOCK_BYTES + usize::from(layer) * LAYER_BYTES;
+            let host_offset = index as usize * BLOCK_BYTES + usize::from(layer) * LAYER_BYTES;
+            let device_offset =
+                (u64::from(layer) * device_stride) as usize + index as usize * LAYER_BYTES;
             let expected =
                 &expected_block(index)[usize::from(layer) * LAYER_BYTES..][..LAYER_BYTES];
-            let (landed, untouched) = if on_device[index as usize] {
-                (&direct, &host)
+            let ((landed, at), (untouched, not_at)) = if on_device[index as usize] {
+                ((&direct, device_offset), (&host, host_offset))
             } else {
-                (&host, &direct)
+                ((&host, host_offset), (&direct, device_offset))
             };
             assert!(
-                landed.read(offset, LAYER_BYTES) == expected,
+                landed.read(at, LAYER_BYTES) == expected,
                 "block {index} layer {layer} (on device: {})",
                 on_device[index as usize]
             );
             assert!(
-                untouched.read(offset, LAYER_BYTES) == zeros,
+                untouched.read(not_at, LAYER_BYTES) == zeros,
                 "block {index} layer {layer} landed in both targets"
             );
         }
