@@ -71,6 +71,11 @@ enum Command {
         read: Vec<String>,
         #[arg(long, value_delimiter = ',')]
         write: Vec<String>,
+        /// How long the token is good for: seconds, or with a unit (90s, 30m,
+        /// 12h, 7d). Without it, until the cluster secret changes. Gateways
+        /// refuse it from then on, also on connections already open.
+        #[arg(long, value_parser = parse_ttl)]
+        ttl: Option<u64>,
     },
     /// Bulk-load blocks from a directory (files named by hex key) or a synthetic set.
     Import {
@@ -316,15 +321,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             client,
             read,
             write,
+            ttl,
         } => {
             let secret = anyhow::Context::context(gateway::server::cluster_secret(&config)?,
                 "no cluster secret: set gateway.auth_secret_file or DUALPATH_SECRET (tokens are derived from it)",
             )?;
+            let expires = ttl.map(|seconds| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |now| now.as_secs())
+                    .saturating_add(seconds)
+            });
             let grant = protocol::auth::AccessGrant {
                 client,
                 read,
                 write,
+                expires,
             };
+            if let Some(expires) = expires {
+                eprintln!("the token expires at Unix time {expires}");
+            }
             let token = protocol::auth::issue_token(&secret, &grant)
                 .map_err(|problem| anyhow::anyhow!("{problem}"))?;
             println!("{token}");
@@ -525,5 +541,52 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             shards: shards.unwrap_or(config.cores),
             with_fio: !no_fio,
         }),
+    }
+}
+
+/// A token lifetime: seconds, or a number with s, m, h or d.
+fn parse_ttl(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits);
+    let not_a_duration = || {
+        format!("{text:?} is not a duration: use seconds or a number with s, m, h or d (e.g. 90s, 30m, 12h, 7d)")
+    };
+    let scale = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(not_a_duration()),
+    };
+    let value: u64 = number.parse().map_err(|_| not_a_duration())?;
+    match value.checked_mul(scale) {
+        Some(0) => {
+            Err("a token that expires at once is of no use: give a positive duration".into())
+        }
+        Some(seconds) => Ok(seconds),
+        None => Err(format!("{text:?} is too long")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_ttl;
+
+    #[test]
+    fn token_lifetimes_take_seconds_or_a_unit_and_refuse_nonsense() {
+        assert_eq!(parse_ttl("90"), Ok(90));
+        assert_eq!(parse_ttl("90s"), Ok(90));
+        assert_eq!(parse_ttl("30m"), Ok(1800));
+        assert_eq!(parse_ttl("12h"), Ok(43_200));
+        assert_eq!(parse_ttl("7d"), Ok(604_800));
+        assert!(parse_ttl("7w").expect_err("weeks").contains("s, m, h or d"));
+        assert!(parse_ttl("soon")
+            .expect_err("words")
+            .contains("not a duration"));
+        assert!(parse_ttl("0h").expect_err("zero").contains("positive"));
+        assert!(parse_ttl("99999999999999999999d").is_err());
     }
 }

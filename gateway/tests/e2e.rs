@@ -559,6 +559,53 @@ fn an_access_token_limits_a_client_to_its_namespaces() {
         "{error}"
     );
     assert_eq!(gateway.metric_sum("dualpath_auth_failures_total") as u64, 1);
+    // A token with a lifetime: good until then, refused from then on, also on
+    // the connection it opened.
+    let short = issue(&["--client", "pe-4", "--read", "full", "--ttl", "2s"]);
+    let expires: u64 = String::from_utf8(hex_decode(short.split('.').nth(1).expect("grant part")))
+        .expect("utf-8 grant")
+        .rsplit_once("expires=")
+        .expect("the grant carries its expiry")
+        .1
+        .parse()
+        .expect("unix seconds");
+    let brief = connect(&short).expect("accepted while valid");
+    let id = brief
+        .register_region(Arc::clone(&region))
+        .expect("register");
+    assert!(brief
+        .load("full", id, &whole_blocks(1), 0)
+        .expect("load")
+        .wait(WAIT)
+        .expect("allowed while valid")
+        .all_done());
+    while std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs()
+        < expires
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let error = brief
+        .load("full", id, &whole_blocks(1), 0)
+        .expect("sent")
+        .wait(WAIT)
+        .expect_err("refused once expired");
+    assert!(
+        matches!(&error, ClientError::Gateway { code: GatewayCode::Unauthorized, message } if message.contains("pe-4") && message.contains("expired")),
+        "{error}"
+    );
+    let error = connect(&short).expect_err("a new connection with it is refused");
+    assert!(error.to_string().contains("expired"), "{error}");
+    assert_eq!(gateway.metric_sum("dualpath_auth_failures_total") as u64, 2);
+}
+
+fn hex_decode(text: &str) -> Vec<u8> {
+    (0..text.len())
+        .step_by(2)
+        .map(|at| u8::from_str_radix(&text[at..at + 2], 16).expect("hex"))
+        .collect()
 }
 
 /// A storage read error (the block file cut short under a running gateway: the

@@ -50,6 +50,9 @@ pub struct AccessGrant {
     pub client: String,
     pub read: Vec<String>,
     pub write: Vec<String>,
+    /// Unix time (seconds) after which the grant is void; `None`: until the
+    /// cluster secret changes.
+    pub expires: Option<u64>,
 }
 
 const TOKEN_PREFIX: &str = "dpt1";
@@ -64,6 +67,20 @@ impl AccessGrant {
             client: "cluster-secret holder".into(),
             read: vec!["*".into()],
             write: vec!["*".into()],
+            expires: None,
+        }
+    }
+
+    /// Refuses a grant past its expiry at `now` (Unix seconds), naming the
+    /// client and the fix.
+    pub fn check_expiry(&self, now: u64) -> Result<(), String> {
+        match self.expires {
+            Some(expires) if now >= expires => Err(format!(
+                "the token of {:?} expired {} s ago (at Unix time {expires}); issue a new one with `dualpath token`",
+                self.client,
+                now - expires
+            )),
+            _ => Ok(()),
         }
     }
 
@@ -79,7 +96,8 @@ impl AccessGrant {
         names.iter().any(|name| name == "*" || name == namespace)
     }
 
-    /// The grant as the bytes a token signs: `client=NAME;read=a,b;write=c`.
+    /// The grant as the bytes a token signs: `client=NAME;read=a,b;write=c`,
+    /// then `;expires=UNIX_SECONDS` when it expires.
     pub fn encode(&self) -> Result<Vec<u8>, String> {
         let check = |what: &str, name: &str| {
             if name.is_empty()
@@ -97,12 +115,15 @@ impl AccessGrant {
         for name in self.read.iter().chain(&self.write) {
             check("namespace", name)?;
         }
-        let body = format!(
+        let mut body = format!(
             "client={};read={};write={}",
             self.client,
             self.read.join(","),
             self.write.join(",")
         );
+        if let Some(expires) = self.expires {
+            body.push_str(&format!(";expires={expires}"));
+        }
         if body.len() > GRANT_BYTES_MAX {
             return Err(format!(
                 "the grant is {} bytes; at most {GRANT_BYTES_MAX}",
@@ -119,6 +140,7 @@ impl AccessGrant {
             client: String::new(),
             read: Vec::new(),
             write: Vec::new(),
+            expires: None,
         };
         for field in text.split(';') {
             let (key, value) = field
@@ -135,6 +157,12 @@ impl AccessGrant {
                 "client" => grant.client = value.to_owned(),
                 "read" => grant.read = names(),
                 "write" => grant.write = names(),
+                "expires" => {
+                    grant.expires =
+                        Some(value.parse().map_err(|_| {
+                            format!("the grant's expiry {value:?} is not Unix seconds")
+                        })?)
+                }
                 _ => return Err(format!("unknown grant field {key:?}")),
             }
         }
@@ -228,6 +256,7 @@ mod tests {
             client: "pe-7".into(),
             read: vec!["kv".into()],
             write: vec!["scratch".into()],
+            expires: None,
         };
         let token = issue_token(b"cluster", &grant).expect("issued");
         let (body, key) = parse_token(&token).expect("parses");
@@ -246,8 +275,41 @@ mod tests {
             client: "a;b".into(),
             read: vec![],
             write: vec![],
+            expires: None,
         };
         assert!(issue_token(b"cluster", &bad).is_err());
+    }
+
+    #[test]
+    fn an_expiry_is_signed_with_the_grant_and_void_from_its_second_on() {
+        let grant = AccessGrant {
+            client: "pe-8".into(),
+            read: vec!["kv".into()],
+            write: vec![],
+            expires: Some(1_800_000_000),
+        };
+        let token = issue_token(b"cluster", &grant).expect("issued");
+        let (body, key) = parse_token(&token).expect("parses");
+        assert_eq!(AccessGrant::decode(&body).expect("grant"), grant);
+        // The expiry is part of what the key signs: extending it changes the key.
+        let extended = AccessGrant {
+            expires: Some(1_900_000_000),
+            ..grant.clone()
+        };
+        assert_ne!(
+            key,
+            token_key(b"cluster", &extended.encode().expect("encodes"))
+        );
+        assert!(grant.check_expiry(1_799_999_999).is_ok());
+        let error = grant.check_expiry(1_800_000_005).expect_err("expired");
+        assert!(
+            error.contains("pe-8") && error.contains("expired 5 s ago"),
+            "{error}"
+        );
+        assert!(AccessGrant::everything().check_expiry(u64::MAX).is_ok());
+        assert!(AccessGrant::decode(b"client=x;read=;write=;expires=soon")
+            .expect_err("not a number")
+            .contains("not Unix seconds"));
     }
 
     #[test]
@@ -263,8 +325,6 @@ mod tests {
         assert_eq!(super::verify_signed(b"secret", &message), None);
         assert_eq!(super::verify_signed(b"secret", b"short"), None);
     }
-
-    use super::*;
 
     #[test]
     fn proof_verifies_only_with_the_same_secret_nonces_and_shard() {

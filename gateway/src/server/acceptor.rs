@@ -236,7 +236,13 @@ impl Acceptor {
         }
         let mut access = AccessGrant::everything();
         if let Some(secret) = &self.secret {
-            match self.authenticate(stream, secret, &client_nonce, shard)? {
+            let authenticated = self
+                .authenticate(stream, secret, &client_nonce, shard)?
+                .and_then(|grant| {
+                    grant.check_expiry(super::core::unix_now())?;
+                    Ok(grant)
+                });
+            match authenticated {
                 Ok(grant) => access = grant,
                 Err(message) => {
                     self.counters.auth_failures.fetch_add(1, Ordering::Relaxed);

@@ -96,6 +96,13 @@ fn unauthorized(
     format!("{client}'s token does not allow it to {action} namespace {namespace:?}; issue a token that lists it (dualpath token --{action} {namespace})")
 }
 
+/// Seconds since the Unix epoch (token expiry is in these).
+pub(super) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs())
+}
+
 /// Tokens at and above this mark a connection's RDMA completion channel.
 const RDMA_TOKEN_BASE: usize = 1 << 32;
 
@@ -387,7 +394,12 @@ impl<S: BlockStore> Core<S> {
         };
         let namespace = self.shard.namespace_id(&load.namespace);
         let connection = self.connections[index].as_mut().expect("caller checked");
+        let expired = connection.access.check_expiry(unix_now()).err();
         let refusal = refusal.or_else(|| match namespace {
+            _ if expired.is_some() => Some(refuse(
+                ErrorCode::Unauthorized,
+                format!("{}; connect again with it", expired.expect("checked")),
+            )),
             _ if !connection.access.may_read(&load.namespace) => Some(refuse(
                 ErrorCode::Unauthorized,
                 unauthorized(Some(&connection.access), "read", &load.namespace),
@@ -467,7 +479,17 @@ impl<S: BlockStore> Core<S> {
         let access = self.connections[index]
             .as_ref()
             .map(|connection| Arc::clone(&connection.access));
+        let expired = access
+            .as_ref()
+            .and_then(|access| access.check_expiry(unix_now()).err());
         let result = match self.shard.namespace_id(&prefix.namespace) {
+            _ if expired.is_some() => {
+                self.setup.counters.error("unauthorized");
+                Err((
+                    ErrorCode::Unauthorized,
+                    format!("{}; connect again with it", expired.expect("checked")),
+                ))
+            }
             _ if access
                 .as_ref()
                 .is_some_and(|access| !access.may_write(&prefix.namespace)) =>
