@@ -90,7 +90,7 @@ struct GpuTargets {
 #[pymethods]
 impl Client {
     #[new]
-    #[pyo3(signature = (addresses, secret=None, connect_timeout=5.0, request_timeout=30.0, policy="dualpath", pe_storage=None, rdma="off", rdma_device=None, token=None, tls_ca_file=None, gpu_direct=true))]
+    #[pyo3(signature = (addresses, secret=None, connect_timeout=5.0, request_timeout=30.0, policy="dualpath", pe_storage=None, rdma="off", rdma_device=None, token=None, tls_ca_file=None, gpu_direct=true, tls_cert_file=None, tls_key_file=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -105,6 +105,8 @@ impl Client {
         token: Option<String>,
         tls_ca_file: Option<std::path::PathBuf>,
         gpu_direct: bool,
+        tls_cert_file: Option<std::path::PathBuf>,
+        tls_key_file: Option<std::path::PathBuf>,
     ) -> PyResult<Self> {
         let rdma = match rdma {
             "off" => None,
@@ -120,7 +122,7 @@ impl Client {
             policy: policy.parse().map_err(PyValueError::new_err)?,
             rdma,
             token,
-            tls: tls_ca_file.map(|ca_file| client::TlsOptions { ca_file, server_name: None }),
+            tls: tls_ca_file.map(|ca_file| client::TlsOptions { ca_file, server_name: None, cert_file: tls_cert_file, key_file: tls_key_file }),
             gpu_direct,
             ..ClientOptions::default()
         };

@@ -113,6 +113,10 @@ pub struct TlsOptions {
     pub ca_file: std::path::PathBuf,
     /// The name to verify in the certificate; `None`: the host of the address.
     pub server_name: Option<String>,
+    /// This client's certificate chain and private key (PEM), for gateways that
+    /// require client certificates (`gateway.tls_client_ca_file`).
+    pub cert_file: Option<std::path::PathBuf>,
+    pub key_file: Option<std::path::PathBuf>,
 }
 
 /// Which RDMA device this client's memory is registered on, and whether RDMA

@@ -98,6 +98,25 @@ impl Socket {
     }
 }
 
+/// A TLS failure as an I/O error, with the fix where the gateway's alert
+/// says what it wanted.
+fn tls_error(error: rustls::Error) -> io::Error {
+    use rustls::AlertDescription as Alert;
+    let hint = match &error {
+        rustls::Error::AlertReceived(Alert::CertificateRequired) => {
+            "; the gateway requires a client certificate: set TlsOptions::cert_file and key_file (Python tls_cert_file=, tls_key_file=)"
+        }
+        rustls::Error::AlertReceived(
+            Alert::BadCertificate | Alert::UnknownCA | Alert::CertificateUnknown | Alert::DecryptError,
+        ) => "; the gateway did not accept this client's certificate: it must be signed by the CA in the gateway's tls_client_ca_file",
+        _ => "",
+    };
+    io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        format!("TLS: {error}{hint}"),
+    )
+}
+
 /// Writes rustls's pending records to the (blocking) socket.
 fn flush_records(session: &mut rustls::ClientConnection, tcp: &mut TcpStream) -> io::Result<()> {
     while session.wants_write() {
@@ -125,9 +144,7 @@ impl Read for Socket {
                         if !tls.pending.is_empty() {
                             let taken = tls.conn.read_tls(&mut tls.pending.as_slice())?;
                             tls.pending.drain(..taken);
-                            tls.conn.process_new_packets().map_err(|error| {
-                                io::Error::new(io::ErrorKind::InvalidData, error)
-                            })?;
+                            tls.conn.process_new_packets().map_err(tls_error)?;
                             flush_records(&mut tls.conn, tcp)?;
                             continue;
                         }
@@ -706,11 +723,36 @@ fn start_tls(
             .map_err(|error| invalid_input(format!("{}: {error}", options.ca_file.display())))?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|error| invalid_input(error.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let config = match (&options.cert_file, &options.key_file) {
+        (None, None) => builder.with_no_client_auth(),
+        (Some(cert_file), Some(key_file)) => {
+            let read = |what: &str, path: &std::path::Path, error: &dyn std::fmt::Display| {
+                invalid_input(format!("cannot read the client TLS {what} {}: {error}", path.display()))
+            };
+            let certs = rustls::pki_types::CertificateDer::pem_file_iter(cert_file)
+                .map_err(|error| read("certificate", cert_file, &error))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|error| read("certificate", cert_file, &error))?;
+            let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key_file)
+                .map_err(|error| read("key", key_file, &error))?;
+            builder.with_client_auth_cert(certs, key).map_err(|error| {
+                invalid_input(format!(
+                    "the client TLS certificate {} and key {} do not match or are unsupported: {error}",
+                    cert_file.display(),
+                    key_file.display()
+                ))
+            })?
+        }
+        _ => {
+            return Err(invalid_input(
+                "TlsOptions: set both cert_file and key_file (the client certificate and its key) or neither".into(),
+            ))
+        }
+    };
     let host = options.server_name.clone().unwrap_or_else(|| {
         address
             .rsplit_once(':')

@@ -65,11 +65,13 @@ struct RdmaSection {
     gid_index: Option<u8>,
 }
 
-/// The gateway's TLS certificate chain and private key (PEM files).
+/// The gateway's TLS certificate chain and private key (PEM files), and the
+/// CA that client certificates must be signed by (mutual TLS) if set.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
+    pub client_ca_file: Option<PathBuf>,
 }
 
 /// How payloads reach clients.
@@ -110,6 +112,7 @@ struct GatewaySection {
     metrics_listen: Option<SocketAddr>,
     tls_cert_file: Option<PathBuf>,
     tls_key_file: Option<PathBuf>,
+    tls_client_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -424,10 +427,18 @@ impl Validator<'_> {
             raw.gateway.tls_cert_file.clone(),
             raw.gateway.tls_key_file.clone(),
         ) {
+            (None, None) if raw.gateway.tls_client_ca_file.is_some() => {
+                return Err(self.invalid(
+                    "gateway.tls_client_ca_file",
+                    "client certificates are asked for only inside TLS, which is off",
+                    "set gateway.tls_cert_file and tls_key_file too, or drop tls_client_ca_file",
+                ))
+            }
             (None, None) => None,
             (Some(cert_file), Some(key_file)) => Some(TlsFiles {
                 cert_file,
                 key_file,
+                client_ca_file: raw.gateway.tls_client_ca_file.clone(),
             }),
             (Some(_), None) | (None, Some(_)) => {
                 return Err(self.invalid(
@@ -719,6 +730,29 @@ mod tests {
         assert_eq!(config.storage.path, PathBuf::from("./data"));
         assert_eq!(config.namespaces.len(), 1);
         assert_eq!(config.namespaces[0].geometry.layout, Layout::Layer);
+    }
+
+    #[test]
+    fn tls_files_come_as_a_pair_and_client_certificates_only_with_tls() {
+        let with = |lines: &str| parse(&format!("[gateway]\n{lines}\n{MINIMAL}"));
+        let files = with(
+            "tls_cert_file = \"c.pem\"\ntls_key_file = \"k.pem\"\ntls_client_ca_file = \"ca.pem\"",
+        )
+        .expect("valid")
+        .tls
+        .expect("TLS on");
+        assert_eq!(files.client_ca_file, Some(PathBuf::from("ca.pem")));
+        let error = with("tls_client_ca_file = \"ca.pem\"")
+            .expect_err("no TLS")
+            .to_string();
+        assert!(
+            error.contains("tls_client_ca_file") && error.contains("tls_cert_file"),
+            "{error}"
+        );
+        let error = with("tls_cert_file = \"c.pem\"")
+            .expect_err("half")
+            .to_string();
+        assert!(error.contains("only one of the two"), "{error}");
     }
 
     #[test]

@@ -31,9 +31,13 @@ fn certificate() -> (String, String) {
 }
 
 fn write_config(dir: &Path, cert: &Path, key: &Path) -> PathBuf {
+    write_config_with(dir, cert, key, "")
+}
+
+fn write_config_with(dir: &Path, cert: &Path, key: &Path, more: &str) -> PathBuf {
     UringGatewayConfig {
         gateway_lines: format!(
-            "metrics_listen = \"127.0.0.1:0\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"",
+            "metrics_listen = \"127.0.0.1:0\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n{more}",
             cert.display(),
             key.display()
         ),
@@ -70,6 +74,8 @@ fn loads_over_tls_and_refuses_clients_without_it_or_with_another_ca() {
         tls: Some(TlsOptions {
             ca_file: ca_file.to_owned(),
             server_name: None,
+            cert_file: None,
+            key_file: None,
         }),
         ..ClientOptions::default()
     };
@@ -125,4 +131,120 @@ fn loads_over_tls_and_refuses_clients_without_it_or_with_another_ca() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A CA and a client certificate it signs (for client authentication):
+/// (CA PEM, client cert PEM, client key PEM).
+fn client_identity(name: &str) -> (String, String, String) {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_key = rcgen::KeyPair::generate().expect("CA key");
+    let ca = ca_params.self_signed(&ca_key).expect("CA certificate");
+    let mut params = rcgen::CertificateParams::new(vec![name.to_owned()]).expect("params");
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let key = rcgen::KeyPair::generate().expect("client key");
+    let cert = params
+        .signed_by(&key, &ca, &ca_key)
+        .expect("client certificate");
+    (ca.pem(), cert.pem(), key.serialize_pem())
+}
+
+/// Mutual TLS: with `gateway.tls_client_ca_file` set, a client must present a
+/// certificate that CA signed; one without a certificate, or with one another
+/// CA signed, is refused and counted.
+#[test]
+fn client_certificates_are_required_when_the_gateway_names_a_client_ca() {
+    let dir = tempfile::tempdir().expect("dir");
+    let write = |name: &str, pem: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, pem).expect("write PEM");
+        path
+    };
+    let (server_cert, server_key) = certificate();
+    let (cert_path, key_path) = (
+        write("gateway.crt", &server_cert),
+        write("gateway.key", &server_key),
+    );
+    let (ca, client_cert, client_key) = client_identity("pe-1");
+    let ca_path = write("clients-ca.crt", &ca);
+    let config = write_config_with(
+        dir.path(),
+        &cert_path,
+        &key_path,
+        &format!("tls_client_ca_file = \"{}\"", ca_path.display()),
+    );
+    import_synthetic(BINARY, &config, "full", 4, SEED);
+    let mut command = Command::new(BINARY);
+    command.arg("--config").arg(&config).arg("serve");
+    let gateway = GatewayProcess::start(command);
+    let connect = |identity: Option<(&Path, &Path)>| {
+        Client::connect(
+            &[&gateway.tcp],
+            ClientOptions {
+                connect_timeout: Duration::from_secs(2),
+                request_timeout: Duration::from_secs(2),
+                tls: Some(TlsOptions {
+                    ca_file: cert_path.clone(),
+                    server_name: None,
+                    cert_file: identity.map(|(cert, _)| cert.to_owned()),
+                    key_file: identity.map(|(_, key)| key.to_owned()),
+                }),
+                ..ClientOptions::default()
+            },
+        )
+    };
+    let (client_cert_path, client_key_path) = (
+        write("pe-1.crt", &client_cert),
+        write("pe-1.key", &client_key),
+    );
+    let client = connect(Some((&client_cert_path, &client_key_path)))
+        .expect("a client with a certificate the CA signed connects");
+    let region = Arc::new(Region::allocate(4 * BLOCK_BYTES));
+    let id = client
+        .register_region(Arc::clone(&region))
+        .expect("register");
+    let blocks: Vec<BlockLoad> = (0..4)
+        .map(|index| BlockLoad {
+            key: synthetic::key(SEED, index),
+            layers: 0..LAYERS,
+            dest_offset: index * BLOCK_BYTES as u64,
+        })
+        .collect();
+    assert!(client
+        .load("full", id, &blocks, 0)
+        .expect("load")
+        .wait(WAIT)
+        .expect("done")
+        .all_done());
+    assert!(region.read(3 * BLOCK_BYTES, BLOCK_BYTES) == expected_block(3));
+
+    let error = connect(None).expect_err("a client without a certificate is refused");
+    eprintln!("without a certificate: {error}");
+    assert!(error.to_string().contains("certificate"), "{error}");
+    let (_, stranger_cert, stranger_key) = client_identity("pe-2");
+    let stranger = (
+        write("pe-2.crt", &stranger_cert),
+        write("pe-2.key", &stranger_key),
+    );
+    let error = connect(Some((&stranger.0, &stranger.1)))
+        .expect_err("a certificate another CA signed is refused");
+    eprintln!("another CA's certificate: {error}");
+    assert!(error.to_string().contains("certificate"), "{error}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while gateway.metric_sum("dualpath_tls_handshake_failures_total") < 2.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "both refusals are counted"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let half = connect(Some((&client_cert_path, &client_cert_path)));
+    assert!(
+        half.is_err(),
+        "a certificate file given as the key is a clear error"
+    );
 }

@@ -104,11 +104,7 @@ where
     S: storage_backends::BlockStore,
     F: Fn(u32) -> anyhow::Result<S> + Send + Clone + 'static,
 {
-    let tls = config
-        .tls
-        .as_ref()
-        .map(|files| tls::server_config(&files.cert_file, &files.key_file))
-        .transpose()?;
+    let tls = config.tls.as_ref().map(tls::server_config).transpose()?;
     let listeners = bind(config)?;
     let counters: Vec<_> = (0..config.cores)
         .map(|shard| Arc::new(CoreCounters::new(shard, backend)))

@@ -20,10 +20,8 @@ use transport::{Progress, RemoteWrite, TcpTransport, Transport};
 /// Most plaintext rustls buffers for sending before writes report `WouldBlock`.
 const SEND_BUFFER_BYTES: usize = 1 << 20;
 
-pub fn server_config(
-    cert_file: &Path,
-    key_file: &Path,
-) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+pub fn server_config(files: &config::TlsFiles) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let (cert_file, key_file) = (files.cert_file.as_path(), files.key_file.as_path());
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
         .with_context(|| {
             format!(
@@ -43,13 +41,49 @@ pub fn server_config(
         )
     })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
-        .context("TLS protocol versions")?
-        .with_no_client_auth()
+        .context("TLS protocol versions")?;
+    let builder = match &files.client_ca_file {
+        None => builder.with_no_client_auth(),
+        Some(ca_file) => {
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(read_roots(ca_file)?),
+                provider,
+            )
+            .build()
+            .context("cannot build the client certificate verifier")?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let config = builder
         .with_single_cert(certs, key)
         .context("the TLS certificate and key do not match or are unsupported")?;
     Ok(Arc::new(config))
+}
+
+/// The CA certificates client certificates must chain to (mutual TLS).
+fn read_roots(ca_file: &Path) -> anyhow::Result<rustls::RootCertStore> {
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in CertificateDer::pem_file_iter(ca_file).with_context(|| {
+        format!(
+            "cannot read the client CA file {} (gateway.tls_client_ca_file)",
+            ca_file.display()
+        )
+    })? {
+        let certificate =
+            certificate.with_context(|| format!("{}: not a PEM certificate", ca_file.display()))?;
+        roots
+            .add(certificate)
+            .with_context(|| format!("{}: not a usable CA certificate", ca_file.display()))?;
+    }
+    if roots.is_empty() {
+        anyhow::bail!(
+            "{} holds no CA certificate; give gateway.tls_client_ca_file the PEM of the CA that signs client certificates",
+            ca_file.display()
+        );
+    }
+    Ok(roots)
 }
 
 /// One connection's TLS state and its (non-blocking) socket.
