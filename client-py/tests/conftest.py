@@ -31,6 +31,7 @@ CONFIG = """
 [gateway]
 cores = 2
 listen_tcp = "127.0.0.1:0"
+{gateway_lines}
 [staging]
 bytes_per_core = "4MiB"
 buffer_bytes = "64KiB"
@@ -49,10 +50,10 @@ capacity = "32MiB"
 
 
 class Gateway:
-    def __init__(self, tmp_path, secret=None):
+    def __init__(self, tmp_path, secret=None, gateway_lines=""):
         self.binary = gateway_binary()
         self.config = tmp_path / "gateway.toml"
-        self.config.write_text(CONFIG.format(store=tmp_path / "store"))
+        self.config.write_text(CONFIG.format(store=tmp_path / "store", gateway_lines=gateway_lines))
         subprocess.run(
             [self.binary, "--config", str(self.config), "import", "-n", "kv", "--synthetic", str(BLOCKS), "--seed", str(SEED)],
             check=True,
