@@ -851,8 +851,10 @@ fn read_control(socket: &mut Socket) -> io::Result<Frame> {
 }
 
 fn receive_loop(mut socket: Socket, shared: &LinkShared) {
+    // Control frame bodies, reused: a notice per block must not allocate.
+    let mut body = Vec::with_capacity(256);
     let reason = loop {
-        match receive_one(&mut socket, shared) {
+        match receive_one(&mut socket, shared, &mut body) {
             Ok(()) => continue,
             Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => {
                 break String::from("the gateway closed the connection")
@@ -875,7 +877,7 @@ fn receive_loop(mut socket: Socket, shared: &LinkShared) {
     shared.changed.notify_all();
 }
 
-fn receive_one(socket: &mut Socket, shared: &LinkShared) -> io::Result<()> {
+fn receive_one(socket: &mut Socket, shared: &LinkShared, body: &mut Vec<u8>) -> io::Result<()> {
     let mut header = [0u8; HEADER_BYTES];
     socket.read_exact(&mut header)?;
     let header = decode_header(&header).map_err(invalid)?;
@@ -893,9 +895,10 @@ fn receive_one(socket: &mut Socket, shared: &LinkShared) -> io::Result<()> {
             .ok_or_else(|| invalid(format!("data for unknown region {}", prefix.region_id)))?;
         return region.receive_into(prefix.offset, prefix.len, socket);
     }
-    let mut body = vec![0u8; header.body_len as usize];
-    socket.read_exact(&mut body)?;
-    let frame = Frame::decode(header.kind, &body).map_err(invalid)?;
+    // The header's length is bounded per frame type by `decode_header`.
+    body.resize(header.body_len as usize, 0);
+    socket.read_exact(body)?;
+    let frame = Frame::decode(header.kind, body).map_err(invalid)?;
     dispatch(frame, shared)
 }
 
