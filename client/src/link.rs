@@ -898,7 +898,13 @@ fn receive_one(socket: &mut Socket, shared: &LinkShared, body: &mut Vec<u8>) -> 
     // The header's length is bounded per frame type by `decode_header`.
     body.resize(header.body_len as usize, 0);
     socket.read_exact(body)?;
-    let frame = Frame::decode(header.kind, body).map_err(invalid)?;
+    let frame = Frame::decode(header.kind, body).map_err(invalid);
+    // A rare big frame (a long pool status) does not keep its memory.
+    if body.capacity() > 64 << 10 {
+        body.clear();
+        body.shrink_to(256);
+    }
+    let frame = frame?;
     dispatch(frame, shared)
 }
 
