@@ -160,10 +160,24 @@ pub enum BackendKind {
     Object,
 }
 
+/// How the `uring` store moves bytes: io_uring, or `pread`/`pwrite` where the
+/// kernel or a sandbox refuses io_uring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IoEngineSetting {
+    /// io_uring where available, else blocking (logged once).
+    #[default]
+    Auto,
+    Uring,
+    Blocking,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StorageSection {
     backend: BackendKind,
+    #[serde(default)]
+    io_engine: IoEngineSetting,
     #[serde(default)]
     path: PathBuf,
     #[serde(default = "default_queue_depth")]
@@ -278,6 +292,8 @@ pub struct StorageConfig {
     /// The `uring` store's directory.
     pub path: PathBuf,
     pub queue_depth: u32,
+    /// The `uring` store's I/O engine.
+    pub io_engine: IoEngineSetting,
     /// Set when `backend = "object"`.
     pub object: Option<ObjectConfig>,
 }
@@ -523,6 +539,7 @@ impl Validator<'_> {
             backend: raw.backend,
             path: raw.path,
             queue_depth: raw.queue_depth,
+            io_engine: raw.io_engine,
             object,
         })
     }

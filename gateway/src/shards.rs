@@ -3,11 +3,11 @@
 
 use anyhow::Context;
 use block_layout::BlockKey;
-use config::{BackendKind, GatewayConfig, HugePagesSetting};
+use config::{BackendKind, GatewayConfig, HugePagesSetting, IoEngineSetting};
 use staging::{HugePages, SlabConfig, StagingSlab};
 use storage_backends::any::{AnyShard, AnyStore};
 use storage_backends::object::{ObjectSettings, ObjectStore};
-use storage_backends::uring::UringStore;
+use storage_backends::uring::{IoEngine, UringStore};
 use storage_backends::NamespaceSpec;
 
 pub fn namespace_specs(config: &GatewayConfig) -> Vec<NamespaceSpec> {
@@ -26,14 +26,23 @@ pub fn namespace_specs(config: &GatewayConfig) -> Vec<NamespaceSpec> {
 pub fn open_store(config: &GatewayConfig) -> anyhow::Result<AnyStore> {
     let specs = namespace_specs(config);
     match (config.storage.backend, &config.storage.object) {
-        (BackendKind::Uring, _) => UringStore::open(&config.storage.path, config.cores, &specs)
-            .map(AnyStore::Uring)
-            .with_context(|| {
-                format!(
-                    "cannot open the block store at {}",
-                    config.storage.path.display()
-                )
-            }),
+        (BackendKind::Uring, _) => UringStore::open_with(
+            &config.storage.path,
+            config.cores,
+            &specs,
+            match config.storage.io_engine {
+                IoEngineSetting::Auto => IoEngine::Auto,
+                IoEngineSetting::Uring => IoEngine::Uring,
+                IoEngineSetting::Blocking => IoEngine::Blocking,
+            },
+        )
+        .map(AnyStore::Uring)
+        .with_context(|| {
+            format!(
+                "cannot open the block store at {}",
+                config.storage.path.display()
+            )
+        }),
         (BackendKind::Object, Some(object)) => {
             let settings = ObjectSettings {
                 endpoint: object.endpoint.clone(),

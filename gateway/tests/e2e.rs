@@ -830,3 +830,70 @@ fn an_unreachable_gateway_is_left_out_at_connect() {
     let error = Client::connect(&[dead], ClientOptions::default()).expect_err("nothing reachable");
     assert!(error.is_retryable(), "{error}");
 }
+
+/// A gateway on the blocking I/O engine (what it falls back to where io_uring
+/// is refused: Docker's default seccomp profile, gVisor) serves the same loads:
+/// both layouts, every layer waited for and every byte checked, and a store.
+#[test]
+fn a_gateway_without_io_uring_serves_loads_on_the_blocking_engine() {
+    const COUNT: u64 = 300;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = UringGatewayConfig {
+        tables: "io_engine = \"blocking\"".into(),
+        ..UringGatewayConfig::default()
+    }
+    .write(dir.path());
+    for namespace in ["full", "layer"] {
+        import_synthetic(BINARY, &config, namespace, COUNT, SEED);
+    }
+    let mut command = Command::new(BINARY);
+    command
+        .arg("--config")
+        .arg(&config)
+        .arg("serve")
+        .env("DUALPATH_LOG", "info");
+    let gateway = GatewayProcess::start(command);
+    let client = Client::connect(&[&gateway.tcp], ClientOptions::default()).expect("connect");
+    for namespace in ["layer", "full"] {
+        let region = Arc::new(Region::allocate(COUNT as usize * BLOCK_BYTES));
+        let id = client
+            .register_region(Arc::clone(&region))
+            .expect("register");
+        let load = client
+            .load(namespace, id, &whole_blocks(COUNT), 0)
+            .expect("load");
+        for layer in 0..LAYERS {
+            load.wait_layer(layer, WAIT).expect("layer");
+        }
+        assert!(load.wait(WAIT).expect("finished").all_done());
+        for index in 0..COUNT {
+            assert!(
+                region.read(index as usize * BLOCK_BYTES, BLOCK_BYTES) == expected_block(index),
+                "{namespace} block {index}"
+            );
+        }
+    }
+    client
+        .store("layer", BlockKey(0xB10C), &expected_block(1))
+        .expect("store on the blocking engine");
+    let region = Arc::new(Region::allocate(BLOCK_BYTES));
+    let id = client
+        .register_region(Arc::clone(&region))
+        .expect("register");
+    let block = BlockLoad {
+        key: BlockKey(0xB10C),
+        layers: 0..LAYERS,
+        dest_offset: 0,
+    };
+    assert!(client
+        .load("layer", id, &[block], 0)
+        .expect("load")
+        .wait(WAIT)
+        .expect("stored block")
+        .all_done());
+    assert!(region.read(0, BLOCK_BYTES) == expected_block(1));
+    assert_eq!(
+        gateway.metric_sum("dualpath_blocks_loaded_total") as u64,
+        2 * COUNT + 1
+    );
+}

@@ -148,6 +148,7 @@ fn bench_config(block_bytes: u64, cores: u32, rdma: bool) -> anyhow::Result<Gate
             backend: BackendKind::Uring,
             path: PathBuf::from("/nonexistent"),
             queue_depth: 32,
+            io_engine: config::IoEngineSetting::Auto,
             object: None,
         },
         namespaces: vec![NamespaceConfig {

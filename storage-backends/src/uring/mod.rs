@@ -11,12 +11,12 @@
 //! a valid record whose data is complete, or with no valid record (a missing block).
 //! Every read is verified against the per-layer checksums before it is returned.
 
+mod engine;
 pub mod format;
 mod index;
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -25,11 +25,13 @@ use std::sync::Arc;
 use block_layout::{BlockKey, Geometry, LayerPlacement};
 use staging::{StagingBuffer, StagingSlab};
 
-use crate::sys::uring::{Completion, Ring};
+use crate::sys::uring::Completion;
 use crate::{
     BlockStore, IoOp, NamespaceId, NamespaceSpec, NamespaceStats, ReadCompletion, ReadRequest,
     Rejected, ShardStats, StoreError,
 };
+use engine::Engine;
+pub use engine::IoEngine;
 use format::{BlockHeader, Manifest, ManifestNamespace, Record};
 use index::SlotTable;
 
@@ -43,6 +45,8 @@ pub struct UringStore {
     manifest: Manifest,
     /// Held (flock) for the life of the store so two processes never share it.
     _lock: File,
+    /// How shards move bytes (io_uring, or the blocking fallback).
+    io_engine: IoEngine,
 }
 
 impl UringStore {
@@ -52,6 +56,16 @@ impl UringStore {
         root: &Path,
         shards: u32,
         namespaces: &[NamespaceSpec],
+    ) -> Result<Arc<Self>, StoreError> {
+        Self::open_with(root, shards, namespaces, IoEngine::Auto)
+    }
+
+    /// [`UringStore::open`], with the I/O engine its shards use.
+    pub fn open_with(
+        root: &Path,
+        shards: u32,
+        namespaces: &[NamespaceSpec],
+        io_engine: IoEngine,
     ) -> Result<Arc<Self>, StoreError> {
         assert!(shards > 0, "a store has at least one shard");
         std::fs::create_dir_all(root).map_err(|source| io_error(IoOp::Open, root, 0, 0, source))?;
@@ -75,6 +89,7 @@ impl UringStore {
             root: root.to_owned(),
             manifest,
             _lock: lock,
+            io_engine,
         }))
     }
 
@@ -107,12 +122,12 @@ impl UringStore {
             next_generation = next_generation.max(highest + 1);
             namespaces.push(namespace);
         }
-        let fds: Vec<_> = namespaces
+        let files: Vec<&File> = namespaces
             .iter()
-            .map(|namespace| namespace.data_file.as_raw_fd())
+            .map(|namespace| &namespace.data_file)
             .collect();
         let depth = queue_depth.next_power_of_two();
-        let ring = Ring::new(depth, slab, &fds)
+        let ring = Engine::open(self.io_engine, depth, slab, &files)
             .map_err(|source| io_error(IoOp::Ring, &self.root, 0, 0, source))?;
         Ok(UringShard {
             ring,
@@ -433,7 +448,7 @@ struct Span {
 pub struct UringShard {
     /// Field order is drop order: the ring (and its registration of the slab and
     /// files) goes first, then the in-flight table's buffers, then the files.
-    ring: Ring,
+    ring: Engine,
     /// In-flight operations by `user_data`; never more than the ring's depth, so
     /// neither queue of the ring can overflow.
     pending: Vec<Option<PendingOp>>,
@@ -451,6 +466,12 @@ pub struct UringShard {
 }
 
 impl UringShard {
+    /// The I/O engine this shard runs on: "io_uring", or "blocking" where
+    /// io_uring is not available.
+    pub fn io_engine(&self) -> &'static str {
+        self.ring.name()
+    }
+
     fn namespace(&self, namespace: NamespaceId) -> &ShardNamespace {
         &self.namespaces[usize::from(namespace.0)]
     }
@@ -883,6 +904,10 @@ impl BlockStore for UringShard {
 
     fn shard_index(&self) -> u32 {
         self.shard
+    }
+
+    fn has_ready_completions(&self) -> bool {
+        self.ring.has_ready()
     }
 
     fn notify_completions(&self, eventfd: std::os::fd::RawFd) -> Result<(), StoreError> {

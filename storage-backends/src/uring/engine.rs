@@ -1,0 +1,220 @@
+//! How a shard's reads and writes reach the files: io_uring (the design), or,
+//! where io_uring is not available, plain `pread`/`pwrite` on the core thread.
+//!
+//! io_uring is refused in some places a gateway runs: Docker's default seccomp
+//! profile blocks it, gVisor does not offer it by default, and
+//! `kernel.io_uring_disabled` turns it off. There the store still works, one
+//! operation at a time per core (each read blocks the core's event loop for its
+//! duration), and says so once in the log. Same files, same format, same
+//! checksums: only the engine differs.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::rc::Rc;
+use std::sync::Once;
+
+use staging::{StagingBuffer, StagingSlab};
+
+use crate::sys::uring::{Completion, Ring};
+
+/// Which engine a store's shards use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IoEngine {
+    /// io_uring where the kernel allows it, else blocking (logged once).
+    #[default]
+    Auto,
+    /// io_uring or an error.
+    Uring,
+    /// `pread`/`pwrite` on the core thread.
+    Blocking,
+}
+
+// One per shard, made once and never moved on a hot path: the size gap between
+// the variants costs nothing.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Engine {
+    Uring(Ring),
+    Blocking(Blocking),
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Engine::Uring(ring) => ring.fmt(f),
+            Engine::Blocking(_) => f.write_str("Blocking"),
+        }
+    }
+}
+
+/// The fallback: each operation runs when it is queued; its completion waits
+/// for the next `drain`.
+pub(crate) struct Blocking {
+    files: Vec<File>,
+    slab: Rc<StagingSlab>,
+    done: Vec<Completion>,
+}
+
+static FALLBACK_NOTICE: Once = Once::new();
+
+/// Errors that mean "no io_uring here", as opposed to a configuration problem.
+fn io_uring_unavailable(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::ENOSYS | libc::EPERM | libc::EACCES | libc::EOPNOTSUPP)
+    )
+}
+
+impl Engine {
+    /// An engine of `depth` operations over `files` (fixed file index =
+    /// position) with `slab` as its buffers.
+    pub(crate) fn open(
+        choice: IoEngine,
+        depth: u32,
+        slab: Rc<StagingSlab>,
+        files: &[&File],
+    ) -> io::Result<Self> {
+        let blocking = |slab| -> io::Result<Self> {
+            Ok(Engine::Blocking(Blocking {
+                files: files
+                    .iter()
+                    .map(|file| file.try_clone())
+                    .collect::<io::Result<_>>()?,
+                slab,
+                done: Vec::with_capacity(depth as usize),
+            }))
+        };
+        if choice == IoEngine::Blocking {
+            return blocking(slab);
+        }
+        let fds: Vec<_> = files.iter().map(|file| file.as_raw_fd()).collect();
+        match Ring::new(depth, Rc::clone(&slab), &fds) {
+            Ok(ring) => Ok(Engine::Uring(ring)),
+            Err(error) if choice == IoEngine::Auto && io_uring_unavailable(&error) => {
+                FALLBACK_NOTICE.call_once(|| {
+                    tracing::warn!(
+                        "io_uring is not available ({error}): storage reads and writes run with pread/pwrite on each core's thread, one at a time; allow io_uring (Docker's default seccomp profile and gVisor block it; see kernel.io_uring_disabled) for full speed"
+                    );
+                });
+                blocking(slab)
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// "io_uring" or "blocking".
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Engine::Uring(_) => "io_uring",
+            Engine::Blocking(_) => "blocking",
+        }
+    }
+
+    /// Has the ring signal `eventfd` on completions. The blocking engine's
+    /// completions are ready at once: the shard reports them through
+    /// `has_ready_completions` instead.
+    pub(crate) fn register_eventfd(&self, eventfd: std::os::fd::RawFd) -> io::Result<()> {
+        match self {
+            Engine::Uring(ring) => ring.register_eventfd(eventfd),
+            Engine::Blocking(_) => Ok(()),
+        }
+    }
+
+    /// Completions waiting for `drain` without entering the kernel.
+    pub(crate) fn has_ready(&self) -> bool {
+        match self {
+            Engine::Uring(_) => false,
+            Engine::Blocking(blocking) => !blocking.done.is_empty(),
+        }
+    }
+
+    pub(crate) fn slab(&self) -> &Rc<StagingSlab> {
+        match self {
+            Engine::Uring(ring) => ring.slab(),
+            Engine::Blocking(blocking) => &blocking.slab,
+        }
+    }
+
+    /// As [`Ring::push_read`].
+    ///
+    /// # Safety
+    /// As for [`Ring::push_read`]: `buffer` stays alive and untouched until the
+    /// completion with `user_data` has been drained.
+    pub(crate) unsafe fn push_read(
+        &mut self,
+        file_index: u32,
+        buffer: &mut StagingBuffer,
+        len: u32,
+        offset: u64,
+        user_data: u64,
+    ) -> bool {
+        match self {
+            // SAFETY: forwarded contract.
+            Engine::Uring(ring) => unsafe {
+                ring.push_read(file_index, buffer, len, offset, user_data)
+            },
+            Engine::Blocking(blocking) => {
+                let file = &blocking.files[file_index as usize];
+                let target = &mut buffer.as_mut_slice()[..len as usize];
+                let result = file.read_at(target, offset);
+                blocking.finish(user_data, result);
+                true
+            }
+        }
+    }
+
+    /// As [`Ring::push_write`].
+    ///
+    /// # Safety
+    /// As for [`Ring::push_read`].
+    pub(crate) unsafe fn push_write(
+        &mut self,
+        file_index: u32,
+        buffer: &mut StagingBuffer,
+        len: u32,
+        offset: u64,
+        user_data: u64,
+    ) -> bool {
+        match self {
+            // SAFETY: forwarded contract.
+            Engine::Uring(ring) => unsafe {
+                ring.push_write(file_index, buffer, len, offset, user_data)
+            },
+            Engine::Blocking(blocking) => {
+                let file = &blocking.files[file_index as usize];
+                let result = file.write_at(&buffer.as_slice()[..len as usize], offset);
+                blocking.finish(user_data, result);
+                true
+            }
+        }
+    }
+
+    /// Submits what is queued and waits for `want` completions (the blocking
+    /// engine has finished everything already).
+    pub(crate) fn submit_and_wait(&mut self, want: usize) -> io::Result<()> {
+        match self {
+            Engine::Uring(ring) => ring.submit_and_wait(want),
+            Engine::Blocking(_) => Ok(()),
+        }
+    }
+
+    pub(crate) fn drain(&mut self, out: &mut Vec<Completion>) {
+        match self {
+            Engine::Uring(ring) => ring.drain(out),
+            Engine::Blocking(blocking) => out.append(&mut blocking.done),
+        }
+    }
+}
+
+impl Blocking {
+    /// Records an operation's outcome as io_uring would: bytes moved, or a
+    /// negative errno.
+    fn finish(&mut self, user_data: u64, result: io::Result<usize>) {
+        let result = match result {
+            Ok(moved) => i32::try_from(moved).expect("one operation moves at most one buffer"),
+            Err(error) => -error.raw_os_error().unwrap_or(libc::EIO),
+        };
+        self.done.push(Completion { user_data, result });
+    }
+}
