@@ -40,13 +40,22 @@ run() {
     export LD_LIBRARY_PATH="$PWD/$out/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     export DUALPATH_BIN="$PWD/$out/dualpath"
     command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+    # Every step runs even if one before it failed (a lease is short); the
+    # summary at the end says which failed, and the exit status is theirs.
+    local failed=()
     echo "gpu-check: unit tests"
-    "$out/client-unit" gpu --nocapture
+    "$out/client-unit" gpu --nocapture || failed+=("unit tests")
     echo "gpu-check: loads into device memory"
-    "$out/e2e-gpu" --nocapture --test-threads 1 2>&1 | tee "$out/e2e.log"
-    if grep -q SKIPPED "$out/e2e.log"; then echo "gpu-check: FAILED: no usable GPU (see SKIPPED above)"; exit 1; fi
+    set -o pipefail
+    "$out/e2e-gpu" --nocapture --test-threads 1 2>&1 | tee "$out/e2e.log" || failed+=("device loads")
+    if grep -q SKIPPED "$out/e2e.log"; then failed+=("no usable GPU (see SKIPPED above)"); fi
     echo "gpu-check: host-to-device copy rate"
-    "$out/dualpath" bench gpu --size 1GiB --rounds 5
+    "$out/dualpath" bench gpu --size 1GiB --rounds 5 || failed+=("copy benchmark")
+    if [ ${#failed[@]} -gt 0 ]; then
+        printf 'gpu-check: FAILED: %s\n' "${failed[@]}"
+        exit 1
+    fi
+    echo "gpu-check: passed"
 }
 
 case "${1:-run}" in
