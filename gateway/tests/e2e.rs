@@ -897,3 +897,118 @@ fn a_gateway_without_io_uring_serves_loads_on_the_blocking_engine() {
         2 * COUNT + 1
     );
 }
+
+/// Makes the child answer `io_uring_setup` with EPERM, as Docker's default
+/// seccomp profile does (a real seccomp filter, installed just before exec).
+fn refuse_io_uring(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let filter = [
+        // Load the system call number (offset 0 of seccomp_data).
+        libc::sock_filter {
+            code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
+        libc::sock_filter {
+            code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 1,
+            k: libc::SYS_io_uring_setup as u32,
+        },
+        libc::sock_filter {
+            code: (libc::BPF_RET | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
+        },
+        libc::sock_filter {
+            code: (libc::BPF_RET | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_ALLOW,
+        },
+    ];
+    // SAFETY: the closure runs in the forked child before exec and only makes
+    // two prctl calls (async-signal-safe) on a filter built before the fork,
+    // which the closure owns for its whole run.
+    unsafe {
+        command.pre_exec(move || {
+            let program = libc::sock_fprog {
+                len: filter.len() as u16,
+                filter: filter.as_ptr().cast_mut(),
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &program as *const libc::sock_fprog,
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Where io_uring is refused the gateway falls back on its own: under a seccomp
+/// filter that answers io_uring_setup with EPERM (Docker's default profile does
+/// that), the default `io_engine = "auto"` logs the fallback once and serves a
+/// load, every byte checked; `io_engine = "uring"` refuses to start instead,
+/// naming the cause.
+#[test]
+fn a_gateway_refused_io_uring_by_seccomp_falls_back_and_serves() {
+    const COUNT: u64 = 64;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = UringGatewayConfig::default().write(dir.path());
+    import_synthetic(BINARY, &config, "layer", COUNT, SEED);
+    let mut command = Command::new(BINARY);
+    command.arg("--config").arg(&config).arg("serve");
+    refuse_io_uring(&mut command);
+    let gateway = GatewayProcess::start(command);
+    assert!(
+        gateway.startup_log.contains("io_uring is not available")
+            && gateway
+                .startup_log
+                .matches("io_uring is not available")
+                .count()
+                == 1,
+        "the fallback is logged once:\n{}",
+        gateway.startup_log
+    );
+    let client = Client::connect(&[&gateway.tcp], ClientOptions::default()).expect("connect");
+    let region = Arc::new(Region::allocate(COUNT as usize * BLOCK_BYTES));
+    let id = client
+        .register_region(Arc::clone(&region))
+        .expect("register");
+    let load = client
+        .load("layer", id, &whole_blocks(COUNT), 0)
+        .expect("load");
+    assert!(load.wait(WAIT).expect("finished").all_done());
+    for index in 0..COUNT {
+        assert!(region.read(index as usize * BLOCK_BYTES, BLOCK_BYTES) == expected_block(index));
+    }
+    drop(gateway);
+
+    let strict = UringGatewayConfig {
+        tables: "io_engine = \"uring\"".into(),
+        ..UringGatewayConfig::default()
+    }
+    .write(dir.path());
+    let mut command = Command::new(BINARY);
+    command.arg("--config").arg(&strict).arg("serve");
+    refuse_io_uring(&mut command);
+    let output = command.output().expect("run the gateway");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    eprintln!("with io_engine = \"uring\": {}", stderr.trim());
+    assert!(
+        !output.status.success(),
+        "io_engine = \"uring\" needs io_uring"
+    );
+    assert!(
+        stderr.contains("io_uring cannot be set up here")
+            && stderr.contains("io_engine = \"auto\""),
+        "the refusal names the cause: {stderr}"
+    );
+}

@@ -178,6 +178,8 @@ pub struct GatewayProcess {
     pub tcp: String,
     /// `host:port` of `/metrics`, when the config enables it.
     pub metrics: Option<String>,
+    /// What the gateway wrote to stderr before its ready line (its start-up log).
+    pub startup_log: String,
 }
 
 impl GatewayProcess {
@@ -191,14 +193,17 @@ impl GatewayProcess {
             .spawn()
             .expect("start the gateway");
         let mut lines = BufReader::new(child.stderr.take().expect("stderr piped")).lines();
+        let mut startup_log = String::new();
         let ready = loop {
             let line = lines
                 .next()
-                .expect("the gateway exited before it was ready")
+                .unwrap_or_else(|| panic!("the gateway exited before it was ready:\n{startup_log}"))
                 .expect("utf-8");
             if line.contains("dualpath gateway ready") {
                 break line;
             }
+            startup_log.push_str(&line);
+            startup_log.push('\n');
         };
         // Keep draining stderr so the gateway never blocks on a full pipe.
         std::thread::spawn(move || lines.for_each(drop));
@@ -210,6 +215,7 @@ impl GatewayProcess {
             tcp: field("tcp ").expect("a tcp address in the ready line"),
             metrics: field("metrics http://"),
             child,
+            startup_log,
         }
     }
 

@@ -59,7 +59,7 @@ pub(crate) struct Blocking {
 static FALLBACK_NOTICE: Once = Once::new();
 
 /// Errors that mean "no io_uring here", as opposed to a configuration problem.
-fn io_uring_unavailable(error: &io::Error) -> bool {
+pub(crate) fn io_uring_unavailable(error: &io::Error) -> bool {
     matches!(
         error.raw_os_error(),
         Some(libc::ENOSYS | libc::EPERM | libc::EACCES | libc::EOPNOTSUPP)

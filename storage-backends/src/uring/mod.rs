@@ -127,8 +127,17 @@ impl UringStore {
             .map(|namespace| &namespace.data_file)
             .collect();
         let depth = queue_depth.next_power_of_two();
-        let ring = Engine::open(self.io_engine, depth, slab, &files)
-            .map_err(|source| io_error(IoOp::Ring, &self.root, 0, 0, source))?;
+        let ring = Engine::open(self.io_engine, depth, slab, &files).map_err(|source| {
+            if engine::io_uring_unavailable(&source) {
+                StoreError::Layout {
+                    path: self.root.clone(),
+                    problem: format!("io_uring cannot be set up here ({source})"),
+                    fix: "allow io_uring (Docker's default seccomp profile and gVisor refuse it; see kernel.io_uring_disabled), or set storage.io_engine = \"auto\" to fall back to pread/pwrite".into(),
+                }
+            } else {
+                io_error(IoOp::Ring, &self.root, 0, 0, source)
+            }
+        })?;
         Ok(UringShard {
             ring,
             pending: (0..depth).map(|_| None).collect(),
