@@ -46,6 +46,19 @@ fn write_config_with(dir: &Path, cert: &Path, key: &Path, more: &str) -> PathBuf
     .write(dir)
 }
 
+/// Waits (up to 5 s) until the gateway has counted `count` refused TLS
+/// handshakes (it counts after the client has seen the refusal).
+fn wait_for_handshake_failures(gateway: &GatewayProcess, count: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while (gateway.metric_sum("dualpath_tls_handshake_failures_total") as u64) < count {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{count} refusals are counted"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn expected_block(index: u64) -> Vec<u8> {
     let mut bytes = vec![0u8; BLOCK_BYTES];
     synthetic::fill(synthetic::key(SEED, index), &mut bytes);
@@ -123,14 +136,7 @@ fn loads_over_tls_and_refuses_clients_without_it_or_with_another_ca() {
     let error = Client::connect(&[&gateway.tcp], tls(&other_path))
         .expect_err("an untrusted certificate is refused");
     assert!(error.to_string().contains("TLS handshake"), "{error}");
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while gateway.metric_sum("dualpath_tls_handshake_failures_total") < 2.0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "both refusals are counted"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_handshake_failures(&gateway, 2);
 }
 
 /// A CA and a client certificate it signs (for client authentication):
@@ -234,14 +240,7 @@ fn client_certificates_are_required_when_the_gateway_names_a_client_ca() {
         .expect_err("a certificate another CA signed is refused");
     eprintln!("another CA's certificate: {error}");
     assert!(error.to_string().contains("certificate"), "{error}");
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while gateway.metric_sum("dualpath_tls_handshake_failures_total") < 2.0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "both refusals are counted"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_handshake_failures(&gateway, 2);
     let half = connect(Some((&client_cert_path, &client_cert_path)));
     assert!(
         half.is_err(),
