@@ -1,23 +1,27 @@
 //! How a shard's reads and writes reach the files: io_uring (the design), or,
-//! where io_uring is not available, plain `pread`/`pwrite` on the core thread.
+//! where io_uring is not available, `pread`/`pwrite` on a few worker threads
+//! per shard.
 //!
 //! io_uring is refused in some places a gateway runs: Docker's default seccomp
 //! profile blocks it, gVisor does not offer it by default, and
-//! `kernel.io_uring_disabled` turns it off. There the store still works, one
-//! operation at a time per core (each read blocks the core's event loop for its
-//! duration), and says so once in the log. Same files, same format, same
-//! checksums: only the engine differs.
+//! `kernel.io_uring_disabled` turns it off. There the store still works, with
+//! reads overlapping on the workers (a thread switch and a lock per operation
+//! instead of a ring), and says so once in the log. Same files, same format,
+//! same checksums: only the engine differs.
 
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
 use std::rc::Rc;
 use std::sync::Once;
 
 use staging::{StagingBuffer, StagingSlab};
 
+use crate::sys::threads::Threads;
 use crate::sys::uring::{Completion, Ring};
+
+/// Worker threads per shard of the fallback engine (at most the queue depth).
+const WORKERS_MAX: u32 = 8;
 
 /// Which engine a store's shards use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -27,7 +31,7 @@ pub enum IoEngine {
     Auto,
     /// io_uring or an error.
     Uring,
-    /// `pread`/`pwrite` on the core thread.
+    /// `pread`/`pwrite` on worker threads.
     Blocking,
 }
 
@@ -48,12 +52,10 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-/// The fallback: each operation runs when it is queued; its completion waits
-/// for the next `drain`.
+/// The fallback: worker threads; the slab is held here as the ring holds it.
 pub(crate) struct Blocking {
-    files: Vec<File>,
+    threads: Threads,
     slab: Rc<StagingSlab>,
-    done: Vec<Completion>,
 }
 
 static FALLBACK_NOTICE: Once = Once::new();
@@ -76,13 +78,13 @@ impl Engine {
         files: &[&File],
     ) -> io::Result<Self> {
         let blocking = |slab| -> io::Result<Self> {
+            let files = files
+                .iter()
+                .map(|file| file.try_clone())
+                .collect::<io::Result<_>>()?;
             Ok(Engine::Blocking(Blocking {
-                files: files
-                    .iter()
-                    .map(|file| file.try_clone())
-                    .collect::<io::Result<_>>()?,
+                threads: Threads::new(depth.min(WORKERS_MAX) as usize, files)?,
                 slab,
-                done: Vec::with_capacity(depth as usize),
             }))
         };
         if choice == IoEngine::Blocking {
@@ -94,7 +96,7 @@ impl Engine {
             Err(error) if choice == IoEngine::Auto && io_uring_unavailable(&error) => {
                 FALLBACK_NOTICE.call_once(|| {
                     tracing::warn!(
-                        "io_uring is not available ({error}): storage reads and writes run with pread/pwrite on each core's thread, one at a time; allow io_uring (Docker's default seccomp profile and gVisor block it; see kernel.io_uring_disabled) for full speed"
+                        "io_uring is not available ({error}): storage reads and writes run with pread/pwrite on worker threads; allow io_uring (Docker's default seccomp profile and gVisor block it; see kernel.io_uring_disabled) for full speed"
                     );
                 });
                 blocking(slab)
@@ -111,13 +113,14 @@ impl Engine {
         }
     }
 
-    /// Has the ring signal `eventfd` on completions. The blocking engine's
-    /// completions are ready at once: the shard reports them through
-    /// `has_ready_completions` instead.
+    /// Has the engine signal `eventfd` on completions.
     pub(crate) fn register_eventfd(&self, eventfd: std::os::fd::RawFd) -> io::Result<()> {
         match self {
             Engine::Uring(ring) => ring.register_eventfd(eventfd),
-            Engine::Blocking(_) => Ok(()),
+            Engine::Blocking(blocking) => {
+                blocking.threads.register_eventfd(eventfd);
+                Ok(())
+            }
         }
     }
 
@@ -125,7 +128,7 @@ impl Engine {
     pub(crate) fn has_ready(&self) -> bool {
         match self {
             Engine::Uring(_) => false,
-            Engine::Blocking(blocking) => !blocking.done.is_empty(),
+            Engine::Blocking(blocking) => blocking.threads.has_ready(),
         }
     }
 
@@ -155,10 +158,12 @@ impl Engine {
                 ring.push_read(file_index, buffer, len, offset, user_data)
             },
             Engine::Blocking(blocking) => {
-                let file = &blocking.files[file_index as usize];
-                let target = &mut buffer.as_mut_slice()[..len as usize];
-                let result = file.read_at(target, offset);
-                blocking.finish(user_data, result);
+                // SAFETY: forwarded contract (the buffer outlives the job).
+                unsafe {
+                    blocking
+                        .threads
+                        .push(file_index, buffer, len, offset, user_data, false)
+                };
                 true
             }
         }
@@ -182,39 +187,32 @@ impl Engine {
                 ring.push_write(file_index, buffer, len, offset, user_data)
             },
             Engine::Blocking(blocking) => {
-                let file = &blocking.files[file_index as usize];
-                let result = file.write_at(&buffer.as_slice()[..len as usize], offset);
-                blocking.finish(user_data, result);
+                // SAFETY: forwarded contract (the buffer outlives the job).
+                unsafe {
+                    blocking
+                        .threads
+                        .push(file_index, buffer, len, offset, user_data, true)
+                };
                 true
             }
         }
     }
 
-    /// Submits what is queued and waits for `want` completions (the blocking
-    /// engine has finished everything already).
+    /// Submits what is queued and waits until `want` completions are ready.
     pub(crate) fn submit_and_wait(&mut self, want: usize) -> io::Result<()> {
         match self {
             Engine::Uring(ring) => ring.submit_and_wait(want),
-            Engine::Blocking(_) => Ok(()),
+            Engine::Blocking(blocking) => {
+                blocking.threads.wait(want);
+                Ok(())
+            }
         }
     }
 
     pub(crate) fn drain(&mut self, out: &mut Vec<Completion>) {
         match self {
             Engine::Uring(ring) => ring.drain(out),
-            Engine::Blocking(blocking) => out.append(&mut blocking.done),
+            Engine::Blocking(blocking) => blocking.threads.drain(out),
         }
-    }
-}
-
-impl Blocking {
-    /// Records an operation's outcome as io_uring would: bytes moved, or a
-    /// negative errno.
-    fn finish(&mut self, user_data: u64, result: io::Result<usize>) {
-        let result = match result {
-            Ok(moved) => i32::try_from(moved).expect("one operation moves at most one buffer"),
-            Err(error) => -error.raw_os_error().unwrap_or(libc::EIO),
-        };
-        self.done.push(Completion { user_data, result });
     }
 }

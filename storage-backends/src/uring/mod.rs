@@ -132,7 +132,7 @@ impl UringStore {
                 StoreError::Layout {
                     path: self.root.clone(),
                     problem: format!("io_uring cannot be set up here ({source})"),
-                    fix: "allow io_uring (Docker's default seccomp profile and gVisor refuse it; see kernel.io_uring_disabled), or set storage.io_engine = \"auto\" to fall back to pread/pwrite".into(),
+                    fix: "allow io_uring (Docker's default seccomp profile and gVisor refuse it; see kernel.io_uring_disabled), or set storage.io_engine = \"auto\" to fall back to pread/pwrite on worker threads".into(),
                 }
             } else {
                 io_error(IoOp::Ring, &self.root, 0, 0, source)
