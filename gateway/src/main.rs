@@ -141,6 +141,9 @@ enum BenchTarget {
         /// Skip the fio reference.
         #[arg(long)]
         no_fio: bool,
+        /// "auto", "uring", or "blocking" (the fallback where io_uring is refused).
+        #[arg(long, default_value = "auto", value_parser = parse_io_engine)]
+        io_engine: storage_backends::uring::IoEngine,
     },
     /// Storage -> gateway -> TCP -> client region, through a real gateway, against fio.
     E2e {
@@ -531,6 +534,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     queue_depth,
                     shards,
                     no_fio,
+                    io_engine,
                 },
         } => bench_storage(&BenchStorageOptions {
             directory: dir,
@@ -540,7 +544,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             queue_depth,
             shards: shards.unwrap_or(config.cores),
             with_fio: !no_fio,
+            io_engine,
         }),
+    }
+}
+
+fn parse_io_engine(text: &str) -> Result<storage_backends::uring::IoEngine, String> {
+    use storage_backends::uring::IoEngine;
+    match text {
+        "auto" => Ok(IoEngine::Auto),
+        "uring" => Ok(IoEngine::Uring),
+        "blocking" => Ok(IoEngine::Blocking),
+        other => Err(format!("{other:?}: use auto, uring or blocking")),
     }
 }
 

@@ -26,6 +26,8 @@ pub struct BenchStorageOptions {
     pub queue_depth: u32,
     pub shards: u32,
     pub with_fio: bool,
+    /// The store's I/O engine (the io_uring fallback can be measured too).
+    pub io_engine: storage_backends::uring::IoEngine,
 }
 
 /// One measured run.
@@ -160,8 +162,13 @@ fn open_store(
     options: &BenchStorageOptions,
     spec: &NamespaceSpec,
 ) -> anyhow::Result<Arc<UringStore>> {
-    UringStore::open(root, options.shards, std::slice::from_ref(spec))
-        .with_context(|| format!("cannot open bench store {}", root.display()))
+    UringStore::open_with(
+        root,
+        options.shards,
+        std::slice::from_ref(spec),
+        options.io_engine,
+    )
+    .with_context(|| format!("cannot open bench store {}", root.display()))
 }
 
 fn slab(
