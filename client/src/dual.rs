@@ -198,6 +198,16 @@ pub(crate) struct Target {
     pub layer_stride: u64,
 }
 
+impl Target {
+    pub(crate) fn new(region: RegionId, blocks: &[BlockLoad], layer_stride: u64) -> Self {
+        Self {
+            region,
+            blocks: blocks.to_vec(),
+            layer_stride,
+        }
+    }
+}
+
 /// What a dual load needs to start parts on any path.
 pub(crate) struct Plan {
     pub namespace: String,

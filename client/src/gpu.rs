@@ -336,16 +336,10 @@ impl Client {
                 None
             }
         };
-        let host_target = Target {
-            region: id,
-            blocks: packed.blocks.clone(),
-            layer_stride: packed.stride,
-        };
-        let direct_target = direct.as_ref().map(|(region, _)| Target {
-            region: *region,
-            blocks: blocks.to_vec(),
-            layer_stride: stride,
-        });
+        let host_target = Target::new(id, &packed.blocks, packed.stride);
+        let direct_target = direct
+            .as_ref()
+            .map(|(region, _)| Target::new(*region, blocks, stride));
         let host = if dual {
             self.start_dual(namespace, host_target, direct_target)?
         } else {

@@ -349,11 +349,7 @@ impl Client {
         blocks: &[BlockLoad],
         layer_stride: u64,
     ) -> Result<LoadHandle, ClientError> {
-        let host = Target {
-            region,
-            blocks: blocks.to_vec(),
-            layer_stride,
-        };
+        let host = Target::new(region, blocks, layer_stride);
         self.start_from(gateway, namespace, host, None)
     }
 
@@ -422,11 +418,7 @@ impl Client {
         blocks: &[BlockLoad],
         layer_stride: u64,
     ) -> Result<LoadHandle, ClientError> {
-        let host = Target {
-            region,
-            blocks: blocks.to_vec(),
-            layer_stride,
-        };
+        let host = Target::new(region, blocks, layer_stride);
         self.start_dual(namespace, host, None)
     }
 
@@ -442,10 +434,8 @@ impl Client {
         host: (RegionId, &[BlockLoad], u64),
         direct: (RegionId, &[BlockLoad], u64),
     ) -> Result<LoadHandle, ClientError> {
-        let target = |(region, blocks, layer_stride): (RegionId, &[BlockLoad], u64)| Target {
-            region,
-            blocks: blocks.to_vec(),
-            layer_stride,
+        let target = |(region, blocks, layer_stride): (RegionId, &[BlockLoad], u64)| {
+            Target::new(region, blocks, layer_stride)
         };
         if host.1.len() != direct.1.len()
             || host

@@ -35,6 +35,13 @@ pub enum IoEngine {
     Blocking,
 }
 
+/// Which way an operation moves bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Direction {
+    Read,
+    Write,
+}
+
 // One per shard, made once and never moved on a hot path: the size gap between
 // the variants costs nothing.
 #[allow(clippy::large_enum_variant)]
@@ -139,20 +146,28 @@ impl Engine {
         }
     }
 
-    /// As [`Ring::push_read`].
+    /// Queues a read into (or a write from) the first `len` bytes of `buffer`
+    /// at `offset` of file `file_index`, as [`Ring::push_read`] and
+    /// [`Ring::push_write`]. Returns false when the submission queue is full.
     ///
     /// # Safety
     /// As for [`Ring::push_read`]: `buffer` stays alive and untouched until the
     /// completion with `user_data` has been drained.
-    pub(crate) unsafe fn push_read(
+    pub(crate) unsafe fn push(
         &mut self,
+        direction: Direction,
         file_index: u32,
         buffer: &mut StagingBuffer,
         len: u32,
         offset: u64,
         user_data: u64,
     ) -> bool {
+        let write = direction == Direction::Write;
         match self {
+            // SAFETY: forwarded contract.
+            Engine::Uring(ring) if write => unsafe {
+                ring.push_write(file_index, buffer, len, offset, user_data)
+            },
             // SAFETY: forwarded contract.
             Engine::Uring(ring) => unsafe {
                 ring.push_read(file_index, buffer, len, offset, user_data)
@@ -162,36 +177,7 @@ impl Engine {
                 unsafe {
                     blocking
                         .threads
-                        .push(file_index, buffer, len, offset, user_data, false)
-                };
-                true
-            }
-        }
-    }
-
-    /// As [`Ring::push_write`].
-    ///
-    /// # Safety
-    /// As for [`Ring::push_read`].
-    pub(crate) unsafe fn push_write(
-        &mut self,
-        file_index: u32,
-        buffer: &mut StagingBuffer,
-        len: u32,
-        offset: u64,
-        user_data: u64,
-    ) -> bool {
-        match self {
-            // SAFETY: forwarded contract.
-            Engine::Uring(ring) => unsafe {
-                ring.push_write(file_index, buffer, len, offset, user_data)
-            },
-            Engine::Blocking(blocking) => {
-                // SAFETY: forwarded contract (the buffer outlives the job).
-                unsafe {
-                    blocking
-                        .threads
-                        .push(file_index, buffer, len, offset, user_data, true)
+                        .push(file_index, buffer, len, offset, user_data, write)
                 };
                 true
             }

@@ -30,8 +30,8 @@ use crate::{
     BlockStore, IoOp, NamespaceId, NamespaceSpec, NamespaceStats, ReadCompletion, ReadRequest,
     Rejected, ShardStats, StoreError,
 };
-use engine::Engine;
 pub use engine::IoEngine;
+use engine::{Direction, Engine};
 use format::{BlockHeader, Manifest, ManifestNamespace, Record};
 use index::SlotTable;
 
@@ -745,8 +745,14 @@ impl UringShard {
                     // SAFETY: the buffer now lives in `pending` until its completion is
                     // reaped in `complete`; the data file stays open as long as `self`.
                     let pushed = unsafe {
-                        self.ring
-                            .push_write(file_index, buffer, len, span.offset, user_data)
+                        self.ring.push(
+                            Direction::Write,
+                            file_index,
+                            buffer,
+                            len,
+                            span.offset,
+                            user_data,
+                        )
                     };
                     assert!(
                         pushed,
@@ -979,8 +985,14 @@ impl BlockStore for UringShard {
         // completion is reaped; the slot is pinned, so no put overwrites it meanwhile;
         // the data file stays open and registered as long as `self`.
         let pushed = unsafe {
-            self.ring
-                .push_read(file_index, buffer, len, span.offset, user_data)
+            self.ring.push(
+                Direction::Read,
+                file_index,
+                buffer,
+                len,
+                span.offset,
+                user_data,
+            )
         };
         assert!(
             pushed,
