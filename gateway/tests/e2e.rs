@@ -153,6 +153,7 @@ fn loads_1000_blocks_in_both_layouts_layer_by_layer_with_every_byte_checked() {
     );
     let metrics = gateway.http_get("/metrics");
     assert!(metrics.contains("dualpath_storage_read_seconds_bucket"));
+    assert_eq!(engines(&gateway.process), vec!["io_uring", "io_uring"]);
     // One latency sample per read and per load (handles registered once per core).
     assert_eq!(
         gateway.metric_sum("dualpath_storage_read_seconds_count"),
@@ -896,6 +897,27 @@ fn a_gateway_without_io_uring_serves_loads_on_the_blocking_engine() {
         gateway.metric_sum("dualpath_blocks_loaded_total") as u64,
         2 * COUNT + 1
     );
+    assert_eq!(engines(&gateway), vec!["blocking", "blocking"]);
+}
+
+/// The engine each shard reports in `dualpath_storage_engine`.
+fn engines(gateway: &GatewayProcess) -> Vec<String> {
+    let mut engines: Vec<String> = gateway
+        .http_get("/metrics")
+        .lines()
+        .filter(|line| line.starts_with("dualpath_storage_engine{") && line.ends_with(" 1"))
+        .filter_map(|line| {
+            Some(
+                line.split("engine=\"")
+                    .nth(1)?
+                    .split('"')
+                    .next()?
+                    .to_owned(),
+            )
+        })
+        .collect();
+    engines.sort();
+    engines
 }
 
 /// Makes the child answer `io_uring_setup` with EPERM, as Docker's default
@@ -977,6 +999,7 @@ fn a_gateway_refused_io_uring_by_seccomp_falls_back_and_serves() {
         "the fallback is logged once:\n{}",
         gateway.startup_log
     );
+    assert_eq!(engines(&gateway), vec!["blocking", "blocking"]);
     let client = Client::connect(&[&gateway.tcp], ClientOptions::default()).expect("connect");
     let region = Arc::new(Region::allocate(COUNT as usize * BLOCK_BYTES));
     let id = client

@@ -64,6 +64,9 @@ macro_rules! dispatch {
 }
 
 impl BlockStore for AnyShard {
+    fn io_engine(&self) -> &'static str {
+        dispatch!(self, shard => shard.io_engine())
+    }
     fn slab(&self) -> &Rc<StagingSlab> {
         dispatch!(self, shard => shard.slab())
     }

@@ -103,6 +103,9 @@ pub trait BlockStore {
     fn has_ready_completions(&self) -> bool {
         false
     }
+    /// How the backend moves bytes ("io_uring", "blocking", "http", "memory"),
+    /// for operators: a fallback shows here.
+    fn io_engine(&self) -> &'static str;
     fn namespace_id(&self, name: &str) -> Option<NamespaceId>;
     fn geometry(&self, namespace: NamespaceId) -> Geometry;
     /// Queues a read; it starts at the latest on the next [`BlockStore::reap`].

@@ -43,6 +43,9 @@ impl LoopbackStore {
 }
 
 impl BlockStore for LoopbackStore {
+    fn io_engine(&self) -> &'static str {
+        "memory"
+    }
     fn slab(&self) -> &Rc<StagingSlab> {
         &self.slab
     }

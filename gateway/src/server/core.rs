@@ -125,6 +125,8 @@ pub fn run<S: BlockStore>(
     counters
         .staging_bytes_total
         .store(slab_bytes, Ordering::Relaxed);
+    metrics::gauge!("dualpath_storage_engine", "shard" => shard.shard_index().to_string(), "engine" => shard.io_engine())
+        .set(1.0);
     let huge = matches!(shard.slab().page_kind(), staging::PageKind::Huge2MiB);
     counters
         .staging_huge_pages

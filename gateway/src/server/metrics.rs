@@ -203,6 +203,7 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         "dualpath_rdma_connections",
         "Client connections on the shard using the RDMA transport"
     );
+    describe_gauge!("dualpath_storage_engine", "1 for the engine each shard moves bytes with: io_uring, or blocking where io_uring is refused (also http for the object backend)");
     describe_gauge!("dualpath_staging_huge_pages", "1 if the shard's staging memory is on reserved huge pages, 0 if it fell back to ordinary pages");
     describe_histogram!(
         STORAGE_READ_SECONDS,

@@ -301,6 +301,9 @@ fn verify(spec: &NamespaceSpec, pending: &Pending, outcome: &GetOutcome) -> Resu
 }
 
 impl BlockStore for ObjectShard {
+    fn io_engine(&self) -> &'static str {
+        "http"
+    }
     fn slab(&self) -> &Rc<StagingSlab> {
         &self.slab
     }

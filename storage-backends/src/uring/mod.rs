@@ -475,12 +475,6 @@ pub struct UringShard {
 }
 
 impl UringShard {
-    /// The I/O engine this shard runs on: "io_uring", or "blocking" where
-    /// io_uring is not available.
-    pub fn io_engine(&self) -> &'static str {
-        self.ring.name()
-    }
-
     fn namespace(&self, namespace: NamespaceId) -> &ShardNamespace {
         &self.namespaces[usize::from(namespace.0)]
     }
@@ -913,6 +907,11 @@ fn verify_layers(
 }
 
 impl BlockStore for UringShard {
+    /// "io_uring", or "blocking" where io_uring is not available.
+    fn io_engine(&self) -> &'static str {
+        self.ring.name()
+    }
+
     fn slab(&self) -> &Rc<StagingSlab> {
         self.ring.slab()
     }
