@@ -3,7 +3,8 @@
 # eviction going on is killed with SIGKILL after a random delay, then every block
 # in the store is read back and checked against its checksums. Fails on the
 # first torn or corrupt block.
-#   scripts/crash-soak.sh [ROUNDS]   (default 100)
+#   scripts/crash-soak.sh [ROUNDS]   (default 100; IO_ENGINE=blocking soaks the
+#   io_uring fallback, default auto)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-100}
@@ -22,6 +23,7 @@ huge_pages = "off"
 backend = "uring"
 path = "$work/store"
 queue_depth = 16
+io_engine = "${IO_ENGINE:-auto}"
 [[namespace]]
 name = "kv"
 layers = 16
