@@ -11,9 +11,11 @@
 # CUDA half of GPUDirect RDMA: device memory exported as a dma-buf, the write
 # flush; the NIC half needs an RDMA NIC next to the GPU); a gateway
 # process serving 512 blocks that the client loads into device memory in both
-# layouts, every layer copied back and compared when it is reported; and the
-# host-to-device copy rate from our pinned staging against one cudaMemcpyAsync
-# of cuMemAllocHost memory, interleaved (goal: ours >= 0.9x the peak).
+# layouts, every layer copied back and compared when it is reported; the
+# same through the Python binding into a PyTorch CUDA tensor
+# (scripts/gpu_check_python.py); and the host-to-device copy rate from our
+# pinned staging against one cudaMemcpyAsync of cuMemAllocHost memory,
+# interleaved (goal: ours >= 0.9x the peak).
 # Without a CUDA driver every GPU test prints why it skipped; `run` then fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +32,12 @@ prepare() {
     cp "$(sed -nE 's/.*Executable tests\/e2e_gpu.rs \((.*)\)/\1/p' "$log" | head -1)" "$out/e2e-gpu"
     rm -f "$log"
     strip "$out/dualpath" "$out/client-unit" "$out/e2e-gpu"
+    # The Python binding (abi3, CPython >= 3.11), unpacked: no pip needed there.
+    local wheels; wheels=$(mktemp -d)
+    maturin build --release --quiet --compatibility linux -m client-py/Cargo.toml -o "$wheels" >/dev/null
+    python3 -m zipfile -e "$wheels"/dualpath-*.whl "$out/py"
+    rm -rf "$wheels"
+    strip "$out"/py/dualpath/_native*.so
     # The machine may lack rdma-core: carry what the binaries link besides libc.
     for library in $(ldd "$out/dualpath" | awk '/ibverbs|libnl/ {print $3}'); do cp -L "$library" "$out/lib/"; done
     du -sh "$out"
@@ -49,6 +57,8 @@ run() {
     set -o pipefail
     "$out/e2e-gpu" --nocapture --test-threads 1 2>&1 | tee "$out/e2e.log" || failed+=("device loads")
     if grep -q SKIPPED "$out/e2e.log"; then failed+=("no usable GPU (see SKIPPED above)"); fi
+    echo "gpu-check: the Python binding into a PyTorch CUDA tensor"
+    PYTHONPATH="$PWD/$out/py${PYTHONPATH:+:$PYTHONPATH}" python3 scripts/gpu_check_python.py || failed+=("python device load")
     echo "gpu-check: host-to-device copy rate"
     "$out/dualpath" bench gpu --size 1GiB --rounds 5 || failed+=("copy benchmark")
     if [ ${#failed[@]} -gt 0 ]; then
