@@ -187,8 +187,12 @@ impl Connection {
         }
     }
 
-    /// The next complete frame received, as (header, body), removed from the buffer.
-    pub fn next_frame(&mut self) -> Option<Result<(Header, Vec<u8>), protocol::ProtocolError>> {
+    /// The next complete frame received: its header, with its body copied into
+    /// `body` (a buffer the caller reuses); removed from the receive buffer.
+    pub fn next_frame(
+        &mut self,
+        body: &mut Vec<u8>,
+    ) -> Option<Result<Header, protocol::ProtocolError>> {
         if self.received.len() < HEADER_BYTES {
             return None;
         }
@@ -203,9 +207,10 @@ impl Connection {
         if self.received.len() < end {
             return None;
         }
-        let body = self.received[HEADER_BYTES..end].to_vec();
+        body.clear();
+        body.extend_from_slice(&self.received[HEADER_BYTES..end]);
         self.received.drain(..end);
-        Some(Ok((header, body)))
+        Some(Ok(header))
     }
 
     pub fn send_control(&mut self, frame: &Frame) {

@@ -57,6 +57,8 @@ struct Core<S: BlockStore> {
     completions: Vec<ReadCompletion>,
     events: Vec<Event>,
     scratch: Vec<u8>,
+    /// The body of the request frame being handled, reused across frames.
+    frame_body: Vec<u8>,
     round_robin: usize,
     draining_since: Option<Instant>,
     rdma: Option<CoreRdma>,
@@ -139,6 +141,7 @@ pub fn run<S: BlockStore>(
         completions: Vec::new(),
         events: Vec::new(),
         scratch: vec![0u8; RECEIVE_CHUNK_BYTES],
+        frame_body: Vec::with_capacity(4096),
         round_robin: 0,
         draining_since: None,
         rdma,
@@ -275,11 +278,22 @@ impl<S: BlockStore> Core<S> {
             if connection.closing {
                 return;
             }
-            match connection.next_frame() {
-                None => return,
-                Some(Ok((header, body))) => self.on_frame(index, header, &body),
+            // One body buffer for the core, taken while a frame is handled.
+            let mut body = std::mem::take(&mut self.frame_body);
+            let next = connection.next_frame(&mut body);
+            match next {
+                None => {
+                    self.frame_body = body;
+                    return;
+                }
+                Some(Ok(header)) => self.on_frame(index, header, &body),
                 Some(Err(error)) => self.protocol_error(index, &error.to_string()),
             }
+            // A rare big frame (a store's payload) does not keep its memory.
+            if body.capacity() > 1 << 20 {
+                body = Vec::new();
+            }
+            self.frame_body = body;
         }
     }
 
