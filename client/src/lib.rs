@@ -632,35 +632,23 @@ fn start_poller(
             while !stop_flag.load(Ordering::Relaxed) {
                 for gateway in gateways.iter() {
                     let now = started.elapsed().as_secs_f64();
+                    // A gateway gone, or not answering in time, is reported silent.
+                    let silent = || {
+                        [protocol::PeerStatus {
+                            address: gateway.address.clone(),
+                            queued_bytes: 0,
+                            read_bytes_per_second: 0,
+                            age_ms: u32::MAX,
+                        }]
+                    };
                     if gateway.is_closed() && !gateway.reconnect(&options, &regions, verbs.as_ref())
                     {
-                        dual.pool_report(
-                            &gateways,
-                            &[protocol::PeerStatus {
-                                address: gateway.address.clone(),
-                                queued_bytes: 0,
-                                read_bytes_per_second: 0,
-                                age_ms: u32::MAX,
-                            }],
-                            silence,
-                            now,
-                        );
+                        dual.pool_report(&gateways, &silent(), silence, now);
                         continue;
                     }
                     match gateway.links()[0].pool_status(silence) {
                         Ok(peers) => dual.pool_report(&gateways, &peers, silence, now),
-                        // A gateway that does not answer in time is silent itself.
-                        Err(_) => dual.pool_report(
-                            &gateways,
-                            &[protocol::PeerStatus {
-                                address: gateway.address.clone(),
-                                queued_bytes: 0,
-                                read_bytes_per_second: 0,
-                                age_ms: u32::MAX,
-                            }],
-                            silence,
-                            now,
-                        ),
+                        Err(_) => dual.pool_report(&gateways, &silent(), silence, now),
                     }
                 }
                 std::thread::sleep(interval);
