@@ -423,11 +423,13 @@ impl crate::sys::DeviceRegistrar for DirectRegistrar {
             .map_err(|error| format!("cuCtxSetCurrent: {error:?}"))?;
         let (pointer, len) = (self.target.pointer, self.target.len);
         let dmabuf = match self.export_dmabuf() {
-            // SAFETY: the device memory stays allocated while `self.target`
-            // lives; the client region holding this registrar drops the memory
-            // registration before it drops the registrar.
             Ok((fd, offset)) => {
-                match unsafe { verbs.register_dmabuf(fd.as_fd(), offset, len, pointer, true) } {
+                // SAFETY: the device memory stays allocated while `self.target`
+                // lives; the client region holding this registrar drops the
+                // memory registration before it drops the registrar.
+                let registered =
+                    unsafe { verbs.register_dmabuf(fd.as_fd(), offset, len, pointer, true) };
+                match registered {
                     Ok(region) => return Ok(region),
                     Err(error) => error.to_string(),
                 }

@@ -107,6 +107,7 @@ struct GatewaySection {
     peers: Vec<SocketAddr>,
     gossip_interval_ms: Option<u64>,
     peer_timeout_ms: Option<u64>,
+    client_stall_timeout_ms: Option<u64>,
     listen_tcp: Option<SocketAddr>,
     listen_unix: Option<PathBuf>,
     metrics_listen: Option<SocketAddr>,
@@ -256,6 +257,9 @@ impl std::fmt::Debug for ObjectConfig {
     }
 }
 
+/// How long a client may take nothing while data waits for it (10 s).
+pub const DEFAULT_CLIENT_STALL_TIMEOUT_MS: u64 = 10_000;
+
 fn default_queue_depth() -> u32 {
     64
 }
@@ -316,6 +320,9 @@ pub struct GatewayConfig {
     pub gossip_interval_ms: u64,
     /// A peer not heard from for this long is reported as silent.
     pub peer_timeout_ms: u64,
+    /// A client that takes no byte for this long while the gateway has data
+    /// queued for it is disconnected, so its staging buffers go back to the rest.
+    pub client_stall_timeout_ms: u64,
     /// File holding the cluster's shared secret; clients must prove they know it.
     /// (`DUALPATH_SECRET` in the environment is the other way to give it.)
     pub auth_secret_file: Option<PathBuf>,
@@ -414,6 +421,17 @@ impl Validator<'_> {
                 "make peer_timeout_ms several times gossip_interval_ms (default 10x)",
             ));
         }
+        let client_stall_timeout_ms = raw
+            .gateway
+            .client_stall_timeout_ms
+            .unwrap_or(DEFAULT_CLIENT_STALL_TIMEOUT_MS);
+        if client_stall_timeout_ms < 100 {
+            return Err(self.invalid(
+                "gateway.client_stall_timeout_ms",
+                format!("{client_stall_timeout_ms} ms would disconnect clients that are only briefly busy"),
+                "use at least 100 ms (default 10000)",
+            ));
+        }
         if !raw.gateway.peers.is_empty() && raw.gateway.gossip_listen.is_none() {
             return Err(self.invalid(
                 "gateway.gossip_listen",
@@ -472,6 +490,7 @@ impl Validator<'_> {
             peers: raw.gateway.peers,
             gossip_interval_ms,
             peer_timeout_ms,
+            client_stall_timeout_ms,
             auth_secret_file: raw.gateway.auth_secret_file,
             listen_tcp: raw.gateway.listen_tcp,
             listen_unix: raw.gateway.listen_unix,
@@ -824,6 +843,10 @@ mod tests {
             (
                 format!("{MINIMAL}\n[gateway]\ncores = 0\n"),
                 "gateway.cores",
+            ),
+            (
+                format!("{MINIMAL}\n[gateway]\nclient_stall_timeout_ms = 5\n"),
+                "gateway.client_stall_timeout_ms",
             ),
             (
                 MINIMAL.replace(

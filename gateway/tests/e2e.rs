@@ -33,10 +33,11 @@ struct Gateway {
     _dir: tempfile::TempDir,
 }
 
-fn write_config(dir: &Path) -> PathBuf {
+/// `extra_lines` go into the `[gateway]` table.
+fn write_config(dir: &Path, extra_lines: &str) -> PathBuf {
     UringGatewayConfig {
         gateway_lines: format!(
-            "listen_unix = \"{}\"\nmetrics_listen = \"127.0.0.1:0\"",
+            "listen_unix = \"{}\"\nmetrics_listen = \"127.0.0.1:0\"\n{extra_lines}",
             dir.join("gw.sock").display()
         ),
         ..UringGatewayConfig::default()
@@ -52,8 +53,13 @@ impl Gateway {
 
     /// As `start`, requiring clients to prove `secret` (given as DUALPATH_SECRET).
     fn start_with(blocks: u64, secret: Option<&str>) -> Self {
+        Self::start_configured(blocks, secret, "")
+    }
+
+    /// As `start_with`, with `gateway_lines` added to the `[gateway]` table.
+    fn start_configured(blocks: u64, secret: Option<&str>, gateway_lines: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let config = write_config(dir.path());
+        let config = write_config(dir.path(), gateway_lines);
         for namespace in ["full", "layer"] {
             import_synthetic(BINARY, &config, namespace, blocks, SEED);
         }
@@ -711,18 +717,9 @@ fn peak_rss_bytes(process: &GatewayProcess) -> u64 {
         * 1024
 }
 
-/// 64 clients issue 10,000 loads while one client asks for 64 MiB and never
-/// reads: every load of the 64 completes with every byte right, and the
-/// gateway's memory stays within its staging memory plus the documented
-/// overhead (docs/SECURITY.md, "Resource bounds").
-#[test]
-fn sixty_four_clients_and_a_stalled_one_stay_within_memory_bounds() {
-    const CLIENTS: usize = 64;
-    const LOADS: usize = 10_000;
-    const BLOCKS_PER_LOAD: u64 = 4;
-    let gateway = Gateway::start(256);
-    // The stalled client: hello on shard 0, a region, a load of every block
-    // (several times over), then silence: it never reads a byte.
+/// A raw client on shard 0 that registers a 64 MiB region, asks for every
+/// block several times over, and never reads a byte.
+fn stalled_client(gateway: &Gateway) -> TcpStream {
     let mut stalled = TcpStream::connect(&gateway.tcp).expect("connect");
     let hello = protocol::Frame::Hello {
         version: protocol::PROTOCOL_VERSION,
@@ -757,6 +754,46 @@ fn sixty_four_clients_and_a_stalled_one_stay_within_memory_bounds() {
     stalled
         .write_all(&protocol::Frame::Load(load).encode())
         .expect("load");
+    stalled
+}
+
+/// Test staging: 4 MiB of 64 KiB buffers per core.
+const STAGING_BYTES_PER_CORE: f64 = (4u64 << 20) as f64;
+
+/// Waits until the gateway's staging in use reaches `bytes`, and returns it.
+fn wait_for_staging_in_use(gateway: &Gateway, bytes: f64) -> f64 {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let in_use = gateway.metric_sum("dualpath_staging_bytes_in_use");
+        if in_use >= bytes || Instant::now() > deadline {
+            return in_use;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// 64 clients issue 10,000 loads while one client asks for 64 MiB and never
+/// reads: every load of the 64 completes with every byte right, and the
+/// gateway's memory stays within its staging memory plus the documented
+/// overhead (docs/SECURITY.md, "Resource bounds"). The stalled client comes
+/// first and takes all the staging it may (three quarters of its core's)
+/// before the others arrive; its stall timeout is far away, so the others
+/// get through beside it, not after it is closed.
+#[test]
+fn sixty_four_clients_and_a_stalled_one_stay_within_memory_bounds() {
+    const CLIENTS: usize = 64;
+    const LOADS: usize = 10_000;
+    const BLOCKS_PER_LOAD: u64 = 4;
+    let gateway = Gateway::start_configured(256, None, "client_stall_timeout_ms = 600000");
+    let stalled = stalled_client(&gateway);
+    let cap = STAGING_BYTES_PER_CORE * 0.75;
+    let held = wait_for_staging_in_use(&gateway, cap);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        (held, gateway.metric_sum("dualpath_staging_bytes_in_use")),
+        (cap, cap),
+        "a lone client that stops reading holds 3/4 of its core's staging, no more"
+    );
     let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let started = Instant::now();
     std::thread::scope(|scope| {
@@ -804,6 +841,70 @@ fn sixty_four_clients_and_a_stalled_one_stay_within_memory_bounds() {
     eprintln!("{LOADS} loads by {CLIENTS} clients in {elapsed:?} beside a stalled client; gateway peak RSS {} MiB (bound {} MiB)", peak >> 20, bound >> 20);
     assert!(peak <= bound, "peak RSS {peak} over the bound {bound}");
     drop(stalled);
+}
+
+/// A client that reads slowly is served; once it stops reading for the stall
+/// timeout it is closed, counted and logged, and the staging it held goes back.
+#[test]
+fn a_client_that_stops_reading_is_closed_after_the_stall_timeout() {
+    let gateway = Gateway::start_configured(256, None, "client_stall_timeout_ms = 500");
+    let mut stalled = stalled_client(&gateway);
+    let cap = STAGING_BYTES_PER_CORE * 0.75;
+    assert_eq!(wait_for_staging_in_use(&gateway, cap), cap);
+    // Slow, not stalled: 64 KiB every 100 ms for 2 s (four stall timeouts).
+    let mut chunk = vec![0u8; 64 << 10];
+    let slow_until = Instant::now() + Duration::from_secs(2);
+    let mut read = 0usize;
+    while Instant::now() < slow_until {
+        read += stalled
+            .read(&mut chunk)
+            .expect("a slow reader is not cut off");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(read >= 10 * chunk.len(), "read only {read} bytes");
+    assert_eq!(
+        gateway.metric_sum("dualpath_stalled_clients_closed_total"),
+        0.0
+    );
+    // Now it stops reading.
+    let deadline = Instant::now() + WAIT;
+    while gateway.metric_sum("dualpath_stalled_clients_closed_total") < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the stalled client was never closed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(gateway.metric_sum("dualpath_staging_bytes_in_use"), 0.0);
+    assert_eq!(gateway.metric_sum("dualpath_connected_clients"), 0.0);
+    let log = gateway.process.later_log();
+    assert!(
+        log.contains("took no byte for") && log.contains("gateway.client_stall_timeout_ms"),
+        "{log}"
+    );
+    // Its socket was closed: what is left to read ends in EOF or a reset.
+    stalled.set_read_timeout(Some(WAIT)).expect("read timeout");
+    let ended = loop {
+        match stalled.read(&mut chunk) {
+            Ok(0) => break true,
+            Ok(_) => continue,
+            Err(error) => break error.kind() == std::io::ErrorKind::ConnectionReset,
+        }
+    };
+    assert!(ended, "the stalled client's socket should be closed");
+    // The gateway serves the next client as before.
+    let client = gateway.client();
+    let region = Arc::new(Region::allocate(4 * BLOCK_BYTES));
+    let id = client
+        .register_region(Arc::clone(&region))
+        .expect("register");
+    assert!(client
+        .load("full", id, &whole_blocks(4), 0)
+        .expect("load")
+        .wait(WAIT)
+        .expect("done")
+        .all_done());
+    assert!(region.read(3 * BLOCK_BYTES, BLOCK_BYTES) == expected_block(3));
 }
 
 fn hex_of(text: &str) -> String {

@@ -180,6 +180,8 @@ pub struct GatewayProcess {
     pub metrics: Option<String>,
     /// What the gateway wrote to stderr before its ready line (its start-up log).
     pub startup_log: String,
+    /// What it has written to stderr since (collected by a thread).
+    later_log: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 impl GatewayProcess {
@@ -206,7 +208,15 @@ impl GatewayProcess {
             startup_log.push('\n');
         };
         // Keep draining stderr so the gateway never blocks on a full pipe.
-        std::thread::spawn(move || lines.for_each(drop));
+        let later_log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let collected = std::sync::Arc::clone(&later_log);
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                let mut log = collected.lock().expect("log lock");
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
         let field = |prefix: &str| {
             let start = ready.find(prefix)? + prefix.len();
             Some(ready[start..].split([',', '/']).next()?.trim().to_owned())
@@ -216,7 +226,13 @@ impl GatewayProcess {
             metrics: field("metrics http://"),
             child,
             startup_log,
+            later_log,
         }
+    }
+
+    /// What the gateway has written to stderr since its ready line.
+    pub fn later_log(&self) -> String {
+        self.later_log.lock().expect("log lock").clone()
     }
 
     /// The body of `GET path` on the metrics address.

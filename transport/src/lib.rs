@@ -79,6 +79,10 @@ pub struct Progress {
     pub payload_bytes: u64,
     /// Staging buffers released to their slab.
     pub buffers_released: usize,
+    /// The peer took something (bytes of any kind into the socket, or a work
+    /// request completed). False while output waits and the peer takes nothing:
+    /// how a client that stopped reading is told from a slow one.
+    pub peer_took_any: bool,
 }
 
 pub trait Transport {

@@ -157,7 +157,7 @@ impl Acceptor {
         if sock.set_nonblocking(true).is_err() {
             return;
         }
-        let session = super::tls::TlsSession { conn, tcp: sock };
+        let session = super::tls::TlsSession::new(conn, sock);
         self.hand_over(
             shard,
             Stream::Tls(Arc::new(std::sync::Mutex::new(session))),

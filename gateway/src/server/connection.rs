@@ -132,6 +132,8 @@ pub struct Connection {
     /// An error was sent: close once the queue is written.
     pub closing: bool,
     pub dead: bool,
+    /// Since when output has waited without the client taking a byte.
+    output_stalled_since: Option<Instant>,
 }
 
 /// RDMA work requests a connection may have posted at once.
@@ -171,6 +173,7 @@ impl Connection {
             held_buffers: 0,
             closing: false,
             dead: false,
+            output_stalled_since: None,
         })
     }
 
@@ -233,9 +236,23 @@ impl Connection {
     /// Moves queued output forward. Returns the payload bytes delivered, or an
     /// error if the peer is gone.
     pub fn flush(&mut self) -> io::Result<u64> {
+        if !self.transport.has_pending() {
+            self.output_stalled_since = None;
+            return Ok(0);
+        }
         let progress = self.transport.progress()?;
         self.held_buffers -= progress.buffers_released;
+        if progress.peer_took_any || !self.transport.has_pending() {
+            self.output_stalled_since = None;
+        } else {
+            self.output_stalled_since.get_or_insert_with(Instant::now);
+        }
         Ok(progress.payload_bytes)
+    }
+
+    /// How long output has waited with the client taking nothing, if it has.
+    pub fn stalled_for(&self) -> Option<std::time::Duration> {
+        self.output_stalled_since.map(|since| since.elapsed())
     }
 
     /// Switches this connection to RDMA: a queue pair connected to the

@@ -47,6 +47,8 @@ pub struct CoreSetup {
     pub queue_depth: u32,
     /// How long in-flight loads may run after a shutdown request.
     pub drain_timeout: Duration,
+    /// A client that takes nothing for this long while output waits is closed.
+    pub client_stall_timeout: Duration,
 }
 
 struct Core<S: BlockStore> {
@@ -605,7 +607,11 @@ impl<S: BlockStore> Core<S> {
     /// the slab and each connection's share of buffers allow.
     fn schedule(&mut self) {
         let live = self.connections.iter().flatten().count().max(1);
-        let per_connection = (self.shard.slab().buffer_count() as usize / live).max(2);
+        let buffers = self.shard.slab().buffer_count() as usize;
+        // A fair share of the buffers, and never the last quarter: buffers held
+        // by a client that stops reading come back only when it is closed, so a
+        // lone client must not take them all before others arrive.
+        let per_connection = (buffers / live).min(buffers - buffers / 4).max(2);
         let count = self.connections.len();
         let mut progress = true;
         while progress {
@@ -761,19 +767,41 @@ impl<S: BlockStore> Core<S> {
     }
 
     fn flush_all(&mut self) {
+        let counters = &self.setup.counters;
         for connection in self.connections.iter_mut().flatten() {
-            if connection.dead || !connection.has_output() {
-                if connection.closing && !connection.has_output() {
-                    connection.dead = true;
-                }
+            if connection.dead {
                 continue;
             }
             match connection.flush() {
-                Ok(bytes) => CoreCounters::add(&self.setup.counters.transport_sent_bytes, bytes),
+                Ok(bytes) => CoreCounters::add(&counters.transport_sent_bytes, bytes),
                 Err(error) => {
                     tracing::debug!("client {} gone: {error}", connection.peer);
                     connection.dead = true;
+                    continue;
                 }
+            }
+            if connection.closing && !connection.has_output() {
+                connection.dead = true;
+            }
+            // A client that stopped reading keeps its staging buffers until it
+            // is closed: closing it gives them back to everyone else.
+            if let Some(stalled) = connection
+                .stalled_for()
+                .filter(|stalled| *stalled >= self.setup.client_stall_timeout)
+            {
+                tracing::warn!(
+                    "shard {}: closing client {}: it took no byte for {:.1} s while data waited for it \
+                     ({} staging buffers held); it stopped reading (hung, stopped or cut off). \
+                     gateway.client_stall_timeout_ms sets the limit",
+                    counters.shard,
+                    connection.peer,
+                    stalled.as_secs_f64(),
+                    connection.held_buffers,
+                );
+                counters
+                    .stalled_clients_closed
+                    .fetch_add(1, Ordering::Relaxed);
+                connection.dead = true;
             }
         }
     }

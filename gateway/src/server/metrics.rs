@@ -59,6 +59,8 @@ pub struct CoreCounters {
     pub rdma_enabled: AtomicI64,
     /// Client connections using the RDMA transport now.
     pub rdma_connections: AtomicI64,
+    /// Clients closed because they took nothing for the stall timeout.
+    pub stalled_clients_closed: AtomicU64,
     /// Histogram handles, registered once: a `histogram!` with labels per read
     /// would build its key (allocating) and look it up in the registry each time.
     pub storage_read_seconds: metrics::Histogram,
@@ -85,6 +87,7 @@ impl CoreCounters {
             queued_load_bytes: AtomicI64::new(0),
             rdma_enabled: AtomicI64::new(0),
             rdma_connections: AtomicI64::new(0),
+            stalled_clients_closed: AtomicU64::new(0),
             storage_read_seconds: metrics::histogram!(STORAGE_READ_SECONDS, "backend" => backend, "shard" => shard.to_string()),
             load_seconds: metrics::histogram!(LOAD_SECONDS, "shard" => shard.to_string()),
         }
@@ -161,6 +164,10 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     describe_counter!("dualpath_blocks_stored_total", "Blocks stored by clients");
     describe_counter!("dualpath_errors_total", "Errors by kind");
     describe_gauge!("dualpath_connected_clients", "Client connections open");
+    describe_counter!(
+        "dualpath_stalled_clients_closed_total",
+        "Clients closed because they took no byte for gateway.client_stall_timeout_ms while data waited for them"
+    );
     describe_counter!(
         "dualpath_auth_failures_total",
         "Clients refused because their proof of the cluster secret failed"
@@ -245,6 +252,8 @@ pub fn publish(cores: &[Arc<CoreCounters>], acceptor: &AcceptorCounters) {
         }
         gauge!("dualpath_connected_clients", "shard" => shard.clone())
             .set(read(&core.connected_clients));
+        counter!("dualpath_stalled_clients_closed_total", "shard" => shard.clone())
+            .absolute(load(&core.stalled_clients_closed));
         gauge!("dualpath_storage_queue_depth", "backend" => core.backend, "shard" => shard.clone())
             .set(read(&core.reads_in_flight));
         gauge!("dualpath_staging_bytes_in_use", "shard" => shard.clone())

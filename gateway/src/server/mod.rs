@@ -268,6 +268,7 @@ where
             shutdown: Arc::clone(shutdown),
             queue_depth: config.storage.queue_depth,
             drain_timeout: DRAIN_TIMEOUT,
+            client_stall_timeout: Duration::from_millis(config.client_stall_timeout_ms),
         };
         let rdma = rdma.clone();
         let (open, ready_sender) = (open.clone(), ready_sender.clone());

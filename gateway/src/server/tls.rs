@@ -91,16 +91,27 @@ fn read_roots(ca_file: &Path) -> anyhow::Result<rustls::RootCertStore> {
 pub struct TlsSession {
     pub conn: rustls::ServerConnection,
     pub tcp: std::net::TcpStream,
+    /// The socket took record bytes since the transport last asked (a client
+    /// draining a full record buffer is slow, not stalled).
+    records_sent: bool,
 }
 
 pub type SharedSession = Arc<Mutex<TlsSession>>;
 
 impl TlsSession {
+    pub fn new(conn: rustls::ServerConnection, tcp: std::net::TcpStream) -> Self {
+        Self {
+            conn,
+            tcp,
+            records_sent: false,
+        }
+    }
+
     /// Writes buffered TLS records to the socket until it would block.
     fn flush_records(&mut self) -> io::Result<()> {
         while self.conn.wants_write() {
             match self.conn.write_tls(&mut self.tcp) {
-                Ok(_) => {}
+                Ok(written) => self.records_sent |= written > 0,
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(error) => return Err(error),
             }
@@ -119,7 +130,7 @@ pub fn read(session: &SharedSession, buffer: &mut [u8]) -> io::Result<usize> {
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
             Err(error) => return Err(error),
         }
-        let TlsSession { conn, tcp } = &mut *session;
+        let TlsSession { conn, tcp, .. } = &mut *session;
         if conn.read_tls(tcp)? == 0 {
             return Ok(0);
         }
@@ -205,11 +216,10 @@ impl Transport for TlsTransport {
     }
 
     fn progress(&mut self) -> io::Result<Progress> {
-        let progress = self.inner.progress()?;
-        self.session
-            .lock()
-            .expect("TLS session lock")
-            .flush_records()?;
+        let mut progress = self.inner.progress()?;
+        let mut session = self.session.lock().expect("TLS session lock");
+        session.flush_records()?;
+        progress.peer_took_any |= std::mem::take(&mut session.records_sent);
         Ok(progress)
     }
 
