@@ -847,13 +847,13 @@ fn sixty_four_clients_and_a_stalled_one_stay_within_memory_bounds() {
 /// timeout it is closed, counted and logged, and the staging it held goes back.
 #[test]
 fn a_client_that_stops_reading_is_closed_after_the_stall_timeout() {
-    let gateway = Gateway::start_configured(256, None, "client_stall_timeout_ms = 500");
+    let gateway = Gateway::start_configured(256, None, "client_stall_timeout_ms = 1000");
     let mut stalled = stalled_client(&gateway);
     let cap = STAGING_BYTES_PER_CORE * 0.75;
     assert_eq!(wait_for_staging_in_use(&gateway, cap), cap);
-    // Slow, not stalled: 64 KiB every 100 ms for 2 s (four stall timeouts).
+    // Slow, not stalled: 64 KiB every 100 ms for 3 s (three stall timeouts).
     let mut chunk = vec![0u8; 64 << 10];
-    let slow_until = Instant::now() + Duration::from_secs(2);
+    let slow_until = Instant::now() + Duration::from_secs(3);
     let mut read = 0usize;
     while Instant::now() < slow_until {
         read += stalled
