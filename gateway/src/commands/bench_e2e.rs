@@ -166,6 +166,10 @@ fn run_through_gateway(
             bail!("the gateway exited before it was ready")
         };
         let line = line?;
+        // Earlier log lines may mention "tcp " too (the transport notice).
+        if !line.contains("dualpath gateway ready") {
+            continue;
+        }
         if let Some(at) = line.find("tcp ") {
             break line[at + 4..]
                 .split(',')
