@@ -88,6 +88,9 @@ impl BlockStore for AnyShard {
     fn submit_read(&mut self, request: ReadRequest, buffer: StagingBuffer) -> Result<(), Rejected> {
         dispatch!(self, shard => shard.submit_read(request, buffer))
     }
+    fn start_queued_reads(&mut self) -> Result<(), StoreError> {
+        dispatch!(self, shard => shard.start_queued_reads())
+    }
     fn reap(&mut self, out: &mut Vec<ReadCompletion>, wait: bool) -> Result<(), StoreError> {
         dispatch!(self, shard => shard.reap(out, wait))
     }

@@ -108,8 +108,16 @@ pub trait BlockStore {
     fn io_engine(&self) -> &'static str;
     fn namespace_id(&self, name: &str) -> Option<NamespaceId>;
     fn geometry(&self, namespace: NamespaceId) -> Geometry;
-    /// Queues a read; it starts at the latest on the next [`BlockStore::reap`].
+    /// Queues a read; it starts at the latest on the next
+    /// [`BlockStore::start_queued_reads`] or [`BlockStore::reap`].
     fn submit_read(&mut self, request: ReadRequest, buffer: StagingBuffer) -> Result<(), Rejected>;
+    /// Starts every read queued since the last call (io_uring: one system call
+    /// for all of them), without waiting. An event loop calls it after queueing
+    /// reads and before it sleeps: otherwise they would wait for its next wake-up.
+    /// Backends whose reads start when queued do nothing.
+    fn start_queued_reads(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Starts queued reads and moves finished ones into `out`; with `wait`, blocks
     /// until at least one read has finished (if any is in flight).
     fn reap(&mut self, out: &mut Vec<ReadCompletion>, wait: bool) -> Result<(), StoreError>;

@@ -450,3 +450,67 @@ fn the_blocking_engine_reads_and_writes_the_same_store_as_io_uring() {
         other => panic!("expected a checksum error, got {other}"),
     }
 }
+
+/// An event loop queues reads, calls `start_queued_reads` and sleeps on the
+/// completion eventfd: the reads must already be on their way, on both
+/// engines, or the loop sleeps until some other wake-up (this once cost 50 ms
+/// per read in the gateway). The 10 s wait only bounds a failure.
+#[test]
+fn queued_reads_start_without_another_reap_and_signal_the_eventfd() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let specs = [spec("aligned", ALIGNED, 16)];
+    for engine in [IoEngine::Uring, IoEngine::Blocking] {
+        let store = UringStore::open_with(dir.path(), 1, &specs, engine).expect("store opens");
+        let mut shard = store.open_shard(0, slab(), 32).expect("shard opens");
+        let namespace = shard.namespace_id("aligned").expect("declared");
+        put_keys(&mut shard, namespace, &[1, 2, 3]);
+        // SAFETY: eventfd has no pointer arguments; the result is checked.
+        let eventfd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        assert!(eventfd >= 0, "eventfd: {}", std::io::Error::last_os_error());
+        shard
+            .notify_completions(eventfd)
+            .expect("eventfd registered");
+        for key in [1u128, 2, 3] {
+            let buffer = shard.slab().acquire().expect("a free buffer");
+            let request = ReadRequest {
+                tag: key as u64,
+                namespace,
+                key: BlockKey(key),
+                layers: 0..ALIGNED.layers,
+            };
+            assert!(shard.submit_read(request, buffer).is_ok());
+        }
+        shard.start_queued_reads().expect("reads start");
+        let mut done = Vec::new();
+        while done.len() < 3 {
+            let mut watch = libc::pollfd {
+                fd: eventfd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: `watch` is one valid pollfd that outlives the call.
+            let ready = unsafe { libc::poll(&mut watch, 1, 10_000) };
+            assert_eq!(
+                ready,
+                1,
+                "{} engine: the queued reads never signalled the eventfd",
+                shard.io_engine()
+            );
+            let mut count = [0u8; 8];
+            // SAFETY: reads 8 bytes into an 8-byte array (an eventfd counter).
+            let _ = unsafe { libc::read(eventfd, count.as_mut_ptr().cast(), count.len()) };
+            shard.reap(&mut done, false).expect("reap");
+        }
+        for completion in &done {
+            let key = u128::from(completion.tag);
+            assert!(completion.result.is_ok(), "key {key}");
+            assert!(
+                completion.buffer.as_slice()[..ALIGNED.block_bytes() as usize]
+                    == payload(BlockKey(key), &ALIGNED)[..],
+                "key {key}"
+            );
+        }
+        // SAFETY: closes the eventfd this test opened, after its last use.
+        unsafe { libc::close(eventfd) };
+    }
+}

@@ -191,6 +191,10 @@ impl<S: BlockStore> Core<S> {
     fn turn(&mut self) -> anyhow::Result<()> {
         self.reap()?;
         self.schedule();
+        // Reads queued by `schedule` start now, not when the loop next wakes.
+        self.shard
+            .start_queued_reads()
+            .context("storage ring failed")?;
         self.flush_all();
         self.close_dead();
         let counters = &self.setup.counters;

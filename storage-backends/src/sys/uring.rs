@@ -161,6 +161,11 @@ impl Ring {
         unsafe { self.ring.submission().push(&entry).is_ok() }
     }
 
+    /// Whether entries are queued that `submit_and_wait` has not handed over.
+    pub fn has_unsubmitted(&mut self) -> bool {
+        !self.ring.submission().is_empty()
+    }
+
     /// Submits what is queued and waits until at least `want` completions are ready.
     pub fn submit_and_wait(&mut self, want: usize) -> io::Result<()> {
         loop {

@@ -184,6 +184,15 @@ impl Engine {
         }
     }
 
+    /// Whether operations are queued that the kernel has not been handed yet
+    /// (the blocking engine hands each to its threads when queued).
+    pub(crate) fn has_unsubmitted(&mut self) -> bool {
+        match self {
+            Engine::Uring(ring) => ring.has_unsubmitted(),
+            Engine::Blocking(_) => false,
+        }
+    }
+
     /// Submits what is queued and waits until `want` completions are ready.
     pub(crate) fn submit_and_wait(&mut self, want: usize) -> io::Result<()> {
         match self {

@@ -1001,6 +1001,15 @@ impl BlockStore for UringShard {
         Ok(())
     }
 
+    fn start_queued_reads(&mut self) -> Result<(), StoreError> {
+        if !self.ring.has_unsubmitted() {
+            return Ok(());
+        }
+        self.ring
+            .submit_and_wait(0)
+            .map_err(|source| io_error(IoOp::Ring, &self.namespaces[0].data_path, 0, 0, source))
+    }
+
     fn reap(&mut self, out: &mut Vec<ReadCompletion>, wait: bool) -> Result<(), StoreError> {
         let want = usize::from(wait && self.finished_reads.is_empty() && self.reads_in_flight > 0);
         self.pump(want)?;
