@@ -159,6 +159,10 @@ enum BenchTarget {
         queue_depth: u32,
         #[arg(long, default_value_t = 2)]
         cores: u32,
+        /// How blocks lie on disk: "full" (one read per block) or "layer" (the
+        /// gateway reads layer by layer, and fio reads layer-sized pieces).
+        #[arg(long, default_value = "full", value_parser = ["full", "layer"])]
+        layout: String,
     },
     /// Read blocks from an S3-compatible store through the object backend, against boto3.
     Object {
@@ -455,6 +459,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     rounds,
                     queue_depth,
                     cores,
+                    layout,
                 },
         } => bench_e2e(&BenchE2eOptions {
             directory: dir,
@@ -463,6 +468,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             rounds,
             queue_depth,
             cores,
+            layer_layout: layout == "layer",
         }),
         Command::Bench {
             target:

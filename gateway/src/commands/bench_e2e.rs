@@ -1,6 +1,8 @@
 //! `bench e2e`: storage -> gateway -> TCP -> client region, end to end through a
 //! real gateway process, against fio reading the same bytes from the same files
-//! (O_DIRECT, io_uring, same block size and queue depth), interleaved.
+//! (O_DIRECT, io_uring, same read size and queue depth), interleaved. In the
+//! layer layout the gateway reads each layer on its own (so that layer 0 of
+//! every block arrives first) and fio reads layer-sized pieces.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -25,6 +27,36 @@ pub struct BenchE2eOptions {
     pub rounds: u32,
     pub queue_depth: u32,
     pub cores: u32,
+    /// Blocks stored layer by layer (`layout = "layer"`), read a layer at a time.
+    pub layer_layout: bool,
+}
+
+impl BenchE2eOptions {
+    fn layout(&self) -> &'static str {
+        if self.layer_layout {
+            "layer"
+        } else {
+            "full"
+        }
+    }
+
+    /// Each layout has its own store: a namespace's geometry is fixed once stored.
+    fn store_directory(&self) -> PathBuf {
+        self.directory.join(if self.layer_layout {
+            "store-layer"
+        } else {
+            "store"
+        })
+    }
+
+    /// The size of one read, the gateway's and fio's.
+    fn read_bytes(&self) -> u64 {
+        if self.layer_layout {
+            self.block_bytes / u64::from(LAYERS)
+        } else {
+            self.block_bytes
+        }
+    }
 }
 
 const LAYERS: u16 = 8;
@@ -43,9 +75,11 @@ pub fn bench_e2e(options: &BenchE2eOptions) -> anyhow::Result<()> {
         .map(|index| synthetic::key(SEED, index))
         .collect();
     // The synthetic set is imported once per shape; later runs reuse it.
-    let marker = options
-        .directory
-        .join(format!("imported-{block_count}-{}", options.block_bytes));
+    let marker = options.directory.join(format!(
+        "imported-{block_count}-{}-{}",
+        options.block_bytes,
+        options.layout()
+    ));
     if !marker.exists() {
         eprintln!(
             "importing {} of synthetic blocks",
@@ -62,9 +96,11 @@ pub fn bench_e2e(options: &BenchE2eOptions) -> anyhow::Result<()> {
         std::fs::write(&marker, b"")?;
     }
     println!(
-        "bench e2e: {} of {} blocks, {} cores, queue depth {}, {} rounds",
+        "bench e2e: {} of {} blocks ({} layout, reads of {}), {} cores, queue depth {}, {} rounds",
         ByteSize(block_count * options.block_bytes),
         ByteSize(options.block_bytes),
+        options.layout(),
+        ByteSize(options.read_bytes()),
         options.cores,
         options.queue_depth,
         options.rounds
@@ -77,8 +113,8 @@ pub fn bench_e2e(options: &BenchE2eOptions) -> anyhow::Result<()> {
                 .count() as u64;
             (
                 options
-                    .directory
-                    .join(format!("store/bench/shard-{shard}.blocks")),
+                    .store_directory()
+                    .join(format!("bench/shard-{shard}.blocks")),
                 blocks * options.block_bytes,
             )
         })
@@ -89,7 +125,7 @@ pub fn bench_e2e(options: &BenchE2eOptions) -> anyhow::Result<()> {
             fio.push(report(
                 "fio",
                 round,
-                fio_random_reads(&files, options.block_bytes, options.queue_depth)?,
+                fio_random_reads(&files, options.read_bytes(), options.queue_depth)?,
             ));
         }
         ours.push(report(
@@ -101,14 +137,15 @@ pub fn bench_e2e(options: &BenchE2eOptions) -> anyhow::Result<()> {
             fio.push(report(
                 "fio",
                 round,
-                fio_random_reads(&files, options.block_bytes, options.queue_depth)?,
+                fio_random_reads(&files, options.read_bytes(), options.queue_depth)?,
             ));
         }
     }
     let ours_median = median(ours.iter().map(|sample| sample.bytes_per_second));
     let fio_median = median(fio.iter().map(|sample| sample.bytes_per_second));
     println!(
-        "end to end (storage -> gateway -> TCP -> client region): {:.3} GB/s median; fio: {:.3} GB/s median; ratio {:.3}",
+        "end to end (storage -> gateway -> TCP -> client region, {} layout): {:.3} GB/s median; fio: {:.3} GB/s median; ratio {:.3}",
+        options.layout(),
         ours_median / 1e9,
         fio_median / 1e9,
         ours_median / fio_median
@@ -133,13 +170,14 @@ name = "bench"
 layers = {LAYERS}
 tokens_per_block = 1
 bytes_per_token_per_layer = {per_layer}
-layout = "full"
+layout = "{layout}"
 capacity = "{capacity}"
 "#,
+        layout = options.layout(),
         cores = options.cores,
         staging = 2 * u64::from(options.queue_depth) * options.block_bytes,
         block = options.block_bytes,
-        store = options.directory.join("store").display(),
+        store = options.store_directory().display(),
         depth = options.queue_depth,
         per_layer = options.block_bytes / u64::from(LAYERS),
         capacity = options.total_bytes * 5 / 4 + u64::from(options.cores) * options.block_bytes,
