@@ -119,6 +119,15 @@ pub fn bench_e2e(options: &BenchE2eOptions) -> anyhow::Result<()> {
             )
         })
         .collect();
+    // Import order is disk order (slots are handed out in turn): load in a
+    // shuffled order, so the gateway's reads are as random as fio's randread.
+    let mut shuffled: Vec<(BlockKey, BlockKey)> = keys
+        .iter()
+        .enumerate()
+        .map(|(index, key)| (synthetic::key(SEED ^ 0x5_4FF1E, index as u64), *key))
+        .collect();
+    shuffled.sort_unstable_by_key(|(rank, _)| rank.0);
+    let load_order: Vec<BlockKey> = shuffled.into_iter().map(|(_, key)| key).collect();
     let (mut ours, mut fio) = (Vec::new(), Vec::new());
     for round in 0..options.rounds {
         if round % 2 == 1 {
@@ -131,7 +140,7 @@ pub fn bench_e2e(options: &BenchE2eOptions) -> anyhow::Result<()> {
         ours.push(report(
             "ours",
             round,
-            run_through_gateway(&config_path, options, &keys)?,
+            run_through_gateway(&config_path, options, &load_order)?,
         ));
         if round % 2 == 0 {
             fio.push(report(
