@@ -6,6 +6,8 @@ import os
 import pathlib
 import signal
 import subprocess
+import threading
+import urllib.request
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 LAYERS = 8
@@ -69,9 +71,22 @@ class Gateway:
         for line in self.process.stderr:
             if "dualpath gateway ready" in line:
                 self.address = line.split("tcp ")[1].split(",")[0].strip()
+                self.metrics = line.split("metrics http://")[1].split("/")[0].strip() if "metrics http://" in line else None
                 break
         else:
             raise RuntimeError("the gateway exited before it was ready")
+        # Keep reading its log, so the gateway never blocks on a full pipe.
+        self.log = []
+        threading.Thread(target=lambda: self.log.extend(self.process.stderr), daemon=True).start()
+
+    def metric_sum(self, name):
+        """The sum of a metric over its label sets (needs metrics_listen)."""
+        text = urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=10).read().decode()
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(name) and line[len(name)] in "{ "
+        )
 
     def stop(self):
         if self.process.poll() is None:

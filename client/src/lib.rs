@@ -21,7 +21,7 @@ mod sys;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use block_layout::{BlockKey, Geometry};
@@ -172,6 +172,10 @@ pub enum BlockStatus {
     Failed { code: ErrorCode, message: String },
 }
 
+/// After a failed reconnect, how long loads fail at once instead of dialling
+/// again (the pool poller keeps trying meanwhile).
+const LOAD_REDIAL_PAUSE: Duration = Duration::from_secs(1);
+
 /// One gateway (all its shards).
 #[derive(Debug)]
 pub(crate) struct Gateway {
@@ -179,6 +183,9 @@ pub(crate) struct Gateway {
     /// Replaced as a whole when the client reconnects after a failure.
     shards: RwLock<Vec<Arc<ShardLink>>>,
     namespaces: Vec<NamespaceInfo>,
+    /// Held while reconnecting, so the pool poller and a load do not both dial;
+    /// when the last attempt failed.
+    reconnecting: Mutex<Option<std::time::Instant>>,
 }
 
 /// A connection to one or more gateways.
@@ -193,6 +200,8 @@ pub struct Client {
     next_region: AtomicU32,
     next_request: Arc<AtomicU64>,
     options: ClientOptions,
+    /// The RDMA device (when on), for reconnecting.
+    verbs: Option<verbs::Verbs>,
     /// The thread that polls the gateways' pool status; stopped on drop.
     poller: Option<(
         Arc<std::sync::atomic::AtomicBool>,
@@ -267,6 +276,7 @@ impl Client {
             next_region: AtomicU32::new(1),
             next_request: Arc::new(AtomicU64::new(1)),
             options,
+            verbs,
             poller,
         })
     }
@@ -310,7 +320,9 @@ impl Client {
             if !self.dual.gateway_healthy(index) {
                 continue;
             }
-            for link in gateway.links() {
+            self.redial_if_closed(index);
+            // A connection still closed hears of the region from the first load on it.
+            for link in gateway.links().iter().filter(|link| !link.is_closed()) {
                 link.register_region(id, &region_arc)?;
             }
         }
@@ -363,6 +375,7 @@ impl Client {
         direct: Option<Target>,
     ) -> Result<LoadHandle, ClientError> {
         self.check_load(gateway, namespace, &host.blocks)?;
+        self.redial_if_closed(gateway);
         let shared = Arc::new(LoadShared::new(&host.blocks, false));
         let indexes: Vec<u32> =
             (0..u32::try_from(host.blocks.len()).expect("bounded by check_load")).collect();
@@ -375,6 +388,18 @@ impl Client {
             &shared,
         );
         Ok(LoadHandle { shared, request_id })
+    }
+
+    /// A connection the gateway ended (a restart, or this process stopped long
+    /// enough to be closed as stalled) is redialled when next used, rather than
+    /// failing every request until the pool poller's next round.
+    fn redial_if_closed(&self, gateway: usize) {
+        self.gateways[gateway].reconnect_if_closed(
+            &self.options,
+            &self.regions,
+            self.verbs.as_ref(),
+            LOAD_REDIAL_PAUSE,
+        );
     }
 
     fn check_load(
@@ -501,8 +526,8 @@ impl Client {
     /// Stores one whole block (after prefill) through the shard that owns its key on
     /// gateway 0; returns when it is durable.
     pub fn store(&self, namespace: &str, key: BlockKey, bytes: &[u8]) -> Result<(), ClientError> {
-        let gateway = &self.gateways[0];
-        let links = gateway.links();
+        self.redial_if_closed(0);
+        let links = self.gateways[0].links();
         let shard_count = u32::try_from(links.len()).expect("shard count from the gateway");
         let request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
         links[key.shard(shard_count) as usize].store(
@@ -557,6 +582,7 @@ fn connect_gateway(
         address: address.to_string(),
         shards: RwLock::new(shards),
         namespaces,
+        reconnecting: Mutex::new(None),
     })
 }
 
@@ -584,19 +610,37 @@ impl Gateway {
         }
     }
 
-    /// Connects again after a failure; true on success.
-    fn reconnect(
+    /// Connects again if a connection has ended (a gateway restart, or a gateway
+    /// that closed this client's connection); true when every shard is
+    /// connected afterwards.
+    /// A failed attempt within `retry_after` is not repeated (a load should not
+    /// wait for a connect timeout each time a gateway is down).
+    fn reconnect_if_closed(
         &self,
         options: &ClientOptions,
         regions: &Arc<RwLock<HashMap<u32, Arc<Region>>>>,
         verbs: Option<&verbs::Verbs>,
+        retry_after: Duration,
     ) -> bool {
+        let mut last_failure = self.reconnecting.lock().expect("reconnect lock");
+        if !self.is_closed() {
+            return true;
+        }
+        if last_failure.is_some_and(|at| at.elapsed() < retry_after) {
+            return false;
+        }
         match connect_gateway(&self.address, options, regions, verbs) {
             Ok(fresh) => {
                 *self.shards.write().expect("links lock") = fresh.links();
+                *last_failure = None;
+                tracing::info!("reconnected to gateway {}", self.address);
                 true
             }
-            Err(_) => false,
+            Err(error) => {
+                *last_failure = Some(std::time::Instant::now());
+                tracing::debug!("cannot reconnect to gateway {}: {error}", self.address);
+                false
+            }
         }
     }
 }
@@ -641,8 +685,12 @@ fn start_poller(
                             age_ms: u32::MAX,
                         }]
                     };
-                    if gateway.is_closed() && !gateway.reconnect(&options, &regions, verbs.as_ref())
-                    {
+                    if !gateway.reconnect_if_closed(
+                        &options,
+                        &regions,
+                        verbs.as_ref(),
+                        Duration::ZERO,
+                    ) {
                         dual.pool_report(&gateways, &silent(), silence, now);
                         continue;
                     }

@@ -907,6 +907,58 @@ fn a_client_that_stops_reading_is_closed_after_the_stall_timeout() {
     assert!(region.read(3 * BLOCK_BYTES, BLOCK_BYTES) == expected_block(3));
 }
 
+/// The gateway ends this client's connections (here: it restarts; also when it
+/// closes a client that stopped reading): the next load redials at once,
+/// without waiting for the pool poller, which is off here.
+#[test]
+fn a_load_after_the_gateway_restarts_redials_at_once() {
+    let mut gateway = Gateway::start(8);
+    let options = ClientOptions {
+        pool_poll_interval: Duration::ZERO,
+        ..ClientOptions::default()
+    };
+    let client = Client::connect(&[&gateway.tcp], options).expect("connect");
+    let region = Arc::new(Region::allocate(8 * BLOCK_BYTES));
+    let id = client
+        .register_region(Arc::clone(&region))
+        .expect("register");
+    let load = |blocks: &[BlockLoad]| {
+        client
+            .load("full", id, blocks, 0)
+            .expect("load")
+            .wait(WAIT)
+            .expect("finished")
+    };
+    assert!(load(&whole_blocks(8)).all_done());
+    gateway.process.child.kill().expect("kill the gateway");
+    gateway.process.child.wait().expect("reap the gateway");
+    // The same address and store: what a supervisor's restart looks like.
+    let config = UringGatewayConfig {
+        listen_tcp: gateway.tcp.clone(),
+        ..UringGatewayConfig::default()
+    }
+    .write(gateway._dir.path());
+    let mut command = Command::new(BINARY);
+    command.arg("--config").arg(&config).arg("serve");
+    gateway.process = GatewayProcess::start(command);
+    // The blocks in reverse order, so every place receives different bytes.
+    let reversed: Vec<BlockLoad> = (0..8u64)
+        .map(|index| BlockLoad {
+            key: synthetic::key(SEED, index),
+            layers: 0..LAYERS,
+            dest_offset: (7 - index) * BLOCK_BYTES as u64,
+        })
+        .collect();
+    let report = load(&reversed);
+    assert!(report.all_done(), "{:?}", report.failed().next());
+    for index in 0..8u64 {
+        assert!(
+            region.read((7 - index) as usize * BLOCK_BYTES, BLOCK_BYTES) == expected_block(index),
+            "block {index}"
+        );
+    }
+}
+
 fn hex_of(text: &str) -> String {
     text.bytes().map(|byte| format!("{byte:02x}")).collect()
 }
