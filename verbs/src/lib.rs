@@ -27,6 +27,8 @@ pub enum VerbsError {
         port: u8,
         gid_index: u8,
     },
+    #[error("invalid RDMA setting: {0}")]
+    Invalid(String),
     #[error("{op} failed: {source}")]
     Os {
         op: &'static str,
@@ -78,11 +80,29 @@ pub struct QueueChannels {
     pub receive: bool,
 }
 
+/// Which class of service a queue pair's packets carry, so the fabric's QoS can
+/// keep bulk KV movement from crowding out latency-critical model traffic
+/// (the DualPath paper gives model traffic about 99% by weighted scheduling).
+/// The names and ranges are those of NCCL's `NCCL_IB_TC` and `NCCL_IB_SL`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ServiceClass {
+    /// The GRH traffic class; on RoCE the IP header's TOS byte (DSCP << 2 |
+    /// ECN), which switches map to a priority queue.
+    pub traffic_class: u8,
+    /// InfiniBand service level (0-15), mapped to a virtual lane by the subnet
+    /// manager's SL-to-VL table. InfiniBand only (see [`Verbs::is_infiniband`]).
+    pub service_level: u8,
+}
+
+/// Highest InfiniBand service level.
+pub const SERVICE_LEVEL_MAX: u8 = 15;
+
 /// An open device port and a protection domain on it: what memory regions
 /// and queue pairs are created from. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Verbs {
     pd: Arc<sys::ProtectionDomain>,
+    class: ServiceClass,
 }
 
 impl Verbs {
@@ -92,11 +112,31 @@ impl Verbs {
         let device = Arc::new(sys::Device::open(device, port, gid_index)?);
         Ok(Self {
             pd: Arc::new(sys::ProtectionDomain::new(device)?),
+            class: ServiceClass::default(),
         })
+    }
+
+    /// Queue pairs created from here on carry `class` (0 and 0 by default).
+    pub fn with_service_class(mut self, class: ServiceClass) -> Result<Self, VerbsError> {
+        if class.service_level > SERVICE_LEVEL_MAX {
+            return Err(VerbsError::Invalid(format!(
+                "service level {} is above {SERVICE_LEVEL_MAX}",
+                class.service_level
+            )));
+        }
+        self.class = class;
+        Ok(self)
     }
 
     pub fn device_name(&self) -> &str {
         &self.pd.device.name
+    }
+
+    /// Whether the port is InfiniBand; false for Ethernet (RoCE), where the
+    /// service level is not carried (Soft-RoCE drops it) and the traffic class
+    /// (DSCP) is what switches classify by.
+    pub fn is_infiniband(&self) -> bool {
+        self.pd.device.infiniband
     }
 
     /// Registers memory for local use and, with `remote_write`, for RDMA
@@ -154,6 +194,7 @@ impl Verbs {
             (send_depth, recv_depth),
             max_inline,
             (channels.send, channels.receive),
+            self.class,
         )
     }
 }
@@ -186,6 +227,12 @@ impl QueuePair {
     /// Connects to the peer (INIT -> RTR -> RTS). After this, posted work flows.
     pub fn connect_to(&mut self, remote: &Endpoint) -> Result<(), VerbsError> {
         self.connect(remote)
+    }
+
+    /// The class of service the device holds for this (connected) queue pair,
+    /// read back from it (`ibv_query_qp`), not from what was asked.
+    pub fn service_class(&self) -> Result<ServiceClass, VerbsError> {
+        self.query_service_class()
     }
 
     /// # Safety

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use rdma_sys as ffi;
 
-use crate::{Completion, Endpoint, Sge, VerbsError};
+use crate::{Completion, Endpoint, ServiceClass, Sge, VerbsError};
 
 fn os_error(op: &'static str) -> VerbsError {
     VerbsError::Os {
@@ -72,7 +72,13 @@ pub struct Device {
     pub(crate) gid: [u8; 16],
     pub(crate) lid: u16,
     pub(crate) active_mtu: u32,
+    /// The port's link layer is InfiniBand (else Ethernet: RoCE).
+    pub(crate) infiniband: bool,
 }
+
+/// `IBV_LINK_LAYER_INFINIBAND` of `enum ibv_link_layer` (verbs.h; rdma-sys does
+/// not bind the enum).
+const LINK_LAYER_INFINIBAND: u8 = 1;
 
 // SAFETY: libibverbs contexts are thread-safe (its documentation: all verbs may
 // be called from any thread); `Device` only reads its other fields after open.
@@ -127,6 +133,7 @@ impl Device {
             gid: [0; 16],
             lid: 0,
             active_mtu: 0,
+            infiniband: false,
         };
         // SAFETY: `context` is open; `port_attr` is a plain C struct the call fills.
         let port_attr = unsafe {
@@ -145,6 +152,7 @@ impl Device {
         }
         device.lid = port_attr.lid;
         device.active_mtu = port_attr.active_mtu;
+        device.infiniband = port_attr.link_layer == LINK_LAYER_INFINIBAND;
         // SAFETY: `context` is open; `gid` is a 16-byte union the call fills.
         unsafe {
             let mut gid: ffi::ibv_gid = std::mem::zeroed();
@@ -506,6 +514,7 @@ pub struct QueuePair {
     pub(crate) send_cq: CompletionQueue,
     pub(crate) recv_cq: CompletionQueue,
     pd: Arc<ProtectionDomain>,
+    class: ServiceClass,
 }
 
 // SAFETY: queue pairs are thread-safe verbs objects; we post from one thread at
@@ -520,6 +529,7 @@ impl QueuePair {
         depths: (u32, u32),
         max_inline: u32,
         channels: (bool, bool),
+        class: ServiceClass,
     ) -> Result<Self, VerbsError> {
         let (send_depth, recv_depth) = depths;
         let (send_channel, recv_channel) = channels;
@@ -551,6 +561,7 @@ impl QueuePair {
             send_cq,
             recv_cq,
             pd,
+            class,
         };
         // SAFETY: as above for the attribute struct.
         let mut attr: ffi::ibv_qp_attr = unsafe { std::mem::zeroed() };
@@ -592,6 +603,8 @@ impl QueuePair {
         attr.ah_attr.grh.dgid = ffi::ibv_gid { raw: remote.gid };
         attr.ah_attr.grh.sgid_index = device.gid_index;
         attr.ah_attr.grh.hop_limit = 64;
+        attr.ah_attr.grh.traffic_class = self.class.traffic_class;
+        attr.ah_attr.sl = self.class.service_level;
         let mask = ffi::ibv_qp_attr_mask::IBV_QP_STATE.0
             | ffi::ibv_qp_attr_mask::IBV_QP_AV.0
             | ffi::ibv_qp_attr_mask::IBV_QP_PATH_MTU.0
@@ -622,6 +635,24 @@ impl QueuePair {
         // SAFETY: as above, the RTS transition.
         check("ibv_modify_qp(RTS)", unsafe {
             ffi::ibv_modify_qp(self.qp, &mut attr, mask as i32)
+        })
+    }
+
+    /// The traffic class and service level of the queue pair's address vector,
+    /// as the device reports them.
+    pub(crate) fn query_service_class(&self) -> Result<ServiceClass, VerbsError> {
+        // SAFETY: plain C structs, zero-initialised; filled by the call.
+        let mut attr: ffi::ibv_qp_attr = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let mut init: ffi::ibv_qp_init_attr = unsafe { std::mem::zeroed() };
+        let mask = ffi::ibv_qp_attr_mask::IBV_QP_AV.0;
+        // SAFETY: `qp` is valid until drop; both out-structs outlive the call.
+        check("ibv_query_qp", unsafe {
+            ffi::ibv_query_qp(self.qp, &mut attr, mask as i32, &mut init)
+        })?;
+        Ok(ServiceClass {
+            traffic_class: attr.ah_attr.grh.traffic_class,
+            service_level: attr.ah_attr.sl,
         })
     }
 

@@ -180,3 +180,73 @@ fn tempfile_fd() -> std::fs::File {
     std::fs::remove_file(&path).expect("unlink the file");
     file
 }
+
+/// Queue pairs carry the class of service asked for (DSCP 26 with ECN, as
+/// RoCE deployments mark lossless traffic), as the device reports it back, and
+/// an RDMA WRITE still lands; the service level (3) is checked on InfiniBand
+/// only (RoCE carries none); one beyond 15 is refused up front.
+#[test]
+fn queue_pairs_carry_the_service_class_asked_for() {
+    let Some(verbs) = open() else { return };
+    let class = verbs::ServiceClass {
+        traffic_class: 26 << 2 | 2,
+        service_level: 3,
+    };
+    let error = verbs
+        .clone()
+        .with_service_class(verbs::ServiceClass {
+            service_level: 16,
+            ..class
+        })
+        .expect_err("16 is not a service level");
+    assert!(error.to_string().contains("above 15"), "{error}");
+    let verbs = verbs.with_service_class(class).expect("a valid class");
+    let mut source = vec![0x5Au8; 64 << 10];
+    let mut target = vec![0u8; 64 << 10];
+    // SAFETY: the vectors outlive the regions and queue pairs (declared later,
+    // dropped first).
+    let (source_mr, target_mr) = unsafe {
+        (
+            verbs
+                .register(source.as_mut_ptr(), source.len(), false)
+                .expect("register source"),
+            verbs
+                .register(target.as_mut_ptr(), target.len(), true)
+                .expect("register target"),
+        )
+    };
+    let mut writer = verbs
+        .queue_pair(4, 1, 0, QueueChannels::default())
+        .expect("writer qp");
+    let mut reader = verbs
+        .queue_pair(1, 1, 0, QueueChannels::default())
+        .expect("reader qp");
+    let (writer_end, reader_end) = (writer.endpoint(), reader.endpoint());
+    writer.connect_to(&reader_end).expect("connect writer");
+    reader.connect_to(&writer_end).expect("connect reader");
+    for queue_pair in [&writer, &reader] {
+        let held = queue_pair.service_class().expect("query the queue pair");
+        assert_eq!(held.traffic_class, class.traffic_class);
+        if verbs.is_infiniband() {
+            assert_eq!(held.service_level, class.service_level);
+        } else {
+            eprintln!(
+                "Ethernet link layer (RoCE): the device keeps service level {}, not {} (none is carried)",
+                held.service_level, class.service_level
+            );
+        }
+    }
+    let piece = Sge {
+        address: source_mr.address(),
+        len: source.len() as u32,
+        lkey: source_mr.lkey(),
+    };
+    // SAFETY: `source` is registered and unchanged until the completion below;
+    // the remote range is `target`'s region.
+    unsafe { writer.write(1, &[piece], target_mr.address(), target_mr.rkey(), true) }
+        .expect("post write");
+    let done = wait(writer.send_queue(), 1);
+    assert!(done[0].ok, "{}", done[0].status_text);
+    drop((writer, reader, source_mr, target_mr));
+    assert!(target.iter().all(|byte| *byte == 0x5A));
+}
