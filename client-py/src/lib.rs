@@ -90,7 +90,7 @@ struct GpuTargets {
 #[pymethods]
 impl Client {
     #[new]
-    #[pyo3(signature = (addresses, secret=None, connect_timeout=5.0, request_timeout=30.0, policy="dualpath", pe_storage=None, rdma="off", rdma_device=None, token=None, tls_ca_file=None, gpu_direct=true, tls_cert_file=None, tls_key_file=None))]
+    #[pyo3(signature = (addresses, secret=None, connect_timeout=5.0, request_timeout=30.0, policy="dualpath", pe_storage=None, rdma="off", rdma_device=None, token=None, tls_ca_file=None, gpu_direct=true, tls_cert_file=None, tls_key_file=None, rdma_traffic_class=0, rdma_service_level=0))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -107,11 +107,19 @@ impl Client {
         gpu_direct: bool,
         tls_cert_file: Option<std::path::PathBuf>,
         tls_key_file: Option<std::path::PathBuf>,
+        rdma_traffic_class: u8,
+        rdma_service_level: u8,
     ) -> PyResult<Self> {
+        if rdma_service_level > 15 {
+            return Err(PyValueError::new_err(format!(
+                "rdma_service_level={rdma_service_level}: InfiniBand service levels are 0 to 15"
+            )));
+        }
+        let service_class = client::ServiceClass { traffic_class: rdma_traffic_class, service_level: rdma_service_level };
         let rdma = match rdma {
             "off" => None,
-            "auto" => Some(client::RdmaOptions { device: rdma_device, ..client::RdmaOptions::default() }),
-            "required" => Some(client::RdmaOptions { device: rdma_device, required: true, ..client::RdmaOptions::default() }),
+            "auto" => Some(client::RdmaOptions { device: rdma_device, service_class, ..client::RdmaOptions::default() }),
+            "required" => Some(client::RdmaOptions { device: rdma_device, required: true, service_class, ..client::RdmaOptions::default() }),
             other => return Err(PyValueError::new_err(format!("rdma={other:?}: use \"off\", \"auto\" (RDMA where the device and gateway allow, else TCP) or \"required\""))),
         };
         let options = ClientOptions {

@@ -36,6 +36,7 @@ pub use protocol::ErrorCode as GatewayCode;
 pub use scheduler::Policy;
 pub use storage_backends::object::ObjectSettings;
 pub use sys::Region;
+pub use verbs::ServiceClass;
 
 use dual::Target;
 use link::ShardLink;
@@ -129,6 +130,9 @@ pub struct RdmaOptions {
     /// The GID index of the RoCE v2 IPv4 address (`ibv_devinfo -v`).
     pub gid_index: u8,
     pub required: bool,
+    /// Class of service of this client's queue pairs (its acknowledgements),
+    /// to match the gateways' `rdma.traffic_class` / `rdma.service_level`.
+    pub service_class: verbs::ServiceClass,
 }
 
 impl Default for RdmaOptions {
@@ -138,6 +142,7 @@ impl Default for RdmaOptions {
             port: 1,
             gid_index: 1,
             required: false,
+            service_class: verbs::ServiceClass::default(),
         }
     }
 }
@@ -222,7 +227,9 @@ impl Client {
         let verbs = match &options.rdma {
             None => None,
             Some(rdma) => {
-                match verbs::Verbs::open(rdma.device.as_deref(), rdma.port, rdma.gid_index) {
+                match verbs::Verbs::open(rdma.device.as_deref(), rdma.port, rdma.gid_index)
+                    .and_then(|verbs| verbs.with_service_class(rdma.service_class))
+                {
                     Ok(verbs) => Some(verbs),
                     Err(error) if rdma.required => {
                         return Err(ClientError::Invalid(format!(

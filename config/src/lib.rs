@@ -63,6 +63,8 @@ struct RdmaSection {
     device: Option<String>,
     port: Option<u8>,
     gid_index: Option<u8>,
+    traffic_class: Option<u8>,
+    service_level: Option<u8>,
 }
 
 /// The gateway's TLS certificate chain and private key (PEM files), and the
@@ -95,6 +97,12 @@ pub struct RdmaConfig {
     /// GID table index: for RoCE v2 over IPv4, the entry holding the interface's
     /// IPv4 address (`ibv_devinfo -v`; 1 on Soft-RoCE).
     pub gid_index: u8,
+    /// The GRH traffic class of the gateway's RDMA packets: on RoCE the IP TOS
+    /// byte (DSCP << 2 | ECN) that switches classify by. 0: the device default.
+    pub traffic_class: u8,
+    /// InfiniBand service level (0-15), mapped to a virtual lane by the subnet
+    /// manager; RoCE carries none.
+    pub service_level: u8,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -451,11 +459,21 @@ impl Validator<'_> {
                 ))
             }
         };
+        let service_level = raw.rdma.service_level.unwrap_or(0);
+        if service_level > 15 {
+            return Err(self.invalid(
+                "rdma.service_level",
+                format!("{service_level} is not an InfiniBand service level"),
+                "use 0 to 15, as the subnet manager's SL-to-VL table maps them",
+            ));
+        }
         let rdma = RdmaConfig {
             transport,
             device: raw.rdma.device.clone(),
             port: raw.rdma.port.unwrap_or(1),
             gid_index: raw.rdma.gid_index.unwrap_or(1),
+            traffic_class: raw.rdma.traffic_class.unwrap_or(0),
+            service_level,
         };
         let tls = match (
             raw.gateway.tls_cert_file.clone(),
@@ -847,6 +865,10 @@ mod tests {
             (
                 format!("{MINIMAL}\n[gateway]\nclient_stall_timeout_ms = 5\n"),
                 "gateway.client_stall_timeout_ms",
+            ),
+            (
+                format!("{MINIMAL}\n[rdma]\nservice_level = 16\n"),
+                "rdma.service_level",
             ),
             (
                 MINIMAL.replace(

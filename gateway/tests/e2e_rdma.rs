@@ -29,6 +29,8 @@ const LAYER_BYTES: usize = TEST_LAYER_BYTES;
 const BLOCK_BYTES: usize = TEST_BLOCK_BYTES;
 const BLOCKS: u64 = 160;
 const CHILD_ENV: &str = "DUALPATH_RDMA_TEST_CHILD_GATEWAY";
+/// DSCP 26 with ECN capable: how RoCE deployments commonly mark such traffic.
+const TRAFFIC_CLASS: u8 = 26 << 2 | 2;
 
 fn rdma_device() -> Option<String> {
     let names = transport::verbs::device_names();
@@ -50,7 +52,7 @@ fn write_config(dir: &Path, device: &str, transport: &str) -> PathBuf {
     UringGatewayConfig {
         cores: 1,
         tables: format!(
-            "[rdma]\ntransport = \"{transport}\"\ndevice = \"{device}\"\ngid_index = 1"
+            "[rdma]\ntransport = \"{transport}\"\ndevice = \"{device}\"\ngid_index = 1\ntraffic_class = {TRAFFIC_CLASS}\nservice_level = 2"
         ),
         ..UringGatewayConfig::default()
     }
@@ -76,6 +78,10 @@ impl Gateway {
         let rdma = RdmaOptions {
             device: Some(device.to_owned()),
             required,
+            service_class: client::ServiceClass {
+                traffic_class: TRAFFIC_CLASS,
+                service_level: 0,
+            },
             ..RdmaOptions::default()
         };
         Client::connect(
@@ -136,6 +142,23 @@ fn loads_both_layouts_by_rdma_write_layer_by_layer_with_every_byte_checked() {
         }
         let report = load.wait(WAIT).expect("load finished");
         assert!(report.all_done(), "{:?}", report.failed().next());
+        // The gateway's queue pair holds the configured class (read back from
+        // the device), and a service level on RoCE is called out as ignored.
+        assert!(
+            gateway.process.later_log().contains(&format!(
+                "RDMA queue pair connected, traffic class {TRAFFIC_CLASS}"
+            )),
+            "{}",
+            gateway.process.later_log()
+        );
+        assert!(
+            gateway
+                .process
+                .startup_log
+                .contains("rdma.service_level = 2 has no effect"),
+            "{}",
+            gateway.process.startup_log
+        );
         for index in 0..BLOCKS {
             assert!(
                 region.read(index as usize * BLOCK_BYTES, BLOCK_BYTES) == expected_block(index),

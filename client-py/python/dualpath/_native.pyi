@@ -35,6 +35,11 @@ class Client:
         rdma_device: Optional[str] = None,
         token: Optional[str] = None,
         tls_ca_file: Optional[str] = None,
+        gpu_direct: bool = True,
+        tls_cert_file: Optional[str] = None,
+        tls_key_file: Optional[str] = None,
+        rdma_traffic_class: int = 0,
+        rdma_service_level: int = 0,
     ) -> None:
         """Connect to every shard of each gateway ("host:port" or "unix:/path").
 
@@ -45,7 +50,14 @@ class Client:
         "required"; `rdma_device` picks the device (default: the first).
         `token`: an access token from `dualpath token` instead of the secret;
         it limits the client to the namespaces it lists. `tls_ca_file`: connect
-        with TLS, trusting the gateways' certificates signed by this PEM CA."""
+        with TLS, trusting the gateways' certificates signed by this PEM CA;
+        `tls_cert_file`/`tls_key_file`: this client's certificate where the
+        gateways require one (mutual TLS). `gpu_direct`: let RDMA gateways
+        write straight into device memory where the NIC and driver allow.
+        `rdma_traffic_class` (GRH traffic class, on RoCE the IP TOS byte:
+        DSCP << 2 | ECN) and `rdma_service_level` (InfiniBand SL, 0-15): the
+        class of service of this client's queue pairs, to match the gateways'
+        `[rdma]` settings."""
         ...
     def transports(self) -> list[str]:
         """Per gateway, "rdma" or "tcp": how payloads reach this client."""

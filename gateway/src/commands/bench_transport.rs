@@ -166,6 +166,8 @@ fn bench_config(block_bytes: u64, cores: u32, rdma: bool) -> anyhow::Result<Gate
             device: None,
             port: 1,
             gid_index: 1,
+            traffic_class: 0,
+            service_level: 0,
         },
     })
 }

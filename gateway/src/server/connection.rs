@@ -296,6 +296,16 @@ impl Connection {
                 gid: client.gid,
             })
             .map_err(io::Error::other)?;
+        // What the device holds, not what was asked: operators check their QoS here.
+        match queue_pair.service_class() {
+            Ok(class) => tracing::info!(
+                "client {}: RDMA queue pair connected, traffic class {}, service level {}",
+                self.peer,
+                class.traffic_class,
+                class.service_level
+            ),
+            Err(error) => tracing::debug!("cannot read the queue pair's class of service: {error}"),
+        }
         let mut control = self.stream.transport()?;
         control.notify(&Frame::RdmaAccept(RdmaEndpoint {
             qp_num: local.qp_num,

@@ -81,6 +81,12 @@ impl CoreRdma {
     ) -> anyhow::Result<Self> {
         let verbs =
             transport::verbs::Verbs::open(config.device.as_deref(), config.port, config.gid_index)
+                .and_then(|verbs| {
+                    verbs.with_service_class(transport::verbs::ServiceClass {
+                        traffic_class: config.traffic_class,
+                        service_level: config.service_level,
+                    })
+                })
                 .context("cannot open the RDMA device on a core")?;
         let staging = transport::SlabRegistration::new(&verbs, std::rc::Rc::clone(slab))
             .context("cannot register the staging slab for RDMA (locked memory limit? run as root or raise RLIMIT_MEMLOCK)")?;

@@ -218,16 +218,12 @@ fn probe_rdma(config: &GatewayConfig) -> anyhow::Result<Option<config::RdmaConfi
         }
         config::TransportSetting::Rdma => {
             let verbs = opened().context("rdma.transport = \"rdma\" but the RDMA device cannot be used; fix [rdma] or set transport = \"auto\"")?;
-            tracing::info!(
-                "transport: RDMA WRITE through {} port {} for clients that ask, TCP for the rest",
-                verbs.device_name(),
-                rdma.port
-            );
+            announce_rdma(&verbs, rdma);
             Ok(Some(rdma.clone()))
         }
         config::TransportSetting::Auto => match opened() {
             Ok(verbs) => {
-                tracing::info!("transport: RDMA WRITE through {} port {} for clients that ask, TCP for the rest", verbs.device_name(), rdma.port);
+                announce_rdma(&verbs, rdma);
                 Ok(Some(rdma.clone()))
             }
             Err(error) => {
@@ -235,6 +231,25 @@ fn probe_rdma(config: &GatewayConfig) -> anyhow::Result<Option<config::RdmaConfi
                 Ok(None)
             }
         },
+    }
+}
+
+/// Says how clients that ask will be served, and what class of service the
+/// KV traffic carries on the compute network.
+fn announce_rdma(verbs: &transport::verbs::Verbs, rdma: &config::RdmaConfig) {
+    tracing::info!(
+        "transport: RDMA WRITE through {} port {} for clients that ask, TCP for the rest; traffic class {}, service level {}",
+        verbs.device_name(),
+        rdma.port,
+        rdma.traffic_class,
+        rdma.service_level
+    );
+    if rdma.service_level != 0 && !verbs.is_infiniband() {
+        tracing::warn!(
+            "rdma.service_level = {} has no effect: {} is RoCE (Ethernet), which carries no service level; classify by rdma.traffic_class (DSCP) instead",
+            rdma.service_level,
+            verbs.device_name()
+        );
     }
 }
 
