@@ -194,8 +194,10 @@ def test_rdma_option_falls_back_to_tcp_without_a_device_and_is_checked(gateway):
         dualpath.Client([gateway.address], rdma="auto", rdma_service_level=16)
     with pytest.raises(OverflowError):
         dualpath.Client([gateway.address], rdma="auto", rdma_traffic_class=256)
-    marked = dualpath.Client([gateway.address], rdma="auto", rdma_traffic_class=26 << 2 | 2, rdma_service_level=3)
+    marked = dualpath.Client([gateway.address], rdma="auto", rdma_traffic_class=26 << 2 | 2, rdma_service_level=3, tcp_dscp=12)
     assert marked.transports() == ["tcp"]
+    with pytest.raises(ValueError, match="0 to 63"):
+        dualpath.Client([gateway.address], tcp_dscp=64)
 
 
 def test_device_loads_need_a_cuda_driver_and_say_so(gateway):

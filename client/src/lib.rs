@@ -105,6 +105,10 @@ pub struct ClientOptions {
     /// Loads into GPU memory try GPUDirect RDMA (gateways writing by RDMA
     /// straight into the device) before staging in host memory.
     pub gpu_direct: bool,
+    /// DSCP (0-63) on this client's TCP connections to gateways (its requests
+    /// and acknowledgements), to match the gateways' `gateway.tcp_dscp`; 0:
+    /// unmarked.
+    pub tcp_dscp: u8,
 }
 
 /// Trust for gateways' TLS certificates.
@@ -161,6 +165,7 @@ impl Default for ClientOptions {
             rdma: None,
             tls: None,
             gpu_direct: true,
+            tcp_dscp: 0,
         }
     }
 }
@@ -223,6 +228,12 @@ impl Client {
     pub fn connect(addresses: &[&str], options: ClientOptions) -> Result<Self, ClientError> {
         if addresses.is_empty() {
             return Err(ClientError::Invalid("no gateway address given".into()));
+        }
+        if options.tcp_dscp > 63 {
+            return Err(ClientError::Invalid(format!(
+                "tcp_dscp {} is not a DSCP value: use 0 to 63",
+                options.tcp_dscp
+            )));
         }
         let verbs = match &options.rdma {
             None => None,

@@ -245,8 +245,7 @@ impl ShardLink {
             address: address.clone(),
             source,
         };
-        let mut socket =
-            open(endpoint, options.connect_timeout, options.tls.as_ref()).map_err(connect_error)?;
+        let mut socket = open(endpoint, options).map_err(connect_error)?;
         socket
             .set_read_timeout(Some(options.request_timeout))
             .map_err(connect_error)?;
@@ -670,11 +669,8 @@ fn dispatch_message(message: &[u8], shared: &LinkShared) -> io::Result<()> {
     dispatch(Frame::decode(header.kind, body).map_err(invalid)?, shared)
 }
 
-fn open(
-    endpoint: &Endpoint,
-    timeout: Duration,
-    tls: Option<&crate::TlsOptions>,
-) -> io::Result<Socket> {
+fn open(endpoint: &Endpoint, options: &crate::ClientOptions) -> io::Result<Socket> {
+    let (timeout, tls) = (options.connect_timeout, options.tls.as_ref());
     match endpoint {
         Endpoint::Tcp(address) => {
             let mut last =
@@ -683,6 +679,9 @@ fn open(
                 match TcpStream::connect_timeout(&resolved, timeout) {
                     Ok(stream) => {
                         stream.set_nodelay(true)?;
+                        if options.tcp_dscp != 0 {
+                            mark_dscp(&stream, options.tcp_dscp)?;
+                        }
                         return match tls {
                             None => Ok(Socket::Tcp(stream)),
                             Some(tls) => start_tls(stream, address, tls, timeout),
@@ -695,6 +694,18 @@ fn open(
         }
         Endpoint::Unix(path) => UnixStream::connect(path).map(Socket::Unix),
     }
+}
+
+/// Marks every packet the socket sends with `dscp` (the upper six bits of the
+/// IPv4 TOS byte or the IPv6 traffic class).
+fn mark_dscp(stream: &TcpStream, dscp: u8) -> io::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let byte = i32::from(dscp) << 2;
+    match stream.local_addr()? {
+        std::net::SocketAddr::V4(_) => setsockopt(stream, sockopt::IpTos, &byte),
+        std::net::SocketAddr::V6(_) => setsockopt(stream, sockopt::Ipv6TClass, &byte),
+    }
+    .map_err(io::Error::from)
 }
 
 /// The TLS handshake on a fresh connection, verifying the gateway's

@@ -116,6 +116,7 @@ struct GatewaySection {
     gossip_interval_ms: Option<u64>,
     peer_timeout_ms: Option<u64>,
     client_stall_timeout_ms: Option<u64>,
+    tcp_dscp: Option<u8>,
     listen_tcp: Option<SocketAddr>,
     listen_unix: Option<PathBuf>,
     metrics_listen: Option<SocketAddr>,
@@ -331,6 +332,9 @@ pub struct GatewayConfig {
     /// A client that takes no byte for this long while the gateway has data
     /// queued for it is disconnected, so its staging buffers go back to the rest.
     pub client_stall_timeout_ms: u64,
+    /// DSCP (0-63) marked on client TCP connections (payloads over the TCP
+    /// transport), so the network's QoS can class KV movement; 0: unmarked.
+    pub tcp_dscp: u8,
     /// File holding the cluster's shared secret; clients must prove they know it.
     /// (`DUALPATH_SECRET` in the environment is the other way to give it.)
     pub auth_secret_file: Option<PathBuf>,
@@ -440,6 +444,14 @@ impl Validator<'_> {
                 "use at least 100 ms (default 10000)",
             ));
         }
+        let tcp_dscp = raw.gateway.tcp_dscp.unwrap_or(0);
+        if tcp_dscp > 63 {
+            return Err(self.invalid(
+                "gateway.tcp_dscp",
+                format!("{tcp_dscp} is not a DSCP value"),
+                "use 0 to 63 (the TOS byte's upper six bits; e.g. 8 = CS1, lower-effort bulk)",
+            ));
+        }
         if !raw.gateway.peers.is_empty() && raw.gateway.gossip_listen.is_none() {
             return Err(self.invalid(
                 "gateway.gossip_listen",
@@ -509,6 +521,7 @@ impl Validator<'_> {
             gossip_interval_ms,
             peer_timeout_ms,
             client_stall_timeout_ms,
+            tcp_dscp,
             auth_secret_file: raw.gateway.auth_secret_file,
             listen_tcp: raw.gateway.listen_tcp,
             listen_unix: raw.gateway.listen_unix,
@@ -869,6 +882,10 @@ mod tests {
             (
                 format!("{MINIMAL}\n[rdma]\nservice_level = 16\n"),
                 "rdma.service_level",
+            ),
+            (
+                format!("{MINIMAL}\n[gateway]\ntcp_dscp = 64\n"),
+                "gateway.tcp_dscp",
             ),
             (
                 MINIMAL.replace(

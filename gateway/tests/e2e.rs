@@ -959,6 +959,157 @@ fn a_load_after_the_gateway_restarts_redials_at_once() {
     }
 }
 
+/// TOS bytes of the IPv4 TCP packets with payload on the loopback interface
+/// while `traffic` runs, (from `port`, to `port`), seen by a packet socket
+/// (needs CAP_NET_RAW; `None` where it is refused).
+type TosSeen = (
+    std::collections::BTreeSet<u8>,
+    std::collections::BTreeSet<u8>,
+);
+fn tos_of_packets_at(port: u16, traffic: impl FnOnce()) -> Option<TosSeen> {
+    // SAFETY: socket() has no pointer arguments; the result is checked.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_DGRAM,
+            i32::from((libc::ETH_P_IP as u16).to_be()),
+        )
+    };
+    if fd < 0 {
+        eprintln!(
+            "SKIPPED: no packet socket here ({}); the DSCP check needs CAP_NET_RAW",
+            std::io::Error::last_os_error()
+        );
+        return None;
+    }
+    // SAFETY: `fd` is a socket we own from here; OwnedFd closes it once.
+    let socket = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&socket);
+    // SAFETY: a NUL-terminated interface name.
+    let loopback = unsafe { libc::if_nametoindex(c"lo".as_ptr()) };
+    // SAFETY: zero is a valid sockaddr_ll; the fields set below are all it needs.
+    let mut address: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    address.sll_family = libc::AF_PACKET as u16;
+    address.sll_protocol = (libc::ETH_P_IP as u16).to_be();
+    address.sll_ifindex = loopback as i32;
+    // SAFETY: `address` is a sockaddr_ll of the length given.
+    let bound = unsafe {
+        libc::bind(
+            raw,
+            (&raw const address).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    assert_eq!(bound, 0, "bind to lo: {}", std::io::Error::last_os_error());
+    let timeout = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 100_000,
+    };
+    // SAFETY: a timeval of the length given.
+    unsafe {
+        libc::setsockopt(
+            raw,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const timeout).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
+    };
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let seen = std::thread::scope(|scope| {
+        let capture = scope.spawn(|| {
+            let mut seen = TosSeen::default();
+            let mut packet = vec![0u8; 65536];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // SAFETY: reads at most `packet.len()` bytes into `packet`.
+                let length =
+                    unsafe { libc::recv(raw, packet.as_mut_ptr().cast(), packet.len(), 0) };
+                let Ok(length) = usize::try_from(length) else {
+                    continue;
+                };
+                let ip = &packet[..length];
+                if length < 40 || ip[0] >> 4 != 4 || ip[9] != 6 {
+                    continue;
+                }
+                let header = usize::from(ip[0] & 0x0F) * 4;
+                let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+                let source_port = u16::from_be_bytes([ip[header], ip[header + 1]]);
+                let destination_port = u16::from_be_bytes([ip[header + 2], ip[header + 3]]);
+                let tcp_header = usize::from(ip[header + 12] >> 4) * 4;
+                if total <= header + tcp_header {
+                    continue; // a bare acknowledgement
+                }
+                if source_port == port {
+                    seen.0.insert(ip[1]);
+                } else if destination_port == port {
+                    seen.1.insert(ip[1]);
+                }
+            }
+            seen
+        });
+        traffic();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        capture.join().expect("capture thread")
+    });
+    Some(seen)
+}
+
+/// `gateway.tcp_dscp` and `ClientOptions::tcp_dscp`: every TCP packet with
+/// payload carries its sender's DSCP in its TOS byte, seen on the wire (lo):
+/// the gateway's 10 (AF11) on payloads and notices, the client's 12 (AF12) on
+/// its requests.
+#[test]
+fn tcp_packets_carry_the_configured_dscp_both_ways() {
+    let gateway = Gateway::start_configured(16, None, "tcp_dscp = 10");
+    let port: u16 = gateway
+        .tcp
+        .rsplit(':')
+        .next()
+        .and_then(|port| port.parse().ok())
+        .expect("a port");
+    let Some((from_gateway, to_gateway)) = tos_of_packets_at(port, || {
+        let options = ClientOptions {
+            tcp_dscp: 12,
+            ..ClientOptions::default()
+        };
+        let client = Client::connect(&[&gateway.tcp], options).expect("connect");
+        let region = Arc::new(Region::allocate(16 * BLOCK_BYTES));
+        let id = client
+            .register_region(Arc::clone(&region))
+            .expect("register");
+        let report = client
+            .load("full", id, &whole_blocks(16), 0)
+            .expect("load")
+            .wait(WAIT)
+            .expect("finished");
+        assert!(report.all_done());
+        assert!(region.read(15 * BLOCK_BYTES, BLOCK_BYTES) == expected_block(15));
+    }) else {
+        return;
+    };
+    let dscp =
+        |seen: &std::collections::BTreeSet<u8>| seen.iter().map(|tos| tos >> 2).collect::<Vec<_>>();
+    assert_eq!(
+        dscp(&from_gateway),
+        [10],
+        "TOS from the gateway: {from_gateway:?}"
+    );
+    assert_eq!(
+        dscp(&to_gateway),
+        [12],
+        "TOS to the gateway: {to_gateway:?}"
+    );
+    let refused = Client::connect(
+        &[&gateway.tcp],
+        ClientOptions {
+            tcp_dscp: 64,
+            ..ClientOptions::default()
+        },
+    )
+    .expect_err("64 is not a DSCP value");
+    assert!(refused.to_string().contains("0 to 63"), "{refused}");
+}
+
 fn hex_of(text: &str) -> String {
     text.bytes().map(|byte| format!("{byte:02x}")).collect()
 }

@@ -40,6 +40,7 @@ class Client:
         tls_key_file: Optional[str] = None,
         rdma_traffic_class: int = 0,
         rdma_service_level: int = 0,
+        tcp_dscp: int = 0,
     ) -> None:
         """Connect to every shard of each gateway ("host:port" or "unix:/path").
 
@@ -57,7 +58,8 @@ class Client:
         `rdma_traffic_class` (GRH traffic class, on RoCE the IP TOS byte:
         DSCP << 2 | ECN) and `rdma_service_level` (InfiniBand SL, 0-15): the
         class of service of this client's queue pairs, to match the gateways'
-        `[rdma]` settings."""
+        `[rdma]` settings; `tcp_dscp` (0-63) marks its TCP connections, to
+        match the gateways' `gateway.tcp_dscp`."""
         ...
     def transports(self) -> list[str]:
         """Per gateway, "rdma" or "tcp": how payloads reach this client."""

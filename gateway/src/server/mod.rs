@@ -183,6 +183,7 @@ where
         secret,
         tls,
         counters: acceptor_counters,
+        tcp_dscp: config.tcp_dscp,
     }
     .run();
     tracing::info!("shutting down: no new clients; finishing loads in flight");
