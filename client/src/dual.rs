@@ -52,6 +52,8 @@ pub(crate) struct DualState {
     pe_path: Option<PathId>,
     /// Path of gateway `n`.
     gateway_paths: Vec<PathId>,
+    /// The start of the scheduler's clock (`now` in seconds since it).
+    epoch: Instant,
 }
 
 impl DualState {
@@ -80,7 +82,20 @@ impl DualState {
             carried,
             pe_path,
             gateway_paths,
+            epoch: Instant::now(),
         }
+    }
+
+    /// Seconds on the scheduler's clock.
+    pub(crate) fn now(&self) -> f64 {
+        self.epoch.elapsed().as_secs_f64()
+    }
+
+    /// Whether any path is in the split.
+    pub(crate) fn any_path_healthy(&self) -> bool {
+        let scheduler = self.scheduler.lock().expect("scheduler lock");
+        let healthy = scheduler.paths().any(|(_, path)| path.healthy);
+        healthy
     }
 
     /// Folds in the pool's view from gateway `gateway`: each listed gateway that this

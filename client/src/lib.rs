@@ -408,6 +408,31 @@ impl Client {
         Ok(LoadHandle { shared, request_id })
     }
 
+    /// Before a dual load: a gateway in the split whose connection ended under
+    /// it (a restart, or the gateway closing this client as stalled) is
+    /// redialled, and when no path is in the split every gateway is asked again
+    /// now, not at the pool poller's next round: a load that could go ahead
+    /// should not fail (the engine would recompute its KV).
+    fn refresh_paths(&self) {
+        let poll = PoolPoll {
+            gateways: &self.gateways,
+            dual: &self.dual,
+            options: &self.options,
+            regions: &self.regions,
+            verbs: self.verbs.as_ref(),
+        };
+        for (index, gateway) in self.gateways.iter().enumerate() {
+            if self.dual.gateway_healthy(index) && gateway.is_closed() {
+                poll.poll(index, LOAD_REDIAL_PAUSE);
+            }
+        }
+        if !self.dual.any_path_healthy() {
+            for index in 0..self.gateways.len() {
+                poll.poll(index, LOAD_REDIAL_PAUSE);
+            }
+        }
+    }
+
     /// A connection the gateway ended (a restart, or this process stopped long
     /// enough to be closed as stalled) is redialled when next used, rather than
     /// failing every request until the pool poller's next round.
@@ -504,6 +529,7 @@ impl Client {
     ) -> Result<LoadHandle, ClientError> {
         let region = host.region;
         self.check_load(0, namespace, &host.blocks)?;
+        self.refresh_paths();
         let geometry = self.namespace(namespace).expect("checked above");
         let region_memory = self
             .regions
@@ -672,6 +698,44 @@ impl Drop for Client {
     }
 }
 
+/// What polling a gateway needs from the client.
+struct PoolPoll<'a> {
+    gateways: &'a [Gateway],
+    dual: &'a dual::DualState,
+    options: &'a ClientOptions,
+    regions: &'a Arc<RwLock<HashMap<u32, Arc<Region>>>>,
+    verbs: Option<&'a verbs::Verbs>,
+}
+
+impl PoolPoll<'_> {
+    /// Redials gateway `index` if its connection ended (unless an attempt failed
+    /// within `retry_after`), asks it for the pool's view and feeds that to the
+    /// scheduler; a gateway gone, or not answering in time, is reported silent.
+    fn poll(&self, index: usize, retry_after: Duration) {
+        let gateway = &self.gateways[index];
+        let silence = self.options.pool_silence;
+        let silent = || {
+            [protocol::PeerStatus {
+                address: gateway.address.clone(),
+                queued_bytes: 0,
+                read_bytes_per_second: 0,
+                age_ms: u32::MAX,
+            }]
+        };
+        let answered = gateway
+            .reconnect_if_closed(self.options, self.regions, self.verbs, retry_after)
+            .then(|| gateway.links()[0].pool_status(silence).ok())
+            .flatten();
+        let now = self.dual.now();
+        match answered {
+            Some(peers) => self.dual.pool_report(self.gateways, &peers, silence, now),
+            None => self
+                .dual
+                .pool_report(self.gateways, &silent(), silence, now),
+        }
+    }
+}
+
 /// Polls every gateway's view of the pool and feeds it to the scheduler.
 fn start_poller(
     gateways: &Arc<Vec<Gateway>>,
@@ -686,38 +750,21 @@ fn start_poller(
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (gateways, dual, stop_flag) = (Arc::clone(gateways), Arc::clone(dual), Arc::clone(&stop));
     let (options, regions) = (options.clone(), Arc::clone(regions));
-    let (interval, silence) = (options.pool_poll_interval, options.pool_silence);
-    let started = std::time::Instant::now();
     let thread = std::thread::Builder::new()
         .name("dualpath-pool".into())
         .spawn(move || {
+            let poll = PoolPoll {
+                gateways: &gateways,
+                dual: &dual,
+                options: &options,
+                regions: &regions,
+                verbs: verbs.as_ref(),
+            };
             while !stop_flag.load(Ordering::Relaxed) {
-                for gateway in gateways.iter() {
-                    let now = started.elapsed().as_secs_f64();
-                    // A gateway gone, or not answering in time, is reported silent.
-                    let silent = || {
-                        [protocol::PeerStatus {
-                            address: gateway.address.clone(),
-                            queued_bytes: 0,
-                            read_bytes_per_second: 0,
-                            age_ms: u32::MAX,
-                        }]
-                    };
-                    if !gateway.reconnect_if_closed(
-                        &options,
-                        &regions,
-                        verbs.as_ref(),
-                        Duration::ZERO,
-                    ) {
-                        dual.pool_report(&gateways, &silent(), silence, now);
-                        continue;
-                    }
-                    match gateway.links()[0].pool_status(silence) {
-                        Ok(peers) => dual.pool_report(&gateways, &peers, silence, now),
-                        Err(_) => dual.pool_report(&gateways, &silent(), silence, now),
-                    }
+                for index in 0..gateways.len() {
+                    poll.poll(index, Duration::ZERO);
                 }
-                std::thread::sleep(interval);
+                std::thread::sleep(options.pool_poll_interval);
             }
         })
         .expect("a thread can be spawned");

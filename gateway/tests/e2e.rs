@@ -959,6 +959,70 @@ fn a_load_after_the_gateway_restarts_redials_at_once() {
     }
 }
 
+/// `load_dual` with one gateway and the pool poller off: while the gateway is
+/// down the load fails, naming the cause; once it is back (same address and
+/// store), the next load asks it again at once and completes.
+#[test]
+fn load_dual_finds_a_restarted_gateway_without_the_pool_poller() {
+    let mut gateway = Gateway::start(8);
+    let options = ClientOptions {
+        pool_poll_interval: Duration::ZERO,
+        ..ClientOptions::default()
+    };
+    let client = Client::connect(&[&gateway.tcp], options).expect("connect");
+    let region = Arc::new(Region::allocate(8 * BLOCK_BYTES));
+    let id = client
+        .register_region(Arc::clone(&region))
+        .expect("register");
+    let load = |blocks: &[BlockLoad]| {
+        client
+            .load_dual("full", id, blocks, 0)
+            .expect("load")
+            .wait(WAIT)
+    };
+    assert!(load(&whole_blocks(8)).expect("finished").all_done());
+    gateway.process.child.kill().expect("kill the gateway");
+    gateway.process.child.wait().expect("reap the gateway");
+    let while_down = load(&whole_blocks(8));
+    let failure = match while_down {
+        Ok(report) => format!(
+            "{:?}",
+            report
+                .failed()
+                .next()
+                .expect("blocks fail while the gateway is down")
+        ),
+        Err(error) => error.to_string(),
+    };
+    assert!(failure.contains("no healthy path"), "{failure}");
+    let config = UringGatewayConfig {
+        listen_tcp: gateway.tcp.clone(),
+        ..UringGatewayConfig::default()
+    }
+    .write(gateway._dir.path());
+    let mut command = Command::new(BINARY);
+    command.arg("--config").arg(&config).arg("serve");
+    gateway.process = GatewayProcess::start(command);
+    // After a failed redial, loads fail at once for a second instead of each
+    // dialling (and waiting for a connect timeout where a host is gone).
+    std::thread::sleep(Duration::from_millis(1100));
+    let reversed: Vec<BlockLoad> = (0..8u64)
+        .map(|index| BlockLoad {
+            key: synthetic::key(SEED, index),
+            layers: 0..LAYERS,
+            dest_offset: (7 - index) * BLOCK_BYTES as u64,
+        })
+        .collect();
+    let report = load(&reversed).expect("finished");
+    assert!(report.all_done(), "{:?}", report.failed().next());
+    for index in 0..8u64 {
+        assert!(
+            region.read((7 - index) as usize * BLOCK_BYTES, BLOCK_BYTES) == expected_block(index),
+            "block {index}"
+        );
+    }
+}
+
 /// TOS bytes of the IPv4 TCP packets with payload on the loopback interface
 /// while `traffic` runs, (from `port`, to `port`), seen by a packet socket
 /// (needs CAP_NET_RAW; `None` where it is refused).
