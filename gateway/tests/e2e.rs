@@ -907,12 +907,29 @@ fn a_client_that_stops_reading_is_closed_after_the_stall_timeout() {
     assert!(region.read(3 * BLOCK_BYTES, BLOCK_BYTES) == expected_block(3));
 }
 
-/// The gateway ends this client's connections (here: it restarts; also when it
-/// closes a client that stopped reading): the next load redials at once,
-/// without waiting for the pool poller, which is off here.
-#[test]
-fn a_load_after_the_gateway_restarts_redials_at_once() {
-    let mut gateway = Gateway::start(8);
+impl Gateway {
+    /// SIGKILL, then a new process on the same address and store: what a
+    /// supervisor's restart looks like to clients.
+    fn kill(&mut self) {
+        self.process.child.kill().expect("kill the gateway");
+        self.process.child.wait().expect("reap the gateway");
+    }
+
+    fn restart_in_place(&mut self) {
+        let config = UringGatewayConfig {
+            listen_tcp: self.tcp.clone(),
+            ..UringGatewayConfig::default()
+        }
+        .write(self._dir.path());
+        let mut command = Command::new(BINARY);
+        command.arg("--config").arg(&config).arg("serve");
+        self.process = GatewayProcess::start(command);
+    }
+}
+
+/// A client of `gateway` with the pool poller off (so nothing but the request
+/// itself can reconnect), and a region of 8 blocks registered.
+fn client_without_poller(gateway: &Gateway) -> (Client, Arc<Region>, client::RegionId) {
     let options = ClientOptions {
         pool_poll_interval: Duration::ZERO,
         ..ClientOptions::default()
@@ -922,35 +939,22 @@ fn a_load_after_the_gateway_restarts_redials_at_once() {
     let id = client
         .register_region(Arc::clone(&region))
         .expect("register");
-    let load = |blocks: &[BlockLoad]| {
-        client
-            .load("full", id, blocks, 0)
-            .expect("load")
-            .wait(WAIT)
-            .expect("finished")
-    };
-    assert!(load(&whole_blocks(8)).all_done());
-    gateway.process.child.kill().expect("kill the gateway");
-    gateway.process.child.wait().expect("reap the gateway");
-    // The same address and store: what a supervisor's restart looks like.
-    let config = UringGatewayConfig {
-        listen_tcp: gateway.tcp.clone(),
-        ..UringGatewayConfig::default()
-    }
-    .write(gateway._dir.path());
-    let mut command = Command::new(BINARY);
-    command.arg("--config").arg(&config).arg("serve");
-    gateway.process = GatewayProcess::start(command);
-    // The blocks in reverse order, so every place receives different bytes.
-    let reversed: Vec<BlockLoad> = (0..8u64)
+    (client, region, id)
+}
+
+/// Blocks 0..8 in reverse order, so that after a load in order every place
+/// receives different bytes.
+fn reversed_blocks() -> Vec<BlockLoad> {
+    (0..8u64)
         .map(|index| BlockLoad {
             key: synthetic::key(SEED, index),
             layers: 0..LAYERS,
             dest_offset: (7 - index) * BLOCK_BYTES as u64,
         })
-        .collect();
-    let report = load(&reversed);
-    assert!(report.all_done(), "{:?}", report.failed().next());
+        .collect()
+}
+
+fn assert_reversed(region: &Region) {
     for index in 0..8u64 {
         assert!(
             region.read((7 - index) as usize * BLOCK_BYTES, BLOCK_BYTES) == expected_block(index),
@@ -959,21 +963,35 @@ fn a_load_after_the_gateway_restarts_redials_at_once() {
     }
 }
 
+/// The gateway ends this client's connections (here: it restarts; also when it
+/// closes a client that stopped reading): the next load redials at once,
+/// without waiting for the pool poller, which is off here.
+#[test]
+fn a_load_after_the_gateway_restarts_redials_at_once() {
+    let mut gateway = Gateway::start(8);
+    let (client, region, id) = client_without_poller(&gateway);
+    let load = |blocks: &[BlockLoad]| {
+        client
+            .load("full", id, blocks, 0)
+            .expect("load")
+            .wait(WAIT)
+            .expect("finished")
+    };
+    assert!(load(&whole_blocks(8)).all_done());
+    gateway.kill();
+    gateway.restart_in_place();
+    let report = load(&reversed_blocks());
+    assert!(report.all_done(), "{:?}", report.failed().next());
+    assert_reversed(&region);
+}
+
 /// `load_dual` with one gateway and the pool poller off: while the gateway is
 /// down the load fails, naming the cause; once it is back (same address and
 /// store), the next load asks it again at once and completes.
 #[test]
 fn load_dual_finds_a_restarted_gateway_without_the_pool_poller() {
     let mut gateway = Gateway::start(8);
-    let options = ClientOptions {
-        pool_poll_interval: Duration::ZERO,
-        ..ClientOptions::default()
-    };
-    let client = Client::connect(&[&gateway.tcp], options).expect("connect");
-    let region = Arc::new(Region::allocate(8 * BLOCK_BYTES));
-    let id = client
-        .register_region(Arc::clone(&region))
-        .expect("register");
+    let (client, region, id) = client_without_poller(&gateway);
     let load = |blocks: &[BlockLoad]| {
         client
             .load_dual("full", id, blocks, 0)
@@ -981,10 +999,8 @@ fn load_dual_finds_a_restarted_gateway_without_the_pool_poller() {
             .wait(WAIT)
     };
     assert!(load(&whole_blocks(8)).expect("finished").all_done());
-    gateway.process.child.kill().expect("kill the gateway");
-    gateway.process.child.wait().expect("reap the gateway");
-    let while_down = load(&whole_blocks(8));
-    let failure = match while_down {
+    gateway.kill();
+    let failure = match load(&whole_blocks(8)) {
         Ok(report) => format!(
             "{:?}",
             report
@@ -995,32 +1011,13 @@ fn load_dual_finds_a_restarted_gateway_without_the_pool_poller() {
         Err(error) => error.to_string(),
     };
     assert!(failure.contains("no healthy path"), "{failure}");
-    let config = UringGatewayConfig {
-        listen_tcp: gateway.tcp.clone(),
-        ..UringGatewayConfig::default()
-    }
-    .write(gateway._dir.path());
-    let mut command = Command::new(BINARY);
-    command.arg("--config").arg(&config).arg("serve");
-    gateway.process = GatewayProcess::start(command);
+    gateway.restart_in_place();
     // After a failed redial, loads fail at once for a second instead of each
     // dialling (and waiting for a connect timeout where a host is gone).
     std::thread::sleep(Duration::from_millis(1100));
-    let reversed: Vec<BlockLoad> = (0..8u64)
-        .map(|index| BlockLoad {
-            key: synthetic::key(SEED, index),
-            layers: 0..LAYERS,
-            dest_offset: (7 - index) * BLOCK_BYTES as u64,
-        })
-        .collect();
-    let report = load(&reversed).expect("finished");
+    let report = load(&reversed_blocks()).expect("finished");
     assert!(report.all_done(), "{:?}", report.failed().next());
-    for index in 0..8u64 {
-        assert!(
-            region.read((7 - index) as usize * BLOCK_BYTES, BLOCK_BYTES) == expected_block(index),
-            "block {index}"
-        );
-    }
+    assert_reversed(&region);
 }
 
 /// TOS bytes of the IPv4 TCP packets with payload on the loopback interface
