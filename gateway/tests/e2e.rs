@@ -720,7 +720,27 @@ fn peak_rss_bytes(process: &GatewayProcess) -> u64 {
 /// A raw client on shard 0 that registers a 64 MiB region, asks for every
 /// block several times over, and never reads a byte.
 fn stalled_client(gateway: &Gateway) -> TcpStream {
+    stalled_client_with(gateway, None)
+}
+
+/// As `stalled_client`; `receive_buffer` sets SO_RCVBUF before anything is
+/// sent, so the kernel holds little for it and its staging stays held.
+fn stalled_client_with(gateway: &Gateway, receive_buffer: Option<i32>) -> TcpStream {
     let mut stalled = TcpStream::connect(&gateway.tcp).expect("connect");
+    if let Some(bytes) = receive_buffer {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&stalled);
+        // SAFETY: an int option of the length given, on a socket we own.
+        let set = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&raw const bytes).cast(),
+                std::mem::size_of::<i32>() as u32,
+            )
+        };
+        assert_eq!(set, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
+    }
     let hello = protocol::Frame::Hello {
         version: protocol::PROTOCOL_VERSION,
         shard: 0,
@@ -777,8 +797,8 @@ fn wait_for_staging_in_use(gateway: &Gateway, bytes: f64) -> f64 {
 /// gateway's memory stays within its staging memory plus the documented
 /// overhead (docs/SECURITY.md, "Resource bounds"). The stalled client comes
 /// first and takes all the staging it may (three quarters of its core's)
-/// before the others arrive; its stall timeout is far away, so the others
-/// get through beside it, not after it is closed.
+/// before the others arrive; its stall timeout is far away, so the others get
+/// through beside it until it is closed for starving them (after a second).
 #[test]
 fn sixty_four_clients_and_a_stalled_one_stay_within_memory_bounds() {
     const CLIENTS: usize = 64;
@@ -841,6 +861,46 @@ fn sixty_four_clients_and_a_stalled_one_stay_within_memory_bounds() {
     eprintln!("{LOADS} loads by {CLIENTS} clients in {elapsed:?} beside a stalled client; gateway peak RSS {} MiB (bound {} MiB)", peak >> 20, bound >> 20);
     assert!(peak <= bound, "peak RSS {peak} over the bound {bound}");
     drop(stalled);
+}
+
+/// Two clients that stop reading take all of a core's staging between them
+/// (three quarters, then the rest); a client that reads then waits for it. The
+/// stall timeout is far away, yet the stalled clients are closed after about a
+/// second because others starve, and the waiting load completes.
+#[test]
+fn stalled_clients_that_starve_others_are_closed_within_a_second() {
+    let gateway = Gateway::start_configured(256, None, "client_stall_timeout_ms = 600000");
+    let _first = stalled_client(&gateway);
+    let three_quarters = STAGING_BYTES_PER_CORE * 0.75;
+    assert_eq!(
+        wait_for_staging_in_use(&gateway, three_quarters),
+        three_quarters
+    );
+    let _second = stalled_client(&gateway);
+    assert_eq!(
+        wait_for_staging_in_use(&gateway, STAGING_BYTES_PER_CORE),
+        STAGING_BYTES_PER_CORE
+    );
+    let client = gateway.client();
+    let region = Arc::new(Region::allocate(8 * BLOCK_BYTES));
+    let id = client
+        .register_region(Arc::clone(&region))
+        .expect("register");
+    let started = Instant::now();
+    let report = client
+        .load("full", id, &whole_blocks(8), 0)
+        .expect("load")
+        .wait(WAIT)
+        .expect("the load completes once the stalled clients are closed");
+    assert!(report.all_done(), "{:?}", report.failed().next());
+    assert!(region.read(7 * BLOCK_BYTES, BLOCK_BYTES) == expected_block(7));
+    assert!(gateway.metric_sum("dualpath_stalled_clients_closed_total") >= 1.0);
+    let log = gateway.process.later_log();
+    assert!(
+        log.contains("other clients wait for the staging it holds"),
+        "{log}"
+    );
+    eprintln!("the waiting load finished after {:?}", started.elapsed());
 }
 
 /// A client that reads slowly is served; once it stops reading for the stall

@@ -250,6 +250,14 @@ impl Connection {
         Ok(progress.payload_bytes)
     }
 
+    /// Whether a load of this connection has reads not yet issued.
+    pub fn has_unissued_reads(&self) -> bool {
+        self.loads
+            .iter()
+            .flatten()
+            .any(|load| load.progress.has_unissued_units())
+    }
+
     /// How long output has waited with the client taking nothing, if it has.
     pub fn stalled_for(&self) -> Option<std::time::Duration> {
         self.output_stalled_since.map(|since| since.elapsed())

@@ -24,6 +24,9 @@ pub const WAKER_TOKEN: Token = Token(usize::MAX - 1);
 const EVENTFD_TOKEN: Token = Token(usize::MAX - 2);
 /// Longest sleep of the loop: how soon a shutdown request is noticed.
 const POLL_TIMEOUT: Duration = Duration::from_millis(50);
+/// How long a client may take nothing while others starve for the staging it
+/// holds (the stall timeout applies otherwise).
+const STARVED_STALL_LIMIT: Duration = Duration::from_secs(1);
 /// Most connections one core serves (a tag carries the index in 16 bits).
 const CONNECTIONS_MAX: usize = 1 << 16;
 
@@ -778,6 +781,13 @@ impl<S: BlockStore> Core<S> {
 
     fn flush_all(&mut self) {
         let counters = &self.setup.counters;
+        // While clients that read wait for staging that stalled ones hold, a
+        // stalled client gets a second, not the whole stall timeout.
+        let stall_limit = if self.staging_starved() {
+            STARVED_STALL_LIMIT.min(self.setup.client_stall_timeout)
+        } else {
+            self.setup.client_stall_timeout
+        };
         for connection in self.connections.iter_mut().flatten() {
             if connection.dead {
                 continue;
@@ -797,12 +807,16 @@ impl<S: BlockStore> Core<S> {
             // is closed: closing it gives them back to everyone else.
             if let Some(stalled) = connection
                 .stalled_for()
-                .filter(|stalled| *stalled >= self.setup.client_stall_timeout)
+                .filter(|stalled| *stalled >= stall_limit)
             {
+                let why = if stall_limit < self.setup.client_stall_timeout {
+                    "other clients wait for the staging it holds"
+                } else {
+                    "gateway.client_stall_timeout_ms sets the limit"
+                };
                 tracing::warn!(
                     "shard {}: closing client {}: it took no byte for {:.1} s while data waited for it \
-                     ({} staging buffers held); it stopped reading (hung, stopped or cut off). \
-                     gateway.client_stall_timeout_ms sets the limit",
+                     ({} staging buffers held); it stopped reading (hung, stopped or cut off); {why}",
                     counters.shard,
                     connection.peer,
                     stalled.as_secs_f64(),
@@ -814,6 +828,18 @@ impl<S: BlockStore> Core<S> {
                 connection.dead = true;
             }
         }
+    }
+
+    /// Every staging buffer is taken while a client that is not stalled has
+    /// reads waiting to be issued.
+    fn staging_starved(&self) -> bool {
+        let slab = self.shard.slab();
+        slab.buffers_in_use() >= slab.buffer_count()
+            && self.connections.iter().flatten().any(|connection| {
+                !connection.dead
+                    && connection.stalled_for().is_none()
+                    && connection.has_unissued_reads()
+            })
     }
 
     fn close_dead(&mut self) {
