@@ -243,6 +243,7 @@ pub(crate) struct Starter {
     pub next_request: Arc<AtomicU64>,
     pub pe_reader: Option<Arc<PrefillReader>>,
     pub dual: Arc<DualState>,
+    pub redialer: Arc<crate::Redialer>,
 }
 
 /// Starts a dual load; a coordinator thread hands failed paths' blocks on.
@@ -380,14 +381,29 @@ impl Starter {
                 }
                 break;
             }
+            // A gateway that ended the connection under its part (a restart, or
+            // closing this client as stalled) is redialled at once and keeps its
+            // place if that works; the blocks may then go back to it.
+            let mut redialled = Vec::new();
+            for &block in &retries {
+                if let Some(gateway) = owners[block as usize].and_then(|path| self.gateway_of(path))
+                {
+                    if !redialled.iter().any(|(index, _)| *index == gateway) {
+                        redialled.push((gateway, self.redialer.redial_in_place(gateway)));
+                    }
+                }
+            }
             {
                 let mut scheduler = self.dual.scheduler.lock().expect("scheduler lock");
                 for &block in &retries {
                     if let Some(path) = owners[block as usize] {
-                        // A gateway whose part failed leaves the split (the pool
-                        // poller brings it back when it answers). The PE path has
-                        // no link to lose: its failures are per block.
-                        if Some(path) != self.dual.pe_path {
+                        // Otherwise a gateway whose part failed leaves the split
+                        // (the pool poller brings it back when it answers). The PE
+                        // path has no link to lose: its failures are per block.
+                        let back = self
+                            .gateway_of(path)
+                            .is_some_and(|gateway| redialled.contains(&(gateway, true)));
+                        if Some(path) != self.dual.pe_path && !back {
                             scheduler.set_healthy(path, false, started.elapsed().as_secs_f64());
                         }
                         let bytes = u64::from(
@@ -397,6 +413,12 @@ impl Starter {
                         scheduler.abandoned(path, bytes);
                     }
                 }
+            }
+            if !self.dual.any_path_healthy() {
+                // Rather than fail the blocks: ask the gateways again now (the
+                // poller may not have run since this process was last
+                // scheduled, e.g. after it was stopped).
+                self.redialer.refresh_for_coordinator();
             }
             let _ = self.assign_and_start(&plan, &shared, &retries, &mut owners, &mut parts);
         }
@@ -429,6 +451,11 @@ impl Starter {
 }
 
 impl Starter {
+    /// The gateway index of `path`, if it is a gateway's.
+    fn gateway_of(&self, path: PathId) -> Option<usize> {
+        self.dual.gateway_paths.iter().position(|id| *id == path)
+    }
+
     /// Parts running on a path that left the split (silent in the pool's view) may
     /// never finish: their unfinished blocks go back for another path. Late bytes
     /// from such a part are the same block bytes and land harmlessly.

@@ -182,9 +182,39 @@ pub enum BlockStatus {
     Failed { code: ErrorCode, message: String },
 }
 
-/// After a failed reconnect, how long loads fail at once instead of dialling
-/// again (the pool poller keeps trying meanwhile).
-const LOAD_REDIAL_PAUSE: Duration = Duration::from_secs(1);
+/// Who asks for a redial: the pool poller (its own thread: it always dials), a
+/// request (an engine's thread: it neither waits for another dialler nor dials
+/// again soon after a failure, see [`RedialState::backoff`]) or a dual load's
+/// coordinator (its own thread: it waits for another dialler, then keeps to
+/// the backoff).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Redial {
+    Poller,
+    OnDemand,
+    Coordinator,
+}
+
+/// A redial that a load waits on gives a gateway this long to accept and answer
+/// its hello (a live one takes well under a millisecond); the pool poller gives
+/// it the full `connect_timeout` and `request_timeout`.
+const QUICK_DIAL: Duration = Duration::from_secs(1);
+
+/// The outcome of a gateway's recent redials.
+#[derive(Debug, Default)]
+struct RedialState {
+    last_failure: Option<std::time::Instant>,
+    failures_in_a_row: u32,
+}
+
+impl RedialState {
+    /// How long requests fail at once after `failures_in_a_row` failed redials
+    /// instead of dialling (each dial of a dead host waits for the connect
+    /// timeout): 1 s, doubling, at most 30 s; the pool poller keeps trying.
+    fn backoff(&self) -> Duration {
+        let doublings = self.failures_in_a_row.saturating_sub(1).min(5);
+        Duration::from_secs(1 << doublings).min(Duration::from_secs(30))
+    }
+}
 
 /// One gateway (all its shards).
 #[derive(Debug)]
@@ -193,9 +223,9 @@ pub(crate) struct Gateway {
     /// Replaced as a whole when the client reconnects after a failure.
     shards: RwLock<Vec<Arc<ShardLink>>>,
     namespaces: Vec<NamespaceInfo>,
-    /// Held while reconnecting, so the pool poller and a load do not both dial;
-    /// when the last attempt failed.
-    reconnecting: Mutex<Option<std::time::Instant>>,
+    /// Held while reconnecting, so the pool poller and a request do not both
+    /// dial; how recent redials went.
+    reconnecting: Mutex<RedialState>,
 }
 
 /// A connection to one or more gateways.
@@ -210,8 +240,8 @@ pub struct Client {
     next_region: AtomicU32,
     next_request: Arc<AtomicU64>,
     options: ClientOptions,
-    /// The RDMA device (when on), for reconnecting.
-    verbs: Option<verbs::Verbs>,
+    /// Redials gateways and refreshes their place in the split.
+    redialer: Arc<Redialer>,
     /// The thread that polls the gateways' pool status; stopped on drop.
     poller: Option<(
         Arc<std::sync::atomic::AtomicBool>,
@@ -283,8 +313,20 @@ impl Client {
             gateways.len(),
         ));
         let gateways = Arc::new(gateways);
-        let poller = (!options.pool_poll_interval.is_zero())
-            .then(|| start_poller(&gateways, &dual, &options, &regions, verbs.clone()));
+        let redialer = Arc::new(Redialer {
+            gateways: Arc::clone(&gateways),
+            dual: Arc::clone(&dual),
+            options: options.clone(),
+            quick_options: ClientOptions {
+                connect_timeout: options.connect_timeout.min(QUICK_DIAL),
+                request_timeout: options.request_timeout.min(QUICK_DIAL),
+                ..options.clone()
+            },
+            regions: Arc::clone(&regions),
+            verbs,
+        });
+        let poller =
+            (!options.pool_poll_interval.is_zero()).then(|| start_poller(Arc::clone(&redialer)));
         Ok(Self {
             gateways,
             unreachable,
@@ -294,7 +336,7 @@ impl Client {
             next_region: AtomicU32::new(1),
             next_request: Arc::new(AtomicU64::new(1)),
             options,
-            verbs,
+            redialer,
             poller,
         })
     }
@@ -338,7 +380,7 @@ impl Client {
             if !self.dual.gateway_healthy(index) {
                 continue;
             }
-            self.redial_if_closed(index);
+            self.redialer.redial(index);
             // A connection still closed hears of the region from the first load on it.
             for link in gateway.links().iter().filter(|link| !link.is_closed()) {
                 link.register_region(id, &region_arc)?;
@@ -393,7 +435,7 @@ impl Client {
         direct: Option<Target>,
     ) -> Result<LoadHandle, ClientError> {
         self.check_load(gateway, namespace, &host.blocks)?;
-        self.redial_if_closed(gateway);
+        self.redialer.redial(gateway);
         let shared = Arc::new(LoadShared::new(&host.blocks, false));
         let indexes: Vec<u32> =
             (0..u32::try_from(host.blocks.len()).expect("bounded by check_load")).collect();
@@ -406,43 +448,6 @@ impl Client {
             &shared,
         );
         Ok(LoadHandle { shared, request_id })
-    }
-
-    /// Before a dual load: a gateway in the split whose connection ended under
-    /// it (a restart, or the gateway closing this client as stalled) is
-    /// redialled, and when no path is in the split every gateway is asked again
-    /// now, not at the pool poller's next round: a load that could go ahead
-    /// should not fail (the engine would recompute its KV).
-    fn refresh_paths(&self) {
-        let poll = PoolPoll {
-            gateways: &self.gateways,
-            dual: &self.dual,
-            options: &self.options,
-            regions: &self.regions,
-            verbs: self.verbs.as_ref(),
-        };
-        for (index, gateway) in self.gateways.iter().enumerate() {
-            if self.dual.gateway_healthy(index) && gateway.is_closed() {
-                poll.poll(index, LOAD_REDIAL_PAUSE);
-            }
-        }
-        if !self.dual.any_path_healthy() {
-            for index in 0..self.gateways.len() {
-                poll.poll(index, LOAD_REDIAL_PAUSE);
-            }
-        }
-    }
-
-    /// A connection the gateway ended (a restart, or this process stopped long
-    /// enough to be closed as stalled) is redialled when next used, rather than
-    /// failing every request until the pool poller's next round.
-    fn redial_if_closed(&self, gateway: usize) {
-        self.gateways[gateway].reconnect_if_closed(
-            &self.options,
-            &self.regions,
-            self.verbs.as_ref(),
-            LOAD_REDIAL_PAUSE,
-        );
     }
 
     fn check_load(
@@ -529,7 +534,7 @@ impl Client {
     ) -> Result<LoadHandle, ClientError> {
         let region = host.region;
         self.check_load(0, namespace, &host.blocks)?;
-        self.refresh_paths();
+        self.redialer.refresh_for_request();
         let geometry = self.namespace(namespace).expect("checked above");
         let region_memory = self
             .regions
@@ -554,6 +559,7 @@ impl Client {
             next_request: Arc::clone(&self.next_request),
             pe_reader: self.pe_reader.clone(),
             dual: Arc::clone(&self.dual),
+            redialer: Arc::clone(&self.redialer),
         };
         dual::run(starter, plan, Arc::clone(&shared))?;
         Ok(LoadHandle { shared, request_id })
@@ -570,7 +576,7 @@ impl Client {
     /// Stores one whole block (after prefill) through the shard that owns its key on
     /// gateway 0; returns when it is durable.
     pub fn store(&self, namespace: &str, key: BlockKey, bytes: &[u8]) -> Result<(), ClientError> {
-        self.redial_if_closed(0);
+        self.redialer.redial(0);
         let links = self.gateways[0].links();
         let shard_count = u32::try_from(links.len()).expect("shard count from the gateway");
         let request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
@@ -626,7 +632,7 @@ fn connect_gateway(
         address: address.to_string(),
         shards: RwLock::new(shards),
         namespaces,
-        reconnecting: Mutex::new(None),
+        reconnecting: Mutex::new(RedialState::default()),
     })
 }
 
@@ -656,32 +662,45 @@ impl Gateway {
 
     /// Connects again if a connection has ended (a gateway restart, or a gateway
     /// that closed this client's connection); true when every shard is
-    /// connected afterwards.
-    /// A failed attempt within `retry_after` is not repeated (a load should not
-    /// wait for a connect timeout each time a gateway is down).
+    /// connected afterwards. A request does not wait while another thread
+    /// dials, nor dial within the backoff after a failure.
     fn reconnect_if_closed(
         &self,
         options: &ClientOptions,
         regions: &Arc<RwLock<HashMap<u32, Arc<Region>>>>,
         verbs: Option<&verbs::Verbs>,
-        retry_after: Duration,
+        who: Redial,
     ) -> bool {
-        let mut last_failure = self.reconnecting.lock().expect("reconnect lock");
+        let mut state = match who {
+            Redial::Poller | Redial::Coordinator => {
+                self.reconnecting.lock().expect("reconnect lock")
+            }
+            Redial::OnDemand => match self.reconnecting.try_lock() {
+                Ok(state) => state,
+                Err(std::sync::TryLockError::WouldBlock) => return !self.is_closed(),
+                Err(std::sync::TryLockError::Poisoned(_)) => panic!("reconnect lock poisoned"),
+            },
+        };
         if !self.is_closed() {
             return true;
         }
-        if last_failure.is_some_and(|at| at.elapsed() < retry_after) {
+        if who != Redial::Poller
+            && state
+                .last_failure
+                .is_some_and(|at| at.elapsed() < state.backoff())
+        {
             return false;
         }
         match connect_gateway(&self.address, options, regions, verbs) {
             Ok(fresh) => {
                 *self.shards.write().expect("links lock") = fresh.links();
-                *last_failure = None;
+                *state = RedialState::default();
                 tracing::info!("reconnected to gateway {}", self.address);
                 true
             }
             Err(error) => {
-                *last_failure = Some(std::time::Instant::now());
+                state.last_failure = Some(std::time::Instant::now());
+                state.failures_in_a_row = state.failures_in_a_row.saturating_add(1);
                 tracing::debug!("cannot reconnect to gateway {}: {error}", self.address);
                 false
             }
@@ -698,20 +717,26 @@ impl Drop for Client {
     }
 }
 
-/// What polling a gateway needs from the client.
-struct PoolPoll<'a> {
-    gateways: &'a [Gateway],
-    dual: &'a dual::DualState,
-    options: &'a ClientOptions,
-    regions: &'a Arc<RwLock<HashMap<u32, Arc<Region>>>>,
-    verbs: Option<&'a verbs::Verbs>,
+/// Redials gateways and refreshes their place in the split: the pool poller's
+/// step, also taken by requests and by the coordinators of dual loads.
+#[derive(Debug)]
+pub(crate) struct Redialer {
+    gateways: Arc<Vec<Gateway>>,
+    dual: Arc<dual::DualState>,
+    options: ClientOptions,
+    /// `options` with connect and handshake bounded by [`QUICK_DIAL`], for
+    /// redials that someone waits on.
+    quick_options: ClientOptions,
+    regions: Arc<RwLock<HashMap<u32, Arc<Region>>>>,
+    /// The RDMA device (when on).
+    verbs: Option<verbs::Verbs>,
 }
 
-impl PoolPoll<'_> {
-    /// Redials gateway `index` if its connection ended (unless an attempt failed
-    /// within `retry_after`), asks it for the pool's view and feeds that to the
-    /// scheduler; a gateway gone, or not answering in time, is reported silent.
-    fn poll(&self, index: usize, retry_after: Duration) {
+impl Redialer {
+    /// Redials gateway `index` if its connection ended (as `who` may), asks it
+    /// for the pool's view and feeds that to the scheduler; a gateway gone, or
+    /// not answering in time, is reported silent.
+    fn poll(&self, index: usize, who: Redial) {
         let gateway = &self.gateways[index];
         let silence = self.options.pool_silence;
         let silent = || {
@@ -723,50 +748,125 @@ impl PoolPoll<'_> {
             }]
         };
         let answered = gateway
-            .reconnect_if_closed(self.options, self.regions, self.verbs, retry_after)
+            .reconnect_if_closed(
+                self.dial_options(who),
+                &self.regions,
+                self.verbs.as_ref(),
+                who,
+            )
             .then(|| gateway.links()[0].pool_status(silence).ok())
             .flatten();
         let now = self.dual.now();
         match answered {
-            Some(peers) => self.dual.pool_report(self.gateways, &peers, silence, now),
+            Some(peers) => self.dual.pool_report(&self.gateways, &peers, silence, now),
             None => self
                 .dual
-                .pool_report(self.gateways, &silent(), silence, now),
+                .pool_report(&self.gateways, &silent(), silence, now),
         }
+    }
+
+    /// Before planning a dual load, or when a load's failed blocks find no path:
+    /// a gateway in the split whose connection ended under it (a restart, or
+    /// the gateway closing this client as stalled) is redialled, and when no
+    /// path is in the split every gateway is asked again now, not at the pool
+    /// poller's next round: a load that could go ahead should not fail (the
+    /// engine would recompute its KV).
+    fn refresh(&self, who: Redial) {
+        for (index, gateway) in self.gateways.iter().enumerate() {
+            if self.dual.gateway_healthy(index) && gateway.is_closed() {
+                self.poll(index, who);
+            }
+        }
+        if !self.dual.any_path_healthy() {
+            for index in 0..self.gateways.len() {
+                self.poll(index, who);
+            }
+        }
+    }
+
+    /// `refresh` for a request: it does not wait while another thread dials.
+    pub(crate) fn refresh_for_request(&self) {
+        self.refresh(Redial::OnDemand);
+    }
+
+    /// `refresh` for a dual load's coordinator, whose blocks found no path.
+    pub(crate) fn refresh_for_coordinator(&self) {
+        self.refresh(Redial::Coordinator);
+    }
+
+    fn dial_options(&self, who: Redial) -> &ClientOptions {
+        match who {
+            Redial::Poller => &self.options,
+            Redial::OnDemand | Redial::Coordinator => &self.quick_options,
+        }
+    }
+
+    /// Redials gateway `gateway` if it is in the split and its connection
+    /// ended under it (not cut off by this client for going silent); true when
+    /// it is connected again.
+    pub(crate) fn redial_in_place(&self, gateway: usize) -> bool {
+        self.dual.gateway_healthy(gateway)
+            && self.gateways[gateway].is_closed()
+            && self.gateways[gateway].reconnect_if_closed(
+                &self.quick_options,
+                &self.regions,
+                self.verbs.as_ref(),
+                Redial::Coordinator,
+            )
+    }
+
+    /// A connection the gateway ended (a restart, or this process stopped long
+    /// enough to be closed as stalled) is redialled when next used, rather than
+    /// failing every request until the pool poller's next round.
+    fn redial(&self, gateway: usize) {
+        self.gateways[gateway].reconnect_if_closed(
+            &self.quick_options,
+            &self.regions,
+            self.verbs.as_ref(),
+            Redial::OnDemand,
+        );
     }
 }
 
 /// Polls every gateway's view of the pool and feeds it to the scheduler.
 fn start_poller(
-    gateways: &Arc<Vec<Gateway>>,
-    dual: &Arc<dual::DualState>,
-    options: &ClientOptions,
-    regions: &Arc<RwLock<HashMap<u32, Arc<Region>>>>,
-    verbs: Option<verbs::Verbs>,
+    redialer: Arc<Redialer>,
 ) -> (
     Arc<std::sync::atomic::AtomicBool>,
     std::thread::JoinHandle<()>,
 ) {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (gateways, dual, stop_flag) = (Arc::clone(gateways), Arc::clone(dual), Arc::clone(&stop));
-    let (options, regions) = (options.clone(), Arc::clone(regions));
+    let stop_flag = Arc::clone(&stop);
     let thread = std::thread::Builder::new()
         .name("dualpath-pool".into())
         .spawn(move || {
-            let poll = PoolPoll {
-                gateways: &gateways,
-                dual: &dual,
-                options: &options,
-                regions: &regions,
-                verbs: verbs.as_ref(),
-            };
             while !stop_flag.load(Ordering::Relaxed) {
-                for index in 0..gateways.len() {
-                    poll.poll(index, Duration::ZERO);
+                for index in 0..redialer.gateways.len() {
+                    redialer.poll(index, Redial::Poller);
                 }
-                std::thread::sleep(options.pool_poll_interval);
+                std::thread::sleep(redialer.options.pool_poll_interval);
             }
         })
         .expect("a thread can be spawned");
     (stop, thread)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_redials_back_off_from_one_second_to_thirty() {
+        let waits: Vec<u64> = (1..=8)
+            .map(|failures| {
+                RedialState {
+                    last_failure: None,
+                    failures_in_a_row: failures,
+                }
+                .backoff()
+                .as_secs()
+            })
+            .collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
+    }
 }
