@@ -643,7 +643,11 @@ impl Gateway {
     }
 
     pub(crate) fn is_closed(&self) -> bool {
-        self.links().iter().any(|link| link.is_closed())
+        self.shards
+            .read()
+            .expect("links lock")
+            .iter()
+            .any(|link| link.is_closed())
     }
 
     /// Cuts every connection: nothing more arrives from this gateway (a late write
