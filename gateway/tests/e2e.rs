@@ -1122,6 +1122,19 @@ fn tos_of_packets_at(port: u16, traffic: impl FnOnce()) -> Option<TosSeen> {
         )
     };
     assert_eq!(bound, 0, "bind to lo: {}", std::io::Error::last_os_error());
+    // Other tests move gigabytes over lo meanwhile: a large queue (root may
+    // force it past rmem_max) keeps the few packets this test needs.
+    let queue_bytes: i32 = 64 << 20;
+    // SAFETY: an int option of the length given.
+    unsafe {
+        libc::setsockopt(
+            raw,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&raw const queue_bytes).cast(),
+            std::mem::size_of::<i32>() as u32,
+        )
+    };
     let timeout = libc::timeval {
         tv_sec: 0,
         tv_usec: 100_000,
@@ -1198,12 +1211,15 @@ fn tcp_packets_carry_the_configured_dscp_both_ways() {
         let id = client
             .register_region(Arc::clone(&region))
             .expect("register");
-        let report = client
-            .load("full", id, &whole_blocks(16), 0)
-            .expect("load")
-            .wait(WAIT)
-            .expect("finished");
-        assert!(report.all_done());
+        // Several loads: several request packets from the client.
+        for _ in 0..10 {
+            let report = client
+                .load("full", id, &whole_blocks(16), 0)
+                .expect("load")
+                .wait(WAIT)
+                .expect("finished");
+            assert!(report.all_done());
+        }
         assert!(region.read(15 * BLOCK_BYTES, BLOCK_BYTES) == expected_block(15));
     }) else {
         return;
