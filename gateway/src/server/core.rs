@@ -119,20 +119,33 @@ pub(super) fn unix_now() -> u64 {
 /// Tokens at and above this mark a connection's RDMA completion channel.
 const RDMA_TOKEN_BASE: usize = 1 << 32;
 
-/// Runs a core until shutdown. `shard` was opened on this thread.
+/// Runs a core until shutdown. `shard` was opened on this thread. `ready`
+/// hears once the core is set up (its metrics included, so that a scrape after
+/// the gateway's ready line sees every shard), or why it could not be.
 pub fn run<S: BlockStore>(
     shard: S,
     setup: CoreSetup,
     rdma: Option<CoreRdma>,
+    ready: std::sync::mpsc::Sender<anyhow::Result<()>>,
 ) -> anyhow::Result<()> {
-    let eventfd = EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
-        .context("cannot create an eventfd")?;
-    shard.notify_completions(eventfd.as_raw_fd())?;
-    let raw = eventfd.as_raw_fd();
-    setup
-        .poll
-        .registry()
-        .register(&mut SourceFd(&raw), EVENTFD_TOKEN, Interest::READABLE)?;
+    let completions = (|| -> anyhow::Result<EventFd> {
+        let eventfd = EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
+            .context("cannot create an eventfd")?;
+        shard.notify_completions(eventfd.as_raw_fd())?;
+        let raw = eventfd.as_raw_fd();
+        setup
+            .poll
+            .registry()
+            .register(&mut SourceFd(&raw), EVENTFD_TOKEN, Interest::READABLE)?;
+        Ok(eventfd)
+    })();
+    let eventfd = match completions {
+        Ok(eventfd) => eventfd,
+        Err(error) => {
+            let _ = ready.send(Err(error));
+            return Ok(());
+        }
+    };
     let counters = Arc::clone(&setup.counters);
     let slab_bytes = shard.slab().buffer_count() as i64 * shard.slab().buffer_bytes() as i64;
     counters
@@ -160,6 +173,8 @@ pub fn run<S: BlockStore>(
     counters
         .rdma_enabled
         .store(i64::from(core.rdma.is_some()), Ordering::Relaxed);
+    let _ = ready.send(Ok(()));
+    drop(ready);
     let mut events = Events::with_capacity(1024);
     loop {
         let timeout = if core.shard.has_ready_completions() {

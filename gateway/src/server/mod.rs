@@ -299,17 +299,13 @@ where
                     Ok((store, rdma))
                 });
                 let (shard_store, rdma) = match opened {
-                    Ok(opened) => {
-                        let _ = ready_sender.send(Ok(()));
-                        opened
-                    }
+                    Ok(opened) => opened,
                     Err(error) => {
                         let _ = ready_sender.send(Err(error));
                         return Ok(());
                     }
                 };
-                drop(ready_sender);
-                self::core::run(shard_store, setup, rdma)
+                self::core::run(shard_store, setup, rdma, ready_sender)
             })?;
         workers.push(worker);
     }
