@@ -39,8 +39,11 @@ struct Queue {
 
 struct Shared {
     queue: Mutex<Queue>,
-    /// Signalled when a job is queued (workers) and when one is done (waiters).
-    changed: Condvar,
+    /// Signalled when a job is queued: wakes one worker (waking them all for
+    /// every job would have them race for it).
+    job_queued: Condvar,
+    /// Signalled when a job is done, for `wait`.
+    job_done: Condvar,
     /// The event loop's eventfd, or -1: written after each completion.
     eventfd: AtomicI32,
     /// Open for as long as a job may name them.
@@ -59,7 +62,8 @@ impl Threads {
         let fds = files.iter().map(AsRawFd::as_raw_fd).collect();
         let shared = Arc::new(Shared {
             queue: Mutex::default(),
-            changed: Condvar::new(),
+            job_queued: Condvar::new(),
+            job_done: Condvar::new(),
             eventfd: AtomicI32::new(-1),
             _files: files,
         });
@@ -116,7 +120,7 @@ impl Threads {
             .expect("I/O queue lock")
             .jobs
             .push_back(job);
-        self.shared.changed.notify_all();
+        self.shared.job_queued.notify_one();
     }
 
     /// Waits until at least `want` completions are waiting to be drained.
@@ -124,7 +128,7 @@ impl Threads {
         let queue = self.shared.queue.lock().expect("I/O queue lock");
         drop(
             self.shared
-                .changed
+                .job_done
                 .wait_while(queue, |queue| queue.done.len() < want)
                 .expect("I/O queue lock"),
         );
@@ -150,7 +154,7 @@ impl Drop for Threads {
         // Workers finish the jobs queued (their buffers are still alive: the
         // shard drops its in-flight table after this engine), then stop.
         self.shared.queue.lock().expect("I/O queue lock").closing = true;
-        self.shared.changed.notify_all();
+        self.shared.job_queued.notify_all();
         for worker in self.workers.drain(..) {
             let _ = worker.join();
         }
@@ -168,7 +172,7 @@ fn work(shared: &Shared) {
                 if queue.closing {
                     return;
                 }
-                queue = shared.changed.wait(queue).expect("I/O queue lock");
+                queue = shared.job_queued.wait(queue).expect("I/O queue lock");
             }
         };
         // SAFETY: `address..address + len` is a staging buffer the shard keeps
@@ -208,7 +212,7 @@ fn work(shared: &Shared) {
                 user_data: job.user_data,
                 result,
             });
-        shared.changed.notify_all();
+        shared.job_done.notify_all();
         let eventfd = shared.eventfd.load(Ordering::Acquire);
         if eventfd >= 0 {
             let one = 1u64.to_ne_bytes();
