@@ -77,7 +77,7 @@ impl ClientError {
 }
 
 /// Options for [`Client::connect`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// Bounds each wait for a gateway's answer (hello, region, store).
@@ -148,6 +148,27 @@ impl Default for RdmaOptions {
             required: false,
             service_class: verbs::ServiceClass::default(),
         }
+    }
+}
+
+/// The secret and the token are credentials: shown only as present or not.
+impl std::fmt::Debug for ClientOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redacted = |present: bool| if present { "<redacted>" } else { "none" };
+        f.debug_struct("ClientOptions")
+            .field("connect_timeout", &self.connect_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("secret", &redacted(self.secret.is_some()))
+            .field("token", &redacted(self.token.is_some()))
+            .field("pe_storage", &self.pe_storage)
+            .field("policy", &self.policy)
+            .field("pool_poll_interval", &self.pool_poll_interval)
+            .field("pool_silence", &self.pool_silence)
+            .field("rdma", &self.rdma)
+            .field("tls", &self.tls)
+            .field("gpu_direct", &self.gpu_direct)
+            .field("tcp_dscp", &self.tcp_dscp)
+            .finish()
     }
 }
 
@@ -858,6 +879,21 @@ fn start_poller(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn options_never_show_their_credentials() {
+        let options = ClientOptions {
+            secret: Some(b"cluster-secret-bytes".to_vec()),
+            token: Some("token-text".into()),
+            ..ClientOptions::default()
+        };
+        let shown = format!("{options:?}");
+        assert!(
+            !shown.contains("cluster-secret") && !shown.contains("token-text"),
+            "{shown}"
+        );
+        assert!(shown.contains("<redacted>"), "{shown}");
+    }
 
     #[test]
     fn request_redials_back_off_from_one_second_to_thirty() {
