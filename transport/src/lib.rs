@@ -79,10 +79,11 @@ pub struct Progress {
     pub payload_bytes: u64,
     /// Staging buffers released to their slab.
     pub buffers_released: usize,
-    /// The peer took something (bytes of any kind into the socket, or a work
-    /// request completed). False while output waits and the peer takes nothing:
-    /// how a client that stopped reading is told from a slow one.
-    pub peer_took_any: bool,
+    /// Bytes of any kind the peer's side took (into the socket; for RDMA, the
+    /// payload of completed work, at least one per completion). How a client
+    /// that stopped reading is told from a slow one: one that takes only the
+    /// odd byte (a kernel's zero-window probe) has stopped.
+    pub bytes_taken: u64,
 }
 
 pub trait Transport {

@@ -141,7 +141,7 @@ impl RdmaTransport {
                 "RC completions arrive in post order"
             );
             self.posted -= signaled.work_requests;
-            progress.peer_took_any = true;
+            progress.bytes_taken += signaled.payload_bytes.max(1);
             progress.payload_bytes += signaled.payload_bytes;
             if signaled.buffer.is_some() {
                 progress.buffers_released += 1;
@@ -309,7 +309,7 @@ impl Transport for RdmaTransport {
         let control = self.control.progress()?;
         progress.payload_bytes += control.payload_bytes;
         progress.buffers_released += control.buffers_released;
-        progress.peer_took_any |= control.peer_took_any;
+        progress.bytes_taken += control.bytes_taken;
         Ok(progress)
     }
 

@@ -198,7 +198,7 @@ impl<S: Write> Transport for TcpTransport<S> {
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
                 Err(error) => return Err(error),
             };
-            progress.peer_took_any = true;
+            progress.bytes_taken += written as u64;
             self.advance(written, &mut progress);
         }
         Ok(progress)
@@ -284,14 +284,14 @@ mod tests {
             let step = transport.progress().expect("no error");
             total.payload_bytes += step.payload_bytes;
             total.buffers_released += step.buffers_released;
-            total.peer_took_any |= step.peer_took_any;
+            total.bytes_taken += step.bytes_taken;
         }
         assert_eq!(
             total,
             Progress {
                 payload_bytes: 4096,
                 buffers_released: 1,
-                peer_took_any: true,
+                bytes_taken: total.bytes_taken,
             }
         );
         assert_eq!(slab.buffers_in_use(), 0);

@@ -132,9 +132,16 @@ pub struct Connection {
     /// An error was sent: close once the queue is written.
     pub closing: bool,
     pub dead: bool,
-    /// Since when output has waited without the client taking a byte.
+    /// Since when output has waited without the client taking
+    /// [`READING_BYTES_PER_WINDOW`] (the window's start).
     output_stalled_since: Option<Instant>,
+    /// Bytes the client took since `output_stalled_since`.
+    taken_while_waiting: u64,
 }
+
+/// A client with output waiting must take this much within the stall timeout
+/// (or let a staging buffer go) to count as reading.
+const READING_BYTES_PER_WINDOW: u64 = 64 << 10;
 
 /// RDMA work requests a connection may have posted at once.
 const RDMA_SEND_DEPTH: u32 = 256;
@@ -174,6 +181,7 @@ impl Connection {
             closing: false,
             dead: false,
             output_stalled_since: None,
+            taken_while_waiting: 0,
         })
     }
 
@@ -242,10 +250,19 @@ impl Connection {
         }
         let progress = self.transport.progress()?;
         self.held_buffers -= progress.buffers_released;
-        if progress.peer_took_any || !self.transport.has_pending() {
+        // A released buffer, or enough bytes taken within the current window,
+        // is reading; a trickle (zero-window probes) is not.
+        if progress.buffers_released > 0 || !self.transport.has_pending() {
             self.output_stalled_since = None;
+            self.taken_while_waiting = 0;
         } else {
-            self.output_stalled_since.get_or_insert_with(Instant::now);
+            self.taken_while_waiting += progress.bytes_taken;
+            if self.output_stalled_since.is_none()
+                || self.taken_while_waiting >= READING_BYTES_PER_WINDOW
+            {
+                self.output_stalled_since = Some(Instant::now());
+                self.taken_while_waiting = 0;
+            }
         }
         Ok(progress.payload_bytes)
     }

@@ -830,7 +830,7 @@ impl<S: BlockStore> Core<S> {
                     "gateway.client_stall_timeout_ms sets the limit"
                 };
                 tracing::warn!(
-                    "shard {}: closing client {}: it took no byte for {:.1} s while data waited for it \
+                    "shard {}: closing client {}: it took next to nothing (under 64 KiB) for {:.1} s while data waited for it \
                      ({} staging buffers held); it stopped reading (hung, stopped or cut off); {why}",
                     counters.shard,
                     connection.peer,

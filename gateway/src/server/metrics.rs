@@ -166,7 +166,7 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     describe_gauge!("dualpath_connected_clients", "Client connections open");
     describe_counter!(
         "dualpath_stalled_clients_closed_total",
-        "Clients closed because they took no byte for gateway.client_stall_timeout_ms while data waited for them"
+        "Clients closed because they took next to nothing (under 64 KiB) for gateway.client_stall_timeout_ms while data waited for them"
     );
     describe_counter!(
         "dualpath_auth_failures_total",

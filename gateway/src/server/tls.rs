@@ -91,9 +91,9 @@ fn read_roots(ca_file: &Path) -> anyhow::Result<rustls::RootCertStore> {
 pub struct TlsSession {
     pub conn: rustls::ServerConnection,
     pub tcp: std::net::TcpStream,
-    /// The socket took record bytes since the transport last asked (a client
+    /// Record bytes the socket took since the transport last asked (a client
     /// draining a full record buffer is slow, not stalled).
-    records_sent: bool,
+    records_sent: u64,
 }
 
 pub type SharedSession = Arc<Mutex<TlsSession>>;
@@ -103,7 +103,7 @@ impl TlsSession {
         Self {
             conn,
             tcp,
-            records_sent: false,
+            records_sent: 0,
         }
     }
 
@@ -111,7 +111,7 @@ impl TlsSession {
     fn flush_records(&mut self) -> io::Result<()> {
         while self.conn.wants_write() {
             match self.conn.write_tls(&mut self.tcp) {
-                Ok(written) => self.records_sent |= written > 0,
+                Ok(written) => self.records_sent += written as u64,
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(error) => return Err(error),
             }
@@ -219,7 +219,7 @@ impl Transport for TlsTransport {
         let mut progress = self.inner.progress()?;
         let mut session = self.session.lock().expect("TLS session lock");
         session.flush_records()?;
-        progress.peer_took_any |= std::mem::take(&mut session.records_sent);
+        progress.bytes_taken += std::mem::take(&mut session.records_sent);
         Ok(progress)
     }
 
