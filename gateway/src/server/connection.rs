@@ -246,6 +246,7 @@ impl Connection {
     pub fn flush(&mut self) -> io::Result<u64> {
         if !self.transport.has_pending() {
             self.output_stalled_since = None;
+            self.taken_while_waiting = 0;
             return Ok(0);
         }
         let progress = self.transport.progress()?;
@@ -275,7 +276,8 @@ impl Connection {
             .any(|load| load.progress.has_unissued_units())
     }
 
-    /// How long output has waited with the client taking nothing, if it has.
+    /// How long output has waited with the client taking next to nothing (less
+    /// than [`READING_BYTES_PER_WINDOW`], no buffer released), if it has.
     pub fn stalled_for(&self) -> Option<std::time::Duration> {
         self.output_stalled_since.map(|since| since.elapsed())
     }
