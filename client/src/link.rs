@@ -696,9 +696,10 @@ fn open(endpoint: &Endpoint, options: &crate::ClientOptions) -> io::Result<Socke
     }
 }
 
-/// Marks every packet the socket sends with `dscp` (the upper six bits of the
-/// IPv4 TOS byte or the IPv6 traffic class).
-fn mark_dscp(stream: &TcpStream, dscp: u8) -> io::Result<()> {
+/// Marks every packet the socket sends with `dscp` (0-63: the upper six bits of
+/// the IPv4 TOS byte or the IPv6 traffic class; the kernel keeps ECN's two).
+/// The client marks its gateway connections with it, the gateway its clients'.
+pub fn mark_dscp(stream: &TcpStream, dscp: u8) -> io::Result<()> {
     use nix::sys::socket::{setsockopt, sockopt};
     let byte = i32::from(dscp) << 2;
     match stream.local_addr()? {

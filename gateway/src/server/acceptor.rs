@@ -114,7 +114,7 @@ impl Acceptor {
             .and_then(|()| stream.set_read_timeout(Some(HELLO_TIMEOUT)));
         let _ = stream.set_nodelay(true);
         if self.tcp_dscp != 0 {
-            if let Err(error) = mark_dscp(&stream, self.tcp_dscp) {
+            if let Err(error) = client::mark_dscp(&stream, self.tcp_dscp) {
                 tracing::warn!(
                     "cannot mark the connection from {peer} with DSCP {}: {error}",
                     self.tcp_dscp
@@ -373,16 +373,4 @@ fn refuse(
         }
     }
     bail!("{message}")
-}
-
-/// Marks every packet the socket sends with `dscp` (the upper six bits of the
-/// IPv4 TOS byte or the IPv6 traffic class; the kernel keeps ECN's two).
-fn mark_dscp(stream: &TcpStream, dscp: u8) -> std::io::Result<()> {
-    use nix::sys::socket::{setsockopt, sockopt};
-    let byte = i32::from(dscp) << 2;
-    match stream.local_addr()? {
-        std::net::SocketAddr::V4(_) => setsockopt(stream, sockopt::IpTos, &byte),
-        std::net::SocketAddr::V6(_) => setsockopt(stream, sockopt::Ipv6TClass, &byte),
-    }
-    .map_err(std::io::Error::from)
 }
