@@ -5,13 +5,22 @@
 # injector, every FAULT_EVERY seconds, SIGKILLs a gateway (restarting it a second
 # later) or stops it with SIGSTOP for a second. At the end: loads completed, bytes
 # verified, faults injected, errors by kind, gateways' peak RSS.
-#   scripts/soak.sh [SECONDS]   (default 60; FAULT_EVERY=3, BLOCKS=256, FAULTS=both|sigkill|sigstop)
+# LOAD=one-gateway: plain loads from the first gateway alone (`Client::load`,
+# which redials a gateway that ended its connection and asks again), and every
+# fault hits that gateway.
+#   scripts/soak.sh [SECONDS]   (default 60; FAULT_EVERY=3, BLOCKS=256, FAULTS=both|sigkill|sigstop, LOAD=dual|one-gateway)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 duration=${1:-60}
 fault_every=${FAULT_EVERY:-3}
 faults=${FAULTS:-both}   # sigkill, sigstop or both
 blocks=${BLOCKS:-256}
+load=${LOAD:-dual}
+case $load in
+    dual) load_args=() ;;
+    one-gateway) load_args=(--one-gateway) ;;
+    *) echo "soak: LOAD=$load: use dual or one-gateway" >&2; exit 2 ;;
+esac
 cargo build --release -q -p gateway --bin dualpath
 bin=$PWD/target/release/dualpath
 work=$(mktemp -d)
@@ -68,6 +77,7 @@ end=$((SECONDS + duration))
     while [ "$SECONDS" -lt "$end" ]; do
         sleep "$fault_every"
         index=$((RANDOM % 2))
+        [ "$load" = one-gateway ] && index=0
         peak_rss_kb "$index" >>"$work/rss"
         kind=$faults
         [ "$kind" = both ] && kind=$([ $((RANDOM % 2)) = 0 ] && echo sigkill || echo sigstop)
@@ -89,7 +99,7 @@ runs=0 requests=0 verified=0
 : >"$work/errors"
 while [ "$SECONDS" -lt "$end" ]; do
     if output=$(timeout 120 "$bin" bench load --gateway "127.0.0.1:${ports[0]}" --gateway "127.0.0.1:${ports[1]}" \
-        --pe-endpoint "$SEAWEED_ENDPOINT" --prefix soak/ -n kv --blocks "$blocks" --seed 3 --blocks-per-request 16 --verify 2>&1); then
+        --pe-endpoint "$SEAWEED_ENDPOINT" --prefix soak/ -n kv --blocks "$blocks" --seed 3 --blocks-per-request 16 --verify ${load_args[@]+"${load_args[@]}"} 2>&1); then
         runs=$((runs + 1))
         requests=$((requests + $(sed -nE 's/.*requests=([0-9]+).*/\1/p' <<<"$output" | head -1)))
         verified=$((verified + $(sed -nE 's/.*verified_bytes=([0-9]+).*/\1/p' <<<"$output" | head -1)))
@@ -99,7 +109,7 @@ while [ "$SECONDS" -lt "$end" ]; do
 done
 wait "$injector" 2>/dev/null || true
 for index in 0 1; do peak_rss_kb "$index" >>"$work/rss"; done
-echo "soak: ${duration}s, $runs load runs, $requests loads completed, $((verified / 1048576)) MiB verified byte for byte"
+echo "soak: ${duration}s, $load loads, $runs load runs, $requests loads completed, $((verified / 1048576)) MiB verified byte for byte"
 echo "soak: faults injected: $(sort "$work/faults" | uniq -c | awk '{printf "%s %s, ", $1, $2}')total $(wc -l <"$work/faults")"
 if [ -s "$work/errors" ]; then
     echo "soak: errors by kind: $(sort "$work/errors" | uniq -c | awk '{c=$1; $1=""; printf "%d x%s; ", c, $0}')"

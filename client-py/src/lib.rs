@@ -188,7 +188,8 @@ impl Client {
     /// Starts loading blocks. `keys`: ints or hex strings; `dest_offsets`: where
     /// each block's first requested layer goes; `layers`: one (start, end) for all
     /// blocks or one per block; layer l goes to dest + (l - start) * layer_stride
-    /// (0: the layer size).
+    /// (0: the layer size). A gateway that ends the connection or refuses blocks
+    /// for a passing reason is redialled and asked again (`Client::load`).
     #[pyo3(signature = (namespace, region, keys, dest_offsets, layers=None, layer_stride=0, gateway=0))]
     #[allow(clippy::too_many_arguments)]
     fn load(

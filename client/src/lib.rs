@@ -16,6 +16,7 @@ mod gpu_sys;
 mod link;
 mod load;
 mod pe;
+mod retry;
 #[allow(unsafe_code)]
 mod sys;
 
@@ -205,11 +206,11 @@ pub enum BlockStatus {
 
 /// Who asks for a redial: the pool poller (its own thread: it always dials), a
 /// request (an engine's thread: it neither waits for another dialler nor dials
-/// again soon after a failure, see [`RedialState::backoff`]) or a dual load's
-/// coordinator (its own thread: it waits for another dialler, then keeps to
-/// the backoff).
+/// again soon after a failure, see [`RedialState::backoff`]) or a load's
+/// coordinator or retrier (its own thread: it waits for another dialler, then
+/// keeps to the backoff).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Redial {
+pub(crate) enum Redial {
     Poller,
     OnDemand,
     Coordinator,
@@ -401,7 +402,7 @@ impl Client {
             if !self.dual.gateway_healthy(index) {
                 continue;
             }
-            self.redialer.redial(index);
+            self.redialer.redial(index, Redial::OnDemand);
             // A connection still closed hears of the region from the first load on it.
             for link in gateway.links().iter().filter(|link| !link.is_closed()) {
                 link.register_region(id, &region_arc)?;
@@ -423,6 +424,14 @@ impl Client {
     /// Starts loading `blocks` of `namespace` into `region` from gateway 0. Layer `l`
     /// of a block goes to `dest_offset + (l - layers.start) * layer_stride`
     /// (`layer_stride` 0: the layer size, each block's layers back to back).
+    ///
+    /// If the gateway ends the connection mid-load (a restart, or closing this
+    /// client as stalled) or refuses blocks for a passing reason (busy,
+    /// stopping, a read error), the blocks not yet done are asked for again
+    /// once it is redialled (up to three tries a block); the load fails with
+    /// the connection's end when no redial succeeds within
+    /// `ClientOptions::request_timeout`. To load around a gateway that is
+    /// gone, use [`Client::load_dual`] with more than one.
     pub fn load(
         &self,
         namespace: &str,
@@ -456,18 +465,18 @@ impl Client {
         direct: Option<Target>,
     ) -> Result<LoadHandle, ClientError> {
         self.check_load(gateway, namespace, &host.blocks)?;
-        self.redialer.redial(gateway);
-        let shared = Arc::new(LoadShared::new(&host.blocks, false));
-        let indexes: Vec<u32> =
-            (0..u32::try_from(host.blocks.len()).expect("bounded by check_load")).collect();
-        let (request_id, _) = dual::start_on_gateway(
-            &self.gateways[gateway],
-            &self.next_request,
-            namespace,
-            (&host, direct.as_ref()),
-            &indexes,
-            &shared,
-        );
+        self.redialer.redial(gateway, Redial::OnDemand);
+        let (request_id, shared) = retry::OneGateway {
+            gateway,
+            gateways: Arc::clone(&self.gateways),
+            next_request: Arc::clone(&self.next_request),
+            redialer: Arc::clone(&self.redialer),
+            namespace: namespace.to_owned(),
+            host,
+            direct,
+            redial_within: self.options.request_timeout,
+        }
+        .start();
         Ok(LoadHandle { shared, request_id })
     }
 
@@ -597,7 +606,7 @@ impl Client {
     /// Stores one whole block (after prefill) through the shard that owns its key on
     /// gateway 0; returns when it is durable.
     pub fn store(&self, namespace: &str, key: BlockKey, bytes: &[u8]) -> Result<(), ClientError> {
-        self.redialer.redial(0);
+        self.redialer.redial(0, Redial::OnDemand);
         let links = self.gateways[0].links();
         let shard_count = u32::try_from(links.len()).expect("shard count from the gateway");
         let request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
@@ -832,24 +841,20 @@ impl Redialer {
     pub(crate) fn redial_in_place(&self, gateway: usize) -> bool {
         self.dual.gateway_healthy(gateway)
             && self.gateways[gateway].is_closed()
-            && self.gateways[gateway].reconnect_if_closed(
-                &self.quick_options,
-                &self.regions,
-                self.verbs.as_ref(),
-                Redial::Coordinator,
-            )
+            && self.redial(gateway, Redial::Coordinator)
     }
 
     /// A connection the gateway ended (a restart, or this process stopped long
     /// enough to be closed as stalled) is redialled when next used, rather than
-    /// failing every request until the pool poller's next round.
-    fn redial(&self, gateway: usize) {
+    /// failing every request until the pool poller's next round; true when it
+    /// is connected.
+    pub(crate) fn redial(&self, gateway: usize, who: Redial) -> bool {
         self.gateways[gateway].reconnect_if_closed(
             &self.quick_options,
             &self.regions,
             self.verbs.as_ref(),
-            Redial::OnDemand,
-        );
+            who,
+        )
     }
 }
 

@@ -7,7 +7,7 @@
 //! path without double counting.
 
 use std::ops::Range;
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use protocol::{BlockLoad, ErrorCode};
@@ -60,7 +60,8 @@ pub(crate) struct LoadState {
     on_device: Option<Vec<Vec<u64>>>,
 }
 
-/// Paths a block may fail on before its failure is final.
+/// Paths (for a load from one gateway: tries) a block may fail on before its
+/// failure is final.
 const ATTEMPTS_MAX: u8 = 3;
 
 /// Progress shared by the receive threads, the PE readers and the engine.
@@ -68,6 +69,27 @@ const ATTEMPTS_MAX: u8 = 3;
 pub(crate) struct LoadShared {
     state: Mutex<LoadState>,
     changed: Condvar,
+    /// Started when a block first waits for a retry (see
+    /// [`LoadShared::with_lazy_retrier`]); `None` once started, or if the
+    /// load's retries are handled from the start.
+    retrier: Retrier,
+    /// This load itself, for the retrier (weak: no cycle).
+    this: Weak<LoadShared>,
+}
+
+type StartRetrier = Box<dyn FnOnce(Arc<LoadShared>) + Send>;
+
+struct Retrier(Mutex<Option<StartRetrier>>);
+
+impl std::fmt::Debug for Retrier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let waiting = self.0.lock().is_ok_and(|start| start.is_some());
+        f.write_str(if waiting {
+            "Retrier(not started)"
+        } else {
+            "Retrier(none)"
+        })
+    }
 }
 
 impl LoadShared {
@@ -88,13 +110,42 @@ impl LoadShared {
                 on_device: None,
             }),
             changed: Condvar::new(),
+            retrier: Retrier(Mutex::new(None)),
+            this: Weak::new(),
         }
     }
 
+    /// A load with retries whose retrying thread is started by `start` only
+    /// when a block first waits for a retry: most loads never need one, and
+    /// a thread per load would cost more than some loads take.
+    pub(crate) fn with_lazy_retrier(blocks: &[BlockLoad], start: StartRetrier) -> Arc<Self> {
+        Arc::new_cyclic(|this| Self {
+            retrier: Retrier(Mutex::new(Some(start))),
+            this: this.clone(),
+            ..Self::new(blocks, true)
+        })
+    }
+
     fn update<T>(&self, change: impl FnOnce(&mut LoadState) -> T) -> T {
-        let result = change(&mut self.state.lock().expect("load state lock"));
+        let (result, retries_wait) = {
+            let mut state = self.state.lock().expect("load state lock");
+            let result = change(&mut state);
+            let waiting = state.retry.as_ref().is_some_and(|retry| !retry.is_empty());
+            (result, waiting)
+        };
         self.changed.notify_all();
+        if retries_wait {
+            self.start_retrier();
+        }
         result
+    }
+
+    /// Starts the lazy retrier, once (outside the state lock: it may spawn).
+    fn start_retrier(&self) {
+        let start = self.retrier.0.lock().expect("retrier lock").take();
+        if let (Some(start), Some(this)) = (start, self.this.upgrade()) {
+            start(this);
+        }
     }
 
     pub(crate) fn add_part(&self, blocks: Vec<u32>, landing: Landing) -> PartId {
@@ -189,21 +240,45 @@ impl LoadShared {
                 .collect();
             let retryable =
                 code.is_retryable() || matches!(failure, ClientError::Disconnected { .. });
+            let message = failure.to_string();
             if let (Some(retry), true) = (state.retry.as_mut(), retryable) {
                 // A block waiting for a new path belongs to no part: a second report
                 // of the same failure (the connection's end, then the coordinator)
                 // must not queue it twice, or two paths would load it and the later
                 // one write after the load is over.
-                for &block in &unfinished {
-                    state.owner[block as usize] = None;
+                for block in unfinished {
+                    let index = block as usize;
+                    state.owner[index] = None;
+                    if state.attempts[index] + 1 < ATTEMPTS_MAX {
+                        state.attempts[index] += 1;
+                        retry.push(block);
+                    } else {
+                        state.blocks[index] = BlockStatus::Failed {
+                            code,
+                            message: message.clone(),
+                        };
+                    }
                 }
-                retry.extend(unfinished);
                 return;
             }
-            let message = failure.to_string();
             for block in unfinished {
                 state.blocks[block as usize] = BlockStatus::Failed {
                     code,
+                    message: message.clone(),
+                };
+            }
+            state.failure.get_or_insert(failure);
+        });
+    }
+
+    /// Blocks no retry can load (their gateway cannot be reached again): they
+    /// fail, and the load with them (`failure` is what `wait` returns).
+    pub(crate) fn fail_for_good(&self, blocks: &[u32], failure: ClientError) {
+        self.update(|state| {
+            let message = failure.to_string();
+            for &block in blocks {
+                state.blocks[block as usize] = BlockStatus::Failed {
+                    code: ErrorCode::Io,
                     message: message.clone(),
                 };
             }
@@ -328,7 +403,7 @@ impl LoadState {
     }
 }
 
-fn copy_error(error: &ClientError) -> ClientError {
+pub(crate) fn copy_error(error: &ClientError) -> ClientError {
     match error {
         ClientError::Disconnected { address, message } => ClientError::Disconnected {
             address: address.clone(),
@@ -539,6 +614,44 @@ mod tests {
         assert_eq!(handle.layer_on_device(1), vec![true, false, false]);
         // Layers outside a block are never on the device.
         assert_eq!(handle.layer_on_device(7), vec![false, false, false]);
+    }
+
+    /// A load from one gateway starts its retrier only when a block first
+    /// needs one, and only once; a connection that keeps ending under a
+    /// block fails it after `ATTEMPTS_MAX` tries (no endless redial loop).
+    #[test]
+    fn the_lazy_retrier_starts_once_on_the_first_retry_and_tries_are_bounded() {
+        let started = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counter = std::sync::Arc::clone(&started);
+        let shared = LoadShared::with_lazy_retrier(
+            &blocks(2),
+            Box::new(move |_| {
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }),
+        );
+        let count = || started.load(std::sync::atomic::Ordering::Relaxed);
+        let first = shared.add_part(vec![0, 1], Landing::Host);
+        shared.layer_done(first, 0);
+        shared.block_done(0, BlockStatus::Done);
+        assert_eq!(count(), 0, "nothing to retry yet");
+        for _ in 0..ATTEMPTS_MAX - 1 {
+            let part = shared.add_part(vec![1], Landing::Host);
+            shared.fail_part(part, ErrorCode::Io, gone());
+            assert_eq!(shared.take_retries(), vec![1]);
+        }
+        assert_eq!(count(), 1);
+        let last = shared.add_part(vec![1], Landing::Host);
+        shared.fail_part(last, ErrorCode::Io, gone());
+        assert!(shared.take_retries().is_empty());
+        let handle = LoadHandle {
+            shared,
+            request_id: 1,
+        };
+        assert!(matches!(
+            handle.block_status(1),
+            Some(BlockStatus::Failed { code: ErrorCode::Io, message }) if message.contains("gone")
+        ));
+        assert_eq!(handle.block_status(0), Some(BlockStatus::Done));
     }
 
     #[test]

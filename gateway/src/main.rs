@@ -225,6 +225,10 @@ enum BenchTarget {
         /// Check every loaded byte against the synthetic contents.
         #[arg(long)]
         verify: bool,
+        /// Load each request from the first gateway alone (`Client::load`: no
+        /// path choice, no PE path) instead of `load_dual`.
+        #[arg(long)]
+        one_gateway: bool,
     },
     /// Memory to memory over the TCP transport, against iperf3 and Mooncake's TCP transport.
     Transport {
@@ -396,6 +400,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     requests_in_flight,
                     pe_concurrency,
                     verify,
+                    one_gateway,
                 },
         } => {
             let pe_storage = pe_endpoint.map(|endpoint| client::ObjectSettings {
@@ -426,6 +431,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 requests_in_flight,
                 secret,
                 verify,
+                one_gateway,
             })
         }
         Command::Bench {

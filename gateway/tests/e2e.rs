@@ -1028,10 +1028,19 @@ impl Gateway {
 /// A client of `gateway` with the pool poller off (so nothing but the request
 /// itself can reconnect), and a region of 8 blocks registered.
 fn client_without_poller(gateway: &Gateway) -> (Client, Arc<Region>, client::RegionId) {
-    let options = ClientOptions {
-        pool_poll_interval: Duration::ZERO,
-        ..ClientOptions::default()
-    };
+    client_with_options(
+        gateway,
+        ClientOptions {
+            pool_poll_interval: Duration::ZERO,
+            ..ClientOptions::default()
+        },
+    )
+}
+
+fn client_with_options(
+    gateway: &Gateway,
+    options: ClientOptions,
+) -> (Client, Arc<Region>, client::RegionId) {
     let client = Client::connect(&[&gateway.tcp], options).expect("connect");
     let region = Arc::new(Region::allocate(8 * BLOCK_BYTES));
     let id = client
@@ -1081,6 +1090,82 @@ fn a_load_after_the_gateway_restarts_redials_at_once() {
     let report = load(&reversed_blocks());
     assert!(report.all_done(), "{:?}", report.failed().next());
     assert_reversed(&region);
+}
+
+impl Gateway {
+    /// SIGSTOP: the gateway holds its connections but answers nothing, so a
+    /// load sent now is still in flight when it is killed.
+    fn freeze(&self) {
+        let pid = nix::unistd::Pid::from_raw(
+            i32::try_from(self.process.child.id()).expect("a pid fits i32"),
+        );
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    }
+}
+
+/// A plain `load` in flight when its gateway dies (a crash, then a
+/// supervisor's restart on the same address and store) asks the restarted
+/// gateway for what had not landed, and completes with every byte right. The
+/// pool poller is off: the load's own retrier redials.
+#[test]
+fn a_load_in_flight_when_the_gateway_restarts_completes() {
+    let mut gateway = Gateway::start(8);
+    let (client, region, id) = client_without_poller(&gateway);
+    assert!(client
+        .load("full", id, &whole_blocks(8), 0)
+        .expect("load")
+        .wait(WAIT)
+        .expect("finished")
+        .all_done());
+    gateway.freeze();
+    let load = client
+        .load("full", id, &reversed_blocks(), 0)
+        .expect("load");
+    // Frozen, the gateway cannot have sent a byte of it.
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(load.layers_done(), 0..0);
+    gateway.kill();
+    gateway.restart_in_place();
+    let report = load.wait(WAIT).expect("finished after the restart");
+    assert!(report.all_done(), "{:?}", report.failed().next());
+    assert_eq!(load.reassigned_blocks(), 8);
+    assert_reversed(&region);
+}
+
+/// A plain `load` whose gateway dies and stays down fails once the request
+/// timeout has passed without a redial, saying so.
+#[test]
+fn a_load_whose_gateway_stays_down_fails_after_the_request_timeout() {
+    let mut gateway = Gateway::start(8);
+    let (client, _region, id) = client_with_options(
+        &gateway,
+        ClientOptions {
+            pool_poll_interval: Duration::ZERO,
+            request_timeout: Duration::from_secs(2),
+            ..ClientOptions::default()
+        },
+    );
+    gateway.freeze();
+    let load = client.load("full", id, &whole_blocks(8), 0).expect("load");
+    let started = Instant::now();
+    gateway.kill();
+    let error = load.wait(WAIT).expect_err("the gateway is gone");
+    let waited = started.elapsed();
+    let message = error.to_string();
+    assert!(
+        message.contains("did not take a redial within 2s") && message.contains(&gateway.tcp),
+        "{message}"
+    );
+    assert!(
+        waited >= Duration::from_secs(2) && waited < WAIT,
+        "failed after {waited:?}"
+    );
+    for index in 0..8 {
+        assert!(matches!(
+            load.block_status(index),
+            Some(BlockStatus::Failed { .. })
+        ));
+    }
 }
 
 /// `load_dual` with one gateway and the pool poller off: while the gateway is

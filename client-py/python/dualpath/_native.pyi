@@ -94,7 +94,11 @@ class Client:
         layer_stride: int = 0,
         gateway: int = 0,
     ) -> Load:
-        """Start loading blocks; layer l of a block goes to dest + (l - start) * layer_stride."""
+        """Start loading blocks from one gateway; layer l of a block goes to
+        dest + (l - start) * layer_stride. If the gateway ends the connection
+        or refuses blocks for a passing reason, the blocks not done are asked
+        for again once it is redialled; the load fails if no redial succeeds
+        within request_timeout."""
     def load_dual(
         self,
         namespace: str,

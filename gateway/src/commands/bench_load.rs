@@ -25,6 +25,8 @@ pub struct BenchLoadOptions {
     pub secret: Option<Vec<u8>>,
     /// Check every loaded byte against the synthetic contents.
     pub verify: bool,
+    /// Load from the first gateway alone (`Client::load`) instead of `load_dual`.
+    pub one_gateway: bool,
 }
 
 pub fn bench_load(options: &BenchLoadOptions) -> anyhow::Result<()> {
@@ -76,7 +78,11 @@ pub fn bench_load(options: &BenchLoadOptions) -> anyhow::Result<()> {
                 dest_offset: base + index as u64 * block_bytes,
             })
             .collect();
-        let load = client.load_dual(&options.namespace, id, &blocks, 0)?;
+        let load = if options.one_gateway {
+            client.load(&options.namespace, id, &blocks, 0)?
+        } else {
+            client.load_dual(&options.namespace, id, &blocks, 0)?
+        };
         in_flight.push_back((
             load,
             Instant::now(),
@@ -98,13 +104,23 @@ pub fn bench_load(options: &BenchLoadOptions) -> anyhow::Result<()> {
     let bytes = options.blocks * block_bytes;
     println!(
         "policy={} bytes={bytes} verified_bytes={verified} seconds={elapsed:.3} throughput_mb_s={:.1} requests={} latency_p50_s={:.3} latency_p99_s={:.3}",
-        options.policy,
+        if options.one_gateway {
+            "one-gateway".to_owned()
+        } else {
+            options.policy.to_string()
+        },
         bytes as f64 / elapsed / 1e6,
         latencies.len(),
         percentile(0.5),
         percentile(0.99)
     );
-    for path in client.path_stats() {
+    // Path statistics are kept for dual-path loads only.
+    let dual_paths = if options.one_gateway {
+        Vec::new()
+    } else {
+        client.path_stats()
+    };
+    for path in dual_paths {
         println!(
             "path {}: {} blocks, {:.1} MB, last share {:.0}%, estimated {:.1} MB/s{}",
             path.name,

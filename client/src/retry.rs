@@ -1,0 +1,144 @@
+//! A load from one gateway (`Client::load_from`, and GPU loads without
+//! `dual`) rides over the gateway ending its connection (a restart, or closing
+//! this client as stalled while its process was stopped) and over passing
+//! refusals (busy, stopping, a read error): the blocks not yet done are asked
+//! for again on the same gateway once it is redialled. Bytes that land twice
+//! are the same bytes; a layer counts once (`LoadShared`).
+//!
+//! The thread that does this starts only when a block first needs a retry.
+//! A block fails for good after `ATTEMPTS_MAX` tries; the load fails (with
+//! the connection's end as its error) when the gateway does not take a redial
+//! within the client's request timeout.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::dual::{start_on_gateway, Target};
+use crate::load::{copy_error, LoadShared, PartId};
+use crate::{ClientError, Gateway, Redial, Redialer};
+
+/// How often the retrier looks for blocks to ask for again.
+const RETRY_TICK: Duration = Duration::from_millis(20);
+/// Before asking a gateway that is still connected again (it refused blocks
+/// as busy or stopping, or failed a read): a moment for it to recover, or to
+/// close the connection if it is on its way out.
+const PAUSE_BEFORE_ASKING_AGAIN: Duration = Duration::from_millis(100);
+/// Between redials of a gateway whose connection ended (each dial keeps to
+/// the gateway's redial backoff, so most of these only look).
+const REDIAL_PAUSE: Duration = Duration::from_millis(50);
+
+/// What a load from one gateway needs to ask for blocks again.
+pub(crate) struct OneGateway {
+    pub gateway: usize,
+    pub gateways: Arc<Vec<Gateway>>,
+    pub next_request: Arc<AtomicU64>,
+    pub redialer: Arc<Redialer>,
+    pub namespace: String,
+    /// Host memory, and GPU memory for connections that write by RDMA.
+    pub host: Target,
+    pub direct: Option<Target>,
+    /// How long a redial of a gateway that ended the connection may take.
+    pub redial_within: Duration,
+}
+
+impl OneGateway {
+    /// Starts the load: every block on the gateway's shards. Returns its
+    /// progress, with the retrier ready to start when a block needs it.
+    pub(crate) fn start(self) -> (u64, Arc<LoadShared>) {
+        let plan = Arc::new(self);
+        let for_retrier = Arc::clone(&plan);
+        let shared = LoadShared::with_lazy_retrier(
+            &plan.host.blocks,
+            Box::new(move |shared| for_retrier.spawn_retrier(shared)),
+        );
+        let indexes: Vec<u32> =
+            (0..u32::try_from(plan.host.blocks.len()).expect("bounded by check_load")).collect();
+        let (request_id, _) = plan.start_blocks(&indexes, &shared);
+        (request_id, shared)
+    }
+
+    fn start_blocks(&self, indexes: &[u32], shared: &Arc<LoadShared>) -> (u64, Vec<PartId>) {
+        start_on_gateway(
+            &self.gateways[self.gateway],
+            &self.next_request,
+            &self.namespace,
+            (&self.host, self.direct.as_ref()),
+            indexes,
+            shared,
+        )
+    }
+
+    fn spawn_retrier(self: Arc<Self>, shared: Arc<LoadShared>) {
+        let for_thread = Arc::clone(&shared);
+        let spawned = std::thread::Builder::new()
+            .name("dualpath-retry".into())
+            .spawn(move || self.retry_until_done(&for_thread));
+        if let Err(error) = spawned {
+            let waiting = shared.take_retries();
+            shared.fail_for_good(
+                &waiting,
+                ClientError::Invalid(format!("cannot start a thread to retry blocks: {error}")),
+            );
+        }
+    }
+
+    /// Asks again for blocks that wait for a retry, until the load ends.
+    fn retry_until_done(&self, shared: &Arc<LoadShared>) {
+        // Once a redial has timed out the load has failed: later retries
+        // (another shard's connection ending) fail at once, without waiting
+        // another timeout.
+        let mut gave_up: Option<ClientError> = None;
+        loop {
+            let running = shared.wait_for_retries_or_end(RETRY_TICK);
+            let mut retries = shared.take_retries();
+            if retries.is_empty() {
+                if running {
+                    continue;
+                }
+                return;
+            }
+            let reconnected = match &gave_up {
+                Some(failure) => Err(copy_error(failure)),
+                None => self.reconnect(),
+            };
+            // Blocks of other shards may have queued while this one waited.
+            retries.extend(shared.take_retries());
+            match reconnected {
+                Ok(()) => {
+                    self.start_blocks(&retries, shared);
+                }
+                Err(failure) => {
+                    shared.fail_for_good(&retries, copy_error(&failure));
+                    gave_up = Some(failure);
+                }
+            }
+        }
+    }
+
+    /// Waits until the gateway is connected: at once if its connection is
+    /// up (after a pause), else by redialling it for up to `redial_within`.
+    fn reconnect(&self) -> Result<(), ClientError> {
+        let gateway = &self.gateways[self.gateway];
+        if !gateway.is_closed() {
+            std::thread::sleep(PAUSE_BEFORE_ASKING_AGAIN);
+        }
+        let deadline = Instant::now() + self.redial_within;
+        loop {
+            if self.redialer.redial(self.gateway, Redial::Coordinator) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(ClientError::Disconnected {
+                    address: gateway.address.clone(),
+                    message: format!(
+                        "the gateway ended the connection and did not take a redial within {:?} \
+                         (is it running? its log says why it stopped)",
+                        self.redial_within
+                    ),
+                });
+            }
+            std::thread::sleep(REDIAL_PAUSE);
+        }
+    }
+}
