@@ -221,6 +221,10 @@ pub(crate) enum Redial {
 /// it the full `connect_timeout` and `request_timeout`.
 const QUICK_DIAL: Duration = Duration::from_secs(1);
 
+/// Between redials of a gateway that someone waits on (see
+/// [`Redialer::redial_within`]).
+const REDIAL_PAUSE: Duration = Duration::from_millis(50);
+
 /// The outcome of a gateway's recent redials.
 #[derive(Debug, Default)]
 struct RedialState {
@@ -604,9 +608,23 @@ impl Client {
     }
 
     /// Stores one whole block (after prefill) through the shard that owns its key on
-    /// gateway 0; returns when it is durable.
+    /// gateway 0; returns when it is durable. If the connection ends under it (a
+    /// gateway restart), the gateway is redialled (for up to
+    /// `ClientOptions::request_timeout`) and the block stored again: the
+    /// same key with the same bytes, so it does no harm if the first one landed.
     pub fn store(&self, namespace: &str, key: BlockKey, bytes: &[u8]) -> Result<(), ClientError> {
         self.redialer.redial(0, Redial::OnDemand);
+        match self.store_once(namespace, key, bytes) {
+            Err(ClientError::Disconnected { .. }) => {
+                self.redialer
+                    .redial_within(0, self.options.request_timeout)?;
+                self.store_once(namespace, key, bytes)
+            }
+            outcome => outcome,
+        }
+    }
+
+    fn store_once(&self, namespace: &str, key: BlockKey, bytes: &[u8]) -> Result<(), ClientError> {
         let links = self.gateways[0].links();
         let shard_count = u32::try_from(links.len()).expect("shard count from the gateway");
         let request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
@@ -842,6 +860,32 @@ impl Redialer {
         self.dual.gateway_healthy(gateway)
             && self.gateways[gateway].is_closed()
             && self.redial(gateway, Redial::Coordinator)
+    }
+
+    /// Redials gateway `gateway` until it is connected, for up to `within`
+    /// (each dial keeps to the gateway's redial backoff, so most rounds only
+    /// look); the error names the gateway and the wait.
+    pub(crate) fn redial_within(
+        &self,
+        gateway: usize,
+        within: Duration,
+    ) -> Result<(), ClientError> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if self.redial(gateway, Redial::Coordinator) {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(ClientError::Disconnected {
+                    address: self.gateways[gateway].address.clone(),
+                    message: format!(
+                        "the gateway ended the connection and did not take a redial within \
+                         {within:?} (is it running? its log says why it stopped)"
+                    ),
+                });
+            }
+            std::thread::sleep(REDIAL_PAUSE);
+        }
     }
 
     /// A connection the gateway ended (a restart, or this process stopped long

@@ -12,11 +12,11 @@
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::dual::{start_on_gateway, Target};
 use crate::load::{copy_error, LoadShared, PartId};
-use crate::{ClientError, Gateway, Redial, Redialer};
+use crate::{ClientError, Gateway, Redialer};
 
 /// How often the retrier looks for blocks to ask for again.
 const RETRY_TICK: Duration = Duration::from_millis(20);
@@ -24,9 +24,6 @@ const RETRY_TICK: Duration = Duration::from_millis(20);
 /// as busy or stopping, or failed a read): a moment for it to recover, or to
 /// close the connection if it is on its way out.
 const PAUSE_BEFORE_ASKING_AGAIN: Duration = Duration::from_millis(100);
-/// Between redials of a gateway whose connection ended (each dial keeps to
-/// the gateway's redial backoff, so most of these only look).
-const REDIAL_PAUSE: Duration = Duration::from_millis(50);
 
 /// What a load from one gateway needs to ask for blocks again.
 pub(crate) struct OneGateway {
@@ -119,26 +116,10 @@ impl OneGateway {
     /// Waits until the gateway is connected: at once if its connection is
     /// up (after a pause), else by redialling it for up to `redial_within`.
     fn reconnect(&self) -> Result<(), ClientError> {
-        let gateway = &self.gateways[self.gateway];
-        if !gateway.is_closed() {
+        if !self.gateways[self.gateway].is_closed() {
             std::thread::sleep(PAUSE_BEFORE_ASKING_AGAIN);
         }
-        let deadline = Instant::now() + self.redial_within;
-        loop {
-            if self.redialer.redial(self.gateway, Redial::Coordinator) {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(ClientError::Disconnected {
-                    address: gateway.address.clone(),
-                    message: format!(
-                        "the gateway ended the connection and did not take a redial within {:?} \
-                         (is it running? its log says why it stopped)",
-                        self.redial_within
-                    ),
-                });
-            }
-            std::thread::sleep(REDIAL_PAUSE);
-        }
+        self.redialer
+            .redial_within(self.gateway, self.redial_within)
     }
 }

@@ -1132,6 +1132,42 @@ fn a_load_in_flight_when_the_gateway_restarts_completes() {
     assert_reversed(&region);
 }
 
+/// A `store` whose gateway dies before answering (here: frozen, then killed
+/// and restarted on the same store) redials and stores the block again: it
+/// returns Ok, and the block is there to load.
+#[test]
+fn a_store_in_flight_when_the_gateway_restarts_is_stored_again() {
+    let mut gateway = Gateway::start(8);
+    let (client, region, id) = client_without_poller(&gateway);
+    let key = BlockKey(0x5702e);
+    let block: Vec<u8> = (0..BLOCK_BYTES).map(|index| (index % 251) as u8).collect();
+    gateway.freeze();
+    std::thread::scope(|scope| {
+        let store = scope.spawn(|| client.store("full", key, &block));
+        // Frozen, the gateway cannot answer: the store waits.
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!store.is_finished());
+        gateway.kill();
+        gateway.restart_in_place();
+        store
+            .join()
+            .expect("the store thread")
+            .expect("stored after the restart");
+    });
+    let blocks = [BlockLoad {
+        key,
+        layers: 0..LAYERS,
+        dest_offset: 0,
+    }];
+    let report = client
+        .load("full", id, &blocks, 0)
+        .expect("load")
+        .wait(WAIT)
+        .expect("finished");
+    assert!(report.all_done(), "{:?}", report.failed().next());
+    assert!(region.read(0, BLOCK_BYTES) == block);
+}
+
 /// A plain `load` whose gateway dies and stays down fails once the request
 /// timeout has passed without a redial, saying so.
 #[test]

@@ -112,7 +112,9 @@ class Client:
         the prefill node's own reads from `pe_storage` (an S3 store: endpoint,
         bucket, access_key_id, secret_access_key, prefix) and the gateways."""
     def store(self, namespace: str, key: Key, data: Any) -> None:
-        """Store one whole block (bytes-like); returns when durable."""
+        """Store one whole block (bytes-like); returns when durable. If the
+        gateway ends the connection first, it is redialled and the block
+        stored again."""
     def addresses(self) -> list[str]: ...
 
 
