@@ -49,6 +49,9 @@ pub(crate) struct LoadState {
     retry: Option<Vec<u32>>,
     /// Blocks handed to another path after theirs failed.
     reassigned: usize,
+    /// A part was refused because its gateway is shutting down (it finishes
+    /// what it has, then exits): asking it again before it is gone is futile.
+    gateway_stopping: bool,
     /// Per block: how many paths have failed it.
     attempts: Vec<u8>,
     /// Per block: the part now responsible for it (a block handed to another path
@@ -105,6 +108,7 @@ impl LoadShared {
                 failure: None,
                 retry: retry.then(Vec::new),
                 reassigned: 0,
+                gateway_stopping: false,
                 attempts: vec![0; blocks.len()],
                 owner: vec![None; blocks.len()],
                 on_device: None,
@@ -240,6 +244,7 @@ impl LoadShared {
                 .collect();
             let retryable =
                 code.is_retryable() || matches!(failure, ClientError::Disconnected { .. });
+            state.gateway_stopping |= code == ErrorCode::ShuttingDown;
             let message = failure.to_string();
             if let (Some(retry), true) = (state.retry.as_mut(), retryable) {
                 // A block waiting for a new path belongs to no part: a second report
@@ -295,6 +300,12 @@ impl LoadShared {
             state.reassigned += taken.len();
             taken
         })
+    }
+
+    /// Whether a part was refused by a gateway shutting down since the last
+    /// call (cleared).
+    pub(crate) fn take_gateway_stopping(&self) -> bool {
+        std::mem::take(&mut self.state.lock().expect("load state lock").gateway_stopping)
     }
 
     /// Fails blocks that no path can load any more.

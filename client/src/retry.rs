@@ -5,6 +5,10 @@
 //! for again on the same gateway once it is redialled. Bytes that land twice
 //! are the same bytes; a layer counts once (`LoadShared`).
 //!
+//! A gateway that refuses the load as shutting down (a rolling restart: it
+//! finishes what it has, then exits) is not asked again until it has closed
+//! the connection; then its successor is redialled.
+//!
 //! The thread that does this starts only when a block first needs a retry.
 //! A block fails for good after `ATTEMPTS_MAX` tries; the load fails (with
 //! the connection's end as its error) when the gateway does not take a redial
@@ -12,7 +16,9 @@
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use protocol::ErrorCode;
 
 use crate::dual::{start_on_gateway, Target};
 use crate::load::{copy_error, LoadShared, PartId};
@@ -24,6 +30,8 @@ const RETRY_TICK: Duration = Duration::from_millis(20);
 /// as busy or stopping, or failed a read): a moment for it to recover, or to
 /// close the connection if it is on its way out.
 const PAUSE_BEFORE_ASKING_AGAIN: Duration = Duration::from_millis(100);
+/// How often to look whether a gateway that is shutting down has gone.
+const WATCH_STOPPING_GATEWAY: Duration = Duration::from_millis(20);
 
 /// What a load from one gateway needs to ask for blocks again.
 pub(crate) struct OneGateway {
@@ -97,7 +105,7 @@ impl OneGateway {
             }
             let reconnected = match &gave_up {
                 Some(failure) => Err(copy_error(failure)),
-                None => self.reconnect(),
+                None => self.reconnect(shared.take_gateway_stopping()),
             };
             // Blocks of other shards may have queued while this one waited.
             retries.extend(shared.take_retries());
@@ -113,10 +121,29 @@ impl OneGateway {
         }
     }
 
-    /// Waits until the gateway is connected: at once if its connection is
-    /// up (after a pause), else by redialling it for up to `redial_within`.
-    fn reconnect(&self) -> Result<(), ClientError> {
-        if !self.gateways[self.gateway].is_closed() {
+    /// Waits until the gateway is connected and worth asking: after a pause
+    /// if its connection is up; if it is shutting down (`stopping`: a rolling
+    /// restart), until it has closed the connection and a redial reaches its
+    /// successor; else by redialling it. Each wait is bounded by
+    /// `redial_within`.
+    fn reconnect(&self, stopping: bool) -> Result<(), ClientError> {
+        let gateway = &self.gateways[self.gateway];
+        if stopping {
+            let deadline = Instant::now() + self.redial_within;
+            while !gateway.is_closed() {
+                if Instant::now() >= deadline {
+                    return Err(ClientError::Gateway {
+                        code: ErrorCode::ShuttingDown,
+                        message: format!(
+                            "gateway {} refused the load as shutting down and was still up \
+                             after {:?}",
+                            gateway.address, self.redial_within
+                        ),
+                    });
+                }
+                std::thread::sleep(WATCH_STOPPING_GATEWAY);
+            }
+        } else if !gateway.is_closed() {
             std::thread::sleep(PAUSE_BEFORE_ASKING_AGAIN);
         }
         self.redialer

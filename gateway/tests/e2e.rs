@@ -720,20 +720,20 @@ fn peak_rss_bytes(process: &GatewayProcess) -> u64 {
 /// A raw client on shard 0 that registers a 64 MiB region, asks for every
 /// block several times over, and never reads a byte.
 fn stalled_client(gateway: &Gateway) -> TcpStream {
-    stalled_client_with(gateway, None)
+    stalled_client_with(gateway, 0, None)
 }
 
-/// As `stalled_client`; `receive_buffer` sets SO_RCVBUF before the connection
-/// is made (so the window it offers is small from the start), and the kernel
-/// holds little for it: its staging stays held.
-fn stalled_client_with(gateway: &Gateway, receive_buffer: Option<i32>) -> TcpStream {
+/// As `stalled_client`, on shard `shard`; `receive_buffer` sets SO_RCVBUF
+/// before the connection is made (so the window it offers is small from the
+/// start), and the kernel holds little for it: its staging stays held.
+fn stalled_client_with(gateway: &Gateway, shard: u32, receive_buffer: Option<i32>) -> TcpStream {
     let mut stalled = match receive_buffer {
         None => TcpStream::connect(&gateway.tcp).expect("connect"),
         Some(bytes) => connect_with_receive_buffer(&gateway.tcp, bytes),
     };
     let hello = protocol::Frame::Hello {
         version: protocol::PROTOCOL_VERSION,
-        shard: 0,
+        shard,
         token: Vec::new(),
     };
     stalled.write_all(&hello.encode()).expect("hello");
@@ -1129,6 +1129,56 @@ fn a_load_in_flight_when_the_gateway_restarts_completes() {
     let report = load.wait(WAIT).expect("finished after the restart");
     assert!(report.all_done(), "{:?}", report.failed().next());
     assert_eq!(load.reassigned_blocks(), 8);
+    assert_reversed(&region);
+}
+
+/// A rolling restart: the gateway is told to stop (SIGTERM) while a client
+/// that stopped reading keeps it draining, and a plain `load` sent now is
+/// refused as shutting down. The load waits until that gateway has gone,
+/// redials its successor (same address and store) and completes, every byte
+/// right, instead of asking the stopping gateway again until its tries run out.
+#[test]
+fn a_load_refused_by_a_stopping_gateway_completes_on_its_successor() {
+    let mut gateway = Gateway::start_configured(256, None, "client_stall_timeout_ms = 3000");
+    // One on each core, so that no core can exit before the other and close
+    // its connection early (the client redials a gateway when any of its
+    // shard connections ends). Alone on its core, each holds three quarters
+    // of the staging (this test's client connects afterwards).
+    let stalled = [
+        stalled_client(&gateway),
+        stalled_client_with(&gateway, 1, None),
+    ];
+    let cap = STAGING_BYTES_PER_CORE * 0.75;
+    assert_eq!(wait_for_staging_in_use(&gateway, 2.0 * cap), 2.0 * cap);
+    let (client, region, id) = client_without_poller(&gateway);
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(gateway.process.child.id()).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let deadline = Instant::now() + WAIT;
+    while !gateway.process.later_log().contains("shutting down") {
+        assert!(Instant::now() < deadline, "the gateway never began to stop");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Every core looks at the shutdown flag at least every 50 ms.
+    std::thread::sleep(Duration::from_millis(200));
+    let load = client
+        .load("full", id, &reversed_blocks(), 0)
+        .expect("load");
+    // It drains until the stalled client is closed, then exits.
+    loop {
+        if gateway.process.child.try_wait().expect("wait").is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the gateway did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(stalled);
+    assert!(
+        load.reassigned_blocks() > 0,
+        "the load was refused by the stopping gateway"
+    );
+    gateway.restart_in_place();
+    let report = load.wait(WAIT).expect("finished on the successor");
+    assert!(report.all_done(), "{:?}", report.failed().next());
     assert_reversed(&region);
 }
 
