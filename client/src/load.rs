@@ -298,6 +298,10 @@ impl LoadShared {
             taken.sort_unstable();
             taken.dedup();
             state.reassigned += taken.len();
+            if !taken.is_empty() {
+                metrics::counter!("dualpath_client_blocks_retried_total")
+                    .increment(taken.len() as u64);
+            }
             taken
         })
     }
@@ -663,6 +667,70 @@ mod tests {
             Some(BlockStatus::Failed { code: ErrorCode::Io, message }) if message.contains("gone")
         ));
         assert_eq!(handle.block_status(0), Some(BlockStatus::Done));
+    }
+
+    /// Counts `dualpath_client_blocks_retried_total` on this thread.
+    #[derive(Default)]
+    struct RetriedCounter(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+    impl metrics::Recorder for RetriedCounter {
+        fn describe_counter(
+            &self,
+            _: metrics::KeyName,
+            _: Option<metrics::Unit>,
+            _: metrics::SharedString,
+        ) {
+        }
+        fn describe_gauge(
+            &self,
+            _: metrics::KeyName,
+            _: Option<metrics::Unit>,
+            _: metrics::SharedString,
+        ) {
+        }
+        fn describe_histogram(
+            &self,
+            _: metrics::KeyName,
+            _: Option<metrics::Unit>,
+            _: metrics::SharedString,
+        ) {
+        }
+        fn register_counter(
+            &self,
+            key: &metrics::Key,
+            _: &metrics::Metadata<'_>,
+        ) -> metrics::Counter {
+            if key.name() == "dualpath_client_blocks_retried_total" {
+                metrics::Counter::from_arc(std::sync::Arc::clone(&self.0))
+            } else {
+                metrics::Counter::noop()
+            }
+        }
+        fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+            metrics::Gauge::noop()
+        }
+        fn register_histogram(
+            &self,
+            _: &metrics::Key,
+            _: &metrics::Metadata<'_>,
+        ) -> metrics::Histogram {
+            metrics::Histogram::noop()
+        }
+    }
+
+    #[test]
+    fn blocks_asked_for_again_are_counted_for_the_engines_metrics() {
+        let recorder = RetriedCounter::default();
+        let counted = std::sync::Arc::clone(&recorder.0);
+        metrics::with_local_recorder(&recorder, || {
+            let shared = LoadShared::new(&blocks(3), true);
+            let part = shared.add_part(vec![0, 1, 2], Landing::Host);
+            shared.block_done(0, BlockStatus::Done);
+            assert!(shared.take_retries().is_empty());
+            shared.fail_part(part, ErrorCode::Io, gone());
+            assert_eq!(shared.take_retries(), vec![1, 2]);
+        });
+        assert_eq!(counted.load(std::sync::atomic::Ordering::Relaxed), 2);
     }
 
     #[test]
