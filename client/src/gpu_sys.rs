@@ -239,6 +239,19 @@ pub struct DeviceTarget {
     pub _owned: Option<Arc<DeviceMemory>>,
 }
 
+/// Makes `stream`'s context current on this thread (driver calls act on the
+/// current context; the copy thread starts with none). A no-op when it is
+/// current already: one `cuCtxGetCurrent`.
+fn bind_stream_context(stream: &CudaStream) -> Result<(), GpuError> {
+    stream
+        .context()
+        .bind_to_thread()
+        .map_err(|error| GpuError::Cuda {
+            op: "cuCtxSetCurrent",
+            code: error.0,
+        })
+}
+
 /// Queues the copy of `staging[range]` to `device` at offset `to` on
 /// `stream`. Ranges are checked against both sides. The caller keeps `staging`
 /// and `device` alive and the staging bytes unchanged until the stream is
@@ -259,6 +272,7 @@ pub fn queue_copy(
             .is_some_and(|end| end <= device.len as u64),
         "a copy writes inside the device region"
     );
+    bind_stream_context(stream)?;
     let host = staging.region.as_ptr().wrapping_add(range.start);
     // SAFETY: the host range lies in a pinned, live region and the device range
     // in live device memory (both checked above, kept alive by the caller until
@@ -280,6 +294,7 @@ pub fn queue_peak_copy(
     device: &DeviceMemory,
 ) -> Result<(), GpuError> {
     assert!(source.len <= device.len, "the copy fits the device memory");
+    bind_stream_context(stream)?;
     // SAFETY: both allocations are live and at least `source.len` long; the
     // benchmark synchronizes the stream before dropping either.
     check("cuMemcpyHtoDAsync", unsafe {
