@@ -146,8 +146,16 @@ fn loads_1000_blocks_in_both_layouts_layer_by_layer_with_every_byte_checked() {
         moved += 1000 * BLOCK_BYTES as u64;
     }
     assert_eq!(
-        gateway.metric_sum("dualpath_transport_sent_bytes_total") as u64,
+        gateway
+            .process
+            .metric_sum_labelled("dualpath_transport_sent_bytes_total", "transport=\"tcp\"")
+            as u64,
         moved
+    );
+    assert_eq!(
+        gateway.metric_sum("dualpath_transport_sent_bytes_total") as u64,
+        moved,
+        "every byte went over TCP"
     );
     assert_eq!(
         gateway.metric_sum("dualpath_storage_read_bytes_total") as u64,

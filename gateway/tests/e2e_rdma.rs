@@ -48,9 +48,11 @@ struct Gateway {
     _dir: tempfile::TempDir,
 }
 
-fn write_config(dir: &Path, device: &str, transport: &str) -> PathBuf {
+/// `listen_tcp`: "127.0.0.1:0" for a free port, or a restarted gateway's.
+fn write_config(dir: &Path, device: &str, transport: &str, listen_tcp: &str) -> PathBuf {
     UringGatewayConfig {
         cores: 1,
+        listen_tcp: listen_tcp.to_owned(),
         tables: format!(
             "[rdma]\ntransport = \"{transport}\"\ndevice = \"{device}\"\ngid_index = 1\ntraffic_class = {TRAFFIC_CLASS}\nservice_level = 2"
         ),
@@ -62,7 +64,7 @@ fn write_config(dir: &Path, device: &str, transport: &str) -> PathBuf {
 impl Gateway {
     fn start(device: &str, transport: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let config = write_config(dir.path(), device, transport);
+        let config = write_config(dir.path(), device, transport, "127.0.0.1:0");
         for namespace in ["full", "layer"] {
             import_synthetic(BINARY, &config, namespace, BLOCKS, SEED);
         }
@@ -72,6 +74,16 @@ impl Gateway {
             process: GatewayProcess::start(command),
             _dir: dir,
         }
+    }
+
+    /// SIGKILL, then a new process on the same address and store.
+    fn restart_in_place(&mut self, device: &str) {
+        self.process.child.kill().expect("kill the gateway");
+        self.process.child.wait().expect("reap the gateway");
+        let config = write_config(self._dir.path(), device, "rdma", &self.process.tcp);
+        let mut command = Command::new(BINARY);
+        command.arg("--config").arg(&config).arg("serve");
+        self.process = GatewayProcess::start(command);
     }
 
     fn client(&self, device: &str, required: bool) -> Client {
@@ -170,8 +182,16 @@ fn loads_both_layouts_by_rdma_write_layer_by_layer_with_every_byte_checked() {
     assert_eq!(
         gateway
             .process
-            .metric_sum("dualpath_transport_sent_bytes_total") as u64,
+            .metric_sum_labelled("dualpath_transport_sent_bytes_total", "transport=\"rdma\"")
+            as u64,
         moved
+    );
+    assert_eq!(
+        gateway
+            .process
+            .metric_sum("dualpath_transport_sent_bytes_total") as u64,
+        moved,
+        "every byte went by RDMA"
     );
     assert_eq!(
         gateway.process.metric_sum("dualpath_rdma_connections") as u64,
@@ -180,6 +200,45 @@ fn loads_both_layouts_by_rdma_write_layer_by_layer_with_every_byte_checked() {
     assert_eq!(
         gateway.process.metric_sum("dualpath_rdma_enabled") as u64,
         1
+    );
+}
+
+/// A load over RDMA in flight when its gateway dies (frozen first, so none
+/// of it has been written; then killed and restarted on the same address and
+/// store): the client redials, sets up new queue pairs, announces its region
+/// again and asks for the blocks; they arrive by RDMA WRITE, every byte right.
+#[test]
+fn a_load_over_rdma_in_flight_when_the_gateway_restarts_completes() {
+    let Some(device) = rdma_device() else { return };
+    let mut gateway = Gateway::start(&device, "rdma");
+    let client = gateway.client(&device, true);
+    let region = Arc::new(Region::allocate(8 * BLOCK_BYTES));
+    let id = client
+        .register_region(Arc::clone(&region))
+        .expect("register");
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(gateway.process.child.id()).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    let load = client.load("full", id, &whole_blocks(8), 0).expect("load");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(load.layers_done(), 0..0, "a frozen gateway writes nothing");
+    gateway.restart_in_place(&device);
+    let report = load.wait(WAIT).expect("finished after the restart");
+    assert!(report.all_done(), "{:?}", report.failed().next());
+    assert_eq!(load.reassigned_blocks(), 8);
+    for index in 0..8 {
+        assert!(
+            region.read(index as usize * BLOCK_BYTES, BLOCK_BYTES) == expected_block(index),
+            "block {index}"
+        );
+    }
+    assert_eq!(client.transports(), vec!["rdma"]);
+    assert_eq!(
+        gateway
+            .process
+            .metric_sum_labelled("dualpath_transport_sent_bytes_total", "transport=\"rdma\"")
+            as u64,
+        8 * BLOCK_BYTES as u64,
+        "the restarted gateway wrote the blocks by RDMA"
     );
 }
 

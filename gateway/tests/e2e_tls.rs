@@ -117,6 +117,17 @@ fn loads_over_tls_and_refuses_clients_without_it_or_with_another_ca() {
             );
         }
     }
+    let loaded = 2 * BLOCKS * BLOCK_BYTES as u64;
+    assert_eq!(
+        gateway.metric_sum_labelled("dualpath_transport_sent_bytes_total", "transport=\"tls\"")
+            as u64,
+        loaded
+    );
+    assert_eq!(
+        gateway.metric_sum("dualpath_transport_sent_bytes_total") as u64,
+        loaded,
+        "every byte went over TLS"
+    );
     client
         .store("layer", synthetic::key(SEED, 5), &expected_block(5))
         .expect("store over TLS");

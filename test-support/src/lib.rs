@@ -251,9 +251,19 @@ impl GatewayProcess {
 
     /// The sum of a metric over all its label sets.
     pub fn metric_sum(&self, name: &str) -> f64 {
+        self.metric_sum_labelled(name, "")
+    }
+
+    /// As `metric_sum`, over the series whose labels contain `label` (e.g.
+    /// `transport="rdma"`).
+    pub fn metric_sum_labelled(&self, name: &str, label: &str) -> f64 {
         self.http_get("/metrics")
             .lines()
             .filter(|line| line.starts_with(name) && line[name.len()..].starts_with(['{', ' ']))
+            .filter(|line| {
+                line.split_once(' ')
+                    .is_some_and(|(series, _)| series.contains(label))
+            })
             .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     }

@@ -355,6 +355,11 @@ impl Connection {
         self.transport.name() == "rdma"
     }
 
+    /// The transport's name: "tcp", "tls" or "rdma".
+    pub fn transport_name(&self) -> &'static str {
+        self.transport.name()
+    }
+
     pub fn event_fd(&self) -> Option<std::os::fd::RawFd> {
         self.transport.event_fd()
     }

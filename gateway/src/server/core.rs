@@ -808,7 +808,7 @@ impl<S: BlockStore> Core<S> {
                 continue;
             }
             match connection.flush() {
-                Ok(bytes) => CoreCounters::add(&counters.transport_sent_bytes, bytes),
+                Ok(bytes) => counters.sent(connection.transport_name(), bytes),
                 Err(error) => {
                     tracing::debug!("client {} gone: {error}", connection.peer);
                     connection.dead = true;

@@ -17,6 +17,10 @@ pub const STORAGE_READ_SECONDS: &str = "dualpath_storage_read_seconds";
 pub const LOAD_SECONDS: &str = "dualpath_load_seconds";
 
 /// Error kinds counted per core; the index is the position here.
+/// The `transport` label of `dualpath_transport_sent_bytes_total`: each
+/// transport's `Transport::name`.
+pub const TRANSPORTS: [&str; 3] = ["tcp", "tls", "rdma"];
+
 pub const ERROR_KINDS: [&str; 14] = [
     "not_found",
     "corrupt",
@@ -42,7 +46,8 @@ pub struct CoreCounters {
     pub backend: &'static str,
     pub storage_reads: AtomicU64,
     pub storage_read_bytes: AtomicU64,
-    pub transport_sent_bytes: AtomicU64,
+    /// Per transport (`TRANSPORTS`).
+    pub transport_sent_bytes: [AtomicU64; TRANSPORTS.len()],
     pub blocks_loaded: AtomicU64,
     pub loads_completed: AtomicU64,
     pub blocks_stored: AtomicU64,
@@ -74,7 +79,7 @@ impl CoreCounters {
             backend,
             storage_reads: AtomicU64::new(0),
             storage_read_bytes: AtomicU64::new(0),
-            transport_sent_bytes: AtomicU64::new(0),
+            transport_sent_bytes: Default::default(),
             blocks_loaded: AtomicU64::new(0),
             loads_completed: AtomicU64::new(0),
             blocks_stored: AtomicU64::new(0),
@@ -95,6 +100,13 @@ impl CoreCounters {
 
     pub fn add(counter: &AtomicU64, value: u64) {
         counter.fetch_add(value, Ordering::Relaxed);
+    }
+
+    /// Payload bytes a client took over `transport` (a `Transport::name`).
+    pub fn sent(&self, transport: &'static str, bytes: u64) {
+        let index = TRANSPORTS.iter().position(|known| *known == transport);
+        debug_assert!(index.is_some(), "transport {transport} has no metric label");
+        self.transport_sent_bytes[index.unwrap_or(0)].fetch_add(bytes, Ordering::Relaxed);
     }
 
     pub fn error(&self, kind: &str) {
@@ -239,7 +251,10 @@ pub fn publish(cores: &[Arc<CoreCounters>], acceptor: &AcceptorCounters) {
         let read = |gauge: &AtomicI64| gauge.load(Ordering::Relaxed) as f64;
         counter!("dualpath_storage_reads_total", "backend" => core.backend, "shard" => shard.clone()).absolute(load(&core.storage_reads));
         counter!("dualpath_storage_read_bytes_total", "backend" => core.backend, "shard" => shard.clone()).absolute(load(&core.storage_read_bytes));
-        counter!("dualpath_transport_sent_bytes_total", "transport" => "tcp", "shard" => shard.clone()).absolute(load(&core.transport_sent_bytes));
+        for (transport, value) in TRANSPORTS.iter().zip(&core.transport_sent_bytes) {
+            counter!("dualpath_transport_sent_bytes_total", "transport" => *transport, "shard" => shard.clone())
+                .absolute(load(value));
+        }
         counter!("dualpath_blocks_loaded_total", "path" => "gateway", "shard" => shard.clone())
             .absolute(load(&core.blocks_loaded));
         counter!("dualpath_loads_completed_total", "shard" => shard.clone())
