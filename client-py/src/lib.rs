@@ -389,6 +389,17 @@ impl DeviceLoad {
         py.allow_threads(move || load.wait_layer(layer, timeout)).map_err(to_python)
     }
 
+    /// Cancels the load; returns (GIL released) once nothing more of it will
+    /// be written into the device memory, with one (state, code, message) per
+    /// block: blocks not finished end ("failed", "Cancelled", ...).
+    #[pyo3(signature = (timeout=None))]
+    fn cancel(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Vec<(&'static str, String, String)>> {
+        let timeout = timeout_of(timeout)?;
+        let load = Arc::clone(&self.load);
+        let report = py.allow_threads(move || load.cancel(timeout)).map_err(to_python)?;
+        Ok(report.blocks.iter().map(status_tuple).collect())
+    }
+
     /// Whether gateways writing by RDMA load this straight into GPU memory.
     #[getter]
     fn direct(&self) -> bool {
@@ -443,6 +454,19 @@ impl Load {
         let timeout = timeout_of(timeout)?;
         let handle = Arc::clone(&self.handle);
         let report = py.allow_threads(move || handle.wait(timeout)).map_err(to_python)?;
+        Ok(report.blocks.iter().map(status_tuple).collect())
+    }
+
+    /// Cancels the load (the engine aborted the request): nothing more is read
+    /// for it and nothing is retried. Returns (GIL released) once no path will
+    /// write into the region any more, so the memory may be reused, with one
+    /// (state, code, message) per block: blocks not finished end ("failed",
+    /// "Cancelled", ...). On timeout (WaitTimeout) paths may still write.
+    #[pyo3(signature = (timeout=None))]
+    fn cancel(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Vec<(&'static str, String, String)>> {
+        let timeout = timeout_of(timeout)?;
+        let handle = Arc::clone(&self.handle);
+        let report = py.allow_threads(move || handle.cancel(timeout)).map_err(to_python)?;
         Ok(report.blocks.iter().map(status_tuple).collect())
     }
 

@@ -124,12 +124,47 @@ def test_errors_are_typed(gateway, tmp_path):
 
 
 def test_a_dead_gateway_fails_waits_instead_of_hanging(gateway):
-    client = dualpath.Client([gateway.address])
+    # A load redials a gateway that ended its connection for up to
+    # request_timeout, then fails saying so.
+    client = dualpath.Client([gateway.address], request_timeout=2.0)
     region = client.register(bytearray(BLOCKS * BLOCK_BYTES))
     gateway.kill()
-    with pytest.raises(dualpath.DualpathError):
+    started = time.monotonic()
+    with pytest.raises(dualpath.DisconnectedError, match="did not take a redial within 2s"):
         load = client.load("kv", region, gateway.keys, [i * BLOCK_BYTES for i in range(BLOCKS)])
         load.wait(timeout=30)
+    assert time.monotonic() - started < 10
+
+
+def test_a_cancelled_load_writes_nothing_after_cancel_returns(gateway):
+    import os
+    import signal
+
+    client = dualpath.Client([gateway.address])
+    kv = np.zeros(BLOCKS * BLOCK_BYTES, dtype=np.uint8)
+    region = client.register(memoryview(kv).cast("B"))
+    offsets = [index * BLOCK_BYTES for index in range(BLOCKS)]
+    # Frozen, the gateway reads nothing before the cancel arrives (the stop
+    # is asynchronous: wait until /proc shows it).
+    os.kill(gateway.process.pid, signal.SIGSTOP)
+    while open(f"/proc/{gateway.process.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "T":
+        time.sleep(0.001)
+    try:
+        load = client.load("kv", region, gateway.keys, offsets)
+        threading.Timer(0.2, os.kill, (gateway.process.pid, signal.SIGCONT)).start()
+        states = load.cancel(timeout=30)
+    finally:
+        os.kill(gateway.process.pid, signal.SIGCONT)
+    assert [(state, code) for state, code, _ in states] == [("failed", "Cancelled")] * BLOCKS
+    assert not kv.any()
+    # The engine may reuse the memory: nothing lands later.
+    kv[:] = 0xA5
+    time.sleep(0.3)
+    assert (kv == 0xA5).all()
+    # And the client goes on loading.
+    states = client.load("kv", region, gateway.keys, offsets).wait(timeout=30)
+    assert all(state == "done" for state, _, _ in states)
+    assert kv[:BLOCK_BYTES].tobytes() == synthetic_block(gateway.keys[0])
 
 
 def test_the_prefill_engine_example_runs(gateway):

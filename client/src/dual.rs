@@ -520,6 +520,7 @@ pub(crate) fn start_on_gateway(
             _ => (host, Landing::Host),
         };
         let part = shared.add_part(shard_indexes.clone(), landing);
+        shared.set_part_request(part, &links[shard], request_id);
         parts.push(part);
         let load = Load {
             request_id,

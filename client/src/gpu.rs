@@ -198,7 +198,7 @@ impl DeviceRegion {
 /// Where each layer's copies stand.
 #[derive(Debug, Default)]
 struct CopyProgress {
-    /// Set when the `GpuLoad` is dropped: the copier stops waiting.
+    /// Set when the `GpuLoad` is cancelled or dropped: the copier stops.
     cancelled: bool,
     /// Per layer (from the load's first), the event after its copies.
     events: Vec<Option<Event>>,
@@ -212,7 +212,8 @@ pub struct GpuLoad {
     host: LoadHandle,
     layers: Range<u16>,
     progress: Arc<(Mutex<CopyProgress>, Condvar)>,
-    copier: Option<std::thread::JoinHandle<()>>,
+    /// Taken (and joined) when the load is cancelled or dropped.
+    copier: Mutex<Option<std::thread::JoinHandle<()>>>,
     staging: Option<Arc<PinnedStaging>>,
     /// Held so owned device memory outlives the copies into it.
     _target: DeviceTarget,
@@ -384,7 +385,7 @@ impl Client {
             host,
             layers,
             progress,
-            copier: Some(copier),
+            copier: Mutex::new(Some(copier)),
             staging: Some(staging),
             _target: target.target.clone(),
             direct: direct.map(|(_, region)| region),
@@ -585,11 +586,12 @@ fn copy_layers(
     for layer in plan.layers.clone() {
         // Short waits, so a dropped load (cancelled) never keeps this thread.
         loop {
+            if state.lock().expect("copy progress lock").cancelled {
+                return fail("the load was cancelled".into());
+            }
             match host.wait_layer(layer, Duration::from_millis(100)) {
                 Ok(()) => break,
-                Err(ClientError::Timeout { .. })
-                    if !state.lock().expect("copy progress lock").cancelled => {}
-                Err(ClientError::Timeout { .. }) => return fail("the load was dropped".into()),
+                Err(ClientError::Timeout { .. }) => {}
                 Err(error) => {
                     return fail(format!(
                         "layer {layer} did not arrive in host staging: {error}"
@@ -687,6 +689,34 @@ impl GpuLoad {
         Ok(report)
     }
 
+    /// Cancels the load (as [`LoadHandle::cancel`]) and returns once nothing
+    /// more of it will be written into the device region: no path writes any
+    /// more (GPUDirect RDMA included), no further host-to-device copy is
+    /// queued and those queued have finished. Layers not yet reported by
+    /// `wait_layer` may then hold anything (the statuses say what reached
+    /// host staging or the device by GPUDirect, not what was copied); blocks
+    /// not finished end `Cancelled`.
+    pub fn cancel(&self, timeout: Duration) -> Result<LoadReport, ClientError> {
+        let report = self.host.cancel(timeout)?;
+        self.stop_copies();
+        Ok(report)
+    }
+
+    /// Stops the copier (it queues nothing more) and waits for the copies
+    /// already queued.
+    fn stop_copies(&self) {
+        self.progress
+            .0
+            .lock()
+            .expect("copy progress lock")
+            .cancelled = true;
+        let copier = self.copier.lock().expect("copier lock").take();
+        if let Some(copier) = copier {
+            let _ = copier.join();
+        }
+        let _ = self.device.stream.synchronize();
+    }
+
     /// Whether gateways writing by RDMA load this straight into GPU memory
     /// (GPUDirect RDMA); the other paths' blocks still go through staging.
     pub fn is_direct(&self) -> bool {
@@ -702,15 +732,7 @@ impl GpuLoad {
 impl Drop for GpuLoad {
     fn drop(&mut self) {
         // The staging goes back to the pool only when no copy reads it.
-        self.progress
-            .0
-            .lock()
-            .expect("copy progress lock")
-            .cancelled = true;
-        if let Some(copier) = self.copier.take() {
-            let _ = copier.join();
-        }
-        let _ = self.device.stream.synchronize();
+        self.stop_copies();
         // A load dropped before it finished may still receive into its staging:
         // that buffer is not reused (the client's region table keeps its memory
         // alive for those late writes).

@@ -442,6 +442,11 @@ impl ShardLink {
         self.send_load(&load)
     }
 
+    /// Asks the gateway to cancel load `request_id` (see `LoadHandle::cancel`).
+    pub fn cancel_load(&self, request_id: u64) -> Result<(), ClientError> {
+        self.send(&[&Frame::CancelLoad { request_id }.encode()])
+    }
+
     /// The gateway's view of the decode pool.
     pub fn pool_status(&self, timeout: Duration) -> Result<Vec<PeerStatus>, ClientError> {
         self.shared.waiting.lock().expect("link lock").pool = None;

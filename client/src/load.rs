@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use protocol::{BlockLoad, ErrorCode};
 
+use crate::link::ShardLink;
 use crate::{BlockStatus, ClientError};
 
 /// A part of a load: blocks sent down one path.
@@ -34,6 +35,8 @@ struct Part {
     blocks: Vec<u32>,
     done: bool,
     landing: Landing,
+    /// For a gateway part: its connection and request id, to cancel it.
+    request: Option<(Weak<ShardLink>, u64)>,
 }
 
 #[derive(Debug)]
@@ -49,6 +52,9 @@ pub(crate) struct LoadState {
     retry: Option<Vec<u32>>,
     /// Blocks handed to another path after theirs failed.
     reassigned: usize,
+    /// The engine cancelled the load: nothing is retried, and blocks that no
+    /// path finishes end `Cancelled`.
+    cancelled: bool,
     /// A part was refused because its gateway is shutting down (it finishes
     /// what it has, then exits): asking it again before it is gone is futile.
     gateway_stopping: bool,
@@ -109,6 +115,7 @@ impl LoadShared {
                 retry: retry.then(Vec::new),
                 reassigned: 0,
                 gateway_stopping: false,
+                cancelled: false,
                 attempts: vec![0; blocks.len()],
                 owner: vec![None; blocks.len()],
                 on_device: None,
@@ -162,9 +169,66 @@ impl LoadShared {
                 blocks,
                 done: false,
                 landing,
+                request: None,
             });
             part
         })
+    }
+
+    /// `part` is request `request_id` on `link` (so that it can be cancelled).
+    pub(crate) fn set_part_request(&self, part: PartId, link: &Arc<ShardLink>, request_id: u64) {
+        let mut state = self.state.lock().expect("load state lock");
+        if let Some(entry) = state.parts.get_mut(part.0 as usize) {
+            entry.request = Some((Arc::downgrade(link), request_id));
+        }
+    }
+
+    /// Cancels the load: nothing is retried from now on, blocks waiting for a
+    /// retry end `Cancelled`; returns the gateway requests still running, to
+    /// be cancelled on their connections.
+    pub(crate) fn cancel(&self) -> Vec<(Weak<ShardLink>, u64)> {
+        self.update(|state| {
+            state.cancelled = true;
+            if let Some(retry) = state.retry.as_mut() {
+                for block in std::mem::take(retry) {
+                    state.blocks[block as usize] = cancelled_status(None);
+                }
+            }
+            state
+                .parts
+                .iter()
+                .filter(|part| !part.done)
+                .filter_map(|part| part.request.clone())
+                .collect()
+        })
+    }
+
+    pub(crate) fn is_cancelled(&self) -> bool {
+        self.state.lock().expect("load state lock").cancelled
+    }
+
+    /// Waits until no part of a cancelled load is running (each path has
+    /// confirmed: nothing more of the load will be written), then ends the
+    /// blocks no path finished as `Cancelled`. False on timeout.
+    pub(crate) fn wait_for_cancel(&self, timeout: Duration) -> bool {
+        let state = self.state.lock().expect("load state lock");
+        let (mut state, _) = self
+            .changed
+            .wait_timeout_while(state, timeout, |state| {
+                state.parts.iter().any(|part| !part.done)
+            })
+            .expect("load state lock");
+        if state.parts.iter().any(|part| !part.done) {
+            return false;
+        }
+        for status in &mut state.blocks {
+            if *status == BlockStatus::Pending {
+                *status = cancelled_status(None);
+            }
+        }
+        drop(state);
+        self.changed.notify_all();
+        true
     }
 
     /// Every block of `part` has layer `layer` in place.
@@ -193,7 +257,8 @@ impl LoadShared {
             if state.blocks.get(index) != Some(&BlockStatus::Pending) {
                 return;
             }
-            if let (BlockStatus::Failed { code, .. }, Some(retry)) = (&status, state.retry.as_mut())
+            if let (BlockStatus::Failed { code, .. }, Some(retry), false) =
+                (&status, state.retry.as_mut(), state.cancelled)
             {
                 if code.is_retryable() && state.attempts[index] + 1 < ATTEMPTS_MAX {
                     state.attempts[index] += 1;
@@ -242,6 +307,14 @@ impl LoadShared {
                         && state.owner[block as usize] == Some(part)
                 })
                 .collect();
+            if state.cancelled {
+                // The load is over for the engine: what this path did not
+                // finish ends cancelled, and the load does not fail.
+                for block in unfinished {
+                    state.blocks[block as usize] = cancelled_status(Some(&failure));
+                }
+                return;
+            }
             let retryable =
                 code.is_retryable() || matches!(failure, ClientError::Disconnected { .. });
             state.gateway_stopping |= code == ErrorCode::ShuttingDown;
@@ -418,6 +491,18 @@ impl LoadState {
     }
 }
 
+/// The status of a block a cancelled load did not finish (`ended`: how its
+/// path ended, if it failed rather than confirmed the cancel).
+fn cancelled_status(ended: Option<&ClientError>) -> BlockStatus {
+    BlockStatus::Failed {
+        code: ErrorCode::Cancelled,
+        message: match ended {
+            None => "cancelled by the engine".into(),
+            Some(error) => format!("cancelled by the engine (its path had ended: {error})"),
+        },
+    }
+}
+
 pub(crate) fn copy_error(error: &ClientError) -> ClientError {
     match error {
         ClientError::Disconnected { address, message } => ClientError::Disconnected {
@@ -471,6 +556,38 @@ impl LoadHandle {
 
     pub fn request_id(&self) -> u64 {
         self.request_id
+    }
+
+    /// Cancels the load (the engine aborted the request): the gateways read
+    /// none of its blocks they have not begun, the prefill node's own reads
+    /// stop, and nothing is retried. Returns once every path has confirmed
+    /// that nothing more of the load will be written into the region (the
+    /// reads in flight have landed): from then on the engine may reuse the
+    /// memory. Blocks that were not finished end `Cancelled`; those already
+    /// loaded stay `Done`. On timeout the paths may still write: wait with
+    /// [`LoadHandle::wait`] before reusing the memory.
+    pub fn cancel(&self, timeout: Duration) -> Result<LoadReport, ClientError> {
+        for (link, request_id) in self.shared.cancel() {
+            // A connection that has ended writes nothing more: its part ends
+            // (as cancelled) when its receive thread reports the end.
+            if let Some(link) = link.upgrade() {
+                let _ = link.cancel_load(request_id);
+            }
+        }
+        if !self.shared.wait_for_cancel(timeout) {
+            return Err(ClientError::Timeout {
+                what: format!(
+                    "the paths of load {} to confirm its cancel (until they do they may \
+                     still write into the region)",
+                    self.request_id
+                ),
+                after: timeout,
+            });
+        }
+        let state = self.shared.state.lock().expect("load state lock");
+        Ok(LoadReport {
+            blocks: state.blocks.clone(),
+        })
     }
 
     /// Waits until layer `layer` of every block that asked for it has landed in the

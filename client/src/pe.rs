@@ -96,6 +96,11 @@ impl PrefillReader {
         loop {
             let next = {
                 let mut progress = progress.lock().expect("progress lock");
+                if shared.is_cancelled() {
+                    // Nothing more is read; the reads in flight land, then
+                    // the part ends.
+                    progress.cancel(&mut events);
+                }
                 let next = progress.next_unit(&mut events).map(|index| {
                     let unit = progress.unit(index).clone();
                     (

@@ -1103,12 +1103,152 @@ fn a_load_after_the_gateway_restarts_redials_at_once() {
 impl Gateway {
     /// SIGSTOP: the gateway holds its connections but answers nothing, so a
     /// load sent now is still in flight when it is killed.
+    /// SIGSTOP, returning once the process is stopped (the signal is
+    /// delivered asynchronously: a frame sent right after it could still be
+    /// handled).
     fn freeze(&self) {
+        self.signal(nix::sys::signal::Signal::SIGSTOP);
+        let stat = format!("/proc/{}/stat", self.process.child.id());
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let text = std::fs::read_to_string(&stat).expect("the gateway's /proc stat");
+            // "pid (comm) state ...": the state follows the last ')'.
+            let state = text
+                .rsplit(')')
+                .next()
+                .and_then(|rest| rest.trim_start().chars().next());
+            if state == Some('T') {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the gateway did not stop");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn thaw(&self) {
+        self.signal(nix::sys::signal::Signal::SIGCONT);
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
         let pid = nix::unistd::Pid::from_raw(
             i32::try_from(self.process.child.id()).expect("a pid fits i32"),
         );
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+        nix::sys::signal::kill(pid, signal).expect("signal the gateway");
     }
+}
+
+/// Fills the whole region with `byte`; only while no load writes into it.
+fn fill(region: &Region, byte: u8) {
+    // SAFETY: the region's memory is valid for its length, and no path writes
+    // into it now (the caller's promise: no load, or its cancel returned).
+    unsafe { std::ptr::write_bytes(region.as_ptr(), byte, region.len()) };
+}
+
+fn is_cancelled(status: &BlockStatus) -> bool {
+    matches!(
+        status,
+        BlockStatus::Failed {
+            code: GatewayCode::Cancelled,
+            ..
+        }
+    )
+}
+
+/// A load cancelled before the gateway read anything of it (the gateway is
+/// frozen while the load and its cancel arrive): no block is read, every
+/// block ends `Cancelled`, and the region is untouched.
+#[test]
+fn a_load_cancelled_before_it_starts_reads_nothing() {
+    let gateway = Gateway::start(64);
+    let client = gateway.client();
+    let region = Arc::new(Region::allocate(64 * BLOCK_BYTES));
+    let id = client
+        .register_region(Arc::clone(&region))
+        .expect("register");
+    gateway.freeze();
+    let load = client.load("full", id, &whole_blocks(64), 0).expect("load");
+    let report = std::thread::scope(|scope| {
+        let cancel = scope.spawn(|| load.cancel(WAIT));
+        // The gateway confirms only once it runs again.
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!cancel.is_finished(), "confirmed by a frozen gateway");
+        gateway.thaw();
+        cancel.join().expect("cancel thread").expect("confirmed")
+    });
+    assert_eq!(report.blocks.len(), 64);
+    assert!(
+        report.blocks.iter().all(is_cancelled),
+        "{:?}",
+        report.blocks.iter().find(|status| !is_cancelled(status))
+    );
+    assert!(region
+        .read(0, 64 * BLOCK_BYTES)
+        .iter()
+        .all(|byte| *byte == 0));
+    assert_eq!(gateway.metric_sum("dualpath_storage_reads_total"), 0.0);
+    // One request per shard the load went to, each cancelled.
+    assert_eq!(gateway.metric_sum("dualpath_loads_cancelled_total"), 2.0);
+    // The connection goes on serving.
+    assert!(client
+        .load("full", id, &whole_blocks(8), 0)
+        .expect("load")
+        .wait(WAIT)
+        .expect("done")
+        .all_done());
+}
+
+/// A load cancelled while it streams (layer by layer): once `cancel`
+/// returns, nothing more is written into the region (checked by filling it
+/// afterwards and looking again later); blocks end `Done` (every byte
+/// right) or `Cancelled`.
+#[test]
+fn after_cancel_returns_nothing_more_is_written() {
+    const BLOCKS: u64 = 1000;
+    let gateway = Gateway::start(BLOCKS);
+    let client = gateway.client();
+    let region = Arc::new(Region::allocate(BLOCKS as usize * BLOCK_BYTES));
+    let id = client
+        .register_region(Arc::clone(&region))
+        .expect("register");
+    for round in 0..3 {
+        fill(&region, 0);
+        let load = client
+            .load("layer", id, &whole_blocks(BLOCKS), 0)
+            .expect("load");
+        load.wait_layer(0, WAIT).expect("layer 0");
+        let report = load.cancel(WAIT).expect("confirmed");
+        fill(&region, 0xA5);
+        let sentinel = vec![0xA5u8; BLOCKS as usize * BLOCK_BYTES];
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            region.read(0, sentinel.len()) == sentinel,
+            "round {round}: the region was written after cancel returned"
+        );
+        let done = report
+            .blocks
+            .iter()
+            .filter(|status| **status == BlockStatus::Done)
+            .count();
+        let cancelled = report
+            .blocks
+            .iter()
+            .filter(|status| is_cancelled(status))
+            .count();
+        assert_eq!(
+            done + cancelled,
+            BLOCKS as usize,
+            "round {round}: {report:?}"
+        );
+        eprintln!("round {round}: {done} blocks done, {cancelled} cancelled");
+    }
+    // Done blocks were whole: load them all again and compare.
+    let report = client
+        .load("layer", id, &whole_blocks(BLOCKS), 0)
+        .expect("load")
+        .wait(WAIT)
+        .expect("done");
+    assert!(report.all_done());
+    assert!(region.read(999 * BLOCK_BYTES, BLOCK_BYTES) == expected_block(999));
 }
 
 /// A plain `load` in flight when its gateway dies (a crash, then a

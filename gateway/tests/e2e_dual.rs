@@ -9,7 +9,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use client::{BlockLoad, Client, ClientOptions, Policy, Region};
+use client::{BlockLoad, BlockStatus, Client, ClientOptions, GatewayCode, Policy, Region};
 use gateway::synthetic;
 use test_support::{settings, GatewayProcess, Seaweed, ACCESS_KEY, BUCKET, SECRET_KEY};
 
@@ -287,4 +287,88 @@ fn a_silent_gateway_leaves_the_split_and_returns() {
     wait_until("the gateway returns to the split", || {
         client.gateway_in_split(1)
     });
+}
+
+/// A load on the prefill node's own path (PE only), cancelled after its
+/// first layer: the PE readers stop, `cancel` returns once the reads in
+/// flight have landed, and nothing is written afterwards (checked by filling
+/// the region and looking again later). Blocks end `Done` or `Cancelled`.
+#[test]
+fn a_cancelled_load_stops_the_prefill_reads_and_nothing_lands_after() {
+    let Some((server, _one)) = Seaweed::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), "a", &server.endpoint());
+    let count = 300u64;
+    let import = Command::new(BINARY)
+        .arg("--config")
+        .arg(&config)
+        .args([
+            "import",
+            "-n",
+            "kv",
+            "--synthetic",
+            &count.to_string(),
+            "--seed",
+            &SEED.to_string(),
+        ])
+        .output()
+        .expect("import");
+    assert!(
+        import.status.success(),
+        "{}",
+        String::from_utf8_lossy(&import.stderr)
+    );
+    let gateway = start(&config);
+    let mut pe_storage = settings(&server.endpoint(), ACCESS_KEY, SECRET_KEY);
+    pe_storage.prefix = "dual/".into();
+    let options = ClientOptions {
+        pe_storage: Some(pe_storage),
+        policy: Policy::PeOnly,
+        ..ClientOptions::default()
+    };
+    let client = Client::connect(&[&gateway.tcp], options).expect("connect");
+    let len = count as usize * BLOCK_BYTES;
+    let region = Arc::new(Region::allocate(len));
+    let id = client
+        .register_region(Arc::clone(&region))
+        .expect("register");
+    let load = client.load_dual("kv", id, &blocks(count), 0).expect("load");
+    load.wait_layer(0, WAIT).expect("layer 0");
+    let report = load.cancel(WAIT).expect("confirmed");
+    // SAFETY: the region's memory is valid for its length, and no path
+    // writes into it once the cancel returned (what this test checks).
+    unsafe { std::ptr::write_bytes(region.as_ptr(), 0xA5, len) };
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        region.read(0, len).iter().all(|byte| *byte == 0xA5),
+        "the PE path wrote after cancel returned"
+    );
+    let done = report
+        .blocks
+        .iter()
+        .filter(|status| **status == BlockStatus::Done)
+        .count();
+    let cancelled = report
+        .blocks
+        .iter()
+        .filter(|status| {
+            matches!(
+                status,
+                BlockStatus::Failed {
+                    code: GatewayCode::Cancelled,
+                    ..
+                }
+            )
+        })
+        .count();
+    eprintln!("{done} blocks done, {cancelled} cancelled");
+    assert_eq!(done + cancelled, count as usize, "{report:?}");
+    assert!(cancelled > 0, "cancelled after layer 0 of 8");
+    assert_eq!(
+        sent_bytes(&gateway),
+        0,
+        "the gateway carried nothing (PE only)"
+    );
 }

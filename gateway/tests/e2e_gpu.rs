@@ -133,3 +133,55 @@ fn a_load_past_the_device_region_is_refused() {
         "{error}"
     );
 }
+
+/// A device load cancelled after its first layer: once `cancel` returns,
+/// nothing more is written into device memory (no path, no copy): two reads
+/// of the whole region 300 ms apart are the same. Blocks end `Done` or
+/// `Cancelled`.
+#[test]
+fn after_a_device_load_is_cancelled_device_memory_stays_as_it_is() {
+    let Some(device) = gpu() else { return };
+    let dir = tempfile::tempdir().expect("dir");
+    let config = write_config(dir.path());
+    import_synthetic(&binary(), &config, "layer", BLOCKS, SEED);
+    let mut command = Command::new(binary());
+    command.arg("--config").arg(&config).arg("serve");
+    let gateway = GatewayProcess::start(command);
+    let client = Client::connect(&[&gateway.tcp], ClientOptions::default()).expect("connect");
+    let len = BLOCKS as usize * BLOCK_BYTES;
+    let target = DeviceRegion::allocate(&device, len).expect("device memory");
+    let blocks: Vec<BlockLoad> = (0..BLOCKS)
+        .map(|index| BlockLoad {
+            key: synthetic::key(SEED, index),
+            layers: 0..LAYERS,
+            dest_offset: index * BLOCK_BYTES as u64,
+        })
+        .collect();
+    let load = client
+        .load_to_device("layer", &target, &blocks, 0, false)
+        .expect("load");
+    load.wait_layer(0, WAIT).expect("layer 0 on the device");
+    let report = load.cancel(WAIT).expect("confirmed");
+    let first = target.read(0, len).expect("copy back");
+    std::thread::sleep(Duration::from_millis(300));
+    let second = target.read(0, len).expect("copy back");
+    assert!(
+        first == second,
+        "device memory changed after cancel returned"
+    );
+    let finished = report
+        .blocks
+        .iter()
+        .filter(|status| {
+            **status == client::BlockStatus::Done
+                || matches!(
+                    status,
+                    client::BlockStatus::Failed {
+                        code: client::GatewayCode::Cancelled,
+                        ..
+                    }
+                )
+        })
+        .count();
+    assert_eq!(finished, BLOCKS as usize, "{report:?}");
+}

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use client::{Client, ClientError, ClientOptions, GatewayCode, RdmaOptions, Region};
+use client::{BlockStatus, Client, ClientError, ClientOptions, GatewayCode, RdmaOptions, Region};
 use gateway::synthetic;
 use protocol::BlockLoad;
 use test_support::{
@@ -240,6 +240,67 @@ fn a_load_over_rdma_in_flight_when_the_gateway_restarts_completes() {
         8 * BLOCK_BYTES as u64,
         "the restarted gateway wrote the blocks by RDMA"
     );
+}
+
+/// A load cancelled while RDMA WRITEs stream into the region: once `cancel`
+/// returns (the gateway's `LoadDone` arrived as a SEND behind its last
+/// write), nothing more lands, checked by filling the region afterwards and
+/// looking again later.
+#[test]
+fn after_cancel_returns_no_rdma_write_lands() {
+    let Some(device) = rdma_device() else { return };
+    let gateway = Gateway::start(&device, "rdma");
+    let client = gateway.client(&device, true);
+    let len = BLOCKS as usize * BLOCK_BYTES;
+    let region = Arc::new(Region::allocate(len));
+    let id = client
+        .register_region(Arc::clone(&region))
+        .expect("register");
+    let load = client
+        .load("layer", id, &whole_blocks(BLOCKS), 0)
+        .expect("load");
+    load.wait_layer(0, WAIT).expect("layer 0");
+    let report = load.cancel(WAIT).expect("confirmed");
+    // SAFETY: the region's memory is valid for its length, and no path
+    // writes into it once the cancel returned (what this test checks).
+    unsafe { std::ptr::write_bytes(region.as_ptr(), 0xA5, len) };
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        region.read(0, len).iter().all(|byte| *byte == 0xA5),
+        "an RDMA WRITE landed after cancel returned"
+    );
+    let cancelled = report
+        .blocks
+        .iter()
+        .filter(|status| {
+            matches!(
+                status,
+                BlockStatus::Failed {
+                    code: GatewayCode::Cancelled,
+                    ..
+                }
+            )
+        })
+        .count();
+    let done = report
+        .blocks
+        .iter()
+        .filter(|status| **status == BlockStatus::Done)
+        .count();
+    eprintln!("{done} blocks done, {cancelled} cancelled");
+    assert_eq!(done + cancelled, BLOCKS as usize);
+    assert!(
+        cancelled > 0,
+        "cancelled after layer 0 of 8: later layers were not read"
+    );
+    // The queue pair goes on carrying loads.
+    let again = client
+        .load("full", id, &whole_blocks(4), 0)
+        .expect("load")
+        .wait(WAIT)
+        .expect("finished");
+    assert!(again.all_done());
+    assert!(region.read(3 * BLOCK_BYTES, BLOCK_BYTES) == expected_block(3));
 }
 
 #[test]

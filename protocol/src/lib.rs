@@ -56,6 +56,7 @@ pub enum FrameType {
     RdmaConnect = 17,
     RdmaAccept = 18,
     RegisterRemoteRegion = 19,
+    CancelLoad = 20,
 }
 
 impl FrameType {
@@ -81,6 +82,7 @@ impl FrameType {
             RdmaConnect,
             RdmaAccept,
             RegisterRemoteRegion,
+            CancelLoad,
         ]
         .into_iter()
         .find(|kind| *kind as u8 == code)
@@ -104,6 +106,8 @@ pub enum ErrorCode {
     BadFrame = 10,
     Unauthorized = 11,
     Internal = 12,
+    /// The client cancelled the load before the block was read.
+    Cancelled = 13,
 }
 
 impl ErrorCode {
@@ -122,6 +126,7 @@ impl ErrorCode {
             UnsupportedVersion,
             BadFrame,
             Unauthorized,
+            Cancelled,
         ]
         .into_iter()
         .find(|kind| *kind as u16 == code)
@@ -314,6 +319,13 @@ pub enum Frame {
         address: u64,
         rkey: u32,
     },
+    /// The client no longer wants load `request_id`: the gateway reads none
+    /// of its blocks that it has not begun (they end `Cancelled`), and ends
+    /// the load with `LoadDone` as usual once the reads in flight have been
+    /// written: after that frame nothing more of the load arrives.
+    CancelLoad {
+        request_id: u64,
+    },
 }
 
 /// A reliable-connected queue pair's address, as exchanged on the control
@@ -490,6 +502,7 @@ impl Frame {
             Frame::RdmaConnect(_) => FrameType::RdmaConnect,
             Frame::RdmaAccept(_) => FrameType::RdmaAccept,
             Frame::RegisterRemoteRegion { .. } => FrameType::RegisterRemoteRegion,
+            Frame::CancelLoad { .. } => FrameType::CancelLoad,
         }
     }
 
@@ -613,6 +626,9 @@ impl Frame {
                 out.bytes_u16(mac);
             }
             Frame::StatusRequest => {}
+            Frame::CancelLoad { request_id } => {
+                out.u64(*request_id);
+            }
             Frame::PoolStatus { peers } => {
                 out.u32(u32::try_from(peers.len().min(PEERS_MAX)).expect("bounded"));
                 for peer in peers.iter().take(PEERS_MAX) {
@@ -687,6 +703,9 @@ impl Frame {
                 mac: reader.bytes_u16("mac")?.to_vec(),
             },
             FrameType::StatusRequest => Frame::StatusRequest,
+            FrameType::CancelLoad => Frame::CancelLoad {
+                request_id: reader.u64()?,
+            },
             FrameType::PoolStatus => decode_pool_status(&mut reader)?,
             FrameType::Data | FrameType::Store => {
                 return Err(ProtocolError::Invalid {
@@ -985,6 +1004,7 @@ mod tests {
             Frame::Challenge { nonce: vec![1; 32] },
             Frame::Proof { mac: vec![2; 32] },
             Frame::StatusRequest,
+            Frame::CancelLoad { request_id: 77 },
             Frame::PoolStatus {
                 peers: vec![PeerStatus {
                     address: "10.0.0.1:7400".into(),

@@ -173,6 +173,19 @@ impl LoadProgress {
         None
     }
 
+    /// The client cancelled the load: every read not yet issued ends now as
+    /// `Cancelled`, and so does each block it belongs to (once that block's
+    /// reads in flight finish: they are still delivered, so after the
+    /// `LoadDone` that follows the last of them nothing more is written).
+    pub fn cancel(&mut self, events: &mut Vec<Event>) {
+        while self.next_unit < self.units.len() {
+            let index = self.next_unit;
+            self.next_unit += 1;
+            let cancelled = refusal(ErrorCode::Cancelled, "cancelled by the client".into());
+            self.unit_finished(index, Err(cancelled), events);
+        }
+    }
+
     /// Records a finished read (or a skipped one, as `Ok`) and emits what follows.
     pub fn unit_finished(
         &mut self,
@@ -369,6 +382,54 @@ mod tests {
                 dest_offset: index * 4 * 4096,
             })
             .collect()
+    }
+
+    /// Cancelled with one read in flight: the blocks not begun end at once as
+    /// `Cancelled`; the block being read is delivered, then the load ends.
+    #[test]
+    fn a_cancelled_load_ends_its_unread_blocks_and_finishes_the_reads_in_flight() {
+        let mut progress = LoadProgress::new(
+            geometry(Layout::Full),
+            blocks(3),
+            0,
+            3 * 4 * 4096,
+            16 * 4096,
+        )
+        .expect("valid");
+        let mut events = Vec::new();
+        let first = progress.next_unit(&mut events).expect("a read");
+        progress.cancel(&mut events);
+        let cancelled = |block| Event::BlockDone {
+            block,
+            code: ErrorCode::Cancelled,
+            message: "cancelled by the client".into(),
+        };
+        assert_eq!(events, vec![cancelled(1), cancelled(2)]);
+        assert!(!progress.has_unissued_units() && !progress.is_complete());
+        events.clear();
+        progress.unit_finished(first, Ok(()), &mut events);
+        assert_eq!(
+            events,
+            vec![
+                Event::BlockDone {
+                    block: 0,
+                    code: ErrorCode::Ok,
+                    message: String::new()
+                },
+                Event::LayerDone { layer: 0 },
+                Event::LayerDone { layer: 1 },
+                Event::LayerDone { layer: 2 },
+                Event::LayerDone { layer: 3 },
+                Event::LoadDone {
+                    blocks_ok: 1,
+                    blocks_failed: 2
+                },
+            ]
+        );
+        // A second cancel, or one after the end, changes nothing.
+        events.clear();
+        progress.cancel(&mut events);
+        assert!(events.is_empty());
     }
 
     fn run_all(progress: &mut LoadProgress, fail_block: Option<u32>) -> Vec<Event> {

@@ -17,6 +17,11 @@ class Load:
         """Awaitable form of wait_layer for asyncio engines."""
     def wait(self, timeout: Optional[float] = None) -> list[BlockState]:
         """Block until every block finished; one (state, code, message) per block."""
+    def cancel(self, timeout: Optional[float] = None) -> list[BlockState]:
+        """Cancel the load (the request was aborted); returns once no path
+        will write into the region any more, so the memory may be reused.
+        Blocks not finished end ("failed", "Cancelled", ...). On WaitTimeout
+        paths may still write."""
     def block_status(self, index: int) -> BlockState:
         """(state, code, message); state is "pending", "done" or "failed"."""
     def layers_done(self) -> Tuple[int, int]:
@@ -121,5 +126,8 @@ class Client:
 class DeviceLoad:
     def wait_layer(self, layer: int, timeout: Optional[float] = None) -> None:
         """Block until layer `layer` of every block is in device memory."""
+    def cancel(self, timeout: Optional[float] = None) -> list[BlockState]:
+        """Cancel the load; returns once nothing more of it will be written
+        into the device memory (no path writes, copies queued have finished)."""
     def wait(self, timeout: Optional[float] = None) -> list[tuple[str, str, str]]:
         """Block until every block is on the device; (state, code, message) per block."""

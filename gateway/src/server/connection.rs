@@ -414,6 +414,7 @@ impl Connection {
                 | FrameType::RegisterRemoteRegion
                 | FrameType::RdmaConnect
                 | FrameType::Load
+                | FrameType::CancelLoad
                 | FrameType::Store
                 | FrameType::StatusRequest
         )

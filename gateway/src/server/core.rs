@@ -378,10 +378,11 @@ impl<S: BlockStore> Core<S> {
             }
             Frame::RdmaConnect(endpoint) => self.on_rdma_connect(index, endpoint),
             Frame::Load(load) => self.on_load(index, load),
+            Frame::CancelLoad { request_id } => self.on_cancel(index, request_id),
             Frame::StatusRequest => connection.send_control(&Frame::PoolStatus {
                 peers: self.setup.pool.status(),
             }),
-            _ => unreachable!("client frames are RegisterRegion, Load, StatusRequest and Store"),
+            _ => unreachable!("client frames are listed in Connection::is_client_frame"),
         }
     }
 
@@ -513,6 +514,28 @@ impl<S: BlockStore> Core<S> {
                 self.events = events;
             }
         }
+    }
+
+    /// The client cancelled a load: nothing more is read for it, and it ends
+    /// (`LoadDone`) once its reads in flight have been delivered. A load that
+    /// already ended (the cancel crossed its `LoadDone`) is no longer here.
+    fn on_cancel(&mut self, index: usize, request_id: u64) {
+        let connection = self.connections[index].as_mut().expect("caller checked");
+        let Some(slot) = connection.loads.iter().position(|load| {
+            load.as_ref()
+                .is_some_and(|load| load.request_id == request_id)
+        }) else {
+            return;
+        };
+        let mut events = std::mem::take(&mut self.events);
+        connection.loads[slot]
+            .as_mut()
+            .expect("found above")
+            .progress
+            .cancel(&mut events);
+        CoreCounters::add(&self.setup.counters.loads_cancelled, 1);
+        self.emit(index, slot, &mut events);
+        self.events = events;
     }
 
     fn on_store(&mut self, index: usize, body: &[u8]) {

@@ -50,6 +50,8 @@ pub struct CoreCounters {
     pub transport_sent_bytes: [AtomicU64; TRANSPORTS.len()],
     pub blocks_loaded: AtomicU64,
     pub loads_completed: AtomicU64,
+    /// Loads the client cancelled (they still complete, counted above too).
+    pub loads_cancelled: AtomicU64,
     pub blocks_stored: AtomicU64,
     pub errors: [AtomicU64; ERROR_KINDS.len()],
     pub connected_clients: AtomicI64,
@@ -82,6 +84,7 @@ impl CoreCounters {
             transport_sent_bytes: Default::default(),
             blocks_loaded: AtomicU64::new(0),
             loads_completed: AtomicU64::new(0),
+            loads_cancelled: AtomicU64::new(0),
             blocks_stored: AtomicU64::new(0),
             errors: std::array::from_fn(|_| AtomicU64::new(0)),
             connected_clients: AtomicI64::new(0),
@@ -173,6 +176,10 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         "Blocks delivered whole to clients"
     );
     describe_counter!("dualpath_loads_completed_total", "Load requests finished");
+    describe_counter!(
+        "dualpath_loads_cancelled_total",
+        "Load requests the client cancelled"
+    );
     describe_counter!("dualpath_blocks_stored_total", "Blocks stored by clients");
     describe_counter!("dualpath_errors_total", "Errors by kind");
     describe_gauge!("dualpath_connected_clients", "Client connections open");
@@ -259,6 +266,8 @@ pub fn publish(cores: &[Arc<CoreCounters>], acceptor: &AcceptorCounters) {
             .absolute(load(&core.blocks_loaded));
         counter!("dualpath_loads_completed_total", "shard" => shard.clone())
             .absolute(load(&core.loads_completed));
+        counter!("dualpath_loads_cancelled_total", "shard" => shard.clone())
+            .absolute(load(&core.loads_cancelled));
         counter!("dualpath_blocks_stored_total", "shard" => shard.clone())
             .absolute(load(&core.blocks_stored));
         for (kind, value) in ERROR_KINDS.iter().zip(&core.errors) {
