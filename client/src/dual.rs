@@ -336,7 +336,9 @@ impl Starter {
                 plan.geometry,
                 plan.host.layer_stride,
             );
-            let part = shared.add_part(blocks.clone(), Landing::Host);
+            let Some(part) = shared.add_part_unless_cancelled(blocks.clone(), Landing::Host) else {
+                return Vec::new();
+            };
             std::thread::spawn(move || {
                 reader.load(
                     &namespace, geometry, &region, subset, &blocks, stride, &shared, part,
@@ -519,8 +521,9 @@ pub(crate) fn start_on_gateway(
             Some(device) if links[shard].uses_rdma() => (device, Landing::Device),
             _ => (host, Landing::Host),
         };
-        let part = shared.add_part(shard_indexes.clone(), landing);
-        shared.set_part_request(part, &links[shard], request_id);
+        let Some(part) = shared.add_part_unless_cancelled(shard_indexes.clone(), landing) else {
+            break;
+        };
         parts.push(part);
         let load = Load {
             request_id,
@@ -532,8 +535,15 @@ pub(crate) fn start_on_gateway(
                 .map(|&index| target.blocks[index as usize].clone())
                 .collect(),
         };
-        if let Err(error) = links[shard].start_load(load, shard_indexes, part, Arc::clone(shared)) {
-            shared.fail_part(part, ErrorCode::Io, error);
+        match links[shard].start_load(load, shard_indexes, part, Arc::clone(shared)) {
+            Err(error) => shared.fail_part(part, ErrorCode::Io, error),
+            // Known only once the request is sent, so that a cancel never
+            // overtakes it; cancelled meanwhile, the cancel is sent here.
+            Ok(()) => {
+                if shared.set_part_request(part, &links[shard], request_id) {
+                    let _ = links[shard].cancel_load(request_id);
+                }
+            }
         }
     }
     (first, parts)

@@ -159,8 +159,24 @@ impl LoadShared {
         }
     }
 
+    #[cfg(test)]
     pub(crate) fn add_part(&self, blocks: Vec<u32>, landing: Landing) -> PartId {
+        self.add_part_unless_cancelled(blocks, landing)
+            .expect("not cancelled")
+    }
+
+    /// A new part for `blocks`, or `None` once the load is cancelled: a
+    /// retry that was under way when the engine cancelled must not start
+    /// (the engine may already be reusing the memory).
+    pub(crate) fn add_part_unless_cancelled(
+        &self,
+        blocks: Vec<u32>,
+        landing: Landing,
+    ) -> Option<PartId> {
         self.update(|state| {
+            if state.cancelled {
+                return None;
+            }
             let part = PartId(u32::try_from(state.parts.len()).expect("parts fit u32"));
             for &block in &blocks {
                 state.owner[block as usize] = Some(part);
@@ -171,16 +187,24 @@ impl LoadShared {
                 landing,
                 request: None,
             });
-            part
+            Some(part)
         })
     }
 
-    /// `part` is request `request_id` on `link` (so that it can be cancelled).
-    pub(crate) fn set_part_request(&self, part: PartId, link: &Arc<ShardLink>, request_id: u64) {
+    /// `part` is request `request_id` on `link` (so that it can be
+    /// cancelled); true if the load was cancelled meanwhile, so that the
+    /// caller cancels the request itself once it is sent.
+    pub(crate) fn set_part_request(
+        &self,
+        part: PartId,
+        link: &Arc<ShardLink>,
+        request_id: u64,
+    ) -> bool {
         let mut state = self.state.lock().expect("load state lock");
         if let Some(entry) = state.parts.get_mut(part.0 as usize) {
             entry.request = Some((Arc::downgrade(link), request_id));
         }
+        state.cancelled
     }
 
     /// Cancels the load: nothing is retried from now on, blocks waiting for a
@@ -848,6 +872,38 @@ mod tests {
             assert_eq!(shared.take_retries(), vec![1, 2]);
         });
         assert_eq!(counted.load(std::sync::atomic::Ordering::Relaxed), 2);
+    }
+
+    /// A retry that a coordinator took before the engine cancelled must not
+    /// start afterwards (the engine may be reusing the memory by then): no
+    /// new part is added, and the blocks end `Cancelled`.
+    #[test]
+    fn a_cancelled_load_starts_no_retry_and_ends_its_waiting_blocks_cancelled() {
+        let shared = LoadShared::new(&blocks(3), true);
+        let part = shared.add_part(vec![0, 1, 2], Landing::Host);
+        shared.block_done(0, BlockStatus::Done);
+        shared.fail_part(part, ErrorCode::Io, gone());
+        let taken = shared.take_retries();
+        assert_eq!(taken, vec![1, 2]);
+        assert!(shared.cancel().is_empty(), "no part is running");
+        assert!(shared.wait_for_cancel(Duration::ZERO));
+        assert!(shared
+            .add_part_unless_cancelled(taken, Landing::Host)
+            .is_none());
+        let handle = LoadHandle {
+            shared: std::sync::Arc::new(shared),
+            request_id: 1,
+        };
+        assert_eq!(handle.block_status(0), Some(BlockStatus::Done));
+        for block in [1, 2] {
+            assert!(matches!(
+                handle.block_status(block),
+                Some(BlockStatus::Failed {
+                    code: ErrorCode::Cancelled,
+                    ..
+                })
+            ));
+        }
     }
 
     #[test]
