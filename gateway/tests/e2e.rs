@@ -1154,6 +1154,51 @@ fn is_cancelled(status: &BlockStatus) -> bool {
     )
 }
 
+/// Every metric the Grafana dashboard (docs/grafana-dashboard.json) plots is
+/// one the gateway exports, after a load (so the histograms have samples).
+#[test]
+fn the_dashboard_plots_only_metrics_the_gateway_exports() {
+    let gateway = Gateway::start(4);
+    let client = gateway.client();
+    let region = Arc::new(Region::allocate(4 * BLOCK_BYTES));
+    let id = client
+        .register_region(Arc::clone(&region))
+        .expect("register");
+    assert!(client
+        .load("full", id, &whole_blocks(4), 0)
+        .expect("load")
+        .wait(WAIT)
+        .expect("done")
+        .all_done());
+    let exported = gateway.process.http_get("/metrics");
+    let dashboard = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/grafana-dashboard.json"),
+    )
+    .expect("the dashboard");
+    let mut plotted: Vec<&str> = dashboard
+        .match_indices("dualpath_")
+        .map(|(start, _)| {
+            let rest = &dashboard[start..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+                .unwrap_or(rest.len());
+            &rest[..end]
+        })
+        .collect();
+    plotted.sort_unstable();
+    plotted.dedup();
+    assert!(plotted.len() >= 10, "{plotted:?}");
+    let missing: Vec<&&str> = plotted
+        .iter()
+        .filter(|name| {
+            !exported
+                .lines()
+                .any(|line| line.starts_with(**name) && line[name.len()..].starts_with(['{', ' ']))
+        })
+        .collect();
+    assert!(missing.is_empty(), "plotted but not exported: {missing:?}");
+}
+
 /// A load cancelled before the gateway read anything of it (the gateway is
 /// frozen while the load and its cancel arrive): no block is read, every
 /// block ends `Cancelled`, and the region is untouched.
