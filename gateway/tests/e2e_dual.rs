@@ -58,6 +58,29 @@ capacity = "1GiB"
     path
 }
 
+/// Imports `count` synthetic blocks into namespace "kv" of `config`'s store.
+fn import(config: &Path, count: u64) {
+    let import = Command::new(BINARY)
+        .arg("--config")
+        .arg(config)
+        .args([
+            "import",
+            "-n",
+            "kv",
+            "--synthetic",
+            &count.to_string(),
+            "--seed",
+            &SEED.to_string(),
+        ])
+        .output()
+        .expect("import");
+    assert!(
+        import.status.success(),
+        "{}",
+        String::from_utf8_lossy(&import.stderr)
+    );
+}
+
 fn start(config: &Path) -> GatewayProcess {
     let mut command = Command::new(BINARY);
     command.arg("--config").arg(config).arg("serve");
@@ -98,25 +121,7 @@ fn dual_path_load_uses_both_paths_and_survives_a_gateway_killed_mid_load() {
     let first = write_config(dir.path(), "a", &server.endpoint());
     let second = write_config(dir.path(), "b", &server.endpoint());
     let count = 600u64;
-    let import = Command::new(BINARY)
-        .arg("--config")
-        .arg(&first)
-        .args([
-            "import",
-            "-n",
-            "kv",
-            "--synthetic",
-            &count.to_string(),
-            "--seed",
-            &SEED.to_string(),
-        ])
-        .output()
-        .expect("import");
-    assert!(
-        import.status.success(),
-        "{}",
-        String::from_utf8_lossy(&import.stderr)
-    );
+    import(&first, count);
     let gateway_a = start(&first);
     let mut gateway_b = start(&second);
 
@@ -229,25 +234,7 @@ fn a_silent_gateway_leaves_the_split_and_returns() {
     let first = write_config_with(dir.path(), "a", &server.endpoint(), &gossip(port_a, port_b));
     let second = write_config_with(dir.path(), "b", &server.endpoint(), &gossip(port_b, port_a));
     let count = 256u64;
-    let import = Command::new(BINARY)
-        .arg("--config")
-        .arg(&first)
-        .args([
-            "import",
-            "-n",
-            "kv",
-            "--synthetic",
-            &count.to_string(),
-            "--seed",
-            &SEED.to_string(),
-        ])
-        .output()
-        .expect("import");
-    assert!(
-        import.status.success(),
-        "{}",
-        String::from_utf8_lossy(&import.stderr)
-    );
+    import(&first, count);
     let gateway_a = start(&first);
     let gateway_b = start(&second);
     wait_until("each gateway hears the other", || {
@@ -301,25 +288,7 @@ fn a_cancelled_load_stops_the_prefill_reads_and_nothing_lands_after() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = write_config(dir.path(), "a", &server.endpoint());
     let count = 300u64;
-    let import = Command::new(BINARY)
-        .arg("--config")
-        .arg(&config)
-        .args([
-            "import",
-            "-n",
-            "kv",
-            "--synthetic",
-            &count.to_string(),
-            "--seed",
-            &SEED.to_string(),
-        ])
-        .output()
-        .expect("import");
-    assert!(
-        import.status.success(),
-        "{}",
-        String::from_utf8_lossy(&import.stderr)
-    );
+    import(&config, count);
     let gateway = start(&config);
     let mut pe_storage = settings(&server.endpoint(), ACCESS_KEY, SECRET_KEY);
     pe_storage.prefix = "dual/".into();
