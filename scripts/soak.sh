@@ -8,7 +8,9 @@
 # LOAD=one-gateway: plain loads from the first gateway alone (`Client::load`,
 # which redials a gateway that ended its connection and asks again), and every
 # fault hits that gateway.
-#   scripts/soak.sh [SECONDS]   (default 60; FAULT_EVERY=3, BLOCKS=256, FAULTS=both|sigkill|sigstop, LOAD=dual|one-gateway)
+# CANCEL_EVERY=N: every Nth load is cancelled mid-stream, and its memory must
+# stay as the engine left it afterwards.
+#   scripts/soak.sh [SECONDS]   (default 60; FAULT_EVERY=3, BLOCKS=256, FAULTS=both|sigkill|sigstop, LOAD=dual|one-gateway, CANCEL_EVERY=0)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 duration=${1:-60}
@@ -16,6 +18,7 @@ fault_every=${FAULT_EVERY:-3}
 faults=${FAULTS:-both}   # sigkill, sigstop or both
 blocks=${BLOCKS:-256}
 load=${LOAD:-dual}
+cancel_every=${CANCEL_EVERY:-0}   # cancel every Nth load and check nothing lands after
 case $load in
     dual) load_args=() ;;
     one-gateway) load_args=(--one-gateway) ;;
@@ -95,21 +98,22 @@ end=$((SECONDS + duration))
     done
 ) &
 injector=$!
-runs=0 requests=0 verified=0
+runs=0 requests=0 verified=0 cancelled=0
 : >"$work/errors"
 while [ "$SECONDS" -lt "$end" ]; do
     if output=$(timeout 120 "$bin" bench load --gateway "127.0.0.1:${ports[0]}" --gateway "127.0.0.1:${ports[1]}" \
-        --pe-endpoint "$SEAWEED_ENDPOINT" --prefix soak/ -n kv --blocks "$blocks" --seed 3 --blocks-per-request 16 --verify ${load_args[@]+"${load_args[@]}"} 2>&1); then
+        --pe-endpoint "$SEAWEED_ENDPOINT" --prefix soak/ -n kv --blocks "$blocks" --seed 3 --blocks-per-request 16 --verify --cancel-every "$cancel_every" ${load_args[@]+"${load_args[@]}"} 2>&1); then
         runs=$((runs + 1))
         requests=$((requests + $(sed -nE 's/.*requests=([0-9]+).*/\1/p' <<<"$output" | head -1)))
         verified=$((verified + $(sed -nE 's/.*verified_bytes=([0-9]+).*/\1/p' <<<"$output" | head -1)))
+        cancelled=$((cancelled + $(sed -nE 's/.*cancelled_loads=([0-9]+).*/\1/p' <<<"$output" | head -1)))
     else
         grep -m1 -oE "error: [^:]*" <<<"$output" >>"$work/errors" || echo "error: unknown" >>"$work/errors"
     fi
 done
 wait "$injector" 2>/dev/null || true
 for index in 0 1; do peak_rss_kb "$index" >>"$work/rss"; done
-echo "soak: ${duration}s, $load loads, $runs load runs, $requests loads completed, $((verified / 1048576)) MiB verified byte for byte"
+echo "soak: ${duration}s, $load loads, $runs load runs, $requests loads completed, $cancelled cancelled (nothing landed after), $((verified / 1048576)) MiB verified byte for byte"
 echo "soak: faults injected: $(sort "$work/faults" | uniq -c | awk '{printf "%s %s, ", $1, $2}')total $(wc -l <"$work/faults")"
 if [ -s "$work/errors" ]; then
     echo "soak: errors by kind: $(sort "$work/errors" | uniq -c | awk '{c=$1; $1=""; printf "%d x%s; ", c, $0}')"

@@ -175,6 +175,30 @@ impl Region {
         // so no receive thread writes them now.
         unsafe { std::slice::from_raw_parts(self.base.as_ptr().add(offset), len) }.to_vec()
     }
+
+    /// Copies `bytes` in at `offset`, as an engine writes its own data into
+    /// memory no load in flight targets (none, or its cancel returned).
+    pub fn write(&self, offset: usize, bytes: &[u8]) {
+        assert!(
+            !self.is_device(),
+            "GPU memory is not written through a host region"
+        );
+        assert!(
+            offset
+                .checked_add(bytes.len())
+                .is_some_and(|end| end <= self.len),
+            "range outside the region"
+        );
+        // SAFETY: in bounds (asserted); callers write ranges that no load in
+        // flight targets, so no receive thread or reader touches them now.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.base.as_ptr().add(offset),
+                bytes.len(),
+            );
+        }
+    }
 }
 
 impl Region {

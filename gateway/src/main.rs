@@ -229,6 +229,10 @@ enum BenchTarget {
         /// path choice, no PE path) instead of `load_dual`.
         #[arg(long)]
         one_gateway: bool,
+        /// Cancel every Nth request right after sending it, and check that
+        /// nothing lands in its memory afterwards (0: never).
+        #[arg(long, default_value_t = 0)]
+        cancel_every: u64,
     },
     /// Memory to memory over the TCP transport, against iperf3 and Mooncake's TCP transport.
     Transport {
@@ -401,6 +405,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     pe_concurrency,
                     verify,
                     one_gateway,
+                    cancel_every,
                 },
         } => {
             let pe_storage = pe_endpoint.map(|endpoint| client::ObjectSettings {
@@ -432,6 +437,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 secret,
                 verify,
                 one_gateway,
+                cancel_every,
             })
         }
         Command::Bench {

@@ -1139,9 +1139,7 @@ impl Gateway {
 
 /// Fills the whole region with `byte`; only while no load writes into it.
 fn fill(region: &Region, byte: u8) {
-    // SAFETY: the region's memory is valid for its length, and no path writes
-    // into it now (the caller's promise: no load, or its cancel returned).
-    unsafe { std::ptr::write_bytes(region.as_ptr(), byte, region.len()) };
+    region.write(0, &vec![byte; region.len()]);
 }
 
 fn is_cancelled(status: &BlockStatus) -> bool {

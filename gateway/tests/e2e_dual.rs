@@ -306,9 +306,7 @@ fn a_cancelled_load_stops_the_prefill_reads_and_nothing_lands_after() {
     let load = client.load_dual("kv", id, &blocks(count), 0).expect("load");
     load.wait_layer(0, WAIT).expect("layer 0");
     let report = load.cancel(WAIT).expect("confirmed");
-    // SAFETY: the region's memory is valid for its length, and no path
-    // writes into it once the cancel returned (what this test checks).
-    unsafe { std::ptr::write_bytes(region.as_ptr(), 0xA5, len) };
+    region.write(0, &vec![0xA5; len]);
     std::thread::sleep(Duration::from_millis(300));
     assert!(
         region.read(0, len).iter().all(|byte| *byte == 0xA5),

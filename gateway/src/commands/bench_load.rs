@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use block_layout::BlockKey;
-use client::{BlockLoad, Client, ClientOptions, LoadHandle, ObjectSettings, Policy, Region};
+use client::{
+    BlockLoad, BlockStatus, Client, ClientOptions, LoadHandle, ObjectSettings, Policy, Region,
+};
 
 use crate::synthetic;
 
@@ -27,6 +29,23 @@ pub struct BenchLoadOptions {
     pub verify: bool,
     /// Load from the first gateway alone (`Client::load`) instead of `load_dual`.
     pub one_gateway: bool,
+    /// Cancel every Nth request right after sending it (0: never), then fill
+    /// its slot with a pattern that must still be there when the slot is
+    /// next used: no path may write after `cancel` returned.
+    pub cancel_every: u64,
+}
+
+/// What fills a cancelled request's slot until the slot is used again.
+const AFTER_CANCEL: u8 = 0x5A;
+
+/// A request slot: a load in flight, or a cancelled one's memory.
+enum InFlight {
+    Loading {
+        load: LoadHandle,
+        sent: Instant,
+        keys: Vec<BlockKey>,
+    },
+    Cancelled,
 }
 
 pub fn bench_load(options: &BenchLoadOptions) -> anyhow::Result<()> {
@@ -53,20 +72,39 @@ pub fn bench_load(options: &BenchLoadOptions) -> anyhow::Result<()> {
         .collect();
     let started = Instant::now();
     let mut latencies = Vec::new();
-    let mut in_flight: std::collections::VecDeque<(LoadHandle, Instant, u64, Vec<BlockKey>)> =
+    let mut in_flight: std::collections::VecDeque<(u64, InFlight)> =
         std::collections::VecDeque::new();
     let mut verified = 0u64;
+    let (mut cancelled_loads, mut cancelled_blocks) = (0u64, 0usize);
+    let slot_len = usize::try_from(slot_bytes)?;
+    let retire = |slot: u64, entry: InFlight, latencies: &mut Vec<f64>| -> anyhow::Result<u64> {
+        let base = slot * slot_bytes;
+        match entry {
+            InFlight::Loading { load, sent, keys } => {
+                finish(&load)?;
+                latencies.push(sent.elapsed().as_secs_f64());
+                if options.verify {
+                    return verify(&region, base, &keys, block_bytes);
+                }
+            }
+            InFlight::Cancelled => {
+                let now = region.read(usize::try_from(base)?, slot_len);
+                if let Some(at) = now.iter().position(|byte| *byte != AFTER_CANCEL) {
+                    bail!(
+                        "a path wrote into a cancelled load's memory after cancel returned (slot {slot}, byte {at})"
+                    );
+                }
+            }
+        }
+        Ok(0)
+    };
     for (request, chunk) in keys
         .chunks(usize::try_from(options.blocks_per_request)?)
         .enumerate()
     {
         if in_flight.len() == slots {
-            let (load, sent, slot, chunk_keys) = in_flight.pop_front().expect("slots in flight");
-            finish(&load)?;
-            latencies.push(sent.elapsed().as_secs_f64());
-            if options.verify {
-                verified += verify(&region, slot * slot_bytes, &chunk_keys, block_bytes)?;
-            }
+            let (slot, entry) = in_flight.pop_front().expect("slots in flight");
+            verified += retire(slot, entry, &mut latencies)?;
         }
         let base = (request % slots) as u64 * slot_bytes;
         let blocks: Vec<BlockLoad> = chunk
@@ -83,27 +121,52 @@ pub fn bench_load(options: &BenchLoadOptions) -> anyhow::Result<()> {
         } else {
             client.load_dual(&options.namespace, id, &blocks, 0)?
         };
-        in_flight.push_back((
-            load,
-            Instant::now(),
-            (request % slots) as u64,
-            chunk.to_vec(),
-        ));
-    }
-    for (load, sent, slot, chunk_keys) in in_flight {
-        finish(&load)?;
-        latencies.push(sent.elapsed().as_secs_f64());
-        if options.verify {
-            verified += verify(&region, slot * slot_bytes, &chunk_keys, block_bytes)?;
+        let slot = (request % slots) as u64;
+        let cancel =
+            options.cancel_every > 0 && (request as u64 + 1).is_multiple_of(options.cancel_every);
+        if !cancel {
+            let keys = chunk.to_vec();
+            let sent = Instant::now();
+            in_flight.push_back((slot, InFlight::Loading { load, sent, keys }));
+            continue;
         }
+        // Mid-stream where it can be: after the first layer, or a moment.
+        let _ = load.wait_layer(0, Duration::from_millis(5));
+        let report = load
+            .cancel(Duration::from_secs(120))
+            .context("a cancel was not confirmed")?;
+        for (index, status) in report.blocks.iter().enumerate() {
+            match status {
+                BlockStatus::Done if options.verify => {
+                    let at = base + index as u64 * block_bytes;
+                    verified += verify(&region, at, &chunk[index..=index], block_bytes)?;
+                }
+                BlockStatus::Done => {}
+                BlockStatus::Failed {
+                    code: client::GatewayCode::Cancelled,
+                    ..
+                } => cancelled_blocks += 1,
+                other => bail!("block {} of a cancelled load: {other:?}", chunk[index]),
+            }
+        }
+        cancelled_loads += 1;
+        region.write(usize::try_from(base)?, &vec![AFTER_CANCEL; slot_len]);
+        in_flight.push_back((slot, InFlight::Cancelled));
+    }
+    for (slot, entry) in in_flight {
+        verified += retire(slot, entry, &mut latencies)?;
     }
     let elapsed = started.elapsed().as_secs_f64();
     latencies.sort_by(f64::total_cmp);
-    let percentile =
-        |fraction: f64| latencies[((latencies.len() - 1) as f64 * fraction).round() as usize];
+    let percentile = |fraction: f64| {
+        latencies
+            .get(((latencies.len().max(1) - 1) as f64 * fraction).round() as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
     let bytes = options.blocks * block_bytes;
     println!(
-        "policy={} bytes={bytes} verified_bytes={verified} seconds={elapsed:.3} throughput_mb_s={:.1} requests={} latency_p50_s={:.3} latency_p99_s={:.3}",
+        "policy={} bytes={bytes} verified_bytes={verified} seconds={elapsed:.3} throughput_mb_s={:.1} requests={} latency_p50_s={:.3} latency_p99_s={:.3} cancelled_loads={cancelled_loads} cancelled_blocks={cancelled_blocks}",
         if options.one_gateway {
             "one-gateway".to_owned()
         } else {
