@@ -103,6 +103,11 @@ impl OneGateway {
                 }
                 return;
             }
+            if shared.is_cancelled() {
+                // Taken just before the engine cancelled: they end
+                // `Cancelled` with the cancel; no redial for them.
+                continue;
+            }
             let reconnected = match &gave_up {
                 Some(failure) => Err(copy_error(failure)),
                 None => self.reconnect(shared.take_gateway_stopping()),

@@ -1240,6 +1240,42 @@ fn a_load_cancelled_before_it_starts_reads_nothing() {
         .all_done());
 }
 
+/// A load whose gateway died is cancelled while its retrier redials: the
+/// cancel returns at once (no path is running), and when the gateway comes
+/// back nothing of the load is asked for or written.
+#[test]
+fn a_load_cancelled_while_its_gateway_is_redialled_writes_nothing_later() {
+    let mut gateway = Gateway::start(8);
+    let (client, region, id) = client_without_poller(&gateway);
+    gateway.freeze();
+    let load = client.load("full", id, &whole_blocks(8), 0).expect("load");
+    gateway.kill();
+    // The connection's end hands the blocks to the retrier, which takes
+    // (some of) them and redials.
+    let deadline = Instant::now() + WAIT;
+    while load.reassigned_blocks() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the blocks never went to the retrier"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let report = load.cancel(WAIT).expect("confirmed");
+    assert!(report.blocks.iter().all(is_cancelled), "{report:?}");
+    fill(&region, 0x3C);
+    gateway.restart_in_place();
+    // Long enough for the retrier's redial (backoff 1 s, then 2 s).
+    std::thread::sleep(Duration::from_millis(3500));
+    assert!(
+        region
+            .read(0, region.len())
+            .iter()
+            .all(|byte| *byte == 0x3C),
+        "the retrier loaded after the cancel"
+    );
+    assert_eq!(gateway.metric_sum("dualpath_storage_reads_total"), 0.0);
+}
+
 /// A load cancelled while it streams (layer by layer): once `cancel`
 /// returns, nothing more is written into the region (checked by filling it
 /// afterwards and looking again later); blocks end `Done` (every byte
