@@ -461,7 +461,8 @@ impl Load {
     /// for it and nothing is retried. Returns (GIL released) once no path will
     /// write into the region any more, so the memory may be reused, with one
     /// (state, code, message) per block: blocks not finished end ("failed",
-    /// "Cancelled", ...). On timeout (WaitTimeout) paths may still write.
+    /// "Cancelled", ...). A gateway that does not confirm within `timeout` is
+    /// cut off; WaitTimeout means the prefill node's own reads still run.
     #[pyo3(signature = (timeout=None))]
     fn cancel(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Vec<(&'static str, String, String)>> {
         let timeout = timeout_of(timeout)?;

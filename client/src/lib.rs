@@ -221,6 +221,10 @@ pub(crate) enum Redial {
 /// it the full `connect_timeout` and `request_timeout`.
 const QUICK_DIAL: Duration = Duration::from_secs(1);
 
+/// How long a connection cut off by this client may take to go quiet (its
+/// receive threads stopped; the RDMA one looks at its stop flag every 100 ms).
+pub(crate) const QUIET_WITHIN: Duration = Duration::from_secs(5);
+
 /// Between redials of a gateway that someone waits on (see
 /// [`Redialer::redial_within`]).
 const REDIAL_PAUSE: Duration = Duration::from_millis(50);
@@ -704,11 +708,12 @@ impl Gateway {
     pub(crate) fn disconnect(&self) {
         let links = self.links();
         links.iter().for_each(|link| link.close());
-        // Shutting the socket down wakes a receive thread blocked in a read; wait
-        // until each has stopped, so no write into the region is still under way.
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while links.iter().any(|link| !link.is_closed()) && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(1));
+        // Shutting the socket down wakes a receive thread blocked in a read, and
+        // the RDMA receive thread sees its stop flag within 100 ms and destroys
+        // the queue pair; wait until each has stopped, so no write into the
+        // region is still under way or can still land.
+        for link in &links {
+            link.close_and_wait(QUIET_WITHIN);
         }
     }
 

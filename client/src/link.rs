@@ -456,10 +456,40 @@ impl ShardLink {
         })
     }
 
-    /// Ends the connection now: the receive thread stops, and nothing more from
-    /// this gateway reaches the region.
+    /// Ends the connection now: the receive threads stop (the RDMA one
+    /// destroys the queue pair, so the gateway's writes no longer land), and
+    /// nothing more from this gateway reaches the region once
+    /// [`ShardLink::is_quiet`].
     pub fn close(&self) {
         self.writer.lock().map(|writer| writer.0.shutdown()).ok();
+        if let Some(rdma) = &self.rdma {
+            rdma.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the connection has ended and its receive threads have stopped:
+    /// no write of this gateway can land in the region any more.
+    pub fn is_quiet(&self) -> bool {
+        self.is_closed()
+            && self.rdma.as_ref().is_none_or(|rdma| {
+                rdma.receiver
+                    .as_ref()
+                    .is_none_or(std::thread::JoinHandle::is_finished)
+            })
+    }
+
+    /// `close`, then waits (up to `timeout`) until the connection is quiet;
+    /// true if it is.
+    pub fn close_and_wait(&self, timeout: Duration) -> bool {
+        self.close();
+        let deadline = std::time::Instant::now() + timeout;
+        while !self.is_quiet() {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
     }
 
     /// Whether the connection has ended.

@@ -218,13 +218,16 @@ impl LoadShared {
                     state.blocks[block as usize] = cancelled_status(None);
                 }
             }
-            state
-                .parts
-                .iter()
-                .filter(|part| !part.done)
-                .filter_map(|part| part.request.clone())
-                .collect()
+            state.running_requests()
         })
+    }
+
+    /// The gateway requests of parts still running.
+    pub(crate) fn running_requests(&self) -> Vec<(Weak<ShardLink>, u64)> {
+        self.state
+            .lock()
+            .expect("load state lock")
+            .running_requests()
     }
 
     pub(crate) fn is_cancelled(&self) -> bool {
@@ -467,6 +470,14 @@ impl LoadShared {
 }
 
 impl LoadState {
+    fn running_requests(&self) -> Vec<(Weak<ShardLink>, u64)> {
+        self.parts
+            .iter()
+            .filter(|part| !part.done)
+            .filter_map(|part| part.request.clone())
+            .collect()
+    }
+
     /// Layers `layers` of `block` are in place, landed as `landing` says.
     fn landed(&mut self, block: usize, layers: Range<u16>, landing: Landing) {
         if layers.is_empty() {
@@ -588,8 +599,11 @@ impl LoadHandle {
     /// that nothing more of the load will be written into the region (the
     /// reads in flight have landed): from then on the engine may reuse the
     /// memory. Blocks that were not finished end `Cancelled`; those already
-    /// loaded stay `Done`. On timeout the paths may still write: wait with
-    /// [`LoadHandle::wait`] before reusing the memory.
+    /// loaded stay `Done`. A gateway that does not confirm within `timeout`
+    /// is cut off (its connections closed and quiet: nothing of it lands any
+    /// more; its other loads redial or move). An error means a path is still
+    /// running (the prefill node's own reads, bounded by their timeouts):
+    /// wait with [`LoadHandle::wait`] before reusing the memory.
     pub fn cancel(&self, timeout: Duration) -> Result<LoadReport, ClientError> {
         for (link, request_id) in self.shared.cancel() {
             // A connection that has ended writes nothing more: its part ends
@@ -599,14 +613,24 @@ impl LoadHandle {
             }
         }
         if !self.shared.wait_for_cancel(timeout) {
-            return Err(ClientError::Timeout {
-                what: format!(
-                    "the paths of load {} to confirm its cancel (until they do they may \
-                     still write into the region)",
-                    self.request_id
-                ),
-                after: timeout,
-            });
+            // A gateway that does not confirm in time (hung, stopped) is cut
+            // off: once its connection is quiet nothing of it can land. Its
+            // other loads redial it or move to other paths.
+            for (link, _) in self.shared.running_requests() {
+                if let Some(link) = link.upgrade() {
+                    link.close_and_wait(crate::QUIET_WITHIN);
+                }
+            }
+            if !self.shared.wait_for_cancel(crate::QUIET_WITHIN) {
+                return Err(ClientError::Timeout {
+                    what: format!(
+                        "the paths of load {} to confirm its cancel (until they do they \
+                         may still write into the region)",
+                        self.request_id
+                    ),
+                    after: timeout,
+                });
+            }
         }
         let state = self.shared.state.lock().expect("load state lock");
         Ok(LoadReport {

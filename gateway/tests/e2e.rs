@@ -1240,6 +1240,53 @@ fn a_load_cancelled_before_it_starts_reads_nothing() {
         .all_done());
 }
 
+/// A gateway that cannot confirm a cancel (frozen mid-load, its socket
+/// buffers full of the load's data) is cut off when the cancel's timeout
+/// passes: `cancel` returns, and when the gateway runs again nothing more of
+/// the load lands. The client's next load redials it and completes.
+#[test]
+fn a_cancel_a_frozen_gateway_cannot_confirm_cuts_it_off() {
+    const BLOCKS: u64 = 256;
+    let gateway = Gateway::start(BLOCKS);
+    let (client, _small, _) = client_without_poller(&gateway);
+    let region = Arc::new(Region::allocate(BLOCKS as usize * BLOCK_BYTES));
+    let id = client
+        .register_region(Arc::clone(&region))
+        .expect("register");
+    let load = client
+        .load("layer", id, &whole_blocks(BLOCKS), 0)
+        .expect("load");
+    load.wait_layer(0, WAIT).expect("layer 0");
+    gateway.freeze();
+    let started = Instant::now();
+    let report = load
+        .cancel(Duration::from_millis(300))
+        .expect("cut off, nothing lands any more");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(
+        report.blocks.iter().any(is_cancelled),
+        "{:?}",
+        report.blocks.first()
+    );
+    fill(&region, 0x77);
+    gateway.thaw();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        region
+            .read(0, region.len())
+            .iter()
+            .all(|byte| *byte == 0x77),
+        "the cut-off gateway's data landed after cancel returned"
+    );
+    let report = client
+        .load("full", id, &whole_blocks(8), 0)
+        .expect("load")
+        .wait(WAIT)
+        .expect("done");
+    assert!(report.all_done(), "{:?}", report.failed().next());
+    assert!(region.read(7 * BLOCK_BYTES, BLOCK_BYTES) == expected_block(7));
+}
+
 /// A load whose gateway died is cancelled while its retrier redials: the
 /// cancel returns at once (no path is running), and when the gateway comes
 /// back nothing of the load is asked for or written.

@@ -301,6 +301,47 @@ fn after_cancel_returns_no_rdma_write_lands() {
     assert!(region.read(3 * BLOCK_BYTES, BLOCK_BYTES) == expected_block(3));
 }
 
+/// A gateway frozen mid-load cannot confirm a cancel; when the timeout
+/// passes the client cuts it off: its queue pairs are destroyed, so RDMA
+/// WRITEs it had posted (which the device goes on executing while the
+/// process is stopped) no longer land. After `cancel` returns, the region
+/// stays as the engine leaves it, also once the gateway runs again.
+#[test]
+fn a_cancel_a_frozen_gateway_cannot_confirm_destroys_its_queue_pairs() {
+    let Some(device) = rdma_device() else { return };
+    let gateway = Gateway::start(&device, "rdma");
+    let client = gateway.client(&device, true);
+    let len = BLOCKS as usize * BLOCK_BYTES;
+    let region = Arc::new(Region::allocate(len));
+    let id = client
+        .register_region(Arc::clone(&region))
+        .expect("register");
+    let load = client
+        .load("layer", id, &whole_blocks(BLOCKS), 0)
+        .expect("load");
+    load.wait_layer(0, WAIT).expect("layer 0");
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(gateway.process.child.id()).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    let report = load
+        .cancel(Duration::from_millis(300))
+        .expect("cut off, nothing lands any more");
+    region.write(0, &vec![0x77; len]);
+    std::thread::sleep(Duration::from_millis(300));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        region.read(0, len).iter().all(|byte| *byte == 0x77),
+        "an RDMA WRITE landed after the gateway was cut off"
+    );
+    assert!(report.blocks.iter().any(|status| matches!(
+        status,
+        BlockStatus::Failed {
+            code: GatewayCode::Cancelled,
+            ..
+        }
+    )));
+}
+
 #[test]
 fn an_out_of_region_load_is_refused_before_anything_is_posted() {
     let Some(device) = rdma_device() else { return };

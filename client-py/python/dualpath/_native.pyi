@@ -20,8 +20,9 @@ class Load:
     def cancel(self, timeout: Optional[float] = None) -> list[BlockState]:
         """Cancel the load (the request was aborted); returns once no path
         will write into the region any more, so the memory may be reused.
-        Blocks not finished end ("failed", "Cancelled", ...). On WaitTimeout
-        paths may still write."""
+        Blocks not finished end ("failed", "Cancelled", ...). A gateway that
+        does not confirm within `timeout` is cut off (nothing of it lands any
+        more); WaitTimeout means the prefill node's own reads still run."""
     def block_status(self, index: int) -> BlockState:
         """(state, code, message); state is "pending", "done" or "failed"."""
     def layers_done(self) -> Tuple[int, int]:
