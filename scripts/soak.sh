@@ -98,7 +98,7 @@ end=$((SECONDS + duration))
     done
 ) &
 injector=$!
-runs=0 requests=0 verified=0 cancelled=0
+runs=0 requests=0 verified=0 cancelled=0 cut_off=0
 : >"$work/errors"
 while [ "$SECONDS" -lt "$end" ]; do
     if output=$(timeout 120 "$bin" bench load --gateway "127.0.0.1:${ports[0]}" --gateway "127.0.0.1:${ports[1]}" \
@@ -107,13 +107,14 @@ while [ "$SECONDS" -lt "$end" ]; do
         requests=$((requests + $(sed -nE 's/.*requests=([0-9]+).*/\1/p' <<<"$output" | head -1)))
         verified=$((verified + $(sed -nE 's/.*verified_bytes=([0-9]+).*/\1/p' <<<"$output" | head -1)))
         cancelled=$((cancelled + $(sed -nE 's/.*cancelled_loads=([0-9]+).*/\1/p' <<<"$output" | head -1)))
+        cut_off=$((cut_off + $(sed -nE 's/.*cancels_cut_off=([0-9]+).*/\1/p' <<<"$output" | head -1)))
     else
         grep -m1 -oE "error: [^:]*" <<<"$output" >>"$work/errors" || echo "error: unknown" >>"$work/errors"
     fi
 done
 wait "$injector" 2>/dev/null || true
 for index in 0 1; do peak_rss_kb "$index" >>"$work/rss"; done
-echo "soak: ${duration}s, $load loads, $runs load runs, $requests loads completed, $cancelled cancelled (nothing landed after), $((verified / 1048576)) MiB verified byte for byte"
+echo "soak: ${duration}s, $load loads, $runs load runs, $requests loads completed, $cancelled cancelled ($cut_off by cutting a stopped gateway off; nothing landed after), $((verified / 1048576)) MiB verified byte for byte"
 echo "soak: faults injected: $(sort "$work/faults" | uniq -c | awk '{printf "%s %s, ", $1, $2}')total $(wc -l <"$work/faults")"
 if [ -s "$work/errors" ]; then
     echo "soak: errors by kind: $(sort "$work/errors" | uniq -c | awk '{c=$1; $1=""; printf "%d x%s; ", c, $0}')"

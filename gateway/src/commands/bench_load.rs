@@ -35,6 +35,9 @@ pub struct BenchLoadOptions {
     pub cancel_every: u64,
 }
 
+/// How long a cancel waits for its paths before cutting a gateway off.
+const CANCEL_TIMEOUT: Duration = Duration::from_millis(500);
+
 /// What fills a cancelled request's slot until the slot is used again.
 const AFTER_CANCEL: u8 = 0x5A;
 
@@ -75,7 +78,7 @@ pub fn bench_load(options: &BenchLoadOptions) -> anyhow::Result<()> {
     let mut in_flight: std::collections::VecDeque<(u64, InFlight)> =
         std::collections::VecDeque::new();
     let mut verified = 0u64;
-    let (mut cancelled_loads, mut cancelled_blocks) = (0u64, 0usize);
+    let (mut cancelled_loads, mut cancelled_blocks, mut cut_off) = (0u64, 0usize, 0u64);
     let slot_len = usize::try_from(slot_bytes)?;
     let retire = |slot: u64, entry: InFlight, latencies: &mut Vec<f64>| -> anyhow::Result<u64> {
         let base = slot * slot_bytes;
@@ -132,9 +135,15 @@ pub fn bench_load(options: &BenchLoadOptions) -> anyhow::Result<()> {
         }
         // Mid-stream where it can be: after the first layer, or a moment.
         let _ = load.wait_layer(0, Duration::from_millis(5));
+        // Short: a gateway stopped by a soak's fault is cut off rather than
+        // waited for (the cut-off is what the soak checks then).
+        let cancelling = Instant::now();
         let report = load
-            .cancel(Duration::from_secs(120))
+            .cancel(CANCEL_TIMEOUT)
             .context("a cancel was not confirmed")?;
+        if cancelling.elapsed() >= CANCEL_TIMEOUT {
+            cut_off += 1;
+        }
         for (index, status) in report.blocks.iter().enumerate() {
             match status {
                 BlockStatus::Done if options.verify => {
@@ -166,7 +175,7 @@ pub fn bench_load(options: &BenchLoadOptions) -> anyhow::Result<()> {
     };
     let bytes = options.blocks * block_bytes;
     println!(
-        "policy={} bytes={bytes} verified_bytes={verified} seconds={elapsed:.3} throughput_mb_s={:.1} requests={} latency_p50_s={:.3} latency_p99_s={:.3} cancelled_loads={cancelled_loads} cancelled_blocks={cancelled_blocks}",
+        "policy={} bytes={bytes} verified_bytes={verified} seconds={elapsed:.3} throughput_mb_s={:.1} requests={} latency_p50_s={:.3} latency_p99_s={:.3} cancelled_loads={cancelled_loads} cancelled_blocks={cancelled_blocks} cancels_cut_off={cut_off}",
         if options.one_gateway {
             "one-gateway".to_owned()
         } else {
