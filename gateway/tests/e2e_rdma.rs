@@ -242,17 +242,20 @@ fn a_load_over_rdma_in_flight_when_the_gateway_restarts_completes() {
     );
 }
 
-/// A load cancelled while RDMA WRITEs stream into the region: once `cancel`
-/// returns (the gateway's `LoadDone` arrived as a SEND behind its last
-/// write), nothing more lands, checked by filling the region afterwards and
-/// looking again later.
-#[test]
-fn after_cancel_returns_no_rdma_write_lands() {
-    let Some(device) = rdma_device() else { return };
-    let gateway = Gateway::start(&device, "rdma");
-    let client = gateway.client(&device, true);
-    let len = BLOCKS as usize * BLOCK_BYTES;
-    let region = Arc::new(Region::allocate(len));
+/// A gateway serving RDMA, its client, and a layer-layout load of every
+/// block into a fresh region, streaming (layer 0 has landed).
+fn streaming_load(
+    device: &str,
+) -> (
+    Gateway,
+    Client,
+    Arc<Region>,
+    client::RegionId,
+    client::LoadHandle,
+) {
+    let gateway = Gateway::start(device, "rdma");
+    let client = gateway.client(device, true);
+    let region = Arc::new(Region::allocate(BLOCKS as usize * BLOCK_BYTES));
     let id = client
         .register_region(Arc::clone(&region))
         .expect("register");
@@ -260,6 +263,28 @@ fn after_cancel_returns_no_rdma_write_lands() {
         .load("layer", id, &whole_blocks(BLOCKS), 0)
         .expect("load");
     load.wait_layer(0, WAIT).expect("layer 0");
+    (gateway, client, region, id, load)
+}
+
+fn is_cancelled(status: &BlockStatus) -> bool {
+    matches!(
+        status,
+        BlockStatus::Failed {
+            code: GatewayCode::Cancelled,
+            ..
+        }
+    )
+}
+
+/// A load cancelled while RDMA WRITEs stream into the region: once `cancel`
+/// returns (the gateway's `LoadDone` arrived as a SEND behind its last
+/// write), nothing more lands, checked by filling the region afterwards and
+/// looking again later.
+#[test]
+fn after_cancel_returns_no_rdma_write_lands() {
+    let Some(device) = rdma_device() else { return };
+    let (_gateway, client, region, id, load) = streaming_load(&device);
+    let len = region.len();
     let report = load.cancel(WAIT).expect("confirmed");
     region.write(0, &vec![0xA5; len]);
     std::thread::sleep(Duration::from_millis(500));
@@ -270,15 +295,7 @@ fn after_cancel_returns_no_rdma_write_lands() {
     let cancelled = report
         .blocks
         .iter()
-        .filter(|status| {
-            matches!(
-                status,
-                BlockStatus::Failed {
-                    code: GatewayCode::Cancelled,
-                    ..
-                }
-            )
-        })
+        .filter(|status| is_cancelled(status))
         .count();
     let done = report
         .blocks
@@ -309,17 +326,8 @@ fn after_cancel_returns_no_rdma_write_lands() {
 #[test]
 fn a_cancel_a_frozen_gateway_cannot_confirm_destroys_its_queue_pairs() {
     let Some(device) = rdma_device() else { return };
-    let gateway = Gateway::start(&device, "rdma");
-    let client = gateway.client(&device, true);
-    let len = BLOCKS as usize * BLOCK_BYTES;
-    let region = Arc::new(Region::allocate(len));
-    let id = client
-        .register_region(Arc::clone(&region))
-        .expect("register");
-    let load = client
-        .load("layer", id, &whole_blocks(BLOCKS), 0)
-        .expect("load");
-    load.wait_layer(0, WAIT).expect("layer 0");
+    let (gateway, _client, region, _, load) = streaming_load(&device);
+    let len = region.len();
     let pid = nix::unistd::Pid::from_raw(i32::try_from(gateway.process.child.id()).expect("pid"));
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
     let report = load
@@ -333,13 +341,7 @@ fn a_cancel_a_frozen_gateway_cannot_confirm_destroys_its_queue_pairs() {
         region.read(0, len).iter().all(|byte| *byte == 0x77),
         "an RDMA WRITE landed after the gateway was cut off"
     );
-    assert!(report.blocks.iter().any(|status| matches!(
-        status,
-        BlockStatus::Failed {
-            code: GatewayCode::Cancelled,
-            ..
-        }
-    )));
+    assert!(report.blocks.iter().any(is_cancelled));
 }
 
 #[test]
