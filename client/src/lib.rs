@@ -204,6 +204,20 @@ pub enum BlockStatus {
     Failed { code: ErrorCode, message: String },
 }
 
+impl BlockStatus {
+    /// Whether the block ended because its load was cancelled (it may hold
+    /// some of its layers; none of it counts as loaded).
+    pub fn is_cancelled(&self) -> bool {
+        matches!(
+            self,
+            BlockStatus::Failed {
+                code: ErrorCode::Cancelled,
+                ..
+            }
+        )
+    }
+}
+
 /// Who asks for a redial: the pool poller (its own thread: it always dials), a
 /// request (an engine's thread: it neither waits for another dialler nor dials
 /// again soon after a failure, see [`RedialState::backoff`]) or a load's

@@ -1142,16 +1142,6 @@ fn fill(region: &Region, byte: u8) {
     region.write(0, &vec![byte; region.len()]);
 }
 
-fn is_cancelled(status: &BlockStatus) -> bool {
-    matches!(
-        status,
-        BlockStatus::Failed {
-            code: GatewayCode::Cancelled,
-            ..
-        }
-    )
-}
-
 /// Every metric the Grafana dashboard (docs/grafana-dashboard.json) plots is
 /// one the gateway exports, after a load (so the histograms have samples).
 #[test]
@@ -1220,9 +1210,9 @@ fn a_load_cancelled_before_it_starts_reads_nothing() {
     });
     assert_eq!(report.blocks.len(), 64);
     assert!(
-        report.blocks.iter().all(is_cancelled),
+        report.blocks.iter().all(BlockStatus::is_cancelled),
         "{:?}",
-        report.blocks.iter().find(|status| !is_cancelled(status))
+        report.blocks.iter().find(|status| !status.is_cancelled())
     );
     assert!(region
         .read(0, 64 * BLOCK_BYTES)
@@ -1264,7 +1254,7 @@ fn a_cancel_a_frozen_gateway_cannot_confirm_cuts_it_off() {
         .expect("cut off, nothing lands any more");
     assert!(started.elapsed() < Duration::from_secs(5));
     assert!(
-        report.blocks.iter().any(is_cancelled),
+        report.blocks.iter().any(BlockStatus::is_cancelled),
         "{:?}",
         report.blocks.first()
     );
@@ -1308,7 +1298,10 @@ fn a_load_cancelled_while_its_gateway_is_redialled_writes_nothing_later() {
         std::thread::sleep(Duration::from_millis(5));
     }
     let report = load.cancel(WAIT).expect("confirmed");
-    assert!(report.blocks.iter().all(is_cancelled), "{report:?}");
+    assert!(
+        report.blocks.iter().all(BlockStatus::is_cancelled),
+        "{report:?}"
+    );
     fill(&region, 0x3C);
     gateway.restart_in_place();
     // Long enough for the retrier's redial (backoff 1 s, then 2 s).
@@ -1358,7 +1351,7 @@ fn after_cancel_returns_nothing_more_is_written() {
         let cancelled = report
             .blocks
             .iter()
-            .filter(|status| is_cancelled(status))
+            .filter(|status| status.is_cancelled())
             .count();
         assert_eq!(
             done + cancelled,

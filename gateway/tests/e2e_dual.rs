@@ -9,7 +9,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use client::{BlockLoad, BlockStatus, Client, ClientOptions, GatewayCode, Policy, Region};
+use client::{BlockLoad, BlockStatus, Client, ClientOptions, Policy, Region};
 use gateway::synthetic;
 use test_support::{settings, GatewayProcess, Seaweed, ACCESS_KEY, BUCKET, SECRET_KEY};
 
@@ -320,15 +320,7 @@ fn a_cancelled_load_stops_the_prefill_reads_and_nothing_lands_after() {
     let cancelled = report
         .blocks
         .iter()
-        .filter(|status| {
-            matches!(
-                status,
-                BlockStatus::Failed {
-                    code: GatewayCode::Cancelled,
-                    ..
-                }
-            )
-        })
+        .filter(|status| status.is_cancelled())
         .count();
     eprintln!("{done} blocks done, {cancelled} cancelled");
     assert_eq!(done + cancelled, count as usize, "{report:?}");

@@ -172,16 +172,7 @@ fn after_a_device_load_is_cancelled_device_memory_stays_as_it_is() {
     let finished = report
         .blocks
         .iter()
-        .filter(|status| {
-            **status == client::BlockStatus::Done
-                || matches!(
-                    status,
-                    client::BlockStatus::Failed {
-                        code: client::GatewayCode::Cancelled,
-                        ..
-                    }
-                )
-        })
+        .filter(|status| **status == client::BlockStatus::Done || status.is_cancelled())
         .count();
     assert_eq!(finished, BLOCKS as usize, "{report:?}");
 }

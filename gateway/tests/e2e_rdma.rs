@@ -266,16 +266,6 @@ fn streaming_load(
     (gateway, client, region, id, load)
 }
 
-fn is_cancelled(status: &BlockStatus) -> bool {
-    matches!(
-        status,
-        BlockStatus::Failed {
-            code: GatewayCode::Cancelled,
-            ..
-        }
-    )
-}
-
 /// A load cancelled while RDMA WRITEs stream into the region: once `cancel`
 /// returns (the gateway's `LoadDone` arrived as a SEND behind its last
 /// write), nothing more lands, checked by filling the region afterwards and
@@ -295,7 +285,7 @@ fn after_cancel_returns_no_rdma_write_lands() {
     let cancelled = report
         .blocks
         .iter()
-        .filter(|status| is_cancelled(status))
+        .filter(|status| status.is_cancelled())
         .count();
     let done = report
         .blocks
@@ -341,7 +331,7 @@ fn a_cancel_a_frozen_gateway_cannot_confirm_destroys_its_queue_pairs() {
         region.read(0, len).iter().all(|byte| *byte == 0x77),
         "an RDMA WRITE landed after the gateway was cut off"
     );
-    assert!(report.blocks.iter().any(is_cancelled));
+    assert!(report.blocks.iter().any(BlockStatus::is_cancelled));
 }
 
 #[test]

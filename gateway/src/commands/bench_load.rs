@@ -151,10 +151,7 @@ pub fn bench_load(options: &BenchLoadOptions) -> anyhow::Result<()> {
                     verified += verify(&region, at, &chunk[index..=index], block_bytes)?;
                 }
                 BlockStatus::Done => {}
-                BlockStatus::Failed {
-                    code: client::GatewayCode::Cancelled,
-                    ..
-                } => cancelled_blocks += 1,
+                cancelled if cancelled.is_cancelled() => cancelled_blocks += 1,
                 other => bail!("block {} of a cancelled load: {other:?}", chunk[index]),
             }
         }
