@@ -635,7 +635,7 @@ impl Client {
         match self.store_once(namespace, key, bytes) {
             Err(ClientError::Disconnected { .. }) => {
                 self.redialer
-                    .redial_within(0, self.options.request_timeout)?;
+                    .redial_within(0, self.options.request_timeout, &|| false)?;
                 self.store_once(namespace, key, bytes)
             }
             outcome => outcome,
@@ -883,14 +883,26 @@ impl Redialer {
 
     /// Redials gateway `gateway` until it is connected, for up to `within`
     /// (each dial keeps to the gateway's redial backoff, so most rounds only
-    /// look); the error names the gateway and the wait.
+    /// look); the error names the gateway and the wait. Stops early, with a
+    /// `Cancelled` error, once `cancelled` says the wait is no longer wanted
+    /// (the load it was for was cancelled).
     pub(crate) fn redial_within(
         &self,
         gateway: usize,
         within: Duration,
+        cancelled: &dyn Fn() -> bool,
     ) -> Result<(), ClientError> {
         let deadline = std::time::Instant::now() + within;
         loop {
+            if cancelled() {
+                return Err(ClientError::Gateway {
+                    code: ErrorCode::Cancelled,
+                    message: format!(
+                        "cancelled while gateway {} was being redialled",
+                        self.gateways[gateway].address
+                    ),
+                });
+            }
             if self.redial(gateway, Redial::Coordinator) {
                 return Ok(());
             }

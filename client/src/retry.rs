@@ -110,8 +110,13 @@ impl OneGateway {
             }
             let reconnected = match &gave_up {
                 Some(failure) => Err(copy_error(failure)),
-                None => self.reconnect(shared.take_gateway_stopping()),
+                None => self.reconnect(shared.take_gateway_stopping(), &|| shared.is_cancelled()),
             };
+            if shared.is_cancelled() {
+                // Cancelled while the gateway was redialled: the wait stopped
+                // there, and these blocks end `Cancelled` with the cancel.
+                continue;
+            }
             // Blocks of other shards may have queued while this one waited.
             retries.extend(shared.take_retries());
             match reconnected {
@@ -130,12 +135,14 @@ impl OneGateway {
     /// if its connection is up; if it is shutting down (`stopping`: a rolling
     /// restart), until it has closed the connection and a redial reaches its
     /// successor; else by redialling it. Each wait is bounded by
-    /// `redial_within`.
-    fn reconnect(&self, stopping: bool) -> Result<(), ClientError> {
+    /// `redial_within`, and ends as soon as `cancelled` says the load was
+    /// cancelled (nothing is asked for then, and the thread is not kept
+    /// dialling a gateway that may stay down).
+    fn reconnect(&self, stopping: bool, cancelled: &dyn Fn() -> bool) -> Result<(), ClientError> {
         let gateway = &self.gateways[self.gateway];
         if stopping {
             let deadline = Instant::now() + self.redial_within;
-            while !gateway.is_closed() {
+            while !gateway.is_closed() && !cancelled() {
                 if Instant::now() >= deadline {
                     return Err(ClientError::Gateway {
                         code: ErrorCode::ShuttingDown,
@@ -152,6 +159,6 @@ impl OneGateway {
             std::thread::sleep(PAUSE_BEFORE_ASKING_AGAIN);
         }
         self.redialer
-            .redial_within(self.gateway, self.redial_within)
+            .redial_within(self.gateway, self.redial_within, cancelled)
     }
 }

@@ -1278,8 +1278,9 @@ fn a_cancel_a_frozen_gateway_cannot_confirm_cuts_it_off() {
 }
 
 /// A load whose gateway died is cancelled while its retrier redials: the
-/// cancel returns at once (no path is running), and when the gateway comes
-/// back nothing of the load is asked for or written.
+/// cancel returns at once (no path is running), the retrier stops redialling,
+/// and when the gateway comes back nothing of the load is asked for or
+/// written, and nothing dials it.
 #[test]
 fn a_load_cancelled_while_its_gateway_is_redialled_writes_nothing_later() {
     let mut gateway = Gateway::start(8);
@@ -1314,6 +1315,11 @@ fn a_load_cancelled_while_its_gateway_is_redialled_writes_nothing_later() {
         "the retrier loaded after the cancel"
     );
     assert_eq!(gateway.metric_sum("dualpath_storage_reads_total"), 0.0);
+    assert_eq!(
+        gateway.metric_sum("dualpath_connections_accepted_total"),
+        0.0,
+        "the retrier went on redialling after the load was cancelled"
+    );
 }
 
 /// A load cancelled while it streams (layer by layer): once `cancel`
