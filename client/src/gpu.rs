@@ -201,7 +201,8 @@ struct CopyProgress {
     /// Set when the `GpuLoad` is cancelled or dropped: the copier stops.
     cancelled: bool,
     /// Per layer (from the load's first), the event after its copies.
-    events: Vec<Option<Event>>,
+    /// Shared so a waiter polls it without holding the lock the copier needs.
+    events: Vec<Arc<Event>>,
     failure: Option<String>,
     finished: bool,
 }
@@ -294,6 +295,8 @@ impl Client {
                 )));
             }
         }
+        // Checked before staging is taken, so a refused load keeps none of it.
+        self.check_load(0, namespace, blocks)?;
         let device = Arc::clone(&target.device);
         let gpu_error =
             |error: GpuError| ClientError::Invalid(format!("GPU {}: {error}", device.ordinal));
@@ -311,11 +314,17 @@ impl Client {
         let identity = self.identity();
         let id = match staging.client_region {
             Some((owner, id)) if owner == identity => id,
-            _ => {
-                let id = self.register_region(Arc::clone(staging.pinned.region()))?;
-                staging.client_region = Some((identity, id));
-                id
-            }
+            _ => match self.register_region(Arc::clone(staging.pinned.region())) {
+                Ok(id) => {
+                    staging.client_region = Some((identity, id));
+                    id
+                }
+                Err(error) => {
+                    // Nothing was asked to write there: it serves the next load.
+                    device.return_staging(staging);
+                    return Err(error);
+                }
+            },
         };
         let direct = match self.direct_region(target) {
             Ok((id, region)) => {
@@ -620,7 +629,7 @@ fn copy_layers(
         match Event::record(&device.stream) {
             Ok(event) => {
                 let mut state = state.lock().expect("copy progress lock");
-                state.events.push(Some(event));
+                state.events.push(Arc::new(event));
                 changed.notify_all();
             }
             Err(error) => return fail(format!("recording layer {layer}'s copy event: {error}")),
@@ -645,7 +654,10 @@ impl GpuLoad {
         let (state, changed) = &*self.progress;
         let mut guard = state.lock().expect("copy progress lock");
         loop {
-            if let Some(Some(event)) = guard.events.get(index) {
+            if let Some(event) = guard.events.get(index).map(Arc::clone) {
+                // Polled without the lock: the copier goes on queueing the
+                // next layers' copies meanwhile.
+                drop(guard);
                 loop {
                     match event.done() {
                         Ok(true) => return Ok(()),
