@@ -11,7 +11,8 @@ use staging::{StagingBuffer, StagingSlab};
 use crate::object::{ObjectShard, ObjectStore};
 use crate::uring::{UringShard, UringStore};
 use crate::{
-    BlockStore, NamespaceId, ReadCompletion, ReadRequest, Rejected, ShardStats, StoreError,
+    BlockStore, NamespaceId, PutCompletion, PutStarted, ReadCompletion, ReadRequest, Rejected,
+    ShardStats, StoreError,
 };
 
 /// The process's store.
@@ -106,6 +107,21 @@ impl BlockStore for AnyShard {
         blocks: &[(BlockKey, &[u8])],
     ) -> Result<(), StoreError> {
         dispatch!(self, shard => shard.put(namespace, blocks))
+    }
+    fn start_put(
+        &mut self,
+        namespace: NamespaceId,
+        key: BlockKey,
+        bytes: &[u8],
+        tag: u64,
+    ) -> PutStarted {
+        dispatch!(self, shard => shard.start_put(namespace, key, bytes, tag))
+    }
+    fn reap_puts(&mut self, out: &mut Vec<PutCompletion>) {
+        dispatch!(self, shard => shard.reap_puts(out))
+    }
+    fn puts_in_flight(&self) -> usize {
+        dispatch!(self, shard => shard.puts_in_flight())
     }
     fn delete(&mut self, namespace: NamespaceId, key: BlockKey) -> Result<bool, StoreError> {
         dispatch!(self, shard => shard.delete(namespace, key))

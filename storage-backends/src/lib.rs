@@ -68,6 +68,22 @@ pub struct Rejected {
     pub buffer: StagingBuffer,
 }
 
+/// A finished [`BlockStore::start_put`].
+#[derive(Debug)]
+pub struct PutCompletion {
+    pub tag: u64,
+    pub result: Result<(), StoreError>,
+}
+
+/// What [`BlockStore::start_put`] did with a block.
+#[derive(Debug)]
+pub enum PutStarted {
+    /// Its outcome comes from [`BlockStore::reap_puts`].
+    InFlight,
+    /// Stored (or refused) already: backends that store synchronously.
+    Finished(Result<(), StoreError>),
+}
+
 /// Per-shard counters, summed over shards by whoever reports them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ShardStats {
@@ -77,6 +93,8 @@ pub struct ShardStats {
     pub checksum_failures: u64,
     pub puts: u64,
     pub put_bytes: u64,
+    /// File syncs that made puts durable (one serves every put waiting for it).
+    pub put_syncs: u64,
     pub evictions: u64,
     pub namespaces: Vec<NamespaceStats>,
 }
@@ -119,7 +137,8 @@ pub trait BlockStore {
         Ok(())
     }
     /// Starts queued reads and moves finished ones into `out`; with `wait`, blocks
-    /// until at least one read has finished (if any is in flight).
+    /// until at least one read or put has finished (if any is in flight).
+    /// Finished puts wait for [`BlockStore::reap_puts`].
     fn reap(&mut self, out: &mut Vec<ReadCompletion>, wait: bool) -> Result<(), StoreError>;
     fn reads_in_flight(&self) -> usize;
     /// Most reads in flight at once; `submit_read` answers `Busy` beyond it.
@@ -131,6 +150,30 @@ pub trait BlockStore {
         namespace: NamespaceId,
         blocks: &[(BlockKey, &[u8])],
     ) -> Result<(), StoreError>;
+    /// Starts storing one whole block durably, as [`BlockStore::put`] does,
+    /// without waiting for the disk: `bytes` are copied (into staging) before it
+    /// returns, and the outcome comes from [`BlockStore::reap_puts`] with `tag`
+    /// (below `1 << 63`) once the block survives a crash. An event loop keeps
+    /// serving reads meanwhile. Backends that store synchronously return the
+    /// outcome at once.
+    fn start_put(
+        &mut self,
+        namespace: NamespaceId,
+        key: BlockKey,
+        bytes: &[u8],
+        tag: u64,
+    ) -> PutStarted {
+        let _ = tag;
+        PutStarted::Finished(self.put(namespace, &[(key, bytes)]))
+    }
+    /// Moves the puts that finished into `out` (their I/O is handled by `reap`).
+    fn reap_puts(&mut self, out: &mut Vec<PutCompletion>) {
+        let _ = out;
+    }
+    /// Puts started and not yet moved out by `reap_puts`.
+    fn puts_in_flight(&self) -> usize {
+        0
+    }
     /// Removes a block; false if it was not there.
     fn delete(&mut self, namespace: NamespaceId, key: BlockKey) -> Result<bool, StoreError>;
     fn contains(&self, namespace: NamespaceId, key: BlockKey) -> bool;

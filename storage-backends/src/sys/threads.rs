@@ -19,7 +19,16 @@ use staging::StagingBuffer;
 
 use super::uring::Completion;
 
-/// One `pread`/`pwrite` handed to a worker.
+/// What a worker does with a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobKind {
+    Read,
+    Write,
+    /// `fdatasync` of the file (no buffer).
+    Sync,
+}
+
+/// One `pread`/`pwrite`/`fdatasync` handed to a worker.
 struct Job {
     fd: RawFd,
     /// The staging memory: an address, so the job can cross to a worker.
@@ -27,7 +36,7 @@ struct Job {
     len: usize,
     offset: u64,
     user_data: u64,
-    write: bool,
+    kind: JobKind,
 }
 
 #[derive(Default)]
@@ -112,8 +121,25 @@ impl Threads {
             len: len as usize,
             offset,
             user_data,
-            write,
+            kind: if write { JobKind::Write } else { JobKind::Read },
         };
+        self.queue_job(job);
+    }
+
+    /// Queues an `fdatasync` of file `file_index`; it covers the writes to it
+    /// that completed before it was queued.
+    pub fn push_sync(&mut self, file_index: u32, user_data: u64) {
+        self.queue_job(Job {
+            fd: self.fds[file_index as usize],
+            address: 0,
+            len: 0,
+            offset: 0,
+            user_data,
+            kind: JobKind::Sync,
+        });
+    }
+
+    fn queue_job(&self, job: Job) {
         self.shared
             .queue
             .lock()
@@ -180,20 +206,20 @@ fn work(shared: &Shared) {
         // contract), so this worker has the only access; the fd stays open for
         // as long as `shared` lives.
         let result = unsafe {
-            if job.write {
-                libc::pwrite(
+            match job.kind {
+                JobKind::Write => libc::pwrite(
                     job.fd,
                     job.address as *const libc::c_void,
                     job.len,
                     job.offset as libc::off_t,
-                )
-            } else {
-                libc::pread(
+                ),
+                JobKind::Read => libc::pread(
                     job.fd,
                     job.address as *mut libc::c_void,
                     job.len,
                     job.offset as libc::off_t,
-                )
+                ),
+                JobKind::Sync => libc::fdatasync(job.fd) as libc::ssize_t,
             }
         };
         let result = if result < 0 {

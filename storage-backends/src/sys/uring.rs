@@ -135,6 +135,19 @@ impl Ring {
         unsafe { self.push(entry.user_data(user_data)) }
     }
 
+    /// Queues an `fdatasync` of fixed file `file_index`: it covers every write
+    /// to the file that completed before it was submitted. Returns false when
+    /// the submission queue is full.
+    pub fn push_sync(&mut self, file_index: u32, user_data: u64) -> bool {
+        let entry = opcode::Fsync::new(types::Fixed(file_index))
+            .flags(types::FsyncFlags::DATASYNC)
+            .build()
+            .user_data(user_data);
+        // SAFETY: the entry holds no pointer; the file stays registered while
+        // the ring lives.
+        unsafe { self.push(entry) }
+    }
+
     fn fixed_entry(
         &self,
         buffer: &mut StagingBuffer,

@@ -184,6 +184,19 @@ impl Engine {
         }
     }
 
+    /// Queues an `fdatasync` of file `file_index` (it covers the writes to the
+    /// file that completed before it). Returns false when the submission queue
+    /// is full.
+    pub(crate) fn push_sync(&mut self, file_index: u32, user_data: u64) -> bool {
+        match self {
+            Engine::Uring(ring) => ring.push_sync(file_index, user_data),
+            Engine::Blocking(blocking) => {
+                blocking.threads.push_sync(file_index, user_data);
+                true
+            }
+        }
+    }
+
     /// Whether operations are queued that the kernel has not been handed yet
     /// (the blocking engine hands each to its threads when queued).
     pub(crate) fn has_unsubmitted(&mut self) -> bool {

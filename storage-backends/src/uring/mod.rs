@@ -14,6 +14,7 @@
 mod engine;
 pub mod format;
 mod index;
+mod put;
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek};
@@ -27,16 +28,14 @@ use staging::{StagingBuffer, StagingSlab};
 
 use crate::sys::uring::Completion;
 use crate::{
-    BlockStore, IoOp, NamespaceId, NamespaceSpec, NamespaceStats, ReadCompletion, ReadRequest,
-    Rejected, ShardStats, StoreError,
+    BlockStore, IoOp, NamespaceId, NamespaceSpec, NamespaceStats, PutCompletion, PutStarted,
+    ReadCompletion, ReadRequest, Rejected, ShardStats, StoreError,
 };
 pub use engine::IoEngine;
 use engine::{Direction, Engine};
 use format::{BlockHeader, Manifest, ManifestNamespace, Record};
 use index::SlotTable;
-
-/// Blocks written between two syncs of one `put` call.
-const PUT_BATCH_BLOCKS: usize = 64;
+use put::{PutInFlight, SyncSeries, SyncedFile, CALLER_PUT_TAG, PUT_WRITES_MAX};
 
 /// The store directory of one process: validated manifest and an exclusive lock.
 #[derive(Debug)]
@@ -122,12 +121,21 @@ impl UringStore {
             next_generation = next_generation.max(highest + 1);
             namespaces.push(namespace);
         }
+        // Fixed files: the data files, then the header files (synced by puts).
+        let header_base = u32::try_from(namespaces.len()).expect("namespace count bounded");
+        for (index, namespace) in namespaces.iter_mut().enumerate() {
+            namespace.header_file_index =
+                header_base + u32::try_from(index).expect("namespace count bounded");
+        }
         let files: Vec<&File> = namespaces
             .iter()
             .map(|namespace| &namespace.data_file)
+            .chain(namespaces.iter().map(|namespace| &namespace.header_file))
             .collect();
         let depth = queue_depth.next_power_of_two();
-        let ring = Engine::open(self.io_engine, depth, slab, &files).map_err(|source| {
+        // Reads get `depth`; put writes and syncs have room of their own.
+        let ops = depth + PUT_WRITES_MAX as u32 + 2 * header_base;
+        let ring = Engine::open(self.io_engine, ops, slab, &files).map_err(|source| {
             if engine::io_uring_unavailable(&source) {
                 StoreError::Layout {
                     path: self.root.clone(),
@@ -140,12 +148,17 @@ impl UringStore {
         })?;
         Ok(UringShard {
             ring,
-            pending: (0..depth).map(|_| None).collect(),
-            free_ops: (0..depth).rev().collect(),
-            completions: Vec::with_capacity(depth as usize * 2),
+            pending: (0..ops).map(|_| None).collect(),
+            free_ops: (0..ops).rev().collect(),
+            completions: Vec::with_capacity(ops as usize * 2),
             finished_reads: Vec::with_capacity(depth as usize),
             reads_in_flight: 0,
-            write_failure: None,
+            read_capacity: depth as usize,
+            puts: Vec::new(),
+            next_put_id: 0,
+            put_writes_in_flight: 0,
+            finished_puts: Vec::new(),
+            record: Vec::new(),
             namespaces,
             next_generation,
             stats: ShardStats::default(),
@@ -275,7 +288,12 @@ struct ShardNamespace {
     header_path: PathBuf,
     /// The data file's io_uring fixed-file index.
     file_index: u32,
+    /// The header file's (set when the shard registers its files).
+    header_file_index: u32,
     record_bytes: usize,
+    /// Syncs that make puts durable, shared by the puts waiting for them.
+    data_sync: SyncSeries,
+    header_sync: SyncSeries,
 }
 
 impl ShardNamespace {
@@ -315,7 +333,10 @@ impl ShardNamespace {
             header_file,
             header_path,
             file_index,
+            header_file_index: 0,
             record_bytes,
+            data_sync: SyncSeries::default(),
+            header_sync: SyncSeries::default(),
         };
         let highest = namespace.recover()?;
         Ok((namespace, highest))
@@ -382,12 +403,6 @@ impl ShardNamespace {
             .sync_data()
             .map_err(|source| io_error(IoOp::Sync, &self.header_path, 0, 0, source))
     }
-
-    fn sync_data(&self) -> Result<(), StoreError> {
-        self.data_file
-            .sync_data()
-            .map_err(|source| io_error(IoOp::Sync, &self.data_path, 0, 0, source))
-    }
 }
 
 fn open_data_file(path: &Path, len: u64) -> Result<File, StoreError> {
@@ -438,9 +453,15 @@ enum PendingOp {
         buffer: StagingBuffer,
     },
     Write {
+        /// The put it is part of (`PutInFlight::id`).
+        put: u64,
         namespace: u16,
         span: Span,
         buffer: StagingBuffer,
+    },
+    Sync {
+        namespace: u16,
+        file: SyncedFile,
     },
 }
 
@@ -465,8 +486,15 @@ pub struct UringShard {
     completions: Vec<Completion>,
     finished_reads: Vec<ReadCompletion>,
     reads_in_flight: usize,
-    /// The first failed write of the `put` in progress.
-    write_failure: Option<StoreError>,
+    /// Most reads in flight (the configured queue depth).
+    read_capacity: usize,
+    /// Puts started and not finished, oldest first.
+    puts: Vec<PutInFlight>,
+    next_put_id: u64,
+    put_writes_in_flight: usize,
+    finished_puts: Vec<PutCompletion>,
+    /// A header record being written, reused.
+    record: Vec<u8>,
     namespaces: Vec<ShardNamespace>,
     next_generation: u64,
     stats: ShardStats,
@@ -541,7 +569,13 @@ impl UringShard {
             self.complete(completion);
         }
         self.completions = completions;
+        self.advance_puts();
         Ok(())
+    }
+
+    /// Whether any operation is in flight (a wait for one would return).
+    fn any_op_pending(&self) -> bool {
+        self.free_ops.len() < self.pending.len()
     }
 
     fn complete(&mut self, completion: Completion) {
@@ -598,98 +632,33 @@ impl UringShard {
                 });
             }
             PendingOp::Write {
+                put,
                 namespace,
                 span,
                 buffer,
             } => {
                 drop(buffer);
+                self.put_writes_in_flight -= 1;
                 let path = &self.namespaces[usize::from(namespace)].data_path;
-                if let Err(error) = check_transfer(path, IoOp::Write, span, completion.result) {
-                    self.write_failure.get_or_insert(error);
+                let checked = check_transfer(path, IoOp::Write, span, completion.result);
+                let put = self
+                    .puts
+                    .iter_mut()
+                    .find(|in_flight| in_flight.id == put)
+                    .expect("a put lives while its writes are in flight");
+                put.writes_in_flight -= 1;
+                if let Err(error) = checked {
+                    put.failure.get_or_insert(error);
+                }
+            }
+            PendingOp::Sync { namespace, file } => {
+                let shard_namespace = &mut self.namespaces[usize::from(namespace)];
+                match file {
+                    SyncedFile::Data => shard_namespace.data_sync.completed(completion.result),
+                    SyncedFile::Headers => shard_namespace.header_sync.completed(completion.result),
                 }
             }
         }
-    }
-
-    /// Reserves slots for `keys`, clearing the old records of reused slots durably.
-    fn reserve_slots(
-        &mut self,
-        namespace: NamespaceId,
-        count: usize,
-    ) -> Result<Vec<u32>, StoreError> {
-        let shard_namespace = &mut self.namespaces[usize::from(namespace.0)];
-        let mut slots = Vec::with_capacity(count);
-        let mut cleared = Vec::new();
-        for _ in 0..count {
-            let Some(reservation) = shard_namespace.table.reserve() else {
-                slots
-                    .iter()
-                    .for_each(|&slot| shard_namespace.table.abandon(slot));
-                return Err(StoreError::Busy {
-                    what: "every slot of the namespace is being read or written",
-                });
-            };
-            self.stats.evictions += u64::from(reservation.evicted.is_some());
-            if reservation.needs_invalidation {
-                cleared.push(reservation.slot);
-            }
-            slots.push(reservation.slot);
-        }
-        if !cleared.is_empty() {
-            let zeros = vec![0u8; shard_namespace.record_bytes];
-            let result = cleared
-                .iter()
-                .try_for_each(|&slot| shard_namespace.write_record(slot, &zeros))
-                .and_then(|()| shard_namespace.sync_headers());
-            if let Err(error) = result {
-                slots
-                    .iter()
-                    .for_each(|&slot| shard_namespace.table.abandon(slot));
-                return Err(error);
-            }
-            cleared
-                .iter()
-                .for_each(|&slot| shard_namespace.table.mark_record_cleared(slot));
-        }
-        Ok(slots)
-    }
-
-    /// Writes one block's on-disk image into its slot through staging buffers, a
-    /// buffer-sized aligned chunk at a time. Returns the per-layer checksums.
-    fn write_block(
-        &mut self,
-        namespace: NamespaceId,
-        slot: u32,
-        bytes: &[u8],
-    ) -> Result<Vec<u32>, StoreError> {
-        let geometry = self.namespace(namespace).geometry;
-        let crcs: Vec<u32> = bytes
-            .chunks_exact(geometry.layer_bytes() as usize)
-            .map(crc32c::crc32c)
-            .collect();
-        let chunk_bytes = self.slab().buffer_bytes() as u64;
-        let slot_bytes = geometry.slot_bytes();
-        let mut image_offset = 0;
-        while image_offset < slot_bytes {
-            let len = chunk_bytes.min(slot_bytes - image_offset);
-            let mut buffer = self.acquire_buffer()?;
-            geometry.fill_disk_image(
-                bytes,
-                image_offset,
-                &mut buffer.as_mut_slice()[..len as usize],
-            );
-            self.submit_write(
-                namespace,
-                slot,
-                Span {
-                    offset: image_offset,
-                    len,
-                },
-                buffer,
-            )?;
-            image_offset += len;
-        }
-        Ok(crcs)
     }
 
     fn acquire_buffer(&mut self) -> Result<StagingBuffer, StoreError> {
@@ -707,14 +676,16 @@ impl UringShard {
     }
 
     /// Submits a write of the first `within_slot.len` bytes of `buffer` to
-    /// `within_slot.offset` of the slot.
+    /// `within_slot.offset` of the slot, for put `put`. The caller keeps put
+    /// writes within `PUT_WRITES_MAX`, so there is room in the op table.
     fn submit_write(
         &mut self,
+        put: u64,
         namespace: NamespaceId,
         slot: u32,
         within_slot: Span,
         buffer: StagingBuffer,
-    ) -> Result<(), StoreError> {
+    ) {
         let shard_namespace = self.namespace(namespace);
         let span = Span {
             offset: shard_namespace.slot_offset(slot) + within_slot.offset,
@@ -723,133 +694,48 @@ impl UringShard {
         let file_index = shard_namespace.file_index;
         let len =
             u32::try_from(span.len).expect("a span fits a staging buffer, which is below 4 GiB");
-        let mut op = PendingOp::Write {
+        let op = PendingOp::Write {
+            put,
             namespace: namespace.0,
             span,
             buffer,
         };
-        loop {
-            match self.take_op(op) {
-                Ok(user_data) => {
-                    let Some(PendingOp::Write { buffer, .. }) =
-                        self.pending[user_data as usize].as_mut()
-                    else {
-                        unreachable!("just stored a write")
-                    };
-                    // SAFETY: the buffer now lives in `pending` until its completion is
-                    // reaped in `complete`; the data file stays open as long as `self`.
-                    let pushed = unsafe {
-                        self.ring.push(
-                            Direction::Write,
-                            file_index,
-                            buffer,
-                            len,
-                            span.offset,
-                            user_data,
-                        )
-                    };
-                    assert!(
-                        pushed,
-                        "in-flight operations never exceed the submission queue"
-                    );
-                    return Ok(());
-                }
-                Err(returned) => {
-                    op = returned;
-                    self.pump(1)?;
-                }
-            }
-        }
-    }
-
-    fn wait_for_writes(&mut self) -> Result<(), StoreError> {
-        while self
-            .pending
-            .iter()
-            .any(|op| matches!(op, Some(PendingOp::Write { .. })))
-        {
-            self.pump(1)?;
-        }
-        match self.write_failure.take() {
-            Some(error) => Err(error),
-            None => Ok(()),
-        }
-    }
-
-    fn put_batch(
-        &mut self,
-        namespace: NamespaceId,
-        blocks: &[(BlockKey, &[u8])],
-    ) -> Result<(), StoreError> {
-        let slots = self.reserve_slots(namespace, blocks.len())?;
-        let written = self.write_batch_data(namespace, blocks, &slots);
-        let crcs = match written {
-            Ok(crcs) => crcs,
-            Err(error) => {
-                let table = &mut self.namespaces[usize::from(namespace.0)].table;
-                slots.iter().for_each(|&slot| table.abandon(slot));
-                return Err(error);
-            }
+        let user_data = self
+            .take_op(op)
+            .unwrap_or_else(|_| unreachable!("put writes have room of their own"));
+        let Some(PendingOp::Write { buffer, .. }) = self.pending[user_data as usize].as_mut()
+        else {
+            unreachable!("just stored a write")
         };
-        let first_generation = self.next_generation;
-        self.next_generation += blocks.len() as u64;
-        let shard_namespace = &mut self.namespaces[usize::from(namespace.0)];
-        let mut record = vec![0u8; shard_namespace.record_bytes];
-        let mut recorded = Ok(());
-        for (index, ((key, _), &slot)) in blocks.iter().zip(&slots).enumerate() {
-            let header = BlockHeader {
-                key: *key,
-                generation: first_generation + index as u64,
-                namespace_hash: shard_namespace.namespace_hash,
-                layout: shard_namespace.geometry.layout,
-                layer_bytes: u32::try_from(shard_namespace.geometry.layer_bytes())
-                    .expect("validated below 4 GiB"),
-                layer_crcs: crcs[index].clone(),
-            };
-            format::encode_record(&header, &mut record);
-            recorded = recorded.and_then(|()| shard_namespace.write_record(slot, &record));
-        }
-        recorded = recorded.and_then(|()| shard_namespace.sync_headers());
-        if let Err(error) = recorded {
-            // Records may be on disk but are not durable: clear and forget the slots.
-            slots.iter().for_each(|&slot| {
-                shard_namespace.table.mark_record_present(slot);
-                shard_namespace.table.abandon(slot);
-            });
-            return Err(error);
-        }
-        for (index, ((key, bytes), &slot)) in blocks.iter().zip(&slots).enumerate() {
-            shard_namespace
-                .table
-                .commit(slot, *key, first_generation + index as u64, &crcs[index]);
-            self.stats.puts += 1;
-            self.stats.put_bytes += bytes.len() as u64;
-        }
-        Ok(())
+        // SAFETY: the buffer now lives in `pending` until its completion is
+        // reaped in `complete`; the data file stays open as long as `self`.
+        let pushed = unsafe {
+            self.ring.push(
+                Direction::Write,
+                file_index,
+                buffer,
+                len,
+                span.offset,
+                user_data,
+            )
+        };
+        assert!(
+            pushed,
+            "in-flight operations never exceed the submission queue"
+        );
+        self.put_writes_in_flight += 1;
     }
 
-    fn write_batch_data(
-        &mut self,
-        namespace: NamespaceId,
-        blocks: &[(BlockKey, &[u8])],
-        slots: &[u32],
-    ) -> Result<Vec<Vec<u32>>, StoreError> {
-        let mut crcs = Vec::with_capacity(blocks.len());
-        let mut result = Ok(());
-        for ((_, bytes), &slot) in blocks.iter().zip(slots) {
-            match self.write_block(namespace, slot, bytes) {
-                Ok(block_crcs) => crcs.push(block_crcs),
-                Err(error) => {
-                    result = Err(error);
-                    break;
-                }
-            }
-        }
-        // Always drain the writes already submitted before their slots can be reused.
-        let waited = self.wait_for_writes();
-        result.and(waited)?;
-        self.namespace(namespace).sync_data()?;
-        Ok(crcs)
+    /// Submits an `fdatasync` of one of a namespace's files (fixed file
+    /// `file_index`). At most one per file is in flight: there is room.
+    fn submit_sync(&mut self, namespace: u16, file: SyncedFile, file_index: u32) {
+        let user_data = self
+            .take_op(PendingOp::Sync { namespace, file })
+            .unwrap_or_else(|_| unreachable!("syncs have room of their own"));
+        assert!(
+            self.ring.push_sync(file_index, user_data),
+            "in-flight operations never exceed the submission queue"
+        );
     }
 }
 
@@ -949,6 +835,14 @@ impl BlockStore for UringShard {
             Ok(found) => found,
             Err(error) => return Err(Rejected { error, buffer }),
         };
+        if self.reads_in_flight >= self.read_capacity {
+            return Err(Rejected {
+                error: StoreError::Busy {
+                    what: "the storage queue is full",
+                },
+                buffer,
+            });
+        }
         let namespace = request.namespace.0;
         let op = PendingOp::Read {
             tag: request.tag,
@@ -970,7 +864,9 @@ impl BlockStore for UringShard {
                     buffer,
                 })
             }
-            Err(PendingOp::Write { .. }) => unreachable!("a read was offered"),
+            Err(PendingOp::Write { .. } | PendingOp::Sync { .. }) => {
+                unreachable!("a read was offered")
+            }
         };
         let shard_namespace = &mut self.namespaces[usize::from(namespace)];
         shard_namespace.table.pin(slot);
@@ -1011,7 +907,11 @@ impl BlockStore for UringShard {
     }
 
     fn reap(&mut self, out: &mut Vec<ReadCompletion>, wait: bool) -> Result<(), StoreError> {
-        let want = usize::from(wait && self.finished_reads.is_empty() && self.reads_in_flight > 0);
+        let want = usize::from(
+            wait && self.finished_reads.is_empty()
+                && self.finished_puts.is_empty()
+                && self.any_op_pending(),
+        );
         self.pump(want)?;
         out.append(&mut self.finished_reads);
         Ok(())
@@ -1022,32 +922,68 @@ impl BlockStore for UringShard {
     }
 
     fn queue_capacity(&self) -> usize {
-        self.pending.len()
+        self.read_capacity
     }
 
+    /// The blocks go through the same stages as `start_put`'s, many at a time
+    /// (sharing syncs), and this waits for them all.
     fn put(
         &mut self,
         namespace: NamespaceId,
         blocks: &[(BlockKey, &[u8])],
     ) -> Result<(), StoreError> {
-        let shard_namespace = self.namespace(namespace);
-        let expected = shard_namespace.geometry.block_bytes();
-        if let Some((key, bytes)) = blocks
-            .iter()
-            .find(|(_, bytes)| bytes.len() as u64 != expected)
-        {
-            return Err(StoreError::WrongSize {
-                namespace: shard_namespace.name.clone(),
-                key: *key,
-                expected,
-                got: bytes.len() as u64,
-            });
+        // Nothing is written when one block has the wrong size.
+        for (key, bytes) in blocks {
+            self.check_block_size(namespace, *key, bytes)?;
         }
-        let batch = PUT_BATCH_BLOCKS.min((shard_namespace.table.slot_count() as usize / 2).max(1));
-        for chunk in blocks.chunks(batch) {
-            self.put_batch(namespace, chunk)?;
+        // Half the slots at most, so that reads and evictions keep a choice.
+        let in_flight_max = (self.namespace(namespace).table.slot_count() as usize / 2).max(1);
+        let mut outcome = Ok(());
+        for (index, (key, bytes)) in blocks.iter().enumerate() {
+            while self.caller_puts_in_flight() >= in_flight_max {
+                self.pump(1)?;
+            }
+            if let Err(error) =
+                self.begin_put(namespace, *key, bytes, CALLER_PUT_TAG | index as u64)
+            {
+                outcome = Err(error);
+                break;
+            }
         }
-        Ok(())
+        while self.caller_puts_in_flight() > 0 {
+            self.pump(1)?;
+        }
+        let (mut mine, others): (Vec<PutCompletion>, Vec<PutCompletion>) =
+            std::mem::take(&mut self.finished_puts)
+                .into_iter()
+                .partition(|finished| finished.tag & CALLER_PUT_TAG != 0);
+        self.finished_puts = others;
+        mine.sort_by_key(|finished| finished.tag);
+        mine.into_iter()
+            .try_for_each(|finished| finished.result)
+            .and(outcome)
+    }
+
+    fn start_put(
+        &mut self,
+        namespace: NamespaceId,
+        key: BlockKey,
+        bytes: &[u8],
+        tag: u64,
+    ) -> PutStarted {
+        assert!(tag & CALLER_PUT_TAG == 0, "put tags are below 1 << 63");
+        match self.begin_put(namespace, key, bytes, tag) {
+            Ok(()) => PutStarted::InFlight,
+            Err(error) => PutStarted::Finished(Err(error)),
+        }
+    }
+
+    fn reap_puts(&mut self, out: &mut Vec<PutCompletion>) {
+        out.append(&mut self.finished_puts);
+    }
+
+    fn puts_in_flight(&self) -> usize {
+        self.puts.len() + self.finished_puts.len()
     }
 
     fn delete(&mut self, namespace: NamespaceId, key: BlockKey) -> Result<bool, StoreError> {
