@@ -13,7 +13,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use protocol::{decode_store, ErrorCode, Frame, FrameType, Header, Load};
-use storage_backends::{BlockStore, ReadCompletion, ReadRequest, StoreError};
+use storage_backends::{BlockStore, PutStarted, ReadCompletion, ReadRequest, StoreError};
 use transport::RemoteWrite;
 
 use super::connection::{ActiveLoad, Connection, InflightRead, Stream, RECEIVE_CHUNK_BYTES};
@@ -54,8 +54,48 @@ pub struct CoreSetup {
     pub client_stall_timeout: Duration,
 }
 
+/// Who asked for a put that is in flight.
+#[derive(Debug, Clone, Copy)]
+struct StoreWaiter {
+    connection: usize,
+    /// The connection's generation: a slot reused by another client after
+    /// the first closed gets no answer meant for the first.
+    generation: u16,
+    request_id: u64,
+}
+
+/// Puts in flight on this core, by tag (an index reused when freed).
+#[derive(Debug, Default)]
+struct Stores {
+    waiters: Vec<Option<StoreWaiter>>,
+    free: Vec<usize>,
+}
+
+impl Stores {
+    fn start(&mut self, waiter: StoreWaiter) -> u64 {
+        let index = self.free.pop().unwrap_or_else(|| {
+            self.waiters.push(None);
+            self.waiters.len() - 1
+        });
+        self.waiters[index] = Some(waiter);
+        index as u64
+    }
+
+    fn finish(&mut self, tag: u64) -> StoreWaiter {
+        let index = usize::try_from(tag).expect("a tag this core gave");
+        let waiter = self.waiters[index]
+            .take()
+            .expect("a put's tag is finished once");
+        self.free.push(index);
+        waiter
+    }
+}
+
 struct Core<S: BlockStore> {
     shard: S,
+    /// Puts in flight, and those the shard reported finished (reused).
+    stores: Stores,
+    finished_stores: Vec<storage_backends::PutCompletion>,
     setup: CoreSetup,
     connections: Vec<Option<Connection>>,
     next_generation: u16,
@@ -159,6 +199,8 @@ pub fn run<S: BlockStore>(
         .store(i64::from(huge), Ordering::Relaxed);
     let mut core = Core {
         shard,
+        stores: Stores::default(),
+        finished_stores: Vec::new(),
         setup,
         connections: Vec::new(),
         next_generation: 0,
@@ -214,6 +256,7 @@ impl<S: BlockStore> Core<S> {
     /// One pass after I/O readiness: completions, new reads, output, clean-up.
     fn turn(&mut self) -> anyhow::Result<()> {
         self.reap()?;
+        self.reap_stores();
         self.schedule();
         // Reads queued by `schedule` start now, not when the loop next wakes.
         self.shard
@@ -543,8 +586,8 @@ impl<S: BlockStore> Core<S> {
             Ok(decoded) => decoded,
             Err(error) => return self.protocol_error(index, &error.to_string()),
         };
-        // A put is synchronous (durable when StoreDone is sent); it pauses this
-        // core's loop for the write and its syncs.
+        // StoreDone goes out when the block is durable; the loop serves reads
+        // meanwhile (the put's writes and syncs run on the shard's ring).
         let access = self.connections[index]
             .as_ref()
             .map(|connection| Arc::clone(&connection.access));
@@ -573,28 +616,71 @@ impl<S: BlockStore> Core<S> {
                 ErrorCode::UnknownNamespace,
                 format!("unknown namespace {:?}", prefix.namespace),
             )),
-            Some(namespace) => self
-                .shard
-                .put(namespace, &[(prefix.key, payload)])
-                .map_err(|error| (store_error_code(&error), error.to_string())),
+            Some(namespace) => {
+                let tag = self.stores.start(StoreWaiter {
+                    connection: index,
+                    generation: self.connections[index]
+                        .as_ref()
+                        .map_or(0, |connection| connection.generation),
+                    request_id: prefix.request_id,
+                });
+                match self.shard.start_put(namespace, prefix.key, payload, tag) {
+                    PutStarted::InFlight => return,
+                    PutStarted::Finished(result) => {
+                        self.stores.finish(tag);
+                        result.map_err(|error| (store_error_code(&error), error.to_string()))
+                    }
+                }
+            }
         };
+        self.answer_store(index, prefix.request_id, result);
+    }
+
+    /// Answers puts that have become durable (or failed), on the connections
+    /// that asked, if they are still there.
+    fn reap_stores(&mut self) {
+        let mut finished = std::mem::take(&mut self.finished_stores);
+        self.shard.reap_puts(&mut finished);
+        for put in finished.drain(..) {
+            let waiter = self.stores.finish(put.tag);
+            let result = put
+                .result
+                .map_err(|error| (store_error_code(&error), error.to_string()));
+            let asked = self.connections[waiter.connection]
+                .as_ref()
+                .is_some_and(|connection| connection.generation == waiter.generation);
+            if asked {
+                self.answer_store(waiter.connection, waiter.request_id, result);
+            } else if let Err((_, message)) = result {
+                tracing::warn!("a put whose client has gone failed: {message}");
+            }
+        }
+        self.finished_stores = finished;
+    }
+
+    fn answer_store(
+        &mut self,
+        index: usize,
+        request_id: u64,
+        result: Result<(), (ErrorCode, String)>,
+    ) {
         let frame = match result {
             Ok(()) => {
                 CoreCounters::add(&self.setup.counters.blocks_stored, 1);
                 Frame::StoreDone {
-                    request_id: prefix.request_id,
+                    request_id,
                     code: ErrorCode::Ok,
                     message: String::new(),
                 }
             }
             Err((code, message)) => {
-                self.setup.counters.error(if code == ErrorCode::Io {
-                    "io"
-                } else {
-                    "bad_request"
+                self.setup.counters.error(match code {
+                    ErrorCode::Io => "io",
+                    ErrorCode::Busy => "busy",
+                    _ => "bad_request",
                 });
                 Frame::StoreDone {
-                    request_id: prefix.request_id,
+                    request_id,
                     code,
                     message,
                 }
@@ -915,15 +1001,23 @@ impl<S: BlockStore> Core<S> {
             return false;
         }
         let since = *self.draining_since.get_or_insert_with(Instant::now);
-        let busy = self.connections.iter().flatten().any(|connection| {
-            connection.loads.iter().any(Option::is_some) || connection.has_output()
-        });
+        let busy = self.shard.puts_in_flight() > 0
+            || self.connections.iter().flatten().any(|connection| {
+                connection.loads.iter().any(Option::is_some) || connection.has_output()
+            });
         !busy || since.elapsed() >= self.setup.drain_timeout
     }
 
-    /// Fails what is left with a clear status, writes what can be written, and
-    /// waits for reads in flight so no buffer is dropped under the kernel.
+    /// Answers the puts in flight once durable, fails what is left with a clear
+    /// status, writes what can be written, and waits for reads in flight so no
+    /// buffer is dropped under the kernel.
     fn finish(mut self) -> anyhow::Result<()> {
+        // Puts in flight become durable and are answered first.
+        while self.shard.puts_in_flight() > 0 {
+            self.shard.reap(&mut self.completions, true)?;
+            self.completions.clear();
+            self.reap_stores();
+        }
         for connection in self.connections.iter_mut().flatten() {
             let unfinished: Vec<u64> = connection
                 .loads
