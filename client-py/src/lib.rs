@@ -264,7 +264,22 @@ impl Client {
         let key = key.key()?;
         let export = sys::readable_bytes(&data)?;
         let inner = Arc::clone(&self.inner);
-        py.allow_threads(|| export.with_bytes(|bytes| inner.store(namespace, key, bytes))).map_err(to_python)
+        py.allow_threads(|| inner.store(namespace, key, export.bytes())).map_err(to_python)
+    }
+
+    /// Stores whole blocks, several in flight at once (the gateway makes them
+    /// durable together); returns when all are durable.
+    fn store_many(&self, py: Python<'_>, namespace: &str, blocks: Vec<(KeyArgument, Bound<'_, PyAny>)>) -> PyResult<()> {
+        let exports = blocks
+            .into_iter()
+            .map(|(key, data)| Ok((key.key()?, sys::readable_bytes(&data)?)))
+            .collect::<PyResult<Vec<_>>>()?;
+        let inner = Arc::clone(&self.inner);
+        py.allow_threads(|| {
+            let blocks: Vec<(BlockKey, &[u8])> = exports.iter().map(|(key, export)| (*key, export.bytes())).collect();
+            inner.store_many(namespace, &blocks)
+        })
+        .map_err(to_python)
     }
 
     fn addresses(&self) -> Vec<String> {

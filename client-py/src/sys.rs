@@ -53,14 +53,15 @@ fn export(object: &Bound<'_, PyAny>) -> PyResult<PyBuffer<u8>> {
 }
 
 impl Export {
-    /// Runs `use_bytes` on the exported bytes (the GIL may be released inside).
-    pub fn with_bytes<T>(&self, use_bytes: impl FnOnce(&[u8]) -> T) -> T {
-        // SAFETY: the export is open (held by `self`) and C-contiguous (checked), and
-        // spans `len_bytes` from `buf_ptr`. Another Python thread could write to it
-        // meanwhile, as with any C extension reading a buffer without the GIL; the
-        // bytes are only copied out (sent), never trusted for memory safety.
-        let bytes = unsafe { std::slice::from_raw_parts(self.0.buf_ptr().cast::<u8>(), self.0.len_bytes()) };
-        use_bytes(bytes)
+    /// The exported bytes, for as long as the export is held (the GIL may be
+    /// released meanwhile).
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: the export is open (held by `self`, which the slice borrows) and
+        // C-contiguous (checked), and spans `len_bytes` from `buf_ptr`. Another
+        // Python thread could write to it meanwhile, as with any C extension
+        // reading a buffer without the GIL; the bytes are only copied out (sent),
+        // never trusted for memory safety.
+        unsafe { std::slice::from_raw_parts(self.0.buf_ptr().cast::<u8>(), self.0.len_bytes()) }
     }
 }
 

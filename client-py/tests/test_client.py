@@ -74,6 +74,27 @@ def test_store_then_load_round_trip(gateway):
     assert bytes(kv) == block
 
 
+def test_store_many_stores_every_block_of_any_buffer_type(gateway):
+    client = dualpath.Client([gateway.address])
+    blocks = [
+        bytes([40]) * BLOCK_BYTES,
+        bytearray([41]) * BLOCK_BYTES,
+        np.full(BLOCK_BYTES, 42, dtype=np.uint8),
+    ]
+    keys = [0xB10C0 + offset for offset in range(len(blocks))]
+    client.store_many("kv", list(zip(keys, blocks)))
+    kv = bytearray(len(blocks) * BLOCK_BYTES)
+    region = client.register(kv)
+    offsets = [slot * BLOCK_BYTES for slot in range(len(blocks))]
+    states = client.load("kv", region, keys, offsets).wait(timeout=30)
+    assert [state for state, _, _ in states] == ["done"] * len(blocks)
+    for slot, block in enumerate(blocks):
+        assert bytes(kv[slot * BLOCK_BYTES:(slot + 1) * BLOCK_BYTES]) == bytes(block)
+    with pytest.raises(dualpath.GatewayError) as refused:
+        client.store_many("kv", [(0xB10D0, blocks[0]), (0xB10D1, b"too short")])
+    assert refused.value.args[0] == "BadRequest"
+
+
 def test_wait_releases_the_gil_and_asyncio_can_await_layers(gateway):
     client = dualpath.Client([gateway.address])
     kv = np.zeros(BLOCKS * BLOCK_BYTES, dtype=np.uint8)

@@ -239,6 +239,11 @@ const QUICK_DIAL: Duration = Duration::from_secs(1);
 /// receive threads stopped; the RDMA one looks at its stop flag every 100 ms).
 pub(crate) const QUIET_WITHIN: Duration = Duration::from_secs(5);
 
+/// Stores [`Client::store_many`] sends before it waits for the oldest's
+/// answer: enough for the gateway to share syncs among them, few enough that
+/// its staging is not all taken by one client's puts.
+pub const STORES_IN_FLIGHT: usize = 8;
+
 /// Between redials of a gateway that someone waits on (see
 /// [`Redialer::redial_within`]).
 const REDIAL_PAUSE: Duration = Duration::from_millis(50);
@@ -631,28 +636,72 @@ impl Client {
     /// `ClientOptions::request_timeout`) and the block stored again: the
     /// same key with the same bytes, so it does no harm if the first one landed.
     pub fn store(&self, namespace: &str, key: BlockKey, bytes: &[u8]) -> Result<(), ClientError> {
+        self.store_many(namespace, &[(key, bytes)])
+    }
+
+    /// Stores blocks through gateway 0 with up to [`STORES_IN_FLIGHT`] sent
+    /// before their answers are awaited (the gateway makes them durable
+    /// together, sharing its syncs); returns when all are durable, or the
+    /// first error. A connection that ends under them is handled as in
+    /// [`Client::store`]: every block not yet confirmed is stored again.
+    pub fn store_many(
+        &self,
+        namespace: &str,
+        blocks: &[(BlockKey, &[u8])],
+    ) -> Result<(), ClientError> {
         self.redialer.redial(0, Redial::OnDemand);
-        match self.store_once(namespace, key, bytes) {
+        let mut confirmed = 0;
+        match self.store_window(namespace, blocks, &mut confirmed) {
             Err(ClientError::Disconnected { .. }) => {
                 self.redialer
                     .redial_within(0, self.options.request_timeout, &|| false)?;
-                self.store_once(namespace, key, bytes)
+                self.store_window(namespace, &blocks[confirmed..], &mut 0)
             }
             outcome => outcome,
         }
     }
 
-    fn store_once(&self, namespace: &str, key: BlockKey, bytes: &[u8]) -> Result<(), ClientError> {
+    /// Sends the blocks, at most `STORES_IN_FLIGHT` unanswered, and waits for
+    /// every answer; `confirmed` counts the blocks confirmed durable before
+    /// the first one that was not.
+    fn store_window(
+        &self,
+        namespace: &str,
+        blocks: &[(BlockKey, &[u8])],
+        confirmed: &mut usize,
+    ) -> Result<(), ClientError> {
         let links = self.gateways[0].links();
         let shard_count = u32::try_from(links.len()).expect("shard count from the gateway");
-        let request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
-        links[key.shard(shard_count) as usize].store(
-            request_id,
-            namespace,
-            key,
-            bytes,
-            self.options.request_timeout,
-        )
+        let link_of = |key: BlockKey| &links[key.shard(shard_count) as usize];
+        let mut sent: std::collections::VecDeque<(u64, BlockKey)> =
+            std::collections::VecDeque::with_capacity(STORES_IN_FLIGHT);
+        let mut outcome = Ok(());
+        for &(key, bytes) in blocks {
+            if sent.len() == STORES_IN_FLIGHT {
+                let (request_id, oldest) = sent.pop_front().expect("a full window");
+                outcome = link_of(oldest).wait_store(request_id, oldest, self.options.request_timeout);
+                if outcome.is_err() {
+                    break;
+                }
+                *confirmed += 1;
+            }
+            let request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
+            outcome = link_of(key).send_store(request_id, namespace, key, bytes);
+            if outcome.is_err() {
+                break;
+            }
+            sent.push_back((request_id, key));
+        }
+        // Every answer is awaited (or its wait ends with the connection), so
+        // none is left behind in the link's table.
+        for (request_id, key) in sent {
+            let answer = link_of(key).wait_store(request_id, key, self.options.request_timeout);
+            if outcome.is_ok() {
+                outcome = answer;
+                *confirmed += usize::from(outcome.is_ok());
+            }
+        }
+        outcome
     }
 
     /// Whether gateway `gateway` is in the dual-path split now (false once its

@@ -502,13 +502,14 @@ impl ShardLink {
             .is_some()
     }
 
-    pub fn store(
+    /// Sends a `Store` of one whole block; [`ShardLink::wait_store`] waits for
+    /// its answer. Several may be in flight on one link.
+    pub fn send_store(
         &self,
         request_id: u64,
         namespace: &str,
         key: BlockKey,
         bytes: &[u8],
-        timeout: Duration,
     ) -> Result<(), ClientError> {
         let payload_len = u32::try_from(bytes.len())
             .map_err(|_| ClientError::Invalid("a block over 4 GiB".into()))?;
@@ -524,21 +525,38 @@ impl ShardLink {
             .expect("link lock")
             .stores
             .insert(request_id, None);
-        self.send(&[&head, bytes])?;
-        let (code, message) =
-            self.wait_for(timeout, &format!("store of block {key}"), |waiting| {
-                waiting.stores.get_mut(&request_id)?.take()
-            })?;
+        let sent = self.send(&[&head, bytes]);
+        if sent.is_err() {
+            self.forget_store(request_id);
+        }
+        sent
+    }
+
+    /// Waits until the gateway says store `request_id` (of block `key`) is
+    /// durable, or why not.
+    pub fn wait_store(
+        &self,
+        request_id: u64,
+        key: BlockKey,
+        timeout: Duration,
+    ) -> Result<(), ClientError> {
+        let answer = self.wait_for(timeout, &format!("store of block {key}"), |waiting| {
+            waiting.stores.get_mut(&request_id)?.take()
+        });
+        self.forget_store(request_id);
+        match answer? {
+            (ErrorCode::Ok, _) => Ok(()),
+            (code, message) => Err(ClientError::Gateway { code, message }),
+        }
+    }
+
+    fn forget_store(&self, request_id: u64) {
         self.shared
             .waiting
             .lock()
             .expect("link lock")
             .stores
             .remove(&request_id);
-        match code {
-            ErrorCode::Ok => Ok(()),
-            code => Err(ClientError::Gateway { code, message }),
-        }
     }
 }
 

@@ -1491,6 +1491,99 @@ fn a_store_in_flight_when_the_gateway_restarts_is_stored_again() {
     assert!(region.read(0, BLOCK_BYTES) == block);
 }
 
+/// `store_many` from three threads at once, each with more blocks than it
+/// keeps in flight: every block is durable when it returns and loads back
+/// right, and the gateway counted each. A batch with a block of the wrong
+/// size fails with the gateway's reason; the blocks before it are stored.
+#[test]
+fn store_many_from_several_threads_stores_every_block() {
+    const PER_THREAD: u128 = 20;
+    let gateway = Gateway::start(4);
+    let client = gateway.client();
+    let block_of = |key: BlockKey| -> Vec<u8> {
+        (0..BLOCK_BYTES)
+            .map(|index| (index as u128 * 7 + key.0) as u8)
+            .collect()
+    };
+    let keys: Vec<BlockKey> = (0..3 * PER_THREAD).map(|i| BlockKey(0x5000 + i)).collect();
+    std::thread::scope(|scope| {
+        for batch in keys.chunks(PER_THREAD as usize) {
+            let client = &client;
+            scope.spawn(move || {
+                let bytes: Vec<Vec<u8>> = batch.iter().map(|key| block_of(*key)).collect();
+                let blocks: Vec<(BlockKey, &[u8])> = batch
+                    .iter()
+                    .zip(&bytes)
+                    .map(|(key, bytes)| (*key, bytes.as_slice()))
+                    .collect();
+                client.store_many("layer", &blocks).expect("stored");
+            });
+        }
+    });
+    assert_eq!(
+        gateway.metric_sum("dualpath_blocks_stored_total"),
+        keys.len() as f64
+    );
+    let region = Arc::new(Region::allocate(keys.len() * BLOCK_BYTES));
+    let id = client
+        .register_region(Arc::clone(&region))
+        .expect("register");
+    let blocks: Vec<BlockLoad> = keys
+        .iter()
+        .enumerate()
+        .map(|(slot, key)| BlockLoad {
+            key: *key,
+            layers: 0..LAYERS,
+            dest_offset: (slot * BLOCK_BYTES) as u64,
+        })
+        .collect();
+    let report = client
+        .load("layer", id, &blocks, 0)
+        .expect("load")
+        .wait(WAIT)
+        .expect("finished");
+    assert!(report.all_done(), "{:?}", report.failed().next());
+    for (slot, key) in keys.iter().enumerate() {
+        assert!(
+            region.read(slot * BLOCK_BYTES, BLOCK_BYTES) == block_of(*key),
+            "block {key}"
+        );
+    }
+    let good = block_of(BlockKey(0x6000));
+    let error = client
+        .store_many(
+            "layer",
+            &[
+                (BlockKey(0x6000), &good),
+                (BlockKey(0x6001), &good[..100]),
+                (BlockKey(0x6002), &good),
+            ],
+        )
+        .expect_err("a block of the wrong size");
+    assert!(
+        matches!(
+            &error,
+            ClientError::Gateway {
+                code: GatewayCode::BadRequest,
+                message,
+            } if message.contains("100")
+        ),
+        "{error}"
+    );
+    let first = [BlockLoad {
+        key: BlockKey(0x6000),
+        layers: 0..LAYERS,
+        dest_offset: 0,
+    }];
+    let report = client
+        .load("layer", id, &first, 0)
+        .expect("load")
+        .wait(WAIT)
+        .expect("finished");
+    assert!(report.all_done(), "{:?}", report.failed().next());
+    assert!(region.read(0, BLOCK_BYTES) == good);
+}
+
 /// A plain `load` whose gateway dies and stays down fails once the request
 /// timeout has passed without a redial, saying so.
 #[test]

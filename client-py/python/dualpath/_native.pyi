@@ -121,6 +121,10 @@ class Client:
         """Store one whole block (bytes-like); returns when durable. If the
         gateway ends the connection first, it is redialled and the block
         stored again."""
+    def store_many(self, namespace: str, blocks: list[tuple[Key, Any]]) -> None:
+        """Store whole blocks, (key, bytes-like) pairs, with several in flight
+        at once (the gateway makes them durable together, sharing its disk
+        syncs); returns when all are durable, or raises the first error."""
     def addresses(self) -> list[str]: ...
 
 
