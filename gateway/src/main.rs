@@ -13,6 +13,7 @@ use gateway::commands::bench_e2e::{bench_e2e, BenchE2eOptions};
 use gateway::commands::bench_load::{bench_load, BenchLoadOptions};
 use gateway::commands::bench_object::{bench_object, BenchObjectOptions};
 use gateway::commands::bench_storage::{bench_storage, BenchStorageOptions};
+use gateway::commands::bench_store::{bench_store, BenchStoreOptions};
 use gateway::commands::bench_transport::{bench_transport, BenchTransportOptions};
 use gateway::commands::blocks;
 use gateway::commands::import::{import, Source};
@@ -163,6 +164,19 @@ enum BenchTarget {
         /// gateway reads layer by layer, and fio reads layer-sized pieces).
         #[arg(long, default_value = "full", value_parser = ["full", "layer"])]
         layout: String,
+    },
+    /// Client -> gateway -> durable on disk, one at a time and pipelined, against fio writes.
+    Store {
+        #[arg(long, default_value = "./bench-data/store")]
+        dir: PathBuf,
+        #[arg(long, default_value = "512MiB", value_parser = parse_size)]
+        size: u64,
+        #[arg(long, default_value = "2MiB", value_parser = parse_size)]
+        block_size: u64,
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        #[arg(long, default_value_t = 1)]
+        cores: u32,
     },
     /// Read blocks from an S3-compatible store through the object backend, against boto3.
     Object {
@@ -481,6 +495,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             queue_depth,
             cores,
             layer_layout: layout == "layer",
+        }),
+        Command::Bench {
+            target:
+                BenchTarget::Store {
+                    dir,
+                    size,
+                    block_size,
+                    rounds,
+                    cores,
+                },
+        } => bench_store(&BenchStoreOptions {
+            directory: dir,
+            total_bytes: size,
+            block_bytes: block_size,
+            rounds,
+            cores,
         }),
         Command::Bench {
             target:

@@ -199,39 +199,59 @@ fn run_through_gateway(
     options: &BenchE2eOptions,
     keys: &[BlockKey],
 ) -> anyhow::Result<Sample> {
-    let mut child = Command::new(std::env::current_exe()?)
-        .arg("--config")
-        .arg(config_path)
-        .arg("serve")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("cannot start the gateway")?;
-    let mut lines = BufReader::new(child.stderr.take().context("stderr")?).lines();
-    let address = loop {
-        let Some(line) = lines.next() else {
-            bail!("the gateway exited before it was ready")
+    let gateway = BenchGateway::start(config_path)?;
+    load_all(&gateway.address, options, keys)
+}
+
+/// A `dualpath serve` child process for a benchmark; SIGTERM and reaped on drop.
+pub(crate) struct BenchGateway {
+    child: std::process::Child,
+    /// Its TCP address, from its ready line.
+    pub address: String,
+}
+
+impl BenchGateway {
+    pub(crate) fn start(config_path: &Path) -> anyhow::Result<Self> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .arg("--config")
+            .arg(config_path)
+            .arg("serve")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("cannot start the gateway")?;
+        let mut lines = BufReader::new(child.stderr.take().context("stderr")?).lines();
+        let address = loop {
+            let Some(line) = lines.next() else {
+                bail!("the gateway exited before it was ready")
+            };
+            let line = line?;
+            // Earlier log lines may mention "tcp " too (the transport notice).
+            if !line.contains("dualpath gateway ready") {
+                continue;
+            }
+            if let Some(at) = line.find("tcp ") {
+                break line[at + 4..]
+                    .split(',')
+                    .next()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned();
+            }
         };
-        let line = line?;
-        // Earlier log lines may mention "tcp " too (the transport notice).
-        if !line.contains("dualpath gateway ready") {
-            continue;
+        std::thread::spawn(move || lines.for_each(drop));
+        Ok(Self { child, address })
+    }
+}
+
+impl Drop for BenchGateway {
+    fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            let pid = nix::unistd::Pid::from_raw(pid);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         }
-        if let Some(at) = line.find("tcp ") {
-            break line[at + 4..]
-                .split(',')
-                .next()
-                .unwrap_or_default()
-                .trim()
-                .to_owned();
-        }
-    };
-    std::thread::spawn(move || lines.for_each(drop));
-    let measured = load_all(&address, options, keys);
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id())?);
-    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-    child.wait()?;
-    measured
+        let _ = self.child.wait();
+    }
 }
 
 fn load_all(address: &str, options: &BenchE2eOptions, keys: &[BlockKey]) -> anyhow::Result<Sample> {

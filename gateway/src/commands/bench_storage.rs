@@ -396,7 +396,13 @@ pub(crate) fn fio_random_reads(
 
 /// The first number after `field` in fio's JSON (the read section comes first).
 fn json_number(text: &str, field: &str) -> Option<f64> {
-    let start = text.find("\"read\"")?;
+    json_number_in(text, "\"read\"", field)
+}
+
+/// The first number after `field` in `section` of fio's JSON (`"read"`, or `"write" : {`
+/// where `"rw" : "write"` comes first).
+pub(crate) fn json_number_in(text: &str, section: &str, field: &str) -> Option<f64> {
+    let start = text.find(section)?;
     let after = &text[start..];
     let at = after.find(field)? + field.len();
     let rest = after[at..].trim_start().strip_prefix(':')?.trim_start();

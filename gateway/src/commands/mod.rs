@@ -4,6 +4,7 @@ pub mod bench_e2e;
 pub mod bench_load;
 pub mod bench_object;
 pub mod bench_storage;
+pub mod bench_store;
 pub mod bench_transport;
 pub mod blocks;
 pub mod import;
