@@ -679,7 +679,8 @@ impl Client {
         for &(key, bytes) in blocks {
             if sent.len() == STORES_IN_FLIGHT {
                 let (request_id, oldest) = sent.pop_front().expect("a full window");
-                outcome = link_of(oldest).wait_store(request_id, oldest, self.options.request_timeout);
+                outcome =
+                    link_of(oldest).wait_store(request_id, oldest, self.options.request_timeout);
                 if outcome.is_err() {
                     break;
                 }

@@ -29,7 +29,7 @@ const LAYERS: u16 = 8;
 
 pub fn bench_store(options: &BenchStoreOptions) -> anyhow::Result<()> {
     which_fio()?;
-    if options.block_bytes % (u64::from(LAYERS) * 4096) != 0 {
+    if !options.block_bytes.is_multiple_of(u64::from(LAYERS) * 4096) {
         bail!(
             "--block-size must be a multiple of {} (8 layers of whole 4 KiB pages)",
             ByteSize(u64::from(LAYERS) * 4096)
@@ -53,7 +53,7 @@ pub fn bench_store(options: &BenchStoreOptions) -> anyhow::Result<()> {
         options.rounds
     );
     let block: Vec<u8> = (0..options.block_bytes)
-        .map(|index| (index.wrapping_mul(0x9E37_79B9) >> 13) as u8)
+        .map(|index| index.wrapping_mul(0x9E37_79B9).to_le_bytes()[1])
         .collect();
     let fio_file = options.directory.join("fio-writes");
     let gateway = BenchGateway::start(&config_path)?;
