@@ -1524,6 +1524,11 @@ fn store_many_from_several_threads_stores_every_block() {
         gateway.metric_sum("dualpath_blocks_stored_total"),
         keys.len() as f64
     );
+    assert_eq!(
+        gateway.metric_sum("dualpath_store_seconds_count"),
+        keys.len() as f64
+    );
+    assert_eq!(gateway.metric_sum("dualpath_stores_in_flight"), 0.0);
     let region = Arc::new(Region::allocate(keys.len() * BLOCK_BYTES));
     let id = client
         .register_region(Arc::clone(&region))

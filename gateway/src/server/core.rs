@@ -62,6 +62,7 @@ struct StoreWaiter {
     /// the first closed gets no answer meant for the first.
     generation: u16,
     request_id: u64,
+    started: Instant,
 }
 
 /// Puts in flight on this core, by tag (an index reused when freed).
@@ -268,6 +269,9 @@ impl<S: BlockStore> Core<S> {
         counters
             .reads_in_flight
             .store(self.shard.reads_in_flight() as i64, Ordering::Relaxed);
+        counters
+            .stores_in_flight
+            .store(self.shard.puts_in_flight() as i64, Ordering::Relaxed);
         let slab = self.shard.slab();
         counters.staging_bytes_in_use.store(
             i64::from(slab.buffers_in_use()) * slab.buffer_bytes() as i64,
@@ -623,11 +627,16 @@ impl<S: BlockStore> Core<S> {
                         .as_ref()
                         .map_or(0, |connection| connection.generation),
                     request_id: prefix.request_id,
+                    started: Instant::now(),
                 });
                 match self.shard.start_put(namespace, prefix.key, payload, tag) {
                     PutStarted::InFlight => return,
                     PutStarted::Finished(result) => {
-                        self.stores.finish(tag);
+                        let waiter = self.stores.finish(tag);
+                        self.setup
+                            .counters
+                            .store_seconds
+                            .record(waiter.started.elapsed().as_secs_f64());
                         result.map_err(|error| (store_error_code(&error), error.to_string()))
                     }
                 }
@@ -643,6 +652,10 @@ impl<S: BlockStore> Core<S> {
         self.shard.reap_puts(&mut finished);
         for put in finished.drain(..) {
             let waiter = self.stores.finish(put.tag);
+            self.setup
+                .counters
+                .store_seconds
+                .record(waiter.started.elapsed().as_secs_f64());
             let result = put
                 .result
                 .map_err(|error| (store_error_code(&error), error.to_string()));

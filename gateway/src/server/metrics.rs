@@ -15,6 +15,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 pub const STORAGE_READ_SECONDS: &str = "dualpath_storage_read_seconds";
 pub const LOAD_SECONDS: &str = "dualpath_load_seconds";
+pub const STORE_SECONDS: &str = "dualpath_store_seconds";
 
 /// Error kinds counted per core; the index is the position here.
 /// The `transport` label of `dualpath_transport_sent_bytes_total`: each
@@ -72,6 +73,9 @@ pub struct CoreCounters {
     /// would build its key (allocating) and look it up in the registry each time.
     pub storage_read_seconds: metrics::Histogram,
     pub load_seconds: metrics::Histogram,
+    pub store_seconds: metrics::Histogram,
+    /// Stores accepted and not yet durable (or failed).
+    pub stores_in_flight: AtomicI64,
 }
 
 impl CoreCounters {
@@ -98,6 +102,8 @@ impl CoreCounters {
             stalled_clients_closed: AtomicU64::new(0),
             storage_read_seconds: metrics::histogram!(STORAGE_READ_SECONDS, "backend" => backend, "shard" => shard.to_string()),
             load_seconds: metrics::histogram!(LOAD_SECONDS, "shard" => shard.to_string()),
+            store_seconds: metrics::histogram!(STORE_SECONDS, "shard" => shard.to_string()),
+            stores_in_flight: AtomicI64::new(0),
         }
     }
 
@@ -241,6 +247,15 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         Unit::Seconds,
         "Latency of one load on one shard, request to last byte queued"
     );
+    describe_histogram!(
+        STORE_SECONDS,
+        Unit::Seconds,
+        "Latency of one store on one shard, request to durable on disk"
+    );
+    describe_gauge!(
+        "dualpath_stores_in_flight",
+        "Stores the shard accepted that are not yet durable"
+    );
     Ok(handle)
 }
 
@@ -280,6 +295,8 @@ pub fn publish(cores: &[Arc<CoreCounters>], acceptor: &AcceptorCounters) {
             .absolute(load(&core.stalled_clients_closed));
         gauge!("dualpath_storage_queue_depth", "backend" => core.backend, "shard" => shard.clone())
             .set(read(&core.reads_in_flight));
+        gauge!("dualpath_stores_in_flight", "shard" => shard.clone())
+            .set(read(&core.stores_in_flight));
         gauge!("dualpath_staging_bytes_in_use", "shard" => shard.clone())
             .set(read(&core.staging_bytes_in_use));
         gauge!("dualpath_staging_bytes", "shard" => shard.clone())
