@@ -23,6 +23,7 @@ fn write_config(dir: &Path, endpoint: &str) -> std::path::PathBuf {
 [gateway]
 cores = 2
 listen_tcp = "127.0.0.1:0"
+metrics_listen = "127.0.0.1:0"
 [staging]
 bytes_per_core = "4MiB"
 buffer_bytes = "64KiB"
@@ -160,4 +161,44 @@ fn gateway_loads_blocks_from_an_object_store_in_both_layouts() {
             );
         }
     }
+    // A client's stores go through the shard's HTTP workers (the core does not
+    // wait for the PUTs) and are there to load once acknowledged.
+    let stored: Vec<(BlockKey, Vec<u8>)> = (0..12u128)
+        .map(|index| {
+            let bytes = (0..BLOCK_BYTES)
+                .map(|byte| (byte as u128 * 3 + index) as u8)
+                .collect();
+            (BlockKey(0x5700 + index), bytes)
+        })
+        .collect();
+    let borrowed: Vec<(BlockKey, &[u8])> = stored
+        .iter()
+        .map(|(key, bytes)| (*key, bytes.as_slice()))
+        .collect();
+    client.store_many("full", &borrowed).expect("stored");
+    let blocks: Vec<BlockLoad> = stored
+        .iter()
+        .enumerate()
+        .map(|(slot, (key, _))| BlockLoad {
+            key: *key,
+            layers: 0..8,
+            dest_offset: (slot * BLOCK_BYTES) as u64,
+        })
+        .collect();
+    let report = client
+        .load("full", id, &blocks, 0)
+        .expect("load")
+        .wait(Duration::from_secs(60))
+        .expect("done");
+    assert!(report.all_done(), "{:?}", report.failed().next());
+    for (slot, (key, bytes)) in stored.iter().enumerate() {
+        assert!(
+            region.read(slot * BLOCK_BYTES, BLOCK_BYTES) == *bytes,
+            "stored block {key}"
+        );
+    }
+    assert_eq!(
+        gateway.metric_sum("dualpath_store_seconds_count"),
+        stored.len() as f64
+    );
 }

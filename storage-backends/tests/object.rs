@@ -12,7 +12,9 @@ use block_layout::{BlockKey, Geometry, Layout};
 use rusty_s3::actions::S3Action;
 use staging::{HugePages, SlabConfig, StagingSlab};
 use storage_backends::object::{ObjectShard, ObjectStore};
-use storage_backends::{BlockStore, NamespaceId, NamespaceSpec, ReadRequest, StoreError};
+use storage_backends::{
+    BlockStore, NamespaceId, NamespaceSpec, PutStarted, ReadRequest, StoreError,
+};
 use test_support::{settings, Seaweed, ACCESS_KEY, BUCKET, SECRET_KEY};
 
 const FULL: Geometry = Geometry {
@@ -286,4 +288,71 @@ fn server_killed_mid_read_fails_cleanly_and_a_retry_after_restart_succeeds() {
         }
     };
     assert_eq!(bytes, payload(1, &FULL));
+}
+
+/// `start_put` runs the PUT on the shard's workers: it returns at once, the
+/// outcome comes from `reap_puts`, and reads may be served meanwhile. A block
+/// of the wrong size is refused at once; bad credentials fail the put with
+/// the store's reason.
+#[test]
+fn puts_started_without_waiting_land_and_report_through_reap_puts() {
+    let Some((server, _one)) = Seaweed::start() else {
+        return;
+    };
+    let store = store(&server.endpoint(), ACCESS_KEY, SECRET_KEY);
+    let mut shard = shard(&store);
+    let full = NamespaceId(0);
+    shard
+        .put(full, &[(BlockKey(1), &payload(1, &FULL))])
+        .expect("put");
+    for key in 10..20u128 {
+        let bytes = payload(key, &FULL);
+        assert!(matches!(
+            shard.start_put(full, BlockKey(key), &bytes, key as u64),
+            PutStarted::InFlight
+        ));
+    }
+    assert_eq!(shard.puts_in_flight(), 10);
+    assert_eq!(
+        read(&mut shard, full, 1, 0..8).expect("a read while puts run"),
+        payload(1, &FULL)
+    );
+    let mut finished = Vec::new();
+    while finished.len() < 10 {
+        shard.reap(&mut Vec::new(), true).expect("reap");
+        shard.reap_puts(&mut finished);
+    }
+    assert_eq!(shard.puts_in_flight(), 0);
+    let mut tags: Vec<u64> = finished
+        .iter()
+        .map(|put| {
+            assert!(put.result.is_ok(), "{:?}", put.result);
+            put.tag
+        })
+        .collect();
+    tags.sort_unstable();
+    assert_eq!(tags, (10..20).collect::<Vec<u64>>());
+    for key in 10..20 {
+        assert_eq!(
+            read(&mut shard, full, key, 0..8).expect("stored"),
+            payload(key, &FULL)
+        );
+    }
+    assert!(matches!(
+        shard.start_put(full, BlockKey(30), &[0u8; 100], 30),
+        PutStarted::Finished(Err(StoreError::WrongSize { .. }))
+    ));
+    let intruder = self::store(&server.endpoint(), ACCESS_KEY, "wrong-secret");
+    let mut intruder_shard = self::shard(&intruder);
+    assert!(matches!(
+        intruder_shard.start_put(full, BlockKey(31), &payload(31, &FULL), 31),
+        PutStarted::InFlight
+    ));
+    let mut refused = Vec::new();
+    while refused.is_empty() {
+        intruder_shard.reap(&mut Vec::new(), true).expect("reap");
+        intruder_shard.reap_puts(&mut refused);
+    }
+    let error = refused.pop().expect("one").result.expect_err("denied");
+    assert!(error.to_string().contains("access denied"), "{error}");
 }

@@ -173,7 +173,7 @@ fn fio_writes(file: &std::path::Path, bytes: u64, block_bytes: u64) -> anyhow::R
     let text = String::from_utf8_lossy(&output.stdout);
     let io_bytes = json_number_in(&text, "\"write\" : {", "\"io_bytes\"")
         .context("no io_bytes in fio's output")?;
-    let runtime_ms =
-        json_number_in(&text, "\"write\" : {", "\"runtime\"").context("no runtime in fio's output")?;
+    let runtime_ms = json_number_in(&text, "\"write\" : {", "\"runtime\"")
+        .context("no runtime in fio's output")?;
     Ok(io_bytes / (runtime_ms / 1000.0))
 }

@@ -10,7 +10,9 @@
 //!
 //! Requests run on a bounded pool of HTTP worker threads per core; each worker
 //! writes into the buffer that the core lent it and reports back through a channel
-//! and the core's eventfd. Requests are signed with AWS SigV4 (`rusty-s3`), sent
+//! and the core's eventfd. A `start_put` (a client's store) runs there too, with
+//! the block copied into a body buffer the shard reuses, so the core never waits
+//! for a PUT. Requests are signed with AWS SigV4 (`rusty-s3`), sent
 //! with `ureq`, and retried with backoff on 5xx and timeouts, never on 4xx.
 
 mod http;
@@ -27,8 +29,8 @@ use block_layout::{BlockKey, Geometry, LayerPlacement};
 use staging::{StagingBuffer, StagingSlab};
 
 use crate::{
-    BlockStore, NamespaceId, NamespaceSpec, NamespaceStats, ReadCompletion, ReadRequest, Rejected,
-    ShardStats, StoreError,
+    BlockStore, NamespaceId, NamespaceSpec, NamespaceStats, PutCompletion, PutStarted,
+    ReadCompletion, ReadRequest, Rejected, ShardStats, StoreError,
 };
 pub use http::{GetOutcome, ObjectClient, ObjectError};
 use sys::LentBuffer;
@@ -116,6 +118,9 @@ impl ObjectStore {
             free_slots: (0..depth).rev().collect(),
             finished: Vec::with_capacity(depth),
             in_flight: 0,
+            puts_in_flight: 0,
+            finished_puts: Vec::new(),
+            spare_bodies: Vec::new(),
             slab,
             store: Arc::clone(self),
             shard,
@@ -133,16 +138,34 @@ pub fn object_name(prefix: &str, namespace: &str, key: BlockKey) -> String {
     format!("{prefix}{namespace}/{key}")
 }
 
-struct Job {
-    slot: usize,
-    object: String,
-    range: std::ops::Range<u64>,
-    target: LentBuffer,
+enum Job {
+    /// A ranged GET into a lent staging buffer.
+    Get {
+        slot: usize,
+        object: String,
+        range: std::ops::Range<u64>,
+        target: LentBuffer,
+    },
+    /// A PUT of a whole block from `body` (returned with the result, for reuse).
+    Put {
+        tag: u64,
+        object: String,
+        geometry: Geometry,
+        body: Vec<u8>,
+    },
 }
 
-struct JobResult {
-    slot: usize,
-    outcome: Result<GetOutcome, ObjectError>,
+enum JobResult {
+    Get {
+        slot: usize,
+        outcome: Result<GetOutcome, ObjectError>,
+    },
+    Put {
+        tag: u64,
+        object: String,
+        body: Vec<u8>,
+        outcome: Result<(), ObjectError>,
+    },
 }
 
 fn worker(
@@ -156,16 +179,29 @@ fn worker(
             Ok(job) => job,
             Err(_) => return, // The shard is gone.
         };
-        let outcome = store
-            .client
-            .get_range(&job.object, job.range.clone(), job.target);
-        if results
-            .send(JobResult {
-                slot: job.slot,
-                outcome,
-            })
-            .is_err()
-        {
+        let result = match job {
+            Job::Get {
+                slot,
+                object,
+                range,
+                target,
+            } => JobResult::Get {
+                slot,
+                outcome: store.client.get_range(&object, range, target),
+            },
+            Job::Put {
+                tag,
+                object,
+                geometry,
+                body,
+            } => JobResult::Put {
+                tag,
+                outcome: store.client.put_block(&object, &geometry, &body),
+                object,
+                body,
+            },
+        };
+        if results.send(result).is_err() {
             return;
         }
         sys::signal(eventfd.load(Ordering::Acquire));
@@ -197,6 +233,10 @@ pub struct ObjectShard {
     free_slots: Vec<usize>,
     finished: Vec<ReadCompletion>,
     in_flight: usize,
+    puts_in_flight: usize,
+    finished_puts: Vec<PutCompletion>,
+    /// Bodies of finished puts, reused by the next ones (a block each).
+    spare_bodies: Vec<Vec<u8>>,
     slab: Rc<StagingSlab>,
     store: Arc<ObjectStore>,
     shard: u32,
@@ -227,13 +267,22 @@ impl ObjectShard {
     }
 
     fn complete(&mut self, result: JobResult) {
-        let pending = self.pending[result.slot]
+        let (slot, outcome) = match result {
+            JobResult::Get { slot, outcome } => (slot, outcome),
+            JobResult::Put {
+                tag,
+                object,
+                body,
+                outcome,
+            } => return self.complete_put(tag, &object, body, outcome),
+        };
+        let pending = self.pending[slot]
             .take()
             .expect("a result for a request in flight");
-        self.free_slots.push(result.slot);
+        self.free_slots.push(slot);
         self.in_flight -= 1;
         let spec = &self.store.namespaces[usize::from(pending.namespace)];
-        let checked = match result.outcome {
+        let checked = match outcome {
             Ok(outcome) => verify(spec, &pending, &outcome),
             Err(ObjectError::NotFound) => Err(StoreError::NotFound {
                 namespace: spec.name.clone(),
@@ -256,6 +305,48 @@ impl ObjectShard {
             result: checked.map(|()| pending.placement),
             buffer: pending.buffer,
         });
+    }
+}
+
+impl ObjectShard {
+    fn complete_put(
+        &mut self,
+        tag: u64,
+        object: &str,
+        body: Vec<u8>,
+        outcome: Result<(), ObjectError>,
+    ) {
+        self.puts_in_flight -= 1;
+        if outcome.is_ok() {
+            self.stats.puts += 1;
+            self.stats.put_bytes += body.len() as u64;
+        }
+        if self.spare_bodies.len() < self.workers.len() {
+            self.spare_bodies.push(body);
+        }
+        self.finished_puts.push(PutCompletion {
+            tag,
+            result: outcome.map_err(|error| error.into_store_error(object)),
+        });
+    }
+
+    fn check_block_size(
+        &self,
+        namespace: NamespaceId,
+        key: BlockKey,
+        bytes: &[u8],
+    ) -> Result<(), StoreError> {
+        let spec = self.spec(namespace);
+        let expected = spec.geometry.block_bytes();
+        if bytes.len() as u64 == expected {
+            return Ok(());
+        }
+        Err(StoreError::WrongSize {
+            namespace: spec.name.clone(),
+            key,
+            expected,
+            got: bytes.len() as u64,
+        })
     }
 }
 
@@ -318,7 +409,7 @@ impl BlockStore for ObjectShard {
     }
 
     fn has_ready_completions(&self) -> bool {
-        !self.finished.is_empty()
+        !self.finished.is_empty() || !self.finished_puts.is_empty()
     }
 
     fn namespace_id(&self, name: &str) -> Option<NamespaceId> {
@@ -382,7 +473,7 @@ impl BlockStore for ObjectShard {
             layer_bytes,
             layer_count: count,
         };
-        let job = Job {
+        let job = Job::Get {
             slot,
             object: object.clone(),
             range: start..start + len,
@@ -411,7 +502,11 @@ impl BlockStore for ObjectShard {
         while let Ok(result) = self.results.try_recv() {
             self.complete(result);
         }
-        if wait && self.finished.is_empty() && self.in_flight > 0 {
+        if wait
+            && self.finished.is_empty()
+            && self.finished_puts.is_empty()
+            && self.in_flight + self.puts_in_flight > 0
+        {
             let result = self
                 .results
                 .recv()
@@ -436,16 +531,8 @@ impl BlockStore for ObjectShard {
         blocks: &[(BlockKey, &[u8])],
     ) -> Result<(), StoreError> {
         let spec = self.spec(namespace).clone();
-        let expected = spec.geometry.block_bytes();
         for (key, bytes) in blocks {
-            if bytes.len() as u64 != expected {
-                return Err(StoreError::WrongSize {
-                    namespace: spec.name.clone(),
-                    key: *key,
-                    expected,
-                    got: bytes.len() as u64,
-                });
-            }
+            self.check_block_size(namespace, *key, bytes)?;
             let object = self.store.object_name(&spec.name, *key);
             self.store
                 .client
@@ -455,6 +542,44 @@ impl BlockStore for ObjectShard {
             self.stats.put_bytes += bytes.len() as u64;
         }
         Ok(())
+    }
+
+    /// The PUT runs on a worker; the block is copied into a reused body first.
+    fn start_put(
+        &mut self,
+        namespace: NamespaceId,
+        key: BlockKey,
+        bytes: &[u8],
+        tag: u64,
+    ) -> PutStarted {
+        if let Err(error) = self.check_block_size(namespace, key, bytes) {
+            return PutStarted::Finished(Err(error));
+        }
+        let spec = self.spec(namespace);
+        let (object, geometry) = (self.store.object_name(&spec.name, key), spec.geometry);
+        let mut body = self.spare_bodies.pop().unwrap_or_default();
+        body.clear();
+        body.extend_from_slice(bytes);
+        self.puts_in_flight += 1;
+        self.jobs
+            .as_ref()
+            .expect("open while the shard lives")
+            .send(Job::Put {
+                tag,
+                object,
+                geometry,
+                body,
+            })
+            .expect("workers live as long as the shard");
+        PutStarted::InFlight
+    }
+
+    fn reap_puts(&mut self, out: &mut Vec<PutCompletion>) {
+        out.append(&mut self.finished_puts);
+    }
+
+    fn puts_in_flight(&self) -> usize {
+        self.puts_in_flight + self.finished_puts.len()
     }
 
     fn delete(&mut self, namespace: NamespaceId, key: BlockKey) -> Result<bool, StoreError> {
