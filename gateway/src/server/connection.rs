@@ -123,7 +123,8 @@ pub struct Connection {
     pub generation: u16,
     /// The namespaces this client may read and write.
     pub access: std::sync::Arc<protocol::auth::AccessGrant>,
-    received: Vec<u8>,
+    /// Received and not yet handled (taken out while a frame is handled).
+    pub input: InputBuffer,
     pub regions: Vec<(u32, u64)>,
     pub loads: Vec<Option<ActiveLoad>>,
     pub inflight: Vec<Option<InflightRead>>,
@@ -146,8 +147,119 @@ const READING_BYTES_PER_WINDOW: u64 = 64 << 10;
 /// RDMA work requests a connection may have posted at once.
 const RDMA_SEND_DEPTH: u32 = 256;
 
-/// Bytes read from a socket per `read` call.
+/// A connection's input buffer to begin with.
 pub const RECEIVE_CHUNK_BYTES: usize = 64 << 10;
+/// The least room a socket read is given (more when a frame in progress needs
+/// it): with less, the held bytes move to the front or the buffer grows.
+const RECEIVE_ROOM_MIN: usize = 16 << 10;
+/// Most bytes read from one client before its complete frames are handled:
+/// a client that sends faster than the core handles does not grow its
+/// buffer without bound.
+const RECEIVE_BURST_BYTES: usize = 4 << 20;
+
+/// Bytes received from a client and not yet handled: `bytes[start..end]`.
+/// The socket reads straight into `bytes[end..]` (kept initialized), and a
+/// frame is handled where it lies, so a store's block is copied once in user
+/// space (into staging, by the store), not at every step between. A frame
+/// in progress gets its whole room at once, and the room stays for the next
+/// (a client storing blocks sends one after another): a connection holds at
+/// most its largest frame and a burst of reads.
+#[derive(Debug, Default)]
+pub struct InputBuffer {
+    bytes: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl InputBuffer {
+    fn with_capacity(capacity: usize) -> Self {
+        Self {
+            bytes: vec![0; capacity],
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// Free room after the held bytes, at least `want`: the held bytes move
+    /// to the front first; if that is not enough the buffer grows to the held
+    /// bytes plus `want` or its old size, whichever is more (a big frame
+    /// arriving in pieces costs few reallocations).
+    fn spare(&mut self, want: usize) -> &mut [u8] {
+        if self.bytes.len() - self.end < want {
+            if self.start > 0 {
+                self.bytes.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            }
+            if self.bytes.len() - self.end < want {
+                let grown = self.end + want.max(self.bytes.len());
+                self.bytes.resize(grown, 0);
+            }
+        }
+        &mut self.bytes[self.end..]
+    }
+
+    fn filled(&mut self, count: usize) {
+        self.end += count;
+        assert!(self.end <= self.bytes.len(), "filled past the spare room");
+    }
+
+    /// The bytes received and not yet consumed.
+    pub fn pending(&self) -> &[u8] {
+        &self.bytes[self.start..self.end]
+    }
+
+    /// The next complete frame: its header and its length with the header.
+    pub fn next_frame(&self) -> Option<Result<(Header, usize), protocol::ProtocolError>> {
+        let pending = self.pending();
+        let header_bytes: [u8; HEADER_BYTES] = pending.get(..HEADER_BYTES)?.try_into().ok()?;
+        let header = match decode_header(&header_bytes) {
+            Ok(header) => header,
+            Err(error) => return Some(Err(error)),
+        };
+        let end = HEADER_BYTES + header.body_len as usize;
+        (pending.len() >= end).then_some(Ok((header, end)))
+    }
+
+    /// Drops the first `count` pending bytes (a handled frame).
+    pub fn consume(&mut self, count: usize) {
+        assert!(
+            count <= self.end - self.start,
+            "consumed past the pending bytes"
+        );
+        self.start += count;
+        if self.start == self.end {
+            (self.start, self.end) = (0, 0);
+        }
+    }
+
+    /// Room the next read should have: the rest of the first frame when its
+    /// header has arrived (so that it is read in as few calls as the socket
+    /// allows, into memory allocated once), else `RECEIVE_ROOM_MIN`; 0 when
+    /// that frame is complete: handle it before reading on, so the buffer
+    /// holds about one frame, not a backlog.
+    fn wanted(&self) -> usize {
+        let pending = self.pending();
+        let Some(Ok(header)) = pending
+            .get(..HEADER_BYTES)
+            .map(|header| decode_header(header.try_into().expect("header-sized")))
+        else {
+            return RECEIVE_ROOM_MIN;
+        };
+        (HEADER_BYTES + header.body_len as usize).saturating_sub(pending.len())
+    }
+}
+
+/// What a `receive` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Received {
+    /// The socket has nothing more now.
+    Drained,
+    /// It may have more: handle the frames received, then receive again.
+    More,
+    /// End of stream, or an error.
+    Closed,
+}
 
 impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -173,7 +285,7 @@ impl Connection {
             peer,
             generation,
             access,
-            received: Vec::with_capacity(RECEIVE_CHUNK_BYTES),
+            input: InputBuffer::with_capacity(RECEIVE_CHUNK_BYTES),
             regions: Vec::new(),
             loads: Vec::new(),
             inflight: Vec::new(),
@@ -185,43 +297,29 @@ impl Connection {
         })
     }
 
-    /// Reads what the socket has; returns false at end of stream or on error.
-    pub fn receive(&mut self, scratch: &mut [u8]) -> bool {
-        loop {
-            match self.stream.read(scratch) {
-                Ok(0) => return false,
-                Ok(count) => self.received.extend_from_slice(&scratch[..count]),
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return true,
-                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return false,
+    /// Reads what the socket has into the input buffer, up to
+    /// `RECEIVE_BURST_BYTES` at a time, and stops at a complete frame.
+    pub fn receive(&mut self) -> Received {
+        let mut taken = 0;
+        while taken < RECEIVE_BURST_BYTES {
+            let wanted = self.input.wanted();
+            if wanted == 0 {
+                return Received::More;
+            }
+            match self.stream.read(self.input.spare(wanted)) {
+                Ok(0) => return Received::Closed,
+                Ok(count) => {
+                    self.input.filled(count);
+                    taken += count;
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    return Received::Drained
+                }
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Received::Closed,
             }
         }
-    }
-
-    /// The next complete frame received: its header, with its body copied into
-    /// `body` (a buffer the caller reuses); removed from the receive buffer.
-    pub fn next_frame(
-        &mut self,
-        body: &mut Vec<u8>,
-    ) -> Option<Result<Header, protocol::ProtocolError>> {
-        if self.received.len() < HEADER_BYTES {
-            return None;
-        }
-        let header_bytes: [u8; HEADER_BYTES] = self.received[..HEADER_BYTES]
-            .try_into()
-            .expect("length checked");
-        let header = match decode_header(&header_bytes) {
-            Ok(header) => header,
-            Err(error) => return Some(Err(error)),
-        };
-        let end = HEADER_BYTES + header.body_len as usize;
-        if self.received.len() < end {
-            return None;
-        }
-        body.clear();
-        body.extend_from_slice(&self.received[HEADER_BYTES..end]);
-        self.received.drain(..end);
-        Some(Ok(header))
+        Received::More
     }
 
     pub fn send_control(&mut self, frame: &Frame) {
@@ -418,5 +516,116 @@ impl Connection {
                 | FrameType::Store
                 | FrameType::StatusRequest
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{InputBuffer, RECEIVE_CHUNK_BYTES};
+    use protocol::{encode_store_head, Frame, FrameType, StorePrefix, HEADER_BYTES};
+
+    /// Feeds `bytes` into the buffer as a socket would, `piece` at a time.
+    fn feed(input: &mut InputBuffer, bytes: &[u8], piece: usize) {
+        for chunk in bytes.chunks(piece) {
+            // The test feeds past complete frames, as a slow handler would.
+            let wanted = input.wanted().max(chunk.len());
+            input.spare(wanted)[..chunk.len()].copy_from_slice(chunk);
+            input.filled(chunk.len());
+        }
+    }
+
+    #[test]
+    fn frames_are_found_whole_across_reads_and_handled_in_place() {
+        let mut input = InputBuffer::with_capacity(RECEIVE_CHUNK_BYTES);
+        let status = Frame::StatusRequest.encode();
+        let block = vec![0xA5u8; 3 * RECEIVE_CHUNK_BYTES + 17];
+        let mut store = encode_store_head(&StorePrefix {
+            request_id: 9,
+            namespace: "kv".into(),
+            key: block_layout::BlockKey(7),
+            payload_len: block.len() as u32,
+        });
+        store.extend_from_slice(&block);
+        let mut stream = status.clone();
+        stream.extend_from_slice(&store);
+        stream.extend_from_slice(&status);
+        // Arrives in odd pieces; nothing is complete until its last byte is in.
+        feed(&mut input, &stream[..status.len() - 1], 1000);
+        assert!(input.next_frame().is_none());
+        feed(
+            &mut input,
+            &stream[status.len() - 1..status.len() + 5000],
+            777,
+        );
+        let (header, length) = input.next_frame().expect("complete").expect("valid");
+        assert_eq!(
+            (header.kind, length),
+            (FrameType::StatusRequest, status.len())
+        );
+        input.consume(length);
+        assert!(input.next_frame().is_none(), "the store is not all here");
+        assert_eq!(
+            input.wanted(),
+            store.len() - 5000,
+            "the rest of the store is asked for at once"
+        );
+        let store_end = status.len() + store.len();
+        feed(&mut input, &stream[status.len() + 5000..store_end], 4096);
+        assert!(
+            input.bytes.len() <= store.len() + RECEIVE_CHUNK_BYTES,
+            "room was made once for the frame, not grown piece by piece: {}",
+            input.bytes.len()
+        );
+        feed(&mut input, &stream[store_end..], 4096);
+        let (header, length) = input.next_frame().expect("complete").expect("valid");
+        assert_eq!((header.kind, length), (FrameType::Store, store.len()));
+        let (prefix, payload) =
+            protocol::decode_store(&input.pending()[HEADER_BYTES..length]).expect("a store");
+        assert_eq!((prefix.request_id, payload), (9, block.as_slice()));
+        input.consume(length);
+        let (header, length) = input.next_frame().expect("complete").expect("valid");
+        assert_eq!(header.kind, FrameType::StatusRequest);
+        input.consume(length);
+        assert!(input.pending().is_empty());
+    }
+
+    #[test]
+    fn held_bytes_move_to_the_front_before_the_buffer_grows() {
+        let mut input = InputBuffer::with_capacity(RECEIVE_CHUNK_BYTES);
+        // Frames that straddle the reads: a part of one is always held.
+        let mut frame = encode_store_head(&StorePrefix {
+            request_id: 1,
+            namespace: "kv".into(),
+            key: block_layout::BlockKey(1),
+            payload_len: 2963,
+        });
+        frame.resize(frame.len() + 2963, 0x3C);
+        let frames: Vec<u8> = frame
+            .iter()
+            .copied()
+            .cycle()
+            .take(frame.len() * 3000)
+            .collect();
+        let mut handled = 0;
+        for chunk in frames.chunks(5000) {
+            feed(&mut input, chunk, chunk.len());
+            while let Some(Ok((_, length))) = input.next_frame() {
+                input.consume(length);
+                handled += 1;
+            }
+        }
+        assert_eq!(handled, 3000);
+        assert!(
+            input.bytes.len() < 2 * RECEIVE_CHUNK_BYTES,
+            "a partial frame moves to the front instead of the buffer growing on: {}",
+            input.bytes.len()
+        );
+    }
+
+    #[test]
+    fn a_malformed_header_is_an_error_not_a_wait() {
+        let mut input = InputBuffer::with_capacity(RECEIVE_CHUNK_BYTES);
+        feed(&mut input, &[0xFF; HEADER_BYTES], HEADER_BYTES);
+        assert!(matches!(input.next_frame(), Some(Err(_))));
     }
 }

@@ -12,11 +12,13 @@ use anyhow::Context;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use nix::sys::eventfd::{EfdFlags, EventFd};
-use protocol::{decode_store, ErrorCode, Frame, FrameType, Header, Load};
+use protocol::{decode_store, ErrorCode, Frame, FrameType, Header, Load, HEADER_BYTES};
 use storage_backends::{BlockStore, PutStarted, ReadCompletion, ReadRequest, StoreError};
 use transport::RemoteWrite;
 
-use super::connection::{ActiveLoad, Connection, InflightRead, Stream, RECEIVE_CHUNK_BYTES};
+use super::connection::{
+    ActiveLoad, Connection, InflightRead, Received, Stream, RECEIVE_CHUNK_BYTES,
+};
 use super::metrics::CoreCounters;
 use scheduler::progress::{Event, LoadProgress, Refusal};
 
@@ -102,9 +104,8 @@ struct Core<S: BlockStore> {
     next_generation: u16,
     completions: Vec<ReadCompletion>,
     events: Vec<Event>,
+    /// Where a closing connection's last input is drained to, unread.
     scratch: Vec<u8>,
-    /// The body of the request frame being handled, reused across frames.
-    frame_body: Vec<u8>,
     round_robin: usize,
     draining_since: Option<Instant>,
     rdma: Option<CoreRdma>,
@@ -208,7 +209,6 @@ pub fn run<S: BlockStore>(
         completions: Vec::new(),
         events: Vec::new(),
         scratch: vec![0u8; RECEIVE_CHUNK_BYTES],
-        frame_body: Vec::with_capacity(4096),
         round_robin: 0,
         draining_since: None,
         rdma,
@@ -342,12 +342,27 @@ impl<S: BlockStore> Core<S> {
     }
 
     fn on_readable(&mut self, index: usize) {
-        let Some(connection) = self.connections.get_mut(index).and_then(Option::as_mut) else {
-            return;
-        };
-        if !connection.receive(&mut self.scratch) {
-            connection.dead = true;
+        loop {
+            let Some(connection) = self.connections.get_mut(index).and_then(Option::as_mut) else {
+                return;
+            };
+            if connection.closing {
+                return;
+            }
+            let received = connection.receive();
+            if received == Received::Closed {
+                connection.dead = true;
+            }
+            self.handle_frames(index);
+            if received != Received::More {
+                return;
+            }
         }
+    }
+
+    /// Handles the complete frames a connection has received, each where it
+    /// lies in the input buffer (taken out of the connection meanwhile).
+    fn handle_frames(&mut self, index: usize) {
         loop {
             let Some(connection) = self.connections[index].as_mut() else {
                 return;
@@ -355,22 +370,18 @@ impl<S: BlockStore> Core<S> {
             if connection.closing {
                 return;
             }
-            // One body buffer for the core, taken while a frame is handled.
-            let mut body = std::mem::take(&mut self.frame_body);
-            let next = connection.next_frame(&mut body);
-            match next {
-                None => {
-                    self.frame_body = body;
-                    return;
-                }
-                Some(Ok(header)) => self.on_frame(index, header, &body),
-                Some(Err(error)) => self.protocol_error(index, &error.to_string()),
+            let (header, frame_bytes) = match connection.input.next_frame() {
+                None => return,
+                Some(Ok(frame)) => frame,
+                Some(Err(error)) => return self.protocol_error(index, &error.to_string()),
+            };
+            let mut input = std::mem::take(&mut connection.input);
+            self.on_frame(index, header, &input.pending()[HEADER_BYTES..frame_bytes]);
+            input.consume(frame_bytes);
+            match self.connections[index].as_mut() {
+                Some(connection) => connection.input = input,
+                None => return,
             }
-            // A rare big frame (a store's payload) does not keep its memory.
-            if body.capacity() > 1 << 20 {
-                body = Vec::new();
-            }
-            self.frame_body = body;
         }
     }
 
