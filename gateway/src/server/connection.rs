@@ -543,7 +543,7 @@ mod tests {
             request_id: 9,
             namespace: "kv".into(),
             key: block_layout::BlockKey(7),
-            payload_len: block.len() as u32,
+            payload_len: u32::try_from(block.len()).expect("a small block"),
         });
         store.extend_from_slice(&block);
         let mut stream = status.clone();
