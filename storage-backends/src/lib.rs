@@ -68,6 +68,25 @@ pub struct Rejected {
     pub buffer: StagingBuffer,
 }
 
+/// A stored block must be exactly one whole block of its namespace.
+fn check_block_size(
+    namespace: &str,
+    geometry: &Geometry,
+    key: BlockKey,
+    bytes: &[u8],
+) -> Result<(), StoreError> {
+    let expected = geometry.block_bytes();
+    if bytes.len() as u64 == expected {
+        return Ok(());
+    }
+    Err(StoreError::WrongSize {
+        namespace: namespace.to_owned(),
+        key,
+        expected,
+        got: bytes.len() as u64,
+    })
+}
+
 /// A finished [`BlockStore::start_put`].
 #[derive(Debug)]
 pub struct PutCompletion {

@@ -337,16 +337,7 @@ impl ObjectShard {
         bytes: &[u8],
     ) -> Result<(), StoreError> {
         let spec = self.spec(namespace);
-        let expected = spec.geometry.block_bytes();
-        if bytes.len() as u64 == expected {
-            return Ok(());
-        }
-        Err(StoreError::WrongSize {
-            namespace: spec.name.clone(),
-            key,
-            expected,
-            got: bytes.len() as u64,
-        })
+        crate::check_block_size(&spec.name, &spec.geometry, key, bytes)
     }
 }
 

@@ -192,16 +192,7 @@ impl UringShard {
         bytes: &[u8],
     ) -> Result<(), StoreError> {
         let shard_namespace = self.namespace(namespace);
-        let expected = shard_namespace.geometry.block_bytes();
-        if bytes.len() as u64 == expected {
-            return Ok(());
-        }
-        Err(StoreError::WrongSize {
-            namespace: shard_namespace.name.clone(),
-            key,
-            expected,
-            got: bytes.len() as u64,
-        })
+        crate::check_block_size(&shard_namespace.name, &shard_namespace.geometry, key, bytes)
     }
 
     /// Moves every put as far as its I/O allows, then issues the syncs they
