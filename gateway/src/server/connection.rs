@@ -622,6 +622,61 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// However a stream of frames is cut into reads, and whenever frames
+        /// are handled in between, the same frames come out whole, in order,
+        /// and the buffer never holds much more than one frame and a read.
+        #[test]
+        fn frames_come_out_whole_however_the_reads_fall(
+            payloads in proptest::collection::vec(0usize..70_000, 1..12),
+            cuts in proptest::collection::vec(1usize..90_000, 1..64),
+        ) {
+            let frames: Vec<Vec<u8>> = payloads
+                .iter()
+                .enumerate()
+                .map(|(index, &len)| {
+                    let mut frame = encode_store_head(&StorePrefix {
+                        request_id: index as u64,
+                        namespace: "kv".into(),
+                        key: block_layout::BlockKey(index as u128),
+                        payload_len: u32::try_from(len).expect("small"),
+                    });
+                    frame.resize(frame.len() + len, index as u8);
+                    frame
+                })
+                .collect();
+            let stream: Vec<u8> = frames.concat();
+            let largest = frames.iter().map(Vec::len).max().unwrap_or(0);
+            let mut input = InputBuffer::with_capacity(RECEIVE_CHUNK_BYTES);
+            let (mut fed, mut cut, mut seen) = (0, 0, Vec::new());
+            while fed < stream.len() {
+                // As `Connection::receive`: a read gets the room `wanted` asks
+                // for and no more; none while a complete frame waits.
+                let wanted = input.wanted();
+                if wanted > 0 {
+                    let room = input.spare(wanted).len();
+                    let take = cuts[cut % cuts.len()].min(room).min(stream.len() - fed);
+                    cut += 1;
+                    input.spare(wanted)[..take].copy_from_slice(&stream[fed..fed + take]);
+                    input.filled(take);
+                    fed += take;
+                }
+                while let Some(frame) = input.next_frame() {
+                    let (_, length) = frame.expect("valid frames");
+                    seen.push(input.pending()[..length].to_vec());
+                    input.consume(length);
+                }
+                proptest::prop_assert!(
+                    input.bytes.len() <= 2 * (largest + RECEIVE_CHUNK_BYTES),
+                    "the buffer grew to {} for frames of at most {}",
+                    input.bytes.len(),
+                    largest
+                );
+            }
+            proptest::prop_assert_eq!(seen, frames);
+        }
+    }
+
     #[test]
     fn a_malformed_header_is_an_error_not_a_wait() {
         let mut input = InputBuffer::with_capacity(RECEIVE_CHUNK_BYTES);
