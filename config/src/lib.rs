@@ -722,6 +722,27 @@ impl Validator<'_> {
                 "raise staging.buffer_bytes to at least one layer",
             ));
         }
+        // A store copies its block into staging buffers before writing it:
+        // at most half of a core's, so stores and reads both go on.
+        let buffers_per_block = geometry.slot_bytes().div_ceil(staging.buffer_bytes);
+        let buffers = staging.bytes_per_core / staging.buffer_bytes;
+        if buffers_per_block * 2 > buffers {
+            return Err(self.invalid(
+                "staging.bytes_per_core",
+                format!(
+                    "storing a block of namespace {:?} takes {} of staging ({} buffers of {}), more than half of staging.bytes_per_core ({})",
+                    raw.name,
+                    ByteSize(buffers_per_block * staging.buffer_bytes),
+                    buffers_per_block,
+                    ByteSize(staging.buffer_bytes),
+                    ByteSize(staging.bytes_per_core)
+                ),
+                &format!(
+                    "raise staging.bytes_per_core to at least {}",
+                    ByteSize(2 * buffers_per_block * staging.buffer_bytes)
+                ),
+            ));
+        }
         if raw.capacity.0 < geometry.slot_bytes() {
             return Err(self.invalid(
                 &format!("{key}.capacity"),
@@ -857,6 +878,22 @@ mod tests {
             error.contains("staging.buffer_bytes") && error.contains("fix:"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn staging_that_cannot_hold_a_store_twice_over_is_refused_with_the_fix() {
+        // A 16 KiB block in 4 KiB buffers takes 4; 28 KiB of staging holds 7.
+        let text =
+            format!("[staging]\nbuffer_bytes = \"4KiB\"\nbytes_per_core = \"28KiB\"\n{MINIMAL}");
+        let error = parse(&text).expect_err("4 of 7 buffers").to_string();
+        assert!(
+            error.contains("staging.bytes_per_core")
+                && error.contains("16KiB of staging (4 buffers of 4KiB)")
+                && error.contains("at least 32KiB"),
+            "{error}"
+        );
+        let text = text.replace("28KiB", "32KiB");
+        parse(&text).expect("8 buffers hold a store twice over");
     }
 
     #[test]

@@ -948,6 +948,66 @@ fn a_load_waiting_for_staging_that_stalled_clients_hold_completes() {
     );
 }
 
+/// A store that arrives while two stalled clients hold all of its core's
+/// staging waits for buffers (the store and what follows stay in its input)
+/// instead of being refused as busy, and is durable and loadable once they
+/// come free (the stalled clients are closed after about a second, since a
+/// store starves).
+#[test]
+fn a_store_waiting_for_staging_that_stalled_clients_hold_completes() {
+    let gateway = Gateway::start_configured(256, None, "client_stall_timeout_ms = 600000");
+    let _first = stalled_client(&gateway);
+    let three_quarters = STAGING_BYTES_PER_CORE * 0.75;
+    assert_eq!(
+        wait_for_staging_in_use(&gateway, three_quarters),
+        three_quarters
+    );
+    let _second = stalled_client(&gateway);
+    assert_eq!(
+        wait_for_staging_in_use(&gateway, STAGING_BYTES_PER_CORE),
+        STAGING_BYTES_PER_CORE
+    );
+    let client = gateway.client();
+    // A key of shard 0, whose staging the stalled clients hold.
+    let key = (0x5_0000u128..)
+        .map(BlockKey)
+        .find(|key| key.shard(2) == 0)
+        .expect("a key of shard 0");
+    let block: Vec<u8> = (0..BLOCK_BYTES).map(|index| (index % 249) as u8).collect();
+    let started = Instant::now();
+    client
+        .store("full", key, &block)
+        .expect("stored once staging came free, not refused");
+    let waited = started.elapsed();
+    let region = Arc::new(Region::allocate(BLOCK_BYTES));
+    let id = client
+        .register_region(Arc::clone(&region))
+        .expect("register");
+    let blocks = [BlockLoad {
+        key,
+        layers: 0..LAYERS,
+        dest_offset: 0,
+    }];
+    let report = client
+        .load("full", id, &blocks, 0)
+        .expect("load")
+        .wait(WAIT)
+        .expect("finished");
+    assert!(report.all_done(), "{:?}", report.failed().next());
+    assert!(region.read(0, BLOCK_BYTES) == block);
+    assert_eq!(
+        gateway
+            .process
+            .metric_sum_labelled("dualpath_errors_total", "kind=\"busy\""),
+        0.0,
+        "nothing was refused as busy"
+    );
+    eprintln!(
+        "the store waited {waited:?}; stalled clients closed: {}",
+        gateway.metric_sum("dualpath_stalled_clients_closed_total")
+    );
+}
+
 /// A client that reads slowly is served; once it stops reading for the stall
 /// timeout it is closed, counted and logged, and the staging it held goes back.
 #[test]

@@ -117,6 +117,9 @@ impl BlockStore for AnyShard {
     ) -> PutStarted {
         dispatch!(self, shard => shard.start_put(namespace, key, bytes, tag))
     }
+    fn put_must_wait(&self, namespace: NamespaceId) -> bool {
+        dispatch!(self, shard => shard.put_must_wait(namespace))
+    }
     fn reap_puts(&mut self, out: &mut Vec<PutCompletion>) {
         dispatch!(self, shard => shard.reap_puts(out))
     }

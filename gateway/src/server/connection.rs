@@ -130,6 +130,8 @@ pub struct Connection {
     pub inflight: Vec<Option<InflightRead>>,
     /// Staging buffers this connection holds: reads in flight plus unsent data.
     pub held_buffers: usize,
+    /// Since when a store at the head of the input waits for staging.
+    pub store_waiting_since: Option<Instant>,
     /// An error was sent: close once the queue is written.
     pub closing: bool,
     pub dead: bool,
@@ -290,6 +292,7 @@ impl Connection {
             loads: Vec::new(),
             inflight: Vec::new(),
             held_buffers: 0,
+            store_waiting_since: None,
             closing: false,
             dead: false,
             output_stalled_since: None,

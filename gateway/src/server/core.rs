@@ -56,6 +56,13 @@ pub struct CoreSetup {
     pub client_stall_timeout: Duration,
 }
 
+/// Whether a frame was handled, or must wait in the input for a later pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Handled {
+    Done,
+    Later,
+}
+
 /// Who asked for a put that is in flight.
 #[derive(Debug, Clone, Copy)]
 struct StoreWaiter {
@@ -258,6 +265,7 @@ impl<S: BlockStore> Core<S> {
     fn turn(&mut self) -> anyhow::Result<()> {
         self.reap()?;
         self.reap_stores();
+        self.resume_waiting_stores();
         self.schedule();
         // Reads queued by `schedule` start now, not when the loop next wakes.
         self.shard
@@ -288,6 +296,27 @@ impl<S: BlockStore> Core<S> {
             .queued_load_bytes
             .store(i64::try_from(queued).unwrap_or(i64::MAX), Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Stores that waited for staging try again, before any new read takes
+    /// the buffers that came free (and the input behind them is read on).
+    fn resume_waiting_stores(&mut self) {
+        for index in 0..self.connections.len() {
+            let waiting = self.connections[index].as_ref().is_some_and(|connection| {
+                connection.store_waiting_since.is_some() && !connection.dead
+            });
+            if waiting {
+                self.on_readable(index);
+            }
+        }
+    }
+
+    /// Whether a store waits for staging on this core.
+    fn store_waiting(&self) -> bool {
+        self.connections
+            .iter()
+            .flatten()
+            .any(|connection| connection.store_waiting_since.is_some() && !connection.dead)
     }
 
     fn accept_new(&mut self) {
@@ -354,7 +383,12 @@ impl<S: BlockStore> Core<S> {
                 connection.dead = true;
             }
             self.handle_frames(index);
-            if received != Received::More {
+            let waiting = self.connections[index]
+                .as_ref()
+                .is_some_and(|connection| connection.store_waiting_since.is_some());
+            // A store waiting for staging holds the rest of the input back
+            // (the client's socket fills: backpressure); `turn` comes back.
+            if received != Received::More || waiting {
                 return;
             }
         }
@@ -376,11 +410,16 @@ impl<S: BlockStore> Core<S> {
                 Some(Err(error)) => return self.protocol_error(index, &error.to_string()),
             };
             let mut input = std::mem::take(&mut connection.input);
-            self.on_frame(index, header, &input.pending()[HEADER_BYTES..frame_bytes]);
-            input.consume(frame_bytes);
+            let handled = self.on_frame(index, header, &input.pending()[HEADER_BYTES..frame_bytes]);
+            if handled == Handled::Done {
+                input.consume(frame_bytes);
+            }
             match self.connections[index].as_mut() {
                 Some(connection) => connection.input = input,
                 None => return,
+            }
+            if handled == Handled::Later {
+                return;
             }
         }
     }
@@ -399,10 +438,17 @@ impl<S: BlockStore> Core<S> {
         connection.closing = true;
     }
 
-    fn on_frame(&mut self, index: usize, header: Header, body: &[u8]) {
+    /// Handles one frame; `Later` when it must wait (a store for staging
+    /// memory) and stays in the input, with the frames after it.
+    fn on_frame(&mut self, index: usize, header: Header, body: &[u8]) -> Handled {
         if header.kind == FrameType::Store {
             return self.on_store(index, body);
         }
+        self.on_request(index, header, body);
+        Handled::Done
+    }
+
+    fn on_request(&mut self, index: usize, header: Header, body: &[u8]) {
         if !Connection::is_client_frame(header.kind) {
             return self.protocol_error(
                 index,
@@ -596,10 +642,13 @@ impl<S: BlockStore> Core<S> {
         self.events = events;
     }
 
-    fn on_store(&mut self, index: usize, body: &[u8]) {
+    fn on_store(&mut self, index: usize, body: &[u8]) -> Handled {
         let (prefix, payload) = match decode_store(body) {
             Ok(decoded) => decoded,
-            Err(error) => return self.protocol_error(index, &error.to_string()),
+            Err(error) => {
+                self.protocol_error(index, &error.to_string());
+                return Handled::Done;
+            }
         };
         // StoreDone goes out when the block is durable; the loop serves reads
         // meanwhile (the put's writes and syncs run on the shard's ring).
@@ -632,16 +681,31 @@ impl<S: BlockStore> Core<S> {
                 format!("unknown namespace {:?}", prefix.namespace),
             )),
             Some(namespace) => {
+                let Some(connection) = self.connections[index].as_mut() else {
+                    return Handled::Done;
+                };
+                // Staging is all taken by reads: the store (and what the
+                // client sent after it) waits in its input for a later pass,
+                // which gives it the next free buffers, instead of the loop
+                // waiting here or refusing it.
+                if self.shard.put_must_wait(namespace) {
+                    connection
+                        .store_waiting_since
+                        .get_or_insert_with(Instant::now);
+                    return Handled::Later;
+                }
+                let started = connection
+                    .store_waiting_since
+                    .take()
+                    .unwrap_or_else(Instant::now);
                 let tag = self.stores.start(StoreWaiter {
                     connection: index,
-                    generation: self.connections[index]
-                        .as_ref()
-                        .map_or(0, |connection| connection.generation),
+                    generation: connection.generation,
                     request_id: prefix.request_id,
-                    started: Instant::now(),
+                    started,
                 });
                 match self.shard.start_put(namespace, prefix.key, payload, tag) {
-                    PutStarted::InFlight => return,
+                    PutStarted::InFlight => return Handled::Done,
                     PutStarted::Finished(result) => {
                         let waiter = self.stores.finish(tag);
                         self.setup
@@ -654,6 +718,7 @@ impl<S: BlockStore> Core<S> {
             }
         };
         self.answer_store(index, prefix.request_id, result);
+        Handled::Done
     }
 
     /// Answers puts that have become durable (or failed), on the connections
@@ -767,6 +832,10 @@ impl<S: BlockStore> Core<S> {
     /// Issues reads, one per connection per pass (round robin), while the ring,
     /// the slab and each connection's share of buffers allow.
     fn schedule(&mut self) {
+        // Buffers that come free go to a waiting store first.
+        if self.store_waiting() {
+            return;
+        }
         let live = self.connections.iter().flatten().count().max(1);
         let buffers = self.shard.slab().buffer_count() as usize;
         // A fair share of the buffers, and never the last quarter: buffers held
@@ -978,16 +1047,17 @@ impl<S: BlockStore> Core<S> {
         }
     }
 
-    /// Every staging buffer is taken while a client that is not stalled has
-    /// reads waiting to be issued.
+    /// A store waits for staging, or every staging buffer is taken while a
+    /// client that is not stalled has reads waiting to be issued.
     fn staging_starved(&self) -> bool {
         let slab = self.shard.slab();
-        slab.buffers_in_use() >= slab.buffer_count()
-            && self.connections.iter().flatten().any(|connection| {
-                !connection.dead
-                    && connection.stalled_for().is_none()
-                    && connection.has_unissued_reads()
-            })
+        self.store_waiting()
+            || slab.buffers_in_use() >= slab.buffer_count()
+                && self.connections.iter().flatten().any(|connection| {
+                    !connection.dead
+                        && connection.stalled_for().is_none()
+                        && connection.has_unissued_reads()
+                })
     }
 
     fn close_dead(&mut self) {
@@ -1026,6 +1096,7 @@ impl<S: BlockStore> Core<S> {
         }
         let since = *self.draining_since.get_or_insert_with(Instant::now);
         let busy = self.shard.puts_in_flight() > 0
+            || self.store_waiting()
             || self.connections.iter().flatten().any(|connection| {
                 connection.loads.iter().any(Option::is_some) || connection.has_output()
             });

@@ -978,6 +978,18 @@ impl BlockStore for UringShard {
         }
     }
 
+    /// A put copies its block into staging buffers first.
+    fn put_must_wait(&self, namespace: NamespaceId) -> bool {
+        let slab = self.ring.slab();
+        let needed = self
+            .namespace(namespace)
+            .geometry
+            .slot_bytes()
+            .div_ceil(slab.buffer_bytes() as u64);
+        let free = slab.buffer_count() - slab.buffers_in_use();
+        u64::from(free) < needed
+    }
+
     fn reap_puts(&mut self, out: &mut Vec<PutCompletion>) {
         out.append(&mut self.finished_puts);
     }
