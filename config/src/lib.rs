@@ -737,7 +737,7 @@ impl Validator<'_> {
                     ByteSize(staging.buffer_bytes),
                     ByteSize(staging.bytes_per_core)
                 ),
-                &format!(
+                format!(
                     "raise staging.bytes_per_core to at least {}",
                     ByteSize(2 * buffers_per_block * staging.buffer_bytes)
                 ),
