@@ -96,6 +96,23 @@ fn expected_block(index: u64) -> Vec<u8> {
     bytes
 }
 
+/// Loads `blocks` into region `id` and waits for the load: every block must
+/// be done.
+fn load_all_done(
+    client: &Client,
+    namespace: &str,
+    id: client::RegionId,
+    blocks: &[BlockLoad],
+) -> client::LoadReport {
+    let report = client
+        .load(namespace, id, blocks, 0)
+        .expect("load")
+        .wait(WAIT)
+        .expect("finished");
+    assert!(report.all_done(), "{:?}", report.failed().next());
+    report
+}
+
 fn whole_blocks(count: u64) -> Vec<BlockLoad> {
     (0..count)
         .map(|index| BlockLoad {
@@ -320,12 +337,7 @@ fn client_that_disconnects_mid_load_leaves_the_gateway_healthy() {
     let id = client
         .register_region(Arc::clone(&region))
         .expect("register");
-    let report = client
-        .load("full", id, &whole_blocks(100), 0)
-        .expect("load")
-        .wait(WAIT)
-        .expect("done");
-    assert!(report.all_done());
+    load_all_done(&client, "full", id, &whole_blocks(100));
     assert_eq!(
         region.read(99 * BLOCK_BYTES, BLOCK_BYTES),
         expected_block(99)
@@ -372,12 +384,7 @@ fn unix_socket_clients_and_stores_work() {
         layers: 0..LAYERS,
         dest_offset: 0,
     }];
-    assert!(client
-        .load("layer", id, &blocks, 0)
-        .expect("load")
-        .wait(WAIT)
-        .expect("done")
-        .all_done());
+    load_all_done(&client, "layer", id, &blocks);
     assert_eq!(region.read(0, BLOCK_BYTES), block);
 }
 
@@ -425,12 +432,7 @@ fn garbage_and_wrong_versions_get_an_error_frame_and_the_gateway_stays_up() {
     let client = gateway.client();
     let region = Arc::new(Region::allocate(BLOCK_BYTES));
     let id = client.register_region(region).expect("still serving");
-    assert!(client
-        .load("full", id, &whole_blocks(1), 0)
-        .expect("load")
-        .wait(WAIT)
-        .expect("done")
-        .all_done());
+    load_all_done(&client, "full", id, &whole_blocks(1));
 }
 
 #[test]
@@ -470,12 +472,7 @@ fn clients_must_prove_the_cluster_secret_and_failures_are_counted() {
     let id = client
         .register_region(Arc::clone(&region))
         .expect("register");
-    assert!(client
-        .load("full", id, &whole_blocks(1), 0)
-        .expect("load")
-        .wait(WAIT)
-        .expect("done")
-        .all_done());
+    load_all_done(&client, "full", id, &whole_blocks(1));
 
     let wrong =
         with(Some("not-the-cluster-secret-at-all!!")).expect_err("a wrong secret is refused");
@@ -531,12 +528,7 @@ fn an_access_token_limits_a_client_to_its_namespaces() {
     let id = reader
         .register_region(Arc::clone(&region))
         .expect("register");
-    let report = reader
-        .load("full", id, &whole_blocks(4), 0)
-        .expect("load")
-        .wait(WAIT)
-        .expect("allowed");
-    assert!(report.all_done());
+    load_all_done(&reader, "full", id, &whole_blocks(4));
     assert!(region.read(0, BLOCK_BYTES) == expected_block(0));
     let refused = reader
         .load("layer", id, &whole_blocks(4), 0)
@@ -588,12 +580,7 @@ fn an_access_token_limits_a_client_to_its_namespaces() {
     let id = brief
         .register_region(Arc::clone(&region))
         .expect("register");
-    assert!(brief
-        .load("full", id, &whole_blocks(1), 0)
-        .expect("load")
-        .wait(WAIT)
-        .expect("allowed while valid")
-        .all_done());
+    load_all_done(&brief, "full", id, &whole_blocks(1));
     while std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("after 1970")
@@ -873,12 +860,7 @@ fn sixty_four_clients_and_a_stalled_one_stay_within_memory_bounds() {
                         })
                         .collect();
                     let namespace = if round % 2 == 0 { "full" } else { "layer" };
-                    let report = client
-                        .load(namespace, id, &blocks, 0)
-                        .expect("load")
-                        .wait(WAIT)
-                        .expect("finished");
-                    assert!(report.all_done(), "{:?}", report.failed().next());
+                    load_all_done(&client, namespace, id, &blocks);
                     let last = BLOCKS_PER_LOAD - 1;
                     assert!(
                         region.read(last as usize * BLOCK_BYTES, BLOCK_BYTES)
@@ -927,12 +909,7 @@ fn a_load_waiting_for_staging_that_stalled_clients_hold_completes() {
         .register_region(Arc::clone(&region))
         .expect("register");
     let started = Instant::now();
-    let report = client
-        .load("full", id, &whole_blocks(8), 0)
-        .expect("load")
-        .wait(WAIT)
-        .expect("the load completes once the stalled clients are closed");
-    assert!(report.all_done(), "{:?}", report.failed().next());
+    load_all_done(&client, "full", id, &whole_blocks(8));
     assert!(region.read(7 * BLOCK_BYTES, BLOCK_BYTES) == expected_block(7));
     let closed = gateway.metric_sum("dualpath_stalled_clients_closed_total");
     if closed >= 1.0 {
@@ -988,12 +965,7 @@ fn a_store_waiting_for_staging_that_stalled_clients_hold_completes() {
         layers: 0..LAYERS,
         dest_offset: 0,
     }];
-    let report = client
-        .load("full", id, &blocks, 0)
-        .expect("load")
-        .wait(WAIT)
-        .expect("finished");
-    assert!(report.all_done(), "{:?}", report.failed().next());
+    load_all_done(&client, "full", id, &blocks);
     assert!(region.read(0, BLOCK_BYTES) == block);
     assert_eq!(
         gateway
@@ -1064,12 +1036,7 @@ fn a_client_that_stops_reading_is_closed_after_the_stall_timeout() {
     let id = client
         .register_region(Arc::clone(&region))
         .expect("register");
-    assert!(client
-        .load("full", id, &whole_blocks(4), 0)
-        .expect("load")
-        .wait(WAIT)
-        .expect("done")
-        .all_done());
+    load_all_done(&client, "full", id, &whole_blocks(4));
     assert!(region.read(3 * BLOCK_BYTES, BLOCK_BYTES) == expected_block(3));
 }
 
@@ -1212,12 +1179,7 @@ fn the_dashboard_plots_only_metrics_the_gateway_exports() {
     let id = client
         .register_region(Arc::clone(&region))
         .expect("register");
-    assert!(client
-        .load("full", id, &whole_blocks(4), 0)
-        .expect("load")
-        .wait(WAIT)
-        .expect("done")
-        .all_done());
+    load_all_done(&client, "full", id, &whole_blocks(4));
     let exported = gateway.process.http_get("/metrics");
     let dashboard = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/grafana-dashboard.json"),
@@ -1282,12 +1244,7 @@ fn a_load_cancelled_before_it_starts_reads_nothing() {
     // One request per shard the load went to, each cancelled.
     assert_eq!(gateway.metric_sum("dualpath_loads_cancelled_total"), 2.0);
     // The connection goes on serving.
-    assert!(client
-        .load("full", id, &whole_blocks(8), 0)
-        .expect("load")
-        .wait(WAIT)
-        .expect("done")
-        .all_done());
+    load_all_done(&client, "full", id, &whole_blocks(8));
 }
 
 /// A gateway that cannot confirm a cancel (frozen mid-load, its socket
@@ -1328,12 +1285,7 @@ fn a_cancel_a_frozen_gateway_cannot_confirm_cuts_it_off() {
             .all(|byte| *byte == 0x77),
         "the cut-off gateway's data landed after cancel returned"
     );
-    let report = client
-        .load("full", id, &whole_blocks(8), 0)
-        .expect("load")
-        .wait(WAIT)
-        .expect("done");
-    assert!(report.all_done(), "{:?}", report.failed().next());
+    load_all_done(&client, "full", id, &whole_blocks(8));
     assert!(region.read(7 * BLOCK_BYTES, BLOCK_BYTES) == expected_block(7));
 }
 
@@ -1427,12 +1379,7 @@ fn after_cancel_returns_nothing_more_is_written() {
         eprintln!("round {round}: {done} blocks done, {cancelled} cancelled");
     }
     // Done blocks were whole: load them all again and compare.
-    let report = client
-        .load("layer", id, &whole_blocks(BLOCKS), 0)
-        .expect("load")
-        .wait(WAIT)
-        .expect("done");
-    assert!(report.all_done());
+    load_all_done(&client, "layer", id, &whole_blocks(BLOCKS));
     assert!(region.read(999 * BLOCK_BYTES, BLOCK_BYTES) == expected_block(999));
 }
 
@@ -1444,12 +1391,7 @@ fn after_cancel_returns_nothing_more_is_written() {
 fn a_load_in_flight_when_the_gateway_restarts_completes() {
     let mut gateway = Gateway::start(8);
     let (client, region, id) = client_without_poller(&gateway);
-    assert!(client
-        .load("full", id, &whole_blocks(8), 0)
-        .expect("load")
-        .wait(WAIT)
-        .expect("finished")
-        .all_done());
+    load_all_done(&client, "full", id, &whole_blocks(8));
     gateway.freeze();
     let load = client
         .load("full", id, &reversed_blocks(), 0)
@@ -1542,12 +1484,7 @@ fn a_store_in_flight_when_the_gateway_restarts_is_stored_again() {
         layers: 0..LAYERS,
         dest_offset: 0,
     }];
-    let report = client
-        .load("full", id, &blocks, 0)
-        .expect("load")
-        .wait(WAIT)
-        .expect("finished");
-    assert!(report.all_done(), "{:?}", report.failed().next());
+    load_all_done(&client, "full", id, &blocks);
     assert!(region.read(0, BLOCK_BYTES) == block);
 }
 
@@ -1602,12 +1539,7 @@ fn store_many_from_several_threads_stores_every_block() {
             dest_offset: (slot * BLOCK_BYTES) as u64,
         })
         .collect();
-    let report = client
-        .load("layer", id, &blocks, 0)
-        .expect("load")
-        .wait(WAIT)
-        .expect("finished");
-    assert!(report.all_done(), "{:?}", report.failed().next());
+    load_all_done(&client, "layer", id, &blocks);
     for (slot, key) in keys.iter().enumerate() {
         assert!(
             region.read(slot * BLOCK_BYTES, BLOCK_BYTES) == block_of(*key),
@@ -1640,12 +1572,7 @@ fn store_many_from_several_threads_stores_every_block() {
         layers: 0..LAYERS,
         dest_offset: 0,
     }];
-    let report = client
-        .load("layer", id, &first, 0)
-        .expect("load")
-        .wait(WAIT)
-        .expect("finished");
-    assert!(report.all_done(), "{:?}", report.failed().next());
+    load_all_done(&client, "layer", id, &first);
     assert!(region.read(0, BLOCK_BYTES) == good);
 }
 
@@ -1853,12 +1780,7 @@ fn tcp_packets_carry_the_configured_dscp_both_ways() {
             .expect("register");
         // Several loads: several request packets from the client.
         for _ in 0..10 {
-            let report = client
-                .load("full", id, &whole_blocks(16), 0)
-                .expect("load")
-                .wait(WAIT)
-                .expect("finished");
-            assert!(report.all_done());
+            load_all_done(&client, "full", id, &whole_blocks(16));
         }
         assert!(region.read(15 * BLOCK_BYTES, BLOCK_BYTES) == expected_block(15));
     }) else {
@@ -1903,12 +1825,7 @@ fn an_unreachable_gateway_is_left_out_at_connect() {
     let id = client
         .register_region(Arc::clone(&region))
         .expect("register");
-    assert!(client
-        .load("full", id, &whole_blocks(1), 0)
-        .expect("load")
-        .wait(WAIT)
-        .expect("done")
-        .all_done());
+    load_all_done(&client, "full", id, &whole_blocks(1));
     let error = Client::connect(&[dead], ClientOptions::default()).expect_err("nothing reachable");
     assert!(error.is_retryable(), "{error}");
 }
@@ -1967,12 +1884,7 @@ fn a_gateway_without_io_uring_serves_loads_on_the_blocking_engine() {
         layers: 0..LAYERS,
         dest_offset: 0,
     };
-    assert!(client
-        .load("layer", id, &[block], 0)
-        .expect("load")
-        .wait(WAIT)
-        .expect("stored block")
-        .all_done());
+    load_all_done(&client, "layer", id, &[block]);
     assert!(region.read(0, BLOCK_BYTES) == expected_block(1));
     assert_eq!(
         gateway.metric_sum("dualpath_blocks_loaded_total") as u64,
