@@ -205,6 +205,9 @@ struct LinkShared {
     regions: Arc<RwLock<HashMap<u32, Arc<Region>>>>,
 }
 
+/// How long a failed send waits for the gateway's reason to arrive.
+const GATEWAY_REASON_WAIT: Duration = Duration::from_millis(200);
+
 #[derive(Debug)]
 pub struct ShardLink {
     pub shard_count: u32,
@@ -343,14 +346,31 @@ impl ShardLink {
 
     fn write_parts(&self, socket: &mut Socket, bytes: &[&[u8]]) -> Result<(), ClientError> {
         for part in bytes {
-            socket
-                .write_all(part)
-                .map_err(|error| ClientError::Disconnected {
+            if let Err(error) = socket.write_all(part) {
+                // A gateway that refused what was being sent says why before
+                // it closes: that reason, not the broken pipe, is the error.
+                let message = self
+                    .closed_reason_within(GATEWAY_REASON_WAIT)
+                    .unwrap_or_else(|| error.to_string());
+                return Err(ClientError::Disconnected {
                     address: self.shared.address.clone(),
-                    message: error.to_string(),
-                })?;
+                    message,
+                });
+            }
         }
         Ok(())
+    }
+
+    /// Why the receive side saw the connection end, once it has (waiting up
+    /// to `within` for it to read the gateway's last frames).
+    fn closed_reason_within(&self, within: Duration) -> Option<String> {
+        let waiting = self.shared.waiting.lock().expect("link lock");
+        let (waiting, _) = self
+            .shared
+            .changed
+            .wait_timeout_while(waiting, within, |waiting| waiting.closed.is_none())
+            .expect("link lock");
+        waiting.closed.clone()
     }
 
     /// Sends `load`, announcing its region first if this connection has not seen

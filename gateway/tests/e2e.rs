@@ -980,6 +980,25 @@ fn a_store_waiting_for_staging_that_stalled_clients_hold_completes() {
     );
 }
 
+/// A store larger than any block the gateway stores is refused as soon as
+/// its header arrives (before its bytes take the gateway's memory), with a
+/// reason; the client's next request works.
+#[test]
+fn a_store_larger_than_any_block_is_refused_at_its_header() {
+    let gateway = Gateway::start(4);
+    let client = gateway.client();
+    let huge = vec![0u8; 64 << 20];
+    let error = client
+        .store("full", BlockKey(0x51), &huge)
+        .expect_err("refused");
+    let message = error.to_string();
+    assert!(message.contains("larger than any block"), "{message}");
+    let block: Vec<u8> = (0..BLOCK_BYTES).map(|index| (index % 241) as u8).collect();
+    client
+        .store("full", BlockKey(0x52), &block)
+        .expect("a block of the right size is stored");
+}
+
 /// A client that reads slowly is served; once it stops reading for the stall
 /// timeout it is closed, counted and logged, and the staging it held goes back.
 #[test]

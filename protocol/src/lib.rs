@@ -31,6 +31,11 @@ pub const STRING_MAX: usize = 1024;
 pub const NAMESPACES_MAX: usize = 1024;
 
 const STORE_PREFIX_BYTES: usize = 8 + 2 + 16;
+/// The most a `Store` frame's body holds around a payload of `payload_bytes`
+/// (request id, the longest namespace, key, payload).
+pub fn store_body_max(payload_bytes: u64) -> u64 {
+    (STORE_PREFIX_BYTES + STRING_MAX) as u64 + payload_bytes
+}
 /// Bytes of one block entry of a `Load`: key, layer start, layer end, offset.
 const LOAD_BLOCK_BYTES: usize = 16 + 2 + 2 + 8;
 

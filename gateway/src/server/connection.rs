@@ -211,16 +211,20 @@ impl InputBuffer {
         &self.bytes[self.start..self.end]
     }
 
+    /// The header of the first pending frame, once it has arrived.
+    pub fn next_header(&self) -> Option<Result<Header, protocol::ProtocolError>> {
+        let header: [u8; HEADER_BYTES] = self.pending().get(..HEADER_BYTES)?.try_into().ok()?;
+        Some(decode_header(&header))
+    }
+
     /// The next complete frame: its header and its length with the header.
     pub fn next_frame(&self) -> Option<Result<(Header, usize), protocol::ProtocolError>> {
-        let pending = self.pending();
-        let header_bytes: [u8; HEADER_BYTES] = pending.get(..HEADER_BYTES)?.try_into().ok()?;
-        let header = match decode_header(&header_bytes) {
+        let header = match self.next_header()? {
             Ok(header) => header,
             Err(error) => return Some(Err(error)),
         };
         let end = HEADER_BYTES + header.body_len as usize;
-        (pending.len() >= end).then_some(Ok((header, end)))
+        (self.pending().len() >= end).then_some(Ok((header, end)))
     }
 
     /// Drops the first `count` pending bytes (a handled frame).
@@ -237,18 +241,17 @@ impl InputBuffer {
 
     /// Room the next read should have: the rest of the first frame when its
     /// header has arrived (so that it is read in as few calls as the socket
-    /// allows, into memory allocated once), else `RECEIVE_ROOM_MIN`; 0 when
-    /// that frame is complete: handle it before reading on, so the buffer
-    /// holds about one frame, not a backlog.
+    /// allows), but never more than the buffer's size again (memory follows
+    /// the bytes that arrive, not what a header announces); else
+    /// `RECEIVE_ROOM_MIN`. 0 when that frame is complete: handle it before
+    /// reading on, so the buffer holds about one frame, not a backlog.
     fn wanted(&self) -> usize {
-        let pending = self.pending();
-        let Some(Ok(header)) = pending
-            .get(..HEADER_BYTES)
-            .map(|header| decode_header(header.try_into().expect("header-sized")))
-        else {
+        let Some(Ok(header)) = self.next_header() else {
             return RECEIVE_ROOM_MIN;
         };
-        (HEADER_BYTES + header.body_len as usize).saturating_sub(pending.len())
+        let missing =
+            (HEADER_BYTES + header.body_len as usize).saturating_sub(self.pending().len());
+        missing.min(self.bytes.len().max(RECEIVE_ROOM_MIN))
     }
 }
 
@@ -569,14 +572,14 @@ mod tests {
         assert!(input.next_frame().is_none(), "the store is not all here");
         assert_eq!(
             input.wanted(),
-            store.len() - 5000,
-            "the rest of the store is asked for at once"
+            input.bytes.len(),
+            "room for the store grows with the bytes that arrive, not at the header's word"
         );
         let store_end = status.len() + store.len();
         feed(&mut input, &stream[status.len() + 5000..store_end], 4096);
         assert!(
-            input.bytes.len() <= store.len() + RECEIVE_CHUNK_BYTES,
-            "room was made once for the frame, not grown piece by piece: {}",
+            input.bytes.len() <= 2 * store.len(),
+            "room doubled as the frame came in: {}",
             input.bytes.len()
         );
         feed(&mut input, &stream[store_end..], 4096);
@@ -678,6 +681,26 @@ mod tests {
             }
             proptest::prop_assert_eq!(seen, frames);
         }
+    }
+
+    #[test]
+    fn a_header_announcing_a_huge_frame_takes_no_memory_before_its_bytes() {
+        let mut input = InputBuffer::with_capacity(RECEIVE_CHUNK_BYTES);
+        let head = encode_store_head(&StorePrefix {
+            request_id: 1,
+            namespace: "kv".into(),
+            key: block_layout::BlockKey(1),
+            payload_len: protocol::PAYLOAD_MAX,
+        });
+        feed(&mut input, &head, head.len());
+        assert!(input.wanted() <= RECEIVE_CHUNK_BYTES);
+        let wanted = input.wanted();
+        input.spare(wanted);
+        assert!(
+            input.bytes.len() <= 2 * RECEIVE_CHUNK_BYTES,
+            "{}",
+            input.bytes.len()
+        );
     }
 
     #[test]

@@ -113,6 +113,8 @@ struct Core<S: BlockStore> {
     events: Vec<Event>,
     /// Where a closing connection's last input is drained to, unread.
     scratch: Vec<u8>,
+    /// The largest `Store` body a client may send: the largest block's.
+    store_body_max: u64,
     round_robin: usize,
     draining_since: Option<Instant>,
     rdma: Option<CoreRdma>,
@@ -206,6 +208,16 @@ pub fn run<S: BlockStore>(
     counters
         .staging_huge_pages
         .store(i64::from(huge), Ordering::Relaxed);
+    // Slots are whole blocks rounded up to the disk's alignment.
+    let store_body_max = protocol::store_body_max(
+        shard
+            .stats()
+            .namespaces
+            .iter()
+            .map(|namespace| namespace.slot_bytes)
+            .max()
+            .unwrap_or(0),
+    );
     let mut core = Core {
         shard,
         stores: Stores::default(),
@@ -216,6 +228,7 @@ pub fn run<S: BlockStore>(
         completions: Vec::new(),
         events: Vec::new(),
         scratch: vec![0u8; RECEIVE_CHUNK_BYTES],
+        store_body_max,
         round_robin: 0,
         draining_since: None,
         rdma,
@@ -403,6 +416,19 @@ impl<S: BlockStore> Core<S> {
             };
             if connection.closing {
                 return;
+            }
+            // A store larger than any block is refused when its header
+            // arrives, before its bytes take memory.
+            if let Some(Ok(header)) = connection.input.next_header() {
+                if header.kind == FrameType::Store
+                    && u64::from(header.body_len) > self.store_body_max
+                {
+                    let message = format!(
+                        "a store of {} bytes is larger than any block this gateway stores ({} bytes with its prefix)",
+                        header.body_len, self.store_body_max
+                    );
+                    return self.protocol_error(index, &message);
+                }
             }
             let (header, frame_bytes) = match connection.input.next_frame() {
                 None => return,
