@@ -274,11 +274,13 @@ impl Geometry {
         );
         let image_end = image_offset + target.len() as u64;
         assert!(image_end <= self.slot_bytes(), "chunk beyond the slot");
-        target.fill(0);
         let stride = self.disk_layer_stride();
         let layer_bytes = self.layer_bytes();
         let first = image_offset / stride;
         let last = image_end.div_ceil(stride).min(u64::from(self.layers));
+        // Each byte is written once: layers copied, only the padding between
+        // and after them zeroed (the target holds an earlier block's bytes).
+        let mut written = 0;
         for layer in first..last {
             let layer_start = layer * stride;
             let from = layer_start.max(image_offset);
@@ -289,8 +291,11 @@ impl Geometry {
             let source = (layer * layer_bytes + (from - layer_start)) as usize;
             let destination = (from - image_offset) as usize;
             let len = (to - from) as usize;
+            target[written..destination].fill(0);
             target[destination..destination + len].copy_from_slice(&payload[source..source + len]);
+            written = destination + len;
         }
+        target[written..].fill(0);
     }
 }
 
@@ -394,13 +399,23 @@ mod tests {
         ) {
             let payload: Vec<u8> = (0..geometry.block_bytes()).map(|i| (i % 251) as u8 + 1).collect();
             let slot = geometry.slot_bytes();
-            let mut image = vec![0u8; slot as usize];
+            // Staging holds an earlier block's bytes: the padding must come out zero.
+            let mut image = vec![0xEEu8; slot as usize];
             let chunk = chunk_pages * DISK_ALIGN_BYTES;
             let mut offset = 0;
             while offset < slot {
                 let end = (offset + chunk).min(slot);
                 geometry.fill_disk_image(&payload, offset, &mut image[offset as usize..end as usize]);
                 offset = end;
+            }
+            let stride = geometry.disk_layer_stride() as usize;
+            let layer_bytes = geometry.layer_bytes() as usize;
+            for (offset, byte) in image.iter().enumerate() {
+                let in_layer = offset / stride < usize::from(geometry.layers)
+                    && offset % stride < layer_bytes;
+                if !in_layer {
+                    prop_assert_eq!(*byte, 0, "padding at {} is not zero", offset);
+                }
             }
             let first = first_seed % geometry.layers;
             let span = geometry.disk_span(first..geometry.layers);
