@@ -35,6 +35,10 @@ use crate::{
 pub use http::{GetOutcome, ObjectClient, ObjectError};
 use sys::LentBuffer;
 
+/// Tags of the puts the synchronous `put` starts; callers of `start_put`
+/// use tags below it.
+const CALLER_PUT_TAG: u64 = 1 << 63;
+
 /// Connection settings of an object store.
 #[derive(Clone)]
 pub struct ObjectSettings {
@@ -516,23 +520,44 @@ impl BlockStore for ObjectShard {
         self.pending.len()
     }
 
+    /// The blocks go to the workers (`concurrency` PUTs at a time, as
+    /// `start_put`'s do) and this waits for them all; the first error is
+    /// returned, after every PUT has ended.
     fn put(
         &mut self,
         namespace: NamespaceId,
         blocks: &[(BlockKey, &[u8])],
     ) -> Result<(), StoreError> {
-        let spec = self.spec(namespace).clone();
         for (key, bytes) in blocks {
             self.check_block_size(namespace, *key, bytes)?;
-            let object = self.store.object_name(&spec.name, *key);
-            self.store
-                .client
-                .put_block(&object, &spec.geometry, bytes)
-                .map_err(|error| error.into_store_error(&object))?;
-            self.stats.puts += 1;
-            self.stats.put_bytes += bytes.len() as u64;
         }
-        Ok(())
+        let mut outcome = Ok(());
+        let mut waiting = 0;
+        for (index, (key, bytes)) in blocks.iter().enumerate() {
+            match self.start_put(namespace, *key, bytes, CALLER_PUT_TAG | index as u64) {
+                PutStarted::InFlight => waiting += 1,
+                PutStarted::Finished(result) => outcome = outcome.and(result),
+            }
+        }
+        let mut finished = Vec::with_capacity(waiting);
+        while finished.len() < waiting {
+            let result = self
+                .results
+                .recv()
+                .expect("workers live as long as the shard");
+            self.complete(result);
+            // Reads' completions stay for `reap`; only this call's puts are taken.
+            let (mine, others): (Vec<_>, Vec<_>) = std::mem::take(&mut self.finished_puts)
+                .into_iter()
+                .partition(|put| put.tag & CALLER_PUT_TAG != 0);
+            self.finished_puts = others;
+            finished.extend(mine);
+        }
+        finished.sort_by_key(|put| put.tag);
+        finished
+            .into_iter()
+            .try_for_each(|put| put.result)
+            .and(outcome)
     }
 
     /// The PUT runs on a worker; the block is copied into a reused body first.
