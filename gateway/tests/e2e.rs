@@ -883,6 +883,24 @@ fn sixty_four_clients_and_a_stalled_one_stay_within_memory_bounds() {
     drop(stalled);
 }
 
+/// A gateway (stall timeout 600 s) whose shard 0 staging two clients that
+/// stopped reading hold between them: three quarters, then the rest.
+fn staging_held_by_two_stalled_clients() -> (Gateway, [TcpStream; 2]) {
+    let gateway = Gateway::start_configured(256, None, "client_stall_timeout_ms = 600000");
+    let first = stalled_client(&gateway);
+    let three_quarters = STAGING_BYTES_PER_CORE * 0.75;
+    assert_eq!(
+        wait_for_staging_in_use(&gateway, three_quarters),
+        three_quarters
+    );
+    let second = stalled_client(&gateway);
+    assert_eq!(
+        wait_for_staging_in_use(&gateway, STAGING_BYTES_PER_CORE),
+        STAGING_BYTES_PER_CORE
+    );
+    (gateway, [first, second])
+}
+
 /// Two clients that stop reading take all of a core's staging between them
 /// (three quarters, then the rest); a client that reads then waits for it. The
 /// stall timeout is far away, yet the waiting load completes: either the
@@ -891,18 +909,7 @@ fn sixty_four_clients_and_a_stalled_one_stay_within_memory_bounds() {
 /// runs here, even with small receive buffers); which one happened is printed.
 #[test]
 fn a_load_waiting_for_staging_that_stalled_clients_hold_completes() {
-    let gateway = Gateway::start_configured(256, None, "client_stall_timeout_ms = 600000");
-    let _first = stalled_client(&gateway);
-    let three_quarters = STAGING_BYTES_PER_CORE * 0.75;
-    assert_eq!(
-        wait_for_staging_in_use(&gateway, three_quarters),
-        three_quarters
-    );
-    let _second = stalled_client(&gateway);
-    assert_eq!(
-        wait_for_staging_in_use(&gateway, STAGING_BYTES_PER_CORE),
-        STAGING_BYTES_PER_CORE
-    );
+    let (gateway, _stalled) = staging_held_by_two_stalled_clients();
     let client = gateway.client();
     let region = Arc::new(Region::allocate(8 * BLOCK_BYTES));
     let id = client
@@ -932,18 +939,7 @@ fn a_load_waiting_for_staging_that_stalled_clients_hold_completes() {
 /// store starves).
 #[test]
 fn a_store_waiting_for_staging_that_stalled_clients_hold_completes() {
-    let gateway = Gateway::start_configured(256, None, "client_stall_timeout_ms = 600000");
-    let _first = stalled_client(&gateway);
-    let three_quarters = STAGING_BYTES_PER_CORE * 0.75;
-    assert_eq!(
-        wait_for_staging_in_use(&gateway, three_quarters),
-        three_quarters
-    );
-    let _second = stalled_client(&gateway);
-    assert_eq!(
-        wait_for_staging_in_use(&gateway, STAGING_BYTES_PER_CORE),
-        STAGING_BYTES_PER_CORE
-    );
+    let (gateway, _stalled) = staging_held_by_two_stalled_clients();
     let client = gateway.client();
     // A key of shard 0, whose staging the stalled clients hold.
     let key = (0x5_0000u128..)
