@@ -96,6 +96,24 @@ fn expected_block(index: u64) -> Vec<u8> {
     bytes
 }
 
+/// Loads block `key` whole to the start of `region` (registered as `id`): it
+/// must be `expected`.
+fn assert_loads_as(
+    client: &Client,
+    namespace: &str,
+    (id, region): (client::RegionId, &Region),
+    key: BlockKey,
+    expected: &[u8],
+) {
+    let blocks = [BlockLoad {
+        key,
+        layers: 0..LAYERS,
+        dest_offset: 0,
+    }];
+    load_all_done(client, namespace, id, &blocks);
+    assert!(region.read(0, expected.len()) == expected, "block {key}");
+}
+
 /// Loads `blocks` into region `id` and waits for the load: every block must
 /// be done.
 fn load_all_done(
@@ -379,13 +397,7 @@ fn unix_socket_clients_and_stores_work() {
     let id = client
         .register_region(Arc::clone(&region))
         .expect("register");
-    let blocks = [BlockLoad {
-        key: BlockKey(0xabc),
-        layers: 0..LAYERS,
-        dest_offset: 0,
-    }];
-    load_all_done(&client, "layer", id, &blocks);
-    assert_eq!(region.read(0, BLOCK_BYTES), block);
+    assert_loads_as(&client, "layer", (id, &region), BlockKey(0xabc), &block);
 }
 
 #[test]
@@ -956,13 +968,7 @@ fn a_store_waiting_for_staging_that_stalled_clients_hold_completes() {
     let id = client
         .register_region(Arc::clone(&region))
         .expect("register");
-    let blocks = [BlockLoad {
-        key,
-        layers: 0..LAYERS,
-        dest_offset: 0,
-    }];
-    load_all_done(&client, "full", id, &blocks);
-    assert!(region.read(0, BLOCK_BYTES) == block);
+    assert_loads_as(&client, "full", (id, &region), key, &block);
     assert_eq!(
         gateway
             .process
@@ -1494,13 +1500,7 @@ fn a_store_in_flight_when_the_gateway_restarts_is_stored_again() {
             .expect("the store thread")
             .expect("stored after the restart");
     });
-    let blocks = [BlockLoad {
-        key,
-        layers: 0..LAYERS,
-        dest_offset: 0,
-    }];
-    load_all_done(&client, "full", id, &blocks);
-    assert!(region.read(0, BLOCK_BYTES) == block);
+    assert_loads_as(&client, "full", (id, &region), key, &block);
 }
 
 /// `store_many` from three threads at once, each with more blocks than it
