@@ -30,14 +30,10 @@ use staging::{StagingBuffer, StagingSlab};
 
 use crate::{
     BlockStore, NamespaceId, NamespaceSpec, NamespaceStats, PutCompletion, PutStarted,
-    ReadCompletion, ReadRequest, Rejected, ShardStats, StoreError,
+    ReadCompletion, ReadRequest, Rejected, ShardStats, StoreError, CALLER_PUT_TAG,
 };
 pub use http::{GetOutcome, ObjectClient, ObjectError};
 use sys::LentBuffer;
-
-/// Tags of the puts the synchronous `put` starts; callers of `start_put`
-/// use tags below it.
-const CALLER_PUT_TAG: u64 = 1 << 63;
 
 /// Connection settings of an object store.
 #[derive(Clone)]
@@ -539,25 +535,21 @@ impl BlockStore for ObjectShard {
                 PutStarted::Finished(result) => outcome = outcome.and(result),
             }
         }
-        let mut finished = Vec::with_capacity(waiting);
-        while finished.len() < waiting {
+        // Reads' completions (and other puts') stay for `reap`.
+        let caller_finished = |finished: &[PutCompletion]| {
+            finished
+                .iter()
+                .filter(|put| put.tag & CALLER_PUT_TAG != 0)
+                .count()
+        };
+        while caller_finished(&self.finished_puts) < waiting {
             let result = self
                 .results
                 .recv()
                 .expect("workers live as long as the shard");
             self.complete(result);
-            // Reads' completions stay for `reap`; only this call's puts are taken.
-            let (mine, others): (Vec<_>, Vec<_>) = std::mem::take(&mut self.finished_puts)
-                .into_iter()
-                .partition(|put| put.tag & CALLER_PUT_TAG != 0);
-            self.finished_puts = others;
-            finished.extend(mine);
         }
-        finished.sort_by_key(|put| put.tag);
-        finished
-            .into_iter()
-            .try_for_each(|put| put.result)
-            .and(outcome)
+        crate::take_caller_puts(&mut self.finished_puts).and(outcome)
     }
 
     /// The PUT runs on a worker; the block is copied into a reused body first.

@@ -17,15 +17,11 @@ use staging::StagingBuffer;
 
 use super::format::{self, BlockHeader};
 use super::{io_error, Span, UringShard};
-use crate::{IoOp, NamespaceId, PutCompletion, StoreError};
+use crate::{IoOp, NamespaceId, PutCompletion, StoreError, CALLER_PUT_TAG};
 
 /// Put writes in flight at once; the op table holds this many on top of the
 /// reads' depth and two syncs per namespace, so neither starves the other.
 pub(super) const PUT_WRITES_MAX: usize = 16;
-
-/// Tags of the puts the synchronous `put` starts; callers of `start_put`
-/// use tags below it.
-pub(super) const CALLER_PUT_TAG: u64 = 1 << 63;
 
 /// Which file of a namespace a sync covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
