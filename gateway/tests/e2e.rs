@@ -1541,6 +1541,24 @@ fn store_many_from_several_threads_stores_every_block() {
         keys.len() as f64
     );
     assert_eq!(gateway.metric_sum("dualpath_stores_in_flight"), 0.0);
+    // The shards' statistics reach the metrics within a second: the 60 new
+    // blocks beside the 4 imported, nothing evicted, and syncs shared (each
+    // store alone would take two).
+    let fill = || {
+        gateway
+            .process
+            .metric_sum_labelled("dualpath_storage_blocks", "namespace=\"layer\"")
+    };
+    let deadline = Instant::now() + WAIT;
+    while fill() < 64.0 {
+        assert!(Instant::now() < deadline, "fill stayed at {}", fill());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(fill(), 64.0);
+    assert_eq!(gateway.metric_sum("dualpath_storage_evictions_total"), 0.0);
+    let syncs = gateway.metric_sum("dualpath_storage_syncs_total");
+    eprintln!("60 stores, 3 threads with 8 in flight each: {syncs} syncs");
+    assert!(syncs > 0.0 && syncs < 120.0, "{syncs} syncs for 60 stores");
     let region = Arc::new(Region::allocate(keys.len() * BLOCK_BYTES));
     let id = client
         .register_region(Arc::clone(&region))

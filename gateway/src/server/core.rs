@@ -29,6 +29,9 @@ const POLL_TIMEOUT: Duration = Duration::from_millis(50);
 /// How long a client may take nothing while others starve for the staging it
 /// holds (the stall timeout applies otherwise).
 const STARVED_STALL_LIMIT: Duration = Duration::from_secs(1);
+/// How often the shard's statistics (evictions, syncs, fill) are copied
+/// into the metrics: they are not on any hot path, and `stats` allocates.
+const STATS_EVERY: Duration = Duration::from_secs(1);
 /// Most connections one core serves (a tag carries the index in 16 bits).
 const CONNECTIONS_MAX: usize = 1 << 16;
 
@@ -115,6 +118,8 @@ struct Core<S: BlockStore> {
     scratch: Vec<u8>,
     /// The largest `Store` body a client may send: the largest block's.
     store_body_max: u64,
+    /// When the shard's statistics were last copied into the counters.
+    stats_published: Instant,
     round_robin: usize,
     draining_since: Option<Instant>,
     rdma: Option<CoreRdma>,
@@ -229,6 +234,7 @@ pub fn run<S: BlockStore>(
         events: Vec::new(),
         scratch: vec![0u8; RECEIVE_CHUNK_BYTES],
         store_body_max,
+        stats_published: Instant::now() - STATS_EVERY,
         round_robin: 0,
         draining_since: None,
         rdma,
@@ -293,6 +299,17 @@ impl<S: BlockStore> Core<S> {
         counters
             .stores_in_flight
             .store(self.shard.puts_in_flight() as i64, Ordering::Relaxed);
+        if self.stats_published.elapsed() >= STATS_EVERY {
+            self.stats_published = Instant::now();
+            let stats = self.shard.stats();
+            counters.evictions.store(stats.evictions, Ordering::Relaxed);
+            counters.put_syncs.store(stats.put_syncs, Ordering::Relaxed);
+            *counters.namespace_fill.lock().expect("namespace fill lock") = stats
+                .namespaces
+                .into_iter()
+                .map(|namespace| (namespace.name, namespace.blocks, namespace.slots))
+                .collect();
+        }
         let slab = self.shard.slab();
         counters.staging_bytes_in_use.store(
             i64::from(slab.buffers_in_use()) * slab.buffer_bytes() as i64,

@@ -76,6 +76,13 @@ pub struct CoreCounters {
     pub store_seconds: metrics::Histogram,
     /// Stores accepted and not yet durable (or failed).
     pub stores_in_flight: AtomicI64,
+    /// From the shard's own statistics, copied about once a second: blocks
+    /// evicted to make room, and file syncs that made puts durable.
+    pub evictions: AtomicU64,
+    pub put_syncs: AtomicU64,
+    /// Per namespace: blocks stored and slots (0 where the backend does not
+    /// count them: object stores). Written once a second, read at scrape.
+    pub namespace_fill: std::sync::Mutex<Vec<(String, u64, u64)>>,
 }
 
 impl CoreCounters {
@@ -104,6 +111,9 @@ impl CoreCounters {
             load_seconds: metrics::histogram!(LOAD_SECONDS, "shard" => shard.to_string()),
             store_seconds: metrics::histogram!(STORE_SECONDS, "shard" => shard.to_string()),
             stores_in_flight: AtomicI64::new(0),
+            evictions: AtomicU64::new(0),
+            put_syncs: AtomicU64::new(0),
+            namespace_fill: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -256,6 +266,22 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         "dualpath_stores_in_flight",
         "Stores the shard accepted that are not yet durable"
     );
+    describe_counter!(
+        "dualpath_storage_evictions_total",
+        "Blocks evicted (least recently used) to make room for stores"
+    );
+    describe_counter!(
+        "dualpath_storage_syncs_total",
+        "File syncs that made stores durable (one serves every store waiting for it)"
+    );
+    describe_gauge!(
+        "dualpath_storage_blocks",
+        "Blocks stored in the shard's part of a namespace (local store)"
+    );
+    describe_gauge!(
+        "dualpath_storage_slots",
+        "Block slots of the shard's part of a namespace: its capacity (local store)"
+    );
     Ok(handle)
 }
 
@@ -297,6 +323,22 @@ pub fn publish(cores: &[Arc<CoreCounters>], acceptor: &AcceptorCounters) {
             .set(read(&core.reads_in_flight));
         gauge!("dualpath_stores_in_flight", "shard" => shard.clone())
             .set(read(&core.stores_in_flight));
+        counter!("dualpath_storage_evictions_total", "shard" => shard.clone())
+            .absolute(load(&core.evictions));
+        counter!("dualpath_storage_syncs_total", "shard" => shard.clone())
+            .absolute(load(&core.put_syncs));
+        for (namespace, blocks, slots) in core
+            .namespace_fill
+            .lock()
+            .expect("namespace fill lock")
+            .iter()
+            .filter(|(_, _, slots)| *slots > 0)
+        {
+            gauge!("dualpath_storage_blocks", "namespace" => namespace.clone(), "shard" => shard.clone())
+                .set(*blocks as f64);
+            gauge!("dualpath_storage_slots", "namespace" => namespace.clone(), "shard" => shard.clone())
+                .set(*slots as f64);
+        }
         gauge!("dualpath_staging_bytes_in_use", "shard" => shard.clone())
             .set(read(&core.staging_bytes_in_use));
         gauge!("dualpath_staging_bytes", "shard" => shard.clone())
