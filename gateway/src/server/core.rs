@@ -234,7 +234,10 @@ pub fn run<S: BlockStore>(
         events: Vec::new(),
         scratch: vec![0u8; RECEIVE_CHUNK_BYTES],
         store_body_max,
-        stats_published: Instant::now() - STATS_EVERY,
+        // Published on the first pass.
+        stats_published: Instant::now()
+            .checked_sub(STATS_EVERY)
+            .unwrap_or_else(Instant::now),
         round_robin: 0,
         draining_since: None,
         rdma,
