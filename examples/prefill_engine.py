@@ -3,7 +3,7 @@
 
 It registers a NumPy buffer as the KV cache, loads a request's cached blocks layer by
 layer, "computes" each layer as soon as it has arrived (a checksum standing in for
-attention), writes the request's new block back, and prints timings.
+attention), writes the request's new blocks back, and prints timings.
 
     dualpath import -n default --synthetic 200      # with the gateway stopped
     dualpath serve &                                 # the README's run command
@@ -40,6 +40,7 @@ def main():
     parser.add_argument("--gateway", default="127.0.0.1:7400")
     parser.add_argument("--namespace", default="default")
     parser.add_argument("--blocks", type=int, default=64, help="cached blocks of the request")
+    parser.add_argument("--new-blocks", type=int, default=2, help="blocks the turn's new tokens filled")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
 
@@ -72,10 +73,15 @@ def main():
     for index, code, message in failed:
         print(f"block {index} failed: {code}: {message}")
 
-    new_block = np.random.default_rng(args.seed).integers(0, 256, block_bytes, dtype=np.uint8)
+    # The turn's new tokens filled `--new-blocks` blocks: stored together, so the
+    # gateway makes them durable with shared disk syncs.
+    new_blocks = np.random.default_rng(args.seed).integers(0, 256, (args.new_blocks, block_bytes), dtype=np.uint8)
     store_started = time.perf_counter()
-    client.store(args.namespace, synthetic_key(args.seed + 1_000_000, 0), memoryview(new_block).cast("B"))
-    print(f"stored the request's new block in {(time.perf_counter() - store_started) * 1000:.1f} ms")
+    client.store_many(args.namespace, [
+        (synthetic_key(args.seed + 1_000_000, index), memoryview(block).cast("B"))
+        for index, block in enumerate(new_blocks)
+    ])
+    print(f"stored the request's {args.new_blocks} new blocks in {(time.perf_counter() - store_started) * 1000:.1f} ms")
     return 1 if failed else 0
 
 

@@ -204,7 +204,7 @@ def test_the_prefill_engine_example_runs(gateway):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"loaded {BLOCKS}/{BLOCKS} blocks" in result.stdout
-    assert "layer   7 ready" in result.stdout and "stored the request's new block" in result.stdout
+    assert "layer   7 ready" in result.stdout and "stored the request's 2 new blocks" in result.stdout
 
 
 def test_a_bad_secret_is_refused_and_the_right_one_works(secure_gateway):
