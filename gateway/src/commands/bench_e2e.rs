@@ -244,6 +244,31 @@ impl BenchGateway {
     }
 }
 
+impl BenchGateway {
+    /// CPU seconds the gateway process has used so far (user and system,
+    /// all its threads), from /proc.
+    pub(crate) fn cpu_seconds(&self) -> anyhow::Result<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .context("cannot read the gateway's /proc stat")?;
+        // Fields after the command name (in parentheses, which may hold spaces):
+        // state is field 3, utime 14, stime 15.
+        let after_name = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest)
+            .context("an unexpected /proc stat line")?;
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        let ticks = |index: usize| -> anyhow::Result<f64> {
+            Ok(fields
+                .get(index)
+                .context("a short /proc stat line")?
+                .parse::<u64>()? as f64)
+        };
+        let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?
+            .context("no clock tick rate")? as f64;
+        Ok((ticks(14 - 3)? + ticks(15 - 3)?) / per_second)
+    }
+}
+
 impl Drop for BenchGateway {
     fn drop(&mut self) {
         if let Ok(pid) = i32::try_from(self.child.id()) {

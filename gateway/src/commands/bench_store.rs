@@ -65,18 +65,20 @@ pub fn bench_store(options: &BenchStoreOptions) -> anyhow::Result<()> {
             .map(|index| BlockKey(u128::from(round) << 64 | u128::from(index)))
             .collect();
         let (first_half, second_half) = keys.split_at(keys.len() / 2);
-        let started = Instant::now();
+        let (started, cpu) = (Instant::now(), gateway.cpu_seconds()?);
         for key in first_half {
             client.store("bench", *key, &block)?;
         }
-        one.push(rate(first_half.len(), options, started, "store", round));
+        let measured = Measured::since(first_half.len(), options, started, cpu, &gateway)?;
+        one.push(measured.report("store", round));
         let blocks: Vec<(BlockKey, &[u8])> = second_half
             .iter()
             .map(|key| (*key, block.as_slice()))
             .collect();
-        let started = Instant::now();
+        let (started, cpu) = (Instant::now(), gateway.cpu_seconds()?);
         client.store_many("bench", &blocks)?;
-        many.push(rate(blocks.len(), options, started, "store_many", round));
+        let measured = Measured::since(blocks.len(), options, started, cpu, &gateway)?;
+        many.push(measured.report("store_many", round));
         let fio_rate = fio_writes(
             &fio_file,
             (count / 2) * options.block_bytes,
@@ -102,16 +104,37 @@ pub fn bench_store(options: &BenchStoreOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn rate(
-    blocks: usize,
-    options: &BenchStoreOptions,
-    started: Instant,
-    what: &str,
-    round: u32,
-) -> f64 {
-    let rate = (blocks as u64 * options.block_bytes) as f64 / started.elapsed().as_secs_f64();
-    println!("  round {round}: {what:<10} {:.3} GB/s", rate / 1e9);
-    rate
+/// One run of stores: its rate, and the gateway's CPU per GiB stored.
+struct Measured {
+    bytes_per_second: f64,
+    cpu_seconds_per_gib: f64,
+}
+
+impl Measured {
+    fn since(
+        blocks: usize,
+        options: &BenchStoreOptions,
+        started: Instant,
+        cpu_before: f64,
+        gateway: &BenchGateway,
+    ) -> anyhow::Result<Self> {
+        let bytes = (blocks as u64 * options.block_bytes) as f64;
+        Ok(Self {
+            bytes_per_second: bytes / started.elapsed().as_secs_f64(),
+            cpu_seconds_per_gib: (gateway.cpu_seconds()? - cpu_before)
+                / (bytes / (1u64 << 30) as f64),
+        })
+    }
+
+    /// Prints the run; its rate.
+    fn report(&self, what: &str, round: u32) -> f64 {
+        println!(
+            "  round {round}: {what:<10} {:.3} GB/s, gateway {:.3} CPU s/GiB",
+            self.bytes_per_second / 1e9,
+            self.cpu_seconds_per_gib
+        );
+        self.bytes_per_second
+    }
 }
 
 fn config_text(options: &BenchStoreOptions, store: &std::path::Path) -> String {
