@@ -244,6 +244,9 @@ pub(crate) const QUIET_WITHIN: Duration = Duration::from_secs(5);
 /// its staging is not all taken by one client's puts.
 pub const STORES_IN_FLIGHT: usize = 8;
 
+/// How often to look whether a gateway that is shutting down has gone.
+const WATCH_STOPPING_GATEWAY: Duration = Duration::from_millis(20);
+
 /// Between redials of a gateway that someone waits on (see
 /// [`Redialer::redial_within`]).
 const REDIAL_PAUSE: Duration = Duration::from_millis(50);
@@ -651,10 +654,18 @@ impl Client {
     ) -> Result<(), ClientError> {
         self.redialer.redial(0, Redial::OnDemand);
         let mut confirmed = 0;
+        let within = self.options.request_timeout;
         match self.store_window(namespace, blocks, &mut confirmed) {
             Err(ClientError::Disconnected { .. }) => {
+                self.redialer.redial_within(0, within, &|| false)?;
+                self.store_window(namespace, &blocks[confirmed..], &mut 0)
+            }
+            Err(ClientError::Gateway {
+                code: ErrorCode::ShuttingDown,
+                ..
+            }) => {
                 self.redialer
-                    .redial_within(0, self.options.request_timeout, &|| false)?;
+                    .redial_successor_within(0, within, &|| false)?;
                 self.store_window(namespace, &blocks[confirmed..], &mut 0)
             }
             outcome => outcome,
@@ -967,6 +978,37 @@ impl Redialer {
             }
             std::thread::sleep(REDIAL_PAUSE);
         }
+    }
+
+    /// After gateway `gateway` refused a request as shutting down (a rolling
+    /// restart: it finishes what it has, then exits): waits until it has
+    /// closed the connection, then redials its successor; both within
+    /// `within`, and no longer than `cancelled` wants.
+    pub(crate) fn redial_successor_within(
+        &self,
+        gateway: usize,
+        within: Duration,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<(), ClientError> {
+        let deadline = std::time::Instant::now() + within;
+        let stopping = &self.gateways[gateway];
+        while !stopping.is_closed() && !cancelled() {
+            if std::time::Instant::now() >= deadline {
+                return Err(ClientError::Gateway {
+                    code: ErrorCode::ShuttingDown,
+                    message: format!(
+                        "gateway {} refused the request as shutting down and was still up after {within:?}",
+                        stopping.address
+                    ),
+                });
+            }
+            std::thread::sleep(WATCH_STOPPING_GATEWAY);
+        }
+        self.redial_within(
+            gateway,
+            deadline.saturating_duration_since(std::time::Instant::now()),
+            cancelled,
+        )
     }
 
     /// A connection the gateway ended (a restart, or this process stopped long

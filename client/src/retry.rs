@@ -16,9 +16,7 @@
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-use protocol::ErrorCode;
+use std::time::Duration;
 
 use crate::dual::{start_on_gateway, Target};
 use crate::load::{copy_error, LoadShared, PartId};
@@ -30,8 +28,6 @@ const RETRY_TICK: Duration = Duration::from_millis(20);
 /// as busy or stopping, or failed a read): a moment for it to recover, or to
 /// close the connection if it is on its way out.
 const PAUSE_BEFORE_ASKING_AGAIN: Duration = Duration::from_millis(100);
-/// How often to look whether a gateway that is shutting down has gone.
-const WATCH_STOPPING_GATEWAY: Duration = Duration::from_millis(20);
 
 /// What a load from one gateway needs to ask for blocks again.
 pub(crate) struct OneGateway {
@@ -139,23 +135,14 @@ impl OneGateway {
     /// cancelled (nothing is asked for then, and the thread is not kept
     /// dialling a gateway that may stay down).
     fn reconnect(&self, stopping: bool, cancelled: &dyn Fn() -> bool) -> Result<(), ClientError> {
-        let gateway = &self.gateways[self.gateway];
         if stopping {
-            let deadline = Instant::now() + self.redial_within;
-            while !gateway.is_closed() && !cancelled() {
-                if Instant::now() >= deadline {
-                    return Err(ClientError::Gateway {
-                        code: ErrorCode::ShuttingDown,
-                        message: format!(
-                            "gateway {} refused the load as shutting down and was still up \
-                             after {:?}",
-                            gateway.address, self.redial_within
-                        ),
-                    });
-                }
-                std::thread::sleep(WATCH_STOPPING_GATEWAY);
-            }
-        } else if !gateway.is_closed() {
+            return self.redialer.redial_successor_within(
+                self.gateway,
+                self.redial_within,
+                cancelled,
+            );
+        }
+        if !self.gateways[self.gateway].is_closed() {
             std::thread::sleep(PAUSE_BEFORE_ASKING_AGAIN);
         }
         self.redialer

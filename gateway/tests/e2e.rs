@@ -1478,6 +1478,82 @@ fn a_load_refused_by_a_stopping_gateway_completes_on_its_successor() {
     assert_reversed(&region);
 }
 
+/// `store_many` across a rolling restart: the gateway gets SIGTERM while a
+/// client streams stores into it; it answers the stores it took once they are
+/// durable, refuses new ones as shutting down while it drains (two stalled
+/// clients keep it draining until their stall timeout), and exits; the client
+/// waits for it to go, redials its successor (same address and store) and
+/// stores what was not confirmed. Every block is there afterwards.
+#[test]
+fn store_many_across_a_rolling_restart_stores_every_block() {
+    const BLOCKS: u128 = 1200;
+    let mut gateway = Gateway::start_configured(256, None, "client_stall_timeout_ms = 2000");
+    let stalled = [
+        stalled_client(&gateway),
+        stalled_client_with(&gateway, 1, None),
+    ];
+    let (client, _region, _) = client_without_poller(&gateway);
+    let block_of = |key: BlockKey| -> Vec<u8> {
+        (0..BLOCK_BYTES)
+            .map(|index| (index as u128 * 5 + key.0) as u8)
+            .collect()
+    };
+    let keys: Vec<BlockKey> = (0..BLOCKS).map(|i| BlockKey(0x7000 + i)).collect();
+    let bytes: Vec<Vec<u8>> = keys.iter().map(|key| block_of(*key)).collect();
+    let blocks: Vec<(BlockKey, &[u8])> = keys
+        .iter()
+        .zip(&bytes)
+        .map(|(key, bytes)| (*key, bytes.as_slice()))
+        .collect();
+    std::thread::scope(|scope| {
+        let storing = scope.spawn(|| client.store_many("full", &blocks));
+        let deadline = Instant::now() + WAIT;
+        while gateway.metric_sum("dualpath_blocks_stored_total") < 50.0 {
+            assert!(Instant::now() < deadline, "no store landed");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let pid =
+            nix::unistd::Pid::from_raw(i32::try_from(gateway.process.child.id()).expect("pid"));
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        while gateway.process.child.try_wait().expect("wait").is_none() {
+            assert!(Instant::now() < deadline, "the gateway did not stop");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(
+            !storing.is_finished(),
+            "the stores ended before the restart"
+        );
+        drop(stalled);
+        gateway.restart_in_place();
+        storing
+            .join()
+            .expect("the storing thread")
+            .expect("stored, partly on the successor");
+    });
+    let region = Arc::new(Region::allocate(keys.len() * BLOCK_BYTES));
+    let id = client
+        .register_region(Arc::clone(&region))
+        .expect("register");
+    let loads: Vec<BlockLoad> = keys
+        .iter()
+        .enumerate()
+        .map(|(slot, key)| BlockLoad {
+            key: *key,
+            layers: 0..LAYERS,
+            dest_offset: (slot * BLOCK_BYTES) as u64,
+        })
+        .collect();
+    for chunk in loads.chunks(400) {
+        load_all_done(&client, "full", id, chunk);
+    }
+    for (slot, key) in keys.iter().enumerate() {
+        assert!(
+            region.read(slot * BLOCK_BYTES, BLOCK_BYTES) == bytes[slot],
+            "block {key}"
+        );
+    }
+}
+
 /// A `store` whose gateway dies before answering (here: frozen, then killed
 /// and restarted on the same store) redials and stores the block again: it
 /// returns Ok, and the block is there to load.

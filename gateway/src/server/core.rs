@@ -705,18 +705,20 @@ impl<S: BlockStore> Core<S> {
             .as_ref()
             .and_then(|access| access.check_expiry(unix_now()).err());
         let result = match self.shard.namespace_id(&prefix.namespace) {
-            _ if expired.is_some() => {
-                self.setup.counters.error("unauthorized");
-                Err((
-                    ErrorCode::Unauthorized,
-                    format!("{}; connect again with it", expired.expect("checked")),
-                ))
-            }
+            // Stores taken before are made durable and answered; a new one
+            // goes to the gateway's successor (or another gateway).
+            _ if self.draining_since.is_some() => Err((
+                ErrorCode::ShuttingDown,
+                "the gateway is shutting down; store again on its successor".into(),
+            )),
+            _ if expired.is_some() => Err((
+                ErrorCode::Unauthorized,
+                format!("{}; connect again with it", expired.expect("checked")),
+            )),
             _ if access
                 .as_ref()
                 .is_some_and(|access| !access.may_write(&prefix.namespace)) =>
             {
-                self.setup.counters.error("unauthorized");
                 Err((
                     ErrorCode::Unauthorized,
                     unauthorized(access.as_deref(), "write", &prefix.namespace),
@@ -809,6 +811,7 @@ impl<S: BlockStore> Core<S> {
                 }
             }
             Err((code, message)) => {
+                // Counted once here (refusals as `bad_request`, as for loads).
                 self.setup.counters.error(match code {
                     ErrorCode::Io => "io",
                     ErrorCode::Busy => "busy",
