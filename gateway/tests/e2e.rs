@@ -114,6 +114,39 @@ fn assert_loads_as(
     assert!(region.read(0, expected.len()) == expected, "block {key}");
 }
 
+/// Loads `blocks` (each key with its expected bytes) into a region of their
+/// own, at most 400 to a load: every block must be there with its bytes.
+/// Returns the region's id and the region.
+fn assert_all_load_as(
+    client: &Client,
+    namespace: &str,
+    blocks: &[(BlockKey, &[u8])],
+) -> (client::RegionId, Arc<Region>) {
+    let region = Arc::new(Region::allocate(blocks.len() * BLOCK_BYTES));
+    let id = client
+        .register_region(Arc::clone(&region))
+        .expect("register");
+    let loads: Vec<BlockLoad> = blocks
+        .iter()
+        .enumerate()
+        .map(|(slot, (key, _))| BlockLoad {
+            key: *key,
+            layers: 0..LAYERS,
+            dest_offset: (slot * BLOCK_BYTES) as u64,
+        })
+        .collect();
+    for chunk in loads.chunks(400) {
+        load_all_done(client, namespace, id, chunk);
+    }
+    for (slot, (key, expected)) in blocks.iter().enumerate() {
+        assert!(
+            region.read(slot * BLOCK_BYTES, BLOCK_BYTES) == *expected,
+            "block {key}"
+        );
+    }
+    (id, region)
+}
+
 /// Loads `blocks` into region `id` and waits for the load: every block must
 /// be done.
 fn load_all_done(
@@ -1530,28 +1563,7 @@ fn store_many_across_a_rolling_restart_stores_every_block() {
             .expect("the storing thread")
             .expect("stored, partly on the successor");
     });
-    let region = Arc::new(Region::allocate(keys.len() * BLOCK_BYTES));
-    let id = client
-        .register_region(Arc::clone(&region))
-        .expect("register");
-    let loads: Vec<BlockLoad> = keys
-        .iter()
-        .enumerate()
-        .map(|(slot, key)| BlockLoad {
-            key: *key,
-            layers: 0..LAYERS,
-            dest_offset: (slot * BLOCK_BYTES) as u64,
-        })
-        .collect();
-    for chunk in loads.chunks(400) {
-        load_all_done(&client, "full", id, chunk);
-    }
-    for (slot, key) in keys.iter().enumerate() {
-        assert!(
-            region.read(slot * BLOCK_BYTES, BLOCK_BYTES) == bytes[slot],
-            "block {key}"
-        );
-    }
+    assert_all_load_as(&client, "full", &blocks);
 }
 
 /// A `store` whose gateway dies before answering (here: frozen, then killed
@@ -1635,26 +1647,13 @@ fn store_many_from_several_threads_stores_every_block() {
     let syncs = gateway.metric_sum("dualpath_storage_syncs_total");
     eprintln!("60 stores, 3 threads with 8 in flight each: {syncs} syncs");
     assert!(syncs > 0.0 && syncs < 120.0, "{syncs} syncs for 60 stores");
-    let region = Arc::new(Region::allocate(keys.len() * BLOCK_BYTES));
-    let id = client
-        .register_region(Arc::clone(&region))
-        .expect("register");
-    let blocks: Vec<BlockLoad> = keys
+    let bytes: Vec<Vec<u8>> = keys.iter().map(|key| block_of(*key)).collect();
+    let stored: Vec<(BlockKey, &[u8])> = keys
         .iter()
-        .enumerate()
-        .map(|(slot, key)| BlockLoad {
-            key: *key,
-            layers: 0..LAYERS,
-            dest_offset: (slot * BLOCK_BYTES) as u64,
-        })
+        .zip(&bytes)
+        .map(|(key, bytes)| (*key, bytes.as_slice()))
         .collect();
-    load_all_done(&client, "layer", id, &blocks);
-    for (slot, key) in keys.iter().enumerate() {
-        assert!(
-            region.read(slot * BLOCK_BYTES, BLOCK_BYTES) == block_of(*key),
-            "block {key}"
-        );
-    }
+    let (id, region) = assert_all_load_as(&client, "layer", &stored);
     let good = block_of(BlockKey(0x6000));
     let error = client
         .store_many(
@@ -1676,13 +1675,7 @@ fn store_many_from_several_threads_stores_every_block() {
         ),
         "{error}"
     );
-    let first = [BlockLoad {
-        key: BlockKey(0x6000),
-        layers: 0..LAYERS,
-        dest_offset: 0,
-    }];
-    load_all_done(&client, "layer", id, &first);
-    assert!(region.read(0, BLOCK_BYTES) == good);
+    assert_loads_as(&client, "layer", (id, &region), BlockKey(0x6000), &good);
 }
 
 /// A plain `load` whose gateway dies and stays down fails once the request
