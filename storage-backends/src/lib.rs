@@ -87,22 +87,6 @@ fn check_block_size(
     })
 }
 
-/// Tags of the puts a backend's synchronous `put` starts itself (with the
-/// block's index below it); callers of `start_put` use tags below it.
-const CALLER_PUT_TAG: u64 = 1 << 63;
-
-/// Takes the puts a synchronous `put` started out of `finished` (the others
-/// stay for `reap_puts`) and returns their outcome in block order: the first
-/// error, or Ok.
-fn take_caller_puts(finished: &mut Vec<PutCompletion>) -> Result<(), StoreError> {
-    let (mut mine, others): (Vec<PutCompletion>, Vec<PutCompletion>) = std::mem::take(finished)
-        .into_iter()
-        .partition(|put| put.tag & CALLER_PUT_TAG != 0);
-    *finished = others;
-    mine.sort_by_key(|put| put.tag);
-    mine.into_iter().try_for_each(|put| put.result)
-}
-
 /// A finished [`BlockStore::start_put`].
 #[derive(Debug)]
 pub struct PutCompletion {

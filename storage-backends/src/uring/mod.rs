@@ -29,13 +29,13 @@ use staging::{StagingBuffer, StagingSlab};
 use crate::sys::uring::Completion;
 use crate::{
     BlockStore, IoOp, NamespaceId, NamespaceSpec, NamespaceStats, PutCompletion, PutStarted,
-    ReadCompletion, ReadRequest, Rejected, ShardStats, StoreError, CALLER_PUT_TAG,
+    ReadCompletion, ReadRequest, Rejected, ShardStats, StoreError,
 };
 pub use engine::IoEngine;
 use engine::{Direction, Engine};
 use format::{BlockHeader, Manifest, ManifestNamespace, Record};
 use index::SlotTable;
-use put::{PutInFlight, SyncSeries, SyncedFile, PUT_WRITES_MAX};
+use put::{take_caller_puts, PutInFlight, SyncSeries, SyncedFile, CALLER_PUT_TAG, PUT_WRITES_MAX};
 
 /// The store directory of one process: validated manifest and an exclusive lock.
 #[derive(Debug)]
@@ -953,7 +953,7 @@ impl BlockStore for UringShard {
         while self.caller_puts_in_flight() > 0 {
             self.pump(1)?;
         }
-        crate::take_caller_puts(&mut self.finished_puts).and(outcome)
+        take_caller_puts(&mut self.finished_puts).and(outcome)
     }
 
     fn start_put(

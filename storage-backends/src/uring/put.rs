@@ -17,11 +17,27 @@ use staging::StagingBuffer;
 
 use super::format::{self, BlockHeader};
 use super::{io_error, Span, UringShard};
-use crate::{IoOp, NamespaceId, PutCompletion, StoreError, CALLER_PUT_TAG};
+use crate::{IoOp, NamespaceId, PutCompletion, StoreError};
 
 /// Put writes in flight at once; the op table holds this many on top of the
 /// reads' depth and two syncs per namespace, so neither starves the other.
 pub(super) const PUT_WRITES_MAX: usize = 16;
+
+/// Tags of the puts the synchronous `put` starts itself (with the
+/// block's index below it); callers of `start_put` use tags below it.
+pub(super) const CALLER_PUT_TAG: u64 = 1 << 63;
+
+/// Takes the puts a synchronous `put` started out of `finished` (the others
+/// stay for `reap_puts`) and returns their outcome in block order: the first
+/// error, or Ok.
+pub(super) fn take_caller_puts(finished: &mut Vec<PutCompletion>) -> Result<(), StoreError> {
+    let (mut mine, others): (Vec<PutCompletion>, Vec<PutCompletion>) = std::mem::take(finished)
+        .into_iter()
+        .partition(|put| put.tag & CALLER_PUT_TAG != 0);
+    *finished = others;
+    mine.sort_by_key(|put| put.tag);
+    mine.into_iter().try_for_each(|put| put.result)
+}
 
 /// Which file of a namespace a sync covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
