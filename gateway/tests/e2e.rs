@@ -1223,6 +1223,18 @@ fn fill(region: &Region, byte: u8) {
     region.write(0, &vec![byte; region.len()]);
 }
 
+/// `region` still holds only `byte` (what the test filled it with): nothing
+/// was written into it since; `why` says what that would mean.
+fn assert_filled_with(region: &Region, byte: u8, why: &str) {
+    assert!(
+        region
+            .read(0, region.len())
+            .iter()
+            .all(|held| *held == byte),
+        "{why}"
+    );
+}
+
 /// Every metric the Grafana dashboard (docs/grafana-dashboard.json) plots is
 /// one the gateway exports, after a load (so the histograms have samples).
 #[test]
@@ -1332,12 +1344,10 @@ fn a_cancel_a_frozen_gateway_cannot_confirm_cuts_it_off() {
     fill(&region, 0x77);
     gateway.thaw();
     std::thread::sleep(Duration::from_millis(300));
-    assert!(
-        region
-            .read(0, region.len())
-            .iter()
-            .all(|byte| *byte == 0x77),
-        "the cut-off gateway's data landed after cancel returned"
+    assert_filled_with(
+        &region,
+        0x77,
+        "the cut-off gateway's data landed after cancel returned",
     );
     load_all_done(&client, "full", id, &whole_blocks(8));
     assert!(region.read(7 * BLOCK_BYTES, BLOCK_BYTES) == expected_block(7));
@@ -1373,13 +1383,7 @@ fn a_load_cancelled_while_its_gateway_is_redialled_writes_nothing_later() {
     gateway.restart_in_place();
     // Long enough for the retrier's redial (backoff 1 s, then 2 s).
     std::thread::sleep(Duration::from_millis(3500));
-    assert!(
-        region
-            .read(0, region.len())
-            .iter()
-            .all(|byte| *byte == 0x3C),
-        "the retrier loaded after the cancel"
-    );
+    assert_filled_with(&region, 0x3C, "the retrier loaded after the cancel");
     assert_eq!(gateway.metric_sum("dualpath_storage_reads_total"), 0.0);
     assert_eq!(
         gateway.metric_sum("dualpath_connections_accepted_total"),
