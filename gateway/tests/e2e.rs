@@ -122,10 +122,7 @@ fn assert_all_load_as(
     namespace: &str,
     blocks: &[(BlockKey, &[u8])],
 ) -> (client::RegionId, Arc<Region>) {
-    let region = Arc::new(Region::allocate(blocks.len() * BLOCK_BYTES));
-    let id = client
-        .register_region(Arc::clone(&region))
-        .expect("register");
+    let (region, id) = registered_region(&client, blocks.len() * BLOCK_BYTES);
     let loads: Vec<BlockLoad> = blocks
         .iter()
         .enumerate()
@@ -145,6 +142,15 @@ fn assert_all_load_as(
         );
     }
     (id, region)
+}
+
+/// A region of `len` bytes registered with `client`.
+fn registered_region(client: &Client, len: usize) -> (Arc<Region>, client::RegionId) {
+    let region = Arc::new(Region::allocate(len));
+    let id = client
+        .register_region(Arc::clone(&region))
+        .expect("register");
+    (region, id)
 }
 
 /// Loads `blocks` into region `id` and waits for the load: every block must
@@ -180,10 +186,7 @@ fn loads_1000_blocks_in_both_layouts_layer_by_layer_with_every_byte_checked() {
     let client = gateway.client();
     let mut moved = 0u64;
     for namespace in ["layer", "full"] {
-        let region = Arc::new(Region::allocate(1000 * BLOCK_BYTES));
-        let id = client
-            .register_region(Arc::clone(&region))
-            .expect("register");
+        let (region, id) = registered_region(&client, 1000 * BLOCK_BYTES);
         let load = client
             .load(namespace, id, &whole_blocks(1000), 0)
             .expect("load");
@@ -257,10 +260,7 @@ fn strided_layer_destinations_land_where_asked() {
     let gateway = Gateway::start(16);
     let client = gateway.client();
     // The engine's layout: [layer][block slot], 16 slots per layer.
-    let region = Arc::new(Region::allocate(16 * BLOCK_BYTES));
-    let id = client
-        .register_region(Arc::clone(&region))
-        .expect("register");
+    let (region, id) = registered_region(&client, 16 * BLOCK_BYTES);
     let stride = 16 * LAYER_BYTES as u64;
     let blocks: Vec<BlockLoad> = (0..16)
         .map(|index| BlockLoad {
@@ -292,10 +292,7 @@ fn strided_layer_destinations_land_where_asked() {
 fn unknown_key_fails_that_block_clearly_while_the_rest_complete() {
     let gateway = Gateway::start(20);
     let client = gateway.client();
-    let region = Arc::new(Region::allocate(21 * BLOCK_BYTES));
-    let id = client
-        .register_region(Arc::clone(&region))
-        .expect("register");
+    let (region, id) = registered_region(&client, 21 * BLOCK_BYTES);
     let mut blocks = whole_blocks(20);
     blocks.insert(
         5,
@@ -335,10 +332,7 @@ fn unknown_key_fails_that_block_clearly_while_the_rest_complete() {
 fn refusals_are_typed_errors() {
     let gateway = Gateway::start(4);
     let client = gateway.client();
-    let region = Arc::new(Region::allocate(BLOCK_BYTES));
-    let id = client
-        .register_region(Arc::clone(&region))
-        .expect("register");
+    let (region, id) = registered_region(&client, BLOCK_BYTES);
     let error = client
         .load("nope", id, &whole_blocks(1), 0)
         .expect_err("unknown namespace");
@@ -384,10 +378,7 @@ fn client_that_disconnects_mid_load_leaves_the_gateway_healthy() {
     }
     assert!(gateway.http_get("/healthz").contains("ok"));
     let client = gateway.client();
-    let region = Arc::new(Region::allocate(100 * BLOCK_BYTES));
-    let id = client
-        .register_region(Arc::clone(&region))
-        .expect("register");
+    let (region, id) = registered_region(&client, 100 * BLOCK_BYTES);
     load_all_done(&client, "full", id, &whole_blocks(100));
     assert_eq!(
         region.read(99 * BLOCK_BYTES, BLOCK_BYTES),
@@ -426,10 +417,7 @@ fn unix_socket_clients_and_stores_work() {
         ),
         "{error}"
     );
-    let region = Arc::new(Region::allocate(BLOCK_BYTES));
-    let id = client
-        .register_region(Arc::clone(&region))
-        .expect("register");
+    let (region, id) = registered_region(&client, BLOCK_BYTES);
     assert_loads_as(&client, "layer", (id, &region), BlockKey(0xabc), &block);
 }
 
@@ -513,10 +501,7 @@ fn clients_must_prove_the_cluster_secret_and_failures_are_counted() {
         )
     };
     let client = with(Some(secret)).expect("the right secret is accepted");
-    let region = Arc::new(Region::allocate(BLOCK_BYTES));
-    let id = client
-        .register_region(Arc::clone(&region))
-        .expect("register");
+    let (_region, id) = registered_region(&client, BLOCK_BYTES);
     load_all_done(&client, "full", id, &whole_blocks(1));
 
     let wrong =
@@ -569,10 +554,7 @@ fn an_access_token_limits_a_client_to_its_namespaces() {
     };
     let reader =
         connect(&issue(&["--client", "pe-1", "--read", "full"])).expect("a token is accepted");
-    let region = Arc::new(Region::allocate(4 * BLOCK_BYTES));
-    let id = reader
-        .register_region(Arc::clone(&region))
-        .expect("register");
+    let (region, id) = registered_region(&reader, 4 * BLOCK_BYTES);
     load_all_done(&reader, "full", id, &whole_blocks(4));
     assert!(region.read(0, BLOCK_BYTES) == expected_block(0));
     let refused = reader
@@ -682,10 +664,7 @@ fn blocks_that_fail_to_read_fail_clearly_or_come_from_another_gateway() {
     }
     assert_eq!(cut, 2);
     let alone = damaged.client();
-    let region = Arc::new(Region::allocate(COUNT as usize * BLOCK_BYTES));
-    let id = alone
-        .register_region(Arc::clone(&region))
-        .expect("register");
+    let (region, id) = registered_region(&alone, COUNT as usize * BLOCK_BYTES);
     let report = alone
         .load("full", id, &whole_blocks(COUNT), 0)
         .expect("load")
@@ -891,10 +870,8 @@ fn sixty_four_clients_and_a_stalled_one_stay_within_memory_bounds() {
             let (gateway, done) = (&gateway, Arc::clone(&done));
             scope.spawn(move || {
                 let client = gateway.client();
-                let region = Arc::new(Region::allocate(BLOCKS_PER_LOAD as usize * BLOCK_BYTES));
-                let id = client
-                    .register_region(Arc::clone(&region))
-                    .expect("register");
+                let (region, id) =
+                    registered_region(&client, BLOCKS_PER_LOAD as usize * BLOCK_BYTES);
                 for round in (worker..LOADS).step_by(CLIENTS) {
                     let first = (round as u64 * 7) % (256 - BLOCKS_PER_LOAD);
                     let blocks: Vec<BlockLoad> = (0..BLOCKS_PER_LOAD)
@@ -956,10 +933,7 @@ fn staging_held_by_two_stalled_clients() -> (Gateway, [TcpStream; 2]) {
 fn a_load_waiting_for_staging_that_stalled_clients_hold_completes() {
     let (gateway, _stalled) = staging_held_by_two_stalled_clients();
     let client = gateway.client();
-    let region = Arc::new(Region::allocate(8 * BLOCK_BYTES));
-    let id = client
-        .register_region(Arc::clone(&region))
-        .expect("register");
+    let (region, id) = registered_region(&client, 8 * BLOCK_BYTES);
     let started = Instant::now();
     load_all_done(&client, "full", id, &whole_blocks(8));
     assert!(region.read(7 * BLOCK_BYTES, BLOCK_BYTES) == expected_block(7));
@@ -997,10 +971,7 @@ fn a_store_waiting_for_staging_that_stalled_clients_hold_completes() {
         .store("full", key, &block)
         .expect("stored once staging came free, not refused");
     let waited = started.elapsed();
-    let region = Arc::new(Region::allocate(BLOCK_BYTES));
-    let id = client
-        .register_region(Arc::clone(&region))
-        .expect("register");
+    let (region, id) = registered_region(&client, BLOCK_BYTES);
     assert_loads_as(&client, "full", (id, &region), key, &block);
     assert_eq!(
         gateway
@@ -1086,10 +1057,7 @@ fn a_client_that_stops_reading_is_closed_after_the_stall_timeout() {
     assert!(ended, "the stalled client's socket should be closed");
     // The gateway serves the next client as before.
     let client = gateway.client();
-    let region = Arc::new(Region::allocate(4 * BLOCK_BYTES));
-    let id = client
-        .register_region(Arc::clone(&region))
-        .expect("register");
+    let (region, id) = registered_region(&client, 4 * BLOCK_BYTES);
     load_all_done(&client, "full", id, &whole_blocks(4));
     assert!(region.read(3 * BLOCK_BYTES, BLOCK_BYTES) == expected_block(3));
 }
@@ -1131,10 +1099,7 @@ fn client_with_options(
     options: ClientOptions,
 ) -> (Client, Arc<Region>, client::RegionId) {
     let client = Client::connect(&[&gateway.tcp], options).expect("connect");
-    let region = Arc::new(Region::allocate(8 * BLOCK_BYTES));
-    let id = client
-        .register_region(Arc::clone(&region))
-        .expect("register");
+    let (region, id) = registered_region(&client, 8 * BLOCK_BYTES);
     (client, region, id)
 }
 
@@ -1241,10 +1206,7 @@ fn assert_filled_with(region: &Region, byte: u8, why: &str) {
 fn the_dashboard_plots_only_metrics_the_gateway_exports() {
     let gateway = Gateway::start(4);
     let client = gateway.client();
-    let region = Arc::new(Region::allocate(4 * BLOCK_BYTES));
-    let id = client
-        .register_region(Arc::clone(&region))
-        .expect("register");
+    let (_region, id) = registered_region(&client, 4 * BLOCK_BYTES);
     load_all_done(&client, "full", id, &whole_blocks(4));
     let exported = gateway.process.http_get("/metrics");
     let dashboard = std::fs::read_to_string(
@@ -1282,10 +1244,7 @@ fn the_dashboard_plots_only_metrics_the_gateway_exports() {
 fn a_load_cancelled_before_it_starts_reads_nothing() {
     let gateway = Gateway::start(64);
     let client = gateway.client();
-    let region = Arc::new(Region::allocate(64 * BLOCK_BYTES));
-    let id = client
-        .register_region(Arc::clone(&region))
-        .expect("register");
+    let (region, id) = registered_region(&client, 64 * BLOCK_BYTES);
     gateway.freeze();
     let load = client.load("full", id, &whole_blocks(64), 0).expect("load");
     let report = std::thread::scope(|scope| {
@@ -1322,10 +1281,7 @@ fn a_cancel_a_frozen_gateway_cannot_confirm_cuts_it_off() {
     const BLOCKS: u64 = 256;
     let gateway = Gateway::start(BLOCKS);
     let (client, _small, _) = client_without_poller(&gateway);
-    let region = Arc::new(Region::allocate(BLOCKS as usize * BLOCK_BYTES));
-    let id = client
-        .register_region(Arc::clone(&region))
-        .expect("register");
+    let (region, id) = registered_region(&client, BLOCKS as usize * BLOCK_BYTES);
     let load = client
         .load("layer", id, &whole_blocks(BLOCKS), 0)
         .expect("load");
@@ -1401,10 +1357,7 @@ fn after_cancel_returns_nothing_more_is_written() {
     const BLOCKS: u64 = 1000;
     let gateway = Gateway::start(BLOCKS);
     let client = gateway.client();
-    let region = Arc::new(Region::allocate(BLOCKS as usize * BLOCK_BYTES));
-    let id = client
-        .register_region(Arc::clone(&region))
-        .expect("register");
+    let (region, id) = registered_region(&client, BLOCKS as usize * BLOCK_BYTES);
     for round in 0..3 {
         fill(&region, 0);
         let load = client
@@ -1880,10 +1833,7 @@ fn tcp_packets_carry_the_configured_dscp_both_ways() {
             ..ClientOptions::default()
         };
         let client = Client::connect(&[&gateway.tcp], options).expect("connect");
-        let region = Arc::new(Region::allocate(16 * BLOCK_BYTES));
-        let id = client
-            .register_region(Arc::clone(&region))
-            .expect("register");
+        let (region, id) = registered_region(&client, 16 * BLOCK_BYTES);
         // Several loads: several request packets from the client.
         for _ in 0..10 {
             load_all_done(&client, "full", id, &whole_blocks(16));
@@ -1927,10 +1877,7 @@ fn an_unreachable_gateway_is_left_out_at_connect() {
         .expect("one gateway is enough");
     assert_eq!(client.unreachable_gateways(), [dead.to_owned()]);
     assert_eq!(client.gateway_addresses(), [gateway.tcp.as_str()]);
-    let region = Arc::new(Region::allocate(BLOCK_BYTES));
-    let id = client
-        .register_region(Arc::clone(&region))
-        .expect("register");
+    let (_region, id) = registered_region(&client, BLOCK_BYTES);
     load_all_done(&client, "full", id, &whole_blocks(1));
     let error = Client::connect(&[dead], ClientOptions::default()).expect_err("nothing reachable");
     assert!(error.is_retryable(), "{error}");
@@ -1960,10 +1907,7 @@ fn a_gateway_without_io_uring_serves_loads_on_the_blocking_engine() {
     let gateway = GatewayProcess::start(command);
     let client = Client::connect(&[&gateway.tcp], ClientOptions::default()).expect("connect");
     for namespace in ["layer", "full"] {
-        let region = Arc::new(Region::allocate(COUNT as usize * BLOCK_BYTES));
-        let id = client
-            .register_region(Arc::clone(&region))
-            .expect("register");
+        let (region, id) = registered_region(&client, COUNT as usize * BLOCK_BYTES);
         let load = client
             .load(namespace, id, &whole_blocks(COUNT), 0)
             .expect("load");
@@ -1981,10 +1925,7 @@ fn a_gateway_without_io_uring_serves_loads_on_the_blocking_engine() {
     client
         .store("layer", BlockKey(0xB10C), &expected_block(1))
         .expect("store on the blocking engine");
-    let region = Arc::new(Region::allocate(BLOCK_BYTES));
-    let id = client
-        .register_region(Arc::clone(&region))
-        .expect("register");
+    let (region, id) = registered_region(&client, BLOCK_BYTES);
     let block = BlockLoad {
         key: BlockKey(0xB10C),
         layers: 0..LAYERS,
@@ -2100,10 +2041,7 @@ fn a_gateway_refused_io_uring_by_seccomp_falls_back_and_serves() {
     );
     assert_eq!(engines(&gateway), vec!["blocking", "blocking"]);
     let client = Client::connect(&[&gateway.tcp], ClientOptions::default()).expect("connect");
-    let region = Arc::new(Region::allocate(COUNT as usize * BLOCK_BYTES));
-    let id = client
-        .register_region(Arc::clone(&region))
-        .expect("register");
+    let (region, id) = registered_region(&client, COUNT as usize * BLOCK_BYTES);
     let load = client
         .load("layer", id, &whole_blocks(COUNT), 0)
         .expect("load");
