@@ -584,14 +584,24 @@ impl Drop for ShardLink {
     fn drop(&mut self) {
         self.writer.lock().map(|writer| writer.0.shutdown()).ok();
         if let Some(receiver) = self.receiver.take() {
-            let _ = receiver.join();
+            join_unless_current(receiver);
         }
         if let Some(rdma) = self.rdma.as_mut() {
             rdma.stop.store(true, std::sync::atomic::Ordering::Relaxed);
             if let Some(receiver) = rdma.receiver.take() {
-                let _ = receiver.join();
+                join_unless_current(receiver);
             }
         }
+    }
+}
+
+/// Joins a link's receive thread, unless this is that thread: the last
+/// reference to a link can go from its own receive thread (a finished load
+/// that held the client's gateways), and a thread cannot join itself. The
+/// socket is shut down and the stop flag set, so it ends on its own.
+fn join_unless_current(receiver: std::thread::JoinHandle<()>) {
+    if receiver.thread().id() != std::thread::current().id() {
+        let _ = receiver.join();
     }
 }
 
