@@ -1,0 +1,48 @@
+# Sourced by scripts: boot the throw-away VM (../shared/scripts/rdma-vm.sh, or
+# $RDMA_VM) around a command, with a watchdog for a boot that hangs.
+#   vm_run NAME SIGN LOG RDMA_VM_ARGUMENTS...   (options, --, the command)
+# runs the VM (its output shown and kept in LOG); if no line matching SIGN
+# (grep -E) has appeared after RDMA_VM_BOOT_WAIT seconds (default 240) the VM is
+# stopped and booted once more: once in a while it hangs before its first output
+# (seen once in about a dozen boots under TCG). Returns the VM's exit status:
+# CMD's, 125/126 when the VM could not start (see rdma-vm.sh), 124 on timeout.
+VM=${RDMA_VM:-$(realpath -m "$(dirname "${BASH_SOURCE[0]}")/../../../shared/scripts/rdma-vm.sh")}
+
+vm_boot_watched() {
+    local name=$1 sign=$2 log=$3
+    shift 3
+    : >"$log"
+    RDMA_VM_ACCEL=${RDMA_VM_ACCEL:-auto} setsid "$VM" "$@" > >(tee "$log") 2>&1 &
+    local vm=$!
+    (
+        # Waiting in `wait` (not in a foreground sleep) lets TERM end the
+        # watchdog, and its sleep with it, at once when the VM is done.
+        trap 'kill "$sleeper" 2>/dev/null; exit 0' TERM
+        sleep "${RDMA_VM_BOOT_WAIT:-240}" &
+        sleeper=$!
+        wait "$sleeper"
+        if ! grep -qE "$sign" "$log"; then
+            echo "$name: no sign of the VM after ${RDMA_VM_BOOT_WAIT:-240} s: stopping it"
+            kill -- -"$vm" 2>/dev/null
+        fi
+    ) &
+    local watchdog=$!
+    wait "$vm"
+    local status=$?
+    kill "$watchdog" 2>/dev/null
+    wait "$watchdog" 2>/dev/null
+    return "$status"
+}
+
+vm_run() {
+    local name=$1 sign=$2 log=$3
+    shift 3
+    vm_boot_watched "$name" "$sign" "$log" "$@"
+    local status=$?
+    if [ "$status" != 0 ] && ! grep -qE "$sign" "$log" && [ "$status" != 125 ] && [ "$status" != 126 ]; then
+        echo "$name: the VM never came up (exit $status); booting it once more"
+        vm_boot_watched "$name" "$sign" "$log" "$@"
+        status=$?
+    fi
+    return "$status"
+}

@@ -1,0 +1,324 @@
+"""The inside of scripts/power-loss-check.sh: runs as root in a throw-away VM.
+
+A power cut loses whatever the disk had not made durable: writes that no flush
+covered yet may or may not be there, in any combination. SIGKILL
+(scripts/store-crash-soak.sh) cannot show that, since the kernel keeps the
+killed process's writes. Here the store's file system (ext4 on a RAM disk)
+sits on dm-log-writes, which logs every write once a flush has covered it (or
+when it completes, with FUA), each flush, and marks we add. A power cut just
+before flush F completes leaves the disk with every write logged up to the
+flush before F, plus any subset of the writes F would have made durable; the
+check builds such disks (`power_cuts`), mounts each (ext4 replays its
+journal), and a gateway started on it must serve every block it had
+acknowledged before that moment, with its exact bytes (a mark is added after
+each store_many returns, and the flush an acknowledgement waited for is
+logged before its mark); any other block written (acknowledged later, or
+evicted) must be there with its exact bytes or not there at all, never torn,
+stale or refused as corrupt.
+
+The store is filled before the log starts, so the logged stores reuse slots
+(the eviction path: a reused slot's old record is cleared and synced first).
+The gateway checks every layer's checksum on the way and the bytes are
+compared here.
+
+Usage: power_loss_guest.py DUALPATH_BINARY WORK_DIR   (env: CUTS to check, 0
+for all; SEED: which ones and what each keeps; BATCHES of 16 stores; IO_ENGINE)
+"""
+import os
+import random
+import signal
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import dualpath
+
+from store_crash_writer import block_of
+
+NAMESPACE = "kv"
+BATCH = 16
+PRELOADED = 256  # fills the 32 MiB namespace: 256 slots of 128 KiB
+MOUNT = "/tmp/dualpath-power-loss"  # the VM's / is read-only; /tmp is tmpfs
+STORE_DEVICE, LOG_DEVICE, REPLAY_DEVICE = "/dev/ram0", "/dev/ram1", "/dev/ram2"
+SKIPPED = 3  # the exit status that tells power-loss-check.sh the check could not run
+LOG_TARGET, CUT_TARGET = "dualpath-power-log", "dualpath-power-cut"
+
+# dm-log-writes' on-disk format (drivers/md/dm-log-writes.c): a super block in
+# sector 0, then per entry one sector holding the header (and a mark's text),
+# followed by the written sectors (none for a flush, mark or discard).
+LOG_MAGIC = 0x6A736677736872
+LOG_FLUSH, LOG_FUA, LOG_DISCARD, LOG_MARK = 1, 2, 4, 8
+
+
+@dataclass
+class LogEntry:
+    sector: int
+    sectors: int
+    flags: int
+    mark: str
+    data_at: int
+
+
+def sh(command):
+    subprocess.run(command, shell=True, check=True)
+
+
+def read_log(path):
+    with open(path, "rb") as log:
+        magic, version, entry_count, sector_bytes = struct.unpack("<QQQI", log.read(28))
+        if magic != LOG_MAGIC or version != 1:
+            sys.exit(f"{path} holds no dm-log-writes log (magic {magic:#x}, version {version})")
+        entries = []
+        at = sector_bytes
+        for _ in range(entry_count):
+            log.seek(at)
+            header = log.read(sector_bytes)
+            sector, sectors, flags, data_len = struct.unpack_from("<QQQQ", header)
+            mark = header[32 : 32 + data_len].decode() if flags & LOG_MARK else ""
+            entries.append(LogEntry(sector, sectors, flags, mark, at + sector_bytes))
+            at += sector_bytes
+            if not flags & LOG_DISCARD:
+                at += sectors * sector_bytes
+    return sector_bytes, entries
+
+
+def replay(log, device, sector_bytes, entries, torn=None):
+    """Writes `entries` onto `device`; `torn` maps an entry's position in
+    `entries` to the number of its first sectors to write."""
+    for position, entry in enumerate(entries):
+        if not entry.sectors:
+            continue
+        length = (torn or {}).get(position, entry.sectors) * sector_bytes
+        if entry.flags & LOG_DISCARD:
+            data = bytes(length)
+        else:
+            log.seek(entry.data_at)
+            data = log.read(length)
+        os.pwrite(device, data, entry.sector * sector_bytes)
+
+
+@dataclass
+class PowerCut:
+    """A power cut just before the flush at `entries[flush]` completed: every
+    entry up to the flush before it (`entries[:durable]`) is on the disk, and
+    of the writes since, those that the disk had only in its volatile cache
+    made it or not: `kept` lists the ones that did (a write with FUA had
+    completed, so it is always there)."""
+
+    durable: int
+    flush: int
+    kept: list
+    unflushed: int
+    dropped: int
+    torn: dict  # entry -> how many of its first sectors made it
+
+
+def has_data(entry):
+    return entry.sectors > 0
+
+
+def power_cuts(entries, wanted, chooser):
+    """One cut per flush that had writes in the cache (`wanted` of them drawn
+    by `chooser`; 0: all), each keeping a random prefix of those writes (the
+    order the disk made them durable) or a random subset (a disk may write its
+    cache back in any order); and the whole log (all flushed at unmount)."""
+    cuts = []
+    durable = 0
+    for index, entry in enumerate(entries):
+        if not entry.flags & LOG_FLUSH:
+            continue
+        epoch = list(range(durable, index + 1))
+        volatile = [i for i in epoch if has_data(entries[i]) and (i == index or not entries[i].flags & LOG_FUA)]
+        if volatile:
+            cuts.append((durable, index, epoch, volatile))
+        durable = index + 1
+    if 0 < wanted < len(cuts):
+        # Weighted by the writes in the cache, without replacement
+        # (Efraimidis-Spirakis): cuts with many writes in flight are where
+        # orders differ, and most flushes cover one write.
+        cuts = sorted(cuts, key=lambda cut: chooser.random() ** (1 / len(cut[3])))[-wanted:]
+    chosen = []
+    for durable, flush, epoch, volatile in sorted(cuts):
+        torn = {}
+        if chooser.random() < 0.5:
+            dropped = set(volatile[chooser.randrange(len(volatile) + 1) :])
+        else:
+            dropped = {i for i in volatile if chooser.random() < 0.4}
+            # A disk writes a sector whole, a request not: some of a write's
+            # first sectors made it, the rest did not.
+            for i in volatile:
+                if i not in dropped and entries[i].sectors > 1 and chooser.random() < 0.25:
+                    torn[i] = chooser.randrange(1, entries[i].sectors)
+        kept = [i for i in epoch if has_data(entries[i]) and i not in dropped]
+        chosen.append(PowerCut(durable, flush, kept, len(volatile), len(dropped), torn))
+    chosen.append(PowerCut(len(entries), len(entries), [], 0, 0, {}))
+    return chosen
+
+
+class Gateway:
+    def __init__(self, binary, config):
+        self.binary, self.config = binary, config
+        self.log_path = config + ".log"
+
+    def __enter__(self):
+        self.log = open(self.log_path, "w")
+        self.process = subprocess.Popen(
+            [self.binary, "--config", self.config, "serve"], stdout=self.log, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + 30
+        while "dualpath gateway ready" not in open(self.log_path).read():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                sys.exit(f"the gateway did not start: {open(self.log_path).read()}")
+            time.sleep(0.02)
+        return self
+
+    def kill(self, sig):
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        self.process.wait(timeout=30)
+
+    def __exit__(self, *_):
+        self.kill(signal.SIGTERM)
+        self.log.close()
+
+
+def store(client, keys, size):
+    client.store_many(NAMESPACE, [(key, block_of(key, size)) for key in keys])
+
+
+def check(client, size, written, acked, cut):
+    """Every acknowledged key is served with its bytes; every other written key
+    is served with its bytes or is not found."""
+    chunk = 64
+    memory = bytearray(size * chunk)
+    region = client.register(memory)
+    present = 0
+    for first in range(0, len(written), chunk):
+        keys = written[first : first + chunk]
+        outcomes = client.load(NAMESPACE, region, keys, [i * size for i in range(len(keys))]).wait(timeout=60)
+        for index, (key, (state, code, message)) in enumerate(zip(keys, outcomes)):
+            if state == "done":
+                if memory[index * size : (index + 1) * size] != block_of(key, size):
+                    sys.exit(f"cut before entry {cut}: block {key:#x} is served with wrong bytes")
+                present += 1
+            elif key in acked:
+                sys.exit(f"cut before entry {cut}: acknowledged block {key:#x} is lost: {state} {code} {message}")
+            elif code != "NotFound":
+                sys.exit(f"cut before entry {cut}: block {key:#x}: {state} {code} {message}")
+    return present
+
+
+def main():
+    started = time.monotonic()
+    binary, work = sys.argv[1:3]
+    wanted_cuts = int(os.environ.get("CUTS", "10"))
+    batches = int(os.environ.get("BATCHES", "8"))
+    port = 20000 + random.randrange(20000)
+    config = os.path.join(work, "gateway.toml")
+    with open(config, "w") as out:
+        out.write(f"""[gateway]
+cores = 2
+listen_tcp = "127.0.0.1:{port}"
+[staging]
+bytes_per_core = "8MiB"
+buffer_bytes = "256KiB"
+huge_pages = "off"
+[storage]
+backend = "uring"
+path = "{MOUNT}/store"
+queue_depth = 16
+io_engine = "{os.environ.get("IO_ENGINE", "auto")}"
+[[namespace]]
+name = "kv"
+layers = 16
+tokens_per_block = 16
+bytes_per_token_per_layer = 512
+layout = "layer"
+capacity = "32MiB"
+""")
+    address = f"127.0.0.1:{port}"
+    print("power-loss: RAM disks, ext4 and a full store, then stores with every write logged", flush=True)
+    modules = subprocess.run("modprobe brd rd_nr=3 rd_size=262144 && modprobe dm-log-writes && modprobe dm-snapshot", shell=True)
+    if modules.returncode != 0:
+        print("power-loss: the VM's kernel lacks brd, dm-log-writes or dm-snapshot (see above)")
+        sys.exit(SKIPPED)
+    sh(f"mkfs.ext4 -q -F -b 4096 {STORE_DEVICE} && mkdir -p {MOUNT} && mount {STORE_DEVICE} {MOUNT}")
+
+    # The disk before the power cut: a full store.
+    preloaded = list(range(1 << 70, (1 << 70) + PRELOADED))
+    with Gateway(binary, config):
+        client = dualpath.Client([address], request_timeout=10.0)
+        size = client.namespace(NAMESPACE)["block_bytes"]
+        for first in range(0, PRELOADED, BATCH):
+            store(client, preloaded[first : first + BATCH], size)
+        del client
+    sh(f"umount {MOUNT} && dd if={STORE_DEVICE} of={REPLAY_DEVICE} bs=4M status=none")
+
+    # Stores with every write logged; a mark after each acknowledgement.
+    sectors = subprocess.run(["blockdev", "--getsz", STORE_DEVICE], check=True, capture_output=True, text=True).stdout.strip()
+    sh(f"dmsetup create {LOG_TARGET} --table '0 {sectors} log-writes {STORE_DEVICE} {LOG_DEVICE}'")
+    sh(f"dmsetup mknodes {LOG_TARGET}")  # no udev in the VM to make /dev/mapper's node
+    sh(f"mount /dev/mapper/{LOG_TARGET} {MOUNT}")
+    stored = list(range(1 << 80, (1 << 80) + batches * BATCH))
+    acked_at_mark = {}
+    with Gateway(binary, config) as gateway:
+        client = dualpath.Client([address], request_timeout=10.0)
+        for batch in range(batches):
+            store(client, stored[batch * BATCH : (batch + 1) * BATCH], size)
+            acked_at_mark[f"acked-{batch}"] = (batch + 1) * BATCH
+            sh(f"dmsetup message {LOG_TARGET} 0 mark acked-{batch}")
+        del client
+        gateway.kill(signal.SIGKILL)
+    sh(f"umount {MOUNT} && dmsetup remove {LOG_TARGET}")
+
+    sector_bytes, entries = read_log(LOG_DEVICE)
+    flushes = sum(1 for entry in entries if entry.flags & LOG_FLUSH)
+    # (dm-log-writes adds a mark of its own when the target is removed.)
+    marks = [index for index, entry in enumerate(entries) if entry.mark in acked_at_mark]
+    if len(marks) != batches:
+        sys.exit(f"the log holds {len(marks)} marks, {batches} were added")
+    seed = int(os.environ.get("SEED") or random.randrange(1 << 32))
+    cuts = power_cuts(entries, wanted_cuts, random.Random(seed))
+    print(f"power-loss: {len(entries)} logged writes and flushes ({flushes} flushes), checking {len(cuts)} power cuts (SEED={seed}; {time.monotonic() - started:.0f} s)", flush=True)
+
+    written = preloaded + stored
+    replayed = 0
+    checked_acked = 0
+    with open(LOG_DEVICE, "rb") as log:
+        device = os.open(REPLAY_DEVICE, os.O_WRONLY)
+        for cut in cuts:
+            replay(log, device, sector_bytes, entries[replayed : cut.durable])
+            replayed = cut.durable
+            os.fsync(device)  # the snapshot reads the RAM disk, not its page cache
+            # The cache's writes, and ext4's journal replay at mount, go to a
+            # throw-away snapshot: the replayed disk stays as the log left it.
+            sh(f"dmsetup create {CUT_TARGET} --table '0 {sectors} snapshot {REPLAY_DEVICE} {STORE_DEVICE} N 8'"
+               f" && dmsetup mknodes {CUT_TARGET}")
+            snapshot = os.open(f"/dev/mapper/{CUT_TARGET}", os.O_WRONLY)
+            torn = {position: cut.torn[i] for position, i in enumerate(cut.kept) if i in cut.torn}
+            replay(log, snapshot, sector_bytes, [entries[i] for i in cut.kept], torn)
+            os.fsync(snapshot)
+            os.close(snapshot)
+            sh(f"mount /dev/mapper/{CUT_TARGET} {MOUNT}")
+            acked_count = max([acked_at_mark[entries[i].mark] for i in marks if i < cut.flush], default=0)
+            acked = set(stored[:acked_count])
+            with Gateway(binary, config):
+                client = dualpath.Client([address], request_timeout=10.0)
+                present = check(client, size, written, acked, cut.flush)
+                del client
+            sh(f"umount {MOUNT} && dmsetup remove {CUT_TARGET}")
+            checked_acked += len(acked)
+            print(
+                f"power-loss: cut before entry {cut.flush}/{len(entries)} ({cut.unflushed - cut.dropped} of {cut.unflushed} unflushed writes kept, {len(cut.torn)} torn):"
+                f" {len(acked)} acknowledged of {len(stored)} stored, {present} of {len(written)} blocks present, all whole"
+                f" ({time.monotonic() - started:.0f} s)",
+                flush=True,
+            )
+        os.close(device)
+    print(f"power-loss: passed: {len(cuts)} power cuts, {checked_acked} acknowledged blocks checked, none lost or torn ({time.monotonic() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
