@@ -659,3 +659,96 @@ fn reads_are_served_while_puts_are_in_flight() {
     }
     assert!(finished.iter().all(|put| put.result.is_ok()));
 }
+
+/// A real file system of `bytes`, a tmpfs mounted for the test (O_DIRECT and
+/// fallocate work on tmpfs since Linux 6.6), unmounted when dropped. None,
+/// with the reason printed, where mounting is not allowed (not root).
+struct SmallFileSystem {
+    dir: tempfile::TempDir,
+}
+
+impl SmallFileSystem {
+    fn mount(bytes: u64) -> Option<Self> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let output = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .expect("run mount");
+        if !output.status.success() {
+            eprintln!(
+                "SKIPPED: cannot mount a small tmpfs here (needs root): {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            return None;
+        }
+        Some(Self { dir })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for SmallFileSystem {
+    fn drop(&mut self) {
+        // Lazy: a closed io_uring lets go of its registered files a moment
+        // later, and the mount is busy until then.
+        let _ = std::process::Command::new("umount")
+            .arg("--lazy")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+fn open_shard(
+    root: &Path,
+    specs: &[NamespaceSpec],
+) -> Result<(Arc<UringStore>, UringShard), StoreError> {
+    let store = UringStore::open(root, 1, specs)?;
+    let shard = store.open_shard(0, slab(), 32)?;
+    Ok((store, shard))
+}
+
+#[test]
+fn a_capacity_the_disk_cannot_hold_is_refused_at_start_and_what_was_stored_stays() {
+    let Some(disk) = SmallFileSystem::mount(16 << 20) else {
+        return;
+    };
+    // 64 MiB of slots (and 1 MiB of records) on a 16 MiB file system:
+    // refused when the store opens, not when a put finds the disk full.
+    let too_big = [spec("a", ALIGNED, 2048)];
+    let error = open_shard(disk.path(), &too_big)
+        .map(|_| ())
+        .expect_err("64 MiB on 16 MiB");
+    let message = error.to_string();
+    assert!(
+        message
+            .contains("capacity needs 65.0 MiB more on this file system, which has 16.0 MiB free")
+            && message.contains("lower the namespaces' capacity"),
+        "{message}"
+    );
+    // Every slot of a capacity that fits can be written (the space is
+    // reserved), and survives a later attempt to grow past the disk.
+    let fits = [spec("a", ALIGNED, 256)];
+    let keys: Vec<u128> = (1..=256).collect();
+    {
+        let (_store, mut shard) = open_shard(disk.path(), &fits).expect("8 MiB on 16 MiB");
+        put_keys(&mut shard, NamespaceId(0), &keys);
+    }
+    let error = open_shard(disk.path(), &too_big)
+        .map(|_| ())
+        .expect_err("growing to 64 MiB");
+    assert!(
+        error.to_string().contains("more on this file system"),
+        "{error}"
+    );
+    let (_store, mut shard) = open_shard(disk.path(), &fits).expect("reopens at 8 MiB");
+    assert_eq!(shard.stats().namespaces[0].blocks, 256);
+    for key in [1, 128, 256] {
+        assert_eq!(
+            read(&mut shard, NamespaceId(0), key, 0..8).expect("stored block"),
+            expected_layers(key, &ALIGNED, 0..8)
+        );
+    }
+}

@@ -1,4 +1,5 @@
 //! The unsafe boundary of the storage backends: submission of I/O on io_uring,
-//! and the worker threads of the fallback engine.
+//! the worker threads of the fallback engine, and reserving files' space.
+pub mod fs;
 pub mod threads;
 pub mod uring;

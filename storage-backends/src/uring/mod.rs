@@ -26,6 +26,7 @@ use std::sync::Arc;
 use block_layout::{BlockKey, Geometry, LayerPlacement};
 use staging::{StagingBuffer, StagingSlab};
 
+use crate::sys;
 use crate::sys::uring::Completion;
 use crate::{
     BlockStore, IoOp, NamespaceId, NamespaceSpec, NamespaceStats, PutCompletion, PutStarted,
@@ -83,6 +84,9 @@ impl UringStore {
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => wanted,
             Err(source) => return Err(io_error(IoOp::Read, &manifest_path, 0, 0, source)),
         };
+        // Space first: a capacity the disk cannot hold is refused before the
+        // manifest records it (it could not be lowered again after).
+        reserve_files(root, &manifest)?;
         write_manifest(root, &manifest)?;
         Ok(Arc::new(Self {
             root: root.to_owned(),
@@ -234,6 +238,75 @@ fn merge_manifest(
     Ok(merged)
 }
 
+fn data_path(directory: &Path, shard: u32) -> PathBuf {
+    directory.join(format!("shard-{shard}.blocks"))
+}
+
+fn header_path(directory: &Path, shard: u32) -> PathBuf {
+    directory.join(format!("shard-{shard}.headers"))
+}
+
+/// Creates every shard's files at the manifest's capacity, with their space
+/// reserved, and makes their names durable. Refused as a whole, before any
+/// file grows, when the file system has less room than the growth needs.
+fn reserve_files(root: &Path, manifest: &Manifest) -> Result<(), StoreError> {
+    let mut growth = Vec::new();
+    for entry in &manifest.namespaces {
+        let directory = root.join(&entry.name);
+        std::fs::create_dir_all(&directory)
+            .map_err(|source| io_error(IoOp::Open, &directory, 0, 0, source))?;
+        let slots = u64::from(entry.slots_per_shard);
+        let record_bytes = format::record_bytes(entry.geometry.layers) as u64;
+        for shard in 0..manifest.shards {
+            for (path, len) in [
+                (
+                    data_path(&directory, shard),
+                    slots * entry.geometry.slot_bytes(),
+                ),
+                (header_path(&directory, shard), slots * record_bytes),
+            ] {
+                let file = open_for_update(&path)?;
+                growth.push((file, path, len));
+            }
+        }
+    }
+    let mut needed = 0;
+    for (file, path, len) in &growth {
+        let current = file
+            .metadata()
+            .map_err(|source| io_error(IoOp::Open, path, 0, 0, source))?
+            .len();
+        needed += len.saturating_sub(current);
+    }
+    if needed > 0 {
+        let free = File::open(root)
+            .and_then(|directory| sys::fs::available_bytes(&directory))
+            .map_err(|source| io_error(IoOp::Open, root, 0, 0, source))?;
+        if free < needed {
+            return Err(no_space(root, needed, Some(free)));
+        }
+    }
+    for (file, path, len) in &growth {
+        grow_file(file, path, *len)?;
+    }
+    // The files' names, and the namespace directories', must outlive a power
+    // cut as well as the blocks synced into them.
+    for entry in &manifest.namespaces {
+        sync_directory(&root.join(&entry.name))?;
+    }
+    sync_directory(root)
+}
+
+fn open_for_update(path: &Path) -> Result<File, StoreError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|source| io_error(IoOp::Open, path, 0, 0, source))
+}
+
 fn write_manifest(root: &Path, manifest: &Manifest) -> Result<(), StoreError> {
     let path = root.join(format::MANIFEST_FILE);
     let temporary = root.join(format!("{}.tmp", format::MANIFEST_FILE));
@@ -244,6 +317,15 @@ fn write_manifest(root: &Path, manifest: &Manifest) -> Result<(), StoreError> {
         File::open(root)?.sync_all()
     };
     write().map_err(|source| io_error(IoOp::Write, &path, 0, 0, source))
+}
+
+/// Makes the entries of files just created in `path` durable: a file's own
+/// fsync need not cover its name in the directory (POSIX leaves that to an
+/// fsync of the directory; ext4 and XFS happen to commit it with the file).
+fn sync_directory(path: &Path) -> Result<(), StoreError> {
+    File::open(path)
+        .and_then(|directory| directory.sync_all())
+        .map_err(|source| io_error(IoOp::Sync, path, 0, 0, source))
 }
 
 fn lock_store(root: &Path) -> Result<File, StoreError> {
@@ -305,24 +387,14 @@ impl ShardNamespace {
         entry: &ManifestNamespace,
         file_index: u32,
     ) -> Result<(Self, u64), StoreError> {
+        // The files exist at their full size: `UringStore::open` made them.
         let directory = root.join(&entry.name);
-        std::fs::create_dir_all(&directory)
-            .map_err(|source| io_error(IoOp::Open, &directory, 0, 0, source))?;
         let geometry = entry.geometry;
-        let slots = u64::from(entry.slots_per_shard);
-        let data_path = directory.join(format!("shard-{shard}.blocks"));
-        let data_file = open_data_file(&data_path, slots * geometry.slot_bytes())?;
-        let header_path = directory.join(format!("shard-{shard}.headers"));
+        let data_path = data_path(&directory, shard);
+        let data_file = open_data_file(&data_path)?;
+        let header_path = header_path(&directory, shard);
         let record_bytes = format::record_bytes(geometry.layers);
-        let header_file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&header_path)
-            .map_err(|source| io_error(IoOp::Open, &header_path, 0, 0, source))?;
-        let header_len = slots * record_bytes as u64;
-        grow_file(&header_file, &header_path, header_len)?;
+        let header_file = open_for_update(&header_path)?;
         let mut namespace = Self {
             name: entry.name.clone(),
             geometry,
@@ -405,7 +477,7 @@ impl ShardNamespace {
     }
 }
 
-fn open_data_file(path: &Path, len: u64) -> Result<File, StoreError> {
+fn open_data_file(path: &Path) -> Result<File, StoreError> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -424,20 +496,61 @@ fn open_data_file(path: &Path, len: u64) -> Result<File, StoreError> {
                 io_error(IoOp::Open, path, 0, 0, source)
             }
         })?;
-    grow_file(&file, path, len)?;
     Ok(file)
 }
 
+/// Grows `file` to `len` bytes, reserving the disk space: a store whose
+/// capacity the disk cannot hold is refused when it opens, not when a put
+/// finds the disk full. Where the file system cannot reserve (no
+/// `fallocate`), the file grows sparse once the free space is checked.
 fn grow_file(file: &File, path: &Path, len: u64) -> Result<(), StoreError> {
     let current = file
         .metadata()
         .map_err(|source| io_error(IoOp::Open, path, 0, 0, source))?
         .len();
-    if current < len {
-        file.set_len(len)
-            .map_err(|source| io_error(IoOp::Write, path, current, len - current, source))?;
+    if current >= len {
+        return Ok(());
     }
-    Ok(())
+    let more = len - current;
+    match sys::fs::allocate(file, current, more) {
+        Ok(()) => Ok(()),
+        Err(error) if error.raw_os_error() == Some(libc::ENOSPC) => {
+            // What the failed call allocated goes back (ext4 keeps it).
+            let _ = file.set_len(current);
+            Err(no_space(path, more, sys::fs::available_bytes(file).ok()))
+        }
+        Err(error) if error.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+            let free = sys::fs::available_bytes(file)
+                .map_err(|source| io_error(IoOp::Open, path, 0, 0, source))?;
+            if free < more {
+                return Err(no_space(path, more, Some(free)));
+            }
+            tracing::warn!(
+                "{}: the file system cannot reserve space (no fallocate): the file grows sparse, \
+                 and a put fails if the disk fills later",
+                path.display()
+            );
+            file.set_len(len)
+                .map_err(|source| io_error(IoOp::Write, path, current, more, source))
+        }
+        Err(source) => Err(io_error(IoOp::Write, path, current, more, source)),
+    }
+}
+
+fn no_space(path: &Path, needed: u64, free: Option<u64>) -> StoreError {
+    StoreError::Layout {
+        path: path.to_owned(),
+        problem: format!(
+            "the namespaces' capacity needs {} more on this file system, which has {} free",
+            mib(needed),
+            free.map_or_else(|| "too little".into(), mib),
+        ),
+        fix: "lower the namespaces' capacity in the config, or free space there".into(),
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / f64::from(1u32 << 20))
 }
 
 #[derive(Debug)]
