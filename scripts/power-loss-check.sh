@@ -7,8 +7,8 @@
 # rebuilt from the log, mounted and checked (see the guest script's header). If
 # the VM cannot be started, says why and exits 0 (skipped, not passed).
 #   scripts/power-loss-check.sh   (env: CUTS to check, default 10, 0 for all;
-#   SEED: which ones and what each keeps, printed by every run; BATCHES of 16
-#   stores, default 8; IO_ENGINE=blocking for the io_uring fallback)
+#   SEED: which ones and what each keeps, printed by every run;
+#   IO_ENGINE=blocking for the io_uring fallback)
 # Needs the Python binding (pip install ./client-py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +20,7 @@ fi
 cargo build -q -p gateway --bin dualpath || exit 1
 work=$PWD/target/power-loss
 rm -rf "$work" && mkdir -p "$work"
-export CUTS=${CUTS:-10} SEED=${SEED:-} BATCHES=${BATCHES:-8} IO_ENGINE=${IO_ENGINE:-auto}
+export CUTS=${CUTS:-10} SEED=${SEED:-} IO_ENGINE=${IO_ENGINE:-auto}
 vm_log=$(mktemp)
 trap 'rm -f "$vm_log"' EXIT
 vm_run power-loss-check "power-loss:" "$vm_log" --mem 3G --timeout "${POWER_LOSS_TIMEOUT:-900}" -- \

@@ -16,13 +16,15 @@ logged before its mark); any other block written (acknowledged later, or
 evicted) must be there with its exact bytes or not there at all, never torn,
 stale or refused as corrupt.
 
-The store is filled before the log starts, so the logged stores reuse slots
-(the eviction path: a reused slot's old record is cleared and synced first).
+The log covers the store's creation on the empty file system, the first
+stores, a restart that grows its capacity (files extended, manifest
+rewritten), and stores that evict (a reused slot's old record is cleared and
+synced first): a cut anywhere in that must leave a store the gateway opens.
 The gateway checks every layer's checksum on the way and the bytes are
 compared here.
 
 Usage: power_loss_guest.py DUALPATH_BINARY WORK_DIR   (env: CUTS to check, 0
-for all; SEED: which ones and what each keeps; BATCHES of 16 stores; IO_ENGINE)
+for all; SEED: which ones and what each keeps; IO_ENGINE)
 """
 import os
 import random
@@ -39,7 +41,13 @@ from store_crash_writer import block_of
 
 NAMESPACE = "kv"
 BATCH = 16
-PRELOADED = 256  # fills the 32 MiB namespace: 256 slots of 128 KiB
+# Blocks of 128 KiB: the store is created with 128 slots (64 a shard), takes
+# 96 blocks (none evicted, however they fall on the shards), is grown to 192
+# slots and takes 8 x 16 more: about 16 of each shard's least recently used
+# (preloaded) blocks are evicted, never a new one.
+CREATED_CAPACITY, GROWN_CAPACITY = "16MiB", "24MiB"
+PRELOADED = 96
+BATCHES = 8
 MOUNT = "/tmp/dualpath-power-loss"  # the VM's / is read-only; /tmp is tmpfs
 STORE_DEVICE, LOG_DEVICE, REPLAY_DEVICE = "/dev/ram0", "/dev/ram1", "/dev/ram2"
 SKIPPED = 3  # the exit status that tells power-loss-check.sh the check could not run
@@ -210,14 +218,8 @@ def check(client, size, written, acked, cut):
     return present
 
 
-def main():
-    started = time.monotonic()
-    binary, work = sys.argv[1:3]
-    wanted_cuts = int(os.environ.get("CUTS", "10"))
-    batches = int(os.environ.get("BATCHES", "8"))
-    port = 20000 + random.randrange(20000)
-    config = os.path.join(work, "gateway.toml")
-    with open(config, "w") as out:
+def write_config(path, port, capacity):
+    with open(path, "w") as out:
         out.write(f"""[gateway]
 cores = 2
 listen_tcp = "127.0.0.1:{port}"
@@ -236,39 +238,53 @@ layers = 16
 tokens_per_block = 16
 bytes_per_token_per_layer = 512
 layout = "layer"
-capacity = "32MiB"
+capacity = "{capacity}"
 """)
+    return path
+
+
+def main():
+    started = time.monotonic()
+    binary, work = sys.argv[1:3]
+    wanted_cuts = int(os.environ.get("CUTS", "10"))
+    port = 20000 + random.randrange(20000)
     address = f"127.0.0.1:{port}"
-    print("power-loss: RAM disks, ext4 and a full store, then stores with every write logged", flush=True)
+    created = write_config(os.path.join(work, "created.toml"), port, CREATED_CAPACITY)
+    grown = write_config(os.path.join(work, "grown.toml"), port, GROWN_CAPACITY)
+    print("power-loss: RAM disks and ext4; a store created, filled, grown and stored into, every write logged", flush=True)
     modules = subprocess.run("modprobe brd rd_nr=3 rd_size=262144 && modprobe dm-log-writes && modprobe dm-snapshot", shell=True)
     if modules.returncode != 0:
         print("power-loss: the VM's kernel lacks brd, dm-log-writes or dm-snapshot (see above)")
         sys.exit(SKIPPED)
-    sh(f"mkfs.ext4 -q -F -b 4096 {STORE_DEVICE} && mkdir -p {MOUNT} && mount {STORE_DEVICE} {MOUNT}")
+    # The disk before: an empty file system. Everything after is logged.
+    sh(f"mkfs.ext4 -q -F -b 4096 {STORE_DEVICE} && dd if={STORE_DEVICE} of={REPLAY_DEVICE} bs=4M status=none")
+    sectors = subprocess.run(["blockdev", "--getsz", STORE_DEVICE], check=True, capture_output=True, text=True).stdout.strip()
+    sh(f"dmsetup create {LOG_TARGET} --table '0 {sectors} log-writes {STORE_DEVICE} {LOG_DEVICE}'")
+    sh(f"dmsetup mknodes {LOG_TARGET}")  # no udev in the VM to make /dev/mapper's node
+    sh(f"mkdir -p {MOUNT} && mount /dev/mapper/{LOG_TARGET} {MOUNT}")
 
-    # The disk before the power cut: a full store.
+    def mark(name):
+        sh(f"dmsetup message {LOG_TARGET} 0 mark {name}")
+
+    # A mark after each acknowledgement names what was acknowledged by then.
+    acked_at_mark = {}
     preloaded = list(range(1 << 70, (1 << 70) + PRELOADED))
-    with Gateway(binary, config):
+    with Gateway(binary, created):  # creates the store; stopped with SIGTERM
         client = dualpath.Client([address], request_timeout=10.0)
         size = client.namespace(NAMESPACE)["block_bytes"]
         for first in range(0, PRELOADED, BATCH):
             store(client, preloaded[first : first + BATCH], size)
+            acked_at_mark[f"preloaded-{first}"] = ("preloaded", first + BATCH)
+            mark(f"preloaded-{first}")
         del client
-    sh(f"umount {MOUNT} && dd if={STORE_DEVICE} of={REPLAY_DEVICE} bs=4M status=none")
-
-    # Stores with every write logged; a mark after each acknowledgement.
-    sectors = subprocess.run(["blockdev", "--getsz", STORE_DEVICE], check=True, capture_output=True, text=True).stdout.strip()
-    sh(f"dmsetup create {LOG_TARGET} --table '0 {sectors} log-writes {STORE_DEVICE} {LOG_DEVICE}'")
-    sh(f"dmsetup mknodes {LOG_TARGET}")  # no udev in the VM to make /dev/mapper's node
-    sh(f"mount /dev/mapper/{LOG_TARGET} {MOUNT}")
-    stored = list(range(1 << 80, (1 << 80) + batches * BATCH))
-    acked_at_mark = {}
-    with Gateway(binary, config) as gateway:
+    stored = list(range(1 << 80, (1 << 80) + BATCHES * BATCH))
+    with Gateway(binary, grown) as gateway:  # grows the store's files
+        mark("grown")
         client = dualpath.Client([address], request_timeout=10.0)
-        for batch in range(batches):
+        for batch in range(BATCHES):
             store(client, stored[batch * BATCH : (batch + 1) * BATCH], size)
-            acked_at_mark[f"acked-{batch}"] = (batch + 1) * BATCH
-            sh(f"dmsetup message {LOG_TARGET} 0 mark acked-{batch}")
+            acked_at_mark[f"acked-{batch}"] = ("stored", (batch + 1) * BATCH)
+            mark(f"acked-{batch}")
         del client
         gateway.kill(signal.SIGKILL)
     sh(f"umount {MOUNT} && dmsetup remove {LOG_TARGET}")
@@ -277,8 +293,24 @@ capacity = "32MiB"
     flushes = sum(1 for entry in entries if entry.flags & LOG_FLUSH)
     # (dm-log-writes adds a mark of its own when the target is removed.)
     marks = [index for index, entry in enumerate(entries) if entry.mark in acked_at_mark]
-    if len(marks) != batches:
-        sys.exit(f"the log holds {len(marks)} marks, {batches} were added")
+    if len(marks) != len(acked_at_mark):
+        sys.exit(f"the log holds {len(marks)} of the {len(acked_at_mark)} marks added")
+    grown_at = next(index for index, entry in enumerate(entries) if entry.mark == "grown")
+
+    def acked_before(flush):
+        """What the gateway had acknowledged before the flush at `flush`
+        completed. Preloaded blocks count until the grown store took its
+        first store: from then on they may be evicted (its LRU ones)."""
+        counts = {"preloaded": 0, "stored": 0}
+        for index in marks:
+            if index < flush:
+                kind, count = acked_at_mark[entries[index].mark]
+                counts[kind] = count
+        acked = set(stored[: counts["stored"]])
+        if flush < grown_at:
+            acked |= set(preloaded[: counts["preloaded"]])
+        return acked
+
     seed = int(os.environ.get("SEED") or random.randrange(1 << 32))
     cuts = power_cuts(entries, wanted_cuts, random.Random(seed))
     print(f"power-loss: {len(entries)} logged writes and flushes ({flushes} flushes), checking {len(cuts)} power cuts (SEED={seed}; {time.monotonic() - started:.0f} s)", flush=True)
@@ -302,9 +334,8 @@ capacity = "32MiB"
             os.fsync(snapshot)
             os.close(snapshot)
             sh(f"mount /dev/mapper/{CUT_TARGET} {MOUNT}")
-            acked_count = max([acked_at_mark[entries[i].mark] for i in marks if i < cut.flush], default=0)
-            acked = set(stored[:acked_count])
-            with Gateway(binary, config):
+            acked = acked_before(cut.flush)
+            with Gateway(binary, grown):
                 client = dualpath.Client([address], request_timeout=10.0)
                 present = check(client, size, written, acked, cut.flush)
                 del client
@@ -312,7 +343,7 @@ capacity = "32MiB"
             checked_acked += len(acked)
             print(
                 f"power-loss: cut before entry {cut.flush}/{len(entries)} ({cut.unflushed - cut.dropped} of {cut.unflushed} unflushed writes kept, {len(cut.torn)} torn):"
-                f" {len(acked)} acknowledged of {len(stored)} stored, {present} of {len(written)} blocks present, all whole"
+                f" {len(acked)} acknowledged blocks, {present} of {len(written)} written present, all whole"
                 f" ({time.monotonic() - started:.0f} s)",
                 flush=True,
             )
