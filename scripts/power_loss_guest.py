@@ -3,13 +3,13 @@
 A power cut loses whatever the disk had not made durable: writes that no flush
 covered yet may or may not be there, in any combination. SIGKILL
 (scripts/store-crash-soak.sh) cannot show that, since the kernel keeps the
-killed process's writes. Here the store's file system (ext4 on a RAM disk)
+killed process's writes. Here the store's file system (ext4 or XFS on a RAM disk)
 sits on dm-log-writes, which logs every write once a flush has covered it (or
 when it completes, with FUA), each flush, and marks we add. A power cut just
 before flush F completes leaves the disk with every write logged up to the
 flush before F, plus any subset of the writes F would have made durable; the
-check builds such disks (`power_cuts`), mounts each (ext4 replays its
-journal), and a gateway started on it must serve every block it had
+check builds such disks (`power_cuts`), mounts each (the file system replays
+its journal), and a gateway started on it must serve every block it had
 acknowledged before that moment, with its exact bytes (a mark is added after
 each store_many returns, and the flush an acknowledgement waited for is
 logged before its mark); any other block written (acknowledged later, or
@@ -24,7 +24,8 @@ The gateway checks every layer's checksum on the way and the bytes are
 compared here.
 
 Usage: power_loss_guest.py DUALPATH_BINARY WORK_DIR   (env: CUTS to check, 0
-for all; SEED: which ones and what each keeps; IO_ENGINE)
+for all; SEED: which ones and what each keeps; FILE_SYSTEM: ext4 or xfs;
+IO_ENGINE)
 """
 import os
 import random
@@ -52,6 +53,9 @@ MOUNT = "/tmp/dualpath-power-loss"  # the VM's / is read-only; /tmp is tmpfs
 STORE_DEVICE, LOG_DEVICE, REPLAY_DEVICE = "/dev/ram0", "/dev/ram1", "/dev/ram2"
 SKIPPED = 3  # the exit status that tells power-loss-check.sh the check could not run
 LOG_TARGET, CUT_TARGET = "dualpath-power-log", "dualpath-power-cut"
+
+# 320 MiB RAM disks: XFS wants 300 MB at least.
+MKFS = {"ext4": "mkfs.ext4 -q -F -b 4096", "xfs": "mkfs.xfs -q -f"}
 
 # dm-log-writes' on-disk format (drivers/md/dm-log-writes.c): a super block in
 # sector 0, then per entry one sector holding the header (and a mark's text),
@@ -251,13 +255,14 @@ def main():
     address = f"127.0.0.1:{port}"
     created = write_config(os.path.join(work, "created.toml"), port, CREATED_CAPACITY)
     grown = write_config(os.path.join(work, "grown.toml"), port, GROWN_CAPACITY)
-    print("power-loss: RAM disks and ext4; a store created, filled, grown and stored into, every write logged", flush=True)
-    modules = subprocess.run("modprobe brd rd_nr=3 rd_size=262144 && modprobe dm-log-writes && modprobe dm-snapshot", shell=True)
+    file_system = os.environ.get("FILE_SYSTEM", "ext4")
+    print(f"power-loss: RAM disks and {file_system}; a store created, filled, grown and stored into, every write logged", flush=True)
+    modules = subprocess.run("modprobe brd rd_nr=3 rd_size=327680 && modprobe dm-log-writes && modprobe dm-snapshot", shell=True)
     if modules.returncode != 0:
         print("power-loss: the VM's kernel lacks brd, dm-log-writes or dm-snapshot (see above)")
         sys.exit(SKIPPED)
     # The disk before: an empty file system. Everything after is logged.
-    sh(f"mkfs.ext4 -q -F -b 4096 {STORE_DEVICE} && dd if={STORE_DEVICE} of={REPLAY_DEVICE} bs=4M status=none")
+    sh(f"{MKFS[file_system]} {STORE_DEVICE} && dd if={STORE_DEVICE} of={REPLAY_DEVICE} bs=4M status=none")
     sectors = subprocess.run(["blockdev", "--getsz", STORE_DEVICE], check=True, capture_output=True, text=True).stdout.strip()
     sh(f"dmsetup create {LOG_TARGET} --table '0 {sectors} log-writes {STORE_DEVICE} {LOG_DEVICE}'")
     sh(f"dmsetup mknodes {LOG_TARGET}")  # no udev in the VM to make /dev/mapper's node
@@ -324,7 +329,7 @@ def main():
             replay(log, device, sector_bytes, entries[replayed : cut.durable])
             replayed = cut.durable
             os.fsync(device)  # the snapshot reads the RAM disk, not its page cache
-            # The cache's writes, and ext4's journal replay at mount, go to a
+            # The cache's writes, and the journal replay at mount, go to a
             # throw-away snapshot: the replayed disk stays as the log left it.
             sh(f"dmsetup create {CUT_TARGET} --table '0 {sectors} snapshot {REPLAY_DEVICE} {STORE_DEVICE} N 8'"
                f" && dmsetup mknodes {CUT_TARGET}")
