@@ -14,10 +14,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/vm.sh
-if [ ! -x "$VM" ]; then
-    echo "power-loss-check: SKIPPED: no VM script at $VM (set RDMA_VM)"
-    exit 0
-fi
+vm_require power-loss-check
 cargo build -q -p gateway --bin dualpath || exit 1
 export CUTS=${CUTS:-10} SEED=${SEED:-} IO_ENGINE=${IO_ENGINE:-auto}
 vm_log=$(mktemp)

@@ -7,10 +7,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/vm.sh
-if [ ! -x "$VM" ]; then
-    echo "test-rdma: SKIPPED: no Soft-RoCE VM script at $VM (set RDMA_VM)"
-    exit 0
-fi
+vm_require test-rdma
 build_log=$(mktemp)
 vm_log=$(mktemp)
 trap 'rm -f "$build_log" "$vm_log"' EXIT

@@ -46,3 +46,11 @@ vm_run() {
     fi
     return "$status"
 }
+
+# Ends the calling script with 0 (skipped, the reason printed) where there is
+# no VM script.
+vm_require() {
+    [ -x "$VM" ] && return 0
+    echo "$1: SKIPPED: no VM script at $VM (set RDMA_VM)"
+    exit 0
+}
