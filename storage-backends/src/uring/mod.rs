@@ -285,6 +285,12 @@ fn reserve_files(root: &Path, manifest: &Manifest) -> Result<(), StoreError> {
         if free < needed {
             return Err(no_space(root, needed, Some(free)));
         }
+        tracing::info!(
+            "reserving {} in {} for the namespaces' capacity ({} free)",
+            mib(needed),
+            root.display(),
+            mib(free)
+        );
     }
     for (file, path, len) in &growth {
         grow_file(file, path, *len)?;
