@@ -170,6 +170,14 @@ fn load_all_done(
     report
 }
 
+/// `keys[i]` with `bytes[i]`, as `store_many` takes them.
+fn keyed<'a>(keys: &[BlockKey], bytes: &'a [Vec<u8>]) -> Vec<(BlockKey, &'a [u8])> {
+    keys.iter()
+        .zip(bytes)
+        .map(|(key, bytes)| (*key, bytes.as_slice()))
+        .collect()
+}
+
 fn whole_blocks(count: u64) -> Vec<BlockLoad> {
     (0..count)
         .map(|index| BlockLoad {
@@ -1490,11 +1498,7 @@ fn store_many_across_a_rolling_restart_stores_every_block() {
     };
     let keys: Vec<BlockKey> = (0..BLOCKS).map(|i| BlockKey(0x7000 + i)).collect();
     let bytes: Vec<Vec<u8>> = keys.iter().map(|key| block_of(*key)).collect();
-    let blocks: Vec<(BlockKey, &[u8])> = keys
-        .iter()
-        .zip(&bytes)
-        .map(|(key, bytes)| (*key, bytes.as_slice()))
-        .collect();
+    let blocks = keyed(&keys, &bytes);
     std::thread::scope(|scope| {
         let storing = scope.spawn(|| client.store_many("full", &blocks));
         let deadline = Instant::now() + WAIT;
@@ -1568,11 +1572,7 @@ fn store_many_from_several_threads_stores_every_block() {
             let client = &client;
             scope.spawn(move || {
                 let bytes: Vec<Vec<u8>> = batch.iter().map(|key| block_of(*key)).collect();
-                let blocks: Vec<(BlockKey, &[u8])> = batch
-                    .iter()
-                    .zip(&bytes)
-                    .map(|(key, bytes)| (*key, bytes.as_slice()))
-                    .collect();
+                let blocks = keyed(batch, &bytes);
                 client.store_many("layer", &blocks).expect("stored");
             });
         }
@@ -1605,11 +1605,7 @@ fn store_many_from_several_threads_stores_every_block() {
     eprintln!("60 stores, 3 threads with 8 in flight each: {syncs} syncs");
     assert!(syncs > 0.0 && syncs < 120.0, "{syncs} syncs for 60 stores");
     let bytes: Vec<Vec<u8>> = keys.iter().map(|key| block_of(*key)).collect();
-    let stored: Vec<(BlockKey, &[u8])> = keys
-        .iter()
-        .zip(&bytes)
-        .map(|(key, bytes)| (*key, bytes.as_slice()))
-        .collect();
+    let stored = keyed(&keys, &bytes);
     let (id, region) = assert_all_load_as(&client, "layer", &stored);
     let good = block_of(BlockKey(0x6000));
     let error = client
