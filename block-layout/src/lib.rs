@@ -261,41 +261,89 @@ impl Geometry {
     }
 }
 
-impl Geometry {
-    /// Fills `target` with bytes `image_offset..image_offset + target.len()` of the
-    /// block's on-disk image (layers at their disk stride, zero padding elsewhere),
-    /// taking the layers from `payload` (the block's layers back to back). Lets a
-    /// block larger than one buffer be written in aligned chunks of any size.
-    pub fn fill_disk_image(&self, payload: &[u8], image_offset: u64, target: &mut [u8]) {
-        assert_eq!(
-            payload.len() as u64,
-            self.block_bytes(),
-            "payload is one whole block"
-        );
-        let image_end = image_offset + target.len() as u64;
-        assert!(image_end <= self.slot_bytes(), "chunk beyond the slot");
-        let stride = self.disk_layer_stride();
-        let layer_bytes = self.layer_bytes();
-        let first = image_offset / stride;
-        let last = image_end.div_ceil(stride).min(u64::from(self.layers));
-        // Each byte is written once: layers copied, only the padding between
-        // and after them zeroed (the target holds an earlier block's bytes).
-        let mut written = 0;
-        for layer in first..last {
-            let layer_start = layer * stride;
-            let from = layer_start.max(image_offset);
-            let to = (layer_start + layer_bytes).min(image_end);
-            if from >= to {
-                continue;
-            }
-            let source = (layer * layer_bytes + (from - layer_start)) as usize;
-            let destination = (from - image_offset) as usize;
-            let len = (to - from) as usize;
-            target[written..destination].fill(0);
-            target[destination..destination + len].copy_from_slice(&payload[source..source + len]);
-            written = destination + len;
+/// A run of payload bytes that is contiguous both in the payload (the block's
+/// layers back to back) and in one chunk of the block's disk image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImagePiece {
+    /// Where the run starts in the payload.
+    pub payload_offset: u64,
+    /// Which chunk of the image it lies in.
+    pub chunk: usize,
+    /// Where it starts within that chunk.
+    pub chunk_offset: usize,
+    pub len: usize,
+}
+
+/// The iterator [`Geometry::image_pieces`] returns.
+#[derive(Debug, Clone)]
+pub struct ImagePieces {
+    layer_bytes: u64,
+    stride: u64,
+    block_bytes: u64,
+    chunk_bytes: u64,
+    next: u64,
+}
+
+impl Iterator for ImagePieces {
+    type Item = ImagePiece;
+
+    fn next(&mut self) -> Option<ImagePiece> {
+        if self.next >= self.block_bytes {
+            return None;
         }
-        target[written..].fill(0);
+        let layer = self.next / self.layer_bytes;
+        let within_layer = self.next % self.layer_bytes;
+        let image_offset = layer * self.stride + within_layer;
+        let chunk_offset = image_offset % self.chunk_bytes;
+        // A piece ends at its layer's end or its chunk's end, whichever is first.
+        let len = (self.layer_bytes - within_layer).min(self.chunk_bytes - chunk_offset);
+        let piece = ImagePiece {
+            payload_offset: self.next,
+            chunk: (image_offset / self.chunk_bytes) as usize,
+            chunk_offset: chunk_offset as usize,
+            len: len as usize,
+        };
+        self.next += len;
+        Some(piece)
+    }
+}
+
+impl Geometry {
+    /// Where payload bytes `from..block_bytes()` go in the block's on-disk
+    /// image (layers at their disk stride) when the image is cut into chunks
+    /// of `chunk_bytes` (staging buffers): runs in payload order, each split
+    /// at its layer's and its chunk's end. Lets a block be received or copied
+    /// straight into the buffers its disk writes go from.
+    pub fn image_pieces(&self, from: u64, chunk_bytes: u64) -> ImagePieces {
+        assert!(chunk_bytes > 0, "chunks hold bytes");
+        ImagePieces {
+            layer_bytes: self.layer_bytes(),
+            stride: self.disk_layer_stride(),
+            block_bytes: self.block_bytes(),
+            chunk_bytes,
+            next: from,
+        }
+    }
+
+    /// The ranges of the disk image that hold no payload (each layer's padding
+    /// up to the next, the last one's up to the slot's end), which must be
+    /// written as zeros.
+    pub fn image_padding(&self) -> impl Iterator<Item = Range<u64>> {
+        let (stride, layer_bytes, slot) = (
+            self.disk_layer_stride(),
+            self.layer_bytes(),
+            self.slot_bytes(),
+        );
+        let layers = u64::from(self.layers);
+        (0..layers).filter_map(move |layer| {
+            let start = layer * stride + layer_bytes;
+            let end = if layer + 1 == layers {
+                slot
+            } else {
+                (layer + 1) * stride
+            };
+            (start < end).then_some(start..end)
+        })
     }
 }
 
@@ -392,25 +440,43 @@ mod tests {
         }
 
         #[test]
-        fn disk_image_chunks_place_each_layer_at_its_span(
+        fn image_pieces_and_padding_place_each_layer_at_its_span(
             geometry in geometry_strategy().prop_filter("small blocks", |g| g.block_bytes() < (1 << 20)),
             chunk_pages in 1u64..8,
             first_seed in 0u16..128,
+            resume_seed in any::<u64>(),
         ) {
             let payload: Vec<u8> = (0..geometry.block_bytes()).map(|i| (i % 251) as u8 + 1).collect();
             let slot = geometry.slot_bytes();
-            // Staging holds an earlier block's bytes: the padding must come out zero.
-            let mut image = vec![0xEEu8; slot as usize];
             let chunk = chunk_pages * DISK_ALIGN_BYTES;
-            let mut offset = 0;
-            while offset < slot {
-                let end = (offset + chunk).min(slot);
-                geometry.fill_disk_image(&payload, offset, &mut image[offset as usize..end as usize]);
-                offset = end;
+            // Staging holds an earlier block's bytes: the padding must come out zero.
+            let mut chunks = vec![vec![0xEEu8; chunk as usize]; slot.div_ceil(chunk) as usize];
+            for range in geometry.image_padding() {
+                for offset in range {
+                    chunks[(offset / chunk) as usize][(offset % chunk) as usize] = 0;
+                }
             }
+            // Received in two goes (as a socket delivers it): the second resumes
+            // where the first stopped, in the middle of a piece or not.
+            let resume = resume_seed % (geometry.block_bytes() + 1);
+            let mut expected_offset = 0;
+            for piece in geometry.image_pieces(0, chunk).take_while(|piece| piece.payload_offset < resume)
+                .chain(geometry.image_pieces(resume, chunk))
+            {
+                let end = (piece.payload_offset + piece.len as u64).min(if piece.payload_offset < resume { resume } else { u64::MAX });
+                prop_assert_eq!(piece.payload_offset, expected_offset, "pieces are contiguous in the payload");
+                prop_assert!(piece.chunk_offset + piece.len <= chunk as usize, "a piece stays in its chunk");
+                let len = (end - piece.payload_offset) as usize;
+                let source = piece.payload_offset as usize;
+                chunks[piece.chunk][piece.chunk_offset..piece.chunk_offset + len]
+                    .copy_from_slice(&payload[source..source + len]);
+                expected_offset = end;
+            }
+            prop_assert_eq!(expected_offset, geometry.block_bytes());
+            let image: Vec<u8> = chunks.concat();
             let stride = geometry.disk_layer_stride() as usize;
             let layer_bytes = geometry.layer_bytes() as usize;
-            for (offset, byte) in image.iter().enumerate() {
+            for (offset, byte) in image[..slot as usize].iter().enumerate() {
                 let in_layer = offset / stride < usize::from(geometry.layers)
                     && offset % stride < layer_bytes;
                 if !in_layer {
@@ -420,7 +486,6 @@ mod tests {
             let first = first_seed % geometry.layers;
             let span = geometry.disk_span(first..geometry.layers);
             let read = &image[span.slot_offset as usize..(span.slot_offset + span.len) as usize];
-            let layer_bytes = geometry.layer_bytes() as usize;
             for index in 0..span.placement.layer_count {
                 let range = span.placement.layer_range(index);
                 let layer = usize::from(first + index);

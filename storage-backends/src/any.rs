@@ -117,6 +117,17 @@ impl BlockStore for AnyShard {
     ) -> PutStarted {
         dispatch!(self, shard => shard.start_put(namespace, key, bytes, tag))
     }
+    fn lend_for_put(
+        &mut self,
+        namespace: NamespaceId,
+        key: BlockKey,
+        payload_bytes: u64,
+    ) -> Result<crate::IncomingBlock, StoreError> {
+        dispatch!(self, shard => shard.lend_for_put(namespace, key, payload_bytes))
+    }
+    fn start_received_put(&mut self, block: crate::IncomingBlock, tag: u64) -> PutStarted {
+        dispatch!(self, shard => shard.start_received_put(block, tag))
+    }
     fn put_must_wait(&self, namespace: NamespaceId) -> bool {
         dispatch!(self, shard => shard.put_must_wait(namespace))
     }

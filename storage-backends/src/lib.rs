@@ -10,6 +10,7 @@
 #![deny(unsafe_code)]
 
 pub mod any;
+mod incoming;
 pub mod loopback;
 // The lent-buffer loan to HTTP workers lives in `object/sys.rs`.
 #[allow(unsafe_code)]
@@ -30,6 +31,8 @@ use std::rc::Rc;
 
 use block_layout::{BlockKey, Geometry, LayerPlacement};
 use staging::{StagingBuffer, StagingSlab};
+
+pub use incoming::IncomingBlock;
 
 /// Index of a namespace within a store, in configuration order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -73,17 +76,17 @@ fn check_block_size(
     namespace: &str,
     geometry: &Geometry,
     key: BlockKey,
-    bytes: &[u8],
+    payload_bytes: u64,
 ) -> Result<(), StoreError> {
     let expected = geometry.block_bytes();
-    if bytes.len() as u64 == expected {
+    if payload_bytes == expected {
         return Ok(());
     }
     Err(StoreError::WrongSize {
         namespace: namespace.to_owned(),
         key,
         expected,
-        got: bytes.len() as u64,
+        got: payload_bytes,
     })
 }
 
@@ -185,6 +188,21 @@ pub trait BlockStore {
         let _ = tag;
         PutStarted::Finished(self.put(namespace, &[(key, bytes)]))
     }
+    /// Lends the memory one whole block's put writes from, before its
+    /// `payload_bytes` have arrived (the `uring` backend: staging buffers, each
+    /// layer at its disk offset): a gateway receives a client's store from the
+    /// socket straight into it, then calls [`BlockStore::start_received_put`].
+    /// Refuses a size other than the namespace's block size, and answers
+    /// `Busy` when the memory is taken (ask [`BlockStore::put_must_wait`] first).
+    fn lend_for_put(
+        &mut self,
+        namespace: NamespaceId,
+        key: BlockKey,
+        payload_bytes: u64,
+    ) -> Result<IncomingBlock, StoreError>;
+    /// [`BlockStore::start_put`] of a block received into memory this shard
+    /// lent; a block not completely received is refused (`WrongSize`).
+    fn start_received_put(&mut self, block: IncomingBlock, tag: u64) -> PutStarted;
     /// Whether a put into `namespace` started now would have to wait for
     /// staging memory (reads hold it): an event loop holds the request back
     /// until a later pass instead of waiting.

@@ -125,6 +125,21 @@ impl BlockStore for LoopbackStore {
         })
     }
 
+    fn lend_for_put(
+        &mut self,
+        _namespace: NamespaceId,
+        _key: BlockKey,
+        _payload_bytes: u64,
+    ) -> Result<crate::IncomingBlock, StoreError> {
+        Err(StoreError::Busy {
+            what: "the loopback backend stores nothing",
+        })
+    }
+
+    fn start_received_put(&mut self, _block: crate::IncomingBlock, _tag: u64) -> crate::PutStarted {
+        unreachable!("the loopback backend lends no memory for puts")
+    }
+
     fn delete(&mut self, _namespace: NamespaceId, _key: BlockKey) -> Result<bool, StoreError> {
         Ok(false)
     }

@@ -312,13 +312,34 @@ fn puts_started_without_waiting_land_and_report_through_reap_puts() {
             PutStarted::InFlight
         ));
     }
-    assert_eq!(shard.puts_in_flight(), 10);
+    // A store received from a socket into the body the PUT sends.
+    {
+        use std::io::{Read, Write};
+        let bytes = payload(20, &FULL);
+        let (mut sender, mut receiver) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let mut block = shard
+            .lend_for_put(full, BlockKey(20), FULL.block_bytes())
+            .expect("a body");
+        let writer = std::thread::spawn(move || sender.write_all(&bytes[..]).expect("send"));
+        while !block.is_complete() {
+            let count = block
+                .receive_with(|slices| receiver.read_vectored(slices))
+                .expect("receive");
+            assert!(count > 0, "the whole block is sent");
+        }
+        writer.join().expect("sender");
+        assert!(matches!(
+            shard.start_received_put(block, 20),
+            PutStarted::InFlight
+        ));
+    }
+    assert_eq!(shard.puts_in_flight(), 11);
     assert_eq!(
         read(&mut shard, full, 1, 0..8).expect("a read while puts run"),
         payload(1, &FULL)
     );
     let mut finished = Vec::new();
-    while finished.len() < 10 {
+    while finished.len() < 11 {
         shard.reap(&mut Vec::new(), true).expect("reap");
         shard.reap_puts(&mut finished);
     }
@@ -331,8 +352,8 @@ fn puts_started_without_waiting_land_and_report_through_reap_puts() {
         })
         .collect();
     tags.sort_unstable();
-    assert_eq!(tags, (10..20).collect::<Vec<u64>>());
-    for key in 10..20 {
+    assert_eq!(tags, (10..=20).collect::<Vec<u64>>());
+    for key in 10..=20 {
         assert_eq!(
             read(&mut shard, full, key, 0..8).expect("stored"),
             payload(key, &FULL)

@@ -752,3 +752,105 @@ fn a_capacity_the_disk_cannot_hold_is_refused_at_start_and_what_was_stored_stays
         );
     }
 }
+
+/// Reaps until the put tagged `tag` finishes; returns its outcome.
+fn reap_put(shard: &mut UringShard, tag: u64) -> Result<(), StoreError> {
+    let (mut reads, mut finished) = (Vec::new(), Vec::new());
+    loop {
+        shard.reap_puts(&mut finished);
+        if let Some(put) = finished.iter().position(|put| put.tag == tag) {
+            return finished.swap_remove(put).result;
+        }
+        shard.reap(&mut reads, true).expect("reap");
+    }
+}
+
+/// A store's block goes from a socket straight into the staging buffers the
+/// put writes from (each layer at its disk offset, a layer split over two
+/// buffers where the stride does not divide them), in the pieces the socket
+/// delivers; it is durable when reaped and reads back exactly. A block lent
+/// and dropped half received, or handed over incomplete, gives its buffers
+/// back and stores nothing.
+#[test]
+fn a_block_received_from_a_socket_into_lent_staging_is_stored_and_reads_back() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    // 40 layers of 3,000 bytes (Full, about two 64 KiB buffers) and 8
+    // padded layers (Layer).
+    let big_odd = Geometry { layers: 40, ..ODD };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_store, mut shard) = open(
+        dir.path(),
+        1,
+        &[spec("odd", big_odd, 4), spec("aligned", ALIGNED, 4)],
+    );
+    for (namespace, key) in [(NamespaceId(0), 21u128), (NamespaceId(1), 22)] {
+        let geometry = shard.geometry(namespace);
+        let bytes = payload(BlockKey(key), &geometry);
+        let (mut sender, mut receiver) = UnixStream::pair().expect("socket pair");
+        let writer = {
+            let bytes = bytes.clone();
+            std::thread::spawn(move || {
+                // Odd pieces, so reads stop in the middle of layers.
+                for piece in bytes[100..].chunks(7919) {
+                    sender.write_all(piece).expect("send");
+                }
+            })
+        };
+        let mut block = shard
+            .lend_for_put(namespace, BlockKey(key), geometry.block_bytes())
+            .expect("staging for one block");
+        let chunks = geometry.slot_bytes().div_ceil(64 << 10) as u32;
+        assert_eq!(shard.slab().buffers_in_use(), chunks);
+        // What arrived with the frame's head is copied; the rest is received.
+        assert_eq!(block.copy_from(&bytes[..100]), 100);
+        while !block.is_complete() {
+            let count = block
+                .receive_with(|slices| receiver.read_vectored(slices))
+                .expect("receive");
+            assert!(count > 0, "the sender sends the whole block");
+        }
+        writer.join().expect("sender");
+        assert!(matches!(
+            shard.start_received_put(block, key as u64),
+            PutStarted::InFlight
+        ));
+        reap_put(&mut shard, key as u64).expect("durable");
+        assert_eq!(shard.slab().buffers_in_use(), 0);
+        let last = geometry.layers;
+        for layers in [0..2, last / 2 - 2..last / 2 + 2, last - 3..last] {
+            let stored = read(&mut shard, namespace, key, layers.clone()).expect("read back");
+            assert!(
+                stored == expected_layers(key, &geometry, layers.clone()),
+                "layers {layers:?} of block {key} differ from what was sent"
+            );
+        }
+    }
+
+    let namespace = NamespaceId(1);
+    let mut dropped = shard
+        .lend_for_put(namespace, BlockKey(30), ALIGNED.block_bytes())
+        .expect("staging");
+    dropped.copy_from(&[1; 5000]);
+    drop(dropped);
+    assert_eq!(shard.slab().buffers_in_use(), 0);
+    let mut incomplete = shard
+        .lend_for_put(namespace, BlockKey(31), ALIGNED.block_bytes())
+        .expect("staging");
+    incomplete.copy_from(&[1; 5000]);
+    match shard.start_received_put(incomplete, 31) {
+        PutStarted::Finished(Err(StoreError::WrongSize { got: 5000, .. })) => {}
+        other => panic!("an incomplete block must be refused, got {other:?}"),
+    }
+    assert_eq!(shard.slab().buffers_in_use(), 0);
+    assert!(!shard.contains(namespace, BlockKey(30)));
+    assert!(!shard.contains(namespace, BlockKey(31)));
+    let error = shard
+        .lend_for_put(namespace, BlockKey(32), ALIGNED.block_bytes() - 1)
+        .expect_err("one byte short");
+    assert!(
+        error.to_string().contains("its geometry needs exactly"),
+        "{error}"
+    );
+}

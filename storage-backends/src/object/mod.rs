@@ -28,9 +28,10 @@ use std::time::{Duration, Instant};
 use block_layout::{BlockKey, Geometry, LayerPlacement};
 use staging::{StagingBuffer, StagingSlab};
 
+use crate::incoming::LentMemory;
 use crate::{
-    BlockStore, NamespaceId, NamespaceSpec, NamespaceStats, PutCompletion, PutStarted,
-    ReadCompletion, ReadRequest, Rejected, ShardStats, StoreError,
+    BlockStore, IncomingBlock, NamespaceId, NamespaceSpec, NamespaceStats, PutCompletion,
+    PutStarted, ReadCompletion, ReadRequest, Rejected, ShardStats, StoreError,
 };
 pub use http::{GetOutcome, ObjectClient, ObjectError};
 use sys::LentBuffer;
@@ -334,10 +335,10 @@ impl ObjectShard {
         &self,
         namespace: NamespaceId,
         key: BlockKey,
-        bytes: &[u8],
+        payload_bytes: u64,
     ) -> Result<(), StoreError> {
         let spec = self.spec(namespace);
-        crate::check_block_size(&spec.name, &spec.geometry, key, bytes)
+        crate::check_block_size(&spec.name, &spec.geometry, key, payload_bytes)
     }
 }
 
@@ -527,7 +528,7 @@ impl BlockStore for ObjectShard {
     ) -> Result<(), StoreError> {
         let spec = self.spec(namespace).clone();
         for (key, bytes) in blocks {
-            self.check_block_size(namespace, *key, bytes)?;
+            self.check_block_size(namespace, *key, bytes.len() as u64)?;
             let object = self.store.object_name(&spec.name, *key);
             self.store
                 .client
@@ -547,14 +548,48 @@ impl BlockStore for ObjectShard {
         bytes: &[u8],
         tag: u64,
     ) -> PutStarted {
-        if let Err(error) = self.check_block_size(namespace, key, bytes) {
-            return PutStarted::Finished(Err(error));
+        match self.lend_for_put(namespace, key, bytes.len() as u64) {
+            Ok(mut block) => {
+                block.copy_from(bytes);
+                self.start_received_put(block, tag)
+            }
+            Err(error) => PutStarted::Finished(Err(error)),
         }
+    }
+
+    /// Lends a reused body buffer: the block is received into the body the
+    /// PUT sends.
+    fn lend_for_put(
+        &mut self,
+        namespace: NamespaceId,
+        key: BlockKey,
+        payload_bytes: u64,
+    ) -> Result<IncomingBlock, StoreError> {
+        self.check_block_size(namespace, key, payload_bytes)?;
+        let geometry = self.spec(namespace).geometry;
+        let mut body = self.spare_bodies.pop().unwrap_or_default();
+        // Bodies are reused for the same namespace's blocks: no zeroing then.
+        body.resize(geometry.block_bytes() as usize, 0);
+        Ok(IncomingBlock::new(
+            namespace,
+            key,
+            geometry,
+            LentMemory::Contiguous(body),
+        ))
+    }
+
+    fn start_received_put(&mut self, block: IncomingBlock, tag: u64) -> PutStarted {
+        let (namespace, key) = (block.namespace(), block.key());
+        if !block.is_complete() {
+            if let Err(error) = self.check_block_size(namespace, key, block.received()) {
+                return PutStarted::Finished(Err(error));
+            }
+        }
+        let LentMemory::Contiguous(body) = block.memory else {
+            panic!("a block lent by another backend was handed to the object store");
+        };
         let spec = self.spec(namespace);
         let (object, geometry) = (self.store.object_name(&spec.name, key), spec.geometry);
-        let mut body = self.spare_bodies.pop().unwrap_or_default();
-        body.clear();
-        body.extend_from_slice(bytes);
         self.puts_in_flight += 1;
         self.jobs
             .as_ref()

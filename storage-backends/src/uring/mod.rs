@@ -29,8 +29,8 @@ use staging::{StagingBuffer, StagingSlab};
 use crate::sys;
 use crate::sys::uring::Completion;
 use crate::{
-    BlockStore, IoOp, NamespaceId, NamespaceSpec, NamespaceStats, PutCompletion, PutStarted,
-    ReadCompletion, ReadRequest, Rejected, ShardStats, StoreError,
+    BlockStore, IncomingBlock, IoOp, NamespaceId, NamespaceSpec, NamespaceStats, PutCompletion,
+    PutStarted, ReadCompletion, ReadRequest, Rejected, ShardStats, StoreError,
 };
 pub use engine::IoEngine;
 use engine::{Direction, Engine};
@@ -1053,7 +1053,7 @@ impl BlockStore for UringShard {
     ) -> Result<(), StoreError> {
         // Nothing is written when one block has the wrong size.
         for (key, bytes) in blocks {
-            self.check_block_size(namespace, *key, bytes)?;
+            self.check_block_size(namespace, *key, bytes.len() as u64)?;
         }
         // Half the slots at most, so that reads and evictions keep a choice.
         let in_flight_max = (self.namespace(namespace).table.slot_count() as usize / 2).max(1);
@@ -1089,7 +1089,24 @@ impl BlockStore for UringShard {
         }
     }
 
-    /// A put copies its block into staging buffers first.
+    fn lend_for_put(
+        &mut self,
+        namespace: NamespaceId,
+        key: BlockKey,
+        payload_bytes: u64,
+    ) -> Result<IncomingBlock, StoreError> {
+        self.lend_image(namespace, key, payload_bytes)
+    }
+
+    fn start_received_put(&mut self, block: IncomingBlock, tag: u64) -> PutStarted {
+        assert!(tag & CALLER_PUT_TAG == 0, "put tags are below 1 << 63");
+        match self.begin_received_put(block, tag) {
+            Ok(()) => PutStarted::InFlight,
+            Err(error) => PutStarted::Finished(Err(error)),
+        }
+    }
+
+    /// A put takes staging buffers for its block's disk image first.
     fn put_must_wait(&self, namespace: NamespaceId) -> bool {
         let slab = self.ring.slab();
         let needed = self

@@ -17,7 +17,8 @@ use staging::StagingBuffer;
 
 use super::format::{self, BlockHeader};
 use super::{io_error, Span, UringShard};
-use crate::{IoOp, NamespaceId, PutCompletion, StoreError};
+use crate::incoming::{zero_image_padding, LentMemory};
+use crate::{IncomingBlock, IoOp, NamespaceId, PutCompletion, StoreError};
 
 /// Put writes in flight at once; the op table holds this many on top of the
 /// reads' depth and two syncs per namespace, so neither starves the other.
@@ -125,8 +126,35 @@ pub(super) struct PutInFlight {
 }
 
 impl UringShard {
-    /// Copies `bytes` into staging, reserves a slot and starts the put; the
-    /// ring carries it on. Its completion lands in `finished_puts`.
+    /// Lends the staging buffers of one block's disk image, its padding
+    /// zeroed, for the payload to be received into.
+    pub(super) fn lend_image(
+        &mut self,
+        namespace: NamespaceId,
+        key: BlockKey,
+        payload_bytes: u64,
+    ) -> Result<IncomingBlock, StoreError> {
+        self.check_block_size(namespace, key, payload_bytes)?;
+        let geometry = self.namespace(namespace).geometry;
+        let chunk_bytes = self.ring.slab().buffer_bytes() as u64;
+        let count = geometry.slot_bytes().div_ceil(chunk_bytes) as usize;
+        let mut chunks = Vec::with_capacity(count);
+        for _ in 0..count {
+            chunks.push(self.acquire_buffer()?);
+        }
+        zero_image_padding(&geometry, chunk_bytes, &mut chunks);
+        Ok(IncomingBlock::new(
+            namespace,
+            key,
+            geometry,
+            LentMemory::Staging {
+                chunks,
+                chunk_bytes,
+            },
+        ))
+    }
+
+    /// Copies `bytes` into staging and starts the put.
     pub(super) fn begin_put(
         &mut self,
         namespace: NamespaceId,
@@ -134,33 +162,46 @@ impl UringShard {
         bytes: &[u8],
         tag: u64,
     ) -> Result<(), StoreError> {
-        self.check_block_size(namespace, key, bytes)?;
-        let geometry = self.namespace(namespace).geometry;
-        let chunk_bytes = self.ring.slab().buffer_bytes() as u64;
-        let slot_bytes = geometry.slot_bytes();
         // Staging first: the bytes are the caller's only until this returns.
-        let mut unsent = Vec::new();
-        let mut image_offset = 0;
-        while image_offset < slot_bytes {
-            let len = chunk_bytes.min(slot_bytes - image_offset);
-            let mut buffer = self.acquire_buffer()?;
-            geometry.fill_disk_image(
-                bytes,
-                image_offset,
-                &mut buffer.as_mut_slice()[..len as usize],
-            );
-            unsent.push((
-                Span {
-                    offset: image_offset,
-                    len,
-                },
-                buffer,
-            ));
-            image_offset += len;
+        let mut block = self.lend_image(namespace, key, bytes.len() as u64)?;
+        block.copy_from(bytes);
+        self.begin_received_put(block, tag)
+    }
+
+    /// Reserves a slot for a block in lent staging and starts its put; the
+    /// ring carries it on. Its completion lands in `finished_puts`.
+    pub(super) fn begin_received_put(
+        &mut self,
+        block: IncomingBlock,
+        tag: u64,
+    ) -> Result<(), StoreError> {
+        let (namespace, key) = (block.namespace(), block.key());
+        if !block.is_complete() {
+            self.check_block_size(namespace, key, block.received())?;
         }
-        let crcs: Vec<u32> = bytes
-            .chunks_exact(geometry.layer_bytes() as usize)
-            .map(crc32c::crc32c)
+        let crcs = block.layer_checksums();
+        let payload_bytes = block.payload_bytes();
+        let slot_bytes = block.geometry.slot_bytes();
+        let LentMemory::Staging {
+            chunks,
+            chunk_bytes,
+        } = block.memory
+        else {
+            panic!("a block lent by another backend was handed to the uring store");
+        };
+        let unsent: Vec<(Span, StagingBuffer)> = chunks
+            .into_iter()
+            .enumerate()
+            .map(|(index, buffer)| {
+                assert_eq!(
+                    buffer.slab_id(),
+                    self.ring.slab().id(),
+                    "lent by this shard"
+                );
+                let offset = index as u64 * chunk_bytes;
+                let len = chunk_bytes.min(slot_bytes - offset);
+                (Span { offset, len }, buffer)
+            })
             .collect();
         let shard_namespace = &mut self.namespaces[usize::from(namespace.0)];
         let reservation = shard_namespace.table.reserve().ok_or(StoreError::Busy {
@@ -187,7 +228,7 @@ impl UringShard {
             key,
             slot,
             crcs,
-            bytes: bytes.len() as u64,
+            bytes: payload_bytes,
             stage,
             unsent,
             writes_in_flight: 0,
@@ -201,10 +242,15 @@ impl UringShard {
         &self,
         namespace: NamespaceId,
         key: BlockKey,
-        bytes: &[u8],
+        payload_bytes: u64,
     ) -> Result<(), StoreError> {
         let shard_namespace = self.namespace(namespace);
-        crate::check_block_size(&shard_namespace.name, &shard_namespace.geometry, key, bytes)
+        crate::check_block_size(
+            &shard_namespace.name,
+            &shard_namespace.geometry,
+            key,
+            payload_bytes,
+        )
     }
 
     /// Moves every put as far as its I/O allows, then issues the syncs they

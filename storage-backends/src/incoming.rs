@@ -1,0 +1,220 @@
+//! A block lent memory before its bytes arrive: a gateway receives a client's
+//! store from the socket straight into it, and the put writes from it.
+
+use std::io::IoSliceMut;
+
+use block_layout::{BlockKey, Geometry};
+use staging::StagingBuffer;
+
+use crate::NamespaceId;
+
+/// Most slices one [`IncomingBlock::receive_with`] hands to a vectored read.
+const SLICES_PER_RECEIVE: usize = 64;
+
+/// Memory lent for one block's put before its payload has arrived
+/// ([`crate::BlockStore::lend_for_put`]). The caller fills the payload in order
+/// (`receive_with` from a socket, `copy_from` for bytes it already holds) and
+/// hands the block to [`crate::BlockStore::start_received_put`]. The `uring`
+/// backend lends the staging buffers its disk writes go from, with every layer
+/// at its disk offset and the padding already zero, so the payload is copied
+/// by nobody in user space. Dropping it gives the memory back.
+#[derive(Debug)]
+pub struct IncomingBlock {
+    pub(crate) namespace: NamespaceId,
+    pub(crate) key: BlockKey,
+    pub(crate) geometry: Geometry,
+    received: u64,
+    pub(crate) memory: LentMemory,
+}
+
+/// Where a lent block's payload goes.
+#[derive(Debug)]
+pub(crate) enum LentMemory {
+    /// The slot's disk image, cut into staging buffers of `chunk_bytes`.
+    Staging {
+        chunks: Vec<StagingBuffer>,
+        chunk_bytes: u64,
+    },
+    /// The payload back to back (backends that send it on as one body).
+    Contiguous(Vec<u8>),
+}
+
+impl IncomingBlock {
+    pub(crate) fn new(
+        namespace: NamespaceId,
+        key: BlockKey,
+        geometry: Geometry,
+        memory: LentMemory,
+    ) -> Self {
+        if let LentMemory::Contiguous(bytes) = &memory {
+            assert_eq!(
+                bytes.len() as u64,
+                geometry.block_bytes(),
+                "one whole block"
+            );
+        }
+        Self {
+            namespace,
+            key,
+            geometry,
+            received: 0,
+            memory,
+        }
+    }
+
+    pub fn key(&self) -> BlockKey {
+        self.key
+    }
+
+    pub fn namespace(&self) -> NamespaceId {
+        self.namespace
+    }
+
+    /// Payload bytes of the whole block.
+    pub fn payload_bytes(&self) -> u64 {
+        self.geometry.block_bytes()
+    }
+
+    /// Payload bytes filled so far.
+    pub fn received(&self) -> u64 {
+        self.received
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.received == self.payload_bytes()
+    }
+
+    /// Fills the payload from where it stands with one call of `read`, which
+    /// gets the memory still to fill in payload order (up to 64 slices: a
+    /// vectored read) and returns how many bytes it wrote, from the first
+    /// slice on. Returns that count.
+    pub fn receive_with<E>(
+        &mut self,
+        read: impl FnOnce(&mut [IoSliceMut<'_>]) -> Result<usize, E>,
+    ) -> Result<usize, E> {
+        let from = self.received;
+        let count = match &mut self.memory {
+            LentMemory::Contiguous(bytes) => {
+                read(&mut [IoSliceMut::new(&mut bytes[from as usize..])])?
+            }
+            LentMemory::Staging {
+                chunks,
+                chunk_bytes,
+            } => {
+                let mut slices: [IoSliceMut<'_>; SLICES_PER_RECEIVE] =
+                    std::array::from_fn(|_| IoSliceMut::new(&mut []));
+                let used = image_slices(&self.geometry, from, *chunk_bytes, chunks, &mut slices);
+                read(&mut slices[..used])?
+            }
+        };
+        assert!(
+            self.received + count as u64 <= self.payload_bytes(),
+            "received past the block's end"
+        );
+        self.received += count as u64;
+        Ok(count)
+    }
+
+    /// Copies as much of `bytes` as the payload still has room for; returns
+    /// how many bytes that was.
+    pub fn copy_from(&mut self, mut bytes: &[u8]) -> usize {
+        let mut copied = 0;
+        while !bytes.is_empty() && !self.is_complete() {
+            let count = self
+                .receive_with(|slices| -> Result<usize, std::convert::Infallible> {
+                    let mut count = 0;
+                    for slice in slices.iter_mut() {
+                        let len = slice.len().min(bytes.len() - count);
+                        slice[..len].copy_from_slice(&bytes[count..count + len]);
+                        count += len;
+                        if count == bytes.len() {
+                            break;
+                        }
+                    }
+                    Ok(count)
+                })
+                .unwrap_or_else(|never| match never {});
+            bytes = &bytes[count..];
+            copied += count;
+        }
+        copied
+    }
+
+    /// The checksum of each layer (crc32c), over the memory it was received into.
+    pub(crate) fn layer_checksums(&self) -> Vec<u32> {
+        assert!(self.is_complete(), "checksums of a whole block");
+        let layer_bytes = self.geometry.layer_bytes();
+        match &self.memory {
+            LentMemory::Contiguous(bytes) => bytes
+                .chunks_exact(layer_bytes as usize)
+                .map(crc32c::crc32c)
+                .collect(),
+            LentMemory::Staging {
+                chunks,
+                chunk_bytes,
+            } => {
+                let mut checksums = vec![0u32; usize::from(self.geometry.layers)];
+                // A layer split over two chunks is checksummed piece by piece.
+                for piece in self.geometry.image_pieces(0, *chunk_bytes) {
+                    let layer = (piece.payload_offset / layer_bytes) as usize;
+                    let bytes = &chunks[piece.chunk].as_slice()
+                        [piece.chunk_offset..piece.chunk_offset + piece.len];
+                    checksums[layer] = crc32c::crc32c_append(checksums[layer], bytes);
+                }
+                checksums
+            }
+        }
+    }
+}
+
+/// Zeroes the parts of a slot's disk image that hold no payload, in staging
+/// buffers that may hold an earlier block's bytes.
+pub(crate) fn zero_image_padding(
+    geometry: &Geometry,
+    chunk_bytes: u64,
+    chunks: &mut [StagingBuffer],
+) {
+    for range in geometry.image_padding() {
+        let mut offset = range.start;
+        while offset < range.end {
+            let (chunk, within) = ((offset / chunk_bytes) as usize, offset % chunk_bytes);
+            let len = (chunk_bytes - within).min(range.end - offset);
+            chunks[chunk].as_mut_slice()[within as usize..(within + len) as usize].fill(0);
+            offset += len;
+        }
+    }
+}
+
+/// Fills `slices` with the image's memory for payload `from..`, in payload
+/// order, as many as fit; returns how many. Each chunk is carved with
+/// `split_at_mut`, in increasing offsets (the image keeps the payload's order).
+fn image_slices<'a>(
+    geometry: &Geometry,
+    from: u64,
+    chunk_bytes: u64,
+    chunks: &'a mut [StagingBuffer],
+    slices: &mut [IoSliceMut<'a>],
+) -> usize {
+    let mut pieces = geometry.image_pieces(from, chunk_bytes).peekable();
+    let mut used = 0;
+    for (index, chunk) in chunks.iter_mut().enumerate() {
+        let mut rest: &'a mut [u8] = chunk.as_mut_slice();
+        let mut rest_offset = 0;
+        while let Some(piece) = pieces.next_if(|piece| piece.chunk == index) {
+            if used == slices.len() {
+                return used;
+            }
+            let (_, tail) =
+                std::mem::take(&mut rest).split_at_mut(piece.chunk_offset - rest_offset);
+            let (memory, after) = tail.split_at_mut(piece.len);
+            slices[used] = IoSliceMut::new(memory);
+            used += 1;
+            rest = after;
+            rest_offset = piece.chunk_offset + piece.len;
+        }
+        if pieces.peek().is_none() {
+            break;
+        }
+    }
+    used
+}
