@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use protocol::{decode_data_prefix, decode_header, decode_store, Frame, FrameType, DATA_PREFIX_BYTES, HEADER_BYTES};
+use protocol::{decode_data_prefix, decode_header, decode_store, decode_store_prefix, Frame, FrameType, DATA_PREFIX_BYTES, HEADER_BYTES};
 
 fuzz_target!(|bytes: &[u8]| {
     if bytes.len() >= HEADER_BYTES {
@@ -19,6 +19,14 @@ fuzz_target!(|bytes: &[u8]| {
                 }
                 FrameType::Store => {
                     let _ = decode_store(body);
+                    // A prefix decoded from the first bytes is the whole body's.
+                    if let (Ok(Some((early, _))), Ok((whole, _))) =
+                        (decode_store_prefix(body, header.body_len), decode_store(body))
+                    {
+                        if body.len() == header.body_len as usize {
+                            assert_eq!(early, whole);
+                        }
+                    }
                 }
                 kind => {
                     if let Ok(frame) = Frame::decode(kind, body) {

@@ -14,8 +14,8 @@ use client::{BlockStatus, Client, ClientError, ClientOptions, GatewayCode, Regio
 use gateway::synthetic;
 use protocol::BlockLoad;
 use test_support::{
-    import_synthetic, GatewayProcess, UringGatewayConfig, TEST_BLOCK_BYTES, TEST_LAYERS,
-    TEST_LAYER_BYTES,
+    import_synthetic, read_frame, GatewayProcess, UringGatewayConfig, TEST_BLOCK_BYTES,
+    TEST_LAYERS, TEST_LAYER_BYTES,
 };
 
 const BINARY: &str = env!("CARGO_BIN_EXE_dualpath");
@@ -122,7 +122,7 @@ fn assert_all_load_as(
     namespace: &str,
     blocks: &[(BlockKey, &[u8])],
 ) -> (client::RegionId, Arc<Region>) {
-    let (region, id) = registered_region(&client, blocks.len() * BLOCK_BYTES);
+    let (region, id) = registered_region(client, blocks.len() * BLOCK_BYTES);
     let loads: Vec<BlockLoad> = blocks
         .iter()
         .enumerate()
@@ -2067,4 +2067,214 @@ fn a_gateway_refused_io_uring_by_seccomp_falls_back_and_serves() {
             && stderr.contains("io_engine = \"auto\""),
         "the refusal names the cause: {stderr}"
     );
+}
+
+/// A raw connection to shard `shard`, past the hello.
+fn raw_connection(gateway: &Gateway, shard: u32) -> TcpStream {
+    let mut raw = TcpStream::connect(&gateway.tcp).expect("connect");
+    raw.set_read_timeout(Some(WAIT)).expect("timeout");
+    let hello = protocol::Frame::Hello {
+        version: protocol::PROTOCOL_VERSION,
+        shard,
+        token: Vec::new(),
+    };
+    raw.write_all(&hello.encode()).expect("hello");
+    assert!(matches!(
+        read_frame(&mut raw),
+        protocol::Frame::HelloOk { .. }
+    ));
+    raw
+}
+
+/// A `Store` frame's head (header and prefix) for `payload_len` bytes.
+fn store_head(request_id: u64, namespace: &str, key: BlockKey, payload_len: usize) -> Vec<u8> {
+    protocol::encode_store_head(&protocol::StorePrefix {
+        request_id,
+        namespace: namespace.into(),
+        key,
+        payload_len: u32::try_from(payload_len).expect("a small payload"),
+    })
+}
+
+/// A key of shard 0 of a two-core gateway.
+fn shard0_key(from: u128) -> BlockKey {
+    (from..)
+        .map(BlockKey)
+        .find(|key| key.shard(2) == 0)
+        .expect("a key of shard 0")
+}
+
+/// Stores' payloads are read from the socket straight into the staging the
+/// put writes from (only what comes with a frame's head is copied), one at
+/// a time and pipelined; every block loads back exactly, and the metric
+/// says how the bytes came.
+#[test]
+fn stores_are_received_straight_into_staging_and_load_back() {
+    let gateway = Gateway::start(64);
+    let client = gateway.client();
+    let blocks: Vec<(BlockKey, Vec<u8>)> = (0..24u64)
+        .map(|index| {
+            let key = BlockKey(0x7_0000 + u128::from(index));
+            let bytes = (0..BLOCK_BYTES)
+                .map(|at| (at as u64 * 7 + index * 13) as u8)
+                .collect();
+            (key, bytes)
+        })
+        .collect();
+    for (key, bytes) in &blocks[..4] {
+        client.store("full", *key, bytes).expect("store");
+    }
+    let pipelined: Vec<(BlockKey, &[u8])> = blocks[4..]
+        .iter()
+        .map(|(key, bytes)| (*key, bytes.as_slice()))
+        .collect();
+    client.store_many("full", &pipelined).expect("store_many");
+    let (region, id) = registered_region(&client, BLOCK_BYTES);
+    for (key, bytes) in &blocks {
+        assert_loads_as(&client, "full", (id, &region), *key, bytes);
+    }
+    let in_place = gateway
+        .process
+        .metric_sum_labelled("dualpath_store_payload_bytes_total", "path=\"in_place\"");
+    let copied = gateway
+        .process
+        .metric_sum_labelled("dualpath_store_payload_bytes_total", "path=\"copied\"");
+    let stored = (blocks.len() * BLOCK_BYTES) as f64;
+    assert_eq!(
+        in_place + copied,
+        stored,
+        "every payload byte is counted once"
+    );
+    // At most one 4 KiB read per store lands in the input buffer.
+    assert!(
+        in_place >= stored * 0.8,
+        "only {in_place} of {stored} bytes went straight to staging ({copied} copied)"
+    );
+    assert_eq!(gateway.metric_sum("dualpath_staging_bytes_in_use"), 0.0);
+}
+
+/// A client that sends part of a store's payload and then nothing holds the
+/// staging lent to that store until the stall timeout closes it (counted,
+/// logged); one that disconnects halfway gives it back at once. Neither block
+/// is stored, and the gateway stores and loads for the next client.
+#[test]
+fn a_client_that_stops_sending_a_store_is_closed_and_its_staging_comes_back() {
+    let gateway = Gateway::start_configured(16, None, "client_stall_timeout_ms = 1000");
+    let (stalled_key, cut_key) = (shard0_key(0x8_0000), shard0_key(0x8_1000));
+    let mut stalled = raw_connection(&gateway, 0);
+    stalled
+        .write_all(&store_head(1, "full", stalled_key, BLOCK_BYTES))
+        .expect("store head");
+    stalled
+        .write_all(&[0x42; 10_000])
+        .expect("part of the payload");
+    assert!(
+        wait_for_staging_in_use(&gateway, BLOCK_BYTES as f64) >= BLOCK_BYTES as f64,
+        "the store's staging is lent when its head arrives"
+    );
+    let deadline = Instant::now() + WAIT;
+    while gateway.metric_sum("dualpath_stalled_clients_closed_total") < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the stalled storer was never closed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = gateway.process.later_log();
+    assert!(
+        log.contains(&format!("it sent 10000 of a {BLOCK_BYTES}-byte store"))
+            && log.contains("gateway.client_stall_timeout_ms"),
+        "{log}"
+    );
+    let mut cut = raw_connection(&gateway, 0);
+    cut.write_all(&store_head(2, "full", cut_key, BLOCK_BYTES))
+        .expect("store head");
+    cut.write_all(&[0x43; 20_000]).expect("part of the payload");
+    drop(cut);
+    let deadline = Instant::now() + WAIT;
+    while gateway.metric_sum("dualpath_staging_bytes_in_use") > 0.0
+        || gateway.metric_sum("dualpath_connected_clients") > 0.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the lent staging never came back"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let client = gateway.client();
+    let (region, id) = registered_region(&client, BLOCK_BYTES);
+    for key in [stalled_key, cut_key] {
+        let whole = BlockLoad {
+            key,
+            layers: 0..LAYERS,
+            dest_offset: 0,
+        };
+        let report = client
+            .load("full", id, &[whole], 0)
+            .expect("load")
+            .wait(WAIT)
+            .expect("answered");
+        assert!(
+            matches!(
+                &report.blocks[0],
+                BlockStatus::Failed {
+                    code: GatewayCode::NotFound,
+                    ..
+                }
+            ),
+            "a block never sent whole must not be stored: {:?}",
+            report.blocks[0]
+        );
+    }
+    let block: Vec<u8> = (0..BLOCK_BYTES).map(|at| (at % 239) as u8).collect();
+    client
+        .store("full", stalled_key, &block)
+        .expect("stored whole now");
+    assert_loads_as(&client, "full", (id, &region), stalled_key, &block);
+}
+
+/// A refused store (unknown namespace, wrong size) whose payload is still on
+/// its way is answered at once; its payload is read and dropped, and the
+/// next frame on the same connection is served.
+#[test]
+fn a_refused_stores_payload_is_skipped_and_the_next_store_is_served() {
+    let gateway = Gateway::start(16);
+    let mut raw = raw_connection(&gateway, 0);
+    let key = shard0_key(0x9_0000);
+    let mut stream = store_head(1, "nope", key, BLOCK_BYTES);
+    stream.resize(stream.len() + BLOCK_BYTES, 0x11);
+    stream.extend_from_slice(&store_head(2, "full", key, BLOCK_BYTES - 4096));
+    stream.resize(stream.len() + BLOCK_BYTES - 4096, 0x22);
+    let block: Vec<u8> = (0..BLOCK_BYTES).map(|at| (at % 233) as u8).collect();
+    stream.extend_from_slice(&store_head(3, "full", key, BLOCK_BYTES));
+    stream.extend_from_slice(&block);
+    // Sent in pieces, so each payload arrives after its head was handled.
+    for piece in stream.chunks(3000) {
+        raw.write_all(piece).expect("send");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        let protocol::Frame::StoreDone {
+            request_id,
+            code,
+            message,
+        } = read_frame(&mut raw)
+        else {
+            panic!("stores are answered with StoreDone");
+        };
+        answers.push((request_id, code, message));
+    }
+    answers.sort_by_key(|(request_id, ..)| *request_id);
+    assert_eq!(answers[0].1, GatewayCode::UnknownNamespace, "{answers:?}");
+    assert!(answers[0].2.contains("\"nope\""), "{answers:?}");
+    assert_eq!(answers[1].1, GatewayCode::BadRequest, "{answers:?}");
+    assert!(
+        answers[1].2.contains("its geometry needs exactly"),
+        "{answers:?}"
+    );
+    assert_eq!(answers[2].1, GatewayCode::Ok, "{answers:?}");
+    let client = gateway.client();
+    let (region, id) = registered_region(&client, BLOCK_BYTES);
+    assert_loads_as(&client, "full", (id, &region), key, &block);
 }

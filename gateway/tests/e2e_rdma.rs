@@ -15,8 +15,8 @@ use client::{BlockStatus, Client, ClientError, ClientOptions, GatewayCode, RdmaO
 use gateway::synthetic;
 use protocol::BlockLoad;
 use test_support::{
-    import_synthetic, GatewayProcess, UringGatewayConfig, TEST_BLOCK_BYTES, TEST_LAYERS,
-    TEST_LAYER_BYTES,
+    import_synthetic, read_frame, GatewayProcess, UringGatewayConfig, TEST_BLOCK_BYTES,
+    TEST_LAYERS, TEST_LAYER_BYTES,
 };
 
 const BINARY: &str = env!("CARGO_BIN_EXE_dualpath");
@@ -613,17 +613,6 @@ fn a_client_killed_mid_load_leaves_the_gateway_healthy() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-/// Reads one frame from a raw control connection.
-fn read_frame(stream: &mut std::net::TcpStream) -> protocol::Frame {
-    use std::io::Read;
-    let mut header = [0u8; protocol::HEADER_BYTES];
-    stream.read_exact(&mut header).expect("frame header");
-    let header = protocol::decode_header(&header).expect("valid header");
-    let mut body = vec![0u8; header.body_len as usize];
-    stream.read_exact(&mut body).expect("frame body");
-    protocol::Frame::decode(header.kind, &body).expect("valid frame")
 }
 
 /// A client that announces a region larger than it registered with its NIC:

@@ -884,26 +884,56 @@ pub fn encode_store_head(prefix: &StorePrefix) -> Vec<u8> {
 
 /// Decodes a `Store` body (prefix and payload); returns the prefix and the payload.
 pub fn decode_store(body: &[u8]) -> Result<(StorePrefix, &[u8]), ProtocolError> {
+    let body_len = u32::try_from(body.len()).map_err(|_| ProtocolError::Invalid {
+        kind: FrameType::Store,
+        field: "payload",
+        problem: "over 4 GiB".into(),
+    })?;
+    let (prefix, prefix_len) =
+        decode_store_prefix(body, body_len)?.expect("the whole body is here");
+    Ok((prefix, &body[prefix_len..]))
+}
+
+/// Decodes a `Store`'s prefix from the first bytes of its body (`body_start`)
+/// before its payload has arrived, so that the payload can be received
+/// straight into the memory it is stored from. Returns the prefix and its
+/// length in the body, or `None` while more bytes are needed: never more than
+/// [`store_prefix_max`] bytes, or the whole body when it is shorter.
+pub fn decode_store_prefix(
+    body_start: &[u8],
+    body_len: u32,
+) -> Result<Option<(StorePrefix, usize)>, ProtocolError> {
+    let body_start = &body_start[..body_start.len().min(body_len as usize)];
+    let enough = body_start.len() >= (body_len as usize).min(store_prefix_max());
     let mut reader = Reader {
         kind: FrameType::Store,
-        bytes: body,
+        bytes: body_start,
         at: 0,
     };
-    let request_id = reader.u64()?;
-    let namespace = reader.string("namespace")?;
-    let key = BlockKey(reader.u128()?);
-    let payload = &body[reader.at..];
-    let payload_len =
-        u32::try_from(payload.len()).map_err(|_| reader.invalid("payload", "over 4 GiB".into()))?;
-    Ok((
-        StorePrefix {
-            request_id,
-            namespace,
-            key,
-            payload_len,
-        },
-        payload,
-    ))
+    let decoded = (|| {
+        let request_id = reader.u64()?;
+        let namespace = reader.string("namespace")?;
+        let key = BlockKey(reader.u128()?);
+        Ok::<_, ProtocolError>((request_id, namespace, key))
+    })();
+    match decoded {
+        Ok((request_id, namespace, key)) => Ok(Some((
+            StorePrefix {
+                request_id,
+                namespace,
+                key,
+                payload_len: body_len - reader.at as u32,
+            },
+            reader.at,
+        ))),
+        Err(error) if enough => Err(error),
+        Err(_) => Ok(None),
+    }
+}
+
+/// The most bytes a `Store` body's prefix takes (the longest namespace).
+pub fn store_prefix_max() -> usize {
+    STORE_PREFIX_BYTES + STRING_MAX
 }
 
 /// Checks that `offset..offset + len` lies inside a region of `region_len` bytes.
@@ -1095,6 +1125,31 @@ mod tests {
             if body.len() >= 8 {
                 let _ = decode_header(body[..8].try_into().expect("8"));
             }
+        }
+
+        #[test]
+        fn a_store_prefix_decodes_from_its_first_bytes_once_they_are_all_there(
+            request_id in any::<u64>(),
+            namespace in "[a-z]{0,40}",
+            key in any::<u128>(),
+            payload_len in 0u32..200,
+        ) {
+            let store = StorePrefix { request_id, namespace, key: BlockKey(key), payload_len };
+            let mut frame = encode_store_head(&store);
+            frame.resize(frame.len() + payload_len as usize, 7);
+            let body = &frame[HEADER_BYTES..];
+            let body_len = body.len() as u32;
+            let prefix_len = body.len() - payload_len as usize;
+            for arrived in 0..=body.len() {
+                let decoded = decode_store_prefix(&body[..arrived], body_len).expect("valid");
+                if arrived < prefix_len {
+                    prop_assert!(decoded.is_none(), "decoded from {} of {} prefix bytes", arrived, prefix_len);
+                } else {
+                    prop_assert_eq!(decoded, Some((store.clone(), prefix_len)));
+                }
+            }
+            // A body too short for any prefix is an error once it is all here.
+            prop_assert!(decode_store_prefix(&body[..prefix_len - 1], prefix_len as u32 - 1).is_err());
         }
 
         #[test]

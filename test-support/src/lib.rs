@@ -361,3 +361,14 @@ pub fn import_synthetic(
         "importing synthetic blocks into {namespace} failed"
     );
 }
+
+/// Reads one frame from a raw connection to a gateway (a test speaking the
+/// protocol by hand).
+pub fn read_frame(stream: &mut impl std::io::Read) -> protocol::Frame {
+    let mut header = [0u8; protocol::HEADER_BYTES];
+    stream.read_exact(&mut header).expect("frame header");
+    let header = protocol::decode_header(&header).expect("valid header");
+    let mut body = vec![0u8; header.body_len as usize];
+    stream.read_exact(&mut body).expect("frame body");
+    protocol::Frame::decode(header.kind, &body).expect("valid frame")
+}

@@ -10,7 +10,7 @@ use mio::event::Source;
 use mio::{Interest, Registry, Token};
 use protocol::RdmaEndpoint;
 use protocol::{decode_header, Frame, FrameType, Header, HEADER_BYTES};
-use storage_backends::NamespaceId;
+use storage_backends::{IncomingBlock, NamespaceId};
 use transport::verbs::{Endpoint as VerbsEndpoint, QueueChannels, Verbs};
 use transport::{
     RdmaTransport, RemoteRegion, RemoteWrite, SlabRegistration, TcpTransport, Transport,
@@ -32,6 +32,19 @@ impl Stream {
             Stream::Tcp(stream) => stream.read(buffer),
             Stream::Unix(stream) => stream.read(buffer),
             Stream::Tls(session) => super::tls::read(session, buffer),
+        }
+    }
+
+    /// A vectored read: a store's payload straight into the staging its put
+    /// writes from. TLS decrypts into the first slice only.
+    fn read_vectored(&mut self, slices: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(stream) => stream.read_vectored(slices),
+            Stream::Unix(stream) => stream.read_vectored(slices),
+            Stream::Tls(session) => match slices.first_mut() {
+                Some(first) => super::tls::read(session, first),
+                None => Ok(0),
+            },
         }
     }
 
@@ -107,6 +120,49 @@ pub struct ActiveLoad {
     pub started: Instant,
 }
 
+/// A store whose payload is received from the socket straight into memory
+/// its shard lent (`BlockStore::lend_for_put`), before its put starts.
+#[derive(Debug)]
+pub struct ReceivingStore {
+    pub request_id: u64,
+    pub block: IncomingBlock,
+    /// When the store arrived (or began to wait for staging).
+    pub started: Instant,
+    /// Payload bytes that arrived with the frame's head and were copied.
+    pub copied: u64,
+    /// Start of the current window in which the client must send
+    /// [`READING_BYTES_PER_WINDOW`]: it holds staging meanwhile.
+    window_start: Instant,
+    window_bytes: u64,
+}
+
+impl ReceivingStore {
+    pub fn new(request_id: u64, block: IncomingBlock, started: Instant, copied: u64) -> Self {
+        Self {
+            request_id,
+            block,
+            started,
+            copied,
+            window_start: Instant::now(),
+            window_bytes: 0,
+        }
+    }
+
+    fn received(&mut self, bytes: usize) {
+        self.window_bytes += bytes as u64;
+        if self.window_bytes >= READING_BYTES_PER_WINDOW {
+            self.window_start = Instant::now();
+            self.window_bytes = 0;
+        }
+    }
+
+    /// How long the client has sent less than [`READING_BYTES_PER_WINDOW`]
+    /// of this store while holding its staging.
+    pub fn stalled_for(&self) -> std::time::Duration {
+        self.window_start.elapsed()
+    }
+}
+
 /// A storage read issued for this connection.
 #[derive(Debug, Clone, Copy)]
 pub struct InflightRead {
@@ -132,6 +188,10 @@ pub struct Connection {
     pub held_buffers: usize,
     /// Since when a store at the head of the input waits for staging.
     pub store_waiting_since: Option<Instant>,
+    /// The store whose payload the socket is being read into.
+    pub receiving: Option<ReceivingStore>,
+    /// Payload bytes of a refused store still to be read and dropped.
+    pub discarding: u64,
     /// An error was sent: close once the queue is written.
     pub closing: bool,
     pub dead: bool,
@@ -152,8 +212,10 @@ const RDMA_SEND_DEPTH: u32 = 256;
 /// A connection's input buffer to begin with.
 pub const RECEIVE_CHUNK_BYTES: usize = 64 << 10;
 /// The least room a socket read is given (more when a frame in progress needs
-/// it): with less, the held bytes move to the front or the buffer grows.
-const RECEIVE_ROOM_MIN: usize = 16 << 10;
+/// it): with less, the held bytes move to the front or the buffer grows. Also
+/// what is read when no frame has begun: a `Store`'s payload bytes that come
+/// with its head are copied, the rest goes straight to staging.
+const RECEIVE_ROOM_MIN: usize = 4 << 10;
 /// Most bytes read from one client before its complete frames are handled:
 /// a client that sends faster than the core handles does not grow its
 /// buffer without bound.
@@ -239,19 +301,34 @@ impl InputBuffer {
         }
     }
 
-    /// Room the next read should have: the rest of the first frame when its
-    /// header has arrived (so that it is read in as few calls as the socket
-    /// allows), but never more than the buffer's size again (memory follows
-    /// the bytes that arrive, not what a header announces); else
-    /// `RECEIVE_ROOM_MIN`. 0 when that frame is complete: handle it before
-    /// reading on, so the buffer holds about one frame, not a backlog.
+    /// How much the next read should take: the rest of the first frame when
+    /// its header has arrived (so that it is read in as few calls as the
+    /// socket allows), but never more than the buffer's size again (memory
+    /// follows the bytes that arrive, not what a header announces), and at
+    /// least `RECEIVE_ROOM_MIN` (the frames after it); else
+    /// `RECEIVE_ROOM_MIN`. A `Store` gets only as far as its prefix: its
+    /// payload is read into the staging its put writes from, not here. 0
+    /// when that frame is complete, or a store's prefix is: handle it
+    /// before reading on, so the buffer holds about one frame, not a
+    /// backlog.
     fn wanted(&self) -> usize {
         let Some(Ok(header)) = self.next_header() else {
             return RECEIVE_ROOM_MIN;
         };
-        let missing =
-            (HEADER_BYTES + header.body_len as usize).saturating_sub(self.pending().len());
-        missing.min(self.bytes.len().max(RECEIVE_ROOM_MIN))
+        let frame_bytes = HEADER_BYTES + header.body_len as usize;
+        let missing = frame_bytes.saturating_sub(self.pending().len());
+        if missing == 0 {
+            return 0;
+        }
+        if header.kind == FrameType::Store {
+            let prefix_end = HEADER_BYTES + protocol::store_prefix_max();
+            return prefix_end
+                .min(frame_bytes)
+                .saturating_sub(self.pending().len());
+        }
+        missing
+            .min(self.bytes.len().max(RECEIVE_ROOM_MIN))
+            .max(RECEIVE_ROOM_MIN)
     }
 }
 
@@ -296,6 +373,8 @@ impl Connection {
             inflight: Vec::new(),
             held_buffers: 0,
             store_waiting_since: None,
+            receiving: None,
+            discarding: 0,
             closing: false,
             dead: false,
             output_stalled_since: None,
@@ -303,21 +382,46 @@ impl Connection {
         })
     }
 
-    /// Reads what the socket has into the input buffer, up to
-    /// `RECEIVE_BURST_BYTES` at a time, and stops at a complete frame.
+    /// Reads what the socket has, up to `RECEIVE_BURST_BYTES` at a time:
+    /// the payload of a store being received into its lent staging, the
+    /// payload of a refused store (dropped), or frames into the input
+    /// buffer, stopping at a complete frame or a store's whole payload.
     pub fn receive(&mut self) -> Received {
         let mut taken = 0;
         while taken < RECEIVE_BURST_BYTES {
-            let wanted = self.input.wanted();
-            if wanted == 0 {
-                return Received::More;
-            }
-            match self.stream.read(self.input.spare(wanted)) {
-                Ok(0) => return Received::Closed,
-                Ok(count) => {
-                    self.input.filled(count);
-                    taken += count;
+            let result = if self.discarding > 0 {
+                let room = self.discarding.min(RECEIVE_CHUNK_BYTES as u64) as usize;
+                let result = self.stream.read(&mut self.input.spare(room)[..room]);
+                if let Ok(count) = result {
+                    self.discarding -= count as u64;
                 }
+                result
+            } else if let Some(store) = &mut self.receiving {
+                if store.block.is_complete() {
+                    return Received::More;
+                }
+                let stream = &mut self.stream;
+                let result = store
+                    .block
+                    .receive_with(|slices| stream.read_vectored(slices));
+                if let Ok(count) = result {
+                    store.received(count);
+                }
+                result
+            } else {
+                let wanted = self.input.wanted();
+                if wanted == 0 {
+                    return Received::More;
+                }
+                let result = self.stream.read(&mut self.input.spare(wanted)[..wanted]);
+                if let Ok(count) = result {
+                    self.input.filled(count);
+                }
+                result
+            };
+            match result {
+                Ok(0) => return Received::Closed,
+                Ok(count) => taken += count,
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
                     return Received::Drained
                 }
@@ -530,6 +634,16 @@ mod tests {
     use super::{InputBuffer, RECEIVE_CHUNK_BYTES};
     use protocol::{encode_store_head, Frame, FrameType, StorePrefix, HEADER_BYTES};
 
+    /// A frame whose body is `len` bytes of `fill`: a large `Load` (the input
+    /// buffer does not look inside bodies; a `Store`'s payload does not
+    /// come through it).
+    fn big_frame(len: usize, fill: u8) -> Vec<u8> {
+        let body_len = u32::try_from(len).expect("a small frame");
+        let mut frame = protocol::encode_header(FrameType::Load, body_len).to_vec();
+        frame.resize(HEADER_BYTES + len, fill);
+        frame
+    }
+
     /// Feeds `bytes` into the buffer as a socket would, `piece` at a time.
     fn feed(input: &mut InputBuffer, bytes: &[u8], piece: usize) {
         for chunk in bytes.chunks(piece) {
@@ -544,14 +658,7 @@ mod tests {
     fn frames_are_found_whole_across_reads_and_handled_in_place() {
         let mut input = InputBuffer::with_capacity(RECEIVE_CHUNK_BYTES);
         let status = Frame::StatusRequest.encode();
-        let block = vec![0xA5u8; 3 * RECEIVE_CHUNK_BYTES + 17];
-        let mut store = encode_store_head(&StorePrefix {
-            request_id: 9,
-            namespace: "kv".into(),
-            key: block_layout::BlockKey(7),
-            payload_len: u32::try_from(block.len()).expect("a small block"),
-        });
-        store.extend_from_slice(&block);
+        let store = big_frame(3 * RECEIVE_CHUNK_BYTES + 17, 0xA5);
         let mut stream = status.clone();
         stream.extend_from_slice(&store);
         stream.extend_from_slice(&status);
@@ -569,11 +676,14 @@ mod tests {
             (FrameType::StatusRequest, status.len())
         );
         input.consume(length);
-        assert!(input.next_frame().is_none(), "the store is not all here");
+        assert!(
+            input.next_frame().is_none(),
+            "the big frame is not all here"
+        );
         assert_eq!(
             input.wanted(),
             input.bytes.len(),
-            "room for the store grows with the bytes that arrive, not at the header's word"
+            "room for the big frame grows with the bytes that arrive, not at the header's word"
         );
         let store_end = status.len() + store.len();
         feed(&mut input, &stream[status.len() + 5000..store_end], 4096);
@@ -584,10 +694,8 @@ mod tests {
         );
         feed(&mut input, &stream[store_end..], 4096);
         let (header, length) = input.next_frame().expect("complete").expect("valid");
-        assert_eq!((header.kind, length), (FrameType::Store, store.len()));
-        let (prefix, payload) =
-            protocol::decode_store(&input.pending()[HEADER_BYTES..length]).expect("a store");
-        assert_eq!((prefix.request_id, payload), (9, block.as_slice()));
+        assert_eq!((header.kind, length), (FrameType::Load, store.len()));
+        assert_eq!(&input.pending()[..length], store.as_slice());
         input.consume(length);
         let (header, length) = input.next_frame().expect("complete").expect("valid");
         assert_eq!(header.kind, FrameType::StatusRequest);
@@ -599,13 +707,7 @@ mod tests {
     fn held_bytes_move_to_the_front_before_the_buffer_grows() {
         let mut input = InputBuffer::with_capacity(RECEIVE_CHUNK_BYTES);
         // Frames that straddle the reads: a part of one is always held.
-        let mut frame = encode_store_head(&StorePrefix {
-            request_id: 1,
-            namespace: "kv".into(),
-            key: block_layout::BlockKey(1),
-            payload_len: 2963,
-        });
-        frame.resize(frame.len() + 2963, 0x3C);
+        let frame = big_frame(2963, 0x3C);
         let frames: Vec<u8> = frame
             .iter()
             .copied()
@@ -640,16 +742,7 @@ mod tests {
             let frames: Vec<Vec<u8>> = payloads
                 .iter()
                 .enumerate()
-                .map(|(index, &len)| {
-                    let mut frame = encode_store_head(&StorePrefix {
-                        request_id: index as u64,
-                        namespace: "kv".into(),
-                        key: block_layout::BlockKey(index as u128),
-                        payload_len: u32::try_from(len).expect("small"),
-                    });
-                    frame.resize(frame.len() + len, index as u8);
-                    frame
-                })
+                .map(|(index, &len)| big_frame(len, index as u8))
                 .collect();
             let stream: Vec<u8> = frames.concat();
             let largest = frames.iter().map(Vec::len).max().unwrap_or(0);
@@ -681,6 +774,43 @@ mod tests {
             }
             proptest::prop_assert_eq!(seen, frames);
         }
+    }
+
+    #[test]
+    fn a_stores_payload_stays_in_the_socket_once_its_prefix_is_in() {
+        let mut input = InputBuffer::with_capacity(RECEIVE_CHUNK_BYTES);
+        let mut store = encode_store_head(&StorePrefix {
+            request_id: 3,
+            namespace: "kv".into(),
+            key: block_layout::BlockKey(3),
+            payload_len: 1 << 20,
+        });
+        let head_bytes = store.len();
+        store.resize(head_bytes + (1 << 20), 0x77);
+        // Only the prefix's most is read here: what follows goes to staging.
+        feed(&mut input, &store[..HEADER_BYTES], HEADER_BYTES);
+        assert_eq!(input.wanted(), protocol::store_prefix_max());
+        feed(&mut input, &store[HEADER_BYTES..HEADER_BYTES + 100], 100);
+        assert_eq!(input.wanted(), protocol::store_prefix_max() - 100);
+        let wanted = input.wanted();
+        feed(
+            &mut input,
+            &store[HEADER_BYTES + 100..HEADER_BYTES + 100 + wanted],
+            wanted,
+        );
+        assert_eq!(input.wanted(), 0, "the core takes the store from here");
+        assert!(input.next_frame().is_none());
+        // A small store comes whole through the input.
+        let mut small = encode_store_head(&StorePrefix {
+            request_id: 4,
+            namespace: "kv".into(),
+            key: block_layout::BlockKey(4),
+            payload_len: 10,
+        });
+        small.resize(small.len() + 10, 1);
+        let mut input = InputBuffer::with_capacity(RECEIVE_CHUNK_BYTES);
+        feed(&mut input, &small[..HEADER_BYTES], HEADER_BYTES);
+        assert_eq!(input.wanted(), small.len() - HEADER_BYTES);
     }
 
     #[test]

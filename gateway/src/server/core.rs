@@ -12,12 +12,15 @@ use anyhow::Context;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use nix::sys::eventfd::{EfdFlags, EventFd};
-use protocol::{decode_store, ErrorCode, Frame, FrameType, Header, Load, HEADER_BYTES};
+use protocol::{
+    decode_store, decode_store_prefix, ErrorCode, Frame, FrameType, Header, Load, StorePrefix,
+    HEADER_BYTES,
+};
 use storage_backends::{BlockStore, PutStarted, ReadCompletion, ReadRequest, StoreError};
 use transport::RemoteWrite;
 
 use super::connection::{
-    ActiveLoad, Connection, InflightRead, Received, Stream, RECEIVE_CHUNK_BYTES,
+    ActiveLoad, Connection, InflightRead, Received, ReceivingStore, Stream, RECEIVE_CHUNK_BYTES,
 };
 use super::metrics::CoreCounters;
 use scheduler::progress::{Event, LoadProgress, Refusal};
@@ -64,6 +67,16 @@ pub struct CoreSetup {
 enum Handled {
     Done,
     Later,
+}
+
+/// Whether a store may start.
+enum Admission {
+    Admitted(storage_backends::NamespaceId),
+    /// Staging is short: the store waits in the input.
+    Later,
+    Refused((ErrorCode, String)),
+    /// The connection is gone.
+    Gone,
 }
 
 /// Who asked for a put that is in flight.
@@ -428,7 +441,8 @@ impl<S: BlockStore> Core<S> {
     }
 
     /// Handles the complete frames a connection has received, each where it
-    /// lies in the input buffer (taken out of the connection meanwhile).
+    /// lies in the input buffer (taken out of the connection meanwhile), and
+    /// a store once its payload has arrived in the staging it was lent.
     fn handle_frames(&mut self, index: usize) {
         loop {
             let Some(connection) = self.connections[index].as_mut() else {
@@ -437,33 +451,59 @@ impl<S: BlockStore> Core<S> {
             if connection.closing {
                 return;
             }
-            // A store larger than any block is refused when its header
-            // arrives, before its bytes take memory.
-            if let Some(Ok(header)) = connection.input.next_header() {
-                if header.kind == FrameType::Store
-                    && u64::from(header.body_len) > self.store_body_max
-                {
-                    let message = format!(
-                        "a store of {} bytes is larger than any block this gateway stores ({} bytes with its prefix)",
-                        header.body_len, self.store_body_max
-                    );
-                    return self.protocol_error(index, &message);
+            if let Some(store) = &connection.receiving {
+                if !store.block.is_complete() {
+                    return;
                 }
+                let store = connection.receiving.take().expect("checked");
+                self.start_received_store(index, store);
+                continue;
             }
-            let (header, frame_bytes) = match connection.input.next_frame() {
+            if connection.discarding > 0 {
+                return;
+            }
+            let header = match connection.input.next_header() {
                 None => return,
-                Some(Ok(frame)) => frame,
+                Some(Ok(header)) => header,
                 Some(Err(error)) => return self.protocol_error(index, &error.to_string()),
             };
-            let mut input = std::mem::take(&mut connection.input);
-            let handled = self.on_frame(index, header, &input.pending()[HEADER_BYTES..frame_bytes]);
-            if handled == Handled::Done {
-                input.consume(frame_bytes);
+            // A store larger than any block is refused when its header
+            // arrives, before its bytes take memory.
+            if header.kind == FrameType::Store && u64::from(header.body_len) > self.store_body_max {
+                let message = format!(
+                    "a store of {} bytes is larger than any block this gateway stores ({} bytes with its prefix)",
+                    header.body_len, self.store_body_max
+                );
+                return self.protocol_error(index, &message);
             }
-            match self.connections[index].as_mut() {
-                Some(connection) => connection.input = input,
-                None => return,
-            }
+            let complete = connection.input.next_frame().is_some();
+            let handled = if header.kind == FrameType::Store && !complete {
+                // Its payload is on the way: once the prefix is here, it is
+                // received into the staging its put writes from.
+                let body = &connection.input.pending()[HEADER_BYTES..];
+                match decode_store_prefix(body, header.body_len) {
+                    Ok(None) => return,
+                    Ok(Some((prefix, prefix_bytes))) => {
+                        self.on_store_head(index, prefix, HEADER_BYTES + prefix_bytes)
+                    }
+                    Err(error) => return self.protocol_error(index, &error.to_string()),
+                }
+            } else {
+                let Some(Ok((header, frame_bytes))) = connection.input.next_frame() else {
+                    return;
+                };
+                let mut input = std::mem::take(&mut connection.input);
+                let handled =
+                    self.on_frame(index, header, &input.pending()[HEADER_BYTES..frame_bytes]);
+                if handled == Handled::Done {
+                    input.consume(frame_bytes);
+                }
+                match self.connections[index].as_mut() {
+                    Some(connection) => connection.input = input,
+                    None => return,
+                }
+                handled
+            };
             if handled == Handled::Later {
                 return;
             }
@@ -688,6 +728,8 @@ impl<S: BlockStore> Core<S> {
         self.events = events;
     }
 
+    /// A whole `Store` frame in the input (a payload small enough to arrive
+    /// with its head): its block is copied into staging.
     fn on_store(&mut self, index: usize, body: &[u8]) -> Handled {
         let (prefix, payload) = match decode_store(body) {
             Ok(decoded) => decoded,
@@ -696,77 +738,176 @@ impl<S: BlockStore> Core<S> {
                 return Handled::Done;
             }
         };
-        // StoreDone goes out when the block is durable; the loop serves reads
-        // meanwhile (the put's writes and syncs run on the shard's ring).
-        let access = self.connections[index]
-            .as_ref()
-            .map(|connection| Arc::clone(&connection.access));
-        let expired = access
-            .as_ref()
-            .and_then(|access| access.check_expiry(unix_now()).err());
-        let result = match self.shard.namespace_id(&prefix.namespace) {
-            // Stores taken before are made durable and answered; a new one
-            // goes to the gateway's successor (or another gateway).
-            _ if self.draining_since.is_some() => Err((
-                ErrorCode::ShuttingDown,
-                "the gateway is shutting down; store again on its successor".into(),
-            )),
-            _ if expired.is_some() => Err((
-                ErrorCode::Unauthorized,
-                format!("{}; connect again with it", expired.expect("checked")),
-            )),
-            _ if access
-                .as_ref()
-                .is_some_and(|access| !access.may_write(&prefix.namespace)) =>
-            {
-                Err((
-                    ErrorCode::Unauthorized,
-                    unauthorized(access.as_deref(), "write", &prefix.namespace),
-                ))
+        let namespace = match self.store_admission(index, &prefix.namespace) {
+            Admission::Refused(refusal) => {
+                self.answer_store(index, prefix.request_id, Err(refusal));
+                return Handled::Done;
             }
-            None => Err((
-                ErrorCode::UnknownNamespace,
-                format!("unknown namespace {:?}", prefix.namespace),
-            )),
-            Some(namespace) => {
-                let Some(connection) = self.connections[index].as_mut() else {
-                    return Handled::Done;
-                };
-                // Staging is all taken by reads: the store (and what the
-                // client sent after it) waits in its input for a later pass,
-                // which gives it the next free buffers, instead of the loop
-                // waiting here or refusing it.
-                if self.shard.put_must_wait(namespace) {
-                    connection
-                        .store_waiting_since
-                        .get_or_insert_with(Instant::now);
-                    return Handled::Later;
-                }
-                let started = connection
-                    .store_waiting_since
-                    .take()
-                    .unwrap_or_else(Instant::now);
-                let tag = self.stores.start(StoreWaiter {
-                    connection: index,
-                    generation: connection.generation,
-                    request_id: prefix.request_id,
+            Admission::Later => return Handled::Later,
+            Admission::Gone => return Handled::Done,
+            Admission::Admitted(namespace) => namespace,
+        };
+        CoreCounters::add(
+            &self.setup.counters.store_bytes_copied,
+            payload.len() as u64,
+        );
+        let started = self.store_started(index);
+        self.start_store(index, prefix.request_id, started, |shard, tag| {
+            shard.start_put(namespace, prefix.key, payload, tag)
+        });
+        Handled::Done
+    }
+
+    /// The head of a `Store` whose payload is still arriving (`head_bytes`
+    /// of the input: frame header and prefix): the shard lends the staging
+    /// the put writes from, what arrived with the head is copied into it,
+    /// and the connection reads the rest straight into it. A refused store's
+    /// payload is read and dropped.
+    fn on_store_head(&mut self, index: usize, prefix: StorePrefix, head_bytes: usize) -> Handled {
+        let lent = match self.store_admission(index, &prefix.namespace) {
+            Admission::Later => return Handled::Later,
+            Admission::Gone => return Handled::Done,
+            Admission::Refused(refusal) => Err(refusal),
+            Admission::Admitted(namespace) => self
+                .shard
+                .lend_for_put(namespace, prefix.key, u64::from(prefix.payload_len))
+                .map_err(|error| (store_error_code(&error), error.to_string())),
+        };
+        let started = self.store_started(index);
+        let counters = Arc::clone(&self.setup.counters);
+        let Some(connection) = self.connections[index].as_mut() else {
+            return Handled::Done;
+        };
+        // Everything in the input belongs to this frame (it is incomplete).
+        let arrived = &connection.input.pending()[head_bytes..];
+        let arrived_bytes = arrived.len() as u64;
+        let refusal = match lent {
+            Ok(mut block) => {
+                block.copy_from(arrived);
+                CoreCounters::add(&counters.store_bytes_copied, arrived_bytes);
+                connection.receiving = Some(ReceivingStore::new(
+                    prefix.request_id,
+                    block,
                     started,
-                });
-                match self.shard.start_put(namespace, prefix.key, payload, tag) {
-                    PutStarted::InFlight => return Handled::Done,
-                    PutStarted::Finished(result) => {
-                        let waiter = self.stores.finish(tag);
-                        self.setup
-                            .counters
-                            .store_seconds
-                            .record(waiter.started.elapsed().as_secs_f64());
-                        result.map_err(|error| (store_error_code(&error), error.to_string()))
-                    }
-                }
+                    arrived_bytes,
+                ));
+                None
+            }
+            Err(refusal) => {
+                connection.discarding = u64::from(prefix.payload_len) - arrived_bytes;
+                Some(refusal)
             }
         };
-        self.answer_store(index, prefix.request_id, result);
+        let pending = connection.input.pending().len();
+        connection.input.consume(pending);
+        if let Some(refusal) = refusal {
+            self.answer_store(index, prefix.request_id, Err(refusal));
+        }
         Handled::Done
+    }
+
+    /// Starts the put of a store whose payload has arrived in lent staging.
+    fn start_received_store(&mut self, index: usize, store: ReceivingStore) {
+        let ReceivingStore {
+            request_id,
+            block,
+            started,
+            copied,
+            ..
+        } = store;
+        CoreCounters::add(
+            &self.setup.counters.store_bytes_in_place,
+            block.payload_bytes() - copied,
+        );
+        self.start_store(index, request_id, started, |shard, tag| {
+            shard.start_received_put(block, tag)
+        });
+    }
+
+    /// Whether a store into `namespace` may start now on this connection.
+    fn store_admission(&mut self, index: usize, namespace_name: &str) -> Admission {
+        // StoreDone goes out when the block is durable; the loop serves reads
+        // meanwhile (the put's writes and syncs run on the shard's ring).
+        let Some(connection) = self.connections[index].as_mut() else {
+            return Admission::Gone;
+        };
+        let access = &connection.access;
+        let refusal = if self.draining_since.is_some() {
+            // Stores taken before are made durable and answered; a new one
+            // goes to the gateway's successor (or another gateway).
+            Some((
+                ErrorCode::ShuttingDown,
+                "the gateway is shutting down; store again on its successor".into(),
+            ))
+        } else if let Err(expired) = access.check_expiry(unix_now()) {
+            Some((
+                ErrorCode::Unauthorized,
+                format!("{expired}; connect again with it"),
+            ))
+        } else if !access.may_write(namespace_name) {
+            Some((
+                ErrorCode::Unauthorized,
+                unauthorized(Some(&**access), "write", namespace_name),
+            ))
+        } else {
+            None
+        };
+        if let Some(refusal) = refusal {
+            return Admission::Refused(refusal);
+        }
+        let Some(namespace) = self.shard.namespace_id(namespace_name) else {
+            return Admission::Refused((
+                ErrorCode::UnknownNamespace,
+                format!("unknown namespace {namespace_name:?}"),
+            ));
+        };
+        // Staging is all taken by reads: the store (and what the client sent
+        // after it) waits in its input for a later pass, which gives it the
+        // next free buffers, instead of the loop waiting here or refusing it.
+        if self.shard.put_must_wait(namespace) {
+            connection
+                .store_waiting_since
+                .get_or_insert_with(Instant::now);
+            return Admission::Later;
+        }
+        Admission::Admitted(namespace)
+    }
+
+    /// When the store now starting arrived (or began to wait for staging).
+    fn store_started(&mut self, index: usize) -> Instant {
+        self.connections[index]
+            .as_mut()
+            .and_then(|connection| connection.store_waiting_since.take())
+            .unwrap_or_else(Instant::now)
+    }
+
+    /// Starts a put with `start` (given the shard and the put's tag); a put
+    /// that finishes at once is answered at once.
+    fn start_store(
+        &mut self,
+        index: usize,
+        request_id: u64,
+        started: Instant,
+        start: impl FnOnce(&mut S, u64) -> PutStarted,
+    ) {
+        let Some(connection) = self.connections[index].as_ref() else {
+            return;
+        };
+        let tag = self.stores.start(StoreWaiter {
+            connection: index,
+            generation: connection.generation,
+            request_id,
+            started,
+        });
+        if let PutStarted::Finished(result) = start(&mut self.shard, tag) {
+            let waiter = self.stores.finish(tag);
+            self.setup
+                .counters
+                .store_seconds
+                .record(waiter.started.elapsed().as_secs_f64());
+            let result = result.map_err(|error| (store_error_code(&error), error.to_string()));
+            self.answer_store(index, request_id, result);
+        }
     }
 
     /// Answers puts that have become durable (or failed), on the connections
@@ -1092,6 +1233,33 @@ impl<S: BlockStore> Core<S> {
                     .stalled_clients_closed
                     .fetch_add(1, Ordering::Relaxed);
                 connection.dead = true;
+                continue;
+            }
+            // A store's payload goes into staging lent when its head came:
+            // a client that stops sending it gives that staging back by
+            // being closed (it never got StoreDone: nothing is lost).
+            if let Some(store) = connection
+                .receiving
+                .as_ref()
+                .filter(|store| store.stalled_for() >= stall_limit)
+            {
+                let why = if stall_limit < self.setup.client_stall_timeout {
+                    "other clients wait for the staging it holds"
+                } else {
+                    "gateway.client_stall_timeout_ms sets the limit"
+                };
+                tracing::warn!(
+                    "shard {}: closing client {}: it sent {} of a {}-byte store and next to nothing more (under 64 KiB)                      for {:.1} s, holding the staging lent to that store; it stopped sending (hung, stopped or cut off); {why}",
+                    counters.shard,
+                    connection.peer,
+                    store.block.received(),
+                    store.block.payload_bytes(),
+                    store.stalled_for().as_secs_f64(),
+                );
+                counters
+                    .stalled_clients_closed
+                    .fetch_add(1, Ordering::Relaxed);
+                connection.dead = true;
             }
         }
     }
@@ -1147,7 +1315,11 @@ impl<S: BlockStore> Core<S> {
         let busy = self.shard.puts_in_flight() > 0
             || self.store_waiting()
             || self.connections.iter().flatten().any(|connection| {
-                connection.loads.iter().any(Option::is_some) || connection.has_output()
+                connection.loads.iter().any(Option::is_some)
+                    || connection.has_output()
+                    // A store accepted before the drain whose payload is
+                    // still arriving is stored and answered.
+                    || connection.receiving.is_some() && !connection.dead
             });
         !busy || since.elapsed() >= self.setup.drain_timeout
     }

@@ -54,6 +54,12 @@ pub struct CoreCounters {
     /// Loads the client cancelled (they still complete, counted above too).
     pub loads_cancelled: AtomicU64,
     pub blocks_stored: AtomicU64,
+    /// Stores' payload bytes read from the socket straight into the staging
+    /// their put writes from.
+    pub store_bytes_in_place: AtomicU64,
+    /// Stores' payload bytes that arrived with the frame's head (in the
+    /// connection's input buffer) and were copied into staging.
+    pub store_bytes_copied: AtomicU64,
     pub errors: [AtomicU64; ERROR_KINDS.len()],
     pub connected_clients: AtomicI64,
     pub reads_in_flight: AtomicI64,
@@ -97,6 +103,8 @@ impl CoreCounters {
             loads_completed: AtomicU64::new(0),
             loads_cancelled: AtomicU64::new(0),
             blocks_stored: AtomicU64::new(0),
+            store_bytes_in_place: AtomicU64::new(0),
+            store_bytes_copied: AtomicU64::new(0),
             errors: std::array::from_fn(|_| AtomicU64::new(0)),
             connected_clients: AtomicI64::new(0),
             reads_in_flight: AtomicI64::new(0),
@@ -197,6 +205,10 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         "Load requests the client cancelled"
     );
     describe_counter!("dualpath_blocks_stored_total", "Blocks stored by clients");
+    describe_counter!(
+        "dualpath_store_payload_bytes_total",
+        "Stores' payload bytes by how they reached staging: in_place (read from the socket straight into it) or copied (arrived with the frame's head)"
+    );
     describe_counter!("dualpath_errors_total", "Errors by kind");
     describe_gauge!("dualpath_connected_clients", "Client connections open");
     describe_counter!(
@@ -311,6 +323,13 @@ pub fn publish(cores: &[Arc<CoreCounters>], acceptor: &AcceptorCounters) {
             .absolute(load(&core.loads_cancelled));
         counter!("dualpath_blocks_stored_total", "shard" => shard.clone())
             .absolute(load(&core.blocks_stored));
+        for (path, value) in [
+            ("in_place", &core.store_bytes_in_place),
+            ("copied", &core.store_bytes_copied),
+        ] {
+            counter!("dualpath_store_payload_bytes_total", "path" => path, "shard" => shard.clone())
+                .absolute(load(value));
+        }
         for (kind, value) in ERROR_KINDS.iter().zip(&core.errors) {
             counter!("dualpath_errors_total", "kind" => *kind, "shard" => shard.clone())
                 .absolute(load(value));
