@@ -774,7 +774,7 @@ impl<S: BlockStore> Core<S> {
                 .map_err(|error| (store_error_code(&error), error.to_string())),
         };
         let started = self.store_started(index);
-        let counters = Arc::clone(&self.setup.counters);
+        let counters = &self.setup.counters;
         let Some(connection) = self.connections[index].as_mut() else {
             return Handled::Done;
         };
