@@ -108,15 +108,6 @@ impl BlockStore for AnyShard {
     ) -> Result<(), StoreError> {
         dispatch!(self, shard => shard.put(namespace, blocks))
     }
-    fn start_put(
-        &mut self,
-        namespace: NamespaceId,
-        key: BlockKey,
-        bytes: &[u8],
-        tag: u64,
-    ) -> PutStarted {
-        dispatch!(self, shard => shard.start_put(namespace, key, bytes, tag))
-    }
     fn lend_for_put(
         &mut self,
         namespace: NamespaceId,

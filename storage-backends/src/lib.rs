@@ -173,11 +173,11 @@ pub trait BlockStore {
         blocks: &[(BlockKey, &[u8])],
     ) -> Result<(), StoreError>;
     /// Starts storing one whole block durably, as [`BlockStore::put`] does,
-    /// without waiting for the disk: `bytes` are copied (into staging) before it
-    /// returns, and the outcome comes from [`BlockStore::reap_puts`] with `tag`
-    /// (below `1 << 63`) once the block survives a crash. An event loop keeps
-    /// serving reads meanwhile. Backends that store synchronously return the
-    /// outcome at once.
+    /// without waiting for the disk: `bytes` are copied into the memory
+    /// [`BlockStore::lend_for_put`] lends before it returns, and the outcome
+    /// comes from [`BlockStore::reap_puts`] with `tag` (below `1 << 63`) once
+    /// the block survives a crash. An event loop keeps serving reads
+    /// meanwhile. A put refused before it starts returns its outcome at once.
     fn start_put(
         &mut self,
         namespace: NamespaceId,
@@ -185,8 +185,13 @@ pub trait BlockStore {
         bytes: &[u8],
         tag: u64,
     ) -> PutStarted {
-        let _ = tag;
-        PutStarted::Finished(self.put(namespace, &[(key, bytes)]))
+        match self.lend_for_put(namespace, key, bytes.len() as u64) {
+            Ok(mut block) => {
+                block.copy_from(bytes);
+                self.start_received_put(block, tag)
+            }
+            Err(error) => PutStarted::Finished(Err(error)),
+        }
     }
     /// Lends the memory one whole block's put writes from, before its
     /// `payload_bytes` have arrived (the `uring` backend: staging buffers, each

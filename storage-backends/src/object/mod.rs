@@ -540,25 +540,8 @@ impl BlockStore for ObjectShard {
         Ok(())
     }
 
-    /// The PUT runs on a worker; the block is copied into a reused body first.
-    fn start_put(
-        &mut self,
-        namespace: NamespaceId,
-        key: BlockKey,
-        bytes: &[u8],
-        tag: u64,
-    ) -> PutStarted {
-        match self.lend_for_put(namespace, key, bytes.len() as u64) {
-            Ok(mut block) => {
-                block.copy_from(bytes);
-                self.start_received_put(block, tag)
-            }
-            Err(error) => PutStarted::Finished(Err(error)),
-        }
-    }
-
-    /// Lends a reused body buffer: the block is received into the body the
-    /// PUT sends.
+    /// Lends a reused body buffer: the block is received (or, by
+    /// `start_put`, copied) into the body the PUT sends, on a worker.
     fn lend_for_put(
         &mut self,
         namespace: NamespaceId,

@@ -1075,20 +1075,6 @@ impl BlockStore for UringShard {
         take_caller_puts(&mut self.finished_puts).and(outcome)
     }
 
-    fn start_put(
-        &mut self,
-        namespace: NamespaceId,
-        key: BlockKey,
-        bytes: &[u8],
-        tag: u64,
-    ) -> PutStarted {
-        assert!(tag & CALLER_PUT_TAG == 0, "put tags are below 1 << 63");
-        match self.begin_put(namespace, key, bytes, tag) {
-            Ok(()) => PutStarted::InFlight,
-            Err(error) => PutStarted::Finished(Err(error)),
-        }
-    }
-
     fn lend_for_put(
         &mut self,
         namespace: NamespaceId,
