@@ -55,11 +55,18 @@ start_gateway() {
 
 acked_total=0
 for round in $(seq 1 "$rounds"); do
-    rm -rf "$work/store" "$work/acked"
+    rm -rf "$work/store" "$work/acked" "$work/acked.connected"
     touch "$work/acked"
     start_gateway
     python3 "$writer" write "127.0.0.1:$port" "$work/acked" &
     writer_pid=$!
+    # The kill lands mid-store, not before the client has connected (Python
+    # takes its time to start).
+    for _ in $(seq 1 200); do
+        [ -e "$work/acked.connected" ] && break
+        kill -0 "$writer_pid" 2>/dev/null || break
+        sleep 0.05
+    done
     sleep "0.$(printf '%03d' $((RANDOM % 900 + 100)))"
     kill -9 "$gateway_pid"
     wait "$gateway_pid" 2>/dev/null || true

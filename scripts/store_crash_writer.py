@@ -1,6 +1,8 @@
 """The client side of scripts/store-crash-soak.sh.
 
-`write ADDRESS ACKED_FILE`: stores blocks through the gateway with store_many,
+`write ADDRESS ACKED_FILE`: creates ACKED_FILE.connected once connected (the
+soak kills the gateway only after that), then stores blocks through the
+gateway with store_many,
 16 at a time, and appends each batch's keys to ACKED_FILE once store_many has
 returned (the gateway said they are durable), until the gateway dies (or
 8,000 blocks, which the soak's store holds without evicting any).
@@ -52,6 +54,8 @@ def main():
     action, address, acked_path = sys.argv[1:4]
     client = dualpath.Client([address], request_timeout=2.0)
     size = client.namespace(NAMESPACE)["block_bytes"]
+    if action == "write":
+        open(acked_path + ".connected", "w").close()
     {"write": write, "check": check}[action](client, acked_path, size)
 
 
