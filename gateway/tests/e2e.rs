@@ -2278,3 +2278,53 @@ fn a_refused_stores_payload_is_skipped_and_the_next_store_is_served() {
     let (region, id) = registered_region(&client, BLOCK_BYTES);
     assert_loads_as(&client, "full", (id, &region), key, &block);
 }
+
+/// Stores lend staging when their heads arrive and hold it while their
+/// payloads come at the clients' pace: at most half of a core's staging is
+/// lent to stores still arriving, so they cannot take every buffer from the
+/// loads. 40 clients each send a store's head and part of its payload, then
+/// nothing: 32 of them (half of 64 buffers) get staging, the rest wait, and
+/// since a store waits, the stalled ones are closed after a second; a load
+/// meanwhile is served.
+#[test]
+fn stores_still_arriving_hold_at_most_half_of_a_cores_staging() {
+    let gateway = Gateway::start_configured(16, None, "client_stall_timeout_ms = 60000");
+    let half = STAGING_BYTES_PER_CORE / 2.0;
+    let storers: Vec<TcpStream> = (0..40u128)
+        .map(|index| {
+            let mut storer = raw_connection(&gateway, 0);
+            let key = shard0_key(0xA_0000 + index * 0x100);
+            storer
+                .write_all(&store_head(1, "full", key, BLOCK_BYTES))
+                .expect("store head");
+            storer
+                .write_all(&[0x44; 10_000])
+                .expect("part of the payload");
+            storer
+        })
+        .collect();
+    assert!(
+        wait_for_staging_in_use(&gateway, half) >= half,
+        "stores were lent staging"
+    );
+    let mut most = 0.0f64;
+    let watch_until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < watch_until {
+        most = most.max(gateway.metric_sum("dualpath_staging_bytes_in_use"));
+    }
+    assert!(
+        most <= half,
+        "stores still arriving held {most} bytes of staging, more than half of {STAGING_BYTES_PER_CORE}"
+    );
+    let client = gateway.client();
+    let (region, id) = registered_region(&client, 8 * BLOCK_BYTES);
+    load_all_done(&client, "full", id, &whole_blocks(8));
+    assert!(region.read(7 * BLOCK_BYTES, BLOCK_BYTES) == expected_block(7));
+    let log = gateway.process.later_log();
+    assert!(
+        log.contains(&format!("it sent 10000 of a {BLOCK_BYTES}-byte store"))
+            && log.contains("other clients wait for the staging it holds"),
+        "a waiting store closes stalled storers after a second: {log}"
+    );
+    drop(storers);
+}

@@ -119,8 +119,8 @@ impl BlockStore for AnyShard {
     fn start_received_put(&mut self, block: crate::IncomingBlock, tag: u64) -> PutStarted {
         dispatch!(self, shard => shard.start_received_put(block, tag))
     }
-    fn put_must_wait(&self, namespace: NamespaceId) -> bool {
-        dispatch!(self, shard => shard.put_must_wait(namespace))
+    fn put_staging_buffers(&self, namespace: NamespaceId) -> u32 {
+        dispatch!(self, shard => shard.put_staging_buffers(namespace))
     }
     fn reap_puts(&mut self, out: &mut Vec<PutCompletion>) {
         dispatch!(self, shard => shard.reap_puts(out))

@@ -75,6 +75,15 @@ impl IncomingBlock {
         self.geometry.block_bytes()
     }
 
+    /// Staging buffers lent to this block (none when the backend lent other
+    /// memory).
+    pub fn staging_buffers(&self) -> u32 {
+        match &self.memory {
+            LentMemory::Staging { chunks, .. } => chunks.len() as u32,
+            LentMemory::Contiguous(_) => 0,
+        }
+    }
+
     /// Payload bytes filled so far.
     pub fn received(&self) -> u64 {
         self.received

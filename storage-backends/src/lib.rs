@@ -208,12 +208,19 @@ pub trait BlockStore {
     /// [`BlockStore::start_put`] of a block received into memory this shard
     /// lent; a block not completely received is refused (`WrongSize`).
     fn start_received_put(&mut self, block: IncomingBlock, tag: u64) -> PutStarted;
+    /// Staging buffers a put into `namespace` takes (lent while its block
+    /// arrives, then written from); 0 for backends whose puts do not use
+    /// staging.
+    fn put_staging_buffers(&self, namespace: NamespaceId) -> u32 {
+        let _ = namespace;
+        0
+    }
     /// Whether a put into `namespace` started now would have to wait for
     /// staging memory (reads hold it): an event loop holds the request back
     /// until a later pass instead of waiting.
     fn put_must_wait(&self, namespace: NamespaceId) -> bool {
-        let _ = namespace;
-        false
+        let slab = self.slab();
+        slab.buffer_count() - slab.buffers_in_use() < self.put_staging_buffers(namespace)
     }
     /// Moves the puts that finished into `out` (their I/O is handled by `reap`).
     fn reap_puts(&mut self, out: &mut Vec<PutCompletion>) {

@@ -861,16 +861,35 @@ impl<S: BlockStore> Core<S> {
                 format!("unknown namespace {namespace_name:?}"),
             ));
         };
-        // Staging is all taken by reads: the store (and what the client sent
-        // after it) waits in its input for a later pass, which gives it the
-        // next free buffers, instead of the loop waiting here or refusing it.
-        if self.shard.put_must_wait(namespace) {
-            connection
-                .store_waiting_since
-                .get_or_insert_with(Instant::now);
+        // Staging is all taken by reads, or half of it is lent to stores
+        // whose payloads are still arriving: the store (and what the client
+        // sent after it) waits in its input for a later pass, which gives it
+        // the next free buffers, instead of the loop waiting here or refusing
+        // it. Stores arrive at the client's pace: capped, they cannot take
+        // every buffer from the loads.
+        let needed = self.shard.put_staging_buffers(namespace);
+        let receiving = self.staging_lent_to_receiving_stores();
+        let cap = self.shard.slab().buffer_count() / 2;
+        let over_cap = receiving > 0 && receiving + needed > cap;
+        if over_cap || self.shard.put_must_wait(namespace) {
+            if let Some(connection) = self.connections[index].as_mut() {
+                connection
+                    .store_waiting_since
+                    .get_or_insert_with(Instant::now);
+            }
             return Admission::Later;
         }
         Admission::Admitted(namespace)
+    }
+
+    /// Staging buffers lent to stores whose payloads are still arriving.
+    fn staging_lent_to_receiving_stores(&self) -> u32 {
+        self.connections
+            .iter()
+            .flatten()
+            .filter_map(|connection| connection.receiving.as_ref())
+            .map(|store| store.block.staging_buffers())
+            .sum()
     }
 
     /// When the store now starting arrived (or began to wait for staging).

@@ -1093,15 +1093,10 @@ impl BlockStore for UringShard {
     }
 
     /// A put takes staging buffers for its block's disk image first.
-    fn put_must_wait(&self, namespace: NamespaceId) -> bool {
-        let slab = self.ring.slab();
-        let needed = self
-            .namespace(namespace)
-            .geometry
-            .slot_bytes()
-            .div_ceil(slab.buffer_bytes() as u64);
-        let free = slab.buffer_count() - slab.buffers_in_use();
-        u64::from(free) < needed
+    fn put_staging_buffers(&self, namespace: NamespaceId) -> u32 {
+        let chunk_bytes = self.ring.slab().buffer_bytes() as u64;
+        let slot_bytes = self.namespace(namespace).geometry.slot_bytes();
+        u32::try_from(slot_bytes.div_ceil(chunk_bytes)).unwrap_or(u32::MAX)
     }
 
     fn reap_puts(&mut self, out: &mut Vec<PutCompletion>) {
