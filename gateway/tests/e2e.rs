@@ -14,7 +14,7 @@ use client::{BlockStatus, Client, ClientError, ClientOptions, GatewayCode, Regio
 use gateway::synthetic;
 use protocol::BlockLoad;
 use test_support::{
-    import_synthetic, read_frame, GatewayProcess, UringGatewayConfig, TEST_BLOCK_BYTES,
+    import_synthetic, read_frame, wait_until, GatewayProcess, UringGatewayConfig, TEST_BLOCK_BYTES,
     TEST_LAYERS, TEST_LAYER_BYTES,
 };
 
@@ -392,14 +392,9 @@ fn client_that_disconnects_mid_load_leaves_the_gateway_healthy() {
         region.read(99 * BLOCK_BYTES, BLOCK_BYTES),
         expected_block(99)
     );
-    let deadline = Instant::now() + WAIT;
-    while gateway.metric_sum("dualpath_connected_clients") as u64 != 2 {
-        assert!(
-            Instant::now() < deadline,
-            "closed connections must be counted out"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until("closed connections counted out", WAIT, || {
+        gateway.metric_sum("dualpath_connected_clients") as u64 == 2
+    });
 }
 
 #[test]
@@ -1037,14 +1032,9 @@ fn a_client_that_stops_reading_is_closed_after_the_stall_timeout() {
         0.0
     );
     // Now it stops reading.
-    let deadline = Instant::now() + WAIT;
-    while gateway.metric_sum("dualpath_stalled_clients_closed_total") < 1.0 {
-        assert!(
-            Instant::now() < deadline,
-            "the stalled client was never closed"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until("the stalled client closed", WAIT, || {
+        gateway.metric_sum("dualpath_stalled_clients_closed_total") >= 1.0
+    });
     assert_eq!(gateway.metric_sum("dualpath_staging_bytes_in_use"), 0.0);
     assert_eq!(gateway.metric_sum("dualpath_connected_clients"), 0.0);
     let log = gateway.process.later_log();
@@ -1330,14 +1320,9 @@ fn a_load_cancelled_while_its_gateway_is_redialled_writes_nothing_later() {
     gateway.kill();
     // The connection's end hands the blocks to the retrier, which takes
     // (some of) them and redials.
-    let deadline = Instant::now() + WAIT;
-    while load.reassigned_blocks() == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the blocks never went to the retrier"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_until("the blocks going to the retrier", WAIT, || {
+        load.reassigned_blocks() > 0
+    });
     let report = load.cancel(WAIT).expect("confirmed");
     assert!(
         report.blocks.iter().all(BlockStatus::is_cancelled),
@@ -1447,24 +1432,18 @@ fn a_load_refused_by_a_stopping_gateway_completes_on_its_successor() {
     let (client, region, id) = client_without_poller(&gateway);
     let pid = nix::unistd::Pid::from_raw(i32::try_from(gateway.process.child.id()).expect("pid"));
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    let deadline = Instant::now() + WAIT;
-    while !gateway.process.later_log().contains("shutting down") {
-        assert!(Instant::now() < deadline, "the gateway never began to stop");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until("the gateway beginning to stop", WAIT, || {
+        gateway.process.later_log().contains("shutting down")
+    });
     // Every core looks at the shutdown flag at least every 50 ms.
     std::thread::sleep(Duration::from_millis(200));
     let load = client
         .load("full", id, &reversed_blocks(), 0)
         .expect("load");
     // It drains until the stalled client is closed, then exits.
-    loop {
-        if gateway.process.child.try_wait().expect("wait").is_some() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the gateway did not stop");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until("the gateway stopping", WAIT, || {
+        gateway.process.child.try_wait().expect("wait").is_some()
+    });
     drop(stalled);
     assert!(
         load.reassigned_blocks() > 0,
@@ -1501,18 +1480,15 @@ fn store_many_across_a_rolling_restart_stores_every_block() {
     let blocks = keyed(&keys, &bytes);
     std::thread::scope(|scope| {
         let storing = scope.spawn(|| client.store_many("full", &blocks));
-        let deadline = Instant::now() + WAIT;
-        while gateway.metric_sum("dualpath_blocks_stored_total") < 50.0 {
-            assert!(Instant::now() < deadline, "no store landed");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_until("50 stores landing", WAIT, || {
+            gateway.metric_sum("dualpath_blocks_stored_total") >= 50.0
+        });
         let pid =
             nix::unistd::Pid::from_raw(i32::try_from(gateway.process.child.id()).expect("pid"));
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-        while gateway.process.child.try_wait().expect("wait").is_none() {
-            assert!(Instant::now() < deadline, "the gateway did not stop");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_until("the gateway stopping", WAIT, || {
+            gateway.process.child.try_wait().expect("wait").is_some()
+        });
         assert!(
             !storing.is_finished(),
             "the stores ended before the restart"
@@ -1594,11 +1570,7 @@ fn store_many_from_several_threads_stores_every_block() {
             .process
             .metric_sum_labelled("dualpath_storage_blocks", "namespace=\"layer\"")
     };
-    let deadline = Instant::now() + WAIT;
-    while fill() < 64.0 {
-        assert!(Instant::now() < deadline, "fill stayed at {}", fill());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until("the fill reaching 64 blocks", WAIT, || fill() >= 64.0);
     assert_eq!(fill(), 64.0);
     assert_eq!(gateway.metric_sum("dualpath_storage_evictions_total"), 0.0);
     let syncs = gateway.metric_sum("dualpath_storage_syncs_total");
@@ -2172,14 +2144,9 @@ fn a_client_that_stops_sending_a_store_is_closed_and_its_staging_comes_back() {
         wait_for_staging_in_use(&gateway, BLOCK_BYTES as f64) >= BLOCK_BYTES as f64,
         "the store's staging is lent when its head arrives"
     );
-    let deadline = Instant::now() + WAIT;
-    while gateway.metric_sum("dualpath_stalled_clients_closed_total") < 1.0 {
-        assert!(
-            Instant::now() < deadline,
-            "the stalled storer was never closed"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until("the stalled storer closed", WAIT, || {
+        gateway.metric_sum("dualpath_stalled_clients_closed_total") >= 1.0
+    });
     let log = gateway.process.later_log();
     assert!(
         log.contains(&format!("it sent 10000 of a {BLOCK_BYTES}-byte store"))
@@ -2191,16 +2158,10 @@ fn a_client_that_stops_sending_a_store_is_closed_and_its_staging_comes_back() {
         .expect("store head");
     cut.write_all(&[0x43; 20_000]).expect("part of the payload");
     drop(cut);
-    let deadline = Instant::now() + WAIT;
-    while gateway.metric_sum("dualpath_staging_bytes_in_use") > 0.0
-        || gateway.metric_sum("dualpath_connected_clients") > 0.0
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the lent staging never came back"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until("the lent staging coming back", WAIT, || {
+        gateway.metric_sum("dualpath_staging_bytes_in_use") == 0.0
+            && gateway.metric_sum("dualpath_connected_clients") == 0.0
+    });
     let client = gateway.client();
     let (region, id) = registered_region(&client, BLOCK_BYTES);
     for key in [stalled_key, cut_key] {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use client::{BlockLoad, BlockStatus, Client, ClientOptions, Policy, Region};
 use gateway::synthetic;
-use test_support::{settings, GatewayProcess, Seaweed, ACCESS_KEY, BUCKET, SECRET_KEY};
+use test_support::{settings, wait_until, GatewayProcess, Seaweed, ACCESS_KEY, BUCKET, SECRET_KEY};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_dualpath");
 const SEED: u64 = 99;
@@ -207,16 +207,8 @@ fn signal(gateway: &GatewayProcess, signal: nix::sys::signal::Signal) {
     nix::sys::signal::kill(pid, signal).expect("signal");
 }
 
-fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !condition() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting until {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+/// How long the checks here wait for the cluster to settle.
+const SETTLE: Duration = Duration::from_secs(20);
 
 /// Gateways gossip their load; a gateway that stops answering (SIGSTOP) leaves the
 /// client's split within a bounded time, loads complete without it, and it comes
@@ -237,7 +229,7 @@ fn a_silent_gateway_leaves_the_split_and_returns() {
     import(&first, count);
     let gateway_a = start(&first);
     let gateway_b = start(&second);
-    wait_until("each gateway hears the other", || {
+    wait_until("each gateway hears the other", SETTLE, || {
         gateway_a.metric_sum("dualpath_pool_peers_alive") == 1.0
             && gateway_b.metric_sum("dualpath_pool_peers_alive") == 1.0
     });
@@ -254,7 +246,7 @@ fn a_silent_gateway_leaves_the_split_and_returns() {
     assert!(client.gateway_in_split(0) && client.gateway_in_split(1));
 
     signal(&gateway_b, nix::sys::signal::Signal::SIGSTOP);
-    wait_until("the stopped gateway leaves the split", || {
+    wait_until("the stopped gateway leaves the split", SETTLE, || {
         !client.gateway_in_split(1)
     });
     assert!(client.gateway_in_split(0));
@@ -271,7 +263,7 @@ fn a_silent_gateway_leaves_the_split_and_returns() {
     check(&region, count);
 
     signal(&gateway_b, nix::sys::signal::Signal::SIGCONT);
-    wait_until("the gateway returns to the split", || {
+    wait_until("the gateway returns to the split", SETTLE, || {
         client.gateway_in_split(1)
     });
 }

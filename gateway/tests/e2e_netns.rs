@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use client::{BlockLoad, Client, ClientOptions, Policy, Region};
 use gateway::synthetic;
 use test_support::{
-    import_synthetic, GatewayProcess, UringGatewayConfig, TEST_BLOCK_BYTES, TEST_LAYERS,
+    import_synthetic, wait_until, GatewayProcess, UringGatewayConfig, TEST_BLOCK_BYTES, TEST_LAYERS,
 };
 
 const BINARY: &str = env!("CARGO_BIN_EXE_dualpath");
@@ -119,18 +119,6 @@ fn expected_block(index: u64) -> Vec<u8> {
     let mut bytes = vec![0u8; BLOCK_BYTES];
     synthetic::fill(synthetic::key(SEED, index), &mut bytes);
     bytes
-}
-
-fn wait_until(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) -> Duration {
-    let started = Instant::now();
-    while !condition() {
-        assert!(
-            started.elapsed() < limit,
-            "{what} did not happen within {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    started.elapsed()
 }
 
 #[test]

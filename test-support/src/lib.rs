@@ -372,3 +372,17 @@ pub fn read_frame(stream: &mut impl std::io::Read) -> protocol::Frame {
     stream.read_exact(&mut body).expect("frame body");
     protocol::Frame::decode(header.kind, &body).expect("valid frame")
 }
+
+/// Polls `condition` every 20 ms until it holds; panics if it has not within
+/// `limit`, saying `what` did not happen. Returns how long it took.
+pub fn wait_until(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !condition() {
+        assert!(
+            started.elapsed() < limit,
+            "{what} did not happen within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    started.elapsed()
+}
