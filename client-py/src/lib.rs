@@ -259,17 +259,20 @@ impl Client {
         Ok(DeviceLoad { load: Arc::new(load), _client: Arc::clone(&self.inner) })
     }
 
-    /// Stores one whole block (bytes-like); returns when it is durable.
-    fn store(&self, py: Python<'_>, namespace: &str, key: KeyArgument, data: Bound<'_, PyAny>) -> PyResult<()> {
-        let key = key.key()?;
-        let export = sys::readable_bytes(&data)?;
-        let inner = Arc::clone(&self.inner);
-        py.allow_threads(|| inner.store(namespace, key, export.bytes())).map_err(to_python)
+    /// Stores one whole block (bytes-like); returns when it is durable. With
+    /// `layer_stride`, `data` starts at the block's layer 0 and layer `l` lies
+    /// at `l * layer_stride` in it (the layout a load with that stride
+    /// leaves): the layers are sent from where they lie.
+    #[pyo3(signature = (namespace, key, data, layer_stride=0))]
+    fn store(&self, py: Python<'_>, namespace: &str, key: KeyArgument, data: Bound<'_, PyAny>, layer_stride: u64) -> PyResult<()> {
+        self.store_many(py, namespace, vec![(key, data)], layer_stride)
     }
 
     /// Stores whole blocks, several in flight at once (the gateway makes them
-    /// durable together); returns when all are durable.
-    fn store_many(&self, py: Python<'_>, namespace: &str, blocks: Vec<(KeyArgument, Bound<'_, PyAny>)>) -> PyResult<()> {
+    /// durable together); returns when all are durable. `layer_stride` as
+    /// for `store`.
+    #[pyo3(signature = (namespace, blocks, layer_stride=0))]
+    fn store_many(&self, py: Python<'_>, namespace: &str, blocks: Vec<(KeyArgument, Bound<'_, PyAny>)>, layer_stride: u64) -> PyResult<()> {
         let exports = blocks
             .into_iter()
             .map(|(key, data)| Ok((key.key()?, sys::readable_bytes(&data)?)))
@@ -277,7 +280,7 @@ impl Client {
         let inner = Arc::clone(&self.inner);
         py.allow_threads(|| {
             let blocks: Vec<(BlockKey, &[u8])> = exports.iter().map(|(key, export)| (*key, export.bytes())).collect();
-            inner.store_many(namespace, &blocks)
+            inner.store_many_strided(namespace, &blocks, layer_stride)
         })
         .map_err(to_python)
     }

@@ -74,6 +74,33 @@ def test_store_then_load_round_trip(gateway):
     assert bytes(kv) == block
 
 
+def test_blocks_stored_from_a_layer_major_pool_load_back_into_it(gateway):
+    """An engine's KV pool laid out [layer][block][bytes]: each block is
+    stored from where its layers lie (layer_stride), and a load with the
+    same stride into a fresh pool brings back the same bytes."""
+    client = dualpath.Client([gateway.address])
+    pool_blocks = 4
+    pool = np.random.default_rng(7).integers(0, 256, (LAYERS, pool_blocks, LAYER_BYTES), dtype=np.uint8)
+    flat = memoryview(pool.reshape(-1)).cast("B")
+    stride = pool_blocks * LAYER_BYTES
+    keys = [0xD00D00 + block for block in range(pool_blocks)]
+    client.store_many("kv", [(key, flat[block * LAYER_BYTES:]) for block, key in enumerate(keys)], layer_stride=stride)
+    client.store("kv", 0xD00DFF, flat[(pool_blocks - 1) * LAYER_BYTES:], layer_stride=stride)
+    back = np.zeros_like(pool)
+    region = client.register(memoryview(back.reshape(-1)).cast("B"))
+    offsets = [block * LAYER_BYTES for block in range(pool_blocks)]
+    states = client.load("kv", region, keys, offsets, layer_stride=stride).wait(timeout=30)
+    assert all(state == "done" for state, _, _ in states), states
+    assert np.array_equal(back, pool)
+    whole = bytearray(BLOCK_BYTES)
+    whole_region = client.register(whole)
+    assert client.load("kv", whole_region, [0xD00DFF], [0]).wait(timeout=30)[0][0] == "done"
+    assert bytes(whole) == pool[:, pool_blocks - 1, :].tobytes()
+    with pytest.raises(ValueError) as refused:
+        client.store("kv", 0xD00DFE, flat[:stride], layer_stride=stride)
+    assert "layers at a stride of" in str(refused.value)
+
+
 def test_store_many_stores_every_block_of_any_buffer_type(gateway):
     client = dualpath.Client([gateway.address])
     blocks = [

@@ -239,6 +239,14 @@ const QUICK_DIAL: Duration = Duration::from_secs(1);
 /// receive threads stopped; the RDMA one looks at its stop flag every 100 ms).
 pub(crate) const QUIET_WITHIN: Duration = Duration::from_secs(5);
 
+/// Where a strided store finds each layer of a block in the slice given.
+#[derive(Debug, Clone, Copy)]
+struct StridedLayers {
+    layers: usize,
+    layer_bytes: usize,
+    layer_stride: usize,
+}
+
 /// Stores [`Client::store_many`] sends before it waits for the oldest's
 /// answer: enough for the gateway to share syncs among them, few enough that
 /// its staging is not all taken by one client's puts.
@@ -652,13 +660,28 @@ impl Client {
         namespace: &str,
         blocks: &[(BlockKey, &[u8])],
     ) -> Result<(), ClientError> {
+        self.store_many_strided(namespace, blocks, 0)
+    }
+
+    /// [`Client::store_many`] of blocks laid out as a load with `layer_stride`
+    /// leaves them (an engine's KV pool, layer-major): each block's slice
+    /// starts at its layer 0, and layer `l` is the layer's bytes at
+    /// `l * layer_stride` in it. The layers are sent from where they lie, not
+    /// gathered first. `layer_stride` 0: each block's layers back to back.
+    pub fn store_many_strided(
+        &self,
+        namespace: &str,
+        blocks: &[(BlockKey, &[u8])],
+        layer_stride: u64,
+    ) -> Result<(), ClientError> {
+        let layout = self.store_layout(namespace, blocks, layer_stride)?;
         self.redialer.redial(0, Redial::OnDemand);
         let mut confirmed = 0;
         let within = self.options.request_timeout;
-        match self.store_window(namespace, blocks, &mut confirmed) {
+        match self.store_window(namespace, blocks, layout, &mut confirmed) {
             Err(ClientError::Disconnected { .. }) => {
                 self.redialer.redial_within(0, within, &|| false)?;
-                self.store_window(namespace, &blocks[confirmed..], &mut 0)
+                self.store_window(namespace, &blocks[confirmed..], layout, &mut 0)
             }
             Err(ClientError::Gateway {
                 code: ErrorCode::ShuttingDown,
@@ -666,10 +689,51 @@ impl Client {
             }) => {
                 self.redialer
                     .redial_successor_within(0, within, &|| false)?;
-                self.store_window(namespace, &blocks[confirmed..], &mut 0)
+                self.store_window(namespace, &blocks[confirmed..], layout, &mut 0)
             }
             outcome => outcome,
         }
+    }
+
+    /// Where each block's layers lie for a strided store (`None`: the slice
+    /// is the block), checked against the namespace's geometry before
+    /// anything is sent.
+    fn store_layout(
+        &self,
+        namespace: &str,
+        blocks: &[(BlockKey, &[u8])],
+        layer_stride: u64,
+    ) -> Result<Option<StridedLayers>, ClientError> {
+        if layer_stride == 0 {
+            return Ok(None);
+        }
+        let geometry = self.namespace(namespace).ok_or_else(|| {
+            ClientError::Invalid(format!(
+                "unknown namespace {namespace:?}: a strided store needs its geometry (the gateway announces its namespaces)"
+            ))
+        })?;
+        let layer_bytes = geometry.layer_bytes();
+        if layer_stride < layer_bytes {
+            return Err(ClientError::Invalid(format!(
+                "layer_stride {layer_stride} is less than a layer of {namespace:?} ({layer_bytes} bytes): its layers would overlap"
+            )));
+        }
+        let spans = (u64::from(geometry.layers) - 1) * layer_stride + layer_bytes;
+        if let Some((key, bytes)) = blocks
+            .iter()
+            .find(|(_, bytes)| (bytes.len() as u64) < spans)
+        {
+            return Err(ClientError::Invalid(format!(
+                "block {key}: {} bytes given, but its {} layers at a stride of {layer_stride} span {spans}",
+                bytes.len(),
+                geometry.layers
+            )));
+        }
+        Ok(Some(StridedLayers {
+            layers: usize::from(geometry.layers),
+            layer_bytes: layer_bytes as usize,
+            layer_stride: layer_stride as usize,
+        }))
     }
 
     /// Sends the blocks, at most `STORES_IN_FLIGHT` unanswered, and waits for
@@ -679,8 +743,10 @@ impl Client {
         &self,
         namespace: &str,
         blocks: &[(BlockKey, &[u8])],
+        layout: Option<StridedLayers>,
         confirmed: &mut usize,
     ) -> Result<(), ClientError> {
+        let mut parts: Vec<&[u8]> = Vec::new();
         let links = self.gateways[0].links();
         let shard_count = u32::try_from(links.len()).expect("shard count from the gateway");
         let link_of = |key: BlockKey| &links[key.shard(shard_count) as usize];
@@ -698,7 +764,15 @@ impl Client {
                 *confirmed += 1;
             }
             let request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
-            outcome = link_of(key).send_store(request_id, namespace, key, bytes);
+            parts.clear();
+            match layout {
+                None => parts.push(bytes),
+                Some(layout) => parts.extend((0..layout.layers).map(|layer| {
+                    let start = layer * layout.layer_stride;
+                    &bytes[start..start + layout.layer_bytes]
+                })),
+            }
+            outcome = link_of(key).send_store(request_id, namespace, key, &parts);
             if outcome.is_err() {
                 break;
             }

@@ -522,16 +522,18 @@ impl ShardLink {
             .is_some()
     }
 
-    /// Sends a `Store` of one whole block; [`ShardLink::wait_store`] waits for
-    /// its answer. Several may be in flight on one link.
+    /// Sends a `Store` of one whole block, whose payload is `parts` one after
+    /// another (the block, or its layers from where they lie);
+    /// [`ShardLink::wait_store`] waits for its answer. Several may be in
+    /// flight on one link.
     pub fn send_store(
         &self,
         request_id: u64,
         namespace: &str,
         key: BlockKey,
-        bytes: &[u8],
+        parts: &[&[u8]],
     ) -> Result<(), ClientError> {
-        let payload_len = u32::try_from(bytes.len())
+        let payload_len = u32::try_from(parts.iter().map(|part| part.len()).sum::<usize>())
             .map_err(|_| ClientError::Invalid("a block over 4 GiB".into()))?;
         let head = encode_store_head(&StorePrefix {
             request_id,
@@ -545,7 +547,10 @@ impl ShardLink {
             .expect("link lock")
             .stores
             .insert(request_id, None);
-        let sent = self.send(&[&head, bytes]);
+        let mut frame = Vec::with_capacity(1 + parts.len());
+        frame.push(head.as_slice());
+        frame.extend_from_slice(parts);
+        let sent = self.send(&frame);
         if sent.is_err() {
             self.forget_store(request_id);
         }

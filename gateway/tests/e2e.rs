@@ -2289,3 +2289,78 @@ fn stores_still_arriving_hold_at_most_half_of_a_cores_staging() {
     );
     drop(storers);
 }
+
+/// Blocks stored from where an engine's layer-major KV pool holds them
+/// (`store_many_strided`: each layer sent from its place, not gathered) load
+/// back exactly, back to back and into the pool's own layout (a load with
+/// the same stride); a stride shorter than a layer, or a slice too short for
+/// its layers, is refused before anything is sent.
+#[test]
+fn blocks_stored_from_a_layer_major_pool_load_back_in_either_layout() {
+    const POOL_BLOCKS: usize = 6;
+    let gateway = Gateway::start(4);
+    let client = gateway.client();
+    // Layer l of pool block b lies at l * stride + b * LAYER_BYTES.
+    let stride = POOL_BLOCKS * LAYER_BYTES;
+    let pool: Vec<u8> = (0..usize::from(LAYERS) * stride)
+        .map(|at| (at % 251) as u8 ^ (at / 4096) as u8)
+        .collect();
+    let keys: Vec<BlockKey> = (0..POOL_BLOCKS as u128)
+        .map(|block| BlockKey(0xB_0000 + block))
+        .collect();
+    let blocks: Vec<(BlockKey, &[u8])> = keys
+        .iter()
+        .enumerate()
+        .map(|(block, key)| (*key, &pool[block * LAYER_BYTES..]))
+        .collect();
+    client
+        .store_many_strided("full", &blocks, stride as u64)
+        .expect("stored from the pool");
+    let (region, id) = registered_region(&client, BLOCK_BYTES);
+    for (block, key) in keys.iter().enumerate() {
+        let back_to_back: Vec<u8> = (0..usize::from(LAYERS))
+            .flat_map(|layer| {
+                let start = layer * stride + block * LAYER_BYTES;
+                pool[start..start + LAYER_BYTES].to_vec()
+            })
+            .collect();
+        assert_loads_as(&client, "full", (id, &region), *key, &back_to_back);
+    }
+    let (pool_region, pool_id) = registered_region(&client, pool.len());
+    let loads: Vec<BlockLoad> = keys
+        .iter()
+        .enumerate()
+        .map(|(block, key)| BlockLoad {
+            key: *key,
+            layers: 0..LAYERS,
+            dest_offset: (block * LAYER_BYTES) as u64,
+        })
+        .collect();
+    let report = client
+        .load("full", pool_id, &loads, stride as u64)
+        .expect("load")
+        .wait(WAIT)
+        .expect("finished");
+    assert!(report.all_done(), "{:?}", report.failed().next());
+    assert!(
+        pool_region.read(0, pool.len()) == pool,
+        "the pool loads back as it was stored"
+    );
+    let error = client
+        .store_many_strided("full", &blocks, (LAYER_BYTES - 1) as u64)
+        .expect_err("overlapping layers");
+    assert!(error.to_string().contains("would overlap"), "{error}");
+    let short = [(BlockKey(0xB_1000), &pool[..stride])];
+    let error = client
+        .store_many_strided("full", &short, stride as u64)
+        .expect_err("too short");
+    assert!(
+        error.to_string().contains("layers at a stride of"),
+        "{error}"
+    );
+    assert_eq!(
+        gateway.metric_sum("dualpath_blocks_stored_total"),
+        POOL_BLOCKS as f64,
+        "nothing refused was sent"
+    );
+}

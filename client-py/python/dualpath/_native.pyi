@@ -117,14 +117,18 @@ class Client:
         """Load over every path `policy` allows ("pe-only", "de-only", "dualpath"):
         the prefill node's own reads from `pe_storage` (an S3 store: endpoint,
         bucket, access_key_id, secret_access_key, prefix) and the gateways."""
-    def store(self, namespace: str, key: Key, data: Any) -> None:
+    def store(self, namespace: str, key: Key, data: Any, layer_stride: int = 0) -> None:
         """Store one whole block (bytes-like); returns when durable. If the
         gateway ends the connection first, it is redialled and the block
-        stored again."""
-    def store_many(self, namespace: str, blocks: list[tuple[Key, Any]]) -> None:
+        stored again. With `layer_stride`, `data` starts at the block's layer
+        0 and layer l lies at l * layer_stride in it (an engine's layer-major
+        KV pool, the layout a load with that stride leaves): the layers are
+        sent from where they lie, not gathered first."""
+    def store_many(self, namespace: str, blocks: list[tuple[Key, Any]], layer_stride: int = 0) -> None:
         """Store whole blocks, (key, bytes-like) pairs, with several in flight
         at once (the gateway makes them durable together, sharing its disk
-        syncs); returns when all are durable, or raises the first error."""
+        syncs); returns when all are durable, or raises the first error.
+        `layer_stride` as for `store`."""
     def addresses(self) -> list[str]: ...
 
 
