@@ -21,6 +21,9 @@ use crate::load::{LoadShared, PartId};
 use crate::sys::ReceiveRing;
 use crate::{BlockStatus, ClientError, ClientOptions, Region};
 
+/// Most slices one `writev` takes (Linux's `IOV_MAX`).
+const IOV_MAX: usize = 1024;
+
 /// Where a gateway listens.
 #[derive(Debug, Clone)]
 pub enum Endpoint {
@@ -169,6 +172,16 @@ impl Read for Socket {
 }
 
 impl Write for Socket {
+    fn write_vectored(&mut self, parts: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Socket::Tcp(stream) => stream.write_vectored(parts),
+            Socket::Unix(stream) => stream.write_vectored(parts),
+            Socket::Tls { .. } => {
+                let first = parts.iter().find(|part| !part.is_empty());
+                first.map_or(Ok(0), |part| self.write(part))
+            }
+        }
+    }
     fn write(&mut self, buffer: &[u8]) -> io::Result<usize> {
         match self {
             Socket::Tcp(stream) => stream.write(buffer),
@@ -344,19 +357,34 @@ impl ShardLink {
         self.write_parts(&mut writer.0, bytes)
     }
 
+    /// Writes `bytes` one part after another, with as few `writev`s as the
+    /// socket takes them in (a strided store sends each layer from where it
+    /// lies).
     fn write_parts(&self, socket: &mut Socket, bytes: &[&[u8]]) -> Result<(), ClientError> {
-        for part in bytes {
-            if let Err(error) = socket.write_all(part) {
-                // A gateway that refused what was being sent says why before
-                // it closes: that reason, not the broken pipe, is the error.
-                let message = self
-                    .closed_reason_within(GATEWAY_REASON_WAIT)
-                    .unwrap_or_else(|| error.to_string());
-                return Err(ClientError::Disconnected {
-                    address: self.shared.address.clone(),
-                    message,
-                });
-            }
+        let mut slices: Vec<io::IoSlice<'_>> =
+            bytes.iter().map(|part| io::IoSlice::new(part)).collect();
+        let mut unsent = &mut slices[..];
+        io::IoSlice::advance_slices(&mut unsent, 0);
+        while !unsent.is_empty() {
+            let batch = unsent.len().min(IOV_MAX);
+            let error = match socket.write_vectored(&unsent[..batch]) {
+                Ok(0) => io::Error::from(io::ErrorKind::WriteZero),
+                Ok(count) => {
+                    io::IoSlice::advance_slices(&mut unsent, count);
+                    continue;
+                }
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error) => error,
+            };
+            // A gateway that refused what was being sent says why before it
+            // closes: that reason, not the broken pipe, is the error.
+            let message = self
+                .closed_reason_within(GATEWAY_REASON_WAIT)
+                .unwrap_or_else(|| error.to_string());
+            return Err(ClientError::Disconnected {
+                address: self.shared.address.clone(),
+                message,
+            });
         }
         Ok(())
     }
