@@ -49,20 +49,23 @@ def main():
     if info is None:
         raise SystemExit(f"the gateway does not serve namespace {args.namespace!r}")
     layers, layer_bytes, block_bytes = info["layers"], info["layer_bytes"], info["block_bytes"]
-    # The engine's KV cache: [layer][block slot][layer bytes], one slot per block.
-    kv = np.zeros(layers * args.blocks * layer_bytes, dtype=np.uint8)
-    region = client.register(memoryview(kv).cast("B"))
+    # The engine's KV cache: [layer][block slot][layer bytes], a slot per cached
+    # block and per block the turn's new tokens fill.
+    slots = args.blocks + args.new_blocks
+    kv = np.zeros((layers, slots, layer_bytes), dtype=np.uint8)
+    flat = memoryview(kv.reshape(-1)).cast("B")
+    layer_stride = slots * layer_bytes
+    region = client.register(flat)
     keys = [synthetic_key(args.seed, index) for index in range(args.blocks)]
     offsets = [slot * layer_bytes for slot in range(args.blocks)]
 
     started = time.perf_counter()
-    load = client.load(args.namespace, region, keys, offsets, layer_stride=args.blocks * layer_bytes)
+    load = client.load(args.namespace, region, keys, offsets, layer_stride=layer_stride)
     checksum = 0
     for layer in range(layers):
         load.wait_layer(layer, timeout=60)
         arrived = time.perf_counter() - started
-        layer_view = kv[layer * args.blocks * layer_bytes:(layer + 1) * args.blocks * layer_bytes]
-        checksum = zlib.crc32(layer_view, checksum)  # "compute" this layer
+        checksum = zlib.crc32(kv[layer, :args.blocks], checksum)  # "compute" this layer
         print(f"layer {layer:3d} ready at {arrived * 1000:8.2f} ms, computed at {(time.perf_counter() - started) * 1000:8.2f} ms")
     states = load.wait(timeout=60)
     failed = [(index, code, message) for index, (state, code, message) in enumerate(states) if state != "done"]
@@ -73,14 +76,16 @@ def main():
     for index, code, message in failed:
         print(f"block {index} failed: {code}: {message}")
 
-    # The turn's new tokens filled `--new-blocks` blocks: stored together, so the
-    # gateway makes them durable with shared disk syncs.
-    new_blocks = np.random.default_rng(args.seed).integers(0, 256, (args.new_blocks, block_bytes), dtype=np.uint8)
+    # The turn's new tokens filled `--new-blocks` slots: stored together (the
+    # gateway makes them durable with shared disk syncs), each from where its
+    # layers lie in the KV cache (no gather into a contiguous buffer).
+    kv[:, args.blocks:] = np.random.default_rng(args.seed).integers(
+        0, 256, (layers, args.new_blocks, layer_bytes), dtype=np.uint8)
     store_started = time.perf_counter()
     client.store_many(args.namespace, [
-        (synthetic_key(args.seed + 1_000_000, index), memoryview(block).cast("B"))
-        for index, block in enumerate(new_blocks)
-    ])
+        (synthetic_key(args.seed + 1_000_000, index), flat[(args.blocks + index) * layer_bytes:])
+        for index in range(args.new_blocks)
+    ], layer_stride=layer_stride)
     print(f"stored the request's {args.new_blocks} new blocks in {(time.perf_counter() - store_started) * 1000:.1f} ms")
     return 1 if failed else 0
 
