@@ -2,7 +2,9 @@
 //! gateway process, one block at a time (`Client::store`) and with
 //! `STORES_IN_FLIGHT` in flight (`Client::store_many`), against fio writing
 //! the same bytes to a file in the same directory (O_DIRECT, io_uring, the
-//! same block size and depth, an `fdatasync` per that many blocks), interleaved.
+//! same block size and depth, an `fdatasync` per that many blocks), interleaved;
+//! and a layer-major KV pool stored strided against gathered-then-stored,
+//! by the client's CPU per GiB.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -59,6 +61,8 @@ pub fn bench_store(options: &BenchStoreOptions) -> anyhow::Result<()> {
     let gateway = BenchGateway::start(&config_path)?;
     let client = Client::connect(&[&gateway.address], ClientOptions::default())?;
     let (mut one, mut many, mut fio) = (Vec::new(), Vec::new(), Vec::new());
+    let pool = Pool::new(options);
+    let (mut gathered, mut strided) = (Vec::new(), Vec::new());
     for round in 0..options.rounds {
         // Fresh keys per round: every round writes new blocks.
         let keys: Vec<BlockKey> = (0..count)
@@ -79,6 +83,13 @@ pub fn bench_store(options: &BenchStoreOptions) -> anyhow::Result<()> {
         client.store_many("bench", &blocks)?;
         let measured = Measured::since(blocks.len(), options, started, cpu, &gateway)?;
         many.push(measured.report("store_many", round));
+        let (gathered_cpu, strided_cpu) = pool.store_both_ways(&client, round)?;
+        println!(
+            "  round {round}: from a layer-major pool: client {:.3} CPU s/GiB gathered then stored, {:.3} stored strided",
+            gathered_cpu, strided_cpu
+        );
+        gathered.push(gathered_cpu);
+        strided.push(strided_cpu);
         let fio_rate = fio_writes(
             &fio_file,
             (count / 2) * options.block_bytes,
@@ -88,6 +99,11 @@ pub fn bench_store(options: &BenchStoreOptions) -> anyhow::Result<()> {
         fio.push(fio_rate);
     }
     let _ = std::fs::remove_file(&fio_file);
+    let (gathered, strided) = (median(gathered.into_iter()), median(strided.into_iter()));
+    println!(
+        "stores from a layer-major KV pool: the client's CPU {gathered:.3} s/GiB gathering each block then storing it, {strided:.3} s/GiB storing its layers from where they lie (store_many_strided) median; ratio {:.3}",
+        strided / gathered
+    );
     let (one, many, fio) = (
         median(one.into_iter()),
         median(many.into_iter()),
@@ -102,6 +118,84 @@ pub fn bench_store(options: &BenchStoreOptions) -> anyhow::Result<()> {
         many / fio
     );
     Ok(())
+}
+
+/// Blocks as an engine's KV pool holds them, layer-major (layer `l` of block
+/// `b` at `l * stride + b * layer_bytes`), stored the two ways an engine
+/// can: each block gathered into a contiguous buffer and stored (the
+/// reference), or stored strided from where its layers lie.
+struct Pool {
+    bytes: Vec<u8>,
+    blocks: usize,
+    layer_bytes: usize,
+    block_bytes: usize,
+}
+
+/// Blocks in the bench's KV pool: 128 MiB of 2 MiB blocks.
+const POOL_BYTES: u64 = 128 << 20;
+
+impl Pool {
+    fn new(options: &BenchStoreOptions) -> Self {
+        let blocks = (POOL_BYTES / options.block_bytes).max(1) as usize;
+        let block_bytes = options.block_bytes as usize;
+        let bytes = (0..blocks * block_bytes)
+            .map(|index| (index as u64).wrapping_mul(0x9E37_79B9).to_le_bytes()[2])
+            .collect();
+        Self {
+            bytes,
+            blocks,
+            layer_bytes: block_bytes / usize::from(LAYERS),
+            block_bytes,
+        }
+    }
+
+    fn stride(&self) -> usize {
+        self.blocks * self.layer_bytes
+    }
+
+    /// Stores the pool gathered then strided, each under fresh keys of
+    /// `round`; the client's CPU seconds per GiB for each (getrusage of this
+    /// process: the client's threads and its socket writes).
+    fn store_both_ways(&self, client: &Client, round: u32) -> anyhow::Result<(f64, f64)> {
+        let gib = (self.blocks * self.block_bytes) as f64 / (1u64 << 30) as f64;
+        let key = |way: u128, block: usize| {
+            BlockKey(1 << 120 | way << 96 | u128::from(round) << 64 | block as u128)
+        };
+        let cpu = client_cpu_seconds()?;
+        let mut gather: Vec<Vec<u8>> = vec![vec![0; self.block_bytes]; STORES_IN_FLIGHT];
+        for first in (0..self.blocks).step_by(STORES_IN_FLIGHT) {
+            let batch = first..(first + STORES_IN_FLIGHT).min(self.blocks);
+            for (buffer, block) in gather.iter_mut().zip(batch.clone()) {
+                for (layer, target) in buffer.chunks_exact_mut(self.layer_bytes).enumerate() {
+                    let start = layer * self.stride() + block * self.layer_bytes;
+                    target.copy_from_slice(&self.bytes[start..start + self.layer_bytes]);
+                }
+            }
+            let blocks: Vec<(BlockKey, &[u8])> = batch
+                .clone()
+                .zip(&gather)
+                .map(|(block, buffer)| (key(1, block), buffer.as_slice()))
+                .collect();
+            client.store_many("bench", &blocks)?;
+        }
+        let gathered = (client_cpu_seconds()? - cpu) / gib;
+        let cpu = client_cpu_seconds()?;
+        let blocks: Vec<(BlockKey, &[u8])> = (0..self.blocks)
+            .map(|block| (key(2, block), &self.bytes[block * self.layer_bytes..]))
+            .collect();
+        client.store_many_strided("bench", &blocks, self.stride() as u64)?;
+        let strided = (client_cpu_seconds()? - cpu) / gib;
+        Ok((gathered, strided))
+    }
+}
+
+/// CPU seconds this process (the client) has used, user and system.
+fn client_cpu_seconds() -> anyhow::Result<f64> {
+    use nix::sys::resource::{getrusage, UsageWho};
+    let usage = getrusage(UsageWho::RUSAGE_SELF)?;
+    let seconds =
+        |time: nix::sys::time::TimeVal| time.tv_sec() as f64 + time.tv_usec() as f64 / 1e6;
+    Ok(seconds(usage.user_time()) + seconds(usage.system_time()))
 }
 
 /// One run of stores: its rate, and the gateway's CPU per GiB stored.
@@ -163,7 +257,8 @@ capacity = "{capacity}"
         block = options.block_bytes,
         store = store.display(),
         per_layer = options.block_bytes / u64::from(LAYERS),
-        capacity = options.total_bytes * u64::from(options.rounds)
+        capacity = (options.total_bytes + 2 * POOL_BYTES.max(options.block_bytes))
+            * u64::from(options.rounds)
             + 2 * u64::from(options.cores) * options.block_bytes,
     )
 }
