@@ -2068,6 +2068,19 @@ fn store_head(request_id: u64, namespace: &str, key: BlockKey, payload_len: usiz
     })
 }
 
+/// A raw connection to shard 0 that has sent the head of a store of `key`
+/// and `sent` bytes of its payload, and then nothing.
+fn half_sent_store(gateway: &Gateway, key: BlockKey, sent: usize) -> TcpStream {
+    let mut storer = raw_connection(gateway, 0);
+    storer
+        .write_all(&store_head(1, "full", key, BLOCK_BYTES))
+        .expect("store head");
+    storer
+        .write_all(&vec![0x42; sent])
+        .expect("part of the payload");
+    storer
+}
+
 /// A key of shard 0 of a two-core gateway.
 fn shard0_key(from: u128) -> BlockKey {
     (from..)
@@ -2133,13 +2146,7 @@ fn stores_are_received_straight_into_staging_and_load_back() {
 fn a_client_that_stops_sending_a_store_is_closed_and_its_staging_comes_back() {
     let gateway = Gateway::start_configured(16, None, "client_stall_timeout_ms = 1000");
     let (stalled_key, cut_key) = (shard0_key(0x8_0000), shard0_key(0x8_1000));
-    let mut stalled = raw_connection(&gateway, 0);
-    stalled
-        .write_all(&store_head(1, "full", stalled_key, BLOCK_BYTES))
-        .expect("store head");
-    stalled
-        .write_all(&[0x42; 10_000])
-        .expect("part of the payload");
+    let _stalled = half_sent_store(&gateway, stalled_key, 10_000);
     assert!(
         wait_for_staging_in_use(&gateway, BLOCK_BYTES as f64) >= BLOCK_BYTES as f64,
         "the store's staging is lent when its head arrives"
@@ -2153,11 +2160,7 @@ fn a_client_that_stops_sending_a_store_is_closed_and_its_staging_comes_back() {
             && log.contains("gateway.client_stall_timeout_ms"),
         "{log}"
     );
-    let mut cut = raw_connection(&gateway, 0);
-    cut.write_all(&store_head(2, "full", cut_key, BLOCK_BYTES))
-        .expect("store head");
-    cut.write_all(&[0x43; 20_000]).expect("part of the payload");
-    drop(cut);
+    drop(half_sent_store(&gateway, cut_key, 20_000));
     wait_until("the lent staging coming back", WAIT, || {
         gateway.metric_sum("dualpath_staging_bytes_in_use") == 0.0
             && gateway.metric_sum("dualpath_connected_clients") == 0.0
@@ -2252,17 +2255,7 @@ fn stores_still_arriving_hold_at_most_half_of_a_cores_staging() {
     let gateway = Gateway::start_configured(16, None, "client_stall_timeout_ms = 60000");
     let half = STAGING_BYTES_PER_CORE / 2.0;
     let storers: Vec<TcpStream> = (0..40u128)
-        .map(|index| {
-            let mut storer = raw_connection(&gateway, 0);
-            let key = shard0_key(0xA_0000 + index * 0x100);
-            storer
-                .write_all(&store_head(1, "full", key, BLOCK_BYTES))
-                .expect("store head");
-            storer
-                .write_all(&[0x44; 10_000])
-                .expect("part of the payload");
-            storer
-        })
+        .map(|index| half_sent_store(&gateway, shard0_key(0xA_0000 + index * 0x100), 10_000))
         .collect();
     assert!(
         wait_for_staging_in_use(&gateway, half) >= half,
@@ -2272,6 +2265,7 @@ fn stores_still_arriving_hold_at_most_half_of_a_cores_staging() {
     let watch_until = Instant::now() + Duration::from_millis(1500);
     while Instant::now() < watch_until {
         most = most.max(gateway.metric_sum("dualpath_staging_bytes_in_use"));
+        std::thread::sleep(Duration::from_millis(20));
     }
     assert!(
         most <= half,
