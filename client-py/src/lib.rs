@@ -262,7 +262,8 @@ impl Client {
     /// Stores one whole block (bytes-like); returns when it is durable. With
     /// `layer_stride`, `data` starts at the block's layer 0 and layer `l` lies
     /// at `l * layer_stride` in it (the layout a load with that stride
-    /// leaves): the layers are sent from where they lie.
+    /// leaves): the layers are sent from where they lie. Over RDMA, `data`
+    /// that lies in a registered buffer is read by the gateway (RDMA READ).
     #[pyo3(signature = (namespace, key, data, layer_stride=0))]
     fn store(&self, py: Python<'_>, namespace: &str, key: KeyArgument, data: Bound<'_, PyAny>, layer_stride: u64) -> PyResult<()> {
         self.store_many(py, namespace, vec![(key, data)], layer_stride)

@@ -655,6 +655,14 @@ impl Client {
     /// together, sharing its syncs); returns when all are durable, or the
     /// first error. A connection that ends under them is handled as in
     /// [`Client::store`]: every block not yet confirmed is stored again.
+    ///
+    /// Over RDMA, a block that lies in a region registered with
+    /// [`Client::register_region`] (an engine's KV pool) is not sent: the
+    /// gateway reads it from there by RDMA READ straight into the staging
+    /// it is written to disk from (`StoreFromRegion`); gateways whose store
+    /// cannot take that (the object backend) get the bytes. A store that
+    /// times out closes its connection before returning, so no read of the
+    /// gateway's lands after the caller may have changed the bytes.
     pub fn store_many(
         &self,
         namespace: &str,
@@ -750,38 +758,63 @@ impl Client {
         let links = self.gateways[0].links();
         let shard_count = u32::try_from(links.len()).expect("shard count from the gateway");
         let link_of = |key: BlockKey| &links[key.shard(shard_count) as usize];
-        let mut sent: std::collections::VecDeque<(u64, BlockKey)> =
+        // (request id, key, whether the gateway reads it from a region)
+        let mut sent: std::collections::VecDeque<(u64, BlockKey, bool)> =
             std::collections::VecDeque::with_capacity(STORES_IN_FLIGHT);
         let mut outcome = Ok(());
+        let wait = |(request_id, key, by_read): (u64, BlockKey, bool)| {
+            let answer = link_of(key).wait_store(request_id, key, self.options.request_timeout);
+            if by_read && matches!(answer, Err(ClientError::Timeout { .. })) {
+                // The gateway may still be reading the block: once this
+                // returns the caller may change those bytes, so the
+                // connection (and its queue pair) goes first. A read after
+                // that fails, and the gateway stores nothing of it.
+                link_of(key).close_and_wait(self.options.request_timeout);
+            }
+            answer
+        };
         for &(key, bytes) in blocks {
             if sent.len() == STORES_IN_FLIGHT {
-                let (request_id, oldest) = sent.pop_front().expect("a full window");
-                outcome =
-                    link_of(oldest).wait_store(request_id, oldest, self.options.request_timeout);
+                outcome = wait(sent.pop_front().expect("a full window"));
                 if outcome.is_err() {
                     break;
                 }
                 *confirmed += 1;
             }
             let request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
-            parts.clear();
-            match layout {
-                None => parts.push(bytes),
-                Some(layout) => parts.extend((0..layout.layers).map(|layer| {
-                    let start = layer * layout.layer_stride;
-                    &bytes[start..start + layout.layer_bytes]
-                })),
+            let link = link_of(key);
+            // A block in a registered region is read by the gateway (RDMA
+            // READ) where it can; else its bytes are sent.
+            let layer_stride = layout.map_or(0, |layout| layout.layer_stride as u64);
+            let sent_store = link
+                .send_store_from_region(request_id, namespace, key, bytes, layer_stride)
+                .and_then(|by_read| {
+                    if by_read {
+                        return Ok(true);
+                    }
+                    parts.clear();
+                    match layout {
+                        None => parts.push(bytes),
+                        Some(layout) => parts.extend((0..layout.layers).map(|layer| {
+                            let start = layer * layout.layer_stride;
+                            &bytes[start..start + layout.layer_bytes]
+                        })),
+                    }
+                    link.send_store(request_id, namespace, key, &parts)
+                        .map(|()| false)
+                });
+            match sent_store {
+                Ok(by_read) => sent.push_back((request_id, key, by_read)),
+                Err(error) => {
+                    outcome = Err(error);
+                    break;
+                }
             }
-            outcome = link_of(key).send_store(request_id, namespace, key, &parts);
-            if outcome.is_err() {
-                break;
-            }
-            sent.push_back((request_id, key));
         }
         // Every answer is awaited (or its wait ends with the connection), so
         // none is left behind in the link's table.
-        for (request_id, key) in sent {
-            let answer = link_of(key).wait_store(request_id, key, self.options.request_timeout);
+        for store in sent {
+            let answer = wait(store);
             if outcome.is_ok() {
                 outcome = answer;
                 *confirmed += usize::from(outcome.is_ok());

@@ -258,6 +258,8 @@ pub struct ShardLink {
 #[derive(Debug)]
 struct RdmaLink {
     verbs: verbs::Verbs,
+    /// The gateway reads stores from registered regions (`StoreFromRegion`).
+    store_reads: bool,
     stop: Arc<std::sync::atomic::AtomicBool>,
     receiver: Option<std::thread::JoinHandle<()>>,
 }
@@ -302,7 +304,7 @@ impl ShardLink {
             regions,
         });
         let rdma = match inbox {
-            Some((queue_pair, ring)) => {
+            Some((queue_pair, ring, store_reads)) => {
                 let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
                 let (thread_shared, thread_stop) = (Arc::clone(&shared), Arc::clone(&stop));
                 let receiver = std::thread::Builder::new()
@@ -313,6 +315,7 @@ impl ShardLink {
                     .map_err(connect_error)?;
                 Some(RdmaLink {
                     verbs: verbs.expect("an inbox needs verbs").clone(),
+                    store_reads,
                     stop,
                     receiver: Some(receiver),
                 })
@@ -419,12 +422,88 @@ impl ShardLink {
                 .get(&load.region_id)
                 .cloned();
             if let Some(region) = region {
-                let frame = self.region_frame(load.region_id, &region)?;
-                self.write_parts(socket, &[&frame.encode()])?;
-                announced.insert(load.region_id);
+                self.announce(socket, announced, load.region_id, &region)?;
             }
         }
         self.write_parts(socket, &[&Frame::Load(load.clone()).encode()])
+    }
+
+    fn announce(
+        &self,
+        socket: &mut Socket,
+        announced: &mut std::collections::HashSet<u32>,
+        region_id: u32,
+        region: &Region,
+    ) -> Result<(), ClientError> {
+        let frame = self.region_frame(region_id, region)?;
+        self.write_parts(socket, &[&frame.encode()])?;
+        announced.insert(region_id);
+        Ok(())
+    }
+
+    /// The registered host region `bytes` lie in, and their offset in it,
+    /// when this connection's gateway reads stores by RDMA READ.
+    fn region_holding(&self, bytes: &[u8]) -> Option<(u32, Arc<Region>, u64)> {
+        if !self.rdma.as_ref().is_some_and(|rdma| rdma.store_reads) {
+            return None;
+        }
+        let (start, end) = (
+            bytes.as_ptr() as usize,
+            bytes.as_ptr() as usize + bytes.len(),
+        );
+        let regions = self.shared.regions.read().expect("region table lock");
+        regions.iter().find_map(|(id, region)| {
+            let base = region.as_ptr() as usize;
+            (!region.is_device() && base <= start && end <= base + region.len())
+                .then(|| (*id, Arc::clone(region), (start - base) as u64))
+        })
+    }
+
+    /// Sends a `StoreFromRegion` for a block whose bytes (`bytes`: layer 0
+    /// first, layer `l` at `l * layer_stride`) lie in a region registered
+    /// with the client, announcing the region first if need be: the gateway
+    /// reads the block by RDMA READ. Returns false, sending nothing, when
+    /// that cannot be (TCP, a gateway that does not read stores, bytes in
+    /// no registered region): send the payload with
+    /// [`ShardLink::send_store`]. The bytes must stay unchanged until the
+    /// store is answered, or the link is closed and quiet.
+    pub fn send_store_from_region(
+        &self,
+        request_id: u64,
+        namespace: &str,
+        key: BlockKey,
+        bytes: &[u8],
+        layer_stride: u64,
+    ) -> Result<bool, ClientError> {
+        let Some((region_id, region, offset)) = self.region_holding(bytes) else {
+            return Ok(false);
+        };
+        let frame = Frame::StoreFromRegion(protocol::StoreFromRegion {
+            request_id,
+            namespace: namespace.to_owned(),
+            key,
+            region_id,
+            offset,
+            layer_stride,
+        });
+        self.shared
+            .waiting
+            .lock()
+            .expect("link lock")
+            .stores
+            .insert(request_id, None);
+        let mut writer = self.writer.lock().expect("writer lock");
+        let (socket, announced) = &mut *writer;
+        let mut sent = Ok(());
+        if !announced.contains(&region_id) {
+            sent = self.announce(socket, announced, region_id, &region);
+        }
+        let sent = sent.and_then(|()| self.write_parts(socket, &[&frame.encode()]));
+        drop(writer);
+        if sent.is_err() {
+            self.forget_store(request_id);
+        }
+        sent.map(|()| true)
     }
 
     /// Waits until `done` says the reply is there, the link closed, or timeout.
@@ -464,12 +543,9 @@ impl ShardLink {
 
     /// Announces a region now (loads announce it themselves if this was missed).
     pub fn register_region(&self, region_id: u32, region: &Region) -> Result<(), ClientError> {
-        let frame = self.region_frame(region_id, region)?;
         let mut writer = self.writer.lock().expect("writer lock");
         let (socket, announced) = &mut *writer;
-        self.write_parts(socket, &[&frame.encode()])?;
-        announced.insert(region_id);
-        Ok(())
+        self.announce(socket, announced, region_id, region)
     }
 
     pub fn start_load(
@@ -651,12 +727,14 @@ fn rdma_handshake(
     verbs: &verbs::Verbs,
     address: &str,
     options: &ClientOptions,
-) -> Result<Option<(verbs::QueuePair, ReceiveRing)>, ClientError> {
+) -> Result<Option<(verbs::QueuePair, ReceiveRing, bool)>, ClientError> {
     let refused = |message: String| ClientError::Handshake {
         address: address.to_owned(),
         message,
     };
     let setup = |error: verbs::VerbsError| refused(format!("RDMA set-up failed: {error}"));
+    // The send queue is only for the rare direct send; the gateway's RDMA
+    // READs of stores are served by the NIC from the receive side.
     let mut queue_pair = verbs
         .queue_pair(
             4,
@@ -686,7 +764,10 @@ fn rdma_handshake(
     };
     socket.write_all(&request.encode()).map_err(io_error)?;
     match read_control(socket).map_err(io_error)? {
-        Frame::RdmaAccept(remote) => {
+        Frame::RdmaAccept {
+            endpoint: remote,
+            store_reads,
+        } => {
             queue_pair
                 .connect_to(&verbs::Endpoint {
                     qp_num: remote.qp_num,
@@ -695,7 +776,7 @@ fn rdma_handshake(
                     gid: remote.gid,
                 })
                 .map_err(setup)?;
-            Ok(Some((queue_pair, ring)))
+            Ok(Some((queue_pair, ring, store_reads)))
         }
         Frame::Error { code, message, .. }
             if !options.rdma.as_ref().is_some_and(|rdma| rdma.required) =>

@@ -621,77 +621,17 @@ fn a_client_killed_mid_load_leaves_the_gateway_healthy() {
 /// connection, and serves the next client in full.
 #[test]
 fn a_remote_access_error_is_reported_to_the_client_and_the_gateway_goes_on() {
-    use protocol::{Frame, RdmaEndpoint};
+    use protocol::Frame;
     use std::io::Write;
-    use transport::verbs::{Endpoint, QueueChannels, Sge, Verbs};
     let Some(device) = rdma_device() else { return };
     let gateway = Gateway::start(&device, "rdma");
-    let mut control = std::net::TcpStream::connect(&gateway.process.tcp).expect("connect");
-    control.set_read_timeout(Some(WAIT)).expect("timeout");
-    let hello = Frame::Hello {
-        version: protocol::PROTOCOL_VERSION,
-        shard: 0,
-        token: Vec::new(),
-    };
-    control.write_all(&hello.encode()).expect("hello");
-    assert!(matches!(read_frame(&mut control), Frame::HelloOk { .. }));
-    let verbs = Verbs::open(Some(&device), 1, 1).expect("device");
-    let mut queue_pair = verbs
-        .queue_pair(
-            4,
-            64,
-            0,
-            QueueChannels {
-                send: false,
-                receive: true,
-            },
-        )
-        .expect("queue pair");
-    let mut inbox = vec![0u8; 64 * 512];
     let mut memory = vec![0u8; BLOCK_BYTES];
-    // SAFETY: both vectors outlive their registrations and the queue pair (all
-    // dropped at the end of this test, the registrations and queue pair first:
-    // declared later); nothing reads the inbox while receives are posted.
-    let (inbox_region, region) = unsafe {
-        (
-            verbs
-                .register(inbox.as_mut_ptr(), inbox.len(), false)
-                .expect("inbox"),
-            verbs
-                .register(memory.as_mut_ptr(), memory.len(), true)
-                .expect("region"),
-        )
-    };
-    for slot in 0..64u64 {
-        let sge = Sge {
-            address: inbox_region.address() + slot * 512,
-            len: 512,
-            lkey: inbox_region.lkey(),
-        };
-        // SAFETY: the slot lies in the registered inbox, untouched until completion.
-        unsafe { queue_pair.receive(slot, sge) }.expect("post receive");
-    }
-    let local = queue_pair.endpoint();
-    let request = RdmaEndpoint {
-        qp_num: local.qp_num,
-        psn: local.psn,
-        lid: local.lid,
-        gid: local.gid,
-    };
-    control
-        .write_all(&Frame::RdmaConnect(request).encode())
-        .expect("rdma connect");
-    let Frame::RdmaAccept(remote) = read_frame(&mut control) else {
-        panic!("the gateway accepts RDMA")
-    };
-    queue_pair
-        .connect_to(&Endpoint {
-            qp_num: remote.qp_num,
-            psn: remote.psn,
-            lid: remote.lid,
-            gid: remote.gid,
-        })
-        .expect("connect queue pair");
+    let mut raw = RawRdmaClient::connect(&gateway.process.tcp, &device);
+    // SAFETY: `memory` outlives the registration (declared earlier, dropped
+    // later); nothing touches it while the gateway may write.
+    let region =
+        unsafe { raw.verbs.register(memory.as_mut_ptr(), memory.len(), true) }.expect("region");
+    let control = &mut raw.control;
     // The lie: four blocks announced, one registered.
     let announced = Frame::RegisterRemoteRegion {
         region_id: 1,
@@ -711,7 +651,7 @@ fn a_remote_access_error_is_reported_to_the_client_and_the_gateway_goes_on() {
     control
         .write_all(&Frame::Load(load).encode())
         .expect("load");
-    let error = match read_frame(&mut control) {
+    let error = match read_frame(control) {
         Frame::Error { message, .. } => message,
         other => panic!("unexpected {other:?} on the control connection"),
     };
@@ -719,7 +659,7 @@ fn a_remote_access_error_is_reported_to_the_client_and_the_gateway_goes_on() {
         error.contains("remote access error"),
         "the client learns why: {error}"
     );
-    drop(queue_pair);
+    drop(raw);
     // The gateway goes on: a well-behaved client loads everything.
     let client = gateway.client(&device, true);
     let target = Arc::new(Region::allocate(BLOCKS as usize * BLOCK_BYTES));
@@ -733,4 +673,401 @@ fn a_remote_access_error_is_reported_to_the_client_and_the_gateway_goes_on() {
         .expect("finished")
         .all_done());
     assert!(target.read(5 * BLOCK_BYTES, BLOCK_BYTES) == expected_block(5));
+}
+
+const INBOX_SLOTS: u64 = 64;
+const INBOX_SLOT_BYTES: u64 = 512;
+
+/// A client speaking the protocol by hand over a real queue pair: hello and
+/// RDMA handshake done, requests sent on `control`, and the frames the
+/// gateway sends over the queue pair read with `next_notice`.
+struct RawRdmaClient {
+    control: std::net::TcpStream,
+    // Drop order: the queue pair, then the inbox's registration, then its memory.
+    queue_pair: transport::verbs::QueuePair,
+    inbox_region: transport::verbs::MemoryRegion,
+    inbox: Vec<u8>,
+    verbs: transport::verbs::Verbs,
+    /// What the gateway's `RdmaAccept` said.
+    store_reads: bool,
+}
+
+impl RawRdmaClient {
+    fn connect(address: &str, device: &str) -> Self {
+        use protocol::{Frame, RdmaEndpoint};
+        use std::io::Write;
+        use transport::verbs::{Endpoint, QueueChannels, Verbs};
+        let mut control = std::net::TcpStream::connect(address).expect("connect");
+        control.set_read_timeout(Some(WAIT)).expect("timeout");
+        let hello = Frame::Hello {
+            version: protocol::PROTOCOL_VERSION,
+            shard: 0,
+            token: Vec::new(),
+        };
+        control.write_all(&hello.encode()).expect("hello");
+        assert!(matches!(read_frame(&mut control), Frame::HelloOk { .. }));
+        let verbs = Verbs::open(Some(device), 1, 1).expect("device");
+        let queue_pair = verbs
+            .queue_pair(
+                4,
+                INBOX_SLOTS as u32,
+                0,
+                QueueChannels {
+                    send: false,
+                    receive: true,
+                },
+            )
+            .expect("queue pair");
+        let mut inbox = vec![0u8; (INBOX_SLOTS * INBOX_SLOT_BYTES) as usize];
+        // SAFETY: the inbox's heap memory outlives its registration (the
+        // struct's field order drops the registration first); Rust reads a
+        // slot only after its receive completed, and reposts it after.
+        let inbox_region =
+            unsafe { verbs.register(inbox.as_mut_ptr(), inbox.len(), false) }.expect("inbox");
+        let mut client = Self {
+            control,
+            queue_pair,
+            inbox_region,
+            inbox,
+            verbs,
+            store_reads: false,
+        };
+        for slot in 0..INBOX_SLOTS {
+            client.post_receive(slot);
+        }
+        let local = client.queue_pair.endpoint();
+        let request = RdmaEndpoint {
+            qp_num: local.qp_num,
+            psn: local.psn,
+            lid: local.lid,
+            gid: local.gid,
+        };
+        client.send(&Frame::RdmaConnect(request));
+        let Frame::RdmaAccept {
+            endpoint: remote,
+            store_reads,
+        } = read_frame(&mut client.control)
+        else {
+            panic!("the gateway accepts RDMA")
+        };
+        client.store_reads = store_reads;
+        client
+            .queue_pair
+            .connect_to(&Endpoint {
+                qp_num: remote.qp_num,
+                psn: remote.psn,
+                lid: remote.lid,
+                gid: remote.gid,
+            })
+            .expect("connect queue pair");
+        client
+    }
+
+    fn post_receive(&mut self, slot: u64) {
+        let sge = transport::verbs::Sge {
+            address: self.inbox_region.address() + slot * INBOX_SLOT_BYTES,
+            len: INBOX_SLOT_BYTES as u32,
+            lkey: self.inbox_region.lkey(),
+        };
+        // SAFETY: the slot lies in the registered inbox; it is not read until
+        // this receive completes.
+        unsafe { self.queue_pair.receive(slot, sge) }.expect("post receive");
+    }
+
+    fn send(&mut self, frame: &protocol::Frame) {
+        use std::io::Write;
+        self.control.write_all(&frame.encode()).expect("send");
+    }
+
+    /// The next frame the gateway sent over the queue pair.
+    fn next_notice(&mut self) -> protocol::Frame {
+        let mut completions = Vec::new();
+        test_support::wait_until("a notice over the queue pair", WAIT, || {
+            self.queue_pair
+                .recv_queue()
+                .poll(&mut completions, 1)
+                .expect("poll")
+                > 0
+        });
+        let completion = &completions[0];
+        assert!(completion.ok, "receive: {}", completion.status_text);
+        let slot = completion.wr_id;
+        let bytes =
+            &self.inbox[(slot * INBOX_SLOT_BYTES) as usize..][..completion.byte_len as usize];
+        let header =
+            protocol::decode_header(bytes[..protocol::HEADER_BYTES].try_into().expect("8"))
+                .expect("header");
+        let frame = protocol::Frame::decode(header.kind, &bytes[protocol::HEADER_BYTES..])
+            .expect("a valid frame");
+        self.post_receive(slot);
+        frame
+    }
+}
+
+/// Blocks of `SEED + 1`: what the store tests write.
+fn stored_block(index: u64) -> (block_layout::BlockKey, Vec<u8>) {
+    let key = synthetic::key(SEED + 1, index);
+    let mut bytes = vec![0u8; BLOCK_BYTES];
+    synthetic::fill(key, &mut bytes);
+    (key, bytes)
+}
+
+/// Stores from an engine's KV pool over RDMA: the blocks lie in a region the
+/// client registered, so the gateway reads them by RDMA READ straight into
+/// the staging it writes to disk from (nothing of them crosses the socket):
+/// a block-major pool into the full-layout namespace and a layer-major one
+/// (strided) into the layer-layout namespace. Both load back exactly; the
+/// gateway counts every byte as `rdma_read`. A block in no registered region
+/// is sent as bytes, as before.
+#[test]
+fn stores_from_a_registered_region_are_read_by_the_gateway_and_load_back() {
+    let Some(device) = rdma_device() else { return };
+    let gateway = Gateway::start(&device, "rdma");
+    const STORED: u64 = 12;
+    let blocks: Vec<_> = (0..STORED).map(stored_block).collect();
+    // Block-major: block i at i * BLOCK_BYTES. Layer-major: layer l of block
+    // i at l * STORED * LAYER_BYTES + i * LAYER_BYTES.
+    let mut block_major: Vec<u8> = blocks.iter().flat_map(|(_, bytes)| bytes.clone()).collect();
+    let stride = STORED as usize * LAYER_BYTES;
+    let mut layer_major = vec![0u8; usize::from(LAYERS) * stride];
+    for (index, (_, bytes)) in blocks.iter().enumerate() {
+        for layer in 0..usize::from(LAYERS) {
+            layer_major[layer * stride + index * LAYER_BYTES..][..LAYER_BYTES]
+                .copy_from_slice(&bytes[layer * LAYER_BYTES..][..LAYER_BYTES]);
+        }
+    }
+    // SAFETY: both vectors outlive the regions and the client (declared
+    // later, dropped first); they are only read while registered.
+    let (block_region, layer_region) = unsafe {
+        (
+            Arc::new(Region::from_raw(
+                block_major.as_mut_ptr(),
+                block_major.len(),
+            )),
+            Arc::new(Region::from_raw(
+                layer_major.as_mut_ptr(),
+                layer_major.len(),
+            )),
+        )
+    };
+    let client = gateway.client(&device, true);
+    client.register_region(block_region).expect("register");
+    client.register_region(layer_region).expect("register");
+    let in_block_major: Vec<_> = blocks
+        .iter()
+        .enumerate()
+        .map(|(index, (key, _))| (*key, &block_major[index * BLOCK_BYTES..][..BLOCK_BYTES]))
+        .collect();
+    client.store_many("full", &in_block_major).expect("stored");
+    let span = (usize::from(LAYERS) - 1) * stride + LAYER_BYTES;
+    let in_layer_major: Vec<_> = blocks
+        .iter()
+        .enumerate()
+        .map(|(index, (key, _))| (*key, &layer_major[index * LAYER_BYTES..][..span]))
+        .collect();
+    client
+        .store_many_strided("layer", &in_layer_major, stride as u64)
+        .expect("stored strided");
+    let read_bytes = 2 * STORED * BLOCK_BYTES as u64;
+    let by_path = |path: &str| {
+        gateway.process.metric_sum_labelled(
+            "dualpath_store_payload_bytes_total",
+            &format!("path=\"{path}\""),
+        ) as u64
+    };
+    assert_eq!(by_path("rdma_read"), read_bytes);
+    assert_eq!(
+        by_path("in_place") + by_path("copied"),
+        0,
+        "nothing came over the socket"
+    );
+    // A block in no registered region: its bytes are sent.
+    let (loose_key, loose) = stored_block(STORED);
+    client
+        .store("full", loose_key, &loose)
+        .expect("stored from the heap");
+    assert_eq!(by_path("rdma_read"), read_bytes);
+    assert_eq!(by_path("in_place") + by_path("copied"), BLOCK_BYTES as u64);
+
+    let target = Arc::new(Region::allocate((STORED as usize + 1) * BLOCK_BYTES));
+    let id = client
+        .register_region(Arc::clone(&target))
+        .expect("register");
+    for namespace in ["full", "layer"] {
+        let count = if namespace == "full" {
+            STORED + 1
+        } else {
+            STORED
+        };
+        let wanted: Vec<BlockLoad> = (0..count)
+            .map(|index| BlockLoad {
+                key: stored_block(index).0,
+                layers: 0..LAYERS,
+                dest_offset: index * BLOCK_BYTES as u64,
+            })
+            .collect();
+        let report = client
+            .load(namespace, id, &wanted, 0)
+            .expect("load")
+            .wait(WAIT)
+            .expect("finished");
+        assert!(
+            report.all_done(),
+            "{namespace}: {:?}",
+            report.failed().next()
+        );
+        for index in 0..count {
+            assert!(
+                target.read(index as usize * BLOCK_BYTES, BLOCK_BYTES) == stored_block(index).1,
+                "{namespace}: block {index} loads back as it was stored"
+            );
+        }
+    }
+}
+
+/// `StoreFromRegion` by hand: checked against the region before anything is
+/// read (past its end, a region not registered, overlapping layers, an
+/// unknown namespace: each answered with why, nothing stored); a valid one is
+/// stored. A client that withdrew its memory's registration makes the
+/// gateway's read fail: the gateway says why and closes that connection, and
+/// stores nothing of that block. On a connection without RDMA the frame is
+/// refused as a protocol error.
+#[test]
+fn stores_by_rdma_read_are_checked_and_a_failed_read_stores_nothing() {
+    use protocol::{ErrorCode, Frame, StoreFromRegion};
+    let Some(device) = rdma_device() else { return };
+    let gateway = Gateway::start(&device, "rdma");
+    let (kept_key, kept) = stored_block(100);
+    let (lost_key, lost) = stored_block(101);
+    let mut memory = [kept.clone(), lost].concat();
+    let mut raw = RawRdmaClient::connect(&gateway.process.tcp, &device);
+    assert!(raw.store_reads, "a uring gateway offers store reads");
+    // SAFETY: `memory` outlives the registration (declared earlier); Rust
+    // does not touch it while registered.
+    let region =
+        unsafe { raw.verbs.register(memory.as_mut_ptr(), memory.len(), true) }.expect("region");
+    raw.send(&Frame::RegisterRemoteRegion {
+        region_id: 1,
+        len: memory.len() as u64,
+        address: region.address(),
+        rkey: region.rkey(),
+    });
+    assert_eq!(raw.next_notice(), Frame::RegionRegistered { region_id: 1 });
+    let store = |request_id: u64, key, region_id, offset, layer_stride, namespace: &str| {
+        Frame::StoreFromRegion(StoreFromRegion {
+            request_id,
+            namespace: namespace.into(),
+            key,
+            region_id,
+            offset,
+            layer_stride,
+        })
+    };
+    let refusals = [
+        (
+            store(2, lost_key, 1, BLOCK_BYTES as u64 + 1, 0, "full"),
+            ErrorCode::OutOfRegion,
+            "reaches past the end",
+        ),
+        (
+            store(3, lost_key, 7, 0, 0, "full"),
+            ErrorCode::OutOfRegion,
+            "not registered",
+        ),
+        (
+            store(4, lost_key, 1, 0, LAYER_BYTES as u64 - 1, "full"),
+            ErrorCode::BadRequest,
+            "would overlap",
+        ),
+        (
+            store(5, lost_key, 1, 0, 0, "nope"),
+            ErrorCode::UnknownNamespace,
+            "nope",
+        ),
+    ];
+    for (frame, code, why) in refusals {
+        raw.send(&frame);
+        match raw.next_notice() {
+            Frame::StoreDone {
+                code: got, message, ..
+            } => {
+                assert_eq!(got, code, "{message}");
+                assert!(message.contains(why), "{message}");
+            }
+            other => panic!("expected StoreDone, got {other:?}"),
+        }
+    }
+    raw.send(&store(1, kept_key, 1, 0, 0, "full"));
+    assert_eq!(
+        raw.next_notice(),
+        Frame::StoreDone {
+            request_id: 1,
+            code: ErrorCode::Ok,
+            message: String::new()
+        }
+    );
+    // The memory is withdrawn (deregistered) before the gateway reads it.
+    drop(region);
+    raw.send(&store(6, lost_key, 1, BLOCK_BYTES as u64, 0, "full"));
+    match read_frame(&mut raw.control) {
+        Frame::Error { message, .. } => {
+            eprintln!("the gateway's answer to a read of withdrawn memory: {message}");
+            assert!(
+                message.contains("RDMA write, read or send with the client failed"),
+                "the client learns why: {message}"
+            );
+        }
+        other => panic!("unexpected {other:?} on the control connection"),
+    }
+    drop(raw);
+
+    // Without RDMA the frame is a protocol error.
+    let mut plain = std::net::TcpStream::connect(&gateway.process.tcp).expect("connect");
+    plain.set_read_timeout(Some(WAIT)).expect("timeout");
+    use std::io::Write;
+    let hello = Frame::Hello {
+        version: protocol::PROTOCOL_VERSION,
+        shard: 0,
+        token: Vec::new(),
+    };
+    plain.write_all(&hello.encode()).expect("hello");
+    assert!(matches!(read_frame(&mut plain), Frame::HelloOk { .. }));
+    plain
+        .write_all(&store(7, lost_key, 1, 0, 0, "full").encode())
+        .expect("send");
+    match read_frame(&mut plain) {
+        Frame::Error { code, message, .. } => {
+            assert_eq!(code, ErrorCode::BadFrame);
+            assert!(message.contains("needs an RDMA connection"), "{message}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+
+    // What was stored loads back; nothing of the failed or refused ones.
+    let client = gateway.client(&device, true);
+    let target = Arc::new(Region::allocate(2 * BLOCK_BYTES));
+    let id = client
+        .register_region(Arc::clone(&target))
+        .expect("register");
+    let wanted: Vec<BlockLoad> = [kept_key, lost_key]
+        .iter()
+        .enumerate()
+        .map(|(index, key)| BlockLoad {
+            key: *key,
+            layers: 0..LAYERS,
+            dest_offset: (index * BLOCK_BYTES) as u64,
+        })
+        .collect();
+    let report = client
+        .load("full", id, &wanted, 0)
+        .expect("load")
+        .wait(WAIT)
+        .expect("finished");
+    assert!(matches!(report.blocks[0], BlockStatus::Done));
+    assert!(target.read(0, BLOCK_BYTES) == kept);
+    match &report.blocks[1] {
+        BlockStatus::Failed { code, .. } => assert_eq!(*code, GatewayCode::NotFound),
+        other => panic!("the block whose read failed must not be stored: {other:?}"),
+    }
+    drop(memory);
 }

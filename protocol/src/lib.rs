@@ -62,6 +62,7 @@ pub enum FrameType {
     RdmaAccept = 18,
     RegisterRemoteRegion = 19,
     CancelLoad = 20,
+    StoreFromRegion = 21,
 }
 
 impl FrameType {
@@ -88,6 +89,7 @@ impl FrameType {
             RdmaAccept,
             RegisterRemoteRegion,
             CancelLoad,
+            StoreFromRegion,
         ]
         .into_iter()
         .find(|kind| *kind as u8 == code)
@@ -315,8 +317,13 @@ pub enum Frame {
     /// The client asks for RDMA on this connection: its queue pair's endpoint.
     RdmaConnect(RdmaEndpoint),
     /// The gateway's queue pair for this connection; from here on the gateway
-    /// writes payloads with RDMA WRITE and sends every frame over the queue pair.
-    RdmaAccept(RdmaEndpoint),
+    /// writes payloads with RDMA WRITE and sends every frame over the queue
+    /// pair. `store_reads`: the gateway takes `StoreFromRegion` on it (its
+    /// store lends registered staging for the block to be read into).
+    RdmaAccept {
+        endpoint: RdmaEndpoint,
+        store_reads: bool,
+    },
     /// A region the client registered for remote writes: where it is and its key.
     RegisterRemoteRegion {
         region_id: u32,
@@ -331,7 +338,27 @@ pub enum Frame {
     CancelLoad {
         request_id: u64,
     },
+    /// Store one whole block that lies in a region the client announced with
+    /// `RegisterRemoteRegion`: the gateway reads it with RDMA READ (layer `l`
+    /// at `offset + l * layer_stride`; `layer_stride` 0: the layer size) and
+    /// answers `StoreDone` as for `Store`. Only on RDMA connections whose
+    /// `RdmaAccept` said `store_reads`.
+    StoreFromRegion(StoreFromRegion),
 }
+
+/// Where the block of a `StoreFromRegion` lies in the client's memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreFromRegion {
+    pub request_id: u64,
+    pub namespace: String,
+    pub key: BlockKey,
+    pub region_id: u32,
+    pub offset: u64,
+    pub layer_stride: u64,
+}
+
+/// `RdmaAccept`'s flag bit: the gateway takes `StoreFromRegion`.
+const RDMA_ACCEPT_STORE_READS: u8 = 1;
 
 /// A reliable-connected queue pair's address, as exchanged on the control
 /// connection (RoCE v2: the GID carries the IP address).
@@ -505,9 +532,10 @@ impl Frame {
             Frame::StatusRequest => FrameType::StatusRequest,
             Frame::PoolStatus { .. } => FrameType::PoolStatus,
             Frame::RdmaConnect(_) => FrameType::RdmaConnect,
-            Frame::RdmaAccept(_) => FrameType::RdmaAccept,
+            Frame::RdmaAccept { .. } => FrameType::RdmaAccept,
             Frame::RegisterRemoteRegion { .. } => FrameType::RegisterRemoteRegion,
             Frame::CancelLoad { .. } => FrameType::CancelLoad,
+            Frame::StoreFromRegion(_) => FrameType::StoreFromRegion,
         }
     }
 
@@ -564,11 +592,25 @@ impl Frame {
             Frame::RegionRegistered { region_id } => {
                 out.u32(*region_id);
             }
-            Frame::RdmaConnect(endpoint) | Frame::RdmaAccept(endpoint) => {
-                out.u32(endpoint.qp_num)
-                    .u32(endpoint.psn)
-                    .u16(endpoint.lid)
-                    .bytes_u16(&endpoint.gid);
+            Frame::RdmaConnect(endpoint) => encode_endpoint(out, endpoint),
+            Frame::RdmaAccept {
+                endpoint,
+                store_reads,
+            } => {
+                encode_endpoint(out, endpoint);
+                out.u8(if *store_reads {
+                    RDMA_ACCEPT_STORE_READS
+                } else {
+                    0
+                });
+            }
+            Frame::StoreFromRegion(store) => {
+                out.u64(store.request_id)
+                    .string(&store.namespace)
+                    .u128(store.key.0)
+                    .u32(store.region_id)
+                    .u64(store.offset)
+                    .u64(store.layer_stride);
             }
             Frame::RegisterRemoteRegion {
                 region_id,
@@ -668,7 +710,18 @@ impl Frame {
                 region_id: reader.u32()?,
             },
             FrameType::RdmaConnect => Frame::RdmaConnect(decode_endpoint(&mut reader)?),
-            FrameType::RdmaAccept => Frame::RdmaAccept(decode_endpoint(&mut reader)?),
+            FrameType::RdmaAccept => Frame::RdmaAccept {
+                endpoint: decode_endpoint(&mut reader)?,
+                store_reads: reader.u8()? & RDMA_ACCEPT_STORE_READS != 0,
+            },
+            FrameType::StoreFromRegion => Frame::StoreFromRegion(StoreFromRegion {
+                request_id: reader.u64()?,
+                namespace: reader.string("namespace")?,
+                key: BlockKey(reader.u128()?),
+                region_id: reader.u32()?,
+                offset: reader.u64()?,
+                layer_stride: reader.u64()?,
+            }),
             FrameType::RegisterRemoteRegion => Frame::RegisterRemoteRegion {
                 region_id: reader.u32()?,
                 len: reader.u64()?,
@@ -757,6 +810,13 @@ fn decode_hello_ok(reader: &mut Reader<'_>) -> Result<Frame, ProtocolError> {
         shard_count,
         namespaces,
     })
+}
+
+fn encode_endpoint(out: &mut Writer, endpoint: &RdmaEndpoint) {
+    out.u32(endpoint.qp_num)
+        .u32(endpoint.psn)
+        .u16(endpoint.lid)
+        .bytes_u16(&endpoint.gid);
 }
 
 fn decode_endpoint(reader: &mut Reader<'_>) -> Result<RdmaEndpoint, ProtocolError> {
@@ -988,11 +1048,31 @@ mod tests {
                 lid: 0,
                 gid: [7; 16],
             }),
-            Frame::RdmaAccept(RdmaEndpoint {
-                qp_num: 18,
-                psn: 1,
-                lid: 3,
-                gid: [1; 16],
+            Frame::RdmaAccept {
+                endpoint: RdmaEndpoint {
+                    qp_num: 18,
+                    psn: 1,
+                    lid: 3,
+                    gid: [1; 16],
+                },
+                store_reads: true,
+            },
+            Frame::RdmaAccept {
+                endpoint: RdmaEndpoint {
+                    qp_num: 19,
+                    psn: 2,
+                    lid: 0,
+                    gid: [2; 16],
+                },
+                store_reads: false,
+            },
+            Frame::StoreFromRegion(StoreFromRegion {
+                request_id: 79,
+                namespace: "m".into(),
+                key: BlockKey(u128::MAX - 3),
+                region_id: 4,
+                offset: 3 << 33,
+                layer_stride: 1 << 20,
             }),
             Frame::RegisterRemoteRegion {
                 region_id: 4,
@@ -1117,7 +1197,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn decoding_arbitrary_bytes_never_panics(kind in 0u8..16, body in prop::collection::vec(any::<u8>(), 0..512)) {
+        fn decoding_arbitrary_bytes_never_panics(kind in any::<u8>(), body in prop::collection::vec(any::<u8>(), 0..512)) {
             if let Some(kind) = FrameType::from_code(kind) {
                 let _ = Frame::decode(kind, &body);
             }

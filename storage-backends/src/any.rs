@@ -122,6 +122,9 @@ impl BlockStore for AnyShard {
     fn put_staging_buffers(&self, namespace: NamespaceId) -> u32 {
         dispatch!(self, shard => shard.put_staging_buffers(namespace))
     }
+    fn lends_staging(&self) -> bool {
+        dispatch!(self, shard => shard.lends_staging())
+    }
     fn reap_puts(&mut self, out: &mut Vec<PutCompletion>) {
         dispatch!(self, shard => shard.reap_puts(out))
     }

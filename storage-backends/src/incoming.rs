@@ -3,7 +3,7 @@
 
 use std::io::IoSliceMut;
 
-use block_layout::{BlockKey, Geometry};
+use block_layout::{BlockKey, Geometry, ImagePieces};
 use staging::StagingBuffer;
 
 use crate::NamespaceId;
@@ -122,6 +122,40 @@ impl IncomingBlock {
         );
         self.received += count as u64;
         Ok(count)
+    }
+
+    /// Takes the lent staging buffers out, for a payload that will be
+    /// written into them behind Rust's back (an RDMA READ posted into them),
+    /// with where each run of the payload lies in them (split at layer and
+    /// buffer ends); `None` when the backend lent other memory, or when part
+    /// of the payload is already in. Hand them back, filled, with
+    /// [`IncomingBlock::give_back_filled`]; dropping the block meanwhile
+    /// stores nothing.
+    pub fn take_staging(&mut self) -> Option<(Vec<StagingBuffer>, ImagePieces)> {
+        match &mut self.memory {
+            LentMemory::Staging {
+                chunks,
+                chunk_bytes,
+            } if self.received == 0 && !chunks.is_empty() => Some((
+                std::mem::take(chunks),
+                self.geometry.image_pieces(0, *chunk_bytes),
+            )),
+            _ => None,
+        }
+    }
+
+    /// The buffers [`IncomingBlock::take_staging`] gave, with every run of
+    /// the payload written where it said: the block is complete.
+    pub fn give_back_filled(&mut self, buffers: Vec<StagingBuffer>) {
+        let LentMemory::Staging { chunks, .. } = &mut self.memory else {
+            panic!("only staging is taken out");
+        };
+        assert!(
+            chunks.is_empty() && !buffers.is_empty() && self.received == 0,
+            "the buffers of this block's take_staging"
+        );
+        *chunks = buffers;
+        self.received = self.payload_bytes();
     }
 
     /// Copies as much of `bytes` as the payload still has room for; returns

@@ -208,6 +208,12 @@ pub trait BlockStore {
     /// [`BlockStore::start_put`] of a block received into memory this shard
     /// lent; a block not completely received is refused (`WrongSize`).
     fn start_received_put(&mut self, block: IncomingBlock, tag: u64) -> PutStarted;
+    /// Whether `lend_for_put` lends buffers of this shard's staging slab
+    /// ([`IncomingBlock::take_staging`] gives them): memory an RDMA READ can
+    /// land in once the slab is registered with the NIC.
+    fn lends_staging(&self) -> bool {
+        false
+    }
     /// Staging buffers a put into `namespace` takes (lent while its block
     /// arrives, then written from); 0 for backends whose puts do not use
     /// staging.

@@ -320,6 +320,8 @@ fn puts_started_without_waiting_land_and_report_through_reap_puts() {
         let mut block = shard
             .lend_for_put(full, BlockKey(20), FULL.block_bytes())
             .expect("a body");
+        // The body is no staging: no RDMA READ can land in it.
+        assert!(!shard.lends_staging() && block.take_staging().is_none());
         let writer = std::thread::spawn(move || sender.write_all(&bytes[..]).expect("send"));
         while !block.is_complete() {
             let count = block

@@ -854,3 +854,74 @@ fn a_block_received_from_a_socket_into_lent_staging_is_stored_and_reads_back() {
         "{error}"
     );
 }
+
+/// A block whose lent staging is taken out and written at the places
+/// `take_staging` names (as an RDMA READ does, here in reverse order) is
+/// stored exactly once given back; staging of a block already partly
+/// received cannot be taken; taken buffers dropped go back to the slab.
+#[test]
+fn staging_taken_out_and_filled_at_its_pieces_is_stored_and_reads_back() {
+    let big_odd = Geometry { layers: 40, ..ODD };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_store, mut shard) = open(
+        dir.path(),
+        1,
+        &[spec("odd", big_odd, 4), spec("aligned", ALIGNED, 4)],
+    );
+    for (namespace, key) in [(NamespaceId(0), 41u128), (NamespaceId(1), 42)] {
+        let geometry = shard.geometry(namespace);
+        let bytes = payload(BlockKey(key), &geometry);
+        let mut block = shard
+            .lend_for_put(namespace, BlockKey(key), geometry.block_bytes())
+            .expect("staging for one block");
+        assert!(shard.lends_staging());
+        let (mut buffers, pieces) = block.take_staging().expect("uring lends staging");
+        let pieces: Vec<_> = pieces.collect();
+        assert_eq!(
+            pieces.iter().map(|piece| piece.len as u64).sum::<u64>(),
+            geometry.block_bytes()
+        );
+        for piece in pieces.iter().rev() {
+            let from = piece.payload_offset as usize;
+            buffers[piece.chunk].as_mut_slice()[piece.chunk_offset..piece.chunk_offset + piece.len]
+                .copy_from_slice(&bytes[from..from + piece.len]);
+        }
+        block.give_back_filled(buffers);
+        assert!(block.is_complete());
+        assert!(matches!(
+            shard.start_received_put(block, key as u64),
+            PutStarted::InFlight
+        ));
+        reap_put(&mut shard, key as u64).expect("durable");
+        // A read fills one buffer: the block is read back a few layers at a time.
+        for start in (0..geometry.layers).step_by(8) {
+            let layers = start..(start + 8).min(geometry.layers);
+            let stored = read(&mut shard, namespace, key, layers.clone()).expect("read back");
+            assert!(
+                stored == expected_layers(key, &geometry, layers.clone()),
+                "layers {layers:?} of block {key} differ from what was written at its pieces"
+            );
+        }
+    }
+    assert_eq!(shard.slab().buffers_in_use(), 0);
+
+    let namespace = NamespaceId(1);
+    let mut started = shard
+        .lend_for_put(namespace, BlockKey(43), ALIGNED.block_bytes())
+        .expect("staging");
+    started.copy_from(&[1; 100]);
+    assert!(
+        started.take_staging().is_none(),
+        "a block partly received keeps its staging"
+    );
+    drop(started);
+    let mut abandoned = shard
+        .lend_for_put(namespace, BlockKey(44), ALIGNED.block_bytes())
+        .expect("staging");
+    let (buffers, _) = abandoned.take_staging().expect("staging");
+    drop(buffers);
+    drop(abandoned);
+    assert_eq!(shard.slab().buffers_in_use(), 0);
+    assert!(!shard.contains(namespace, BlockKey(43)));
+    assert!(!shard.contains(namespace, BlockKey(44)));
+}

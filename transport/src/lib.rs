@@ -7,8 +7,9 @@
 //! sends `Data` frames (header, then the payload straight from the staging buffer,
 //! by `writev`); an RDMA transport posts RDMA WRITEs from the same registered memory
 //! and signals notices with WRITE WITH IMMEDIATE or a send, without changing the
-//! gateway.
-// Only `rdma_sys` may use unsafe: slab registration and posting RDMA WRITEs.
+//! gateway. Over RDMA a transport also reads a client's region into staging
+//! buffers (a store taken by RDMA READ, [`Transport::read`]).
+// Only `rdma_sys` may use unsafe: slab registration and posting RDMA WRITEs and READs.
 #![deny(unsafe_code)]
 
 mod rdma;
@@ -38,6 +39,18 @@ pub struct RemoteWrite {
     pub region_id: u32,
     pub buffer: StagingBuffer,
     pub pieces: Pieces,
+}
+
+/// A read of one block from a client's region into staging buffers (a store
+/// taken by RDMA READ): `pieces` are (offset in the client's region, index
+/// into `buffers`, range of that buffer). The buffers are held until every
+/// piece has landed, then handed back by [`Transport::take_finished_read`].
+#[derive(Debug)]
+pub struct RemoteRead {
+    pub request_id: u64,
+    pub region_id: u32,
+    pub buffers: Vec<StagingBuffer>,
+    pub pieces: Vec<(u64, usize, Range<usize>)>,
 }
 
 /// Vectors kept for reuse, so that the read path does not allocate per read:
@@ -102,6 +115,17 @@ pub trait Transport {
     /// writes (the read path fills one per read).
     fn pieces(&mut self) -> Pieces {
         Vec::new()
+    }
+    /// Queues a read of a client's region into staging buffers; never
+    /// blocks. A transport that cannot read the client's memory (a byte
+    /// stream) hands it straight back.
+    fn read(&mut self, read: RemoteRead) -> Result<(), RemoteRead> {
+        Err(read)
+    }
+    /// A read queued with [`Transport::read`] whose every piece has landed
+    /// (in the order they were queued), once `progress` has seen it complete.
+    fn take_finished_read(&mut self) -> Option<RemoteRead> {
+        None
     }
     /// The client registered a region for remote writes (RDMA); transports that
     /// write through a byte stream ignore it.

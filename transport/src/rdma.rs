@@ -5,6 +5,10 @@
 //! memory. A notice too large for an inline SEND (a pool status report) goes on
 //! the TCP control connection once the writes before it have completed.
 //!
+//! A store taken by RDMA READ ([`Transport::read`]) posts one READ per piece
+//! on the same queue pair, into staging buffers held until the last one
+//! completes; completions arrive in post order, so a read finishes in turn.
+//!
 //! Bounds: at most `send_depth` work requests posted; more work waits in a
 //! local queue whose length the core's per-connection buffer share bounds. A
 //! staging buffer goes back to its slab only when its last write completed.
@@ -21,8 +25,8 @@ use protocol::Frame;
 use staging::StagingBuffer;
 use verbs::{Completion, QueuePair};
 
-use crate::rdma_sys::{post_buffer_write, SlabRegistration};
-use crate::{Pieces, Progress, RemoteRegion, RemoteWrite, Spares, Transport};
+use crate::rdma_sys::{post_buffer_read, post_buffer_write, SlabRegistration};
+use crate::{Pieces, Progress, RemoteRead, RemoteRegion, RemoteWrite, Spares, Transport};
 
 /// Largest notice sent as an inline SEND; larger ones go over TCP. The client
 /// posts receive buffers of at least this size.
@@ -31,6 +35,9 @@ pub const RDMA_NOTICE_MAX: usize = 192;
 #[derive(Debug)]
 enum Queued {
     Write(RemoteWrite),
+    /// A read and its first piece not yet posted (a read with more pieces
+    /// than the send queue has room for is posted in parts).
+    Read(RemoteRead, usize),
     Notice(Vec<u8>),
     OverControl(Frame),
 }
@@ -42,15 +49,33 @@ struct Signaled {
     /// Work requests this completion retires (the unsignalled ones before it).
     work_requests: u32,
     payload_bytes: u64,
-    buffer: Option<StagingBuffer>,
+    holds: Holds,
+}
+
+/// What a signalled work request keeps until its completion.
+#[derive(Debug)]
+enum Holds {
+    Nothing,
+    /// The source of a write, back to the slab on completion.
+    Buffer(StagingBuffer),
+    /// The targets of a read, handed back on completion.
+    Read(RemoteRead),
+    /// An earlier part of a read whose buffers stay queued (or with its last
+    /// part) meanwhile.
+    ReadPart,
 }
 
 pub struct RdmaTransport {
     // Field order is drop order: the queue pair is destroyed (its posted work
-    // flushed) before `in_flight` returns the buffers it may still read.
+    // flushed) before `in_flight`, `queued` and `abandoned_reads` return the buffers
+    // it may still read (writes) or write (reads).
     queue_pair: QueuePair,
     in_flight: VecDeque<Signaled>,
     queued: VecDeque<Queued>,
+    /// Reads whose posting failed part way: held until the queue pair is gone.
+    abandoned_reads: Vec<RemoteRead>,
+    /// Reads whose every piece has landed, for `take_finished_read`.
+    finished_reads: VecDeque<RemoteRead>,
     staging: Rc<SlabRegistration>,
     /// The TCP control connection: `RdmaAccept`, and notices too big to inline.
     control: Box<dyn Transport>,
@@ -91,6 +116,8 @@ impl RdmaTransport {
             queue_pair,
             in_flight: VecDeque::new(),
             queued: VecDeque::new(),
+            abandoned_reads: Vec::new(),
+            finished_reads: VecDeque::new(),
             staging,
             control,
             regions: Vec::new(),
@@ -124,7 +151,7 @@ impl RdmaTransport {
             .find(|completion| !completion.ok)
             .map(|completion| {
                 format!(
-                    "an RDMA write or send to the client failed: {} (status {})",
+                    "an RDMA write, read or send with the client failed: {} (status {})",
                     completion.status_text, completion.status
                 )
             });
@@ -141,11 +168,21 @@ impl RdmaTransport {
                 "RC completions arrive in post order"
             );
             self.posted -= signaled.work_requests;
+            match signaled.holds {
+                // What the client read is not output it took.
+                Holds::Read(read) => {
+                    self.finished_reads.push_back(read);
+                    continue;
+                }
+                Holds::ReadPart => continue,
+                Holds::Buffer(buffer) => {
+                    drop(buffer); // back to the slab: the NIC has read it
+                    progress.buffers_released += 1;
+                }
+                Holds::Nothing => {}
+            }
             progress.bytes_taken += signaled.payload_bytes.max(1);
             progress.payload_bytes += signaled.payload_bytes;
-            if signaled.buffer.is_some() {
-                progress.buffers_released += 1;
-            }
         }
         Ok(())
     }
@@ -175,6 +212,7 @@ impl RdmaTransport {
         while let Some(front) = self.queued.front() {
             let needed = match front {
                 Queued::Write(write) => write.pieces.len() as u32,
+                Queued::Read(..) => 1, // posted in parts as room allows
                 Queued::Notice(_) => 1,
                 Queued::OverControl(_) if self.in_flight.is_empty() => 0,
                 Queued::OverControl(_) => return Ok(()),
@@ -184,6 +222,12 @@ impl RdmaTransport {
             }
             match self.queued.pop_front().expect("front exists") {
                 Queued::Write(write) => self.post_write(write)?,
+                Queued::Read(read, from) => {
+                    if let Some((read, next)) = self.post_read(read, from)? {
+                        self.queued.push_front(Queued::Read(read, next));
+                        return Ok(());
+                    }
+                }
                 Queued::Notice(bytes) => {
                     let wr_id = self.wr_id();
                     // Inline: the bytes are copied into the work request.
@@ -196,7 +240,7 @@ impl RdmaTransport {
                         wr_id,
                         work_requests: 1,
                         payload_bytes: 0,
-                        buffer: None,
+                        holds: Holds::Nothing,
                     });
                 }
                 Queued::OverControl(frame) => self.control.notify(&frame),
@@ -205,27 +249,44 @@ impl RdmaTransport {
         Ok(())
     }
 
-    fn post_write(&mut self, write: RemoteWrite) -> io::Result<()> {
-        let Some(region) = self.region(write.region_id) else {
-            let reason = format!("region {} has no RDMA key on this connection (register it with RegisterRemoteRegion)", write.region_id);
+    /// The client's region `region_id`, with every piece (offset, length)
+    /// inside it. The core checked the request against the region; every
+    /// piece is checked again here, where the addresses are formed and
+    /// before any is posted, so no bug above can aim a write or a read
+    /// outside what the client registered.
+    fn checked_region(
+        &mut self,
+        what: &str,
+        region_id: u32,
+        mut pieces: impl Iterator<Item = (u64, usize)>,
+    ) -> io::Result<RemoteRegion> {
+        let Some(region) = self.region(region_id) else {
+            let reason = format!("region {region_id} has no RDMA key on this connection (register it with RegisterRemoteRegion)");
             return Err(self.break_with(reason));
         };
-        // The core checked the load against the region; check every piece again
-        // here, where the addresses are formed and before any is posted, so no
-        // bug above can aim a write outside what the client registered.
-        if let Some((offset, range)) = write.pieces.iter().find(|(offset, range)| {
+        if let Some((offset, len)) = pieces.find(|(offset, len)| {
             offset
-                .checked_add(range.len() as u64)
+                .checked_add(*len as u64)
                 .is_none_or(|end| end > region.len)
         }) {
             let reason = format!(
-                "refused a write of {} bytes at offset {offset} outside region {} ({} bytes)",
-                range.len(),
-                write.region_id,
+                "refused a {what} of {len} bytes at offset {offset} outside region {region_id} ({} bytes)",
                 region.len
             );
             return Err(self.break_with(reason));
         }
+        Ok(region)
+    }
+
+    fn post_write(&mut self, write: RemoteWrite) -> io::Result<()> {
+        let region = self.checked_region(
+            "write",
+            write.region_id,
+            write
+                .pieces
+                .iter()
+                .map(|(offset, range)| (*offset, range.len())),
+        )?;
         let count = write.pieces.len();
         let mut payload = 0u64;
         for (index, (offset, range)) in write.pieces.iter().enumerate() {
@@ -251,9 +312,66 @@ impl RdmaTransport {
             wr_id,
             work_requests: count as u32,
             payload_bytes: payload,
-            buffer: Some(write.buffer),
+            holds: Holds::Buffer(write.buffer),
         });
         Ok(())
+    }
+
+    /// Posts the pieces of `read` from `from` on, as many as the send queue
+    /// has room for; returns the read and its next piece if some are left.
+    fn post_read(
+        &mut self,
+        mut read: RemoteRead,
+        from: usize,
+    ) -> io::Result<Option<(RemoteRead, usize)>> {
+        // Every piece is checked before the first is posted, so no check
+        // fails once reads into the buffers are in flight.
+        let region = self.checked_region(
+            "read",
+            read.region_id,
+            read.pieces[from..]
+                .iter()
+                .map(|(offset, _, range)| (*offset, range.len())),
+        )?;
+        let end = read
+            .pieces
+            .len()
+            .min(from + (self.send_depth - self.posted) as usize);
+        let count = end - from;
+        for (index, (offset, buffer, range)) in read.pieces[from..end].iter().enumerate() {
+            let last = index + 1 == count;
+            let wr_id = if last { self.wr_id() } else { 0 };
+            let posted = post_buffer_read(
+                &mut self.queue_pair,
+                &self.staging,
+                &mut read.buffers[*buffer],
+                range.clone(),
+                (region.address + offset, region.rkey),
+                wr_id,
+                last,
+            );
+            if let Err(error) = posted {
+                // Reads posted before may still land in these buffers: they
+                // stay out of the slab until the queue pair is gone.
+                self.abandoned_reads.push(read);
+                return Err(self.break_with(format!("posting an RDMA READ failed: {error}")));
+            }
+        }
+        self.posted += count as u32;
+        let unfinished = end < read.pieces.len();
+        let wr_id = self.next_wr_id;
+        let (holds, rest) = if unfinished {
+            (Holds::ReadPart, Some((read, end)))
+        } else {
+            (Holds::Read(read), None)
+        };
+        self.in_flight.push_back(Signaled {
+            wr_id,
+            work_requests: count as u32,
+            payload_bytes: 0,
+            holds,
+        });
+        Ok(rest)
     }
 }
 
@@ -267,6 +385,19 @@ impl Transport for RdmaTransport {
             return; // Nothing to move; the buffer goes back to the slab now.
         }
         self.queued.push_back(Queued::Write(write));
+    }
+
+    fn read(&mut self, read: RemoteRead) -> Result<(), RemoteRead> {
+        if read.pieces.is_empty() {
+            self.finished_reads.push_back(read);
+        } else {
+            self.queued.push_back(Queued::Read(read, 0));
+        }
+        Ok(())
+    }
+
+    fn take_finished_read(&mut self) -> Option<RemoteRead> {
+        self.finished_reads.pop_front()
     }
 
     fn notify(&mut self, frame: &Frame) {

@@ -1,5 +1,6 @@
-//! The RDMA transport's two unsafe steps: registering a core's staging slab
-//! with the NIC, and posting an RDMA WRITE whose source is a staging buffer.
+//! The RDMA transport's unsafe steps: registering a core's staging slab with
+//! the NIC, posting an RDMA WRITE whose source is a staging buffer, and
+//! posting an RDMA READ whose target is one.
 
 use std::rc::Rc;
 
@@ -61,4 +62,38 @@ pub fn post_buffer_write(
     // remote range was checked against the region the client registered with
     // this rkey (`RdmaTransport::write`), and the client's NIC enforces it again.
     unsafe { queue_pair.write(wr_id, &[sge], remote.0, remote.1, signaled) }
+}
+
+/// Posts one RDMA READ of `remote` (address, rkey) into `buffer[range]`.
+///
+/// The buffer must stay out of the slab, and be neither read nor written by
+/// Rust, until this read's completion (or a later signalled one on the same
+/// queue pair) has been polled: the caller keeps it in its in-flight list
+/// until then, and the queue pair is destroyed before that list is dropped.
+pub fn post_buffer_read(
+    queue_pair: &mut QueuePair,
+    registration: &SlabRegistration,
+    buffer: &mut StagingBuffer,
+    range: std::ops::Range<usize>,
+    remote: (u64, u32),
+    wr_id: u64,
+    signaled: bool,
+) -> Result<(), VerbsError> {
+    assert_eq!(
+        buffer.slab_id(),
+        registration.slab_id(),
+        "the buffer comes from the registered slab"
+    );
+    let bytes = &mut buffer.as_mut_slice()[range];
+    let sge = Sge {
+        address: bytes.as_mut_ptr() as u64,
+        len: u32::try_from(bytes.len()).expect("a piece fits u32"),
+        lkey: registration.region.lkey(),
+    };
+    // SAFETY: `sge` lies in the registered slab (same slab id, a slice of one of
+    // its buffers, taken from `&mut`); the buffer is held, untouched, until
+    // completion (contract above); the remote range was checked against the
+    // region the client registered with this rkey (`RdmaTransport::post_read`),
+    // and the client's NIC enforces it again.
+    unsafe { queue_pair.read(wr_id, &[sge], remote.0, remote.1, signaled) }
 }

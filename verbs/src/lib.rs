@@ -1,7 +1,7 @@
 //! Safe RDMA verbs for the gateway's RDMA transport and the client: open a
 //! device port, register memory, create reliable-connected queue pairs, post
-//! RDMA WRITEs and SENDs, poll completions. All `unsafe` is in `sys`; the two
-//! operations whose buffers leave Rust's control (`post_write`, `post_recv`)
+//! RDMA WRITEs, READs and SENDs, poll completions. All `unsafe` is in `sys`; the two
+//! operations whose buffers leave Rust's control (`post_rdma`, `post_recv`)
 //! and memory registration stay `unsafe fn`s with their contracts.
 //!
 //! Links against libibverbs (rdma-core). Without a device, `Verbs::open`
@@ -139,8 +139,8 @@ impl Verbs {
         self.pd.device.infiniband
     }
 
-    /// Registers memory for local use and, with `remote_write`, for RDMA
-    /// WRITEs from peers that know its rkey.
+    /// Registers memory for local use and, with `remote`, for RDMA WRITEs and
+    /// READs from peers that know its rkey.
     ///
     /// # Safety
     /// `[address, address + len)` must stay mapped, and not be freed or
@@ -149,10 +149,10 @@ impl Verbs {
         &self,
         address: *mut u8,
         len: usize,
-        remote_write: bool,
+        remote: bool,
     ) -> Result<MemoryRegion, VerbsError> {
         // SAFETY: forwarded contract.
-        unsafe { MemoryRegion::register(self.pd.clone(), address, len, remote_write) }
+        unsafe { MemoryRegion::register(self.pd.clone(), address, len, remote) }
     }
 
     /// Registers part of a dma-buf (GPU memory exported by the CUDA driver) so
@@ -170,12 +170,10 @@ impl Verbs {
         offset: u64,
         len: usize,
         iova: u64,
-        remote_write: bool,
+        remote: bool,
     ) -> Result<MemoryRegion, VerbsError> {
         // SAFETY: forwarded contract.
-        unsafe {
-            MemoryRegion::register_dmabuf(self.pd.clone(), fd, offset, len, iova, remote_write)
-        }
+        unsafe { MemoryRegion::register_dmabuf(self.pd.clone(), fd, offset, len, iova, remote) }
     }
 
     /// A reliable-connected queue pair in INIT with room for `send_depth`
@@ -236,7 +234,7 @@ impl QueuePair {
     }
 
     /// # Safety
-    /// See [`QueuePair`]'s `post_write` contract: local memory registered on
+    /// See [`QueuePair`]'s `post_rdma` contract: local memory registered on
     /// this protection domain and untouched until completion; the remote range
     /// inside the peer's region.
     pub unsafe fn write(
@@ -248,7 +246,35 @@ impl QueuePair {
         signaled: bool,
     ) -> Result<(), VerbsError> {
         // SAFETY: forwarded contract.
-        unsafe { self.post_write(wr_id, sges, remote_address, rkey, signaled) }
+        unsafe {
+            self.post_rdma(
+                sys::Rdma::Write,
+                wr_id,
+                sges,
+                remote_address,
+                rkey,
+                signaled,
+            )
+        }
+    }
+
+    /// Reads `remote_address..` of the peer's region with `rkey` into `sges`
+    /// (an RDMA READ: the peer's CPU takes no part).
+    ///
+    /// # Safety
+    /// See [`QueuePair`]'s `post_rdma` contract: local memory registered on
+    /// this protection domain and neither read nor written by Rust until
+    /// completion; the remote range inside the peer's region.
+    pub unsafe fn read(
+        &mut self,
+        wr_id: u64,
+        sges: &[Sge],
+        remote_address: u64,
+        rkey: u32,
+        signaled: bool,
+    ) -> Result<(), VerbsError> {
+        // SAFETY: forwarded contract.
+        unsafe { self.post_rdma(sys::Rdma::Read, wr_id, sges, remote_address, rkey, signaled) }
     }
 
     /// The largest SEND that may go inline (what the provider granted).

@@ -72,6 +72,9 @@ pub struct Device {
     pub(crate) gid: [u8; 16],
     pub(crate) lid: u16,
     pub(crate) active_mtu: u32,
+    /// RDMA READs a queue pair may have outstanding, as initiator and as
+    /// responder: the device's limits, at most [`RD_ATOMIC_MAX`].
+    pub(crate) rd_atomic: u8,
     /// The port's link layer is InfiniBand (else Ethernet: RoCE).
     pub(crate) infiniband: bool,
 }
@@ -79,6 +82,17 @@ pub struct Device {
 /// `IBV_LINK_LAYER_INFINIBAND` of `enum ibv_link_layer` (verbs.h; rdma-sys does
 /// not bind the enum).
 const LINK_LAYER_INFINIBAND: u8 = 1;
+
+/// Which one-sided operation a work request is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Rdma {
+    Write,
+    Read,
+}
+
+/// Outstanding RDMA READs per queue pair we ask for (devices grant 16 or more;
+/// more buys nothing at our piece sizes).
+const RD_ATOMIC_MAX: i32 = 16;
 
 // SAFETY: libibverbs contexts are thread-safe (its documentation: all verbs may
 // be called from any thread); `Device` only reads its other fields after open.
@@ -133,8 +147,22 @@ impl Device {
             gid: [0; 16],
             lid: 0,
             active_mtu: 0,
+            rd_atomic: 1,
             infiniband: false,
         };
+        // SAFETY: `context` is open; `device_attr` is a plain C struct the call fills.
+        let device_attr = unsafe {
+            let mut device_attr: ffi::ibv_device_attr = std::mem::zeroed();
+            check(
+                "ibv_query_device",
+                ffi::ibv_query_device(context, &mut device_attr),
+            )?;
+            device_attr
+        };
+        device.rd_atomic = device_attr
+            .max_qp_rd_atom
+            .min(device_attr.max_qp_init_rd_atom)
+            .clamp(1, RD_ATOMIC_MAX) as u8;
         // SAFETY: `context` is open; `port_attr` is a plain C struct the call fills.
         let port_attr = unsafe {
             let mut port_attr: ffi::ibv_port_attr = std::mem::zeroed();
@@ -224,11 +252,14 @@ unsafe impl Send for MemoryRegion {}
 // SAFETY: as above.
 unsafe impl Sync for MemoryRegion {}
 
-/// Local write always (completions and receives need it), remote write when asked.
-fn access_flags(remote_write: bool) -> i32 {
+/// Local write always (completions, receives and RDMA READ targets need it);
+/// remote write and remote read when asked (`remote`): a peer that may write a
+/// region (a gateway loading into it) may also read it (a store taken from it).
+fn access_flags(remote: bool) -> i32 {
     let mut access = ffi::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0;
-    if remote_write {
-        access |= ffi::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0;
+    if remote {
+        access |= ffi::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0
+            | ffi::ibv_access_flags::IBV_ACCESS_REMOTE_READ.0;
     }
     access as i32
 }
@@ -237,14 +268,14 @@ impl MemoryRegion {
     /// # Safety
     /// `[address, address + len)` must stay mapped and must not be freed or
     /// remapped until this region is dropped: the NIC reads and (with
-    /// `remote_write`) writes it by physical address behind Rust's back.
+    /// `remote`) writes it by physical address behind Rust's back.
     pub(crate) unsafe fn register(
         pd: Arc<ProtectionDomain>,
         address: *mut u8,
         len: usize,
-        remote_write: bool,
+        remote: bool,
     ) -> Result<Self, VerbsError> {
-        let access = access_flags(remote_write);
+        let access = access_flags(remote);
         // SAFETY: the caller keeps the memory alive (above); `pd` is valid while
         // we hold its `Arc`. `access` is a valid combination of flags.
         let mr = unsafe { ffi::ibv_reg_mr(pd.pd, address.cast(), len, access) };
@@ -272,10 +303,10 @@ impl MemoryRegion {
         offset: u64,
         len: usize,
         iova: u64,
-        remote_write: bool,
+        remote: bool,
     ) -> Result<Self, VerbsError> {
         use std::os::fd::AsRawFd;
-        let access = access_flags(remote_write);
+        let access = access_flags(remote);
         // SAFETY: `pd` is valid while we hold its `Arc`; `fd` is an open file
         // descriptor for the call's duration (the kernel takes its own reference
         // to the dma-buf); the caller keeps the memory behind it allocated.
@@ -568,7 +599,10 @@ impl QueuePair {
         attr.qp_state = ffi::ibv_qp_state::IBV_QPS_INIT;
         attr.pkey_index = 0;
         attr.port_num = queue_pair.pd.device.port;
+        // Remote reads are allowed by the queue pair; each memory region still
+        // says whether it may be read (`access_flags`).
         attr.qp_access_flags = ffi::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0
+            | ffi::ibv_access_flags::IBV_ACCESS_REMOTE_READ.0
             | ffi::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0;
         let mask = ffi::ibv_qp_attr_mask::IBV_QP_STATE.0
             | ffi::ibv_qp_attr_mask::IBV_QP_PKEY_INDEX.0
@@ -595,7 +629,7 @@ impl QueuePair {
         attr.path_mtu = device.active_mtu;
         attr.dest_qp_num = remote.qp_num;
         attr.rq_psn = remote.psn;
-        attr.max_dest_rd_atomic = 1;
+        attr.max_dest_rd_atomic = device.rd_atomic;
         attr.min_rnr_timer = 12;
         attr.ah_attr.is_global = 1;
         attr.ah_attr.dlid = remote.lid;
@@ -625,7 +659,7 @@ impl QueuePair {
         attr.timeout = 14;
         attr.retry_cnt = 7;
         attr.rnr_retry = 7;
-        attr.max_rd_atomic = 1;
+        attr.max_rd_atomic = self.pd.device.rd_atomic;
         let mask = ffi::ibv_qp_attr_mask::IBV_QP_STATE.0
             | ffi::ibv_qp_attr_mask::IBV_QP_SQ_PSN.0
             | ffi::ibv_qp_attr_mask::IBV_QP_TIMEOUT.0
@@ -656,14 +690,19 @@ impl QueuePair {
         })
     }
 
+    /// Posts an RDMA WRITE (`Rdma::Write`: `sges` to the peer) or READ
+    /// (`Rdma::Read`: the peer's memory into `sges`).
+    ///
     /// # Safety
     /// Every `sges` entry must lie in a memory region registered on this queue
-    /// pair's protection domain, and that memory must stay valid and unchanged
-    /// until this work request's completion (or, unsignalled, a later signalled
-    /// one's) has been polled. `remote_address..+len` must lie in the peer's
-    /// region with `rkey`.
-    pub(crate) unsafe fn post_write(
+    /// pair's protection domain, and that memory must stay valid, and be
+    /// neither written (a WRITE's source) nor read or written (a READ's
+    /// target) by Rust, until this work request's completion (or, unsignalled,
+    /// a later signalled one's) has been polled. `remote_address..+len` must
+    /// lie in the peer's region with `rkey`.
+    pub(crate) unsafe fn post_rdma(
         &mut self,
+        operation: Rdma,
         wr_id: u64,
         sges: &[Sge],
         remote_address: u64,
@@ -677,7 +716,7 @@ impl QueuePair {
         }; 4];
         assert!(
             sges.len() <= list.len(),
-            "at most 4 scatter-gather entries per write"
+            "at most 4 scatter-gather entries per work request"
         );
         for (slot, sge) in list.iter_mut().zip(sges) {
             *slot = ffi::ibv_sge {
@@ -691,7 +730,10 @@ impl QueuePair {
         wr.wr_id = wr_id;
         wr.sg_list = list.as_mut_ptr();
         wr.num_sge = sges.len() as i32;
-        wr.opcode = ffi::ibv_wr_opcode::IBV_WR_RDMA_WRITE;
+        wr.opcode = match operation {
+            Rdma::Write => ffi::ibv_wr_opcode::IBV_WR_RDMA_WRITE,
+            Rdma::Read => ffi::ibv_wr_opcode::IBV_WR_RDMA_READ,
+        };
         wr.send_flags = if signaled {
             ffi::ibv_send_flags::IBV_SEND_SIGNALED.0
         } else {
@@ -702,9 +744,13 @@ impl QueuePair {
             rkey,
         };
         let mut bad = ptr::null_mut();
+        let call = match operation {
+            Rdma::Write => "ibv_post_send(RDMA_WRITE)",
+            Rdma::Read => "ibv_post_send(RDMA_READ)",
+        };
         // SAFETY: `qp` valid; `wr` and `list` live across the call (the provider
         // copies them); the buffers' validity is the caller's contract.
-        check("ibv_post_send(RDMA_WRITE)", unsafe {
+        check(call, unsafe {
             ffi::ibv_post_send(self.qp, &mut wr, &mut bad)
         })
     }

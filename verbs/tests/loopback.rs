@@ -250,3 +250,87 @@ fn queue_pairs_carry_the_service_class_asked_for() {
     drop((writer, reader, source_mr, target_mr));
     assert!(target.iter().all(|byte| *byte == 0x5A));
 }
+
+/// RDMA READ: 64 reads of 16 KiB posted at once (more than the queue pairs'
+/// outstanding-read limit, which the NIC queues behind) bring the peer's
+/// region into local memory exactly; a region registered without remote
+/// access cannot be read (remote access error).
+#[test]
+fn reads_bring_the_peers_memory_and_unreadable_regions_fail() {
+    let Some(verbs) = open() else { return };
+    let piece_bytes = 16usize << 10;
+    let pieces = 64;
+    let mut remote: Vec<u8> = (0..piece_bytes * pieces)
+        .map(|index| (index * 13 % 241) as u8)
+        .collect();
+    let mut private = vec![7u8; 4096];
+    let mut local = vec![0u8; piece_bytes * pieces];
+    // SAFETY: the vectors outlive the regions and queue pairs (declared later,
+    // dropped first).
+    let (remote_mr, private_mr, local_mr) = unsafe {
+        (
+            verbs
+                .register(remote.as_mut_ptr(), remote.len(), true)
+                .expect("register the readable region"),
+            verbs
+                .register(private.as_mut_ptr(), private.len(), false)
+                .expect("register the private region"),
+            verbs
+                .register(local.as_mut_ptr(), local.len(), false)
+                .expect("register the read target"),
+        )
+    };
+    let mut reader = verbs
+        .queue_pair(128, 1, 0, QueueChannels::default())
+        .expect("reader qp");
+    let mut owner = verbs
+        .queue_pair(1, 1, 0, QueueChannels::default())
+        .expect("owner qp");
+    let (reader_end, owner_end) = (reader.endpoint(), owner.endpoint());
+    reader.connect_to(&owner_end).expect("connect reader");
+    owner.connect_to(&reader_end).expect("connect owner");
+    // Backwards, so a read that landed at the wrong place shows.
+    for index in (0..pieces).rev() {
+        let offset = (index * piece_bytes) as u64;
+        let sge = Sge {
+            address: local_mr.address() + offset,
+            len: piece_bytes as u32,
+            lkey: local_mr.lkey(),
+        };
+        let last = index == 0;
+        // SAFETY: `local` is registered and untouched by Rust until the
+        // completion of the last (signalled) read is polled below; the remote
+        // range lies inside `remote`'s region.
+        unsafe {
+            reader.read(
+                u64::from(last),
+                &[sge],
+                remote_mr.address() + offset,
+                remote_mr.rkey(),
+                last,
+            )
+        }
+        .expect("post read");
+    }
+    let done = wait(reader.send_queue(), 1);
+    assert!(done[0].ok && done[0].wr_id == 1, "{}", done[0].status_text);
+    assert!(local == remote, "every read landed where it was aimed");
+
+    let target = Sge {
+        address: local_mr.address(),
+        len: 4096,
+        lkey: local_mr.lkey(),
+    };
+    // SAFETY: local memory registered and not touched until the completion;
+    // the remote range is deliberately one the peer does not allow.
+    unsafe { reader.read(2, &[target], private_mr.address(), private_mr.rkey(), true) }
+        .expect("post read");
+    let refused = wait(reader.send_queue(), 1);
+    assert!(
+        !refused[0].ok,
+        "a region registered without remote access must not be readable"
+    );
+    eprintln!("read of a private region: {}", refused[0].status_text);
+    drop((reader, owner, remote_mr, private_mr, local_mr));
+    assert!(private.iter().all(|byte| *byte == 7));
+}

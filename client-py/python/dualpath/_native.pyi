@@ -123,7 +123,9 @@ class Client:
         stored again. With `layer_stride`, `data` starts at the block's layer
         0 and layer l lies at l * layer_stride in it (an engine's layer-major
         KV pool, the layout a load with that stride leaves): the layers are
-        sent from where they lie, not gathered first."""
+        sent from where they lie, not gathered first. Over RDMA, `data` that
+        lies in a registered buffer is not sent: the gateway reads it (RDMA
+        READ) straight into the memory it writes to disk from."""
     def store_many(self, namespace: str, blocks: list[tuple[Key, Any]], layer_stride: int = 0) -> None:
         """Store whole blocks, (key, bytes-like) pairs, with several in flight
         at once (the gateway makes them durable together, sharing its disk

@@ -13,7 +13,7 @@ use protocol::{decode_header, Frame, FrameType, Header, HEADER_BYTES};
 use storage_backends::{IncomingBlock, NamespaceId};
 use transport::verbs::{Endpoint as VerbsEndpoint, QueueChannels, Verbs};
 use transport::{
-    RdmaTransport, RemoteRegion, RemoteWrite, SlabRegistration, TcpTransport, Transport,
+    RdmaTransport, RemoteRead, RemoteRegion, RemoteWrite, SlabRegistration, TcpTransport, Transport,
 };
 
 use scheduler::progress::LoadProgress;
@@ -163,6 +163,19 @@ impl ReceivingStore {
     }
 }
 
+/// A store whose block the transport is reading from the client's registered
+/// memory (RDMA READ) into the staging its put writes from; the staging
+/// buffers are with the transport until the last piece has landed.
+#[derive(Debug)]
+pub struct ReadingStore {
+    pub request_id: u64,
+    /// The block, its staging taken out (`IncomingBlock::take_staging`).
+    pub block: IncomingBlock,
+    pub started: Instant,
+    /// Staging buffers the read holds.
+    pub buffers: u32,
+}
+
 /// A storage read issued for this connection.
 #[derive(Debug, Clone, Copy)]
 pub struct InflightRead {
@@ -190,6 +203,10 @@ pub struct Connection {
     pub store_waiting_since: Option<Instant>,
     /// The store whose payload the socket is being read into.
     pub receiving: Option<ReceivingStore>,
+    /// Stores being read from the client's memory by RDMA READ.
+    pub reading: Vec<ReadingStore>,
+    /// This connection's `RdmaAccept` offered stores by RDMA READ.
+    pub store_reads: bool,
     /// Payload bytes of a refused store still to be read and dropped.
     pub discarding: u64,
     /// An error was sent: close once the queue is written.
@@ -374,6 +391,8 @@ impl Connection {
             held_buffers: 0,
             store_waiting_since: None,
             receiving: None,
+            reading: Vec::new(),
+            store_reads: false,
             discarding: 0,
             closing: false,
             dead: false,
@@ -498,6 +517,7 @@ impl Connection {
         verbs: &Verbs,
         staging: &std::rc::Rc<SlabRegistration>,
         client: RdmaEndpoint,
+        store_reads: bool,
     ) -> io::Result<Option<std::os::fd::RawFd>> {
         if self.transport.name() == "rdma" {
             return Err(io::Error::new(
@@ -542,12 +562,15 @@ impl Connection {
             Err(error) => tracing::debug!("cannot read the queue pair's class of service: {error}"),
         }
         let mut control = self.stream.transport()?;
-        control.notify(&Frame::RdmaAccept(RdmaEndpoint {
-            qp_num: local.qp_num,
-            psn: local.psn,
-            lid: local.lid,
-            gid: local.gid,
-        }));
+        control.notify(&Frame::RdmaAccept {
+            endpoint: RdmaEndpoint {
+                qp_num: local.qp_num,
+                psn: local.psn,
+                lid: local.lid,
+                gid: local.gid,
+            },
+            store_reads,
+        });
         let rdma = RdmaTransport::new(
             queue_pair,
             RDMA_SEND_DEPTH,
@@ -556,7 +579,19 @@ impl Connection {
         )?;
         let event_fd = rdma.event_fd();
         self.transport = Box::new(rdma);
+        self.store_reads = store_reads;
         Ok(event_fd)
+    }
+
+    /// Starts reading a store's block from the client's memory; a transport
+    /// that cannot hands it back.
+    pub fn start_read(&mut self, read: RemoteRead) -> Result<(), RemoteRead> {
+        self.transport.read(read)
+    }
+
+    /// A read started with `start_read` whose every piece has landed.
+    pub fn take_finished_read(&mut self) -> Option<RemoteRead> {
+        self.transport.take_finished_read()
     }
 
     pub fn uses_rdma(&self) -> bool {
@@ -624,6 +659,7 @@ impl Connection {
                 | FrameType::Load
                 | FrameType::CancelLoad
                 | FrameType::Store
+                | FrameType::StoreFromRegion
                 | FrameType::StatusRequest
         )
     }

@@ -17,10 +17,11 @@ use protocol::{
     HEADER_BYTES,
 };
 use storage_backends::{BlockStore, PutStarted, ReadCompletion, ReadRequest, StoreError};
-use transport::RemoteWrite;
+use transport::{RemoteRead, RemoteWrite};
 
 use super::connection::{
-    ActiveLoad, Connection, InflightRead, Received, ReceivingStore, Stream, RECEIVE_CHUNK_BYTES,
+    ActiveLoad, Connection, InflightRead, ReadingStore, Received, ReceivingStore, Stream,
+    RECEIVE_CHUNK_BYTES,
 };
 use super::metrics::CoreCounters;
 use scheduler::progress::{Event, LoadProgress, Refusal};
@@ -307,6 +308,14 @@ impl<S: BlockStore> Core<S> {
             .start_queued_reads()
             .context("storage ring failed")?;
         self.flush_all();
+        // Stores whose RDMA READs completed during the flush start their
+        // puts now, not when the loop next wakes.
+        if self.start_read_stores() {
+            self.shard
+                .start_queued_reads()
+                .context("storage ring failed")?;
+            self.flush_all();
+        }
         self.close_dead();
         let counters = &self.setup.counters;
         counters
@@ -530,6 +539,9 @@ impl<S: BlockStore> Core<S> {
         if header.kind == FrameType::Store {
             return self.on_store(index, body);
         }
+        if header.kind == FrameType::StoreFromRegion {
+            return self.on_store_from_region(index, body);
+        }
         self.on_request(index, header, body);
         Handled::Done
     }
@@ -585,7 +597,8 @@ impl<S: BlockStore> Core<S> {
                 message: "this gateway serves TCP only (no RDMA device, or rdma.transport = \"tcp\"); connect without RDMA".into(),
             });
         };
-        match connection.enable_rdma(&rdma.verbs, &rdma.staging, endpoint) {
+        let store_reads = self.shard.lends_staging();
+        match connection.enable_rdma(&rdma.verbs, &rdma.staging, endpoint, store_reads) {
             Ok(event_fd) => {
                 if let Some(fd) = event_fd {
                     if let Err(error) = self.setup.poll.registry().register(
@@ -824,6 +837,130 @@ impl<S: BlockStore> Core<S> {
         });
     }
 
+    /// A store of a block in the client's registered memory: checked against
+    /// the region, then read by RDMA READ straight into the staging its put
+    /// writes from (`start_read_stores` starts the put once it has landed).
+    fn on_store_from_region(&mut self, index: usize, body: &[u8]) -> Handled {
+        let store = match Frame::decode(FrameType::StoreFromRegion, body) {
+            Ok(Frame::StoreFromRegion(store)) => store,
+            Ok(_) => unreachable!("decoded as its own type"),
+            Err(error) => {
+                self.protocol_error(index, &error.to_string());
+                return Handled::Done;
+            }
+        };
+        let takes_reads = self.connections[index]
+            .as_ref()
+            .is_some_and(|connection| connection.store_reads);
+        if !takes_reads {
+            self.protocol_error(
+                index,
+                "StoreFromRegion needs an RDMA connection whose RdmaAccept offered store reads; send the block in a Store",
+            );
+            return Handled::Done;
+        }
+        let namespace = match self.store_admission(index, &store.namespace) {
+            Admission::Later => return Handled::Later,
+            Admission::Gone => return Handled::Done,
+            Admission::Refused(refusal) => {
+                self.answer_store(index, store.request_id, Err(refusal));
+                return Handled::Done;
+            }
+            Admission::Admitted(namespace) => namespace,
+        };
+        let geometry = self.shard.geometry(namespace);
+        let connection = self.connections[index].as_ref().expect("admitted");
+        let source = match store_source(&store, &geometry, connection.region_len(store.region_id)) {
+            Ok(source) => source,
+            Err(refusal) => {
+                self.answer_store(index, store.request_id, Err(refusal));
+                return Handled::Done;
+            }
+        };
+        let mut block = match self
+            .shard
+            .lend_for_put(namespace, store.key, geometry.block_bytes())
+        {
+            Ok(block) => block,
+            Err(error) => {
+                let refusal = (store_error_code(&error), error.to_string());
+                self.answer_store(index, store.request_id, Err(refusal));
+                return Handled::Done;
+            }
+        };
+        let Some((buffers, pieces)) = block.take_staging() else {
+            unreachable!("store reads are offered only by shards that lend staging");
+        };
+        let layer_bytes = geometry.layer_bytes();
+        let read = RemoteRead {
+            request_id: store.request_id,
+            region_id: store.region_id,
+            pieces: pieces
+                .map(|piece| {
+                    let layer = piece.payload_offset / layer_bytes;
+                    let within = piece.payload_offset % layer_bytes;
+                    (
+                        source.offset + layer * source.layer_stride + within,
+                        piece.chunk,
+                        piece.chunk_offset..piece.chunk_offset + piece.len,
+                    )
+                })
+                .collect(),
+            buffers,
+        };
+        let started = self.store_started(index);
+        let connection = self.connections[index].as_mut().expect("admitted");
+        let buffers = read.buffers.len() as u32;
+        if connection.start_read(read).is_err() {
+            unreachable!("an RDMA connection's transport reads");
+        }
+        connection.reading.push(ReadingStore {
+            request_id: store.request_id,
+            block,
+            started,
+            buffers,
+        });
+        Handled::Done
+    }
+
+    /// Starts the puts of stores whose RDMA READs have landed; whether any
+    /// started.
+    fn start_read_stores(&mut self) -> bool {
+        let mut started = false;
+        for index in 0..self.connections.len() {
+            while let Some(read) = self.connections[index]
+                .as_mut()
+                .filter(|connection| !connection.reading.is_empty())
+                .and_then(Connection::take_finished_read)
+            {
+                let connection = self.connections[index].as_mut().expect("checked");
+                let Some(position) = connection
+                    .reading
+                    .iter()
+                    .position(|store| store.request_id == read.request_id)
+                else {
+                    unreachable!("every read belongs to a store in `reading`");
+                };
+                let ReadingStore {
+                    request_id,
+                    mut block,
+                    started: since,
+                    ..
+                } = connection.reading.swap_remove(position);
+                block.give_back_filled(read.buffers);
+                CoreCounters::add(
+                    &self.setup.counters.store_bytes_rdma_read,
+                    block.payload_bytes(),
+                );
+                self.start_store(index, request_id, since, |shard, tag| {
+                    shard.start_received_put(block, tag)
+                });
+                started = true;
+            }
+        }
+        started
+    }
+
     /// Whether a store into `namespace` may start now on this connection.
     fn store_admission(&mut self, index: usize, namespace_name: &str) -> Admission {
         // StoreDone goes out when the block is durable; the loop serves reads
@@ -882,13 +1019,23 @@ impl<S: BlockStore> Core<S> {
         Admission::Admitted(namespace)
     }
 
-    /// Staging buffers lent to stores whose payloads are still arriving.
+    /// Staging buffers lent to stores whose payloads are still arriving
+    /// (from the socket, or by RDMA READ).
     fn staging_lent_to_receiving_stores(&self) -> u32 {
         self.connections
             .iter()
             .flatten()
-            .filter_map(|connection| connection.receiving.as_ref())
-            .map(|store| store.block.staging_buffers())
+            .map(|connection| {
+                connection
+                    .receiving
+                    .as_ref()
+                    .map_or(0, |store| store.block.staging_buffers())
+                    + connection
+                        .reading
+                        .iter()
+                        .map(|store| store.buffers)
+                        .sum::<u32>()
+            })
             .sum()
     }
 
@@ -1338,7 +1485,8 @@ impl<S: BlockStore> Core<S> {
                     || connection.has_output()
                     // A store accepted before the drain whose payload is
                     // still arriving is stored and answered.
-                    || connection.receiving.is_some() && !connection.dead
+                    || (connection.receiving.is_some() || !connection.reading.is_empty())
+                        && !connection.dead
             });
         !busy || since.elapsed() >= self.setup.drain_timeout
     }
@@ -1376,6 +1524,60 @@ impl<S: BlockStore> Core<S> {
         }
         Ok(())
     }
+}
+
+/// Where a `StoreFromRegion`'s block lies in the client's region.
+struct StoreSource {
+    offset: u64,
+    layer_stride: u64,
+}
+
+/// Checks a `StoreFromRegion` against the namespace's geometry and the
+/// region's length (`None`: not registered on this connection): every layer
+/// must lie inside the region, none overlapping the next.
+fn store_source(
+    store: &protocol::StoreFromRegion,
+    geometry: &block_layout::Geometry,
+    region_len: Option<u64>,
+) -> Result<StoreSource, (ErrorCode, String)> {
+    let layer_bytes = geometry.layer_bytes();
+    let layer_stride = match store.layer_stride {
+        0 => layer_bytes,
+        stride if stride < layer_bytes => {
+            return Err((
+                ErrorCode::BadRequest,
+                format!(
+                    "layer_stride {stride} is less than a layer ({layer_bytes} bytes): its layers would overlap"
+                ),
+            ))
+        }
+        stride => stride,
+    };
+    let Some(region_len) = region_len else {
+        return Err((
+            ErrorCode::OutOfRegion,
+            format!(
+                "region {} is not registered on this connection (RegisterRemoteRegion)",
+                store.region_id
+            ),
+        ));
+    };
+    let span = (u64::from(geometry.layers) - 1)
+        .checked_mul(layer_stride)
+        .and_then(|before_last| before_last.checked_add(layer_bytes));
+    if !span.is_some_and(|span| protocol::range_inside(store.offset, span, region_len)) {
+        return Err((
+            ErrorCode::OutOfRegion,
+            format!(
+                "block {} at offset {} with layer stride {layer_stride} reaches past the end of region {} ({region_len} bytes)",
+                store.key, store.offset, store.region_id
+            ),
+        ));
+    }
+    Ok(StoreSource {
+        offset: store.offset,
+        layer_stride,
+    })
 }
 
 fn store_error_code(error: &StoreError) -> ErrorCode {

@@ -60,6 +60,9 @@ pub struct CoreCounters {
     /// Stores' payload bytes that arrived with the frame's head (in the
     /// connection's input buffer) and were copied into staging.
     pub store_bytes_copied: AtomicU64,
+    /// Stores' payload bytes the gateway read from the client's registered
+    /// memory by RDMA READ into the staging their put writes from.
+    pub store_bytes_rdma_read: AtomicU64,
     pub errors: [AtomicU64; ERROR_KINDS.len()],
     pub connected_clients: AtomicI64,
     pub reads_in_flight: AtomicI64,
@@ -105,6 +108,7 @@ impl CoreCounters {
             blocks_stored: AtomicU64::new(0),
             store_bytes_in_place: AtomicU64::new(0),
             store_bytes_copied: AtomicU64::new(0),
+            store_bytes_rdma_read: AtomicU64::new(0),
             errors: std::array::from_fn(|_| AtomicU64::new(0)),
             connected_clients: AtomicI64::new(0),
             reads_in_flight: AtomicI64::new(0),
@@ -207,7 +211,7 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     describe_counter!("dualpath_blocks_stored_total", "Blocks stored by clients");
     describe_counter!(
         "dualpath_store_payload_bytes_total",
-        "Stores' payload bytes by how they reached staging: in_place (read from the socket straight into it) or copied (arrived with the frame's head)"
+        "Stores' payload bytes by how they reached staging: in_place (read from the socket straight into it) copied (arrived with the frame's head) or rdma_read (read from the client's registered memory by RDMA READ straight into it)"
     );
     describe_counter!("dualpath_errors_total", "Errors by kind");
     describe_gauge!("dualpath_connected_clients", "Client connections open");
@@ -326,6 +330,7 @@ pub fn publish(cores: &[Arc<CoreCounters>], acceptor: &AcceptorCounters) {
         for (path, value) in [
             ("in_place", &core.store_bytes_in_place),
             ("copied", &core.store_bytes_copied),
+            ("rdma_read", &core.store_bytes_rdma_read),
         ] {
             counter!("dualpath_store_payload_bytes_total", "path" => path, "shard" => shard.clone())
                 .absolute(load(value));

@@ -1092,6 +1092,10 @@ impl BlockStore for UringShard {
         }
     }
 
+    fn lends_staging(&self) -> bool {
+        true
+    }
+
     /// A put takes staging buffers for its block's disk image first.
     fn put_staging_buffers(&self, namespace: NamespaceId) -> u32 {
         let chunk_bytes = self.ring.slab().buffer_bytes() as u64;
