@@ -1415,7 +1415,7 @@ impl<S: BlockStore> Core<S> {
                     "gateway.client_stall_timeout_ms sets the limit"
                 };
                 tracing::warn!(
-                    "shard {}: closing client {}: it sent {} of a {}-byte store and next to nothing more (under 64 KiB)                      for {:.1} s, holding the staging lent to that store; it stopped sending (hung, stopped or cut off); {why}",
+                    "shard {}: closing client {}: it sent {} of a {}-byte store and next to nothing more (under 64 KiB) for {:.1} s, holding the staging lent to that store; it stopped sending (hung, stopped or cut off); {why}",
                     counters.shard,
                     connection.peer,
                     store.block.received(),
