@@ -416,6 +416,15 @@ impl Client {
             .collect()
     }
 
+    /// Whether gateway 0 reads stores of blocks in registered regions by
+    /// RDMA READ (every shard connection is RDMA and its gateway offered it).
+    pub fn reads_stores(&self) -> bool {
+        self.gateways[0]
+            .links()
+            .iter()
+            .all(|link| link.reads_stores())
+    }
+
     /// Identifies this client among others (for per-client registrations).
     pub(crate) fn identity(&self) -> usize {
         Arc::as_ptr(&self.regions) as usize
@@ -701,6 +710,59 @@ impl Client {
             }
             outcome => outcome,
         }
+    }
+
+    /// Stores blocks that lie in registered region `region` (an engine's KV
+    /// pool): each block's layer 0 at its offset, layer `l` at `offset + l *
+    /// layer_stride` (0: the layer size, layers back to back). Over RDMA the
+    /// gateway reads them from the region (RDMA READ); otherwise they are
+    /// sent from where they lie. No load may target those bytes meanwhile.
+    pub fn store_many_from_region(
+        &self,
+        namespace: &str,
+        region: RegionId,
+        blocks: &[(BlockKey, u64)],
+        layer_stride: u64,
+    ) -> Result<(), ClientError> {
+        let memory = self
+            .regions
+            .read()
+            .expect("region table lock")
+            .get(&region.0)
+            .cloned()
+            .ok_or_else(|| {
+                ClientError::Invalid(format!("region {} is not registered", region.0))
+            })?;
+        if memory.is_device() {
+            return Err(ClientError::Invalid(format!(
+                "region {} is GPU memory: stores are taken from host memory",
+                region.0
+            )));
+        }
+        let geometry = self
+            .namespace(namespace)
+            .ok_or_else(|| ClientError::Invalid(format!("unknown namespace {namespace:?}")))?;
+        let layer_bytes = geometry.layer_bytes();
+        let stride = if layer_stride == 0 {
+            layer_bytes
+        } else {
+            layer_stride
+        };
+        let span = (u64::from(geometry.layers) - 1)
+            .saturating_mul(stride)
+            .saturating_add(layer_bytes);
+        let mut slices = Vec::with_capacity(blocks.len());
+        for &(key, offset) in blocks {
+            if !protocol::range_inside(offset, span, memory.len() as u64) {
+                return Err(ClientError::Invalid(format!(
+                    "block {key} at offset {offset} spans {span} bytes, past the end of region {} ({} bytes)",
+                    region.0,
+                    memory.len()
+                )));
+            }
+            slices.push((key, memory.bytes(offset as usize, span as usize)));
+        }
+        self.store_many_strided(namespace, &slices, layer_stride)
     }
 
     /// Where each block's layers lie for a strided store (`None`: the slice

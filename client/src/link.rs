@@ -342,6 +342,12 @@ impl ShardLink {
         self.rdma.is_some()
     }
 
+    /// Whether the gateway reads stores from registered regions
+    /// (`StoreFromRegion`) on this connection.
+    pub fn reads_stores(&self) -> bool {
+        self.rdma.as_ref().is_some_and(|rdma| rdma.store_reads)
+    }
+
     /// The verbs handle regions are registered on (all of a client's RDMA
     /// connections share one protection domain).
     pub fn verbs(&self) -> Option<&verbs::Verbs> {
@@ -444,7 +450,7 @@ impl ShardLink {
     /// The registered host region `bytes` lie in, and their offset in it,
     /// when this connection's gateway reads stores by RDMA READ.
     fn region_holding(&self, bytes: &[u8]) -> Option<(u32, Arc<Region>, u64)> {
-        if !self.rdma.as_ref().is_some_and(|rdma| rdma.store_reads) {
+        if !self.reads_stores() {
             return None;
         }
         let (start, end) = (

@@ -163,6 +163,12 @@ impl Region {
 
     /// Copies `offset..offset + len` out, for checks after a load completed.
     pub fn read(&self, offset: usize, len: usize) -> Vec<u8> {
+        self.bytes(offset, len).to_vec()
+    }
+
+    /// The bytes at `offset..offset + len`, where they lie: ranges whose
+    /// loads completed (a check), or blocks the engine stores from here.
+    pub(crate) fn bytes(&self, offset: usize, len: usize) -> &[u8] {
         assert!(
             !self.is_device(),
             "GPU memory is read with DeviceRegion::read"
@@ -171,9 +177,10 @@ impl Region {
             offset.checked_add(len).is_some_and(|end| end <= self.len),
             "range outside the region"
         );
-        // SAFETY: in bounds (asserted); callers read ranges whose loads completed,
-        // so no receive thread writes them now.
-        unsafe { std::slice::from_raw_parts(self.base.as_ptr().add(offset), len) }.to_vec()
+        // SAFETY: in bounds (asserted); callers read ranges that no load in
+        // flight targets (completed, or stored from), so no receive thread
+        // writes them while the slice lives.
+        unsafe { std::slice::from_raw_parts(self.base.as_ptr().add(offset), len) }
     }
 
     /// Copies `bytes` in at `offset`, as an engine writes its own data into

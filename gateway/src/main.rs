@@ -177,6 +177,11 @@ enum BenchTarget {
         rounds: u32,
         #[arg(long, default_value_t = 1)]
         cores: u32,
+        /// Stores by the gateway's RDMA READ from a registered pool against
+        /// the same blocks over the socket (needs an RDMA device; run by
+        /// `scripts/bench-rdma.sh store` in the Soft-RoCE VM).
+        #[arg(long)]
+        rdma: bool,
     },
     /// Read blocks from an S3-compatible store through the object backend, against boto3.
     Object {
@@ -504,6 +509,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     block_size,
                     rounds,
                     cores,
+                    rdma,
                 },
         } => bench_store(&BenchStoreOptions {
             directory: dir,
@@ -511,6 +517,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             block_bytes: block_size,
             rounds,
             cores,
+            rdma,
         }),
         Command::Bench {
             target:

@@ -2288,7 +2288,10 @@ fn stores_still_arriving_hold_at_most_half_of_a_cores_staging() {
 /// (`store_many_strided`: each layer sent from its place, not gathered) load
 /// back exactly, back to back and into the pool's own layout (a load with
 /// the same stride); a stride shorter than a layer, or a slice too short for
-/// its layers, is refused before anything is sent.
+/// its layers, is refused before anything is sent. Stored again from the
+/// registered pool by offset (`store_many_from_region`; over TCP the bytes
+/// are sent from the region), they load back the same; a block past the
+/// region's end, or a region not registered, is refused.
 #[test]
 fn blocks_stored_from_a_layer_major_pool_load_back_in_either_layout() {
     const POOL_BLOCKS: usize = 6;
@@ -2340,6 +2343,35 @@ fn blocks_stored_from_a_layer_major_pool_load_back_in_either_layout() {
         pool_region.read(0, pool.len()) == pool,
         "the pool loads back as it was stored"
     );
+    let again: Vec<(BlockKey, u64)> = keys
+        .iter()
+        .enumerate()
+        .map(|(block, key)| (BlockKey(key.0 + 0x100), (block * LAYER_BYTES) as u64))
+        .collect();
+    client
+        .store_many_from_region("full", pool_id, &again, stride as u64)
+        .expect("stored from the registered pool");
+    for (block, (key, _)) in again.iter().enumerate() {
+        let back_to_back: Vec<u8> = (0..usize::from(LAYERS))
+            .flat_map(|layer| {
+                let start = layer * stride + block * LAYER_BYTES;
+                pool[start..start + LAYER_BYTES].to_vec()
+            })
+            .collect();
+        assert_loads_as(&client, "full", (id, &region), *key, &back_to_back);
+    }
+    let past_end = [(BlockKey(0xB_2000), (POOL_BLOCKS * LAYER_BYTES) as u64)];
+    let error = client
+        .store_many_from_region("full", pool_id, &past_end, stride as u64)
+        .expect_err("past the region's end");
+    assert!(
+        error.to_string().contains("past the end of region"),
+        "{error}"
+    );
+    let error = client
+        .store_many_from_region("full", client::RegionId(999), &again, 0)
+        .expect_err("no such region");
+    assert!(error.to_string().contains("not registered"), "{error}");
     let error = client
         .store_many_strided("full", &blocks, (LAYER_BYTES - 1) as u64)
         .expect_err("overlapping layers");
@@ -2354,7 +2386,7 @@ fn blocks_stored_from_a_layer_major_pool_load_back_in_either_layout() {
     );
     assert_eq!(
         gateway.metric_sum("dualpath_blocks_stored_total"),
-        POOL_BLOCKS as f64,
+        2.0 * POOL_BLOCKS as f64,
         "nothing refused was sent"
     );
 }

@@ -815,8 +815,9 @@ fn stored_block(index: u64) -> (block_layout::BlockKey, Vec<u8>) {
 /// Stores from an engine's KV pool over RDMA: the blocks lie in a region the
 /// client registered, so the gateway reads them by RDMA READ straight into
 /// the staging it writes to disk from (nothing of them crosses the socket):
-/// a block-major pool into the full-layout namespace and a layer-major one
-/// (strided) into the layer-layout namespace. Both load back exactly; the
+/// a block-major pool in engine memory, stored as slices of it, into the
+/// full-layout namespace, and a layer-major one, stored by offset
+/// (`store_many_from_region`, strided), into the layer-layout namespace. Both load back exactly; the
 /// gateway counts every byte as `rdma_read`. A block in no registered region
 /// is sent as bytes, as before.
 #[test]
@@ -829,44 +830,40 @@ fn stores_from_a_registered_region_are_read_by_the_gateway_and_load_back() {
     // i at l * STORED * LAYER_BYTES + i * LAYER_BYTES.
     let mut block_major: Vec<u8> = blocks.iter().flat_map(|(_, bytes)| bytes.clone()).collect();
     let stride = STORED as usize * LAYER_BYTES;
-    let mut layer_major = vec![0u8; usize::from(LAYERS) * stride];
+    let layer_region = Arc::new(Region::allocate(usize::from(LAYERS) * stride));
     for (index, (_, bytes)) in blocks.iter().enumerate() {
         for layer in 0..usize::from(LAYERS) {
-            layer_major[layer * stride + index * LAYER_BYTES..][..LAYER_BYTES]
-                .copy_from_slice(&bytes[layer * LAYER_BYTES..][..LAYER_BYTES]);
+            layer_region.write(
+                layer * stride + index * LAYER_BYTES,
+                &bytes[layer * LAYER_BYTES..][..LAYER_BYTES],
+            );
         }
     }
-    // SAFETY: both vectors outlive the regions and the client (declared
-    // later, dropped first); they are only read while registered.
-    let (block_region, layer_region) = unsafe {
-        (
-            Arc::new(Region::from_raw(
-                block_major.as_mut_ptr(),
-                block_major.len(),
-            )),
-            Arc::new(Region::from_raw(
-                layer_major.as_mut_ptr(),
-                layer_major.len(),
-            )),
-        )
+    // SAFETY: the vector outlives the region and the client (declared
+    // later, dropped first); it is only read while registered.
+    let block_region = unsafe {
+        Arc::new(Region::from_raw(
+            block_major.as_mut_ptr(),
+            block_major.len(),
+        ))
     };
     let client = gateway.client(&device, true);
+    assert!(client.reads_stores(), "a uring gateway offers store reads");
     client.register_region(block_region).expect("register");
-    client.register_region(layer_region).expect("register");
+    let layer_id = client.register_region(layer_region).expect("register");
     let in_block_major: Vec<_> = blocks
         .iter()
         .enumerate()
         .map(|(index, (key, _))| (*key, &block_major[index * BLOCK_BYTES..][..BLOCK_BYTES]))
         .collect();
     client.store_many("full", &in_block_major).expect("stored");
-    let span = (usize::from(LAYERS) - 1) * stride + LAYER_BYTES;
     let in_layer_major: Vec<_> = blocks
         .iter()
         .enumerate()
-        .map(|(index, (key, _))| (*key, &layer_major[index * LAYER_BYTES..][..span]))
+        .map(|(index, (key, _))| (*key, (index * LAYER_BYTES) as u64))
         .collect();
     client
-        .store_many_strided("layer", &in_layer_major, stride as u64)
+        .store_many_from_region("layer", layer_id, &in_layer_major, stride as u64)
         .expect("stored strided");
     let read_bytes = 2 * STORED * BLOCK_BYTES as u64;
     let by_path = |path: &str| {

@@ -4,7 +4,9 @@
 //! the same bytes to a file in the same directory (O_DIRECT, io_uring, the
 //! same block size and depth, an `fdatasync` per that many blocks), interleaved;
 //! and a layer-major KV pool stored strided against gathered-then-stored,
-//! by the client's CPU per GiB.
+//! by the client's CPU per GiB. With `--rdma` (in the Soft-RoCE VM:
+//! `scripts/bench-rdma.sh store`): blocks of a registered pool stored by the
+//! gateway's RDMA READ against the same blocks sent over the socket.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -25,12 +27,16 @@ pub struct BenchStoreOptions {
     pub block_bytes: u64,
     pub rounds: u32,
     pub cores: u32,
+    /// Stores by RDMA READ against stores over the socket (needs a device).
+    pub rdma: bool,
 }
 
 const LAYERS: u16 = 8;
 
 pub fn bench_store(options: &BenchStoreOptions) -> anyhow::Result<()> {
-    which_fio()?;
+    if !options.rdma {
+        which_fio()?;
+    }
     if !options.block_bytes.is_multiple_of(u64::from(LAYERS) * 4096) {
         bail!(
             "--block-size must be a multiple of {} (8 layers of whole 4 KiB pages)",
@@ -45,6 +51,9 @@ pub fn bench_store(options: &BenchStoreOptions) -> anyhow::Result<()> {
     std::fs::write(&config_path, config_text(options, &store))
         .context("cannot write the bench config")?;
     let count = options.total_bytes / options.block_bytes;
+    if options.rdma {
+        return bench_store_rdma(options, &config_path, count);
+    }
     println!(
         "bench store: {} in {} blocks of {}, {} cores, {} stores in flight with store_many, {} rounds",
         ByteSize(count * options.block_bytes),
@@ -189,6 +198,100 @@ impl Pool {
     }
 }
 
+/// Stores by RDMA READ from a registered pool against the same blocks sent
+/// over the socket (the reference: the store path without RDMA), alternating
+/// which goes first each round; rate, and gateway and client CPU per GiB.
+fn bench_store_rdma(
+    options: &BenchStoreOptions,
+    config_path: &std::path::Path,
+    count: u64,
+) -> anyhow::Result<()> {
+    println!(
+        "bench store --rdma: {} blocks of {} per way per round, {} stores in flight, {} rounds",
+        count,
+        ByteSize(options.block_bytes),
+        STORES_IN_FLIGHT,
+        options.rounds
+    );
+    let gateway = BenchGateway::start(config_path)?;
+    let rdma = client::RdmaOptions {
+        required: true,
+        ..client::RdmaOptions::default()
+    };
+    let client = Client::connect(
+        &[&gateway.address],
+        ClientOptions {
+            rdma: Some(rdma),
+            ..ClientOptions::default()
+        },
+    )?;
+    if !client.reads_stores() {
+        bail!("the gateway did not offer stores by RDMA READ on every connection");
+    }
+    let block_bytes = options.block_bytes as usize;
+    // The same bytes in a registered region (read by the gateway) and outside
+    // any (sent over the socket).
+    let loose: Vec<u8> = (0..count as usize * block_bytes)
+        .map(|index| (index as u64).wrapping_mul(0x9E37_79B9).to_le_bytes()[3])
+        .collect();
+    let pool = std::sync::Arc::new(client::Region::allocate(loose.len()));
+    pool.write(0, &loose);
+    let pool = client.register_region(pool)?;
+    let gib = (count as usize * block_bytes) as f64 / (1u64 << 30) as f64;
+    let mut samples: [Vec<(f64, f64, f64)>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..options.rounds {
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for way in order {
+            let key = |index: usize| {
+                BlockKey(3 << 120 | (way as u128) << 96 | u128::from(round) << 64 | index as u128)
+            };
+            let (started, gateway_cpu, client_cpu) = (
+                Instant::now(),
+                gateway.cpu_seconds()?,
+                client_cpu_seconds()?,
+            );
+            if way == 0 {
+                let blocks: Vec<(BlockKey, &[u8])> = (0..count as usize)
+                    .map(|index| (key(index), &loose[index * block_bytes..][..block_bytes]))
+                    .collect();
+                client.store_many("bench", &blocks)?;
+            } else {
+                let blocks: Vec<(BlockKey, u64)> = (0..count as usize)
+                    .map(|index| (key(index), (index * block_bytes) as u64))
+                    .collect();
+                client.store_many_from_region("bench", pool, &blocks, 0)?;
+            }
+            let rate = (count as usize * block_bytes) as f64 / started.elapsed().as_secs_f64();
+            let gateway_cpu = (gateway.cpu_seconds()? - gateway_cpu) / gib;
+            let client_cpu = (client_cpu_seconds()? - client_cpu) / gib;
+            println!(
+                "  round {round}: {:<10} {:.3} GB/s, gateway {gateway_cpu:.3} CPU s/GiB, client {client_cpu:.3} CPU s/GiB",
+                ["socket", "rdma_read"][way],
+                rate / 1e9
+            );
+            samples[way].push((rate, gateway_cpu, client_cpu));
+        }
+    }
+    let medians = |way: usize| {
+        let column = |pick: fn(&(f64, f64, f64)) -> f64| median(samples[way].iter().map(pick));
+        (column(|s| s.0), column(|s| s.1), column(|s| s.2))
+    };
+    let (socket, read) = (medians(0), medians(1));
+    println!(
+        "stores of a registered pool (store_many, median): by RDMA READ {:.3} GB/s, gateway {:.3} CPU s/GiB, client {:.3}; sent over the socket {:.3} GB/s, gateway {:.3}, client {:.3}; ratios (read/socket) rate {:.3}, gateway CPU {:.3}, client CPU {:.3}",
+        read.0 / 1e9,
+        read.1,
+        read.2,
+        socket.0 / 1e9,
+        socket.1,
+        socket.2,
+        read.0 / socket.0,
+        read.1 / socket.1,
+        read.2 / socket.2
+    );
+    Ok(())
+}
+
 /// CPU seconds this process (the client) has used, user and system.
 fn client_cpu_seconds() -> anyhow::Result<f64> {
     use nix::sys::resource::{getrusage, UsageWho};
@@ -237,6 +340,7 @@ fn config_text(options: &BenchStoreOptions, store: &std::path::Path) -> String {
 cores = {cores}
 listen_tcp = "127.0.0.1:0"
 metrics_listen = "127.0.0.1:0"
+{rdma}
 [staging]
 bytes_per_core = "{staging}"
 buffer_bytes = "{block}"
@@ -253,6 +357,11 @@ layout = "full"
 capacity = "{capacity}"
 "#,
         cores = options.cores,
+        rdma = if options.rdma {
+            "[rdma]\ntransport = \"rdma\"\ngid_index = 1"
+        } else {
+            ""
+        },
         staging = 4 * STORES_IN_FLIGHT as u64 * options.block_bytes,
         block = options.block_bytes,
         store = store.display(),
