@@ -24,7 +24,9 @@ pub struct Region {
     owned: Option<Layout>,
     /// The region's registration for remote writes, made when the first RDMA
     /// connection needs it; deregistered in `Drop` before the memory is freed.
-    rdma: std::sync::Mutex<Option<verbs::MemoryRegion>>,
+    /// One per protection domain (each client has its own): a key from
+    /// another domain is refused by the NIC.
+    rdma: std::sync::Mutex<Vec<(usize, verbs::MemoryRegion)>>,
     /// Set for GPU memory: how to register it with a NIC.
     device: Option<Arc<dyn DeviceRegistrar>>,
 }
@@ -61,7 +63,7 @@ impl Region {
             base,
             len,
             owned: Some(layout),
-            rdma: std::sync::Mutex::new(None),
+            rdma: std::sync::Mutex::new(Vec::new()),
             device: None,
         }
     }
@@ -77,7 +79,7 @@ impl Region {
             base: NonNull::new(pointer).expect("a region pointer is not null"),
             len,
             owned: None,
-            rdma: std::sync::Mutex::new(None),
+            rdma: std::sync::Mutex::new(Vec::new()),
             device: None,
         }
     }
@@ -90,7 +92,7 @@ impl Region {
             base: NonNull::new(address as *mut u8).expect("a device address is not null"),
             len,
             owned: None,
-            rdma: std::sync::Mutex::new(None),
+            rdma: std::sync::Mutex::new(Vec::new()),
             device: Some(registrar),
         }
     }
@@ -209,26 +211,26 @@ impl Region {
 }
 
 impl Region {
-    /// The region's address and rkey for gateways writing by RDMA, registering
-    /// it with `verbs` (remote write allowed) the first time.
+    /// The region's address and rkey for gateways writing (and reading) by
+    /// RDMA through `verbs`'s protection domain, registering it there (remote
+    /// access allowed) the first time. A region shared by two clients is
+    /// registered once in each one's domain.
     pub(crate) fn rdma_key(&self, verbs: &verbs::Verbs) -> Result<(u64, u32), String> {
-        let mut registration = self.rdma.lock().expect("region registration lock");
-        if let Some(region) = registration.as_ref() {
+        let mut registrations = self.rdma.lock().expect("region registration lock");
+        let domain = verbs.domain_id();
+        if let Some((_, region)) = registrations.iter().find(|(id, _)| *id == domain) {
             return Ok((region.address(), region.rkey()));
         }
-        if let Some(device) = &self.device {
-            let region = device.register(verbs)?;
-            let key = (region.address(), region.rkey());
-            *registration = Some(region);
-            return Ok(key);
-        }
-        // SAFETY: the memory is valid for writes while this `Region` lives (its
-        // constructor's contract), and the registration is dropped in `Drop`
-        // before the memory is freed or handed back.
-        let region = unsafe { verbs.register(self.base.as_ptr(), self.len, true) }
-            .map_err(|error| error.to_string())?;
+        let region = match &self.device {
+            Some(device) => device.register(verbs)?,
+            // SAFETY: the memory is valid for writes while this `Region` lives
+            // (its constructor's contract), and the registration is dropped in
+            // `Drop` before the memory is freed or handed back.
+            None => unsafe { verbs.register(self.base.as_ptr(), self.len, true) }
+                .map_err(|error| error.to_string())?,
+        };
         let key = (region.address(), region.rkey());
-        *registration = Some(region);
+        registrations.push((domain, region));
         Ok(key)
     }
 }
@@ -238,7 +240,11 @@ impl Drop for Region {
         // No gateway may write here once the memory goes: deregister first. Every
         // RDMA connection that could target it holds an `Arc<Region>` through the
         // client's region table, so none is still open.
-        drop(self.rdma.lock().map(|mut registration| registration.take()));
+        drop(
+            self.rdma
+                .lock()
+                .map(|mut registrations| registrations.clear()),
+        );
         if let Some(layout) = self.owned {
             // SAFETY: allocated in `allocate` with this layout, freed once. Every
             // connection that could write into it holds an `Arc<Region>`, so no

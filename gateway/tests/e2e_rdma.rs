@@ -1068,3 +1068,89 @@ fn stores_by_rdma_read_are_checked_and_a_failed_read_stores_nothing() {
     }
     drop(memory);
 }
+
+/// A store by RDMA READ that times out (its gateway frozen before reading
+/// the request) closes its connection before returning, so the caller may
+/// reuse the memory: the bytes written there afterwards are never stored.
+/// The gateway, thawed, finds the connection gone (or its READ fails) and
+/// stores nothing of that block. Another client stores it again from the
+/// same region, which each client registers in its own protection domain
+/// (one client's key is refused on the other's queue pairs). Without the
+/// close the gateway stored the changed bytes (checked: 0xee came back).
+#[test]
+fn a_store_that_timed_out_is_not_stored_from_memory_changed_after() {
+    let Some(device) = rdma_device() else { return };
+    let gateway = Gateway::start(&device, "rdma");
+    let client = Client::connect(
+        &[&gateway.process.tcp],
+        ClientOptions {
+            rdma: Some(RdmaOptions {
+                device: Some(device.clone()),
+                required: true,
+                ..RdmaOptions::default()
+            }),
+            request_timeout: Duration::from_secs(1),
+            ..ClientOptions::default()
+        },
+    )
+    .expect("connect");
+    let (key, bytes) = stored_block(200);
+    let pool = Arc::new(Region::allocate(BLOCK_BYTES));
+    pool.write(0, &bytes);
+    let id = client.register_region(Arc::clone(&pool)).expect("register");
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(gateway.process.child.id()).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    let error = client
+        .store_many_from_region("full", id, &[(key, 0)], 0)
+        .expect_err("the frozen gateway cannot answer");
+    assert!(matches!(error, ClientError::Timeout { .. }), "{error}");
+    // The caller reuses the memory at once.
+    pool.write(0, &vec![0xEE; BLOCK_BYTES]);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
+    let fresh = gateway.client(&device, true);
+    let target = Arc::new(Region::allocate(BLOCK_BYTES));
+    let target_id = fresh
+        .register_region(Arc::clone(&target))
+        .expect("register");
+    let wanted = [BlockLoad {
+        key,
+        layers: 0..LAYERS,
+        dest_offset: 0,
+    }];
+    // The thawed gateway handles what the first client left (a frame and
+    // its end) at once; were the READ posted against a live queue pair, the
+    // block would be read and durable within milliseconds. A second is ample.
+    std::thread::sleep(Duration::from_secs(1));
+    let report = fresh
+        .load("full", target_id, &wanted, 0)
+        .expect("load")
+        .wait(WAIT)
+        .expect("finished");
+    match &report.blocks[0] {
+        BlockStatus::Failed { code, .. } => assert_eq!(*code, GatewayCode::NotFound),
+        BlockStatus::Done => panic!(
+            "a store given up on was stored (first byte {:#x})",
+            target.read(0, 1)[0]
+        ),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(
+        gateway
+            .process
+            .metric_sum_labelled("dualpath_store_payload_bytes_total", "path=\"rdma_read\"")
+            as u64,
+        0
+    );
+    // Stored again, it is stored with the bytes in memory now.
+    let pool_id = fresh.register_region(Arc::clone(&pool)).expect("register");
+    fresh
+        .store_many_from_region("full", pool_id, &[(key, 0)], 0)
+        .expect("stored");
+    let report = fresh
+        .load("full", target_id, &wanted, 0)
+        .expect("load")
+        .wait(WAIT)
+        .expect("finished");
+    assert!(report.all_done());
+    assert!(target.read(0, BLOCK_BYTES) == vec![0xEE; BLOCK_BYTES]);
+}

@@ -139,6 +139,13 @@ impl Verbs {
         self.pd.device.infiniband
     }
 
+    /// Identifies this handle's protection domain: memory registered on one
+    /// domain cannot be used through queue pairs of another (another client,
+    /// another device context).
+    pub fn domain_id(&self) -> usize {
+        Arc::as_ptr(&self.pd) as usize
+    }
+
     /// Registers memory for local use and, with `remote`, for RDMA WRITEs and
     /// READs from peers that know its rkey.
     ///
