@@ -936,7 +936,17 @@ fn stores_by_rdma_read_are_checked_and_a_failed_read_stores_nothing() {
     let gateway = Gateway::start(&device, "rdma");
     let (kept_key, kept) = stored_block(100);
     let (lost_key, lost) = stored_block(101);
-    let mut memory = [kept.clone(), lost].concat();
+    // Four more keys stored from the two blocks of memory under two request
+    // ids, each used twice: a client's ids need not be unique, and each read
+    // still lands in its own block. (key, request id, which block of memory)
+    let twins: Vec<_> = [(8, 0), (9, 1), (8, 1), (9, 0)]
+        .iter()
+        .enumerate()
+        .map(|(index, (request_id, block))| {
+            (stored_block(102 + index as u64).0, *request_id, *block)
+        })
+        .collect();
+    let mut memory = [kept.clone(), lost.clone()].concat();
     let mut raw = RawRdmaClient::connect(&gateway.process.tcp, &device);
     assert!(raw.store_reads, "a uring gateway offers store reads");
     // SAFETY: `memory` outlives the registration (declared earlier); Rust
@@ -1003,6 +1013,28 @@ fn stores_by_rdma_read_are_checked_and_a_failed_read_stores_nothing() {
             message: String::new()
         }
     );
+    for (key, request_id, block) in &twins {
+        raw.send(&store(
+            *request_id,
+            *key,
+            1,
+            (block * BLOCK_BYTES) as u64,
+            0,
+            "full",
+        ));
+    }
+    let mut answered: Vec<u64> = (0..twins.len())
+        .map(|_| match raw.next_notice() {
+            Frame::StoreDone {
+                request_id,
+                code: ErrorCode::Ok,
+                ..
+            } => request_id,
+            other => panic!("expected StoreDone Ok, got {other:?}"),
+        })
+        .collect();
+    answered.sort_unstable();
+    assert_eq!(answered, [8, 8, 9, 9]);
     // The memory is withdrawn (deregistered) before the gateway reads it.
     drop(region);
     raw.send(&store(6, lost_key, 1, BLOCK_BYTES as u64, 0, "full"));
@@ -1042,11 +1074,14 @@ fn stores_by_rdma_read_are_checked_and_a_failed_read_stores_nothing() {
 
     // What was stored loads back; nothing of the failed or refused ones.
     let client = gateway.client(&device, true);
-    let target = Arc::new(Region::allocate(2 * BLOCK_BYTES));
+    let target = Arc::new(Region::allocate(6 * BLOCK_BYTES));
     let id = client
         .register_region(Arc::clone(&target))
         .expect("register");
     let wanted: Vec<BlockLoad> = [kept_key, lost_key]
+        .into_iter()
+        .chain(twins.iter().map(|(key, _, _)| *key))
+        .collect::<Vec<_>>()
         .iter()
         .enumerate()
         .map(|(index, key)| BlockLoad {
@@ -1065,6 +1100,14 @@ fn stores_by_rdma_read_are_checked_and_a_failed_read_stores_nothing() {
     match &report.blocks[1] {
         BlockStatus::Failed { code, .. } => assert_eq!(*code, GatewayCode::NotFound),
         other => panic!("the block whose read failed must not be stored: {other:?}"),
+    }
+    for (index, (_, request_id, block)) in twins.iter().enumerate() {
+        assert!(matches!(report.blocks[2 + index], BlockStatus::Done));
+        let expected = if *block == 0 { &kept } else { &lost };
+        assert!(
+            target.read((2 + index) * BLOCK_BYTES, BLOCK_BYTES) == *expected,
+            "store {index} (request id {request_id}) holds block {block} of the memory"
+        );
     }
     drop(memory);
 }

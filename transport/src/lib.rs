@@ -47,7 +47,8 @@ pub struct RemoteWrite {
 /// piece has landed, then handed back by [`Transport::take_finished_read`].
 #[derive(Debug)]
 pub struct RemoteRead {
-    pub request_id: u64,
+    /// The caller's name for this read (unique among its reads in flight).
+    pub tag: u64,
     pub region_id: u32,
     pub buffers: Vec<StagingBuffer>,
     pub pieces: Vec<(u64, usize, Range<usize>)>,

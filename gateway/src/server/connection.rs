@@ -168,6 +168,8 @@ impl ReceivingStore {
 /// buffers are with the transport until the last piece has landed.
 #[derive(Debug)]
 pub struct ReadingStore {
+    /// The tag of its `RemoteRead` (the client's request ids need not be unique).
+    pub tag: u64,
     pub request_id: u64,
     /// The block, its staging taken out (`IncomingBlock::take_staging`).
     pub block: IncomingBlock,
@@ -205,6 +207,8 @@ pub struct Connection {
     pub receiving: Option<ReceivingStore>,
     /// Stores being read from the client's memory by RDMA READ.
     pub reading: Vec<ReadingStore>,
+    /// The tag of the next store read.
+    pub next_read_tag: u64,
     /// This connection's `RdmaAccept` offered stores by RDMA READ.
     pub store_reads: bool,
     /// Payload bytes of a refused store still to be read and dropped.
@@ -392,6 +396,7 @@ impl Connection {
             store_waiting_since: None,
             receiving: None,
             reading: Vec::new(),
+            next_read_tag: 0,
             store_reads: false,
             discarding: 0,
             closing: false,

@@ -892,8 +892,11 @@ impl<S: BlockStore> Core<S> {
             unreachable!("store reads are offered only by shards that lend staging");
         };
         let layer_bytes = geometry.layer_bytes();
+        let connection = self.connections[index].as_mut().expect("admitted");
+        let tag = connection.next_read_tag;
+        connection.next_read_tag += 1;
         let read = RemoteRead {
-            request_id: store.request_id,
+            tag,
             region_id: store.region_id,
             pieces: pieces
                 .map(|piece| {
@@ -915,6 +918,7 @@ impl<S: BlockStore> Core<S> {
             unreachable!("an RDMA connection's transport reads");
         }
         connection.reading.push(ReadingStore {
+            tag,
             request_id: store.request_id,
             block,
             started,
@@ -937,7 +941,7 @@ impl<S: BlockStore> Core<S> {
                 let Some(position) = connection
                     .reading
                     .iter()
-                    .position(|store| store.request_id == read.request_id)
+                    .position(|store| store.tag == read.tag)
                 else {
                     unreachable!("every read belongs to a store in `reading`");
                 };
