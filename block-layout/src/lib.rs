@@ -197,6 +197,17 @@ impl Geometry {
         u64::from(self.tokens_per_block) * u64::from(self.bytes_per_token_per_layer)
     }
 
+    /// The distance between a block's layers in memory that a request with
+    /// `layer_stride` means: the stride itself, or for 0 the layer size
+    /// (each block's layers back to back), as the protocol defines it.
+    pub fn memory_layer_stride(&self, layer_stride: u64) -> u64 {
+        if layer_stride == 0 {
+            self.layer_bytes()
+        } else {
+            layer_stride
+        }
+    }
+
     /// Payload bytes of a whole block (a Full Block).
     pub fn block_bytes(&self) -> u64 {
         self.layer_bytes() * u64::from(self.layers)

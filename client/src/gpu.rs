@@ -271,11 +271,7 @@ impl Client {
             .namespace(namespace)
             .ok_or_else(|| ClientError::Invalid(format!("unknown namespace {namespace:?}")))?;
         let layer_bytes = geometry.layer_bytes();
-        let stride = if layer_stride == 0 {
-            layer_bytes
-        } else {
-            layer_stride
-        };
+        let stride = geometry.memory_layer_stride(layer_stride);
         // Refused before anything is read: every layer must land inside the region.
         for block in blocks {
             let layers = u64::from(block.layers.end.saturating_sub(block.layers.start));

@@ -743,11 +743,7 @@ impl Client {
             .namespace(namespace)
             .ok_or_else(|| ClientError::Invalid(format!("unknown namespace {namespace:?}")))?;
         let layer_bytes = geometry.layer_bytes();
-        let stride = if layer_stride == 0 {
-            layer_bytes
-        } else {
-            layer_stride
-        };
+        let stride = geometry.memory_layer_stride(layer_stride);
         let span = (u64::from(geometry.layers) - 1)
             .saturating_mul(stride)
             .saturating_add(layer_bytes);

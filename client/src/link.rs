@@ -492,12 +492,7 @@ impl ShardLink {
             offset,
             layer_stride,
         });
-        self.shared
-            .waiting
-            .lock()
-            .expect("link lock")
-            .stores
-            .insert(request_id, None);
+        self.expect_store(request_id);
         let mut writer = self.writer.lock().expect("writer lock");
         let (socket, announced) = &mut *writer;
         let mut sent = Ok(());
@@ -655,12 +650,7 @@ impl ShardLink {
             key,
             payload_len,
         });
-        self.shared
-            .waiting
-            .lock()
-            .expect("link lock")
-            .stores
-            .insert(request_id, None);
+        self.expect_store(request_id);
         let mut frame = Vec::with_capacity(1 + parts.len());
         frame.push(head.as_slice());
         frame.extend_from_slice(parts);
@@ -687,6 +677,16 @@ impl ShardLink {
             (ErrorCode::Ok, _) => Ok(()),
             (code, message) => Err(ClientError::Gateway { code, message }),
         }
+    }
+
+    /// Makes room for store `request_id`'s answer, before it is sent.
+    fn expect_store(&self, request_id: u64) {
+        self.shared
+            .waiting
+            .lock()
+            .expect("link lock")
+            .stores
+            .insert(request_id, None);
     }
 
     fn forget_store(&self, request_id: u64) {

@@ -61,11 +61,7 @@ impl PrefillReader {
                 return;
             }
         };
-        let stride = if layer_stride == 0 {
-            geometry.layer_bytes()
-        } else {
-            layer_stride
-        };
+        let stride = geometry.memory_layer_stride(layer_stride);
         let mut events = Vec::new();
         progress.lock().expect("progress lock").start(&mut events);
         report(&events, indexes, shared, part);

@@ -2314,14 +2314,17 @@ fn blocks_stored_from_a_layer_major_pool_load_back_in_either_layout() {
         .store_many_strided("full", &blocks, stride as u64)
         .expect("stored from the pool");
     let (region, id) = registered_region(&client, BLOCK_BYTES);
-    for (block, key) in keys.iter().enumerate() {
-        let back_to_back: Vec<u8> = (0..usize::from(LAYERS))
+    // Pool block `block`, its layers back to back: how it loads.
+    let back_to_back = |block: usize| -> Vec<u8> {
+        (0..usize::from(LAYERS))
             .flat_map(|layer| {
                 let start = layer * stride + block * LAYER_BYTES;
                 pool[start..start + LAYER_BYTES].to_vec()
             })
-            .collect();
-        assert_loads_as(&client, "full", (id, &region), *key, &back_to_back);
+            .collect()
+    };
+    for (block, key) in keys.iter().enumerate() {
+        assert_loads_as(&client, "full", (id, &region), *key, &back_to_back(block));
     }
     let (pool_region, pool_id) = registered_region(&client, pool.len());
     let loads: Vec<BlockLoad> = keys
@@ -2352,13 +2355,7 @@ fn blocks_stored_from_a_layer_major_pool_load_back_in_either_layout() {
         .store_many_from_region("full", pool_id, &again, stride as u64)
         .expect("stored from the registered pool");
     for (block, (key, _)) in again.iter().enumerate() {
-        let back_to_back: Vec<u8> = (0..usize::from(LAYERS))
-            .flat_map(|layer| {
-                let start = layer * stride + block * LAYER_BYTES;
-                pool[start..start + LAYER_BYTES].to_vec()
-            })
-            .collect();
-        assert_loads_as(&client, "full", (id, &region), *key, &back_to_back);
+        assert_loads_as(&client, "full", (id, &region), *key, &back_to_back(block));
     }
     let past_end = [(BlockKey(0xB_2000), (POOL_BLOCKS * LAYER_BYTES) as u64)];
     let error = client

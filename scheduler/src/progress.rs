@@ -72,11 +72,7 @@ impl LoadProgress {
         buffer_bytes: u64,
     ) -> Result<Self, Refusal> {
         let layer_bytes = geometry.layer_bytes();
-        let layer_stride = if layer_stride == 0 {
-            layer_bytes
-        } else {
-            layer_stride
-        };
+        let layer_stride = geometry.memory_layer_stride(layer_stride);
         if layer_stride < layer_bytes {
             return Err(refusal(
                 ErrorCode::BadRequest,

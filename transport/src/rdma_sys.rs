@@ -29,6 +29,21 @@ impl SlabRegistration {
     pub fn slab_id(&self) -> u64 {
         self.slab.id()
     }
+
+    /// The scatter-gather entry of `bytes`, a piece of `buffer`, which must
+    /// come from this registration's slab.
+    fn sge(&self, buffer: &StagingBuffer, bytes: *const u8, len: usize) -> Sge {
+        assert_eq!(
+            buffer.slab_id(),
+            self.slab_id(),
+            "the buffer comes from the registered slab"
+        );
+        Sge {
+            address: bytes as u64,
+            len: u32::try_from(len).expect("a piece fits u32"),
+            lkey: self.region.lkey(),
+        }
+    }
 }
 
 /// Posts one RDMA WRITE of `buffer[range]` to `remote_address`.
@@ -46,17 +61,8 @@ pub fn post_buffer_write(
     wr_id: u64,
     signaled: bool,
 ) -> Result<(), VerbsError> {
-    assert_eq!(
-        buffer.slab_id(),
-        registration.slab_id(),
-        "the buffer comes from the registered slab"
-    );
     let bytes = &buffer.as_slice()[range];
-    let sge = Sge {
-        address: bytes.as_ptr() as u64,
-        len: u32::try_from(bytes.len()).expect("a piece fits u32"),
-        lkey: registration.region.lkey(),
-    };
+    let sge = registration.sge(buffer, bytes.as_ptr(), bytes.len());
     // SAFETY: `sge` lies in the registered slab (same slab id, a slice of one of
     // its buffers); the buffer is held until completion (contract above); the
     // remote range was checked against the region the client registered with
@@ -79,17 +85,9 @@ pub fn post_buffer_read(
     wr_id: u64,
     signaled: bool,
 ) -> Result<(), VerbsError> {
-    assert_eq!(
-        buffer.slab_id(),
-        registration.slab_id(),
-        "the buffer comes from the registered slab"
-    );
-    let bytes = &mut buffer.as_mut_slice()[range];
-    let sge = Sge {
-        address: bytes.as_mut_ptr() as u64,
-        len: u32::try_from(bytes.len()).expect("a piece fits u32"),
-        lkey: registration.region.lkey(),
-    };
+    let len = range.len();
+    let bytes = buffer.as_mut_slice()[range].as_mut_ptr();
+    let sge = registration.sge(buffer, bytes, len);
     // SAFETY: `sge` lies in the registered slab (same slab id, a slice of one of
     // its buffers, taken from `&mut`); the buffer is held, untouched, until
     // completion (contract above); the remote range was checked against the

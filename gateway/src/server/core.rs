@@ -1545,18 +1545,15 @@ fn store_source(
     region_len: Option<u64>,
 ) -> Result<StoreSource, (ErrorCode, String)> {
     let layer_bytes = geometry.layer_bytes();
-    let layer_stride = match store.layer_stride {
-        0 => layer_bytes,
-        stride if stride < layer_bytes => {
-            return Err((
-                ErrorCode::BadRequest,
-                format!(
-                    "layer_stride {stride} is less than a layer ({layer_bytes} bytes): its layers would overlap"
-                ),
-            ))
-        }
-        stride => stride,
-    };
+    let layer_stride = geometry.memory_layer_stride(store.layer_stride);
+    if layer_stride < layer_bytes {
+        return Err((
+            ErrorCode::BadRequest,
+            format!(
+                "layer_stride {layer_stride} is less than a layer ({layer_bytes} bytes): its layers would overlap"
+            ),
+        ));
+    }
     let Some(region_len) = region_len else {
         return Err((
             ErrorCode::OutOfRegion,
