@@ -78,7 +78,8 @@ def main():
 
     # The turn's new tokens filled `--new-blocks` slots: stored together (the
     # gateway makes them durable with shared disk syncs), each from where its
-    # layers lie in the KV cache (no gather into a contiguous buffer).
+    # layers lie in the KV cache (no gather into a contiguous buffer). Over
+    # RDMA the gateway reads them from the registered cache itself (RDMA READ).
     kv[:, args.blocks:] = np.random.default_rng(args.seed).integers(
         0, 256, (layers, args.new_blocks, layer_bytes), dtype=np.uint8)
     store_started = time.perf_counter()
