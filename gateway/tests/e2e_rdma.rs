@@ -1197,3 +1197,65 @@ fn a_store_that_timed_out_is_not_stored_from_memory_changed_after() {
     assert!(report.all_done());
     assert!(target.read(0, BLOCK_BYTES) == vec![0xEE; BLOCK_BYTES]);
 }
+
+/// Stores by RDMA READ in flight when their gateway dies (frozen first, so it
+/// has read none of them; then killed and restarted on the same address and
+/// store): the client redials, announces the region on the new connection
+/// and stores every block again, which the restarted gateway reads from the
+/// region; each loads back exactly.
+#[test]
+fn stores_by_rdma_read_in_flight_when_the_gateway_restarts_complete() {
+    let Some(device) = rdma_device() else { return };
+    let mut gateway = Gateway::start(&device, "rdma");
+    let client = gateway.client(&device, true);
+    const STORED: u64 = 6;
+    let pool = Arc::new(Region::allocate(STORED as usize * BLOCK_BYTES));
+    let blocks: Vec<(block_layout::BlockKey, u64)> = (0..STORED)
+        .map(|index| {
+            let (key, bytes) = stored_block(300 + index);
+            pool.write(index as usize * BLOCK_BYTES, &bytes);
+            (key, index * BLOCK_BYTES as u64)
+        })
+        .collect();
+    let id = client.register_region(Arc::clone(&pool)).expect("register");
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(gateway.process.child.id()).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    let stored = std::thread::scope(|scope| {
+        let storing = scope.spawn(|| client.store_many_from_region("full", id, &blocks, 0));
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!storing.is_finished(), "a frozen gateway answers nothing");
+        gateway.restart_in_place(&device);
+        storing.join().expect("the storing thread")
+    });
+    stored.expect("stored after the restart");
+    assert_eq!(
+        gateway
+            .process
+            .metric_sum_labelled("dualpath_store_payload_bytes_total", "path=\"rdma_read\"")
+            as u64,
+        STORED * BLOCK_BYTES as u64,
+        "the restarted gateway read every block"
+    );
+    let target = Arc::new(Region::allocate(STORED as usize * BLOCK_BYTES));
+    let target_id = client
+        .register_region(Arc::clone(&target))
+        .expect("register");
+    let wanted: Vec<BlockLoad> = blocks
+        .iter()
+        .map(|(key, offset)| BlockLoad {
+            key: *key,
+            layers: 0..LAYERS,
+            dest_offset: *offset,
+        })
+        .collect();
+    let report = client
+        .load("full", target_id, &wanted, 0)
+        .expect("load")
+        .wait(WAIT)
+        .expect("finished");
+    assert!(report.all_done(), "{:?}", report.failed().next());
+    assert!(
+        target.read(0, target.len()) == pool.read(0, pool.len()),
+        "every block loads back as it lies in the pool"
+    );
+}
