@@ -286,6 +286,27 @@ impl Client {
         .map_err(to_python)
     }
 
+    /// Stores blocks that lie in registered region `region` (a KV cache
+    /// registered with `register` or `register_pointer`): block i's layer 0
+    /// at `offsets[i]`, layer l at `offsets[i] + l * layer_stride` (0: the
+    /// layer size). Over RDMA the gateway reads them from the region (RDMA
+    /// READ); otherwise they are sent from where they lie. Returns when all
+    /// are durable.
+    #[pyo3(signature = (namespace, region, keys, offsets, layer_stride=0))]
+    fn store_from_region(&self, py: Python<'_>, namespace: &str, region: u32, keys: Vec<KeyArgument>, offsets: Vec<u64>, layer_stride: u64) -> PyResult<()> {
+        if keys.len() != offsets.len() {
+            return Err(PyValueError::new_err(format!("{} keys but {} offsets: one offset per key", keys.len(), offsets.len())));
+        }
+        let blocks = keys
+            .into_iter()
+            .zip(offsets)
+            .map(|(key, offset)| Ok((key.key()?, offset)))
+            .collect::<PyResult<Vec<_>>>()?;
+        let inner = Arc::clone(&self.inner);
+        py.allow_threads(|| inner.store_many_from_region(namespace, RegionId(region), &blocks, layer_stride))
+            .map_err(to_python)
+    }
+
     fn addresses(&self) -> Vec<String> {
         self.inner.gateway_addresses().into_iter().map(str::to_owned).collect()
     }

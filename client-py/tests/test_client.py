@@ -99,6 +99,14 @@ def test_blocks_stored_from_a_layer_major_pool_load_back_into_it(gateway):
     with pytest.raises(ValueError) as refused:
         client.store("kv", 0xD00DFE, flat[:stride], layer_stride=stride)
     assert "layers at a stride of" in str(refused.value)
+    # By offset in the registered pool (`back` now holds the pool).
+    again = [0xD00E00 + block for block in range(pool_blocks)]
+    client.store_from_region("kv", region, again, offsets, layer_stride=stride)
+    assert client.load("kv", whole_region, [again[1]], [0]).wait(timeout=30)[0][0] == "done"
+    assert bytes(whole) == pool[:, 1, :].tobytes()
+    with pytest.raises(ValueError) as refused:
+        client.store_from_region("kv", region, [0xD00EFF], [stride], layer_stride=stride)
+    assert "past the end of region" in str(refused.value)
 
 
 def test_store_many_stores_every_block_of_any_buffer_type(gateway):

@@ -131,6 +131,13 @@ class Client:
         at once (the gateway makes them durable together, sharing its disk
         syncs); returns when all are durable, or raises the first error.
         `layer_stride` as for `store`."""
+    def store_from_region(self, namespace: str, region: int, keys: Sequence[Key], offsets: Sequence[int], layer_stride: int = 0) -> None:
+        """Store blocks that lie in registered region `region` (a KV cache
+        registered with `register` or `register_pointer`): block i's layer 0
+        at offsets[i], layer l at offsets[i] + l * layer_stride (0: the layer
+        size). Over RDMA the gateway reads them from the region (RDMA READ);
+        otherwise they are sent from where they lie. Returns when all are
+        durable; ValueError for a block past the region's end."""
     def addresses(self) -> list[str]: ...
 
 
