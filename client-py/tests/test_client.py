@@ -77,7 +77,8 @@ def test_store_then_load_round_trip(gateway):
 def test_blocks_stored_from_a_layer_major_pool_load_back_into_it(gateway):
     """An engine's KV pool laid out [layer][block][bytes]: each block is
     stored from where its layers lie (layer_stride), and a load with the
-    same stride into a fresh pool brings back the same bytes."""
+    same stride into a fresh pool brings back the same bytes; stored again
+    by offset from that registered pool (store_from_region), likewise."""
     client = dualpath.Client([gateway.address])
     pool_blocks = 4
     pool = np.random.default_rng(7).integers(0, 256, (LAYERS, pool_blocks, LAYER_BYTES), dtype=np.uint8)
