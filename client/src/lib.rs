@@ -239,6 +239,17 @@ const QUICK_DIAL: Duration = Duration::from_secs(1);
 /// receive threads stopped; the RDMA one looks at its stop flag every 100 ms).
 pub(crate) const QUIET_WITHIN: Duration = Duration::from_secs(5);
 
+/// A store sent and not yet answered.
+#[derive(Debug, Clone, Copy)]
+struct SentStore {
+    request_id: u64,
+    key: BlockKey,
+    /// The gateway reads it from a registered region (`StoreFromRegion`).
+    by_read: bool,
+    /// The block's payload bytes.
+    bytes: u64,
+}
+
 /// Where a strided store finds each layer of a block in the slice given.
 #[derive(Debug, Clone, Copy)]
 struct StridedLayers {
@@ -816,12 +827,21 @@ impl Client {
         let links = self.gateways[0].links();
         let shard_count = u32::try_from(links.len()).expect("shard count from the gateway");
         let link_of = |key: BlockKey| &links[key.shard(shard_count) as usize];
-        // (request id, key, whether the gateway reads it from a region)
-        let mut sent: std::collections::VecDeque<(u64, BlockKey, bool)> =
+        let mut sent: std::collections::VecDeque<SentStore> =
             std::collections::VecDeque::with_capacity(STORES_IN_FLIGHT);
         let mut outcome = Ok(());
-        let wait = |(request_id, key, by_read): (u64, BlockKey, bool)| {
+        let wait = |SentStore {
+                        request_id,
+                        key,
+                        by_read,
+                        bytes,
+                    }: SentStore| {
             let answer = link_of(key).wait_store(request_id, key, self.options.request_timeout);
+            if answer.is_ok() {
+                let how = if by_read { "read" } else { "sent" };
+                metrics::counter!("dualpath_client_stored_bytes_total", "how" => how)
+                    .increment(bytes);
+            }
             if by_read && matches!(answer, Err(ClientError::Timeout { .. })) {
                 // The gateway may still be reading the block: once this
                 // returns the caller may change those bytes, so the
@@ -862,7 +882,13 @@ impl Client {
                         .map(|()| false)
                 });
             match sent_store {
-                Ok(by_read) => sent.push_back((request_id, key, by_read)),
+                Ok(by_read) => sent.push_back(SentStore {
+                    request_id,
+                    key,
+                    by_read,
+                    bytes: layout.map_or(bytes.len(), |layout| layout.layers * layout.layer_bytes)
+                        as u64,
+                }),
                 Err(error) => {
                     outcome = Err(error);
                     break;

@@ -2351,9 +2351,21 @@ fn blocks_stored_from_a_layer_major_pool_load_back_in_either_layout() {
         .enumerate()
         .map(|(block, key)| (BlockKey(key.0 + 0x100), (block * LAYER_BYTES) as u64))
         .collect();
-    client
-        .store_many_from_region("full", pool_id, &again, stride as u64)
-        .expect("stored from the registered pool");
+    // The client counts what it stored, by how (here over TCP: sent).
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    metrics::with_local_recorder(&recorder, || {
+        client
+            .store_many_from_region("full", pool_id, &again, stride as u64)
+            .expect("stored from the registered pool");
+    });
+    assert!(
+        recorder.handle().render().contains(&format!(
+            "dualpath_client_stored_bytes_total{{how=\"sent\"}} {}",
+            POOL_BLOCKS * BLOCK_BYTES
+        )),
+        "{}",
+        recorder.handle().render()
+    );
     for (block, (key, _)) in again.iter().enumerate() {
         assert_loads_as(&client, "full", (id, &region), *key, &back_to_back(block));
     }

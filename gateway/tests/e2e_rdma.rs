@@ -862,9 +862,21 @@ fn stores_from_a_registered_region_are_read_by_the_gateway_and_load_back() {
         .enumerate()
         .map(|(index, (key, _))| (*key, (index * LAYER_BYTES) as u64))
         .collect();
-    client
-        .store_many_from_region("layer", layer_id, &in_layer_major, stride as u64)
-        .expect("stored strided");
+    // The client counts what it stored, by how: read by the gateway.
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    metrics::with_local_recorder(&recorder, || {
+        client
+            .store_many_from_region("layer", layer_id, &in_layer_major, stride as u64)
+            .expect("stored strided");
+    });
+    assert!(
+        recorder.handle().render().contains(&format!(
+            "dualpath_client_stored_bytes_total{{how=\"read\"}} {}",
+            STORED * BLOCK_BYTES as u64
+        )),
+        "{}",
+        recorder.handle().render()
+    );
     let read_bytes = 2 * STORED * BLOCK_BYTES as u64;
     let by_path = |path: &str| {
         gateway.process.metric_sum_labelled(
