@@ -169,12 +169,18 @@ impl RdmaTransport {
             );
             self.posted -= signaled.work_requests;
             match signaled.holds {
-                // What the client read is not output it took.
+                // What the gateway read is no payload sent, but the client's
+                // side answered: it counts as taken (the client is alive, not
+                // stalled).
                 Holds::Read(read) => {
+                    progress.bytes_taken += signaled.payload_bytes;
                     self.finished_reads.push_back(read);
                     continue;
                 }
-                Holds::ReadPart => continue,
+                Holds::ReadPart => {
+                    progress.bytes_taken += signaled.payload_bytes;
+                    continue;
+                }
                 Holds::Buffer(buffer) => {
                     drop(buffer); // back to the slab: the NIC has read it
                     progress.buffers_released += 1;
@@ -358,6 +364,10 @@ impl RdmaTransport {
             }
         }
         self.posted += count as u32;
+        let read_bytes = read.pieces[from..end]
+            .iter()
+            .map(|(_, _, range)| range.len() as u64)
+            .sum();
         let unfinished = end < read.pieces.len();
         let wr_id = self.next_wr_id;
         let (holds, rest) = if unfinished {
@@ -368,7 +378,7 @@ impl RdmaTransport {
         self.in_flight.push_back(Signaled {
             wr_id,
             work_requests: count as u32,
-            payload_bytes: 0,
+            payload_bytes: read_bytes,
             holds,
         });
         Ok(rest)
