@@ -336,6 +336,17 @@ impl Geometry {
         }
     }
 
+    /// Where payload bytes `from..block_bytes()` go when the payload is
+    /// packed (layers back to back, no padding) into chunks of
+    /// `chunk_bytes`: runs in payload order, each split at its layer's and
+    /// its chunk's end.
+    pub fn packed_pieces(&self, from: u64, chunk_bytes: u64) -> ImagePieces {
+        ImagePieces {
+            stride: self.layer_bytes(),
+            ..self.image_pieces(from, chunk_bytes)
+        }
+    }
+
     /// The ranges of the disk image that hold no payload (each layer's padding
     /// up to the next, the last one's up to the slot's end), which must be
     /// written as zeros.
@@ -448,6 +459,28 @@ mod tests {
             if first + count < geometry.layers {
                 prop_assert!(geometry.disk_span(first..first + count + 1).len > buffer);
             }
+        }
+
+        #[test]
+        fn packed_pieces_cover_the_payload_in_order_split_at_layers_and_chunks(
+            geometry in geometry_strategy().prop_filter("small blocks", |g| g.block_bytes() < (1 << 20)),
+            chunk_bytes in 1u64..200_000,
+        ) {
+            let layer_bytes = geometry.layer_bytes();
+            let mut expected = 0u64;
+            for piece in geometry.packed_pieces(0, chunk_bytes) {
+                prop_assert_eq!(piece.payload_offset, expected, "in payload order, no gap");
+                // Packed: the payload's offset is where it lies in the chunks.
+                prop_assert_eq!(piece.chunk as u64 * chunk_bytes + piece.chunk_offset as u64, piece.payload_offset);
+                prop_assert!(piece.len > 0 && piece.chunk_offset + piece.len <= chunk_bytes as usize);
+                prop_assert_eq!(
+                    piece.payload_offset / layer_bytes,
+                    (piece.payload_offset + piece.len as u64 - 1) / layer_bytes,
+                    "a piece stays in one layer"
+                );
+                expected += piece.len as u64;
+            }
+            prop_assert_eq!(expected, geometry.block_bytes());
         }
 
         #[test]

@@ -679,8 +679,8 @@ impl Client {
     /// Over RDMA, a block that lies in a region registered with
     /// [`Client::register_region`] (an engine's KV pool) is not sent: the
     /// gateway reads it from there by RDMA READ straight into the staging
-    /// it is written to disk from (`StoreFromRegion`); gateways whose store
-    /// cannot take that (the object backend) get the bytes. A store that
+    /// it is written to disk from (`StoreFromRegion`; an object-store
+    /// gateway copies it once into the body it sends). A store that
     /// times out closes its connection before returning, so no read of the
     /// gateway's lands after the caller may have changed the bytes.
     pub fn store_many(

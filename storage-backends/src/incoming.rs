@@ -2,9 +2,10 @@
 //! store from the socket straight into it, and the put writes from it.
 
 use std::io::IoSliceMut;
+use std::rc::Rc;
 
 use block_layout::{BlockKey, Geometry, ImagePieces};
-use staging::StagingBuffer;
+use staging::{StagingBuffer, StagingSlab};
 
 use crate::NamespaceId;
 
@@ -124,37 +125,72 @@ impl IncomingBlock {
         Ok(count)
     }
 
-    /// Takes the lent staging buffers out, for a payload that will be
-    /// written into them behind Rust's back (an RDMA READ posted into them),
-    /// with where each run of the payload lies in them (split at layer and
-    /// buffer ends); `None` when the backend lent other memory, or when part
-    /// of the payload is already in. Hand them back, filled, with
+    /// Staging buffers for a payload that will be written into them behind
+    /// Rust's back (an RDMA READ posted into them), with where each run of
+    /// the payload lies in them (split at layer and buffer ends). The lent
+    /// staging itself where the backend lent staging; otherwise buffers of
+    /// `slab`, the payload packed across them, to be copied into the lent
+    /// memory when they come back (how many:
+    /// [`IncomingBlock::staging_for_fill`]).
+    /// `None` when part of the payload is already in, or `slab` has too few
+    /// free buffers. Hand them back, filled, with
     /// [`IncomingBlock::give_back_filled`]; dropping the block meanwhile
     /// stores nothing.
-    pub fn take_staging(&mut self) -> Option<(Vec<StagingBuffer>, ImagePieces)> {
+    pub fn take_staging(
+        &mut self,
+        slab: &Rc<StagingSlab>,
+    ) -> Option<(Vec<StagingBuffer>, ImagePieces)> {
+        if self.received != 0 {
+            return None;
+        }
         match &mut self.memory {
             LentMemory::Staging {
                 chunks,
                 chunk_bytes,
-            } if self.received == 0 && !chunks.is_empty() => Some((
-                std::mem::take(chunks),
-                self.geometry.image_pieces(0, *chunk_bytes),
-            )),
-            _ => None,
+            } => (!chunks.is_empty()).then(|| {
+                (
+                    std::mem::take(chunks),
+                    self.geometry.image_pieces(0, *chunk_bytes),
+                )
+            }),
+            LentMemory::Contiguous(_) => {
+                let chunk_bytes = slab.buffer_bytes() as u64;
+                let count = Self::staging_for_fill(&self.geometry, chunk_bytes);
+                // A short slab drops the buffers taken so far: back to it.
+                let buffers: Option<Vec<StagingBuffer>> =
+                    (0..count).map(|_| slab.acquire()).collect();
+                Some((buffers?, self.geometry.packed_pieces(0, chunk_bytes)))
+            }
         }
     }
 
+    /// Buffers of `chunk_bytes` that [`IncomingBlock::take_staging`] takes
+    /// from the slab for a block of `geometry` whose backend lent other
+    /// memory: the payload packed.
+    pub fn staging_for_fill(geometry: &Geometry, chunk_bytes: u64) -> u32 {
+        u32::try_from(geometry.block_bytes().div_ceil(chunk_bytes)).unwrap_or(u32::MAX)
+    }
+
     /// The buffers [`IncomingBlock::take_staging`] gave, with every run of
-    /// the payload written where it said: the block is complete.
+    /// the payload written where it said: the block is complete. Buffers of
+    /// the slab are copied into the lent memory (in payload order) and go
+    /// back to it.
     pub fn give_back_filled(&mut self, buffers: Vec<StagingBuffer>) {
-        let LentMemory::Staging { chunks, .. } = &mut self.memory else {
-            panic!("only staging is taken out");
-        };
         assert!(
-            chunks.is_empty() && !buffers.is_empty() && self.received == 0,
+            !buffers.is_empty() && self.received == 0,
             "the buffers of this block's take_staging"
         );
-        *chunks = buffers;
+        match &mut self.memory {
+            LentMemory::Staging { chunks, .. } => {
+                assert!(chunks.is_empty(), "the lent staging was taken out");
+                *chunks = buffers;
+            }
+            LentMemory::Contiguous(bytes) => {
+                for (chunk, buffer) in bytes.chunks_mut(buffers[0].len()).zip(&buffers) {
+                    chunk.copy_from_slice(&buffer.as_slice()[..chunk.len()]);
+                }
+            }
+        }
         self.received = self.payload_bytes();
     }
 

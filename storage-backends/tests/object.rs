@@ -293,7 +293,8 @@ fn server_killed_mid_read_fails_cleanly_and_a_retry_after_restart_succeeds() {
 /// `start_put` runs the PUT on the shard's workers: it returns at once, the
 /// outcome comes from `reap_puts`, and reads may be served meanwhile. A block
 /// of the wrong size is refused at once; bad credentials fail the put with
-/// the store's reason.
+/// the store's reason. Blocks received from a socket into the lent body, and
+/// read (as by RDMA) into slab buffers then copied into it, are PUT too.
 #[test]
 fn puts_started_without_waiting_land_and_report_through_reap_puts() {
     let Some((server, _one)) = Seaweed::start() else {
@@ -320,8 +321,7 @@ fn puts_started_without_waiting_land_and_report_through_reap_puts() {
         let mut block = shard
             .lend_for_put(full, BlockKey(20), FULL.block_bytes())
             .expect("a body");
-        // The body is no staging: no RDMA READ can land in it.
-        assert!(!shard.lends_staging() && block.take_staging().is_none());
+        assert!(!shard.lends_staging(), "the body a PUT sends is no staging");
         let writer = std::thread::spawn(move || sender.write_all(&bytes[..]).expect("send"));
         while !block.is_complete() {
             let count = block
@@ -335,13 +335,37 @@ fn puts_started_without_waiting_land_and_report_through_reap_puts() {
             PutStarted::InFlight
         ));
     }
-    assert_eq!(shard.puts_in_flight(), 11);
+    // A store read by RDMA: slab buffers with the payload packed across
+    // them (filled here at the places named, in reverse, as a NIC may), then
+    // copied into the body; the buffers go back to the slab.
+    {
+        let bytes = payload(21, &FULL);
+        let mut block = shard
+            .lend_for_put(full, BlockKey(21), FULL.block_bytes())
+            .expect("a body");
+        let (mut buffers, pieces) = block
+            .take_staging(shard.slab())
+            .expect("slab buffers for the read");
+        let pieces: Vec<_> = pieces.collect();
+        for piece in pieces.iter().rev() {
+            let from = piece.payload_offset as usize;
+            buffers[piece.chunk].as_mut_slice()[piece.chunk_offset..piece.chunk_offset + piece.len]
+                .copy_from_slice(&bytes[from..from + piece.len]);
+        }
+        block.give_back_filled(buffers);
+        assert_eq!(shard.slab().buffers_in_use(), 0);
+        assert!(matches!(
+            shard.start_received_put(block, 21),
+            PutStarted::InFlight
+        ));
+    }
+    assert_eq!(shard.puts_in_flight(), 12);
     assert_eq!(
         read(&mut shard, full, 1, 0..8).expect("a read while puts run"),
         payload(1, &FULL)
     );
     let mut finished = Vec::new();
-    while finished.len() < 11 {
+    while finished.len() < 12 {
         shard.reap(&mut Vec::new(), true).expect("reap");
         shard.reap_puts(&mut finished);
     }
@@ -354,8 +378,8 @@ fn puts_started_without_waiting_land_and_report_through_reap_puts() {
         })
         .collect();
     tags.sort_unstable();
-    assert_eq!(tags, (10..=20).collect::<Vec<u64>>());
-    for key in 10..=20 {
+    assert_eq!(tags, (10..=21).collect::<Vec<u64>>());
+    for key in 10..=21 {
         assert_eq!(
             read(&mut shard, full, key, 0..8).expect("stored"),
             payload(key, &FULL)

@@ -875,7 +875,9 @@ fn staging_taken_out_and_filled_at_its_pieces_is_stored_and_reads_back() {
             .lend_for_put(namespace, BlockKey(key), geometry.block_bytes())
             .expect("staging for one block");
         assert!(shard.lends_staging());
-        let (mut buffers, pieces) = block.take_staging().expect("uring lends staging");
+        let (mut buffers, pieces) = block
+            .take_staging(shard.slab())
+            .expect("uring lends staging");
         let pieces: Vec<_> = pieces.collect();
         assert_eq!(
             pieces.iter().map(|piece| piece.len as u64).sum::<u64>(),
@@ -911,14 +913,14 @@ fn staging_taken_out_and_filled_at_its_pieces_is_stored_and_reads_back() {
         .expect("staging");
     started.copy_from(&[1; 100]);
     assert!(
-        started.take_staging().is_none(),
+        started.take_staging(shard.slab()).is_none(),
         "a block partly received keeps its staging"
     );
     drop(started);
     let mut abandoned = shard
         .lend_for_put(namespace, BlockKey(44), ALIGNED.block_bytes())
         .expect("staging");
-    let (buffers, _) = abandoned.take_staging().expect("staging");
+    let (buffers, _) = abandoned.take_staging(shard.slab()).expect("staging");
     drop(buffers);
     drop(abandoned);
     assert_eq!(shard.slab().buffers_in_use(), 0);

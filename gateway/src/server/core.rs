@@ -16,7 +16,9 @@ use protocol::{
     decode_store, decode_store_prefix, ErrorCode, Frame, FrameType, Header, Load, StorePrefix,
     HEADER_BYTES,
 };
-use storage_backends::{BlockStore, PutStarted, ReadCompletion, ReadRequest, StoreError};
+use storage_backends::{
+    BlockStore, IncomingBlock, PutStarted, ReadCompletion, ReadRequest, StoreError,
+};
 use transport::{RemoteRead, RemoteWrite};
 
 use super::connection::{
@@ -597,8 +599,9 @@ impl<S: BlockStore> Core<S> {
                 message: "this gateway serves TCP only (no RDMA device, or rdma.transport = \"tcp\"); connect without RDMA".into(),
             });
         };
-        let store_reads = self.shard.lends_staging();
-        match connection.enable_rdma(&rdma.verbs, &rdma.staging, endpoint, store_reads) {
+        // Every backend takes stores by RDMA READ: into the staging its put
+        // writes from, or into slab buffers copied into the memory it lent.
+        match connection.enable_rdma(&rdma.verbs, &rdma.staging, endpoint, true) {
             Ok(event_fd) => {
                 if let Some(fd) = event_fd {
                     if let Err(error) = self.setup.poll.registry().register(
@@ -751,7 +754,7 @@ impl<S: BlockStore> Core<S> {
                 return Handled::Done;
             }
         };
-        let namespace = match self.store_admission(index, &prefix.namespace) {
+        let namespace = match self.store_admission(index, &prefix.namespace, false) {
             Admission::Refused(refusal) => {
                 self.answer_store(index, prefix.request_id, Err(refusal));
                 return Handled::Done;
@@ -777,7 +780,7 @@ impl<S: BlockStore> Core<S> {
     /// and the connection reads the rest straight into it. A refused store's
     /// payload is read and dropped.
     fn on_store_head(&mut self, index: usize, prefix: StorePrefix, head_bytes: usize) -> Handled {
-        let lent = match self.store_admission(index, &prefix.namespace) {
+        let lent = match self.store_admission(index, &prefix.namespace, false) {
             Admission::Later => return Handled::Later,
             Admission::Gone => return Handled::Done,
             Admission::Refused(refusal) => Err(refusal),
@@ -859,7 +862,7 @@ impl<S: BlockStore> Core<S> {
             );
             return Handled::Done;
         }
-        let namespace = match self.store_admission(index, &store.namespace) {
+        let namespace = match self.store_admission(index, &store.namespace, true) {
             Admission::Later => return Handled::Later,
             Admission::Gone => return Handled::Done,
             Admission::Refused(refusal) => {
@@ -888,8 +891,9 @@ impl<S: BlockStore> Core<S> {
                 return Handled::Done;
             }
         };
-        let Some((buffers, pieces)) = block.take_staging() else {
-            unreachable!("store reads are offered only by shards that lend staging");
+        let Some((buffers, pieces)) = block.take_staging(self.shard.slab()) else {
+            // Admission saw the buffers free; nothing else takes them meanwhile.
+            unreachable!("staging for a store read was admitted");
         };
         let layer_bytes = geometry.layer_bytes();
         let connection = self.connections[index].as_mut().expect("admitted");
@@ -965,8 +969,10 @@ impl<S: BlockStore> Core<S> {
         started
     }
 
-    /// Whether a store into `namespace` may start now on this connection.
-    fn store_admission(&mut self, index: usize, namespace_name: &str) -> Admission {
+    /// Whether a store into `namespace` may start now on this connection
+    /// (`by_read`: a `StoreFromRegion`, which on a backend that lends other
+    /// memory than staging also takes slab buffers for the read to land in).
+    fn store_admission(&mut self, index: usize, namespace_name: &str, by_read: bool) -> Admission {
         // StoreDone goes out when the block is durable; the loop serves reads
         // meanwhile (the put's writes and syncs run on the shard's ring).
         let Some(connection) = self.connections[index].as_mut() else {
@@ -1008,11 +1014,21 @@ impl<S: BlockStore> Core<S> {
         // the next free buffers, instead of the loop waiting here or refusing
         // it. Stores arrive at the client's pace: capped, they cannot take
         // every buffer from the loads.
-        let needed = self.shard.put_staging_buffers(namespace);
+        let slab = self.shard.slab();
+        let read_into = if by_read && !self.shard.lends_staging() {
+            IncomingBlock::staging_for_fill(
+                &self.shard.geometry(namespace),
+                slab.buffer_bytes() as u64,
+            )
+        } else {
+            0
+        };
+        let needed = self.shard.put_staging_buffers(namespace) + read_into;
         let receiving = self.staging_lent_to_receiving_stores();
-        let cap = self.shard.slab().buffer_count() / 2;
+        let cap = slab.buffer_count() / 2;
         let over_cap = receiving > 0 && receiving + needed > cap;
-        if over_cap || self.shard.put_must_wait(namespace) {
+        let short = slab.buffer_count() - slab.buffers_in_use() < read_into;
+        if over_cap || short || self.shard.put_must_wait(namespace) {
             if let Some(connection) = self.connections[index].as_mut() {
                 connection
                     .store_waiting_since
