@@ -127,15 +127,14 @@ impl IncomingBlock {
 
     /// Staging buffers for a payload that will be written into them behind
     /// Rust's back (an RDMA READ posted into them), with where each run of
-    /// the payload lies in them (split at layer and buffer ends). The lent
+    /// the payload lies in them (split at layer and buffer ends): the lent
     /// staging itself where the backend lent staging; otherwise buffers of
-    /// `slab`, the payload packed across them, to be copied into the lent
-    /// memory when they come back (how many:
-    /// [`IncomingBlock::staging_for_fill`]).
-    /// `None` when part of the payload is already in, or `slab` has too few
-    /// free buffers. Hand them back, filled, with
-    /// [`IncomingBlock::give_back_filled`]; dropping the block meanwhile
-    /// stores nothing.
+    /// `slab` with the payload packed across them
+    /// ([`IncomingBlock::staging_for_fill`] of them), copied into the lent
+    /// memory when they come back. `None` when part of the payload is
+    /// already in, or `slab` has too few free buffers. Hand them back,
+    /// filled, with [`IncomingBlock::give_back_filled`]; dropping the block
+    /// meanwhile stores nothing.
     pub fn take_staging(
         &mut self,
         slab: &Rc<StagingSlab>,
@@ -186,7 +185,13 @@ impl IncomingBlock {
                 *chunks = buffers;
             }
             LentMemory::Contiguous(bytes) => {
-                for (chunk, buffer) in bytes.chunks_mut(buffers[0].len()).zip(&buffers) {
+                let chunk_bytes = buffers[0].len();
+                assert_eq!(
+                    bytes.len().div_ceil(chunk_bytes),
+                    buffers.len(),
+                    "the buffers of this block's take_staging"
+                );
+                for (chunk, buffer) in bytes.chunks_mut(chunk_bytes).zip(&buffers) {
                     chunk.copy_from_slice(&buffer.as_slice()[..chunk.len()]);
                 }
             }
