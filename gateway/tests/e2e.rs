@@ -14,7 +14,7 @@ use client::{BlockStatus, Client, ClientError, ClientOptions, GatewayCode, Regio
 use gateway::synthetic;
 use protocol::BlockLoad;
 use test_support::{
-    import_synthetic, read_frame, wait_until, GatewayProcess, UringGatewayConfig, TEST_BLOCK_BYTES,
+    import_synthetic, read_frame, wait_until, GatewayProcess, TestGatewayConfig, TEST_BLOCK_BYTES,
     TEST_LAYERS, TEST_LAYER_BYTES,
 };
 
@@ -35,12 +35,12 @@ struct Gateway {
 
 /// `extra_lines` go into the `[gateway]` table.
 fn write_config(dir: &Path, extra_lines: &str) -> PathBuf {
-    UringGatewayConfig {
+    TestGatewayConfig {
         gateway_lines: format!(
             "listen_unix = \"{}\"\nmetrics_listen = \"127.0.0.1:0\"\n{extra_lines}",
             dir.join("gw.sock").display()
         ),
-        ..UringGatewayConfig::default()
+        ..TestGatewayConfig::default()
     }
     .write(dir)
 }
@@ -1069,9 +1069,9 @@ impl Gateway {
     }
 
     fn restart_in_place(&mut self) {
-        let config = UringGatewayConfig {
+        let config = TestGatewayConfig {
             listen_tcp: self.tcp.clone(),
-            ..UringGatewayConfig::default()
+            ..TestGatewayConfig::default()
         }
         .write(self._dir.path());
         let mut command = Command::new(BINARY);
@@ -1858,9 +1858,9 @@ fn an_unreachable_gateway_is_left_out_at_connect() {
 fn a_gateway_without_io_uring_serves_loads_on_the_blocking_engine() {
     const COUNT: u64 = 300;
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = UringGatewayConfig {
+    let config = TestGatewayConfig {
         tables: "io_engine = \"blocking\"".into(),
-        ..UringGatewayConfig::default()
+        ..TestGatewayConfig::default()
     }
     .write(dir.path());
     for namespace in ["full", "layer"] {
@@ -1991,7 +1991,7 @@ fn refuse_io_uring(command: &mut Command) {
 fn a_gateway_refused_io_uring_by_seccomp_falls_back_and_serves() {
     const COUNT: u64 = 64;
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = UringGatewayConfig::default().write(dir.path());
+    let config = TestGatewayConfig::default().write(dir.path());
     import_synthetic(BINARY, &config, "layer", COUNT, SEED);
     let mut command = Command::new(BINARY);
     command.arg("--config").arg(&config).arg("serve");
@@ -2019,9 +2019,9 @@ fn a_gateway_refused_io_uring_by_seccomp_falls_back_and_serves() {
     }
     drop(gateway);
 
-    let strict = UringGatewayConfig {
+    let strict = TestGatewayConfig {
         tables: "io_engine = \"uring\"".into(),
-        ..UringGatewayConfig::default()
+        ..TestGatewayConfig::default()
     }
     .write(dir.path());
     let mut command = Command::new(BINARY);

@@ -15,7 +15,7 @@ use client::gpu::{DeviceRegion, GpuDevice, GpuError};
 use client::{BlockLoad, Client, ClientOptions};
 use gateway::synthetic;
 use test_support::{
-    import_synthetic, GatewayProcess, UringGatewayConfig, TEST_BLOCK_BYTES, TEST_LAYERS,
+    import_synthetic, GatewayProcess, TestGatewayConfig, TEST_BLOCK_BYTES, TEST_LAYERS,
     TEST_LAYER_BYTES,
 };
 
@@ -43,10 +43,10 @@ fn gpu() -> Option<Arc<GpuDevice>> {
 }
 
 fn write_config(dir: &Path) -> PathBuf {
-    UringGatewayConfig {
+    TestGatewayConfig {
         gateway_lines: String::new(),
         staging_bytes_per_core: "8MiB",
-        ..UringGatewayConfig::default()
+        ..TestGatewayConfig::default()
     }
     .write(dir)
 }

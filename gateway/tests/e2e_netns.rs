@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use client::{BlockLoad, Client, ClientOptions, Policy, Region};
 use gateway::synthetic;
 use test_support::{
-    import_synthetic, wait_until, GatewayProcess, UringGatewayConfig, TEST_BLOCK_BYTES, TEST_LAYERS,
+    import_synthetic, wait_until, GatewayProcess, TestGatewayConfig, TEST_BLOCK_BYTES, TEST_LAYERS,
 };
 
 const BINARY: &str = env!("CARGO_BIN_EXE_dualpath");
@@ -89,12 +89,12 @@ impl Drop for Namespace {
 }
 
 fn write_config(dir: &Path, listen: &str) -> PathBuf {
-    UringGatewayConfig {
+    TestGatewayConfig {
         cores: 1,
         listen_tcp: listen.to_owned(),
         gateway_lines: String::new(),
         namespaces: vec![("kv", "layer")],
-        ..UringGatewayConfig::default()
+        ..TestGatewayConfig::default()
     }
     .write(dir)
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use block_layout::BlockKey;
 use client::{BlockLoad, BlockStatus, Client, ClientOptions, GatewayCode, Region};
 use gateway::synthetic;
-use test_support::{GatewayProcess, Seaweed, ACCESS_KEY, BUCKET, SECRET_KEY};
+use test_support::{GatewayProcess, Seaweed, TestGatewayConfig, ACCESS_KEY, SECRET_KEY};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_dualpath");
 const SEED: u64 = 77;
@@ -18,42 +18,12 @@ const BLOCKS: u64 = 64;
 const BLOCK_BYTES: usize = 8 * 4096;
 
 fn write_config(dir: &Path, endpoint: &str) -> std::path::PathBuf {
-    let text = format!(
-        r#"
-[gateway]
-cores = 2
-listen_tcp = "127.0.0.1:0"
-metrics_listen = "127.0.0.1:0"
-[staging]
-bytes_per_core = "4MiB"
-buffer_bytes = "64KiB"
-huge_pages = "off"
-[storage]
-backend = "object"
-[storage.object]
-endpoint = "{endpoint}"
-bucket = "{BUCKET}"
-prefix = "e2e/"
-concurrency = 8
-[[namespace]]
-name = "full"
-layers = 8
-tokens_per_block = 16
-bytes_per_token_per_layer = 256
-layout = "full"
-capacity = "64MiB"
-[[namespace]]
-name = "layer"
-layers = 8
-tokens_per_block = 16
-bytes_per_token_per_layer = 256
-layout = "layer"
-capacity = "64MiB"
-"#
-    );
-    let path = dir.join("gateway.toml");
-    std::fs::write(&path, text).expect("config");
-    path
+    TestGatewayConfig {
+        object_endpoint: Some(endpoint.to_owned()),
+        object_prefix: "e2e/",
+        ..TestGatewayConfig::default()
+    }
+    .write(dir)
 }
 
 /// Credentials come from the environment, as AWS tools take them.

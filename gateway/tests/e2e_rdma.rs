@@ -15,8 +15,8 @@ use client::{BlockStatus, Client, ClientError, ClientOptions, GatewayCode, RdmaO
 use gateway::synthetic;
 use protocol::BlockLoad;
 use test_support::{
-    import_synthetic, read_frame, GatewayProcess, UringGatewayConfig, TEST_BLOCK_BYTES,
-    TEST_LAYERS, TEST_LAYER_BYTES,
+    import_synthetic, read_frame, GatewayProcess, TestGatewayConfig, TEST_BLOCK_BYTES, TEST_LAYERS,
+    TEST_LAYER_BYTES,
 };
 
 const BINARY: &str = env!("CARGO_BIN_EXE_dualpath");
@@ -50,13 +50,13 @@ struct Gateway {
 
 /// `listen_tcp`: "127.0.0.1:0" for a free port, or a restarted gateway's.
 fn write_config(dir: &Path, device: &str, transport: &str, listen_tcp: &str) -> PathBuf {
-    UringGatewayConfig {
+    TestGatewayConfig {
         cores: 1,
         listen_tcp: listen_tcp.to_owned(),
         tables: format!(
             "[rdma]\ntransport = \"{transport}\"\ndevice = \"{device}\"\ngid_index = 1\ntraffic_class = {TRAFFIC_CLASS}\nservice_level = 2"
         ),
-        ..UringGatewayConfig::default()
+        ..TestGatewayConfig::default()
     }
     .write(dir)
 }
@@ -804,6 +804,55 @@ impl RawRdmaClient {
     }
 }
 
+/// A pool of `count` blocks, `stored_block(first + i)` at `i * BLOCK_BYTES`,
+/// and each one's (key, offset).
+fn pool_of_stored_blocks(
+    first: u64,
+    count: u64,
+) -> (Arc<Region>, Vec<(block_layout::BlockKey, u64)>) {
+    let pool = Arc::new(Region::allocate(count as usize * BLOCK_BYTES));
+    let blocks = (0..count)
+        .map(|index| {
+            let (key, bytes) = stored_block(first + index);
+            pool.write(index as usize * BLOCK_BYTES, &bytes);
+            (key, index * BLOCK_BYTES as u64)
+        })
+        .collect();
+    (pool, blocks)
+}
+
+/// Loads the stored `blocks` of `pool` ((key, offset) each, from the
+/// "full" namespace) into a fresh region at the same offsets: every byte
+/// as it lies in the pool.
+fn assert_pool_loads_back(
+    client: &Client,
+    pool: &Region,
+    blocks: &[(block_layout::BlockKey, u64)],
+) {
+    let target = Arc::new(Region::allocate(pool.len()));
+    let target_id = client
+        .register_region(Arc::clone(&target))
+        .expect("register");
+    let wanted: Vec<BlockLoad> = blocks
+        .iter()
+        .map(|(key, offset)| BlockLoad {
+            key: *key,
+            layers: 0..LAYERS,
+            dest_offset: *offset,
+        })
+        .collect();
+    let report = client
+        .load("full", target_id, &wanted, 0)
+        .expect("load")
+        .wait(WAIT)
+        .expect("finished");
+    assert!(report.all_done(), "{:?}", report.failed().next());
+    assert!(
+        target.read(0, target.len()) == pool.read(0, pool.len()),
+        "every block loads back as it lies in the pool"
+    );
+}
+
 /// Blocks of `SEED + 1`: what the store tests write.
 fn stored_block(index: u64) -> (block_layout::BlockKey, Vec<u8>) {
     let key = synthetic::key(SEED + 1, index);
@@ -1221,14 +1270,7 @@ fn stores_by_rdma_read_in_flight_when_the_gateway_restarts_complete() {
     let mut gateway = Gateway::start(&device, "rdma");
     let client = gateway.client(&device, true);
     const STORED: u64 = 6;
-    let pool = Arc::new(Region::allocate(STORED as usize * BLOCK_BYTES));
-    let blocks: Vec<(block_layout::BlockKey, u64)> = (0..STORED)
-        .map(|index| {
-            let (key, bytes) = stored_block(300 + index);
-            pool.write(index as usize * BLOCK_BYTES, &bytes);
-            (key, index * BLOCK_BYTES as u64)
-        })
-        .collect();
+    let (pool, blocks) = pool_of_stored_blocks(300, STORED);
     let id = client.register_region(Arc::clone(&pool)).expect("register");
     let pid = nix::unistd::Pid::from_raw(i32::try_from(gateway.process.child.id()).expect("pid"));
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
@@ -1248,28 +1290,7 @@ fn stores_by_rdma_read_in_flight_when_the_gateway_restarts_complete() {
         STORED * BLOCK_BYTES as u64,
         "the restarted gateway read every block"
     );
-    let target = Arc::new(Region::allocate(STORED as usize * BLOCK_BYTES));
-    let target_id = client
-        .register_region(Arc::clone(&target))
-        .expect("register");
-    let wanted: Vec<BlockLoad> = blocks
-        .iter()
-        .map(|(key, offset)| BlockLoad {
-            key: *key,
-            layers: 0..LAYERS,
-            dest_offset: *offset,
-        })
-        .collect();
-    let report = client
-        .load("full", target_id, &wanted, 0)
-        .expect("load")
-        .wait(WAIT)
-        .expect("finished");
-    assert!(report.all_done(), "{:?}", report.failed().next());
-    assert!(
-        target.read(0, target.len()) == pool.read(0, pool.len()),
-        "every block loads back as it lies in the pool"
-    );
+    assert_pool_loads_back(&client, &pool, &blocks);
 }
 
 /// A gateway on an object store (a real SeaweedFS in the VM) takes stores by
@@ -1283,43 +1304,15 @@ fn an_object_store_gateway_takes_stores_by_rdma_read() {
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("gateway.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"[gateway]
-cores = 1
-listen_tcp = "127.0.0.1:0"
-metrics_listen = "127.0.0.1:0"
-[staging]
-bytes_per_core = "4MiB"
-buffer_bytes = "64KiB"
-huge_pages = "off"
-[storage]
-backend = "object"
-[storage.object]
-endpoint = "{endpoint}"
-bucket = "{bucket}"
-prefix = "rdma/"
-concurrency = 4
-[rdma]
-transport = "rdma"
-device = "{device}"
-gid_index = 1
-[[namespace]]
-name = "full"
-layers = {LAYERS}
-tokens_per_block = 16
-bytes_per_token_per_layer = {per_token}
-layout = "full"
-capacity = "64MiB"
-"#,
-            endpoint = server.endpoint(),
-            bucket = test_support::BUCKET,
-            per_token = LAYER_BYTES / 16,
-        ),
-    )
-    .expect("config");
+    let config = TestGatewayConfig {
+        object_endpoint: Some(server.endpoint()),
+        object_prefix: "rdma/",
+        cores: 1,
+        tables: format!("[rdma]\ntransport = \"rdma\"\ndevice = \"{device}\"\ngid_index = 1"),
+        namespaces: vec![("full", "full")],
+        ..TestGatewayConfig::default()
+    }
+    .write(dir.path());
     let mut command = Command::new(BINARY);
     command
         .arg("--config")
@@ -1345,14 +1338,7 @@ capacity = "64MiB"
         "an object-store gateway reads stores too"
     );
     const STORED: u64 = 8;
-    let pool = Arc::new(Region::allocate(STORED as usize * BLOCK_BYTES));
-    let blocks: Vec<(block_layout::BlockKey, u64)> = (0..STORED)
-        .map(|index| {
-            let (key, bytes) = stored_block(400 + index);
-            pool.write(index as usize * BLOCK_BYTES, &bytes);
-            (key, index * BLOCK_BYTES as u64)
-        })
-        .collect();
+    let (pool, blocks) = pool_of_stored_blocks(400, STORED);
     let id = client.register_region(Arc::clone(&pool)).expect("register");
     client
         .store_many_from_region("full", id, &blocks, 0)
@@ -1362,25 +1348,7 @@ capacity = "64MiB"
             as u64,
         STORED * BLOCK_BYTES as u64
     );
-    let target = Arc::new(Region::allocate(STORED as usize * BLOCK_BYTES));
-    let target_id = client
-        .register_region(Arc::clone(&target))
-        .expect("register");
-    let wanted: Vec<BlockLoad> = blocks
-        .iter()
-        .map(|(key, offset)| BlockLoad {
-            key: *key,
-            layers: 0..LAYERS,
-            dest_offset: *offset,
-        })
-        .collect();
-    let report = client
-        .load("full", target_id, &wanted, 0)
-        .expect("load")
-        .wait(WAIT)
-        .expect("finished");
-    assert!(report.all_done(), "{:?}", report.failed().next());
-    assert!(target.read(0, target.len()) == pool.read(0, pool.len()));
+    assert_pool_loads_back(&client, &pool, &blocks);
     test_support::wait_until("the read buffers go back to the slab", WAIT, || {
         gateway.metric_sum("dualpath_staging_bytes_in_use") as u64 == 0
     });

@@ -12,7 +12,7 @@ use std::time::Duration;
 use client::{BlockLoad, Client, ClientOptions, Region, TlsOptions};
 use gateway::synthetic;
 use test_support::{
-    import_synthetic, GatewayProcess, UringGatewayConfig, TEST_BLOCK_BYTES, TEST_LAYERS,
+    import_synthetic, GatewayProcess, TestGatewayConfig, TEST_BLOCK_BYTES, TEST_LAYERS,
 };
 
 const BINARY: &str = env!("CARGO_BIN_EXE_dualpath");
@@ -35,13 +35,13 @@ fn write_config(dir: &Path, cert: &Path, key: &Path) -> PathBuf {
 }
 
 fn write_config_with(dir: &Path, cert: &Path, key: &Path, more: &str) -> PathBuf {
-    UringGatewayConfig {
+    TestGatewayConfig {
         gateway_lines: format!(
             "metrics_listen = \"127.0.0.1:0\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n{more}",
             cert.display(),
             key.display()
         ),
-        ..UringGatewayConfig::default()
+        ..TestGatewayConfig::default()
     }
     .write(dir)
 }

@@ -282,10 +282,17 @@ pub const TEST_LAYERS: u16 = 8;
 pub const TEST_LAYER_BYTES: usize = 4096;
 pub const TEST_BLOCK_BYTES: usize = TEST_LAYER_BYTES * TEST_LAYERS as usize;
 
-/// A gateway config on a `uring` store in a test directory: what differs
+/// A gateway config on a `uring` store in a test directory (or, with
+/// `object_endpoint`, on the test bucket of an S3 server): what differs
 /// between tests is set, the rest is the shared test shape.
 #[derive(Debug, Clone)]
-pub struct UringGatewayConfig {
+pub struct TestGatewayConfig {
+    /// An S3 endpoint (a `Seaweed`): the store is the object backend on
+    /// [`BUCKET`] under `object_prefix`; the gateway takes the credentials
+    /// from the environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`:
+    /// [`ACCESS_KEY`], [`SECRET_KEY`]), as AWS tools do.
+    pub object_endpoint: Option<String>,
+    pub object_prefix: &'static str,
     pub cores: u32,
     pub listen_tcp: String,
     /// Extra lines for the `[gateway]` table (unix socket, metrics, TLS, ...).
@@ -297,9 +304,11 @@ pub struct UringGatewayConfig {
     pub namespaces: Vec<(&'static str, &'static str)>,
 }
 
-impl Default for UringGatewayConfig {
+impl Default for TestGatewayConfig {
     fn default() -> Self {
         Self {
+            object_endpoint: None,
+            object_prefix: "test/",
             cores: 2,
             listen_tcp: "127.0.0.1:0".into(),
             gateway_lines: "metrics_listen = \"127.0.0.1:0\"".into(),
@@ -310,16 +319,25 @@ impl Default for UringGatewayConfig {
     }
 }
 
-impl UringGatewayConfig {
-    /// Writes `gateway.toml` into `dir` (the store goes to `dir/store`).
+impl TestGatewayConfig {
+    /// Writes `gateway.toml` into `dir` (a `uring` store goes to `dir/store`).
     pub fn write(&self, dir: &std::path::Path) -> PathBuf {
+        let storage = match &self.object_endpoint {
+            None => format!(
+                "backend = \"uring\"\npath = \"{}\"\nqueue_depth = 32",
+                dir.join("store").display()
+            ),
+            Some(endpoint) => format!(
+                "backend = \"object\"\n[storage.object]\nendpoint = \"{endpoint}\"\nbucket = \"{BUCKET}\"\nprefix = \"{}\"\nconcurrency = 8",
+                self.object_prefix
+            ),
+        };
         let mut text = format!(
-            "[gateway]\ncores = {}\nlisten_tcp = \"{}\"\n{}\n[staging]\nbytes_per_core = \"{}\"\nbuffer_bytes = \"64KiB\"\nhuge_pages = \"off\"\n[storage]\nbackend = \"uring\"\npath = \"{}\"\nqueue_depth = 32\n{}\n",
+            "[gateway]\ncores = {}\nlisten_tcp = \"{}\"\n{}\n[staging]\nbytes_per_core = \"{}\"\nbuffer_bytes = \"64KiB\"\nhuge_pages = \"off\"\n[storage]\n{storage}\n{}\n",
             self.cores,
             self.listen_tcp,
             self.gateway_lines,
             self.staging_bytes_per_core,
-            dir.join("store").display(),
             self.tables,
         );
         for (name, layout) in &self.namespaces {
