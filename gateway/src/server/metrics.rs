@@ -211,7 +211,7 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     describe_counter!("dualpath_blocks_stored_total", "Blocks stored by clients");
     describe_counter!(
         "dualpath_store_payload_bytes_total",
-        "Stores' payload bytes by how they reached staging: in_place (read from the socket straight into it) copied (arrived with the frame's head) or rdma_read (read from the client's registered memory by RDMA READ straight into it)"
+        "Stores' payload bytes by how they reached staging: in_place (read from the socket straight into it), copied (arrived with the frame's head) or rdma_read (read from the client's registered memory by RDMA READ straight into it)"
     );
     describe_counter!("dualpath_errors_total", "Errors by kind");
     describe_gauge!("dualpath_connected_clients", "Client connections open");
