@@ -12,8 +12,8 @@ build_log=$(mktemp)
 vm_log=$(mktemp)
 trap 'rm -f "$build_log" "$vm_log"' EXIT
 cargo build -q -p gateway --bin dualpath || exit 1
-cargo test -p verbs -p gateway --test loopback --test e2e_rdma --no-run 2>"$build_log" || { cat "$build_log"; exit 1; }
-binaries=$(sed -nE 's/.*Executable tests\/(loopback|e2e_rdma)\.rs \((.*)\)/\2/p' "$build_log" | tr '\n' ' ')
+cargo test -p verbs -p transport -p gateway --test loopback --test rdma_reads --test e2e_rdma --no-run 2>"$build_log" || { cat "$build_log"; exit 1; }
+binaries=$(sed -nE 's/.*Executable tests\/(loopback|rdma_reads|e2e_rdma)\.rs \((.*)\)/\2/p' "$build_log" | tr '\n' ' ')
 [ -n "$binaries" ] || { echo "test-rdma: no test binaries found"; cat "$build_log"; exit 1; }
 mkdir -p target/rdma-tmp
 # O_DIRECT needs a real file system: the VM's /tmp is tmpfs, the repository is not.
