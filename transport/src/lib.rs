@@ -51,8 +51,12 @@ pub struct RemoteRead {
     pub tag: u64,
     pub region_id: u32,
     pub buffers: Vec<StagingBuffer>,
-    pub pieces: Vec<(u64, usize, Range<usize>)>,
+    pub pieces: ReadPieces,
 }
+
+/// Where each piece of a [`RemoteRead`] comes from and lands: (offset in the
+/// client's region, index into the read's buffers, range of that buffer).
+pub type ReadPieces = Vec<(u64, usize, Range<usize>)>;
 
 /// Vectors kept for reuse, so that the read path does not allocate per read:
 /// a transport takes one when it queues work and gives it back, cleared, when
@@ -123,8 +127,14 @@ pub trait Transport {
     fn read(&mut self, read: RemoteRead) -> Result<(), RemoteRead> {
         Err(read)
     }
+    /// An empty pieces list for the next `read`, recycled from finished reads.
+    fn read_pieces(&mut self) -> ReadPieces {
+        Vec::new()
+    }
     /// A read queued with [`Transport::read`] whose every piece has landed
     /// (in the order they were queued), once `progress` has seen it complete.
+    /// Its `pieces` come back empty: the transport keeps the list for
+    /// [`Transport::read_pieces`].
     fn take_finished_read(&mut self) -> Option<RemoteRead> {
         None
     }

@@ -26,7 +26,9 @@ use staging::StagingBuffer;
 use verbs::{Completion, QueuePair};
 
 use crate::rdma_sys::{post_buffer_read, post_buffer_write, SlabRegistration};
-use crate::{Pieces, Progress, RemoteRead, RemoteRegion, RemoteWrite, Spares, Transport};
+use crate::{
+    Pieces, Progress, ReadPieces, RemoteRead, RemoteRegion, RemoteWrite, Spares, Transport,
+};
 
 /// Largest notice sent as an inline SEND; larger ones go over TCP. The client
 /// posts receive buffers of at least this size.
@@ -89,6 +91,7 @@ pub struct RdmaTransport {
     /// Piece lists and notice bytes of work already posted, for reuse.
     spare_pieces: Spares<(u64, Range<usize>)>,
     spare_notices: Spares<u8>,
+    spare_read_pieces: Spares<(u64, usize, Range<usize>)>,
 }
 
 impl std::fmt::Debug for RdmaTransport {
@@ -128,6 +131,7 @@ impl RdmaTransport {
             broken: None,
             spare_pieces: Spares::default(),
             spare_notices: Spares::default(),
+            spare_read_pieces: Spares::default(),
         })
     }
 
@@ -406,8 +410,15 @@ impl Transport for RdmaTransport {
         Ok(())
     }
 
+    fn read_pieces(&mut self) -> ReadPieces {
+        self.spare_read_pieces.take()
+    }
+
     fn take_finished_read(&mut self) -> Option<RemoteRead> {
-        self.finished_reads.pop_front()
+        let mut read = self.finished_reads.pop_front()?;
+        self.spare_read_pieces
+            .give(std::mem::take(&mut read.pieces));
+        Some(read)
     }
 
     fn notify(&mut self, frame: &Frame) {

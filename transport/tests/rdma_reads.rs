@@ -137,6 +137,11 @@ fn reads_land_where_each_piece_says_in_parts_and_count_as_taken() {
     }
     assert_eq!(taken, 10 * PIECE as u64, "what was read counts as taken");
     assert_eq!(sent, 0, "nothing was sent");
+    assert!(read.pieces.is_empty(), "the transport kept the pieces list");
+    assert!(
+        transport.read_pieces().capacity() >= pieces.len(),
+        "the next read's pieces list is the finished one's, not a new allocation"
+    );
     drop(read);
 
     let buffers = vec![slab.acquire().expect("a free buffer")];

@@ -594,6 +594,11 @@ impl Connection {
         self.transport.read(read)
     }
 
+    /// An empty pieces list for the next `start_read`, recycled from finished reads.
+    pub fn read_pieces(&mut self) -> transport::ReadPieces {
+        self.transport.read_pieces()
+    }
+
     /// A read started with `start_read` whose every piece has landed.
     pub fn take_finished_read(&mut self) -> Option<RemoteRead> {
         self.transport.take_finished_read()

@@ -899,20 +899,20 @@ impl<S: BlockStore> Core<S> {
         let connection = self.connections[index].as_mut().expect("admitted");
         let tag = connection.next_read_tag;
         connection.next_read_tag += 1;
+        let mut read_pieces = connection.read_pieces();
+        read_pieces.extend(pieces.map(|piece| {
+            let layer = piece.payload_offset / layer_bytes;
+            let within = piece.payload_offset % layer_bytes;
+            (
+                source.offset + layer * source.layer_stride + within,
+                piece.chunk,
+                piece.chunk_offset..piece.chunk_offset + piece.len,
+            )
+        }));
         let read = RemoteRead {
             tag,
             region_id: store.region_id,
-            pieces: pieces
-                .map(|piece| {
-                    let layer = piece.payload_offset / layer_bytes;
-                    let within = piece.payload_offset % layer_bytes;
-                    (
-                        source.offset + layer * source.layer_stride + within,
-                        piece.chunk,
-                        piece.chunk_offset..piece.chunk_offset + piece.len,
-                    )
-                })
-                .collect(),
+            pieces: read_pieces,
             buffers,
         };
         let started = self.store_started(index);
