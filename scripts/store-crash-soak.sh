@@ -6,10 +6,30 @@
 # the restarted gateway). Needs the Python binding (pip install ./client-py).
 #   scripts/store-crash-soak.sh [ROUNDS]   (default 30; IO_ENGINE=blocking
 #   soaks the io_uring fallback)
+# RDMA=1: the same inside the Soft-RoCE VM (scripts/lib/vm.sh), over RDMA: the
+# client stores from a registered pool with store_from_region, so the gateway
+# reads each block with RDMA READ when it is killed (default 10 rounds: the
+# VM is emulated and slow).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-rounds=${1:-30}
-cargo build --release -q -p gateway --bin dualpath
+rdma=${RDMA:-0}
+if [ "$rdma" = 1 ]; then rounds=${1:-10}; else rounds=${1:-30}; fi
+if [ "$rdma" = 1 ] && [ -z "${RDMA_VM_DEV:-}" ]; then
+    # Here: build, then run this script again inside the VM, both ends there.
+    source scripts/lib/vm.sh
+    vm_require store-crash-soak
+    cargo build --release -q -p gateway --bin dualpath
+    python3 -c "import dualpath" || { echo "store-crash-soak: needs the Python binding: pip install ./client-py" >&2; exit 1; }
+    # O_DIRECT needs a real file system: the VM's /tmp is tmpfs, the repository is not.
+    mkdir -p target/rdma-tmp
+    vm_log=$(mktemp)
+    trap 'rm -f "$vm_log"' EXIT
+    status=0
+    vm_run store-crash-soak rxe0 "$vm_log" --timeout $((rounds * 60 + 300)) -- \
+        env TMPDIR="$PWD/target/rdma-tmp" SOAK_BUILT=1 scripts/store-crash-soak.sh "$rounds" || status=$?
+    exit "$status"
+fi
+[ -n "${SOAK_BUILT:-}" ] || cargo build --release -q -p gateway --bin dualpath
 bin=$PWD/target/release/dualpath
 writer=$PWD/scripts/store_crash_writer.py
 work=$(mktemp -d)
@@ -20,10 +40,21 @@ cleanup() {
 }
 trap cleanup EXIT
 port=$((20000 + RANDOM % 20000))
+if [ "$rdma" = 1 ]; then
+    host=$RDMA_VM_IP
+    rdma_table="[rdma]
+transport = \"rdma\"
+device = \"$RDMA_VM_DEV\"
+gid_index = 1"
+else
+    host=127.0.0.1
+    rdma_table=
+fi
 cat >"$work/gateway.toml" <<CONFIG
 [gateway]
 cores = 2
-listen_tcp = "127.0.0.1:$port"
+listen_tcp = "$host:$port"
+$rdma_table
 [staging]
 bytes_per_core = "8MiB"
 buffer_bytes = "256KiB"
@@ -58,7 +89,7 @@ for round in $(seq 1 "$rounds"); do
     rm -rf "$work/store" "$work/acked" "$work/acked.connected"
     touch "$work/acked"
     start_gateway
-    python3 "$writer" write "127.0.0.1:$port" "$work/acked" &
+    python3 "$writer" write "$host:$port" "$work/acked" $([ "$rdma" = 1 ] && echo rdma) &
     writer_pid=$!
     # The kill lands mid-store, not before the client has connected (Python
     # takes its time to start).
@@ -67,7 +98,11 @@ for round in $(seq 1 "$rounds"); do
         kill -0 "$writer_pid" 2>/dev/null || break
         sleep 0.05
     done
-    sleep "0.$(printf '%03d' $((RANDOM % 900 + 100)))"
+    if [ "$rdma" = 1 ]; then
+        sleep "$((RANDOM % 2)).$(printf '%03d' $((RANDOM % 1000)))"
+    else
+        sleep "0.$(printf '%03d' $((RANDOM % 900 + 100)))"
+    fi
     kill -9 "$gateway_pid"
     wait "$gateway_pid" 2>/dev/null || true
     gateway_pid=
@@ -81,7 +116,7 @@ for round in $(seq 1 "$rounds"); do
         *) echo "store-crash-soak: round $round: $report" >&2; exit 1 ;;
     esac
     start_gateway
-    if ! checked=$(python3 "$writer" check "127.0.0.1:$port" "$work/acked" 2>&1); then
+    if ! checked=$(python3 "$writer" check "$host:$port" "$work/acked" $([ "$rdma" = 1 ] && echo rdma) 2>&1); then
         echo "store-crash-soak: round $round: $checked" >&2
         exit 1
     fi
@@ -90,4 +125,5 @@ for round in $(seq 1 "$rounds"); do
     gateway_pid=
     acked_total=$((acked_total + $(wc -l <"$work/acked")))
 done
-echo "store-crash-soak: $rounds rounds, gateway SIGKILLed mid-store each time: $acked_total acknowledged blocks all there, none torn"
+how=$([ "$rdma" = 1 ] && echo "stores by RDMA READ" || echo "stores over TCP")
+echo "store-crash-soak: $rounds rounds ($how), gateway SIGKILLed mid-store each time: $acked_total acknowledged blocks all there, none torn"

@@ -12,7 +12,10 @@ vm_boot_watched() {
     local name=$1 sign=$2 log=$3
     shift 3
     : >"$log"
-    RDMA_VM_ACCEL=${RDMA_VM_ACCEL:-auto} setsid "$VM" "$@" > >(tee "$log") 2>&1 &
+    # No input: started in the background by a shell with job control, the VM
+    # would otherwise stop at its first read of the terminal, silent until the
+    # watchdog ends it (seen here).
+    RDMA_VM_ACCEL=${RDMA_VM_ACCEL:-auto} setsid "$VM" "$@" </dev/null > >(tee "$log") 2>&1 &
     local vm=$!
     (
         # Waiting in `wait` (not in a foreground sleep) lets TERM end the
