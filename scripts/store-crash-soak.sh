@@ -25,11 +25,12 @@ if [ "$rdma" = 1 ] && [ -z "${RDMA_VM_DEV:-}" ]; then
     vm_log=$(mktemp)
     trap 'rm -f "$vm_log"' EXIT
     status=0
-    vm_run store-crash-soak rxe0 "$vm_log" --timeout $((rounds * 60 + 300)) -- \
+    vm_run store-crash-soak "store-crash-soak: inside the VM" "$vm_log" --timeout $((rounds * 60 + 300)) -- \
         env TMPDIR="$PWD/target/rdma-tmp" SOAK_BUILT=1 scripts/store-crash-soak.sh "$rounds" || status=$?
     exit "$status"
 fi
 [ -n "${SOAK_BUILT:-}" ] || cargo build --release -q -p gateway --bin dualpath
+[ -n "${RDMA_VM_DEV:-}" ] && echo "store-crash-soak: inside the VM, RDMA device $RDMA_VM_DEV"
 bin=$PWD/target/release/dualpath
 writer=$PWD/scripts/store_crash_writer.py
 work=$(mktemp -d)

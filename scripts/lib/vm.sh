@@ -2,7 +2,8 @@
 # $RDMA_VM) around a command, with a watchdog for a boot that hangs.
 #   vm_run NAME SIGN LOG RDMA_VM_ARGUMENTS...   (options, --, the command)
 # runs the VM (its output shown and kept in LOG); if no line matching SIGN
-# (grep -E) has appeared after RDMA_VM_BOOT_WAIT seconds (default 240) the VM is
+# (grep -E; the command must print it soon after it starts: the VM itself
+# prints nothing) has appeared after RDMA_VM_BOOT_WAIT seconds (default 240) the VM is
 # stopped and booted once more: once in a while it hangs before its first output
 # (seen once in about a dozen boots under TCG). Returns the VM's exit status:
 # CMD's, 125/126 when the VM could not start (see rdma-vm.sh), 124 on timeout.
@@ -12,10 +13,7 @@ vm_boot_watched() {
     local name=$1 sign=$2 log=$3
     shift 3
     : >"$log"
-    # No input: started in the background by a shell with job control, the VM
-    # would otherwise stop at its first read of the terminal, silent until the
-    # watchdog ends it (seen here).
-    RDMA_VM_ACCEL=${RDMA_VM_ACCEL:-auto} setsid "$VM" "$@" </dev/null > >(tee "$log") 2>&1 &
+    RDMA_VM_ACCEL=${RDMA_VM_ACCEL:-auto} setsid "$VM" "$@" > >(tee "$log") 2>&1 &
     local vm=$!
     (
         # Waiting in `wait` (not in a foreground sleep) lets TERM end the
