@@ -10,10 +10,25 @@
 # fault hits that gateway.
 # CANCEL_EVERY=N: every Nth load is cancelled mid-stream, and its memory must
 # stay as the engine left it afterwards.
-#   scripts/soak.sh [SECONDS]   (default 60; FAULT_EVERY=3, BLOCKS=256, FAULTS=both|sigkill|sigstop, LOAD=dual|one-gateway, CANCEL_EVERY=0)
+# RDMA=1: all of it inside the Soft-RoCE VM (scripts/lib/vm.sh), the gateways
+# writing by RDMA WRITE (the client requires RDMA). The VM is emulated: a run
+# moves far fewer bytes than on the host.
+#   scripts/soak.sh [SECONDS]   (default 60; FAULT_EVERY=3, BLOCKS=256, FAULTS=both|sigkill|sigstop, LOAD=dual|one-gateway, CANCEL_EVERY=0, RDMA=0)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 duration=${1:-60}
+rdma=${RDMA:-0}
+if [ "$rdma" = 1 ] && [ -z "${RDMA_VM_DEV:-}" ]; then
+    # Here: build, then run this script again inside the VM, every process there.
+    source scripts/lib/vm.sh
+    vm_require soak
+    cargo build --release -q -p gateway --bin dualpath
+    vm_log=$(mktemp)
+    trap 'rm -f "$vm_log"' EXIT
+    status=0
+    vm_run soak "soak: inside the VM" "$vm_log" --mem 3G --timeout $((duration + 600)) -- env SOAK_BUILT=1 scripts/soak.sh "$duration" || status=$?
+    exit "$status"
+fi
 fault_every=${FAULT_EVERY:-3}
 faults=${FAULTS:-both}   # sigkill, sigstop or both
 blocks=${BLOCKS:-256}
@@ -24,8 +39,20 @@ case $load in
     one-gateway) load_args=(--one-gateway) ;;
     *) echo "soak: LOAD=$load: use dual or one-gateway" >&2; exit 2 ;;
 esac
-cargo build --release -q -p gateway --bin dualpath
+[ -n "${SOAK_BUILT:-}" ] || cargo build --release -q -p gateway --bin dualpath
+[ -n "${RDMA_VM_DEV:-}" ] && echo "soak: inside the VM, RDMA device $RDMA_VM_DEV"
 bin=$PWD/target/release/dualpath
+if [ "$rdma" = 1 ]; then
+    host=$RDMA_VM_IP
+    rdma_table="[rdma]
+transport = \"rdma\"
+device = \"$RDMA_VM_DEV\"
+gid_index = 1"
+    load_args+=(--rdma)
+else
+    host=127.0.0.1
+    rdma_table=
+fi
 work=$(mktemp -d)
 cleanup() {
     for pidfile in "$work"/*.pid; do [ -e "$pidfile" ] && kill -CONT "$(cat "$pidfile")" 2>/dev/null && kill "$(cat "$pidfile")" 2>/dev/null; done
@@ -44,7 +71,8 @@ for index in 0 1; do
     cat >"$work/g$index.toml" <<CONFIG
 [gateway]
 cores = 1
-listen_tcp = "127.0.0.1:${ports[$index]}"
+listen_tcp = "$host:${ports[$index]}"
+$rdma_table
 [staging]
 bytes_per_core = "16MiB"
 buffer_bytes = "256KiB"
@@ -101,7 +129,7 @@ injector=$!
 runs=0 requests=0 verified=0 cancelled=0 cut_off=0
 : >"$work/errors"
 while [ "$SECONDS" -lt "$end" ]; do
-    if output=$(timeout 120 "$bin" bench load --gateway "127.0.0.1:${ports[0]}" --gateway "127.0.0.1:${ports[1]}" \
+    if output=$(timeout 120 "$bin" bench load --gateway "$host:${ports[0]}" --gateway "$host:${ports[1]}" \
         --pe-endpoint "$SEAWEED_ENDPOINT" --prefix soak/ -n kv --blocks "$blocks" --seed 3 --blocks-per-request 16 --verify --cancel-every "$cancel_every" ${load_args[@]+"${load_args[@]}"} 2>&1); then
         runs=$((runs + 1))
         requests=$((requests + $(sed -nE 's/.*requests=([0-9]+).*/\1/p' <<<"$output" | head -1)))
@@ -114,7 +142,7 @@ while [ "$SECONDS" -lt "$end" ]; do
 done
 wait "$injector" 2>/dev/null || true
 for index in 0 1; do peak_rss_kb "$index" >>"$work/rss"; done
-echo "soak: ${duration}s, $load loads, $runs load runs, $requests loads completed, $cancelled cancelled ($cut_off by cutting a stopped gateway off; nothing landed after), $((verified / 1048576)) MiB verified byte for byte"
+echo "soak: ${duration}s, $load loads$([ "$rdma" = 1 ] && echo " over RDMA"), $runs load runs, $requests loads completed, $cancelled cancelled ($cut_off by cutting a stopped gateway off; nothing landed after), $((verified / 1048576)) MiB verified byte for byte"
 echo "soak: faults injected: $(sort "$work/faults" | uniq -c | awk '{printf "%s %s, ", $1, $2}')total $(wc -l <"$work/faults")"
 if [ -s "$work/errors" ]; then
     echo "soak: errors by kind: $(sort "$work/errors" | uniq -c | awk '{c=$1; $1=""; printf "%d x%s; ", c, $0}')"

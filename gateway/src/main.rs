@@ -252,6 +252,10 @@ enum BenchTarget {
         /// nothing lands in its memory afterwards (0: never).
         #[arg(long, default_value_t = 0)]
         cancel_every: u64,
+        /// Gateways write by RDMA (required): the first RDMA device, RoCE v2
+        /// GID index 1.
+        #[arg(long)]
+        rdma: bool,
     },
     /// Memory to memory over the TCP transport, against iperf3 and Mooncake's TCP transport.
     Transport {
@@ -425,6 +429,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     verify,
                     one_gateway,
                     cancel_every,
+                    rdma,
                 },
         } => {
             let pe_storage = pe_endpoint.map(|endpoint| client::ObjectSettings {
@@ -457,6 +462,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 verify,
                 one_gateway,
                 cancel_every,
+                rdma,
             })
         }
         Command::Bench {

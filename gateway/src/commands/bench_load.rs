@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use block_layout::BlockKey;
 use client::{
-    BlockLoad, BlockStatus, Client, ClientOptions, LoadHandle, ObjectSettings, Policy, Region,
+    BlockLoad, BlockStatus, Client, ClientOptions, LoadHandle, ObjectSettings, Policy,
+    RdmaOptions, Region,
 };
 
 use crate::synthetic;
@@ -33,6 +34,8 @@ pub struct BenchLoadOptions {
     /// its slot with a pattern that must still be there when the slot is
     /// next used: no path may write after `cancel` returned.
     pub cancel_every: u64,
+    /// Gateways write by RDMA (required, with the default device and GID).
+    pub rdma: bool,
 }
 
 /// How long a cancel waits for its paths before cutting a gateway off.
@@ -58,6 +61,10 @@ pub fn bench_load(options: &BenchLoadOptions) -> anyhow::Result<()> {
         policy: options.policy,
         secret: options.secret.clone(),
         request_timeout: Duration::from_secs(120),
+        rdma: options.rdma.then(|| RdmaOptions {
+            required: true,
+            ..RdmaOptions::default()
+        }),
         ..ClientOptions::default()
     };
     let client =
