@@ -19,6 +19,7 @@
 # Without a CUDA driver every GPU test prints why it skipped; `run` then fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib/python.sh
 out=target/gpu-check
 
 prepare() {
@@ -32,10 +33,18 @@ prepare() {
     cp "$(sed -nE 's/.*Executable tests\/e2e_gpu.rs \((.*)\)/\1/p' "$log" | head -1)" "$out/e2e-gpu"
     rm -f "$log"
     strip "$out/dualpath" "$out/client-unit" "$out/e2e-gpu"
-    # The Python binding (abi3, CPython >= 3.11), unpacked: no pip needed there.
+    # The Python binding, unpacked (no pip needed there): one module for
+    # CPython >= 3.11 (abi3) and, where Python 3.10 is installed here, one for
+    # 3.10 (which takes its own module before the abi3 one).
     local wheels; wheels=$(mktemp -d)
-    maturin build --release --quiet --compatibility linux -m client-py/Cargo.toml -o "$wheels" >/dev/null
-    python3 -m zipfile -e "$wheels"/dualpath-*.whl "$out/py"
+    maturin build --release --quiet --compatibility linux --features abi3 -m client-py/Cargo.toml -o "$wheels" >/dev/null
+    local python310; python310=$(find_python 3.10)
+    if [ -n "$python310" ]; then
+        maturin build --release --quiet --compatibility linux -i "$python310" -m client-py/Cargo.toml -o "$wheels" >/dev/null
+    else
+        echo "gpu-check: no Python 3.10 here: the binding is built for CPython 3.11 and later only"
+    fi
+    for wheel in "$wheels"/dualpath-*.whl; do python3 -m zipfile -e "$wheel" "$out/py"; done
     rm -rf "$wheels"
     strip "$out"/py/dualpath/_native*.so
     # The machine may lack rdma-core: carry what the binaries link besides libc.

@@ -2,7 +2,8 @@
 # The whole test suite: the Rust workspace, the RDMA tests on Soft-RoCE in a VM
 # (skipped, with the reason printed, where the VM cannot start), then the Python
 # binding built from source and tested with pytest against real gateway
-# processes, and the power-cut check (in the same VM; it drives the binding).
+# processes (also under the oldest and newest CPython it supports, where
+# installed), and the power-cut check (in the same VM; it drives the binding).
 # `.ci/run` installs what this needs and runs it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,4 +11,6 @@ cargo test --workspace
 scripts/test-rdma.sh
 python3 -m pip install --quiet --disable-pip-version-check ./client-py
 python3 -m pytest -q client-py/tests
+scripts/test-python-version.sh 3.9
+scripts/test-python-version.sh 3.13
 scripts/power-loss-check.sh
