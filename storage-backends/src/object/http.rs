@@ -376,6 +376,26 @@ fn classify(error: ureq::Error) -> ObjectError {
                 },
             }
         }
-        ureq::Error::Transport(transport) => ObjectError::Unavailable(transport.to_string()),
+        ureq::Error::Transport(transport) => ObjectError::Unavailable(describe(&transport)),
     }
+}
+
+/// A transport error without its URL's query. ureq's own text leads with the
+/// whole URL, and ours are presigned: the query is a credential, valid for
+/// `SIGNATURE_LIFETIME`, that must not reach logs and error messages.
+fn describe(error: &ureq::Transport) -> String {
+    let mut text = match error.url() {
+        Some(url) => format!("{}{}: ", url.origin().ascii_serialization(), url.path()),
+        None => String::new(),
+    };
+    text.push_str(&error.kind().to_string());
+    if let Some(message) = error.message() {
+        text.push_str(": ");
+        text.push_str(message);
+    }
+    if let Some(source) = std::error::Error::source(error) {
+        text.push_str(": ");
+        text.push_str(&source.to_string());
+    }
+    text
 }
