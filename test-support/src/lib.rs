@@ -100,6 +100,10 @@ impl Seaweed {
                 "-iam=false",
                 "-s3",
                 "-s3.config=s3.json",
+                // Its Iceberg and Lance servers listen on fixed ports by
+                // default: a second weed, or one still exiting, crashes.
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
             ])
             .args(["-master.volumeSizeLimitMB=64", "-volume.max=30"])
             .arg(format!("-s3.port={}", p[0]))
