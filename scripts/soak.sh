@@ -3,8 +3,14 @@
 # SeaweedFS holds the blocks; two gateways read from it; the client loads through
 # both gateways and its own PE path and checks every byte. Meanwhile a fault
 # injector, every FAULT_EVERY seconds, SIGKILLs a gateway (restarting it a second
-# later) or stops it with SIGSTOP for a second. At the end: loads completed, bytes
-# verified, faults injected, errors by kind, gateways' peak RSS.
+# later) or stops it with SIGSTOP for a second; FAULTS=store kills SeaweedFS
+# itself (both paths' storage) and starts it again a second later, FAULTS=all
+# picks any of the three. At the end: loads completed, bytes verified, faults
+# injected, errors by kind (a load that fails while its storage or gateway is
+# down is expected), gateways' peak RSS; then one more load run with no fault
+# must complete, every byte checked. The soak fails (exit 1) if a block ever
+# arrived with wrong bytes, a cancelled load's memory was written after its
+# cancel returned, or that last run fails.
 # LOAD=one-gateway: plain loads from the first gateway alone (`Client::load`,
 # which redials a gateway that ended its connection and asks again), and every
 # fault hits that gateway.
@@ -13,7 +19,7 @@
 # RDMA=1: all of it inside the Soft-RoCE VM (scripts/lib/vm.sh), the gateways
 # writing by RDMA WRITE (the client requires RDMA). The VM is emulated: a run
 # moves far fewer bytes than on the host.
-#   scripts/soak.sh [SECONDS]   (default 60; FAULT_EVERY=3, BLOCKS=256, FAULTS=both|sigkill|sigstop, LOAD=dual|one-gateway, CANCEL_EVERY=0, RDMA=0)
+#   scripts/soak.sh [SECONDS]   (default 60; FAULT_EVERY=3, BLOCKS=256, FAULTS=both|sigkill|sigstop|store|all, LOAD=dual|one-gateway, CANCEL_EVERY=0, RDMA=0)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 duration=${1:-60}
@@ -30,7 +36,11 @@ if [ "$rdma" = 1 ] && [ -z "${RDMA_VM_DEV:-}" ]; then
     exit "$status"
 fi
 fault_every=${FAULT_EVERY:-3}
-faults=${FAULTS:-both}   # sigkill, sigstop or both
+faults=${FAULTS:-both}   # sigkill, sigstop, both (of those), store or all
+case $faults in
+    sigkill|sigstop|both|store|all) ;;
+    *) echo "soak: FAULTS=$faults: use sigkill, sigstop, both, store or all" >&2; exit 2 ;;
+esac
 blocks=${BLOCKS:-256}
 load=${LOAD:-dual}
 cancel_every=${CANCEL_EVERY:-0}   # cancel every Nth load and check nothing lands after
@@ -93,7 +103,7 @@ layout = "layer"
 capacity = "4GiB"
 CONFIG
 done
-"$bin" --config "$work/g0.toml" import -n kv --synthetic "$blocks" --seed 3 >/dev/null 2>&1
+"$bin" --config "$work/g0.toml" import -n kv --synthetic "$blocks" --seed 3 >"$work/import.log" 2>&1 || { echo "soak: the import failed: $(tail -3 "$work/import.log")" >&2; exit 1; }
 start_gateway() {
     (exec "$bin" --config "$work/g$1.toml" serve >>"$work/g$1.log" 2>&1) &
     echo $! >"$work/g$1.pid"
@@ -112,7 +122,13 @@ end=$((SECONDS + duration))
         peak_rss_kb "$index" >>"$work/rss"
         kind=$faults
         [ "$kind" = both ] && kind=$([ $((RANDOM % 2)) = 0 ] && echo sigkill || echo sigstop)
-        if [ "$kind" = sigkill ]; then
+        [ "$kind" = all ] && kind=$(shuf -n1 -e sigkill sigstop store)
+        if [ "$kind" = store ]; then
+            kill -9 "$(cat "$work/weed.pid")" 2>/dev/null || true
+            echo store >>"$work/faults"
+            sleep 1
+            seaweed_launch 2>>"$work/weed-restarts" || echo "SeaweedFS did not come back after a kill: $(tail -3 "$work/weed-restarts")" >>"$work/broken"
+        elif [ "$kind" = sigkill ]; then
             kill -9 "$(cat "$work/g$index.pid")" 2>/dev/null || true
             echo sigkill >>"$work/faults"
             sleep 1
@@ -127,26 +143,52 @@ end=$((SECONDS + duration))
 ) &
 injector=$!
 runs=0 requests=0 verified=0 cancelled=0 cut_off=0
-: >"$work/errors"
+: >"$work/errors"; : >"$work/broken"
+load_run() {
+    timeout 120 "$bin" bench load --gateway "$host:${ports[0]}" --gateway "$host:${ports[1]}" \
+        --pe-endpoint "$SEAWEED_ENDPOINT" --prefix soak/ -n kv --blocks "$blocks" --seed 3 --blocks-per-request 16 --verify --cancel-every "$cancel_every" ${load_args[@]+"${load_args[@]}"} 2>&1
+}
 while [ "$SECONDS" -lt "$end" ]; do
-    if output=$(timeout 120 "$bin" bench load --gateway "$host:${ports[0]}" --gateway "$host:${ports[1]}" \
-        --pe-endpoint "$SEAWEED_ENDPOINT" --prefix soak/ -n kv --blocks "$blocks" --seed 3 --blocks-per-request 16 --verify --cancel-every "$cancel_every" ${load_args[@]+"${load_args[@]}"} 2>&1); then
+    if output=$(load_run); then
         runs=$((runs + 1))
         requests=$((requests + $(sed -nE 's/.*requests=([0-9]+).*/\1/p' <<<"$output" | head -1)))
         verified=$((verified + $(sed -nE 's/.*verified_bytes=([0-9]+).*/\1/p' <<<"$output" | head -1)))
         cancelled=$((cancelled + $(sed -nE 's/.*cancelled_loads=([0-9]+).*/\1/p' <<<"$output" | head -1)))
         cut_off=$((cut_off + $(sed -nE 's/.*cancels_cut_off=([0-9]+).*/\1/p' <<<"$output" | head -1)))
     else
-        grep -m1 -oE "error: [^:]*" <<<"$output" >>"$work/errors" || echo "error: unknown" >>"$work/errors"
+        # The first "error: ..." of the message (a line may hold several: its causes).
+        kind=$(grep -m1 -oE "error: [^:(]*" <<<"$output" | head -1 || echo "error: unknown")
+        echo "$kind" >>"$work/errors"
+        # One whole message of each kind, for the report.
+        grep -qxF "$kind" "$work/error-kinds" 2>/dev/null || {
+            echo "$kind" >>"$work/error-kinds"
+            grep -m1 "error" <<<"$output" >>"$work/error-lines" || echo "$output" | tail -1 >>"$work/error-lines"
+        }
+        # Never expected, whatever the faults: wrong bytes, or a write after a cancel.
+        grep -E "wrong bytes|after cancel returned" <<<"$output" >>"$work/broken" || true
     fi
 done
 wait "$injector" 2>/dev/null || true
+# The faults have stopped (a stopped gateway was continued, a killed one
+# restarted): loads must work again.
+last_run=ok
+if ! output=$(load_run); then
+    last_run="FAILED: $(grep -m1 -E "error" <<<"$output" || echo "$output" | tail -1)"
+fi
 for index in 0 1; do peak_rss_kb "$index" >>"$work/rss"; done
 echo "soak: ${duration}s, $load loads$([ "$rdma" = 1 ] && echo " over RDMA"), $runs load runs, $requests loads completed, $cancelled cancelled ($cut_off by cutting a stopped gateway off; nothing landed after), $((verified / 1048576)) MiB verified byte for byte"
 echo "soak: faults injected: $(sort "$work/faults" | uniq -c | awk '{printf "%s %s, ", $1, $2}')total $(wc -l <"$work/faults")"
 if [ -s "$work/errors" ]; then
     echo "soak: errors by kind: $(sort "$work/errors" | uniq -c | awk '{c=$1; $1=""; printf "%d x%s; ", c, $0}')"
+    echo "soak: the first of each kind in full:"
+    sed 's/^/  /' "$work/error-lines"
 else
     echo "soak: errors: none"
 fi
 echo "soak: gateways' peak RSS: $(sort -n "$work/rss" | tail -1) KiB"
+echo "soak: a load run after the last fault: $last_run"
+if [ -s "$work/broken" ]; then
+    echo "soak: FAILED: $(head -3 "$work/broken")"
+    exit 1
+fi
+[ "$last_run" = ok ] || exit 1

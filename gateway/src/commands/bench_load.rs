@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use block_layout::BlockKey;
 use client::{
-    BlockLoad, BlockStatus, Client, ClientOptions, LoadHandle, ObjectSettings, Policy,
-    RdmaOptions, Region,
+    BlockLoad, BlockStatus, Client, ClientOptions, LoadHandle, ObjectSettings, Policy, RdmaOptions,
+    Region,
 };
 
 use crate::synthetic;
@@ -245,8 +245,17 @@ fn verify(region: &Region, base: u64, keys: &[BlockKey], block_bytes: u64) -> an
 
 fn finish(load: &LoadHandle) -> anyhow::Result<()> {
     let report = load.wait(Duration::from_secs(600))?;
+    if let Some((index, status)) = report.failed().next() {
+        let failed = report.failed().count();
+        match status {
+            BlockStatus::Failed { code, message } => {
+                bail!("a load failed ({failed} of its blocks): block {index}: {code:?}: {message}")
+            }
+            other => bail!("a load failed: block {index} is {other:?}"),
+        }
+    }
     if !report.all_done() {
-        bail!("a load failed: {:?}", report.failed().next());
+        bail!("a load ended with blocks neither done nor failed");
     }
     Ok(())
 }
