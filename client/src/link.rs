@@ -511,7 +511,8 @@ impl ShardLink {
     fn wait_for<T>(
         &self,
         timeout: Duration,
-        what: &str,
+        // Formatted only on a timeout: a store waits once per block.
+        what: &dyn std::fmt::Display,
         mut done: impl FnMut(&mut Waiting) -> Option<T>,
     ) -> Result<T, ClientError> {
         let deadline = Instant::now() + timeout;
@@ -529,7 +530,7 @@ impl ShardLink {
             let now = Instant::now();
             if now >= deadline {
                 return Err(ClientError::Timeout {
-                    what: what.to_owned(),
+                    what: what.to_string(),
                     after: timeout,
                 });
             }
@@ -580,7 +581,7 @@ impl ShardLink {
     pub fn pool_status(&self, timeout: Duration) -> Result<Vec<PeerStatus>, ClientError> {
         self.shared.waiting.lock().expect("link lock").pool = None;
         self.send(&[&Frame::StatusRequest.encode()])?;
-        self.wait_for(timeout, "the gateway's pool status", |waiting| {
+        self.wait_for(timeout, &"the gateway's pool status", |waiting| {
             waiting.pool.take()
         })
     }
@@ -669,7 +670,7 @@ impl ShardLink {
         key: BlockKey,
         timeout: Duration,
     ) -> Result<(), ClientError> {
-        let answer = self.wait_for(timeout, &format!("store of block {key}"), |waiting| {
+        let answer = self.wait_for(timeout, &format_args!("store of block {key}"), |waiting| {
             waiting.stores.get_mut(&request_id)?.take()
         });
         self.forget_store(request_id);
