@@ -724,6 +724,113 @@ fn blocks_that_fail_to_read_fail_clearly_or_come_from_another_gateway() {
     }
 }
 
+/// A block whose bytes on disk no longer match their checksums (a flipped bit
+/// under a running gateway) is never served: it fails as `Corrupt` naming the
+/// block, the layer that failed its check never reaches the client's memory,
+/// every other block arrives whole, and the gateway says so in its log, once
+/// however often that block is asked for again within the interval, and in
+/// `dualpath_errors_total{kind="corrupt"}` every time.
+#[test]
+fn a_corrupt_block_on_disk_is_never_served_and_is_logged() {
+    use std::os::unix::fs::FileExt;
+    const COUNT: u64 = 64;
+    const FILL: u8 = 0xEE;
+    let gateway = Gateway::start(COUNT);
+    // Slot 0 of shard 0 starts the data file; this byte is in its layer 1.
+    const FLIPPED_AT: u64 = 5000;
+    let data = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(gateway._dir.path().join("store/full/shard-0.blocks"))
+        .expect("data file");
+    let mut byte = [0u8];
+    data.read_exact_at(&mut byte, FLIPPED_AT).expect("read");
+    data.write_all_at(&[byte[0] ^ 1], FLIPPED_AT)
+        .expect("flip a bit");
+    data.sync_all().expect("sync");
+    let client = gateway.client();
+    let (region, id) = registered_region(&client, COUNT as usize * BLOCK_BYTES);
+    fill(&region, FILL);
+    let report = client
+        .load("full", id, &whole_blocks(COUNT), 0)
+        .expect("load")
+        .wait(WAIT)
+        .expect("finished");
+    let failed: Vec<_> = report.failed().collect();
+    assert_eq!(failed.len(), 1, "one block is corrupt: {failed:?}");
+    let (corrupt, BlockStatus::Failed { code, message }) = failed[0] else {
+        unreachable!("failed() yields failures")
+    };
+    assert_eq!(*code, GatewayCode::Corrupt, "{message}");
+    let key = synthetic::key(SEED, corrupt as u64);
+    assert!(
+        message.contains(&key.to_string()) && message.contains("not served"),
+        "names the block and what became of it: {message}"
+    );
+    for index in 0..COUNT as usize {
+        let expected = expected_block(index as u64);
+        for layer in 0..LAYERS as usize {
+            let at = index * BLOCK_BYTES + layer * LAYER_BYTES;
+            let held = region.read(at, LAYER_BYTES);
+            if index != corrupt {
+                assert!(
+                    held == expected[layer * LAYER_BYTES..][..LAYER_BYTES],
+                    "block {index} layer {layer}"
+                );
+            } else if layer == FLIPPED_AT as usize / LAYER_BYTES {
+                assert!(
+                    held.iter().all(|byte| *byte == FILL),
+                    "the corrupt layer was never written into the client's memory"
+                );
+            } else {
+                // A layer verified on its own may have come before the
+                // corrupt one failed its check: then it is whole.
+                assert!(
+                    held.iter().all(|byte| *byte == FILL)
+                        || held == expected[layer * LAYER_BYTES..][..LAYER_BYTES],
+                    "block {index} layer {layer} is either untouched or whole"
+                );
+            }
+        }
+    }
+    // Asked for twice more at once: counted each time, logged once.
+    for _ in 0..2 {
+        let again = [BlockLoad {
+            key,
+            layers: 0..LAYERS,
+            dest_offset: 0,
+        }];
+        let report = client
+            .load("full", id, &again, 0)
+            .expect("load")
+            .wait(WAIT)
+            .expect("finished");
+        assert!(report.failed().next().is_some(), "still corrupt");
+    }
+    assert_eq!(
+        gateway
+            .process
+            .metric_sum_labelled("dualpath_errors_total", "kind=\"corrupt\""),
+        3.0
+    );
+    let lines = || {
+        gateway
+            .process
+            .later_log()
+            .lines()
+            .filter(|line| line.contains("a read failed") && line.contains("is corrupt"))
+            .count()
+    };
+    wait_until("the corrupt block in the gateway's log", WAIT, || {
+        lines() >= 1
+    });
+    assert_eq!(lines(), 1, "logged once: {}", gateway.process.later_log());
+    assert!(
+        !gateway.process.later_log().contains('\u{1b}'),
+        "a log that is no terminal gets no colour escapes"
+    );
+}
+
 /// The gateway's peak resident memory (VmHWM), bytes.
 fn peak_rss_bytes(process: &GatewayProcess) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{}/status", process.child.id()))

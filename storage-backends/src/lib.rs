@@ -350,6 +350,21 @@ impl StoreError {
     }
 
     /// A short stable name for metrics labels and exit codes.
+    /// Whether the storage itself misbehaved (a corrupt block, an I/O error,
+    /// an object store that failed), as opposed to a miss, a busy shard or a
+    /// request that cannot be served: what an operator needs to hear about.
+    pub fn is_fault(&self) -> bool {
+        match self {
+            StoreError::Corrupt { .. }
+            | StoreError::Io { .. }
+            | StoreError::ShortRead { .. }
+            | StoreError::Layout { .. } => true,
+            // A missing object is a miss, as `NotFound` is.
+            StoreError::Remote { kind, .. } => *kind != "not_found",
+            _ => false,
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             StoreError::NotFound { .. } => "not_found",

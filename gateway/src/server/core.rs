@@ -25,6 +25,7 @@ use super::connection::{
     ActiveLoad, Connection, InflightRead, ReadingStore, Received, ReceivingStore, Stream,
     RECEIVE_CHUNK_BYTES,
 };
+use super::fault_log::FaultLog;
 use super::metrics::CoreCounters;
 use scheduler::progress::{Event, LoadProgress, Refusal};
 
@@ -139,6 +140,8 @@ struct Core<S: BlockStore> {
     round_robin: usize,
     draining_since: Option<Instant>,
     rdma: Option<CoreRdma>,
+    /// Storage faults go to the log at most once per kind per interval.
+    fault_log: FaultLog,
 }
 
 /// This core's RDMA resources: its own device context and protection domain,
@@ -257,6 +260,7 @@ pub fn run<S: BlockStore>(
         round_robin: 0,
         draining_since: None,
         rdma,
+        fault_log: FaultLog::new(FAULT_LOG_EVERY),
     };
     counters
         .rdma_enabled
@@ -1107,6 +1111,14 @@ impl<S: BlockStore> Core<S> {
                 .counters
                 .store_seconds
                 .record(waiter.started.elapsed().as_secs_f64());
+            if let Err(error) = &put.result {
+                log_fault(
+                    &mut self.fault_log,
+                    self.setup.counters.shard,
+                    "a put",
+                    error,
+                );
+            }
             let result = put
                 .result
                 .map_err(|error| (store_error_code(&error), error.to_string()));
@@ -1293,6 +1305,12 @@ impl<S: BlockStore> Core<S> {
                         &mut events,
                     );
                     self.setup.counters.error(rejected.error.kind());
+                    log_fault(
+                        &mut self.fault_log,
+                        self.setup.counters.shard,
+                        "a read",
+                        &rejected.error,
+                    );
                 }
             }
         }
@@ -1363,6 +1381,7 @@ impl<S: BlockStore> Core<S> {
             Err(error) => {
                 connection.held_buffers -= 1;
                 counters.error(error.kind());
+                log_fault(&mut self.fault_log, counters.shard, "a read", &error);
                 tracing::debug!("read for {} failed: {error}", connection.peer);
                 load.progress
                     .unit_finished(read.unit, Err(refusal_of(&error)), &mut events);
@@ -1595,6 +1614,30 @@ fn store_source(
         offset: store.offset,
         layer_stride,
     })
+}
+
+/// How often each kind of storage fault may make a log line, per core.
+const FAULT_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Puts a storage fault in the log, unless one of its kind went there within
+/// the interval (`FaultLog`). Misses and refusals are not faults: their
+/// clients hear of them, and `dualpath_errors_total` counts everything.
+fn log_fault(log: &mut FaultLog, shard: u32, what: &str, error: &StoreError) {
+    if !error.is_fault() {
+        return;
+    }
+    let Some(held_back) = log.admit(error.kind(), Instant::now()) else {
+        return;
+    };
+    if held_back == 0 {
+        tracing::warn!("shard {shard}: {what} failed: {error}");
+    } else {
+        tracing::warn!(
+            "shard {shard}: {what} failed: {error} (and {held_back} more {} faults since the last such line, {} s or less ago, not logged; dualpath_errors_total counts them all)",
+            error.kind(),
+            log.every().as_secs()
+        );
+    }
 }
 
 fn store_error_code(error: &StoreError) -> ErrorCode {

@@ -5,6 +5,7 @@
 mod acceptor;
 mod connection;
 mod core;
+mod fault_log;
 pub mod metrics;
 mod pool;
 mod tls;
