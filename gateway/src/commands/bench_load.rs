@@ -159,7 +159,14 @@ pub fn bench_load(options: &BenchLoadOptions) -> anyhow::Result<()> {
                 }
                 BlockStatus::Done => {}
                 cancelled if cancelled.is_cancelled() => cancelled_blocks += 1,
-                other => bail!("block {} of a cancelled load: {other:?}", chunk[index]),
+                BlockStatus::Failed { code, message } => bail!(
+                    "a block of a cancelled load failed before the cancel (block {}): {code:?}: {message}",
+                    chunk[index]
+                ),
+                BlockStatus::Pending => bail!(
+                    "a block of a cancelled load is still pending after the cancel returned (block {})",
+                    chunk[index]
+                ),
             }
         }
         cancelled_loads += 1;
