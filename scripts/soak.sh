@@ -24,16 +24,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 duration=${1:-60}
 rdma=${RDMA:-0}
+source scripts/lib/vm.sh
 if [ "$rdma" = 1 ] && [ -z "${RDMA_VM_DEV:-}" ]; then
     # Here: build, then run this script again inside the VM, every process there.
-    source scripts/lib/vm.sh
-    vm_require soak
     cargo build --release -q -p gateway --bin dualpath
-    vm_log=$(mktemp)
-    trap 'rm -f "$vm_log"' EXIT
-    status=0
-    vm_run soak "soak: inside the VM" "$vm_log" --mem 3G --timeout $((duration + 600)) -- env SOAK_BUILT=1 scripts/soak.sh "$duration" || status=$?
-    exit "$status"
+    vm_rerun soak $((duration + 600)) scripts/soak.sh "$duration"
 fi
 fault_every=${FAULT_EVERY:-3}
 faults=${FAULTS:-both}   # sigkill, sigstop, both (of those), store or all
@@ -54,10 +49,7 @@ esac
 bin=$PWD/target/release/dualpath
 if [ "$rdma" = 1 ]; then
     host=$RDMA_VM_IP
-    rdma_table="[rdma]
-transport = \"rdma\"
-device = \"$RDMA_VM_DEV\"
-gid_index = 1"
+    rdma_table=$(vm_rdma_table)
     load_args+=(--rdma)
 else
     host=127.0.0.1

@@ -14,20 +14,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rdma=${RDMA:-0}
 if [ "$rdma" = 1 ]; then rounds=${1:-10}; else rounds=${1:-30}; fi
+source scripts/lib/vm.sh
 if [ "$rdma" = 1 ] && [ -z "${RDMA_VM_DEV:-}" ]; then
     # Here: build, then run this script again inside the VM, both ends there.
-    source scripts/lib/vm.sh
-    vm_require store-crash-soak
     cargo build --release -q -p gateway --bin dualpath
     python3 -c "import dualpath" || { echo "store-crash-soak: needs the Python binding: pip install ./client-py" >&2; exit 1; }
-    # O_DIRECT needs a real file system: the VM's /tmp is tmpfs, the repository is not.
-    mkdir -p target/rdma-tmp
-    vm_log=$(mktemp)
-    trap 'rm -f "$vm_log"' EXIT
-    status=0
-    vm_run store-crash-soak "store-crash-soak: inside the VM" "$vm_log" --timeout $((rounds * 60 + 300)) -- \
-        env TMPDIR="$PWD/target/rdma-tmp" SOAK_BUILT=1 scripts/store-crash-soak.sh "$rounds" || status=$?
-    exit "$status"
+    vm_rerun store-crash-soak $((rounds * 60 + 300)) scripts/store-crash-soak.sh "$rounds"
 fi
 [ -n "${SOAK_BUILT:-}" ] || cargo build --release -q -p gateway --bin dualpath
 [ -n "${RDMA_VM_DEV:-}" ] && echo "store-crash-soak: inside the VM, RDMA device $RDMA_VM_DEV"
@@ -43,10 +35,7 @@ trap cleanup EXIT
 port=$((20000 + RANDOM % 20000))
 if [ "$rdma" = 1 ]; then
     host=$RDMA_VM_IP
-    rdma_table="[rdma]
-transport = \"rdma\"
-device = \"$RDMA_VM_DEV\"
-gid_index = 1"
+    rdma_table=$(vm_rdma_table)
 else
     host=127.0.0.1
     rdma_table=

@@ -55,3 +55,26 @@ vm_require() {
     echo "$1: SKIPPED: no VM script at $VM (set RDMA_VM)"
     exit 0
 }
+
+# Runs a script again inside the VM (a soak's RDMA mode) and exits with its
+# status; TMPDIR is on the repository's file system there (O_DIRECT needs a
+# real one; the VM's /tmp is tmpfs), SOAK_BUILT=1 says the binaries are built.
+# The script must print "NAME: inside the VM" first thing: the sign vm_run
+# waits for.
+#   vm_rerun NAME TIMEOUT_SECONDS SCRIPT [ARGS...]
+vm_rerun() {
+    local name=$1 timeout=$2 log status=0
+    shift 2
+    vm_require "$name"
+    mkdir -p target/rdma-tmp
+    log=$(mktemp)
+    vm_run "$name" "$name: inside the VM" "$log" --mem 3G --timeout "$timeout" -- \
+        env TMPDIR="$PWD/target/rdma-tmp" SOAK_BUILT=1 "$@" || status=$?
+    rm -f "$log"
+    exit "$status"
+}
+
+# The [rdma] table of a gateway's config inside the VM (Soft-RoCE, RoCE v2 GID 1).
+vm_rdma_table() {
+    printf '[rdma]\ntransport = "rdma"\ndevice = "%s"\ngid_index = 1\n' "$RDMA_VM_DEV"
+}
