@@ -10,26 +10,12 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use staging::{HugePages, SlabConfig, StagingSlab};
-use transport::verbs::{QueueChannels, Verbs, VerbsError};
+use transport::verbs::{QueueChannels, Verbs};
 use transport::{
     RdmaTransport, RemoteRead, RemoteRegion, SlabRegistration, TcpTransport, Transport,
 };
 
 const PIECE: usize = 16 << 10;
-
-fn open() -> Option<Verbs> {
-    let device = std::env::var("DUALPATH_RDMA_DEVICE").ok();
-    match Verbs::open(device.as_deref(), 1, 1) {
-        Ok(verbs) => Some(verbs),
-        Err(VerbsError::NoDevice) => {
-            eprintln!(
-                "SKIPPED: no RDMA device here (run scripts/test-rdma.sh for Soft-RoCE in a VM)"
-            );
-            None
-        }
-        Err(error) => panic!("opening the RDMA device: {error}"),
-    }
-}
 
 /// Ten 16 KiB pieces, from scattered offsets of the client's region into
 /// three staging buffers, through a transport whose send queue holds four
@@ -40,7 +26,9 @@ fn open() -> Option<Verbs> {
 /// back to the slab once it is dropped.
 #[test]
 fn reads_land_where_each_piece_says_in_parts_and_count_as_taken() {
-    let Some(verbs) = open() else { return };
+    let Some(verbs) = Verbs::open_for_test() else {
+        return;
+    };
     let slab = StagingSlab::allocate(SlabConfig {
         slab_bytes: 1 << 20,
         buffer_bytes: 64 << 10,

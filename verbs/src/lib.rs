@@ -116,6 +116,29 @@ impl Verbs {
         })
     }
 
+    /// For tests on real verbs: the device `DUALPATH_RDMA_DEVICE` names (else
+    /// the first present), port 1, GID index `DUALPATH_RDMA_GID_INDEX` (else
+    /// 1). `None`, saying SKIPPED on stderr, where there is no RDMA device
+    /// (`scripts/test-rdma.sh` runs such tests on Soft-RoCE in a VM); any
+    /// other failure to open it panics.
+    pub fn open_for_test() -> Option<Self> {
+        let device = std::env::var("DUALPATH_RDMA_DEVICE").ok();
+        let gid_index = std::env::var("DUALPATH_RDMA_GID_INDEX")
+            .ok()
+            .and_then(|index| index.parse().ok())
+            .unwrap_or(1);
+        match Self::open(device.as_deref(), 1, gid_index) {
+            Ok(verbs) => Some(verbs),
+            Err(VerbsError::NoDevice) => {
+                eprintln!(
+                    "SKIPPED: no RDMA device here (run scripts/test-rdma.sh for Soft-RoCE in a VM)"
+                );
+                None
+            }
+            Err(error) => panic!("opening the RDMA device: {error}"),
+        }
+    }
+
     /// Queue pairs created from here on carry `class` (0 and 0 by default).
     pub fn with_service_class(mut self, class: ServiceClass) -> Result<Self, VerbsError> {
         if class.service_level > SERVICE_LEVEL_MAX {

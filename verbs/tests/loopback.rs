@@ -5,28 +5,7 @@
 //! checks nothing else.
 
 use std::time::{Duration, Instant};
-use verbs::{Completion, QueueChannels, Sge, Verbs, VerbsError};
-
-fn open() -> Option<Verbs> {
-    let device = std::env::var("DUALPATH_RDMA_DEVICE").ok();
-    match Verbs::open(
-        device.as_deref(),
-        1,
-        std::env::var("DUALPATH_RDMA_GID_INDEX")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(1),
-    ) {
-        Ok(verbs) => Some(verbs),
-        Err(VerbsError::NoDevice) => {
-            eprintln!(
-                "SKIPPED: no RDMA device here (run scripts/test-rdma.sh for Soft-RoCE in a VM)"
-            );
-            None
-        }
-        Err(error) => panic!("opening the RDMA device: {error}"),
-    }
-}
+use verbs::{Completion, QueueChannels, Sge, Verbs};
 
 fn wait(queue: &mut verbs::CompletionQueue, count: usize) -> Vec<Completion> {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -44,7 +23,9 @@ fn wait(queue: &mut verbs::CompletionQueue, count: usize) -> Vec<Completion> {
 
 #[test]
 fn write_then_send_arrive_in_order_and_out_of_region_writes_fail() {
-    let Some(verbs) = open() else { return };
+    let Some(verbs) = Verbs::open_for_test() else {
+        return;
+    };
     let mut source = vec![0u8; 1 << 20];
     for (index, byte) in source.iter_mut().enumerate() {
         *byte = (index * 7 % 251) as u8;
@@ -149,7 +130,9 @@ fn write_then_send_arrive_in_order_and_out_of_region_writes_fail() {
 /// registration refuses it too, with another error.
 #[test]
 fn dmabuf_registration_fails_cleanly_where_the_device_lacks_it() {
-    let Some(verbs) = open() else { return };
+    let Some(verbs) = Verbs::open_for_test() else {
+        return;
+    };
     let file = tempfile_fd();
     use std::os::fd::AsFd;
     // SAFETY: nothing is registered (the call fails); had it succeeded, the
@@ -187,7 +170,9 @@ fn tempfile_fd() -> std::fs::File {
 /// only (RoCE carries none); one beyond 15 is refused up front.
 #[test]
 fn queue_pairs_carry_the_service_class_asked_for() {
-    let Some(verbs) = open() else { return };
+    let Some(verbs) = Verbs::open_for_test() else {
+        return;
+    };
     let class = verbs::ServiceClass {
         traffic_class: 26 << 2 | 2,
         service_level: 3,
@@ -257,7 +242,9 @@ fn queue_pairs_carry_the_service_class_asked_for() {
 /// access cannot be read (remote access error).
 #[test]
 fn reads_bring_the_peers_memory_and_unreadable_regions_fail() {
-    let Some(verbs) = open() else { return };
+    let Some(verbs) = Verbs::open_for_test() else {
+        return;
+    };
     let piece_bytes = 16usize << 10;
     let pieces = 64;
     let mut remote: Vec<u8> = (0..piece_bytes * pieces)
