@@ -878,6 +878,25 @@ fn dispatch_message(message: &[u8], shared: &LinkShared) -> io::Result<()> {
 }
 
 fn open(endpoint: &Endpoint, options: &crate::ClientOptions) -> io::Result<Socket> {
+    open_socket(endpoint, options).map_err(name_open_files_limit)
+}
+
+/// An error of running out of file descriptors, with the limit and the fix:
+/// an engine process starts with a soft limit of 1024, and a client holds a
+/// connection per shard of every gateway.
+fn name_open_files_limit(error: io::Error) -> io::Error {
+    if error.raw_os_error() != Some(nix::libc::EMFILE) {
+        return error;
+    }
+    let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or_else(|_| "unknown".to_owned(), |(soft, _)| soft.to_string());
+    io::Error::new(
+        error.kind(),
+        format!("{error}: this process has used its open-files limit ({limit}); the client holds one connection per shard of each gateway: raise the limit (`ulimit -n`; in Python, resource.setrlimit(resource.RLIMIT_NOFILE, ...))"),
+    )
+}
+
+fn open_socket(endpoint: &Endpoint, options: &crate::ClientOptions) -> io::Result<Socket> {
     let (timeout, tls) = (options.connect_timeout, options.tls.as_ref());
     match endpoint {
         Endpoint::Tcp(address) => {
@@ -1202,7 +1221,24 @@ fn invalid(error: impl ToString) -> io::Error {
 
 #[cfg(test)]
 mod tests {
-    use super::write_all_parts;
+    use super::{name_open_files_limit, write_all_parts};
+
+    #[test]
+    fn running_out_of_file_descriptors_names_the_limit_and_the_fix() {
+        let (soft, _) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .expect("getrlimit");
+        let named =
+            name_open_files_limit(std::io::Error::from_raw_os_error(nix::libc::EMFILE)).to_string();
+        assert!(
+            named.contains("Too many open files")
+                && named.contains(&format!("open-files limit ({soft})"))
+                && named.contains("ulimit -n"),
+            "{named}"
+        );
+        let other =
+            name_open_files_limit(std::io::Error::from_raw_os_error(nix::libc::ECONNREFUSED));
+        assert!(!other.to_string().contains("limit"), "{other}");
+    }
     use std::io::Read;
     use std::os::unix::net::UnixStream;
 

@@ -471,6 +471,169 @@ fn garbage_and_wrong_versions_get_an_error_frame_and_the_gateway_stays_up() {
     load_all_done(&client, "full", id, &whole_blocks(1));
 }
 
+/// Each client's hello runs beside the others': connections that send
+/// nothing, or trickle their hello a byte at a time, hold up no other client,
+/// and are closed once the hello's deadline (5 s for the whole exchange) has
+/// passed, before a trickled hello is complete.
+#[test]
+fn silent_and_trickling_connections_hold_up_no_other_client_and_are_closed() {
+    let gateway = Gateway::start(2);
+    let silent: Vec<TcpStream> = (0..4)
+        .map(|_| TcpStream::connect(&gateway.tcp).expect("connect"))
+        .collect();
+    let hello = protocol::Frame::Hello {
+        version: protocol::PROTOCOL_VERSION,
+        shard: 0,
+        token: vec![],
+    }
+    .encode();
+    let address = gateway.tcp.clone();
+    let trickler = std::thread::spawn(move || {
+        let mut stream = TcpStream::connect(&address).expect("connect");
+        // A byte every 700 ms: the whole hello would take longer than its deadline.
+        let sent = hello
+            .iter()
+            .take_while(|byte| {
+                let written = stream.write_all(std::slice::from_ref(byte)).is_ok();
+                std::thread::sleep(Duration::from_millis(700));
+                written
+            })
+            .count();
+        (sent, hello.len())
+    });
+
+    let client = gateway.client();
+    let (_region, id) = registered_region(&client, BLOCK_BYTES);
+    load_all_done(&client, "full", id, &whole_blocks(1));
+    for (index, mut stream) in silent.iter().enumerate() {
+        stream.set_nonblocking(true).expect("non-blocking");
+        let pending = stream.read(&mut [0u8; 1]);
+        assert!(
+            matches!(&pending, Err(error) if error.kind() == std::io::ErrorKind::WouldBlock),
+            "silent connection {index} was still waiting for its hello while the client was served: {pending:?}"
+        );
+    }
+
+    for (index, mut stream) in silent.into_iter().enumerate() {
+        stream.set_nonblocking(false).expect("blocking");
+        stream.set_read_timeout(Some(WAIT)).expect("timeout");
+        let closed = stream.read_to_end(&mut Vec::new());
+        assert!(
+            matches!(&closed, Ok(0))
+                || matches!(&closed, Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset),
+            "silent connection {index} is closed after the hello's deadline: {closed:?}"
+        );
+    }
+    let (sent, whole) = trickler.join().expect("trickler");
+    assert!(
+        sent < whole,
+        "the trickled hello was cut off before it was complete ({sent} of {whole} bytes went out)"
+    );
+    wait_until("five hellos counted as timed out", WAIT, || {
+        gateway.metric_sum("dualpath_hello_timeouts_total") as u64 == 5
+    });
+    let log = gateway.process.later_log();
+    assert!(log.contains("did not finish its hello within 5s"), "{log}");
+}
+
+/// The open-files limit (`/proc/PID/limits`): soft and hard.
+fn open_files_limit(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let line = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .expect("an open-files line");
+    let numbers: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|word| word.parse().ok())
+        .collect();
+    (numbers[0], numbers[1])
+}
+
+/// Sets the soft limit only: raising a hard limit back is refused here
+/// even to root.
+fn set_open_files_soft_limit(pid: u32, limit: u64) {
+    let status = Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={limit}:"))
+        .output()
+        .expect("prlimit (util-linux)");
+    assert!(
+        status.status.success(),
+        "prlimit: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+}
+
+/// A gateway raises its soft open-files limit to the hard one at start. One
+/// that runs out of file descriptors anyway says so with the fix, keeps
+/// serving the clients it has, and admits new ones once it has descriptors
+/// again (the clients that came meanwhile waited in the listen backlog).
+#[test]
+fn a_gateway_out_of_file_descriptors_says_so_and_recovers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), "");
+    import_synthetic(BINARY, &config, "full", 2, SEED);
+    let mut command = Command::new("prlimit");
+    command
+        .arg("--nofile=256:4096")
+        .arg(BINARY)
+        .arg("--config")
+        .arg(&config)
+        .arg("serve");
+    let process = GatewayProcess::start(command);
+    let pid = process.child.id();
+    assert_eq!(open_files_limit(pid), (4096, 4096), "soft raised to hard");
+    assert!(
+        process
+            .startup_log
+            .contains("open-files limit raised from 256 to 4096"),
+        "{}",
+        process.startup_log
+    );
+
+    let connected = Client::connect(&[&process.tcp], ClientOptions::default()).expect("connect");
+    let (region, id) = registered_region(&connected, BLOCK_BYTES);
+    let in_use = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fds")
+        .count() as u64;
+    set_open_files_soft_limit(pid, in_use + 1);
+    let waiting: Vec<TcpStream> = (0..4)
+        .map(|_| TcpStream::connect(&process.tcp).expect("connect: the backlog takes it"))
+        .collect();
+    wait_until(
+        "the gateway says it is out of file descriptors",
+        WAIT,
+        || process.later_log().contains("Too many open files"),
+    );
+    let log = process.later_log();
+    assert!(
+        log.contains("has used its open-files limit") && log.contains("LimitNOFILE"),
+        "the fix is named: {log}"
+    );
+    assert_loads_as(
+        &connected,
+        "full",
+        (id, &region),
+        synthetic::key(SEED, 0),
+        &expected_block(0),
+    );
+
+    set_open_files_soft_limit(pid, 4096);
+    let client = Client::connect(&[&process.tcp], ClientOptions::default())
+        .expect("a new client is admitted once the gateway has descriptors again");
+    let (region, id) = registered_region(&client, BLOCK_BYTES);
+    assert_loads_as(
+        &client,
+        "full",
+        (id, &region),
+        synthetic::key(SEED, 1),
+        &expected_block(1),
+    );
+    assert!(process.metric_sum("dualpath_accept_errors_total") >= 1.0);
+    drop(waiting);
+}
+
 #[test]
 fn sigterm_stops_the_gateway_cleanly() {
     let mut gateway = Gateway::start(2);

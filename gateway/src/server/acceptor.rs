@@ -1,31 +1,52 @@
-//! The control-plane thread that accepts clients on TCP and Unix sockets, does the
-//! hello exchange, and hands each connection to the core of the shard it asked
-//! for. It never touches a core's state: a channel and a waker are the interface.
+//! The control-plane thread that accepts clients on TCP and Unix sockets and
+//! the hello exchange that hands each one to the core of the shard it asked
+//! for. It never touches a core's state: a channel and a waker are the
+//! interface.
+//!
+//! Each accepted socket's hello (with TLS, its handshake first) runs on a
+//! short-lived thread of its own, under one deadline for the whole exchange:
+//! a client that connects and sends nothing, or trickles its hello a byte at
+//! a time, holds up nobody else and is closed when the deadline passes. At
+//! most `MAX_HELLOS` run at once; beyond that, new clients wait in the listen
+//! backlog. A failed accept (the open-files limit reached) is logged with the
+//! fix, at most once per `ACCEPT_ERROR_LOG_EVERY`, and tried again shortly:
+//! the client waits in the backlog meanwhile.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use anyhow::bail;
-use mio::Waker;
+use anyhow::{bail, Context};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
 use protocol::auth::AccessGrant;
 use protocol::auth::{self, NONCE_BYTES};
 use protocol::{
     decode_header, ErrorCode, Frame, FrameType, NamespaceInfo, HEADER_BYTES, PROTOCOL_VERSION,
 };
 
-use super::metrics::AcceptorCounters;
-
 use super::connection::Stream;
 use super::core::NewConnection;
+use super::fault_log::FaultLog;
+use super::metrics::AcceptorCounters;
 
-/// How long a client has to send its hello.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
-const IDLE_SLEEP: Duration = Duration::from_millis(10);
+/// How long a client has for its whole hello exchange (and TLS handshake).
+const HELLO_DEADLINE: Duration = Duration::from_secs(5);
+/// Hellos in progress at once; more clients wait in the listen backlog.
+const MAX_HELLOS: usize = 256;
+/// How often the accept loop looks at the shutdown flag, and how soon it
+/// tries again after a failed accept.
+const ACCEPT_TICK: Duration = Duration::from_millis(100);
+const ACCEPT_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
+
+const TCP: Token = Token(0);
+const UNIX: Token = Token(1);
+const HELLO_ENDED: Token = Token(2);
 
 /// The way to one core.
 #[derive(Debug)]
@@ -38,9 +59,15 @@ pub struct CoreDoor {
 pub struct Acceptor {
     pub tcp: Option<TcpListener>,
     pub unix: Option<UnixListener>,
+    pub shutdown: Arc<AtomicBool>,
+    pub admission: Arc<Admission>,
+}
+
+/// What a hello needs, shared by the threads that run them.
+#[derive(Debug)]
+pub struct Admission {
     pub cores: Vec<CoreDoor>,
     pub namespaces: Vec<NamespaceInfo>,
-    pub shutdown: Arc<AtomicBool>,
     /// The cluster secret clients must prove; `None`: no authentication.
     pub secret: Option<Arc<[u8]>>,
     /// TLS for TCP clients; `None`: plain TCP.
@@ -56,62 +83,263 @@ impl std::fmt::Debug for super::metrics::AcceptorCounters {
     }
 }
 
-/// Either kind of accepted socket, blocking, for the hello exchange.
-trait HandshakeStream: Read + Write {
-    fn set_timeout(&self, timeout: Duration) -> std::io::Result<()>;
+/// A freshly accepted socket, before its hello.
+enum Accepted {
+    Tcp(TcpStream, String),
+    Unix(UnixStream),
 }
-impl HandshakeStream for rustls::StreamOwned<rustls::ServerConnection, TcpStream> {
-    fn set_timeout(&self, timeout: Duration) -> std::io::Result<()> {
-        self.sock.set_read_timeout(Some(timeout))
-    }
+
+/// Hellos in progress; the last one to end while all were taken wakes the
+/// accept loop, which stopped accepting.
+#[derive(Debug)]
+struct HelloSlots {
+    in_progress: AtomicUsize,
+    waker: Waker,
 }
-impl HandshakeStream for TcpStream {
-    fn set_timeout(&self, timeout: Duration) -> std::io::Result<()> {
-        self.set_read_timeout(Some(timeout))
-    }
-}
-impl HandshakeStream for UnixStream {
-    fn set_timeout(&self, timeout: Duration) -> std::io::Result<()> {
-        self.set_read_timeout(Some(timeout))
+
+/// One hello's place among the `MAX_HELLOS`, given back on drop (also when
+/// its thread could not start).
+struct HelloSlot(Arc<HelloSlots>, Arc<AcceptorCounters>);
+
+impl Drop for HelloSlot {
+    fn drop(&mut self) {
+        self.1.hellos_in_progress.fetch_sub(1, Ordering::Relaxed);
+        if self.0.in_progress.fetch_sub(1, Ordering::AcqRel) == MAX_HELLOS {
+            let _ = self.0.waker.wake();
+        }
     }
 }
 
 impl Acceptor {
-    pub fn run(self) {
-        for listener in self.tcp.iter() {
-            listener
-                .set_nonblocking(true)
-                .expect("a bound listener can be made non-blocking");
+    /// Accepts until shutdown; fails only if the poll cannot be set up.
+    pub fn run(self) -> anyhow::Result<()> {
+        let mut poll = Poll::new().context("cannot create the acceptor's poll")?;
+        if let Some(listener) = &self.tcp {
+            listener.set_nonblocking(true)?;
+            poll.registry().register(
+                &mut SourceFd(&listener.as_raw_fd()),
+                TCP,
+                Interest::READABLE,
+            )?;
         }
-        for listener in self.unix.iter() {
-            listener
-                .set_nonblocking(true)
-                .expect("a bound listener can be made non-blocking");
+        if let Some(listener) = &self.unix {
+            listener.set_nonblocking(true)?;
+            poll.registry().register(
+                &mut SourceFd(&listener.as_raw_fd()),
+                UNIX,
+                Interest::READABLE,
+            )?;
         }
+        let slots = Arc::new(HelloSlots {
+            in_progress: AtomicUsize::new(0),
+            waker: Waker::new(poll.registry(), HELLO_ENDED)?,
+        });
+        let mut events = Events::with_capacity(8);
+        let mut errors = FaultLog::new(ACCEPT_ERROR_LOG_EVERY);
         while !self.shutdown.load(Ordering::Relaxed) {
-            let mut accepted = false;
-            if let Some(listener) = &self.tcp {
-                if let Ok((stream, peer)) = listener.accept() {
-                    accepted = true;
-                    self.admit_tcp(stream, peer.to_string());
+            if let Err(error) = poll.poll(&mut events, Some(ACCEPT_TICK)) {
+                if error.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(error).context("the acceptor's poll failed");
                 }
+            }
+            // Both listeners every time, events or not: the poll is
+            // edge-triggered, and a pass that stopped early (a failed accept,
+            // every hello slot taken) left clients in the backlog.
+            if let Some(listener) = &self.tcp {
+                self.accept_all(&slots, &mut errors, || {
+                    let (stream, peer) = listener.accept()?;
+                    Ok(Accepted::Tcp(stream, peer.to_string()))
+                });
             }
             if let Some(listener) = &self.unix {
-                if let Ok((stream, _)) = listener.accept() {
-                    accepted = true;
-                    self.admit_unix(stream);
-                }
+                self.accept_all(&slots, &mut errors, || {
+                    listener.accept().map(|(stream, _)| Accepted::Unix(stream))
+                });
             }
-            if !accepted {
-                std::thread::sleep(IDLE_SLEEP);
+        }
+        Ok(())
+    }
+
+    /// Accepts until the backlog is empty, every hello slot is taken, or an
+    /// accept fails (logged; tried again at the next tick).
+    fn accept_all(
+        &self,
+        slots: &Arc<HelloSlots>,
+        errors: &mut FaultLog,
+        mut accept: impl FnMut() -> std::io::Result<Accepted>,
+    ) {
+        while slots.in_progress.load(Ordering::Acquire) < MAX_HELLOS {
+            match accept() {
+                Ok(accepted) => self.start_hello(slots, accepted),
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        std::io::ErrorKind::Interrupted | std::io::ErrorKind::ConnectionAborted
+                    ) => {}
+                Err(error) => {
+                    let counters = &self.admission.counters;
+                    counters.accept_errors.fetch_add(1, Ordering::Relaxed);
+                    if let Some(held_back) = errors.admit("accept", Instant::now()) {
+                        tracing::warn!(
+                            "cannot accept a client (it waits in the listen backlog): {error}{}{}",
+                            accept_error_fix(&error),
+                            held_back_note(held_back)
+                        );
+                    }
+                    return;
+                }
             }
         }
     }
 
+    /// Runs `accepted`'s hello on a thread of its own.
+    fn start_hello(&self, slots: &Arc<HelloSlots>, accepted: Accepted) {
+        slots.in_progress.fetch_add(1, Ordering::AcqRel);
+        let counters = Arc::clone(&self.admission.counters);
+        counters.hellos_in_progress.fetch_add(1, Ordering::Relaxed);
+        let slot = HelloSlot(Arc::clone(slots), counters);
+        let admission = Arc::clone(&self.admission);
+        let started = std::thread::Builder::new()
+            .name("dualpath-hello".into())
+            .spawn(move || {
+                let _slot = slot;
+                match accepted {
+                    Accepted::Tcp(stream, peer) => admission.admit_tcp(stream, peer),
+                    Accepted::Unix(stream) => admission.admit_unix(stream),
+                }
+            });
+        if let Err(error) = started {
+            // The closure (with the socket and the slot) was dropped: the
+            // client sees its connection closed and dials again.
+            tracing::warn!("cannot start a thread for a client's hello: {error}");
+        }
+    }
+}
+
+/// How many lines like this one were held back, when any were.
+pub(super) fn held_back_note(held_back: u64) -> String {
+    if held_back == 0 {
+        String::new()
+    } else {
+        format!(" ({held_back} more since the last such line)")
+    }
+}
+
+/// What to do about a failed accept, when there is something.
+fn accept_error_fix(error: &std::io::Error) -> String {
+    match error.raw_os_error() {
+        Some(code) if code == nix::libc::EMFILE => format!(
+            ": the gateway has used its open-files limit ({}); raise it (LimitNOFILE= in its systemd unit, `ulimit -n` in its shell): each client holds one connection per core",
+            super::open_files_limit().map_or_else(|| "unknown".to_owned(), |limit| limit.to_string())
+        ),
+        Some(code) if code == nix::libc::ENFILE => {
+            ": the system's open-files table is full (fs.file-max)".to_owned()
+        }
+        _ => String::new(),
+    }
+}
+
+/// A socket whose reads and writes all end by one deadline: each waits at
+/// most until then, and none starts after it. A socket read timeout alone
+/// restarts with every byte, which a client trickling its hello extends
+/// forever.
+pub(super) struct Deadlined<S> {
+    socket: S,
+    deadline: Instant,
+}
+
+/// The blocking sockets a hello runs on.
+pub(super) trait TimedSocket: Read + Write {
+    fn set_timeouts(&self, timeout: Duration) -> std::io::Result<()>;
+}
+
+impl TimedSocket for TcpStream {
+    fn set_timeouts(&self, timeout: Duration) -> std::io::Result<()> {
+        self.set_read_timeout(Some(timeout))?;
+        self.set_write_timeout(Some(timeout))
+    }
+}
+
+impl TimedSocket for UnixStream {
+    fn set_timeouts(&self, timeout: Duration) -> std::io::Result<()> {
+        self.set_read_timeout(Some(timeout))?;
+        self.set_write_timeout(Some(timeout))
+    }
+}
+
+impl<S: TimedSocket> Deadlined<S> {
+    pub(super) fn new(socket: S, within: Duration) -> Self {
+        Self {
+            socket,
+            deadline: Instant::now() + within,
+        }
+    }
+
+    /// Arms the socket's timeouts with the time left, or fails once none is.
+    fn arm(&self) -> std::io::Result<()> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "deadline passed",
+            ));
+        }
+        self.socket.set_timeouts(left)
+    }
+}
+
+impl<S: TimedSocket> Read for Deadlined<S> {
+    fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
+        self.arm()?;
+        self.socket.read(buffer)
+    }
+}
+
+impl<S: TimedSocket> Write for Deadlined<S> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.arm()?;
+        self.socket.write(bytes)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.socket.flush()
+    }
+}
+
+/// A stream a hello runs over: a deadlined socket, or a TLS session on one.
+trait HelloStream: Read + Write {
+    /// Brings the deadline forward to `within` from now, if that is sooner.
+    fn cut_deadline(&mut self, within: Duration);
+}
+
+impl<S: TimedSocket> HelloStream for Deadlined<S> {
+    fn cut_deadline(&mut self, within: Duration) {
+        self.deadline = self.deadline.min(Instant::now() + within);
+    }
+}
+
+impl<S: TimedSocket> HelloStream for rustls::StreamOwned<rustls::ServerConnection, Deadlined<S>> {
+    fn cut_deadline(&mut self, within: Duration) {
+        self.sock.cut_deadline(within);
+    }
+}
+
+/// Whether a hello failed because the client ran out of time.
+fn timed_out(error: &anyhow::Error) -> bool {
+    error
+        .chain()
+        .filter_map(|cause| cause.downcast_ref::<std::io::Error>())
+        .any(|io| {
+            matches!(
+                io.kind(),
+                std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+            )
+        })
+}
+
+impl Admission {
     fn admit_tcp(&self, stream: TcpStream, peer: String) {
-        let prepared = stream
-            .set_nonblocking(false)
-            .and_then(|()| stream.set_read_timeout(Some(HELLO_TIMEOUT)));
         let _ = stream.set_nodelay(true);
         if self.tcp_dscp != 0 {
             if let Err(error) = client::mark_dscp(&stream, self.tcp_dscp) {
@@ -121,26 +349,23 @@ impl Acceptor {
                 );
             }
         }
-        if let Some(tls) = &self.tls {
-            if let Err(error) = prepared {
-                return tracing::info!("refused client {peer}: {error}");
-            }
-            return self.admit_tls(stream, peer, Arc::clone(tls));
+        if let Err(error) = stream.set_nonblocking(false) {
+            return tracing::info!("refused client {peer}: {error}");
         }
-        let mut handshake = stream;
-        let (shard, access) = match prepared
-            .map_err(anyhow::Error::from)
-            .and_then(|()| self.handshake(&mut handshake))
-        {
-            Ok(admitted) => admitted,
-            Err(error) => return tracing::info!("refused client {peer}: {error:#}"),
+        let socket = Deadlined::new(stream, HELLO_DEADLINE);
+        if let Some(tls) = &self.tls {
+            return self.admit_tls(socket, peer, Arc::clone(tls));
+        }
+        let mut socket = socket;
+        let Some((shard, access)) = self.hello(&mut socket, &peer, "client") else {
+            return;
         };
-        if handshake.set_nonblocking(true).is_err() {
+        if socket.socket.set_nonblocking(true).is_err() {
             return;
         }
         self.hand_over(
             shard,
-            Stream::Tcp(mio::net::TcpStream::from_std(handshake)),
+            Stream::Tcp(mio::net::TcpStream::from_std(socket.socket)),
             peer,
             access,
         );
@@ -148,26 +373,28 @@ impl Acceptor {
 
     /// The TLS handshake and the hello inside it; then the session goes to the
     /// core, non-blocking.
-    fn admit_tls(&self, stream: TcpStream, peer: String, config: Arc<rustls::ServerConfig>) {
+    fn admit_tls(
+        &self,
+        socket: Deadlined<TcpStream>,
+        peer: String,
+        config: Arc<rustls::ServerConfig>,
+    ) {
         let session = match rustls::ServerConnection::new(config) {
             Ok(session) => session,
             Err(error) => return tracing::warn!("cannot start TLS for {peer}: {error}"),
         };
-        let mut tls = rustls::StreamOwned::new(session, stream);
-        let (shard, access) = match self.handshake(&mut tls) {
-            Ok(admitted) => admitted,
-            Err(error) => {
-                if tls.conn.is_handshaking() {
-                    self.counters.tls_failures.fetch_add(1, Ordering::Relaxed);
-                }
-                return tracing::info!("refused TLS client {peer}: {error:#}");
+        let mut tls = rustls::StreamOwned::new(session, socket);
+        let Some((shard, access)) = self.hello(&mut tls, &peer, "TLS client") else {
+            if tls.conn.is_handshaking() {
+                self.counters.tls_failures.fetch_add(1, Ordering::Relaxed);
             }
+            return;
         };
         let rustls::StreamOwned { conn, sock } = tls;
-        if sock.set_nonblocking(true).is_err() {
+        if sock.socket.set_nonblocking(true).is_err() {
             return;
         }
-        let session = super::tls::TlsSession::new(conn, sock);
+        let session = super::tls::TlsSession::new(conn, sock.socket);
         self.hand_over(
             shard,
             Stream::Tls(Arc::new(std::sync::Mutex::new(session))),
@@ -178,26 +405,45 @@ impl Acceptor {
 
     fn admit_unix(&self, stream: UnixStream) {
         let peer = String::from("unix socket client");
-        let prepared = stream
-            .set_nonblocking(false)
-            .and_then(|()| stream.set_read_timeout(Some(HELLO_TIMEOUT)));
-        let mut handshake = stream;
-        let (shard, access) = match prepared
-            .map_err(anyhow::Error::from)
-            .and_then(|()| self.handshake(&mut handshake))
-        {
-            Ok(admitted) => admitted,
-            Err(error) => return tracing::info!("refused {peer}: {error:#}"),
+        if let Err(error) = stream.set_nonblocking(false) {
+            return tracing::info!("refused {peer}: {error}");
+        }
+        let mut socket = Deadlined::new(stream, HELLO_DEADLINE);
+        let Some((shard, access)) = self.hello(&mut socket, &peer, "client") else {
+            return;
         };
-        if handshake.set_nonblocking(true).is_err() {
+        if socket.socket.set_nonblocking(true).is_err() {
             return;
         }
         self.hand_over(
             shard,
-            Stream::Unix(mio::net::UnixStream::from_std(handshake)),
+            Stream::Unix(mio::net::UnixStream::from_std(socket.socket)),
             peer,
             access,
         );
+    }
+
+    /// The hello exchange; a refusal or a timeout is logged and counted.
+    fn hello(
+        &self,
+        stream: &mut dyn HelloStream,
+        peer: &str,
+        who: &str,
+    ) -> Option<(u32, Arc<AccessGrant>)> {
+        match self.handshake(stream) {
+            Ok(admitted) => Some(admitted),
+            Err(error) if timed_out(&error) => {
+                self.counters.hello_timeouts.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    "closed {who} {peer}: it did not finish its hello within {HELLO_DEADLINE:?}"
+                );
+                None
+            }
+            Err(error) => {
+                tracing::info!("refused {who} {peer}: {error:#}");
+                None
+            }
+        }
     }
 
     fn hand_over(&self, shard: u32, stream: Stream, peer: String, access: Arc<AccessGrant>) {
@@ -219,10 +465,7 @@ impl Acceptor {
     /// Reads the hello, checks the client's proof of the secret (or of its
     /// token's key), answers, and returns the shard the client asked for and what
     /// it may do.
-    fn handshake(
-        &self,
-        stream: &mut dyn HandshakeStream,
-    ) -> anyhow::Result<(u32, Arc<AccessGrant>)> {
+    fn handshake(&self, stream: &mut dyn HelloStream) -> anyhow::Result<(u32, Arc<AccessGrant>)> {
         let (version, shard, client_nonce) = match read_frame(stream, FrameType::Hello)? {
             Ok(Frame::Hello {
                 version,
@@ -271,17 +514,14 @@ impl Acceptor {
     }
 }
 
-/// Answers with an error frame, then reads what the client still sends for a
-/// moment: closing with unread input would reset the connection and could discard
-/// the answer before the client reads it.
-impl Acceptor {
+impl Admission {
     /// Challenge-response: sends a fresh nonce, checks the client's proof. The
     /// hello's token field is the client's nonce, then (for a token holder) the
     /// token's grant, whose key the proof must use. The inner `Err` is the
     /// refusal to send.
     fn authenticate(
         &self,
-        stream: &mut dyn HandshakeStream,
+        stream: &mut dyn HelloStream,
         secret: &[u8],
         hello_token: &[u8],
         shard: u32,
@@ -329,7 +569,7 @@ impl Acceptor {
 
 /// Reads one control frame of type `kind`; the inner `Err` says what was wrong.
 fn read_frame(
-    stream: &mut dyn HandshakeStream,
+    stream: &mut dyn HelloStream,
     kind: FrameType,
 ) -> anyhow::Result<Result<Frame, String>> {
     let mut header = [0u8; HEADER_BYTES];
@@ -349,8 +589,11 @@ fn read_frame(
     Ok(Frame::decode(kind, &body).map_err(|error| error.to_string()))
 }
 
+/// Answers with an error frame, then reads what the client still sends for a
+/// moment: closing with unread input would reset the connection and could discard
+/// the answer before the client reads it.
 fn refuse(
-    stream: &mut dyn HandshakeStream,
+    stream: &mut dyn HelloStream,
     code: ErrorCode,
     message: String,
 ) -> anyhow::Result<(u32, Arc<AccessGrant>)> {
@@ -363,14 +606,7 @@ fn refuse(
         .encode(),
     );
     let mut sink = [0u8; 4096];
-    let linger = Duration::from_millis(200);
-    let _ = stream.set_timeout(linger);
-    let deadline = std::time::Instant::now() + linger;
-    while std::time::Instant::now() < deadline {
-        match stream.read(&mut sink) {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
-        }
-    }
+    stream.cut_deadline(Duration::from_millis(200));
+    while let Ok(1..) = stream.read(&mut sink) {}
     bail!("{message}")
 }

@@ -13,6 +13,9 @@ use anyhow::Context;
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, Unit};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
+use super::acceptor::Deadlined;
+use super::fault_log::FaultLog;
+
 pub const STORAGE_READ_SECONDS: &str = "dualpath_storage_read_seconds";
 pub const LOAD_SECONDS: &str = "dualpath_load_seconds";
 pub const STORE_SECONDS: &str = "dualpath_store_seconds";
@@ -155,6 +158,11 @@ pub struct AcceptorCounters {
     /// Connections whose TLS handshake failed (wrong CA, plain TCP to a TLS port).
     pub tls_failures: AtomicU64,
     pub accepted: AtomicU64,
+    /// Connections closed because their hello did not finish in time.
+    pub hello_timeouts: AtomicU64,
+    /// Accepts that failed (the open-files limit reached, most likely).
+    pub accept_errors: AtomicU64,
+    pub hellos_in_progress: AtomicU64,
 }
 
 impl AcceptorCounters {
@@ -163,6 +171,9 @@ impl AcceptorCounters {
             auth_failures: AtomicU64::new(0),
             tls_failures: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
+            hello_timeouts: AtomicU64::new(0),
+            accept_errors: AtomicU64::new(0),
+            hellos_in_progress: AtomicU64::new(0),
         }
     }
 }
@@ -226,6 +237,18 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     describe_counter!(
         "dualpath_connections_accepted_total",
         "Client connections that completed the hello"
+    );
+    describe_counter!(
+        "dualpath_hello_timeouts_total",
+        "Connections closed because their hello (and TLS handshake) did not finish within 5 s"
+    );
+    describe_counter!(
+        "dualpath_accept_errors_total",
+        "Connections the gateway could not accept (the open-files limit reached, most likely); they wait in the listen backlog"
+    );
+    describe_gauge!(
+        "dualpath_hellos_in_progress",
+        "Connections accepted whose hello has not finished (at most 256)"
     );
     describe_gauge!("dualpath_storage_queue_depth", "Storage reads in flight");
     describe_gauge!(
@@ -309,6 +332,12 @@ pub fn publish(cores: &[Arc<CoreCounters>], acceptor: &AcceptorCounters) {
         .absolute(acceptor.tls_failures.load(Ordering::Relaxed));
     counter!("dualpath_connections_accepted_total")
         .absolute(acceptor.accepted.load(Ordering::Relaxed));
+    counter!("dualpath_hello_timeouts_total")
+        .absolute(acceptor.hello_timeouts.load(Ordering::Relaxed));
+    counter!("dualpath_accept_errors_total")
+        .absolute(acceptor.accept_errors.load(Ordering::Relaxed));
+    gauge!("dualpath_hellos_in_progress")
+        .set(acceptor.hellos_in_progress.load(Ordering::Relaxed) as f64);
     for core in cores {
         let shard = core.shard.to_string();
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
@@ -389,6 +418,7 @@ pub fn serve(
         .expect("a bound listener can be made non-blocking");
     let mut since_upkeep = Duration::ZERO;
     let tick = Duration::from_millis(50);
+    let mut errors = FaultLog::new(Duration::from_secs(10));
     while !shutdown.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((stream, _)) => {
@@ -396,7 +426,17 @@ pub fn serve(
                     tracing::debug!("metrics request failed: {error:#}");
                 }
             }
-            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+            Err(error) => {
+                if error.kind() != std::io::ErrorKind::WouldBlock {
+                    // Out of file descriptors, most likely: said once in a
+                    // while, and tried again after the tick, not at once.
+                    if let Some(held_back) = errors.admit("accept", std::time::Instant::now()) {
+                        tracing::warn!(
+                            "the metrics listener cannot accept: {error}{}",
+                            super::acceptor::held_back_note(held_back)
+                        );
+                    }
+                }
                 std::thread::sleep(tick);
                 since_upkeep += tick;
                 if since_upkeep >= Duration::from_secs(5) {
@@ -405,19 +445,20 @@ pub fn serve(
                     since_upkeep = Duration::ZERO;
                 }
             }
-            Err(error) => tracing::warn!("metrics listener: {error}"),
         }
     }
 }
 
 fn answer(
-    mut stream: TcpStream,
+    stream: TcpStream,
     handle: &PrometheusHandle,
     cores: &[Arc<CoreCounters>],
     acceptor: &AcceptorCounters,
 ) -> anyhow::Result<()> {
     stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    // One deadline for the whole exchange: a scraper that trickles its
+    // request, or never reads the answer, holds this thread 2 s at most.
+    let mut stream = Deadlined::new(stream, Duration::from_secs(2));
     let mut request = [0u8; 4096];
     let mut length = 0;
     while length < request.len()

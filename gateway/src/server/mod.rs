@@ -23,7 +23,7 @@ use protocol::NamespaceInfo;
 use self::core::{CoreSetup, WAKER_TOKEN};
 use self::metrics::CoreCounters;
 use crate::shards::{open_shard, open_store};
-use acceptor::{Acceptor, CoreDoor};
+use acceptor::{Acceptor, Admission, CoreDoor};
 
 /// How long loads in flight may finish after SIGTERM or SIGINT.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -106,6 +106,7 @@ where
     F: Fn(u32) -> anyhow::Result<S> + Send + Clone + 'static,
 {
     let tls = config.tls.as_ref().map(tls::server_config).transpose()?;
+    raise_open_files_limit(config.cores);
     let listeners = bind(config)?;
     let counters: Vec<_> = (0..config.cores)
         .map(|shard| Arc::new(CoreCounters::new(shard, backend)))
@@ -175,20 +176,25 @@ where
             geometry: namespace.geometry,
         })
         .collect();
-    Acceptor {
+    let accepted = Acceptor {
         tcp: listeners.tcp,
         unix: listeners.unix,
-        cores: doors,
-        namespaces,
         shutdown: Arc::clone(&shutdown),
-        secret,
-        tls,
-        counters: acceptor_counters,
-        tcp_dscp: config.tcp_dscp,
+        admission: Arc::new(Admission {
+            cores: doors,
+            namespaces,
+            secret,
+            tls,
+            counters: acceptor_counters,
+            tcp_dscp: config.tcp_dscp,
+        }),
     }
     .run();
+    if accepted.is_err() {
+        shutdown.store(true, Ordering::Relaxed);
+    }
     tracing::info!("shutting down: no new clients; finishing loads in flight");
-    let mut failure = None;
+    let mut failure = accepted.err();
     for worker in workers {
         match worker.join() {
             Ok(Ok(())) => {}
@@ -322,6 +328,36 @@ where
         }
     }
     Ok((doors, workers))
+}
+
+/// Raises the soft limit on open files to the hard one (each client holds a
+/// connection per core; the usual soft limit, 1024, runs out at a few hundred
+/// clients), and says how many connections that leaves room for.
+fn raise_open_files_limit(cores: u32) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let limit = if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        hard
+    } else {
+        soft
+    };
+    let clients = limit.saturating_sub(64) / u64::from(cores.max(1));
+    if clients < 512 {
+        tracing::warn!(
+            "the open-files limit is {limit}: room for about {clients} clients at {cores} connections each; raise it (LimitNOFILE= in the systemd unit, `ulimit -Hn` and `ulimit -n`)"
+        );
+    } else if limit != soft {
+        tracing::info!("open-files limit raised from {soft} to {limit}");
+    }
+}
+
+/// The soft limit on open files, for messages.
+fn open_files_limit() -> Option<u64> {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .ok()
+        .map(|(soft, _)| soft)
 }
 
 /// Pins the calling thread to the `shard`-th CPU it may run on; logged, not fatal.
