@@ -25,6 +25,13 @@ pub struct IncomingBlock {
     pub(crate) key: BlockKey,
     pub(crate) geometry: Geometry,
     received: u64,
+    /// Payload bytes folded into `checksums` so far: each received run is
+    /// checksummed as soon as it is in, while it is still in the CPU's cache
+    /// (about 0.035 CPU s/GiB then, against 0.08-0.10 over the whole block
+    /// afterwards, from memory).
+    checksummed: u64,
+    /// Each layer's crc32c over its bytes up to `checksummed`.
+    checksums: Vec<u32>,
     pub(crate) memory: LentMemory,
 }
 
@@ -59,6 +66,8 @@ impl IncomingBlock {
             key,
             geometry,
             received: 0,
+            checksummed: 0,
+            checksums: vec![0; usize::from(geometry.layers)],
             memory,
         }
     }
@@ -122,7 +131,44 @@ impl IncomingBlock {
             "received past the block's end"
         );
         self.received += count as u64;
+        self.fold_checksums();
         Ok(count)
+    }
+
+    /// Folds the payload received since the last fold into the layers'
+    /// checksums.
+    fn fold_checksums(&mut self) {
+        let layer_bytes = self.geometry.layer_bytes();
+        let (from, upto) = (self.checksummed, self.received);
+        let mut fold = |payload_offset: u64, bytes: &[u8]| {
+            let layer = (payload_offset / layer_bytes) as usize;
+            self.checksums[layer] = crc32c::crc32c_append(self.checksums[layer], bytes);
+        };
+        match &self.memory {
+            LentMemory::Contiguous(bytes) => {
+                let mut offset = from;
+                while offset < upto {
+                    let end = upto.min((offset / layer_bytes + 1) * layer_bytes);
+                    fold(offset, &bytes[offset as usize..end as usize]);
+                    offset = end;
+                }
+            }
+            LentMemory::Staging {
+                chunks,
+                chunk_bytes,
+            } => {
+                // Each piece lies in one layer and one chunk.
+                for piece in self.geometry.image_pieces(from, *chunk_bytes) {
+                    if piece.payload_offset >= upto {
+                        break;
+                    }
+                    let len = piece.len.min((upto - piece.payload_offset) as usize);
+                    let memory = &chunks[piece.chunk].as_slice()[piece.chunk_offset..][..len];
+                    fold(piece.payload_offset, memory);
+                }
+            }
+        }
+        self.checksummed = upto;
     }
 
     /// Staging buffers for a payload that will be written into them behind
@@ -197,6 +243,8 @@ impl IncomingBlock {
             }
         }
         self.received = self.payload_bytes();
+        // Written by the NIC: nothing of it is in the CPU's cache to save.
+        self.fold_checksums();
     }
 
     /// Copies as much of `bytes` as the payload still has room for; returns
@@ -224,30 +272,15 @@ impl IncomingBlock {
         copied
     }
 
-    /// The checksum of each layer (crc32c), over the memory it was received into.
-    pub(crate) fn layer_checksums(&self) -> Vec<u32> {
+    /// The checksum of each layer (crc32c), over the memory it was received
+    /// into (computed as the bytes came in).
+    pub(crate) fn layer_checksums(&mut self) -> Vec<u32> {
         assert!(self.is_complete(), "checksums of a whole block");
-        let layer_bytes = self.geometry.layer_bytes();
-        match &self.memory {
-            LentMemory::Contiguous(bytes) => bytes
-                .chunks_exact(layer_bytes as usize)
-                .map(crc32c::crc32c)
-                .collect(),
-            LentMemory::Staging {
-                chunks,
-                chunk_bytes,
-            } => {
-                let mut checksums = vec![0u32; usize::from(self.geometry.layers)];
-                // A layer split over two chunks is checksummed piece by piece.
-                for piece in self.geometry.image_pieces(0, *chunk_bytes) {
-                    let layer = (piece.payload_offset / layer_bytes) as usize;
-                    let bytes = &chunks[piece.chunk].as_slice()
-                        [piece.chunk_offset..piece.chunk_offset + piece.len];
-                    checksums[layer] = crc32c::crc32c_append(checksums[layer], bytes);
-                }
-                checksums
-            }
-        }
+        debug_assert_eq!(
+            self.checksummed, self.received,
+            "every byte folded as it came"
+        );
+        std::mem::take(&mut self.checksums)
     }
 }
 
@@ -301,4 +334,77 @@ fn image_slices<'a>(
         }
     }
     used
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use block_layout::Layout;
+    use proptest::prelude::*;
+    use staging::{HugePages, SlabConfig};
+
+    const CHUNK_BYTES: usize = 16 << 10;
+
+    fn block(geometry: Geometry, staging: bool, slab: &Rc<StagingSlab>) -> IncomingBlock {
+        let memory = if staging {
+            let count = geometry.slot_bytes().div_ceil(CHUNK_BYTES as u64);
+            let mut chunks: Vec<StagingBuffer> = (0..count)
+                .map(|_| slab.acquire().expect("a free buffer"))
+                .collect();
+            zero_image_padding(&geometry, CHUNK_BYTES as u64, &mut chunks);
+            LentMemory::Staging {
+                chunks,
+                chunk_bytes: CHUNK_BYTES as u64,
+            }
+        } else {
+            LentMemory::Contiguous(vec![0; geometry.block_bytes() as usize])
+        };
+        IncomingBlock::new(NamespaceId(0), BlockKey(1), geometry, memory)
+    }
+
+    proptest! {
+        /// However the payload arrives (runs that stop inside layers and
+        /// inside chunks), the layers' checksums folded as it came are each
+        /// layer's crc32c.
+        #[test]
+        fn checksums_folded_as_bytes_arrive_are_each_layers_crc(
+            layers in 1u16..6,
+            tokens in 1u32..5,
+            bytes_per_token in 1u32..3000,
+            layer_layout in any::<bool>(),
+            staging in any::<bool>(),
+            runs in proptest::collection::vec(1usize..20_000, 1..40),
+        ) {
+            let geometry = Geometry {
+                layers,
+                tokens_per_block: tokens,
+                bytes_per_token_per_layer: bytes_per_token,
+                layout: if layer_layout { Layout::Layer } else { Layout::Full },
+            };
+            let slab = StagingSlab::allocate(SlabConfig {
+                slab_bytes: 2 << 20,
+                buffer_bytes: CHUNK_BYTES,
+                huge_pages: HugePages::Off,
+            })
+            .expect("staging");
+            let payload: Vec<u8> = (0..geometry.block_bytes())
+                .map(|index| (index.wrapping_mul(2_654_435_761) >> 11) as u8)
+                .collect();
+            let mut incoming = block(geometry, staging, &slab);
+            let mut sent = 0;
+            for run in runs.iter().cycle() {
+                if sent == payload.len() {
+                    break;
+                }
+                let end = (sent + run).min(payload.len());
+                prop_assert_eq!(incoming.copy_from(&payload[sent..end]), end - sent);
+                sent = end;
+            }
+            let expected: Vec<u32> = payload
+                .chunks(geometry.layer_bytes() as usize)
+                .map(crc32c::crc32c)
+                .collect();
+            prop_assert_eq!(incoming.layer_checksums(), expected);
+        }
+    }
 }

@@ -172,7 +172,7 @@ impl UringShard {
     /// ring carries it on. Its completion lands in `finished_puts`.
     pub(super) fn begin_received_put(
         &mut self,
-        block: IncomingBlock,
+        mut block: IncomingBlock,
         tag: u64,
     ) -> Result<(), StoreError> {
         let (namespace, key) = (block.namespace(), block.key());
