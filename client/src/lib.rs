@@ -80,8 +80,10 @@ impl ClientError {
 /// Options for [`Client::connect`].
 #[derive(Clone)]
 pub struct ClientOptions {
+    /// Bounds connecting to a gateway: the TCP connect, the TLS handshake,
+    /// and each wait in the hello and the RDMA handshake.
     pub connect_timeout: Duration,
-    /// Bounds each wait for a gateway's answer (hello, region, store).
+    /// Bounds each wait for a gateway's answer to a request (region, store).
     pub request_timeout: Duration,
     /// The cluster's shared secret, for gateways that require authentication. It
     /// never crosses the wire: the client answers the gateway's challenge with an
@@ -297,6 +299,8 @@ pub(crate) struct Gateway {
     /// Held while reconnecting, so the pool poller and a request do not both
     /// dial; how recent redials went.
     reconnecting: Mutex<RedialState>,
+    /// A pool poller's redial thread is running for this gateway.
+    redialing: std::sync::atomic::AtomicBool,
 }
 
 /// A connection to one or more gateways.
@@ -951,6 +955,7 @@ fn connect_gateway(
         shards: RwLock::new(shards),
         namespaces,
         reconnecting: Mutex::new(RedialState::default()),
+        redialing: std::sync::atomic::AtomicBool::new(false),
     })
 }
 
@@ -1056,36 +1061,111 @@ pub(crate) struct Redialer {
 }
 
 impl Redialer {
-    /// Redials gateway `index` if its connection ended (as `who` may), asks it
-    /// for the pool's view and feeds that to the scheduler; a gateway gone, or
-    /// not answering in time, is reported silent.
-    fn poll(&self, index: usize, who: Redial) {
-        let gateway = &self.gateways[index];
+    /// Asks gateways `indices` for the pool's view all at once, then waits
+    /// for their answers together (up to `pool_silence` in all, however many
+    /// do not answer), and feeds them to the scheduler; a gateway whose
+    /// connection has ended, or that does not answer in time, is reported
+    /// silent. A frozen gateway so costs a round one silence period, not one
+    /// each.
+    fn ask_together(&self, indices: &[usize]) {
         let silence = self.options.pool_silence;
-        let silent = || {
-            [protocol::PeerStatus {
-                address: gateway.address.clone(),
-                queued_bytes: 0,
-                read_bytes_per_second: 0,
-                age_ms: u32::MAX,
-            }]
-        };
-        let answered = gateway
-            .reconnect_if_closed(
+        let asked: Vec<(usize, Option<Arc<ShardLink>>)> = indices
+            .iter()
+            .map(|&index| {
+                let gateway = &self.gateways[index];
+                let link = (!gateway.is_closed())
+                    .then(|| Arc::clone(&gateway.links()[0]))
+                    .filter(|link| link.ask_pool_status().is_ok());
+                (index, link)
+            })
+            .collect();
+        let deadline = std::time::Instant::now() + silence;
+        for (index, link) in asked {
+            let answer = link.and_then(|link| {
+                link.await_pool_status(
+                    deadline.saturating_duration_since(std::time::Instant::now()),
+                )
+                .ok()
+            });
+            let now = self.dual.now();
+            match answer {
+                Some(peers) => self.dual.pool_report(&self.gateways, &peers, silence, now),
+                None => {
+                    let silent = [protocol::PeerStatus {
+                        address: self.gateways[index].address.clone(),
+                        queued_bytes: 0,
+                        read_bytes_per_second: 0,
+                        age_ms: u32::MAX,
+                    }];
+                    self.dual.pool_report(&self.gateways, &silent, silence, now);
+                }
+            }
+        }
+    }
+
+    /// Redials gateways `indices` whose connection ended (as `who` may),
+    /// each on a thread of its own so that one whose dial hangs holds up no
+    /// other, then asks them all for the pool's view.
+    fn poll(&self, indices: &[usize], who: Redial) {
+        let closed: Vec<usize> = indices
+            .iter()
+            .copied()
+            .filter(|&index| self.gateways[index].is_closed())
+            .collect();
+        let redial = |index: usize| {
+            self.gateways[index].reconnect_if_closed(
                 self.dial_options(who),
                 &self.regions,
                 self.verbs.as_ref(),
                 who,
-            )
-            .then(|| gateway.links()[0].pool_status(silence).ok())
-            .flatten();
-        let now = self.dual.now();
-        match answered {
-            Some(peers) => self.dual.pool_report(&self.gateways, &peers, silence, now),
-            None => self
-                .dual
-                .pool_report(&self.gateways, &silent(), silence, now),
+            );
+        };
+        match closed[..] {
+            [] => {}
+            [index] => redial(index),
+            _ => std::thread::scope(|scope| {
+                for &index in &closed {
+                    scope.spawn(move || redial(index));
+                }
+            }),
         }
+        self.ask_together(indices);
+    }
+
+    /// One round of the pool poller: a gateway whose connection ended is
+    /// redialled on a thread of its own, which keeps dialling (every poll
+    /// interval) until it is connected or the client is dropped, while the
+    /// rounds go on asking the others; the connected ones are asked together.
+    fn poller_round(self: &Arc<Self>, stop: &Arc<std::sync::atomic::AtomicBool>) {
+        for (index, gateway) in self.gateways.iter().enumerate() {
+            if gateway.is_closed() && !gateway.redialing.swap(true, Ordering::AcqRel) {
+                let (redialer, stop) = (Arc::clone(self), Arc::clone(stop));
+                let started = std::thread::Builder::new()
+                    .name("dualpath-redial".into())
+                    .spawn(move || redialer.keep_redialing(index, &stop));
+                if started.is_err() {
+                    gateway.redialing.store(false, Ordering::Release);
+                }
+            }
+        }
+        let all: Vec<usize> = (0..self.gateways.len()).collect();
+        self.ask_together(&all);
+    }
+
+    /// The pool poller's redial thread for gateway `index`.
+    fn keep_redialing(&self, index: usize, stop: &std::sync::atomic::AtomicBool) {
+        let gateway = &self.gateways[index];
+        while !stop.load(Ordering::Relaxed)
+            && !gateway.reconnect_if_closed(
+                &self.options,
+                &self.regions,
+                self.verbs.as_ref(),
+                Redial::Poller,
+            )
+        {
+            std::thread::sleep(self.options.pool_poll_interval);
+        }
+        gateway.redialing.store(false, Ordering::Release);
     }
 
     /// Before planning a dual load, or when a load's failed blocks find no path:
@@ -1095,15 +1175,15 @@ impl Redialer {
     /// poller's next round: a load that could go ahead should not fail (the
     /// engine would recompute its KV).
     fn refresh(&self, who: Redial) {
-        for (index, gateway) in self.gateways.iter().enumerate() {
-            if self.dual.gateway_healthy(index) && gateway.is_closed() {
-                self.poll(index, who);
-            }
+        let ended: Vec<usize> = (0..self.gateways.len())
+            .filter(|&index| self.dual.gateway_healthy(index) && self.gateways[index].is_closed())
+            .collect();
+        if !ended.is_empty() {
+            self.poll(&ended, who);
         }
         if !self.dual.any_path_healthy() {
-            for index in 0..self.gateways.len() {
-                self.poll(index, who);
-            }
+            let all: Vec<usize> = (0..self.gateways.len()).collect();
+            self.poll(&all, who);
         }
     }
 
@@ -1229,9 +1309,7 @@ fn start_poller(
         .name("dualpath-pool".into())
         .spawn(move || {
             while !stop_flag.load(Ordering::Relaxed) {
-                for index in 0..redialer.gateways.len() {
-                    redialer.poll(index, Redial::Poller);
-                }
+                redialer.poller_round(&stop_flag);
                 std::thread::sleep(redialer.options.pool_poll_interval);
             }
         })

@@ -283,8 +283,11 @@ impl ShardLink {
             source,
         };
         let mut socket = open(endpoint, options).map_err(connect_error)?;
+        // The hello is part of connecting: a gateway that takes the connection
+        // and never answers (frozen, or its host's kernel still completing
+        // handshakes) costs a dial its connect timeout, not a request's.
         socket
-            .set_read_timeout(Some(options.request_timeout))
+            .set_read_timeout(Some(options.connect_timeout))
             .map_err(connect_error)?;
         let credential = match &options.token {
             Some(token) => Some(auth::parse_token(token).map_err(ClientError::Invalid)?),
@@ -577,10 +580,15 @@ impl ShardLink {
         self.send(&[&Frame::CancelLoad { request_id }.encode()])
     }
 
-    /// The gateway's view of the decode pool.
-    pub fn pool_status(&self, timeout: Duration) -> Result<Vec<PeerStatus>, ClientError> {
+    /// Asks for the gateway's view of the decode pool without waiting for it (the pool poller asks
+    /// every gateway, then waits for all the answers together).
+    pub fn ask_pool_status(&self) -> Result<(), ClientError> {
         self.shared.waiting.lock().expect("link lock").pool = None;
-        self.send(&[&Frame::StatusRequest.encode()])?;
+        self.send(&[&Frame::StatusRequest.encode()])
+    }
+
+    /// The answer to [`ShardLink::ask_pool_status`], waited for up to `timeout`.
+    pub fn await_pool_status(&self, timeout: Duration) -> Result<Vec<PeerStatus>, ClientError> {
         self.wait_for(timeout, &"the gateway's pool status", |waiting| {
             waiting.pool.take()
         })

@@ -634,6 +634,53 @@ fn a_gateway_out_of_file_descriptors_says_so_and_recovers() {
     drop(waiting);
 }
 
+/// A gateway that hangs (its port takes connections and never answers: a
+/// frozen process, or a host whose kernel still completes handshakes) costs
+/// the client's view of the others nothing: the pool poller keeps hearing
+/// them, so they stay in the split while the hung one leaves it; and a
+/// client that connects with the hung one among its addresses waits about
+/// its connect timeout for it, not its request timeout.
+#[test]
+fn a_hung_gateway_takes_no_other_out_of_the_split_nor_holds_up_a_connect() {
+    let mut gateways: Vec<Gateway> = (0..3).map(|_| Gateway::start(2)).collect();
+    let addresses: Vec<String> = gateways.iter().map(|gateway| gateway.tcp.clone()).collect();
+    let addresses: Vec<&str> = addresses.iter().map(String::as_str).collect();
+    let options = ClientOptions {
+        pool_poll_interval: Duration::from_millis(20),
+        pool_silence: Duration::from_millis(300),
+        connect_timeout: Duration::from_secs(1),
+        ..ClientOptions::default()
+    };
+    let client = Client::connect(&addresses, options.clone()).expect("connect");
+    assert!((0..3).all(|index| client.gateway_in_split(index)));
+
+    let hung = &mut gateways[1].process.child;
+    hung.kill().expect("kill");
+    hung.wait().expect("reap");
+    let _listener_that_never_accepts =
+        std::net::TcpListener::bind(addresses[1]).expect("the hung gateway's port");
+    wait_until("the hung gateway leaves the split", WAIT, || {
+        !client.gateway_in_split(1)
+    });
+    // Many poll rounds and silence periods: the two that answer stay in.
+    for _ in 0..100 {
+        assert!(
+            client.gateway_in_split(0) && client.gateway_in_split(2),
+            "a gateway that answers left the split while another hung"
+        );
+        std::thread::sleep(Duration::from_millis(30));
+    }
+
+    let started = Instant::now();
+    let late = Client::connect(&addresses, options).expect("the two that answer");
+    let waited = started.elapsed();
+    assert_eq!(late.unreachable_gateways(), [addresses[1]]);
+    assert!(
+        waited < Duration::from_secs(10),
+        "the hello of the hung gateway is bounded by the connect timeout (1 s), not the request timeout (30 s): waited {waited:?}"
+    );
+}
+
 #[test]
 fn sigterm_stops_the_gateway_cleanly() {
     let mut gateway = Gateway::start(2);

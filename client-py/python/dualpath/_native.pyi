@@ -65,7 +65,9 @@ class Client:
         DSCP << 2 | ECN) and `rdma_service_level` (InfiniBand SL, 0-15): the
         class of service of this client's queue pairs, to match the gateways'
         `[rdma]` settings; `tcp_dscp` (0-63) marks its TCP connections, to
-        match the gateways' `gateway.tcp_dscp`."""
+        match the gateways' `gateway.tcp_dscp`. `connect_timeout` (seconds)
+        bounds connecting to a gateway (TCP, TLS and the hello);
+        `request_timeout` each wait for an answer to a request."""
         ...
     def transports(self) -> list[str]:
         """Per gateway, "rdma" or "tcp": how payloads reach this client."""
