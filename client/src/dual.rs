@@ -134,6 +134,12 @@ impl DualState {
         }
     }
 
+    /// Takes gateway `gateway` out of the split until it is heard from.
+    pub(crate) fn leave_split(&self, gateway: usize) {
+        let mut scheduler = self.scheduler.lock().expect("scheduler lock");
+        scheduler.set_healthy(self.gateway_paths[gateway], false, 0.0);
+    }
+
     /// Whether path `gateway` is in the split now.
     pub(crate) fn gateway_healthy(&self, gateway: usize) -> bool {
         let scheduler = self.scheduler.lock().expect("scheduler lock");
@@ -504,6 +510,10 @@ pub(crate) fn start_on_gateway(
     shared: &Arc<LoadShared>,
 ) -> (u64, Vec<PartId>) {
     let links = gateway.links();
+    assert!(
+        !links.is_empty(),
+        "loads start only on gateways that were reached: in the split, or past check_load"
+    );
     let shard_count = u32::try_from(links.len()).expect("shard count from the gateway");
     let mut per_shard: Vec<Vec<u32>> = vec![Vec::new(); links.len()];
     for &index in indexes {

@@ -295,7 +295,8 @@ pub(crate) struct Gateway {
     address: String,
     /// Replaced as a whole when the client reconnects after a failure.
     shards: RwLock<Vec<Arc<ShardLink>>>,
-    namespaces: Vec<NamespaceInfo>,
+    /// From its first hello.
+    namespaces: std::sync::OnceLock<Vec<NamespaceInfo>>,
     /// Held while reconnecting, so the pool poller and a request do not both
     /// dial; how recent redials went.
     reconnecting: Mutex<RedialState>,
@@ -326,10 +327,13 @@ pub struct Client {
 
 impl Client {
     /// Connects to every shard of every gateway in `addresses` ("host:port" or
-    /// "unix:/path"). Gateways that cannot be reached are left out (see
-    /// [`Client::unreachable_gateways`]); it fails only if none can be, or on a
-    /// refusal (a wrong secret, an unsupported version). Gateway indexes
-    /// (`load_from`, path names) count the reachable ones, in order.
+    /// "unix:/path"), all at once. It fails only if none can be reached, or
+    /// on a refusal (a wrong secret, an unsupported version). Gateways that
+    /// cannot be reached now (see [`Client::unreachable_gateways`]) are dialled
+    /// again in the background (when the pool poller runs) and join the split
+    /// when they answer. Gateway indexes (`load_from`, path names,
+    /// [`Client::gateway_addresses`]) count the reachable ones first, in
+    /// order, then the unreachable ones, in order.
     pub fn connect(addresses: &[&str], options: ClientOptions) -> Result<Self, ClientError> {
         if addresses.is_empty() {
             return Err(ClientError::Invalid("no gateway address given".into()));
@@ -360,11 +364,26 @@ impl Client {
             }
         };
         let regions = Arc::new(RwLock::new(HashMap::new()));
+        // All at once: a gateway that does not answer costs the connect one
+        // connect timeout, however many there are.
+        let dialled: Vec<Result<Gateway, ClientError>> = std::thread::scope(|scope| {
+            let dials: Vec<_> = addresses
+                .iter()
+                .map(|address| {
+                    let (options, regions, verbs) = (&options, &regions, verbs.as_ref());
+                    scope.spawn(move || connect_gateway(address, options, regions, verbs))
+                })
+                .collect();
+            dials
+                .into_iter()
+                .map(|dial| dial.join().expect("a dial does not panic"))
+                .collect()
+        });
         let mut gateways = Vec::with_capacity(addresses.len());
         let mut unreachable = Vec::new();
         let mut first_error = None;
-        for address in addresses {
-            match connect_gateway(address, &options, &regions, verbs.as_ref()) {
+        for (address, dialled) in addresses.iter().zip(dialled) {
+            match dialled {
                 Ok(gateway) => gateways.push(gateway),
                 Err(error @ (ClientError::Connect { .. } | ClientError::Disconnected { .. })) => {
                     unreachable.push(address.to_string());
@@ -376,6 +395,14 @@ impl Client {
         if gateways.is_empty() {
             return Err(first_error.expect("every address failed"));
         }
+        // The unreachable ones come after the reachable (whose indexes stay
+        // theirs), out of the split until the pool poller's redial reaches them.
+        let reached = gateways.len();
+        gateways.extend(
+            unreachable
+                .iter()
+                .map(|address| Gateway::unreached(address)),
+        );
         let pe_reader = options
             .pe_storage
             .as_ref()
@@ -387,6 +414,9 @@ impl Client {
             pe_reader.is_some(),
             gateways.len(),
         ));
+        for index in reached..gateways.len() {
+            dual.leave_split(index);
+        }
         let gateways = Arc::new(gateways);
         let redialer = Arc::new(Redialer {
             gateways: Arc::clone(&gateways),
@@ -416,13 +446,17 @@ impl Client {
         })
     }
 
-    /// Per reachable gateway: "rdma" when it writes payloads into this client's
-    /// memory by RDMA WRITE, "tcp" when it sends them over the socket.
+    /// Per gateway: "rdma" when it writes payloads into this client's
+    /// memory by RDMA WRITE, "tcp" when it sends them over the socket,
+    /// "none" while it has never been reached.
     pub fn transports(&self) -> Vec<&'static str> {
         self.gateways
             .iter()
             .map(|gateway| {
-                if gateway.links().iter().all(|link| link.uses_rdma()) {
+                let links = gateway.links();
+                if links.is_empty() {
+                    "none"
+                } else if links.iter().all(|link| link.uses_rdma()) {
                     "rdma"
                 } else {
                     "tcp"
@@ -448,7 +482,7 @@ impl Client {
     /// The geometry of a namespace the (first) gateway serves.
     pub fn namespace(&self, name: &str) -> Option<Geometry> {
         self.gateways[0]
-            .namespaces
+            .namespaces()
             .iter()
             .find(|namespace| namespace.name == name)
             .map(|namespace| namespace.geometry)
@@ -552,9 +586,22 @@ impl Client {
             .gateways
             .get(gateway)
             .ok_or_else(|| ClientError::Invalid(format!("no gateway #{gateway}")))?;
-        if !gateway.namespaces.iter().any(|info| info.name == namespace) {
+        if gateway.namespaces().is_empty() {
+            return Err(ClientError::Connect {
+                address: gateway.address.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotConnected,
+                    "not reached since the client connected (it is dialled in the background; load_dual loads around it)",
+                ),
+            });
+        }
+        if !gateway
+            .namespaces()
+            .iter()
+            .any(|info| info.name == namespace)
+        {
             let known = gateway
-                .namespaces
+                .namespaces()
                 .iter()
                 .map(|info| info.name.clone())
                 .collect();
@@ -917,7 +964,8 @@ impl Client {
         self.dual.gateway_healthy(gateway)
     }
 
-    /// Addresses given to `connect` that could not be reached then.
+    /// Addresses given to `connect` that could not be reached then (they may
+    /// have been reached since: see [`Client::gateway_in_split`]).
     pub fn unreachable_gateways(&self) -> &[String] {
         &self.unreachable
     }
@@ -953,24 +1001,43 @@ fn connect_gateway(
     Ok(Gateway {
         address: address.to_string(),
         shards: RwLock::new(shards),
-        namespaces,
+        namespaces: std::sync::OnceLock::from(namespaces),
         reconnecting: Mutex::new(RedialState::default()),
         redialing: std::sync::atomic::AtomicBool::new(false),
     })
 }
 
 impl Gateway {
-    /// The current connections, one per shard.
+    /// A gateway `connect` could not reach: no connections yet (closed, out
+    /// of the split) until a redial reaches it; requests back off from it as
+    /// after a failed redial.
+    fn unreached(address: &str) -> Self {
+        Self {
+            address: address.to_string(),
+            shards: RwLock::new(Vec::new()),
+            namespaces: std::sync::OnceLock::new(),
+            reconnecting: Mutex::new(RedialState {
+                last_failure: Some(std::time::Instant::now()),
+                failures_in_a_row: 1,
+            }),
+            redialing: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// The namespaces the gateway serves (from its first hello; none while
+    /// it has never been reached).
+    pub(crate) fn namespaces(&self) -> &[NamespaceInfo] {
+        self.namespaces.get().map_or(&[], Vec::as_slice)
+    }
+
+    /// The current connections, one per shard (none while never reached).
     pub(crate) fn links(&self) -> Vec<Arc<ShardLink>> {
         self.shards.read().expect("links lock").clone()
     }
 
     pub(crate) fn is_closed(&self) -> bool {
-        self.shards
-            .read()
-            .expect("links lock")
-            .iter()
-            .any(|link| link.is_closed())
+        let links = self.shards.read().expect("links lock");
+        links.is_empty() || links.iter().any(|link| link.is_closed())
     }
 
     /// Cuts every connection: nothing more arrives from this gateway (a late write
@@ -1021,9 +1088,20 @@ impl Gateway {
         }
         match connect_gateway(&self.address, options, regions, verbs) {
             Ok(fresh) => {
+                let first = self.namespaces.get().is_none();
+                if let Some(namespaces) = fresh.namespaces.get() {
+                    let _ = self.namespaces.set(namespaces.clone());
+                }
                 *self.shards.write().expect("links lock") = fresh.links();
                 *state = RedialState::default();
-                tracing::info!("reconnected to gateway {}", self.address);
+                if first {
+                    tracing::info!(
+                        "connected to gateway {}, unreachable when the client connected",
+                        self.address
+                    );
+                } else {
+                    tracing::info!("reconnected to gateway {}", self.address);
+                }
                 true
             }
             Err(error) => {

@@ -681,6 +681,69 @@ fn a_hung_gateway_takes_no_other_out_of_the_split_nor_holds_up_a_connect() {
     );
 }
 
+/// A gateway that was down when the client connected is dialled in the
+/// background and joins the split once it is up (its index follows the
+/// reachable ones'); until then a load from it fails at once, naming why.
+#[test]
+fn a_gateway_down_when_the_client_connects_joins_the_split_when_it_comes_up() {
+    let up = Gateway::start(4);
+    let later_address = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        listener.local_addr().expect("address").to_string()
+    };
+    let options = ClientOptions {
+        pool_poll_interval: Duration::from_millis(20),
+        pool_silence: Duration::from_millis(300),
+        ..ClientOptions::default()
+    };
+    let client = Client::connect(&[&later_address, &up.tcp], options).expect("the one that is up");
+    assert_eq!(client.unreachable_gateways(), [later_address.clone()]);
+    assert_eq!(
+        client.gateway_addresses(),
+        [up.tcp.as_str(), later_address.as_str()],
+        "the reachable first"
+    );
+    assert!(client.gateway_in_split(0) && !client.gateway_in_split(1));
+    assert_eq!(client.transports(), ["tcp", "none"]);
+    let (region, id) = registered_region(&client, 4 * BLOCK_BYTES);
+    let error = client
+        .load_from(1, "full", id, &whole_blocks(4), 0)
+        .expect_err("not reached yet");
+    assert!(
+        error
+            .to_string()
+            .contains("not reached since the client connected"),
+        "{error}"
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = TestGatewayConfig {
+        listen_tcp: later_address.clone(),
+        ..TestGatewayConfig::default()
+    }
+    .write(dir.path());
+    import_synthetic(BINARY, &config, "full", 4, SEED);
+    let mut command = Command::new(BINARY);
+    command.arg("--config").arg(&config).arg("serve");
+    let _later = GatewayProcess::start(command);
+    wait_until("the late gateway joins the split", WAIT, || {
+        client.gateway_in_split(1)
+    });
+    assert_eq!(client.transports(), ["tcp", "tcp"]);
+    let report = client
+        .load_from(1, "full", id, &whole_blocks(4), 0)
+        .expect("load from the late gateway")
+        .wait(WAIT)
+        .expect("finished");
+    assert!(report.all_done(), "{:?}", report.failed().next());
+    for index in 0..4u64 {
+        assert!(
+            region.read(index as usize * BLOCK_BYTES, BLOCK_BYTES) == expected_block(index),
+            "block {index} from the late gateway"
+        );
+    }
+}
+
 #[test]
 fn sigterm_stops_the_gateway_cleanly() {
     let mut gateway = Gateway::start(2);
@@ -2155,13 +2218,18 @@ fn hex_of(text: &str) -> String {
 }
 
 #[test]
-fn an_unreachable_gateway_is_left_out_at_connect() {
+fn an_unreachable_gateway_does_not_fail_connect_and_stays_out_of_the_split() {
     let gateway = Gateway::start(2);
     let dead = "127.0.0.1:1";
     let client = Client::connect(&[dead, &gateway.tcp], ClientOptions::default())
         .expect("one gateway is enough");
     assert_eq!(client.unreachable_gateways(), [dead.to_owned()]);
-    assert_eq!(client.gateway_addresses(), [gateway.tcp.as_str()]);
+    assert_eq!(
+        client.gateway_addresses(),
+        [gateway.tcp.as_str(), dead],
+        "the reachable first"
+    );
+    assert!(client.gateway_in_split(0) && !client.gateway_in_split(1));
     let (_region, id) = registered_region(&client, BLOCK_BYTES);
     load_all_done(&client, "full", id, &whole_blocks(1));
     let error = Client::connect(&[dead], ClientOptions::default()).expect_err("nothing reachable");

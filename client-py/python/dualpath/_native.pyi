@@ -48,7 +48,10 @@ class Client:
         rdma_service_level: int = 0,
         tcp_dscp: int = 0,
     ) -> None:
-        """Connect to every shard of each gateway ("host:port" or "unix:/path").
+        """Connect to every shard of each gateway ("host:port" or "unix:/path"),
+        all at once; fails only if none answers. Gateways that do not answer
+        now are dialled again in the background and join the split when they
+        do; gateway indexes count the reachable ones first, then those.
 
         `secret` is the cluster's shared secret for gateways that require
         authentication; it never crosses the wire (challenge-response).
@@ -70,7 +73,8 @@ class Client:
         `request_timeout` each wait for an answer to a request."""
         ...
     def transports(self) -> list[str]:
-        """Per gateway, "rdma" or "tcp": how payloads reach this client."""
+        """Per gateway, "rdma" or "tcp": how payloads reach this client
+        ("none" for a gateway not reached since the client connected)."""
     def load_to_device(
         self,
         namespace: str,
