@@ -29,7 +29,7 @@ use block_layout::{BlockKey, Geometry};
 use protocol::{ErrorCode, NamespaceInfo};
 
 pub use dual::PathStats;
-pub use link::{mark_dscp, Endpoint};
+pub use link::{end_when_peer_dies, mark_dscp, Endpoint};
 pub use load::{LoadHandle, LoadReport};
 pub use pe::PrefillReader;
 pub use protocol::BlockLoad;

@@ -266,6 +266,10 @@ struct RdmaLink {
 
 /// Notice receive buffers per connection, and their size (a notice is at most
 /// `transport::RDMA_NOTICE_MAX` bytes; the slack is for future frames).
+/// A gateway's host that has stopped answering for this long has its
+/// connections ended by the kernel (see [`end_when_peer_dies`]).
+const GATEWAY_DEAD_AFTER: Duration = Duration::from_secs(60);
+
 const NOTICE_SLOTS: usize = 128;
 const NOTICE_SLOT_BYTES: usize = 512;
 
@@ -914,6 +918,9 @@ fn open_socket(endpoint: &Endpoint, options: &crate::ClientOptions) -> io::Resul
                 match TcpStream::connect_timeout(&resolved, timeout) {
                     Ok(stream) => {
                         stream.set_nodelay(true)?;
+                        // A gateway host that dies is noticed by the socket
+                        // too, not only by requests that time out.
+                        end_when_peer_dies(&stream, GATEWAY_DEAD_AFTER)?;
                         if options.tcp_dscp != 0 {
                             mark_dscp(&stream, options.tcp_dscp)?;
                         }
@@ -942,6 +949,26 @@ pub fn mark_dscp(stream: &TcpStream, dscp: u8) -> io::Result<()> {
         std::net::SocketAddr::V6(_) => setsockopt(stream, sockopt::Ipv6TClass, &byte),
     }
     .map_err(io::Error::from)
+}
+
+/// Has the kernel end the connection once the peer's host has stopped
+/// answering for about `dead_after` (no FIN or RST ever comes after a crash,
+/// a power cut or a pulled cable): keepalive probes from half of it on, and
+/// `TCP_USER_TIMEOUT` for data sent and not acknowledged. Whole seconds, at
+/// least 3. A read or write then fails with "connection timed out".
+pub fn end_when_peer_dies(stream: &TcpStream, dead_after: Duration) -> io::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let total = u32::try_from(dead_after.as_secs().max(3)).unwrap_or(u32::MAX);
+    let idle = (total / 2).max(1);
+    let interval = (total / 8).max(1);
+    let probes = ((total - idle) / interval).max(1);
+    let user_timeout = u32::try_from(dead_after.as_millis()).unwrap_or(u32::MAX);
+    setsockopt(stream, sockopt::KeepAlive, &true)
+        .and_then(|()| setsockopt(stream, sockopt::TcpKeepIdle, &idle))
+        .and_then(|()| setsockopt(stream, sockopt::TcpKeepInterval, &interval))
+        .and_then(|()| setsockopt(stream, sockopt::TcpKeepCount, &probes))
+        .and_then(|()| setsockopt(stream, sockopt::TcpUserTimeout, &user_timeout))
+        .map_err(io::Error::from)
 }
 
 /// The TLS handshake on a fresh connection, verifying the gateway's

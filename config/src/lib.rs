@@ -116,6 +116,7 @@ struct GatewaySection {
     gossip_interval_ms: Option<u64>,
     peer_timeout_ms: Option<u64>,
     client_stall_timeout_ms: Option<u64>,
+    dead_client_timeout_ms: Option<u64>,
     tcp_dscp: Option<u8>,
     listen_tcp: Option<SocketAddr>,
     listen_unix: Option<PathBuf>,
@@ -268,6 +269,7 @@ impl std::fmt::Debug for ObjectConfig {
 
 /// How long a client may take nothing while data waits for it (10 s).
 pub const DEFAULT_CLIENT_STALL_TIMEOUT_MS: u64 = 10_000;
+pub const DEFAULT_DEAD_CLIENT_TIMEOUT_MS: u64 = 60_000;
 
 fn default_queue_depth() -> u32 {
     64
@@ -332,6 +334,10 @@ pub struct GatewayConfig {
     /// A client that takes no byte for this long while the gateway has data
     /// queued for it is disconnected, so its staging buffers go back to the rest.
     pub client_stall_timeout_ms: u64,
+    /// A TCP client whose host stops answering without closing (a crash, a
+    /// power cut, a cable pulled: no FIN or RST ever comes) is closed after
+    /// about this long, by TCP keepalive probes and `TCP_USER_TIMEOUT`; 0: never.
+    pub dead_client_timeout_ms: u64,
     /// DSCP (0-63) marked on client TCP connections (payloads over the TCP
     /// transport), so the network's QoS can class KV movement; 0: unmarked.
     pub tcp_dscp: u8,
@@ -444,6 +450,17 @@ impl Validator<'_> {
                 "use at least 100 ms (default 10000)",
             ));
         }
+        let dead_client_timeout_ms = raw
+            .gateway
+            .dead_client_timeout_ms
+            .unwrap_or(DEFAULT_DEAD_CLIENT_TIMEOUT_MS);
+        if dead_client_timeout_ms != 0 && dead_client_timeout_ms < 3000 {
+            return Err(self.invalid(
+                "gateway.dead_client_timeout_ms",
+                format!("{dead_client_timeout_ms} ms is shorter than TCP keepalive can tell (its probes are whole seconds apart)"),
+                "use at least 3000 ms (default 60000), or 0 to keep connections of silent hosts",
+            ));
+        }
         let tcp_dscp = raw.gateway.tcp_dscp.unwrap_or(0);
         if tcp_dscp > 63 {
             return Err(self.invalid(
@@ -521,6 +538,7 @@ impl Validator<'_> {
             gossip_interval_ms,
             peer_timeout_ms,
             client_stall_timeout_ms,
+            dead_client_timeout_ms,
             tcp_dscp,
             auth_secret_file: raw.gateway.auth_secret_file,
             listen_tcp: raw.gateway.listen_tcp,
@@ -915,6 +933,10 @@ mod tests {
             (
                 format!("{MINIMAL}\n[gateway]\nclient_stall_timeout_ms = 5\n"),
                 "gateway.client_stall_timeout_ms",
+            ),
+            (
+                format!("{MINIMAL}\n[gateway]\ndead_client_timeout_ms = 500\n"),
+                "gateway.dead_client_timeout_ms",
             ),
             (
                 format!("{MINIMAL}\n[rdma]\nservice_level = 16\n"),

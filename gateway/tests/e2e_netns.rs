@@ -27,6 +27,8 @@ const BLOCKS: u64 = 1200;
 struct Namespace {
     name: String,
     outside: String,
+    inside: String,
+    outside_address: String,
     inside_address: String,
 }
 
@@ -38,8 +40,9 @@ fn ip(args: &[&str]) -> bool {
 }
 
 impl Namespace {
-    fn create() -> Option<Self> {
-        let id = std::process::id() % 10_000;
+    /// `tag` (0-9) tells apart the namespaces of tests that run at once.
+    fn create(tag: u32) -> Option<Self> {
+        let id = std::process::id() % 10_000 * 10 + tag;
         let subnet = 10 + id % 200;
         let name = format!("dpt{id}");
         let (outside, inside) = (format!("dpt{id}o"), format!("dpt{id}i"));
@@ -51,6 +54,8 @@ impl Namespace {
         let namespace = Self {
             name,
             outside,
+            inside: inside.clone(),
+            outside_address: format!("10.213.{subnet}.1"),
             inside_address,
         };
         let ns = namespace.name.as_str();
@@ -69,6 +74,12 @@ impl Namespace {
                 .is_ok_and(|status| status.success());
         assert!(ok, "setting up the namespace's veth pair failed");
         Some(namespace)
+    }
+
+    /// The namespace's own end of the link goes down: what it sends and what
+    /// is sent to it vanish, and nothing says so (no RST, no route error).
+    fn inside_link_down(&self) {
+        assert!(ip(&["-n", &self.name, "link", "set", &self.inside, "down"]));
     }
 
     fn link(&self, up: bool) {
@@ -123,7 +134,7 @@ fn expected_block(index: u64) -> Vec<u8> {
 
 #[test]
 fn a_dropped_link_takes_its_gateway_out_of_the_split_and_the_load_completes() {
-    let Some(namespace) = Namespace::create() else {
+    let Some(namespace) = Namespace::create(0) else {
         return;
     };
     let (near_dir, far_dir) = (
@@ -227,4 +238,69 @@ fn a_dropped_link_takes_its_gateway_out_of_the_split_and_the_load_completes() {
         far_share.in_split && far_share.bytes > 0,
         "the gateway carries load again: {far_share:?}"
     );
+}
+
+/// A client whose host stops answering without closing (its link goes down:
+/// no FIN or RST can come) is closed by the gateway after about
+/// `gateway.dead_client_timeout_ms` (TCP keepalive), counted and logged, so
+/// its connection and its share of staging do not stay for good.
+#[test]
+fn a_client_whose_host_stops_answering_is_closed() {
+    use std::io::Write;
+    let Some(namespace) = Namespace::create(1) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("dir");
+    let config = TestGatewayConfig {
+        cores: 1,
+        listen_tcp: format!("{}:0", namespace.outside_address),
+        gateway_lines: "metrics_listen = \"127.0.0.1:0\"\ndead_client_timeout_ms = 3000".into(),
+        namespaces: vec![("kv", "layer")],
+        ..TestGatewayConfig::default()
+    }
+    .write(dir.path());
+    let mut command = Command::new(BINARY);
+    command.arg("--config").arg(&config).arg("serve");
+    let gateway = GatewayProcess::start(command);
+
+    // The client: a thread that enters the namespace, connects and says hello.
+    let (address, netns) = (
+        gateway.tcp.clone(),
+        format!("/var/run/netns/{}", namespace.name),
+    );
+    let _client = std::thread::spawn(move || {
+        let file = std::fs::File::open(&netns).expect("the namespace's file");
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("enter it");
+        let mut stream = std::net::TcpStream::connect(&address).expect("connect");
+        let hello = protocol::Frame::Hello {
+            version: protocol::PROTOCOL_VERSION,
+            shard: 0,
+            token: vec![],
+        };
+        stream.write_all(&hello.encode()).expect("hello");
+        let answer = test_support::read_frame(&mut stream);
+        assert!(
+            matches!(answer, protocol::Frame::HelloOk { .. }),
+            "{answer:?}"
+        );
+        stream
+    })
+    .join()
+    .expect("client thread");
+    let wait = Duration::from_secs(30);
+    wait_until("the gateway holds the client", wait, || {
+        gateway.metric_sum("dualpath_connected_clients") == 1.0
+    });
+
+    namespace.inside_link_down();
+    let took = wait_until("the gateway closes the silent client", wait, || {
+        gateway.metric_sum("dualpath_connected_clients") == 0.0
+    });
+    eprintln!("closed {took:?} after the client's link went down");
+    assert_eq!(
+        gateway.metric_sum("dualpath_dead_clients_closed_total"),
+        1.0
+    );
+    let log = gateway.later_log();
+    assert!(log.contains("its host stopped answering"), "{log}");
 }

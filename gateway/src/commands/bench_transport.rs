@@ -135,6 +135,7 @@ fn bench_config(block_bytes: u64, cores: u32, rdma: bool) -> anyhow::Result<Gate
         gossip_interval_ms: 20,
         peer_timeout_ms: 200,
         client_stall_timeout_ms: config::DEFAULT_CLIENT_STALL_TIMEOUT_MS,
+        dead_client_timeout_ms: config::DEFAULT_DEAD_CLIENT_TIMEOUT_MS,
         tcp_dscp: 0,
         auth_secret_file: None,
         listen_tcp: Some("127.0.0.1:0".parse()?),

@@ -75,6 +75,9 @@ pub struct Admission {
     pub counters: Arc<AcceptorCounters>,
     /// DSCP marked on accepted TCP connections; 0: unmarked.
     pub tcp_dscp: u8,
+    /// TCP clients whose host stops answering are closed after about this
+    /// long (`gateway.dead_client_timeout_ms`); `None`: never.
+    pub dead_client_timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for super::metrics::AcceptorCounters {
@@ -341,6 +344,11 @@ fn timed_out(error: &anyhow::Error) -> bool {
 impl Admission {
     fn admit_tcp(&self, stream: TcpStream, peer: String) {
         let _ = stream.set_nodelay(true);
+        if let Some(dead_after) = self.dead_client_timeout {
+            if let Err(error) = client::end_when_peer_dies(&stream, dead_after) {
+                tracing::warn!("cannot turn on TCP keepalive for {peer}: {error}");
+            }
+        }
         if self.tcp_dscp != 0 {
             if let Err(error) = client::mark_dscp(&stream, self.tcp_dscp) {
                 tracing::warn!(

@@ -216,6 +216,9 @@ pub struct Connection {
     /// An error was sent: close once the queue is written.
     pub closing: bool,
     pub dead: bool,
+    /// The connection timed out: the client's host stopped answering (TCP
+    /// keepalive or `TCP_USER_TIMEOUT`, `gateway.dead_client_timeout_ms`).
+    pub peer_died: bool,
     /// Since when output has waited without the client taking
     /// [`READING_BYTES_PER_WINDOW`] (the window's start).
     output_stalled_since: Option<Instant>,
@@ -401,6 +404,7 @@ impl Connection {
             discarding: 0,
             closing: false,
             dead: false,
+            peer_died: false,
             output_stalled_since: None,
             taken_while_waiting: 0,
         })
@@ -450,7 +454,10 @@ impl Connection {
                     return Received::Drained
                 }
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return Received::Closed,
+                Err(error) => {
+                    self.peer_died |= error.kind() == io::ErrorKind::TimedOut;
+                    return Received::Closed;
+                }
             }
         }
         Received::More

@@ -1408,6 +1408,7 @@ impl<S: BlockStore> Core<S> {
                 Ok(bytes) => counters.sent(connection.transport_name(), bytes),
                 Err(error) => {
                     tracing::debug!("client {} gone: {error}", connection.peer);
+                    connection.peer_died |= error.kind() == std::io::ErrorKind::TimedOut;
                     connection.dead = true;
                     continue;
                 }
@@ -1486,6 +1487,17 @@ impl<S: BlockStore> Core<S> {
         for entry in self.connections.iter_mut() {
             if entry.as_ref().is_some_and(|connection| connection.dead) {
                 let mut connection = entry.take().expect("checked");
+                if connection.peer_died {
+                    self.setup
+                        .counters
+                        .dead_clients_closed
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(
+                        "shard {}: closed client {}: its host stopped answering (TCP keepalive; gateway.dead_client_timeout_ms)",
+                        self.shard.shard_index(),
+                        connection.peer
+                    );
+                }
                 if connection.closing {
                     connection.stream.close_gently(&mut self.scratch);
                 }

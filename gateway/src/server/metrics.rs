@@ -81,6 +81,8 @@ pub struct CoreCounters {
     pub rdma_connections: AtomicI64,
     /// Clients closed because they took nothing for the stall timeout.
     pub stalled_clients_closed: AtomicU64,
+    /// Clients closed because their host stopped answering.
+    pub dead_clients_closed: AtomicU64,
     /// Histogram handles, registered once: a `histogram!` with labels per read
     /// would build its key (allocating) and look it up in the registry each time.
     pub storage_read_seconds: metrics::Histogram,
@@ -122,6 +124,7 @@ impl CoreCounters {
             rdma_enabled: AtomicI64::new(0),
             rdma_connections: AtomicI64::new(0),
             stalled_clients_closed: AtomicU64::new(0),
+            dead_clients_closed: AtomicU64::new(0),
             storage_read_seconds: metrics::histogram!(STORAGE_READ_SECONDS, "backend" => backend, "shard" => shard.to_string()),
             load_seconds: metrics::histogram!(LOAD_SECONDS, "shard" => shard.to_string()),
             store_seconds: metrics::histogram!(STORE_SECONDS, "shard" => shard.to_string()),
@@ -229,6 +232,10 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     describe_counter!(
         "dualpath_stalled_clients_closed_total",
         "Clients closed because they took next to nothing (under 64 KiB) for gateway.client_stall_timeout_ms while data waited for them"
+    );
+    describe_counter!(
+        "dualpath_dead_clients_closed_total",
+        "Clients closed because their host stopped answering (TCP keepalive, gateway.dead_client_timeout_ms)"
     );
     describe_counter!(
         "dualpath_auth_failures_total",
@@ -372,6 +379,8 @@ pub fn publish(cores: &[Arc<CoreCounters>], acceptor: &AcceptorCounters) {
             .set(read(&core.connected_clients));
         counter!("dualpath_stalled_clients_closed_total", "shard" => shard.clone())
             .absolute(load(&core.stalled_clients_closed));
+        counter!("dualpath_dead_clients_closed_total", "shard" => shard.clone())
+            .absolute(load(&core.dead_clients_closed));
         gauge!("dualpath_storage_queue_depth", "backend" => core.backend, "shard" => shard.clone())
             .set(read(&core.reads_in_flight));
         gauge!("dualpath_stores_in_flight", "shard" => shard.clone())

@@ -187,6 +187,8 @@ where
             tls,
             counters: acceptor_counters,
             tcp_dscp: config.tcp_dscp,
+            dead_client_timeout: (config.dead_client_timeout_ms > 0)
+                .then(|| Duration::from_millis(config.dead_client_timeout_ms)),
         }),
     }
     .run();
