@@ -142,9 +142,36 @@ impl Client {
     }
 
     /// Per gateway, "rdma" when it writes payloads into this client's memory by
-    /// RDMA WRITE, else "tcp".
+    /// RDMA WRITE, "tcp" over the socket, "none" while never reached.
     fn transports(&self) -> Vec<&'static str> {
         self.inner.transports()
+    }
+
+    /// Addresses not reached when the client connected (dialled again in
+    /// the background; they join the split when they answer).
+    fn unreachable(&self) -> Vec<String> {
+        self.inner.unreachable_gateways().to_vec()
+    }
+
+    /// Each path ("pe", "gateway N" with N its index in `addresses()`) as a
+    /// dict: in_split, bytes, blocks, queued_bytes,
+    /// estimated_bytes_per_second, last_share.
+    fn path_stats<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        self.inner
+            .path_stats()
+            .into_iter()
+            .map(|path| {
+                let stats = PyDict::new(py);
+                stats.set_item("name", path.name)?;
+                stats.set_item("in_split", path.in_split)?;
+                stats.set_item("bytes", path.bytes)?;
+                stats.set_item("blocks", path.blocks)?;
+                stats.set_item("queued_bytes", path.queued_bytes)?;
+                stats.set_item("estimated_bytes_per_second", path.estimated_bytes_per_second)?;
+                stats.set_item("last_share", path.last_share)?;
+                Ok(stats)
+            })
+            .collect()
     }
 
     /// The geometry of a namespace as a dict, or None if the gateway does not serve it.

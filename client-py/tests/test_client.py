@@ -269,6 +269,33 @@ def test_load_dual_without_pe_storage_uses_the_gateways(gateway):
         dualpath.Client([gateway.address], policy="fastest")
 
 
+def test_path_stats_and_an_unreachable_gateway_are_visible(gateway):
+    # A port nothing listens on (taken from the OS, then let go).
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        down = "127.0.0.1:%d" % probe.getsockname()[1]
+    client = dualpath.Client([down, gateway.address], policy="dualpath")
+    assert client.unreachable() == [down]
+    assert client.addresses() == [gateway.address, down]
+    assert client.transports() == ["tcp", "none"]
+    kv = np.zeros(BLOCKS * BLOCK_BYTES, dtype=np.uint8)
+    region = client.register(memoryview(kv).cast("B"))
+    load = client.load_dual("kv", region, gateway.keys, [i * BLOCK_BYTES for i in range(BLOCKS)])
+    assert all(state == "done" for state, _, _ in load.wait(timeout=30))
+    stats = {path["name"]: path for path in client.path_stats()}
+    assert set(stats) == {"gateway 0", "gateway 1"}
+    assert stats["gateway 0"]["in_split"] and not stats["gateway 1"]["in_split"]
+    # The coordinator records what each path carried just after the load ends.
+    deadline = time.monotonic() + 10
+    while stats["gateway 0"]["blocks"] < BLOCKS and time.monotonic() < deadline:
+        time.sleep(0.02)
+        stats = {path["name"]: path for path in client.path_stats()}
+    assert stats["gateway 0"]["blocks"] == BLOCKS
+    assert stats["gateway 0"]["bytes"] == BLOCKS * BLOCK_BYTES
+    assert stats["gateway 1"]["blocks"] == 0
+
+
 def test_rdma_option_falls_back_to_tcp_without_a_device_and_is_checked(gateway):
     # This machine has no RDMA device (the RDMA path is tested on Soft-RoCE by
     # scripts/test-rdma.sh): "auto" loads over TCP, "required" is refused.

@@ -31,7 +31,8 @@ struct Carried {
 /// One path as the engine can inspect it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PathStats {
-    /// "pe" or "gateway N" (N: position in the addresses given to `connect`).
+    /// "pe" or "gateway N" (N: the gateway's index, as in
+    /// [`crate::Client::gateway_addresses`]).
     pub name: String,
     pub in_split: bool,
     /// Bytes and blocks this path has delivered in dual-path loads.

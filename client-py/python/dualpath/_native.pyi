@@ -144,7 +144,15 @@ class Client:
         size). Over RDMA the gateway reads them from the region (RDMA READ);
         otherwise they are sent from where they lie. Returns when all are
         durable; ValueError for a block past the region's end."""
-    def addresses(self) -> list[str]: ...
+    def addresses(self) -> list[str]:
+        """The gateways' addresses by index: the reachable at connect first."""
+    def unreachable(self) -> list[str]:
+        """Addresses not reached at connect (dialled again in the background;
+        they join the split when they answer)."""
+    def path_stats(self) -> list[dict[str, Any]]:
+        """Each path ("pe", "gateway N", N its index in addresses()): name,
+        in_split, bytes, blocks, queued_bytes, estimated_bytes_per_second,
+        last_share."""
 
 
 class DeviceLoad:
