@@ -258,3 +258,94 @@ fn client_certificates_are_required_when_the_gateway_names_a_client_ca() {
         "a certificate file given as the key is a clear error"
     );
 }
+
+/// SIGHUP reads the TLS files again: after a renewal (here a new certificate
+/// written over the old) new clients get the new one while a client already
+/// connected keeps loading; a broken file keeps the current certificate,
+/// logged and counted.
+#[test]
+fn sighup_reloads_the_certificate_and_a_broken_one_keeps_the_current() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (cert_path, key_path) = (
+        dir.path().join("gateway.crt"),
+        dir.path().join("gateway.key"),
+    );
+    let install = |(cert, key): &(String, String)| {
+        std::fs::write(&cert_path, cert).expect("cert");
+        std::fs::write(&key_path, key).expect("key");
+    };
+    let (old, new) = (certificate(), certificate());
+    let (old_ca, new_ca) = (dir.path().join("old.crt"), dir.path().join("new.crt"));
+    std::fs::write(&old_ca, &old.0).expect("old CA");
+    std::fs::write(&new_ca, &new.0).expect("new CA");
+    install(&old);
+    let config = write_config(dir.path(), &cert_path, &key_path);
+    import_synthetic(BINARY, &config, "layer", 4, SEED);
+    let mut command = Command::new(BINARY);
+    command.arg("--config").arg(&config).arg("serve");
+    let gateway = GatewayProcess::start(command);
+    let trusting = |ca_file: &Path| {
+        Client::connect(
+            &[&gateway.tcp],
+            ClientOptions {
+                tls: Some(TlsOptions {
+                    ca_file: ca_file.to_owned(),
+                    server_name: None,
+                    cert_file: None,
+                    key_file: None,
+                }),
+                connect_timeout: Duration::from_secs(2),
+                ..ClientOptions::default()
+            },
+        )
+    };
+    let connected = trusting(&old_ca).expect("the current certificate");
+    let region = Arc::new(Region::allocate(BLOCK_BYTES));
+    let id = connected
+        .register_region(Arc::clone(&region))
+        .expect("register");
+    let load_block = |client: &Client, index: u64| {
+        let block = [BlockLoad {
+            key: synthetic::key(SEED, index),
+            layers: 0..LAYERS,
+            dest_offset: 0,
+        }];
+        let report = client
+            .load("layer", id, &block, 0)
+            .expect("load")
+            .wait(WAIT)
+            .expect("finished");
+        assert!(report.all_done());
+        assert!(region.read(0, BLOCK_BYTES) == expected_block(index));
+    };
+    load_block(&connected, 0);
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(gateway.child.id()).expect("pid"));
+    let reloads = |outcome: &str| {
+        gateway.metric_sum_labelled(
+            "dualpath_tls_reloads_total",
+            &format!("outcome=\"{outcome}\""),
+        ) as u64
+    };
+
+    install(&new);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    test_support::wait_until("the reload", WAIT, || reloads("ok") == 1);
+    trusting(&new_ca).expect("new clients get the renewed certificate");
+    assert!(
+        trusting(&old_ca).is_err(),
+        "the old certificate is no longer offered"
+    );
+    load_block(&connected, 1);
+
+    std::fs::write(&cert_path, "not a certificate").expect("broken cert");
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    test_support::wait_until("the failed reload", WAIT, || reloads("failed") == 1);
+    trusting(&new_ca).expect("the current certificate stays");
+    let log = gateway.later_log();
+    assert!(
+        log.contains("TLS certificate reloaded")
+            && log.contains("kept the current TLS certificate"),
+        "{log}"
+    );
+    load_block(&connected, 2);
+}

@@ -60,6 +60,8 @@ pub struct Acceptor {
     pub tcp: Option<TcpListener>,
     pub unix: Option<UnixListener>,
     pub shutdown: Arc<AtomicBool>,
+    /// Set by SIGHUP: read the TLS files again.
+    pub reload: Arc<AtomicBool>,
     pub admission: Arc<Admission>,
 }
 
@@ -71,7 +73,7 @@ pub struct Admission {
     /// The cluster secret clients must prove; `None`: no authentication.
     pub secret: Option<Arc<[u8]>>,
     /// TLS for TCP clients; `None`: plain TCP.
-    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub tls: Option<super::tls::ReloadableTls>,
     pub counters: Arc<AcceptorCounters>,
     /// DSCP marked on accepted TCP connections; 0: unmarked.
     pub tcp_dscp: u8,
@@ -140,6 +142,9 @@ impl Acceptor {
         let mut events = Events::with_capacity(8);
         let mut errors = FaultLog::new(ACCEPT_ERROR_LOG_EVERY);
         while !self.shutdown.load(Ordering::Relaxed) {
+            if self.reload.swap(false, Ordering::Relaxed) {
+                self.admission.reload_tls();
+            }
             if let Err(error) = poll.poll(&mut events, Some(ACCEPT_TICK)) {
                 if error.kind() != std::io::ErrorKind::Interrupted {
                     return Err(error).context("the acceptor's poll failed");
@@ -342,6 +347,28 @@ fn timed_out(error: &anyhow::Error) -> bool {
 }
 
 impl Admission {
+    /// SIGHUP: the TLS certificate, key and client CA read again.
+    fn reload_tls(&self) {
+        let Some(tls) = &self.tls else {
+            return tracing::info!("SIGHUP: nothing to reload (TLS is off)");
+        };
+        match tls.reload() {
+            Ok(()) => {
+                self.counters.tls_reloads.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    "SIGHUP: TLS certificate reloaded from {}; new connections use it",
+                    tls.cert_file().display()
+                );
+            }
+            Err(error) => {
+                self.counters
+                    .tls_reload_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("SIGHUP: kept the current TLS certificate: {error:#}");
+            }
+        }
+    }
+
     fn admit_tcp(&self, stream: TcpStream, peer: String) {
         let _ = stream.set_nodelay(true);
         if let Some(dead_after) = self.dead_client_timeout {
@@ -362,7 +389,7 @@ impl Admission {
         }
         let socket = Deadlined::new(stream, HELLO_DEADLINE);
         if let Some(tls) = &self.tls {
-            return self.admit_tls(socket, peer, Arc::clone(tls));
+            return self.admit_tls(socket, peer, tls.current());
         }
         let mut socket = socket;
         let Some((shard, access)) = self.hello(&mut socket, &peer, "client") else {

@@ -166,6 +166,9 @@ pub struct AcceptorCounters {
     /// Accepts that failed (the open-files limit reached, most likely).
     pub accept_errors: AtomicU64,
     pub hellos_in_progress: AtomicU64,
+    /// SIGHUP reloads of the TLS files that took, and that failed.
+    pub tls_reloads: AtomicU64,
+    pub tls_reload_failures: AtomicU64,
 }
 
 impl AcceptorCounters {
@@ -177,6 +180,8 @@ impl AcceptorCounters {
             hello_timeouts: AtomicU64::new(0),
             accept_errors: AtomicU64::new(0),
             hellos_in_progress: AtomicU64::new(0),
+            tls_reloads: AtomicU64::new(0),
+            tls_reload_failures: AtomicU64::new(0),
         }
     }
 }
@@ -252,6 +257,10 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     describe_counter!(
         "dualpath_accept_errors_total",
         "Connections the gateway could not accept (the open-files limit reached, most likely); they wait in the listen backlog"
+    );
+    describe_counter!(
+        "dualpath_tls_reloads_total",
+        "Reloads of the TLS certificate, key and client CA on SIGHUP, by outcome (a failed one keeps the current)"
     );
     describe_gauge!(
         "dualpath_hellos_in_progress",
@@ -343,6 +352,10 @@ pub fn publish(cores: &[Arc<CoreCounters>], acceptor: &AcceptorCounters) {
         .absolute(acceptor.hello_timeouts.load(Ordering::Relaxed));
     counter!("dualpath_accept_errors_total")
         .absolute(acceptor.accept_errors.load(Ordering::Relaxed));
+    counter!("dualpath_tls_reloads_total", "outcome" => "ok")
+        .absolute(acceptor.tls_reloads.load(Ordering::Relaxed));
+    counter!("dualpath_tls_reloads_total", "outcome" => "failed")
+        .absolute(acceptor.tls_reload_failures.load(Ordering::Relaxed));
     gauge!("dualpath_hellos_in_progress")
         .set(acceptor.hellos_in_progress.load(Ordering::Relaxed) as f64);
     for core in cores {

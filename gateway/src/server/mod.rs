@@ -105,7 +105,15 @@ where
     S: storage_backends::BlockStore,
     F: Fn(u32) -> anyhow::Result<S> + Send + Clone + 'static,
 {
-    let tls = config.tls.as_ref().map(tls::server_config).transpose()?;
+    let tls = config
+        .tls
+        .as_ref()
+        .map(tls::ReloadableTls::load)
+        .transpose()?;
+    // SIGHUP reads the TLS files again (and no longer ends the process).
+    let reload = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&reload))
+        .context("cannot install the SIGHUP handler")?;
     raise_open_files_limit(config.cores);
     let listeners = bind(config)?;
     let counters: Vec<_> = (0..config.cores)
@@ -180,6 +188,7 @@ where
         tcp: listeners.tcp,
         unix: listeners.unix,
         shutdown: Arc::clone(&shutdown),
+        reload,
         admission: Arc::new(Admission {
             cores: doors,
             namespaces,

@@ -17,6 +17,40 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use transport::{Progress, RemoteWrite, TcpTransport, Transport};
 
+/// The TLS server config, read again from its files on SIGHUP (a renewed
+/// certificate, a new client CA) without a restart: new handshakes use the
+/// new one, connections already up keep theirs.
+#[derive(Debug)]
+pub struct ReloadableTls {
+    files: config::TlsFiles,
+    current: std::sync::RwLock<Arc<rustls::ServerConfig>>,
+}
+
+impl ReloadableTls {
+    pub fn load(files: &config::TlsFiles) -> anyhow::Result<Self> {
+        Ok(Self {
+            current: std::sync::RwLock::new(server_config(files)?),
+            files: files.clone(),
+        })
+    }
+
+    /// The config new handshakes use.
+    pub fn current(&self) -> Arc<rustls::ServerConfig> {
+        Arc::clone(&self.current.read().expect("tls config lock"))
+    }
+
+    /// Reads the files again; on any problem the current config stays.
+    pub fn reload(&self) -> anyhow::Result<()> {
+        let fresh = server_config(&self.files)?;
+        *self.current.write().expect("tls config lock") = fresh;
+        Ok(())
+    }
+
+    pub fn cert_file(&self) -> &Path {
+        &self.files.cert_file
+    }
+}
+
 /// Most plaintext rustls buffers for sending before writes report `WouldBlock`.
 const SEND_BUFFER_BYTES: usize = 1 << 20;
 
