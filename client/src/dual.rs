@@ -118,12 +118,20 @@ impl DualState {
                 continue;
             };
             let path = self.gateway_paths[index];
+            let was_in = scheduler.path(path).healthy;
+            let address = &gateways[index].address;
             if gateways[index].is_closed() {
                 scheduler.set_healthy(path, false, now);
+                announce_split_change(&scheduler, path, was_in, || {
+                    format!("its connection to {address} has ended (redialled in the background)")
+                });
                 continue;
             }
             if u128::from(peer.age_ms) > silence.as_millis() {
                 scheduler.set_healthy(path, false, now);
+                announce_split_change(&scheduler, path, was_in, || {
+                    format!("{address} was not heard from within pool_silence ({silence:?})")
+                });
                 continue;
             }
             let own = scheduler.path(path).queued_bytes;
@@ -132,13 +140,19 @@ impl DualState {
             // replace the estimate learnt from this client's own completions, so
             // only the other clients' queued work is taken from the pool.
             scheduler.peer_report(index as u32, 0.0, foreign, now);
+            announce_split_change(&scheduler, path, was_in, || {
+                format!("{address} answers again")
+            });
         }
     }
 
     /// Takes gateway `gateway` out of the split until it is heard from.
-    pub(crate) fn leave_split(&self, gateway: usize) {
+    pub(crate) fn leave_split(&self, gateway: usize, why: &str) {
         let mut scheduler = self.scheduler.lock().expect("scheduler lock");
-        scheduler.set_healthy(self.gateway_paths[gateway], false, 0.0);
+        let path = self.gateway_paths[gateway];
+        let was_in = scheduler.path(path).healthy;
+        scheduler.set_healthy(path, false, 0.0);
+        announce_split_change(&scheduler, path, was_in, || why.to_owned());
     }
 
     /// Whether path `gateway` is in the split now.
@@ -201,6 +215,28 @@ impl DualState {
         metrics::counter!("dualpath_client_path_bytes_total", "path" => name.clone())
             .increment(bytes);
         metrics::counter!("dualpath_client_path_blocks_total", "path" => name).increment(blocks);
+    }
+}
+
+/// Says (in the log and the `dualpath_client_path_in_split` gauge) that a
+/// path entered or left the split, if it did.
+fn announce_split_change(
+    scheduler: &Scheduler,
+    path: PathId,
+    was_in: bool,
+    why: impl FnOnce() -> String,
+) {
+    let now_in = scheduler.path(path).healthy;
+    if now_in == was_in {
+        return;
+    }
+    let name = path_name(scheduler.path(path).kind);
+    metrics::gauge!("dualpath_client_path_in_split", "path" => name.clone())
+        .set(f64::from(u8::from(now_in)));
+    if now_in {
+        tracing::info!("{name} is back in the split: {}", why());
+    } else {
+        tracing::warn!("{name} left the split: {}", why());
     }
 }
 
@@ -413,7 +449,12 @@ impl Starter {
                             .gateway_of(path)
                             .is_some_and(|gateway| redialled.contains(&(gateway, true)));
                         if Some(path) != self.dual.pe_path && !back {
+                            let was_in = scheduler.path(path).healthy;
                             scheduler.set_healthy(path, false, started.elapsed().as_secs_f64());
+                            announce_split_change(&scheduler, path, was_in, || {
+                                "its part of a load failed and a redial did not bring it back"
+                                    .to_owned()
+                            });
                         }
                         let bytes = u64::from(
                             plan.host.blocks[block as usize].layers.end

@@ -414,8 +414,8 @@ impl Client {
             pe_reader.is_some(),
             gateways.len(),
         ));
-        for index in reached..gateways.len() {
-            dual.leave_split(index);
+        for (index, address) in (reached..gateways.len()).zip(&unreachable) {
+            dual.leave_split(index, &format!("{address} did not answer when the client connected (dialled again in the background)"));
         }
         let gateways = Arc::new(gateways);
         let redialer = Arc::new(Redialer {

@@ -90,6 +90,34 @@ impl Gateway {
     }
 }
 
+/// What the client library logged in this test process (tests running at
+/// once share it: look for lines naming your own addresses). The first call
+/// installs the subscriber.
+fn client_log() -> String {
+    #[derive(Clone, Default)]
+    struct Shared(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("log").extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    static LOG: std::sync::OnceLock<Shared> = std::sync::OnceLock::new();
+    let log = LOG.get_or_init(|| {
+        let log = Shared::default();
+        let writer = log.clone();
+        let _ = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .try_init();
+        log
+    });
+    String::from_utf8_lossy(&log.0.lock().expect("log")).into_owned()
+}
+
 fn expected_block(index: u64) -> Vec<u8> {
     let mut bytes = vec![0u8; BLOCK_BYTES];
     synthetic::fill(synthetic::key(SEED, index), &mut bytes);
@@ -651,6 +679,7 @@ fn a_hung_gateway_takes_no_other_out_of_the_split_nor_holds_up_a_connect() {
         connect_timeout: Duration::from_secs(1),
         ..ClientOptions::default()
     };
+    client_log();
     let client = Client::connect(&addresses, options.clone()).expect("connect");
     assert!((0..3).all(|index| client.gateway_in_split(index)));
 
@@ -671,6 +700,14 @@ fn a_hung_gateway_takes_no_other_out_of_the_split_nor_holds_up_a_connect() {
         std::thread::sleep(Duration::from_millis(30));
     }
 
+    let log = client_log();
+    assert!(
+        log.contains(&format!(
+            "gateway 1 left the split: its connection to {} has ended",
+            addresses[1]
+        )),
+        "the client says why the gateway left the split: {log}"
+    );
     let started = Instant::now();
     let late = Client::connect(&addresses, options).expect("the two that answer");
     let waited = started.elapsed();
@@ -696,8 +733,12 @@ fn a_gateway_down_when_the_client_connects_joins_the_split_when_it_comes_up() {
         pool_silence: Duration::from_millis(300),
         ..ClientOptions::default()
     };
+    client_log();
     let client = Client::connect(&[&later_address, &up.tcp], options).expect("the one that is up");
-    assert_eq!(client.unreachable_gateways(), std::slice::from_ref(&later_address));
+    assert_eq!(
+        client.unreachable_gateways(),
+        std::slice::from_ref(&later_address)
+    );
     assert_eq!(
         client.gateway_addresses(),
         [up.tcp.as_str(), later_address.as_str()],
@@ -730,6 +771,15 @@ fn a_gateway_down_when_the_client_connects_joins_the_split_when_it_comes_up() {
         client.gateway_in_split(1)
     });
     assert_eq!(client.transports(), ["tcp", "tcp"]);
+    let log = client_log();
+    assert!(
+        log.contains(&format!(
+            "gateway 1 left the split: {later_address} did not answer when the client connected"
+        )) && log.contains(&format!(
+            "gateway 1 is back in the split: {later_address} answers again"
+        )),
+        "the client says when the gateway left and joined the split: {log}"
+    );
     let report = client
         .load_from(1, "full", id, &whole_blocks(4), 0)
         .expect("load from the late gateway")
