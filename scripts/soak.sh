@@ -3,7 +3,8 @@
 # SeaweedFS holds the blocks; two gateways read from it; the client loads through
 # both gateways and its own PE path and checks every byte. Meanwhile a fault
 # injector, every FAULT_EVERY seconds, SIGKILLs a gateway (restarting it a second
-# later) or stops it with SIGSTOP for a second; FAULTS=store kills SeaweedFS
+# later) or stops it with SIGSTOP for STOP_SECONDS (default 1: a stall; 20: a
+# hung gateway, whose port still takes connections); FAULTS=store kills SeaweedFS
 # itself (both paths' storage) and starts it again a second later, FAULTS=all
 # picks any of the three. At the end: loads completed, bytes verified, faults
 # injected, errors by kind (a load that fails while its storage or gateway is
@@ -19,7 +20,7 @@
 # RDMA=1: all of it inside the Soft-RoCE VM (scripts/lib/vm.sh), the gateways
 # writing by RDMA WRITE (the client requires RDMA). The VM is emulated: a run
 # moves far fewer bytes than on the host.
-#   scripts/soak.sh [SECONDS]   (default 60; FAULT_EVERY=3, BLOCKS=256, FAULTS=both|sigkill|sigstop|store|all, LOAD=dual|one-gateway, CANCEL_EVERY=0, RDMA=0)
+#   scripts/soak.sh [SECONDS]   (default 60; FAULT_EVERY=3, STOP_SECONDS=1, BLOCKS=256, FAULTS=both|sigkill|sigstop|store|all, LOAD=dual|one-gateway, CANCEL_EVERY=0, RDMA=0)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 duration=${1:-60}
@@ -31,6 +32,7 @@ if [ "$rdma" = 1 ] && [ -z "${RDMA_VM_DEV:-}" ]; then
     vm_rerun soak $((duration + 600)) scripts/soak.sh "$duration"
 fi
 fault_every=${FAULT_EVERY:-3}
+stop_seconds=${STOP_SECONDS:-1}
 faults=${FAULTS:-both}   # sigkill, sigstop, both (of those), store or all
 case $faults in
     sigkill|sigstop|both|store|all) ;;
@@ -128,7 +130,7 @@ end=$((SECONDS + duration))
         else
             kill -STOP "$(cat "$work/g$index.pid")" 2>/dev/null || true
             echo sigstop >>"$work/faults"
-            sleep 1
+            sleep "$stop_seconds"
             kill -CONT "$(cat "$work/g$index.pid")" 2>/dev/null || true
         fi
     done
