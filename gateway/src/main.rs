@@ -60,6 +60,12 @@ enum Command {
     },
     /// Show the store's namespaces, fill and staging memory.
     Stat,
+    /// Check what `serve` needs (config, secret, TLS files, listen addresses,
+    /// open-files limit, the store with its staging memory and I/O engine,
+    /// RDMA) without serving: one line each, with the fix. Exit 1 if the
+    /// gateway would not start. Run it with the gateway stopped (the store
+    /// and the addresses are its then).
+    Check,
     /// Issue an access token for one client: it may read the namespaces given
     /// with --read (and --write) and store into those given with --write ("*":
     /// all). Needs the cluster secret (auth_secret_file or DUALPATH_SECRET); the
@@ -292,7 +298,10 @@ fn parse_size(text: &str) -> Result<u64, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The service logs its life cycle; the tools only what goes wrong.
-    init_logging(if matches!(cli.command, Command::Serve) {
+    // `check` reports what the steps it runs would log.
+    init_logging(if matches!(cli.command, Command::Check) {
+        "error"
+    } else if matches!(cli.command, Command::Serve) {
         "info"
     } else {
         "warn"
@@ -358,6 +367,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             output,
         } => blocks::get(&config, &namespace, key, layers.as_deref(), &output),
         Command::Stat => blocks::stat(&config),
+        Command::Check => {
+            let findings = gateway::server::check::check(&config);
+            for finding in &findings {
+                println!("{finding}");
+            }
+            let count = |verdict| {
+                findings
+                    .iter()
+                    .filter(|finding| finding.verdict == verdict)
+                    .count()
+            };
+            let (failures, warnings) = (
+                count(gateway::server::check::Verdict::Fail),
+                count(gateway::server::check::Verdict::Warn),
+            );
+            println!("check: {failures} problems, {warnings} warnings");
+            if failures > 0 {
+                anyhow::bail!("{failures} of the checks above failed: `serve` would not start");
+            }
+            Ok(())
+        }
         Command::Token {
             client,
             read,

@@ -210,3 +210,69 @@ fn a_secret_file_readable_by_others_is_refused_with_the_fix() {
     assert_eq!(output.status.code(), Some(1));
     assert!(stderr(&output).contains("chmod 600"), "{}", stderr(&output));
 }
+
+/// `check` runs every step `serve` takes before it serves, one line each,
+/// creates nothing, and fails (exit 1) naming each thing that would stop
+/// the gateway, with the others still reported.
+#[test]
+fn check_reports_every_step_and_fails_on_what_would_stop_serve() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), "64MiB");
+    let text = std::fs::read_to_string(&config).expect("config");
+    let listen = |address: &str, extra: &str| {
+        let gateway = format!("[gateway]\nlisten_tcp = \"{address}\"\n{extra}");
+        std::fs::write(&config, text.replacen("[gateway]\n", &gateway, 1)).expect("config");
+    };
+    listen("127.0.0.1:0", "");
+    let stdout = |output: &Output| String::from_utf8_lossy(&output.stdout).into_owned();
+
+    let fresh = dualpath(&config, &["check"]);
+    let report = stdout(&fresh);
+    assert!(fresh.status.success(), "{report}{}", stderr(&fresh));
+    for line in [
+        "ok    config: 2 cores, namespaces kv",
+        "ok    listen: tcp 127.0.0.1:",
+        "ok    staging: 2 x 4MiB locked",
+        "warn  store: no store at",
+        "check: 0 problems",
+    ] {
+        assert!(report.contains(line), "{line:?} in:\n{report}");
+    }
+    assert!(!dir.path().join("store").exists(), "check creates no store");
+
+    let import = dualpath(&config, &["import", "-n", "kv", "--synthetic", "4"]);
+    assert!(import.status.success(), "{}", stderr(&import));
+    let report = stdout(&dualpath(&config, &["check"]));
+    assert!(
+        report.contains("ok    store: 2 shards open") && report.contains("4 blocks stored"),
+        "{report}"
+    );
+
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+    let address = busy.local_addr().expect("address").to_string();
+    listen(
+        &address,
+        &format!(
+            "tls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
+            dir.path().join("missing.crt").display(),
+            dir.path().join("missing.key").display()
+        ),
+    );
+    let failing = dualpath(&config, &["check"]);
+    let report = stdout(&failing);
+    assert_eq!(failing.status.code(), Some(1), "{report}");
+    for line in [
+        "FAIL  listen: cannot listen on",
+        "another process listens there",
+        "FAIL  tls: cannot read the TLS certificate file",
+        "ok    store: 2 shards open",
+        "check: 2 problems",
+    ] {
+        assert!(report.contains(line), "{line:?} in:\n{report}");
+    }
+    assert!(
+        stderr(&failing).contains("`serve` would not start"),
+        "{}",
+        stderr(&failing)
+    );
+}

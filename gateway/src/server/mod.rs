@@ -3,6 +3,7 @@
 //! handling for a graceful stop.
 
 mod acceptor;
+pub mod check;
 mod connection;
 mod core;
 mod fault_log;
