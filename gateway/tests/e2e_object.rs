@@ -172,3 +172,38 @@ fn gateway_loads_blocks_from_an_object_store_in_both_layouts() {
         stored.len() as f64
     );
 }
+
+/// `dualpath check` on the object backend asks the store for a listing:
+/// ok (with what it holds) while SeaweedFS runs, FAIL naming the endpoint
+/// once it is gone.
+#[test]
+fn check_asks_the_object_store_and_names_it_when_it_does_not_answer() {
+    let Some((mut server, _one)) = Seaweed::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), &server.endpoint());
+    let import = dualpath(&config)
+        .args(["import", "-n", "full", "--synthetic", "3"])
+        .output()
+        .expect("import");
+    assert!(import.status.success());
+    let check = || dualpath(&config).arg("check").output().expect("check");
+    let up = check();
+    let report = String::from_utf8_lossy(&up.stdout).into_owned();
+    assert!(up.status.success(), "{report}");
+    assert!(
+        report.contains("ok    store: 2 shards open (http engine")
+            && report.contains("the bucket answers (3 objects under e2e/full/)"),
+        "{report}"
+    );
+    server.kill();
+    let down = check();
+    let report = String::from_utf8_lossy(&down.stdout).into_owned();
+    assert_eq!(down.status.code(), Some(1), "{report}");
+    assert!(
+        report.contains("FAIL  store: the object store does not answer a listing")
+            && report.contains(&server.endpoint()),
+        "{report}"
+    );
+}
