@@ -274,6 +274,22 @@ fn loads_1000_blocks_in_both_layouts_layer_by_layer_with_every_byte_checked() {
     );
     let metrics = gateway.http_get("/metrics");
     assert!(metrics.contains("dualpath_storage_read_seconds_bucket"));
+    assert!(
+        metrics.contains(&format!(
+            "dualpath_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{metrics}"
+    );
+    let started = gateway.metric_sum("dualpath_start_time_seconds");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    assert!(
+        started > now - 600.0 && started <= now,
+        "start time {started} vs now {now}"
+    );
     assert_eq!(engines(&gateway.process), vec!["io_uring", "io_uring"]);
     // One latency sample per read and per load (handles registered once per core).
     assert_eq!(

@@ -337,6 +337,20 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         "dualpath_storage_slots",
         "Block slots of the shard's part of a namespace: its capacity (local store)"
     );
+    describe_gauge!(
+        "dualpath_build_info",
+        "1, labelled with the gateway's version (which build runs where)"
+    );
+    gauge!("dualpath_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    describe_gauge!(
+        "dualpath_start_time_seconds",
+        Unit::Seconds,
+        "When the gateway started, Unix time (restarts, uptime)"
+    );
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |since| since.as_secs_f64());
+    gauge!("dualpath_start_time_seconds").set(started);
     Ok(handle)
 }
 
