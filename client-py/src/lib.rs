@@ -90,7 +90,7 @@ struct GpuTargets {
 #[pymethods]
 impl Client {
     #[new]
-    #[pyo3(signature = (addresses, secret=None, connect_timeout=5.0, request_timeout=30.0, policy="dualpath", pe_storage=None, rdma="off", rdma_device=None, token=None, tls_ca_file=None, gpu_direct=true, tls_cert_file=None, tls_key_file=None, rdma_traffic_class=0, rdma_service_level=0, tcp_dscp=0))]
+    #[pyo3(signature = (addresses, secret=None, connect_timeout=5.0, request_timeout=30.0, policy="dualpath", pe_storage=None, rdma="off", rdma_device=None, token=None, tls_ca_file=None, gpu_direct=true, tls_cert_file=None, tls_key_file=None, rdma_traffic_class=0, rdma_service_level=0, tcp_dscp=0, pool_poll_interval=0.05, pool_silence=0.5))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -110,6 +110,8 @@ impl Client {
         rdma_traffic_class: u8,
         rdma_service_level: u8,
         tcp_dscp: u8,
+        pool_poll_interval: f64,
+        pool_silence: f64,
     ) -> PyResult<Self> {
         if rdma_service_level > 15 {
             return Err(PyValueError::new_err(format!(
@@ -134,6 +136,8 @@ impl Client {
             tls: tls_ca_file.map(|ca_file| client::TlsOptions { ca_file, server_name: None, cert_file: tls_cert_file, key_file: tls_key_file }),
             gpu_direct,
             tcp_dscp,
+            pool_poll_interval: timeout_of(Some(pool_poll_interval))?,
+            pool_silence: timeout_of(Some(pool_silence))?,
             ..ClientOptions::default()
         };
         let borrowed: Vec<&str> = addresses.iter().map(String::as_str).collect();

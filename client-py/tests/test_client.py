@@ -275,7 +275,8 @@ def test_path_stats_and_an_unreachable_gateway_are_visible(gateway):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         down = "127.0.0.1:%d" % probe.getsockname()[1]
-    client = dualpath.Client([down, gateway.address], policy="dualpath")
+    client = dualpath.Client([down, gateway.address], policy="dualpath",
+                             pool_poll_interval=0.02, pool_silence=0.3)
     assert client.unreachable() == [down]
     assert client.addresses() == [gateway.address, down]
     assert client.transports() == ["tcp", "none"]
@@ -294,6 +295,8 @@ def test_path_stats_and_an_unreachable_gateway_are_visible(gateway):
     assert stats["gateway 0"]["blocks"] == BLOCKS
     assert stats["gateway 0"]["bytes"] == BLOCKS * BLOCK_BYTES
     assert stats["gateway 1"]["blocks"] == 0
+    with pytest.raises(ValueError, match="non-negative"):
+        dualpath.Client([gateway.address], pool_silence=-1.0)
 
 
 def test_rdma_option_falls_back_to_tcp_without_a_device_and_is_checked(gateway):

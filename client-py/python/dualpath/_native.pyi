@@ -47,6 +47,8 @@ class Client:
         rdma_traffic_class: int = 0,
         rdma_service_level: int = 0,
         tcp_dscp: int = 0,
+        pool_poll_interval: float = 0.05,
+        pool_silence: float = 0.5,
     ) -> None:
         """Connect to every shard of each gateway ("host:port" or "unix:/path"),
         all at once; fails only if none answers. Gateways that do not answer
@@ -70,7 +72,10 @@ class Client:
         `[rdma]` settings; `tcp_dscp` (0-63) marks its TCP connections, to
         match the gateways' `gateway.tcp_dscp`. `connect_timeout` (seconds)
         bounds connecting to a gateway (TCP, TLS and the hello);
-        `request_timeout` each wait for an answer to a request."""
+        `request_timeout` each wait for an answer to a request.
+        `pool_poll_interval` (seconds; 0: never) is how often the client asks
+        its gateways for the pool's load (and redials those gone); a gateway
+        not heard from within `pool_silence` leaves the split until it is."""
         ...
     def transports(self) -> list[str]:
         """Per gateway, "rdma" or "tcp": how payloads reach this client
