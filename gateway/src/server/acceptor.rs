@@ -121,19 +121,19 @@ impl Acceptor {
         let mut poll = Poll::new().context("cannot create the acceptor's poll")?;
         if let Some(listener) = &self.tcp {
             listener.set_nonblocking(true)?;
-            poll.registry().register(
-                &mut SourceFd(&listener.as_raw_fd()),
-                TCP,
-                Interest::READABLE,
-            )?;
         }
         if let Some(listener) = &self.unix {
             listener.set_nonblocking(true)?;
-            poll.registry().register(
-                &mut SourceFd(&listener.as_raw_fd()),
-                UNIX,
-                Interest::READABLE,
-            )?;
+        }
+        let listeners = [
+            (self.tcp.as_ref().map(AsRawFd::as_raw_fd), TCP),
+            (self.unix.as_ref().map(AsRawFd::as_raw_fd), UNIX),
+        ];
+        for (fd, token) in listeners {
+            if let Some(fd) = fd {
+                poll.registry()
+                    .register(&mut SourceFd(&fd), token, Interest::READABLE)?;
+            }
         }
         let slots = Arc::new(HelloSlots {
             in_progress: AtomicUsize::new(0),
