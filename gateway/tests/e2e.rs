@@ -810,6 +810,59 @@ fn a_gateway_down_when_the_client_connects_joins_the_split_when_it_comes_up() {
     }
 }
 
+/// A connection may have at most 4,096 regions registered (re-registering
+/// one it has is fine): a client that registers a buffer per request is
+/// told so and closed, rather than growing the gateway's memory for good.
+#[test]
+fn regions_per_connection_are_bounded() {
+    let gateway = Gateway::start(1);
+    let mut raw = TcpStream::connect(&gateway.tcp).expect("connect");
+    let hello = protocol::Frame::Hello {
+        version: protocol::PROTOCOL_VERSION,
+        shard: 0,
+        token: vec![],
+    };
+    raw.write_all(&hello.encode()).expect("hello");
+    assert!(matches!(
+        read_frame(&mut raw),
+        protocol::Frame::HelloOk { .. }
+    ));
+    let register = |region_id: u32| {
+        protocol::Frame::RegisterRegion {
+            region_id,
+            len: 1 << 20,
+        }
+        .encode()
+    };
+    let mut frames = Vec::new();
+    for region_id in 1..=4096u32 {
+        frames.extend(register(region_id));
+    }
+    frames.extend(register(5));
+    raw.write_all(&frames).expect("4,096 regions and one again");
+    for _ in 0..4097 {
+        assert!(matches!(
+            read_frame(&mut raw),
+            protocol::Frame::RegionRegistered { .. }
+        ));
+    }
+    raw.write_all(&register(4097)).expect("one more");
+    match read_frame(&mut raw) {
+        protocol::Frame::Error { message, .. } => assert!(
+            message.contains("4096 regions are registered on this connection"),
+            "{message}"
+        ),
+        other => panic!("expected an error, got {other:?}"),
+    }
+    raw.set_read_timeout(Some(WAIT)).expect("timeout");
+    assert_eq!(
+        raw.read(&mut [0u8; 16]).expect("closed"),
+        0,
+        "then the connection is closed"
+    );
+    assert!(gateway.http_get("/healthz").contains("ok"));
+}
+
 #[test]
 fn sigterm_stops_the_gateway_cleanly() {
     let mut gateway = Gateway::start(2);

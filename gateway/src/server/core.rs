@@ -41,6 +41,11 @@ const STARVED_STALL_LIMIT: Duration = Duration::from_secs(1);
 const STATS_EVERY: Duration = Duration::from_secs(1);
 /// Most connections one core serves (a tag carries the index in 16 bits).
 const CONNECTIONS_MAX: usize = 1 << 16;
+/// Regions one connection may have registered: an engine registers its pools
+/// (a few, or one per layer); the bound keeps a client that registers a
+/// buffer per request from growing the gateway's memory (and the linear
+/// lookups) without end.
+const REGIONS_PER_CONNECTION_MAX: usize = 4096;
 
 /// A client whose hello was accepted, handed to its shard's core.
 #[derive(Debug)]
@@ -566,6 +571,19 @@ impl<S: BlockStore> Core<S> {
         let Some(connection) = self.connections[index].as_mut() else {
             return;
         };
+        let new_region = match &frame {
+            Frame::RegisterRegion { region_id, .. }
+            | Frame::RegisterRemoteRegion { region_id, .. } => {
+                connection.region_len(*region_id).is_none()
+            }
+            _ => false,
+        };
+        if new_region && connection.regions.len() >= REGIONS_PER_CONNECTION_MAX {
+            return self.protocol_error(
+                index,
+                &format!("{REGIONS_PER_CONNECTION_MAX} regions are registered on this connection already, the most a gateway keeps: register an engine's memory pool once and load into it"),
+            );
+        }
         match frame {
             Frame::RegisterRegion { region_id, len } => {
                 connection.regions.retain(|(id, _)| *id != region_id);
