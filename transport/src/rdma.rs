@@ -81,7 +81,7 @@ pub struct RdmaTransport {
     staging: Rc<SlabRegistration>,
     /// The TCP control connection: `RdmaAccept`, and notices too big to inline.
     control: Box<dyn Transport>,
-    regions: Vec<(u32, RemoteRegion)>,
+    regions: std::collections::HashMap<u32, RemoteRegion>,
     posted: u32,
     send_depth: u32,
     next_wr_id: u64,
@@ -123,7 +123,7 @@ impl RdmaTransport {
             finished_reads: VecDeque::new(),
             staging,
             control,
-            regions: Vec::new(),
+            regions: std::collections::HashMap::new(),
             posted: 0,
             send_depth,
             next_wr_id: 1,
@@ -136,10 +136,7 @@ impl RdmaTransport {
     }
 
     fn region(&self, region_id: u32) -> Option<RemoteRegion> {
-        self.regions
-            .iter()
-            .find(|(id, _)| *id == region_id)
-            .map(|(_, region)| *region)
+        self.regions.get(&region_id).copied()
     }
 
     fn reap(&mut self, progress: &mut Progress) -> io::Result<()> {
@@ -470,8 +467,7 @@ impl Transport for RdmaTransport {
     }
 
     fn register_remote_region(&mut self, region_id: u32, region: RemoteRegion) {
-        self.regions.retain(|(id, _)| *id != region_id);
-        self.regions.push((region_id, region));
+        self.regions.insert(region_id, region);
     }
 
     fn event_fd(&self) -> Option<std::os::fd::RawFd> {

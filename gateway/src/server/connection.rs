@@ -196,7 +196,8 @@ pub struct Connection {
     pub access: std::sync::Arc<protocol::auth::AccessGrant>,
     /// Received and not yet handled (taken out while a frame is handled).
     pub input: InputBuffer,
-    pub regions: Vec<(u32, u64)>,
+    /// Registered regions' lengths by id (bounded by the core).
+    pub regions: std::collections::HashMap<u32, u64>,
     pub loads: Vec<Option<ActiveLoad>>,
     pub inflight: Vec<Option<InflightRead>>,
     /// Staging buffers this connection holds: reads in flight plus unsent data.
@@ -392,7 +393,7 @@ impl Connection {
             generation,
             access,
             input: InputBuffer::with_capacity(RECEIVE_CHUNK_BYTES),
-            regions: Vec::new(),
+            regions: std::collections::HashMap::new(),
             loads: Vec::new(),
             inflight: Vec::new(),
             held_buffers: 0,
@@ -627,16 +628,12 @@ impl Connection {
     /// A region registered for RDMA: recorded for the load checks and given to
     /// the transport, which writes only inside it.
     pub fn register_remote_region(&mut self, region_id: u32, region: RemoteRegion) {
-        self.regions.retain(|(id, _)| *id != region_id);
-        self.regions.push((region_id, region.len));
+        self.regions.insert(region_id, region.len);
         self.transport.register_remote_region(region_id, region);
     }
 
     pub fn region_len(&self, region_id: u32) -> Option<u64> {
-        self.regions
-            .iter()
-            .find(|(id, _)| *id == region_id)
-            .map(|(_, len)| *len)
+        self.regions.get(&region_id).copied()
     }
 
     /// Stores `load` in a free slot and returns the slot.

@@ -42,10 +42,10 @@ const STATS_EVERY: Duration = Duration::from_secs(1);
 /// Most connections one core serves (a tag carries the index in 16 bits).
 const CONNECTIONS_MAX: usize = 1 << 16;
 /// Regions one connection may have registered: an engine registers its pools
-/// (a few, or one per layer); the bound keeps a client that registers a
-/// buffer per request from growing the gateway's memory (and the linear
-/// lookups) without end.
-const REGIONS_PER_CONNECTION_MAX: usize = 4096;
+/// (a few, or one per layer); the bound (about 2 MiB of tables at most) keeps
+/// a client that registers a buffer per request from growing the gateway's
+/// memory without end.
+const REGIONS_PER_CONNECTION_MAX: usize = 65_536;
 
 /// A client whose hello was accepted, handed to its shard's core.
 #[derive(Debug)]
@@ -586,8 +586,7 @@ impl<S: BlockStore> Core<S> {
         }
         match frame {
             Frame::RegisterRegion { region_id, len } => {
-                connection.regions.retain(|(id, _)| *id != region_id);
-                connection.regions.push((region_id, len));
+                connection.regions.insert(region_id, len);
                 connection.send_control(&Frame::RegionRegistered { region_id });
             }
             Frame::RegisterRemoteRegion {
