@@ -14,8 +14,8 @@ use client::{BlockStatus, Client, ClientError, ClientOptions, GatewayCode, Regio
 use gateway::synthetic;
 use protocol::BlockLoad;
 use test_support::{
-    import_synthetic, read_frame, wait_until, GatewayProcess, TestGatewayConfig, TEST_BLOCK_BYTES,
-    TEST_LAYERS, TEST_LAYER_BYTES,
+    import_synthetic, read_frame, say_hello, wait_until, GatewayProcess, TestGatewayConfig,
+    TEST_BLOCK_BYTES, TEST_LAYERS, TEST_LAYER_BYTES,
 };
 
 const BINARY: &str = env!("CARGO_BIN_EXE_dualpath");
@@ -816,17 +816,7 @@ fn a_gateway_down_when_the_client_connects_joins_the_split_when_it_comes_up() {
 #[test]
 fn regions_per_connection_are_bounded() {
     let gateway = Gateway::start(1);
-    let mut raw = TcpStream::connect(&gateway.tcp).expect("connect");
-    let hello = protocol::Frame::Hello {
-        version: protocol::PROTOCOL_VERSION,
-        shard: 0,
-        token: vec![],
-    };
-    raw.write_all(&hello.encode()).expect("hello");
-    assert!(matches!(
-        read_frame(&mut raw),
-        protocol::Frame::HelloOk { .. }
-    ));
+    let mut raw = raw_connection(&gateway, 0);
     let register = |region_id: u32| {
         protocol::Frame::RegisterRegion {
             region_id,
@@ -2557,16 +2547,7 @@ fn a_gateway_refused_io_uring_by_seccomp_falls_back_and_serves() {
 fn raw_connection(gateway: &Gateway, shard: u32) -> TcpStream {
     let mut raw = TcpStream::connect(&gateway.tcp).expect("connect");
     raw.set_read_timeout(Some(WAIT)).expect("timeout");
-    let hello = protocol::Frame::Hello {
-        version: protocol::PROTOCOL_VERSION,
-        shard,
-        token: Vec::new(),
-    };
-    raw.write_all(&hello.encode()).expect("hello");
-    assert!(matches!(
-        read_frame(&mut raw),
-        protocol::Frame::HelloOk { .. }
-    ));
+    say_hello(&mut raw, shard);
     raw
 }
 

@@ -246,7 +246,6 @@ fn a_dropped_link_takes_its_gateway_out_of_the_split_and_the_load_completes() {
 /// its connection and its share of staging do not stay for good.
 #[test]
 fn a_client_whose_host_stops_answering_is_closed() {
-    use std::io::Write;
     let Some(namespace) = Namespace::create(1) else {
         return;
     };
@@ -272,17 +271,7 @@ fn a_client_whose_host_stops_answering_is_closed() {
         let file = std::fs::File::open(&netns).expect("the namespace's file");
         nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("enter it");
         let mut stream = std::net::TcpStream::connect(&address).expect("connect");
-        let hello = protocol::Frame::Hello {
-            version: protocol::PROTOCOL_VERSION,
-            shard: 0,
-            token: vec![],
-        };
-        stream.write_all(&hello.encode()).expect("hello");
-        let answer = test_support::read_frame(&mut stream);
-        assert!(
-            matches!(answer, protocol::Frame::HelloOk { .. }),
-            "{answer:?}"
-        );
+        test_support::say_hello(&mut stream, 0);
         stream
     })
     .join()

@@ -1121,13 +1121,7 @@ fn stores_by_rdma_read_are_checked_and_a_failed_read_stores_nothing() {
     let mut plain = std::net::TcpStream::connect(&gateway.process.tcp).expect("connect");
     plain.set_read_timeout(Some(WAIT)).expect("timeout");
     use std::io::Write;
-    let hello = Frame::Hello {
-        version: protocol::PROTOCOL_VERSION,
-        shard: 0,
-        token: Vec::new(),
-    };
-    plain.write_all(&hello.encode()).expect("hello");
-    assert!(matches!(read_frame(&mut plain), Frame::HelloOk { .. }));
+    test_support::say_hello(&mut plain, 0);
     plain
         .write_all(&store(7, lost_key, 1, 0, 0, "full").encode())
         .expect("send");

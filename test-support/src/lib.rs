@@ -395,6 +395,22 @@ pub fn read_frame(stream: &mut impl std::io::Read) -> protocol::Frame {
     protocol::Frame::decode(header.kind, &body).expect("valid frame")
 }
 
+/// Says hello for shard `shard` on a raw connection (no secret) and checks
+/// the gateway's `HelloOk`.
+pub fn say_hello(stream: &mut (impl std::io::Read + std::io::Write), shard: u32) {
+    let hello = protocol::Frame::Hello {
+        version: protocol::PROTOCOL_VERSION,
+        shard,
+        token: Vec::new(),
+    };
+    stream.write_all(&hello.encode()).expect("hello");
+    let answer = read_frame(stream);
+    assert!(
+        matches!(answer, protocol::Frame::HelloOk { .. }),
+        "{answer:?}"
+    );
+}
+
 /// Polls `condition` every 20 ms until it holds; panics if it has not within
 /// `limit`, saying `what` did not happen. Returns how long it took.
 pub fn wait_until(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) -> Duration {
