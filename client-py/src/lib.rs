@@ -23,6 +23,7 @@ create_exception!(dualpath, DualpathError, PyException, "Base class of every dua
 create_exception!(dualpath, GatewayError, DualpathError, "The gateway refused a request; `args[0]` is the code name.");
 create_exception!(dualpath, DisconnectedError, DualpathError, "A gateway could not be reached or went away.");
 create_exception!(dualpath, WaitTimeout, DualpathError, "A wait ran past its timeout.");
+create_exception!(dualpath, RegionInUseError, DualpathError, "A region a running load may still write into cannot be unregistered: wait for the load or cancel it.");
 
 fn to_python(error: ClientError) -> PyErr {
     let message = error.to_string();
@@ -32,6 +33,7 @@ fn to_python(error: ClientError) -> PyErr {
             DisconnectedError::new_err(message)
         }
         ClientError::Timeout { .. } => WaitTimeout::new_err(message),
+        ClientError::RegionInUse { .. } => RegionInUseError::new_err(message),
         ClientError::UnknownNamespace { .. } | ClientError::Invalid(_) => PyValueError::new_err(message),
     }
 }
@@ -60,19 +62,10 @@ impl KeyArgument {
     }
 }
 
-/// What keeps registered memory valid: an open buffer export, or the object
-/// that owns memory registered by pointer.
-enum Owner {
-    Export(#[allow(dead_code)] sys::Export),
-    Object(#[allow(dead_code)] PyObject),
-}
-
 /// Connection to one or more gateways.
 #[pyclass(module = "dualpath", frozen)]
 struct Client {
     inner: Arc<RustClient>,
-    /// Kept for the life of the client: registrations are never withdrawn.
-    owners: Mutex<Vec<Owner>>,
     /// Opened CUDA devices (with their pinned staging pools) and the device
     /// memory loads went to (with its GPUDirect registration), kept for reuse:
     /// staging and registration cost milliseconds.
@@ -142,7 +135,7 @@ impl Client {
         };
         let borrowed: Vec<&str> = addresses.iter().map(String::as_str).collect();
         let inner = py.allow_threads(|| RustClient::connect(&borrowed, options)).map_err(to_python)?;
-        Ok(Self { inner: Arc::new(inner), owners: Mutex::new(Vec::new()), gpus: Mutex::default() })
+        Ok(Self { inner: Arc::new(inner), gpus: Mutex::default() })
     }
 
     /// Per gateway, "rdma" when it writes payloads into this client's memory by
@@ -195,25 +188,34 @@ impl Client {
     }
 
     /// Registers a writable, C-contiguous buffer (bytearray, NumPy array, memoryview)
-    /// as a load target; returns its region id. The buffer stays referenced for the
-    /// life of the client.
+    /// as a load target; returns its region id. The buffer stays referenced (its
+    /// export open: it cannot be resized) until `unregister`, or until the client
+    /// and every load of it are gone.
     fn register(&self, py: Python<'_>, buffer: Bound<'_, PyAny>) -> PyResult<u32> {
-        let (region, export) = sys::buffer_region(&buffer)?;
-        // The export stays open in `owners` for as long as the client (and so the
-        // registration) lives, which keeps the memory in place.
-        self.owners.lock().expect("owners lock").push(Owner::Export(export));
-        self.register_region(py, region)
+        self.register_region(py, sys::buffer_region(&buffer)?)
     }
 
     /// Registers `length` bytes at `pointer` (e.g. `tensor.data_ptr()`); `owner` is
-    /// kept alive with the client. The memory must stay valid that long.
+    /// kept alive as long as the registration (as a buffer is by `register`). The
+    /// memory must stay valid that long.
     #[pyo3(signature = (pointer, length, owner=None))]
     fn register_pointer(&self, py: Python<'_>, pointer: usize, length: usize, owner: Option<PyObject>) -> PyResult<u32> {
-        let region = sys::pointer_region(pointer, length)?;
-        if let Some(owner) = owner {
-            self.owners.lock().expect("owners lock").push(Owner::Object(owner));
-        }
-        self.register_region(py, region)
+        self.register_region(py, sys::pointer_region(pointer, length, owner)?)
+    }
+
+    /// Withdraws region `region` (from `register` or `register_pointer`): the
+    /// gateways forget it, its RDMA registration is undone, and the buffer or
+    /// owner is released; from then on nothing of this client touches the
+    /// memory. Raises `RegionInUseError` while a load into it may still write
+    /// (wait for it or cancel it first) and `ValueError` for an id that is not
+    /// registered.
+    fn unregister(&self, py: Python<'_>, region: u32) -> PyResult<()> {
+        let inner = Arc::clone(&self.inner);
+        let withdrawn = py.allow_threads(move || inner.unregister_region(client::RegionId(region))).map_err(to_python)?;
+        // The last hold on the region: the buffer export or owner goes with it
+        // (with the GIL, which releasing a buffer needs).
+        drop(withdrawn);
+        Ok(())
     }
 
     /// Starts loading blocks. `keys`: ints or hex strings; `dest_offsets`: where
@@ -565,5 +567,6 @@ fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add("GatewayError", py.get_type::<GatewayError>())?;
     module.add("DisconnectedError", py.get_type::<DisconnectedError>())?;
     module.add("WaitTimeout", py.get_type::<WaitTimeout>())?;
+    module.add("RegionInUseError", py.get_type::<RegionInUseError>())?;
     Ok(())
 }

@@ -10,31 +10,33 @@ use pyo3::prelude::*;
 #[derive(Debug)]
 pub struct Export(PyBuffer<u8>);
 
-/// A region over a writable, C-contiguous byte buffer, and the export that keeps
-/// its memory in place: hold the export as long as the region is registered.
-pub fn buffer_region(object: &Bound<'_, PyAny>) -> PyResult<(Region, Export)> {
+/// A region over a writable, C-contiguous byte buffer, holding the export that
+/// keeps its memory in place until the region is dropped (after unregistering
+/// and every connection that could write into it has ended).
+pub fn buffer_region(object: &Bound<'_, PyAny>) -> PyResult<Region> {
     let buffer = export(object)?;
     if buffer.readonly() {
         return Err(PyValueError::new_err("the buffer is read-only; a load target must be writable"));
     }
+    let (pointer, len) = (buffer.buf_ptr().cast::<u8>(), buffer.len_bytes());
     // SAFETY: the buffer is writable and C-contiguous (checked) and spans
-    // `len_bytes` from `buf_ptr`; the returned export keeps it valid, and the caller
-    // keeps the export as long as the registration.
-    let region = unsafe { Region::from_raw(buffer.buf_ptr().cast(), buffer.len_bytes()) };
-    Ok((region, Export(buffer)))
+    // `len` from `pointer`; the region holds the export, which keeps it valid,
+    // for as long as the region lives.
+    Ok(unsafe { Region::from_raw_kept_by(pointer, len, Export(buffer)) })
 }
 
 /// A region over raw memory named by the engine (`tensor.data_ptr()`).
 ///
 /// The Python API documents the contract that Rust cannot check: the memory must
 /// stay valid and unused by the engine for loads in flight while the client lives.
-pub fn pointer_region(pointer: usize, length: usize) -> PyResult<Region> {
+/// `owner` (the tensor, say) is held by the region until it is dropped.
+pub fn pointer_region(pointer: usize, length: usize, owner: Option<PyObject>) -> PyResult<Region> {
     if pointer == 0 || length == 0 {
         return Err(PyValueError::new_err("register_pointer needs a non-null pointer and a positive length"));
     }
     // SAFETY: upheld by the Python caller per the documented contract above, as
     // with any pointer handed to a C extension (ctypes, DLPack consumers).
-    Ok(unsafe { Region::from_raw(pointer as *mut u8, length) })
+    Ok(unsafe { Region::from_raw_kept_by(pointer as *mut u8, length, owner) })
 }
 
 /// A readable byte buffer for the duration of one call.

@@ -174,10 +174,18 @@ def test_errors_are_typed(gateway, tmp_path):
     with pytest.raises(dualpath.WaitTimeout):
         big = client.register(bytearray(BLOCKS * BLOCK_BYTES))
         client.load("kv", big, gateway.keys, [i * BLOCK_BYTES for i in range(BLOCKS)]).wait(timeout=0)
+    with pytest.raises(ValueError, match="region 999 is not registered"):
+        client.load("kv", 999, [1], [0])
+
     # A load keeps its connections open even when the client object is gone.
+    def load_of_a_client_gone():
+        temporary = dualpath.Client([gateway.address])
+        small = temporary.register(bytearray(BLOCK_BYTES))
+        return temporary.load("kv", small, gateway.keys[:2], [0, BLOCK_BYTES])
+
     with pytest.raises(dualpath.GatewayError) as refused:
-        dualpath.Client([gateway.address]).load("kv", 999, [1], [0]).wait(timeout=30)
-    assert refused.value.args[0] == "OutOfRegion" and "region 999" in refused.value.args[1]
+        load_of_a_client_gone().wait(timeout=30)
+    assert refused.value.args[0] == "OutOfRegion"
 
 
 def test_a_dead_gateway_fails_waits_instead_of_hanging(gateway):
@@ -222,6 +230,36 @@ def test_a_cancelled_load_writes_nothing_after_cancel_returns(gateway):
     states = client.load("kv", region, gateway.keys, offsets).wait(timeout=30)
     assert all(state == "done" for state, _, _ in states)
     assert kv[:BLOCK_BYTES].tobytes() == synthetic_block(gateway.keys[0])
+
+
+def test_an_unregistered_buffer_is_released_and_a_busy_one_is_refused(gateway):
+    import os
+    import signal
+
+    client = dualpath.Client([gateway.address])
+    kv = bytearray(BLOCKS * BLOCK_BYTES)
+    region = client.register(kv)
+    offsets = [index * BLOCK_BYTES for index in range(BLOCKS)]
+    with pytest.raises(BufferError):
+        kv.extend(b"x")  # registered: its export is open
+    # Frozen, the gateway cannot finish the load before the unregister.
+    os.kill(gateway.process.pid, signal.SIGSTOP)
+    while open(f"/proc/{gateway.process.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "T":
+        time.sleep(0.001)
+    try:
+        load = client.load("kv", region, gateway.keys, offsets)
+        with pytest.raises(dualpath.RegionInUseError, match="wait for them or cancel them"):
+            client.unregister(region)
+    finally:
+        os.kill(gateway.process.pid, signal.SIGCONT)
+    assert all(state == "done" for state, _, _ in load.wait(timeout=30))
+    assert bytes(kv[:BLOCK_BYTES]) == synthetic_block(gateway.keys[0])
+    client.unregister(region)
+    kv.extend(b"x")  # released: the buffer is the engine's again
+    with pytest.raises(ValueError, match="not registered"):
+        client.load("kv", region, gateway.keys, offsets)
+    with pytest.raises(ValueError, match="not registered"):
+        client.unregister(region)
 
 
 def test_the_prefill_engine_example_runs(gateway):

@@ -22,7 +22,7 @@ mod sys;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use block_layout::{BlockKey, Geometry};
@@ -62,6 +62,8 @@ pub enum ClientError {
     Gateway { code: ErrorCode, message: String },
     #[error("invalid request: {0}")]
     Invalid(String),
+    #[error("region {region} is the target of {loads} load(s) still running: wait for them or cancel them, then unregister it")]
+    RegionInUse { region: u32, loads: usize },
 }
 
 impl ClientError {
@@ -313,6 +315,9 @@ pub struct Client {
     pe_reader: Option<Arc<PrefillReader>>,
     dual: Arc<dual::DualState>,
     regions: Arc<RwLock<HashMap<u32, Arc<Region>>>>,
+    /// Per region, the loads that may write into it (until they are over):
+    /// a region is not unregistered under them.
+    region_loads: Mutex<HashMap<u32, Vec<Weak<LoadShared>>>>,
     next_region: AtomicU32,
     next_request: Arc<AtomicU64>,
     options: ClientOptions,
@@ -438,6 +443,7 @@ impl Client {
             pe_reader,
             dual,
             regions,
+            region_loads: Mutex::default(),
             next_region: AtomicU32::new(1),
             next_request: Arc::new(AtomicU64::new(1)),
             options,
@@ -507,6 +513,86 @@ impl Client {
         Ok(RegionId(id))
     }
 
+    /// Withdraws a region registered with [`Client::register_region`]: the
+    /// gateways forget it (`ForgetRegion`; a gateway of a build before it
+    /// keeps the unused id), its RDMA registrations are undone (no NIC may
+    /// write into it or read it any more), and the client lets go of it.
+    /// Returns the region: once this returns nothing of this client touches
+    /// the memory, and the engine may free it. Refused
+    /// ([`ClientError::RegionInUse`]) while a load into it may still write:
+    /// wait for those loads or cancel them first (a load that
+    /// [`LoadHandle::wait`] saw end is over, or is within moments: this waits
+    /// up to the request timeout for its paths to confirm). Stores from the
+    /// region must have returned (a store that races this fails).
+    pub fn unregister_region(&self, region: RegionId) -> Result<Arc<Region>, ClientError> {
+        let RegionId(id) = region;
+        // A load the engine has waited for may not have heard its paths'
+        // last word yet (a gateway's LoadDone comes right behind its last
+        // BlockDone): give those a moment, outside the locks the receive
+        // threads need.
+        let claimed: Vec<Arc<LoadShared>> = self
+            .region_loads
+            .lock()
+            .expect("region loads lock")
+            .get(&id)
+            .map(|loads| loads.iter().filter_map(Weak::upgrade).collect())
+            .unwrap_or_default();
+        for load in claimed {
+            load.settle(self.options.request_timeout);
+        }
+        let withdrawn = {
+            let mut table = self.regions.write().expect("region table lock");
+            let mut claims = self.region_loads.lock().expect("region loads lock");
+            let running = claims.get_mut(&id).map_or(0, |loads| {
+                loads.retain(|load| load.upgrade().is_some_and(|load| load.may_still_write()));
+                loads.len()
+            });
+            if running > 0 {
+                return Err(ClientError::RegionInUse {
+                    region: id,
+                    loads: running,
+                });
+            }
+            claims.remove(&id);
+            table.remove(&id).ok_or_else(|| {
+                ClientError::Invalid(format!("region {id} is not registered with this client"))
+            })?
+        };
+        for gateway in self.gateways.iter() {
+            for link in gateway.links().iter() {
+                // A connection that has ended took the gateway's copy with it.
+                let _ = link.forget_region(id);
+            }
+        }
+        withdrawn.withdraw_rdma();
+        Ok(withdrawn)
+    }
+
+    /// Records that `load` may write into `regions` until it is over, so
+    /// that they are not unregistered under it; refuses a region that is not
+    /// registered. Called before any of the load is sent.
+    pub(crate) fn claim_regions(
+        &self,
+        regions: &[RegionId],
+        load: &Arc<LoadShared>,
+    ) -> Result<(), ClientError> {
+        // The table's lock is held while claiming: an unregister takes it for
+        // writing, so it sees this claim, or the load sees no region.
+        let table = self.regions.read().expect("region table lock");
+        if let Some(RegionId(missing)) = regions.iter().find(|id| !table.contains_key(&id.0)) {
+            return Err(ClientError::Invalid(format!(
+                "region {missing} is not registered with this client (register_region)"
+            )));
+        }
+        let mut claims = self.region_loads.lock().expect("region loads lock");
+        for RegionId(id) in regions {
+            let loads = claims.entry(*id).or_default();
+            loads.retain(|load| load.strong_count() > 0);
+            loads.push(Arc::downgrade(load));
+        }
+        Ok(())
+    }
+
     /// Adds `region` to the table loads announce regions from (on first use).
     pub(crate) fn insert_region(&self, region: Arc<Region>) -> RegionId {
         let id = self.next_region.fetch_add(1, Ordering::Relaxed);
@@ -562,6 +648,9 @@ impl Client {
     ) -> Result<LoadHandle, ClientError> {
         self.check_load(gateway, namespace, &host.blocks)?;
         self.redialer.redial(gateway, Redial::OnDemand);
+        let claimed: Vec<RegionId> = std::iter::once(host.region)
+            .chain(direct.as_ref().map(|direct| direct.region))
+            .collect();
         let (request_id, shared) = retry::OneGateway {
             gateway,
             gateways: Arc::clone(&self.gateways),
@@ -572,7 +661,7 @@ impl Client {
             direct,
             redial_within: self.options.request_timeout,
         }
-        .start();
+        .start(|shared| self.claim_regions(&claimed, shared))?;
         Ok(LoadHandle { shared, request_id })
     }
 
@@ -685,6 +774,10 @@ impl Client {
             ClientError::Invalid(format!("region {} is not registered", region.0))
         })?;
         let shared = Arc::new(LoadShared::new(&host.blocks, true));
+        let claimed: Vec<RegionId> = std::iter::once(region)
+            .chain(direct.as_ref().map(|direct| direct.region))
+            .collect();
+        self.claim_regions(&claimed, &shared)?;
         let request_id = self.next_request.load(Ordering::Relaxed);
         let plan = dual::Plan {
             namespace: namespace.to_owned(),

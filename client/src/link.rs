@@ -14,7 +14,8 @@ use protocol::auth;
 use protocol::PeerStatus;
 use protocol::{
     decode_data_prefix, decode_header, encode_store_head, ErrorCode, Frame, FrameType, Load,
-    NamespaceInfo, StorePrefix, DATA_PREFIX_BYTES, HEADER_BYTES, PROTOCOL_VERSION,
+    NamespaceInfo, StorePrefix, DATA_PREFIX_BYTES, FORGET_REGION_VERSION, HEADER_BYTES,
+    OLDEST_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 
 use crate::load::{LoadShared, PartId};
@@ -244,6 +245,8 @@ const GATEWAY_REASON_WAIT: Duration = Duration::from_millis(200);
 pub struct ShardLink {
     pub shard_count: u32,
     pub namespaces: Vec<NamespaceInfo>,
+    /// The protocol version this connection speaks (the gateway's, if older).
+    pub version: u16,
     /// The socket's write side, and the regions already announced on it (held
     /// together so a region is always announced before a load that uses it).
     writer: Mutex<(Socket, std::collections::HashSet<u32>)>,
@@ -286,18 +289,31 @@ impl ShardLink {
             address: address.clone(),
             source,
         };
-        let mut socket = open(endpoint, options).map_err(connect_error)?;
-        // The hello is part of connecting: a gateway that takes the connection
-        // and never answers (frozen, or its host's kernel still completing
-        // handshakes) costs a dial its connect timeout, not a request's.
-        socket
-            .set_read_timeout(Some(options.connect_timeout))
-            .map_err(connect_error)?;
         let credential = match &options.token {
             Some(token) => Some(auth::parse_token(token).map_err(ClientError::Invalid)?),
             None => options.secret.clone().map(|secret| (Vec::new(), secret)),
         };
-        let (shard_count, namespaces) = hello(&mut socket, shard, credential.as_ref(), &address)?;
+        // A gateway of an older build refuses this build's version; the
+        // client then speaks the gateway's (and sends nothing it lacks).
+        let mut version = PROTOCOL_VERSION;
+        let (mut socket, greeted) = loop {
+            let mut socket = open(endpoint, options).map_err(connect_error)?;
+            // The hello is part of connecting: a gateway that takes the connection
+            // and never answers (frozen, or its host's kernel still completing
+            // handshakes) costs a dial its connect timeout, not a request's.
+            socket
+                .set_read_timeout(Some(options.connect_timeout))
+                .map_err(connect_error)?;
+            match hello(&mut socket, shard, version, credential.as_ref(), &address)? {
+                Some(greeted) => break (socket, greeted),
+                None => version -= 1,
+            }
+        };
+        let Greeted {
+            shard_count,
+            namespaces,
+            version,
+        } = greeted;
         let inbox = match verbs {
             Some(verbs) => rdma_handshake(&mut socket, verbs, &address, options)?,
             None => None,
@@ -337,6 +353,7 @@ impl ShardLink {
         Ok(Self {
             shard_count,
             namespaces,
+            version,
             writer: Mutex::new((socket, Default::default())),
             shared,
             receiver: Some(receiver),
@@ -548,6 +565,19 @@ impl ShardLink {
                 .expect("link lock")
                 .0;
         }
+    }
+
+    /// Tells the gateway that region `region_id` is withdrawn, if this
+    /// connection announced it (a gateway older than `ForgetRegion` is not
+    /// told: it keeps the id, which the client never uses again). The caller
+    /// makes sure no load or store on it is running.
+    pub fn forget_region(&self, region_id: u32) -> Result<(), ClientError> {
+        let mut writer = self.writer.lock().expect("writer lock");
+        let (socket, announced) = &mut *writer;
+        if !announced.remove(&region_id) || self.version < FORGET_REGION_VERSION {
+            return Ok(());
+        }
+        self.write_parts(socket, &[&Frame::ForgetRegion { region_id }.encode()])
     }
 
     /// Announces a region now (loads announce it themselves if this was missed).
@@ -1059,14 +1089,26 @@ fn start_tls(
     })
 }
 
-/// The hello exchange, answering the gateway's challenge when it sends one.
-/// `credential`: a token's grant and key, or (empty grant) the cluster secret.
+/// What a gateway said in its `HelloOk`.
+struct Greeted {
+    shard_count: u32,
+    namespaces: Vec<NamespaceInfo>,
+    /// The version the connection speaks.
+    version: u16,
+}
+
+/// The hello exchange in protocol `version`, answering the gateway's
+/// challenge when it sends one. `credential`: a token's grant and key, or
+/// (empty grant) the cluster secret. `None`: the gateway does not speak
+/// `version` (an older build): say hello again, in the version before, on a
+/// new connection.
 fn hello(
     socket: &mut Socket,
     shard: u32,
+    version: u16,
     credential: Option<&(Vec<u8>, Vec<u8>)>,
     address: &str,
-) -> Result<(u32, Vec<NamespaceInfo>), ClientError> {
+) -> Result<Option<Greeted>, ClientError> {
     let connect_error = |source| ClientError::Connect {
         address: address.to_owned(),
         source,
@@ -1086,7 +1128,7 @@ fn hello(
     }
     let secret = credential.map(|(_, key)| key.as_slice());
     let hello = Frame::Hello {
-        version: PROTOCOL_VERSION,
+        version,
         shard,
         token,
     };
@@ -1096,8 +1138,15 @@ fn hello(
             Frame::HelloOk {
                 shard_count,
                 namespaces,
+                version: spoken,
                 ..
-            } => return Ok((shard_count, namespaces)),
+            } => {
+                return Ok(Some(Greeted {
+                    shard_count,
+                    namespaces,
+                    version: spoken.min(version),
+                }))
+            }
             Frame::Challenge { nonce } => {
                 let secret = secret.ok_or_else(|| refused("the gateway requires authentication: pass an access token (ClientOptions::token) or the cluster secret".into()))?;
                 let mac = auth::proof(secret, &client_nonce, &nonce, shard);
@@ -1105,6 +1154,10 @@ fn hello(
                     .write_all(&Frame::Proof { mac }.encode())
                     .map_err(connect_error)?;
             }
+            Frame::Error {
+                code: ErrorCode::UnsupportedVersion,
+                ..
+            } if version > OLDEST_PROTOCOL_VERSION => return Ok(None),
             Frame::Error { code, message, .. } => {
                 return Err(refused(format!("{code}: {message}")))
             }
@@ -1257,6 +1310,84 @@ fn invalid(error: impl ToString) -> io::Error {
 #[cfg(test)]
 mod tests {
     use super::{name_open_files_limit, write_all_parts};
+
+    /// Against a gateway of a build that speaks only version 1 (a stand-in
+    /// here: the negotiation is the logic under test), the client says hello
+    /// again in version 1, and then never sends what version 1 lacks: a
+    /// withdrawn region is not announced as forgotten.
+    #[test]
+    fn an_older_gateway_is_spoken_to_in_its_version_and_told_nothing_it_lacks() {
+        use protocol::{ErrorCode, Frame, FrameType};
+        use std::io::Write;
+        use std::sync::{Arc, RwLock};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let address = listener.local_addr().expect("address").to_string();
+        let older_gateway = std::thread::spawn(move || {
+            let mut hellos = Vec::new();
+            loop {
+                let (mut stream, _) = listener.accept().expect("accept");
+                let Frame::Hello { version, .. } = read_frame(&mut stream) else {
+                    panic!("a hello first");
+                };
+                hellos.push(version);
+                if version != 1 {
+                    let refusal = Frame::Error {
+                        request_id: 0,
+                        code: ErrorCode::UnsupportedVersion,
+                        message: "this gateway speaks protocol version 1".into(),
+                    };
+                    stream.write_all(&refusal.encode()).expect("refuse");
+                    continue;
+                }
+                let welcome = Frame::HelloOk {
+                    version: 1,
+                    shard: 0,
+                    shard_count: 1,
+                    namespaces: Vec::new(),
+                };
+                stream.write_all(&welcome.encode()).expect("welcome");
+                let mut kinds = Vec::new();
+                while let Some(kind) = read_kind(&mut stream) {
+                    kinds.push(kind);
+                }
+                return (hellos, kinds);
+            }
+        });
+        let regions = Arc::new(RwLock::new(std::collections::HashMap::new()));
+        let link = super::ShardLink::connect(
+            &super::Endpoint::parse(&address).expect("address"),
+            0,
+            &crate::ClientOptions::default(),
+            regions,
+            None,
+        )
+        .expect("connected in version 1");
+        assert_eq!(link.version, 1);
+        let region = crate::Region::allocate(4096);
+        link.register_region(3, &region).expect("announced");
+        link.forget_region(3).expect("nothing to send");
+        drop(link);
+        let (hellos, kinds) = older_gateway.join().expect("older gateway");
+        assert_eq!(hellos, [protocol::PROTOCOL_VERSION, 1]);
+        assert_eq!(kinds, [FrameType::RegisterRegion]);
+
+        fn read_kind(stream: &mut std::net::TcpStream) -> Option<FrameType> {
+            let mut header = [0u8; protocol::HEADER_BYTES];
+            stream.read_exact(&mut header).ok()?;
+            let header = protocol::decode_header(&header).expect("a frame");
+            let mut body = vec![0u8; header.body_len as usize];
+            stream.read_exact(&mut body).expect("its body");
+            Some(header.kind)
+        }
+        fn read_frame(stream: &mut std::net::TcpStream) -> Frame {
+            let mut header = [0u8; protocol::HEADER_BYTES];
+            stream.read_exact(&mut header).expect("a header");
+            let header = protocol::decode_header(&header).expect("a frame");
+            let mut body = vec![0u8; header.body_len as usize];
+            stream.read_exact(&mut body).expect("its body");
+            Frame::decode(header.kind, &body).expect("decodes")
+        }
+    }
 
     #[test]
     fn running_out_of_file_descriptors_names_the_limit_and_the_fix() {

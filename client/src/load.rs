@@ -230,6 +230,31 @@ impl LoadShared {
             .running_requests()
     }
 
+    /// Whether some path may still write into the load's memory: a part is
+    /// running, or blocks wait for one (a retry) and the load is not
+    /// cancelled (a cancelled load starts no part).
+    pub(crate) fn may_still_write(&self) -> bool {
+        self.state
+            .lock()
+            .expect("load state lock")
+            .may_still_write()
+    }
+
+    /// For a load whose blocks have all ended (what [`LoadHandle::wait`]
+    /// waits for): waits up to `timeout` for its paths to confirm that they
+    /// have ended too (a gateway's `LoadDone` follows its last `BlockDone`).
+    /// Whether some path may still write afterwards.
+    pub(crate) fn settle(&self, timeout: Duration) -> bool {
+        let state = self.state.lock().expect("load state lock");
+        let (state, _) = self
+            .changed
+            .wait_timeout_while(state, timeout, |state| {
+                state.finished() && state.may_still_write()
+            })
+            .expect("load state lock");
+        state.may_still_write()
+    }
+
     pub(crate) fn is_cancelled(&self) -> bool {
         self.state.lock().expect("load state lock").cancelled
     }
@@ -517,6 +542,10 @@ impl LoadState {
         !self.layers[block].contains(&layer)
             || self.landed_end[block] > layer
             || self.blocks[block] != BlockStatus::Pending
+    }
+
+    fn may_still_write(&self) -> bool {
+        self.parts.iter().any(|part| !part.done) || (!self.cancelled && !self.finished())
     }
 
     fn finished(&self) -> bool {

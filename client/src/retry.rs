@@ -44,19 +44,25 @@ pub(crate) struct OneGateway {
 }
 
 impl OneGateway {
-    /// Starts the load: every block on the gateway's shards. Returns its
-    /// progress, with the retrier ready to start when a block needs it.
-    pub(crate) fn start(self) -> (u64, Arc<LoadShared>) {
+    /// Starts the load: every block on the gateway's shards, once `claim`
+    /// (given the load's progress before anything is sent) has agreed.
+    /// Returns its progress, with the retrier ready to start when a block
+    /// needs it.
+    pub(crate) fn start(
+        self,
+        claim: impl FnOnce(&Arc<LoadShared>) -> Result<(), ClientError>,
+    ) -> Result<(u64, Arc<LoadShared>), ClientError> {
         let plan = Arc::new(self);
         let for_retrier = Arc::clone(&plan);
         let shared = LoadShared::with_lazy_retrier(
             &plan.host.blocks,
             Box::new(move |shared| for_retrier.spawn_retrier(shared)),
         );
+        claim(&shared)?;
         let indexes: Vec<u32> =
             (0..u32::try_from(plan.host.blocks.len()).expect("bounded by check_load")).collect();
         let (request_id, _) = plan.start_blocks(&indexes, &shared);
-        (request_id, shared)
+        Ok((request_id, shared))
     }
 
     fn start_blocks(&self, indexes: &[u32], shared: &Arc<LoadShared>) -> (u64, Vec<PartId>) {

@@ -29,6 +29,10 @@ pub struct Region {
     rdma: std::sync::Mutex<Vec<(usize, verbs::MemoryRegion)>>,
     /// Set for GPU memory: how to register it with a NIC.
     device: Option<Arc<dyn DeviceRegistrar>>,
+    /// What keeps memory the engine owns in place (a Python buffer export),
+    /// released only when the region itself goes: after every connection
+    /// that could write into it has ended.
+    keep_alive: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 /// Registers GPU memory for remote writes (GPUDirect RDMA): dma-buf, or the
@@ -65,6 +69,7 @@ impl Region {
             owned: Some(layout),
             rdma: std::sync::Mutex::new(Vec::new()),
             device: None,
+            keep_alive: None,
         }
     }
 
@@ -81,7 +86,30 @@ impl Region {
             owned: None,
             rdma: std::sync::Mutex::new(Vec::new()),
             device: None,
+            keep_alive: None,
         }
+    }
+
+    /// As [`Region::from_raw`], holding `keep_alive` (what keeps the memory
+    /// valid, such as an open buffer export) until the region is dropped:
+    /// a client's connections hold its regions until they end, so the memory
+    /// outlives every write into it, even when the engine lets go of its own
+    /// handle first.
+    ///
+    /// # Safety
+    /// `pointer..pointer + len` must be valid for writes while `keep_alive`
+    /// lives, and the engine must not access a range that a load targets
+    /// until that load (or layer) has completed.
+    pub unsafe fn from_raw_kept_by(
+        pointer: *mut u8,
+        len: usize,
+        keep_alive: impl std::any::Any + Send + Sync,
+    ) -> Self {
+        // SAFETY: the caller's contract, for as long as `keep_alive` lives,
+        // which is as long as the region.
+        let mut region = unsafe { Self::from_raw(pointer, len) };
+        region.keep_alive = Some(Box::new(keep_alive));
+        region
     }
 
     /// GPU memory, written only by RDMA (never by the CPU).
@@ -94,6 +122,7 @@ impl Region {
             owned: None,
             rdma: std::sync::Mutex::new(Vec::new()),
             device: Some(registrar),
+            keep_alive: None,
         }
     }
 
@@ -104,6 +133,14 @@ impl Region {
 
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// Undoes the region's RDMA registrations: no NIC writes into it or reads
+    /// it from now on (a later registration makes new ones).
+    pub(crate) fn withdraw_rdma(&self) {
+        if let Ok(mut registrations) = self.rdma.lock() {
+            registrations.clear();
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -251,6 +288,8 @@ impl Drop for Region {
             // receive thread outlives it.
             unsafe { dealloc(self.base.as_ptr(), layout) };
         }
+        // Memory the engine owns may move or go only now.
+        drop(self.keep_alive.take());
     }
 }
 

@@ -505,7 +505,7 @@ fn garbage_and_wrong_versions_get_an_error_frame_and_the_gateway_stays_up() {
     old.read_to_end(&mut reply).expect("closed");
     let text = String::from_utf8_lossy(&reply);
     assert!(
-        text.contains("protocol version 1") && text.contains("upgrade"),
+        text.contains("protocol versions 1 to 2") && text.contains("upgrade"),
         "{text}"
     );
 
@@ -859,6 +859,160 @@ fn regions_per_connection_are_bounded() {
         "then the connection is closed"
     );
     assert!(gateway.http_get("/healthz").contains("ok"));
+}
+
+/// A region the engine unregisters is forgotten by the gateways (their
+/// registered-regions gauge falls back), loads into it are refused by the
+/// client before anything is sent, and another region loads as before.
+#[test]
+fn an_unregistered_region_is_forgotten_by_the_gateway_and_refused_for_loads() {
+    let gateway = Gateway::start(8);
+    let client = gateway.client();
+    let (kept, kept_id) = registered_region(&client, 8 * BLOCK_BYTES);
+    let (withdrawn, withdrawn_id) = registered_region(&client, 8 * BLOCK_BYTES);
+    load_all_done(&client, "full", withdrawn_id, &whole_blocks(8));
+    // Each region is registered on every shard's connection.
+    let shards = f64::from(TestGatewayConfig::default().cores);
+    wait_until("both regions on every shard", WAIT, || {
+        gateway.metric_sum("dualpath_registered_regions") == 2.0 * shards
+    });
+
+    let returned = client
+        .unregister_region(withdrawn_id)
+        .expect("no load runs into it");
+    assert!(Arc::ptr_eq(&returned, &withdrawn), "the region comes back");
+    wait_until("the gateway forgets the region", WAIT, || {
+        gateway.metric_sum("dualpath_registered_regions") == shards
+    });
+    match client.load("full", withdrawn_id, &whole_blocks(1), 0) {
+        Err(ClientError::Invalid(message)) => {
+            assert!(message.contains("not registered"), "{message}");
+        }
+        other => panic!("a load into a withdrawn region must be refused: {other:?}"),
+    }
+    let again = client.unregister_region(withdrawn_id).expect_err("gone");
+    assert!(again.to_string().contains("not registered"), "{again}");
+
+    load_all_done(&client, "full", kept_id, &reversed_blocks());
+    assert_reversed(&kept);
+}
+
+/// A region a load may still write into is not unregistered: here the
+/// gateway is stopped (SIGSTOP) while the load is asked for, so the load
+/// cannot end before the attempt. Once it has ended the region goes.
+#[test]
+fn a_region_a_running_load_writes_into_is_not_unregistered() {
+    let gateway = Gateway::start(8);
+    let (client, region, id) = client_without_poller(&gateway);
+    gateway.freeze();
+    let load = client
+        .load("full", id, &reversed_blocks(), 0)
+        .expect("sent");
+    match client.unregister_region(id) {
+        Err(ClientError::RegionInUse { region, loads }) => {
+            assert_eq!((region, loads), (id.0, 1));
+        }
+        other => panic!("a region under a running load must stay: {other:?}"),
+    }
+    gateway.thaw();
+    let report = load.wait(WAIT).expect("the load ends");
+    assert!(report.all_done(), "{:?}", report.failed().next());
+    assert_reversed(&region);
+    // The finished load's handle is still held: it does not keep the region.
+    client.unregister_region(id).expect("the load is over");
+    drop(load);
+}
+
+/// Over a connection's life an engine may register and withdraw far more
+/// regions than a gateway keeps at once (65,536): each `ForgetRegion` frees
+/// its place. A `ForgetRegion` while a load into the region runs closes the
+/// connection instead (the client broke the protocol; closing ends every
+/// write). Clients of protocol version 1 are still served, in version 1.
+#[test]
+fn forgotten_regions_free_their_place_and_a_region_under_a_load_is_not_forgotten() {
+    let gateway = Gateway::start(8);
+    let mut raw = raw_connection(&gateway, 0);
+    let mut frames = Vec::new();
+    for region_id in 1..=70_000u32 {
+        frames.extend(
+            protocol::Frame::RegisterRegion {
+                region_id,
+                len: 1 << 20,
+            }
+            .encode(),
+        );
+        frames.extend(protocol::Frame::ForgetRegion { region_id }.encode());
+    }
+    let mut answers = raw.try_clone().expect("clone");
+    let reader = std::thread::spawn(move || {
+        (0..70_000)
+            .filter(|_| {
+                matches!(
+                    read_frame(&mut answers),
+                    protocol::Frame::RegionRegistered { .. }
+                )
+            })
+            .count()
+    });
+    raw.write_all(&frames)
+        .expect("70,000 regions, each withdrawn");
+    assert_eq!(reader.join().expect("reader"), 70_000);
+    wait_until("none left registered", WAIT, || {
+        gateway.metric_sum("dualpath_registered_regions") == 0.0
+    });
+
+    // A load into a forgotten region is refused by the gateway.
+    let load = |region_id: u32| {
+        protocol::Frame::Load(protocol::Load {
+            request_id: 7,
+            namespace: "full".into(),
+            region_id,
+            layer_stride: 0,
+            blocks: whole_blocks(8),
+        })
+        .encode()
+    };
+    raw.write_all(&load(5)).expect("load");
+    match read_frame(&mut raw) {
+        protocol::Frame::Error { code, message, .. } => {
+            assert_eq!(code, GatewayCode::OutOfRegion);
+            assert!(message.contains("region 5 is not registered"), "{message}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+
+    // Register, load and forget in one write: the load is running when the
+    // ForgetRegion is read.
+    let mut frames = protocol::Frame::RegisterRegion {
+        region_id: 9,
+        len: 8 * BLOCK_BYTES as u64,
+    }
+    .encode();
+    frames.extend(load(9));
+    frames.extend(protocol::Frame::ForgetRegion { region_id: 9 }.encode());
+    raw.write_all(&frames).expect("register, load, forget");
+    let mut bytes = Vec::new();
+    raw.read_to_end(&mut bytes)
+        .expect("the gateway closes the connection");
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(
+        text.contains("ForgetRegion for region 9 while 1 load(s)"),
+        "the gateway says why it closes: {text}"
+    );
+
+    // A client of version 1 speaks version 1.
+    let mut old = TcpStream::connect(&gateway.tcp).expect("connect");
+    old.set_read_timeout(Some(WAIT)).expect("timeout");
+    let hello = protocol::Frame::Hello {
+        version: 1,
+        shard: 0,
+        token: Vec::new(),
+    };
+    old.write_all(&hello.encode()).expect("hello");
+    match read_frame(&mut old) {
+        protocol::Frame::HelloOk { version, .. } => assert_eq!(version, 1),
+        other => panic!("expected HelloOk, got {other:?}"),
+    }
 }
 
 #[test]

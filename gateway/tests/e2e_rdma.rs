@@ -334,6 +334,52 @@ fn a_cancel_a_frozen_gateway_cannot_confirm_destroys_its_queue_pairs() {
     assert!(report.blocks.iter().any(BlockStatus::is_cancelled));
 }
 
+/// Over RDMA, a withdrawn region is forgotten by the gateway's transport as
+/// well (the registered-regions gauge falls), the queue pair goes on serving
+/// the client's other regions, and the same memory registered again gets a
+/// registration of its own and loads.
+#[test]
+fn a_withdrawn_region_is_forgotten_and_the_connection_goes_on_over_rdma() {
+    let Some(device) = rdma_device() else { return };
+    let gateway = Gateway::start(&device, "rdma");
+    let client = gateway.client(&device, true);
+    let register = |region: &Arc<Region>| {
+        client
+            .register_region(Arc::clone(region))
+            .expect("register")
+    };
+    let load_two = |id| {
+        let report = client
+            .load("full", id, &whole_blocks(2), 0)
+            .expect("load")
+            .wait(WAIT)
+            .expect("finished");
+        assert!(report.all_done(), "{:?}", report.failed().next());
+    };
+    let (first, second) = (
+        Arc::new(Region::allocate(2 * BLOCK_BYTES)),
+        Arc::new(Region::allocate(2 * BLOCK_BYTES)),
+    );
+    let (first_id, second_id) = (register(&first), register(&second));
+    load_two(first_id);
+    assert_eq!(
+        gateway.process.metric_sum("dualpath_registered_regions"),
+        2.0
+    );
+    let withdrawn = client.unregister_region(first_id).expect("no load runs");
+    test_support::wait_until("the gateway forgets the region", WAIT, || {
+        gateway.process.metric_sum("dualpath_registered_regions") == 1.0
+    });
+    load_two(second_id);
+    assert!(second.read(BLOCK_BYTES, BLOCK_BYTES) == expected_block(1));
+    withdrawn.write(0, &vec![0u8; 2 * BLOCK_BYTES]);
+    let again = register(&withdrawn);
+    assert_ne!(again, first_id, "ids are not reused");
+    load_two(again);
+    assert!(withdrawn.read(0, BLOCK_BYTES) == expected_block(0));
+    assert_eq!(client.transports(), ["rdma"]);
+}
+
 #[test]
 fn an_out_of_region_load_is_refused_before_anything_is_posted() {
     let Some(device) = rdma_device() else { return };

@@ -13,7 +13,14 @@ use block_layout::{BlockKey, Geometry, Layout};
 
 pub mod auth;
 
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The version this build speaks. A gateway also accepts clients of every
+/// version from [`OLDEST_PROTOCOL_VERSION`] on and speaks theirs.
+/// 2 added `ForgetRegion`.
+pub const PROTOCOL_VERSION: u16 = 2;
+/// The oldest version a gateway of this build still serves.
+pub const OLDEST_PROTOCOL_VERSION: u16 = 1;
+/// The first version in which a gateway takes `ForgetRegion`.
+pub const FORGET_REGION_VERSION: u16 = 2;
 pub const FRAME_MAGIC: u16 = 0xD1A7;
 /// Bytes of every frame's header: magic u16, type u8, flags u8, body length u32.
 pub const HEADER_BYTES: usize = 8;
@@ -63,6 +70,7 @@ pub enum FrameType {
     RegisterRemoteRegion = 19,
     CancelLoad = 20,
     StoreFromRegion = 21,
+    ForgetRegion = 22,
 }
 
 impl FrameType {
@@ -90,6 +98,7 @@ impl FrameType {
             RegisterRemoteRegion,
             CancelLoad,
             StoreFromRegion,
+            ForgetRegion,
         ]
         .into_iter()
         .find(|kind| *kind as u8 == code)
@@ -338,6 +347,14 @@ pub enum Frame {
     CancelLoad {
         request_id: u64,
     },
+    /// The client has withdrawn region `region_id` (protocol version 2 on):
+    /// the gateway forgets it, and a later `Load` or `StoreFromRegion` naming
+    /// it is refused (`OutOfRegion`). Sent only when no load or store on the
+    /// connection uses the region; a gateway that still has one closes the
+    /// connection (`BadFrame`), which ends every write as well.
+    ForgetRegion {
+        region_id: u32,
+    },
     /// Store one whole block that lies in a region the client announced with
     /// `RegisterRemoteRegion`: the gateway reads it with RDMA READ (layer `l`
     /// at `offset + l * layer_stride`; `layer_stride` 0: the layer size) and
@@ -535,6 +552,7 @@ impl Frame {
             Frame::RdmaAccept { .. } => FrameType::RdmaAccept,
             Frame::RegisterRemoteRegion { .. } => FrameType::RegisterRemoteRegion,
             Frame::CancelLoad { .. } => FrameType::CancelLoad,
+            Frame::ForgetRegion { .. } => FrameType::ForgetRegion,
             Frame::StoreFromRegion(_) => FrameType::StoreFromRegion,
         }
     }
@@ -676,6 +694,9 @@ impl Frame {
             Frame::CancelLoad { request_id } => {
                 out.u64(*request_id);
             }
+            Frame::ForgetRegion { region_id } => {
+                out.u32(*region_id);
+            }
             Frame::PoolStatus { peers } => {
                 out.u32(u32::try_from(peers.len().min(PEERS_MAX)).expect("bounded"));
                 for peer in peers.iter().take(PEERS_MAX) {
@@ -763,6 +784,9 @@ impl Frame {
             FrameType::StatusRequest => Frame::StatusRequest,
             FrameType::CancelLoad => Frame::CancelLoad {
                 request_id: reader.u64()?,
+            },
+            FrameType::ForgetRegion => Frame::ForgetRegion {
+                region_id: reader.u32()?,
             },
             FrameType::PoolStatus => decode_pool_status(&mut reader)?,
             FrameType::Data | FrameType::Store => {
@@ -1120,6 +1144,7 @@ mod tests {
             Frame::Proof { mac: vec![2; 32] },
             Frame::StatusRequest,
             Frame::CancelLoad { request_id: 77 },
+            Frame::ForgetRegion { region_id: 9 },
             Frame::PoolStatus {
                 peers: vec![PeerStatus {
                     address: "10.0.0.1:7400".into(),

@@ -141,6 +141,9 @@ pub trait Transport {
     /// The client registered a region for remote writes (RDMA); transports that
     /// write through a byte stream ignore it.
     fn register_remote_region(&mut self, _region_id: u32, _region: RemoteRegion) {}
+    /// The client withdrew a region: no write or read may aim at it again.
+    /// Writes and reads already posted keep the key they were posted with.
+    fn forget_remote_region(&mut self, _region_id: u32) {}
     /// A file descriptor that becomes readable when `progress` has work (RDMA
     /// completions); `None` when socket readiness is enough.
     fn event_fd(&self) -> Option<std::os::fd::RawFd> {

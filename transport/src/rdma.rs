@@ -470,6 +470,10 @@ impl Transport for RdmaTransport {
         self.regions.insert(region_id, region);
     }
 
+    fn forget_remote_region(&mut self, region_id: u32) {
+        self.regions.remove(&region_id);
+    }
+
     fn event_fd(&self) -> Option<std::os::fd::RawFd> {
         // The send queue's event channel: it lives as long as the queue pair.
         self.send_fd

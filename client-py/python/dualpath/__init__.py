@@ -12,7 +12,8 @@
     states = load.wait()
 
 Errors are `DualpathError` subclasses: `GatewayError` (the gateway refused; `args[0]`
-is the code, e.g. "NotFound"), `DisconnectedError`, `WaitTimeout`; bad arguments raise
+is the code, e.g. "NotFound"), `DisconnectedError`, `WaitTimeout`, `RegionInUseError`
+(`unregister` of a region a running load may still write into); bad arguments raise
 `ValueError`.
 """
 
@@ -23,7 +24,8 @@ from ._native import (
     DualpathError,
     GatewayError,
     Load,
+    RegionInUseError,
     WaitTimeout,
 )
 
-__all__ = ["Client", "Load", "DeviceLoad", "DualpathError", "GatewayError", "DisconnectedError", "WaitTimeout"]
+__all__ = ["Client", "Load", "DeviceLoad", "DualpathError", "GatewayError", "DisconnectedError", "WaitTimeout", "RegionInUseError"]

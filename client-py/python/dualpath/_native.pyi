@@ -7,6 +7,7 @@ class DualpathError(Exception): ...
 class GatewayError(DualpathError): ...
 class DisconnectedError(DualpathError): ...
 class WaitTimeout(DualpathError): ...
+class RegionInUseError(DualpathError): ...
 
 class Load:
     @property
@@ -100,7 +101,10 @@ class Client:
     def register(self, buffer: Any) -> int:
         """Register a writable C-contiguous byte buffer (e.g. memoryview(arr).cast('B')); returns a region id."""
     def register_pointer(self, pointer: int, length: int, owner: Any = None) -> int:
-        """Register raw memory (e.g. tensor.data_ptr()); `owner` is kept alive with the client."""
+        """Register raw memory (e.g. tensor.data_ptr()); `owner` is kept alive until `unregister`."""
+    def unregister(self, region: int) -> None:
+        """Withdraw a registered region: the gateways forget it and its buffer or owner is
+        released. Raises RegionInUseError while a load into it may still write."""
     def load(
         self,
         namespace: str,

@@ -27,7 +27,8 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use protocol::auth::AccessGrant;
 use protocol::auth::{self, NONCE_BYTES};
 use protocol::{
-    decode_header, ErrorCode, Frame, FrameType, NamespaceInfo, HEADER_BYTES, PROTOCOL_VERSION,
+    decode_header, ErrorCode, Frame, FrameType, NamespaceInfo, HEADER_BYTES,
+    OLDEST_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 
 use super::connection::Stream;
@@ -510,8 +511,8 @@ impl Admission {
             Ok(_) => unreachable!("read as Hello"),
             Err(message) => return refuse(stream, ErrorCode::BadFrame, message),
         };
-        if version != PROTOCOL_VERSION {
-            let message = format!("this gateway speaks protocol version {PROTOCOL_VERSION}, the client {version}; upgrade one of them");
+        if !(OLDEST_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) {
+            let message = format!("this gateway speaks protocol versions {OLDEST_PROTOCOL_VERSION} to {PROTOCOL_VERSION}, the client {version}; upgrade one of them");
             return refuse(stream, ErrorCode::UnsupportedVersion, message);
         }
         let shard_count = u32::try_from(self.cores.len()).expect("cores bounded by config");
@@ -538,8 +539,10 @@ impl Admission {
                 }
             }
         }
+        // The connection speaks the client's version: an older client never
+        // sends what its version lacks.
         let reply = Frame::HelloOk {
-            version: PROTOCOL_VERSION,
+            version,
             shard,
             shard_count,
             namespaces: self.namespaces.clone(),

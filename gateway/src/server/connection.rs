@@ -171,6 +171,8 @@ pub struct ReadingStore {
     /// The tag of its `RemoteRead` (the client's request ids need not be unique).
     pub tag: u64,
     pub request_id: u64,
+    /// The client's region the block is read from.
+    pub region_id: u32,
     /// The block, its staging taken out (`IncomingBlock::take_staging`).
     pub block: IncomingBlock,
     pub started: Instant,
@@ -632,6 +634,30 @@ impl Connection {
         self.transport.register_remote_region(region_id, region);
     }
 
+    /// Forgets a region the client withdrew (`ForgetRegion`): whether it was
+    /// registered. Or says why it may not be forgotten yet: a load or a store
+    /// read on this connection still aims at it.
+    pub fn forget_region(&mut self, region_id: u32) -> Result<bool, String> {
+        let loading = self
+            .loads
+            .iter()
+            .flatten()
+            .filter(|load| load.region_id == region_id)
+            .count();
+        let reading = self
+            .reading
+            .iter()
+            .filter(|store| store.region_id == region_id)
+            .count();
+        if loading + reading > 0 {
+            return Err(format!(
+                "ForgetRegion for region {region_id} while {loading} load(s) and {reading} store read(s) on this connection still use it: send it after their LoadDone or StoreDone"
+            ));
+        }
+        self.transport.forget_remote_region(region_id);
+        Ok(self.regions.remove(&region_id).is_some())
+    }
+
     pub fn region_len(&self, region_id: u32) -> Option<u64> {
         self.regions.get(&region_id).copied()
     }
@@ -672,6 +698,7 @@ impl Connection {
                 | FrameType::RdmaConnect
                 | FrameType::Load
                 | FrameType::CancelLoad
+                | FrameType::ForgetRegion
                 | FrameType::Store
                 | FrameType::StoreFromRegion
                 | FrameType::StatusRequest

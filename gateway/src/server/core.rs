@@ -581,8 +581,14 @@ impl<S: BlockStore> Core<S> {
         if new_region && connection.regions.len() >= REGIONS_PER_CONNECTION_MAX {
             return self.protocol_error(
                 index,
-                &format!("{REGIONS_PER_CONNECTION_MAX} regions are registered on this connection already, the most a gateway keeps: register an engine's memory pool once and load into it"),
+                &format!("{REGIONS_PER_CONNECTION_MAX} regions are registered on this connection already, the most a gateway keeps: register an engine's memory pool once and load into it, and unregister what the engine frees"),
             );
+        }
+        if new_region {
+            self.setup
+                .counters
+                .registered_regions
+                .fetch_add(1, Ordering::Relaxed);
         }
         match frame {
             Frame::RegisterRegion { region_id, len } => {
@@ -604,6 +610,16 @@ impl<S: BlockStore> Core<S> {
             Frame::RdmaConnect(endpoint) => self.on_rdma_connect(index, endpoint),
             Frame::Load(load) => self.on_load(index, load),
             Frame::CancelLoad { request_id } => self.on_cancel(index, request_id),
+            Frame::ForgetRegion { region_id } => match connection.forget_region(region_id) {
+                Ok(true) => {
+                    self.setup
+                        .counters
+                        .registered_regions
+                        .fetch_sub(1, Ordering::Relaxed);
+                }
+                Ok(false) => {}
+                Err(message) => self.protocol_error(index, &message),
+            },
             Frame::StatusRequest => connection.send_control(&Frame::PoolStatus {
                 peers: self.setup.pool.status(),
             }),
@@ -945,6 +961,7 @@ impl<S: BlockStore> Core<S> {
         connection.reading.push(ReadingStore {
             tag,
             request_id: store.request_id,
+            region_id: store.region_id,
             block,
             started,
             buffers,
@@ -1528,6 +1545,10 @@ impl<S: BlockStore> Core<S> {
                         .rdma_connections
                         .fetch_sub(1, Ordering::Relaxed);
                 }
+                self.setup
+                    .counters
+                    .registered_regions
+                    .fetch_sub(connection.regions.len() as i64, Ordering::Relaxed);
                 self.setup
                     .counters
                     .connected_clients

@@ -79,6 +79,9 @@ pub struct CoreCounters {
     pub rdma_enabled: AtomicI64,
     /// Client connections using the RDMA transport now.
     pub rdma_connections: AtomicI64,
+    /// Regions the shard's connections hold (registered, not yet forgotten
+    /// or closed).
+    pub registered_regions: AtomicI64,
     /// Clients closed because they took nothing for the stall timeout.
     pub stalled_clients_closed: AtomicU64,
     /// Clients closed because their host stopped answering.
@@ -123,6 +126,7 @@ impl CoreCounters {
             queued_load_bytes: AtomicI64::new(0),
             rdma_enabled: AtomicI64::new(0),
             rdma_connections: AtomicI64::new(0),
+            registered_regions: AtomicI64::new(0),
             stalled_clients_closed: AtomicU64::new(0),
             dead_clients_closed: AtomicU64::new(0),
             storage_read_seconds: metrics::histogram!(STORAGE_READ_SECONDS, "backend" => backend, "shard" => shard.to_string()),
@@ -300,6 +304,10 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         "dualpath_rdma_connections",
         "Client connections on the shard using the RDMA transport"
     );
+    describe_gauge!(
+        "dualpath_registered_regions",
+        "Target regions the shard's client connections have registered and not withdrawn (ForgetRegion) or closed; one that only grows is an engine registering memory without unregistering it"
+    );
     describe_gauge!("dualpath_storage_engine", "1 for the engine each shard moves bytes with: io_uring, or blocking where io_uring is refused (also http for the object backend)");
     describe_gauge!("dualpath_staging_huge_pages", "1 if the shard's staging memory is on reserved huge pages, 0 if it fell back to ordinary pages");
     describe_histogram!(
@@ -437,6 +445,8 @@ pub fn publish(cores: &[Arc<CoreCounters>], acceptor: &AcceptorCounters) {
         gauge!("dualpath_rdma_enabled", "shard" => shard.clone()).set(read(&core.rdma_enabled));
         gauge!("dualpath_rdma_connections", "shard" => shard.clone())
             .set(read(&core.rdma_connections));
+        gauge!("dualpath_registered_regions", "shard" => shard.clone())
+            .set(read(&core.registered_regions));
         gauge!("dualpath_queued_load_bytes", "shard" => shard).set(read(&core.queued_load_bytes));
     }
 }
