@@ -49,6 +49,15 @@ def main():
                 print(f"FAILED: {[s for s in states if s[0] != 'done'][:3]}")
                 return 1
             print(f"python device load: {BLOCKS} blocks x {LAYERS} layers checked on the GPU; direct = {load.direct}")
+            # Let go of the tensor's memory; a second time there is nothing to let go of.
+            client.unregister_device(kv.data_ptr(), kv.nbytes)
+            try:
+                client.unregister_device(kv.data_ptr(), kv.nbytes)
+                print("FAILED: device memory let go of twice")
+                return 1
+            except ValueError:
+                pass
+            print("python unregister_device: the tensor's memory let go of")
             return 0
         finally:
             gateway.stop()

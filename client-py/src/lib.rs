@@ -203,6 +203,27 @@ impl Client {
         self.register_region(py, sys::pointer_region(pointer, length, owner)?)
     }
 
+    /// Lets go of device memory `load_to_device` loaded into (the client keeps
+    /// each (device, pointer, length) it has seen, with its GPUDirect
+    /// registration): the gateways forget it and the NIC registration is
+    /// undone, so the engine may free the memory. Raises `RegionInUseError`
+    /// while a load into it may still write, and `ValueError` for memory no
+    /// load went to.
+    #[pyo3(signature = (device_pointer, length, device=0))]
+    fn unregister_device(&self, py: Python<'_>, device_pointer: u64, length: usize, device: usize) -> PyResult<()> {
+        let key = (device, device_pointer, length);
+        let Some(target) = self.gpus.lock().expect("GPU targets lock").regions.get(&key).cloned() else {
+            return Err(PyValueError::new_err(format!(
+                "no load went to {length} bytes at {device_pointer:#x} on device {device}"
+            )));
+        };
+        let inner = Arc::clone(&self.inner);
+        let unregistered = Arc::clone(&target);
+        py.allow_threads(move || inner.unregister_device_region(&unregistered)).map_err(to_python)?;
+        self.gpus.lock().expect("GPU targets lock").regions.remove(&key);
+        Ok(())
+    }
+
     /// Withdraws region `region` (from `register` or `register_pointer`): the
     /// gateways forget it, its RDMA registration is undone, and the buffer or
     /// owner is released; from then on nothing of this client touches the
@@ -266,8 +287,8 @@ impl Client {
     /// allow and `gpu_direct` is on; everything else lands in pinned host
     /// staging and is copied to the device layer by layer. `wait_layer`
     /// returns when the layer is on the device. Needs the NVIDIA driver. The
-    /// device memory stays registered with the client (for the next load) for
-    /// the client's life.
+    /// device memory stays registered with the client (for the next load) until
+    /// `unregister_device`, or the client's end.
     #[pyo3(signature = (namespace, device_pointer, length, keys, dest_offsets, device=0, layers=None, layer_stride=0, dual=false))]
     #[allow(clippy::too_many_arguments)]
     fn load_to_device(

@@ -370,3 +370,6 @@ def test_device_loads_need_a_cuda_driver_and_say_so(gateway):
         # The failed open is not cached: asking again gives the same answer.
         with pytest.raises(ValueError, match="no CUDA driver"):
             client.load_to_device("kv", 0x7F00_0000_0000, BLOCK_BYTES, gateway.keys[:1], [0])
+        # Nothing was loaded there, so there is nothing to let go of.
+        with pytest.raises(ValueError, match="no load went to"):
+            client.unregister_device(0x7F00_0000_0000, BLOCK_BYTES)

@@ -398,6 +398,26 @@ impl Client {
         })
     }
 
+    /// Withdraws `target`'s GPUDirect registration with this client, as
+    /// [`Client::unregister_region`] does a host region's: the gateways
+    /// forget it and the NIC's registration of the device memory is undone,
+    /// so the engine may free the memory. Refused
+    /// ([`ClientError::RegionInUse`]) while a load into it may still write.
+    /// Nothing to do where loads into it staged (no registration); a later
+    /// load registers it again.
+    pub fn unregister_device_region(&self, target: &DeviceRegion) -> Result<(), ClientError> {
+        let mut direct = target.direct.lock().expect("direct registration lock");
+        let identity = self.identity();
+        let Some(registration) = direct.as_ref().filter(|known| known.client == identity) else {
+            return Ok(());
+        };
+        if let Ok((id, _)) = &registration.outcome {
+            self.unregister_region(*id)?;
+        }
+        *direct = None;
+        Ok(())
+    }
+
     /// Whether gateways writing by RDMA can load into `target` directly
     /// (GPUDirect RDMA), registering it on first use and keeping the outcome
     /// for later loads; else why loads into it stage in host memory.

@@ -176,3 +176,45 @@ fn after_a_device_load_is_cancelled_device_memory_stays_as_it_is() {
         .count();
     assert_eq!(finished, BLOCKS as usize, "{report:?}");
 }
+
+/// Device memory the client let go of (`unregister_device_region`) loads
+/// again, registering anew where GPUDirect applies. (On a GPU machine
+/// without an RDMA device the loads stage, and letting go has no
+/// registration to withdraw; the withdrawal itself is the host regions'
+/// `unregister_region`, tested in e2e and e2e_rdma.)
+#[test]
+fn device_memory_let_go_of_loads_again() {
+    let Some(device) = gpu() else { return };
+    let dir = tempfile::tempdir().expect("dir");
+    let config = write_config(dir.path());
+    import_synthetic(&binary(), &config, "full", 4, SEED);
+    let mut command = Command::new(binary());
+    command.arg("--config").arg(&config).arg("serve");
+    let gateway = GatewayProcess::start(command);
+    let client = Client::connect(&[&gateway.tcp], ClientOptions::default()).expect("connect");
+    let target = DeviceRegion::allocate(&device, 4 * BLOCK_BYTES).expect("device memory");
+    let blocks: Vec<BlockLoad> = (0..4u64)
+        .map(|index| BlockLoad {
+            key: synthetic::key(SEED, index),
+            layers: 0..LAYERS,
+            dest_offset: index * BLOCK_BYTES as u64,
+        })
+        .collect();
+    for _ in 0..2 {
+        let report = client
+            .load_to_device("full", &target, &blocks, 0, false)
+            .expect("load")
+            .wait(WAIT)
+            .expect("finished");
+        assert!(report.all_done(), "{report:?}");
+        for index in 0..4u64 {
+            let landed = target
+                .read(index as usize * BLOCK_BYTES, BLOCK_BYTES)
+                .expect("copy back");
+            assert!(landed == expected_block(index), "block {index}");
+        }
+        client
+            .unregister_device_region(&target)
+            .expect("no load runs into it");
+    }
+}

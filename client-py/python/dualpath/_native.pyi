@@ -102,6 +102,9 @@ class Client:
         """Register a writable C-contiguous byte buffer (e.g. memoryview(arr).cast('B')); returns a region id."""
     def register_pointer(self, pointer: int, length: int, owner: Any = None) -> int:
         """Register raw memory (e.g. tensor.data_ptr()); `owner` is kept alive until `unregister`."""
+    def unregister_device(self, device_pointer: int, length: int, device: int = 0) -> None:
+        """Let go of device memory load_to_device loaded into (its GPUDirect registration
+        is withdrawn). Raises RegionInUseError while a load into it may still write."""
     def unregister(self, region: int) -> None:
         """Withdraw a registered region: the gateways forget it and its buffer or owner is
         released. Raises RegionInUseError while a load into it may still write."""
