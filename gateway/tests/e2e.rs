@@ -923,6 +923,60 @@ fn a_region_a_running_load_writes_into_is_not_unregistered() {
     drop(load);
 }
 
+/// Loads starting while another thread unregisters their region: each
+/// load either claimed the region first (and the unregister is refused until
+/// it has ended) or is refused itself; once the unregister returns, nothing
+/// lands in the memory any more (the engine reuses it here).
+#[test]
+fn loads_racing_an_unregister_end_first_or_are_refused() {
+    let gateway = Gateway::start(8);
+    let client = Arc::new(gateway.client());
+    let mut refused_while_loading = 0;
+    for _ in 0..20 {
+        let (_, id) = registered_region(&client, 8 * BLOCK_BYTES);
+        let loader = {
+            let client = Arc::clone(&client);
+            std::thread::spawn(move || {
+                let mut loads = 0;
+                loop {
+                    match client.load("full", id, &whole_blocks(8), 0) {
+                        Ok(load) => {
+                            let report = load.wait(WAIT).expect("the load ends");
+                            assert!(report.all_done(), "{:?}", report.failed().next());
+                            loads += 1;
+                        }
+                        Err(ClientError::Invalid(message)) => {
+                            assert!(message.contains("not registered"), "{message}");
+                            return loads;
+                        }
+                        Err(other) => panic!("{other}"),
+                    }
+                    std::thread::sleep(Duration::from_micros(500));
+                }
+            })
+        };
+        std::thread::sleep(Duration::from_millis(2));
+        let withdrawn = loop {
+            match client.unregister_region(id) {
+                Ok(region) => break region,
+                Err(ClientError::RegionInUse { .. }) => {
+                    refused_while_loading += 1;
+                    std::thread::yield_now();
+                }
+                Err(other) => panic!("{other}"),
+            }
+        };
+        fill(&withdrawn, 0x5A);
+        loader.join().expect("loader");
+        std::thread::sleep(Duration::from_millis(5));
+        assert_filled_with(&withdrawn, 0x5A, "a load wrote after unregister returned");
+    }
+    assert!(
+        refused_while_loading > 0,
+        "some unregister met a running load"
+    );
+}
+
 /// Over a connection's life an engine may register and withdraw far more
 /// regions than a gateway keeps at once (65,536): each `ForgetRegion` frees
 /// its place. A `ForgetRegion` while a load into the region runs closes the
