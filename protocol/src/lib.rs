@@ -559,17 +559,7 @@ impl Frame {
 
     /// Appends the whole frame (header and body) to `out`.
     pub fn encode_into(&self, out: &mut Vec<u8>) {
-        let mut body = Writer {
-            bytes: std::mem::take(out),
-        };
-        let start = body.bytes.len();
-        body.bytes.extend_from_slice(&[0u8; HEADER_BYTES]);
-        self.encode_body(&mut body);
-        let body_len = u32::try_from(body.bytes.len() - start - HEADER_BYTES)
-            .expect("control frames are small");
-        body.bytes[start..start + HEADER_BYTES]
-            .copy_from_slice(&encode_header(self.kind(), body_len));
-        *out = body.bytes;
+        encode_framed(self.kind(), 0, out, |body| self.encode_body(body));
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -622,14 +612,15 @@ impl Frame {
                     0
                 });
             }
-            Frame::StoreFromRegion(store) => {
-                out.u64(store.request_id)
-                    .string(&store.namespace)
-                    .u128(store.key.0)
-                    .u32(store.region_id)
-                    .u64(store.offset)
-                    .u64(store.layer_stride);
+            Frame::StoreFromRegion(store) => StoreFromRegionRef {
+                request_id: store.request_id,
+                namespace: &store.namespace,
+                key: store.key,
+                region_id: store.region_id,
+                offset: store.offset,
+                layer_stride: store.layer_stride,
             }
+            .encode_body(out),
             Frame::RegisterRemoteRegion {
                 region_id,
                 len,
@@ -956,14 +947,82 @@ pub fn decode_data_prefix(
 
 /// Encodes a `Store` frame's header and prefix; `payload_len` bytes follow.
 pub fn encode_store_head(prefix: &StorePrefix) -> Vec<u8> {
-    let mut body = Writer::default();
-    body.u64(prefix.request_id)
-        .string(&prefix.namespace)
-        .u128(prefix.key.0);
-    let body_len = u32::try_from(body.bytes.len()).expect("small") + prefix.payload_len;
-    let mut head = encode_header(FrameType::Store, body_len).to_vec();
-    head.extend_from_slice(&body.bytes);
+    let mut head = Vec::new();
+    encode_store_head_into(
+        &mut head,
+        prefix.request_id,
+        &prefix.namespace,
+        prefix.key,
+        prefix.payload_len,
+    );
     head
+}
+
+/// Appends a `Store` frame's head (header and prefix; the payload follows)
+/// to `out`, borrowing the namespace: the client sends one per block, from a
+/// buffer it reuses.
+pub fn encode_store_head_into(
+    out: &mut Vec<u8>,
+    request_id: u64,
+    namespace: &str,
+    key: BlockKey,
+    payload_len: u32,
+) {
+    encode_framed(FrameType::Store, payload_len, out, |body| {
+        body.u64(request_id).string(namespace).u128(key.0);
+    });
+}
+
+/// Appends a frame of `kind` to `out`: its header, then what `body` writes,
+/// then (not written here) `trailing_len` more bytes the header counts.
+fn encode_framed(
+    kind: FrameType,
+    trailing_len: u32,
+    out: &mut Vec<u8>,
+    body: impl FnOnce(&mut Writer),
+) {
+    let mut writer = Writer {
+        bytes: std::mem::take(out),
+    };
+    let start = writer.bytes.len();
+    writer.bytes.extend_from_slice(&[0u8; HEADER_BYTES]);
+    body(&mut writer);
+    let body_len = u32::try_from(writer.bytes.len() - start - HEADER_BYTES)
+        .expect("frame heads are small")
+        + trailing_len;
+    writer.bytes[start..start + HEADER_BYTES].copy_from_slice(&encode_header(kind, body_len));
+    *out = writer.bytes;
+}
+
+/// A `StoreFromRegion` frame's fields, borrowed: the client sends one per
+/// block and encodes it into a buffer it reuses ([`StoreFromRegionRef::encode_into`]).
+#[derive(Debug, Clone, Copy)]
+pub struct StoreFromRegionRef<'a> {
+    pub request_id: u64,
+    pub namespace: &'a str,
+    pub key: BlockKey,
+    pub region_id: u32,
+    pub offset: u64,
+    pub layer_stride: u64,
+}
+
+impl StoreFromRegionRef<'_> {
+    /// Appends the whole frame to `out`: the same bytes as
+    /// `Frame::StoreFromRegion`'s encoding.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        encode_framed(FrameType::StoreFromRegion, 0, out, |body| {
+            self.encode_body(body);
+        });
+    }
+
+    fn encode_body(&self, out: &mut Writer) {
+        out.u64(self.request_id)
+            .string(self.namespace)
+            .u128(self.key.0)
+            .u32(self.region_id)
+            .u64(self.offset)
+            .u64(self.layer_stride);
+    }
 }
 
 /// Decodes a `Store` body (prefix and payload); returns the prefix and the payload.

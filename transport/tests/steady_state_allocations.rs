@@ -1,52 +1,15 @@
 //! The TCP transport on the read path allocates nothing once warm: piece
 //! lists, data heads and notice bytes are recycled, and each `writev`'s
-//! slices sit on the stack. Counted with a global allocator that counts only
-//! on this test's thread while the measured loop runs.
+//! slices sit on the stack. Counted by `allocation-counter`'s global
+//! allocator, on this test's thread, while the measured loop runs.
 // Test data is small: narrowing casts here cannot truncate.
 #![allow(clippy::cast_possible_truncation)]
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::rc::Rc;
 
 use protocol::Frame;
 use staging::{HugePages, SlabConfig, StagingSlab};
 use transport::{RemoteWrite, TcpTransport, Transport};
-
-struct Counting;
-
-thread_local! {
-    static COUNTING: Cell<bool> = const { Cell::new(false) };
-    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
-}
-
-// SAFETY: forwards every call to the system allocator unchanged; the counters
-// are const-initialised thread-locals, whose access does not allocate.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        count();
-        // SAFETY: forwarded with the caller's layout.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, pointer: *mut u8, layout: Layout) {
-        // SAFETY: forwarded; the pointer came from `System` through `alloc`.
-        unsafe { System.dealloc(pointer, layout) }
-    }
-    unsafe fn realloc(&self, pointer: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        count();
-        // SAFETY: forwarded unchanged.
-        unsafe { System.realloc(pointer, layout, new_size) }
-    }
-}
-
-fn count() {
-    if COUNTING.with(Cell::get) {
-        ALLOCATIONS.with(|allocations| allocations.set(allocations.get() + 1));
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
 
 /// One block read as the gateway sends it: 8 layer pieces of a staging
 /// buffer, then the layer and block notices.
@@ -96,12 +59,12 @@ fn sending_block_reads_allocates_nothing_once_warm() {
     for request in 0..16 {
         send_one_read(&mut transport, &slab, request);
     }
-    COUNTING.with(|counting| counting.set(true));
-    for request in 16..1016 {
-        send_one_read(&mut transport, &slab, request);
-    }
-    COUNTING.with(|counting| counting.set(false));
-    let allocations = ALLOCATIONS.with(Cell::get);
+    let allocations = allocation_counter::measure(|| {
+        for request in 16..1016 {
+            send_one_read(&mut transport, &slab, request);
+        }
+    })
+    .count_total;
     assert_eq!(
         allocations, 0,
         "{allocations} allocations for 1,000 block reads sent once warm"
