@@ -923,6 +923,55 @@ fn a_region_a_running_load_writes_into_is_not_unregistered() {
     drop(load);
 }
 
+/// `GET /clients` lists each client connection (one per shard) with what it
+/// holds and what it was sent, as of the core's last second: here a client
+/// that registered two regions and loaded 8 blocks into one.
+#[test]
+fn the_clients_page_lists_each_connection_with_its_regions_and_bytes() {
+    let gateway = Gateway::start(8);
+    let client = gateway.client();
+    let (_, first) = registered_region(&client, 8 * BLOCK_BYTES);
+    let _second = registered_region(&client, BLOCK_BYTES);
+    load_all_done(&client, "full", first, &whole_blocks(8));
+    let shards = TestGatewayConfig::default().cores as usize;
+    let mut listed = serde_json::Value::Null;
+    wait_until("every connection listed with its bytes", WAIT, || {
+        let response = gateway.http_get("/clients");
+        let (_, body) = response.split_once("\r\n\r\n").expect("headers, then the body");
+        listed = serde_json::from_str(body).expect("JSON");
+        let clients = listed["clients"].as_array().expect("a list");
+        clients.len() == shards
+            && clients
+                .iter()
+                .map(|entry| entry["delivered_bytes"].as_u64().expect("bytes"))
+                .sum::<u64>()
+                == 8 * BLOCK_BYTES as u64
+    });
+    for entry in listed["clients"].as_array().expect("a list") {
+        assert_eq!(entry["regions"], 2, "{entry}");
+        assert_eq!(entry["loads_in_flight"], 0, "{entry}");
+        assert_eq!(entry["transport"], "tcp", "{entry}");
+        assert_eq!(entry["client"], "cluster-secret holder", "{entry}");
+        assert!(
+            entry["peer"]
+                .as_str()
+                .is_some_and(|peer| peer.starts_with("127.0.0.1:")),
+            "{entry}"
+        );
+    }
+    let shards_listed: std::collections::BTreeSet<u64> = listed["clients"]
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|entry| entry["shard"].as_u64().expect("shard"))
+        .collect();
+    assert_eq!(shards_listed.len(), shards, "one connection per shard");
+    drop(client);
+    wait_until("closed connections leave the list", WAIT, || {
+        gateway.http_get("/clients").contains("\"clients\":[]")
+    });
+}
+
 /// Loads starting while another thread unregisters their region: each
 /// load either claimed the region first (and the unregister is refused until
 /// it has ended) or is refused itself; once the unregister returns, nothing

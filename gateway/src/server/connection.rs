@@ -227,6 +227,9 @@ pub struct Connection {
     output_stalled_since: Option<Instant>,
     /// Bytes the client took since `output_stalled_since`.
     taken_while_waiting: u64,
+    pub connected_at: Instant,
+    /// Payload bytes of loads delivered to the client.
+    pub delivered_bytes: u64,
 }
 
 /// A client with output waiting must take this much within the stall timeout
@@ -410,6 +413,8 @@ impl Connection {
             peer_died: false,
             output_stalled_since: None,
             taken_while_waiting: 0,
+            connected_at: Instant::now(),
+            delivered_bytes: 0,
         })
     }
 
@@ -493,6 +498,7 @@ impl Connection {
         }
         let progress = self.transport.progress()?;
         self.held_buffers -= progress.buffers_released;
+        self.delivered_bytes += progress.payload_bytes;
         // A released buffer, or enough bytes taken within the current window,
         // is reading; a trickle (zero-window probes) is not.
         if progress.buffers_released > 0 || !self.transport.has_pending() {
@@ -616,6 +622,22 @@ impl Connection {
 
     pub fn uses_rdma(&self) -> bool {
         self.transport.name() == "rdma"
+    }
+
+    /// What `GET /clients` shows of this connection.
+    pub fn snapshot(&self, shard: u32) -> super::metrics::ClientSnapshot {
+        super::metrics::ClientSnapshot {
+            shard,
+            peer: self.peer.clone(),
+            client: self.access.client.clone(),
+            transport: self.transport_name(),
+            connected_seconds: self.connected_at.elapsed().as_secs(),
+            regions: self.regions.len(),
+            loads_in_flight: self.loads.iter().flatten().count(),
+            stores_in_flight: usize::from(self.receiving.is_some()) + self.reading.len(),
+            staging_buffers_held: self.held_buffers,
+            delivered_bytes: self.delivered_bytes,
+        }
     }
 
     /// The transport's name: "tcp", "tls" or "rdma".

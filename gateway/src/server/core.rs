@@ -345,6 +345,13 @@ impl<S: BlockStore> Core<S> {
                 .into_iter()
                 .map(|namespace| (namespace.name, namespace.blocks, namespace.slots))
                 .collect();
+            let shard = self.shard.shard_index();
+            *counters.clients.lock().expect("clients lock") = self
+                .connections
+                .iter()
+                .flatten()
+                .map(|connection| connection.snapshot(shard))
+                .collect();
         }
         let slab = self.shard.slab();
         counters.staging_bytes_in_use.store(

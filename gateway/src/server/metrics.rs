@@ -100,6 +100,8 @@ pub struct CoreCounters {
     /// Per namespace: blocks stored and slots (0 where the backend does not
     /// count them: object stores). Written once a second, read at scrape.
     pub namespace_fill: std::sync::Mutex<Vec<(String, u64, u64)>>,
+    /// The shard's client connections, as of its last second (`GET /clients`).
+    pub clients: std::sync::Mutex<Vec<ClientSnapshot>>,
 }
 
 impl CoreCounters {
@@ -136,6 +138,7 @@ impl CoreCounters {
             evictions: AtomicU64::new(0),
             put_syncs: AtomicU64::new(0),
             namespace_fill: std::sync::Mutex::new(Vec::new()),
+            clients: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -451,7 +454,31 @@ pub fn publish(cores: &[Arc<CoreCounters>], acceptor: &AcceptorCounters) {
     }
 }
 
-/// Serves `GET /metrics` and `GET /healthz` until `shutdown`; read-only.
+/// One client connection as `GET /clients` lists it: which engine it is, what
+/// it holds, and how much it has been sent.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ClientSnapshot {
+    pub shard: u32,
+    /// The client's address.
+    pub peer: String,
+    /// The name in its access token, or "cluster-secret holder".
+    pub client: String,
+    /// "tcp", "tls" or "rdma".
+    pub transport: &'static str,
+    pub connected_seconds: u64,
+    /// Target regions it has registered and not withdrawn.
+    pub regions: usize,
+    pub loads_in_flight: usize,
+    /// Stores whose payload is being received or read (RDMA READ).
+    pub stores_in_flight: usize,
+    /// Staging buffers its reads and unsent data hold.
+    pub staging_buffers_held: usize,
+    /// Payload bytes of loads delivered to it.
+    pub delivered_bytes: u64,
+}
+
+/// Serves `GET /metrics`, `GET /clients` and `GET /healthz` until `shutdown`;
+/// read-only.
 pub fn serve(
     listener: TcpListener,
     handle: PrometheusHandle,
@@ -530,10 +557,11 @@ fn answer(
             ("200 OK", "text/plain; version=0.0.4", handle.render())
         }
         ["GET", "/healthz"] => ("200 OK", "text/plain", "ok\n".to_owned()),
+        ["GET", "/clients"] => ("200 OK", "application/json", clients_json(cores)),
         ["GET", _] => (
             "404 Not Found",
             "text/plain",
-            "not found: try /metrics or /healthz\n".to_owned(),
+            "not found: try /metrics, /clients or /healthz\n".to_owned(),
         ),
         _ => (
             "405 Method Not Allowed",
@@ -551,4 +579,16 @@ fn answer(
 
 pub fn bind(address: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(address).with_context(|| format!("cannot listen for /metrics on {address}"))
+}
+
+/// Every shard's client connections, as each core last published them
+/// (once a second): `{"clients": [...]}`.
+fn clients_json(cores: &[Arc<CoreCounters>]) -> String {
+    let clients: Vec<ClientSnapshot> = cores
+        .iter()
+        .flat_map(|core| core.clients.lock().expect("clients lock").clone())
+        .collect();
+    let mut body = serde_json::json!({ "clients": clients }).to_string();
+    body.push('\n');
+    body
 }
