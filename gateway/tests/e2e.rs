@@ -829,21 +829,7 @@ fn regions_per_connection_are_bounded() {
         frames.extend(register(region_id));
     }
     frames.extend(register(5));
-    // The answers are read meanwhile: the socket buffers would not hold them.
-    let mut answers = raw.try_clone().expect("clone");
-    let reader = std::thread::spawn(move || {
-        (0..65_537)
-            .filter(|_| {
-                matches!(
-                    read_frame(&mut answers),
-                    protocol::Frame::RegionRegistered { .. }
-                )
-            })
-            .count()
-    });
-    raw.write_all(&frames)
-        .expect("65,536 regions and one again");
-    assert_eq!(reader.join().expect("reader"), 65_537);
+    assert_eq!(send_counting_registered(&mut raw, &frames, 65_537), 65_537);
     raw.write_all(&register(65_537)).expect("one more");
     match read_frame(&mut raw) {
         protocol::Frame::Error { message, .. } => assert!(
@@ -937,7 +923,9 @@ fn the_clients_page_lists_each_connection_with_its_regions_and_bytes() {
     let mut listed = serde_json::Value::Null;
     wait_until("every connection listed with its bytes", WAIT, || {
         let response = gateway.http_get("/clients");
-        let (_, body) = response.split_once("\r\n\r\n").expect("headers, then the body");
+        let (_, body) = response
+            .split_once("\r\n\r\n")
+            .expect("headers, then the body");
         listed = serde_json::from_str(body).expect("JSON");
         let clients = listed["clients"].as_array().expect("a list");
         clients.len() == shards
@@ -1046,20 +1034,7 @@ fn forgotten_regions_free_their_place_and_a_region_under_a_load_is_not_forgotten
         );
         frames.extend(protocol::Frame::ForgetRegion { region_id }.encode());
     }
-    let mut answers = raw.try_clone().expect("clone");
-    let reader = std::thread::spawn(move || {
-        (0..70_000)
-            .filter(|_| {
-                matches!(
-                    read_frame(&mut answers),
-                    protocol::Frame::RegionRegistered { .. }
-                )
-            })
-            .count()
-    });
-    raw.write_all(&frames)
-        .expect("70,000 regions, each withdrawn");
-    assert_eq!(reader.join().expect("reader"), 70_000);
+    assert_eq!(send_counting_registered(&mut raw, &frames, 70_000), 70_000);
     wait_until("none left registered", WAIT, || {
         gateway.metric_sum("dualpath_registered_regions") == 0.0
     });
@@ -2798,6 +2773,25 @@ fn a_gateway_refused_io_uring_by_seccomp_falls_back_and_serves() {
             && stderr.contains("io_engine = \"auto\""),
         "the refusal names the cause: {stderr}"
     );
+}
+
+/// Writes `frames` on a raw connection while reading its next `answers`
+/// frames (the socket buffers would not hold them all); returns how many of
+/// them were `RegionRegistered`.
+fn send_counting_registered(raw: &mut TcpStream, frames: &[u8], answers: usize) -> usize {
+    let mut reading = raw.try_clone().expect("clone");
+    let reader = std::thread::spawn(move || {
+        (0..answers)
+            .filter(|_| {
+                matches!(
+                    read_frame(&mut reading),
+                    protocol::Frame::RegionRegistered { .. }
+                )
+            })
+            .count()
+    });
+    raw.write_all(frames).expect("frames written");
+    reader.join().expect("reader")
 }
 
 /// A raw connection to shard `shard`, past the hello.

@@ -51,6 +51,25 @@ fn write_config(dir: &Path) -> PathBuf {
     .write(dir)
 }
 
+/// A gateway over a fresh store with `blocks` synthetic blocks in each of
+/// `namespaces`, and a client of it (the store's directory lives as long as
+/// the returned guard).
+fn gateway_and_client(
+    namespaces: &[&str],
+    blocks: u64,
+) -> (tempfile::TempDir, GatewayProcess, Client) {
+    let dir = tempfile::tempdir().expect("dir");
+    let config = write_config(dir.path());
+    for namespace in namespaces {
+        import_synthetic(&binary(), &config, namespace, blocks, SEED);
+    }
+    let mut command = Command::new(binary());
+    command.arg("--config").arg(&config).arg("serve");
+    let gateway = GatewayProcess::start(command);
+    let client = Client::connect(&[&gateway.tcp], ClientOptions::default()).expect("connect");
+    (dir, gateway, client)
+}
+
 fn expected_block(index: u64) -> Vec<u8> {
     let mut bytes = vec![0u8; BLOCK_BYTES];
     synthetic::fill(synthetic::key(SEED, index), &mut bytes);
@@ -60,15 +79,7 @@ fn expected_block(index: u64) -> Vec<u8> {
 #[test]
 fn loads_into_device_memory_layer_by_layer_with_every_byte_checked_on_the_device() {
     let Some(device) = gpu() else { return };
-    let dir = tempfile::tempdir().expect("dir");
-    let config = write_config(dir.path());
-    for namespace in ["full", "layer"] {
-        import_synthetic(&binary(), &config, namespace, BLOCKS, SEED);
-    }
-    let mut command = Command::new(binary());
-    command.arg("--config").arg(&config).arg("serve");
-    let gateway = GatewayProcess::start(command);
-    let client = Client::connect(&[&gateway.tcp], ClientOptions::default()).expect("connect");
+    let (_dir, _gateway, client) = gateway_and_client(&["full", "layer"], BLOCKS);
     for namespace in ["layer", "full"] {
         // Layer-major in device memory: layer l of every block back to back, as
         // an engine's per-layer KV tensor would hold it.
@@ -114,12 +125,7 @@ fn a_load_past_the_device_region_is_refused() {
     let Some(device) = gpu() else { return };
     let client_less = DeviceRegion::allocate(&device, BLOCK_BYTES).expect("device memory");
     assert_eq!(client_less.len(), BLOCK_BYTES);
-    let dir = tempfile::tempdir().expect("dir");
-    let config = write_config(dir.path());
-    let mut command = Command::new(binary());
-    command.arg("--config").arg(&config).arg("serve");
-    let gateway = GatewayProcess::start(command);
-    let client = Client::connect(&[&gateway.tcp], ClientOptions::default()).expect("connect");
+    let (_dir, _gateway, client) = gateway_and_client(&[], 0);
     let blocks = vec![BlockLoad {
         key: synthetic::key(SEED, 0),
         layers: 0..LAYERS,
@@ -141,13 +147,7 @@ fn a_load_past_the_device_region_is_refused() {
 #[test]
 fn after_a_device_load_is_cancelled_device_memory_stays_as_it_is() {
     let Some(device) = gpu() else { return };
-    let dir = tempfile::tempdir().expect("dir");
-    let config = write_config(dir.path());
-    import_synthetic(&binary(), &config, "layer", BLOCKS, SEED);
-    let mut command = Command::new(binary());
-    command.arg("--config").arg(&config).arg("serve");
-    let gateway = GatewayProcess::start(command);
-    let client = Client::connect(&[&gateway.tcp], ClientOptions::default()).expect("connect");
+    let (_dir, _gateway, client) = gateway_and_client(&["layer"], BLOCKS);
     let len = BLOCKS as usize * BLOCK_BYTES;
     let target = DeviceRegion::allocate(&device, len).expect("device memory");
     let blocks: Vec<BlockLoad> = (0..BLOCKS)
@@ -185,13 +185,7 @@ fn after_a_device_load_is_cancelled_device_memory_stays_as_it_is() {
 #[test]
 fn device_memory_let_go_of_loads_again() {
     let Some(device) = gpu() else { return };
-    let dir = tempfile::tempdir().expect("dir");
-    let config = write_config(dir.path());
-    import_synthetic(&binary(), &config, "full", 4, SEED);
-    let mut command = Command::new(binary());
-    command.arg("--config").arg(&config).arg("serve");
-    let gateway = GatewayProcess::start(command);
-    let client = Client::connect(&[&gateway.tcp], ClientOptions::default()).expect("connect");
+    let (_dir, _gateway, client) = gateway_and_client(&["full"], 4);
     let target = DeviceRegion::allocate(&device, 4 * BLOCK_BYTES).expect("device memory");
     let blocks: Vec<BlockLoad> = (0..4u64)
         .map(|index| BlockLoad {
