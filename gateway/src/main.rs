@@ -354,7 +354,7 @@ fn load_config(path: Option<&PathBuf>) -> anyhow::Result<GatewayConfig> {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let config = load_config(cli.config.as_ref())?;
     match cli.command {
-        Command::Serve => gateway::server::run(config),
+        Command::Serve => gateway::server::run(config, cli.config.as_deref()),
         Command::Put {
             namespace,
             key,

@@ -1093,6 +1093,79 @@ fn forgotten_regions_free_their_place_and_a_region_under_a_load_is_not_forgotten
     }
 }
 
+/// SIGHUP reads the configuration file again: a peer added to `peers` starts
+/// hearing this gateway's load reports (a decode node joins the pool without
+/// a restart); a setting that needs a restart is named in the log and keeps
+/// its running value; a file that does not load changes nothing.
+#[test]
+fn sighup_applies_new_gossip_peers_and_names_what_needs_a_restart() {
+    let free_udp_port = || {
+        std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|socket| socket.local_addr())
+            .expect("a free port")
+            .port()
+    };
+    let (port_a, port_b) = (free_udp_port(), free_udp_port());
+    let gossip = |me: u16, peers: &str| {
+        format!("gossip_listen = \"127.0.0.1:{me}\"\npeers = [{peers}]\ngossip_interval_ms = 10\npeer_timeout_ms = 150")
+    };
+    let a = Gateway::start_configured(1, None, &gossip(port_a, ""));
+    let b = Gateway::start_configured(1, None, &gossip(port_b, &format!("\"127.0.0.1:{port_a}\"")));
+    wait_until("a hears b", WAIT, || {
+        a.metric_sum("dualpath_pool_peers_alive") == 1.0
+    });
+    assert_eq!(
+        b.metric_sum("dualpath_pool_peers_known"),
+        0.0,
+        "a tells no one yet"
+    );
+
+    // a's file now names b as a peer, and asks for twice the staging memory.
+    let file = write_config(
+        a._dir.path(),
+        &gossip(port_a, &format!("\"127.0.0.1:{port_b}\"")),
+    );
+    let text = std::fs::read_to_string(&file).expect("config");
+    let text = text.replace("bytes_per_core = \"4MiB\"", "bytes_per_core = \"8MiB\"");
+    std::fs::write(&file, text).expect("config written");
+    a.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_until("b hears a", WAIT, || {
+        b.metric_sum("dualpath_pool_peers_alive") == 1.0
+    });
+    let log = a.process.later_log();
+    assert!(
+        log.contains("[staging] changed") && log.contains("only after a restart"),
+        "the log names what needs a restart: {log}"
+    );
+    assert!(log.contains("gossip now goes to 1 peer(s)"), "{log}");
+    assert_eq!(
+        a.metric_sum("dualpath_staging_bytes"),
+        f64::from(TestGatewayConfig::default().cores) * 4.0 * 1024.0 * 1024.0,
+        "the staging memory stays as it was"
+    );
+
+    // A file that does not load changes nothing: b still hears a.
+    std::fs::write(&file, "[gateway]\nlisten_tcpp = \"127.0.0.1:0\"\n").expect("broken config");
+    a.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_until("the failed reload is counted", WAIT, || {
+        a.process
+            .metric_sum_labelled("dualpath_config_reloads_total", "outcome=\"failed\"")
+            == 1.0
+    });
+    let log = a.process.later_log();
+    assert!(
+        log.contains("kept the running configuration") && log.contains("listen_tcpp"),
+        "{log}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(b.metric_sum("dualpath_pool_peers_alive"), 1.0);
+    assert_eq!(
+        a.process
+            .metric_sum_labelled("dualpath_config_reloads_total", "outcome=\"applied\""),
+        1.0
+    );
+}
+
 #[test]
 fn sigterm_stops_the_gateway_cleanly() {
     let mut gateway = Gateway::start(2);

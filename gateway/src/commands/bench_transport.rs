@@ -200,7 +200,9 @@ fn run_ours(options: &BenchTransportOptions) -> anyhow::Result<Sample> {
             let announce = |addresses: &str| {
                 let _ = address_sender.send(addresses.trim_start_matches("tcp ").to_owned());
             };
-            crate::server::serve(&config, "loopback", None, None, open, shutdown, announce)
+            crate::server::serve(
+                &config, None, "loopback", None, None, open, shutdown, announce,
+            )
         })
     };
     let address = address

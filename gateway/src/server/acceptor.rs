@@ -61,8 +61,11 @@ pub struct Acceptor {
     pub tcp: Option<TcpListener>,
     pub unix: Option<UnixListener>,
     pub shutdown: Arc<AtomicBool>,
-    /// Set by SIGHUP: read the TLS files again.
+    /// Set by SIGHUP: read the TLS files and the configuration file again.
     pub reload: Arc<AtomicBool>,
+    /// The configuration file, to read again on SIGHUP (`None`: the gateway
+    /// runs on the embedded default).
+    pub config_reload: Option<super::reload::ConfigReload>,
     pub admission: Arc<Admission>,
 }
 
@@ -118,7 +121,7 @@ impl Drop for HelloSlot {
 
 impl Acceptor {
     /// Accepts until shutdown; fails only if the poll cannot be set up.
-    pub fn run(self) -> anyhow::Result<()> {
+    pub fn run(mut self) -> anyhow::Result<()> {
         let mut poll = Poll::new().context("cannot create the acceptor's poll")?;
         if let Some(listener) = &self.tcp {
             listener.set_nonblocking(true)?;
@@ -145,6 +148,12 @@ impl Acceptor {
         while !self.shutdown.load(Ordering::Relaxed) {
             if self.reload.swap(false, Ordering::Relaxed) {
                 self.admission.reload_tls();
+                match self.config_reload.as_mut() {
+                    Some(config) => config.reload(),
+                    None => tracing::info!(
+                        "SIGHUP: no configuration file to read again (the gateway runs on the embedded default)"
+                    ),
+                }
             }
             if let Err(error) = poll.poll(&mut events, Some(ACCEPT_TICK)) {
                 if error.kind() != std::io::ErrorKind::Interrupted {
@@ -351,7 +360,7 @@ impl Admission {
     /// SIGHUP: the TLS certificate, key and client CA read again.
     fn reload_tls(&self) {
         let Some(tls) = &self.tls else {
-            return tracing::info!("SIGHUP: nothing to reload (TLS is off)");
+            return tracing::debug!("SIGHUP: no TLS files to read again (TLS is off)");
         };
         match tls.reload() {
             Ok(()) => {

@@ -9,9 +9,11 @@ mod core;
 mod fault_log;
 pub mod metrics;
 mod pool;
+mod reload;
 mod tls;
 
 use std::os::unix::net::UnixListener;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
@@ -29,8 +31,9 @@ use acceptor::{Acceptor, Admission, CoreDoor};
 /// How long loads in flight may finish after SIGTERM or SIGINT.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Runs the gateway until SIGTERM or SIGINT.
-pub fn run(config: GatewayConfig) -> anyhow::Result<()> {
+/// Runs the gateway until SIGTERM or SIGINT. `config_file`: where `config`
+/// was read from, read again on SIGHUP (`None`: the embedded default).
+pub fn run(config: GatewayConfig, config_file: Option<&Path>) -> anyhow::Result<()> {
     let shutdown = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, Arc::clone(&shutdown))
@@ -51,6 +54,7 @@ pub fn run(config: GatewayConfig) -> anyhow::Result<()> {
     };
     serve(
         &config,
+        config_file,
         backend,
         secret,
         Some(handle),
@@ -95,6 +99,7 @@ fn bind(config: &GatewayConfig) -> anyhow::Result<Listeners> {
 #[allow(clippy::too_many_arguments)]
 pub fn serve<S, F>(
     config: &GatewayConfig,
+    config_file: Option<&Path>,
     backend: &'static str,
     secret: Option<Arc<[u8]>>,
     metrics_handle: Option<metrics_exporter_prometheus::PrometheusHandle>,
@@ -140,11 +145,14 @@ where
         })
         .transpose()?;
     let (doors, workers) = start_cores(config, open, &counters, &shutdown, &pool)?;
+    let gossip_settings = Arc::new(pool::GossipSettings::new(
+        config.peers.clone(),
+        Duration::from_millis(config.gossip_interval_ms),
+    ));
     let gossip = pool::Gossip {
         pool: Arc::clone(&pool),
         socket: gossip_socket,
-        peers: config.peers.clone(),
-        interval: Duration::from_millis(config.gossip_interval_ms),
+        settings: Arc::clone(&gossip_settings),
         secret: secret.clone(),
         cores: counters.clone(),
         shutdown: Arc::clone(&shutdown),
@@ -185,11 +193,18 @@ where
             geometry: namespace.geometry,
         })
         .collect();
+    let config_reload = config_file.map(|file| reload::ConfigReload {
+        file: file.to_owned(),
+        running: config.clone(),
+        gossip: gossip_settings,
+        pool: Arc::clone(&pool),
+    });
     let accepted = Acceptor {
         tcp: listeners.tcp,
         unix: listeners.unix,
         shutdown: Arc::clone(&shutdown),
         reload,
+        config_reload,
         admission: Arc::new(Admission {
             cores: doors,
             namespaces,

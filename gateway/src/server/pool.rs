@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,7 +29,9 @@ pub struct Pool {
     me: String,
     own: Mutex<Load>,
     peers: Mutex<HashMap<String, Load>>,
-    timeout: Duration,
+    /// A peer not heard from for this long counts as silent (milliseconds;
+    /// a configuration reload may change it).
+    timeout_ms: AtomicU64,
 }
 
 impl Pool {
@@ -43,8 +45,19 @@ impl Pool {
             me,
             own: Mutex::new(idle),
             peers: Mutex::new(HashMap::new()),
-            timeout,
+            timeout_ms: AtomicU64::new(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)),
         }
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms.load(Ordering::Relaxed))
+    }
+
+    pub fn set_timeout(&self, timeout: Duration) {
+        self.timeout_ms.store(
+            u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
     }
 
     /// This gateway and every peer heard from, with each report's age.
@@ -96,10 +109,41 @@ impl Pool {
         let peers = self.peers.lock().expect("pool lock");
         let alive = peers
             .values()
-            .filter(|load| load.heard.elapsed() < self.timeout)
+            .filter(|load| load.heard.elapsed() < self.timeout())
             .count();
         metrics::gauge!("dualpath_pool_peers_alive").set(alive as f64);
         metrics::gauge!("dualpath_pool_peers_known").set(peers.len() as f64);
+    }
+}
+
+/// Whom the gossip thread tells and how often: set at start and again by a
+/// configuration reload (SIGHUP), read by the gossip thread every interval.
+#[derive(Debug)]
+pub struct GossipSettings {
+    peers: Mutex<Vec<SocketAddr>>,
+    interval_ms: AtomicU64,
+}
+
+impl GossipSettings {
+    pub fn new(peers: Vec<SocketAddr>, interval: Duration) -> Self {
+        let settings = Self {
+            peers: Mutex::new(Vec::new()),
+            interval_ms: AtomicU64::new(0),
+        };
+        settings.set(peers, interval);
+        settings
+    }
+
+    pub fn set(&self, peers: Vec<SocketAddr>, interval: Duration) {
+        *self.peers.lock().expect("gossip peers lock") = peers;
+        self.interval_ms.store(
+            u64::try_from(interval.as_millis()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    fn interval(&self) -> Duration {
+        Duration::from_millis(self.interval_ms.load(Ordering::Relaxed))
     }
 }
 
@@ -108,8 +152,7 @@ impl Pool {
 pub struct Gossip {
     pub pool: Arc<Pool>,
     pub socket: Option<UdpSocket>,
-    pub peers: Vec<SocketAddr>,
-    pub interval: Duration,
+    pub settings: Arc<GossipSettings>,
     pub secret: Option<Arc<[u8]>>,
     pub cores: Vec<Arc<CoreCounters>>,
     pub shutdown: Arc<AtomicBool>,
@@ -119,17 +162,22 @@ impl Gossip {
     /// Every interval: measure this gateway's load, send it to every peer, and take
     /// in what peers sent.
     pub fn run(self) {
-        if let Some(socket) = &self.socket {
-            socket
-                .set_read_timeout(Some(self.interval))
-                .expect("a bound socket takes a timeout");
-        }
+        let mut interval = Duration::ZERO;
         let mut last_read_bytes = self.read_bytes();
         let mut last_tick = Instant::now();
         let mut buffer = vec![0u8; 2048];
         while !self.shutdown.load(Ordering::Relaxed) {
+            let now_interval = self.settings.interval();
+            if now_interval != interval {
+                interval = now_interval;
+                if let Some(socket) = &self.socket {
+                    socket
+                        .set_read_timeout(Some(interval))
+                        .expect("a bound socket takes a timeout");
+                }
+            }
             let elapsed = last_tick.elapsed();
-            if elapsed >= self.interval {
+            if elapsed >= interval {
                 let read_bytes = self.read_bytes();
                 let rate = (read_bytes - last_read_bytes) as f64 / elapsed.as_secs_f64();
                 last_read_bytes = read_bytes;
@@ -153,7 +201,7 @@ impl Gossip {
                         self.receive(&buffer[..length]);
                     }
                 }
-                None => std::thread::sleep(self.interval),
+                None => std::thread::sleep(interval),
             }
         }
     }
@@ -174,7 +222,13 @@ impl Gossip {
         if let Some(secret) = &self.secret {
             auth::sign(secret, &mut message);
         }
-        for peer in &self.peers {
+        for peer in self
+            .settings
+            .peers
+            .lock()
+            .expect("gossip peers lock")
+            .iter()
+        {
             // A peer that is down makes sends fail; it shows up as silent.
             let _ = socket.send_to(&message, peer);
         }
