@@ -5,7 +5,7 @@
 use std::rc::Rc;
 
 use staging::{StagingBuffer, StagingSlab};
-use verbs::{MemoryRegion, QueuePair, Sge, Verbs, VerbsError};
+use verbs::{MemoryRegion, QueuePair, RdmaOp, Sge, Verbs, VerbsError};
 
 /// A core's staging slab registered for RDMA. Holds the slab, so the memory
 /// outlives the registration (the field order drops the region first).
@@ -67,7 +67,7 @@ pub fn post_buffer_write(
     // its buffers); the buffer is held until completion (contract above); the
     // remote range was checked against the region the client registered with
     // this rkey (`RdmaTransport::write`), and the client's NIC enforces it again.
-    unsafe { queue_pair.write(wr_id, &[sge], remote.0, remote.1, signaled) }
+    unsafe { queue_pair.post_rdma(RdmaOp::Write, wr_id, &[sge], remote.0, remote.1, signaled) }
 }
 
 /// Posts one RDMA READ of `remote` (address, rkey) into `buffer[range]`.
@@ -93,5 +93,5 @@ pub fn post_buffer_read(
     // completion (contract above); the remote range was checked against the
     // region the client registered with this rkey (`RdmaTransport::post_read`),
     // and the client's NIC enforces it again.
-    unsafe { queue_pair.read(wr_id, &[sge], remote.0, remote.1, signaled) }
+    unsafe { queue_pair.post_rdma(RdmaOp::Read, wr_id, &[sge], remote.0, remote.1, signaled) }
 }

@@ -11,7 +11,7 @@ mod sys;
 
 use std::sync::Arc;
 
-pub use sys::{device_names, CompletionQueue, MemoryRegion, QueuePair};
+pub use sys::{device_names, CompletionQueue, MemoryRegion, QueuePair, RdmaOp};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VerbsError {
@@ -263,40 +263,17 @@ impl QueuePair {
         self.query_service_class()
     }
 
-    /// # Safety
-    /// See [`QueuePair`]'s `post_rdma` contract: local memory registered on
-    /// this protection domain and untouched until completion; the remote range
-    /// inside the peer's region.
-    pub unsafe fn write(
-        &mut self,
-        wr_id: u64,
-        sges: &[Sge],
-        remote_address: u64,
-        rkey: u32,
-        signaled: bool,
-    ) -> Result<(), VerbsError> {
-        // SAFETY: forwarded contract.
-        unsafe {
-            self.post_rdma(
-                sys::Rdma::Write,
-                wr_id,
-                sges,
-                remote_address,
-                rkey,
-                signaled,
-            )
-        }
-    }
-
-    /// Reads `remote_address..` of the peer's region with `rkey` into `sges`
-    /// (an RDMA READ: the peer's CPU takes no part).
+    /// Posts an RDMA WRITE of `sges` to `remote_address..` of the peer's
+    /// region with `rkey`, or an RDMA READ of that range into `sges`.
     ///
     /// # Safety
-    /// See [`QueuePair`]'s `post_rdma` contract: local memory registered on
-    /// this protection domain and neither read nor written by Rust until
-    /// completion; the remote range inside the peer's region.
-    pub unsafe fn read(
+    /// Local memory registered on this protection domain, and untouched by
+    /// Rust until completion (a WRITE's source not written, a READ's target
+    /// neither read nor written); the remote range inside the peer's region.
+    /// See `post_one_sided` in `sys.rs`.
+    pub unsafe fn post_rdma(
         &mut self,
+        operation: RdmaOp,
         wr_id: u64,
         sges: &[Sge],
         remote_address: u64,
@@ -304,7 +281,7 @@ impl QueuePair {
         signaled: bool,
     ) -> Result<(), VerbsError> {
         // SAFETY: forwarded contract.
-        unsafe { self.post_rdma(sys::Rdma::Read, wr_id, sges, remote_address, rkey, signaled) }
+        unsafe { self.post_one_sided(operation, wr_id, sges, remote_address, rkey, signaled) }
     }
 
     /// The largest SEND that may go inline (what the provider granted).

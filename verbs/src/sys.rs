@@ -85,8 +85,10 @@ const LINK_LAYER_INFINIBAND: u8 = 1;
 
 /// Which one-sided operation a work request is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Rdma {
+pub enum RdmaOp {
+    /// The local `sges` into the peer's memory.
     Write,
+    /// The peer's memory into the local `sges` (the peer's CPU takes no part).
     Read,
 }
 
@@ -690,8 +692,8 @@ impl QueuePair {
         })
     }
 
-    /// Posts an RDMA WRITE (`Rdma::Write`: `sges` to the peer) or READ
-    /// (`Rdma::Read`: the peer's memory into `sges`).
+    /// Posts an RDMA WRITE (`RdmaOp::Write`: `sges` to the peer) or READ
+    /// (`RdmaOp::Read`: the peer's memory into `sges`).
     ///
     /// # Safety
     /// Every `sges` entry must lie in a memory region registered on this queue
@@ -700,9 +702,9 @@ impl QueuePair {
     /// target) by Rust, until this work request's completion (or, unsignalled,
     /// a later signalled one's) has been polled. `remote_address..+len` must
     /// lie in the peer's region with `rkey`.
-    pub(crate) unsafe fn post_rdma(
+    pub(crate) unsafe fn post_one_sided(
         &mut self,
-        operation: Rdma,
+        operation: RdmaOp,
         wr_id: u64,
         sges: &[Sge],
         remote_address: u64,
@@ -731,8 +733,8 @@ impl QueuePair {
         wr.sg_list = list.as_mut_ptr();
         wr.num_sge = sges.len() as i32;
         wr.opcode = match operation {
-            Rdma::Write => ffi::ibv_wr_opcode::IBV_WR_RDMA_WRITE,
-            Rdma::Read => ffi::ibv_wr_opcode::IBV_WR_RDMA_READ,
+            RdmaOp::Write => ffi::ibv_wr_opcode::IBV_WR_RDMA_WRITE,
+            RdmaOp::Read => ffi::ibv_wr_opcode::IBV_WR_RDMA_READ,
         };
         wr.send_flags = if signaled {
             ffi::ibv_send_flags::IBV_SEND_SIGNALED.0
@@ -745,8 +747,8 @@ impl QueuePair {
         };
         let mut bad = ptr::null_mut();
         let call = match operation {
-            Rdma::Write => "ibv_post_send(RDMA_WRITE)",
-            Rdma::Read => "ibv_post_send(RDMA_READ)",
+            RdmaOp::Write => "ibv_post_send(RDMA_WRITE)",
+            RdmaOp::Read => "ibv_post_send(RDMA_READ)",
         };
         // SAFETY: `qp` valid; `wr` and `list` live across the call (the provider
         // copies them); the buffers' validity is the caller's contract.

@@ -5,7 +5,7 @@
 //! checks nothing else.
 
 use std::time::{Duration, Instant};
-use verbs::{Completion, QueueChannels, Sge, Verbs};
+use verbs::{Completion, QueueChannels, RdmaOp, Sge, Verbs};
 
 fn wait(queue: &mut verbs::CompletionQueue, count: usize) -> Vec<Completion> {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -92,8 +92,17 @@ fn write_then_send_arrive_in_order_and_out_of_region_writes_fail() {
     ];
     // SAFETY: `source` is registered and unchanged until the completion below;
     // the remote range is the whole target region.
-    unsafe { writer.write(1, &pieces, target_mr.address(), target_mr.rkey(), false) }
-        .expect("post write");
+    unsafe {
+        writer.post_rdma(
+            RdmaOp::Write,
+            1,
+            &pieces,
+            target_mr.address(),
+            target_mr.rkey(),
+            false,
+        )
+    }
+    .expect("post write");
     writer
         .send_inline(2, b"layer 0 done", true)
         .expect("post send");
@@ -109,7 +118,8 @@ fn write_then_send_arrive_in_order_and_out_of_region_writes_fail() {
     // One byte past the end of the peer's region: refused by the peer's NIC.
     // SAFETY: local memory registered; the remote range is deliberately outside.
     unsafe {
-        writer.write(
+        writer.post_rdma(
+            RdmaOp::Write,
             3,
             &pieces[..1],
             target_mr.address() + target_mr.len() as u64 - 8,
@@ -228,8 +238,17 @@ fn queue_pairs_carry_the_service_class_asked_for() {
     };
     // SAFETY: `source` is registered and unchanged until the completion below;
     // the remote range is `target`'s region.
-    unsafe { writer.write(1, &[piece], target_mr.address(), target_mr.rkey(), true) }
-        .expect("post write");
+    unsafe {
+        writer.post_rdma(
+            RdmaOp::Write,
+            1,
+            &[piece],
+            target_mr.address(),
+            target_mr.rkey(),
+            true,
+        )
+    }
+    .expect("post write");
     let done = wait(writer.send_queue(), 1);
     assert!(done[0].ok, "{}", done[0].status_text);
     drop((writer, reader, source_mr, target_mr));
@@ -289,7 +308,8 @@ fn reads_bring_the_peers_memory_and_unreadable_regions_fail() {
         // completion of the last (signalled) read is polled below; the remote
         // range lies inside `remote`'s region.
         unsafe {
-            reader.read(
+            reader.post_rdma(
+                RdmaOp::Read,
                 u64::from(last),
                 &[sge],
                 remote_mr.address() + offset,
@@ -310,8 +330,17 @@ fn reads_bring_the_peers_memory_and_unreadable_regions_fail() {
     };
     // SAFETY: local memory registered and not touched until the completion;
     // the remote range is deliberately one the peer does not allow.
-    unsafe { reader.read(2, &[target], private_mr.address(), private_mr.rkey(), true) }
-        .expect("post read");
+    unsafe {
+        reader.post_rdma(
+            RdmaOp::Read,
+            2,
+            &[target],
+            private_mr.address(),
+            private_mr.rkey(),
+            true,
+        )
+    }
+    .expect("post read");
     let refused = wait(reader.send_queue(), 1);
     assert!(
         !refused[0].ok,
