@@ -1164,6 +1164,17 @@ fn sighup_applies_new_gossip_peers_and_names_what_needs_a_restart() {
             .metric_sum_labelled("dualpath_config_reloads_total", "outcome=\"applied\""),
         1.0
     );
+
+    // Both leave each other's pool: once silent, a peer no longer listed is
+    // forgotten (one still listed would stay, as silent).
+    write_config(a._dir.path(), &gossip(port_a, ""));
+    write_config(b._dir.path(), &gossip(port_b, ""));
+    a.signal(nix::sys::signal::Signal::SIGHUP);
+    b.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_until("each forgets the other", WAIT, || {
+        a.metric_sum("dualpath_pool_peers_known") == 0.0
+            && b.metric_sum("dualpath_pool_peers_known") == 0.0
+    });
 }
 
 #[test]

@@ -21,6 +21,9 @@ struct Load {
     queued_bytes: u64,
     read_bytes_per_second: u64,
     heard: Instant,
+    /// Where a peer's report came from (its gossip socket); `None` for this
+    /// gateway's own.
+    from: Option<SocketAddr>,
 }
 
 #[derive(Debug)]
@@ -40,6 +43,7 @@ impl Pool {
             queued_bytes: 0,
             read_bytes_per_second: 0,
             heard: Instant::now(),
+            from: None,
         };
         Self {
             me,
@@ -90,7 +94,7 @@ impl Pool {
         }
     }
 
-    fn heard(&self, status: PeerStatus) {
+    fn heard(&self, status: PeerStatus, from: SocketAddr) {
         if status.address == self.me {
             return;
         }
@@ -98,6 +102,7 @@ impl Pool {
             queued_bytes: status.queued_bytes,
             read_bytes_per_second: status.read_bytes_per_second,
             heard: Instant::now(),
+            from: Some(from),
         };
         self.peers
             .lock()
@@ -105,8 +110,16 @@ impl Pool {
             .insert(status.address, load);
     }
 
-    fn publish_metrics(&self) {
-        let peers = self.peers.lock().expect("pool lock");
+    /// Forgets peers that are silent and no longer in `listed` (the
+    /// configured peers: one a reload took out of the pool goes from the
+    /// table once it stops reporting; a listed one that is down stays, as
+    /// silent), then publishes the pool's gauges.
+    fn prune_and_publish(&self, listed: &[SocketAddr]) {
+        let mut peers = self.peers.lock().expect("pool lock");
+        let timeout = self.timeout();
+        peers.retain(|_, load| {
+            load.heard.elapsed() < timeout || load.from.is_some_and(|from| listed.contains(&from))
+        });
         let alive = peers
             .values()
             .filter(|load| load.heard.elapsed() < self.timeout())
@@ -191,14 +204,16 @@ impl Gossip {
                     queued_bytes: queued,
                     read_bytes_per_second: rate as u64,
                     heard: Instant::now(),
+                    from: None,
                 };
                 self.send();
-                self.pool.publish_metrics();
+                self.pool
+                    .prune_and_publish(&self.settings.peers.lock().expect("gossip peers lock"));
             }
             match &self.socket {
                 Some(socket) => {
-                    if let Ok((length, _)) = socket.recv_from(&mut buffer) {
-                        self.receive(&buffer[..length]);
+                    if let Ok((length, from)) = socket.recv_from(&mut buffer) {
+                        self.receive(&buffer[..length], from);
                     }
                 }
                 None => std::thread::sleep(interval),
@@ -234,7 +249,7 @@ impl Gossip {
         }
     }
 
-    fn receive(&self, datagram: &[u8]) {
+    fn receive(&self, datagram: &[u8], from: SocketAddr) {
         let message = match &self.secret {
             Some(secret) => match auth::verify_signed(secret, datagram) {
                 Some(message) => message,
@@ -259,7 +274,44 @@ impl Gossip {
         if let Ok(Frame::PoolStatus { peers }) =
             Frame::decode(FrameType::PoolStatus, &message[HEADER_BYTES..])
         {
-            peers.into_iter().for_each(|status| self.pool.heard(status));
+            peers
+                .into_iter()
+                .for_each(|status| self.pool.heard(status, from));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Pool;
+    use protocol::PeerStatus;
+    use std::time::Duration;
+
+    fn report(address: &str) -> PeerStatus {
+        PeerStatus {
+            address: address.into(),
+            queued_bytes: 1,
+            read_bytes_per_second: 2,
+            age_ms: 0,
+        }
+    }
+
+    #[test]
+    fn silent_peers_are_forgotten_only_once_no_longer_listed() {
+        let pool = Pool::new("10.0.0.1:7400".into(), Duration::from_millis(1));
+        let (listed, dropped) = (
+            "10.0.0.2:7401".parse().expect("address"),
+            "10.0.0.3:7401".parse().expect("address"),
+        );
+        pool.heard(report("10.0.0.2:7400"), listed);
+        pool.heard(report("10.0.0.3:7400"), dropped);
+        pool.set_timeout(Duration::from_secs(60));
+        pool.prune_and_publish(&[listed]);
+        assert_eq!(pool.status().len(), 3, "heard within the timeout: all kept");
+        pool.set_timeout(Duration::from_millis(1));
+        std::thread::sleep(Duration::from_millis(5));
+        pool.prune_and_publish(&[listed]);
+        let addresses: Vec<String> = pool.status().into_iter().map(|peer| peer.address).collect();
+        assert_eq!(addresses, ["10.0.0.1:7400", "10.0.0.2:7400"]);
     }
 }
