@@ -937,6 +937,11 @@ fn the_clients_page_lists_each_connection_with_its_regions_and_bytes() {
     });
     for entry in listed["clients"].as_array().expect("a list") {
         assert_eq!(entry["regions"], 2, "{entry}");
+        assert_eq!(
+            entry["protocol_version"],
+            protocol::PROTOCOL_VERSION,
+            "{entry}"
+        );
         assert_eq!(entry["loads_in_flight"], 0, "{entry}");
         assert_eq!(entry["transport"], "tcp", "{entry}");
         assert_eq!(entry["client"], "cluster-secret holder", "{entry}");
@@ -954,7 +959,26 @@ fn the_clients_page_lists_each_connection_with_its_regions_and_bytes() {
         .map(|entry| entry["shard"].as_u64().expect("shard"))
         .collect();
     assert_eq!(shards_listed.len(), shards, "one connection per shard");
-    drop(client);
+    // A client of an older build shows with its version (a rolling upgrade's
+    // progress).
+    let mut old = TcpStream::connect(&gateway.tcp).expect("connect");
+    old.set_read_timeout(Some(WAIT)).expect("timeout");
+    let hello = protocol::Frame::Hello {
+        version: 1,
+        shard: 0,
+        token: Vec::new(),
+    };
+    old.write_all(&hello.encode()).expect("hello");
+    assert!(matches!(
+        read_frame(&mut old),
+        protocol::Frame::HelloOk { .. }
+    ));
+    wait_until("the version-1 client listed", WAIT, || {
+        gateway
+            .http_get("/clients")
+            .contains("\"protocol_version\":1")
+    });
+    drop((client, old));
     wait_until("closed connections leave the list", WAIT, || {
         gateway.http_get("/clients").contains("\"clients\":[]")
     });

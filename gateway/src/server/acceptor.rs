@@ -69,6 +69,15 @@ pub struct Acceptor {
     pub admission: Arc<Admission>,
 }
 
+/// A client past its hello: the shard it asked for, what it may do, and the
+/// protocol version the connection speaks.
+#[derive(Debug)]
+struct Admitted {
+    shard: u32,
+    access: Arc<AccessGrant>,
+    version: u16,
+}
+
 /// What a hello needs, shared by the threads that run them.
 #[derive(Debug)]
 pub struct Admission {
@@ -402,17 +411,16 @@ impl Admission {
             return self.admit_tls(socket, peer, tls.current());
         }
         let mut socket = socket;
-        let Some((shard, access)) = self.hello(&mut socket, &peer, "client") else {
+        let Some(admitted) = self.hello(&mut socket, &peer, "client") else {
             return;
         };
         if socket.socket.set_nonblocking(true).is_err() {
             return;
         }
         self.hand_over(
-            shard,
+            admitted,
             Stream::Tcp(mio::net::TcpStream::from_std(socket.socket)),
             peer,
-            access,
         );
     }
 
@@ -429,7 +437,7 @@ impl Admission {
             Err(error) => return tracing::warn!("cannot start TLS for {peer}: {error}"),
         };
         let mut tls = rustls::StreamOwned::new(session, socket);
-        let Some((shard, access)) = self.hello(&mut tls, &peer, "TLS client") else {
+        let Some(admitted) = self.hello(&mut tls, &peer, "TLS client") else {
             if tls.conn.is_handshaking() {
                 self.counters.tls_failures.fetch_add(1, Ordering::Relaxed);
             }
@@ -441,10 +449,9 @@ impl Admission {
         }
         let session = super::tls::TlsSession::new(conn, sock.socket);
         self.hand_over(
-            shard,
+            admitted,
             Stream::Tls(Arc::new(std::sync::Mutex::new(session))),
             peer,
-            access,
         );
     }
 
@@ -454,27 +461,21 @@ impl Admission {
             return tracing::info!("refused {peer}: {error}");
         }
         let mut socket = Deadlined::new(stream, HELLO_DEADLINE);
-        let Some((shard, access)) = self.hello(&mut socket, &peer, "client") else {
+        let Some(admitted) = self.hello(&mut socket, &peer, "client") else {
             return;
         };
         if socket.socket.set_nonblocking(true).is_err() {
             return;
         }
         self.hand_over(
-            shard,
+            admitted,
             Stream::Unix(mio::net::UnixStream::from_std(socket.socket)),
             peer,
-            access,
         );
     }
 
     /// The hello exchange; a refusal or a timeout is logged and counted.
-    fn hello(
-        &self,
-        stream: &mut dyn HelloStream,
-        peer: &str,
-        who: &str,
-    ) -> Option<(u32, Arc<AccessGrant>)> {
+    fn hello(&self, stream: &mut dyn HelloStream, peer: &str, who: &str) -> Option<Admitted> {
         match self.handshake(stream) {
             Ok(admitted) => Some(admitted),
             Err(error) if timed_out(&error) => {
@@ -491,7 +492,12 @@ impl Admission {
         }
     }
 
-    fn hand_over(&self, shard: u32, stream: Stream, peer: String, access: Arc<AccessGrant>) {
+    fn hand_over(&self, admitted: Admitted, stream: Stream, peer: String) {
+        let Admitted {
+            shard,
+            access,
+            version,
+        } = admitted;
         let door = &self.cores[shard as usize];
         self.counters.accepted.fetch_add(1, Ordering::Relaxed);
         if door
@@ -500,6 +506,7 @@ impl Admission {
                 stream,
                 peer,
                 access,
+                version,
             })
             .is_ok()
         {
@@ -510,7 +517,7 @@ impl Admission {
     /// Reads the hello, checks the client's proof of the secret (or of its
     /// token's key), answers, and returns the shard the client asked for and what
     /// it may do.
-    fn handshake(&self, stream: &mut dyn HelloStream) -> anyhow::Result<(u32, Arc<AccessGrant>)> {
+    fn handshake(&self, stream: &mut dyn HelloStream) -> anyhow::Result<Admitted> {
         let (version, shard, client_nonce) = match read_frame(stream, FrameType::Hello)? {
             Ok(Frame::Hello {
                 version,
@@ -557,7 +564,11 @@ impl Admission {
             namespaces: self.namespaces.clone(),
         };
         stream.write_all(&reply.encode())?;
-        Ok((shard, Arc::new(access)))
+        Ok(Admitted {
+            shard,
+            access: Arc::new(access),
+            version,
+        })
     }
 }
 
@@ -643,7 +654,7 @@ fn refuse(
     stream: &mut dyn HelloStream,
     code: ErrorCode,
     message: String,
-) -> anyhow::Result<(u32, Arc<AccessGrant>)> {
+) -> anyhow::Result<Admitted> {
     let _ = stream.write_all(
         &Frame::Error {
             request_id: 0,

@@ -230,6 +230,8 @@ pub struct Connection {
     pub connected_at: Instant,
     /// Payload bytes of loads delivered to the client.
     pub delivered_bytes: u64,
+    /// The protocol version the connection speaks (the client's).
+    pub version: u16,
 }
 
 /// A client with output waiting must take this much within the stall timeout
@@ -389,6 +391,7 @@ impl Connection {
         peer: String,
         generation: u16,
         access: std::sync::Arc<protocol::auth::AccessGrant>,
+        version: u16,
     ) -> io::Result<Self> {
         let transport = stream.transport()?;
         Ok(Self {
@@ -415,6 +418,7 @@ impl Connection {
             taken_while_waiting: 0,
             connected_at: Instant::now(),
             delivered_bytes: 0,
+            version,
         })
     }
 
@@ -630,6 +634,7 @@ impl Connection {
             shard,
             peer: self.peer.clone(),
             client: self.access.client.clone(),
+            protocol_version: self.version,
             transport: self.transport_name(),
             connected_seconds: self.connected_at.elapsed().as_secs(),
             regions: self.regions.len(),

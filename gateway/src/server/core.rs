@@ -54,6 +54,8 @@ pub struct NewConnection {
     pub peer: String,
     /// What the client proved it may do (its token's grant, or everything).
     pub access: Arc<protocol::auth::AccessGrant>,
+    /// The protocol version the connection speaks (the client's).
+    pub version: u16,
 }
 
 #[derive(Debug)]
@@ -397,6 +399,7 @@ impl<S: BlockStore> Core<S> {
             mut stream,
             peer,
             access,
+            version,
         }) = self.setup.inbox.try_recv()
         {
             let Some(index) = self.free_connection_slot() else {
@@ -415,13 +418,14 @@ impl<S: BlockStore> Core<S> {
                 "shard {}: client {peer} connected",
                 self.shard.shard_index()
             );
-            let connection = match Connection::new(stream, peer, self.next_generation, access) {
-                Ok(connection) => connection,
-                Err(error) => {
-                    tracing::warn!("cannot set up a transport: {error}");
-                    continue;
-                }
-            };
+            let connection =
+                match Connection::new(stream, peer, self.next_generation, access, version) {
+                    Ok(connection) => connection,
+                    Err(error) => {
+                        tracing::warn!("cannot set up a transport: {error}");
+                        continue;
+                    }
+                };
             self.connections[index] = Some(connection);
             self.setup
                 .counters

@@ -463,6 +463,9 @@ pub struct ClientSnapshot {
     pub peer: String,
     /// The name in its access token, or "cluster-secret holder".
     pub client: String,
+    /// The protocol version it speaks: clients of older builds show here
+    /// during a rolling upgrade.
+    pub protocol_version: u16,
     /// "tcp", "tls" or "rdma".
     pub transport: &'static str,
     pub connected_seconds: u64,
