@@ -961,18 +961,7 @@ fn the_clients_page_lists_each_connection_with_its_regions_and_bytes() {
     assert_eq!(shards_listed.len(), shards, "one connection per shard");
     // A client of an older build shows with its version (a rolling upgrade's
     // progress).
-    let mut old = TcpStream::connect(&gateway.tcp).expect("connect");
-    old.set_read_timeout(Some(WAIT)).expect("timeout");
-    let hello = protocol::Frame::Hello {
-        version: 1,
-        shard: 0,
-        token: Vec::new(),
-    };
-    old.write_all(&hello.encode()).expect("hello");
-    assert!(matches!(
-        read_frame(&mut old),
-        protocol::Frame::HelloOk { .. }
-    ));
+    let old = version_one_connection(&gateway);
     wait_until("the version-1 client listed", WAIT, || {
         gateway
             .http_get("/clients")
@@ -1102,7 +1091,14 @@ fn forgotten_regions_free_their_place_and_a_region_under_a_load_is_not_forgotten
         "the gateway says why it closes: {text}"
     );
 
-    // A client of version 1 speaks version 1.
+    // A client of version 1 is served (`version_one_connection` checks the
+    // HelloOk says version 1).
+    drop(version_one_connection(&gateway));
+}
+
+/// A raw connection to shard 0 that said hello in protocol version 1, as a
+/// client of an older build does; the gateway must answer in version 1.
+fn version_one_connection(gateway: &Gateway) -> TcpStream {
     let mut old = TcpStream::connect(&gateway.tcp).expect("connect");
     old.set_read_timeout(Some(WAIT)).expect("timeout");
     let hello = protocol::Frame::Hello {
@@ -1115,6 +1111,7 @@ fn forgotten_regions_free_their_place_and_a_region_under_a_load_is_not_forgotten
         protocol::Frame::HelloOk { version, .. } => assert_eq!(version, 1),
         other => panic!("expected HelloOk, got {other:?}"),
     }
+    old
 }
 
 /// SIGHUP reads the configuration file again: a peer added to `peers` starts
