@@ -28,7 +28,8 @@ pub fn buffer_region(object: &Bound<'_, PyAny>) -> PyResult<Region> {
 /// A region over raw memory named by the engine (`tensor.data_ptr()`).
 ///
 /// The Python API documents the contract that Rust cannot check: the memory must
-/// stay valid and unused by the engine for loads in flight while the client lives.
+/// stay valid, and unused by the engine for loads in flight, while it is
+/// registered (until `unregister`, or the client and its loads are gone).
 /// `owner` (the tensor, say) is held by the region until it is dropped.
 pub fn pointer_region(pointer: usize, length: usize, owner: Option<PyObject>) -> PyResult<Region> {
     if pointer == 0 || length == 0 {
