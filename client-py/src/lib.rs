@@ -24,6 +24,7 @@ create_exception!(dualpath, GatewayError, DualpathError, "The gateway refused a 
 create_exception!(dualpath, DisconnectedError, DualpathError, "A gateway could not be reached or went away.");
 create_exception!(dualpath, WaitTimeout, DualpathError, "A wait ran past its timeout.");
 create_exception!(dualpath, RegionInUseError, DualpathError, "A region a running load may still write into cannot be unregistered: wait for the load or cancel it.");
+create_exception!(dualpath, ClientClosedError, DualpathError, "The client was closed (`Client.close`, or the end of its `with` block): connect a new one.");
 
 fn to_python(error: ClientError) -> PyErr {
     let message = error.to_string();
@@ -34,6 +35,7 @@ fn to_python(error: ClientError) -> PyErr {
         }
         ClientError::Timeout { .. } => WaitTimeout::new_err(message),
         ClientError::RegionInUse { .. } => RegionInUseError::new_err(message),
+        ClientError::Closed => ClientClosedError::new_err(message),
         ClientError::UnknownNamespace { .. } | ClientError::Invalid(_) => PyValueError::new_err(message),
     }
 }
@@ -222,6 +224,47 @@ impl Client {
         py.allow_threads(move || inner.unregister_device_region(&unregistered)).map_err(to_python)?;
         self.gpus.lock().expect("GPU targets lock").regions.remove(&key);
         Ok(())
+    }
+
+    /// Closes the client: later calls raise `ClientClosedError`, loads still
+    /// running are cancelled (their unfinished blocks end "Cancelled"), every
+    /// gateway connection is closed for good, and the registered buffers and
+    /// owners are released. Waits up to `timeout` seconds for the gateways to
+    /// confirm the cancels, then cuts them off; once it returns nothing of
+    /// this client writes into the memory. Raises `WaitTimeout` if the prefill
+    /// node's own reads of a load still run (wait for that load before
+    /// reusing its memory). Closing again does nothing. `with Client(...) as
+    /// client:` closes at the end of the block.
+    #[pyo3(signature = (timeout=5.0))]
+    fn close(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<()> {
+        let timeout = timeout_of(timeout)?;
+        let inner = Arc::clone(&self.inner);
+        let closed = py.allow_threads(move || inner.close(timeout));
+        // The client's connections are gone: device memory's registrations
+        // go too (the regions released here hold no export).
+        let device_regions: Vec<_> = self.gpus.lock().expect("GPU targets lock").regions.drain().map(|(_, region)| region).collect();
+        for region in device_regions {
+            let inner = Arc::clone(&self.inner);
+            py.allow_threads(move || inner.unregister_device_region(&region)).map_err(to_python)?;
+        }
+        closed.map_err(to_python)
+    }
+
+    /// Whether `close` was called.
+    #[getter]
+    fn closed(&self) -> bool {
+        self.inner.is_closed()
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_exc_info))]
+    fn __exit__(&self, py: Python<'_>, _exc_info: &Bound<'_, pyo3::types::PyTuple>) -> PyResult<bool> {
+        self.close(py, Some(5.0))?;
+        // An exception raised in the block goes on.
+        Ok(false)
     }
 
     /// Withdraws region `region` (from `register` or `register_pointer`): the
@@ -589,5 +632,6 @@ fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add("DisconnectedError", py.get_type::<DisconnectedError>())?;
     module.add("WaitTimeout", py.get_type::<WaitTimeout>())?;
     module.add("RegionInUseError", py.get_type::<RegionInUseError>())?;
+    module.add("ClientClosedError", py.get_type::<ClientClosedError>())?;
     Ok(())
 }

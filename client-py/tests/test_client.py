@@ -262,6 +262,44 @@ def test_an_unregistered_buffer_is_released_and_a_busy_one_is_refused(gateway):
         client.unregister(region)
 
 
+def test_a_closed_client_cancels_its_loads_and_releases_its_buffers(gateway):
+    import os
+    import signal
+
+    offsets = [index * BLOCK_BYTES for index in range(BLOCKS)]
+    kv = bytearray(BLOCKS * BLOCK_BYTES)
+    with dualpath.Client([gateway.address]) as client:
+        region = client.register(kv)
+        assert all(state == "done" for state, _, _ in client.load("kv", region, gateway.keys, offsets).wait(timeout=30))
+        assert not client.closed
+    assert client.closed
+    kv.extend(b"x")  # released at the end of the block
+    with pytest.raises(dualpath.ClientClosedError, match="connect a new one"):
+        client.load("kv", region, gateway.keys, offsets)
+    with pytest.raises(dualpath.ClientClosedError):
+        client.register(bytearray(16))
+    client.close()  # again: nothing to do
+
+    # A load still running when the client closes is cancelled; a frozen
+    # gateway that cannot confirm is cut off, and nothing of it lands later.
+    client = dualpath.Client([gateway.address])
+    kv = bytearray(BLOCKS * BLOCK_BYTES)
+    region = client.register(kv)
+    os.kill(gateway.process.pid, signal.SIGSTOP)
+    while open(f"/proc/{gateway.process.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "T":
+        time.sleep(0.001)
+    try:
+        load = client.load("kv", region, gateway.keys, offsets)
+        client.close(timeout=0.2)
+    finally:
+        os.kill(gateway.process.pid, signal.SIGCONT)
+    states = load.wait(timeout=30)
+    assert [(state, code) for state, code, _ in states] == [("failed", "Cancelled")] * BLOCKS
+    del load
+    assert not any(kv)  # nothing of the cancelled load landed
+    kv.extend(b"x")
+
+
 def test_the_prefill_engine_example_runs(gateway):
     import pathlib
     import subprocess

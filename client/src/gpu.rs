@@ -411,6 +411,11 @@ impl Client {
         let Some(registration) = direct.as_ref().filter(|known| known.client == identity) else {
             return Ok(());
         };
+        if self.is_closed() {
+            // The gateways' connections are gone; only the registration is left.
+            *direct = None;
+            return Ok(());
+        }
         if let Ok((id, _)) = &registration.outcome {
             self.unregister_region(*id)?;
         }

@@ -21,7 +21,7 @@ mod retry;
 mod sys;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
@@ -64,6 +64,8 @@ pub enum ClientError {
     Invalid(String),
     #[error("region {region} is the target of {loads} load(s) still running: wait for them or cancel them, then unregister it")]
     RegionInUse { region: u32, loads: usize },
+    #[error("the client is closed (Client::close): connect a new one")]
+    Closed,
 }
 
 impl ClientError {
@@ -304,6 +306,8 @@ pub(crate) struct Gateway {
     reconnecting: Mutex<RedialState>,
     /// A pool poller's redial thread is running for this gateway.
     redialing: std::sync::atomic::AtomicBool,
+    /// The client was closed: the gateway is never dialled again.
+    ended: AtomicBool,
 }
 
 /// A connection to one or more gateways.
@@ -323,11 +327,18 @@ pub struct Client {
     options: ClientOptions,
     /// Redials gateways and refreshes their place in the split.
     redialer: Arc<Redialer>,
-    /// The thread that polls the gateways' pool status; stopped on drop.
-    poller: Option<(
-        Arc<std::sync::atomic::AtomicBool>,
-        std::thread::JoinHandle<()>,
-    )>,
+    /// The thread that polls the gateways' pool status; stopped on close
+    /// or drop.
+    poller: Mutex<
+        Option<(
+            Arc<std::sync::atomic::AtomicBool>,
+            std::thread::JoinHandle<()>,
+        )>,
+    >,
+    /// [`Client::close`] was called: requests are refused. Set while the
+    /// region table is locked for writing, so a load claiming its regions
+    /// sees it.
+    closed: AtomicBool,
 }
 
 impl Client {
@@ -448,7 +459,8 @@ impl Client {
             next_request: Arc::new(AtomicU64::new(1)),
             options,
             redialer,
-            poller,
+            poller: Mutex::new(poller),
+            closed: AtomicBool::new(false),
         })
     }
 
@@ -496,6 +508,7 @@ impl Client {
 
     /// Registers `region` as a load target on every gateway shard.
     pub fn register_region(&self, region: Arc<Region>) -> Result<RegionId, ClientError> {
+        self.refuse_if_closed()?;
         let RegionId(id) = self.insert_region(Arc::clone(&region));
         let region_arc = region;
         // Gateways out of the split (or gone) are skipped: a load announces the
@@ -525,6 +538,8 @@ impl Client {
     /// up to the request timeout for its paths to confirm). Stores from the
     /// region must have returned (a store that races this fails).
     pub fn unregister_region(&self, region: RegionId) -> Result<Arc<Region>, ClientError> {
+        // A closed client has let go of every region already.
+        self.refuse_if_closed()?;
         let RegionId(id) = region;
         // A load the engine has waited for may not have heard its paths'
         // last word yet (a gateway's LoadDone comes right behind its last
@@ -568,6 +583,88 @@ impl Client {
         Ok(withdrawn)
     }
 
+    /// Closes the client: requests are refused from now on
+    /// ([`ClientError::Closed`]), the loads still running are cancelled (as
+    /// [`LoadHandle::cancel`]: their handles report the unfinished blocks
+    /// `Cancelled`), every gateway connection is closed and never redialled,
+    /// the pool poller stops, and the client lets go of its regions. Waits up
+    /// to `timeout` for the gateways to confirm the cancels, then cuts off
+    /// the rest; once it returns `Ok`, nothing of this client writes into
+    /// engine memory any more. An error means the prefill node's own reads
+    /// of a load are still running (bounded by their timeouts): wait for its
+    /// handle before reusing the memory. A second call returns at once.
+    pub fn close(&self, timeout: Duration) -> Result<(), ClientError> {
+        {
+            // Under the table's write lock: a load claiming its regions
+            // either saw the client open (and is cancelled below) or is
+            // refused.
+            let _table = self.regions.write().expect("region table lock");
+            if self.closed.swap(true, Ordering::AcqRel) {
+                return Ok(());
+            }
+        }
+        let poller = self.poller.lock().expect("poller lock").take();
+        if let Some((stop, thread)) = poller {
+            stop.store(true, Ordering::Relaxed);
+            let _ = thread.join();
+        }
+        let mut running: Vec<Arc<LoadShared>> = Vec::new();
+        for load in self
+            .region_loads
+            .lock()
+            .expect("region loads lock")
+            .values()
+            .flatten()
+            .filter_map(Weak::upgrade)
+        {
+            // A load into several regions is claimed once for each.
+            if load.may_still_write() && !running.iter().any(|known| Arc::ptr_eq(known, &load)) {
+                running.push(load);
+            }
+        }
+        for load in &running {
+            load.cancel_on_paths();
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        for load in &running {
+            load.wait_for_cancel(deadline.saturating_duration_since(std::time::Instant::now()));
+        }
+        // Once every connection is closed and quiet, no gateway writes into
+        // a region any more: a part that did not confirm its cancel ends
+        // with its connection.
+        for gateway in self.gateways.iter() {
+            gateway.end();
+        }
+        let unconfirmed = running
+            .iter()
+            .filter(|load| !load.wait_for_cancel(QUIET_WITHIN))
+            .count();
+        self.region_loads.lock().expect("region loads lock").clear();
+        self.regions.write().expect("region table lock").clear();
+        if unconfirmed > 0 {
+            return Err(ClientError::Timeout {
+                what: format!(
+                    "{unconfirmed} load(s) to end as the client closed (the prefill node's own \
+                     reads may still write into their regions: wait for their handles)"
+                ),
+                after: timeout,
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether [`Client::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    fn refuse_if_closed(&self) -> Result<(), ClientError> {
+        if self.is_closed() {
+            return Err(ClientError::Closed);
+        }
+        Ok(())
+    }
+
     /// Records that `load` may write into `regions` until it is over, so
     /// that they are not unregistered under it; refuses a region that is not
     /// registered. Called before any of the load is sent.
@@ -579,6 +676,7 @@ impl Client {
         // The table's lock is held while claiming: an unregister takes it for
         // writing, so it sees this claim, or the load sees no region.
         let table = self.regions.read().expect("region table lock");
+        self.refuse_if_closed()?;
         if let Some(RegionId(missing)) = regions.iter().find(|id| !table.contains_key(&id.0)) {
             return Err(ClientError::Invalid(format!(
                 "region {missing} is not registered with this client (register_region)"
@@ -846,6 +944,7 @@ impl Client {
         blocks: &[(BlockKey, &[u8])],
         layer_stride: u64,
     ) -> Result<(), ClientError> {
+        self.refuse_if_closed()?;
         let layout = self.store_layout(namespace, blocks, layer_stride)?;
         self.redialer.redial(0, Redial::OnDemand);
         let mut confirmed = 0;
@@ -1097,6 +1196,7 @@ fn connect_gateway(
         namespaces: std::sync::OnceLock::from(namespaces),
         reconnecting: Mutex::new(RedialState::default()),
         redialing: std::sync::atomic::AtomicBool::new(false),
+        ended: AtomicBool::new(false),
     })
 }
 
@@ -1114,6 +1214,7 @@ impl Gateway {
                 failures_in_a_row: 1,
             }),
             redialing: std::sync::atomic::AtomicBool::new(false),
+            ended: AtomicBool::new(false),
         }
     }
 
@@ -1148,6 +1249,19 @@ impl Gateway {
         }
     }
 
+    /// Cuts every connection for good (the client is closing): no redial
+    /// reconnects it afterwards. Waits for a dial under way, whose
+    /// connections it then cuts too.
+    fn end(&self) {
+        self.ended.store(true, Ordering::Release);
+        drop(self.reconnecting.lock().expect("reconnect lock"));
+        self.disconnect();
+    }
+
+    fn is_ended(&self) -> bool {
+        self.ended.load(Ordering::Acquire)
+    }
+
     /// Connects again if a connection has ended (a gateway restart, or a gateway
     /// that closed this client's connection); true when every shard is
     /// connected afterwards. A request does not wait while another thread
@@ -1169,6 +1283,9 @@ impl Gateway {
                 Err(std::sync::TryLockError::Poisoned(_)) => panic!("reconnect lock poisoned"),
             },
         };
+        if self.is_ended() {
+            return false;
+        }
         if !self.is_closed() {
             return true;
         }
@@ -1209,7 +1326,8 @@ impl Gateway {
 
 impl Drop for Client {
     fn drop(&mut self) {
-        if let Some((stop, thread)) = self.poller.take() {
+        let poller = self.poller.get_mut().map(Option::take);
+        if let Ok(Some((stop, thread))) = poller {
             stop.store(true, Ordering::Relaxed);
             let _ = thread.join();
         }
@@ -1327,6 +1445,7 @@ impl Redialer {
     fn keep_redialing(&self, index: usize, stop: &std::sync::atomic::AtomicBool) {
         let gateway = &self.gateways[index];
         while !stop.load(Ordering::Relaxed)
+            && !gateway.is_ended()
             && !gateway.reconnect_if_closed(
                 &self.options,
                 &self.regions,
@@ -1397,6 +1516,9 @@ impl Redialer {
     ) -> Result<(), ClientError> {
         let deadline = std::time::Instant::now() + within;
         loop {
+            if self.gateways[gateway].is_ended() {
+                return Err(ClientError::Closed);
+            }
             if cancelled() {
                 return Err(ClientError::Gateway {
                     code: ErrorCode::Cancelled,
@@ -1435,6 +1557,9 @@ impl Redialer {
         let deadline = std::time::Instant::now() + within;
         let stopping = &self.gateways[gateway];
         while !stopping.is_closed() && !cancelled() {
+            if stopping.is_ended() {
+                return Err(ClientError::Closed);
+            }
             if std::time::Instant::now() >= deadline {
                 return Err(ClientError::Gateway {
                     code: ErrorCode::ShuttingDown,

@@ -1377,7 +1377,7 @@ mod tests {
         let pool = vec![7u8; 61 * 4096];
         let layers: Vec<&[u8]> = pool.chunks(4096).collect();
         let key = block_layout::BlockKey(42);
-        let mut send = |request_id| {
+        let send = |request_id| {
             link.send_store(request_id, "kv-cache", key, &layers)
                 .expect("sent");
             link.forget_store(request_id);

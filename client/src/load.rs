@@ -222,6 +222,18 @@ impl LoadShared {
         })
     }
 
+    /// [`LoadShared::cancel`], then asks each gateway whose part still runs
+    /// to cancel it (`CancelLoad`) without waiting for the answer.
+    pub(crate) fn cancel_on_paths(&self) {
+        for (link, request_id) in self.cancel() {
+            // A connection that has ended writes nothing more: its part ends
+            // (as cancelled) when its receive thread reports the end.
+            if let Some(link) = link.upgrade() {
+                let _ = link.cancel_load(request_id);
+            }
+        }
+    }
+
     /// The gateway requests of parts still running.
     pub(crate) fn running_requests(&self) -> Vec<(Weak<ShardLink>, u64)> {
         self.state
@@ -634,13 +646,7 @@ impl LoadHandle {
     /// running (the prefill node's own reads, bounded by their timeouts):
     /// wait with [`LoadHandle::wait`] before reusing the memory.
     pub fn cancel(&self, timeout: Duration) -> Result<LoadReport, ClientError> {
-        for (link, request_id) in self.shared.cancel() {
-            // A connection that has ended writes nothing more: its part ends
-            // (as cancelled) when its receive thread reports the end.
-            if let Some(link) = link.upgrade() {
-                let _ = link.cancel_load(request_id);
-            }
-        }
+        self.shared.cancel_on_paths();
         if !self.shared.wait_for_cancel(timeout) {
             // A gateway that does not confirm in time (hung, stopped) is cut
             // off: once its connection is quiet nothing of it can land. Its

@@ -909,6 +909,67 @@ fn a_region_a_running_load_writes_into_is_not_unregistered() {
     drop(load);
 }
 
+/// Closing a client (the engine shuts down, or drops this connection pool):
+/// its running load is cancelled (here the gateway is frozen and cannot
+/// confirm: the connections are cut), every request after it is refused as
+/// closed, the client lets go of its region, and its connections end for
+/// good: the pool poller, on in this client, does not dial them again.
+#[test]
+fn a_closed_client_cancels_its_loads_and_never_redials() {
+    let gateway = Gateway::start(8);
+    let client = gateway.client();
+    let (region, id) = registered_region(&client, 8 * BLOCK_BYTES);
+    load_all_done(&client, "full", id, &whole_blocks(8));
+    gateway.freeze();
+    let load = client
+        .load("full", id, &reversed_blocks(), 0)
+        .expect("sent");
+    client
+        .close(Duration::from_millis(200))
+        .expect("cut off, nothing of the gateway lands any more");
+    assert!(client.is_closed());
+    let report = load.wait(WAIT).expect("the load ended with the close");
+    assert!(
+        report.blocks.iter().all(BlockStatus::is_cancelled),
+        "{:?}",
+        report.blocks.iter().find(|status| !status.is_cancelled())
+    );
+    for refused in [
+        client.load("full", id, &whole_blocks(1), 0).map(drop),
+        client.store("full", synthetic::key(SEED, 0), &expected_block(0)),
+        client
+            .register_region(Arc::new(Region::allocate(BLOCK_BYTES)))
+            .map(drop),
+        client.unregister_region(id).map(drop),
+    ] {
+        assert!(matches!(refused, Err(ClientError::Closed)), "{refused:?}");
+    }
+    client.close(WAIT).expect("closing again does nothing");
+    drop(load);
+    assert_eq!(
+        Arc::strong_count(&region),
+        1,
+        "the client let go of the region"
+    );
+    gateway.thaw();
+    wait_until("the gateway sees the connections end", WAIT, || {
+        gateway.http_get("/clients").contains("\"clients\":[]")
+    });
+    // The pool poller asks every 50 ms and would have redialled by now.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        gateway.http_get("/clients").contains("\"clients\":[]"),
+        "a closed client dialled again"
+    );
+    // Nothing of the cancelled load landed; the first load's bytes stay.
+    for index in 0..8u64 {
+        assert!(
+            region.read(index as usize * BLOCK_BYTES, BLOCK_BYTES) == expected_block(index),
+            "block {index}"
+        );
+    }
+}
+
 /// `GET /clients` lists each client connection (one per shard) with what it
 /// holds and what it was sent, as of the core's last second: here a client
 /// that registered two regions and loaded 8 blocks into one.

@@ -13,12 +13,16 @@
 
 Errors are `DualpathError` subclasses: `GatewayError` (the gateway refused; `args[0]`
 is the code, e.g. "NotFound"), `DisconnectedError`, `WaitTimeout`, `RegionInUseError`
-(`unregister` of a region a running load may still write into); bad arguments raise
-`ValueError`.
+(`unregister` of a region a running load may still write into), `ClientClosedError`
+(a call after `close`); bad arguments raise `ValueError`.
+
+`with dualpath.Client([...]) as client:` closes the client at the end of the block:
+its running loads are cancelled, its connections end and its buffers are released.
 """
 
 from ._native import (
     Client,
+    ClientClosedError,
     DeviceLoad,
     DisconnectedError,
     DualpathError,
@@ -28,4 +32,4 @@ from ._native import (
     WaitTimeout,
 )
 
-__all__ = ["Client", "Load", "DeviceLoad", "DualpathError", "GatewayError", "DisconnectedError", "WaitTimeout", "RegionInUseError"]
+__all__ = ["Client", "Load", "DeviceLoad", "DualpathError", "GatewayError", "DisconnectedError", "WaitTimeout", "RegionInUseError", "ClientClosedError"]

@@ -8,6 +8,7 @@ class GatewayError(DualpathError): ...
 class DisconnectedError(DualpathError): ...
 class WaitTimeout(DualpathError): ...
 class RegionInUseError(DualpathError): ...
+class ClientClosedError(DualpathError): ...
 
 class Load:
     @property
@@ -108,6 +109,16 @@ class Client:
     def unregister(self, region: int) -> None:
         """Withdraw a registered region: the gateways forget it and its buffer or owner is
         released. Raises RegionInUseError while a load into it may still write."""
+    def close(self, timeout: Optional[float] = 5.0) -> None:
+        """Close the client: running loads are cancelled (gateways that do not confirm
+        within `timeout` are cut off), connections end for good, buffers are released;
+        later calls raise ClientClosedError. WaitTimeout: the prefill node's own reads
+        of a load still run. Closing again does nothing."""
+    @property
+    def closed(self) -> bool: ...
+    def __enter__(self) -> "Client": ...
+    def __exit__(self, *exc_info: Any) -> bool:
+        """close() at the end of a `with` block."""
     def load(
         self,
         namespace: str,
