@@ -57,6 +57,20 @@ impl IncomingBlock {
         geometry: Geometry,
         memory: LentMemory,
     ) -> Self {
+        Self::with_checksums(namespace, key, geometry, memory, Vec::new())
+    }
+
+    /// [`IncomingBlock::new`] keeping the layer checksums in `checksums` (a
+    /// vector a finished put gave back: its capacity is reused).
+    pub(crate) fn with_checksums(
+        namespace: NamespaceId,
+        key: BlockKey,
+        geometry: Geometry,
+        memory: LentMemory,
+        mut checksums: Vec<u32>,
+    ) -> Self {
+        checksums.clear();
+        checksums.resize(usize::from(geometry.layers), 0);
         if let LentMemory::Contiguous(bytes) = &memory {
             assert_eq!(
                 bytes.len() as u64,
@@ -70,7 +84,7 @@ impl IncomingBlock {
             geometry,
             received: 0,
             checksummed: 0,
-            checksums: vec![0; usize::from(geometry.layers)],
+            checksums,
             memory,
         }
     }

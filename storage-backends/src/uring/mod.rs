@@ -162,6 +162,8 @@ impl UringStore {
             next_put_id: 0,
             put_writes_in_flight: 0,
             finished_puts: Vec::new(),
+            spare_staging_lists: Vec::new(),
+            spare_checksums: Vec::new(),
             record: Vec::new(),
             namespaces,
             next_generation,
@@ -612,6 +614,10 @@ pub struct UringShard {
     next_put_id: u64,
     put_writes_in_flight: usize,
     finished_puts: Vec<PutCompletion>,
+    /// The staging lists and layer checksums of finished puts, emptied, for
+    /// the next blocks lent: a put allocates nothing once the shard is warm.
+    spare_staging_lists: Vec<Vec<StagingBuffer>>,
+    spare_checksums: Vec<Vec<u32>>,
     /// A header record being written, reused.
     record: Vec<u8>,
     namespaces: Vec<ShardNamespace>,

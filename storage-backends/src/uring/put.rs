@@ -28,6 +28,10 @@ pub(super) const PUT_WRITES_MAX: usize = 16;
 /// block's index below it); callers of `start_put` use tags below it.
 pub(super) const CALLER_PUT_TAG: u64 = 1 << 63;
 
+/// Most staging lists and checksum vectors of finished puts a shard keeps
+/// for reuse (more puts than this in flight at once allocate their own).
+const SPARE_PUT_LISTS: usize = 64;
+
 /// Takes the puts a synchronous `put` started out of `finished` (the others
 /// stay for `reap_puts`) and returns their outcome in block order: the first
 /// error, or Ok.
@@ -117,9 +121,12 @@ pub(super) struct PutInFlight {
     crcs: Vec<u32>,
     bytes: u64,
     stage: Stage,
-    /// The block's disk image in staging, chunk by chunk (offset within the
-    /// slot), not yet handed to the ring.
-    unsent: Vec<(Span, StagingBuffer)>,
+    /// The block's disk image in staging, chunk by chunk (chunk `i` at `i *
+    /// chunk_bytes` in the slot); those not yet handed to the ring, the
+    /// last first.
+    unsent: Vec<StagingBuffer>,
+    chunk_bytes: u64,
+    slot_bytes: u64,
     pub(super) writes_in_flight: usize,
     /// The first write that failed.
     pub(super) failure: Option<StoreError>,
@@ -138,12 +145,14 @@ impl UringShard {
         let geometry = self.namespace(namespace).geometry;
         let chunk_bytes = self.ring.slab().buffer_bytes() as u64;
         let count = geometry.slot_bytes().div_ceil(chunk_bytes) as usize;
-        let mut chunks = Vec::with_capacity(count);
+        let mut chunks = self.spare_staging_lists.pop().unwrap_or_default();
+        chunks.reserve(count);
         for _ in 0..count {
             chunks.push(self.acquire_buffer()?);
         }
         zero_image_padding(&geometry, chunk_bytes, &mut chunks);
-        Ok(IncomingBlock::new(
+        let checksums = self.spare_checksums.pop().unwrap_or_default();
+        Ok(IncomingBlock::with_checksums(
             namespace,
             key,
             geometry,
@@ -151,6 +160,7 @@ impl UringShard {
                 chunks,
                 chunk_bytes,
             },
+            checksums,
         ))
     }
 
@@ -189,20 +199,11 @@ impl UringShard {
         else {
             panic!("a block lent by another backend was handed to the uring store");
         };
-        let unsent: Vec<(Span, StagingBuffer)> = chunks
-            .into_iter()
-            .enumerate()
-            .map(|(index, buffer)| {
-                assert_eq!(
-                    buffer.slab_id(),
-                    self.ring.slab().id(),
-                    "lent by this shard"
-                );
-                let offset = index as u64 * chunk_bytes;
-                let len = chunk_bytes.min(slot_bytes - offset);
-                (Span { offset, len }, buffer)
-            })
-            .collect();
+        let slab_id = self.ring.slab().id();
+        assert!(
+            chunks.iter().all(|buffer| buffer.slab_id() == slab_id),
+            "lent by this shard"
+        );
         let shard_namespace = &mut self.namespaces[usize::from(namespace.0)];
         let reservation = shard_namespace.table.reserve().ok_or(StoreError::Busy {
             what: "every slot of the namespace is being read or written",
@@ -230,12 +231,31 @@ impl UringShard {
             crcs,
             bytes: payload_bytes,
             stage,
-            unsent,
+            unsent: chunks,
+            chunk_bytes,
+            slot_bytes,
             writes_in_flight: 0,
             failure: None,
         });
         self.advance_puts();
         Ok(())
+    }
+
+    /// Keeps a finished put's staging list (its buffers are back in the
+    /// slab or still in `unsent` after a failure: dropped here, they go back)
+    /// and checksum vector for the next block lent. As many are kept as puts
+    /// were ever in flight at once, at most [`SPARE_PUT_LISTS`].
+    fn keep_for_reuse(&mut self, put: PutInFlight) {
+        let PutInFlight {
+            mut unsent, crcs, ..
+        } = put;
+        unsent.clear();
+        if self.spare_staging_lists.len() < SPARE_PUT_LISTS {
+            self.spare_staging_lists.push(unsent);
+        }
+        if self.spare_checksums.len() < SPARE_PUT_LISTS {
+            self.spare_checksums.push(crcs);
+        }
     }
 
     pub(super) fn check_block_size(
@@ -266,6 +286,7 @@ impl UringShard {
                         tag: put.tag,
                         result,
                     });
+                    self.keep_for_reuse(put);
                 }
                 None => index += 1,
             }
@@ -293,8 +314,13 @@ impl UringShard {
                 Stage::Writing => {
                     while self.put_writes_in_flight < PUT_WRITES_MAX {
                         let put = &mut self.puts[index];
-                        let Some((within_slot, buffer)) = put.unsent.pop() else {
+                        let Some(buffer) = put.unsent.pop() else {
                             break;
+                        };
+                        let offset = put.unsent.len() as u64 * put.chunk_bytes;
+                        let within_slot = Span {
+                            offset,
+                            len: put.chunk_bytes.min(put.slot_bytes - offset),
                         };
                         put.writes_in_flight += 1;
                         let (id, namespace, slot) = (put.id, put.namespace, put.slot);
