@@ -32,6 +32,7 @@ pub use crate::gpu_sys::GpuError;
 use crate::gpu_sys::{
     self, DeviceMemory, DeviceTarget, DirectRegistrar, Event, PinnedHost, PinnedRegion,
 };
+use crate::load::Landing;
 use crate::{BlockLoad, Client, ClientError, LoadHandle, LoadReport, Region, RegionId};
 
 /// One CUDA device: its context, the stream copies go on, and pinned staging
@@ -267,6 +268,7 @@ impl Client {
         layer_stride: u64,
         dual: bool,
     ) -> Result<GpuLoad, ClientError> {
+        self.refuse_if_closed()?;
         let geometry = self
             .namespace(namespace)
             .ok_or_else(|| ClientError::Invalid(format!("unknown namespace {namespace:?}")))?;
@@ -370,8 +372,14 @@ impl Client {
             layer_bytes,
             stride,
         };
+        // The copier is a part of the load: the load may write into device
+        // memory until its last copy has finished, so cancelling it (or
+        // closing the client) waits for the copier as for any path.
+        let copier_part = host
+            .shared
+            .add_part_unless_cancelled(Vec::new(), Landing::Device);
         let copier = {
-            let (host, progress, device) = (
+            let (copied, progress, device) = (
                 host.clone_handle(),
                 Arc::clone(&progress),
                 Arc::clone(&device),
@@ -380,9 +388,17 @@ impl Client {
             std::thread::Builder::new()
                 .name("dualpath-gpu-copy".into())
                 .spawn(move || {
-                    copy_layers(&plan, &host, &device, &staging.pinned, &target, &progress)
+                    copy_layers(&plan, &copied, &device, &staging.pinned, &target, &progress);
+                    // The copies it queued have run before the part ends.
+                    let _ = device.stream.synchronize();
+                    if let Some(part) = copier_part {
+                        copied.shared.part_done(part);
+                    }
                 })
                 .map_err(|error| {
+                    if let Some(part) = copier_part {
+                        host.shared.part_done(part);
+                    }
                     ClientError::Invalid(format!("cannot start the GPU copy thread: {error}"))
                 })?
         };
@@ -616,7 +632,7 @@ fn copy_layers(
     for layer in plan.layers.clone() {
         // Short waits, so a dropped load (cancelled) never keeps this thread.
         loop {
-            if state.lock().expect("copy progress lock").cancelled {
+            if state.lock().expect("copy progress lock").cancelled || host.shared.is_cancelled() {
                 return fail("the load was cancelled".into());
             }
             match host.wait_layer(layer, Duration::from_millis(100)) {

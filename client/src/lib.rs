@@ -658,7 +658,7 @@ impl Client {
         self.closed.load(Ordering::Acquire)
     }
 
-    fn refuse_if_closed(&self) -> Result<(), ClientError> {
+    pub(crate) fn refuse_if_closed(&self) -> Result<(), ClientError> {
         if self.is_closed() {
             return Err(ClientError::Closed);
         }
@@ -769,6 +769,7 @@ impl Client {
         namespace: &str,
         blocks: &[BlockLoad],
     ) -> Result<(), ClientError> {
+        self.refuse_if_closed()?;
         let gateway = self
             .gateways
             .get(gateway)
@@ -978,6 +979,7 @@ impl Client {
         blocks: &[(BlockKey, u64)],
         layer_stride: u64,
     ) -> Result<(), ClientError> {
+        self.refuse_if_closed()?;
         let memory = self
             .regions
             .read()

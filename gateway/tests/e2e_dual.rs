@@ -323,3 +323,60 @@ fn a_cancelled_load_stops_the_prefill_reads_and_nothing_lands_after() {
         "the gateway carried nothing (PE only)"
     );
 }
+
+/// Closing a client in the middle of a dual load (both paths carrying it):
+/// `close` returns once neither the PE readers nor the gateway write into
+/// the region any more (checked by filling the region and looking again
+/// later), the load's blocks end `Done` or `Cancelled`, and the client
+/// refuses what comes after.
+#[test]
+fn closing_a_client_mid_dual_load_stops_both_paths_and_nothing_lands_after() {
+    let Some((server, _one)) = Seaweed::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), "a", &server.endpoint());
+    let count = 300u64;
+    import(&config, count);
+    let gateway = start(&config);
+    let mut pe_storage = settings(&server.endpoint(), ACCESS_KEY, SECRET_KEY);
+    pe_storage.prefix = "dual/".into();
+    let options = ClientOptions {
+        pe_storage: Some(pe_storage),
+        ..ClientOptions::default()
+    };
+    let client = Client::connect(&[&gateway.tcp], options).expect("connect");
+    let len = count as usize * BLOCK_BYTES;
+    let region = Arc::new(Region::allocate(len));
+    let id = client
+        .register_region(Arc::clone(&region))
+        .expect("register");
+    let load = client.load_dual("kv", id, &blocks(count), 0).expect("load");
+    load.wait_layer(0, WAIT).expect("layer 0");
+    client.close(WAIT).expect("both paths confirmed");
+    region.write(0, &vec![0xA5; len]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        region.read(0, len).iter().all(|byte| *byte == 0xA5),
+        "a path wrote after close returned"
+    );
+    let report = load.wait(WAIT).expect("ended with the close");
+    let done = report
+        .blocks
+        .iter()
+        .filter(|status| **status == BlockStatus::Done)
+        .count();
+    let cancelled = report
+        .blocks
+        .iter()
+        .filter(|status| status.is_cancelled())
+        .count();
+    eprintln!("{done} blocks done, {cancelled} cancelled");
+    assert_eq!(done + cancelled, count as usize, "{report:?}");
+    assert!(cancelled > 0, "closed after layer 0 of 8");
+    let refused = client.load_dual("kv", id, &blocks(1), 0).map(drop);
+    assert!(
+        matches!(refused, Err(client::ClientError::Closed)),
+        "{refused:?}"
+    );
+}

@@ -177,6 +177,47 @@ fn after_a_device_load_is_cancelled_device_memory_stays_as_it_is() {
     assert_eq!(finished, BLOCKS as usize, "{report:?}");
 }
 
+/// A client closed in the middle of a device load: once `close` returns,
+/// nothing more is written into device memory (no path and no host-to-device
+/// copy: the copier is a part of the load, which the close waits for), and
+/// the client refuses further loads.
+#[test]
+fn after_a_client_is_closed_mid_device_load_device_memory_stays_as_it_is() {
+    let Some(device) = gpu() else { return };
+    let (_dir, _gateway, client) = gateway_and_client(&["layer"], BLOCKS);
+    let len = BLOCKS as usize * BLOCK_BYTES;
+    let target = DeviceRegion::allocate(&device, len).expect("device memory");
+    let blocks: Vec<BlockLoad> = (0..BLOCKS)
+        .map(|index| BlockLoad {
+            key: synthetic::key(SEED, index),
+            layers: 0..LAYERS,
+            dest_offset: index * BLOCK_BYTES as u64,
+        })
+        .collect();
+    let load = client
+        .load_to_device("layer", &target, &blocks, 0, false)
+        .expect("load");
+    load.wait_layer(0, WAIT).expect("layer 0 on the device");
+    client.close(WAIT).expect("every path and the copier ended");
+    let first = target.read(0, len).expect("copy back");
+    std::thread::sleep(Duration::from_millis(300));
+    let second = target.read(0, len).expect("copy back");
+    assert!(
+        first == second,
+        "device memory changed after close returned"
+    );
+    assert!(matches!(
+        client
+            .load_to_device("layer", &target, &blocks, 0, false)
+            .map(drop),
+        Err(client::ClientError::Closed)
+    ));
+    drop(load);
+    client
+        .unregister_device_region(&target)
+        .expect("a closed client has nothing left to withdraw");
+}
+
 /// Device memory the client let go of (`unregister_device_region`) loads
 /// again, registering anew where GPUDirect applies. (On a GPU machine
 /// without an RDMA device the loads stage, and letting go has no
