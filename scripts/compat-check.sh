@@ -5,7 +5,8 @@
 # version 1) and of this checkout, then, each pairing with a fresh store of
 # synthetic blocks:
 #   - this build's client (`dualpath bench load`) against the older gateway:
-#     it says hello in version 2, is refused, and speaks version 1;
+#     it says hello in its version (3), is refused, tries the one before,
+#     and so on down to version 1, which it then speaks;
 #   - the older client against this build's gateway, which answers in the
 #     client's version 1;
 #   - this build against itself;

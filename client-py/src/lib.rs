@@ -361,6 +361,16 @@ impl Client {
     /// at `l * layer_stride` in it (the layout a load with that stride
     /// leaves): the layers are sent from where they lie. Over RDMA, `data`
     /// that lies in a registered buffer is read by the gateway (RDMA READ).
+    /// Which of `keys` (ints or hex strings) are stored in `namespace`: one
+    /// bool per key, asked of the first gateway in the split that answers
+    /// (GIL released). An engine asks before it plans a load, e.g. how many
+    /// leading blocks of a prompt's prefix need not be computed.
+    fn lookup(&self, py: Python<'_>, namespace: &str, keys: Vec<KeyArgument>) -> PyResult<Vec<bool>> {
+        let keys = keys.iter().map(KeyArgument::key).collect::<PyResult<Vec<BlockKey>>>()?;
+        let inner = Arc::clone(&self.inner);
+        py.allow_threads(move || inner.lookup(namespace, &keys)).map_err(to_python)
+    }
+
     #[pyo3(signature = (namespace, key, data, layer_stride=0))]
     fn store(&self, py: Python<'_>, namespace: &str, key: KeyArgument, data: Bound<'_, PyAny>, layer_stride: u64) -> PyResult<()> {
         self.store_many(py, namespace, vec![(key, data)], layer_stride)

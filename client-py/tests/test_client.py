@@ -262,6 +262,20 @@ def test_an_unregistered_buffer_is_released_and_a_busy_one_is_refused(gateway):
         client.unregister(region)
 
 
+def test_a_lookup_says_which_prefix_blocks_are_stored(gateway):
+    with dualpath.Client([gateway.address]) as client:
+        # A prompt's chain of block keys: the first five are stored.
+        chain = gateway.keys[:5] + [2**127 + 1, 2**127 + 2]
+        present = client.lookup("kv", chain)
+        assert present == [True] * 5 + [False] * 2
+        stored_prefix = next((index for index, found in enumerate(present) if not found), len(present))
+        assert stored_prefix == 5
+        assert client.lookup("kv", [format(gateway.keys[0], "x")]) == [True]
+        assert client.lookup("kv", []) == []
+        with pytest.raises(ValueError, match="unknown namespace"):
+            client.lookup("nope", chain)
+
+
 def test_a_closed_client_cancels_its_loads_and_releases_its_buffers(gateway):
     import os
     import signal

@@ -896,6 +896,85 @@ impl Client {
         Ok(LoadHandle { shared, request_id })
     }
 
+    /// Which of `keys` are stored in `namespace`: what an engine asks before
+    /// it plans a load (how much of a prompt's prefix is stored and need not
+    /// be computed). Asked of the first gateway in the split that answers
+    /// (each of its shards for the keys it owns, all at once); a gateway
+    /// that cannot be reached or fails for a passing reason is passed over
+    /// for the next. A refusal (a token that may not read the namespace) is
+    /// returned as it is. The answer is as of the moment each shard looked:
+    /// a block may be evicted or stored right after.
+    pub fn lookup(&self, namespace: &str, keys: &[BlockKey]) -> Result<Vec<bool>, ClientError> {
+        self.refuse_if_closed()?;
+        let mut last_error = None;
+        for index in 0..self.gateways.len() {
+            if !self.dual.gateway_healthy(index) {
+                continue;
+            }
+            self.redialer.redial(index, Redial::OnDemand);
+            match self.lookup_on(index, namespace, keys) {
+                Err(error) if error.is_retryable() => last_error = Some(error),
+                answer => return answer,
+            }
+        }
+        Err(last_error.unwrap_or_else(|| ClientError::Disconnected {
+            address: self.gateways[0].address.clone(),
+            message: "no gateway is in the split now (each left it after failing); try again once one is back".into(),
+        }))
+    }
+
+    /// [`Client::lookup`] on gateway `gateway`: every shard's keys sent in
+    /// frames of at most `LOOKUP_KEYS_MAX`, then every answer awaited.
+    fn lookup_on(
+        &self,
+        gateway: usize,
+        namespace: &str,
+        keys: &[BlockKey],
+    ) -> Result<Vec<bool>, ClientError> {
+        self.check_load(gateway, namespace, &[])?;
+        let links = self.gateways[gateway].links();
+        let shard_count = u32::try_from(links.len()).expect("shard count from the gateway");
+        let mut by_shard: Vec<Vec<usize>> = vec![Vec::new(); links.len()];
+        for (index, key) in keys.iter().enumerate() {
+            by_shard[key.shard(shard_count) as usize].push(index);
+        }
+        let mut sent = Vec::new();
+        let mut outcome = Ok(());
+        'send: for (shard, indexes) in by_shard.iter().enumerate() {
+            for chunk in indexes.chunks(protocol::LOOKUP_KEYS_MAX as usize) {
+                let request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
+                let chunk_keys = chunk.iter().map(|&index| keys[index]).collect();
+                if let Err(error) = links[shard].send_lookup(request_id, namespace, chunk_keys) {
+                    outcome = Err(error);
+                    break 'send;
+                }
+                sent.push((shard, request_id, chunk));
+            }
+        }
+        // Every answer is awaited (or its wait ends with the connection), so
+        // none is left behind in the link's table.
+        let mut present = vec![false; keys.len()];
+        for (shard, request_id, chunk) in sent {
+            match links[shard].wait_lookup(request_id, self.options.request_timeout) {
+                Ok(answer) if answer.len() == chunk.len() => {
+                    for (&index, found) in chunk.iter().zip(answer) {
+                        present[index] = found;
+                    }
+                }
+                Ok(answer) => {
+                    outcome = outcome.and(Err(ClientError::Invalid(format!(
+                        "gateway {} answered a lookup of {} keys with {}",
+                        self.gateways[gateway].address,
+                        chunk.len(),
+                        answer.len()
+                    ))));
+                }
+                Err(error) => outcome = outcome.and(Err(error)),
+            }
+        }
+        outcome.map(|()| present)
+    }
+
     /// Each path of `load_dual` ("pe", "gateway N"): whether it is in the split,
     /// bytes and blocks carried, bytes queued, estimated rate, last share. The same
     /// figures go to the `metrics` facade (`dualpath_client_path_*`), for engines

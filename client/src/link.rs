@@ -14,8 +14,8 @@ use protocol::auth;
 use protocol::PeerStatus;
 use protocol::{
     decode_data_prefix, decode_header, encode_store_head_into, ErrorCode, Frame, FrameType, Load,
-    NamespaceInfo, DATA_PREFIX_BYTES, FORGET_REGION_VERSION, HEADER_BYTES, OLDEST_PROTOCOL_VERSION,
-    PROTOCOL_VERSION,
+    NamespaceInfo, DATA_PREFIX_BYTES, FORGET_REGION_VERSION, HEADER_BYTES, LOOKUP_VERSION,
+    OLDEST_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 
 use crate::load::{LoadShared, PartId};
@@ -233,6 +233,8 @@ impl Write for Socket {
 #[derive(Debug, Default)]
 struct Waiting {
     stores: HashMap<u64, Option<(ErrorCode, String)>>,
+    /// Lookups sent, and their answers once they arrive.
+    lookups: HashMap<u64, Option<(ErrorCode, String, Vec<bool>)>>,
     loads: HashMap<u64, (Arc<LoadShared>, PartId, Vec<u32>)>,
     /// The latest `PoolStatus`, taken by whoever asked for it.
     pool: Option<Vec<PeerStatus>>,
@@ -633,6 +635,64 @@ impl ShardLink {
                 .insert(load.request_id, (shared, part, indexes));
         }
         self.send_load(load)
+    }
+
+    /// Sends a `Lookup` of `keys` (at most `LOOKUP_KEYS_MAX`), whose answer
+    /// [`ShardLink::wait_lookup`] waits for. Refused without sending on a
+    /// connection whose gateway is older than lookups.
+    pub fn send_lookup(
+        &self,
+        request_id: u64,
+        namespace: &str,
+        keys: Vec<BlockKey>,
+    ) -> Result<(), ClientError> {
+        if self.version < LOOKUP_VERSION {
+            return Err(ClientError::Invalid(format!(
+                "gateway {} speaks protocol version {}, which has no lookup (version {LOOKUP_VERSION} on): upgrade the gateway",
+                self.shared.address, self.version
+            )));
+        }
+        self.shared
+            .waiting
+            .lock()
+            .expect("link lock")
+            .lookups
+            .insert(request_id, None);
+        let sent = self.send(&Frame::Lookup {
+            request_id,
+            namespace: namespace.to_owned(),
+            keys,
+        });
+        if sent.is_err() {
+            self.forget_lookup(request_id);
+        }
+        sent
+    }
+
+    /// The answer to lookup `request_id`: per key sent, whether the gateway's
+    /// store holds it.
+    pub fn wait_lookup(
+        &self,
+        request_id: u64,
+        timeout: Duration,
+    ) -> Result<Vec<bool>, ClientError> {
+        let answer = self.wait_for(timeout, &"a lookup's answer", |waiting| {
+            waiting.lookups.get_mut(&request_id)?.take()
+        });
+        self.forget_lookup(request_id);
+        match answer? {
+            (ErrorCode::Ok, _, present) => Ok(present),
+            (code, message, _) => Err(ClientError::Gateway { code, message }),
+        }
+    }
+
+    fn forget_lookup(&self, request_id: u64) {
+        self.shared
+            .waiting
+            .lock()
+            .expect("link lock")
+            .lookups
+            .remove(&request_id);
     }
 
     /// Asks the gateway to cancel load `request_id` (see `LoadHandle::cancel`).
@@ -1298,6 +1358,17 @@ fn dispatch(frame: Frame, shared: &LinkShared) -> io::Result<()> {
         } => {
             waiting.stores.insert(request_id, Some((code, message)));
         }
+        Frame::LookupResult {
+            request_id,
+            code,
+            message,
+            present,
+        } => {
+            // An answer nobody waits for any more (timed out) is dropped.
+            if let Some(answer) = waiting.lookups.get_mut(&request_id) {
+                *answer = Some((code, message, present));
+            }
+        }
         Frame::Error {
             request_id: 0,
             code,
@@ -1451,9 +1522,17 @@ mod tests {
         let region = crate::Region::allocate(4096);
         link.register_region(3, &region).expect("announced");
         link.forget_region(3).expect("nothing to send");
+        let refused = link.send_lookup(1, "kv", vec![block_layout::BlockKey(1)]);
+        assert!(
+            matches!(&refused, Err(crate::ClientError::Invalid(message)) if message.contains("upgrade the gateway")),
+            "{refused:?}"
+        );
         drop(link);
         let (hellos, kinds) = older_gateway.join().expect("older gateway");
-        assert_eq!(hellos, [protocol::PROTOCOL_VERSION, 1]);
+        assert_eq!(
+            hellos,
+            (1..=protocol::PROTOCOL_VERSION).rev().collect::<Vec<u16>>()
+        );
         assert_eq!(kinds, [FrameType::RegisterRegion]);
 
         fn read_kind(stream: &mut std::net::TcpStream) -> Option<FrameType> {

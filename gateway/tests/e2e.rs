@@ -505,7 +505,7 @@ fn garbage_and_wrong_versions_get_an_error_frame_and_the_gateway_stays_up() {
     old.read_to_end(&mut reply).expect("closed");
     let text = String::from_utf8_lossy(&reply);
     assert!(
-        text.contains("protocol versions 1 to 2") && text.contains("upgrade"),
+        text.contains("protocol versions 1 to 3") && text.contains("upgrade"),
         "{text}"
     );
 
@@ -907,6 +907,57 @@ fn a_region_a_running_load_writes_into_is_not_unregistered() {
     // The finished load's handle is still held: it does not keep the region.
     client.unregister_region(id).expect("the load is over");
     drop(load);
+}
+
+/// An engine asks which blocks are stored before it plans a load: each
+/// shard answers for its keys, a lookup larger than one frame goes in
+/// several, and a block stored or deleted since shows at once.
+#[test]
+fn a_lookup_says_which_blocks_are_stored() {
+    let gateway = Gateway::start(8);
+    let client = gateway.client();
+    // 40,000 keys: more than one frame's worth per shard.
+    let mut keys: Vec<BlockKey> = (0..40_000u64)
+        .map(|index| synthetic::key(SEED + 1, index))
+        .collect();
+    for index in 0..8u64 {
+        keys[(index * 4999) as usize] = synthetic::key(SEED, index);
+    }
+    let present = client.lookup("full", &keys).expect("answered");
+    assert_eq!(present.len(), keys.len());
+    let found: Vec<usize> = (0..keys.len()).filter(|&index| present[index]).collect();
+    assert_eq!(
+        found,
+        (0..8).map(|index| index * 4999).collect::<Vec<usize>>()
+    );
+    // A stored block is found from then on.
+    let new_key = synthetic::key(SEED + 1, 0);
+    client
+        .store("full", new_key, &vec![3u8; BLOCK_BYTES])
+        .expect("stored");
+    assert_eq!(
+        client
+            .lookup("full", &[new_key, keys[1]])
+            .expect("answered"),
+        [true, false]
+    );
+    assert!(client
+        .lookup("full", &[])
+        .expect("nothing to ask")
+        .is_empty());
+    // Operators see the engines' hit rate.
+    assert_eq!(
+        gateway
+            .process
+            .metric_sum_labelled("dualpath_lookup_keys_total", "found=\"true\""),
+        9.0
+    );
+    assert_eq!(gateway.metric_sum("dualpath_lookup_keys_total"), 40_002.0);
+    let unknown = client.lookup("nope", &keys[..1]);
+    assert!(
+        matches!(&unknown, Err(ClientError::UnknownNamespace { known, .. }) if known.contains(&"full".to_owned())),
+        "{unknown:?}"
+    );
 }
 
 /// Closing a client (the engine shuts down, or drops this connection pool):
@@ -1356,6 +1407,23 @@ fn an_access_token_limits_a_client_to_its_namespaces() {
     assert!(
         matches!(&error, ClientError::Gateway { code: GatewayCode::Unauthorized, message } if message.contains("pe-1") && message.contains("\"layer\"")),
         "{error}"
+    );
+    let looked_up = reader.lookup("layer", &[synthetic::key(SEED, 0)]);
+    assert!(
+        matches!(
+            &looked_up,
+            Err(ClientError::Gateway {
+                code: GatewayCode::Unauthorized,
+                ..
+            })
+        ),
+        "a lookup is a read: {looked_up:?}"
+    );
+    assert_eq!(
+        reader
+            .lookup("full", &[synthetic::key(SEED, 0)])
+            .expect("a listed namespace"),
+        [true]
     );
     let store = reader.store("full", BlockKey(7), &vec![1u8; BLOCK_BYTES]);
     assert!(

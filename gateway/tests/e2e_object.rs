@@ -171,6 +171,19 @@ fn gateway_loads_blocks_from_an_object_store_in_both_layouts() {
         gateway.metric_sum("dualpath_store_seconds_count"),
         stored.len() as f64
     );
+    // A lookup asks the object store (HEAD requests on each core's workers,
+    // answered when they are back): the imported and the stored blocks are
+    // there, the others are not.
+    let mut keys: Vec<BlockKey> = (0..BLOCKS)
+        .map(|index| synthetic::key(SEED, index))
+        .collect();
+    keys.extend(stored.iter().map(|(key, _)| *key));
+    keys.extend([BlockKey(0xbad), BlockKey(0x5700 + 12)]);
+    let present = client.lookup("full", &keys).expect("answered");
+    let expected: Vec<bool> = (0..keys.len())
+        .map(|index| index < keys.len() - 2)
+        .collect();
+    assert_eq!(present, expected);
 }
 
 /// `dualpath check` on the object backend asks the store for a listing:

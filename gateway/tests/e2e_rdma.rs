@@ -377,6 +377,23 @@ fn a_withdrawn_region_is_forgotten_and_the_connection_goes_on_over_rdma() {
     assert_ne!(again, first_id, "ids are not reused");
     load_two(again);
     assert!(withdrawn.read(0, BLOCK_BYTES) == expected_block(0));
+    // Lookups on the same connections: a small answer comes as a SEND, one
+    // too large for an inline SEND on TCP.
+    let mut keys: Vec<_> = (0..20_000u64)
+        .map(|index| synthetic::key(SEED + 1, index))
+        .collect();
+    keys[0] = synthetic::key(SEED, 0);
+    assert_eq!(
+        client.lookup("full", &keys[..3]).expect("small"),
+        [true, false, false]
+    );
+    let present = client.lookup("full", &keys).expect("large");
+    assert_eq!(
+        present.iter().filter(|found| **found).count(),
+        1,
+        "only block 0"
+    );
+    assert!(present[0]);
     assert_eq!(client.transports(), ["rdma"]);
 }
 

@@ -15,12 +15,16 @@ pub mod auth;
 
 /// The version this build speaks. A gateway also accepts clients of every
 /// version from [`OLDEST_PROTOCOL_VERSION`] on and speaks theirs.
-/// 2 added `ForgetRegion`.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// 2 added `ForgetRegion`; 3 added `Lookup`.
+pub const PROTOCOL_VERSION: u16 = 3;
 /// The oldest version a gateway of this build still serves.
 pub const OLDEST_PROTOCOL_VERSION: u16 = 1;
 /// The first version in which a gateway takes `ForgetRegion`.
 pub const FORGET_REGION_VERSION: u16 = 2;
+/// The first version in which a gateway takes `Lookup`.
+pub const LOOKUP_VERSION: u16 = 3;
+/// Most keys in one `Lookup`.
+pub const LOOKUP_KEYS_MAX: u32 = 16_384;
 pub const FRAME_MAGIC: u16 = 0xD1A7;
 /// Bytes of every frame's header: magic u16, type u8, flags u8, body length u32.
 pub const HEADER_BYTES: usize = 8;
@@ -71,6 +75,8 @@ pub enum FrameType {
     CancelLoad = 20,
     StoreFromRegion = 21,
     ForgetRegion = 22,
+    Lookup = 23,
+    LookupResult = 24,
 }
 
 impl FrameType {
@@ -99,6 +105,8 @@ impl FrameType {
             CancelLoad,
             StoreFromRegion,
             ForgetRegion,
+            Lookup,
+            LookupResult,
         ]
         .into_iter()
         .find(|kind| *kind as u8 == code)
@@ -355,6 +363,25 @@ pub enum Frame {
     ForgetRegion {
         region_id: u32,
     },
+    /// Which of `keys` the gateway's store holds in `namespace` (protocol
+    /// version 3 on): an engine asks before it plans a load (how much of a
+    /// prompt's prefix is stored, and so need not be computed). Answered by
+    /// `LookupResult`. Each shard answers for the keys it owns.
+    Lookup {
+        request_id: u64,
+        namespace: String,
+        keys: Vec<BlockKey>,
+    },
+    /// The answer to `Lookup` `request_id`: `present[i]` says whether key
+    /// `i` is stored (a bitmap on the wire, lowest bit first); with a code
+    /// other than `Ok` the lookup was refused (`message` says why) and
+    /// `present` is empty.
+    LookupResult {
+        request_id: u64,
+        code: ErrorCode,
+        message: String,
+        present: Vec<bool>,
+    },
     /// Store one whole block that lies in a region the client announced with
     /// `RegisterRemoteRegion`: the gateway reads it with RDMA READ (layer `l`
     /// at `offset + l * layer_stride`; `layer_stride` 0: the layer size) and
@@ -553,6 +580,8 @@ impl Frame {
             Frame::RegisterRemoteRegion { .. } => FrameType::RegisterRemoteRegion,
             Frame::CancelLoad { .. } => FrameType::CancelLoad,
             Frame::ForgetRegion { .. } => FrameType::ForgetRegion,
+            Frame::Lookup { .. } => FrameType::Lookup,
+            Frame::LookupResult { .. } => FrameType::LookupResult,
             Frame::StoreFromRegion(_) => FrameType::StoreFromRegion,
         }
     }
@@ -688,6 +717,32 @@ impl Frame {
             Frame::ForgetRegion { region_id } => {
                 out.u32(*region_id);
             }
+            Frame::Lookup {
+                request_id,
+                namespace,
+                keys,
+            } => {
+                out.u64(*request_id).string(namespace);
+                out.u32(u32::try_from(keys.len()).expect("callers bound keys per lookup"));
+                for key in keys {
+                    out.u128(key.0);
+                }
+            }
+            Frame::LookupResult {
+                request_id,
+                code,
+                message,
+                present,
+            } => {
+                out.u64(*request_id).u16(*code as u16).string(message);
+                out.u32(u32::try_from(present.len()).expect("as many as the lookup's keys"));
+                for byte in present.chunks(8) {
+                    out.u8(byte
+                        .iter()
+                        .enumerate()
+                        .fold(0, |bits, (bit, &set)| bits | (u8::from(set) << bit)));
+                }
+            }
             Frame::PoolStatus { peers } => {
                 out.u32(u32::try_from(peers.len().min(PEERS_MAX)).expect("bounded"));
                 for peer in peers.iter().take(PEERS_MAX) {
@@ -779,6 +834,8 @@ impl Frame {
             FrameType::ForgetRegion => Frame::ForgetRegion {
                 region_id: reader.u32()?,
             },
+            FrameType::Lookup => decode_lookup(&mut reader)?,
+            FrameType::LookupResult => decode_lookup_result(&mut reader)?,
             FrameType::PoolStatus => decode_pool_status(&mut reader)?,
             FrameType::Data | FrameType::Store => {
                 return Err(ProtocolError::Invalid {
@@ -867,6 +924,59 @@ fn decode_pool_status(reader: &mut Reader<'_>) -> Result<Frame, ProtocolError> {
         });
     }
     Ok(Frame::PoolStatus { peers })
+}
+
+/// Checks a key count against [`LOOKUP_KEYS_MAX`] and against the bytes
+/// present (`bytes_each` per key) before anything is allocated.
+fn lookup_count(reader: &mut Reader<'_>, bytes_each: usize) -> Result<usize, ProtocolError> {
+    let count = reader.u32()?;
+    if count > LOOKUP_KEYS_MAX {
+        return Err(reader.invalid("keys", format!("{count}, the most is {LOOKUP_KEYS_MAX}")));
+    }
+    let count = count as usize;
+    let needed = (count * bytes_each).div_ceil(8);
+    if reader.bytes.len() - reader.at < needed {
+        return Err(ProtocolError::Truncated {
+            kind: reader.kind,
+            needed: reader.at + needed,
+            have: reader.bytes.len(),
+        });
+    }
+    Ok(count)
+}
+
+fn decode_lookup(reader: &mut Reader<'_>) -> Result<Frame, ProtocolError> {
+    let request_id = reader.u64()?;
+    let namespace = reader.string("namespace")?;
+    // 128 bits a key.
+    let count = lookup_count(reader, 128)?;
+    let mut keys = Vec::with_capacity(count);
+    for _ in 0..count {
+        keys.push(BlockKey(reader.u128()?));
+    }
+    Ok(Frame::Lookup {
+        request_id,
+        namespace,
+        keys,
+    })
+}
+
+fn decode_lookup_result(reader: &mut Reader<'_>) -> Result<Frame, ProtocolError> {
+    let request_id = reader.u64()?;
+    let code = ErrorCode::from_code(reader.u16()?);
+    let message = reader.string("message")?;
+    // One bit a key.
+    let count = lookup_count(reader, 1)?;
+    let bits = reader.take(count.div_ceil(8))?;
+    let present = (0..count)
+        .map(|index| bits[index / 8] & (1 << (index % 8)) != 0)
+        .collect();
+    Ok(Frame::LookupResult {
+        request_id,
+        code,
+        message,
+        present,
+    })
 }
 
 fn decode_load(reader: &mut Reader<'_>) -> Result<Load, ProtocolError> {
@@ -1204,6 +1314,17 @@ mod tests {
             Frame::StatusRequest,
             Frame::CancelLoad { request_id: 77 },
             Frame::ForgetRegion { region_id: 9 },
+            Frame::Lookup {
+                request_id: 79,
+                namespace: "kv".into(),
+                keys: vec![BlockKey(1), BlockKey(u128::MAX)],
+            },
+            Frame::LookupResult {
+                request_id: 79,
+                code: ErrorCode::Unauthorized,
+                message: "no".into(),
+                present: Vec::new(),
+            },
             Frame::PoolStatus {
                 peers: vec![PeerStatus {
                     address: "10.0.0.1:7400".into(),
@@ -1273,6 +1394,28 @@ mod tests {
     }
 
     #[test]
+    fn lookups_with_a_huge_key_count_are_refused_before_allocating() {
+        let mut body = Writer::default();
+        body.u64(1).string("m").u32(LOOKUP_KEYS_MAX);
+        assert!(matches!(
+            Frame::decode(FrameType::Lookup, &body.bytes),
+            Err(ProtocolError::Truncated { .. })
+        ));
+        let mut body = Writer::default();
+        body.u64(1).string("m").u32(LOOKUP_KEYS_MAX + 1);
+        assert!(matches!(
+            Frame::decode(FrameType::Lookup, &body.bytes),
+            Err(ProtocolError::Invalid { field: "keys", .. })
+        ));
+        let mut body = Writer::default();
+        body.u64(1).u16(0).string("").u32(17).u8(0xFF).u8(0xFF);
+        assert!(matches!(
+            Frame::decode(FrameType::LookupResult, &body.bytes),
+            Err(ProtocolError::Truncated { .. })
+        ));
+    }
+
+    #[test]
     fn range_inside_handles_overflow() {
         assert!(range_inside(0, 10, 10));
         assert!(!range_inside(1, 10, 10));
@@ -1331,6 +1474,12 @@ mod tests {
                 }).collect(),
             };
             prop_assert_eq!(round_trip(&Frame::Load(load.clone())), Frame::Load(load));
+        }
+
+        #[test]
+        fn lookup_results_round_trip_bit_for_bit(present in prop::collection::vec(any::<bool>(), 0..300)) {
+            let frame = Frame::LookupResult { request_id: 5, code: ErrorCode::Ok, message: String::new(), present };
+            prop_assert_eq!(round_trip(&frame), frame);
         }
 
         #[test]

@@ -131,6 +131,17 @@ impl BlockStore for AnyShard {
     fn puts_in_flight(&self) -> usize {
         dispatch!(self, shard => shard.puts_in_flight())
     }
+    fn start_lookup(
+        &mut self,
+        namespace: NamespaceId,
+        keys: &[BlockKey],
+        tag: u64,
+    ) -> Option<Result<Vec<bool>, StoreError>> {
+        dispatch!(self, shard => shard.start_lookup(namespace, keys, tag))
+    }
+    fn reap_lookups(&mut self, out: &mut Vec<crate::LookupCompletion>) {
+        dispatch!(self, shard => shard.reap_lookups(out))
+    }
     fn delete(&mut self, namespace: NamespaceId, key: BlockKey) -> Result<bool, StoreError> {
         dispatch!(self, shard => shard.delete(namespace, key))
     }

@@ -97,6 +97,14 @@ pub struct PutCompletion {
     pub result: Result<(), StoreError>,
 }
 
+/// A finished [`BlockStore::start_lookup`]: per key asked, whether it is
+/// stored.
+#[derive(Debug)]
+pub struct LookupCompletion {
+    pub tag: u64,
+    pub result: Result<Vec<bool>, StoreError>,
+}
+
 /// What [`BlockStore::start_put`] did with a block.
 #[derive(Debug)]
 pub enum PutStarted {
@@ -235,6 +243,28 @@ pub trait BlockStore {
     /// Puts started and not yet moved out by `reap_puts`.
     fn puts_in_flight(&self) -> usize {
         0
+    }
+    /// Which of `keys` are stored in `namespace`. Backends whose index is in
+    /// memory (`uring`) answer at once (`Some`); the others (`object`: a
+    /// HEAD request a key, on the shard's workers) answer through
+    /// [`BlockStore::reap_lookups`] with `tag`, their requests made by
+    /// [`BlockStore::reap`] like reads, without waiting on the caller's
+    /// thread.
+    fn start_lookup(
+        &mut self,
+        namespace: NamespaceId,
+        keys: &[BlockKey],
+        tag: u64,
+    ) -> Option<Result<Vec<bool>, StoreError>> {
+        let _ = tag;
+        Some(Ok(keys
+            .iter()
+            .map(|key| self.contains(namespace, *key))
+            .collect()))
+    }
+    /// Moves the lookups that finished into `out`.
+    fn reap_lookups(&mut self, out: &mut Vec<LookupCompletion>) {
+        let _ = out;
     }
     /// Removes a block; false if it was not there.
     fn delete(&mut self, namespace: NamespaceId, key: BlockKey) -> Result<bool, StoreError>;

@@ -157,6 +157,41 @@ fn object_store_round_trips_partial_ranges_missing_objects_and_bad_credentials()
         "{denied}"
     );
     assert!(!denied.is_retryable());
+
+    // Lookups: a HEAD a key on the workers, answered through reap_lookups.
+    let keys: Vec<BlockKey> = [1, 2, 3, 4, 1000].map(BlockKey).to_vec();
+    assert_eq!(
+        lookup(&mut shard, full, &keys, 7).expect("answered"),
+        [true, true, false, false, false],
+        "3 was deleted, 4 and 1000 never stored"
+    );
+    assert!(lookup(&mut shard, full, &[], 8)
+        .expect("nothing to ask")
+        .is_empty());
+    // A store that cannot say is an error, not "absent".
+    let refused = lookup(&mut intruder_shard, full, &keys, 9).expect_err("denied");
+    assert!(refused.to_string().contains("access denied"), "{refused}");
+}
+
+/// Starts a lookup and reaps until it has finished.
+fn lookup(
+    shard: &mut ObjectShard,
+    namespace: NamespaceId,
+    keys: &[BlockKey],
+    tag: u64,
+) -> Result<Vec<bool>, StoreError> {
+    if let Some(answer) = shard.start_lookup(namespace, keys, tag) {
+        return answer;
+    }
+    let mut finished = Vec::new();
+    loop {
+        shard.reap(&mut Vec::new(), true).expect("reap");
+        shard.reap_lookups(&mut finished);
+        if let Some(done) = finished.pop() {
+            assert_eq!(done.tag, tag);
+            return done.result;
+        }
+    }
 }
 
 #[test]

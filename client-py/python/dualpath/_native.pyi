@@ -109,6 +109,9 @@ class Client:
     def unregister(self, region: int) -> None:
         """Withdraw a registered region: the gateways forget it and its buffer or owner is
         released. Raises RegionInUseError while a load into it may still write."""
+    def lookup(self, namespace: str, keys: Sequence[Key]) -> list[bool]:
+        """Which of `keys` are stored in `namespace` (one bool per key), asked of the
+        first gateway in the split that answers; GIL released."""
     def close(self, timeout: Optional[float] = 5.0) -> None:
         """Close the client: running loads are cancelled (gateways that do not confirm
         within `timeout` are cut off), connections end for good, buffers are released;

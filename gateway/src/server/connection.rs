@@ -729,6 +729,7 @@ impl Connection {
                 | FrameType::Store
                 | FrameType::StoreFromRegion
                 | FrameType::StatusRequest
+                | FrameType::Lookup
         )
     }
 }

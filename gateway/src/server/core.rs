@@ -128,11 +128,24 @@ impl Stores {
     }
 }
 
+/// Who asked for a lookup the store answers later (an object store's HEAD
+/// requests), by the lookup's tag.
+#[derive(Debug, Clone, Copy)]
+struct LookupWaiter {
+    connection: usize,
+    generation: u16,
+    request_id: u64,
+}
+
 struct Core<S: BlockStore> {
     shard: S,
     /// Puts in flight, and those the shard reported finished (reused).
     stores: Stores,
     finished_stores: Vec<storage_backends::PutCompletion>,
+    /// Lookups the store answers later, and the tag of the next one.
+    lookups: std::collections::HashMap<u64, LookupWaiter>,
+    next_lookup: u64,
+    finished_lookups: Vec<storage_backends::LookupCompletion>,
     setup: CoreSetup,
     connections: Vec<Option<Connection>>,
     next_generation: u16,
@@ -253,6 +266,9 @@ pub fn run<S: BlockStore>(
         shard,
         stores: Stores::default(),
         finished_stores: Vec::new(),
+        lookups: std::collections::HashMap::new(),
+        next_lookup: 0,
+        finished_lookups: Vec::new(),
         setup,
         connections: Vec::new(),
         next_generation: 0,
@@ -314,6 +330,7 @@ impl<S: BlockStore> Core<S> {
     fn turn(&mut self) -> anyhow::Result<()> {
         self.reap()?;
         self.reap_stores();
+        self.answer_lookups();
         self.resume_waiting_stores();
         self.schedule();
         // Reads queued by `schedule` start now, not when the loop next wakes.
@@ -634,6 +651,11 @@ impl<S: BlockStore> Core<S> {
             Frame::StatusRequest => connection.send_control(&Frame::PoolStatus {
                 peers: self.setup.pool.status(),
             }),
+            Frame::Lookup {
+                request_id,
+                namespace,
+                keys,
+            } => self.on_lookup(index, request_id, &namespace, &keys),
             _ => unreachable!("client frames are listed in Connection::is_client_frame"),
         }
     }
@@ -676,6 +698,124 @@ impl<S: BlockStore> Core<S> {
                 code: ErrorCode::BadRequest,
                 message: format!("cannot set up RDMA: {error}"),
             }),
+        }
+    }
+
+    /// Which of `keys` this shard's store holds: answered at once from an
+    /// index in memory, or when the store's requests finish
+    /// (`answer_lookups`). Refused like a load of the namespace would be.
+    fn on_lookup(
+        &mut self,
+        index: usize,
+        request_id: u64,
+        namespace_name: &str,
+        keys: &[block_layout::BlockKey],
+    ) {
+        let namespace = self.shard.namespace_id(namespace_name);
+        let Some(connection) = self.connections[index].as_mut() else {
+            return;
+        };
+        let refusal = if let Err(expired) = connection.access.check_expiry(unix_now()) {
+            Some((
+                ErrorCode::Unauthorized,
+                format!("{expired}; connect again with it"),
+            ))
+        } else if !connection.access.may_read(namespace_name) {
+            Some((
+                ErrorCode::Unauthorized,
+                unauthorized(Some(&connection.access), "read", namespace_name),
+            ))
+        } else if namespace.is_none() {
+            Some((
+                ErrorCode::UnknownNamespace,
+                format!("unknown namespace {namespace_name:?}"),
+            ))
+        } else {
+            None
+        };
+        if let Some((code, message)) = refusal {
+            self.setup.counters.error("bad_request");
+            return connection.send_control(&Frame::LookupResult {
+                request_id,
+                code,
+                message,
+                present: Vec::new(),
+            });
+        }
+        let generation = connection.generation;
+        let tag = self.next_lookup;
+        self.next_lookup += 1;
+        let namespace = namespace.expect("checked above");
+        match self.shard.start_lookup(namespace, keys, tag) {
+            Some(result) => self.answer_lookup(index, request_id, result),
+            None => {
+                self.lookups.insert(
+                    tag,
+                    LookupWaiter {
+                        connection: index,
+                        generation,
+                        request_id,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Answers the lookups the store has finished, on the connections that
+    /// asked, if they are still there.
+    fn answer_lookups(&mut self) {
+        let mut finished = std::mem::take(&mut self.finished_lookups);
+        self.shard.reap_lookups(&mut finished);
+        for lookup in finished.drain(..) {
+            let Some(waiter) = self.lookups.remove(&lookup.tag) else {
+                continue;
+            };
+            let asked = self.connections[waiter.connection]
+                .as_ref()
+                .is_some_and(|connection| connection.generation == waiter.generation);
+            if asked {
+                self.answer_lookup(waiter.connection, waiter.request_id, lookup.result);
+            }
+        }
+        self.finished_lookups = finished;
+    }
+
+    fn answer_lookup(
+        &mut self,
+        index: usize,
+        request_id: u64,
+        result: Result<Vec<bool>, storage_backends::StoreError>,
+    ) {
+        let frame = match result {
+            Ok(present) => {
+                let counters = &self.setup.counters;
+                CoreCounters::add(&counters.keys_looked_up, present.len() as u64);
+                let found = present.iter().filter(|found| **found).count();
+                CoreCounters::add(&counters.keys_found, found as u64);
+                Frame::LookupResult {
+                    request_id,
+                    code: ErrorCode::Ok,
+                    message: String::new(),
+                    present,
+                }
+            }
+            Err(error) => {
+                log_fault(
+                    &mut self.fault_log,
+                    self.setup.counters.shard,
+                    "a lookup",
+                    &error,
+                );
+                Frame::LookupResult {
+                    request_id,
+                    code: store_error_code(&error),
+                    message: error.to_string(),
+                    present: Vec::new(),
+                }
+            }
+        };
+        if let Some(connection) = self.connections[index].as_mut() {
+            connection.send_control(&frame);
         }
     }
 

@@ -57,6 +57,9 @@ pub struct CoreCounters {
     /// Loads the client cancelled (they still complete, counted above too).
     pub loads_cancelled: AtomicU64,
     pub blocks_stored: AtomicU64,
+    /// Keys clients looked up (`Lookup`), and of them those found stored.
+    pub keys_looked_up: AtomicU64,
+    pub keys_found: AtomicU64,
     /// Stores' payload bytes read from the socket straight into the staging
     /// their put writes from.
     pub store_bytes_in_place: AtomicU64,
@@ -116,6 +119,8 @@ impl CoreCounters {
             loads_completed: AtomicU64::new(0),
             loads_cancelled: AtomicU64::new(0),
             blocks_stored: AtomicU64::new(0),
+            keys_looked_up: AtomicU64::new(0),
+            keys_found: AtomicU64::new(0),
             store_bytes_in_place: AtomicU64::new(0),
             store_bytes_copied: AtomicU64::new(0),
             store_bytes_rdma_read: AtomicU64::new(0),
@@ -235,6 +240,10 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         "Load requests the client cancelled"
     );
     describe_counter!("dualpath_blocks_stored_total", "Blocks stored by clients");
+    describe_counter!(
+        "dualpath_lookup_keys_total",
+        "Keys clients asked about with Lookup, by whether they were found stored (found=\"true\") or not; the ratio is the engines' prefix hit rate on this gateway"
+    );
     describe_counter!(
         "dualpath_store_payload_bytes_total",
         "Stores' payload bytes by how they reached staging: in_place (read from the socket straight into it), copied (arrived with the frame's head) or rdma_read (read from the client's registered memory by RDMA READ straight into it)"
@@ -401,6 +410,11 @@ pub fn publish(cores: &[Arc<CoreCounters>], acceptor: &AcceptorCounters) {
             .absolute(load(&core.loads_cancelled));
         counter!("dualpath_blocks_stored_total", "shard" => shard.clone())
             .absolute(load(&core.blocks_stored));
+        let (looked_up, found) = (load(&core.keys_looked_up), load(&core.keys_found));
+        counter!("dualpath_lookup_keys_total", "shard" => shard.clone(), "found" => "true")
+            .absolute(found);
+        counter!("dualpath_lookup_keys_total", "shard" => shard.clone(), "found" => "false")
+            .absolute(looked_up.saturating_sub(found));
         for (path, value) in [
             ("in_place", &core.store_bytes_in_place),
             ("copied", &core.store_bytes_copied),

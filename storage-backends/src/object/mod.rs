@@ -18,6 +18,7 @@
 mod http;
 mod sys;
 
+use std::collections::HashMap;
 use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -30,8 +31,8 @@ use staging::{StagingBuffer, StagingSlab};
 
 use crate::incoming::LentMemory;
 use crate::{
-    BlockStore, IncomingBlock, NamespaceId, NamespaceSpec, NamespaceStats, PutCompletion,
-    PutStarted, ReadCompletion, ReadRequest, Rejected, ShardStats, StoreError,
+    BlockStore, IncomingBlock, LookupCompletion, NamespaceId, NamespaceSpec, NamespaceStats,
+    PutCompletion, PutStarted, ReadCompletion, ReadRequest, Rejected, ShardStats, StoreError,
 };
 pub use http::{GetOutcome, ObjectClient, ObjectError};
 use sys::LentBuffer;
@@ -121,6 +122,8 @@ impl ObjectStore {
             in_flight: 0,
             puts_in_flight: 0,
             finished_puts: Vec::new(),
+            lookups: HashMap::new(),
+            finished_lookups: Vec::new(),
             spare_bodies: Vec::new(),
             slab,
             store: Arc::clone(self),
@@ -154,6 +157,12 @@ enum Job {
         geometry: Geometry,
         body: Vec<u8>,
     },
+    /// A HEAD: whether key `index` of lookup `lookup` is stored.
+    Exists {
+        lookup: u64,
+        index: usize,
+        object: String,
+    },
 }
 
 enum JobResult {
@@ -166,6 +175,12 @@ enum JobResult {
         object: String,
         body: Vec<u8>,
         outcome: Result<(), ObjectError>,
+    },
+    Exists {
+        lookup: u64,
+        index: usize,
+        object: String,
+        outcome: Result<bool, ObjectError>,
     },
 }
 
@@ -201,12 +216,30 @@ fn worker(
                 object,
                 body,
             },
+            Job::Exists {
+                lookup,
+                index,
+                object,
+            } => JobResult::Exists {
+                lookup,
+                index,
+                outcome: store.client.exists(&object),
+                object,
+            },
         };
         if results.send(result).is_err() {
             return;
         }
         sys::signal(eventfd.load(Ordering::Acquire));
     }
+}
+
+/// A lookup whose keys' HEAD requests are on the workers.
+#[derive(Debug)]
+struct PendingLookup {
+    present: Vec<bool>,
+    remaining: usize,
+    failure: Option<StoreError>,
 }
 
 #[derive(Debug)]
@@ -236,6 +269,9 @@ pub struct ObjectShard {
     in_flight: usize,
     puts_in_flight: usize,
     finished_puts: Vec<PutCompletion>,
+    /// Lookups whose HEAD requests are on the workers, by tag.
+    lookups: HashMap<u64, PendingLookup>,
+    finished_lookups: Vec<LookupCompletion>,
     /// Bodies of finished puts, reused by the next ones (a block each).
     spare_bodies: Vec<Vec<u8>>,
     slab: Rc<StagingSlab>,
@@ -276,6 +312,12 @@ impl ObjectShard {
                 body,
                 outcome,
             } => return self.complete_put(tag, &object, body, outcome),
+            JobResult::Exists {
+                lookup,
+                index,
+                object,
+                outcome,
+            } => return self.complete_exists(lookup, index, &object, outcome),
         };
         let pending = self.pending[slot]
             .take()
@@ -329,6 +371,39 @@ impl ObjectShard {
             tag,
             result: outcome.map_err(|error| error.into_store_error(object)),
         });
+    }
+
+    /// One key of a lookup answered; the lookup finishes with its last key
+    /// (failed if the store could not say for one of them).
+    fn complete_exists(
+        &mut self,
+        lookup: u64,
+        index: usize,
+        object: &str,
+        outcome: Result<bool, ObjectError>,
+    ) {
+        let Some(pending) = self.lookups.get_mut(&lookup) else {
+            return;
+        };
+        match outcome {
+            Ok(present) => pending.present[index] = present,
+            Err(error) => {
+                pending
+                    .failure
+                    .get_or_insert_with(|| error.into_store_error(object));
+            }
+        }
+        pending.remaining -= 1;
+        if pending.remaining == 0 {
+            let pending = self.lookups.remove(&lookup).expect("looked up above");
+            self.finished_lookups.push(LookupCompletion {
+                tag: lookup,
+                result: match pending.failure {
+                    None => Ok(pending.present),
+                    Some(error) => Err(error),
+                },
+            });
+        }
     }
 
     fn check_block_size(
@@ -401,7 +476,9 @@ impl BlockStore for ObjectShard {
     }
 
     fn has_ready_completions(&self) -> bool {
-        !self.finished.is_empty() || !self.finished_puts.is_empty()
+        !self.finished.is_empty()
+            || !self.finished_puts.is_empty()
+            || !self.finished_lookups.is_empty()
     }
 
     fn namespace_id(&self, name: &str) -> Option<NamespaceId> {
@@ -497,7 +574,8 @@ impl BlockStore for ObjectShard {
         if wait
             && self.finished.is_empty()
             && self.finished_puts.is_empty()
-            && self.in_flight + self.puts_in_flight > 0
+            && self.finished_lookups.is_empty()
+            && self.in_flight + self.puts_in_flight + self.lookups.len() > 0
         {
             let result = self
                 .results
@@ -511,6 +589,45 @@ impl BlockStore for ObjectShard {
 
     fn reads_in_flight(&self) -> usize {
         self.in_flight
+    }
+
+    /// A HEAD request a key, spread over the shard's workers.
+    fn start_lookup(
+        &mut self,
+        namespace: NamespaceId,
+        keys: &[BlockKey],
+        tag: u64,
+    ) -> Option<Result<Vec<bool>, StoreError>> {
+        if keys.is_empty() {
+            return Some(Ok(Vec::new()));
+        }
+        let store = Arc::clone(&self.store);
+        let name = &store.namespaces[usize::from(namespace.0)].name;
+        let jobs = self
+            .jobs
+            .as_ref()
+            .expect("the queue lives as long as the shard");
+        for (index, key) in keys.iter().enumerate() {
+            let job = Job::Exists {
+                lookup: tag,
+                index,
+                object: store.object_name(name, *key),
+            };
+            jobs.send(job).expect("workers live as long as the shard");
+        }
+        self.lookups.insert(
+            tag,
+            PendingLookup {
+                present: vec![false; keys.len()],
+                remaining: keys.len(),
+                failure: None,
+            },
+        );
+        None
+    }
+
+    fn reap_lookups(&mut self, out: &mut Vec<LookupCompletion>) {
+        out.append(&mut self.finished_lookups);
     }
 
     fn queue_capacity(&self) -> usize {
