@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Plays a prefill engine's part against a running dualpath gateway.
 
-It registers a NumPy buffer as the KV cache, loads a request's cached blocks layer by
-layer, "computes" each layer as soon as it has arrived (a checksum standing in for
+It registers a NumPy buffer as the KV cache, asks which of the prompt's blocks are
+stored, loads that prefix layer by layer, "computes" each layer as soon as it has arrived (a checksum standing in for
 attention), writes the request's new blocks back, and prints timings.
 
     dualpath import -n default --synthetic 200      # with the gateway stopped
@@ -43,8 +43,12 @@ def main():
     parser.add_argument("--new-blocks", type=int, default=2, help="blocks the turn's new tokens filled")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
+    # Closed at the end of the block: nothing of it writes into `kv` after.
+    with dualpath.Client([args.gateway]) as client:
+        return run(client, args)
 
-    client = dualpath.Client([args.gateway])
+
+def run(client, args):
     info = client.namespace(args.namespace)
     if info is None:
         raise SystemExit(f"the gateway does not serve namespace {args.namespace!r}")
@@ -56,8 +60,18 @@ def main():
     flat = memoryview(kv.reshape(-1)).cast("B")
     layer_stride = slots * layer_bytes
     region = client.register(flat)
+    # The prompt's chain of blocks: those of earlier turns, then the new ones.
     keys = [synthetic_key(args.seed, index) for index in range(args.blocks)]
-    offsets = [slot * layer_bytes for slot in range(args.blocks)]
+    new_keys = [synthetic_key(args.seed + 1_000_000, index) for index in range(args.new_blocks)]
+    present = client.lookup(args.namespace, keys + new_keys)
+    stored = next((index for index, found in enumerate(present) if not found), len(present))
+    print(f"{stored} of the prompt's {len(present)} blocks are stored: loading "
+          f"{min(stored, args.blocks)}, computing the rest")
+    keys = keys[:stored]
+    if not keys:
+        print("nothing of the prompt is stored (import blocks first: see the top of this file)")
+        return 1
+    offsets = [slot * layer_bytes for slot in range(len(keys))]
 
     started = time.perf_counter()
     load = client.load(args.namespace, region, keys, offsets, layer_stride=layer_stride)
@@ -65,13 +79,13 @@ def main():
     for layer in range(layers):
         load.wait_layer(layer, timeout=60)
         arrived = time.perf_counter() - started
-        checksum = zlib.crc32(kv[layer, :args.blocks], checksum)  # "compute" this layer
+        checksum = zlib.crc32(kv[layer, :len(keys)], checksum)  # "compute" this layer
         print(f"layer {layer:3d} ready at {arrived * 1000:8.2f} ms, computed at {(time.perf_counter() - started) * 1000:8.2f} ms")
     states = load.wait(timeout=60)
     failed = [(index, code, message) for index, (state, code, message) in enumerate(states) if state != "done"]
     elapsed = time.perf_counter() - started
-    moved = args.blocks * block_bytes - len(failed) * block_bytes
-    print(f"loaded {args.blocks - len(failed)}/{args.blocks} blocks, {moved / 1e6:.1f} MB in {elapsed * 1000:.1f} ms "
+    moved = (len(keys) - len(failed)) * block_bytes
+    print(f"loaded {len(keys) - len(failed)}/{len(keys)} blocks, {moved / 1e6:.1f} MB in {elapsed * 1000:.1f} ms "
           f"({moved / elapsed / 1e9:.2f} GB/s), checksum {checksum:08x}")
     for index, code, message in failed:
         print(f"block {index} failed: {code}: {message}")
@@ -84,8 +98,8 @@ def main():
         0, 256, (layers, args.new_blocks, layer_bytes), dtype=np.uint8)
     store_started = time.perf_counter()
     client.store_many(args.namespace, [
-        (synthetic_key(args.seed + 1_000_000, index), flat[(args.blocks + index) * layer_bytes:])
-        for index in range(args.new_blocks)
+        (key, flat[(args.blocks + index) * layer_bytes:])
+        for index, key in enumerate(new_keys)
     ], layer_stride=layer_stride)
     print(f"stored the request's {args.new_blocks} new blocks in {(time.perf_counter() - store_started) * 1000:.1f} ms")
     return 1 if failed else 0

@@ -329,6 +329,7 @@ def test_the_prefill_engine_example_runs(gateway):
         timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{BLOCKS} of the prompt's {BLOCKS + 2} blocks are stored" in result.stdout
     assert f"loaded {BLOCKS}/{BLOCKS} blocks" in result.stdout
     assert "layer   7 ready" in result.stdout and "stored the request's 2 new blocks" in result.stdout
 
