@@ -165,6 +165,15 @@ fn object_store_round_trips_partial_ranges_missing_objects_and_bad_credentials()
         [true, true, false, false, false],
         "3 was deleted, 4 and 1000 never stored"
     );
+    // More keys than workers: at most one HEAD a worker is queued at a time.
+    let many: Vec<BlockKey> = (0..200).map(BlockKey).collect();
+    let found = lookup(&mut shard, full, &many, 10).expect("answered");
+    assert_eq!(
+        (0..200)
+            .filter(|&index| found[index])
+            .collect::<Vec<usize>>(),
+        [1, 2]
+    );
     assert!(lookup(&mut shard, full, &[], 8)
         .expect("nothing to ask")
         .is_empty());

@@ -124,6 +124,8 @@ impl ObjectStore {
             finished_puts: Vec::new(),
             lookups: HashMap::new(),
             finished_lookups: Vec::new(),
+            unsent_heads: std::collections::VecDeque::new(),
+            heads_in_flight: 0,
             spare_bodies: Vec::new(),
             slab,
             store: Arc::clone(self),
@@ -272,6 +274,11 @@ pub struct ObjectShard {
     /// Lookups whose HEAD requests are on the workers, by tag.
     lookups: HashMap<u64, PendingLookup>,
     finished_lookups: Vec<LookupCompletion>,
+    /// Lookups' HEAD requests not yet on the job queue: at most one a worker
+    /// is queued at a time, so a large lookup does not put thousands of
+    /// HEADs ahead of the loads' GETs.
+    unsent_heads: std::collections::VecDeque<Job>,
+    heads_in_flight: usize,
     /// Bodies of finished puts, reused by the next ones (a block each).
     spare_bodies: Vec<Vec<u8>>,
     slab: Rc<StagingSlab>,
@@ -382,6 +389,8 @@ impl ObjectShard {
         object: &str,
         outcome: Result<bool, ObjectError>,
     ) {
+        self.heads_in_flight -= 1;
+        self.send_heads();
         let Some(pending) = self.lookups.get_mut(&lookup) else {
             return;
         };
@@ -403,6 +412,21 @@ impl ObjectShard {
                     Some(error) => Err(error),
                 },
             });
+        }
+    }
+
+    /// Moves lookups' HEAD requests onto the job queue, up to one a worker.
+    fn send_heads(&mut self) {
+        while self.heads_in_flight < self.workers.len() {
+            let Some(job) = self.unsent_heads.pop_front() else {
+                return;
+            };
+            self.jobs
+                .as_ref()
+                .expect("the queue lives as long as the shard")
+                .send(job)
+                .expect("workers live as long as the shard");
+            self.heads_in_flight += 1;
         }
     }
 
@@ -603,18 +627,13 @@ impl BlockStore for ObjectShard {
         }
         let store = Arc::clone(&self.store);
         let name = &store.namespaces[usize::from(namespace.0)].name;
-        let jobs = self
-            .jobs
-            .as_ref()
-            .expect("the queue lives as long as the shard");
-        for (index, key) in keys.iter().enumerate() {
-            let job = Job::Exists {
+        self.unsent_heads
+            .extend(keys.iter().enumerate().map(|(index, key)| Job::Exists {
                 lookup: tag,
                 index,
                 object: store.object_name(name, *key),
-            };
-            jobs.send(job).expect("workers live as long as the shard");
-        }
+            }));
+        self.send_heads();
         self.lookups.insert(
             tag,
             PendingLookup {
