@@ -902,8 +902,10 @@ impl Client {
     /// (each of its shards for the keys it owns, all at once); a gateway
     /// that cannot be reached or fails for a passing reason is passed over
     /// for the next. A refusal (a token that may not read the namespace) is
-    /// returned as it is. The answer is as of the moment each shard looked:
-    /// a block may be evicted or stored right after.
+    /// returned as it is. With no gateway answering, a client with a PE path
+    /// (`ClientOptions::pe_storage`) asks the shared store itself (a HEAD
+    /// request a key). The answer is as of the moment each shard looked: a
+    /// block may be evicted or stored right after.
     pub fn lookup(&self, namespace: &str, keys: &[BlockKey]) -> Result<Vec<bool>, ClientError> {
         self.refuse_if_closed()?;
         let mut last_error = None;
@@ -916,6 +918,9 @@ impl Client {
                 Err(error) if error.is_retryable() => last_error = Some(error),
                 answer => return answer,
             }
+        }
+        if let Some(reader) = &self.pe_reader {
+            return reader.lookup(namespace, keys);
         }
         Err(last_error.unwrap_or_else(|| ClientError::Disconnected {
             address: self.gateways[0].address.clone(),

@@ -32,6 +32,57 @@ impl PrefillReader {
         })
     }
 
+    /// Which of `keys` the object store holds in `namespace`: a HEAD request
+    /// a key, `concurrency` at a time. The first failure that is not "absent"
+    /// fails the lookup (a store that cannot say is not a miss).
+    pub(crate) fn lookup(
+        &self,
+        namespace: &str,
+        keys: &[block_layout::BlockKey],
+    ) -> Result<Vec<bool>, ClientError> {
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let answers: Vec<Result<Vec<(usize, bool)>, ClientError>> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..self.concurrency.min(keys.len()))
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut found = Vec::new();
+                        loop {
+                            let index = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(key) = keys.get(index) else {
+                                return Ok(found);
+                            };
+                            let object = object_name(&self.prefix, namespace, *key);
+                            let present = self.client.exists(&object).map_err(|error| {
+                                let error = error.into_store_error(&object);
+                                let message = format!("the PE path's object store cannot say whether block {key} is stored: {error}");
+                                if error.is_retryable() {
+                                    ClientError::Disconnected {
+                                        address: "the PE path's object store".into(),
+                                        message,
+                                    }
+                                } else {
+                                    ClientError::Invalid(message)
+                                }
+                            })?;
+                            found.push((index, present));
+                        }
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|worker| worker.join().expect("a lookup worker does not panic"))
+                .collect()
+        });
+        let mut present = vec![false; keys.len()];
+        for answer in answers {
+            for (index, found) in answer? {
+                present[index] = found;
+            }
+        }
+        Ok(present)
+    }
+
     /// Loads `blocks` (whose positions in the whole load are `indexes`) into
     /// `region`, reporting into `shared` as one path; returns when done.
     #[allow(clippy::too_many_arguments)]

@@ -322,6 +322,18 @@ fn a_cancelled_load_stops_the_prefill_reads_and_nothing_lands_after() {
         0,
         "the gateway carried nothing (PE only)"
     );
+    // With its only gateway gone, the client asks the shared store itself
+    // which blocks are stored.
+    drop(gateway);
+    let mut keys: Vec<block_layout::BlockKey> =
+        blocks(count).iter().map(|block| block.key).collect();
+    keys.push(block_layout::BlockKey(0xbad));
+    let present = client.lookup("kv", &keys).expect("answered by the PE path");
+    assert_eq!(
+        present.iter().filter(|found| **found).count(),
+        count as usize
+    );
+    assert!(!present[count as usize]);
 }
 
 /// Closing a client in the middle of a dual load (both paths carrying it):
