@@ -9,6 +9,7 @@ says SKIPPED and exits 2, which gpu-check counts as a failure to look at.
 import pathlib
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "client-py" / "tests"))
 
@@ -58,6 +59,25 @@ def main():
             except ValueError:
                 pass
             print("python unregister_device: the tensor's memory let go of")
+            # A load running when the client closes ends with the close: its
+            # copies have finished and nothing more reaches the tensor.
+            load = client.load_to_device(
+                "kv", kv.data_ptr(), kv.nbytes, gateway.keys, offsets, device=0, layer_stride=stride
+            )
+            load.wait_layer(0, timeout=60)
+            client.close()
+            before = kv.cpu().numpy().tobytes()
+            time.sleep(0.3)
+            if kv.cpu().numpy().tobytes() != before:
+                print("FAILED: the tensor changed after close returned")
+                return 1
+            try:
+                client.load_to_device("kv", kv.data_ptr(), kv.nbytes, gateway.keys, offsets, device=0, layer_stride=stride)
+                print("FAILED: a closed client took a load")
+                return 1
+            except dualpath.ClientClosedError:
+                pass
+            print("python close: a device load cancelled, the tensor untouched afterwards")
             return 0
         finally:
             gateway.stop()

@@ -23,7 +23,7 @@ create_exception!(dualpath, DualpathError, PyException, "Base class of every dua
 create_exception!(dualpath, GatewayError, DualpathError, "The gateway refused a request; `args[0]` is the code name.");
 create_exception!(dualpath, DisconnectedError, DualpathError, "A gateway could not be reached or went away.");
 create_exception!(dualpath, WaitTimeout, DualpathError, "A wait ran past its timeout.");
-create_exception!(dualpath, RegionInUseError, DualpathError, "A region a running load may still write into cannot be unregistered: wait for the load or cancel it.");
+create_exception!(dualpath, RegionInUseError, DualpathError, "A region a running load may still write into, or a running store reads from, cannot be unregistered: wait for them (or cancel the load).");
 create_exception!(dualpath, ClientClosedError, DualpathError, "The client was closed (`Client.close`, or the end of its `with` block): connect a new one.");
 
 fn to_python(error: ClientError) -> PyErr {
@@ -271,8 +271,8 @@ impl Client {
     /// gateways forget it, its RDMA registration is undone, and the buffer or
     /// owner is released; from then on nothing of this client touches the
     /// memory. Raises `RegionInUseError` while a load into it may still write
-    /// (wait for it or cancel it first) and `ValueError` for an id that is not
-    /// registered.
+    /// (wait for it or cancel it first) or a store from it runs (in another
+    /// thread), and `ValueError` for an id that is not registered.
     fn unregister(&self, py: Python<'_>, region: u32) -> PyResult<()> {
         let inner = Arc::clone(&self.inner);
         let withdrawn = py.allow_threads(move || inner.unregister_region(client::RegionId(region))).map_err(to_python)?;

@@ -62,8 +62,12 @@ pub enum ClientError {
     Gateway { code: ErrorCode, message: String },
     #[error("invalid request: {0}")]
     Invalid(String),
-    #[error("region {region} is the target of {loads} load(s) still running: wait for them or cancel them, then unregister it")]
-    RegionInUse { region: u32, loads: usize },
+    #[error("region {region} is the target of {loads} load(s) and the source of {stores} store(s) still running: wait for them or cancel them, then unregister it")]
+    RegionInUse {
+        region: u32,
+        loads: usize,
+        stores: usize,
+    },
     #[error("the client is closed (Client::close): connect a new one")]
     Closed,
 }
@@ -322,6 +326,9 @@ pub struct Client {
     /// Per region, the loads that may write into it (until they are over):
     /// a region is not unregistered under them.
     region_loads: Mutex<HashMap<u32, Vec<Weak<LoadShared>>>>,
+    /// Per region, the stores reading from it now (by RDMA READ, or sent
+    /// from where they lie): a region is not unregistered under them either.
+    region_stores: Mutex<HashMap<u32, usize>>,
     next_region: AtomicU32,
     next_request: Arc<AtomicU64>,
     options: ClientOptions,
@@ -455,6 +462,7 @@ impl Client {
             dual,
             regions,
             region_loads: Mutex::default(),
+            region_stores: Mutex::default(),
             next_region: AtomicU32::new(1),
             next_request: Arc::new(AtomicU64::new(1)),
             options,
@@ -535,8 +543,9 @@ impl Client {
     /// ([`ClientError::RegionInUse`]) while a load into it may still write:
     /// wait for those loads or cancel them first (a load that
     /// [`LoadHandle::wait`] saw end is over, or is within moments: this waits
-    /// up to the request timeout for its paths to confirm). Stores from the
-    /// region must have returned (a store that races this fails).
+    /// up to the request timeout for its paths to confirm). Refused as well
+    /// while a store reads from it (`store_many_from_region`, or blocks
+    /// passed to `store_many` that lie in it) until that store returns.
     pub fn unregister_region(&self, region: RegionId) -> Result<Arc<Region>, ClientError> {
         // A closed client has let go of every region already.
         self.refuse_if_closed()?;
@@ -562,10 +571,18 @@ impl Client {
                 loads.retain(|load| load.upgrade().is_some_and(|load| load.may_still_write()));
                 loads.len()
             });
-            if running > 0 {
+            let storing = self
+                .region_stores
+                .lock()
+                .expect("region stores lock")
+                .get(&id)
+                .copied()
+                .unwrap_or(0);
+            if running > 0 || storing > 0 {
                 return Err(ClientError::RegionInUse {
                     region: id,
                     loads: running,
+                    stores: storing,
                 });
             }
             claims.remove(&id);
@@ -1029,7 +1046,50 @@ impl Client {
         blocks: &[(BlockKey, &[u8])],
         layer_stride: u64,
     ) -> Result<(), ClientError> {
-        self.refuse_if_closed()?;
+        // Blocks that lie in registered regions keep those regions from
+        // being unregistered until the store returns.
+        let _claim = {
+            let table = self.regions.read().expect("region table lock");
+            self.refuse_if_closed()?;
+            let holding: Vec<u32> = table
+                .iter()
+                .filter(|(_, region)| {
+                    let (base, len) = (region.as_ptr() as usize, region.len());
+                    !region.is_device()
+                        && blocks.iter().any(|(_, bytes)| {
+                            let start = bytes.as_ptr() as usize;
+                            base <= start && start + bytes.len() <= base + len
+                        })
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            self.claim_for_store(holding)
+        };
+        self.store_claimed(namespace, blocks, layer_stride)
+    }
+
+    /// Counts a store as reading from `regions` until the claim drops; the
+    /// caller holds the region table's lock (an unregister, which takes it
+    /// for writing, sees the claim or the store sees no region).
+    fn claim_for_store(&self, regions: Vec<u32>) -> StoreClaim<'_> {
+        let mut stores = self.region_stores.lock().expect("region stores lock");
+        for id in &regions {
+            *stores.entry(*id).or_default() += 1;
+        }
+        StoreClaim {
+            stores: &self.region_stores,
+            regions,
+        }
+    }
+
+    /// [`Client::store_many_strided`] once the regions it reads from are
+    /// claimed.
+    fn store_claimed(
+        &self,
+        namespace: &str,
+        blocks: &[(BlockKey, &[u8])],
+        layer_stride: u64,
+    ) -> Result<(), ClientError> {
         let layout = self.store_layout(namespace, blocks, layer_stride)?;
         self.redialer.redial(0, Redial::OnDemand);
         let mut confirmed = 0;
@@ -1063,16 +1123,14 @@ impl Client {
         blocks: &[(BlockKey, u64)],
         layer_stride: u64,
     ) -> Result<(), ClientError> {
-        self.refuse_if_closed()?;
-        let memory = self
-            .regions
-            .read()
-            .expect("region table lock")
-            .get(&region.0)
-            .cloned()
-            .ok_or_else(|| {
+        let (memory, _claim) = {
+            let table = self.regions.read().expect("region table lock");
+            self.refuse_if_closed()?;
+            let memory = table.get(&region.0).cloned().ok_or_else(|| {
                 ClientError::Invalid(format!("region {} is not registered", region.0))
             })?;
+            (memory, self.claim_for_store(vec![region.0]))
+        };
         if memory.is_device() {
             return Err(ClientError::Invalid(format!(
                 "region {} is GPU memory: stores are taken from host memory",
@@ -1098,7 +1156,7 @@ impl Client {
             }
             slices.push((key, memory.bytes(offset as usize, span as usize)));
         }
-        self.store_many_strided(namespace, &slices, layer_stride)
+        self.store_claimed(namespace, &slices, layer_stride)
     }
 
     /// Where each block's layers lie for a strided store (`None`: the slice
@@ -1416,6 +1474,26 @@ impl Drop for Client {
         if let Ok(Some((stop, thread))) = poller {
             stop.store(true, Ordering::Relaxed);
             let _ = thread.join();
+        }
+    }
+}
+
+/// A store's hold on the regions it reads from; let go of on drop.
+struct StoreClaim<'a> {
+    stores: &'a Mutex<HashMap<u32, usize>>,
+    regions: Vec<u32>,
+}
+
+impl Drop for StoreClaim<'_> {
+    fn drop(&mut self) {
+        let mut stores = self.stores.lock().expect("region stores lock");
+        for id in &self.regions {
+            if let Some(count) = stores.get_mut(id) {
+                *count -= 1;
+                if *count == 0 {
+                    stores.remove(id);
+                }
+            }
         }
     }
 }

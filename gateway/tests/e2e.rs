@@ -895,8 +895,12 @@ fn a_region_a_running_load_writes_into_is_not_unregistered() {
         .load("full", id, &reversed_blocks(), 0)
         .expect("sent");
     match client.unregister_region(id) {
-        Err(ClientError::RegionInUse { region, loads }) => {
-            assert_eq!((region, loads), (id.0, 1));
+        Err(ClientError::RegionInUse {
+            region,
+            loads,
+            stores,
+        }) => {
+            assert_eq!((region, loads, stores), (id.0, 1, 0));
         }
         other => panic!("a region under a running load must stay: {other:?}"),
     }
@@ -1019,6 +1023,43 @@ fn a_closed_client_cancels_its_loads_and_never_redials() {
             "block {index}"
         );
     }
+}
+
+/// A region a store reads from (here sent from where it lies; the gateway is
+/// frozen, so the store waits for its answers) is not unregistered until the
+/// store has returned: the engine could free the memory under it.
+#[test]
+fn a_region_a_running_store_reads_from_is_not_unregistered() {
+    let gateway = Gateway::start(8);
+    let (client, _, _) = client_without_poller(&gateway);
+    let (region, id) = registered_region(&client, 2 * BLOCK_BYTES);
+    region.write(0, &vec![7u8; 2 * BLOCK_BYTES]);
+    let blocks = [(BlockKey(0x77), 0), (BlockKey(0x78), BLOCK_BYTES as u64)];
+    gateway.freeze();
+    std::thread::scope(|scope| {
+        let store = scope.spawn(|| client.store_many_from_region("full", id, &blocks, 0));
+        // The store claims the region before it sends anything.
+        std::thread::sleep(Duration::from_millis(200));
+        match client.unregister_region(id) {
+            Err(ClientError::RegionInUse {
+                region,
+                loads,
+                stores,
+            }) => assert_eq!((region, loads, stores), (id.0, 0, 1)),
+            other => panic!("a region a store reads from must stay: {other:?}"),
+        }
+        gateway.thaw();
+        store.join().expect("store thread").expect("stored");
+    });
+    client.unregister_region(id).expect("the store is over");
+    let (copy, copy_id) = registered_region(&client, BLOCK_BYTES);
+    let load = [BlockLoad {
+        key: BlockKey(0x78),
+        layers: 0..LAYERS,
+        dest_offset: 0,
+    }];
+    load_all_done(&client, "full", copy_id, &load);
+    assert!(copy.read(0, BLOCK_BYTES).iter().all(|byte| *byte == 7));
 }
 
 /// `GET /clients` lists each client connection (one per shard) with what it
