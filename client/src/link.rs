@@ -121,6 +121,21 @@ impl Socket {
         }
     }
 
+    /// Whether reads go through a user-space TLS session, which may hold
+    /// frames already read from the socket (so the socket's readiness does
+    /// not say whether one is waiting).
+    fn buffers_reads(&self) -> bool {
+        matches!(self, Socket::Tls { .. })
+    }
+
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        match self {
+            Socket::Tcp(stream) | Socket::Tls { tcp: stream, .. } => stream.as_fd(),
+            Socket::Unix(stream) => stream.as_fd(),
+        }
+    }
+
     fn shutdown(&self) {
         let _ = match self {
             Socket::Tcp(stream) | Socket::Tls { tcp: stream, .. } => {
@@ -340,6 +355,13 @@ impl ShardLink {
             changed: Condvar::new(),
             regions,
         });
+        // Over RDMA one thread serves the queue pair and a plain socket
+        // together (a TLS session buffers frames the socket's readiness does
+        // not show: it keeps a thread of its own).
+        let (reader, rdma_reader) = match &inbox {
+            Some(_) if !reader.buffers_reads() => (None, Some(reader)),
+            _ => (Some(reader), None),
+        };
         let rdma = match inbox {
             Some((queue_pair, ring, store_reads)) => {
                 let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -347,7 +369,13 @@ impl ShardLink {
                 let receiver = std::thread::Builder::new()
                     .name(format!("dualpath-rdma-{shard}"))
                     .spawn(move || {
-                        rdma_receive_loop(queue_pair, ring, &thread_shared, &thread_stop)
+                        rdma_receive_loop(
+                            queue_pair,
+                            ring,
+                            rdma_reader,
+                            &thread_shared,
+                            &thread_stop,
+                        )
                     })
                     .map_err(connect_error)?;
                 Some(RdmaLink {
@@ -359,18 +387,25 @@ impl ShardLink {
             }
             None => None,
         };
-        let receiver_shared = Arc::clone(&shared);
-        let receiver = std::thread::Builder::new()
-            .name(format!("dualpath-recv-{shard}"))
-            .spawn(move || receive_loop(reader, &receiver_shared))
-            .map_err(connect_error)?;
+        let receiver = match reader {
+            Some(reader) => {
+                let receiver_shared = Arc::clone(&shared);
+                Some(
+                    std::thread::Builder::new()
+                        .name(format!("dualpath-recv-{shard}"))
+                        .spawn(move || receive_loop(reader, &receiver_shared))
+                        .map_err(connect_error)?,
+                )
+            }
+            None => None,
+        };
         Ok(Self {
             shard_count,
             namespaces,
             version,
             writer: Mutex::new((socket, Default::default(), Vec::new())),
             shared,
-            receiver: Some(receiver),
+            receiver,
             rdma,
         })
     }
@@ -931,28 +966,42 @@ fn rdma_handshake(
 fn rdma_receive_loop(
     mut queue_pair: verbs::QueuePair,
     ring: ReceiveRing,
+    mut socket: Option<Socket>,
     shared: &LinkShared,
     stop: &std::sync::atomic::AtomicBool,
 ) {
     let mut completions = Vec::with_capacity(NOTICE_SLOTS);
+    // Control frame bodies from the socket, reused.
+    let mut body = Vec::with_capacity(256);
     let failure = 'receive: loop {
         if stop.load(std::sync::atomic::Ordering::Relaxed) {
-            return;
+            if socket.is_none() {
+                // The socket's own thread reports the end.
+                return;
+            }
+            break String::from("this client closed the connection");
         }
         let queue = queue_pair.recv_queue();
-        let drained = (|| -> Result<(), verbs::VerbsError> {
+        let drained = (|| -> Result<bool, verbs::VerbsError> {
             // At most 100 ms, so `stop` is seen.
-            queue.wait(100)?;
+            let socket_ready = match &socket {
+                Some(socket) => queue.wait_or_readable(socket.as_fd(), 100)?,
+                None => {
+                    queue.wait(100)?;
+                    false
+                }
+            };
             while queue.take_event()? {}
             completions.clear();
             queue.poll(&mut completions, NOTICE_SLOTS)?;
             queue.arm()?;
             queue.poll(&mut completions, NOTICE_SLOTS)?;
-            Ok(())
+            Ok(socket_ready)
         })();
-        if let Err(error) = drained {
-            break format!("RDMA receive queue: {error}");
-        }
+        let socket_ready = match drained {
+            Ok(ready) => ready,
+            Err(error) => break format!("RDMA receive queue: {error}"),
+        };
         for completion in &completions {
             if !completion.ok {
                 break 'receive format!("RDMA receive failed: {}", completion.status_text);
@@ -964,6 +1013,18 @@ fn rdma_receive_loop(
             }
             if let Err(error) = ring.post(&mut queue_pair, slot) {
                 break 'receive format!("cannot repost an RDMA receive: {error}");
+            }
+        }
+        // A frame on the socket (a refusal, a frame too large for a SEND) is
+        // read to its end here: the gateway writes each one at once, so this
+        // waits at most for the rest of it to arrive.
+        if let (true, Some(socket)) = (socket_ready, socket.as_mut()) {
+            match receive_one(socket, shared, &mut body) {
+                Ok(()) => {}
+                Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => {
+                    break 'receive String::from("the gateway closed the connection");
+                }
+                Err(error) => break 'receive error.to_string(),
             }
         }
     };

@@ -268,42 +268,61 @@ fn a_silent_gateway_leaves_the_split_and_returns() {
     });
 }
 
-/// A load on the prefill node's own path (PE only), cancelled after its
-/// first layer: the PE readers stop, `cancel` returns once the reads in
-/// flight have landed, and nothing is written afterwards (checked by filling
-/// the region and looking again later). Blocks end `Done` or `Cancelled`.
-#[test]
-fn a_cancelled_load_stops_the_prefill_reads_and_nothing_lands_after() {
-    let Some((server, _one)) = Seaweed::start() else {
-        return;
-    };
+/// One gateway over a SeaweedFS holding `count` blocks, and a client with a
+/// PE path to the same store under `policy`, its region registered.
+struct OneGatewayAndPe {
+    client: Client,
+    region: Arc<Region>,
+    id: client::RegionId,
+    gateway: GatewayProcess,
+    _dir: tempfile::TempDir,
+    _server: (Seaweed, std::sync::MutexGuard<'static, ()>),
+}
+
+fn one_gateway_and_pe(policy: Policy, count: u64) -> Option<OneGatewayAndPe> {
+    let (server, one) = Seaweed::start()?;
     let dir = tempfile::tempdir().expect("tempdir");
     let config = write_config(dir.path(), "a", &server.endpoint());
-    let count = 300u64;
     import(&config, count);
     let gateway = start(&config);
     let mut pe_storage = settings(&server.endpoint(), ACCESS_KEY, SECRET_KEY);
     pe_storage.prefix = "dual/".into();
     let options = ClientOptions {
         pe_storage: Some(pe_storage),
-        policy: Policy::PeOnly,
+        policy,
         ..ClientOptions::default()
     };
     let client = Client::connect(&[&gateway.tcp], options).expect("connect");
-    let len = count as usize * BLOCK_BYTES;
-    let region = Arc::new(Region::allocate(len));
+    let region = Arc::new(Region::allocate(count as usize * BLOCK_BYTES));
     let id = client
         .register_region(Arc::clone(&region))
         .expect("register");
-    let load = client.load_dual("kv", id, &blocks(count), 0).expect("load");
-    load.wait_layer(0, WAIT).expect("layer 0");
-    let report = load.cancel(WAIT).expect("confirmed");
-    region.write(0, &vec![0xA5; len]);
+    Some(OneGatewayAndPe {
+        client,
+        region,
+        id,
+        gateway,
+        _dir: dir,
+        _server: (server, one),
+    })
+}
+
+/// Fills the region, waits, and checks nothing overwrote it: no path wrote
+/// after `what` returned.
+fn assert_nothing_lands_after(region: &Region, what: &str) {
+    region.write(0, &vec![0xA5; region.len()]);
     std::thread::sleep(Duration::from_millis(300));
     assert!(
-        region.read(0, len).iter().all(|byte| *byte == 0xA5),
-        "the PE path wrote after cancel returned"
+        region
+            .read(0, region.len())
+            .iter()
+            .all(|byte| *byte == 0xA5),
+        "a path wrote after {what} returned"
     );
+}
+
+/// Every block ended `Done` or `Cancelled`, and some were cancelled.
+fn assert_done_or_cancelled(report: &client::LoadReport) {
     let done = report
         .blocks
         .iter()
@@ -315,15 +334,44 @@ fn a_cancelled_load_stops_the_prefill_reads_and_nothing_lands_after() {
         .filter(|status| status.is_cancelled())
         .count();
     eprintln!("{done} blocks done, {cancelled} cancelled");
-    assert_eq!(done + cancelled, count as usize, "{report:?}");
-    assert!(cancelled > 0, "cancelled after layer 0 of 8");
+    assert_eq!(done + cancelled, report.blocks.len(), "{report:?}");
+    assert!(cancelled > 0, "ended after layer 0 of 8");
+}
+
+/// A load on the prefill node's own path (PE only), cancelled after its
+/// first layer: the PE readers stop, `cancel` returns once the reads in
+/// flight have landed, and nothing is written afterwards (checked by filling
+/// the region and looking again later). Blocks end `Done` or `Cancelled`.
+#[test]
+fn a_cancelled_load_stops_the_prefill_reads_and_nothing_lands_after() {
+    let count = 300u64;
+    let Some(setup) = one_gateway_and_pe(Policy::PeOnly, count) else {
+        return;
+    };
+    let OneGatewayAndPe {
+        client,
+        region,
+        id,
+        gateway,
+        ..
+    } = &setup;
+    let load = client
+        .load_dual("kv", *id, &blocks(count), 0)
+        .expect("load");
+    load.wait_layer(0, WAIT).expect("layer 0");
+    let report = load.cancel(WAIT).expect("confirmed");
+    assert_nothing_lands_after(region, "cancel");
+    assert_done_or_cancelled(&report);
     assert_eq!(
-        sent_bytes(&gateway),
+        sent_bytes(gateway),
         0,
         "the gateway carried nothing (PE only)"
     );
     // With its only gateway gone, the client asks the shared store itself
     // which blocks are stored.
+    let OneGatewayAndPe {
+        client, gateway, ..
+    } = setup;
     drop(gateway);
     let mut keys: Vec<block_layout::BlockKey> =
         blocks(count).iter().map(|block| block.key).collect();
@@ -343,49 +391,20 @@ fn a_cancelled_load_stops_the_prefill_reads_and_nothing_lands_after() {
 /// refuses what comes after.
 #[test]
 fn closing_a_client_mid_dual_load_stops_both_paths_and_nothing_lands_after() {
-    let Some((server, _one)) = Seaweed::start() else {
+    let count = 300u64;
+    // Bound whole: the gateway and the store live to the end of the test.
+    let Some(setup) = one_gateway_and_pe(Policy::DualPath, count) else {
         return;
     };
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = write_config(dir.path(), "a", &server.endpoint());
-    let count = 300u64;
-    import(&config, count);
-    let gateway = start(&config);
-    let mut pe_storage = settings(&server.endpoint(), ACCESS_KEY, SECRET_KEY);
-    pe_storage.prefix = "dual/".into();
-    let options = ClientOptions {
-        pe_storage: Some(pe_storage),
-        ..ClientOptions::default()
-    };
-    let client = Client::connect(&[&gateway.tcp], options).expect("connect");
-    let len = count as usize * BLOCK_BYTES;
-    let region = Arc::new(Region::allocate(len));
-    let id = client
-        .register_region(Arc::clone(&region))
-        .expect("register");
+    let OneGatewayAndPe {
+        client, region, id, ..
+    } = &setup;
+    let id = *id;
     let load = client.load_dual("kv", id, &blocks(count), 0).expect("load");
     load.wait_layer(0, WAIT).expect("layer 0");
     client.close(WAIT).expect("both paths confirmed");
-    region.write(0, &vec![0xA5; len]);
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(
-        region.read(0, len).iter().all(|byte| *byte == 0xA5),
-        "a path wrote after close returned"
-    );
-    let report = load.wait(WAIT).expect("ended with the close");
-    let done = report
-        .blocks
-        .iter()
-        .filter(|status| **status == BlockStatus::Done)
-        .count();
-    let cancelled = report
-        .blocks
-        .iter()
-        .filter(|status| status.is_cancelled())
-        .count();
-    eprintln!("{done} blocks done, {cancelled} cancelled");
-    assert_eq!(done + cancelled, count as usize, "{report:?}");
-    assert!(cancelled > 0, "closed after layer 0 of 8");
+    assert_nothing_lands_after(region, "close");
+    assert_done_or_cancelled(&load.wait(WAIT).expect("ended with the close"));
     let refused = client.load_dual("kv", id, &blocks(1), 0).map(drop);
     assert!(
         matches!(refused, Err(client::ClientError::Closed)),

@@ -342,6 +342,7 @@ fn a_cancel_a_frozen_gateway_cannot_confirm_destroys_its_queue_pairs() {
 fn a_withdrawn_region_is_forgotten_and_the_connection_goes_on_over_rdma() {
     let Some(device) = rdma_device() else { return };
     let gateway = Gateway::start(&device, "rdma");
+    let threads_before = receive_threads();
     let client = gateway.client(&device, true);
     let register = |region: &Arc<Region>| {
         client
@@ -395,6 +396,24 @@ fn a_withdrawn_region_is_forgotten_and_the_connection_goes_on_over_rdma() {
     );
     assert!(present[0]);
     assert_eq!(client.transports(), ["rdma"]);
+    // One receive thread a connection (one shard here), for the queue pair
+    // and the socket together.
+    assert_eq!(
+        receive_threads(),
+        (threads_before.0 + 1, threads_before.1),
+        "(RDMA, socket-only) receive threads"
+    );
+}
+
+/// This process's client receive threads: (RDMA connections', socket-only).
+/// The tests run one at a time (`--test-threads 1`).
+fn receive_threads() -> (usize, usize) {
+    let names: Vec<String> = std::fs::read_dir("/proc/self/task")
+        .expect("this process's threads")
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .collect();
+    let count = |prefix: &str| names.iter().filter(|name| name.starts_with(prefix)).count();
+    (count("dualpath-rdma-"), count("dualpath-recv-"))
 }
 
 #[test]

@@ -473,6 +473,43 @@ impl CompletionQueue {
         Ok(())
     }
 
+    /// Waits up to `timeout_ms` for the channel to have an event (after
+    /// `arm`) or for `other` (a socket) to be readable or closed; whether
+    /// `other` is. One thread so serves a connection's completions and its
+    /// socket.
+    pub fn wait_or_readable(
+        &mut self,
+        other: std::os::fd::BorrowedFd<'_>,
+        timeout_ms: i32,
+    ) -> Result<bool, VerbsError> {
+        use std::os::fd::AsRawFd;
+        let mut pollfds = [
+            libc::pollfd {
+                fd: other.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                // A queue without a channel: -1 is skipped by poll.
+                fd: self.channel_fd().unwrap_or(-1),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two pollfds on fds that live while `self` and `other` do.
+        if unsafe { libc::poll(pollfds.as_mut_ptr(), 2, timeout_ms) } < 0 {
+            let error = std::io::Error::last_os_error();
+            if error.kind() != std::io::ErrorKind::Interrupted {
+                return Err(VerbsError::Os {
+                    op: "poll",
+                    source: error,
+                });
+            }
+            return Ok(false);
+        }
+        Ok(pollfds[0].revents != 0)
+    }
+
     /// Consumes a pending channel event, if any (non-blocking).
     pub fn take_event(&mut self) -> Result<bool, VerbsError> {
         if self.channel.is_null() {
