@@ -492,8 +492,12 @@ impl<'a> Reader<'a> {
     }
 
     fn string(&mut self, field: &'static str) -> Result<String, ProtocolError> {
+        self.str(field).map(str::to_owned)
+    }
+
+    fn str(&mut self, field: &'static str) -> Result<&'a str, ProtocolError> {
         let bytes = self.bytes_u16(field)?;
-        String::from_utf8(bytes.to_vec()).map_err(|_| self.invalid(field, "not UTF-8".into()))
+        std::str::from_utf8(bytes).map_err(|_| self.invalid(field, "not UTF-8".into()))
     }
 
     fn invalid(&self, field: &'static str, problem: String) -> ProtocolError {
@@ -1135,15 +1139,41 @@ impl StoreFromRegionRef<'_> {
     }
 }
 
+/// A `Store`'s prefix borrowing its namespace from the frame: what the
+/// gateway decodes for every stored block, without allocating.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StorePrefixRef<'a> {
+    pub request_id: u64,
+    pub namespace: &'a str,
+    pub key: BlockKey,
+    pub payload_len: u32,
+}
+
+impl StorePrefixRef<'_> {
+    pub fn to_owned(&self) -> StorePrefix {
+        StorePrefix {
+            request_id: self.request_id,
+            namespace: self.namespace.to_owned(),
+            key: self.key,
+            payload_len: self.payload_len,
+        }
+    }
+}
+
 /// Decodes a `Store` body (prefix and payload); returns the prefix and the payload.
 pub fn decode_store(body: &[u8]) -> Result<(StorePrefix, &[u8]), ProtocolError> {
+    decode_store_ref(body).map(|(prefix, payload)| (prefix.to_owned(), payload))
+}
+
+/// [`decode_store`], the namespace borrowed.
+pub fn decode_store_ref(body: &[u8]) -> Result<(StorePrefixRef<'_>, &[u8]), ProtocolError> {
     let body_len = u32::try_from(body.len()).map_err(|_| ProtocolError::Invalid {
         kind: FrameType::Store,
         field: "payload",
         problem: "over 4 GiB".into(),
     })?;
     let (prefix, prefix_len) =
-        decode_store_prefix(body, body_len)?.expect("the whole body is here");
+        decode_store_prefix_ref(body, body_len)?.expect("the whole body is here");
     Ok((prefix, &body[prefix_len..]))
 }
 
@@ -1156,6 +1186,15 @@ pub fn decode_store_prefix(
     body_start: &[u8],
     body_len: u32,
 ) -> Result<Option<(StorePrefix, usize)>, ProtocolError> {
+    Ok(decode_store_prefix_ref(body_start, body_len)?
+        .map(|(prefix, prefix_len)| (prefix.to_owned(), prefix_len)))
+}
+
+/// [`decode_store_prefix`], the namespace borrowed.
+pub fn decode_store_prefix_ref(
+    body_start: &[u8],
+    body_len: u32,
+) -> Result<Option<(StorePrefixRef<'_>, usize)>, ProtocolError> {
     let body_start = &body_start[..body_start.len().min(body_len as usize)];
     let enough = body_start.len() >= (body_len as usize).min(store_prefix_max());
     let mut reader = Reader {
@@ -1165,13 +1204,13 @@ pub fn decode_store_prefix(
     };
     let decoded = (|| {
         let request_id = reader.u64()?;
-        let namespace = reader.string("namespace")?;
+        let namespace = reader.str("namespace")?;
         let key = BlockKey(reader.u128()?);
         Ok::<_, ProtocolError>((request_id, namespace, key))
     })();
     match decoded {
         Ok((request_id, namespace, key)) => Ok(Some((
-            StorePrefix {
+            StorePrefixRef {
                 request_id,
                 namespace,
                 key,

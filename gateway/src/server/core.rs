@@ -13,8 +13,8 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use protocol::{
-    decode_store, decode_store_prefix, ErrorCode, Frame, FrameType, Header, Load, StorePrefix,
-    HEADER_BYTES,
+    decode_store_prefix_ref, decode_store_ref, ErrorCode, Frame, FrameType, Header, Load,
+    StorePrefixRef, HEADER_BYTES,
 };
 use storage_backends::{
     BlockStore, IncomingBlock, PutStarted, ReadCompletion, ReadRequest, StoreError,
@@ -22,8 +22,8 @@ use storage_backends::{
 use transport::{RemoteRead, RemoteWrite};
 
 use super::connection::{
-    ActiveLoad, Connection, InflightRead, ReadingStore, Received, ReceivingStore, Stream,
-    RECEIVE_CHUNK_BYTES,
+    ActiveLoad, Connection, InflightRead, InputBuffer, ReadingStore, Received, ReceivingStore,
+    Stream, RECEIVE_CHUNK_BYTES,
 };
 use super::fault_log::FaultLog;
 use super::metrics::CoreCounters;
@@ -528,14 +528,32 @@ impl<S: BlockStore> Core<S> {
             let handled = if header.kind == FrameType::Store && !complete {
                 // Its payload is on the way: once the prefix is here, it is
                 // received into the staging its put writes from.
-                let body = &connection.input.pending()[HEADER_BYTES..];
-                match decode_store_prefix(body, header.body_len) {
-                    Ok(None) => return,
+                // Taken out while the prefix (its namespace borrowed from
+                // the input) is handled.
+                let mut input = std::mem::take(&mut connection.input);
+                let decoded =
+                    decode_store_prefix_ref(&input.pending()[HEADER_BYTES..], header.body_len);
+                let (handled, consumed) = match decoded {
                     Ok(Some((prefix, prefix_bytes))) => {
-                        self.on_store_head(index, prefix, HEADER_BYTES + prefix_bytes)
+                        self.on_store_head(index, prefix, HEADER_BYTES + prefix_bytes, &input)
                     }
-                    Err(error) => return self.protocol_error(index, &error.to_string()),
+                    Ok(None) => (Handled::Later, false),
+                    Err(error) => {
+                        let message = error.to_string();
+                        if let Some(connection) = self.connections[index].as_mut() {
+                            connection.input = input;
+                        }
+                        return self.protocol_error(index, &message);
+                    }
+                };
+                if consumed {
+                    input.consume(input.pending().len());
                 }
+                match self.connections[index].as_mut() {
+                    Some(connection) => connection.input = input,
+                    None => return,
+                }
+                handled
             } else {
                 let Some(Ok((header, frame_bytes))) = connection.input.next_frame() else {
                     return;
@@ -935,14 +953,14 @@ impl<S: BlockStore> Core<S> {
     /// A whole `Store` frame in the input (a payload small enough to arrive
     /// with its head): its block is copied into staging.
     fn on_store(&mut self, index: usize, body: &[u8]) -> Handled {
-        let (prefix, payload) = match decode_store(body) {
+        let (prefix, payload) = match decode_store_ref(body) {
             Ok(decoded) => decoded,
             Err(error) => {
                 self.protocol_error(index, &error.to_string());
                 return Handled::Done;
             }
         };
-        let namespace = match self.store_admission(index, &prefix.namespace, false) {
+        let namespace = match self.store_admission(index, prefix.namespace, false) {
             Admission::Refused(refusal) => {
                 self.answer_store(index, prefix.request_id, Err(refusal));
                 return Handled::Done;
@@ -967,10 +985,18 @@ impl<S: BlockStore> Core<S> {
     /// the put writes from, what arrived with the head is copied into it,
     /// and the connection reads the rest straight into it. A refused store's
     /// payload is read and dropped.
-    fn on_store_head(&mut self, index: usize, prefix: StorePrefix, head_bytes: usize) -> Handled {
-        let lent = match self.store_admission(index, &prefix.namespace, false) {
-            Admission::Later => return Handled::Later,
-            Admission::Gone => return Handled::Done,
+    /// `input` is the connection's, taken out while its prefix is borrowed:
+    /// returns whether all of it (the frame so far) was taken in.
+    fn on_store_head(
+        &mut self,
+        index: usize,
+        prefix: StorePrefixRef<'_>,
+        head_bytes: usize,
+        input: &InputBuffer,
+    ) -> (Handled, bool) {
+        let lent = match self.store_admission(index, prefix.namespace, false) {
+            Admission::Later => return (Handled::Later, false),
+            Admission::Gone => return (Handled::Done, false),
             Admission::Refused(refusal) => Err(refusal),
             Admission::Admitted(namespace) => self
                 .shard
@@ -980,10 +1006,10 @@ impl<S: BlockStore> Core<S> {
         let started = self.store_started(index);
         let counters = &self.setup.counters;
         let Some(connection) = self.connections[index].as_mut() else {
-            return Handled::Done;
+            return (Handled::Done, false);
         };
         // Everything in the input belongs to this frame (it is incomplete).
-        let arrived = &connection.input.pending()[head_bytes..];
+        let arrived = &input.pending()[head_bytes..];
         let arrived_bytes = arrived.len() as u64;
         let refusal = match lent {
             Ok(mut block) => {
@@ -1002,12 +1028,10 @@ impl<S: BlockStore> Core<S> {
                 Some(refusal)
             }
         };
-        let pending = connection.input.pending().len();
-        connection.input.consume(pending);
         if let Some(refusal) = refusal {
             self.answer_store(index, prefix.request_id, Err(refusal));
         }
-        Handled::Done
+        (Handled::Done, true)
     }
 
     /// Starts the put of a store whose payload has arrived in lent staging.
