@@ -933,11 +933,11 @@ impl Client {
             self.redialer.redial(index, Redial::OnDemand);
             match self.lookup_on(index, namespace, keys) {
                 Err(error) if error.is_retryable() => last_error = Some(error),
-                answer => return answer,
+                answer => return count_lookup(answer, "gateway"),
             }
         }
         if let Some(reader) = &self.pe_reader {
-            return reader.lookup(namespace, keys);
+            return count_lookup(reader.lookup(namespace, keys), "pe");
         }
         Err(last_error.unwrap_or_else(|| ClientError::Disconnected {
             address: self.gateways[0].address.clone(),
@@ -1476,6 +1476,22 @@ impl Drop for Client {
             let _ = thread.join();
         }
     }
+}
+
+/// Counts a lookup's keys for the engine's metrics, by who answered and
+/// whether they were found stored.
+fn count_lookup(
+    answer: Result<Vec<bool>, ClientError>,
+    answered_by: &'static str,
+) -> Result<Vec<bool>, ClientError> {
+    if let Ok(present) = &answer {
+        let found = present.iter().filter(|found| **found).count() as u64;
+        metrics::counter!("dualpath_client_lookup_keys_total", "answered_by" => answered_by, "found" => "true")
+            .increment(found);
+        metrics::counter!("dualpath_client_lookup_keys_total", "answered_by" => answered_by, "found" => "false")
+            .increment(present.len() as u64 - found);
+    }
+    answer
 }
 
 /// A store's hold on the regions it reads from; let go of on drop.

@@ -939,12 +939,21 @@ fn a_lookup_says_which_blocks_are_stored() {
     client
         .store("full", new_key, &vec![3u8; BLOCK_BYTES])
         .expect("stored");
-    assert_eq!(
-        client
-            .lookup("full", &[new_key, keys[1]])
-            .expect("answered"),
-        [true, false]
-    );
+    // The engine's own metrics count it too.
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let present = metrics::with_local_recorder(&recorder, || {
+        client.lookup("full", &[new_key, keys[1], keys[2]])
+    });
+    assert_eq!(present.expect("answered"), [true, false, false]);
+    let rendered = recorder.handle().render();
+    for (found, count) in [("true", 1), ("false", 2)] {
+        assert!(
+            rendered.contains(&format!(
+                "dualpath_client_lookup_keys_total{{answered_by=\"gateway\",found=\"{found}\"}} {count}"
+            )),
+            "{rendered}"
+        );
+    }
     assert!(client
         .lookup("full", &[])
         .expect("nothing to ask")
@@ -956,7 +965,7 @@ fn a_lookup_says_which_blocks_are_stored() {
             .metric_sum_labelled("dualpath_lookup_keys_total", "found=\"true\""),
         9.0
     );
-    assert_eq!(gateway.metric_sum("dualpath_lookup_keys_total"), 40_002.0);
+    assert_eq!(gateway.metric_sum("dualpath_lookup_keys_total"), 40_003.0);
     let unknown = client.lookup("nope", &keys[..1]);
     assert!(
         matches!(&unknown, Err(ClientError::UnknownNamespace { known, .. }) if known.contains(&"full".to_owned())),
