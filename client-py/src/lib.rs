@@ -365,10 +365,18 @@ impl Client {
     /// bool per key, asked of the first gateway in the split that answers
     /// (GIL released). An engine asks before it plans a load, e.g. how many
     /// leading blocks of a prompt's prefix need not be computed.
-    fn lookup(&self, py: Python<'_>, namespace: &str, keys: Vec<KeyArgument>) -> PyResult<Vec<bool>> {
+    /// `timeout`: seconds the gateways get in all (default: the client's
+    /// request timeout); `WaitTimeout` past it.
+    #[pyo3(signature = (namespace, keys, timeout=None))]
+    fn lookup(&self, py: Python<'_>, namespace: &str, keys: Vec<KeyArgument>, timeout: Option<f64>) -> PyResult<Vec<bool>> {
         let keys = keys.iter().map(KeyArgument::key).collect::<PyResult<Vec<BlockKey>>>()?;
+        let timeout = timeout.map(|seconds| timeout_of(Some(seconds))).transpose()?;
         let inner = Arc::clone(&self.inner);
-        py.allow_threads(move || inner.lookup(namespace, &keys)).map_err(to_python)
+        py.allow_threads(move || match timeout {
+            Some(timeout) => inner.lookup_within(namespace, &keys, timeout),
+            None => inner.lookup(namespace, &keys),
+        })
+        .map_err(to_python)
     }
 
     #[pyo3(signature = (namespace, key, data, layer_stride=0))]

@@ -270,7 +270,9 @@ def test_a_lookup_says_which_prefix_blocks_are_stored(gateway):
         assert present == [True] * 5 + [False] * 2
         stored_prefix = next((index for index, found in enumerate(present) if not found), len(present))
         assert stored_prefix == 5
-        assert client.lookup("kv", [format(gateway.keys[0], "x")]) == [True]
+        assert client.lookup("kv", [format(gateway.keys[0], "x")], timeout=5) == [True]
+        with pytest.raises(ValueError, match="timeout"):
+            client.lookup("kv", chain, timeout=-1)
         assert client.lookup("kv", []) == []
         with pytest.raises(ValueError, match="unknown namespace"):
             client.lookup("nope", chain)

@@ -922,16 +922,38 @@ impl Client {
     /// returned as it is. With no gateway answering, a client with a PE path
     /// (`ClientOptions::pe_storage`) asks the shared store itself (a HEAD
     /// request a key). The answer is as of the moment each shard looked: a
-    /// block may be evicted or stored right after.
+    /// block may be evicted or stored right after. Gateways get up to
+    /// `ClientOptions::request_timeout` in all to answer (see
+    /// [`Client::lookup_within`]).
     pub fn lookup(&self, namespace: &str, keys: &[BlockKey]) -> Result<Vec<bool>, ClientError> {
+        self.lookup_within(namespace, keys, self.options.request_timeout)
+    }
+
+    /// [`Client::lookup`] where the gateways get up to `timeout` in all (a
+    /// scheduler that must decide soon); the PE path's HEAD requests, when
+    /// they answer instead, keep to the PE settings' timeout.
+    pub fn lookup_within(
+        &self,
+        namespace: &str,
+        keys: &[BlockKey],
+        timeout: Duration,
+    ) -> Result<Vec<bool>, ClientError> {
         self.refuse_if_closed()?;
+        let deadline = std::time::Instant::now() + timeout;
         let mut last_error = None;
         for index in 0..self.gateways.len() {
             if !self.dual.gateway_healthy(index) {
                 continue;
             }
+            if std::time::Instant::now() >= deadline {
+                last_error.get_or_insert(ClientError::Timeout {
+                    what: format!("a lookup of {} keys", keys.len()),
+                    after: timeout,
+                });
+                break;
+            }
             self.redialer.redial(index, Redial::OnDemand);
-            match self.lookup_on(index, namespace, keys) {
+            match self.lookup_on(index, namespace, keys, deadline) {
                 Err(error) if error.is_retryable() => last_error = Some(error),
                 answer => return count_lookup(answer, "gateway"),
             }
@@ -952,6 +974,7 @@ impl Client {
         gateway: usize,
         namespace: &str,
         keys: &[BlockKey],
+        deadline: std::time::Instant,
     ) -> Result<Vec<bool>, ClientError> {
         self.check_load(gateway, namespace, &[])?;
         let links = self.gateways[gateway].links();
@@ -977,7 +1000,8 @@ impl Client {
         // none is left behind in the link's table.
         let mut present = vec![false; keys.len()];
         for (shard, request_id, chunk) in sent {
-            match links[shard].wait_lookup(request_id, self.options.request_timeout) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match links[shard].wait_lookup(request_id, left) {
                 Ok(answer) if answer.len() == chunk.len() => {
                     for (&index, found) in chunk.iter().zip(answer) {
                         present[index] = found;

@@ -973,6 +973,26 @@ fn a_lookup_says_which_blocks_are_stored() {
     );
 }
 
+/// A scheduler that must decide soon bounds a lookup: a gateway that does
+/// not answer (frozen) costs it the bound, not the request timeout; its late
+/// answer is dropped, and the next lookup is answered.
+#[test]
+fn a_lookup_within_a_bound_times_out_on_a_frozen_gateway() {
+    let gateway = Gateway::start(8);
+    let (client, _, _) = client_without_poller(&gateway);
+    let key = synthetic::key(SEED, 0);
+    gateway.freeze();
+    let started = Instant::now();
+    let bounded = client.lookup_within("full", &[key], Duration::from_millis(200));
+    assert!(
+        matches!(bounded, Err(ClientError::Timeout { .. })),
+        "{bounded:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    gateway.thaw();
+    assert_eq!(client.lookup("full", &[key]).expect("answered"), [true]);
+}
+
 /// Closing a client (the engine shuts down, or drops this connection pool):
 /// its running load is cancelled (here the gateway is frozen and cannot
 /// confirm: the connections are cut), every request after it is refused as

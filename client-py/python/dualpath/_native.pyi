@@ -109,9 +109,10 @@ class Client:
     def unregister(self, region: int) -> None:
         """Withdraw a registered region: the gateways forget it and its buffer or owner is
         released. Raises RegionInUseError while a load into it may still write."""
-    def lookup(self, namespace: str, keys: Sequence[Key]) -> list[bool]:
+    def lookup(self, namespace: str, keys: Sequence[Key], timeout: Optional[float] = None) -> list[bool]:
         """Which of `keys` are stored in `namespace` (one bool per key), asked of the
-        first gateway in the split that answers; GIL released."""
+        first gateway in the split that answers, within `timeout` seconds in all
+        (default: the request timeout); GIL released."""
     def close(self, timeout: Optional[float] = 5.0) -> None:
         """Close the client: running loads are cancelled (gateways that do not confirm
         within `timeout` are cut off), connections end for good, buffers are released;
