@@ -379,6 +379,16 @@ impl Client {
         .map_err(to_python)
     }
 
+    /// `lookup` as an asyncio awaitable (run on the loop's default executor),
+    /// for engines whose scheduler runs in an event loop.
+    #[pyo3(signature = (namespace, keys, timeout=None))]
+    fn lookup_async<'py>(slf: Bound<'py, Self>, namespace: String, keys: Bound<'py, PyAny>, timeout: Option<f64>) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        let event_loop = py.import("asyncio")?.call_method0("get_running_loop")?;
+        let method = slf.getattr("lookup")?;
+        event_loop.call_method1("run_in_executor", (py.None(), method, namespace, keys, timeout))
+    }
+
     #[pyo3(signature = (namespace, key, data, layer_stride=0))]
     fn store(&self, py: Python<'_>, namespace: &str, key: KeyArgument, data: Bound<'_, PyAny>, layer_stride: u64) -> PyResult<()> {
         self.store_many(py, namespace, vec![(key, data)], layer_stride)

@@ -273,6 +273,11 @@ def test_a_lookup_says_which_prefix_blocks_are_stored(gateway):
         assert client.lookup("kv", [format(gateway.keys[0], "x")], timeout=5) == [True]
         with pytest.raises(ValueError, match="timeout"):
             client.lookup("kv", chain, timeout=-1)
+
+        async def schedule():
+            return await client.lookup_async("kv", chain, timeout=5)
+
+        assert asyncio.run(schedule()) == present
         assert client.lookup("kv", []) == []
         with pytest.raises(ValueError, match="unknown namespace"):
             client.lookup("nope", chain)

@@ -113,6 +113,8 @@ class Client:
         """Which of `keys` are stored in `namespace` (one bool per key), asked of the
         first gateway in the split that answers, within `timeout` seconds in all
         (default: the request timeout); GIL released."""
+    def lookup_async(self, namespace: str, keys: Sequence[Key], timeout: Optional[float] = None) -> Awaitable[list[bool]]:
+        """Awaitable form of lookup for asyncio engines."""
     def close(self, timeout: Optional[float] = 5.0) -> None:
         """Close the client: running loads are cancelled (gateways that do not confirm
         within `timeout` are cut off), connections end for good, buffers are released;
