@@ -140,6 +140,30 @@ fn a_load_past_the_device_region_is_refused() {
     );
 }
 
+/// Every block of the test namespace, at its place in a device region.
+fn all_blocks() -> Vec<BlockLoad> {
+    (0..BLOCKS)
+        .map(|index| BlockLoad {
+            key: synthetic::key(SEED, index),
+            layers: 0..LAYERS,
+            dest_offset: index * BLOCK_BYTES as u64,
+        })
+        .collect()
+}
+
+/// Reads `target` twice, 300 ms apart: nothing may have written into it
+/// after `what` returned.
+fn assert_device_memory_stays(target: &DeviceRegion, what: &str) {
+    let len = BLOCKS as usize * BLOCK_BYTES;
+    let first = target.read(0, len).expect("copy back");
+    std::thread::sleep(Duration::from_millis(300));
+    let second = target.read(0, len).expect("copy back");
+    assert!(
+        first == second,
+        "device memory changed after {what} returned"
+    );
+}
+
 /// A device load cancelled after its first layer: once `cancel` returns,
 /// nothing more is written into device memory (no path, no copy): two reads
 /// of the whole region 300 ms apart are the same. Blocks end `Done` or
@@ -148,27 +172,14 @@ fn a_load_past_the_device_region_is_refused() {
 fn after_a_device_load_is_cancelled_device_memory_stays_as_it_is() {
     let Some(device) = gpu() else { return };
     let (_dir, _gateway, client) = gateway_and_client(&["layer"], BLOCKS);
-    let len = BLOCKS as usize * BLOCK_BYTES;
-    let target = DeviceRegion::allocate(&device, len).expect("device memory");
-    let blocks: Vec<BlockLoad> = (0..BLOCKS)
-        .map(|index| BlockLoad {
-            key: synthetic::key(SEED, index),
-            layers: 0..LAYERS,
-            dest_offset: index * BLOCK_BYTES as u64,
-        })
-        .collect();
+    let target =
+        DeviceRegion::allocate(&device, BLOCKS as usize * BLOCK_BYTES).expect("device memory");
     let load = client
-        .load_to_device("layer", &target, &blocks, 0, false)
+        .load_to_device("layer", &target, &all_blocks(), 0, false)
         .expect("load");
     load.wait_layer(0, WAIT).expect("layer 0 on the device");
     let report = load.cancel(WAIT).expect("confirmed");
-    let first = target.read(0, len).expect("copy back");
-    std::thread::sleep(Duration::from_millis(300));
-    let second = target.read(0, len).expect("copy back");
-    assert!(
-        first == second,
-        "device memory changed after cancel returned"
-    );
+    assert_device_memory_stays(&target, "cancel");
     let finished = report
         .blocks
         .iter()
@@ -185,27 +196,15 @@ fn after_a_device_load_is_cancelled_device_memory_stays_as_it_is() {
 fn after_a_client_is_closed_mid_device_load_device_memory_stays_as_it_is() {
     let Some(device) = gpu() else { return };
     let (_dir, _gateway, client) = gateway_and_client(&["layer"], BLOCKS);
-    let len = BLOCKS as usize * BLOCK_BYTES;
-    let target = DeviceRegion::allocate(&device, len).expect("device memory");
-    let blocks: Vec<BlockLoad> = (0..BLOCKS)
-        .map(|index| BlockLoad {
-            key: synthetic::key(SEED, index),
-            layers: 0..LAYERS,
-            dest_offset: index * BLOCK_BYTES as u64,
-        })
-        .collect();
+    let target =
+        DeviceRegion::allocate(&device, BLOCKS as usize * BLOCK_BYTES).expect("device memory");
+    let blocks = all_blocks();
     let load = client
         .load_to_device("layer", &target, &blocks, 0, false)
         .expect("load");
     load.wait_layer(0, WAIT).expect("layer 0 on the device");
     client.close(WAIT).expect("every path and the copier ended");
-    let first = target.read(0, len).expect("copy back");
-    std::thread::sleep(Duration::from_millis(300));
-    let second = target.read(0, len).expect("copy back");
-    assert!(
-        first == second,
-        "device memory changed after close returned"
-    );
+    assert_device_memory_stays(&target, "close");
     assert!(matches!(
         client
             .load_to_device("layer", &target, &blocks, 0, false)
