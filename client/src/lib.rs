@@ -953,8 +953,14 @@ impl Client {
                 break;
             }
             self.redialer.redial(index, Redial::OnDemand);
+            // A gateway of a build before lookups (a rolling upgrade under
+            // way) is passed over for a newer one.
+            let older = self.gateways[index]
+                .links()
+                .first()
+                .is_some_and(|link| link.version < protocol::LOOKUP_VERSION);
             match self.lookup_on(index, namespace, keys, deadline) {
-                Err(error) if error.is_retryable() => last_error = Some(error),
+                Err(error) if error.is_retryable() || older => last_error = Some(error),
                 answer => return count_lookup(answer, "gateway"),
             }
         }
@@ -1849,5 +1855,100 @@ mod tests {
             })
             .collect();
         assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
+    }
+
+    /// During a rolling upgrade a gateway may be of a build before lookups:
+    /// it is not sent one (it would close the connection on the unknown
+    /// frame); the next gateway answers. Two stand-in gateways on real
+    /// sockets: one speaks protocol version 1 only, the other this version
+    /// and answers lookups (the negotiation and the pass-over are the logic
+    /// under test).
+    #[test]
+    fn a_lookup_passes_over_a_gateway_older_than_lookups() {
+        use protocol::{Frame, FrameType};
+        use std::io::{Read, Write};
+        fn read_frame(stream: &mut std::net::TcpStream) -> Option<Frame> {
+            let mut header = [0u8; protocol::HEADER_BYTES];
+            stream.read_exact(&mut header).ok()?;
+            let header = protocol::decode_header(&header).expect("a frame");
+            let mut body = vec![0u8; header.body_len as usize];
+            stream.read_exact(&mut body).expect("its body");
+            Some(Frame::decode(header.kind, &body).expect("decodes"))
+        }
+        /// Serves one client connection at `spoken` (refusing newer hellos);
+        /// returns the kinds of frame the client sent after its hello.
+        fn stand_in(spoken: u16) -> (String, std::thread::JoinHandle<Vec<FrameType>>) {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let address = listener.local_addr().expect("address").to_string();
+            let serving = std::thread::spawn(move || loop {
+                let (mut stream, _) = listener.accept().expect("accept");
+                let Some(Frame::Hello { version, .. }) = read_frame(&mut stream) else {
+                    panic!("a hello first");
+                };
+                if version > spoken {
+                    let refusal = Frame::Error {
+                        request_id: 0,
+                        code: ErrorCode::UnsupportedVersion,
+                        message: format!("this gateway speaks protocol version {spoken}"),
+                    };
+                    stream.write_all(&refusal.encode()).expect("refuse");
+                    continue;
+                }
+                let geometry = Geometry {
+                    layers: 1,
+                    tokens_per_block: 1,
+                    bytes_per_token_per_layer: 64,
+                    layout: block_layout::Layout::Full,
+                };
+                let welcome = Frame::HelloOk {
+                    version,
+                    shard: 0,
+                    shard_count: 1,
+                    namespaces: vec![NamespaceInfo {
+                        name: "kv".into(),
+                        geometry,
+                    }],
+                };
+                stream.write_all(&welcome.encode()).expect("welcome");
+                let mut kinds = Vec::new();
+                while let Some(frame) = read_frame(&mut stream) {
+                    kinds.push(frame.kind());
+                    if let Frame::Lookup {
+                        request_id, keys, ..
+                    } = frame
+                    {
+                        let answer = Frame::LookupResult {
+                            request_id,
+                            code: ErrorCode::Ok,
+                            message: String::new(),
+                            present: keys.iter().map(|key| key.0 % 2 == 0).collect(),
+                        };
+                        stream.write_all(&answer.encode()).expect("answer");
+                    }
+                }
+                return kinds;
+            });
+            (address, serving)
+        }
+        let (older, older_serving) = stand_in(1);
+        let (newer, newer_serving) = stand_in(protocol::PROTOCOL_VERSION);
+        let client = Client::connect(
+            &[&older, &newer],
+            ClientOptions {
+                pool_poll_interval: Duration::ZERO,
+                ..ClientOptions::default()
+            },
+        )
+        .expect("both reached");
+        let keys = [BlockKey(2), BlockKey(3)];
+        assert_eq!(
+            client
+                .lookup("kv", &keys)
+                .expect("the newer gateway answers"),
+            [true, false]
+        );
+        drop(client);
+        assert_eq!(older_serving.join().expect("older"), []);
+        assert_eq!(newer_serving.join().expect("newer"), [FrameType::Lookup]);
     }
 }
