@@ -16,6 +16,7 @@ mod gpu_sys;
 mod link;
 mod load;
 mod pe;
+mod receive;
 mod retry;
 #[allow(unsafe_code)]
 mod sys;

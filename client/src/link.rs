@@ -81,7 +81,7 @@ impl Endpoint {
 }
 
 #[derive(Debug)]
-enum Socket {
+pub(crate) enum Socket {
     Tcp(TcpStream),
     Unix(UnixStream),
     /// TLS: the session is shared by the receive thread and the writers; the
@@ -95,7 +95,7 @@ enum Socket {
 /// A TLS session and the records read from the socket but not yet given to
 /// it (rustls takes records only while its plaintext buffer is empty).
 #[derive(Debug)]
-struct TlsClient {
+pub(crate) struct TlsClient {
     conn: rustls::ClientConnection,
     pending: Vec<u8>,
 }
@@ -128,7 +128,7 @@ impl Socket {
         matches!(self, Socket::Tls { .. })
     }
 
-    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+    pub(crate) fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         use std::os::fd::AsFd;
         match self {
             Socket::Tcp(stream) | Socket::Tls { tcp: stream, .. } => stream.as_fd(),
@@ -258,11 +258,22 @@ struct Waiting {
 }
 
 #[derive(Debug)]
-struct LinkShared {
+pub(crate) struct LinkShared {
     address: String,
     waiting: Mutex<Waiting>,
     changed: Condvar,
     regions: Arc<RwLock<HashMap<u32, Arc<Region>>>>,
+}
+
+impl LinkShared {
+    /// A registered region, by id (the gateway names it in `Data`).
+    pub(crate) fn region(&self, id: u32) -> Option<Arc<Region>> {
+        self.regions
+            .read()
+            .expect("region table lock")
+            .get(&id)
+            .cloned()
+    }
 }
 
 /// How long a failed send waits for the gateway's reason to arrive.
@@ -361,6 +372,16 @@ impl ShardLink {
         let (reader, rdma_reader) = match &inbox {
             Some(_) if !reader.buffers_reads() => (None, Some(reader)),
             _ => (Some(reader), None),
+        };
+        // A plain socket without RDMA goes to the shared receive threads.
+        let reader = match reader {
+            Some(reader)
+                if inbox.is_none() && !reader.buffers_reads() && crate::receive::pooled() =>
+            {
+                crate::receive::serve(reader, Arc::clone(&shared)).map_err(connect_error)?;
+                None
+            }
+            other => other,
         };
         let rdma = match inbox {
             Some((queue_pair, ring, store_reads)) => {
@@ -864,6 +885,18 @@ impl Drop for ShardLink {
         self.writer.lock().map(|writer| writer.0.shutdown()).ok();
         if let Some(receiver) = self.receiver.take() {
             join_unless_current(receiver);
+        } else if self.rdma.is_none() && !crate::receive::on_receive_thread() {
+            // A shared receive thread ends the connection once it sees the
+            // shutdown: wait for that (nothing of it lands in a region after),
+            // unless this is a receive thread itself, which would be the one
+            // to end it.
+            let waiting = self.shared.waiting.lock().expect("link lock");
+            let _ =
+                self.shared
+                    .changed
+                    .wait_timeout_while(waiting, crate::QUIET_WITHIN, |waiting| {
+                        waiting.closed.is_none()
+                    });
         }
         if let Some(rdma) = self.rdma.as_mut() {
             rdma.stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -1332,6 +1365,13 @@ fn receive_loop(mut socket: Socket, shared: &LinkShared) {
             Err(error) => break error.to_string(),
         }
     };
+    end_link(shared, &reason);
+}
+
+/// The connection's receive side has ended, for `reason`, and writes nothing
+/// more into a region: the link is closed and its loads' parts fail.
+pub(crate) fn end_link(shared: &LinkShared, reason: &str) {
+    let reason = reason.to_owned();
     let mut waiting = shared.waiting.lock().expect("link lock");
     waiting.closed = Some(reason.clone());
     for (_, (load, part, _)) in waiting.loads.drain() {
@@ -1378,7 +1418,7 @@ fn receive_one(socket: &mut Socket, shared: &LinkShared, body: &mut Vec<u8>) -> 
     dispatch(frame, shared)
 }
 
-fn dispatch(frame: Frame, shared: &LinkShared) -> io::Result<()> {
+pub(crate) fn dispatch(frame: Frame, shared: &LinkShared) -> io::Result<()> {
     let mut waiting = shared.waiting.lock().expect("link lock");
     match frame {
         Frame::RegionRegistered { .. } => {}

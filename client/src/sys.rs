@@ -159,6 +159,19 @@ impl Region {
         len: u32,
         source: &mut impl std::io::Read,
     ) -> std::io::Result<()> {
+        self.check_receive(offset, len)?;
+        // The check above bounds both values by the region length, a usize.
+        let (offset, len) = (offset as usize, len as usize);
+        // SAFETY: in bounds (checked above). The range belongs to a load in flight:
+        // the engine does not touch it until the load reports it complete, and loads
+        // in flight target disjoint ranges, so this is the only access.
+        let target = unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr().add(offset), len) };
+        source.read_exact(target)
+    }
+
+    /// Whether a payload of `len` bytes at `offset` may be received into the
+    /// region over a socket: inside it, and host memory.
+    pub(crate) fn check_receive(&self, offset: u64, len: u32) -> std::io::Result<()> {
         if self.is_device() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
@@ -171,13 +184,7 @@ impl Region {
                 format!("the gateway wrote outside the region (offset {offset}, {len} bytes, region {} bytes)", self.len),
             ));
         }
-        // The check above bounds both values by the region length, a usize.
-        let (offset, len) = (offset as usize, len as usize);
-        // SAFETY: in bounds (checked above). The range belongs to a load in flight:
-        // the engine does not touch it until the load reports it complete, and loads
-        // in flight target disjoint ranges, so this is the only access.
-        let target = unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr().add(offset), len) };
-        source.read_exact(target)
+        Ok(())
     }
 
     /// Runs `fill` on `offset..offset + len` of the region (the prefill node's own

@@ -993,6 +993,31 @@ fn a_lookup_within_a_bound_times_out_on_a_frozen_gateway() {
     assert_eq!(client.lookup("full", &[key]).expect("answered"), [true]);
 }
 
+/// Plain TCP connections share the process's few receive threads: three
+/// clients (six connections) loading at once add no thread a connection.
+#[test]
+fn plain_connections_share_a_few_receive_threads() {
+    let gateway = Gateway::start(8);
+    let clients: Vec<Client> = (0..3).map(|_| gateway.client()).collect();
+    std::thread::scope(|scope| {
+        for client in &clients {
+            scope.spawn(move || {
+                let (region, id) = registered_region(client, 8 * BLOCK_BYTES);
+                load_all_done(client, "full", id, &whole_blocks(8));
+                assert!(region.read(0, BLOCK_BYTES) == expected_block(0));
+            });
+        }
+    });
+    let names: Vec<String> = std::fs::read_dir("/proc/self/task")
+        .expect("this process's threads")
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .collect();
+    let count = |prefix: &str| names.iter().filter(|name| name.starts_with(prefix)).count();
+    let shared = count("dualpath-rx-");
+    assert!((1..=4).contains(&shared), "{names:?}");
+    assert_eq!(count("dualpath-recv-"), 0, "{names:?}");
+}
+
 /// Closing a client (the engine shuts down, or drops this connection pool):
 /// its running load is cancelled (here the gateway is frozen and cannot
 /// confirm: the connections are cut), every request after it is refused as
