@@ -802,12 +802,7 @@ fn a_gateway_down_when_the_client_connects_joins_the_split_when_it_comes_up() {
         .wait(WAIT)
         .expect("finished");
     assert!(report.all_done(), "{:?}", report.failed().next());
-    for index in 0..4u64 {
-        assert!(
-            region.read(index as usize * BLOCK_BYTES, BLOCK_BYTES) == expected_block(index),
-            "block {index} from the late gateway"
-        );
-    }
+    assert_blocks_in_order(&region, 4, "from the late gateway");
 }
 
 /// A connection may have at most 65,536 regions registered (re-registering
@@ -1071,12 +1066,7 @@ fn a_closed_client_cancels_its_loads_and_never_redials() {
         "a closed client dialled again"
     );
     // Nothing of the cancelled load landed; the first load's bytes stay.
-    for index in 0..8u64 {
-        assert!(
-            region.read(index as usize * BLOCK_BYTES, BLOCK_BYTES) == expected_block(index),
-            "block {index}"
-        );
-    }
+    assert_blocks_in_order(&region, 8, "of the first load");
 }
 
 /// A region a store reads from (here sent from where it lies; the gateway is
@@ -1667,12 +1657,7 @@ fn blocks_that_fail_to_read_fail_clearly_or_come_from_another_gateway() {
         .wait(WAIT)
         .expect("finished");
     assert!(report.all_done(), "{:?}", report.failed().next());
-    for index in 0..COUNT {
-        assert!(
-            region.read(index as usize * BLOCK_BYTES, BLOCK_BYTES) == expected_block(index),
-            "block {index}"
-        );
-    }
+    assert_blocks_in_order(&region, COUNT, "");
 }
 
 /// A block whose bytes on disk no longer match their checksums (a flipped bit
@@ -2169,6 +2154,17 @@ fn reversed_blocks() -> Vec<BlockLoad> {
             dest_offset: (7 - index) * BLOCK_BYTES as u64,
         })
         .collect()
+}
+
+/// Blocks `0..count` lie in `region` one after another, every byte as
+/// imported (`what` says which in a failure).
+fn assert_blocks_in_order(region: &Region, count: u64, what: &str) {
+    for index in 0..count {
+        assert!(
+            region.read(index as usize * BLOCK_BYTES, BLOCK_BYTES) == expected_block(index),
+            "block {index} {what}"
+        );
+    }
 }
 
 fn assert_reversed(region: &Region) {
@@ -2946,12 +2942,7 @@ fn a_gateway_without_io_uring_serves_loads_on_the_blocking_engine() {
             load.wait_layer(layer, WAIT).expect("layer");
         }
         assert!(load.wait(WAIT).expect("finished").all_done());
-        for index in 0..COUNT {
-            assert!(
-                region.read(index as usize * BLOCK_BYTES, BLOCK_BYTES) == expected_block(index),
-                "{namespace} block {index}"
-            );
-        }
+        assert_blocks_in_order(&region, COUNT, namespace);
     }
     client
         .store("layer", BlockKey(0xB10C), &expected_block(1))
@@ -3077,9 +3068,7 @@ fn a_gateway_refused_io_uring_by_seccomp_falls_back_and_serves() {
         .load("layer", id, &whole_blocks(COUNT), 0)
         .expect("load");
     assert!(load.wait(WAIT).expect("finished").all_done());
-    for index in 0..COUNT {
-        assert!(region.read(index as usize * BLOCK_BYTES, BLOCK_BYTES) == expected_block(index));
-    }
+    assert_blocks_in_order(&region, COUNT, "");
     drop(gateway);
 
     let strict = TestGatewayConfig {
