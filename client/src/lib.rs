@@ -1103,9 +1103,12 @@ impl Client {
     /// caller holds the region table's lock (an unregister, which takes it
     /// for writing, sees the claim or the store sees no region).
     fn claim_for_store(&self, regions: Vec<u32>) -> StoreClaim<'_> {
-        let mut stores = self.region_stores.lock().expect("region stores lock");
-        for id in &regions {
-            *stores.entry(*id).or_default() += 1;
+        // Most stores (blocks not in a registered region) claim nothing.
+        if !regions.is_empty() {
+            let mut stores = self.region_stores.lock().expect("region stores lock");
+            for id in &regions {
+                *stores.entry(*id).or_default() += 1;
+            }
         }
         StoreClaim {
             stores: &self.region_stores,
@@ -1533,6 +1536,9 @@ struct StoreClaim<'a> {
 
 impl Drop for StoreClaim<'_> {
     fn drop(&mut self) {
+        if self.regions.is_empty() {
+            return;
+        }
         let mut stores = self.stores.lock().expect("region stores lock");
         for id in &self.regions {
             if let Some(count) = stores.get_mut(id) {
@@ -1866,16 +1872,9 @@ mod tests {
     /// under test).
     #[test]
     fn a_lookup_passes_over_a_gateway_older_than_lookups() {
+        use crate::link::test_frames::read_frame;
         use protocol::{Frame, FrameType};
-        use std::io::{Read, Write};
-        fn read_frame(stream: &mut std::net::TcpStream) -> Option<Frame> {
-            let mut header = [0u8; protocol::HEADER_BYTES];
-            stream.read_exact(&mut header).ok()?;
-            let header = protocol::decode_header(&header).expect("a frame");
-            let mut body = vec![0u8; header.body_len as usize];
-            stream.read_exact(&mut body).expect("its body");
-            Some(Frame::decode(header.kind, &body).expect("decodes"))
-        }
+        use std::io::Write;
         /// Serves one client connection at `spoken` (refusing newer hellos);
         /// returns the kinds of frame the client sent after its hello.
         fn stand_in(spoken: u16) -> (String, std::thread::JoinHandle<Vec<FrameType>>) {

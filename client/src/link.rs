@@ -1501,8 +1501,28 @@ fn invalid(error: impl ToString) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, error.to_string())
 }
 
+/// Reading frames as a stand-in gateway does, for tests of the client
+/// against such gateways.
+#[cfg(test)]
+pub(crate) mod test_frames {
+    use std::io::Read;
+
+    use protocol::Frame;
+
+    /// The next whole frame, or `None` once the client has closed.
+    pub(crate) fn read_frame(stream: &mut std::net::TcpStream) -> Option<Frame> {
+        let mut header = [0u8; protocol::HEADER_BYTES];
+        stream.read_exact(&mut header).ok()?;
+        let header = protocol::decode_header(&header).expect("a frame");
+        let mut body = vec![0u8; header.body_len as usize];
+        stream.read_exact(&mut body).expect("its body");
+        Some(Frame::decode(header.kind, &body).expect("decodes"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::test_frames::read_frame;
     use super::{name_open_files_limit, write_all_parts};
 
     /// A stand-in gateway that says hello (version 2) and then reads
@@ -1583,7 +1603,7 @@ mod tests {
             let mut hellos = Vec::new();
             loop {
                 let (mut stream, _) = listener.accept().expect("accept");
-                let Frame::Hello { version, .. } = read_frame(&mut stream) else {
+                let Some(Frame::Hello { version, .. }) = read_frame(&mut stream) else {
                     panic!("a hello first");
                 };
                 hellos.push(version);
@@ -1604,7 +1624,7 @@ mod tests {
                 };
                 stream.write_all(&welcome.encode()).expect("welcome");
                 let mut kinds = Vec::new();
-                while let Some(kind) = read_kind(&mut stream) {
+                while let Some(kind) = read_frame(&mut stream).map(|frame| frame.kind()) {
                     kinds.push(kind);
                 }
                 return (hellos, kinds);
@@ -1635,23 +1655,6 @@ mod tests {
             (1..=protocol::PROTOCOL_VERSION).rev().collect::<Vec<u16>>()
         );
         assert_eq!(kinds, [FrameType::RegisterRegion]);
-
-        fn read_kind(stream: &mut std::net::TcpStream) -> Option<FrameType> {
-            let mut header = [0u8; protocol::HEADER_BYTES];
-            stream.read_exact(&mut header).ok()?;
-            let header = protocol::decode_header(&header).expect("a frame");
-            let mut body = vec![0u8; header.body_len as usize];
-            stream.read_exact(&mut body).expect("its body");
-            Some(header.kind)
-        }
-        fn read_frame(stream: &mut std::net::TcpStream) -> Frame {
-            let mut header = [0u8; protocol::HEADER_BYTES];
-            stream.read_exact(&mut header).expect("a header");
-            let header = protocol::decode_header(&header).expect("a frame");
-            let mut body = vec![0u8; header.body_len as usize];
-            stream.read_exact(&mut body).expect("its body");
-            Frame::decode(header.kind, &body).expect("decodes")
-        }
     }
 
     #[test]

@@ -140,9 +140,9 @@ fn a_load_past_the_device_region_is_refused() {
     );
 }
 
-/// Every block of the test namespace, at its place in a device region.
-fn all_blocks() -> Vec<BlockLoad> {
-    (0..BLOCKS)
+/// Blocks `0..count` of the test namespace, back to back in a device region.
+fn blocks_in_order(count: u64) -> Vec<BlockLoad> {
+    (0..count)
         .map(|index| BlockLoad {
             key: synthetic::key(SEED, index),
             layers: 0..LAYERS,
@@ -175,7 +175,7 @@ fn after_a_device_load_is_cancelled_device_memory_stays_as_it_is() {
     let target =
         DeviceRegion::allocate(&device, BLOCKS as usize * BLOCK_BYTES).expect("device memory");
     let load = client
-        .load_to_device("layer", &target, &all_blocks(), 0, false)
+        .load_to_device("layer", &target, &blocks_in_order(BLOCKS), 0, false)
         .expect("load");
     load.wait_layer(0, WAIT).expect("layer 0 on the device");
     let report = load.cancel(WAIT).expect("confirmed");
@@ -198,7 +198,7 @@ fn after_a_client_is_closed_mid_device_load_device_memory_stays_as_it_is() {
     let (_dir, _gateway, client) = gateway_and_client(&["layer"], BLOCKS);
     let target =
         DeviceRegion::allocate(&device, BLOCKS as usize * BLOCK_BYTES).expect("device memory");
-    let blocks = all_blocks();
+    let blocks = blocks_in_order(BLOCKS);
     let load = client
         .load_to_device("layer", &target, &blocks, 0, false)
         .expect("load");
@@ -227,13 +227,7 @@ fn device_memory_let_go_of_loads_again() {
     let Some(device) = gpu() else { return };
     let (_dir, _gateway, client) = gateway_and_client(&["full"], 4);
     let target = DeviceRegion::allocate(&device, 4 * BLOCK_BYTES).expect("device memory");
-    let blocks: Vec<BlockLoad> = (0..4u64)
-        .map(|index| BlockLoad {
-            key: synthetic::key(SEED, index),
-            layers: 0..LAYERS,
-            dest_offset: index * BLOCK_BYTES as u64,
-        })
-        .collect();
+    let blocks = blocks_in_order(4);
     for _ in 0..2 {
         let report = client
             .load_to_device("full", &target, &blocks, 0, false)
