@@ -13,7 +13,7 @@
 
 Errors are `DualpathError` subclasses: `GatewayError` (the gateway refused; `args[0]`
 is the code, e.g. "NotFound"), `DisconnectedError`, `WaitTimeout`, `RegionInUseError`
-(`unregister` of a region a running load may still write into), `ClientClosedError`
+(`unregister` of a region a running load may still write into, or a store reads from), `ClientClosedError`
 (a call after `close`); bad arguments raise `ValueError`.
 
 `with dualpath.Client([...]) as client:` closes the client at the end of the block:

@@ -108,7 +108,8 @@ class Client:
         is withdrawn). Raises RegionInUseError while a load into it may still write."""
     def unregister(self, region: int) -> None:
         """Withdraw a registered region: the gateways forget it and its buffer or owner is
-        released. Raises RegionInUseError while a load into it may still write."""
+        released. Raises RegionInUseError while a load into it may still write or a
+        store reads from it."""
     def lookup(self, namespace: str, keys: Sequence[Key], timeout: Optional[float] = None) -> list[bool]:
         """Which of `keys` are stored in `namespace` (one bool per key), asked of the
         first gateway in the split that answers, within `timeout` seconds in all
