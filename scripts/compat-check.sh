@@ -5,7 +5,7 @@
 # version 1) and of this checkout, then, each pairing with a fresh store of
 # synthetic blocks:
 #   - this build's client (`dualpath bench load`) against the older gateway:
-#     it says hello in its version (3), is refused, tries the one before,
+#     it says hello in its version (4), is refused, tries the one before,
 #     and so on down to version 1, which it then speaks;
 #   - the older client against this build's gateway, which answers in the
 #     client's version 1;

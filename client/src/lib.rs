@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use block_layout::{BlockKey, Geometry};
-use protocol::{ErrorCode, NamespaceInfo};
+use protocol::{ErrorCode, FrameType, NamespaceInfo};
 
 pub use dual::PathStats;
 pub use link::{end_when_peer_dies, mark_dscp, Endpoint};
@@ -939,7 +939,58 @@ impl Client {
         keys: &[BlockKey],
         timeout: Duration,
     ) -> Result<Vec<bool>, ClientError> {
-        self.refuse_if_closed()?;
+        let last_error = match self.key_batch_on_first(FrameType::Lookup, namespace, keys, timeout)
+        {
+            Ok(present) => return count_lookup(Ok(present), "gateway"),
+            Err(KeyBatchFailure::Answered(error)) => return count_lookup(Err(error), "gateway"),
+            Err(KeyBatchFailure::NoGateway(error)) => error,
+        };
+        if let Some(reader) = &self.pe_reader {
+            return count_lookup(reader.lookup(namespace, keys), "pe");
+        }
+        Err(last_error)
+    }
+
+    /// Removes `keys` from `namespace` in the gateways' store, and says per
+    /// key whether it was stored (and is removed now): an engine or an
+    /// operator withdrawing blocks (a conversation deleted, a cache
+    /// invalidated). Returns once the removal is durable: no gateway restart
+    /// brings a removed block back. The token must be allowed to write the
+    /// namespace. Asked of the first gateway in the split that answers (each
+    /// of its shards for the keys it owns), as [`Client::lookup`] is, for
+    /// gateways that share one store; a gateway that cannot be reached or
+    /// fails for a passing reason is passed over for the next, which then
+    /// reports not stored what the first removed before its answer was lost.
+    /// A load already reading a block when it is removed still gets it; a
+    /// store racing a removal of the same key may land after it. Not taken
+    /// over by the PE path: removing is the gateways' job. Gateways get up to
+    /// `ClientOptions::request_timeout` in all.
+    pub fn remove(&self, namespace: &str, keys: &[BlockKey]) -> Result<Vec<bool>, ClientError> {
+        self.remove_within(namespace, keys, self.options.request_timeout)
+    }
+
+    /// [`Client::remove`] where the gateways get up to `timeout` in all.
+    pub fn remove_within(
+        &self,
+        namespace: &str,
+        keys: &[BlockKey],
+        timeout: Duration,
+    ) -> Result<Vec<bool>, ClientError> {
+        self.key_batch_on_first(FrameType::Remove, namespace, keys, timeout)
+            .map_err(|(KeyBatchFailure::Answered(error) | KeyBatchFailure::NoGateway(error))| error)
+    }
+
+    /// A key batch (`Lookup` or `Remove`) asked of the first gateway in the
+    /// split that answers: one that cannot be reached, fails for a passing
+    /// reason or is older than `kind` is passed over for the next.
+    fn key_batch_on_first(
+        &self,
+        kind: FrameType,
+        namespace: &str,
+        keys: &[BlockKey],
+        timeout: Duration,
+    ) -> Result<Vec<bool>, KeyBatchFailure> {
+        self.refuse_if_closed().map_err(KeyBatchFailure::Answered)?;
         let deadline = std::time::Instant::now() + timeout;
         let mut last_error = None;
         for index in 0..self.gateways.len() {
@@ -948,36 +999,36 @@ impl Client {
             }
             if std::time::Instant::now() >= deadline {
                 last_error.get_or_insert(ClientError::Timeout {
-                    what: format!("a lookup of {} keys", keys.len()),
+                    what: format!("a {} of {} keys", key_batch_name(kind), keys.len()),
                     after: timeout,
                 });
                 break;
             }
             self.redialer.redial(index, Redial::OnDemand);
-            // A gateway of a build before lookups (a rolling upgrade under
-            // way) is passed over for a newer one.
+            // A gateway of a build before this frame (a rolling upgrade
+            // under way) is passed over for a newer one.
             let older = self.gateways[index]
                 .links()
                 .first()
-                .is_some_and(|link| link.version < protocol::LOOKUP_VERSION);
-            match self.lookup_on(index, namespace, keys, deadline) {
+                .is_some_and(|link| link.check_key_batch(kind).is_err());
+            match self.key_batch_on(kind, index, namespace, keys, deadline) {
                 Err(error) if error.is_retryable() || older => last_error = Some(error),
-                answer => return count_lookup(answer, "gateway"),
+                answer => return answer.map_err(KeyBatchFailure::Answered),
             }
         }
-        if let Some(reader) = &self.pe_reader {
-            return count_lookup(reader.lookup(namespace, keys), "pe");
-        }
-        Err(last_error.unwrap_or_else(|| ClientError::Disconnected {
-            address: self.gateways[0].address.clone(),
-            message: "no gateway is in the split now (each left it after failing); try again once one is back".into(),
-        }))
+        Err(KeyBatchFailure::NoGateway(last_error.unwrap_or_else(|| {
+            ClientError::Disconnected {
+                address: self.gateways[0].address.clone(),
+                message: "no gateway is in the split now (each left it after failing); try again once one is back".into(),
+            }
+        })))
     }
 
-    /// [`Client::lookup`] on gateway `gateway`: every shard's keys sent in
-    /// frames of at most `LOOKUP_KEYS_MAX`, then every answer awaited.
-    fn lookup_on(
+    /// A key batch on gateway `gateway`: every shard's keys sent in frames
+    /// of at most `LOOKUP_KEYS_MAX`, then every answer awaited.
+    fn key_batch_on(
         &self,
+        kind: FrameType,
         gateway: usize,
         namespace: &str,
         keys: &[BlockKey],
@@ -996,7 +1047,9 @@ impl Client {
             for chunk in indexes.chunks(protocol::LOOKUP_KEYS_MAX as usize) {
                 let request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
                 let chunk_keys = chunk.iter().map(|&index| keys[index]).collect();
-                if let Err(error) = links[shard].send_lookup(request_id, namespace, chunk_keys) {
+                if let Err(error) =
+                    links[shard].send_key_batch(kind, request_id, namespace, chunk_keys)
+                {
                     outcome = Err(error);
                     break 'send;
                 }
@@ -1005,19 +1058,20 @@ impl Client {
         }
         // Every answer is awaited (or its wait ends with the connection), so
         // none is left behind in the link's table.
-        let mut present = vec![false; keys.len()];
+        let mut answers = vec![false; keys.len()];
         for (shard, request_id, chunk) in sent {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match links[shard].wait_lookup(request_id, left) {
+            match links[shard].wait_key_batch(request_id, left) {
                 Ok(answer) if answer.len() == chunk.len() => {
-                    for (&index, found) in chunk.iter().zip(answer) {
-                        present[index] = found;
+                    for (&index, bit) in chunk.iter().zip(answer) {
+                        answers[index] = bit;
                     }
                 }
                 Ok(answer) => {
                     outcome = outcome.and(Err(ClientError::Invalid(format!(
-                        "gateway {} answered a lookup of {} keys with {}",
+                        "gateway {} answered a {} of {} keys with {}",
                         self.gateways[gateway].address,
+                        key_batch_name(kind),
                         chunk.len(),
                         answer.len()
                     ))));
@@ -1025,7 +1079,7 @@ impl Client {
                 Err(error) => outcome = outcome.and(Err(error)),
             }
         }
-        outcome.map(|()| present)
+        outcome.map(|()| answers)
     }
 
     /// Each path of `load_dual` ("pe", "gateway N"): whether it is in the split,
@@ -1514,6 +1568,22 @@ impl Drop for Client {
 
 /// Counts a lookup's keys for the engine's metrics, by who answered and
 /// whether they were found stored.
+/// How a key batch asked of the gateways failed.
+enum KeyBatchFailure {
+    /// A gateway answered it with this error (a refusal), or the client is
+    /// closed.
+    Answered(ClientError),
+    /// No gateway answered: the last one's error.
+    NoGateway(ClientError),
+}
+
+fn key_batch_name(kind: FrameType) -> &'static str {
+    match kind {
+        FrameType::Remove => "removal",
+        _ => "lookup",
+    }
+}
+
 fn count_lookup(
     answer: Result<Vec<bool>, ClientError>,
     answered_by: &'static str,
@@ -1864,14 +1934,14 @@ mod tests {
         assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
     }
 
-    /// During a rolling upgrade a gateway may be of a build before lookups:
-    /// it is not sent one (it would close the connection on the unknown
-    /// frame); the next gateway answers. Two stand-in gateways on real
-    /// sockets: one speaks protocol version 1 only, the other this version
-    /// and answers lookups (the negotiation and the pass-over are the logic
-    /// under test).
+    /// During a rolling upgrade a gateway may be of a build before lookups
+    /// or removes: it is not sent one (it would close the connection on the
+    /// unknown frame); the next gateway answers. Three stand-in gateways on
+    /// real sockets: one speaks protocol version 1 only, one version 3
+    /// (lookups, no removes), the third this version (the negotiation and the
+    /// pass-over are the logic under test).
     #[test]
-    fn a_lookup_passes_over_a_gateway_older_than_lookups() {
+    fn lookups_and_removes_pass_over_gateways_older_than_them() {
         use crate::link::test_frames::read_frame;
         use protocol::{Frame, FrameType};
         use std::io::Write;
@@ -1913,27 +1983,33 @@ mod tests {
                 let mut kinds = Vec::new();
                 while let Some(frame) = read_frame(&mut stream) {
                     kinds.push(frame.kind());
-                    if let Frame::Lookup {
-                        request_id, keys, ..
-                    } = frame
-                    {
-                        let answer = Frame::LookupResult {
-                            request_id,
+                    // Lookups: even keys stored; removes: multiples of 3.
+                    let answer = match frame {
+                        Frame::Lookup(batch) => Frame::LookupResult(protocol::KeyBits {
+                            request_id: batch.request_id,
                             code: ErrorCode::Ok,
                             message: String::new(),
-                            present: keys.iter().map(|key| key.0 % 2 == 0).collect(),
-                        };
-                        stream.write_all(&answer.encode()).expect("answer");
-                    }
+                            bits: batch.keys.iter().map(|key| key.0 % 2 == 0).collect(),
+                        }),
+                        Frame::Remove(batch) => Frame::RemoveResult(protocol::KeyBits {
+                            request_id: batch.request_id,
+                            code: ErrorCode::Ok,
+                            message: String::new(),
+                            bits: batch.keys.iter().map(|key| key.0 % 3 == 0).collect(),
+                        }),
+                        _ => continue,
+                    };
+                    stream.write_all(&answer.encode()).expect("answer");
                 }
                 return kinds;
             });
             (address, serving)
         }
-        let (older, older_serving) = stand_in(1);
+        let (oldest, oldest_serving) = stand_in(1);
+        let (older, older_serving) = stand_in(protocol::LOOKUP_VERSION);
         let (newer, newer_serving) = stand_in(protocol::PROTOCOL_VERSION);
         let client = Client::connect(
-            &[&older, &newer],
+            &[&oldest, &older, &newer],
             ClientOptions {
                 pool_poll_interval: Duration::ZERO,
                 ..ClientOptions::default()
@@ -1944,11 +2020,18 @@ mod tests {
         assert_eq!(
             client
                 .lookup("kv", &keys)
-                .expect("the newer gateway answers"),
+                .expect("the version-3 gateway answers"),
+            [true, false]
+        );
+        assert_eq!(
+            client
+                .remove("kv", &[BlockKey(3), BlockKey(4)])
+                .expect("the newest gateway answers"),
             [true, false]
         );
         drop(client);
-        assert_eq!(older_serving.join().expect("older"), []);
-        assert_eq!(newer_serving.join().expect("newer"), [FrameType::Lookup]);
+        assert_eq!(oldest_serving.join().expect("oldest"), []);
+        assert_eq!(older_serving.join().expect("older"), [FrameType::Lookup]);
+        assert_eq!(newer_serving.join().expect("newer"), [FrameType::Remove]);
     }
 }

@@ -13,9 +13,9 @@ use block_layout::BlockKey;
 use protocol::auth;
 use protocol::PeerStatus;
 use protocol::{
-    decode_data_prefix, decode_header, encode_store_head_into, ErrorCode, Frame, FrameType, Load,
-    NamespaceInfo, DATA_PREFIX_BYTES, FORGET_REGION_VERSION, HEADER_BYTES, LOOKUP_VERSION,
-    OLDEST_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    decode_data_prefix, decode_header, encode_store_head_into, ErrorCode, Frame, FrameType,
+    KeyBatch, KeyBits, Load, NamespaceInfo, DATA_PREFIX_BYTES, FORGET_REGION_VERSION, HEADER_BYTES,
+    LOOKUP_VERSION, OLDEST_PROTOCOL_VERSION, PROTOCOL_VERSION, REMOVE_VERSION,
 };
 
 use crate::load::{LoadShared, PartId};
@@ -248,8 +248,9 @@ impl Write for Socket {
 #[derive(Debug, Default)]
 struct Waiting {
     stores: HashMap<u64, Option<(ErrorCode, String)>>,
-    /// Lookups sent, and their answers once they arrive.
-    lookups: HashMap<u64, Option<(ErrorCode, String, Vec<bool>)>>,
+    /// Key batches (lookups, removes) sent, and their answers once they
+    /// arrive.
+    key_batches: HashMap<u64, Option<KeyBits>>,
     loads: HashMap<u64, (Arc<LoadShared>, PartId, Vec<u32>)>,
     /// The latest `PoolStatus`, taken by whoever asked for it.
     pool: Option<Vec<PeerStatus>>,
@@ -693,61 +694,89 @@ impl ShardLink {
         self.send_load(load)
     }
 
-    /// Sends a `Lookup` of `keys` (at most `LOOKUP_KEYS_MAX`), whose answer
-    /// [`ShardLink::wait_lookup`] waits for. Refused without sending on a
-    /// connection whose gateway is older than lookups.
-    pub fn send_lookup(
+    /// The version from which a gateway takes `kind`, and its name.
+    fn key_batch_version(kind: FrameType) -> (u16, &'static str) {
+        match kind {
+            FrameType::Remove => (REMOVE_VERSION, "remove"),
+            _ => (LOOKUP_VERSION, "lookup"),
+        }
+    }
+
+    /// Whether this connection's gateway takes key batches of `kind`
+    /// (`Lookup` or `Remove`); the error names the upgrade.
+    pub fn check_key_batch(&self, kind: FrameType) -> Result<(), ClientError> {
+        let (since, name) = Self::key_batch_version(kind);
+        if self.version < since {
+            return Err(ClientError::Invalid(format!(
+                "gateway {} speaks protocol version {}, which has no {name} (version {since} on): upgrade the gateway",
+                self.shared.address, self.version
+            )));
+        }
+        Ok(())
+    }
+
+    /// Sends a `Lookup` or a `Remove` (`kind`) of `keys` (at most
+    /// `LOOKUP_KEYS_MAX`), whose answer [`ShardLink::wait_key_batch`] waits
+    /// for. Refused without sending on a connection whose gateway is older
+    /// than that frame.
+    pub fn send_key_batch(
         &self,
+        kind: FrameType,
         request_id: u64,
         namespace: &str,
         keys: Vec<BlockKey>,
     ) -> Result<(), ClientError> {
-        if self.version < LOOKUP_VERSION {
-            return Err(ClientError::Invalid(format!(
-                "gateway {} speaks protocol version {}, which has no lookup (version {LOOKUP_VERSION} on): upgrade the gateway",
-                self.shared.address, self.version
-            )));
-        }
+        self.check_key_batch(kind)?;
+        let batch = KeyBatch {
+            request_id,
+            namespace: namespace.to_owned(),
+            keys,
+        };
+        let frame = match kind {
+            FrameType::Remove => Frame::Remove(batch),
+            _ => Frame::Lookup(batch),
+        };
         self.shared
             .waiting
             .lock()
             .expect("link lock")
-            .lookups
+            .key_batches
             .insert(request_id, None);
-        let sent = self.send(&Frame::Lookup {
-            request_id,
-            namespace: namespace.to_owned(),
-            keys,
-        });
+        let sent = self.send(&frame);
         if sent.is_err() {
-            self.forget_lookup(request_id);
+            self.forget_key_batch(request_id);
         }
         sent
     }
 
-    /// The answer to lookup `request_id`: per key sent, whether the gateway's
-    /// store holds it.
-    pub fn wait_lookup(
+    /// The answer to key batch `request_id`: one bit a key sent (a lookup:
+    /// whether the gateway's store holds it; a remove: whether it held it
+    /// and has removed it).
+    pub fn wait_key_batch(
         &self,
         request_id: u64,
         timeout: Duration,
     ) -> Result<Vec<bool>, ClientError> {
-        let answer = self.wait_for(timeout, &"a lookup's answer", |waiting| {
-            waiting.lookups.get_mut(&request_id)?.take()
+        let answer = self.wait_for(timeout, &"a lookup's or remove's answer", |waiting| {
+            waiting.key_batches.get_mut(&request_id)?.take()
         });
-        self.forget_lookup(request_id);
-        match answer? {
-            (ErrorCode::Ok, _, present) => Ok(present),
-            (code, message, _) => Err(ClientError::Gateway { code, message }),
+        self.forget_key_batch(request_id);
+        let answer = answer?;
+        match answer.code {
+            ErrorCode::Ok => Ok(answer.bits),
+            code => Err(ClientError::Gateway {
+                code,
+                message: answer.message,
+            }),
         }
     }
 
-    fn forget_lookup(&self, request_id: u64) {
+    fn forget_key_batch(&self, request_id: u64) {
         self.shared
             .waiting
             .lock()
             .expect("link lock")
-            .lookups
+            .key_batches
             .remove(&request_id);
     }
 
@@ -1459,15 +1488,10 @@ pub(crate) fn dispatch(frame: Frame, shared: &LinkShared) -> io::Result<()> {
         } => {
             waiting.stores.insert(request_id, Some((code, message)));
         }
-        Frame::LookupResult {
-            request_id,
-            code,
-            message,
-            present,
-        } => {
+        Frame::LookupResult(answer) | Frame::RemoveResult(answer) => {
             // An answer nobody waits for any more (timed out) is dropped.
-            if let Some(answer) = waiting.lookups.get_mut(&request_id) {
-                *answer = Some((code, message, present));
+            if let Some(waiter) = waiting.key_batches.get_mut(&answer.request_id) {
+                *waiter = Some(answer);
             }
         }
         Frame::Error {
@@ -1643,11 +1667,13 @@ mod tests {
         let region = crate::Region::allocate(4096);
         link.register_region(3, &region).expect("announced");
         link.forget_region(3).expect("nothing to send");
-        let refused = link.send_lookup(1, "kv", vec![block_layout::BlockKey(1)]);
-        assert!(
-            matches!(&refused, Err(crate::ClientError::Invalid(message)) if message.contains("upgrade the gateway")),
-            "{refused:?}"
-        );
+        for kind in [FrameType::Lookup, FrameType::Remove] {
+            let refused = link.send_key_batch(kind, 1, "kv", vec![block_layout::BlockKey(1)]);
+            assert!(
+                matches!(&refused, Err(crate::ClientError::Invalid(message)) if message.contains("upgrade the gateway")),
+                "{refused:?}"
+            );
+        }
         drop(link);
         let (hellos, kinds) = older_gateway.join().expect("older gateway");
         assert_eq!(

@@ -505,7 +505,10 @@ fn garbage_and_wrong_versions_get_an_error_frame_and_the_gateway_stays_up() {
     old.read_to_end(&mut reply).expect("closed");
     let text = String::from_utf8_lossy(&reply);
     assert!(
-        text.contains("protocol versions 1 to 3") && text.contains("upgrade"),
+        text.contains(&format!(
+            "protocol versions 1 to {}",
+            protocol::PROTOCOL_VERSION
+        )) && text.contains("upgrade"),
         "{text}"
     );
 
@@ -966,6 +969,77 @@ fn a_lookup_says_which_blocks_are_stored() {
         matches!(&unknown, Err(ClientError::UnknownNamespace { known, .. }) if known.contains(&"full".to_owned())),
         "{unknown:?}"
     );
+}
+
+/// An engine removes blocks (a conversation deleted): each shard removes
+/// the keys it owns; they are gone at once (a lookup, a load) and stay gone
+/// after the gateway is killed and restarted (durable when answered), the
+/// others stay, and a removed key may be stored again.
+#[test]
+fn removed_blocks_are_gone_at_once_and_after_a_restart() {
+    let mut gateway = Gateway::start(8);
+    let client = gateway.client();
+    let keys: Vec<BlockKey> = (0..8).map(|index| synthetic::key(SEED, index)).collect();
+    let asked = [
+        keys[0],
+        keys[5],
+        synthetic::key(SEED + 1, 0),
+        keys[6],
+        keys[0],
+    ];
+    assert_eq!(
+        client.remove("full", &asked).expect("removed"),
+        [true, true, false, true, false],
+        "a key asked twice is removed once"
+    );
+    let left = [false, true, true, true, true, false, false, true];
+    assert_eq!(client.lookup("full", &keys).expect("answered"), left);
+    let (region, id) = registered_region(&client, 8 * BLOCK_BYTES);
+    let report = client
+        .load("full", id, &whole_blocks(8), 0)
+        .expect("sent")
+        .wait(WAIT)
+        .expect("ends");
+    for (index, status) in report.blocks.iter().enumerate() {
+        if left[index] {
+            assert_eq!(*status, BlockStatus::Done, "block {index}");
+            assert!(region.read(index * BLOCK_BYTES, BLOCK_BYTES) == expected_block(index as u64));
+        } else {
+            assert!(
+                matches!(
+                    status,
+                    BlockStatus::Failed {
+                        code: GatewayCode::NotFound,
+                        ..
+                    }
+                ),
+                "block {index}: {status:?}"
+            );
+        }
+    }
+    assert_eq!(
+        gateway
+            .process
+            .metric_sum_labelled("dualpath_remove_keys_total", "found=\"true\""),
+        3.0
+    );
+    assert_eq!(gateway.metric_sum("dualpath_remove_keys_total"), 5.0);
+    let unknown = client.remove("nope", &keys[..1]);
+    assert!(
+        matches!(&unknown, Err(ClientError::UnknownNamespace { .. })),
+        "{unknown:?}"
+    );
+    drop(client);
+    gateway.kill();
+    gateway.restart_in_place();
+    let client = gateway.client();
+    assert_eq!(client.lookup("full", &keys).expect("answered"), left);
+    client
+        .store("full", keys[0], &expected_block(0))
+        .expect("stored again");
+    assert_eq!(client.lookup("full", &keys[..1]).expect("answered"), [true]);
+    let (region, id) = registered_region(&client, BLOCK_BYTES);
+    assert_loads_as(&client, "full", (id, &region), keys[0], &expected_block(0));
 }
 
 /// A scheduler that must decide soon bounds a lookup: a gateway that does
@@ -1504,6 +1578,17 @@ fn an_access_token_limits_a_client_to_its_namespaces() {
         ),
         "a lookup is a read: {looked_up:?}"
     );
+    let removed = reader.remove("full", &[synthetic::key(SEED, 0)]);
+    assert!(
+        matches!(
+            &removed,
+            Err(ClientError::Gateway {
+                code: GatewayCode::Unauthorized,
+                message,
+            }) if message.contains("write")
+        ),
+        "a removal is a write: {removed:?}"
+    );
     assert_eq!(
         reader
             .lookup("full", &[synthetic::key(SEED, 0)])
@@ -1525,6 +1610,12 @@ fn an_access_token_limits_a_client_to_its_namespaces() {
     writer
         .store("layer", BlockKey(7), &vec![2u8; BLOCK_BYTES])
         .expect("writing a listed namespace");
+    assert_eq!(
+        writer
+            .remove("layer", &[BlockKey(7)])
+            .expect("removing from a listed namespace"),
+        [true]
+    );
     // Widening the grant without the secret: the key no longer matches.
     let token = issue(&["--client", "pe-3", "--read", "full"]);
     let widened = token.replacen(&hex_of("read=full"), &hex_of("read=*,xx"), 1);

@@ -184,6 +184,13 @@ fn gateway_loads_blocks_from_an_object_store_in_both_layouts() {
         .map(|index| index < keys.len() - 2)
         .collect();
     assert_eq!(present, expected);
+    // A removal deletes the objects (DELETE requests on the same workers).
+    let removed = client
+        .remove("full", &keys[..2])
+        .expect("removed from the object store");
+    assert_eq!(removed, [true, true]);
+    let present = client.lookup("full", &keys[..3]).expect("answered");
+    assert_eq!(present, [false, false, true]);
 }
 
 /// `dualpath check` on the object backend asks the store for a listing:

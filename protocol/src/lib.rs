@@ -15,15 +15,17 @@ pub mod auth;
 
 /// The version this build speaks. A gateway also accepts clients of every
 /// version from [`OLDEST_PROTOCOL_VERSION`] on and speaks theirs.
-/// 2 added `ForgetRegion`; 3 added `Lookup`.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// 2 added `ForgetRegion`; 3 added `Lookup`; 4 added `Remove`.
+pub const PROTOCOL_VERSION: u16 = 4;
 /// The oldest version a gateway of this build still serves.
 pub const OLDEST_PROTOCOL_VERSION: u16 = 1;
 /// The first version in which a gateway takes `ForgetRegion`.
 pub const FORGET_REGION_VERSION: u16 = 2;
 /// The first version in which a gateway takes `Lookup`.
 pub const LOOKUP_VERSION: u16 = 3;
-/// Most keys in one `Lookup`.
+/// The first version in which a gateway takes `Remove`.
+pub const REMOVE_VERSION: u16 = 4;
+/// Most keys in one `Lookup` or `Remove`.
 pub const LOOKUP_KEYS_MAX: u32 = 16_384;
 pub const FRAME_MAGIC: u16 = 0xD1A7;
 /// Bytes of every frame's header: magic u16, type u8, flags u8, body length u32.
@@ -77,6 +79,8 @@ pub enum FrameType {
     ForgetRegion = 22,
     Lookup = 23,
     LookupResult = 24,
+    Remove = 25,
+    RemoveResult = 26,
 }
 
 impl FrameType {
@@ -107,6 +111,8 @@ impl FrameType {
             ForgetRegion,
             Lookup,
             LookupResult,
+            Remove,
+            RemoveResult,
         ]
         .into_iter()
         .find(|kind| *kind as u8 == code)
@@ -367,27 +373,58 @@ pub enum Frame {
     /// version 3 on): an engine asks before it plans a load (how much of a
     /// prompt's prefix is stored, and so need not be computed). Answered by
     /// `LookupResult`. Each shard answers for the keys it owns.
-    Lookup {
-        request_id: u64,
-        namespace: String,
-        keys: Vec<BlockKey>,
-    },
-    /// The answer to `Lookup` `request_id`: `present[i]` says whether key
-    /// `i` is stored (a bitmap on the wire, lowest bit first); with a code
-    /// other than `Ok` the lookup was refused (`message` says why) and
-    /// `present` is empty.
-    LookupResult {
-        request_id: u64,
-        code: ErrorCode,
-        message: String,
-        present: Vec<bool>,
-    },
+    Lookup(KeyBatch),
+    /// The answer to `Lookup` `request_id`: `bits[i]` says whether key `i`
+    /// is stored.
+    LookupResult(KeyBits),
+    /// Remove `keys` from the gateway's store in `namespace` (protocol
+    /// version 4 on; the token must be allowed to write the namespace): an engine or an
+    /// operator withdrawing blocks (a conversation deleted, a cache
+    /// invalidated). Answered by `RemoveResult` once the removal is durable.
+    /// Each shard removes the keys it owns.
+    Remove(KeyBatch),
+    /// The answer to `Remove` `request_id`: `bits[i]` says whether key `i`
+    /// was stored (and is removed now).
+    RemoveResult(KeyBits),
     /// Store one whole block that lies in a region the client announced with
     /// `RegisterRemoteRegion`: the gateway reads it with RDMA READ (layer `l`
     /// at `offset + l * layer_stride`; `layer_stride` 0: the layer size) and
     /// answers `StoreDone` as for `Store`. Only on RDMA connections whose
     /// `RdmaAccept` said `store_reads`.
     StoreFromRegion(StoreFromRegion),
+}
+
+/// Keys of one namespace asked about together: the body of `Lookup` and
+/// `Remove`, at most [`LOOKUP_KEYS_MAX`] keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyBatch {
+    pub request_id: u64,
+    pub namespace: String,
+    pub keys: Vec<BlockKey>,
+}
+
+/// The answer to a [`KeyBatch`], one bit a key (a bitmap on the wire,
+/// lowest bit first): the body of `LookupResult` and `RemoveResult`. With a
+/// code other than `Ok` the request was refused (`message` says why) and
+/// `bits` is empty.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyBits {
+    pub request_id: u64,
+    pub code: ErrorCode,
+    pub message: String,
+    pub bits: Vec<bool>,
+}
+
+impl KeyBits {
+    /// A refusal of request `request_id`.
+    pub fn refused(request_id: u64, code: ErrorCode, message: String) -> Self {
+        Self {
+            request_id,
+            code,
+            message,
+            bits: Vec::new(),
+        }
+    }
 }
 
 /// Where the block of a `StoreFromRegion` lies in the client's memory.
@@ -584,8 +621,10 @@ impl Frame {
             Frame::RegisterRemoteRegion { .. } => FrameType::RegisterRemoteRegion,
             Frame::CancelLoad { .. } => FrameType::CancelLoad,
             Frame::ForgetRegion { .. } => FrameType::ForgetRegion,
-            Frame::Lookup { .. } => FrameType::Lookup,
-            Frame::LookupResult { .. } => FrameType::LookupResult,
+            Frame::Lookup(_) => FrameType::Lookup,
+            Frame::LookupResult(_) => FrameType::LookupResult,
+            Frame::Remove(_) => FrameType::Remove,
+            Frame::RemoveResult(_) => FrameType::RemoveResult,
             Frame::StoreFromRegion(_) => FrameType::StoreFromRegion,
         }
     }
@@ -721,26 +760,19 @@ impl Frame {
             Frame::ForgetRegion { region_id } => {
                 out.u32(*region_id);
             }
-            Frame::Lookup {
-                request_id,
-                namespace,
-                keys,
-            } => {
-                out.u64(*request_id).string(namespace);
-                out.u32(u32::try_from(keys.len()).expect("callers bound keys per lookup"));
-                for key in keys {
+            Frame::Lookup(batch) | Frame::Remove(batch) => {
+                out.u64(batch.request_id).string(&batch.namespace);
+                out.u32(u32::try_from(batch.keys.len()).expect("callers bound keys per batch"));
+                for key in &batch.keys {
                     out.u128(key.0);
                 }
             }
-            Frame::LookupResult {
-                request_id,
-                code,
-                message,
-                present,
-            } => {
-                out.u64(*request_id).u16(*code as u16).string(message);
-                out.u32(u32::try_from(present.len()).expect("as many as the lookup's keys"));
-                for byte in present.chunks(8) {
+            Frame::LookupResult(answer) | Frame::RemoveResult(answer) => {
+                out.u64(answer.request_id)
+                    .u16(answer.code as u16)
+                    .string(&answer.message);
+                out.u32(u32::try_from(answer.bits.len()).expect("as many as the batch's keys"));
+                for byte in answer.bits.chunks(8) {
                     out.u8(byte
                         .iter()
                         .enumerate()
@@ -838,8 +870,10 @@ impl Frame {
             FrameType::ForgetRegion => Frame::ForgetRegion {
                 region_id: reader.u32()?,
             },
-            FrameType::Lookup => decode_lookup(&mut reader)?,
-            FrameType::LookupResult => decode_lookup_result(&mut reader)?,
+            FrameType::Lookup => Frame::Lookup(decode_key_batch(&mut reader)?),
+            FrameType::LookupResult => Frame::LookupResult(decode_key_bits(&mut reader)?),
+            FrameType::Remove => Frame::Remove(decode_key_batch(&mut reader)?),
+            FrameType::RemoveResult => Frame::RemoveResult(decode_key_bits(&mut reader)?),
             FrameType::PoolStatus => decode_pool_status(&mut reader)?,
             FrameType::Data | FrameType::Store => {
                 return Err(ProtocolError::Invalid {
@@ -949,7 +983,7 @@ fn lookup_count(reader: &mut Reader<'_>, bytes_each: usize) -> Result<usize, Pro
     Ok(count)
 }
 
-fn decode_lookup(reader: &mut Reader<'_>) -> Result<Frame, ProtocolError> {
+fn decode_key_batch(reader: &mut Reader<'_>) -> Result<KeyBatch, ProtocolError> {
     let request_id = reader.u64()?;
     let namespace = reader.string("namespace")?;
     // 128 bits a key.
@@ -958,28 +992,28 @@ fn decode_lookup(reader: &mut Reader<'_>) -> Result<Frame, ProtocolError> {
     for _ in 0..count {
         keys.push(BlockKey(reader.u128()?));
     }
-    Ok(Frame::Lookup {
+    Ok(KeyBatch {
         request_id,
         namespace,
         keys,
     })
 }
 
-fn decode_lookup_result(reader: &mut Reader<'_>) -> Result<Frame, ProtocolError> {
+fn decode_key_bits(reader: &mut Reader<'_>) -> Result<KeyBits, ProtocolError> {
     let request_id = reader.u64()?;
     let code = ErrorCode::from_code(reader.u16()?);
     let message = reader.string("message")?;
     // One bit a key.
     let count = lookup_count(reader, 1)?;
     let bits = reader.take(count.div_ceil(8))?;
-    let present = (0..count)
+    let bits = (0..count)
         .map(|index| bits[index / 8] & (1 << (index % 8)) != 0)
         .collect();
-    Ok(Frame::LookupResult {
+    Ok(KeyBits {
         request_id,
         code,
         message,
-        present,
+        bits,
     })
 }
 
@@ -1353,17 +1387,23 @@ mod tests {
             Frame::StatusRequest,
             Frame::CancelLoad { request_id: 77 },
             Frame::ForgetRegion { region_id: 9 },
-            Frame::Lookup {
+            Frame::Lookup(KeyBatch {
                 request_id: 79,
                 namespace: "kv".into(),
                 keys: vec![BlockKey(1), BlockKey(u128::MAX)],
-            },
-            Frame::LookupResult {
-                request_id: 79,
-                code: ErrorCode::Unauthorized,
-                message: "no".into(),
-                present: Vec::new(),
-            },
+            }),
+            Frame::LookupResult(KeyBits::refused(79, ErrorCode::Unauthorized, "no".into())),
+            Frame::Remove(KeyBatch {
+                request_id: 80,
+                namespace: "kv".into(),
+                keys: vec![BlockKey(2)],
+            }),
+            Frame::RemoveResult(KeyBits {
+                request_id: 80,
+                code: ErrorCode::Ok,
+                message: String::new(),
+                bits: vec![true],
+            }),
             Frame::PoolStatus {
                 peers: vec![PeerStatus {
                     address: "10.0.0.1:7400".into(),
@@ -1433,25 +1473,30 @@ mod tests {
     }
 
     #[test]
-    fn lookups_with_a_huge_key_count_are_refused_before_allocating() {
-        let mut body = Writer::default();
-        body.u64(1).string("m").u32(LOOKUP_KEYS_MAX);
-        assert!(matches!(
-            Frame::decode(FrameType::Lookup, &body.bytes),
-            Err(ProtocolError::Truncated { .. })
-        ));
-        let mut body = Writer::default();
-        body.u64(1).string("m").u32(LOOKUP_KEYS_MAX + 1);
-        assert!(matches!(
-            Frame::decode(FrameType::Lookup, &body.bytes),
-            Err(ProtocolError::Invalid { field: "keys", .. })
-        ));
-        let mut body = Writer::default();
-        body.u64(1).u16(0).string("").u32(17).u8(0xFF).u8(0xFF);
-        assert!(matches!(
-            Frame::decode(FrameType::LookupResult, &body.bytes),
-            Err(ProtocolError::Truncated { .. })
-        ));
+    fn key_batches_with_a_huge_key_count_are_refused_before_allocating() {
+        for (batch, answer) in [
+            (FrameType::Lookup, FrameType::LookupResult),
+            (FrameType::Remove, FrameType::RemoveResult),
+        ] {
+            let mut body = Writer::default();
+            body.u64(1).string("m").u32(LOOKUP_KEYS_MAX);
+            assert!(matches!(
+                Frame::decode(batch, &body.bytes),
+                Err(ProtocolError::Truncated { .. })
+            ));
+            let mut body = Writer::default();
+            body.u64(1).string("m").u32(LOOKUP_KEYS_MAX + 1);
+            assert!(matches!(
+                Frame::decode(batch, &body.bytes),
+                Err(ProtocolError::Invalid { field: "keys", .. })
+            ));
+            let mut body = Writer::default();
+            body.u64(1).u16(0).string("").u32(17).u8(0xFF).u8(0xFF);
+            assert!(matches!(
+                Frame::decode(answer, &body.bytes),
+                Err(ProtocolError::Truncated { .. })
+            ));
+        }
     }
 
     #[test]
@@ -1516,9 +1561,11 @@ mod tests {
         }
 
         #[test]
-        fn lookup_results_round_trip_bit_for_bit(present in prop::collection::vec(any::<bool>(), 0..300)) {
-            let frame = Frame::LookupResult { request_id: 5, code: ErrorCode::Ok, message: String::new(), present };
-            prop_assert_eq!(round_trip(&frame), frame);
+        fn key_bits_round_trip_bit_for_bit(bits in prop::collection::vec(any::<bool>(), 0..300)) {
+            let answer = KeyBits { request_id: 5, code: ErrorCode::Ok, message: String::new(), bits };
+            for frame in [Frame::LookupResult(answer.clone()), Frame::RemoveResult(answer)] {
+                prop_assert_eq!(round_trip(&frame), frame);
+            }
         }
 
         #[test]

@@ -131,16 +131,17 @@ impl BlockStore for AnyShard {
     fn puts_in_flight(&self) -> usize {
         dispatch!(self, shard => shard.puts_in_flight())
     }
-    fn start_lookup(
+    fn start_key_batch(
         &mut self,
+        kind: crate::KeyBatchKind,
         namespace: NamespaceId,
         keys: &[BlockKey],
         tag: u64,
     ) -> Option<Result<Vec<bool>, StoreError>> {
-        dispatch!(self, shard => shard.start_lookup(namespace, keys, tag))
+        dispatch!(self, shard => shard.start_key_batch(kind, namespace, keys, tag))
     }
-    fn reap_lookups(&mut self, out: &mut Vec<crate::LookupCompletion>) {
-        dispatch!(self, shard => shard.reap_lookups(out))
+    fn reap_key_batches(&mut self, out: &mut Vec<crate::KeyBatchCompletion>) {
+        dispatch!(self, shard => shard.reap_key_batches(out))
     }
     fn delete(&mut self, namespace: NamespaceId, key: BlockKey) -> Result<bool, StoreError> {
         dispatch!(self, shard => shard.delete(namespace, key))

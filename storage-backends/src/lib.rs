@@ -97,10 +97,18 @@ pub struct PutCompletion {
     pub result: Result<(), StoreError>,
 }
 
-/// A finished [`BlockStore::start_lookup`]: per key asked, whether it is
-/// stored.
+/// What [`BlockStore::start_key_batch`] does with each key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyBatchKind {
+    /// Says whether the key is stored.
+    Lookup,
+    /// Removes the key's block, durably; says whether it was stored.
+    Remove,
+}
+
+/// A finished [`BlockStore::start_key_batch`]: one answer a key asked.
 #[derive(Debug)]
-pub struct LookupCompletion {
+pub struct KeyBatchCompletion {
     pub tag: u64,
     pub result: Result<Vec<bool>, StoreError>,
 }
@@ -244,29 +252,40 @@ pub trait BlockStore {
     fn puts_in_flight(&self) -> usize {
         0
     }
-    /// Which of `keys` are stored in `namespace`. Backends whose index is in
-    /// memory (`uring`) answer at once (`Some`); the others (`object`: a
-    /// HEAD request a key, on the shard's workers) answer through
-    /// [`BlockStore::reap_lookups`] with `tag`, their requests made by
-    /// [`BlockStore::reap`] like reads, without waiting on the caller's
-    /// thread.
-    fn start_lookup(
+    /// Which of `keys` are stored in `namespace` (`Lookup`), or removes
+    /// them and says which were stored (`Remove`; durable once answered: no
+    /// restart brings a removed block back). Answered at once (`Some`: the
+    /// `uring` backend's lookups, from its index in memory) or through
+    /// [`BlockStore::reap_key_batches`] with `tag` (the `uring` backend's
+    /// removes, once their records' clearing is synced; the `object`
+    /// backend's HEAD or DELETE requests, one a key on the shard's workers),
+    /// advanced by [`BlockStore::reap`] like reads, without waiting on the
+    /// caller's thread. A store that cannot say fails the batch, never
+    /// answers "absent".
+    fn start_key_batch(
         &mut self,
+        kind: KeyBatchKind,
         namespace: NamespaceId,
         keys: &[BlockKey],
         tag: u64,
     ) -> Option<Result<Vec<bool>, StoreError>> {
         let _ = tag;
-        Some(Ok(keys
-            .iter()
-            .map(|key| self.contains(namespace, *key))
-            .collect()))
+        Some(match kind {
+            KeyBatchKind::Lookup => Ok(keys
+                .iter()
+                .map(|key| self.contains(namespace, *key))
+                .collect()),
+            KeyBatchKind::Remove => keys
+                .iter()
+                .map(|key| self.delete(namespace, *key))
+                .collect(),
+        })
     }
-    /// Moves the lookups that finished into `out`.
-    fn reap_lookups(&mut self, out: &mut Vec<LookupCompletion>) {
+    /// Moves the key batches that finished into `out`.
+    fn reap_key_batches(&mut self, out: &mut Vec<KeyBatchCompletion>) {
         let _ = out;
     }
-    /// Removes a block; false if it was not there.
+    /// Removes a block, durably; false if it was not there.
     fn delete(&mut self, namespace: NamespaceId, key: BlockKey) -> Result<bool, StoreError>;
     fn contains(&self, namespace: NamespaceId, key: BlockKey) -> bool;
     fn keys(&self, namespace: NamespaceId) -> Vec<BlockKey>;

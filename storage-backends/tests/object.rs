@@ -13,7 +13,7 @@ use rusty_s3::actions::S3Action;
 use staging::{HugePages, SlabConfig, StagingSlab};
 use storage_backends::object::{ObjectShard, ObjectStore};
 use storage_backends::{
-    BlockStore, NamespaceId, NamespaceSpec, PutStarted, ReadRequest, StoreError,
+    BlockStore, KeyBatchKind, NamespaceId, NamespaceSpec, PutStarted, ReadRequest, StoreError,
 };
 use test_support::{settings, Seaweed, ACCESS_KEY, BUCKET, SECRET_KEY};
 
@@ -158,44 +158,60 @@ fn object_store_round_trips_partial_ranges_missing_objects_and_bad_credentials()
     );
     assert!(!denied.is_retryable());
 
-    // Lookups: a HEAD a key on the workers, answered through reap_lookups.
+    // Lookups: a HEAD a key on the workers, answered through reap_key_batches.
     let keys: Vec<BlockKey> = [1, 2, 3, 4, 1000].map(BlockKey).to_vec();
     assert_eq!(
-        lookup(&mut shard, full, &keys, 7).expect("answered"),
+        key_batch(&mut shard, KeyBatchKind::Lookup, full, &keys, 7).expect("answered"),
         [true, true, false, false, false],
         "3 was deleted, 4 and 1000 never stored"
     );
     // More keys than workers: at most one HEAD a worker is queued at a time.
     let many: Vec<BlockKey> = (0..200).map(BlockKey).collect();
-    let found = lookup(&mut shard, full, &many, 10).expect("answered");
+    let found = key_batch(&mut shard, KeyBatchKind::Lookup, full, &many, 10).expect("answered");
     assert_eq!(
         (0..200)
             .filter(|&index| found[index])
             .collect::<Vec<usize>>(),
         [1, 2]
     );
-    assert!(lookup(&mut shard, full, &[], 8)
+    assert!(key_batch(&mut shard, KeyBatchKind::Lookup, full, &[], 8)
         .expect("nothing to ask")
         .is_empty());
     // A store that cannot say is an error, not "absent".
-    let refused = lookup(&mut intruder_shard, full, &keys, 9).expect_err("denied");
+    let refused =
+        key_batch(&mut intruder_shard, KeyBatchKind::Lookup, full, &keys, 9).expect_err("denied");
     assert!(refused.to_string().contains("access denied"), "{refused}");
+
+    // Removes: a DELETE a key on the workers, the same way.
+    let refused =
+        key_batch(&mut intruder_shard, KeyBatchKind::Remove, full, &keys, 11).expect_err("denied");
+    assert!(refused.to_string().contains("access denied"), "{refused}");
+    assert_eq!(
+        key_batch(&mut shard, KeyBatchKind::Remove, full, &keys, 12).expect("removed"),
+        [true, true, false, false, false],
+    );
+    assert_eq!(
+        key_batch(&mut shard, KeyBatchKind::Lookup, full, &keys, 13).expect("answered"),
+        [false; 5],
+        "gone from the object store"
+    );
 }
 
-/// Starts a lookup and reaps until it has finished.
-fn lookup(
+/// Starts a key batch and reaps until it has finished.
+fn key_batch(
     shard: &mut ObjectShard,
+    kind: KeyBatchKind,
     namespace: NamespaceId,
     keys: &[BlockKey],
     tag: u64,
 ) -> Result<Vec<bool>, StoreError> {
-    if let Some(answer) = shard.start_lookup(namespace, keys, tag) {
+    if let Some(answer) = shard.start_key_batch(kind, namespace, keys, tag) {
         return answer;
     }
     let mut finished = Vec::new();
     loop {
         shard.reap(&mut Vec::new(), true).expect("reap");
-        shard.reap_lookups(&mut finished);
+        shard.reap_key_batches(&mut finished);
         if let Some(done) = finished.pop() {
             assert_eq!(done.tag, tag);
             return done.result;

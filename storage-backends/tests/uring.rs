@@ -10,7 +10,8 @@ use block_layout::{BlockKey, Geometry, Layout};
 use staging::{HugePages, SlabConfig, StagingSlab};
 use storage_backends::uring::{IoEngine, UringShard, UringStore};
 use storage_backends::{
-    BlockStore, NamespaceId, NamespaceSpec, PutCompletion, PutStarted, ReadRequest, StoreError,
+    BlockStore, KeyBatchKind, NamespaceId, NamespaceSpec, PutCompletion, PutStarted, ReadRequest,
+    StoreError,
 };
 
 const ALIGNED: Geometry = Geometry {
@@ -191,6 +192,109 @@ fn blocks_survive_a_restart() {
     drop((shard, _store));
     let (_store, shard) = open(dir.path(), 1, &specs);
     assert_eq!(shard.stats().namespaces[0].blocks, 2);
+}
+
+/// Starts a key batch and reaps until it is answered.
+fn key_batch(
+    shard: &mut UringShard,
+    kind: KeyBatchKind,
+    namespace: NamespaceId,
+    keys: &[u128],
+    tag: u64,
+) -> Result<Vec<bool>, StoreError> {
+    let keys: Vec<BlockKey> = keys.iter().map(|key| BlockKey(*key)).collect();
+    if let Some(answer) = shard.start_key_batch(kind, namespace, &keys, tag) {
+        return answer;
+    }
+    let (mut reads, mut finished) = (Vec::new(), Vec::new());
+    loop {
+        shard.reap_key_batches(&mut finished);
+        if let Some(done) = finished.iter().position(|done| done.tag == tag) {
+            return finished.swap_remove(done).result;
+        }
+        shard.reap(&mut reads, true).expect("reap");
+    }
+}
+
+/// A removal takes its keys out at once and is answered once durable: after
+/// a restart neither the removed block nor an older copy of it that was
+/// replaced (its record never zeroed by the replacement) comes back, while
+/// the blocks not removed stay. A read in flight when its block is removed
+/// still completes; the slot is reused only after.
+#[test]
+fn removed_blocks_stay_removed_across_a_restart_older_copies_included() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let specs = [spec("a", ALIGNED, 8)];
+    let namespace = NamespaceId(0);
+    {
+        let (_store, mut shard) = open(dir.path(), 1, &specs);
+        put_keys(&mut shard, namespace, &[20, 21, 22]);
+        // 21 again: the first copy's slot is freed with its record on disk.
+        put_keys(&mut shard, namespace, &[21]);
+        let buffer = shard.slab().acquire().expect("a free buffer");
+        let pinned = ReadRequest {
+            tag: 9,
+            namespace,
+            key: BlockKey(22),
+            layers: 0..8,
+        };
+        shard
+            .submit_read(pinned, buffer)
+            .map_err(|rejected| rejected.error)
+            .expect("read of 22 submitted");
+        let keys = [21, 23, 22, 21].map(BlockKey);
+        assert!(
+            shard
+                .start_key_batch(KeyBatchKind::Remove, namespace, &keys, 1)
+                .is_none(),
+            "answered once its records' clearing is synced"
+        );
+        let (mut reads, mut finished) = (Vec::new(), Vec::new());
+        while reads.is_empty() || finished.is_empty() {
+            shard.reap(&mut reads, true).expect("reap");
+            shard.reap_key_batches(&mut finished);
+        }
+        let removed = finished.pop().expect("one batch").result.expect("removal");
+        assert_eq!(
+            removed,
+            [true, false, true, false],
+            "a key twice: removed once"
+        );
+        let placement = reads[0]
+            .result
+            .as_ref()
+            .expect("the read in flight completes");
+        assert_eq!(
+            &reads[0].buffer.as_slice()[..placement.layer_range(0).end as usize],
+            &expected_layers(22, &ALIGNED, 0..1)[..],
+        );
+        drop(reads);
+        let present = key_batch(
+            &mut shard,
+            KeyBatchKind::Lookup,
+            namespace,
+            &[20, 21, 22],
+            2,
+        )
+        .expect("lookup");
+        assert_eq!(present, [true, false, false]);
+        assert!(!shard.delete(namespace, BlockKey(21)).expect("delete"));
+        assert!(shard.delete(namespace, BlockKey(20)).expect("delete"));
+        put_keys(&mut shard, namespace, &[24]);
+    }
+    let (_store, mut shard) = open(dir.path(), 1, &specs);
+    for key in [20, 21, 22] {
+        match read(&mut shard, namespace, key, 0..1) {
+            Err(StoreError::NotFound { .. }) => {}
+            Err(error) => panic!("{key}: {error}"),
+            Ok(_) => panic!("removed block {key} came back after a restart"),
+        }
+    }
+    assert_eq!(
+        read(&mut shard, namespace, 24, 0..8).expect("24"),
+        expected_layers(24, &ALIGNED, 0..8)
+    );
+    assert_eq!(shard.stats().namespaces[0].blocks, 1);
 }
 
 #[test]

@@ -730,6 +730,7 @@ impl Connection {
                 | FrameType::StoreFromRegion
                 | FrameType::StatusRequest
                 | FrameType::Lookup
+                | FrameType::Remove
         )
     }
 }

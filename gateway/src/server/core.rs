@@ -13,11 +13,11 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use protocol::{
-    decode_store_prefix_ref, decode_store_ref, ErrorCode, Frame, FrameType, Header, Load,
-    StorePrefixRef, HEADER_BYTES,
+    decode_store_prefix_ref, decode_store_ref, ErrorCode, Frame, FrameType, Header, KeyBatch,
+    KeyBits, Load, StorePrefixRef, HEADER_BYTES,
 };
 use storage_backends::{
-    BlockStore, IncomingBlock, PutStarted, ReadCompletion, ReadRequest, StoreError,
+    BlockStore, IncomingBlock, KeyBatchKind, PutStarted, ReadCompletion, ReadRequest, StoreError,
 };
 use transport::{RemoteRead, RemoteWrite};
 
@@ -128,10 +128,11 @@ impl Stores {
     }
 }
 
-/// Who asked for a lookup the store answers later (an object store's HEAD
-/// requests), by the lookup's tag.
+/// Who asked for a key batch (a lookup, a removal) the store answers later
+/// (an object store's requests, a removal's header sync), by its tag.
 #[derive(Debug, Clone, Copy)]
-struct LookupWaiter {
+struct KeyBatchWaiter {
+    kind: KeyBatchKind,
     connection: usize,
     generation: u16,
     request_id: u64,
@@ -142,10 +143,10 @@ struct Core<S: BlockStore> {
     /// Puts in flight, and those the shard reported finished (reused).
     stores: Stores,
     finished_stores: Vec<storage_backends::PutCompletion>,
-    /// Lookups the store answers later, and the tag of the next one.
-    lookups: std::collections::HashMap<u64, LookupWaiter>,
-    next_lookup: u64,
-    finished_lookups: Vec<storage_backends::LookupCompletion>,
+    /// Key batches the store answers later, and the tag of the next one.
+    key_batches: std::collections::HashMap<u64, KeyBatchWaiter>,
+    next_key_batch: u64,
+    finished_key_batches: Vec<storage_backends::KeyBatchCompletion>,
     setup: CoreSetup,
     connections: Vec<Option<Connection>>,
     next_generation: u16,
@@ -192,6 +193,14 @@ impl CoreRdma {
             verbs,
             staging: std::rc::Rc::new(staging),
         })
+    }
+}
+
+/// The frame that answers a key batch of `kind`.
+fn key_batch_answer(kind: KeyBatchKind, answer: KeyBits) -> Frame {
+    match kind {
+        KeyBatchKind::Lookup => Frame::LookupResult(answer),
+        KeyBatchKind::Remove => Frame::RemoveResult(answer),
     }
 }
 
@@ -266,9 +275,9 @@ pub fn run<S: BlockStore>(
         shard,
         stores: Stores::default(),
         finished_stores: Vec::new(),
-        lookups: std::collections::HashMap::new(),
-        next_lookup: 0,
-        finished_lookups: Vec::new(),
+        key_batches: std::collections::HashMap::new(),
+        next_key_batch: 0,
+        finished_key_batches: Vec::new(),
         setup,
         connections: Vec::new(),
         next_generation: 0,
@@ -330,7 +339,7 @@ impl<S: BlockStore> Core<S> {
     fn turn(&mut self) -> anyhow::Result<()> {
         self.reap()?;
         self.reap_stores();
-        self.answer_lookups();
+        self.answer_key_batches();
         self.resume_waiting_stores();
         self.schedule();
         // Reads queued by `schedule` start now, not when the loop next wakes.
@@ -669,11 +678,8 @@ impl<S: BlockStore> Core<S> {
             Frame::StatusRequest => connection.send_control(&Frame::PoolStatus {
                 peers: self.setup.pool.status(),
             }),
-            Frame::Lookup {
-                request_id,
-                namespace,
-                keys,
-            } => self.on_lookup(index, request_id, &namespace, &keys),
+            Frame::Lookup(batch) => self.on_key_batch(index, KeyBatchKind::Lookup, &batch),
+            Frame::Remove(batch) => self.on_key_batch(index, KeyBatchKind::Remove, &batch),
             _ => unreachable!("client frames are listed in Connection::is_client_frame"),
         }
     }
@@ -719,29 +725,29 @@ impl<S: BlockStore> Core<S> {
         }
     }
 
-    /// Which of `keys` this shard's store holds: answered at once from an
-    /// index in memory, or when the store's requests finish
-    /// (`answer_lookups`). Refused like a load of the namespace would be.
-    fn on_lookup(
-        &mut self,
-        index: usize,
-        request_id: u64,
-        namespace_name: &str,
-        keys: &[block_layout::BlockKey],
-    ) {
+    /// Which of the batch's keys this shard's store holds (`Lookup`, a read
+    /// of the namespace), or removes them (`Remove`, a write): answered at
+    /// once (a lookup from an index in memory) or when the store's requests
+    /// finish (`answer_key_batches`).
+    fn on_key_batch(&mut self, index: usize, kind: KeyBatchKind, batch: &KeyBatch) {
+        let namespace_name = batch.namespace.as_str();
         let namespace = self.shard.namespace_id(namespace_name);
         let Some(connection) = self.connections[index].as_mut() else {
             return;
+        };
+        let (allowed, verb) = match kind {
+            KeyBatchKind::Lookup => (connection.access.may_read(namespace_name), "read"),
+            KeyBatchKind::Remove => (connection.access.may_write(namespace_name), "write"),
         };
         let refusal = if let Err(expired) = connection.access.check_expiry(unix_now()) {
             Some((
                 ErrorCode::Unauthorized,
                 format!("{expired}; connect again with it"),
             ))
-        } else if !connection.access.may_read(namespace_name) {
+        } else if !allowed {
             Some((
                 ErrorCode::Unauthorized,
-                unauthorized(Some(&connection.access), "read", namespace_name),
+                unauthorized(Some(&connection.access), verb, namespace_name),
             ))
         } else if namespace.is_none() {
             Some((
@@ -753,87 +759,98 @@ impl<S: BlockStore> Core<S> {
         };
         if let Some((code, message)) = refusal {
             self.setup.counters.error("bad_request");
-            return connection.send_control(&Frame::LookupResult {
-                request_id,
-                code,
-                message,
-                present: Vec::new(),
-            });
+            let answer = KeyBits::refused(batch.request_id, code, message);
+            return connection.send_control(&key_batch_answer(kind, answer));
         }
         let generation = connection.generation;
-        let tag = self.next_lookup;
-        self.next_lookup += 1;
+        let tag = self.next_key_batch;
+        self.next_key_batch += 1;
         let namespace = namespace.expect("checked above");
-        match self.shard.start_lookup(namespace, keys, tag) {
-            Some(result) => self.answer_lookup(index, request_id, result),
+        match self
+            .shard
+            .start_key_batch(kind, namespace, &batch.keys, tag)
+        {
+            Some(result) => self.answer_key_batch(kind, index, batch.request_id, result),
             None => {
-                self.lookups.insert(
+                self.key_batches.insert(
                     tag,
-                    LookupWaiter {
+                    KeyBatchWaiter {
+                        kind,
                         connection: index,
                         generation,
-                        request_id,
+                        request_id: batch.request_id,
                     },
                 );
             }
         }
     }
 
-    /// Answers the lookups the store has finished, on the connections that
-    /// asked, if they are still there.
-    fn answer_lookups(&mut self) {
-        let mut finished = std::mem::take(&mut self.finished_lookups);
-        self.shard.reap_lookups(&mut finished);
-        for lookup in finished.drain(..) {
-            let Some(waiter) = self.lookups.remove(&lookup.tag) else {
+    /// Answers the key batches the store has finished, on the connections
+    /// that asked, if they are still there.
+    fn answer_key_batches(&mut self) {
+        let mut finished = std::mem::take(&mut self.finished_key_batches);
+        self.shard.reap_key_batches(&mut finished);
+        for done in finished.drain(..) {
+            let Some(waiter) = self.key_batches.remove(&done.tag) else {
                 continue;
             };
             let asked = self.connections[waiter.connection]
                 .as_ref()
                 .is_some_and(|connection| connection.generation == waiter.generation);
             if asked {
-                self.answer_lookup(waiter.connection, waiter.request_id, lookup.result);
+                self.answer_key_batch(
+                    waiter.kind,
+                    waiter.connection,
+                    waiter.request_id,
+                    done.result,
+                );
+            } else if waiter.kind == KeyBatchKind::Remove {
+                // Done all the same: only the answer has nobody to go to.
+                self.count_key_batch(waiter.kind, done.result.as_deref().unwrap_or(&[]));
             }
         }
-        self.finished_lookups = finished;
+        self.finished_key_batches = finished;
     }
 
-    fn answer_lookup(
+    fn count_key_batch(&self, kind: KeyBatchKind, answers: &[bool]) {
+        let counters = &self.setup.counters;
+        let (asked, found) = match kind {
+            KeyBatchKind::Lookup => (&counters.keys_looked_up, &counters.keys_found),
+            KeyBatchKind::Remove => (&counters.keys_remove_asked, &counters.keys_removed),
+        };
+        CoreCounters::add(asked, answers.len() as u64);
+        let found_count = answers.iter().filter(|found| **found).count();
+        CoreCounters::add(found, found_count as u64);
+    }
+
+    fn answer_key_batch(
         &mut self,
+        kind: KeyBatchKind,
         index: usize,
         request_id: u64,
         result: Result<Vec<bool>, storage_backends::StoreError>,
     ) {
-        let frame = match result {
-            Ok(present) => {
-                let counters = &self.setup.counters;
-                CoreCounters::add(&counters.keys_looked_up, present.len() as u64);
-                let found = present.iter().filter(|found| **found).count();
-                CoreCounters::add(&counters.keys_found, found as u64);
-                Frame::LookupResult {
+        let answer = match result {
+            Ok(bits) => {
+                self.count_key_batch(kind, &bits);
+                KeyBits {
                     request_id,
                     code: ErrorCode::Ok,
                     message: String::new(),
-                    present,
+                    bits,
                 }
             }
             Err(error) => {
-                log_fault(
-                    &mut self.fault_log,
-                    self.setup.counters.shard,
-                    "a lookup",
-                    &error,
-                );
-                Frame::LookupResult {
-                    request_id,
-                    code: store_error_code(&error),
-                    message: error.to_string(),
-                    present: Vec::new(),
-                }
+                let what = match kind {
+                    KeyBatchKind::Lookup => "a lookup",
+                    KeyBatchKind::Remove => "a removal",
+                };
+                log_fault(&mut self.fault_log, self.setup.counters.shard, what, &error);
+                KeyBits::refused(request_id, store_error_code(&error), error.to_string())
             }
         };
         if let Some(connection) = self.connections[index].as_mut() {
-            connection.send_control(&frame);
+            connection.send_control(&key_batch_answer(kind, answer));
         }
     }
 

@@ -60,6 +60,10 @@ pub struct CoreCounters {
     /// Keys clients looked up (`Lookup`), and of them those found stored.
     pub keys_looked_up: AtomicU64,
     pub keys_found: AtomicU64,
+    /// Keys clients asked to remove (`Remove`), and of them those that were
+    /// stored (and are removed now).
+    pub keys_remove_asked: AtomicU64,
+    pub keys_removed: AtomicU64,
     /// Stores' payload bytes read from the socket straight into the staging
     /// their put writes from.
     pub store_bytes_in_place: AtomicU64,
@@ -121,6 +125,8 @@ impl CoreCounters {
             blocks_stored: AtomicU64::new(0),
             keys_looked_up: AtomicU64::new(0),
             keys_found: AtomicU64::new(0),
+            keys_remove_asked: AtomicU64::new(0),
+            keys_removed: AtomicU64::new(0),
             store_bytes_in_place: AtomicU64::new(0),
             store_bytes_copied: AtomicU64::new(0),
             store_bytes_rdma_read: AtomicU64::new(0),
@@ -243,6 +249,10 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     describe_counter!(
         "dualpath_lookup_keys_total",
         "Keys clients asked about with Lookup, by whether they were found stored (found=\"true\") or not; the ratio is the engines' prefix hit rate on this gateway"
+    );
+    describe_counter!(
+        "dualpath_remove_keys_total",
+        "Keys clients asked to remove with Remove, by whether they were stored (found=\"true\", removed now) or not"
     );
     describe_counter!(
         "dualpath_store_payload_bytes_total",
@@ -415,6 +425,11 @@ pub fn publish(cores: &[Arc<CoreCounters>], acceptor: &AcceptorCounters) {
             .absolute(found);
         counter!("dualpath_lookup_keys_total", "shard" => shard.clone(), "found" => "false")
             .absolute(looked_up.saturating_sub(found));
+        let (asked, removed) = (load(&core.keys_remove_asked), load(&core.keys_removed));
+        counter!("dualpath_remove_keys_total", "shard" => shard.clone(), "found" => "true")
+            .absolute(removed);
+        counter!("dualpath_remove_keys_total", "shard" => shard.clone(), "found" => "false")
+            .absolute(asked.saturating_sub(removed));
         for (path, value) in [
             ("in_place", &core.store_bytes_in_place),
             ("copied", &core.store_bytes_copied),

@@ -31,8 +31,9 @@ use staging::{StagingBuffer, StagingSlab};
 
 use crate::incoming::LentMemory;
 use crate::{
-    BlockStore, IncomingBlock, LookupCompletion, NamespaceId, NamespaceSpec, NamespaceStats,
-    PutCompletion, PutStarted, ReadCompletion, ReadRequest, Rejected, ShardStats, StoreError,
+    BlockStore, IncomingBlock, KeyBatchCompletion, KeyBatchKind, NamespaceId, NamespaceSpec,
+    NamespaceStats, PutCompletion, PutStarted, ReadCompletion, ReadRequest, Rejected, ShardStats,
+    StoreError,
 };
 pub use http::{GetOutcome, ObjectClient, ObjectError};
 use sys::LentBuffer;
@@ -122,10 +123,10 @@ impl ObjectStore {
             in_flight: 0,
             puts_in_flight: 0,
             finished_puts: Vec::new(),
-            lookups: HashMap::new(),
-            finished_lookups: Vec::new(),
-            unsent_heads: std::collections::VecDeque::new(),
-            heads_in_flight: 0,
+            key_batches: HashMap::new(),
+            finished_key_batches: Vec::new(),
+            unsent_key_jobs: std::collections::VecDeque::new(),
+            key_jobs_in_flight: 0,
             spare_bodies: Vec::new(),
             slab,
             store: Arc::clone(self),
@@ -159,9 +160,11 @@ enum Job {
         geometry: Geometry,
         body: Vec<u8>,
     },
-    /// A HEAD: whether key `index` of lookup `lookup` is stored.
-    Exists {
-        lookup: u64,
+    /// A HEAD (`Lookup`: whether key `index` of batch `batch` is stored) or
+    /// a DELETE (`Remove`).
+    Key {
+        kind: KeyBatchKind,
+        batch: u64,
         index: usize,
         object: String,
     },
@@ -178,8 +181,8 @@ enum JobResult {
         body: Vec<u8>,
         outcome: Result<(), ObjectError>,
     },
-    Exists {
-        lookup: u64,
+    Key {
+        batch: u64,
         index: usize,
         object: String,
         outcome: Result<bool, ObjectError>,
@@ -218,14 +221,18 @@ fn worker(
                 object,
                 body,
             },
-            Job::Exists {
-                lookup,
+            Job::Key {
+                kind,
+                batch,
                 index,
                 object,
-            } => JobResult::Exists {
-                lookup,
+            } => JobResult::Key {
+                batch,
                 index,
-                outcome: store.client.exists(&object),
+                outcome: match kind {
+                    KeyBatchKind::Lookup => store.client.exists(&object),
+                    KeyBatchKind::Remove => store.client.delete(&object),
+                },
                 object,
             },
         };
@@ -236,10 +243,10 @@ fn worker(
     }
 }
 
-/// A lookup whose keys' HEAD requests are on the workers.
+/// A key batch whose keys' HEAD or DELETE requests are on the workers.
 #[derive(Debug)]
-struct PendingLookup {
-    present: Vec<bool>,
+struct PendingKeyBatch {
+    answers: Vec<bool>,
     remaining: usize,
     failure: Option<StoreError>,
 }
@@ -271,14 +278,15 @@ pub struct ObjectShard {
     in_flight: usize,
     puts_in_flight: usize,
     finished_puts: Vec<PutCompletion>,
-    /// Lookups whose HEAD requests are on the workers, by tag.
-    lookups: HashMap<u64, PendingLookup>,
-    finished_lookups: Vec<LookupCompletion>,
-    /// Lookups' HEAD requests not yet on the job queue: at most one a worker
-    /// is queued at a time, so a large lookup does not put thousands of
-    /// HEADs ahead of the loads' GETs.
-    unsent_heads: std::collections::VecDeque<Job>,
-    heads_in_flight: usize,
+    /// Key batches (lookups, removes) whose HEAD or DELETE requests are on
+    /// the workers, by tag.
+    key_batches: HashMap<u64, PendingKeyBatch>,
+    finished_key_batches: Vec<KeyBatchCompletion>,
+    /// Key batches' requests not yet on the job queue: at most one a worker
+    /// is queued at a time, so a large batch does not put thousands of
+    /// HEADs or DELETEs ahead of the loads' GETs.
+    unsent_key_jobs: std::collections::VecDeque<Job>,
+    key_jobs_in_flight: usize,
     /// Bodies of finished puts, reused by the next ones (a block each).
     spare_bodies: Vec<Vec<u8>>,
     slab: Rc<StagingSlab>,
@@ -319,12 +327,12 @@ impl ObjectShard {
                 body,
                 outcome,
             } => return self.complete_put(tag, &object, body, outcome),
-            JobResult::Exists {
-                lookup,
+            JobResult::Key {
+                batch,
                 index,
                 object,
                 outcome,
-            } => return self.complete_exists(lookup, index, &object, outcome),
+            } => return self.complete_key_job(batch, index, &object, outcome),
         };
         let pending = self.pending[slot]
             .take()
@@ -380,22 +388,22 @@ impl ObjectShard {
         });
     }
 
-    /// One key of a lookup answered; the lookup finishes with its last key
+    /// One key of a batch answered; the batch finishes with its last key
     /// (failed if the store could not say for one of them).
-    fn complete_exists(
+    fn complete_key_job(
         &mut self,
-        lookup: u64,
+        batch: u64,
         index: usize,
         object: &str,
         outcome: Result<bool, ObjectError>,
     ) {
-        self.heads_in_flight -= 1;
-        self.send_heads();
-        let Some(pending) = self.lookups.get_mut(&lookup) else {
+        self.key_jobs_in_flight -= 1;
+        self.send_key_jobs();
+        let Some(pending) = self.key_batches.get_mut(&batch) else {
             return;
         };
         match outcome {
-            Ok(present) => pending.present[index] = present,
+            Ok(answer) => pending.answers[index] = answer,
             Err(error) => {
                 pending
                     .failure
@@ -404,21 +412,21 @@ impl ObjectShard {
         }
         pending.remaining -= 1;
         if pending.remaining == 0 {
-            let pending = self.lookups.remove(&lookup).expect("looked up above");
-            self.finished_lookups.push(LookupCompletion {
-                tag: lookup,
+            let pending = self.key_batches.remove(&batch).expect("looked up above");
+            self.finished_key_batches.push(KeyBatchCompletion {
+                tag: batch,
                 result: match pending.failure {
-                    None => Ok(pending.present),
+                    None => Ok(pending.answers),
                     Some(error) => Err(error),
                 },
             });
         }
     }
 
-    /// Moves lookups' HEAD requests onto the job queue, up to one a worker.
-    fn send_heads(&mut self) {
-        while self.heads_in_flight < self.workers.len() {
-            let Some(job) = self.unsent_heads.pop_front() else {
+    /// Moves key batches' requests onto the job queue, up to one a worker.
+    fn send_key_jobs(&mut self) {
+        while self.key_jobs_in_flight < self.workers.len() {
+            let Some(job) = self.unsent_key_jobs.pop_front() else {
                 return;
             };
             self.jobs
@@ -426,7 +434,7 @@ impl ObjectShard {
                 .expect("the queue lives as long as the shard")
                 .send(job)
                 .expect("workers live as long as the shard");
-            self.heads_in_flight += 1;
+            self.key_jobs_in_flight += 1;
         }
     }
 
@@ -502,7 +510,7 @@ impl BlockStore for ObjectShard {
     fn has_ready_completions(&self) -> bool {
         !self.finished.is_empty()
             || !self.finished_puts.is_empty()
-            || !self.finished_lookups.is_empty()
+            || !self.finished_key_batches.is_empty()
     }
 
     fn namespace_id(&self, name: &str) -> Option<NamespaceId> {
@@ -598,8 +606,8 @@ impl BlockStore for ObjectShard {
         if wait
             && self.finished.is_empty()
             && self.finished_puts.is_empty()
-            && self.finished_lookups.is_empty()
-            && self.in_flight + self.puts_in_flight + self.lookups.len() > 0
+            && self.finished_key_batches.is_empty()
+            && self.in_flight + self.puts_in_flight + self.key_batches.len() > 0
         {
             let result = self
                 .results
@@ -615,9 +623,11 @@ impl BlockStore for ObjectShard {
         self.in_flight
     }
 
-    /// A HEAD request a key, spread over the shard's workers.
-    fn start_lookup(
+    /// A HEAD (lookup) or DELETE (remove) request a key, spread over the
+    /// shard's workers.
+    fn start_key_batch(
         &mut self,
+        kind: KeyBatchKind,
         namespace: NamespaceId,
         keys: &[BlockKey],
         tag: u64,
@@ -627,17 +637,18 @@ impl BlockStore for ObjectShard {
         }
         let store = Arc::clone(&self.store);
         let name = &store.namespaces[usize::from(namespace.0)].name;
-        self.unsent_heads
-            .extend(keys.iter().enumerate().map(|(index, key)| Job::Exists {
-                lookup: tag,
+        self.unsent_key_jobs
+            .extend(keys.iter().enumerate().map(|(index, key)| Job::Key {
+                kind,
+                batch: tag,
                 index,
                 object: store.object_name(name, *key),
             }));
-        self.send_heads();
-        self.lookups.insert(
+        self.send_key_jobs();
+        self.key_batches.insert(
             tag,
-            PendingLookup {
-                present: vec![false; keys.len()],
+            PendingKeyBatch {
+                answers: vec![false; keys.len()],
                 remaining: keys.len(),
                 failure: None,
             },
@@ -645,8 +656,8 @@ impl BlockStore for ObjectShard {
         None
     }
 
-    fn reap_lookups(&mut self, out: &mut Vec<LookupCompletion>) {
-        out.append(&mut self.finished_lookups);
+    fn reap_key_batches(&mut self, out: &mut Vec<KeyBatchCompletion>) {
+        out.append(&mut self.finished_key_batches);
     }
 
     fn queue_capacity(&self) -> usize {

@@ -5,7 +5,7 @@
 //! Pure bookkeeping, no I/O: every state change here is decided before or after the
 //! disk operation that makes it durable, by the shard.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use block_layout::BlockKey;
 
@@ -206,8 +206,8 @@ impl SlotTable {
         if let Some(&existing) = self.map.get(&key) {
             if self.slots[existing as usize].generation >= generation {
                 // A stale record: the slot is free, but its record must be cleared
-                // before reuse.
-                self.slots[slot as usize].record_on_disk = true;
+                // before reuse (and when its key is removed).
+                self.mark_record_present(slot, Some(key));
                 return;
             }
         }
@@ -216,9 +216,33 @@ impl SlotTable {
         self.commit(slot, key, generation, crcs);
     }
 
-    /// Marks a slot whose record on disk is unusable (torn or stale) for clearing.
-    pub fn mark_record_present(&mut self, slot: u32) {
-        self.slots[slot as usize].record_on_disk = true;
+    /// Marks a slot whose record on disk is not in the index (torn, stale,
+    /// or written by a put that failed) for clearing; `key`, when the record
+    /// may be valid, is the block it names, so that a removal of that key
+    /// clears it too.
+    pub fn mark_record_present(&mut self, slot: u32, key: Option<BlockKey>) {
+        let entry = &mut self.slots[slot as usize];
+        entry.record_on_disk = true;
+        if let Some(key) = key {
+            entry.key = key;
+        }
+    }
+
+    /// The slots outside the index (free or retired) whose records on disk
+    /// may still name one of `keys`: what a removal must clear as well as
+    /// the live slots it takes out, or a restart would bring an older copy
+    /// back. One pass over the slots.
+    pub fn recorded_slots_of(&self, keys: &HashSet<BlockKey>) -> Vec<u32> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, entry)| {
+                entry.record_on_disk
+                    && matches!(entry.state, SlotState::Free | SlotState::Retired)
+                    && keys.contains(&entry.key)
+            })
+            .map(|(slot, _)| u32::try_from(slot).expect("slot count is a u32"))
+            .collect()
     }
 
     /// Removes a key. Returns its slot, which must have its record invalidated.

@@ -15,6 +15,7 @@ mod engine;
 pub mod format;
 mod index;
 mod put;
+mod remove;
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek};
@@ -29,8 +30,9 @@ use staging::{StagingBuffer, StagingSlab};
 use crate::sys;
 use crate::sys::uring::Completion;
 use crate::{
-    BlockStore, IncomingBlock, IoOp, NamespaceId, NamespaceSpec, NamespaceStats, PutCompletion,
-    PutStarted, ReadCompletion, ReadRequest, Rejected, ShardStats, StoreError,
+    BlockStore, IncomingBlock, IoOp, KeyBatchCompletion, KeyBatchKind, NamespaceId, NamespaceSpec,
+    NamespaceStats, PutCompletion, PutStarted, ReadCompletion, ReadRequest, Rejected, ShardStats,
+    StoreError,
 };
 pub use engine::IoEngine;
 use engine::{Direction, Engine};
@@ -162,6 +164,8 @@ impl UringStore {
             next_put_id: 0,
             put_writes_in_flight: 0,
             finished_puts: Vec::new(),
+            removes: Vec::new(),
+            finished_removes: Vec::new(),
             spare_staging_lists: Vec::new(),
             spare_checksums: Vec::new(),
             record: Vec::new(),
@@ -440,7 +444,7 @@ impl ShardNamespace {
             match format::decode_record(bytes) {
                 Record::Empty => {}
                 Record::Valid(header) if self.header_matches(&header) => valid.push((slot, header)),
-                Record::Valid(_) | Record::Invalid(_) => self.table.mark_record_present(slot),
+                Record::Valid(_) | Record::Invalid(_) => self.table.mark_record_present(slot, None),
             }
         }
         valid.sort_by_key(|(_, header)| header.generation);
@@ -476,12 +480,6 @@ impl ShardNamespace {
                     source,
                 )
             })
-    }
-
-    fn sync_headers(&self) -> Result<(), StoreError> {
-        self.header_file
-            .sync_data()
-            .map_err(|source| io_error(IoOp::Sync, &self.header_path, 0, 0, source))
     }
 }
 
@@ -614,6 +612,9 @@ pub struct UringShard {
     next_put_id: u64,
     put_writes_in_flight: usize,
     finished_puts: Vec<PutCompletion>,
+    /// Removals waiting for their header sync, and those finished.
+    removes: Vec<remove::RemoveInFlight>,
+    finished_removes: Vec<KeyBatchCompletion>,
     /// The staging lists and layer checksums of finished puts, emptied, for
     /// the next blocks lent: a put allocates nothing once the shard is warm.
     spare_staging_lists: Vec<Vec<StagingBuffer>>,
@@ -1035,6 +1036,7 @@ impl BlockStore for UringShard {
         let want = usize::from(
             wait && self.finished_reads.is_empty()
                 && self.finished_puts.is_empty()
+                && self.finished_removes.is_empty()
                 && self.any_op_pending(),
         );
         self.pump(want)?;
@@ -1117,16 +1119,48 @@ impl BlockStore for UringShard {
         self.puts.len() + self.finished_puts.len()
     }
 
+    /// Lookups are answered from the index; removals once their records'
+    /// clearing is synced (`remove.rs`).
+    fn start_key_batch(
+        &mut self,
+        kind: KeyBatchKind,
+        namespace: NamespaceId,
+        keys: &[BlockKey],
+        tag: u64,
+    ) -> Option<Result<Vec<bool>, StoreError>> {
+        match kind {
+            KeyBatchKind::Lookup => {
+                let table = &self.namespace(namespace).table;
+                Some(Ok(keys
+                    .iter()
+                    .map(|key| table.lookup(*key).is_some())
+                    .collect()))
+            }
+            KeyBatchKind::Remove => self.begin_remove(namespace, keys, tag),
+        }
+    }
+
+    fn reap_key_batches(&mut self, out: &mut Vec<KeyBatchCompletion>) {
+        out.append(&mut self.finished_removes);
+    }
+
+    /// A removal of one key, waited for here.
     fn delete(&mut self, namespace: NamespaceId, key: BlockKey) -> Result<bool, StoreError> {
-        let shard_namespace = &mut self.namespaces[usize::from(namespace.0)];
-        let Some(slot) = shard_namespace.table.remove(key) else {
-            return Ok(false);
-        };
-        let zeros = vec![0u8; shard_namespace.record_bytes];
-        shard_namespace.write_record(slot, &zeros)?;
-        shard_namespace.sync_headers()?;
-        shard_namespace.table.mark_record_cleared(slot);
-        Ok(true)
+        let tag = CALLER_PUT_TAG;
+        if let Some(answer) = self.begin_remove(namespace, &[key], tag) {
+            return answer.map(|removed| removed[0]);
+        }
+        loop {
+            if let Some(at) = self
+                .finished_removes
+                .iter()
+                .position(|done| done.tag == tag)
+            {
+                let done = self.finished_removes.remove(at);
+                return done.result.map(|removed| removed[0]);
+            }
+            self.pump(1)?;
+        }
     }
 
     fn contains(&self, namespace: NamespaceId, key: BlockKey) -> bool {

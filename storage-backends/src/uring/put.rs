@@ -66,7 +66,7 @@ pub(super) struct SyncSeries {
 impl SyncSeries {
     /// The number of the next sync to be issued, which covers every write
     /// completed so far; a put that waits for it makes it wanted.
-    fn want_next(&mut self) -> u64 {
+    pub(super) fn want_next(&mut self) -> u64 {
         let number = self.issued + 1;
         self.wanted = self.wanted.max(number);
         number
@@ -92,7 +92,7 @@ impl SyncSeries {
     /// `None` while sync `number` has not completed; then its outcome. Puts
     /// are stepped after every completion, so one waiting for `number` sees
     /// that very sync's outcome.
-    fn outcome(&self, number: u64) -> Option<Result<(), i32>> {
+    pub(super) fn outcome(&self, number: u64) -> Option<Result<(), i32>> {
         (self.completed >= number).then(|| self.failed.map_or(Ok(()), Err))
     }
 }
@@ -291,6 +291,7 @@ impl UringShard {
                 None => index += 1,
             }
         }
+        self.advance_removes();
         self.issue_syncs();
     }
 
@@ -356,7 +357,9 @@ impl UringShard {
                         put.crcs = header.layer_crcs;
                         if let Err(error) = shard_namespace.write_record(put.slot, &self.record) {
                             // Possibly on disk, not durable: cleared before reuse.
-                            shard_namespace.table.mark_record_present(put.slot);
+                            shard_namespace
+                                .table
+                                .mark_record_present(put.slot, Some(put.key));
                             shard_namespace.table.abandon(put.slot);
                             return Some(Err(error));
                         }
@@ -382,7 +385,9 @@ impl UringShard {
                         }
                         Err(errno) => {
                             // The record may be on disk but is not durable.
-                            shard_namespace.table.mark_record_present(put.slot);
+                            shard_namespace
+                                .table
+                                .mark_record_present(put.slot, Some(put.key));
                             shard_namespace.table.abandon(put.slot);
                             Some(Err(sync_error(&shard_namespace.header_path, errno)))
                         }
@@ -428,7 +433,7 @@ impl UringShard {
     }
 }
 
-fn sync_error(path: &std::path::Path, errno: i32) -> StoreError {
+pub(super) fn sync_error(path: &std::path::Path, errno: i32) -> StoreError {
     io_error(
         IoOp::Sync,
         path,
