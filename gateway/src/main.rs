@@ -58,6 +58,16 @@ enum Command {
         #[arg(long, short, default_value = "-")]
         output: PathBuf,
     },
+    /// Remove blocks from the store, durably (with the gateway stopped; while
+    /// it runs, engines remove through it: `Client::remove`). Exit 3 if a key
+    /// was not stored (the others are removed all the same).
+    Rm {
+        #[arg(long, short)]
+        namespace: String,
+        /// The blocks' keys (32 hex digits each).
+        #[arg(long = "key", short, required = true, num_args = 1..)]
+        keys: Vec<BlockKey>,
+    },
     /// Show the store's namespaces, fill and staging memory.
     Stat,
     /// Check what `serve` needs (config, secret, TLS files, listen addresses,
@@ -366,6 +376,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             layers,
             output,
         } => blocks::get(&config, &namespace, key, layers.as_deref(), &output),
+        Command::Rm { namespace, keys } => blocks::remove(&config, &namespace, &keys),
         Command::Stat => blocks::stat(&config),
         Command::Check => {
             let findings = gateway::server::check::check(&config);

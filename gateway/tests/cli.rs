@@ -113,6 +113,20 @@ fn put_get_round_trip_and_exit_codes() {
         "{}",
         stderr(&short)
     );
+
+    // rm: the stored key is removed (and stays so), the other is named.
+    let removed = dualpath(&config, &["rm", "-n", "kv", "-k", "beef", "bee"]);
+    assert_eq!(removed.status.code(), Some(3), "{}", stderr(&removed));
+    let said = String::from_utf8_lossy(&removed.stdout);
+    assert!(
+        said.contains("removed 0000000000000000000000000000beef")
+            && said.contains("not stored 00000000000000000000000000000bee"),
+        "{said}"
+    );
+    let gone = dualpath(&config, &["get", "-n", "kv", "-k", "beef"]);
+    assert_eq!(gone.status.code(), Some(3), "{}", stderr(&gone));
+    let again = dualpath(&config, &["rm", "-n", "kv", "-k", "beef"]);
+    assert_eq!(again.status.code(), Some(3));
 }
 
 #[test]

@@ -76,6 +76,30 @@ pub fn put(
     Ok(())
 }
 
+/// Removes `keys` from `namespace`, each through its shard; says which
+/// were stored. A key that was not is a `NotFound` error once the others
+/// are removed.
+pub fn remove(config: &GatewayConfig, namespace: &str, keys: &[BlockKey]) -> anyhow::Result<()> {
+    let store = open_store(config)?;
+    let mut shards = open_all_shards(&store, config)?;
+    let shard_count = shards.len();
+    let mut missing = None;
+    for &key in keys {
+        let shard = &mut shards[shard_of(key, shard_count)];
+        let namespace_id = namespace_id(shard, config, namespace)?;
+        if shard.delete(namespace_id, key)? {
+            println!("removed {key}");
+        } else {
+            println!("not stored {key}");
+            missing.get_or_insert(StoreError::NotFound {
+                namespace: namespace.to_owned(),
+                key,
+            });
+        }
+    }
+    missing.map_or(Ok(()), |error| Err(error.into()))
+}
+
 pub fn get(
     config: &GatewayConfig,
     namespace: &str,
