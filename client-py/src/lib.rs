@@ -356,11 +356,6 @@ impl Client {
         Ok(DeviceLoad { load: Arc::new(load), _client: Arc::clone(&self.inner) })
     }
 
-    /// Stores one whole block (bytes-like); returns when it is durable. With
-    /// `layer_stride`, `data` starts at the block's layer 0 and layer `l` lies
-    /// at `l * layer_stride` in it (the layout a load with that stride
-    /// leaves): the layers are sent from where they lie. Over RDMA, `data`
-    /// that lies in a registered buffer is read by the gateway (RDMA READ).
     /// Which of `keys` (ints or hex strings) are stored in `namespace`: one
     /// bool per key, asked of the first gateway in the split that answers
     /// (GIL released). An engine asks before it plans a load, e.g. how many
@@ -389,6 +384,28 @@ impl Client {
         event_loop.call_method1("run_in_executor", (py.None(), method, namespace, keys, timeout))
     }
 
+    /// Removes `keys` (ints or hex strings) from `namespace` in the
+    /// gateways' store: one bool per key, whether it was stored (and is
+    /// removed now). Returns once the removal is durable (no gateway restart
+    /// brings the blocks back); GIL released. The token must be allowed to
+    /// write the namespace. `timeout`: seconds the gateways get in all.
+    #[pyo3(signature = (namespace, keys, timeout=None))]
+    fn remove(&self, py: Python<'_>, namespace: &str, keys: Vec<KeyArgument>, timeout: Option<f64>) -> PyResult<Vec<bool>> {
+        let keys = keys.iter().map(KeyArgument::key).collect::<PyResult<Vec<BlockKey>>>()?;
+        let timeout = timeout.map(|seconds| timeout_of(Some(seconds))).transpose()?;
+        let inner = Arc::clone(&self.inner);
+        py.allow_threads(move || match timeout {
+            Some(timeout) => inner.remove_within(namespace, &keys, timeout),
+            None => inner.remove(namespace, &keys),
+        })
+        .map_err(to_python)
+    }
+
+    /// Stores one whole block (bytes-like); returns when it is durable. With
+    /// `layer_stride`, `data` starts at the block's layer 0 and layer `l` lies
+    /// at `l * layer_stride` in it (the layout a load with that stride
+    /// leaves): the layers are sent from where they lie. Over RDMA, `data`
+    /// that lies in a registered buffer is read by the gateway (RDMA READ).
     #[pyo3(signature = (namespace, key, data, layer_stride=0))]
     fn store(&self, py: Python<'_>, namespace: &str, key: KeyArgument, data: Bound<'_, PyAny>, layer_stride: u64) -> PyResult<()> {
         self.store_many(py, namespace, vec![(key, data)], layer_stride)

@@ -283,6 +283,18 @@ def test_a_lookup_says_which_prefix_blocks_are_stored(gateway):
             client.lookup("nope", chain)
 
 
+def test_removed_blocks_are_gone(gateway):
+    block = bytes(range(256)) * (BLOCK_BYTES // 256)
+    with dualpath.Client([gateway.address]) as client:
+        client.store("kv", 0xFEED, block)
+        assert client.lookup("kv", [0xFEED, gateway.keys[0]]) == [True, True]
+        assert client.remove("kv", [0xFEED, "feed", 0xFEEE]) == [True, False, False]
+        assert client.lookup("kv", [0xFEED, gateway.keys[0]]) == [False, True]
+        assert client.remove("kv", [], timeout=5) == []
+        with pytest.raises(ValueError, match="unknown namespace"):
+            client.remove("nope", [0xFEED])
+
+
 def test_a_closed_client_cancels_its_loads_and_releases_its_buffers(gateway):
     import os
     import signal
