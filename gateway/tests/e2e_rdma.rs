@@ -395,6 +395,10 @@ fn a_withdrawn_region_is_forgotten_and_the_connection_goes_on_over_rdma() {
         "only block 0"
     );
     assert!(present[0]);
+    // A removal's answer comes the same way (every key of this shard's).
+    let removed = client.remove("full", &keys).expect("removed");
+    assert_eq!(removed, present);
+    assert_eq!(client.lookup("full", &keys[..1]).expect("small"), [false]);
     assert_eq!(client.transports(), ["rdma"]);
     // One receive thread a connection (one shard here), for the queue pair
     // and the socket together.
