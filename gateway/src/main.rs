@@ -68,6 +68,13 @@ enum Command {
         #[arg(long = "key", short, required = true, num_args = 1..)]
         keys: Vec<BlockKey>,
     },
+    /// Delete a namespace from the store: every block of it, and (local
+    /// store) its files and their reserved space. Take it out of the config
+    /// first, and stop the gateway (a local store is one process's at a time).
+    DropNamespace {
+        /// The namespace's name.
+        name: String,
+    },
     /// Show the store's namespaces, fill and staging memory.
     Stat,
     /// Check what `serve` needs (config, secret, TLS files, listen addresses,
@@ -377,6 +384,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             output,
         } => blocks::get(&config, &namespace, key, layers.as_deref(), &output),
         Command::Rm { namespace, keys } => blocks::remove(&config, &namespace, &keys),
+        Command::DropNamespace { name } => blocks::drop_namespace(&config, &name),
         Command::Stat => blocks::stat(&config),
         Command::Check => {
             let findings = gateway::server::check::check(&config);

@@ -129,6 +129,68 @@ fn put_get_round_trip_and_exit_codes() {
     assert_eq!(again.status.code(), Some(3));
 }
 
+/// A namespace taken out of the config: `check` says it is still in the
+/// store; `drop-namespace` refuses one still configured, deletes this one
+/// with its files, and says what it freed.
+#[test]
+fn a_namespace_out_of_the_config_is_dropped_with_its_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), "64MiB");
+    let kv_only = std::fs::read_to_string(&config).expect("config");
+    let with_old = format!(
+        "{kv_only}\n{}",
+        kv_only[kv_only.find("[[namespace]]").expect("one")..].replace("\"kv\"", "\"old\"")
+    );
+    std::fs::write(&config, &with_old).expect("two namespaces");
+    let block = vec![7u8; 128 * 1024];
+    std::fs::write(dir.path().join("block"), &block).expect("block file");
+    let block_path = dir.path().join("block");
+    let put = dualpath(
+        &config,
+        &[
+            "put",
+            "-n",
+            "old",
+            "-k",
+            "ab",
+            "-i",
+            block_path.to_str().expect("utf-8"),
+        ],
+    );
+    assert!(put.status.success(), "{}", stderr(&put));
+    let configured = dualpath(&config, &["drop-namespace", "old"]);
+    assert_eq!(configured.status.code(), Some(1));
+    assert!(
+        stderr(&configured).contains("still in the config"),
+        "{}",
+        stderr(&configured)
+    );
+
+    std::fs::write(&config, &kv_only).expect("old taken out");
+    let check = dualpath(&config, &["check"]);
+    let said = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        said.lines().any(|line| line.starts_with("warn")
+            && line.contains("[\"old\"] are in the store but not in the config")),
+        "{said}"
+    );
+    let dropped = dualpath(&config, &["drop-namespace", "old"]);
+    assert!(dropped.status.success(), "{}", stderr(&dropped));
+    // 64 MiB of slots and their header records (the file system's
+    // allocation, as `du` counts it).
+    let said = String::from_utf8_lossy(&dropped.stdout);
+    assert!(
+        said.starts_with("dropped namespace \"old\": ") && said.trim_end().ends_with("freed"),
+        "{said}"
+    );
+    assert!(!dir.path().join("store/old").exists());
+    let again = dualpath(&config, &["drop-namespace", "old"]);
+    assert_eq!(again.status.code(), Some(3), "{}", stderr(&again));
+    let stat = dualpath(&config, &["stat"]);
+    assert!(stat.status.success(), "{}", stderr(&stat));
+    assert!(!String::from_utf8_lossy(&stat.stdout).contains("old"));
+}
+
 #[test]
 fn config_typo_names_the_key_and_exits_2() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -217,6 +217,35 @@ fn check_asks_the_object_store_and_names_it_when_it_does_not_answer() {
             && report.contains("the bucket answers (3 objects under e2e/full/)"),
         "{report}"
     );
+    // A namespace taken out of the config is dropped: its objects deleted.
+    let configured = dualpath(&config)
+        .args(["drop-namespace", "full"])
+        .output()
+        .expect("drop-namespace");
+    assert_eq!(configured.status.code(), Some(1));
+    std::fs::create_dir_all(dir.path().join("only-layer")).expect("config dir");
+    let only_layer = TestGatewayConfig {
+        object_endpoint: Some(server.endpoint()),
+        object_prefix: "e2e/",
+        namespaces: vec![("layer", "layer")],
+        ..TestGatewayConfig::default()
+    }
+    .write(&dir.path().join("only-layer"));
+    let dropped = dualpath(&only_layer)
+        .args(["drop-namespace", "full"])
+        .output()
+        .expect("drop-namespace");
+    let said = String::from_utf8_lossy(&dropped.stdout);
+    assert!(
+        dropped.status.success() && said.contains("3 objects deleted under e2e/full/"),
+        "{said} {}",
+        String::from_utf8_lossy(&dropped.stderr)
+    );
+    let report = String::from_utf8_lossy(&check().stdout).into_owned();
+    assert!(
+        report.contains("the bucket answers (0 objects under e2e/full/)"),
+        "{report}"
+    );
     server.kill();
     let down = check();
     let report = String::from_utf8_lossy(&down.stdout).into_owned();

@@ -297,6 +297,55 @@ fn removed_blocks_stay_removed_across_a_restart_older_copies_included() {
     assert_eq!(shard.stats().namespaces[0].blocks, 1);
 }
 
+/// A namespace taken out of the config is still served from the store until
+/// it is dropped. Dropping it (with the store closed, and the namespace out
+/// of the config) deletes its blocks and frees its files' space; a namespace
+/// of that name configured again starts empty.
+#[test]
+fn a_dropped_namespace_frees_its_space_and_comes_back_empty() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let both = [spec("a", ALIGNED, 8), spec("b", ALIGNED, 8)];
+    let only_a = [spec("a", ALIGNED, 8)];
+    {
+        let (_store, mut shard) = open(dir.path(), 1, &both);
+        put_keys(&mut shard, NamespaceId(0), &[1]);
+        put_keys(&mut shard, NamespaceId(1), &[1, 2]);
+    }
+    {
+        let (store, shard) = open(dir.path(), 1, &only_a);
+        assert_eq!(store.unconfigured_namespaces(&only_a), ["b"]);
+        let b = shard.namespace_id("b").expect("still served");
+        assert!(shard.contains(b, BlockKey(2)));
+        let busy = UringStore::drop_namespace(dir.path(), "b", &only_a).expect_err("open");
+        assert!(busy.to_string().contains("in use"), "{busy}");
+    }
+    let configured = UringStore::drop_namespace(dir.path(), "b", &both).expect_err("configured");
+    assert!(
+        configured.to_string().contains("still in the config"),
+        "{configured}"
+    );
+    let unknown = UringStore::drop_namespace(dir.path(), "c", &only_a).expect_err("unknown");
+    assert!(
+        matches!(unknown, StoreError::UnknownNamespace { .. }),
+        "{unknown}"
+    );
+    let freed = UringStore::drop_namespace(dir.path(), "b", &only_a).expect("dropped");
+    assert!(freed >= 2 * ALIGNED.slot_bytes(), "{freed} bytes freed");
+    assert!(!dir.path().join("b").exists());
+    {
+        let (store, shard) = open(dir.path(), 1, &only_a);
+        assert!(store.unconfigured_namespaces(&only_a).is_empty());
+        assert!(shard.namespace_id("b").is_none());
+        assert!(
+            shard.contains(NamespaceId(0), BlockKey(1)),
+            "a is untouched"
+        );
+    }
+    let (_store, shard) = open(dir.path(), 1, &both);
+    let b = shard.namespace_id("b").expect("configured again");
+    assert_eq!(shard.stats().namespaces[usize::from(b.0)].blocks, 0);
+}
+
 #[test]
 fn corrupt_block_is_reported_not_served_and_others_still_read() {
     let dir = tempfile::tempdir().expect("tempdir");

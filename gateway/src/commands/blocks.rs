@@ -6,7 +6,8 @@ use std::path::Path;
 use anyhow::{bail, Context};
 use block_layout::BlockKey;
 use config::GatewayConfig;
-use storage_backends::any::AnyShard;
+use storage_backends::any::{AnyShard, AnyStore};
+use storage_backends::uring::UringStore;
 use storage_backends::{BlockStore, NamespaceId, StoreError};
 
 use super::read_layers;
@@ -98,6 +99,51 @@ pub fn remove(config: &GatewayConfig, namespace: &str, keys: &[BlockKey]) -> any
         }
     }
     missing.map_or(Ok(()), |error| Err(error.into()))
+}
+
+/// Deletes namespace `name` from the store (it must be out of the config):
+/// a local store's files, or an object store's objects under its prefix.
+pub fn drop_namespace(config: &GatewayConfig, name: &str) -> anyhow::Result<()> {
+    let specs = crate::shards::namespace_specs(config);
+    match config.storage.backend {
+        config::BackendKind::Uring => {
+            let freed = UringStore::drop_namespace(&config.storage.path, name, &specs)
+                .with_context(|| {
+                    format!(
+                        "cannot drop namespace {name:?} from the store at {}",
+                        config.storage.path.display()
+                    )
+                })?;
+            println!(
+                "dropped namespace {name:?}: {} freed",
+                config::ByteSize(freed)
+            );
+        }
+        config::BackendKind::Object => {
+            if specs.iter().any(|spec| spec.name == name) {
+                bail!("namespace {name:?} is still in the config; take it out first (the gateway would keep serving it)");
+            }
+            let AnyStore::Object(store) = open_store(config)? else {
+                unreachable!("the object backend opens an object store")
+            };
+            let prefix = format!("{}{name}/", store.client().prefix());
+            let objects = store
+                .client()
+                .list(&prefix)
+                .map_err(|error| error.into_store_error(&prefix))?;
+            for object in &objects {
+                store
+                    .client()
+                    .delete(object)
+                    .map_err(|error| error.into_store_error(object))?;
+            }
+            println!(
+                "dropped namespace {name:?}: {} objects deleted under {prefix}",
+                objects.len()
+            );
+        }
+    }
+    Ok(())
 }
 
 pub fn get(

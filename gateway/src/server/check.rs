@@ -279,6 +279,15 @@ fn store(config: &GatewayConfig) -> (Verdict, String) {
         shards.len(),
         engines.first().copied().unwrap_or("no"),
     );
+    if let storage_backends::any::AnyStore::Uring(uring) = &store {
+        let unconfigured = uring.unconfigured_namespaces(&crate::shards::namespace_specs(config));
+        if !unconfigured.is_empty() {
+            return (
+                Verdict::Warn,
+                format!("{detail}; namespaces {unconfigured:?} are in the store but not in the config: still served, their space still held (`dualpath drop-namespace NAME` deletes one)"),
+            );
+        }
+    }
     if engines.contains(&"blocking") && config.storage.io_engine == config::IoEngineSetting::Auto {
         return (
             Verdict::Warn,

@@ -19,7 +19,7 @@ mod remove;
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -90,6 +90,12 @@ impl UringStore {
         // manifest records it (it could not be lowered again after).
         reserve_files(root, &manifest)?;
         write_manifest(root, &manifest)?;
+        for name in unconfigured(&manifest, namespaces) {
+            tracing::warn!(
+                "namespace {name:?} is in the store at {} but not in the config: still served, its space still held; `dualpath drop-namespace {name}` deletes it",
+                root.display()
+            );
+        }
         Ok(Arc::new(Self {
             root: root.to_owned(),
             manifest,
@@ -100,6 +106,65 @@ impl UringStore {
 
     pub fn shards(&self) -> u32 {
         self.manifest.shards
+    }
+
+    /// The namespaces the store holds that `configured` does not list (a
+    /// namespace taken out of the config is still served from the store
+    /// until it is dropped).
+    pub fn unconfigured_namespaces(&self, configured: &[NamespaceSpec]) -> Vec<String> {
+        unconfigured(&self.manifest, configured)
+    }
+
+    /// Deletes namespace `name` from the (closed) store at `root`: every
+    /// block of it and its files, then its entry in the manifest; returns
+    /// the bytes its files held. Refused while the namespace is still in
+    /// `configured` (the next start would create it again, empty). The
+    /// files go first: a crash between the two steps leaves the namespace
+    /// listed and empty (its files created again at the next start), never
+    /// a listing that could pick up old records.
+    pub fn drop_namespace(
+        root: &Path,
+        name: &str,
+        configured: &[NamespaceSpec],
+    ) -> Result<u64, StoreError> {
+        let _lock = lock_store(root)?;
+        let manifest_path = root.join(format::MANIFEST_FILE);
+        let text = std::fs::read_to_string(&manifest_path)
+            .map_err(|source| io_error(IoOp::Read, &manifest_path, 0, 0, source))?;
+        let mut manifest = Manifest::decode(&text).map_err(|problem| StoreError::Layout {
+            path: manifest_path.clone(),
+            problem: format!("unreadable manifest: {problem}"),
+            fix: "restore the file".into(),
+        })?;
+        if !manifest.namespaces.iter().any(|entry| entry.name == name) {
+            return Err(StoreError::UnknownNamespace { name: name.into() });
+        }
+        if configured.iter().any(|spec| spec.name == name) {
+            return Err(StoreError::Layout {
+                path: root.to_owned(),
+                problem: format!("namespace {name:?} is still in the config"),
+                fix: "take it out of the config first (the gateway would create it again, empty)"
+                    .into(),
+            });
+        }
+        let directory = root.join(name);
+        let mut freed = 0;
+        if let Ok(entries) = std::fs::read_dir(&directory) {
+            for entry in entries.flatten() {
+                freed += entry
+                    .metadata()
+                    .map_or(0, |metadata| metadata.blocks() * 512);
+            }
+        }
+        match std::fs::remove_dir_all(&directory) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(io_error(IoOp::Write, &directory, 0, 0, source)),
+        }
+        sync_directory(root)?;
+        manifest.namespaces.retain(|entry| entry.name != name);
+        write_manifest(root, &manifest)?;
+        Ok(freed)
     }
 
     pub fn root(&self) -> &Path {
@@ -176,6 +241,15 @@ impl UringStore {
             _store: Arc::clone(self),
         })
     }
+}
+
+fn unconfigured(manifest: &Manifest, configured: &[NamespaceSpec]) -> Vec<String> {
+    manifest
+        .namespaces
+        .iter()
+        .filter(|entry| !configured.iter().any(|spec| spec.name == entry.name))
+        .map(|entry| entry.name.clone())
+        .collect()
 }
 
 fn wanted_manifest(shards: u32, namespaces: &[NamespaceSpec]) -> Manifest {
