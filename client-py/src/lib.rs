@@ -17,7 +17,7 @@ use client::{BlockLoad, BlockStatus, Client as RustClient, ClientError, ClientOp
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyTuple};
 
 create_exception!(dualpath, DualpathError, PyException, "Base class of every dualpath error.");
 create_exception!(dualpath, GatewayError, DualpathError, "The gateway refused a request; `args[0]` is the code name.");
@@ -25,6 +25,20 @@ create_exception!(dualpath, DisconnectedError, DualpathError, "A gateway could n
 create_exception!(dualpath, WaitTimeout, DualpathError, "A wait ran past its timeout.");
 create_exception!(dualpath, RegionInUseError, DualpathError, "A region a running load may still write into, or a running store reads from, cannot be unregistered: wait for them (or cancel the load).");
 create_exception!(dualpath, ClientClosedError, DualpathError, "The client was closed (`Client.close`, or the end of its `with` block): connect a new one.");
+
+/// An awaitable of `object.method(*args)`, run on the running asyncio loop's
+/// default executor (the method releases the GIL while it waits).
+fn in_executor<'py, A>(object: &Bound<'py, PyAny>, method: &str, args: A) -> PyResult<Bound<'py, PyAny>>
+where
+    A: IntoPyObject<'py, Target = PyTuple, Output = Bound<'py, PyTuple>>,
+    A::Error: Into<PyErr>,
+{
+    let py = object.py();
+    let event_loop = py.import("asyncio")?.call_method0("get_running_loop")?;
+    let mut call = vec![py.None().into_bound(py), object.getattr(method)?];
+    call.extend(args.into_pyobject(py).map_err(Into::into)?.iter());
+    event_loop.call_method1("run_in_executor", PyTuple::new(py, call)?)
+}
 
 fn to_python(error: ClientError) -> PyErr {
     let message = error.to_string();
@@ -378,10 +392,7 @@ impl Client {
     /// for engines whose scheduler runs in an event loop.
     #[pyo3(signature = (namespace, keys, timeout=None))]
     fn lookup_async<'py>(slf: Bound<'py, Self>, namespace: String, keys: Bound<'py, PyAny>, timeout: Option<f64>) -> PyResult<Bound<'py, PyAny>> {
-        let py = slf.py();
-        let event_loop = py.import("asyncio")?.call_method0("get_running_loop")?;
-        let method = slf.getattr("lookup")?;
-        event_loop.call_method1("run_in_executor", (py.None(), method, namespace, keys, timeout))
+        in_executor(slf.as_any(), "lookup", (namespace, keys, timeout))
     }
 
     /// Removes `keys` (ints or hex strings) from `namespace` in the
@@ -399,6 +410,13 @@ impl Client {
             None => inner.remove(namespace, &keys),
         })
         .map_err(to_python)
+    }
+
+    /// `remove` as an asyncio awaitable (run on the loop's default executor):
+    /// a removal waits for the disk, which an event loop must not.
+    #[pyo3(signature = (namespace, keys, timeout=None))]
+    fn remove_async<'py>(slf: Bound<'py, Self>, namespace: String, keys: Bound<'py, PyAny>, timeout: Option<f64>) -> PyResult<Bound<'py, PyAny>> {
+        in_executor(slf.as_any(), "remove", (namespace, keys, timeout))
     }
 
     /// Stores one whole block (bytes-like); returns when it is durable. With
@@ -624,10 +642,7 @@ impl Load {
     /// An awaitable of `wait_layer`, for asyncio engines (runs in the loop's executor).
     #[pyo3(signature = (layer, timeout=None))]
     fn wait_layer_async<'py>(slf: Bound<'py, Self>, layer: u16, timeout: Option<f64>) -> PyResult<Bound<'py, PyAny>> {
-        let py = slf.py();
-        let event_loop = py.import("asyncio")?.call_method0("get_running_loop")?;
-        let method = slf.getattr("wait_layer")?;
-        event_loop.call_method1("run_in_executor", (py.None(), method, layer, timeout))
+        in_executor(slf.as_any(), "wait_layer", (layer, timeout))
     }
 
     /// Blocks until every block finished; returns one (state, code, message) per block.

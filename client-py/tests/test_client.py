@@ -291,6 +291,12 @@ def test_removed_blocks_are_gone(gateway):
         assert client.remove("kv", [0xFEED, "feed", 0xFEEE]) == [True, False, False]
         assert client.lookup("kv", [0xFEED, gateway.keys[0]]) == [False, True]
         assert client.remove("kv", [], timeout=5) == []
+        client.store("kv", 0xFEED, block)
+
+        async def deleted_session():
+            return await client.remove_async("kv", [0xFEED], timeout=5)
+
+        assert asyncio.run(deleted_session()) == [True]
         with pytest.raises(ValueError, match="unknown namespace"):
             client.remove("nope", [0xFEED])
 

@@ -120,6 +120,8 @@ class Client:
         """Remove `keys` from `namespace` in the gateways' store: one bool per key, whether
         it was stored (and is removed now). Returns once durable (no gateway restart brings
         the blocks back); the token must be allowed to write the namespace. GIL released."""
+    def remove_async(self, namespace: str, keys: Sequence[Key], timeout: Optional[float] = None) -> Awaitable[list[bool]]:
+        """Awaitable form of remove for asyncio engines."""
     def close(self, timeout: Optional[float] = 5.0) -> None:
         """Close the client: running loads are cancelled (gateways that do not confirm
         within `timeout` are cut off), connections end for good, buffers are released;

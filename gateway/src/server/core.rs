@@ -1761,6 +1761,8 @@ impl<S: BlockStore> Core<S> {
         let since = *self.draining_since.get_or_insert_with(Instant::now);
         let busy = self.shard.puts_in_flight() > 0
             || self.store_waiting()
+            // Removals waiting for their sync (and lookups out) are answered.
+            || !self.key_batches.is_empty()
             || self.connections.iter().flatten().any(|connection| {
                 connection.loads.iter().any(Option::is_some)
                     || connection.has_output()

@@ -48,9 +48,10 @@ impl UringShard {
         self.record.clear();
         self.record.resize(shard_namespace.record_bytes, 0);
         for slot in slots {
-            // The keys are out of the index already (not served); a record
-            // not zeroed would bring its block back at the next start, which
-            // the error says.
+            // A failed write fails the removal. Its keys are out of the index
+            // already (not served), but a record not zeroed could bring a
+            // block back at the next start: the slot still counts as
+            // recorded, so removing the key again (the disk fixed) clears it.
             if let Err(error) = shard_namespace.write_record(slot, &self.record) {
                 return Some(Err(error));
             }
