@@ -48,26 +48,31 @@ fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
+/// `dualpath put` of `block` (through a file next to the config).
+fn put_block(config: &Path, namespace: &str, key: &str, block: &[u8]) {
+    let path = config.with_file_name("block");
+    std::fs::write(&path, block).expect("block file");
+    let put = dualpath(
+        config,
+        &[
+            "put",
+            "-n",
+            namespace,
+            "-k",
+            key,
+            "-i",
+            path.to_str().expect("utf-8"),
+        ],
+    );
+    assert!(put.status.success(), "{}", stderr(&put));
+}
+
 #[test]
 fn put_get_round_trip_and_exit_codes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = write_config(dir.path(), "64MiB");
     let block: Vec<u8> = (0..128 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
-    std::fs::write(dir.path().join("block"), &block).expect("block file");
-    let block_path = dir.path().join("block");
-    let put = dualpath(
-        &config,
-        &[
-            "put",
-            "-n",
-            "kv",
-            "-k",
-            "beef",
-            "-i",
-            block_path.to_str().expect("utf-8"),
-        ],
-    );
-    assert!(put.status.success(), "{}", stderr(&put));
+    put_block(&config, "kv", "beef", &block);
     let whole = dualpath(&config, &["get", "-n", "kv", "-k", "beef"]);
     assert!(
         whole.status.success() && whole.stdout == block,
@@ -142,22 +147,7 @@ fn a_namespace_out_of_the_config_is_dropped_with_its_files() {
         kv_only[kv_only.find("[[namespace]]").expect("one")..].replace("\"kv\"", "\"old\"")
     );
     std::fs::write(&config, &with_old).expect("two namespaces");
-    let block = vec![7u8; 128 * 1024];
-    std::fs::write(dir.path().join("block"), &block).expect("block file");
-    let block_path = dir.path().join("block");
-    let put = dualpath(
-        &config,
-        &[
-            "put",
-            "-n",
-            "old",
-            "-k",
-            "ab",
-            "-i",
-            block_path.to_str().expect("utf-8"),
-        ],
-    );
-    assert!(put.status.success(), "{}", stderr(&put));
+    put_block(&config, "old", "ab", &[7u8; 128 * 1024]);
     let configured = dualpath(&config, &["drop-namespace", "old"]);
     assert_eq!(configured.status.code(), Some(1));
     assert!(

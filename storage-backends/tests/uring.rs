@@ -206,12 +206,22 @@ fn key_batch(
     if let Some(answer) = shard.start_key_batch(kind, namespace, &keys, tag) {
         return answer;
     }
-    let (mut reads, mut finished) = (Vec::new(), Vec::new());
-    loop {
+    let mut finished = Vec::new();
+    reap_until(shard, |shard| {
         shard.reap_key_batches(&mut finished);
-        if let Some(done) = finished.iter().position(|done| done.tag == tag) {
-            return finished.swap_remove(done).result;
+        let done = finished.iter().position(|done| done.tag == tag)?;
+        Some(finished.swap_remove(done).result)
+    })
+}
+
+/// Reaps (reads' completions dropped) until `take` has what it waits for.
+fn reap_until<T>(shard: &mut UringShard, mut take: impl FnMut(&mut UringShard) -> Option<T>) -> T {
+    let mut reads = Vec::new();
+    loop {
+        if let Some(found) = take(shard) {
+            return found;
         }
+        reads.clear();
         shard.reap(&mut reads, true).expect("reap");
     }
 }
@@ -908,14 +918,12 @@ fn a_capacity_the_disk_cannot_hold_is_refused_at_start_and_what_was_stored_stays
 
 /// Reaps until the put tagged `tag` finishes; returns its outcome.
 fn reap_put(shard: &mut UringShard, tag: u64) -> Result<(), StoreError> {
-    let (mut reads, mut finished) = (Vec::new(), Vec::new());
-    loop {
+    let mut finished = Vec::new();
+    reap_until(shard, |shard| {
         shard.reap_puts(&mut finished);
-        if let Some(put) = finished.iter().position(|put| put.tag == tag) {
-            return finished.swap_remove(put).result;
-        }
-        shard.reap(&mut reads, true).expect("reap");
-    }
+        let put = finished.iter().position(|put| put.tag == tag)?;
+        Some(finished.swap_remove(put).result)
+    })
 }
 
 /// A store's block goes from a socket straight into the staging buffers the
