@@ -42,6 +42,8 @@ def main():
     parser.add_argument("--blocks", type=int, default=64, help="cached blocks of the request")
     parser.add_argument("--new-blocks", type=int, default=2, help="blocks the turn's new tokens filled")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--end-session", action="store_true",
+                        help="then remove the conversation's blocks, as when its user deletes it")
     args = parser.parse_args()
     # Closed at the end of the block: nothing of it writes into `kv` after.
     with dualpath.Client([args.gateway]) as client:
@@ -102,6 +104,13 @@ def run(client, args):
         for index, key in enumerate(new_keys)
     ], layer_stride=layer_stride)
     print(f"stored the request's {args.new_blocks} new blocks in {(time.perf_counter() - store_started) * 1000:.1f} ms")
+
+    if args.end_session:
+        # The user deleted the conversation: its blocks go (durably: no
+        # gateway restart brings them back). A real engine keeps the blocks
+        # of a prefix other sessions share (a system prompt).
+        removed = client.remove(args.namespace, keys + new_keys)
+        print(f"session ended: removed {sum(removed)} of its {len(removed)} blocks")
     return 1 if failed else 0
 
 

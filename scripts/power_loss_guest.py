@@ -18,8 +18,11 @@ stale or refused as corrupt.
 
 The log covers the store's creation on the empty file system, the first
 stores, a restart that grows its capacity (files extended, manifest
-rewritten), and stores that evict (a reused slot's old record is cleared and
-synced first): a cut anywhere in that must leave a store the gateway opens.
+rewritten), stores that evict (a reused slot's old record is cleared and
+synced first), and a removal of blocks, half of them stored twice before (so
+their older copies' records are on disk too): a cut anywhere in that must
+leave a store the gateway opens, and a block whose removal was acknowledged
+before the cut must not be served (neither copy comes back).
 The gateway checks every layer's checksum on the way and the bytes are
 compared here.
 
@@ -49,6 +52,11 @@ BATCH = 16
 CREATED_CAPACITY, GROWN_CAPACITY = "16MiB", "24MiB"
 PRELOADED = 96
 BATCHES = 8
+# After the last batch: the first REMOVED stored blocks are removed, half of
+# them stored a second time just before. Last, so that no later store reuses
+# the slots of their older copies (whose records the removal must clear too):
+# the final cut, always checked, shows whether one came back.
+REMOVE_AFTER_BATCH, REMOVED = BATCHES - 1, 8
 MOUNT = "/tmp/dualpath-power-loss"  # the VM's / is read-only; /tmp is tmpfs
 STORE_DEVICE, LOG_DEVICE, REPLAY_DEVICE = "/dev/ram0", "/dev/ram1", "/dev/ram2"
 SKIPPED = 3  # the exit status that tells power-loss-check.sh the check could not run
@@ -200,9 +208,10 @@ def store(client, keys, size):
     client.store_many(NAMESPACE, [(key, block_of(key, size)) for key in keys])
 
 
-def check(client, size, written, acked, cut):
-    """Every acknowledged key is served with its bytes; every other written key
-    is served with its bytes or is not found."""
+def check(client, size, written, acked, removed, cut):
+    """Every acknowledged key is served with its bytes; every key whose
+    removal was acknowledged is not found; every other written key is served
+    with its bytes or is not found."""
     chunk = 64
     memory = bytearray(size * chunk)
     region = client.register(memory)
@@ -212,6 +221,8 @@ def check(client, size, written, acked, cut):
         outcomes = client.load(NAMESPACE, region, keys, [i * size for i in range(len(keys))]).wait(timeout=60)
         for index, (key, (state, code, message)) in enumerate(zip(keys, outcomes)):
             if state == "done":
+                if key in removed:
+                    sys.exit(f"cut before entry {cut}: block {key:#x} is served after its removal was acknowledged")
                 if memory[index * size : (index + 1) * size] != block_of(key, size):
                     sys.exit(f"cut before entry {cut}: block {key:#x} is served with wrong bytes")
                 present += 1
@@ -290,6 +301,13 @@ def main():
             store(client, stored[batch * BATCH : (batch + 1) * BATCH], size)
             acked_at_mark[f"acked-{batch}"] = ("stored", (batch + 1) * BATCH)
             mark(f"acked-{batch}")
+            if batch == REMOVE_AFTER_BATCH:
+                store(client, stored[: REMOVED // 2], size)
+                mark("removing")
+                answer = client.remove(NAMESPACE, stored[:REMOVED])
+                if answer != [True] * REMOVED:
+                    sys.exit(f"the removal answered {answer}: every block was stored")
+                mark("removed")
         del client
         gateway.kill(signal.SIGKILL)
     sh(f"umount {MOUNT} && dmsetup remove {LOG_TARGET}")
@@ -300,7 +318,9 @@ def main():
     marks = [index for index, entry in enumerate(entries) if entry.mark in acked_at_mark]
     if len(marks) != len(acked_at_mark):
         sys.exit(f"the log holds {len(marks)} of the {len(acked_at_mark)} marks added")
-    grown_at = next(index for index, entry in enumerate(entries) if entry.mark == "grown")
+    grown_at, removing_at, removed_at = (
+        next(index for index, entry in enumerate(entries) if entry.mark == name) for name in ("grown", "removing", "removed")
+    )
 
     def acked_before(flush):
         """What the gateway had acknowledged before the flush at `flush`
@@ -314,7 +334,14 @@ def main():
         acked = set(stored[: counts["stored"]])
         if flush < grown_at:
             acked |= set(preloaded[: counts["preloaded"]])
+        if flush > removing_at:  # being removed: there or not
+            acked -= set(stored[:REMOVED])
         return acked
+
+    def removed_before(flush):
+        """The blocks whose removal the gateway had acknowledged before the
+        flush at `flush` completed."""
+        return set(stored[:REMOVED]) if flush > removed_at else set()
 
     seed = int(os.environ.get("SEED") or random.randrange(1 << 32))
     cuts = power_cuts(entries, wanted_cuts, random.Random(seed))
@@ -342,13 +369,14 @@ def main():
             acked = acked_before(cut.flush)
             with Gateway(binary, grown):
                 client = dualpath.Client([address], request_timeout=10.0)
-                present = check(client, size, written, acked, cut.flush)
+                removed = removed_before(cut.flush)
+                present = check(client, size, written, acked, removed, cut.flush)
                 del client
             sh(f"umount {MOUNT} && dmsetup remove {CUT_TARGET}")
             checked_acked += len(acked)
             print(
                 f"power-loss: cut before entry {cut.flush}/{len(entries)} ({cut.unflushed - cut.dropped} of {cut.unflushed} unflushed writes kept, {len(cut.torn)} torn):"
-                f" {len(acked)} acknowledged blocks, {present} of {len(written)} written present, all whole"
+                f" {len(acked)} acknowledged blocks, {len(removed)} removed, {present} of {len(written)} written present, all whole"
                 f" ({time.monotonic() - started:.0f} s)",
                 flush=True,
             )

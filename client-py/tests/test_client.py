@@ -348,7 +348,7 @@ def test_the_prefill_engine_example_runs(gateway):
 
     example = pathlib.Path(__file__).resolve().parents[2] / "examples" / "prefill_engine.py"
     result = subprocess.run(
-        [sys.executable, str(example), "--gateway", gateway.address, "--namespace", "kv", "--blocks", str(BLOCKS), "--seed", str(SEED)],
+        [sys.executable, str(example), "--gateway", gateway.address, "--namespace", "kv", "--blocks", str(BLOCKS), "--seed", str(SEED), "--end-session"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -357,6 +357,9 @@ def test_the_prefill_engine_example_runs(gateway):
     assert f"{BLOCKS} of the prompt's {BLOCKS + 2} blocks are stored" in result.stdout
     assert f"loaded {BLOCKS}/{BLOCKS} blocks" in result.stdout
     assert "layer   7 ready" in result.stdout and "stored the request's 2 new blocks" in result.stdout
+    assert f"session ended: removed {BLOCKS + 2} of its {BLOCKS + 2} blocks" in result.stdout
+    with dualpath.Client([gateway.address]) as client:
+        assert client.lookup("kv", gateway.keys) == [False] * BLOCKS
 
 
 def test_a_bad_secret_is_refused_and_the_right_one_works(secure_gateway):
