@@ -156,7 +156,29 @@ fn a_namespace_out_of_the_config_is_dropped_with_its_files() {
         stderr(&configured)
     );
 
+    // `stat` finds each namespace by name, whatever the config's order.
+    let namespaces_at = kv_only.find("[[namespace]]").expect("one");
+    let reordered = format!(
+        "{}{}\n{}",
+        &kv_only[..namespaces_at],
+        &with_old[with_old.rfind("[[namespace]]").expect("old")..],
+        &kv_only[namespaces_at..]
+    );
+    std::fs::write(&config, &reordered).expect("old first");
+    let stat = dualpath(&config, &["stat"]);
+    let said = String::from_utf8_lossy(&stat.stdout);
+    assert!(
+        said.contains("namespace old: 1 of ") && said.contains("namespace kv: 0 of "),
+        "{said}"
+    );
+
     std::fs::write(&config, &kv_only).expect("old taken out");
+    let stat = dualpath(&config, &["stat"]);
+    let said = String::from_utf8_lossy(&stat.stdout);
+    assert!(
+        said.contains("namespace old: 1 blocks, not in the config"),
+        "{said}"
+    );
     let check = dualpath(&config, &["check"]);
     let said = String::from_utf8_lossy(&check.stdout);
     assert!(

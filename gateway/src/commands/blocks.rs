@@ -196,7 +196,7 @@ pub fn stat(config: &GatewayConfig) -> anyhow::Result<()> {
     }
     let page_kind = shards.first().map(|shard| shard.slab().page_kind());
     println!("staging pages: {page_kind:?}");
-    for (index, namespace) in config.namespaces.iter().enumerate() {
+    for namespace in &config.namespaces {
         let geometry = namespace.geometry;
         let shape = format!(
             "layout {}, {} layers x {} bytes, block {} bytes",
@@ -215,9 +215,11 @@ pub fn stat(config: &GatewayConfig) -> anyhow::Result<()> {
             );
             continue;
         }
+        // The store's namespaces are in the manifest's order, not the config's.
+        let id = namespace_id(&shards[0], config, &namespace.name)?;
         let (mut blocks, mut slots) = (0, 0);
         for shard in &shards {
-            let stats = &shard.stats().namespaces[index];
+            let stats = &shard.stats().namespaces[usize::from(id.0)];
             blocks += stats.blocks;
             slots += stats.slots;
         }
@@ -231,6 +233,17 @@ pub fn stat(config: &GatewayConfig) -> anyhow::Result<()> {
             },
             geometry.slot_bytes()
         );
+    }
+    if let AnyStore::Uring(uring) = &store {
+        for name in uring.unconfigured_namespaces(&crate::shards::namespace_specs(config)) {
+            let blocks: u64 = shards
+                .iter()
+                .flat_map(|shard| shard.stats().namespaces)
+                .filter(|stats| stats.name == name)
+                .map(|stats| stats.blocks)
+                .sum();
+            println!("namespace {name}: {blocks} blocks, not in the config (`dualpath drop-namespace {name}` deletes it)");
+        }
     }
     Ok(())
 }

@@ -284,7 +284,7 @@ fn store(config: &GatewayConfig) -> (Verdict, String) {
         if !unconfigured.is_empty() {
             return (
                 Verdict::Warn,
-                format!("{detail}; namespaces {unconfigured:?} are in the store but not in the config: still served, their space still held (`dualpath drop-namespace NAME` deletes one)"),
+                format!("{detail}; namespaces {unconfigured:?} are in the store but not in the config: their blocks and reserved space are still held, though clients are not offered them (`dualpath drop-namespace NAME` deletes one)"),
             );
         }
     }

@@ -92,7 +92,7 @@ impl UringStore {
         write_manifest(root, &manifest)?;
         for name in unconfigured(&manifest, namespaces) {
             tracing::warn!(
-                "namespace {name:?} is in the store at {} but not in the config: still served, its space still held; `dualpath drop-namespace {name}` deletes it",
+                "namespace {name:?} is in the store at {} but not in the config: its blocks and reserved space are still held, though clients are not offered it; `dualpath drop-namespace {name}` deletes it",
                 root.display()
             );
         }
@@ -109,8 +109,8 @@ impl UringStore {
     }
 
     /// The namespaces the store holds that `configured` does not list (a
-    /// namespace taken out of the config is still served from the store
-    /// until it is dropped).
+    /// namespace taken out of the config stays in the store, its shards'
+    /// files open, until it is dropped).
     pub fn unconfigured_namespaces(&self, configured: &[NamespaceSpec]) -> Vec<String> {
         unconfigured(&self.manifest, configured)
     }
