@@ -1,11 +1,13 @@
 //! The in-memory index of one shard's namespace: which slot holds which key, the
-//! per-layer checksums of each live block, least-recently-used order, and pins
-//! that keep a slot from being reused while a read into it is in flight.
+//! per-layer checksums of each live block, least-recently-used order, pins
+//! that keep a slot from being reused while a read into it is in flight, and
+//! per key the slots outside the index whose records on disk still name it
+//! (older copies), which a removal must clear too.
 //!
 //! Pure bookkeeping, no I/O: every state change here is decided before or after the
 //! disk operation that makes it durable, by the shard.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use block_layout::BlockKey;
 
@@ -32,6 +34,18 @@ struct Slot {
     record_on_disk: bool,
     newer: u32,
     older: u32,
+    /// In its key's list of stale records (see `SlotTable::stale`), and
+    /// its neighbours there.
+    stale_linked: bool,
+    stale_prev: u32,
+    stale_next: u32,
+}
+
+impl Slot {
+    /// A slot outside the index whose record on disk may still name its key.
+    fn holds_stale_record(&self) -> bool {
+        self.record_on_disk && matches!(self.state, SlotState::Free | SlotState::Retired)
+    }
 }
 
 /// A slot taken for a put.
@@ -55,6 +69,11 @@ pub struct SlotTable {
     newest: u32,
     /// Least recently used live slot: the next to evict.
     oldest: u32,
+    /// Per key, the first of a doubly linked list (through the slots) of the
+    /// free or retired slots whose records on disk may still name it: a
+    /// slot is listed exactly while `Slot::holds_stale_record` (under its
+    /// key), so a removal finds them without a pass over every slot.
+    stale: HashMap<BlockKey, u32>,
 }
 
 impl SlotTable {
@@ -67,6 +86,9 @@ impl SlotTable {
             record_on_disk: false,
             newer: NIL,
             older: NIL,
+            stale_linked: false,
+            stale_prev: NIL,
+            stale_next: NIL,
         };
         Self {
             slots: vec![slot; slot_count as usize],
@@ -76,6 +98,7 @@ impl SlotTable {
             free: (0..slot_count).rev().collect(),
             newest: NIL,
             oldest: NIL,
+            stale: HashMap::new(),
         }
     }
 
@@ -124,6 +147,7 @@ impl SlotTable {
     /// unpinned live one. `None` when every slot is pinned or being written.
     pub fn reserve(&mut self) -> Option<Reservation> {
         if let Some(slot) = self.free.pop() {
+            self.unlist_stale(slot);
             let entry = &mut self.slots[slot as usize];
             entry.state = SlotState::Writing;
             return Some(Reservation {
@@ -153,6 +177,7 @@ impl SlotTable {
 
     /// The slot's old record has been invalidated durably.
     pub fn mark_record_cleared(&mut self, slot: u32) {
+        self.unlist_stale(slot);
         self.slots[slot as usize].record_on_disk = false;
     }
 
@@ -167,6 +192,7 @@ impl SlotTable {
         );
         entry.state = SlotState::Free;
         self.free.push(slot);
+        self.list_stale(slot);
     }
 
     /// Makes a written and durably recorded block visible. Returns the slot that
@@ -212,6 +238,7 @@ impl SlotTable {
             }
         }
         self.free.retain(|&free| free != slot);
+        self.unlist_stale(slot);
         self.slots[slot as usize].state = SlotState::Writing;
         self.commit(slot, key, generation, crcs);
     }
@@ -221,28 +248,77 @@ impl SlotTable {
     /// may be valid, is the block it names, so that a removal of that key
     /// clears it too.
     pub fn mark_record_present(&mut self, slot: u32, key: Option<BlockKey>) {
+        self.unlist_stale(slot);
         let entry = &mut self.slots[slot as usize];
         entry.record_on_disk = true;
         if let Some(key) = key {
             entry.key = key;
         }
+        self.list_stale(slot);
     }
 
     /// The slots outside the index (free or retired) whose records on disk
     /// may still name one of `keys`: what a removal must clear as well as
     /// the live slots it takes out, or a restart would bring an older copy
-    /// back. One pass over the slots.
-    pub fn recorded_slots_of(&self, keys: &HashSet<BlockKey>) -> Vec<u32> {
-        self.slots
-            .iter()
-            .enumerate()
-            .filter(|(_, entry)| {
-                entry.record_on_disk
-                    && matches!(entry.state, SlotState::Free | SlotState::Retired)
-                    && keys.contains(&entry.key)
-            })
-            .map(|(slot, _)| u32::try_from(slot).expect("slot count is a u32"))
-            .collect()
+    /// back. Walks each key's list; each slot once.
+    pub fn recorded_slots_of(&self, keys: &[BlockKey]) -> Vec<u32> {
+        let mut slots = Vec::new();
+        for key in keys {
+            let mut slot = self.stale.get(key).copied().unwrap_or(NIL);
+            while slot != NIL {
+                slots.push(slot);
+                slot = self.slots[slot as usize].stale_next;
+            }
+        }
+        slots.sort_unstable();
+        slots.dedup();
+        slots
+    }
+
+    /// Lists `slot` under its key if it holds a stale record (and is not
+    /// listed yet). Called after every change that may make it one.
+    fn list_stale(&mut self, slot: u32) {
+        let entry = &self.slots[slot as usize];
+        if entry.stale_linked || !entry.holds_stale_record() {
+            return;
+        }
+        let head = self.stale.insert(entry.key, slot).unwrap_or(NIL);
+        if head != NIL {
+            self.slots[head as usize].stale_prev = slot;
+        }
+        let entry = &mut self.slots[slot as usize];
+        entry.stale_linked = true;
+        entry.stale_prev = NIL;
+        entry.stale_next = head;
+    }
+
+    /// Takes `slot` off its key's list. Called before every change of its
+    /// key, state or record that may make it no longer hold a stale record.
+    fn unlist_stale(&mut self, slot: u32) {
+        let Slot {
+            stale_linked,
+            stale_prev,
+            stale_next,
+            key,
+            ..
+        } = self.slots[slot as usize];
+        if !stale_linked {
+            return;
+        }
+        if stale_prev != NIL {
+            self.slots[stale_prev as usize].stale_next = stale_next;
+        } else if stale_next != NIL {
+            self.stale.insert(key, stale_next);
+        } else {
+            self.stale.remove(&key);
+        }
+        if stale_next != NIL {
+            self.slots[stale_next as usize].stale_prev = stale_prev;
+        }
+        let entry = &mut self.slots[slot as usize];
+        entry.stale_linked = false;
+        entry.stale_prev = NIL;
+        entry.stale_next = NIL;
     }
 
     /// Removes a key. Returns its slot, which must have its record invalidated.
@@ -259,6 +335,7 @@ impl SlotTable {
         if entry.pins == 0 {
             self.release(slot);
         }
+        self.list_stale(slot);
     }
 
     fn release(&mut self, slot: u32) {
@@ -358,7 +435,70 @@ mod tests {
         );
     }
 
+    /// Every slot's stale record found by a pass over all slots: what the
+    /// per-key lists must say.
+    fn stale_by_scan(table: &SlotTable, key: BlockKey) -> Vec<u32> {
+        (0..table.slot_count())
+            .filter(|&slot| {
+                let entry = &table.slots[slot as usize];
+                entry.holds_stale_record() && entry.key == key
+            })
+            .collect()
+    }
+
     proptest! {
+        /// The per-key lists of stale records say what a pass over every
+        /// slot says, through puts (committed, replacing, evicting, failed
+        /// before or after their record), removals, pins and clearings.
+        #[test]
+        fn stale_lists_match_a_scan(operations in prop::collection::vec((0u8..7, 0u128..6), 1..300)) {
+            let mut table = SlotTable::new(6, 1);
+            let mut pinned: Vec<u32> = Vec::new();
+            let mut generation = 0;
+            for (operation, key) in operations {
+                match operation {
+                    0 | 1 | 2 => {
+                        let Some(reservation) = table.reserve() else { continue };
+                        if reservation.needs_invalidation && operation != 2 {
+                            table.mark_record_cleared(reservation.slot);
+                        }
+                        if operation == 2 {
+                            // Failed after its record was written.
+                            table.mark_record_present(reservation.slot, Some(BlockKey(key)));
+                            table.abandon(reservation.slot);
+                        } else {
+                            generation += 1;
+                            table.commit(reservation.slot, BlockKey(key), generation, &[1]);
+                        }
+                    }
+                    3 => {
+                        table.remove(BlockKey(key));
+                    }
+                    4 => {
+                        if let Some(slot) = table.lookup(BlockKey(key)) {
+                            table.pin(slot);
+                            pinned.push(slot);
+                        }
+                    }
+                    5 => {
+                        if let Some(slot) = pinned.pop() {
+                            table.unpin(slot);
+                        }
+                    }
+                    _ => {
+                        let slots = table.recorded_slots_of(&[BlockKey(key)]);
+                        if let Some(&slot) = slots.first() {
+                            // A removal's clearing synced (as a put's would).
+                            table.mark_record_cleared(slot);
+                        }
+                    }
+                }
+                for key in 0..6 {
+                    prop_assert_eq!(table.recorded_slots_of(&[BlockKey(key)]), stale_by_scan(&table, BlockKey(key)));
+                }
+            }
+        }
+
         /// Against a model: every key maps to exactly one live slot, no slot is shared,
         /// and the table never holds more than its capacity.
         #[test]

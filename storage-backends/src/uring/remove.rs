@@ -7,8 +7,6 @@
 //! older copies the key replaced (retired or freed slots whose records
 //! were never zeroed).
 
-use std::collections::HashSet;
-
 use block_layout::BlockKey;
 
 use super::put::sync_error;
@@ -40,8 +38,7 @@ impl UringShard {
             .iter()
             .map(|key| shard_namespace.table.remove(*key).is_some())
             .collect();
-        let asked: HashSet<BlockKey> = keys.iter().copied().collect();
-        let slots = shard_namespace.table.recorded_slots_of(&asked);
+        let slots = shard_namespace.table.recorded_slots_of(keys);
         if slots.is_empty() {
             return Some(Ok(removed));
         }
