@@ -142,13 +142,7 @@ fn a_load_past_the_device_region_is_refused() {
 
 /// Blocks `0..count` of the test namespace, back to back in a device region.
 fn blocks_in_order(count: u64) -> Vec<BlockLoad> {
-    (0..count)
-        .map(|index| BlockLoad {
-            key: synthetic::key(SEED, index),
-            layers: 0..LAYERS,
-            dest_offset: index * BLOCK_BYTES as u64,
-        })
-        .collect()
+    test_support::whole_test_blocks((0..count).map(|index| synthetic::key(SEED, index)))
 }
 
 /// Reads `target` twice, 300 ms apart: nothing may have written into it

@@ -114,13 +114,7 @@ fn expected_block(index: u64) -> Vec<u8> {
 }
 
 fn whole_blocks(count: u64) -> Vec<BlockLoad> {
-    (0..count)
-        .map(|index| BlockLoad {
-            key: synthetic::key(SEED, index),
-            layers: 0..LAYERS,
-            dest_offset: index * BLOCK_BYTES as u64,
-        })
-        .collect()
+    test_support::whole_test_blocks((0..count).map(|index| synthetic::key(SEED, index)))
 }
 
 #[test]

@@ -286,6 +286,21 @@ pub const TEST_LAYERS: u16 = 8;
 pub const TEST_LAYER_BYTES: usize = 4096;
 pub const TEST_BLOCK_BYTES: usize = TEST_LAYER_BYTES * TEST_LAYERS as usize;
 
+/// Every layer of the blocks `keys` (of the test geometry), back to back
+/// from offset 0 in the order given: a load that fills a region in order.
+pub fn whole_test_blocks(
+    keys: impl IntoIterator<Item = block_layout::BlockKey>,
+) -> Vec<protocol::BlockLoad> {
+    keys.into_iter()
+        .zip(0u64..)
+        .map(|(key, slot)| protocol::BlockLoad {
+            key,
+            layers: 0..TEST_LAYERS,
+            dest_offset: slot * TEST_BLOCK_BYTES as u64,
+        })
+        .collect()
+}
+
 /// A gateway config on a `uring` store in a test directory (or, with
 /// `object_endpoint`, on the test bucket of an S3 server): what differs
 /// between tests is set, the rest is the shared test shape.
