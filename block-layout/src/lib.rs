@@ -5,6 +5,10 @@
 //! and reused by the storage backends, the protocol, the client and the simulator.
 #![forbid(unsafe_code)]
 
+mod prefix;
+
+pub use prefix::{prefix_keys, prefix_root};
+
 use std::fmt;
 use std::ops::Range;
 use std::str::FromStr;
@@ -18,7 +22,7 @@ const _: () = assert!(DISK_ALIGN_BYTES.is_power_of_two());
 pub const LAYERS_MAX: u16 = 1024;
 
 /// The 128-bit key of a KV block, computed by the inference engine
-/// (the prefix hash of the block's tokens).
+/// (the prefix hash of the block's tokens: [`prefix_keys`]).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct BlockKey(pub u128);
 

@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
+pub use block_layout::{prefix_keys, prefix_root};
 use block_layout::{BlockKey, Geometry};
 use protocol::{ErrorCode, FrameType, NamespaceInfo};
 
@@ -513,6 +514,35 @@ impl Client {
             .iter()
             .find(|namespace| namespace.name == name)
             .map(|namespace| namespace.geometry)
+    }
+
+    /// The keys of the whole blocks of `tokens` in `namespace` (the
+    /// namespace's tokens per block; a last, partial block has none), chained
+    /// to `parent`: [`prefix_root`] of the salt (what the KV depends on
+    /// besides the tokens, e.g. a LoRA adapter; empty for none) for a prompt
+    /// from its start, or the key of the block just before `tokens` when a
+    /// turn continues a chain that ended on a block boundary. Prompts that
+    /// share their first blocks of tokens share those keys, so a
+    /// [`Client::lookup`] of a prompt's keys finds what earlier turns and
+    /// other sessions stored. The construction ([`prefix_keys`]) is specified
+    /// in `docs/engine-integration.md` for engines computing keys themselves.
+    pub fn prefix_keys(
+        &self,
+        namespace: &str,
+        parent: BlockKey,
+        tokens: &[u32],
+    ) -> Result<Vec<BlockKey>, ClientError> {
+        let geometry = self
+            .namespace(namespace)
+            .ok_or_else(|| ClientError::UnknownNamespace {
+                name: namespace.to_owned(),
+                known: self.gateways[0]
+                    .namespaces()
+                    .iter()
+                    .map(|info| info.name.clone())
+                    .collect(),
+            })?;
+        Ok(prefix_keys(parent, tokens, geometry.tokens_per_block))
     }
 
     /// Registers `region` as a load target on every gateway shard.

@@ -965,6 +965,74 @@ fn a_lookup_says_which_blocks_are_stored() {
     );
 }
 
+/// What an engine does with a conversation: the first turn's blocks are
+/// stored under the keys of its tokens; the next turn's prompt (the first
+/// turn, the reply, the new message) has the same first keys, so a lookup
+/// finds those blocks and a load brings them; a prompt that differs in its
+/// first token, or another salt (an adapter), finds none. The chain continued
+/// from the first turn's last key gives the second turn's later keys.
+#[test]
+fn a_prompt_finds_the_blocks_an_earlier_turn_stored_under_its_prefix_keys() {
+    let gateway = Gateway::start(0);
+    let client = gateway.client();
+    let per_block = client.namespace("full").expect("served").tokens_per_block as usize;
+    let first_turn: Vec<u32> = (0..5 * per_block + 3)
+        .map(|index| (index as u32).wrapping_mul(2_654_435_761) % 150_000)
+        .collect();
+    let root = client::prefix_root(b"");
+    let first_keys = client
+        .prefix_keys("full", root, &first_turn)
+        .expect("a served namespace");
+    assert_eq!(first_keys.len(), 5, "the last 3 tokens fill no block");
+    let blocks: Vec<Vec<u8>> = (0..5)
+        .map(|index| vec![index as u8 + 7; BLOCK_BYTES])
+        .collect();
+    let stores: Vec<(BlockKey, &[u8])> = first_keys
+        .iter()
+        .zip(&blocks)
+        .map(|(key, bytes)| (*key, &bytes[..]))
+        .collect();
+    client.store_many("full", &stores).expect("stored");
+
+    let mut second_turn = first_turn.clone();
+    second_turn.extend((0..4 * per_block as u32).map(|token| token + 11));
+    let second_keys = client
+        .prefix_keys("full", root, &second_turn)
+        .expect("a served namespace");
+    assert_eq!(second_keys.len(), 9);
+    assert_eq!(second_keys[..5], first_keys[..]);
+    let present = client.lookup("full", &second_keys).expect("answered");
+    assert_eq!(
+        present,
+        [true, true, true, true, true, false, false, false, false]
+    );
+    let (region, id) = registered_region(&client, BLOCK_BYTES);
+    for (key, bytes) in second_keys.iter().zip(&blocks) {
+        assert_loads_as(&client, "full", (id, &region), *key, bytes);
+    }
+    let continued = client
+        .prefix_keys("full", first_keys[4], &second_turn[5 * per_block..])
+        .expect("a served namespace");
+    assert_eq!(continued[..], second_keys[5..]);
+
+    let mut other_session = second_turn.clone();
+    other_session[0] += 1;
+    let other_keys = client
+        .prefix_keys("full", root, &other_session)
+        .expect("a served namespace");
+    let adapter_keys = client
+        .prefix_keys("full", client::prefix_root(b"lora-7"), &second_turn)
+        .expect("a served namespace");
+    for keys in [other_keys, adapter_keys] {
+        assert_eq!(client.lookup("full", &keys).expect("answered"), [false; 9]);
+    }
+    let unknown = client.prefix_keys("nope", root, &first_turn);
+    assert!(
+        matches!(&unknown, Err(ClientError::UnknownNamespace { known, .. }) if known.contains(&"full".to_owned())),
+        "{unknown:?}"
+    );
+}
+
 /// An engine removes blocks (a conversation deleted): each shard removes
 /// the keys it owns; they are gone at once (a lookup, a load) and stay gone
 /// after the gateway is killed and restarted (durable when answered), the
