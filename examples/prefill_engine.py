@@ -9,7 +9,9 @@ attention), writes the request's new blocks back, and prints timings.
     dualpath serve &                                 # the README's run command
     python3 examples/prefill_engine.py --blocks 64
 
-The keys are those of `dualpath import --synthetic N --seed S`.
+The cached blocks' keys are those of `dualpath import --synthetic N --seed S`; the
+turn's new blocks continue that chain with the keys of their tokens
+(`client.prefix_keys`), as a real engine computes the whole prompt's.
 """
 
 import argparse
@@ -63,8 +65,14 @@ def run(client, args):
     layer_stride = slots * layer_bytes
     region = client.register(flat)
     # The prompt's chain of blocks: those of earlier turns, then the new ones.
+    # A real engine computes the whole chain from the prompt's token ids,
+    # client.prefix_keys(namespace, prompt_tokens); here the earlier turns'
+    # keys are those the import stored, and the new tokens' blocks continue
+    # their chain from its last key.
     keys = [synthetic_key(args.seed, index) for index in range(args.blocks)]
-    new_keys = [synthetic_key(args.seed + 1_000_000, index) for index in range(args.new_blocks)]
+    rng = np.random.default_rng(args.seed)
+    new_tokens = rng.integers(0, 32_000, args.new_blocks * info["tokens_per_block"])
+    new_keys = client.prefix_keys(args.namespace, new_tokens, parent=keys[-1] if keys else None)
     present = client.lookup(args.namespace, keys + new_keys)
     stored = next((index for index, found in enumerate(present) if not found), len(present))
     print(f"{stored} of the prompt's {len(present)} blocks are stored: loading "
@@ -96,8 +104,7 @@ def run(client, args):
     # gateway makes them durable with shared disk syncs), each from where its
     # layers lie in the KV cache (no gather into a contiguous buffer). Over
     # RDMA the gateway reads them from the registered cache itself (RDMA READ).
-    kv[:, args.blocks:] = np.random.default_rng(args.seed).integers(
-        0, 256, (layers, args.new_blocks, layer_bytes), dtype=np.uint8)
+    kv[:, args.blocks:] = rng.integers(0, 256, (layers, args.new_blocks, layer_bytes), dtype=np.uint8)
     store_started = time.perf_counter()
     client.store_many(args.namespace, [
         (key, flat[(args.blocks + index) * layer_bytes:])

@@ -78,6 +78,80 @@ impl KeyArgument {
     }
 }
 
+/// A prompt's token ids: a NumPy array (or other buffer) of 32- or 64-bit
+/// integers, read at once, or any sequence of ints.
+fn tokens_of(tokens: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
+    use pyo3::buffer::PyBuffer;
+    let py = tokens.py();
+    let wide: Vec<i128> = if let Some(ids) = PyBuffer::<u32>::get(tokens).ok().and_then(|buffer| buffer.to_vec(py).ok()) {
+        return Ok(ids);
+    } else if let Some(ids) = PyBuffer::<i32>::get(tokens).ok().and_then(|buffer| buffer.to_vec(py).ok()) {
+        ids.into_iter().map(i128::from).collect()
+    } else if let Some(ids) = PyBuffer::<i64>::get(tokens).ok().and_then(|buffer| buffer.to_vec(py).ok()) {
+        ids.into_iter().map(i128::from).collect()
+    } else if let Some(ids) = PyBuffer::<u64>::get(tokens).ok().and_then(|buffer| buffer.to_vec(py).ok()) {
+        ids.into_iter().map(i128::from).collect()
+    } else if let Ok(ids) = tokens.extract::<Vec<u32>>() {
+        return Ok(ids);
+    } else {
+        // Read again only to say which token is out of range.
+        tokens.extract::<Vec<i128>>().map_err(|_| PyValueError::new_err("tokens must be a sequence of ints or an integer NumPy array (token ids)"))?
+    };
+    wide.iter()
+        .enumerate()
+        .map(|(index, &id)| {
+            u32::try_from(id).map_err(|_| PyValueError::new_err(format!("token {index} is {id}: token ids are integers from 0 to 2**32 - 1")))
+        })
+        .collect()
+}
+
+/// What else than the tokens a prompt's KV depends on (a LoRA adapter, an
+/// image's hash): bytes, or a str taken as UTF-8.
+#[derive(FromPyObject)]
+enum SaltArgument {
+    Bytes(Vec<u8>),
+    Text(String),
+}
+
+impl SaltArgument {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            SaltArgument::Bytes(bytes) => bytes,
+            SaltArgument::Text(text) => text.as_bytes(),
+        }
+    }
+}
+
+/// Where a prompt's chain starts: the root of `salt`, or `parent` (a chain
+/// continued after a whole block), not both: the salt is in the parent's key.
+fn chain_start(salt: Option<SaltArgument>, parent: Option<KeyArgument>) -> PyResult<BlockKey> {
+    match (salt, parent) {
+        (Some(_), Some(_)) => Err(PyValueError::new_err(
+            "give salt= for a prompt from its start or parent= to continue a chain, not both: the parent's key holds its chain's salt already",
+        )),
+        (None, Some(parent)) => parent.key(),
+        (salt, None) => Ok(block_layout::prefix_root(salt.as_ref().map_or(&[][..], SaltArgument::bytes))),
+    }
+}
+
+/// The keys of the whole blocks of a prompt's `tokens` (`block_tokens` a
+/// block; a last, partial block has none), as ints: prompts sharing their
+/// first blocks of tokens share those keys. `salt`: what else the KV depends
+/// on (a LoRA adapter's name, an image's hash; bytes or str); `parent`: the
+/// key of the block just before `tokens`, to continue a chain that ended on a
+/// block boundary. The construction is in docs/engine-integration.md.
+#[pyfunction]
+#[pyo3(signature = (tokens, block_tokens, salt=None, parent=None))]
+fn prefix_keys(py: Python<'_>, tokens: Bound<'_, PyAny>, block_tokens: i64, salt: Option<SaltArgument>, parent: Option<KeyArgument>) -> PyResult<Vec<u128>> {
+    let block_tokens = u32::try_from(block_tokens)
+        .ok()
+        .filter(|&count| count > 0)
+        .ok_or_else(|| PyValueError::new_err(format!("block_tokens must be a positive number of tokens, got {block_tokens}")))?;
+    let parent = chain_start(salt, parent)?;
+    let tokens = tokens_of(&tokens)?;
+    Ok(py.allow_threads(|| block_layout::prefix_keys(parent, &tokens, block_tokens)).into_iter().map(|key| key.0).collect())
+}
+
 /// Connection to one or more gateways.
 #[pyclass(module = "dualpath", frozen)]
 struct Client {
@@ -201,6 +275,19 @@ impl Client {
         info.set_item("layer_bytes", geometry.layer_bytes())?;
         info.set_item("block_bytes", geometry.block_bytes())?;
         Ok(Some(info))
+    }
+
+    /// The keys of the whole blocks of a prompt's `tokens` in `namespace`
+    /// (its tokens per block), as `prefix_keys(tokens, block_tokens, salt,
+    /// parent)` with the namespace's block size: what `lookup`, `load` and
+    /// `store_many` take. ValueError for a namespace the gateways do not serve.
+    #[pyo3(signature = (namespace, tokens, salt=None, parent=None))]
+    fn prefix_keys(&self, py: Python<'_>, namespace: &str, tokens: Bound<'_, PyAny>, salt: Option<SaltArgument>, parent: Option<KeyArgument>) -> PyResult<Vec<u128>> {
+        let parent = chain_start(salt, parent)?;
+        let tokens = tokens_of(&tokens)?;
+        let inner = Arc::clone(&self.inner);
+        let keys = py.allow_threads(move || inner.prefix_keys(namespace, parent, &tokens)).map_err(to_python)?;
+        Ok(keys.into_iter().map(|key| key.0).collect())
     }
 
     /// Registers a writable, C-contiguous buffer (bytearray, NumPy array, memoryview)
@@ -687,6 +774,7 @@ fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<Client>()?;
     module.add_class::<Load>()?;
     module.add_class::<DeviceLoad>()?;
+    module.add_function(wrap_pyfunction!(prefix_keys, module)?)?;
     module.add("DualpathError", py.get_type::<DualpathError>())?;
     module.add("GatewayError", py.get_type::<GatewayError>())?;
     module.add("DisconnectedError", py.get_type::<DisconnectedError>())?;

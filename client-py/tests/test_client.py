@@ -301,6 +301,82 @@ def test_removed_blocks_are_gone(gateway):
             client.remove("nope", [0xFEED])
 
 
+def reference_prefix_keys(tokens, block_tokens, salt=b"", parent=None):
+    """The construction as docs/engine-integration.md writes it, with hashlib."""
+    import hashlib
+    import struct
+
+    if parent is None:
+        digest = hashlib.sha256(b"dualpath-prefix-v1" + struct.pack("<Q", len(salt)) + salt).digest()
+        parent = int.from_bytes(digest[:16], "little")
+    keys = []
+    for start in range(0, len(tokens) - block_tokens + 1, block_tokens):
+        block = struct.pack(f"<{block_tokens}I", *tokens[start:start + block_tokens])
+        digest = hashlib.sha256(parent.to_bytes(16, "little") + struct.pack("<I", block_tokens) + block).digest()
+        parent = int.from_bytes(digest[:16], "little")
+        keys.append(parent)
+    return keys
+
+
+def test_prefix_keys_follow_the_documented_construction_from_any_token_array():
+    rng = np.random.default_rng(7)
+    for block_tokens in (1, 3, 16, 64):
+        tokens = rng.integers(0, 2**32, 6 * block_tokens - 1, dtype=np.uint64)
+        ids = [int(token) for token in tokens]
+        expected = reference_prefix_keys(ids, block_tokens)
+        assert len(expected) == 5
+        for given in (ids, tuple(ids), tokens, tokens.astype(np.uint32), tokens[::1].copy()):
+            assert dualpath.prefix_keys(given, block_tokens) == expected
+        small = tokens % 2**31
+        for array in (small.astype(np.int32), small.astype(np.int64)):
+            assert dualpath.prefix_keys(array, block_tokens) == reference_prefix_keys([int(t) for t in small], block_tokens)
+        # A strided view is read element by element, with the same keys.
+        assert dualpath.prefix_keys(tokens[::2], block_tokens) == reference_prefix_keys(ids[::2], block_tokens)
+        assert dualpath.prefix_keys(ids, block_tokens, salt="lora-7") == reference_prefix_keys(ids, block_tokens, b"lora-7")
+        assert dualpath.prefix_keys(ids, block_tokens, salt=b"\x00img") == reference_prefix_keys(ids, block_tokens, b"\x00img")
+        # Continued from a key: the rest of the chain.
+        assert dualpath.prefix_keys(ids[2 * block_tokens:], block_tokens, parent=expected[1]) == expected[2:]
+        assert dualpath.prefix_keys(ids[2 * block_tokens:], block_tokens, parent=format(expected[1], "x")) == expected[2:]
+    assert dualpath.prefix_keys([], 16) == []
+    assert dualpath.prefix_keys(list(range(15)), 16) == []
+
+
+def test_prefix_keys_refuse_what_is_not_a_token_or_a_block_size():
+    for tokens, message in (([1, -1], "token 1 is -1"), ([2**32], "token 0 is 4294967296"),
+                            ("abc", "sequence of ints"), ([1.5], "sequence of ints"),
+                            (np.array([-3], dtype=np.int64), "token 0 is -3")):
+        with pytest.raises(ValueError, match=message):
+            dualpath.prefix_keys(tokens, 1)
+    for block_tokens in (0, -4, 2**32):
+        with pytest.raises(ValueError, match="block_tokens must be a positive"):
+            dualpath.prefix_keys([1, 2], block_tokens)
+    with pytest.raises(ValueError, match="not both"):
+        dualpath.prefix_keys([1, 2], 1, salt="a", parent=5)
+
+
+def test_a_prompt_finds_what_its_earlier_turn_stored(gateway):
+    with dualpath.Client([gateway.address]) as client:
+        block_tokens = client.namespace("kv")["tokens_per_block"]
+        first_turn = list(range(1000, 1000 + 3 * block_tokens + 5))
+        keys = client.prefix_keys("kv", first_turn)
+        assert keys == dualpath.prefix_keys(first_turn, block_tokens)
+        blocks = [bytes([index + 1]) * BLOCK_BYTES for index in range(3)]
+        client.store_many("kv", list(zip(keys, blocks)))
+        second_turn = first_turn + list(range(7, 7 + 2 * block_tokens))
+        second_keys = client.prefix_keys("kv", np.array(second_turn, dtype=np.int32))
+        assert second_keys[:3] == keys
+        assert client.lookup("kv", second_keys) == [True, True, True, False, False]
+        assert client.prefix_keys("kv", second_turn[3 * block_tokens:], parent=keys[-1]) == second_keys[3:]
+        kv = bytearray(3 * BLOCK_BYTES)
+        region = client.register(kv)
+        states = client.load("kv", region, second_keys[:3], [index * BLOCK_BYTES for index in range(3)]).wait(timeout=30)
+        assert [state for state, _, _ in states] == ["done"] * 3
+        assert bytes(kv) == b"".join(blocks)
+        assert client.lookup("kv", client.prefix_keys("kv", second_turn, salt="lora-7")) == [False] * 5
+        with pytest.raises(ValueError, match="unknown namespace"):
+            client.prefix_keys("nope", first_turn)
+
+
 def test_a_closed_client_cancels_its_loads_and_releases_its_buffers(gateway):
     import os
     import signal

@@ -11,6 +11,10 @@
         ...                                   # compute this layer
     states = load.wait()
 
+Block keys from a prompt's tokens (a prefix chain: prompts that share their first
+blocks of tokens share those keys): `client.prefix_keys("default", token_ids)`, or
+`dualpath.prefix_keys(token_ids, block_tokens)` without a client.
+
 Errors are `DualpathError` subclasses: `GatewayError` (the gateway refused; `args[0]`
 is the code, e.g. "NotFound"), `DisconnectedError`, `WaitTimeout`, `RegionInUseError`
 (`unregister` of a region a running load may still write into, or a store reads from), `ClientClosedError`
@@ -30,6 +34,7 @@ from ._native import (
     Load,
     RegionInUseError,
     WaitTimeout,
+    prefix_keys,
 )
 
-__all__ = ["Client", "Load", "DeviceLoad", "DualpathError", "GatewayError", "DisconnectedError", "WaitTimeout", "RegionInUseError", "ClientClosedError"]
+__all__ = ["prefix_keys", "Client", "Load", "DeviceLoad", "DualpathError", "GatewayError", "DisconnectedError", "WaitTimeout", "RegionInUseError", "ClientClosedError"]

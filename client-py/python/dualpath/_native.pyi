@@ -2,6 +2,16 @@ from typing import Any, Optional, Sequence, Tuple, Union, Awaitable
 
 Key = Union[int, str]
 BlockState = Tuple[str, str, str]
+# Token ids: a sequence of ints, or an integer NumPy array (read at once).
+Tokens = Any
+Salt = Union[bytes, str]
+
+def prefix_keys(tokens: Tokens, block_tokens: int, salt: Optional[Salt] = None, parent: Optional[Key] = None) -> list[int]:
+    """Keys of the whole blocks of a prompt's tokens (a last, partial block has none),
+    chained so that prompts sharing their first blocks of tokens share those keys.
+    salt: what else the KV depends on (a LoRA adapter, an image's hash); parent: the
+    key of the block just before `tokens`, to continue a chain (not with salt).
+    The construction is in docs/engine-integration.md."""
 
 class DualpathError(Exception): ...
 class GatewayError(DualpathError): ...
@@ -99,6 +109,10 @@ class Client:
         host-to-device copies; needs the NVIDIA driver."""
     def namespace(self, name: str) -> Optional[dict[str, Any]]:
         """layers, tokens_per_block, bytes_per_token_per_layer, layout, layer_bytes, block_bytes."""
+    def prefix_keys(self, namespace: str, tokens: Tokens, salt: Optional[Salt] = None, parent: Optional[Key] = None) -> list[int]:
+        """prefix_keys(tokens, block_tokens, salt, parent) with the namespace's tokens per
+        block: the keys lookup, load and store_many take. ValueError for a namespace the
+        gateways do not serve."""
     def register(self, buffer: Any) -> int:
         """Register a writable C-contiguous byte buffer (e.g. memoryview(arr).cast('B')); returns a region id."""
     def register_pointer(self, pointer: int, length: int, owner: Any = None) -> int:
