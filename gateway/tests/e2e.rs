@@ -1033,6 +1033,105 @@ fn a_prompt_finds_the_blocks_an_earlier_turn_stored_under_its_prefix_keys() {
     );
 }
 
+/// A full store evicts a loaded prompt's blocks from its end: the load marks
+/// its blocks used from the last to the first, so a lookup of the prompt
+/// afterwards still finds a stored prefix (each shard keeps its first blocks
+/// of the chain), not a chain without its head, useless to an engine. The
+/// store is filled exactly (per shard), the prompt loaded, then each shard
+/// given as many new blocks as its free slots plus half its blocks of the
+/// prompt: the older fillers go, then the second half of its share.
+#[test]
+fn a_full_store_evicts_a_loaded_prompt_from_its_end() {
+    const SHARDS: u32 = 2;
+    let gateway = Gateway::start(0);
+    let client = gateway.client();
+    let per_block = client.namespace("full").expect("served").tokens_per_block as usize;
+    let prompt: Vec<u32> = (0..64 * per_block as u32).collect();
+    let chain = client
+        .prefix_keys("full", client::prefix_root(b""), &prompt)
+        .expect("a served namespace");
+    let mut slots = [0usize; SHARDS as usize];
+    wait_until("the store's slots are published", WAIT, || {
+        for (shard, count) in slots.iter_mut().enumerate() {
+            *count = gateway.process.metric_sum_labelled(
+                "dualpath_storage_slots",
+                &format!("namespace=\"full\",shard=\"{shard}\""),
+            ) as usize;
+        }
+        slots.iter().all(|&count| count > 0)
+    });
+    let share = |shard: u32| -> Vec<BlockKey> {
+        chain
+            .iter()
+            .copied()
+            .filter(|key| key.shard(SHARDS) == shard)
+            .collect()
+    };
+    // `count` new keys owned by each shard: `counts[shard]`.
+    let mut next_filler = 1u64 << 40;
+    let mut fillers = |counts: &[usize]| -> Vec<BlockKey> {
+        let mut wanted = counts.to_vec();
+        let mut keys = Vec::new();
+        while wanted.iter().any(|&count| count > 0) {
+            let key = synthetic::key(SEED + 9, next_filler);
+            next_filler += 1;
+            let shard = key.shard(SHARDS) as usize;
+            if wanted[shard] > 0 {
+                wanted[shard] -= 1;
+                keys.push(key);
+            }
+        }
+        keys
+    };
+    let block = vec![5u8; BLOCK_BYTES];
+    let store_all = |keys: &[BlockKey]| {
+        for batch in keys.chunks(256) {
+            let stores: Vec<(BlockKey, &[u8])> =
+                batch.iter().map(|key| (*key, &block[..])).collect();
+            client.store_many("full", &stores).expect("stored");
+        }
+    };
+    store_all(&chain);
+    let free: Vec<usize> = (0..SHARDS)
+        .map(|shard| slots[shard as usize] - share(shard).len())
+        .collect();
+    store_all(&fillers(&free));
+    assert_eq!(
+        gateway.metric_sum("dualpath_storage_evictions_total"),
+        0.0,
+        "filled exactly"
+    );
+    let (_region, id) = registered_region(&client, chain.len() * BLOCK_BYTES);
+    let blocks = test_support::whole_test_blocks(chain.iter().copied());
+    let report = client
+        .load("full", id, &blocks, 0)
+        .expect("sent")
+        .wait(WAIT)
+        .expect("ends");
+    assert!(
+        report
+            .blocks
+            .iter()
+            .all(|status| *status == BlockStatus::Done),
+        "{report:?}"
+    );
+
+    let evicting: Vec<usize> = (0..SHARDS)
+        .map(|shard| free[shard as usize] + share(shard).len() / 2)
+        .collect();
+    store_all(&fillers(&evicting));
+    for shard in 0..SHARDS {
+        let share = share(shard);
+        let kept = share.len() - share.len() / 2;
+        let present = client.lookup("full", &share).expect("answered");
+        let expected: Vec<bool> = (0..share.len()).map(|index| index < kept).collect();
+        assert_eq!(
+            present, expected,
+            "shard {shard}: its first {kept} blocks of the prompt are kept"
+        );
+    }
+}
+
 /// An engine removes blocks (a conversation deleted): each shard removes
 /// the keys it owns; they are gone at once (a lookup, a load) and stay gone
 /// after the gateway is killed and restarted (durable when answered), the

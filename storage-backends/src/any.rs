@@ -149,6 +149,9 @@ impl BlockStore for AnyShard {
     fn contains(&self, namespace: NamespaceId, key: BlockKey) -> bool {
         dispatch!(self, shard => shard.contains(namespace, key))
     }
+    fn mark_used(&mut self, namespace: NamespaceId, key: BlockKey) {
+        dispatch!(self, shard => shard.mark_used(namespace, key))
+    }
     fn keys(&self, namespace: NamespaceId) -> Vec<BlockKey> {
         dispatch!(self, shard => shard.keys(namespace))
     }

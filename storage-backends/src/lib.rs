@@ -288,6 +288,16 @@ pub trait BlockStore {
     /// Removes a block, durably; false if it was not there.
     fn delete(&mut self, namespace: NamespaceId, key: BlockKey) -> Result<bool, StoreError>;
     fn contains(&self, namespace: NamespaceId, key: BlockKey) -> bool;
+    /// A load asked for `key`: it becomes the namespace's most recently used
+    /// block, evicted after every other (nothing if it is not stored).
+    /// Marked when a load is accepted, not when its reads are issued: the
+    /// gateway marks a load's blocks from its last to its first, so that a
+    /// prompt's first blocks, without which its later ones are of no use
+    /// (a load takes the stored prefix), are evicted last. Nothing to do for
+    /// stores that keep no use order (an object store evicts nothing).
+    fn mark_used(&mut self, namespace: NamespaceId, key: BlockKey) {
+        let _ = (namespace, key);
+    }
     fn keys(&self, namespace: NamespaceId) -> Vec<BlockKey>;
     fn stats(&self) -> ShardStats;
 }

@@ -925,6 +925,12 @@ impl<S: BlockStore> Core<S> {
                 });
             }
             Ok(progress) => {
+                // Last block first: the load's first blocks (a prompt's
+                // prefix, which its later blocks are of no use without) end
+                // up the most recently used, evicted after the rest.
+                for block in progress.blocks().iter().rev() {
+                    self.shard.mark_used(namespace, block.key);
+                }
                 let active = ActiveLoad {
                     request_id: load.request_id,
                     namespace,

@@ -1069,8 +1069,9 @@ impl BlockStore for UringShard {
             }
         };
         let shard_namespace = &mut self.namespaces[usize::from(namespace)];
+        // Pinned, not touched: the use order changes when a load is
+        // accepted (`mark_used`), whatever order its reads go in.
         shard_namespace.table.pin(slot);
-        shard_namespace.table.touch(slot);
         let file_index = shard_namespace.file_index;
         let Some(PendingOp::Read { buffer, .. }) = self.pending[user_data as usize].as_mut() else {
             unreachable!("just stored a read")
@@ -1239,6 +1240,13 @@ impl BlockStore for UringShard {
 
     fn contains(&self, namespace: NamespaceId, key: BlockKey) -> bool {
         self.namespace(namespace).table.lookup(key).is_some()
+    }
+
+    fn mark_used(&mut self, namespace: NamespaceId, key: BlockKey) {
+        let table = &mut self.namespaces[usize::from(namespace.0)].table;
+        if let Some(slot) = table.lookup(key) {
+            table.touch(slot);
+        }
     }
 
     fn keys(&self, namespace: NamespaceId) -> Vec<BlockKey> {
