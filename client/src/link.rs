@@ -84,20 +84,206 @@ impl Endpoint {
 pub(crate) enum Socket {
     Tcp(TcpStream),
     Unix(UnixStream),
-    /// TLS: the session is shared by the receive thread and the writers; the
-    /// socket's blocking reads happen outside its lock.
+    /// TLS: the session is shared by the receive side and the writers.
     Tls {
         tcp: TcpStream,
-        session: Arc<Mutex<TlsClient>>,
+        session: Arc<TlsSession>,
     },
 }
 
-/// A TLS session and the records read from the socket but not yet given to
+/// A connection's TLS session, shared by its writers and its receive side
+/// (a shared receive thread, which serves other connections too, so it
+/// must never wait for this one's socket).
+#[derive(Debug)]
+pub(crate) struct TlsSession {
+    /// rustls's state. Held for work on memory only, never across a
+    /// blocking socket call: a writer whose socket is full (the gateway not
+    /// reading) must not keep the receive side from taking what the gateway
+    /// sends, or neither side would move.
+    state: Mutex<TlsClient>,
+    /// Held by whoever puts records on the socket, so that they leave in the
+    /// order the session made them; the records taken out of the session
+    /// and not yet on the socket.
+    outgoing: Mutex<Vec<u8>>,
+}
+
+/// rustls's state and the records read from the socket but not yet given to
 /// it (rustls takes records only while its plaintext buffer is empty).
 #[derive(Debug)]
-pub(crate) struct TlsClient {
+struct TlsClient {
     conn: rustls::ClientConnection,
     pending: Vec<u8>,
+}
+
+/// The socket read without blocking, for `read_tls`: `WouldBlock` when
+/// nothing has arrived.
+struct ReadNow(std::os::fd::RawFd);
+
+impl Read for ReadNow {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match nix::sys::socket::recv(self.0, buffer, nix::sys::socket::MsgFlags::MSG_DONTWAIT) {
+                Ok(count) => return Ok(count),
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(errno) => return Err(io::Error::from(errno)),
+            }
+        }
+    }
+}
+
+fn closed_tls() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "the gateway closed the TLS connection",
+    )
+}
+
+impl TlsSession {
+    fn new(conn: rustls::ClientConnection) -> Self {
+        Self {
+            state: Mutex::new(TlsClient {
+                conn,
+                pending: Vec::new(),
+            }),
+            outgoing: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Encrypts `data` and puts it on the socket (blocking), a buffer of
+    /// records at a time (rustls holds up to 64 KiB of them), with the
+    /// session let go of while the socket takes them.
+    fn send(&self, tcp: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+        let mut outgoing = self.outgoing.lock().expect("TLS send lock");
+        loop {
+            if outgoing.is_empty() {
+                let mut state = self.state.lock().expect("TLS session lock");
+                if !data.is_empty() {
+                    let taken = state.conn.writer().write(data)?;
+                    data = &data[taken..];
+                }
+                while state.conn.wants_write() {
+                    state.conn.write_tls(&mut *outgoing)?;
+                }
+            }
+            if outgoing.is_empty() {
+                return if data.is_empty() {
+                    Ok(())
+                } else {
+                    Err(io::Error::other("TLS: the session takes no more data"))
+                };
+            }
+            let mut socket = tcp;
+            socket.write_all(&outgoing)?;
+            outgoing.clear();
+        }
+    }
+
+    /// Records the session made while receiving (a reply to the gateway's
+    /// key update): put on the socket as far as it takes them without
+    /// blocking, unless a writer is at it. What is left goes first with the
+    /// connection's next request.
+    fn send_replies(&self, state: &mut TlsClient, fd: std::os::fd::RawFd) -> io::Result<()> {
+        let Ok(mut outgoing) = self.outgoing.try_lock() else {
+            return Ok(());
+        };
+        while state.conn.wants_write() {
+            state.conn.write_tls(&mut *outgoing)?;
+        }
+        while !outgoing.is_empty() {
+            let flags =
+                nix::sys::socket::MsgFlags::MSG_DONTWAIT | nix::sys::socket::MsgFlags::MSG_NOSIGNAL;
+            match nix::sys::socket::send(fd, &outgoing, flags) {
+                Ok(count) => {
+                    outgoing.drain(..count);
+                }
+                Err(nix::errno::Errno::EAGAIN) => break,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(errno) => return Err(io::Error::from(errno)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Plaintext into `buffer` without blocking: `None` when nothing has
+    /// arrived (the socket has nothing and the session holds nothing); the
+    /// end of the connection is `UnexpectedEof`.
+    pub(crate) fn receive_now(
+        &self,
+        fd: std::os::fd::RawFd,
+        buffer: &mut [u8],
+    ) -> io::Result<Option<usize>> {
+        let mut guard = self.state.lock().expect("TLS session lock");
+        let state = &mut *guard;
+        let mut ended = false;
+        loop {
+            match state.conn.reader().read(buffer) {
+                Ok(0) if !buffer.is_empty() => return Err(closed_tls()),
+                Ok(count) => return Ok(Some(count)),
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock && ended => {
+                    return Err(closed_tls())
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                Err(error) => return Err(error),
+            }
+            let read = if state.pending.is_empty() {
+                state.conn.read_tls(&mut ReadNow(fd))
+            } else {
+                let taken = state.conn.read_tls(&mut state.pending.as_slice());
+                if let Ok(taken) = taken {
+                    state.pending.drain(..taken);
+                }
+                taken
+            };
+            match read {
+                Ok(0) => ended = true,
+                Ok(_) => {}
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(error) => return Err(error),
+            }
+            state.conn.process_new_packets().map_err(tls_error)?;
+            if state.conn.wants_write() {
+                self.send_replies(state, fd)?;
+            }
+        }
+    }
+
+    /// Plaintext into `buffer`, waiting for the socket (with the session let
+    /// go of) while nothing has arrived: the hello, and a connection with a
+    /// receive thread of its own.
+    fn receive(&self, tcp: &TcpStream, buffer: &mut [u8]) -> io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        let mut records = [0u8; 16 << 10];
+        loop {
+            {
+                let mut guard = self.state.lock().expect("TLS session lock");
+                let state = &mut *guard;
+                match state.conn.reader().read(buffer) {
+                    Ok(count) => return Ok(count),
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(error) => return Err(error),
+                }
+                if !state.pending.is_empty() {
+                    let taken = state.conn.read_tls(&mut state.pending.as_slice())?;
+                    state.pending.drain(..taken);
+                    state.conn.process_new_packets().map_err(tls_error)?;
+                    if state.conn.wants_write() {
+                        self.send_replies(state, tcp.as_raw_fd())?;
+                    }
+                    continue;
+                }
+            }
+            let mut socket = tcp;
+            let count = socket.read(&mut records)?;
+            if count == 0 {
+                return Err(closed_tls());
+            }
+            self.state
+                .lock()
+                .expect("TLS session lock")
+                .pending
+                .extend_from_slice(&records[..count]);
+        }
+    }
 }
 
 impl Socket {
@@ -126,6 +312,14 @@ impl Socket {
     /// not say whether one is waiting).
     fn buffers_reads(&self) -> bool {
         matches!(self, Socket::Tls { .. })
+    }
+
+    /// The TLS session reads go through, if any.
+    pub(crate) fn tls_session(&self) -> Option<Arc<TlsSession>> {
+        match self {
+            Socket::Tls { session, .. } => Some(Arc::clone(session)),
+            Socket::Tcp(_) | Socket::Unix(_) => None,
+        }
     }
 
     pub(crate) fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
@@ -165,53 +359,12 @@ fn tls_error(error: rustls::Error) -> io::Error {
     )
 }
 
-/// Writes rustls's pending records to the (blocking) socket.
-fn flush_records(session: &mut rustls::ClientConnection, tcp: &mut TcpStream) -> io::Result<()> {
-    while session.wants_write() {
-        session.write_tls(tcp)?;
-    }
-    Ok(())
-}
-
 impl Read for Socket {
     fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
         match self {
             Socket::Tcp(stream) => stream.read(buffer),
             Socket::Unix(stream) => stream.read(buffer),
-            Socket::Tls { tcp, session } => {
-                let mut records = [0u8; 16 << 10];
-                loop {
-                    {
-                        let mut guard = session.lock().expect("TLS session lock");
-                        let tls = &mut *guard;
-                        match tls.conn.reader().read(buffer) {
-                            Ok(count) => return Ok(count),
-                            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
-                            Err(error) => return Err(error),
-                        }
-                        if !tls.pending.is_empty() {
-                            let taken = tls.conn.read_tls(&mut tls.pending.as_slice())?;
-                            tls.pending.drain(..taken);
-                            tls.conn.process_new_packets().map_err(tls_error)?;
-                            flush_records(&mut tls.conn, tcp)?;
-                            continue;
-                        }
-                    }
-                    // Block on the socket without the lock, so writers go on.
-                    let count = tcp.read(&mut records)?;
-                    if count == 0 {
-                        return Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "the gateway closed the TLS connection",
-                        ));
-                    }
-                    session
-                        .lock()
-                        .expect("TLS session lock")
-                        .pending
-                        .extend_from_slice(&records[..count]);
-                }
-            }
+            Socket::Tls { tcp, session } => session.receive(tcp, buffer),
         }
     }
 }
@@ -232,9 +385,7 @@ impl Write for Socket {
             Socket::Tcp(stream) => stream.write(buffer),
             Socket::Unix(stream) => stream.write(buffer),
             Socket::Tls { tcp, session } => {
-                let mut session = session.lock().expect("TLS session lock");
-                session.conn.writer().write_all(buffer)?;
-                flush_records(&mut session.conn, tcp)?;
+                session.send(tcp, buffer)?;
                 Ok(buffer.len())
             }
         }
@@ -369,16 +520,14 @@ impl ShardLink {
         });
         // Over RDMA one thread serves the queue pair and a plain socket
         // together (a TLS session buffers frames the socket's readiness does
-        // not show: it keeps a thread of its own).
+        // not show: its socket is served on its own).
         let (reader, rdma_reader) = match &inbox {
             Some(_) if !reader.buffers_reads() => (None, Some(reader)),
             _ => (Some(reader), None),
         };
-        // A plain socket without RDMA goes to the shared receive threads.
+        // Any other socket goes to the shared receive threads.
         let reader = match reader {
-            Some(reader)
-                if inbox.is_none() && !reader.buffers_reads() && crate::receive::pooled() =>
-            {
+            Some(reader) if crate::receive::pooled() => {
                 crate::receive::serve(reader, Arc::clone(&shared)).map_err(connect_error)?;
                 None
             }
@@ -1287,10 +1436,7 @@ fn start_tls(
     }
     Ok(Socket::Tls {
         tcp,
-        session: Arc::new(Mutex::new(TlsClient {
-            conn: session,
-            pending: Vec::new(),
-        })),
+        session: Arc::new(TlsSession::new(session)),
     })
 }
 

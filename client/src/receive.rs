@@ -1,13 +1,16 @@
-//! The receive side of plain TCP and Unix connections: a few threads for all
+//! The receive side of TCP, TLS and Unix connections: a few threads for all
 //! of the process's connections, not one a connection (an engine talks to
 //! every shard of every gateway). Each thread waits on its connections'
 //! sockets together (`mio`) and takes what has arrived without blocking
 //! (`recv` with `MSG_DONTWAIT`: the sockets stay blocking for the writers
-//! that share them), frame by frame; a payload goes straight into the
-//! engine's memory as over a connection's own thread. TLS connections (their
-//! session buffers frames the socket's readiness does not show) and RDMA
-//! connections (their thread waits on the queue pair too) keep threads of
-//! their own.
+//! that share them), frame by frame, until the socket has nothing more; a
+//! payload goes straight into the engine's memory as over a connection's own
+//! thread. Over TLS the session decrypts what the socket had, and the
+//! connection is taken until the session holds no more plaintext either (its
+//! readiness is the socket's, which does not show what the session holds);
+//! the payload is copied out of the session. Plain connections over RDMA
+//! keep a thread of their own, which waits on the queue pair and the socket
+//! together; a TLS socket over RDMA comes here.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -17,7 +20,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use protocol::{decode_data_prefix, decode_header, Frame, Header, DATA_PREFIX_BYTES, HEADER_BYTES};
 
-use crate::link::{dispatch, end_link, LinkShared, Socket};
+use crate::link::{dispatch, end_link, LinkShared, Socket, TlsSession};
 use crate::Region;
 
 /// Receive threads when `DUALPATH_RECEIVE_THREADS` does not say: one a core,
@@ -153,6 +156,8 @@ struct Link {
     /// Holds `fd` open while the thread receives on it.
     _socket: Socket,
     fd: RawFd,
+    /// The connection's TLS session: what arrives is read through it.
+    tls: Option<Arc<TlsSession>>,
     shared: Arc<LinkShared>,
     expect: Expect,
     /// The header, data prefix or control body being received, and how much
@@ -203,6 +208,7 @@ fn run(mut poll: Poll, index: usize) {
                         links.len() - 1
                     });
                     let fd = socket.as_fd().as_raw_fd();
+                    let tls = socket.tls_session();
                     if let Err(error) = poll.registry().register(
                         &mut SourceFd(&fd),
                         Token(slot),
@@ -218,6 +224,7 @@ fn run(mut poll: Poll, index: usize) {
                     links[slot] = Some(Link {
                         _socket: socket,
                         fd,
+                        tls,
                         shared,
                         expect: Expect::Header,
                         partial: Vec::with_capacity(256),
@@ -265,7 +272,11 @@ fn receive_ready(link: &mut Link) -> Result<(), String> {
 /// Receives what the connection expects next; `false` when nothing more
 /// has arrived for now.
 fn step(link: &mut Link) -> io::Result<bool> {
-    let fd = link.fd;
+    let (fd, tls) = (link.fd, link.tls.as_deref());
+    let take_now = |buffer: &mut [u8]| match tls {
+        Some(session) => session.receive_now(fd, buffer),
+        None => recv_now(fd, buffer),
+    };
     match &mut link.expect {
         Expect::Payload {
             region,
@@ -273,7 +284,7 @@ fn step(link: &mut Link) -> io::Result<bool> {
             left,
         } => {
             let received = region
-                .fill(*offset, *left, |target| recv_now(fd, target))
+                .fill(*offset, *left, take_now)
                 .ok_or_else(|| invalid("a payload outside its region"))?;
             let Some(count) = received? else {
                 return Ok(false);
@@ -294,7 +305,7 @@ fn step(link: &mut Link) -> io::Result<bool> {
             };
             link.partial.resize(want, 0);
             if link.got < want {
-                let Some(count) = recv_now(fd, &mut link.partial[link.got..want])? else {
+                let Some(count) = take_now(&mut link.partial[link.got..want])? else {
                     return Ok(false);
                 };
                 link.got += count;

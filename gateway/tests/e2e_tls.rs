@@ -150,6 +150,104 @@ fn loads_over_tls_and_refuses_clients_without_it_or_with_another_ca() {
     wait_for_handshake_failures(&gateway, 2);
 }
 
+/// Over TLS, requests bigger than the 64 KiB of records rustls buffers go
+/// out whole (a lookup and a removal of 40,000 keys: frames of up to 256
+/// KiB; before, such a write failed and ended the connection), while loads
+/// and stores run on the same clients from other threads, every byte
+/// checked; and TLS connections share the process's few receive threads,
+/// none has one of its own.
+#[test]
+fn big_requests_loads_and_stores_over_tls_at_once_on_shared_receive_threads() {
+    const LOADED: u64 = 64;
+    let dir = tempfile::tempdir().expect("dir");
+    let (cert, key) = certificate();
+    let (cert_path, key_path) = (
+        dir.path().join("gateway.crt"),
+        dir.path().join("gateway.key"),
+    );
+    std::fs::write(&cert_path, cert).expect("cert");
+    std::fs::write(&key_path, key).expect("key");
+    let config = write_config(dir.path(), &cert_path, &key_path);
+    import_synthetic(BINARY, &config, "full", LOADED, SEED);
+    let mut command = Command::new(BINARY);
+    command.arg("--config").arg(&config).arg("serve");
+    let gateway = GatewayProcess::start(command);
+    let options = ClientOptions {
+        tls: Some(TlsOptions {
+            ca_file: cert_path.clone(),
+            server_name: None,
+            cert_file: None,
+            key_file: None,
+        }),
+        ..ClientOptions::default()
+    };
+    let clients: Vec<Client> = (0..3)
+        .map(|_| Client::connect(&[&gateway.tcp], options.clone()).expect("a TLS client connects"))
+        .collect();
+    let blocks: Vec<BlockLoad> = (0..LOADED)
+        .map(|index| BlockLoad {
+            key: synthetic::key(SEED, index),
+            layers: 0..LAYERS,
+            dest_offset: index * BLOCK_BYTES as u64,
+        })
+        .collect();
+    std::thread::scope(|scope| {
+        for (number, client) in clients.iter().enumerate() {
+            let blocks = &blocks;
+            scope.spawn(move || {
+                let region = Arc::new(Region::allocate(LOADED as usize * BLOCK_BYTES));
+                let id = client
+                    .register_region(Arc::clone(&region))
+                    .expect("register");
+                for _ in 0..3 {
+                    let load = client.load("full", id, blocks, 0).expect("load");
+                    assert!(load.wait(WAIT).expect("finished").all_done());
+                    for index in 0..LOADED {
+                        assert!(
+                            region.read(index as usize * BLOCK_BYTES, BLOCK_BYTES)
+                                == expected_block(index),
+                            "block {index}"
+                        );
+                    }
+                }
+            });
+            scope.spawn(move || {
+                let seed = SEED + 1 + number as u64;
+                let stored: Vec<(block_layout::BlockKey, Vec<u8>)> = (0..16)
+                    .map(|index| {
+                        (
+                            synthetic::key(seed, index),
+                            vec![number as u8 + 1; BLOCK_BYTES],
+                        )
+                    })
+                    .collect();
+                let stores: Vec<(block_layout::BlockKey, &[u8])> = stored
+                    .iter()
+                    .map(|(key, bytes)| (*key, &bytes[..]))
+                    .collect();
+                client.store_many("full", &stores).expect("stored over TLS");
+                let keys: Vec<block_layout::BlockKey> = (0..40_000)
+                    .map(|index| synthetic::key(seed, index))
+                    .collect();
+                let present = client.lookup("full", &keys).expect("a big lookup over TLS");
+                assert_eq!(present.iter().filter(|found| **found).count(), 16);
+                assert!(present[..16].iter().all(|found| *found));
+                let removed = client
+                    .remove("full", &keys)
+                    .expect("a big removal over TLS");
+                assert_eq!(removed, present);
+            });
+        }
+    });
+    let names: Vec<String> = std::fs::read_dir("/proc/self/task")
+        .expect("this process's threads")
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .collect();
+    let count = |prefix: &str| names.iter().filter(|name| name.starts_with(prefix)).count();
+    assert!((1..=4).contains(&count("dualpath-rx-")), "{names:?}");
+    assert_eq!(count("dualpath-recv-"), 0, "{names:?}");
+}
+
 /// A CA and a client certificate it signs (for client authentication):
 /// (CA PEM, client cert PEM, client key PEM).
 fn client_identity(name: &str) -> (String, String, String) {
