@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Eviction order benchmark: the prefix hit rate of a multi-turn workload
+# (scripts/eviction_workload.py: sessions whose working set is larger than the
+# store) against this build's gateway and an older one's (REV, default
+# 62f000c: the last build that marked a block used at each of its reads, in
+# the load's order, so a loaded prompt's first blocks were evicted first),
+# interleaved, one run each per seed (SEEDS, default 3); prints each run, the
+# medians and their ratio. The older build is kept in target/compat/ (as
+# scripts/compat-check.sh keeps its own).
+#
+#   scripts/bench-eviction.sh
+#   REV=<commit> SEEDS=5 scripts/bench-eviction.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rev=$(git rev-parse --short "${REV:-62f000c}")
+old_bin="target/compat/dualpath-$rev"
+if [ ! -x "$old_bin" ]; then
+    source_dir="target/compat/src-$rev"
+    rm -rf "$source_dir"
+    git worktree add --detach --force "$source_dir" "$rev" >/dev/null
+    echo "bench-eviction: building the gateway at $rev (several minutes)"
+    cargo build --quiet --release -p gateway --bin dualpath \
+        --manifest-path "$source_dir/Cargo.toml" --target-dir target/compat/build
+    cp target/compat/build/release/dualpath "$old_bin"
+    git worktree remove --force "$source_dir"
+    rm -rf target/compat/build
+fi
+cargo build --quiet --release -p gateway --bin dualpath
+python3 -m pip install --quiet --disable-pip-version-check ./client-py
+new_bin=target/release/dualpath
+
+old_rates=() new_rates=()
+for seed in $(seq 1 "${SEEDS:-3}"); do
+    old=$(python3 scripts/eviction_workload.py "$old_bin" "$seed")
+    new=$(python3 scripts/eviction_workload.py "$new_bin" "$seed")
+    echo "seed $seed: $rev $old"
+    echo "seed $seed: this $new"
+    old_rates+=("$(echo "$old" | awk '{print $2}')")
+    new_rates+=("$(echo "$new" | awk '{print $2}')")
+done
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
+old_median=$(median "${old_rates[@]}")
+new_median=$(median "${new_rates[@]}")
+echo "prefix hit rate: this build $new_median median, $rev $old_median median; ratio $(awk -v a="$new_median" -v b="$old_median" 'BEGIN {printf "%.3f", a / b}')"
