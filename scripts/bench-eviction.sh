@@ -12,19 +12,9 @@
 #   REV=<commit> SEEDS=5 scripts/bench-eviction.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib/old-build.sh
 rev=$(git rev-parse --short "${REV:-62f000c}")
-old_bin="target/compat/dualpath-$rev"
-if [ ! -x "$old_bin" ]; then
-    source_dir="target/compat/src-$rev"
-    rm -rf "$source_dir"
-    git worktree add --detach --force "$source_dir" "$rev" >/dev/null
-    echo "bench-eviction: building the gateway at $rev (several minutes)"
-    cargo build --quiet --release -p gateway --bin dualpath \
-        --manifest-path "$source_dir/Cargo.toml" --target-dir target/compat/build
-    cp target/compat/build/release/dualpath "$old_bin"
-    git worktree remove --force "$source_dir"
-    rm -rf target/compat/build
-fi
+old_bin=$(old_gateway "$rev")
 cargo build --quiet --release -p gateway --bin dualpath
 python3 -m pip install --quiet --disable-pip-version-check ./client-py
 new_bin=target/release/dualpath

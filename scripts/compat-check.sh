@@ -19,19 +19,9 @@
 # several minutes on two cores. The older build is kept in target/compat/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib/old-build.sh
 rev=$(git rev-parse --short "${REV:-f568c09}")
-old_bin="target/compat/dualpath-$rev"
-if [ ! -x "$old_bin" ]; then
-    source_dir="target/compat/src-$rev"
-    rm -rf "$source_dir"
-    git worktree add --detach --force "$source_dir" "$rev" >/dev/null
-    echo "compat: building the gateway at $rev (several minutes)"
-    cargo build --quiet --release -p gateway --bin dualpath \
-        --manifest-path "$source_dir/Cargo.toml" --target-dir target/compat/build
-    cp target/compat/build/release/dualpath "$old_bin"
-    git worktree remove --force "$source_dir"
-    rm -rf target/compat/build
-fi
+old_bin=$(old_gateway "$rev")
 cargo build --quiet --release -p gateway --bin dualpath
 new_bin=target/release/dualpath
 

@@ -30,6 +30,29 @@ fn certificate() -> (String, String) {
     (cert.pem(), key_pair.serialize_pem())
 }
 
+/// A fresh self-signed gateway certificate and its key, written into `dir`:
+/// (certificate path, key path).
+fn write_certificate(dir: &Path) -> (PathBuf, PathBuf) {
+    let (cert, key) = certificate();
+    let (cert_path, key_path) = (dir.join("gateway.crt"), dir.join("gateway.key"));
+    std::fs::write(&cert_path, cert).expect("cert");
+    std::fs::write(&key_path, key).expect("key");
+    (cert_path, key_path)
+}
+
+/// Client options trusting the CA (here: the self-signed certificate) in `ca_file`.
+fn tls(ca_file: &Path) -> ClientOptions {
+    ClientOptions {
+        tls: Some(TlsOptions {
+            ca_file: ca_file.to_owned(),
+            server_name: None,
+            cert_file: None,
+            key_file: None,
+        }),
+        ..ClientOptions::default()
+    }
+}
+
 fn write_config(dir: &Path, cert: &Path, key: &Path) -> PathBuf {
     write_config_with(dir, cert, key, "")
 }
@@ -68,13 +91,7 @@ fn expected_block(index: u64) -> Vec<u8> {
 #[test]
 fn loads_over_tls_and_refuses_clients_without_it_or_with_another_ca() {
     let dir = tempfile::tempdir().expect("dir");
-    let (cert, key) = certificate();
-    let (cert_path, key_path) = (
-        dir.path().join("gateway.crt"),
-        dir.path().join("gateway.key"),
-    );
-    std::fs::write(&cert_path, cert).expect("cert");
-    std::fs::write(&key_path, key).expect("key");
+    let (cert_path, key_path) = write_certificate(dir.path());
     let config = write_config(dir.path(), &cert_path, &key_path);
     for namespace in ["full", "layer"] {
         import_synthetic(BINARY, &config, namespace, BLOCKS, SEED);
@@ -83,15 +100,6 @@ fn loads_over_tls_and_refuses_clients_without_it_or_with_another_ca() {
     command.arg("--config").arg(&config).arg("serve");
     let gateway = GatewayProcess::start(command);
 
-    let tls = |ca_file: &Path| ClientOptions {
-        tls: Some(TlsOptions {
-            ca_file: ca_file.to_owned(),
-            server_name: None,
-            cert_file: None,
-            key_file: None,
-        }),
-        ..ClientOptions::default()
-    };
     let client = Client::connect(&[&gateway.tcp], tls(&cert_path)).expect("a TLS client connects");
     for namespace in ["layer", "full"] {
         let region = Arc::new(Region::allocate(BLOCKS as usize * BLOCK_BYTES));
@@ -160,37 +168,17 @@ fn loads_over_tls_and_refuses_clients_without_it_or_with_another_ca() {
 fn big_requests_loads_and_stores_over_tls_at_once_on_shared_receive_threads() {
     const LOADED: u64 = 64;
     let dir = tempfile::tempdir().expect("dir");
-    let (cert, key) = certificate();
-    let (cert_path, key_path) = (
-        dir.path().join("gateway.crt"),
-        dir.path().join("gateway.key"),
-    );
-    std::fs::write(&cert_path, cert).expect("cert");
-    std::fs::write(&key_path, key).expect("key");
+    let (cert_path, key_path) = write_certificate(dir.path());
     let config = write_config(dir.path(), &cert_path, &key_path);
     import_synthetic(BINARY, &config, "full", LOADED, SEED);
     let mut command = Command::new(BINARY);
     command.arg("--config").arg(&config).arg("serve");
     let gateway = GatewayProcess::start(command);
-    let options = ClientOptions {
-        tls: Some(TlsOptions {
-            ca_file: cert_path.clone(),
-            server_name: None,
-            cert_file: None,
-            key_file: None,
-        }),
-        ..ClientOptions::default()
-    };
     let clients: Vec<Client> = (0..3)
-        .map(|_| Client::connect(&[&gateway.tcp], options.clone()).expect("a TLS client connects"))
+        .map(|_| Client::connect(&[&gateway.tcp], tls(&cert_path)).expect("a TLS client connects"))
         .collect();
-    let blocks: Vec<BlockLoad> = (0..LOADED)
-        .map(|index| BlockLoad {
-            key: synthetic::key(SEED, index),
-            layers: 0..LAYERS,
-            dest_offset: index * BLOCK_BYTES as u64,
-        })
-        .collect();
+    let blocks =
+        test_support::whole_test_blocks((0..LOADED).map(|index| synthetic::key(SEED, index)));
     std::thread::scope(|scope| {
         for (number, client) in clients.iter().enumerate() {
             let blocks = &blocks;
@@ -279,11 +267,7 @@ fn client_certificates_are_required_when_the_gateway_names_a_client_ca() {
         std::fs::write(&path, pem).expect("write PEM");
         path
     };
-    let (server_cert, server_key) = certificate();
-    let (cert_path, key_path) = (
-        write("gateway.crt", &server_cert),
-        write("gateway.key", &server_key),
-    );
+    let (cert_path, key_path) = write_certificate(dir.path());
     let (ca, client_cert, client_key) = client_identity("pe-1");
     let ca_path = write("clients-ca.crt", &ca);
     let config = write_config_with(
