@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Eviction order benchmark: the prefix hit rate of a multi-turn workload
 # (scripts/eviction_workload.py: sessions whose working set is larger than the
-# store) against this build's gateway and an older one's (REV, default
-# 62f000c: the last build that marked a block used at each of its reads, in
-# the load's order, so a loaded prompt's first blocks were evicted first),
+# store) with this build's gateway and Python binding and with an older
+# build's (REV, default 62f000c: the last build whose gateway marked a block
+# used at each of its reads, in the load's order, and whose client stored a
+# batch first to last, so a prompt's first blocks were evicted first),
 # interleaved, one run each per seed (SEEDS, default 3); prints each run, the
 # medians and their ratio. The older build is kept in target/compat/ (as
 # scripts/compat-check.sh keeps its own).
@@ -15,13 +16,14 @@ cd "$(dirname "$0")/.."
 source scripts/lib/old-build.sh
 rev=$(git rev-parse --short "${REV:-62f000c}")
 old_bin=$(old_gateway "$rev")
+old_python=$(old_python "$rev")
 cargo build --quiet --release -p gateway --bin dualpath
 python3 -m pip install --quiet --disable-pip-version-check ./client-py
 new_bin=target/release/dualpath
 
 old_rates=() new_rates=()
 for seed in $(seq 1 "${SEEDS:-3}"); do
-    old=$(python3 scripts/eviction_workload.py "$old_bin" "$seed")
+    old=$(PYTHONPATH="$old_python" python3 scripts/eviction_workload.py "$old_bin" "$seed")
     new=$(python3 scripts/eviction_workload.py "$new_bin" "$seed")
     echo "seed $seed: $rev $old"
     echo "seed $seed: this $new"

@@ -1,9 +1,30 @@
 #!/usr/bin/env python3
-"""Multi-turn sessions against a gateway whose store holds less than their working set:
-the share of each turn's of the prompts' blocks found stored (a stored prefix) and loaded.
-Usage: evict_bench.py BINARY [SEED]"""
-import pathlib, random, subprocess, sys, tempfile, threading
+"""The eviction workload of scripts/bench-eviction.sh: multi-turn sessions against a
+gateway (the binary given) whose store holds less than their working set. Each turn
+looks up its prompt's block keys, loads the stored prefix, stores the blocks it
+computed (`store_many`), and grows the session by 1 to 3 blocks; sessions are picked
+with an exponential popularity, and one that reaches 48 blocks is replaced by a new
+one. Prints the share of the prompts' blocks found stored after a warm-up: the prefix
+hit rate the eviction order gives.
+
+    scripts/eviction_workload.py BINARY [SEED]
+"""
+import hashlib, pathlib, random, struct, subprocess, sys, tempfile, threading
 import numpy as np, dualpath
+
+
+def prefix_keys(tokens, block_tokens):
+    """The block keys of docs/engine-integration.md, computed here, so that the
+    binding of a build older than `prefix_keys` runs this too."""
+    parent = int.from_bytes(hashlib.sha256(b"dualpath-prefix-v1" + struct.pack("<Q", 0)).digest()[:16], "little")
+    keys = []
+    for start in range(0, len(tokens) - block_tokens + 1, block_tokens):
+        block = struct.pack(f"<{block_tokens}I", *tokens[start:start + block_tokens])
+        digest = hashlib.sha256(parent.to_bytes(16, "little") + struct.pack("<I", block_tokens) + block).digest()
+        parent = int.from_bytes(digest[:16], "little")
+        keys.append(parent)
+    return keys
+
 
 binary, seed = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 1
 tmp = pathlib.Path(tempfile.mkdtemp())
@@ -43,7 +64,7 @@ try:
         for turn in range(1500):
             index = min(int(rng.expovariate(1 / 15)), len(sessions) - 1)
             tokens = sessions[index]
-            keys = client.prefix_keys("kv", tokens)
+            keys = prefix_keys(tokens, per_block)
             present = client.lookup("kv", keys)
             stored = next((i for i, p in enumerate(present) if not p), len(present))
             if stored:

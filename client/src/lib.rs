@@ -1215,7 +1215,8 @@ impl Client {
         match self.store_window(namespace, blocks, layout, &mut confirmed) {
             Err(ClientError::Disconnected { .. }) => {
                 self.redialer.redial_within(0, within, &|| false)?;
-                self.store_window(namespace, &blocks[confirmed..], layout, &mut 0)
+                let left = blocks.len() - confirmed;
+                self.store_window(namespace, &blocks[..left], layout, &mut 0)
             }
             Err(ClientError::Gateway {
                 code: ErrorCode::ShuttingDown,
@@ -1223,7 +1224,8 @@ impl Client {
             }) => {
                 self.redialer
                     .redial_successor_within(0, within, &|| false)?;
-                self.store_window(namespace, &blocks[confirmed..], layout, &mut 0)
+                let left = blocks.len() - confirmed;
+                self.store_window(namespace, &blocks[..left], layout, &mut 0)
             }
             outcome => outcome,
         }
@@ -1318,9 +1320,13 @@ impl Client {
         }))
     }
 
-    /// Sends the blocks, at most `STORES_IN_FLIGHT` unanswered, and waits for
-    /// every answer; `confirmed` counts the blocks confirmed durable before
-    /// the first one that was not.
+    /// Sends the blocks, last to first, at most `STORES_IN_FLIGHT` unanswered,
+    /// and waits for every answer; `confirmed` counts the blocks (from the
+    /// last) confirmed durable before the first one that was not. Last to
+    /// first: a gateway's store evicts its least recently stored or loaded
+    /// blocks first, and the blocks an engine stores are most often a
+    /// prompt's new chain of blocks, whose last ones are of no use without
+    /// the ones before (`docs/storage-format.md`, "Eviction order").
     fn store_window(
         &self,
         namespace: &str,
@@ -1356,7 +1362,7 @@ impl Client {
             }
             answer
         };
-        for &(key, bytes) in blocks {
+        for &(key, bytes) in blocks.iter().rev() {
             if sent.len() == STORES_IN_FLIGHT {
                 outcome = wait(sent.pop_front().expect("a full window"));
                 if outcome.is_err() {

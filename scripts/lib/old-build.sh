@@ -20,3 +20,22 @@ old_gateway() {
     fi
     echo "$binary"
 }
+
+# old_python REV installs the Python binding (`import dualpath`) of revision
+# REV into target/compat/python-REV unless it is there, and prints that
+# directory (for PYTHONPATH).
+old_python() {
+    local rev directory source_dir
+    rev=$(git rev-parse --short "$1") || return
+    directory="target/compat/python-$rev"
+    if [ ! -d "$directory/dualpath" ]; then
+        source_dir="target/compat/src-python-$rev"
+        rm -rf "$source_dir" "$directory"
+        git worktree add --detach --force "$source_dir" "$rev" >/dev/null || return
+        echo "building the Python binding at $rev (a few minutes)" >&2
+        python3 -m pip install --quiet --disable-pip-version-check --target "$directory" \
+            "$source_dir/client-py" >&2 || return
+        git worktree remove --force "$source_dir"
+    fi
+    echo "$directory"
+}
