@@ -1039,9 +1039,11 @@ fn a_prompt_finds_the_blocks_an_earlier_turn_stored_under_its_prefix_keys() {
 /// of the chain), not a chain without its head, useless to an engine. The
 /// store is filled exactly (per shard), the prompt loaded, then each shard
 /// given as many new blocks as its free slots plus half its blocks of the
-/// prompt: the older fillers go, then the second half of its share.
+/// prompt: the older fillers go, then the second half of its share. Then
+/// the same for a prompt's blocks just stored (one `store_many`, sent last
+/// block first): the rest of the store goes, then each shard's second half.
 #[test]
-fn a_full_store_evicts_a_loaded_prompt_from_its_end() {
+fn a_full_store_evicts_a_prompt_from_its_end() {
     const SHARDS: u32 = 2;
     let gateway = Gateway::start(0);
     let client = gateway.client();
@@ -1060,13 +1062,15 @@ fn a_full_store_evicts_a_loaded_prompt_from_its_end() {
         }
         slots.iter().all(|&count| count > 0)
     });
-    let share = |shard: u32| -> Vec<BlockKey> {
+    // A chain's keys on `shard`, in chain order.
+    let share_of = |chain: &[BlockKey], shard: u32| -> Vec<BlockKey> {
         chain
             .iter()
             .copied()
             .filter(|key| key.shard(SHARDS) == shard)
             .collect()
     };
+    let share = |shard: u32| share_of(&chain, shard);
     // `count` new keys owned by each shard: `counts[shard]`.
     let mut next_filler = 1u64 << 40;
     let mut fillers = |counts: &[usize]| -> Vec<BlockKey> {
@@ -1128,6 +1132,30 @@ fn a_full_store_evicts_a_loaded_prompt_from_its_end() {
         assert_eq!(
             present, expected,
             "shard {shard}: its first {kept} blocks of the prompt are kept"
+        );
+    }
+
+    let second: Vec<u32> = prompt.iter().map(|token| token + 100_000).collect();
+    let second_chain = client
+        .prefix_keys("full", client::prefix_root(b""), &second)
+        .expect("a served namespace");
+    let second_share = |shard: u32| share_of(&second_chain, shard);
+    store_all(&second_chain);
+    let evicting: Vec<usize> = (0..SHARDS)
+        .map(|shard| {
+            let share = second_share(shard).len();
+            slots[shard as usize] - share + share / 2
+        })
+        .collect();
+    store_all(&fillers(&evicting));
+    for shard in 0..SHARDS {
+        let share = second_share(shard);
+        let kept = share.len() - share.len() / 2;
+        let present = client.lookup("full", &share).expect("answered");
+        let expected: Vec<bool> = (0..share.len()).map(|index| index < kept).collect();
+        assert_eq!(
+            present, expected,
+            "shard {shard}: its first {kept} blocks of the stored prompt are kept"
         );
     }
 }
