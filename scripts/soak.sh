@@ -20,7 +20,9 @@
 # RDMA=1: all of it inside the Soft-RoCE VM (scripts/lib/vm.sh), the gateways
 # writing by RDMA WRITE (the client requires RDMA). The VM is emulated: a run
 # moves far fewer bytes than on the host.
-#   scripts/soak.sh [SECONDS]   (default 60; FAULT_EVERY=3, STOP_SECONDS=1, BLOCKS=256, FAULTS=both|sigkill|sigstop|store|all, LOAD=dual|one-gateway, CANCEL_EVERY=0, RDMA=0)
+# TLS=1: the gateways serve TLS (a self-signed certificate made with openssl)
+# and the client connects over it.
+#   scripts/soak.sh [SECONDS]   (default 60; FAULT_EVERY=3, STOP_SECONDS=1, BLOCKS=256, FAULTS=both|sigkill|sigstop|store|all, LOAD=dual|one-gateway, CANCEL_EVERY=0, RDMA=0, TLS=0)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 duration=${1:-60}
@@ -67,6 +69,16 @@ cleanup() {
 trap cleanup EXIT
 source scripts/lib/seaweed.sh
 seaweed_start "$work"
+tls_lines=
+if [ "${TLS:-0}" = 1 ]; then
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
+        -subj "/CN=dualpath soak" -addext "subjectAltName=IP:$host" -addext "basicConstraints=critical,CA:FALSE" \
+        -keyout "$work/tls.key" -out "$work/tls.crt" 2>"$work/openssl.log" \
+        || { echo "soak: openssl could not make a certificate: $(tail -3 "$work/openssl.log")" >&2; exit 1; }
+    tls_lines="tls_cert_file = \"$work/tls.crt\"
+tls_key_file = \"$work/tls.key\""
+    load_args+=(--tls-ca "$work/tls.crt")
+fi
 read -r -a ports <<<"$(python3 -c 'import socket
 s=[socket.socket() for _ in range(2)]
 [x.bind(("127.0.0.1",0)) for x in s]
@@ -76,6 +88,7 @@ for index in 0 1; do
 [gateway]
 cores = 1
 listen_tcp = "$host:${ports[$index]}"
+$tls_lines
 $rdma_table
 [staging]
 bytes_per_core = "16MiB"
@@ -170,7 +183,7 @@ if ! output=$(load_run); then
     last_run="FAILED: $(grep -m1 -E "error" <<<"$output" || echo "$output" | tail -1)"
 fi
 for index in 0 1; do peak_rss_kb "$index" >>"$work/rss"; done
-echo "soak: ${duration}s, $load loads$([ "$rdma" = 1 ] && echo " over RDMA"), $runs load runs, $requests loads completed, $cancelled cancelled ($cut_off by cutting a stopped gateway off; nothing landed after), $((verified / 1048576)) MiB verified byte for byte"
+echo "soak: ${duration}s, $load loads$([ "$rdma" = 1 ] && echo " over RDMA")$([ "${TLS:-0}" = 1 ] && echo " over TLS"), $runs load runs, $requests loads completed, $cancelled cancelled ($cut_off by cutting a stopped gateway off; nothing landed after), $((verified / 1048576)) MiB verified byte for byte"
 echo "soak: faults injected: $(sort "$work/faults" | uniq -c | awk '{printf "%s %s, ", $1, $2}')total $(wc -l <"$work/faults")"
 if [ -s "$work/errors" ]; then
     echo "soak: errors by kind: $(sort "$work/errors" | uniq -c | awk '{c=$1; $1=""; printf "%d x%s; ", c, $0}')"

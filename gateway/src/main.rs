@@ -279,6 +279,9 @@ enum BenchTarget {
         /// GID index 1.
         #[arg(long)]
         rdma: bool,
+        /// Connect over TLS, trusting the CA certificate (PEM) in this file.
+        #[arg(long, value_name = "FILE")]
+        tls_ca: Option<std::path::PathBuf>,
     },
     /// Memory to memory over the TCP transport, against iperf3 and Mooncake's TCP transport.
     Transport {
@@ -482,6 +485,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     one_gateway,
                     cancel_every,
                     rdma,
+                    tls_ca,
                 },
         } => {
             let pe_storage = pe_endpoint.map(|endpoint| client::ObjectSettings {
@@ -515,6 +519,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 one_gateway,
                 cancel_every,
                 rdma,
+                tls_ca,
             })
         }
         Command::Bench {

@@ -36,6 +36,8 @@ pub struct BenchLoadOptions {
     pub cancel_every: u64,
     /// Gateways write by RDMA (required, with the default device and GID).
     pub rdma: bool,
+    /// Connect over TLS, trusting this CA certificate.
+    pub tls_ca: Option<std::path::PathBuf>,
 }
 
 /// How long a cancel waits for its paths before cutting a gateway off.
@@ -64,6 +66,12 @@ pub fn bench_load(options: &BenchLoadOptions) -> anyhow::Result<()> {
         rdma: options.rdma.then(|| RdmaOptions {
             required: true,
             ..RdmaOptions::default()
+        }),
+        tls: options.tls_ca.clone().map(|ca_file| client::TlsOptions {
+            ca_file,
+            server_name: None,
+            cert_file: None,
+            key_file: None,
         }),
         ..ClientOptions::default()
     };
