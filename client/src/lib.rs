@@ -20,6 +20,7 @@ mod receive;
 mod retry;
 #[allow(unsafe_code)]
 mod sys;
+mod tls;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};

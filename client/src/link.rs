@@ -20,6 +20,7 @@ use protocol::{
 
 use crate::load::{LoadShared, PartId};
 use crate::sys::ReceiveRing;
+use crate::tls::TlsSession;
 use crate::{BlockStatus, ClientError, ClientOptions, Region};
 
 /// Slices handed to one `writev`: a frame head and the layers of a strided
@@ -91,201 +92,6 @@ pub(crate) enum Socket {
     },
 }
 
-/// A connection's TLS session, shared by its writers and its receive side
-/// (a shared receive thread, which serves other connections too, so it
-/// must never wait for this one's socket).
-#[derive(Debug)]
-pub(crate) struct TlsSession {
-    /// rustls's state. Held for work on memory only, never across a
-    /// blocking socket call: a writer whose socket is full (the gateway not
-    /// reading) must not keep the receive side from taking what the gateway
-    /// sends, or neither side would move.
-    state: Mutex<TlsClient>,
-    /// Held by whoever puts records on the socket, so that they leave in the
-    /// order the session made them; the records taken out of the session
-    /// and not yet on the socket.
-    outgoing: Mutex<Vec<u8>>,
-}
-
-/// rustls's state and the records read from the socket but not yet given to
-/// it (rustls takes records only while its plaintext buffer is empty).
-#[derive(Debug)]
-struct TlsClient {
-    conn: rustls::ClientConnection,
-    pending: Vec<u8>,
-}
-
-/// The socket read without blocking, for `read_tls`: `WouldBlock` when
-/// nothing has arrived.
-struct ReadNow(std::os::fd::RawFd);
-
-impl Read for ReadNow {
-    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
-        loop {
-            match nix::sys::socket::recv(self.0, buffer, nix::sys::socket::MsgFlags::MSG_DONTWAIT) {
-                Ok(count) => return Ok(count),
-                Err(nix::errno::Errno::EINTR) => {}
-                Err(errno) => return Err(io::Error::from(errno)),
-            }
-        }
-    }
-}
-
-fn closed_tls() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::UnexpectedEof,
-        "the gateway closed the TLS connection",
-    )
-}
-
-impl TlsSession {
-    fn new(conn: rustls::ClientConnection) -> Self {
-        Self {
-            state: Mutex::new(TlsClient {
-                conn,
-                pending: Vec::new(),
-            }),
-            outgoing: Mutex::new(Vec::new()),
-        }
-    }
-
-    /// Encrypts `data` and puts it on the socket (blocking), a buffer of
-    /// records at a time (rustls holds up to 64 KiB of them), with the
-    /// session let go of while the socket takes them.
-    fn send(&self, tcp: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-        let mut outgoing = self.outgoing.lock().expect("TLS send lock");
-        loop {
-            if outgoing.is_empty() {
-                let mut state = self.state.lock().expect("TLS session lock");
-                if !data.is_empty() {
-                    let taken = state.conn.writer().write(data)?;
-                    data = &data[taken..];
-                }
-                while state.conn.wants_write() {
-                    state.conn.write_tls(&mut *outgoing)?;
-                }
-            }
-            if outgoing.is_empty() {
-                return if data.is_empty() {
-                    Ok(())
-                } else {
-                    Err(io::Error::other("TLS: the session takes no more data"))
-                };
-            }
-            let mut socket = tcp;
-            socket.write_all(&outgoing)?;
-            outgoing.clear();
-        }
-    }
-
-    /// Records the session made while receiving (a reply to the gateway's
-    /// key update): put on the socket as far as it takes them without
-    /// blocking, unless a writer is at it. What is left goes first with the
-    /// connection's next request.
-    fn send_replies(&self, state: &mut TlsClient, fd: std::os::fd::RawFd) -> io::Result<()> {
-        let Ok(mut outgoing) = self.outgoing.try_lock() else {
-            return Ok(());
-        };
-        while state.conn.wants_write() {
-            state.conn.write_tls(&mut *outgoing)?;
-        }
-        while !outgoing.is_empty() {
-            let flags =
-                nix::sys::socket::MsgFlags::MSG_DONTWAIT | nix::sys::socket::MsgFlags::MSG_NOSIGNAL;
-            match nix::sys::socket::send(fd, &outgoing, flags) {
-                Ok(count) => {
-                    outgoing.drain(..count);
-                }
-                Err(nix::errno::Errno::EAGAIN) => break,
-                Err(nix::errno::Errno::EINTR) => {}
-                Err(errno) => return Err(io::Error::from(errno)),
-            }
-        }
-        Ok(())
-    }
-
-    /// Plaintext into `buffer` without blocking: `None` when nothing has
-    /// arrived (the socket has nothing and the session holds nothing); the
-    /// end of the connection is `UnexpectedEof`.
-    pub(crate) fn receive_now(
-        &self,
-        fd: std::os::fd::RawFd,
-        buffer: &mut [u8],
-    ) -> io::Result<Option<usize>> {
-        let mut guard = self.state.lock().expect("TLS session lock");
-        let state = &mut *guard;
-        let mut ended = false;
-        loop {
-            match state.conn.reader().read(buffer) {
-                Ok(0) if !buffer.is_empty() => return Err(closed_tls()),
-                Ok(count) => return Ok(Some(count)),
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock && ended => {
-                    return Err(closed_tls())
-                }
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
-                Err(error) => return Err(error),
-            }
-            let read = if state.pending.is_empty() {
-                state.conn.read_tls(&mut ReadNow(fd))
-            } else {
-                let taken = state.conn.read_tls(&mut state.pending.as_slice());
-                if let Ok(taken) = taken {
-                    state.pending.drain(..taken);
-                }
-                taken
-            };
-            match read {
-                Ok(0) => ended = true,
-                Ok(_) => {}
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-                Err(error) => return Err(error),
-            }
-            state.conn.process_new_packets().map_err(tls_error)?;
-            if state.conn.wants_write() {
-                self.send_replies(state, fd)?;
-            }
-        }
-    }
-
-    /// Plaintext into `buffer`, waiting for the socket (with the session let
-    /// go of) while nothing has arrived: the hello, and a connection with a
-    /// receive thread of its own.
-    fn receive(&self, tcp: &TcpStream, buffer: &mut [u8]) -> io::Result<usize> {
-        use std::os::fd::AsRawFd;
-        let mut records = [0u8; 16 << 10];
-        loop {
-            {
-                let mut guard = self.state.lock().expect("TLS session lock");
-                let state = &mut *guard;
-                match state.conn.reader().read(buffer) {
-                    Ok(count) => return Ok(count),
-                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(error) => return Err(error),
-                }
-                if !state.pending.is_empty() {
-                    let taken = state.conn.read_tls(&mut state.pending.as_slice())?;
-                    state.pending.drain(..taken);
-                    state.conn.process_new_packets().map_err(tls_error)?;
-                    if state.conn.wants_write() {
-                        self.send_replies(state, tcp.as_raw_fd())?;
-                    }
-                    continue;
-                }
-            }
-            let mut socket = tcp;
-            let count = socket.read(&mut records)?;
-            if count == 0 {
-                return Err(closed_tls());
-            }
-            self.state
-                .lock()
-                .expect("TLS session lock")
-                .pending
-                .extend_from_slice(&records[..count]);
-        }
-    }
-}
-
 impl Socket {
     fn try_clone(&self) -> io::Result<Socket> {
         Ok(match self {
@@ -338,25 +144,6 @@ impl Socket {
             Socket::Unix(stream) => stream.shutdown(Shutdown::Both),
         };
     }
-}
-
-/// A TLS failure as an I/O error, with the fix where the gateway's alert
-/// says what it wanted.
-fn tls_error(error: rustls::Error) -> io::Error {
-    use rustls::AlertDescription as Alert;
-    let hint = match &error {
-        rustls::Error::AlertReceived(Alert::CertificateRequired) => {
-            "; the gateway requires a client certificate: set TlsOptions::cert_file and key_file (Python tls_cert_file=, tls_key_file=)"
-        }
-        rustls::Error::AlertReceived(
-            Alert::BadCertificate | Alert::UnknownCA | Alert::CertificateUnknown | Alert::DecryptError,
-        ) => "; the gateway did not accept this client's certificate: it must be signed by the CA in the gateway's tls_client_ca_file",
-        _ => "",
-    };
-    io::Error::new(
-        io::ErrorKind::PermissionDenied,
-        format!("TLS: {error}{hint}"),
-    )
 }
 
 impl Read for Socket {
@@ -1310,7 +1097,15 @@ fn open_socket(endpoint: &Endpoint, options: &crate::ClientOptions) -> io::Resul
                         }
                         return match tls {
                             None => Ok(Socket::Tcp(stream)),
-                            Some(tls) => start_tls(stream, address, tls, timeout),
+                            Some(tls) => {
+                                let mut tcp = stream;
+                                let session =
+                                    crate::tls::handshake(&mut tcp, address, tls, timeout)?;
+                                Ok(Socket::Tls {
+                                    tcp,
+                                    session: Arc::new(session),
+                                })
+                            }
                         };
                     }
                     Err(error) => last = error,
@@ -1353,91 +1148,6 @@ pub fn end_when_peer_dies(stream: &TcpStream, dead_after: Duration) -> io::Resul
         .and_then(|()| setsockopt(stream, sockopt::TcpKeepCount, &probes))
         .and_then(|()| setsockopt(stream, sockopt::TcpUserTimeout, &user_timeout))
         .map_err(io::Error::from)
-}
-
-/// The TLS handshake on a fresh connection, verifying the gateway's
-/// certificate against the CA file and the expected name.
-fn start_tls(
-    mut tcp: TcpStream,
-    address: &str,
-    options: &crate::TlsOptions,
-    timeout: Duration,
-) -> io::Result<Socket> {
-    use rustls::pki_types::pem::PemObject;
-    let invalid_input = |message: String| io::Error::new(io::ErrorKind::InvalidInput, message);
-    let mut roots = rustls::RootCertStore::empty();
-    let certificates =
-        rustls::pki_types::CertificateDer::pem_file_iter(&options.ca_file).map_err(|error| {
-            invalid_input(format!(
-                "cannot read the TLS CA file {}: {error}",
-                options.ca_file.display()
-            ))
-        })?;
-    for certificate in certificates {
-        let certificate = certificate
-            .map_err(|error| invalid_input(format!("{}: {error}", options.ca_file.display())))?;
-        roots
-            .add(certificate)
-            .map_err(|error| invalid_input(format!("{}: {error}", options.ca_file.display())))?;
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|error| invalid_input(error.to_string()))?
-        .with_root_certificates(roots);
-    let config = match (&options.cert_file, &options.key_file) {
-        (None, None) => builder.with_no_client_auth(),
-        (Some(cert_file), Some(key_file)) => {
-            let read = |what: &str, path: &std::path::Path, error: &dyn std::fmt::Display| {
-                invalid_input(format!("cannot read the client TLS {what} {}: {error}", path.display()))
-            };
-            let certs = rustls::pki_types::CertificateDer::pem_file_iter(cert_file)
-                .map_err(|error| read("certificate", cert_file, &error))?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|error| read("certificate", cert_file, &error))?;
-            let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key_file)
-                .map_err(|error| read("key", key_file, &error))?;
-            builder.with_client_auth_cert(certs, key).map_err(|error| {
-                invalid_input(format!(
-                    "the client TLS certificate {} and key {} do not match or are unsupported: {error}",
-                    cert_file.display(),
-                    key_file.display()
-                ))
-            })?
-        }
-        _ => {
-            return Err(invalid_input(
-                "TlsOptions: set both cert_file and key_file (the client certificate and its key) or neither".into(),
-            ))
-        }
-    };
-    let host = options.server_name.clone().unwrap_or_else(|| {
-        address
-            .rsplit_once(':')
-            .map_or(address, |(host, _)| host)
-            .trim_matches(['[', ']'])
-            .to_owned()
-    });
-    let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|_| {
-        invalid_input(format!(
-            "{host:?} is not a valid TLS server name; set TlsOptions::server_name"
-        ))
-    })?;
-    let mut session = rustls::ClientConnection::new(Arc::new(config), name)
-        .map_err(|error| invalid_input(error.to_string()))?;
-    tcp.set_read_timeout(Some(timeout))?;
-    while session.is_handshaking() {
-        session.complete_io(&mut tcp).map_err(|error| {
-            io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                format!("TLS handshake with {address} failed: {error}"),
-            )
-        })?;
-    }
-    Ok(Socket::Tls {
-        tcp,
-        session: Arc::new(TlsSession::new(session)),
-    })
 }
 
 /// What a gateway said in its `HelloOk`.

@@ -20,7 +20,8 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use protocol::{decode_data_prefix, decode_header, Frame, Header, DATA_PREFIX_BYTES, HEADER_BYTES};
 
-use crate::link::{dispatch, end_link, LinkShared, Socket, TlsSession};
+use crate::link::{dispatch, end_link, LinkShared, Socket};
+use crate::tls::TlsSession;
 use crate::Region;
 
 /// Receive threads when `DUALPATH_RECEIVE_THREADS` does not say: one a core,
