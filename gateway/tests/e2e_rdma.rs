@@ -403,6 +403,96 @@ fn a_withdrawn_region_is_forgotten_and_the_connection_goes_on_over_rdma() {
     );
 }
 
+/// RDMA over a TLS connection: the hello, the queue pairs' exchange and the
+/// notices' socket frames go over TLS, the payloads by RDMA WRITE and the
+/// stores by RDMA READ. The TLS socket is served by the shared receive
+/// threads, the queue pair by the connection's RDMA thread; a lookup bigger
+/// than the 64 KiB of records rustls buffers goes out whole. Every byte is
+/// checked.
+#[test]
+fn rdma_over_a_tls_connection_loads_stores_and_looks_up() {
+    let Some(device) = rdma_device() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rcgen::CertifiedKey { cert, key_pair } =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+            .expect("certificate");
+    let (cert_path, key_path) = (dir.path().join("gw.crt"), dir.path().join("gw.key"));
+    std::fs::write(&cert_path, cert.pem()).expect("cert");
+    std::fs::write(&key_path, key_pair.serialize_pem()).expect("key");
+    let config = TestGatewayConfig {
+        cores: 1,
+        gateway_lines: format!(
+            "metrics_listen = \"127.0.0.1:0\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"",
+            cert_path.display(),
+            key_path.display()
+        ),
+        tables: format!("[rdma]\ntransport = \"rdma\"\ndevice = \"{device}\"\ngid_index = 1"),
+        ..TestGatewayConfig::default()
+    }
+    .write(dir.path());
+    import_synthetic(BINARY, &config, "full", BLOCKS, SEED);
+    let mut command = Command::new(BINARY);
+    command.arg("--config").arg(&config).arg("serve");
+    let gateway = GatewayProcess::start(command);
+    let threads_before = receive_threads();
+    let client = Client::connect(
+        &[&gateway.tcp],
+        ClientOptions {
+            rdma: Some(RdmaOptions {
+                device: Some(device.clone()),
+                required: true,
+                ..RdmaOptions::default()
+            }),
+            tls: Some(client::TlsOptions {
+                ca_file: cert_path.clone(),
+                server_name: None,
+                cert_file: None,
+                key_file: None,
+            }),
+            ..ClientOptions::default()
+        },
+    )
+    .expect("an RDMA client over TLS connects");
+    assert_eq!(client.transports(), ["rdma"]);
+    let region = Arc::new(Region::allocate(BLOCKS as usize * BLOCK_BYTES));
+    let id = client
+        .register_region(Arc::clone(&region))
+        .expect("register");
+    let report = client
+        .load("full", id, &whole_blocks(BLOCKS), 0)
+        .expect("load")
+        .wait(WAIT)
+        .expect("load finished");
+    assert!(report.all_done(), "{:?}", report.failed().next());
+    for index in 0..BLOCKS {
+        assert!(
+            region.read(index as usize * BLOCK_BYTES, BLOCK_BYTES) == expected_block(index),
+            "block {index}"
+        );
+    }
+    assert_eq!(
+        gateway.metric_sum("dualpath_transport_sent_bytes_total") as u64,
+        BLOCKS * BLOCK_BYTES as u64,
+        "every byte went by RDMA"
+    );
+    // A store of a block in the registered region: read by RDMA READ.
+    let new_key = synthetic::key(SEED + 1, 0);
+    client
+        .store_many_from_region("full", id, &[(new_key, 0)], 0)
+        .expect("stored by RDMA READ over a TLS connection");
+    let keys: Vec<block_layout::BlockKey> = (0..40_000u64)
+        .map(|index| synthetic::key(SEED + 1, index))
+        .collect();
+    let present = client.lookup("full", &keys).expect("a big lookup over TLS");
+    assert_eq!(present.iter().filter(|found| **found).count(), 1);
+    assert!(present[0]);
+    assert_eq!(
+        receive_threads(),
+        (threads_before.0 + 1, threads_before.1),
+        "(RDMA, socket-only) receive threads: the TLS socket is on a shared one"
+    );
+}
+
 /// This process's client receive threads: (RDMA connections', socket-only).
 /// The tests run one at a time (`--test-threads 1`).
 fn receive_threads() -> (usize, usize) {
