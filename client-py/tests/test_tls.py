@@ -78,6 +78,15 @@ def test_client_certificates_through_the_binding(mtls_gateway, tmp_path):
     assert all(state == "done" for state, _, _ in states)
     for index, key_value in enumerate(gateway.keys[:4]):
         assert kv[index * BLOCK_BYTES:(index + 1) * BLOCK_BYTES].tobytes() == synthetic_block(key_value)
+    # Requests bigger than the 64 KiB of records the TLS session buffers go out
+    # whole: a batch of stores, a lookup and a removal of 40,000 keys.
+    tokens = list(range(4 * client.namespace("kv")["tokens_per_block"]))
+    keys = client.prefix_keys("kv", tokens)
+    client.store_many("kv", [(key, bytes([index]) * BLOCK_BYTES) for index, key in enumerate(keys)])
+    many = keys + [index + 1 for index in range(40_000)]
+    assert client.lookup("kv", many) == [True] * len(keys) + [False] * 40_000
+    assert client.remove("kv", many) == [True] * len(keys) + [False] * 40_000
+    client.close()
 
     with pytest.raises(dualpath.DualpathError, match="requires a client certificate"):
         dualpath.Client([gateway.address], tls_ca_file=str(gateway.ca), connect_timeout=2.0, request_timeout=2.0)
