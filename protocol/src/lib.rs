@@ -817,14 +817,9 @@ impl Frame {
                 endpoint: decode_endpoint(&mut reader)?,
                 store_reads: reader.u8()? & RDMA_ACCEPT_STORE_READS != 0,
             },
-            FrameType::StoreFromRegion => Frame::StoreFromRegion(StoreFromRegion {
-                request_id: reader.u64()?,
-                namespace: reader.string("namespace")?,
-                key: BlockKey(reader.u128()?),
-                region_id: reader.u32()?,
-                offset: reader.u64()?,
-                layer_stride: reader.u64()?,
-            }),
+            FrameType::StoreFromRegion => {
+                Frame::StoreFromRegion(decode_store_from_region_fields(&mut reader)?.to_owned())
+            }
             FrameType::RegisterRemoteRegion => Frame::RegisterRemoteRegion {
                 region_id: reader.u32()?,
                 len: reader.u64()?,
@@ -1154,7 +1149,44 @@ pub struct StoreFromRegionRef<'a> {
     pub layer_stride: u64,
 }
 
+/// Decodes a `StoreFromRegion` body, the namespace borrowed: what the
+/// gateway does for every block stored by RDMA READ, without allocating.
+pub fn decode_store_from_region(body: &[u8]) -> Result<StoreFromRegionRef<'_>, ProtocolError> {
+    let mut reader = Reader {
+        kind: FrameType::StoreFromRegion,
+        bytes: body,
+        at: 0,
+    };
+    let store = decode_store_from_region_fields(&mut reader)?;
+    reader.finish()?;
+    Ok(store)
+}
+
+fn decode_store_from_region_fields<'a>(
+    reader: &mut Reader<'a>,
+) -> Result<StoreFromRegionRef<'a>, ProtocolError> {
+    Ok(StoreFromRegionRef {
+        request_id: reader.u64()?,
+        namespace: reader.str("namespace")?,
+        key: BlockKey(reader.u128()?),
+        region_id: reader.u32()?,
+        offset: reader.u64()?,
+        layer_stride: reader.u64()?,
+    })
+}
+
 impl StoreFromRegionRef<'_> {
+    pub fn to_owned(&self) -> StoreFromRegion {
+        StoreFromRegion {
+            request_id: self.request_id,
+            namespace: self.namespace.to_owned(),
+            key: self.key,
+            region_id: self.region_id,
+            offset: self.offset,
+            layer_stride: self.layer_stride,
+        }
+    }
+
     /// Appends the whole frame to `out`: the same bytes as
     /// `Frame::StoreFromRegion`'s encoding.
     pub fn encode_into(&self, out: &mut Vec<u8>) {
@@ -1513,6 +1545,7 @@ mod tests {
                 let _ = Frame::decode(kind, &body);
             }
             let _ = decode_store(&body);
+            let _ = decode_store_from_region(&body);
             if body.len() >= 8 {
                 let _ = decode_header(body[..8].try_into().expect("8"));
             }
@@ -1541,6 +1574,30 @@ mod tests {
             }
             // A body too short for any prefix is an error once it is all here.
             prop_assert!(decode_store_prefix(&body[..prefix_len - 1], prefix_len as u32 - 1).is_err());
+        }
+
+        /// The gateway's borrowing decoder of `StoreFromRegion` reads what
+        /// the frame's encoder wrote, and refuses what `Frame::decode`
+        /// refuses: a body cut short, or one with bytes left over.
+        #[test]
+        fn store_from_region_decodes_borrowed_as_owned(
+            request_id in any::<u64>(),
+            namespace in "[a-z]{0,40}",
+            key in any::<u128>(),
+            region_id in any::<u32>(),
+            offset in any::<u64>(),
+            layer_stride in any::<u64>(),
+        ) {
+            let store = StoreFromRegion { request_id, namespace, key: BlockKey(key), region_id, offset, layer_stride };
+            let frame = Frame::StoreFromRegion(store.clone()).encode();
+            let body = &frame[HEADER_BYTES..];
+            let decoded = decode_store_from_region(body).expect("decodes");
+            prop_assert_eq!(decoded.to_owned(), store);
+            prop_assert!(decode_store_from_region(&body[..body.len() - 1]).is_err());
+            let mut longer = body.to_vec();
+            longer.push(0);
+            prop_assert!(decode_store_from_region(&longer).is_err());
+            prop_assert!(Frame::decode(FrameType::StoreFromRegion, &longer).is_err());
         }
 
         #[test]

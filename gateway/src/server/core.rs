@@ -1079,9 +1079,8 @@ impl<S: BlockStore> Core<S> {
     /// the region, then read by RDMA READ straight into the staging its put
     /// writes from (`start_read_stores` starts the put once it has landed).
     fn on_store_from_region(&mut self, index: usize, body: &[u8]) -> Handled {
-        let store = match Frame::decode(FrameType::StoreFromRegion, body) {
-            Ok(Frame::StoreFromRegion(store)) => store,
-            Ok(_) => unreachable!("decoded as its own type"),
+        let store = match protocol::decode_store_from_region(body) {
+            Ok(store) => store,
             Err(error) => {
                 self.protocol_error(index, &error.to_string());
                 return Handled::Done;
@@ -1097,7 +1096,7 @@ impl<S: BlockStore> Core<S> {
             );
             return Handled::Done;
         }
-        let namespace = match self.store_admission(index, &store.namespace, true) {
+        let namespace = match self.store_admission(index, store.namespace, true) {
             Admission::Later => return Handled::Later,
             Admission::Gone => return Handled::Done,
             Admission::Refused(refusal) => {
@@ -1825,7 +1824,7 @@ struct StoreSource {
 /// region's length (`None`: not registered on this connection): every layer
 /// must lie inside the region, none overlapping the next.
 fn store_source(
-    store: &protocol::StoreFromRegion,
+    store: &protocol::StoreFromRegionRef<'_>,
     geometry: &block_layout::Geometry,
     region_len: Option<u64>,
 ) -> Result<StoreSource, (ErrorCode, String)> {
