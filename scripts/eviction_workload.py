@@ -9,21 +9,13 @@ hit rate the eviction order gives.
 
     scripts/eviction_workload.py BINARY [SEED]
 """
-import hashlib, pathlib, random, struct, subprocess, sys, tempfile, threading
+import pathlib, random, subprocess, sys, tempfile, threading
 import numpy as np, dualpath
 
-
-def prefix_keys(tokens, block_tokens):
-    """The block keys of docs/engine-integration.md, computed here, so that the
-    binding of a build older than `prefix_keys` runs this too."""
-    parent = int.from_bytes(hashlib.sha256(b"dualpath-prefix-v1" + struct.pack("<Q", 0)).digest()[:16], "little")
-    keys = []
-    for start in range(0, len(tokens) - block_tokens + 1, block_tokens):
-        block = struct.pack(f"<{block_tokens}I", *tokens[start:start + block_tokens])
-        digest = hashlib.sha256(parent.to_bytes(16, "little") + struct.pack("<I", block_tokens) + block).digest()
-        parent = int.from_bytes(digest[:16], "little")
-        keys.append(parent)
-    return keys
+# The block keys of docs/engine-integration.md computed with hashlib (the tests'
+# reference), so that the binding of a build older than `prefix_keys` runs this too.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "client-py" / "tests"))
+from test_client import reference_prefix_keys as prefix_keys  # noqa: E402
 
 
 binary, seed = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 1

@@ -117,6 +117,28 @@ fn whole_blocks(count: u64) -> Vec<BlockLoad> {
     test_support::whole_test_blocks((0..count).map(|index| synthetic::key(SEED, index)))
 }
 
+/// Registers a region for every block, loads them all from `namespace` and
+/// checks every byte; returns the region and its id.
+fn load_all_and_check(client: &Client, namespace: &str) -> (Arc<Region>, client::RegionId) {
+    let region = Arc::new(Region::allocate(BLOCKS as usize * BLOCK_BYTES));
+    let id = client
+        .register_region(Arc::clone(&region))
+        .expect("register");
+    let report = client
+        .load(namespace, id, &whole_blocks(BLOCKS), 0)
+        .expect("load")
+        .wait(WAIT)
+        .expect("load finished");
+    assert!(report.all_done(), "{:?}", report.failed().next());
+    for index in 0..BLOCKS {
+        assert!(
+            region.read(index as usize * BLOCK_BYTES, BLOCK_BYTES) == expected_block(index),
+            "{namespace} block {index}"
+        );
+    }
+    (region, id)
+}
+
 #[test]
 fn loads_both_layouts_by_rdma_write_layer_by_layer_with_every_byte_checked() {
     let Some(device) = rdma_device() else { return };
@@ -454,22 +476,7 @@ fn rdma_over_a_tls_connection_loads_stores_and_looks_up() {
     )
     .expect("an RDMA client over TLS connects");
     assert_eq!(client.transports(), ["rdma"]);
-    let region = Arc::new(Region::allocate(BLOCKS as usize * BLOCK_BYTES));
-    let id = client
-        .register_region(Arc::clone(&region))
-        .expect("register");
-    let report = client
-        .load("full", id, &whole_blocks(BLOCKS), 0)
-        .expect("load")
-        .wait(WAIT)
-        .expect("load finished");
-    assert!(report.all_done(), "{:?}", report.failed().next());
-    for index in 0..BLOCKS {
-        assert!(
-            region.read(index as usize * BLOCK_BYTES, BLOCK_BYTES) == expected_block(index),
-            "block {index}"
-        );
-    }
+    let (_region, id) = load_all_and_check(&client, "full");
     assert_eq!(
         gateway.metric_sum("dualpath_transport_sent_bytes_total") as u64,
         BLOCKS * BLOCK_BYTES as u64,
@@ -764,22 +771,7 @@ fn a_client_killed_mid_load_leaves_the_gateway_healthy() {
     // The gateway notices (RDMA errors or the closed socket), drops those
     // connections, and serves a new client in full.
     let client = gateway.client(&device, true);
-    let region = Arc::new(Region::allocate(BLOCKS as usize * BLOCK_BYTES));
-    let id = client
-        .register_region(Arc::clone(&region))
-        .expect("register");
-    let report = client
-        .load("layer", id, &whole_blocks(BLOCKS), 0)
-        .expect("load")
-        .wait(WAIT)
-        .expect("finished");
-    assert!(report.all_done(), "{:?}", report.failed().next());
-    for index in 0..BLOCKS {
-        assert!(
-            region.read(index as usize * BLOCK_BYTES, BLOCK_BYTES) == expected_block(index),
-            "block {index}"
-        );
-    }
+    load_all_and_check(&client, "layer");
     assert!(gateway.process.http_get("/healthz").contains("200"));
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while gateway.process.metric_sum("dualpath_rdma_connections") as u64 != 1 {

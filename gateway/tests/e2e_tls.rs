@@ -370,14 +370,8 @@ fn sighup_reloads_the_certificate_and_a_broken_one_keeps_the_current() {
         Client::connect(
             &[&gateway.tcp],
             ClientOptions {
-                tls: Some(TlsOptions {
-                    ca_file: ca_file.to_owned(),
-                    server_name: None,
-                    cert_file: None,
-                    key_file: None,
-                }),
                 connect_timeout: Duration::from_secs(2),
-                ..ClientOptions::default()
+                ..tls(ca_file)
             },
         )
     };
