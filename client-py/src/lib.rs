@@ -518,7 +518,8 @@ impl Client {
 
     /// Stores whole blocks, several in flight at once (the gateway makes them
     /// durable together); returns when all are durable. `layer_stride` as
-    /// for `store`.
+    /// for `store`. A prompt's blocks go in chain order: they are sent last
+    /// first, so that a full store evicts them from the end.
     #[pyo3(signature = (namespace, blocks, layer_stride=0))]
     fn store_many(&self, py: Python<'_>, namespace: &str, blocks: Vec<(KeyArgument, Bound<'_, PyAny>)>, layer_stride: u64) -> PyResult<()> {
         let exports = blocks

@@ -186,7 +186,8 @@ class Client:
         """Store whole blocks, (key, bytes-like) pairs, with several in flight
         at once (the gateway makes them durable together, sharing its disk
         syncs); returns when all are durable, or raises the first error.
-        `layer_stride` as for `store`."""
+        `layer_stride` as for `store`. Give a prompt's blocks in chain order:
+        they are sent last first, so that a full store evicts them from the end."""
     def store_from_region(self, namespace: str, region: int, keys: Sequence[Key], offsets: Sequence[int], layer_stride: int = 0) -> None:
         """Store blocks that lie in registered region `region` (a KV cache
         registered with `register` or `register_pointer`): block i's layer 0
