@@ -113,6 +113,18 @@ fn expected_block(index: u64) -> Vec<u8> {
     bytes
 }
 
+/// Client options requiring RDMA on `device` (the default class of service).
+fn rdma_required(device: &str) -> ClientOptions {
+    ClientOptions {
+        rdma: Some(RdmaOptions {
+            device: Some(device.to_owned()),
+            required: true,
+            ..RdmaOptions::default()
+        }),
+        ..ClientOptions::default()
+    }
+}
+
 fn whole_blocks(count: u64) -> Vec<BlockLoad> {
     test_support::whole_test_blocks((0..count).map(|index| synthetic::key(SEED, index)))
 }
@@ -460,18 +472,13 @@ fn rdma_over_a_tls_connection_loads_stores_and_looks_up() {
     let client = Client::connect(
         &[&gateway.tcp],
         ClientOptions {
-            rdma: Some(RdmaOptions {
-                device: Some(device.clone()),
-                required: true,
-                ..RdmaOptions::default()
-            }),
             tls: Some(client::TlsOptions {
                 ca_file: cert_path.clone(),
                 server_name: None,
                 cert_file: None,
                 key_file: None,
             }),
-            ..ClientOptions::default()
+            ..rdma_required(&device)
         },
     )
     .expect("an RDMA client over TLS connects");
@@ -576,17 +583,7 @@ fn a_gateway_without_rdma_serves_an_rdma_client_over_tcp() {
         .expect("done")
         .all_done());
     assert!(region.read(3 * BLOCK_BYTES, BLOCK_BYTES) == expected_block(3));
-    let required = Client::connect(
-        &[&gateway.process.tcp],
-        ClientOptions {
-            rdma: Some(RdmaOptions {
-                device: Some(device),
-                required: true,
-                ..RdmaOptions::default()
-            }),
-            ..ClientOptions::default()
-        },
-    );
+    let required = Client::connect(&[&gateway.process.tcp], rdma_required(&device));
     assert!(
         required.is_err(),
         "a client that requires RDMA is told it cannot have it"
@@ -717,19 +714,7 @@ fn child_process_loading_until_killed() {
     let address = std::env::var(CHILD_ENV)
         .expect("started by a_client_killed_mid_load_leaves_the_gateway_healthy");
     let device = rdma_device().expect("the parent found a device");
-    let rdma = RdmaOptions {
-        device: Some(device),
-        required: true,
-        ..RdmaOptions::default()
-    };
-    let client = Client::connect(
-        &[&address],
-        ClientOptions {
-            rdma: Some(rdma),
-            ..ClientOptions::default()
-        },
-    )
-    .expect("connect");
+    let client = Client::connect(&[&address], rdma_required(&device)).expect("connect");
     let region = Arc::new(Region::allocate(BLOCKS as usize * BLOCK_BYTES));
     let id = client
         .register_region(Arc::clone(&region))
@@ -1350,13 +1335,8 @@ fn a_store_that_timed_out_is_not_stored_from_memory_changed_after() {
     let client = Client::connect(
         &[&gateway.process.tcp],
         ClientOptions {
-            rdma: Some(RdmaOptions {
-                device: Some(device.clone()),
-                required: true,
-                ..RdmaOptions::default()
-            }),
             request_timeout: Duration::from_secs(1),
-            ..ClientOptions::default()
+            ..rdma_required(&device)
         },
     )
     .expect("connect");
@@ -1483,18 +1463,7 @@ fn an_object_store_gateway_takes_stores_by_rdma_read() {
         .env("AWS_ACCESS_KEY_ID", test_support::ACCESS_KEY)
         .env("AWS_SECRET_ACCESS_KEY", test_support::SECRET_KEY);
     let gateway = GatewayProcess::start(command);
-    let client = Client::connect(
-        &[&gateway.tcp],
-        ClientOptions {
-            rdma: Some(RdmaOptions {
-                device: Some(device.clone()),
-                required: true,
-                ..RdmaOptions::default()
-            }),
-            ..ClientOptions::default()
-        },
-    )
-    .expect("connect");
+    let client = Client::connect(&[&gateway.tcp], rdma_required(&device)).expect("connect");
     assert!(
         client.reads_stores(),
         "an object-store gateway reads stores too"
