@@ -1124,16 +1124,20 @@ fn a_full_store_evicts_a_prompt_from_its_end() {
         .map(|shard| free[shard as usize] + share(shard).len() / 2)
         .collect();
     store_all(&fillers(&evicting));
-    for shard in 0..SHARDS {
-        let share = share(shard);
-        let kept = share.len() - share.len() / 2;
-        let present = client.lookup("full", &share).expect("answered");
-        let expected: Vec<bool> = (0..share.len()).map(|index| index < kept).collect();
-        assert_eq!(
-            present, expected,
-            "shard {shard}: its first {kept} blocks of the prompt are kept"
-        );
-    }
+    // Each shard kept the first half (rounded up) of its share of `chain`.
+    let assert_first_halves_kept = |chain: &[BlockKey], what: &str| {
+        for shard in 0..SHARDS {
+            let share = share_of(chain, shard);
+            let kept = share.len() - share.len() / 2;
+            let present = client.lookup("full", &share).expect("answered");
+            let expected: Vec<bool> = (0..share.len()).map(|index| index < kept).collect();
+            assert_eq!(
+                present, expected,
+                "shard {shard}: its first {kept} blocks of the {what} are kept"
+            );
+        }
+    };
+    assert_first_halves_kept(&chain, "loaded prompt");
 
     let second: Vec<u32> = prompt.iter().map(|token| token + 100_000).collect();
     let second_chain = client
@@ -1148,16 +1152,7 @@ fn a_full_store_evicts_a_prompt_from_its_end() {
         })
         .collect();
     store_all(&fillers(&evicting));
-    for shard in 0..SHARDS {
-        let share = second_share(shard);
-        let kept = share.len() - share.len() / 2;
-        let present = client.lookup("full", &share).expect("answered");
-        let expected: Vec<bool> = (0..share.len()).map(|index| index < kept).collect();
-        assert_eq!(
-            present, expected,
-            "shard {shard}: its first {kept} blocks of the stored prompt are kept"
-        );
-    }
+    assert_first_halves_kept(&second_chain, "stored prompt");
 }
 
 /// An engine removes blocks (a conversation deleted): each shard removes
