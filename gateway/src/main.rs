@@ -121,6 +121,10 @@ enum Command {
     Verify {
         #[arg(long)]
         synthetic_seed: Option<u64>,
+        /// Take blocks that fail their checksum out of the store (local
+        /// store), as a running gateway does when it reads one.
+        #[arg(long)]
+        drop_corrupt: bool,
     },
     /// Benchmarks.
     Bench {
@@ -454,11 +458,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             eprintln!("imported {imported} blocks into namespace {namespace:?}");
             Ok(())
         }
-        Command::Verify { synthetic_seed } => {
-            let report = blocks::verify(&config, synthetic_seed)?;
+        Command::Verify {
+            synthetic_seed,
+            drop_corrupt,
+        } => {
+            let report = blocks::verify(&config, synthetic_seed, drop_corrupt)?;
             println!(
-                "{} blocks ok, {} corrupt, {} with wrong contents",
-                report.blocks_ok, report.corrupt, report.wrong_content
+                "{} blocks ok, {} corrupt{}, {} with wrong contents",
+                report.blocks_ok,
+                report.corrupt,
+                if report.dropped > 0 {
+                    format!(" ({} taken out of the store)", report.dropped)
+                } else {
+                    String::new()
+                },
+                report.wrong_content
             );
             if report.corrupt + report.wrong_content > 0 {
                 return Err(DamagedBlocks(report.corrupt + report.wrong_content).into());

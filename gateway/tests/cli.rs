@@ -221,7 +221,7 @@ fn config_typo_names_the_key_and_exits_2() {
 }
 
 #[test]
-fn corrupt_block_on_disk_fails_verify_with_exit_4() {
+fn corrupt_block_on_disk_fails_verify_with_exit_4_and_is_dropped_when_asked() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = write_config(dir.path(), "64MiB");
     let import = dualpath(
@@ -235,7 +235,21 @@ fn corrupt_block_on_disk_fails_verify_with_exit_4() {
     std::fs::write(&data, bytes).expect("write back");
     let verify = dualpath(&config, &["verify", "--synthetic-seed", "3"]);
     assert_eq!(verify.status.code(), Some(4), "{}", stderr(&verify));
-    assert!(String::from_utf8_lossy(&verify.stdout).contains("49 blocks ok, 1 corrupt"));
+    assert!(String::from_utf8_lossy(&verify.stdout).contains("49 blocks ok, 1 corrupt,"));
+    // Asked to, verify takes the corrupt block out of the store; the next
+    // verify finds the store whole, one block short.
+    let dropping = dualpath(&config, &["verify", "--synthetic-seed", "3", "--drop-corrupt"]);
+    assert_eq!(dropping.status.code(), Some(4), "{}", stderr(&dropping));
+    assert!(
+        String::from_utf8_lossy(&dropping.stdout)
+            .contains("49 blocks ok, 1 corrupt (1 taken out of the store)"),
+        "{}",
+        String::from_utf8_lossy(&dropping.stdout)
+    );
+    assert!(stderr(&dropping).contains("taken out of the store"), "{}", stderr(&dropping));
+    let after = dualpath(&config, &["verify", "--synthetic-seed", "3"]);
+    assert!(after.status.success(), "{}", stderr(&after));
+    assert!(String::from_utf8_lossy(&after.stdout).contains("49 blocks ok, 0 corrupt,"));
 }
 
 /// kill -9 in the middle of bulk puts (with eviction going on), restart, and

@@ -1935,31 +1935,44 @@ fn blocks_that_fail_to_read_fail_clearly_or_come_from_another_gateway() {
     assert_blocks_in_order(&region, COUNT, "");
 }
 
-/// A block whose bytes on disk no longer match their checksums (a flipped bit
-/// under a running gateway) is never served: it fails as `Corrupt` naming the
-/// block, the layer that failed its check never reaches the client's memory,
-/// every other block arrives whole, and the gateway says so in its log, once
-/// however often that block is asked for again within the interval, and in
-/// `dualpath_errors_total{kind="corrupt"}` every time.
+/// Blocks whose bytes on disk no longer match their checksums (flipped bits
+/// under a running gateway) are never served: each fails as `Corrupt` naming
+/// the block, the layer that failed its check never reaches the client's
+/// memory, and every other block arrives whole. The gateway logs them once
+/// within the interval, counts each (`dualpath_errors_total{kind="corrupt"}`,
+/// `dualpath_storage_corrupt_blocks_dropped_total`), and takes them out of the
+/// store: a lookup no longer finds them (the engine computes them instead of
+/// failing on them every turn), a load of one again is `NotFound`, not a
+/// second corrupt read, and a store of one puts a good copy back. A restart
+/// brings none of the dropped ones back.
 #[test]
-fn a_corrupt_block_on_disk_is_never_served_and_is_logged() {
+fn corrupt_blocks_are_never_served_and_leave_the_store_until_stored_again() {
     use std::os::unix::fs::FileExt;
     const COUNT: u64 = 64;
     const FILL: u8 = 0xEE;
-    let gateway = Gateway::start(COUNT);
-    // Slot 0 of shard 0 starts the data file; this byte is in its layer 1.
+    const DAMAGED: usize = 3;
+    let mut gateway = Gateway::start(COUNT);
+    // Slots 0, 1 and 2 of shard 0 start the data file (one block of 32 KiB
+    // each); this byte is in layer 1 of each.
     const FLIPPED_AT: u64 = 5000;
     let data = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(gateway._dir.path().join("store/full/shard-0.blocks"))
         .expect("data file");
-    let mut byte = [0u8];
-    data.read_exact_at(&mut byte, FLIPPED_AT).expect("read");
-    data.write_all_at(&[byte[0] ^ 1], FLIPPED_AT)
-        .expect("flip a bit");
+    for slot in 0..DAMAGED as u64 {
+        let at = slot * BLOCK_BYTES as u64 + FLIPPED_AT;
+        let mut byte = [0u8];
+        data.read_exact_at(&mut byte, at).expect("read");
+        data.write_all_at(&[byte[0] ^ 1], at).expect("flip a bit");
+    }
     data.sync_all().expect("sync");
     let client = gateway.client();
+    let keys: Vec<BlockKey> = (0..COUNT).map(|index| synthetic::key(SEED, index)).collect();
+    assert!(
+        client.lookup("full", &keys).expect("answered").iter().all(|found| *found),
+        "nothing has read the damaged blocks yet"
+    );
     let (region, id) = registered_region(&client, COUNT as usize * BLOCK_BYTES);
     fill(&region, FILL);
     let report = client
@@ -1968,22 +1981,26 @@ fn a_corrupt_block_on_disk_is_never_served_and_is_logged() {
         .wait(WAIT)
         .expect("finished");
     let failed: Vec<_> = report.failed().collect();
-    assert_eq!(failed.len(), 1, "one block is corrupt: {failed:?}");
-    let (corrupt, BlockStatus::Failed { code, message }) = failed[0] else {
-        unreachable!("failed() yields failures")
-    };
-    assert_eq!(*code, GatewayCode::Corrupt, "{message}");
-    let key = synthetic::key(SEED, corrupt as u64);
-    assert!(
-        message.contains(&key.to_string()) && message.contains("not served"),
-        "names the block and what became of it: {message}"
-    );
+    assert_eq!(failed.len(), DAMAGED, "three blocks are corrupt: {failed:?}");
+    let corrupt: Vec<usize> = failed.iter().map(|(index, _)| *index).collect();
+    for (index, status) in &failed {
+        let BlockStatus::Failed { code, message } = status else {
+            unreachable!("failed() yields failures")
+        };
+        assert_eq!(*code, GatewayCode::Corrupt, "{message}");
+        assert!(
+            message.contains(&keys[*index].to_string())
+                && message.contains("not served")
+                && message.contains("taken out of the store"),
+            "names the block and what became of it: {message}"
+        );
+    }
     for index in 0..COUNT as usize {
         let expected = expected_block(index as u64);
         for layer in 0..LAYERS as usize {
             let at = index * BLOCK_BYTES + layer * LAYER_BYTES;
             let held = region.read(at, LAYER_BYTES);
-            if index != corrupt {
+            if !corrupt.contains(&index) {
                 assert!(
                     held == expected[layer * LAYER_BYTES..][..LAYER_BYTES],
                     "block {index} layer {layer}"
@@ -2004,26 +2021,41 @@ fn a_corrupt_block_on_disk_is_never_served_and_is_logged() {
             }
         }
     }
-    // Asked for twice more at once: counted each time, logged once.
-    for _ in 0..2 {
-        let again = [BlockLoad {
-            key,
+    let stored_now = |client: &Client| -> Vec<bool> {
+        let found = client.lookup("full", &keys).expect("answered");
+        corrupt.iter().map(|index| found[*index]).collect()
+    };
+    assert_eq!(stored_now(&client), [false; DAMAGED], "out of the store");
+    let again: Vec<BlockLoad> = corrupt
+        .iter()
+        .map(|index| BlockLoad {
+            key: keys[*index],
             layers: 0..LAYERS,
             dest_offset: 0,
-        }];
-        let report = client
-            .load("full", id, &again, 0)
-            .expect("load")
-            .wait(WAIT)
-            .expect("finished");
-        assert!(report.failed().next().is_some(), "still corrupt");
-    }
-    assert_eq!(
-        gateway
-            .process
-            .metric_sum_labelled("dualpath_errors_total", "kind=\"corrupt\""),
-        3.0
+        })
+        .take(1)
+        .collect();
+    let report = client
+        .load("full", id, &again, 0)
+        .expect("load")
+        .wait(WAIT)
+        .expect("finished");
+    assert!(
+        matches!(
+            report.blocks[0],
+            BlockStatus::Failed {
+                code: GatewayCode::NotFound,
+                ..
+            }
+        ),
+        "a dropped block is missing, not read again: {:?}",
+        report.blocks[0]
     );
+    let metric = |name: &str, labels: &str| gateway.process.metric_sum_labelled(name, labels);
+    assert_eq!(metric("dualpath_errors_total", "kind=\"corrupt\""), 3.0);
+    wait_until("the shard's statistics published", WAIT, || {
+        gateway.metric_sum("dualpath_storage_corrupt_blocks_dropped_total") == 3.0
+    });
     let lines = || {
         gateway
             .process
@@ -2032,13 +2064,36 @@ fn a_corrupt_block_on_disk_is_never_served_and_is_logged() {
             .filter(|line| line.contains("a read failed") && line.contains("is corrupt"))
             .count()
     };
-    wait_until("the corrupt block in the gateway's log", WAIT, || {
+    wait_until("the corrupt blocks in the gateway's log", WAIT, || {
         lines() >= 1
     });
     assert_eq!(lines(), 1, "logged once: {}", gateway.process.later_log());
     assert!(
         !gateway.process.later_log().contains('\u{1b}'),
         "a log that is no terminal gets no colour escapes"
+    );
+    // The engine computes the first one and stores it: a good copy is back.
+    let healed = corrupt[0];
+    client
+        .store("full", keys[healed], &expected_block(healed as u64))
+        .expect("stored again");
+    assert_eq!(stored_now(&client), [true, false, false]);
+    drop(client);
+    gateway.kill();
+    gateway.restart_in_place();
+    let client = gateway.client();
+    assert_eq!(
+        stored_now(&client),
+        [true, false, false],
+        "no restart brings a dropped block back"
+    );
+    let (region, id) = registered_region(&client, BLOCK_BYTES);
+    assert_loads_as(
+        &client,
+        "full",
+        (id, &region),
+        keys[healed],
+        &expected_block(healed as u64),
     );
 }
 

@@ -64,6 +64,17 @@ macro_rules! dispatch {
     };
 }
 
+impl AnyShard {
+    /// [`UringShard::drop_corrupt_blocks`]. The object backend keeps an
+    /// object that fails its checksum: its store is shared by every gateway
+    /// and the PE path, and one reader's mismatch deletes nothing for all.
+    pub fn drop_corrupt_blocks(&mut self, on: bool) {
+        if let AnyShard::Uring(shard) = self {
+            shard.drop_corrupt_blocks(on);
+        }
+    }
+}
+
 impl BlockStore for AnyShard {
     fn io_engine(&self) -> &'static str {
         dispatch!(self, shard => shard.io_engine())
@@ -157,5 +168,8 @@ impl BlockStore for AnyShard {
     }
     fn stats(&self) -> ShardStats {
         dispatch!(self, shard => shard.stats())
+    }
+    fn settle(&mut self) -> Result<(), StoreError> {
+        dispatch!(self, shard => shard.settle())
     }
 }

@@ -129,6 +129,8 @@ pub struct ShardStats {
     pub read_bytes: u64,
     pub read_errors: u64,
     pub checksum_failures: u64,
+    /// Blocks taken out of the store because a read found them corrupt.
+    pub corrupt_blocks_dropped: u64,
     pub puts: u64,
     pub put_bytes: u64,
     /// File syncs that made puts durable (one serves every put waiting for it).
@@ -300,6 +302,14 @@ pub trait BlockStore {
     }
     fn keys(&self, namespace: NamespaceId) -> Vec<BlockKey>;
     fn stats(&self) -> ShardStats;
+    /// Waits until nothing the shard started on its own is still in flight:
+    /// the syncs that make a dropped corrupt block's cleared record durable
+    /// (`UringShard::drop_corrupt_blocks`). For a process about to exit,
+    /// after its reads and puts have been reaped. Nothing to wait for where
+    /// the backend starts nothing on its own.
+    fn settle(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// What an I/O operation was doing, for error messages.
@@ -351,7 +361,12 @@ pub enum StoreError {
     Busy { what: &'static str },
     #[error(
         "block {key} in namespace {namespace:?} is corrupt: layer {layer} checksum {actual:08x}, \
-         expected {expected:08x} ({path}, offset {offset}); it was not served; store it again"
+         expected {expected:08x} ({path}, offset {offset}); it was not served{}",
+        if *.dropped {
+            " and was taken out of the store (lookups no longer find it; the next store of it replaces it)"
+        } else {
+            "; store it again"
+        }
     )]
     Corrupt {
         namespace: String,
@@ -361,6 +376,8 @@ pub enum StoreError {
         actual: u32,
         path: PathBuf,
         offset: u64,
+        /// Whether the store took the block out (`UringShard::drop_corrupt_blocks`).
+        dropped: bool,
     },
     #[error("{op} of {len} bytes at offset {offset} of {path}: {source}")]
     Io {

@@ -362,16 +362,18 @@ fn corrupt_block_is_reported_not_served_and_others_still_read() {
     let (_store, mut shard) = open(dir.path(), 1, &[spec("odd", ODD, 8)]);
     put_keys(&mut shard, NamespaceId(0), &[1, 2, 3]);
     // The first block put takes slot 0: flip a byte of its layer 1 on disk.
-    let data = dir.path().join("odd/shard-0.blocks");
-    let mut bytes = std::fs::read(&data).expect("data file");
-    bytes[3000 + 17] ^= 0x40;
-    std::fs::write(&data, &bytes).expect("write back");
+    flip_odd_layer_1(dir.path(), "odd", 0);
     let error = read(&mut shard, NamespaceId(0), 1, 0..5).expect_err("corrupt");
     match &error {
         StoreError::Corrupt { key, layer, .. } => assert_eq!((*key, *layer), (BlockKey(1), 1)),
         other => panic!("expected a checksum error, got {other}"),
     }
     assert!(error.to_string().contains("corrupt"), "{error}");
+    assert!(error.to_string().contains("store it again"), "{error}");
+    assert!(
+        shard.contains(NamespaceId(0), BlockKey(1)),
+        "kept: dropping corrupt blocks is off unless asked for"
+    );
     // Layer 0 alone is intact and may be served; other blocks are untouched.
     assert_eq!(
         read(&mut shard, NamespaceId(0), 1, 0..1).expect("layer 0"),
@@ -384,6 +386,95 @@ fn corrupt_block_is_reported_not_served_and_others_still_read() {
         );
     }
     assert_eq!(shard.stats().checksum_failures, 1);
+}
+
+/// Flips a bit in layer 1 of the block in slot `slot` of shard 0 (ODD
+/// geometry, 4 KiB-aligned slots of 16 KiB).
+fn flip_odd_layer_1(root: &Path, namespace: &str, slot: u64) {
+    use std::os::unix::fs::FileExt;
+    let data = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(root.join(namespace).join("shard-0.blocks"))
+        .expect("data file");
+    let at = slot * ODD.slot_bytes() + 3000 + 17;
+    let mut byte = [0u8];
+    data.read_exact_at(&mut byte, at).expect("read");
+    data.write_all_at(&[byte[0] ^ 0x40], at).expect("write back");
+}
+
+/// As the gateway runs it (`drop_corrupt_blocks`), a block that fails its
+/// checksum leaves the store: not found from then on, by reads and lookups,
+/// its record cleared on disk so that a restart does not bring it back, and
+/// a put of the key stores a good copy. Two reads of it in flight at once
+/// both fail, and it is dropped once.
+#[test]
+fn a_corrupt_block_is_dropped_when_asked_and_stays_dropped_after_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let specs = [spec("odd", ODD, 8)];
+    {
+        let (_store, mut shard) = open(dir.path(), 1, &specs);
+        shard.drop_corrupt_blocks(true);
+        put_keys(&mut shard, NamespaceId(0), &[1, 2, 3]);
+        flip_odd_layer_1(dir.path(), "odd", 0);
+        for _ in 0..2 {
+            let buffer = shard.slab().acquire().expect("a free buffer");
+            let request = ReadRequest {
+                tag: 9,
+                namespace: NamespaceId(0),
+                key: BlockKey(1),
+                layers: 0..5,
+            };
+            shard.submit_read(request, buffer).expect("submitted");
+        }
+        let mut done = Vec::new();
+        while done.len() < 2 {
+            shard.reap(&mut done, true).expect("reap");
+        }
+        let dropped: Vec<bool> = done
+            .into_iter()
+            .map(|completion| match completion.result {
+                Err(StoreError::Corrupt { key, dropped, .. }) => {
+                    assert_eq!(key, BlockKey(1));
+                    dropped
+                }
+                other => panic!("expected a checksum error, got {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            dropped.iter().filter(|dropped| **dropped).count(),
+            1,
+            "dropped by the first read to find it: {dropped:?}"
+        );
+        let stats = shard.stats();
+        assert_eq!((stats.checksum_failures, stats.corrupt_blocks_dropped), (2, 1));
+        assert!(!shard.contains(NamespaceId(0), BlockKey(1)));
+        assert_eq!(
+            key_batch(&mut shard, KeyBatchKind::Lookup, NamespaceId(0), &[1, 2, 3], 5)
+                .expect("answered"),
+            [false, true, true]
+        );
+        let again = read(&mut shard, NamespaceId(0), 1, 0..1).expect_err("gone");
+        assert!(matches!(again, StoreError::NotFound { .. }), "{again}");
+        for key in [2, 3] {
+            assert_eq!(
+                read(&mut shard, NamespaceId(0), key, 0..5).expect("intact"),
+                expected_layers(key, &ODD, 0..5)
+            );
+        }
+        shard.settle().expect("the cleared record synced");
+    }
+    let (_store, mut shard) = open(dir.path(), 1, &specs);
+    assert!(
+        !shard.contains(NamespaceId(0), BlockKey(1)),
+        "a restart does not bring a dropped block back"
+    );
+    assert!(shard.contains(NamespaceId(0), BlockKey(2)));
+    put_keys(&mut shard, NamespaceId(0), &[1]);
+    assert_eq!(
+        read(&mut shard, NamespaceId(0), 1, 0..5).expect("a good copy"),
+        expected_layers(1, &ODD, 0..5)
+    );
 }
 
 #[test]

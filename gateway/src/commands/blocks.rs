@@ -253,16 +253,25 @@ pub fn stat(config: &GatewayConfig) -> anyhow::Result<()> {
 pub struct VerifyReport {
     pub blocks_ok: u64,
     pub corrupt: u64,
+    /// Corrupt blocks taken out of the store (`drop_corrupt`).
+    pub dropped: u64,
     pub wrong_content: u64,
 }
 
 /// Reads every block of every namespace, checking checksums and, with a seed, that
-/// the bytes are the synthetic set's.
-pub fn verify(config: &GatewayConfig, synthetic_seed: Option<u64>) -> anyhow::Result<VerifyReport> {
+/// the bytes are the synthetic set's. With `drop_corrupt`, blocks that fail
+/// their checksum are taken out of the store (durably: the store syncs before
+/// it closes).
+pub fn verify(
+    config: &GatewayConfig,
+    synthetic_seed: Option<u64>,
+    drop_corrupt: bool,
+) -> anyhow::Result<VerifyReport> {
     let store = open_store(config)?;
     let mut shards = open_all_shards(&store, config)?;
     let mut report = VerifyReport::default();
     for shard in &mut shards {
+        shard.drop_corrupt_blocks(drop_corrupt);
         for namespace_config in &config.namespaces {
             let namespace = namespace_id(shard, config, &namespace_config.name)?;
             let geometry = shard.geometry(namespace);
@@ -280,6 +289,12 @@ pub fn verify(config: &GatewayConfig, synthetic_seed: Option<u64>) -> anyhow::Re
                     {
                         eprintln!("{error:#}");
                         report.corrupt += 1;
+                        if matches!(
+                            error.downcast_ref(),
+                            Some(StoreError::Corrupt { dropped: true, .. })
+                        ) {
+                            report.dropped += 1;
+                        }
                         continue;
                     }
                     Err(error) => return Err(error),
@@ -298,6 +313,9 @@ pub fn verify(config: &GatewayConfig, synthetic_seed: Option<u64>) -> anyhow::Re
                 report.blocks_ok += 1;
             }
         }
+        shard
+            .settle()
+            .context("cannot make the dropped blocks' removal durable")?;
     }
     Ok(report)
 }

@@ -368,6 +368,9 @@ impl<S: BlockStore> Core<S> {
             let stats = self.shard.stats();
             counters.evictions.store(stats.evictions, Ordering::Relaxed);
             counters.put_syncs.store(stats.put_syncs, Ordering::Relaxed);
+            counters
+                .corrupt_blocks_dropped
+                .store(stats.corrupt_blocks_dropped, Ordering::Relaxed);
             *counters.namespace_fill.lock().expect("namespace fill lock") = stats
                 .namespaces
                 .into_iter()
@@ -1810,6 +1813,7 @@ impl<S: BlockStore> Core<S> {
             self.shard.reap(&mut self.completions, true)?;
             self.completions.clear();
         }
+        self.shard.settle()?;
         Ok(())
     }
 }

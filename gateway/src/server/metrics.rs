@@ -104,6 +104,8 @@ pub struct CoreCounters {
     /// evicted to make room, and file syncs that made puts durable.
     pub evictions: AtomicU64,
     pub put_syncs: AtomicU64,
+    /// Blocks taken out of the store because a read found them corrupt.
+    pub corrupt_blocks_dropped: AtomicU64,
     /// Per namespace: blocks stored and slots (0 where the backend does not
     /// count them: object stores). Written once a second, read at scrape.
     pub namespace_fill: std::sync::Mutex<Vec<(String, u64, u64)>>,
@@ -148,6 +150,7 @@ impl CoreCounters {
             stores_in_flight: AtomicI64::new(0),
             evictions: AtomicU64::new(0),
             put_syncs: AtomicU64::new(0),
+            corrupt_blocks_dropped: AtomicU64::new(0),
             namespace_fill: std::sync::Mutex::new(Vec::new()),
             clients: std::sync::Mutex::new(Vec::new()),
         }
@@ -356,6 +359,10 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         "Blocks evicted (least recently used) to make room for stores"
     );
     describe_counter!(
+        "dualpath_storage_corrupt_blocks_dropped_total",
+        "Blocks taken out of the store because a read found them corrupt (lookups no longer find them; the next store of one replaces it)"
+    );
+    describe_counter!(
         "dualpath_storage_syncs_total",
         "File syncs that made stores durable (one serves every store waiting for it)"
     );
@@ -456,6 +463,8 @@ pub fn publish(cores: &[Arc<CoreCounters>], acceptor: &AcceptorCounters) {
             .absolute(load(&core.evictions));
         counter!("dualpath_storage_syncs_total", "shard" => shard.clone())
             .absolute(load(&core.put_syncs));
+        counter!("dualpath_storage_corrupt_blocks_dropped_total", "shard" => shard.clone())
+            .absolute(load(&core.corrupt_blocks_dropped));
         for (namespace, blocks, slots) in core
             .namespace_fill
             .lock()

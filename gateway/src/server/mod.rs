@@ -44,7 +44,14 @@ pub fn run(config: GatewayConfig, config_file: Option<&Path>) -> anyhow::Result<
     let store = open_store(&config)?;
     let backend = store.backend_name();
     let opener_config = config.clone();
-    let opener = move |shard| open_shard(&store, &opener_config, shard);
+    // A block that fails its checksum leaves the store, so that lookups stop
+    // offering it and the engine's next store of it heals the cache.
+    let opener = move |shard| {
+        open_shard(&store, &opener_config, shard).map(|mut shard| {
+            shard.drop_corrupt_blocks(true);
+            shard
+        })
+    };
     // Tests and scripts read this line for the bound addresses (ports may be 0).
     let announce = |addresses: &str| {
         eprintln!(

@@ -484,6 +484,9 @@ fn verify(spec: &NamespaceSpec, pending: &Pending, outcome: &GetOutcome) -> Resu
                 actual,
                 path: pending.object.clone().into(),
                 offset: range.start,
+                // The object store is shared by every gateway and the PE
+                // path: one reader's mismatch does not delete it for all.
+                dropped: false,
             });
         }
     }

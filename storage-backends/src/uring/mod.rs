@@ -236,6 +236,7 @@ impl UringStore {
             record: Vec::new(),
             namespaces,
             next_generation,
+            drop_corrupt: false,
             stats: ShardStats::default(),
             shard,
             _store: Arc::clone(self),
@@ -697,12 +698,25 @@ pub struct UringShard {
     record: Vec<u8>,
     namespaces: Vec<ShardNamespace>,
     next_generation: u64,
+    /// Whether a block that fails its checksum is taken out of the store
+    /// (`drop_corrupt_blocks`).
+    drop_corrupt: bool,
     stats: ShardStats,
     shard: u32,
     _store: Arc<UringStore>,
 }
 
 impl UringShard {
+    /// From now on, a block whose read fails its checksum is taken out of the
+    /// store, not only refused: out of the index at once, so lookups no
+    /// longer find it and the engine computes and stores it again instead of
+    /// failing on it every turn, and its records zeroed so that no restart
+    /// brings it back (`remove.rs`, `drop_corrupt_block`). The gateway turns
+    /// this on; the offline tools only with `verify --drop-corrupt`.
+    pub fn drop_corrupt_blocks(&mut self, on: bool) {
+        self.drop_corrupt = on;
+    }
+
     fn namespace(&self, namespace: NamespaceId) -> &ShardNamespace {
         &self.namespaces[usize::from(namespace.0)]
     }
@@ -798,7 +812,7 @@ impl UringShard {
             } => {
                 self.reads_in_flight -= 1;
                 let shard_namespace = &self.namespaces[usize::from(namespace)];
-                let result = check_transfer(
+                let mut result = check_transfer(
                     &shard_namespace.data_path,
                     IoOp::Read,
                     span,
@@ -816,6 +830,9 @@ impl UringShard {
                     )
                 });
                 self.namespaces[usize::from(namespace)].table.unpin(slot);
+                if let Err(StoreError::Corrupt { dropped, .. }) = &mut result {
+                    *dropped = self.drop_corrupt && self.drop_corrupt_block(namespace, key, slot);
+                }
                 match &result {
                     Ok(()) => {
                         self.stats.reads += 1;
@@ -986,6 +1003,7 @@ fn verify_layers(
                 actual,
                 path: namespace.data_path.clone(),
                 offset: span.offset + range.start,
+                dropped: false,
             });
         }
     }
@@ -1251,6 +1269,15 @@ impl BlockStore for UringShard {
 
     fn keys(&self, namespace: NamespaceId) -> Vec<BlockKey> {
         self.namespace(namespace).table.keys().collect()
+    }
+
+    fn settle(&mut self) -> Result<(), StoreError> {
+        // Issues the syncs wanted; each completion may make the next due.
+        self.advance_puts();
+        while self.any_op_pending() {
+            self.pump(1)?;
+        }
+        Ok(())
     }
 
     fn stats(&self) -> ShardStats {

@@ -10,7 +10,7 @@
 use block_layout::BlockKey;
 
 use super::put::sync_error;
-use super::UringShard;
+use super::{ShardNamespace, UringShard};
 use crate::{KeyBatchCompletion, NamespaceId, StoreError};
 
 /// A removal waiting for its header sync.
@@ -42,16 +42,12 @@ impl UringShard {
         if slots.is_empty() {
             return Some(Ok(removed));
         }
-        self.record.clear();
-        self.record.resize(shard_namespace.record_bytes, 0);
-        for slot in slots {
-            // A failed write fails the removal. Its keys are out of the index
-            // already (not served), but a record not zeroed could bring a
-            // block back at the next start: the slot still counts as
-            // recorded, so removing the key again (the disk fixed) clears it.
-            if let Err(error) = shard_namespace.write_record(slot, &self.record) {
-                return Some(Err(error));
-            }
+        // A failed write fails the removal. Its keys are out of the index
+        // already (not served), but a record not zeroed could bring a block
+        // back at the next start: the slot still counts as recorded, so
+        // removing the key again (the disk fixed) clears it.
+        if let Err(error) = zero_records(shard_namespace, &mut self.record, &slots) {
+            return Some(Err(error));
         }
         let sync = shard_namespace.header_sync.want_next();
         self.removes.push(RemoveInFlight {
@@ -62,6 +58,37 @@ impl UringShard {
         });
         self.advance_puts();
         None
+    }
+
+    /// Takes a block whose read from `slot` failed its checksum out of the
+    /// store, as a removal would, with no one waiting for the answer: out of
+    /// the index (a lookup says it is missing, so the engine computes it and
+    /// its next store puts a good copy in), and every record naming it
+    /// zeroed, synced with the next header sync, so that no restart brings
+    /// it back. `false` when the key no longer lives in `slot` (a newer copy
+    /// replaced it while the read ran, or another read of the same copy
+    /// took it out first): that copy is left alone.
+    pub(super) fn drop_corrupt_block(&mut self, namespace: u16, key: BlockKey, slot: u32) -> bool {
+        let shard_namespace = &mut self.namespaces[usize::from(namespace)];
+        if shard_namespace.table.lookup(key) != Some(slot) {
+            return false;
+        }
+        shard_namespace.table.remove(key);
+        self.stats.corrupt_blocks_dropped += 1;
+        let slots = shard_namespace.table.recorded_slots_of(&[key]);
+        match zero_records(shard_namespace, &mut self.record, &slots) {
+            // Issued with the puts' syncs after this batch of completions.
+            Ok(()) => {
+                shard_namespace.header_sync.want_next();
+            }
+            // Not served either way; a record left (the slot still counts
+            // as recorded) may bring the block back at the next start, where
+            // its first read drops it again.
+            Err(error) => tracing::warn!(
+                "block {key} failed its checksum and is out of the index, but its record could not be cleared: {error}"
+            ),
+        }
+        true
     }
 
     /// Answers every removal whose header sync has completed. Called with
@@ -85,4 +112,18 @@ impl UringShard {
             });
         }
     }
+}
+
+/// Zeroes the header records of `slots` (written at once; durable with the
+/// namespace's next header sync).
+fn zero_records(
+    shard_namespace: &ShardNamespace,
+    record: &mut Vec<u8>,
+    slots: &[u32],
+) -> Result<(), StoreError> {
+    record.clear();
+    record.resize(shard_namespace.record_bytes, 0);
+    slots
+        .iter()
+        .try_for_each(|slot| shard_namespace.write_record(*slot, record))
 }
