@@ -238,7 +238,10 @@ fn corrupt_block_on_disk_fails_verify_with_exit_4_and_is_dropped_when_asked() {
     assert!(String::from_utf8_lossy(&verify.stdout).contains("49 blocks ok, 1 corrupt,"));
     // Asked to, verify takes the corrupt block out of the store; the next
     // verify finds the store whole, one block short.
-    let dropping = dualpath(&config, &["verify", "--synthetic-seed", "3", "--drop-corrupt"]);
+    let dropping = dualpath(
+        &config,
+        &["verify", "--synthetic-seed", "3", "--drop-corrupt"],
+    );
     assert_eq!(dropping.status.code(), Some(4), "{}", stderr(&dropping));
     assert!(
         String::from_utf8_lossy(&dropping.stdout)
@@ -246,7 +249,11 @@ fn corrupt_block_on_disk_fails_verify_with_exit_4_and_is_dropped_when_asked() {
         "{}",
         String::from_utf8_lossy(&dropping.stdout)
     );
-    assert!(stderr(&dropping).contains("taken out of the store"), "{}", stderr(&dropping));
+    assert!(
+        stderr(&dropping).contains("taken out of the store"),
+        "{}",
+        stderr(&dropping)
+    );
     let after = dualpath(&config, &["verify", "--synthetic-seed", "3"]);
     assert!(after.status.success(), "{}", stderr(&after));
     assert!(String::from_utf8_lossy(&after.stdout).contains("49 blocks ok, 0 corrupt,"));

@@ -1968,9 +1968,15 @@ fn corrupt_blocks_are_never_served_and_leave_the_store_until_stored_again() {
     }
     data.sync_all().expect("sync");
     let client = gateway.client();
-    let keys: Vec<BlockKey> = (0..COUNT).map(|index| synthetic::key(SEED, index)).collect();
+    let keys: Vec<BlockKey> = (0..COUNT)
+        .map(|index| synthetic::key(SEED, index))
+        .collect();
     assert!(
-        client.lookup("full", &keys).expect("answered").iter().all(|found| *found),
+        client
+            .lookup("full", &keys)
+            .expect("answered")
+            .iter()
+            .all(|found| *found),
         "nothing has read the damaged blocks yet"
     );
     let (region, id) = registered_region(&client, COUNT as usize * BLOCK_BYTES);
@@ -1981,7 +1987,11 @@ fn corrupt_blocks_are_never_served_and_leave_the_store_until_stored_again() {
         .wait(WAIT)
         .expect("finished");
     let failed: Vec<_> = report.failed().collect();
-    assert_eq!(failed.len(), DAMAGED, "three blocks are corrupt: {failed:?}");
+    assert_eq!(
+        failed.len(),
+        DAMAGED,
+        "three blocks are corrupt: {failed:?}"
+    );
     let corrupt: Vec<usize> = failed.iter().map(|(index, _)| *index).collect();
     for (index, status) in &failed {
         let BlockStatus::Failed { code, message } = status else {

@@ -400,7 +400,8 @@ fn flip_odd_layer_1(root: &Path, namespace: &str, slot: u64) {
     let at = slot * ODD.slot_bytes() + 3000 + 17;
     let mut byte = [0u8];
     data.read_exact_at(&mut byte, at).expect("read");
-    data.write_all_at(&[byte[0] ^ 0x40], at).expect("write back");
+    data.write_all_at(&[byte[0] ^ 0x40], at)
+        .expect("write back");
 }
 
 /// As the gateway runs it (`drop_corrupt_blocks`), a block that fails its
@@ -447,11 +448,20 @@ fn a_corrupt_block_is_dropped_when_asked_and_stays_dropped_after_a_restart() {
             "dropped by the first read to find it: {dropped:?}"
         );
         let stats = shard.stats();
-        assert_eq!((stats.checksum_failures, stats.corrupt_blocks_dropped), (2, 1));
+        assert_eq!(
+            (stats.checksum_failures, stats.corrupt_blocks_dropped),
+            (2, 1)
+        );
         assert!(!shard.contains(NamespaceId(0), BlockKey(1)));
         assert_eq!(
-            key_batch(&mut shard, KeyBatchKind::Lookup, NamespaceId(0), &[1, 2, 3], 5)
-                .expect("answered"),
+            key_batch(
+                &mut shard,
+                KeyBatchKind::Lookup,
+                NamespaceId(0),
+                &[1, 2, 3],
+                5
+            )
+            .expect("answered"),
             [false, true, true]
         );
         let again = read(&mut shard, NamespaceId(0), 1, 0..1).expect_err("gone");
