@@ -1039,13 +1039,16 @@ fn a_prompt_finds_the_blocks_an_earlier_turn_stored_under_its_prefix_keys() {
 /// of the chain), not a chain without its head, useless to an engine. The
 /// store is filled exactly (per shard), the prompt loaded, then each shard
 /// given as many new blocks as its free slots plus half its blocks of the
-/// prompt: the older fillers go, then the second half of its share. Then
+/// prompt: the older fillers go, then the second half of its share, also
+/// when the gateway was restarted (SIGTERM) between the load and those
+/// stores: a stopping gateway saves the use order and the next one starts
+/// from it (without it, the prompt, stored first, would go first). Then
 /// the same for a prompt's blocks just stored (one `store_many`, sent last
 /// block first): the rest of the store goes, then each shard's second half.
 #[test]
-fn a_full_store_evicts_a_prompt_from_its_end() {
+fn a_full_store_evicts_a_prompt_from_its_end_across_a_restart_too() {
     const SHARDS: u32 = 2;
-    let gateway = Gateway::start(0);
+    let mut gateway = Gateway::start(0);
     let client = gateway.client();
     let per_block = client.namespace("full").expect("served").tokens_per_block as usize;
     let prompt: Vec<u32> = (0..64 * per_block as u32).collect();
@@ -1088,18 +1091,18 @@ fn a_full_store_evicts_a_prompt_from_its_end() {
         keys
     };
     let block = vec![5u8; BLOCK_BYTES];
-    let store_all = |keys: &[BlockKey]| {
+    let store_all = |client: &Client, keys: &[BlockKey]| {
         for batch in keys.chunks(256) {
             let stores: Vec<(BlockKey, &[u8])> =
                 batch.iter().map(|key| (*key, &block[..])).collect();
             client.store_many("full", &stores).expect("stored");
         }
     };
-    store_all(&chain);
+    store_all(&client, &chain);
     let free: Vec<usize> = (0..SHARDS)
         .map(|shard| slots[shard as usize] - share(shard).len())
         .collect();
-    store_all(&fillers(&free));
+    store_all(&client, &fillers(&free));
     assert_eq!(
         gateway.metric_sum("dualpath_storage_evictions_total"),
         0.0,
@@ -1119,11 +1122,15 @@ fn a_full_store_evicts_a_prompt_from_its_end() {
             .all(|status| *status == BlockStatus::Done),
         "{report:?}"
     );
+    drop(client);
+    gateway.stop();
+    gateway.restart_in_place();
+    let client = gateway.client();
 
     let evicting: Vec<usize> = (0..SHARDS)
         .map(|shard| free[shard as usize] + share(shard).len() / 2)
         .collect();
-    store_all(&fillers(&evicting));
+    store_all(&client, &fillers(&evicting));
     // Each shard kept the first half (rounded up) of its share of `chain`.
     let assert_first_halves_kept = |chain: &[BlockKey], what: &str| {
         for shard in 0..SHARDS {
@@ -1144,14 +1151,14 @@ fn a_full_store_evicts_a_prompt_from_its_end() {
         .prefix_keys("full", client::prefix_root(b""), &second)
         .expect("a served namespace");
     let second_share = |shard: u32| share_of(&second_chain, shard);
-    store_all(&second_chain);
+    store_all(&client, &second_chain);
     let evicting: Vec<usize> = (0..SHARDS)
         .map(|shard| {
             let share = second_share(shard).len();
             slots[shard as usize] - share + share / 2
         })
         .collect();
-    store_all(&fillers(&evicting));
+    store_all(&client, &fillers(&evicting));
     assert_first_halves_kept(&second_chain, "stored prompt");
 }
 
@@ -1658,17 +1665,7 @@ fn sigterm_stops_the_gateway_cleanly() {
     let mut gateway = Gateway::start(2);
     let client = gateway.client();
     drop(client);
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(gateway.process.child.id()).expect("pid"));
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("signal");
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(status) = gateway.process.child.try_wait().expect("wait") {
-            assert!(status.success(), "{status}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "the gateway did not stop");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    gateway.stop();
     assert!(!gateway.unix.exists(), "the unix socket is removed on exit");
 }
 
@@ -2449,6 +2446,21 @@ impl Gateway {
     fn kill(&mut self) {
         self.process.child.kill().expect("kill the gateway");
         self.process.child.wait().expect("reap the gateway");
+    }
+
+    /// SIGTERM, and waits for a clean exit.
+    fn stop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.process.child.id()).expect("pid"));
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("signal");
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.process.child.try_wait().expect("wait") {
+                assert!(status.success(), "{status}");
+                return;
+            }
+            assert!(Instant::now() < deadline, "the gateway did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn restart_in_place(&mut self) {

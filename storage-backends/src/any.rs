@@ -169,7 +169,7 @@ impl BlockStore for AnyShard {
     fn stats(&self) -> ShardStats {
         dispatch!(self, shard => shard.stats())
     }
-    fn settle(&mut self) -> Result<(), StoreError> {
-        dispatch!(self, shard => shard.settle())
+    fn close(&mut self) -> Result<(), StoreError> {
+        dispatch!(self, shard => shard.close())
     }
 }

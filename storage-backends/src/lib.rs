@@ -302,12 +302,13 @@ pub trait BlockStore {
     }
     fn keys(&self, namespace: NamespaceId) -> Vec<BlockKey>;
     fn stats(&self) -> ShardStats;
-    /// Waits until nothing the shard started on its own is still in flight:
-    /// the syncs that make a dropped corrupt block's cleared record durable
-    /// (`UringShard::drop_corrupt_blocks`). For a process about to exit,
-    /// after its reads and puts have been reaped. Nothing to wait for where
-    /// the backend starts nothing on its own.
-    fn settle(&mut self) -> Result<(), StoreError> {
+    /// For a process that lets go of the store, after its reads and puts
+    /// have been reaped: waits until nothing the shard started on its own is
+    /// still in flight (the syncs that make a dropped corrupt block's cleared
+    /// record durable, `UringShard::drop_corrupt_blocks`) and saves what the
+    /// next start needs to evict as this one would (the use order,
+    /// `uring/use_order.rs`). Nothing to do for stores that keep neither.
+    fn close(&mut self) -> Result<(), StoreError> {
         Ok(())
     }
 }

@@ -314,8 +314,8 @@ pub fn verify(
             }
         }
         shard
-            .settle()
-            .context("cannot make the dropped blocks' removal durable")?;
+            .close()
+            .context("cannot close the store (the dropped blocks' removal may not be durable)")?;
     }
     Ok(report)
 }

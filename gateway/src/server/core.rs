@@ -1813,7 +1813,9 @@ impl<S: BlockStore> Core<S> {
             self.shard.reap(&mut self.completions, true)?;
             self.completions.clear();
         }
-        self.shard.settle()?;
+        self.shard
+            .close()
+            .context("cannot close the shard (its use order is not saved)")?;
         Ok(())
     }
 }

@@ -116,6 +116,77 @@ pub fn decode_record(bytes: &[u8]) -> Record {
     })
 }
 
+const USE_ORDER_MAGIC: u32 = 0x4450_5553; // "DPUS"
+const USE_ORDER_VERSION: u16 = 1;
+const USE_ORDER_FIXED_BYTES: usize = 24;
+const USE_ORDER_ENTRY_BYTES: usize = 12;
+
+/// A namespace shard's use order as saved when a gateway stops
+/// (`<namespace>/shard-<n>.use-order`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UseOrder {
+    /// The shard's next generation when it was saved: every block stored
+    /// after has this one or a later one (a shard that opens with the file
+    /// never numbers below it, so no generation in it is used again).
+    pub next_generation: u64,
+    /// Live blocks from least to most recently used, each as its slot and
+    /// the generation of the block in it, so that a block since replaced or
+    /// removed is recognised and skipped.
+    pub entries: Vec<(u32, u64)>,
+}
+
+/// Encodes a use order. A hint, not a record: a file that is missing, torn
+/// or stale costs only the order, never a block. Layout: magic, version
+/// (u16), reserved (u16), next generation (u64), entry count (u64), entries
+/// (slot u32, generation u64), crc32c of all before it; little-endian.
+pub fn encode_use_order(order: &UseOrder) -> Vec<u8> {
+    let mut out =
+        Vec::with_capacity(USE_ORDER_FIXED_BYTES + order.entries.len() * USE_ORDER_ENTRY_BYTES + 4);
+    out.extend_from_slice(&USE_ORDER_MAGIC.to_le_bytes());
+    out.extend_from_slice(&USE_ORDER_VERSION.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&order.next_generation.to_le_bytes());
+    out.extend_from_slice(&(order.entries.len() as u64).to_le_bytes());
+    for (slot, generation) in &order.entries {
+        out.extend_from_slice(&slot.to_le_bytes());
+        out.extend_from_slice(&generation.to_le_bytes());
+    }
+    let crc = crc32c::crc32c(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// Decodes [`encode_use_order`]'s bytes; the reason when they are not
+/// whole. Never panics, whatever the bytes.
+pub fn decode_use_order(bytes: &[u8]) -> Result<UseOrder, &'static str> {
+    if bytes.len() < USE_ORDER_FIXED_BYTES + 4 {
+        return Err("shorter than its fixed part");
+    }
+    if read_u32(bytes, 0) != USE_ORDER_MAGIC {
+        return Err("bad magic");
+    }
+    if read_u16(bytes, 4) != USE_ORDER_VERSION {
+        return Err("unknown version");
+    }
+    let count = read_u64(bytes, 16);
+    let body = bytes.len() - USE_ORDER_FIXED_BYTES - 4;
+    if !body.is_multiple_of(USE_ORDER_ENTRY_BYTES) || (body / USE_ORDER_ENTRY_BYTES) as u64 != count
+    {
+        return Err("entry count does not match the length (torn write)");
+    }
+    let crc_at = bytes.len() - 4;
+    if crc32c::crc32c(&bytes[..crc_at]) != read_u32(bytes, crc_at) {
+        return Err("checksum mismatch (torn write)");
+    }
+    Ok(UseOrder {
+        next_generation: read_u64(bytes, 8),
+        entries: bytes[USE_ORDER_FIXED_BYTES..crc_at]
+            .chunks_exact(USE_ORDER_ENTRY_BYTES)
+            .map(|entry| (read_u32(entry, 0), read_u64(entry, 4)))
+            .collect(),
+    })
+}
+
 fn read_u16(bytes: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([bytes[at], bytes[at + 1]])
 }
@@ -231,6 +302,23 @@ mod tests {
     use proptest::prelude::*;
 
     proptest! {
+        #[test]
+        fn use_orders_round_trip_and_any_damage_is_refused(
+            entries in prop::collection::vec((any::<u32>(), any::<u64>()), 0..100),
+            next_generation in any::<u64>(),
+            position in any::<prop::sample::Index>(),
+            flip in 1u8..=255,
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let order = UseOrder { next_generation, entries };
+            let bytes = encode_use_order(&order);
+            prop_assert_eq!(decode_use_order(&bytes), Ok(order));
+            let mut flipped = bytes.clone();
+            flipped[position.index(bytes.len())] ^= flip;
+            prop_assert!(decode_use_order(&flipped).is_err());
+            prop_assert!(decode_use_order(&bytes[..cut.index(bytes.len())]).is_err());
+        }
+
         #[test]
         fn records_round_trip(
             key in any::<u128>(),

@@ -16,6 +16,7 @@ pub mod format;
 mod index;
 mod put;
 mod remove;
+mod use_order;
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek};
@@ -327,6 +328,10 @@ fn header_path(directory: &Path, shard: u32) -> PathBuf {
     directory.join(format!("shard-{shard}.headers"))
 }
 
+fn use_order_path(directory: &Path, shard: u32) -> PathBuf {
+    directory.join(format!("shard-{shard}.use-order"))
+}
+
 /// Creates every shard's files at the manifest's capacity, with their space
 /// reserved, and makes their names durable. Refused as a whole, before any
 /// file grows, when the file system has less room than the growth needs.
@@ -455,6 +460,8 @@ struct ShardNamespace {
     data_path: PathBuf,
     header_file: File,
     header_path: PathBuf,
+    /// Where a stopping gateway saves the use order (`use_order.rs`).
+    use_order_path: PathBuf,
     /// The data file's io_uring fixed-file index.
     file_index: u32,
     /// The header file's (set when the shard registers its files).
@@ -466,8 +473,9 @@ struct ShardNamespace {
 }
 
 impl ShardNamespace {
-    /// Opens (creating or growing) the files and recovers the index. Returns the
-    /// highest generation found.
+    /// Opens (creating or growing) the files, recovers the index and the use
+    /// order saved at the last stop. Returns the highest generation found
+    /// (or numbered before the save).
     fn open(
         root: &Path,
         shard: u32,
@@ -491,6 +499,7 @@ impl ShardNamespace {
             data_path,
             header_file,
             header_path,
+            use_order_path: use_order_path(&directory, shard),
             file_index,
             header_file_index: 0,
             record_bytes,
@@ -498,7 +507,8 @@ impl ShardNamespace {
             header_sync: SyncSeries::default(),
         };
         let highest = namespace.recover()?;
-        Ok((namespace, highest))
+        let saved_next = namespace.restore_use_order();
+        Ok((namespace, highest.max(saved_next.saturating_sub(1))))
     }
 
     /// Rebuilds the index from the header file: valid records in generation order.
@@ -1271,13 +1281,15 @@ impl BlockStore for UringShard {
         self.namespace(namespace).table.keys().collect()
     }
 
-    fn settle(&mut self) -> Result<(), StoreError> {
+    fn close(&mut self) -> Result<(), StoreError> {
         // Issues the syncs wanted; each completion may make the next due.
         self.advance_puts();
         while self.any_op_pending() {
             self.pump(1)?;
         }
-        Ok(())
+        self.namespaces
+            .iter()
+            .try_for_each(|namespace| namespace.save_use_order(self.next_generation))
     }
 
     fn stats(&self) -> ShardStats {
