@@ -7,16 +7,25 @@
 # batch first to last, so a prompt's first blocks were evicted first),
 # interleaved, one run each per seed (SEEDS, default 3); prints each run, the
 # medians and their ratio. The older build is kept in target/compat/ (as
-# scripts/compat-check.sh keeps its own).
+# scripts/compat-check.sh keeps its own). RESTART_EVERY=N restarts the
+# gateway (SIGTERM, then a new one on the same store) every N turns;
+# OLD_CLIENT=this runs the older gateway with this build's binding (for a
+# comparison of gateways alone).
 #
 #   scripts/bench-eviction.sh
 #   REV=<commit> SEEDS=5 scripts/bench-eviction.sh
+#   REV=16bce6d OLD_CLIENT=this RESTART_EVERY=50 scripts/bench-eviction.sh
+#     (the gateway before it saved its use order at a stop)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/old-build.sh
 rev=$(git rev-parse --short "${REV:-62f000c}")
 old_bin=$(old_gateway "$rev")
-old_python=$(old_python "$rev")
+if [ "${OLD_CLIENT:-}" = this ]; then
+    old_python=
+else
+    old_python=$(old_python "$rev")
+fi
 cargo build --quiet --release -p gateway --bin dualpath
 python3 -m pip install --quiet --disable-pip-version-check ./client-py
 new_bin=target/release/dualpath

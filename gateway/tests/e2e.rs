@@ -907,7 +907,8 @@ fn a_region_a_running_load_writes_into_is_not_unregistered() {
 
 /// An engine asks which blocks are stored before it plans a load: each
 /// shard answers for its keys, a lookup larger than one frame goes in
-/// several, and a block stored or deleted since shows at once.
+/// several, and a block stored or deleted since shows at once. The gateway
+/// counts the keys asked and found per namespace.
 #[test]
 fn a_lookup_says_which_blocks_are_stored() {
     let gateway = Gateway::start(8);
@@ -950,14 +951,29 @@ fn a_lookup_says_which_blocks_are_stored() {
         .lookup("full", &[])
         .expect("nothing to ask")
         .is_empty());
-    // Operators see the engines' hit rate.
+    // Operators see the engines' hit rate, per namespace (a model).
     assert_eq!(
+        client
+            .lookup("layer", &[keys[0], keys[1]])
+            .expect("answered"),
+        [true, false]
+    );
+    let counted = |labels: &str| {
         gateway
             .process
-            .metric_sum_labelled("dualpath_lookup_keys_total", "found=\"true\""),
-        9.0
+            .metric_sum_labelled("dualpath_lookup_keys_total", labels)
+    };
+    assert_eq!(counted("found=\"true\""), 10.0);
+    assert_eq!(gateway.metric_sum("dualpath_lookup_keys_total"), 40_005.0);
+    assert_eq!(counted("namespace=\"full\",shard"), 40_003.0);
+    assert_eq!(
+        (
+            counted("namespace=\"layer\",shard=\"0\",found=\"true\"")
+                + counted("namespace=\"layer\",shard=\"1\",found=\"true\""),
+            counted("namespace=\"layer\",shard")
+        ),
+        (1.0, 2.0)
     );
-    assert_eq!(gateway.metric_sum("dualpath_lookup_keys_total"), 40_003.0);
     let unknown = client.lookup("nope", &keys[..1]);
     assert!(
         matches!(&unknown, Err(ClientError::UnknownNamespace { known, .. }) if known.contains(&"full".to_owned())),

@@ -26,7 +26,7 @@ use super::connection::{
     Stream, RECEIVE_CHUNK_BYTES,
 };
 use super::fault_log::FaultLog;
-use super::metrics::CoreCounters;
+use super::metrics::{CoreCounters, NamespaceCounters};
 use scheduler::progress::{Event, LoadProgress, Refusal};
 
 pub const WAKER_TOKEN: Token = Token(usize::MAX - 1);
@@ -133,6 +133,8 @@ impl Stores {
 #[derive(Debug, Clone, Copy)]
 struct KeyBatchWaiter {
     kind: KeyBatchKind,
+    /// The namespace's place in `CoreCounters::namespaces`.
+    counted_as: Option<usize>,
     connection: usize,
     generation: u16,
     request_id: u64,
@@ -769,16 +771,21 @@ impl<S: BlockStore> Core<S> {
         let tag = self.next_key_batch;
         self.next_key_batch += 1;
         let namespace = namespace.expect("checked above");
+        let counted_as =
+            NamespaceCounters::index_of(&self.setup.counters.namespaces, namespace_name);
         match self
             .shard
             .start_key_batch(kind, namespace, &batch.keys, tag)
         {
-            Some(result) => self.answer_key_batch(kind, index, batch.request_id, result),
+            Some(result) => {
+                self.answer_key_batch(kind, counted_as, index, batch.request_id, result)
+            }
             None => {
                 self.key_batches.insert(
                     tag,
                     KeyBatchWaiter {
                         kind,
+                        counted_as,
                         connection: index,
                         generation,
                         request_id: batch.request_id,
@@ -803,20 +810,27 @@ impl<S: BlockStore> Core<S> {
             if asked {
                 self.answer_key_batch(
                     waiter.kind,
+                    waiter.counted_as,
                     waiter.connection,
                     waiter.request_id,
                     done.result,
                 );
             } else if waiter.kind == KeyBatchKind::Remove {
                 // Done all the same: only the answer has nobody to go to.
-                self.count_key_batch(waiter.kind, done.result.as_deref().unwrap_or(&[]));
+                self.count_key_batch(
+                    waiter.kind,
+                    waiter.counted_as,
+                    done.result.as_deref().unwrap_or(&[]),
+                );
             }
         }
         self.finished_key_batches = finished;
     }
 
-    fn count_key_batch(&self, kind: KeyBatchKind, answers: &[bool]) {
-        let counters = &self.setup.counters;
+    fn count_key_batch(&self, kind: KeyBatchKind, counted_as: Option<usize>, answers: &[bool]) {
+        let Some(counters) = counted_as.map(|index| &self.setup.counters.namespaces[index]) else {
+            return;
+        };
         let (asked, found) = match kind {
             KeyBatchKind::Lookup => (&counters.keys_looked_up, &counters.keys_found),
             KeyBatchKind::Remove => (&counters.keys_remove_asked, &counters.keys_removed),
@@ -829,13 +843,14 @@ impl<S: BlockStore> Core<S> {
     fn answer_key_batch(
         &mut self,
         kind: KeyBatchKind,
+        counted_as: Option<usize>,
         index: usize,
         request_id: u64,
         result: Result<Vec<bool>, storage_backends::StoreError>,
     ) {
         let answer = match result {
             Ok(bits) => {
-                self.count_key_batch(kind, &bits);
+                self.count_key_batch(kind, counted_as, &bits);
                 KeyBits {
                     request_id,
                     code: ErrorCode::Ok,

@@ -42,6 +42,41 @@ pub const ERROR_KINDS: [&str; 14] = [
     "other",
 ];
 
+/// One namespace's key counters on one core: a model's prefix hit rate,
+/// where a gateway serves several.
+#[derive(Debug)]
+pub struct NamespaceCounters {
+    pub name: String,
+    /// Keys clients looked up (`Lookup`), and of them those found stored.
+    pub keys_looked_up: AtomicU64,
+    pub keys_found: AtomicU64,
+    /// Keys clients asked to remove (`Remove`), and of them those that were
+    /// stored (and are removed now).
+    pub keys_remove_asked: AtomicU64,
+    pub keys_removed: AtomicU64,
+}
+
+impl NamespaceCounters {
+    fn new(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            keys_looked_up: AtomicU64::new(0),
+            keys_found: AtomicU64::new(0),
+            keys_remove_asked: AtomicU64::new(0),
+            keys_removed: AtomicU64::new(0),
+        }
+    }
+
+    /// Where `name` is in `namespaces` (`None`: a namespace the store holds
+    /// but the config does not name; its keys are not counted by namespace).
+    /// Per request, never per block: a config names a few namespaces.
+    pub fn index_of(namespaces: &[NamespaceCounters], name: &str) -> Option<usize> {
+        namespaces
+            .iter()
+            .position(|namespace| namespace.name == name)
+    }
+}
+
 /// Counters of one core. Written by that core only.
 #[derive(Debug)]
 pub struct CoreCounters {
@@ -57,13 +92,9 @@ pub struct CoreCounters {
     /// Loads the client cancelled (they still complete, counted above too).
     pub loads_cancelled: AtomicU64,
     pub blocks_stored: AtomicU64,
-    /// Keys clients looked up (`Lookup`), and of them those found stored.
-    pub keys_looked_up: AtomicU64,
-    pub keys_found: AtomicU64,
-    /// Keys clients asked to remove (`Remove`), and of them those that were
-    /// stored (and are removed now).
-    pub keys_remove_asked: AtomicU64,
-    pub keys_removed: AtomicU64,
+    /// Per configured namespace, in the config's order: what clients asked
+    /// of it by key (`NamespaceCounters::index_of` finds one by name).
+    pub namespaces: Vec<NamespaceCounters>,
     /// Stores' payload bytes read from the socket straight into the staging
     /// their put writes from.
     pub store_bytes_in_place: AtomicU64,
@@ -114,7 +145,8 @@ pub struct CoreCounters {
 }
 
 impl CoreCounters {
-    pub fn new(shard: u32, backend: &'static str) -> Self {
+    /// `namespaces`: the configured namespaces' names, in the config's order.
+    pub fn new(shard: u32, backend: &'static str, namespaces: &[String]) -> Self {
         Self {
             shard,
             backend,
@@ -125,10 +157,10 @@ impl CoreCounters {
             loads_completed: AtomicU64::new(0),
             loads_cancelled: AtomicU64::new(0),
             blocks_stored: AtomicU64::new(0),
-            keys_looked_up: AtomicU64::new(0),
-            keys_found: AtomicU64::new(0),
-            keys_remove_asked: AtomicU64::new(0),
-            keys_removed: AtomicU64::new(0),
+            namespaces: namespaces
+                .iter()
+                .map(|name| NamespaceCounters::new(name))
+                .collect(),
             store_bytes_in_place: AtomicU64::new(0),
             store_bytes_copied: AtomicU64::new(0),
             store_bytes_rdma_read: AtomicU64::new(0),
@@ -251,11 +283,11 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     describe_counter!("dualpath_blocks_stored_total", "Blocks stored by clients");
     describe_counter!(
         "dualpath_lookup_keys_total",
-        "Keys clients asked about with Lookup, by whether they were found stored (found=\"true\") or not; the ratio is the engines' prefix hit rate on this gateway"
+        "Keys clients asked about with Lookup, by namespace and whether they were found stored (found=\"true\") or not; the ratio is the engines' prefix hit rate on this gateway"
     );
     describe_counter!(
         "dualpath_remove_keys_total",
-        "Keys clients asked to remove with Remove, by whether they were stored (found=\"true\", removed now) or not"
+        "Keys clients asked to remove with Remove, by namespace and whether they were stored (found=\"true\", removed now) or not"
     );
     describe_counter!(
         "dualpath_store_payload_bytes_total",
@@ -427,16 +459,26 @@ pub fn publish(cores: &[Arc<CoreCounters>], acceptor: &AcceptorCounters) {
             .absolute(load(&core.loads_cancelled));
         counter!("dualpath_blocks_stored_total", "shard" => shard.clone())
             .absolute(load(&core.blocks_stored));
-        let (looked_up, found) = (load(&core.keys_looked_up), load(&core.keys_found));
-        counter!("dualpath_lookup_keys_total", "shard" => shard.clone(), "found" => "true")
-            .absolute(found);
-        counter!("dualpath_lookup_keys_total", "shard" => shard.clone(), "found" => "false")
-            .absolute(looked_up.saturating_sub(found));
-        let (asked, removed) = (load(&core.keys_remove_asked), load(&core.keys_removed));
-        counter!("dualpath_remove_keys_total", "shard" => shard.clone(), "found" => "true")
-            .absolute(removed);
-        counter!("dualpath_remove_keys_total", "shard" => shard.clone(), "found" => "false")
-            .absolute(asked.saturating_sub(removed));
+        for namespace in &core.namespaces {
+            for (name, asked, found) in [
+                (
+                    "dualpath_lookup_keys_total",
+                    &namespace.keys_looked_up,
+                    &namespace.keys_found,
+                ),
+                (
+                    "dualpath_remove_keys_total",
+                    &namespace.keys_remove_asked,
+                    &namespace.keys_removed,
+                ),
+            ] {
+                let (asked, found) = (load(asked), load(found));
+                counter!(name, "namespace" => namespace.name.clone(), "shard" => shard.clone(), "found" => "true")
+                    .absolute(found);
+                counter!(name, "namespace" => namespace.name.clone(), "shard" => shard.clone(), "found" => "false")
+                    .absolute(asked.saturating_sub(found));
+            }
+        }
         for (path, value) in [
             ("in_place", &core.store_bytes_in_place),
             ("copied", &core.store_bytes_copied),

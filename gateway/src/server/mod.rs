@@ -129,8 +129,13 @@ where
         .context("cannot install the SIGHUP handler")?;
     raise_open_files_limit(config.cores);
     let listeners = bind(config)?;
+    let namespace_names: Vec<String> = config
+        .namespaces
+        .iter()
+        .map(|namespace| namespace.name.clone())
+        .collect();
     let counters: Vec<_> = (0..config.cores)
-        .map(|shard| Arc::new(CoreCounters::new(shard, backend)))
+        .map(|shard| Arc::new(CoreCounters::new(shard, backend, &namespace_names)))
         .collect();
     let me = match &listeners.tcp {
         Some(listener) => listener.local_addr()?.to_string(),

@@ -35,11 +35,13 @@ impl ShardNamespace {
                 let taken = self
                     .table
                     .restore_use_order(&saved.entries, saved.next_generation);
-                tracing::info!(
-                    "namespace {:?}: use order of {taken} blocks restored from {}",
-                    self.name,
-                    path.display()
-                );
+                if taken > 0 {
+                    tracing::info!(
+                        "namespace {:?}: use order of {taken} blocks restored from {}",
+                        self.name,
+                        path.display()
+                    );
+                }
                 saved.next_generation
             }
             Err(problem) => {
