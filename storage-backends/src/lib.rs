@@ -307,7 +307,8 @@ pub trait BlockStore {
     /// still in flight (the syncs that make a dropped corrupt block's cleared
     /// record durable, `UringShard::drop_corrupt_blocks`) and saves what the
     /// next start needs to evict as this one would (the use order,
-    /// `uring/use_order.rs`). Nothing to do for stores that keep neither.
+    /// `uring/use_order.rs`; one that cannot be written is logged, not an
+    /// error: it is a hint). Nothing to do for stores that keep neither.
     fn close(&mut self) -> Result<(), StoreError> {
         Ok(())
     }

@@ -1830,7 +1830,7 @@ impl<S: BlockStore> Core<S> {
         }
         self.shard
             .close()
-            .context("cannot close the shard (its use order is not saved)")?;
+            .context("cannot close the shard: its own syncs failed")?;
         Ok(())
     }
 }

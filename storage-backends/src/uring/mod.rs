@@ -1287,9 +1287,17 @@ impl BlockStore for UringShard {
         while self.any_op_pending() {
             self.pump(1)?;
         }
-        self.namespaces
-            .iter()
-            .try_for_each(|namespace| namespace.save_use_order(self.next_generation))
+        // A hint: one that cannot be written (a full disk) costs the next
+        // start its order, not this stop its success.
+        for namespace in &self.namespaces {
+            if let Err(error) = namespace.save_use_order(self.next_generation) {
+                tracing::warn!(
+                    "namespace {:?}: use order not saved ({error}); the next start evicts in the order blocks were stored",
+                    namespace.name
+                );
+            }
+        }
+        Ok(())
     }
 
     fn stats(&self) -> ShardStats {
