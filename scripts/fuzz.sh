@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs each fuzz target (fuzz/fuzz_targets: the protocol decoders, the access
 # token parsers, the config
-# parser, the on-disk block header decoder) for a fixed time with libFuzzer, from
+# parser, the on-disk block header and use order decoders) for a fixed time with libFuzzer, from
 # the committed corpora, with a memory cap so that an allocation sized by an
 # unchecked length fails the run. Needs the nightly toolchain and cargo-fuzz
 # (`rustup toolchain install nightly; cargo install cargo-fuzz`).
@@ -14,7 +14,7 @@ command -v cargo-fuzz >/dev/null || { echo "fuzz: cargo-fuzz is missing: cargo i
 # it is given), so a run does not grow the committed corpora.
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
-for target in protocol_frames config_toml block_header access_token; do
+for target in protocol_frames config_toml block_header access_token use_order; do
     echo "fuzz: $target for ${seconds}s"
     mkdir -p "$scratch/$target"
     cargo +nightly fuzz run "$target" "$scratch/$target" "fuzz/corpus/$target" -- \

@@ -408,7 +408,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 count(gateway::server::check::Verdict::Fail),
                 count(gateway::server::check::Verdict::Warn),
             );
-            println!("check: {failures} problems, {warnings} warnings");
+            let plural = |count: usize, word: &str| {
+                format!("{count} {word}{}", if count == 1 { "" } else { "s" })
+            };
+            println!(
+                "check: {}, {}",
+                plural(failures, "problem"),
+                plural(warnings, "warning")
+            );
             if failures > 0 {
                 anyhow::bail!("{failures} of the checks above failed: `serve` would not start");
             }

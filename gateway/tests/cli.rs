@@ -385,3 +385,53 @@ fn check_reports_every_step_and_fails_on_what_would_stop_serve() {
         stderr(&failing)
     );
 }
+
+/// The systemd unit shipped in `config/` is one systemd accepts (pointed at
+/// this build's binary and a config of ours: `systemd-analyze verify`), and
+/// the check it runs before each start passes on that config. Skipped, with
+/// the reason printed, where systemd is not installed.
+#[test]
+fn the_systemd_unit_verifies_and_its_start_check_passes() {
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/dualpath-gateway.service"),
+    )
+    .expect("the unit");
+    let Ok(analyze) = Command::new("systemd-analyze").arg("--version").output() else {
+        eprintln!("skipped: systemd-analyze is not installed (apt-get install systemd)");
+        return;
+    };
+    assert!(analyze.status.success());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), "8MiB");
+    let text = std::fs::read_to_string(&config).expect("the config");
+    let text = text.replace("cores = 2", "cores = 2\nlisten_tcp = \"127.0.0.1:0\"");
+    std::fs::write(&config, text).expect("listening");
+    let ours = unit.replace("/usr/local/bin/dualpath", BINARY).replace(
+        "/etc/dualpath/gateway.toml",
+        config.to_str().expect("utf-8"),
+    );
+    assert_ne!(ours, unit, "the unit names the binary and the config");
+    let path = dir.path().join("dualpath-gateway.service");
+    std::fs::write(&path, &ours).expect("write the unit");
+    let verify = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze runs");
+    assert!(
+        verify.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        stderr(&verify)
+    );
+    let start_check = ours
+        .lines()
+        .find_map(|line| line.strip_prefix("ExecStartPre="))
+        .expect("a check before the start");
+    let words: Vec<&str> = start_check.split_whitespace().collect();
+    let check = Command::new(words[0])
+        .args(&words[1..])
+        .output()
+        .expect("the check runs");
+    assert!(check.status.success(), "{}", stderr(&check));
+}
