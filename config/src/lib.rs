@@ -193,6 +193,8 @@ struct StorageSection {
     path: PathBuf,
     #[serde(default = "default_queue_depth")]
     queue_depth: u32,
+    #[serde(default)]
+    scrub_mib_per_s: u32,
     object: Option<ObjectSection>,
 }
 
@@ -309,6 +311,10 @@ pub struct StorageConfig {
     pub queue_depth: u32,
     /// The `uring` store's I/O engine.
     pub io_engine: IoEngineSetting,
+    /// Each core reads its shard's blocks in the background at up to this
+    /// rate and checks them, so a block gone bad on disk is found and taken
+    /// out before a load needs it; 0: off.
+    pub scrub_mib_per_s: u32,
     /// Set when `backend = "object"`.
     pub object: Option<ObjectConfig>,
 }
@@ -581,6 +587,20 @@ impl Validator<'_> {
                 "use 1 to 4096 (io_uring ring size); 32 to 128 suits NVMe",
             ));
         }
+        if raw.scrub_mib_per_s > 100_000 {
+            return Err(self.invalid(
+                "storage.scrub_mib_per_s",
+                format!("{} MiB/s per core", raw.scrub_mib_per_s),
+                "use 0 (off) to 100000; a few percent of the disk's read rate suits (10 to 100)",
+            ));
+        }
+        if raw.scrub_mib_per_s > 0 && raw.backend == BackendKind::Object {
+            return Err(self.invalid(
+                "storage.scrub_mib_per_s",
+                "set with backend = \"object\"",
+                "leave it at 0: the object store keeps its objects' integrity itself, and gateways share them",
+            ));
+        }
         let object = match raw.backend {
             BackendKind::Uring => {
                 if raw.path.as_os_str().is_empty() {
@@ -608,6 +628,7 @@ impl Validator<'_> {
             path: raw.path,
             queue_depth: raw.queue_depth,
             io_engine: raw.io_engine,
+            scrub_mib_per_s: raw.scrub_mib_per_s,
             object,
         })
     }
@@ -953,6 +974,13 @@ mod tests {
                 ),
                 "storage.queue_depth",
             ),
+            (
+                MINIMAL.replace(
+                    "path = \"/tmp/store\"",
+                    "path = \"/tmp/s\"\nscrub_mib_per_s = 100001",
+                ),
+                "storage.scrub_mib_per_s",
+            ),
         ];
         for (text, key) in cases {
             let error = parse(&text).expect_err(key).to_string();
@@ -980,6 +1008,15 @@ mod tests {
         );
         let tls = with_table.replace("http://", "https://");
         assert!(parse(&tls).expect_err("no TLS").to_string().contains("TLS"));
+        let scrubbed = with_table.replace(
+            "backend = \"object\"",
+            "backend = \"object\"\nscrub_mib_per_s = 10",
+        );
+        let error = parse(&scrubbed).expect_err("no scrub").to_string();
+        assert!(
+            error.contains("`storage.scrub_mib_per_s`") && error.contains("leave it at 0"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -2120,6 +2120,103 @@ fn corrupt_blocks_are_never_served_and_leave_the_store_until_stored_again() {
     );
 }
 
+/// With `storage.scrub_mib_per_s` set, the gateway checks its stored blocks
+/// in the background: a block gone bad on disk is found and taken out of the
+/// store before any load asks for it (a lookup no longer finds it, so the
+/// engine computes it instead of losing the rest of a prompt's load to it),
+/// each pass reads every block, and the other blocks load whole.
+#[test]
+fn the_background_scrub_finds_a_corrupt_block_before_any_load_does() {
+    use std::os::unix::fs::FileExt;
+    const COUNT: u64 = 64;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = TestGatewayConfig {
+        tables: "scrub_mib_per_s = 64".into(),
+        ..TestGatewayConfig::default()
+    }
+    .write(dir.path());
+    for namespace in ["full", "layer"] {
+        import_synthetic(BINARY, &config, namespace, COUNT, SEED);
+    }
+    // Layer 1 of the block in slot 0 of shard 0.
+    let data = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.path().join("store/full/shard-0.blocks"))
+        .expect("data file");
+    let mut byte = [0u8];
+    data.read_exact_at(&mut byte, 5000).expect("read");
+    data.write_all_at(&[byte[0] ^ 1], 5000).expect("flip a bit");
+    data.sync_all().expect("sync");
+    let mut command = Command::new(BINARY);
+    command.arg("--config").arg(&config).arg("serve");
+    let gateway = GatewayProcess::start(command);
+    wait_until("a scrub pass over each shard", WAIT, || {
+        (0..2).all(|shard| {
+            gateway
+                .metric_sum_labelled("dualpath_scrub_passes_total", &format!("shard=\"{shard}\""))
+                >= 1.0
+        })
+    });
+    assert_eq!(
+        gateway.metric_sum("dualpath_scrub_corrupt_blocks_total"),
+        1.0
+    );
+    // A pass over both shards reads every intact block of both namespaces.
+    let intact = 2 * COUNT - 1;
+    assert!(gateway.metric_sum("dualpath_scrub_blocks_total") >= intact as f64);
+    assert!(
+        gateway.metric_sum("dualpath_scrub_read_bytes_total")
+            >= (intact * BLOCK_BYTES as u64) as f64
+    );
+    wait_until("the shard's statistics published", WAIT, || {
+        gateway.metric_sum("dualpath_storage_corrupt_blocks_dropped_total") == 1.0
+    });
+    assert_eq!(
+        gateway.metric_sum_labelled("dualpath_errors_total", "kind=\"corrupt\""),
+        1.0
+    );
+    assert!(
+        gateway
+            .later_log()
+            .lines()
+            .any(|line| line.contains("a scrub read failed") && line.contains("is corrupt")),
+        "{}",
+        gateway.later_log()
+    );
+    let client = Client::connect(&[&gateway.tcp], ClientOptions::default()).expect("connect");
+    let keys: Vec<BlockKey> = (0..COUNT)
+        .map(|index| synthetic::key(SEED, index))
+        .collect();
+    let found = client.lookup("full", &keys).expect("answered");
+    let missing: Vec<usize> = (0..keys.len()).filter(|&index| !found[index]).collect();
+    assert_eq!(
+        missing.len(),
+        1,
+        "the corrupt block is out of the store: {missing:?}"
+    );
+    assert!(client
+        .lookup("layer", &keys)
+        .expect("answered")
+        .iter()
+        .all(|found| *found));
+    let (region, id) = registered_region(&client, COUNT as usize * BLOCK_BYTES);
+    let blocks: Vec<BlockLoad> = whole_blocks(COUNT)
+        .into_iter()
+        .enumerate()
+        .filter(|(index, _)| *index != missing[0])
+        .map(|(_, block)| block)
+        .collect();
+    load_all_done(&client, "full", id, &blocks);
+    for block in &blocks {
+        let index = block.dest_offset as usize / BLOCK_BYTES;
+        assert!(
+            region.read(index * BLOCK_BYTES, BLOCK_BYTES) == expected_block(index as u64),
+            "block {index}"
+        );
+    }
+}
+
 /// The gateway's peak resident memory (VmHWM), bytes.
 fn peak_rss_bytes(process: &GatewayProcess) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{}/status", process.child.id()))

@@ -172,4 +172,7 @@ impl BlockStore for AnyShard {
     fn close(&mut self) -> Result<(), StoreError> {
         dispatch!(self, shard => shard.close())
     }
+    fn next_to_scrub(&self, cursor: &mut crate::ScrubCursor) -> crate::ScrubStep {
+        dispatch!(self, shard => shard.next_to_scrub(cursor))
+    }
 }

@@ -122,6 +122,27 @@ pub enum PutStarted {
     Finished(Result<(), StoreError>),
 }
 
+/// Where a background scrub of a shard stands: the next slot of a namespace
+/// to look at ([`BlockStore::next_to_scrub`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ScrubCursor {
+    pub namespace: u16,
+    pub slot: u32,
+}
+
+/// What [`BlockStore::next_to_scrub`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScrubStep {
+    /// The next block to read and check.
+    Block(NamespaceId, BlockKey),
+    /// Looked at its share of slots and found none stored: ask again.
+    Searching,
+    /// A pass over every namespace has ended; the cursor is at the start.
+    PassDone,
+    /// The backend keeps nothing of its own to check (an object store).
+    Nothing,
+}
+
 /// Per-shard counters, summed over shards by whoever reports them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ShardStats {
@@ -302,6 +323,14 @@ pub trait BlockStore {
     }
     fn keys(&self, namespace: NamespaceId) -> Vec<BlockKey>;
     fn stats(&self) -> ShardStats;
+    /// The next stored block from `cursor` on, in slot order, for a
+    /// background scrub (a read of it verifies its checksums; one that fails
+    /// is dropped where `drop_corrupt_blocks` is on), moving the cursor past
+    /// it. Looks at a bounded number of slots per call.
+    fn next_to_scrub(&self, cursor: &mut ScrubCursor) -> ScrubStep {
+        let _ = cursor;
+        ScrubStep::Nothing
+    }
     /// For a process that lets go of the store, after its reads and puts
     /// have been reaped: waits until nothing the shard started on its own is
     /// still in flight (the syncs that make a dropped corrupt block's cleared

@@ -152,6 +152,7 @@ fn bench_config(block_bytes: u64, cores: u32, rdma: bool) -> anyhow::Result<Gate
             path: PathBuf::from("/nonexistent"),
             queue_depth: 32,
             io_engine: config::IoEngineSetting::Auto,
+            scrub_mib_per_s: 0,
             object: None,
         },
         namespaces: vec![NamespaceConfig {

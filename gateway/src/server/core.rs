@@ -27,6 +27,7 @@ use super::connection::{
 };
 use super::fault_log::FaultLog;
 use super::metrics::{CoreCounters, NamespaceCounters};
+use super::scrub::{ScrubRead, Scrubber, SCRUB_TAG};
 use scheduler::progress::{Event, LoadProgress, Refusal};
 
 pub const WAKER_TOKEN: Token = Token(usize::MAX - 1);
@@ -39,8 +40,9 @@ const STARVED_STALL_LIMIT: Duration = Duration::from_secs(1);
 /// How often the shard's statistics (evictions, syncs, fill) are copied
 /// into the metrics: they are not on any hot path, and `stats` allocates.
 const STATS_EVERY: Duration = Duration::from_secs(1);
-/// Most connections one core serves (a tag carries the index in 16 bits).
-const CONNECTIONS_MAX: usize = 1 << 16;
+/// Most connections one core serves (a tag carries the index in 16 bits;
+/// index 0xFFFF is no connection's: `scrub::SCRUB_TAG`).
+const CONNECTIONS_MAX: usize = (1 << 16) - 1;
 /// Regions one connection may have registered: an engine registers its pools
 /// (a few, or one per layer); the bound (about 2 MiB of tables at most) keeps
 /// a client that registers a buffer per request from growing the gateway's
@@ -67,6 +69,8 @@ pub struct CoreSetup {
     pub counters: Arc<CoreCounters>,
     pub shutdown: Arc<AtomicBool>,
     pub queue_depth: u32,
+    /// The background scrub's rate (`scrub.rs`); 0: off.
+    pub scrub_mib_per_s: u32,
     /// How long in-flight loads may run after a shutdown request.
     pub drain_timeout: Duration,
     /// A client that takes nothing for this long while output waits is closed.
@@ -165,6 +169,8 @@ struct Core<S: BlockStore> {
     rdma: Option<CoreRdma>,
     /// Storage faults go to the log at most once per kind per interval.
     fault_log: FaultLog,
+    /// The background check of the shard's blocks, when configured.
+    scrubber: Option<Scrubber>,
 }
 
 /// This core's RDMA resources: its own device context and protection domain,
@@ -295,7 +301,13 @@ pub fn run<S: BlockStore>(
         draining_since: None,
         rdma,
         fault_log: FaultLog::new(FAULT_LOG_EVERY),
+        scrubber: None,
     };
+    core.scrubber = Scrubber::new(
+        core.setup.scrub_mib_per_s,
+        core.shard.slab().buffer_bytes() as u64,
+        Instant::now(),
+    );
     counters
         .rdma_enabled
         .store(i64::from(core.rdma.is_some()), Ordering::Relaxed);
@@ -344,6 +356,7 @@ impl<S: BlockStore> Core<S> {
         self.answer_key_batches();
         self.resume_waiting_stores();
         self.schedule();
+        self.scrub();
         // Reads queued by `schedule` start now, not when the loop next wakes.
         self.shard
             .start_queued_reads()
@@ -1499,6 +1512,72 @@ impl<S: BlockStore> Core<S> {
         }
     }
 
+    /// Issues the scrub's next read when it is due and loads leave room: at
+    /// most half the ring and half the staging in use, no store waiting for
+    /// staging, and no shutdown under way.
+    fn scrub(&mut self) {
+        if self.scrubber.is_none() {
+            return;
+        }
+        let slab = self.shard.slab();
+        let ring_limit = (self.setup.queue_depth as usize).min(self.shard.queue_capacity());
+        let busy = self.shard.reads_in_flight() * 2 >= ring_limit
+            || slab.buffers_in_use() * 2 >= slab.buffer_count()
+            || self.draining_since.is_some()
+            || self.store_waiting();
+        if busy {
+            return;
+        }
+        let buffer_bytes = slab.buffer_bytes() as u64;
+        let scrubber = self.scrubber.as_mut().expect("checked above");
+        let (request, pass_done) = scrubber.next_read(&self.shard, buffer_bytes, Instant::now());
+        let counters = &self.setup.counters;
+        if pass_done {
+            CoreCounters::add(&counters.scrub_passes, 1);
+        }
+        let Some(request) = request else {
+            return;
+        };
+        let buffer = self
+            .shard
+            .slab()
+            .acquire()
+            .expect("under half the buffers are in use");
+        if let Err(rejected) = self.shard.submit_read(request, buffer) {
+            self.on_scrub_failed(&rejected.error);
+        }
+    }
+
+    fn on_scrub_done(&mut self, completion: ReadCompletion) {
+        match &completion.result {
+            Ok(_) => {
+                let scrubber = self.scrubber.as_mut().expect("scrub reads come from it");
+                if let ScrubRead::Intact { bytes, block_done } = scrubber.read_done(true) {
+                    let counters = &self.setup.counters;
+                    CoreCounters::add(&counters.scrub_read_bytes, bytes);
+                    CoreCounters::add(&counters.scrub_blocks, u64::from(block_done));
+                }
+            }
+            Err(error) => self.on_scrub_failed(error),
+        }
+    }
+
+    /// A scrub read that failed: a corrupt block (the shard has taken it
+    /// out), one gone since it was picked, or the disk's error.
+    fn on_scrub_failed(&mut self, error: &StoreError) {
+        let scrubber = self.scrubber.as_mut().expect("scrub reads come from it");
+        scrubber.read_done(false);
+        if matches!(error, StoreError::NotFound { .. }) {
+            return; // Evicted or removed since: nothing wrong.
+        }
+        let counters = &self.setup.counters;
+        counters.error(error.kind());
+        if matches!(error, StoreError::Corrupt { .. }) {
+            CoreCounters::add(&counters.scrub_corrupt_blocks, 1);
+        }
+        log_fault(&mut self.fault_log, counters.shard, "a scrub read", error);
+    }
+
     fn issue_one(&mut self, index: usize, per_connection: usize) -> bool {
         let Some(connection) = self.connections[index].as_mut() else {
             return false;
@@ -1583,6 +1662,9 @@ impl<S: BlockStore> Core<S> {
     // The tag packs connection index (16 bits), generation (16) and slot (32).
     #[allow(clippy::cast_possible_truncation)]
     fn on_read_done(&mut self, completion: ReadCompletion) {
+        if completion.tag == SCRUB_TAG {
+            return self.on_scrub_done(completion);
+        }
         let index = (completion.tag >> 48) as usize;
         let generation = (completion.tag >> 32) as u16;
         let slot = (completion.tag & 0xFFFF_FFFF) as usize;

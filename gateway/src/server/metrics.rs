@@ -122,6 +122,12 @@ pub struct CoreCounters {
     pub registered_regions: AtomicI64,
     /// Clients closed because they took nothing for the stall timeout.
     pub stalled_clients_closed: AtomicU64,
+    /// The background scrub (`scrub.rs`): bytes read and checked, blocks
+    /// checked whole, passes over the shard ended, corrupt blocks it found.
+    pub scrub_read_bytes: AtomicU64,
+    pub scrub_blocks: AtomicU64,
+    pub scrub_passes: AtomicU64,
+    pub scrub_corrupt_blocks: AtomicU64,
     /// Clients closed because their host stopped answering.
     pub dead_clients_closed: AtomicU64,
     /// Histogram handles, registered once: a `histogram!` with labels per read
@@ -175,6 +181,10 @@ impl CoreCounters {
             rdma_connections: AtomicI64::new(0),
             registered_regions: AtomicI64::new(0),
             stalled_clients_closed: AtomicU64::new(0),
+            scrub_read_bytes: AtomicU64::new(0),
+            scrub_blocks: AtomicU64::new(0),
+            scrub_passes: AtomicU64::new(0),
+            scrub_corrupt_blocks: AtomicU64::new(0),
             dead_clients_closed: AtomicU64::new(0),
             storage_read_seconds: metrics::histogram!(STORAGE_READ_SECONDS, "backend" => backend, "shard" => shard.to_string()),
             load_seconds: metrics::histogram!(LOAD_SECONDS, "shard" => shard.to_string()),
@@ -395,6 +405,22 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         "Blocks taken out of the store because a read found them corrupt (lookups no longer find them; the next store of one replaces it)"
     );
     describe_counter!(
+        "dualpath_scrub_read_bytes_total",
+        "Bytes the background scrub read and checked (storage.scrub_mib_per_s)"
+    );
+    describe_counter!(
+        "dualpath_scrub_blocks_total",
+        "Blocks the background scrub checked whole"
+    );
+    describe_counter!(
+        "dualpath_scrub_passes_total",
+        "Passes of the background scrub over the whole shard"
+    );
+    describe_counter!(
+        "dualpath_scrub_corrupt_blocks_total",
+        "Corrupt blocks the background scrub found (and took out of the store) before a load needed them"
+    );
+    describe_counter!(
         "dualpath_storage_syncs_total",
         "File syncs that made stores durable (one serves every store waiting for it)"
     );
@@ -507,6 +533,17 @@ pub fn publish(cores: &[Arc<CoreCounters>], acceptor: &AcceptorCounters) {
             .absolute(load(&core.put_syncs));
         counter!("dualpath_storage_corrupt_blocks_dropped_total", "shard" => shard.clone())
             .absolute(load(&core.corrupt_blocks_dropped));
+        for (name, value) in [
+            ("dualpath_scrub_read_bytes_total", &core.scrub_read_bytes),
+            ("dualpath_scrub_blocks_total", &core.scrub_blocks),
+            ("dualpath_scrub_passes_total", &core.scrub_passes),
+            (
+                "dualpath_scrub_corrupt_blocks_total",
+                &core.scrub_corrupt_blocks,
+            ),
+        ] {
+            counter!(name, "shard" => shard.clone()).absolute(load(value));
+        }
         for (namespace, blocks, slots) in core
             .namespace_fill
             .lock()

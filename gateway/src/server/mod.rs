@@ -10,6 +10,7 @@ mod fault_log;
 pub mod metrics;
 mod pool;
 mod reload;
+mod scrub;
 mod tls;
 
 use std::os::unix::net::UnixListener;
@@ -329,6 +330,7 @@ where
             counters: Arc::clone(&counters[shard as usize]),
             shutdown: Arc::clone(shutdown),
             queue_depth: config.storage.queue_depth,
+            scrub_mib_per_s: config.storage.scrub_mib_per_s,
             drain_timeout: DRAIN_TIMEOUT,
             client_stall_timeout: Duration::from_millis(config.client_stall_timeout_ms),
         };

@@ -48,6 +48,21 @@ impl Slot {
     }
 }
 
+/// What [`SlotTable::next_live`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NextLive {
+    Found {
+        slot: u32,
+        key: BlockKey,
+    },
+    /// No live slot among those looked at; go on from `next`.
+    Searched {
+        next: u32,
+    },
+    /// No live slot from there to the last.
+    End,
+}
+
 /// A slot taken for a put.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reservation {
@@ -321,6 +336,27 @@ impl SlotTable {
         entry.stale_next = NIL;
     }
 
+    /// The first live slot at or after `from`, looking at `budget` slots at
+    /// most (a scrub's walk over the slots, a bounded step at a time).
+    pub fn next_live(&self, from: u32, budget: u32) -> NextLive {
+        let end = self.slot_count();
+        let stop = from.saturating_add(budget).min(end);
+        for slot in from..stop {
+            let entry = &self.slots[slot as usize];
+            if entry.state == SlotState::Live {
+                return NextLive::Found {
+                    slot,
+                    key: entry.key,
+                };
+            }
+        }
+        if stop >= end {
+            NextLive::End
+        } else {
+            NextLive::Searched { next: stop }
+        }
+    }
+
     /// The live slots from least to most recently used, each with the
     /// generation of its block: what `restore_use_order` takes after a
     /// restart.
@@ -486,6 +522,40 @@ mod tests {
     }
 
     proptest! {
+        /// A walk with `next_live`, however small its steps, meets every
+        /// live block once, in slot order, and ends.
+        #[test]
+        fn a_walk_over_the_slots_meets_every_live_block_once(
+            operations in prop::collection::vec((0u8..3, 0u128..40), 0..200),
+            budget in 1u32..20,
+        ) {
+            let mut table = SlotTable::new(32, 1);
+            let mut generation = 0;
+            for (op, key) in operations {
+                apply(&mut table, &mut generation, op, key);
+            }
+            let mut met = Vec::new();
+            let mut from = 0;
+            for _ in 0..=64 {
+                match table.next_live(from, budget) {
+                    NextLive::Found { slot, key } => {
+                        prop_assert_eq!(table.lookup(key), Some(slot));
+                        met.push(slot);
+                        from = slot + 1;
+                    }
+                    NextLive::Searched { next } => {
+                        prop_assert!(next > from);
+                        from = next;
+                    }
+                    NextLive::End => break,
+                }
+            }
+            prop_assert_eq!(table.next_live(from, budget), NextLive::End, "ends");
+            let mut live: Vec<u32> = table.map.values().copied().collect();
+            live.sort_unstable();
+            prop_assert_eq!(met, live);
+        }
+
         /// After a restart, the saved use order comes back exactly; blocks
         /// stored (or removed, or evicted) after the save take the places a
         /// table that never restarted gives them.

@@ -32,13 +32,17 @@ use crate::sys;
 use crate::sys::uring::Completion;
 use crate::{
     BlockStore, IncomingBlock, IoOp, KeyBatchCompletion, KeyBatchKind, NamespaceId, NamespaceSpec,
-    NamespaceStats, PutCompletion, PutStarted, ReadCompletion, ReadRequest, Rejected, ShardStats,
-    StoreError,
+    NamespaceStats, PutCompletion, PutStarted, ReadCompletion, ReadRequest, Rejected, ScrubCursor,
+    ScrubStep, ShardStats, StoreError,
 };
 pub use engine::IoEngine;
 use engine::{Direction, Engine};
 use format::{BlockHeader, Manifest, ManifestNamespace, Record};
-use index::SlotTable;
+use index::{NextLive, SlotTable};
+
+/// Slots a scrub step looks at, at most: a mostly empty store is walked
+/// without holding up the core.
+const SCRUB_SLOTS_PER_STEP: u32 = 4096;
 use put::{take_caller_puts, PutInFlight, SyncSeries, SyncedFile, CALLER_PUT_TAG, PUT_WRITES_MAX};
 
 /// The store directory of one process: validated manifest and an exclusive lock.
@@ -1279,6 +1283,33 @@ impl BlockStore for UringShard {
 
     fn keys(&self, namespace: NamespaceId) -> Vec<BlockKey> {
         self.namespace(namespace).table.keys().collect()
+    }
+
+    fn next_to_scrub(&self, cursor: &mut ScrubCursor) -> ScrubStep {
+        let Some(namespace) = self.namespaces.get(usize::from(cursor.namespace)) else {
+            *cursor = ScrubCursor::default();
+            return ScrubStep::PassDone;
+        };
+        match namespace.table.next_live(cursor.slot, SCRUB_SLOTS_PER_STEP) {
+            NextLive::Found { slot, key } => {
+                cursor.slot = slot + 1;
+                ScrubStep::Block(NamespaceId(cursor.namespace), key)
+            }
+            NextLive::Searched { next } => {
+                cursor.slot = next;
+                ScrubStep::Searching
+            }
+            NextLive::End => {
+                cursor.slot = 0;
+                cursor.namespace += 1;
+                if usize::from(cursor.namespace) < self.namespaces.len() {
+                    ScrubStep::Searching
+                } else {
+                    cursor.namespace = 0;
+                    ScrubStep::PassDone
+                }
+            }
+        }
     }
 
     fn close(&mut self) -> Result<(), StoreError> {
