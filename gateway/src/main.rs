@@ -191,6 +191,10 @@ enum BenchTarget {
         /// gateway reads layer by layer, and fio reads layer-sized pieces).
         #[arg(long, default_value = "full", value_parser = ["full", "layer"])]
         layout: String,
+        /// Also run, interleaved, a gateway whose background scrub reads at
+        /// this many MiB/s per core, and print what it costs the loads.
+        #[arg(long)]
+        scrub_mib_per_s: Option<u32>,
     },
     /// Client -> gateway -> durable on disk, one at a time and pipelined, against fio writes.
     Store {
@@ -575,6 +579,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     queue_depth,
                     cores,
                     layout,
+                    scrub_mib_per_s,
                 },
         } => bench_e2e(&BenchE2eOptions {
             directory: dir,
@@ -584,6 +589,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             queue_depth,
             cores,
             layer_layout: layout == "layer",
+            scrub_mib_per_s,
         }),
         Command::Bench {
             target:

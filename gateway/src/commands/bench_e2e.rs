@@ -29,6 +29,9 @@ pub struct BenchE2eOptions {
     pub cores: u32,
     /// Blocks stored layer by layer (`layout = "layer"`), read a layer at a time.
     pub layer_layout: bool,
+    /// Also runs, interleaved, a gateway with the background scrub at this
+    /// rate (`storage.scrub_mib_per_s`), to measure what it costs loads.
+    pub scrub_mib_per_s: Option<u32>,
 }
 
 impl BenchE2eOptions {
@@ -68,7 +71,13 @@ pub fn bench_e2e(options: &BenchE2eOptions) -> anyhow::Result<()> {
     which_fio()?;
     std::fs::create_dir_all(&options.directory)?;
     let config_path = options.directory.join("gateway.toml");
-    std::fs::write(&config_path, config_text(options)).context("cannot write the bench config")?;
+    std::fs::write(&config_path, config_text(options, 0))
+        .context("cannot write the bench config")?;
+    let scrub_config_path = options.directory.join("gateway-scrub.toml");
+    if let Some(rate) = options.scrub_mib_per_s {
+        std::fs::write(&scrub_config_path, config_text(options, rate))
+            .context("cannot write the bench config")?;
+    }
     let config = GatewayConfig::load(&config_path)?;
     let block_count = options.total_bytes / options.block_bytes;
     let keys: Vec<BlockKey> = (0..block_count)
@@ -128,8 +137,15 @@ pub fn bench_e2e(options: &BenchE2eOptions) -> anyhow::Result<()> {
         .collect();
     shuffled.sort_unstable_by_key(|(rank, _)| rank.0);
     let load_order: Vec<BlockKey> = shuffled.into_iter().map(|(_, key)| key).collect();
-    let (mut ours, mut fio) = (Vec::new(), Vec::new());
+    let (mut ours, mut fio, mut scrubbed) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..options.rounds {
+        if options.scrub_mib_per_s.is_some() && round % 2 == 0 {
+            scrubbed.push(report(
+                "ours, scrubbing",
+                round,
+                run_through_gateway(&scrub_config_path, options, &load_order)?,
+            ));
+        }
         if round % 2 == 1 {
             fio.push(report(
                 "fio",
@@ -149,6 +165,13 @@ pub fn bench_e2e(options: &BenchE2eOptions) -> anyhow::Result<()> {
                 fio_random_reads(&files, options.read_bytes(), options.queue_depth)?,
             ));
         }
+        if options.scrub_mib_per_s.is_some() && round % 2 == 1 {
+            scrubbed.push(report(
+                "ours, scrubbing",
+                round,
+                run_through_gateway(&scrub_config_path, options, &load_order)?,
+            ));
+        }
     }
     let ours_median = median(ours.iter().map(|sample| sample.bytes_per_second));
     let fio_median = median(fio.iter().map(|sample| sample.bytes_per_second));
@@ -159,10 +182,19 @@ pub fn bench_e2e(options: &BenchE2eOptions) -> anyhow::Result<()> {
         fio_median / 1e9,
         ours_median / fio_median
     );
+    if let Some(rate) = options.scrub_mib_per_s {
+        let scrubbed_median = median(scrubbed.iter().map(|sample| sample.bytes_per_second));
+        println!(
+            "with the background scrub at {rate} MiB/s per core: {:.3} GB/s median; without: {:.3} GB/s median; ratio {:.3}",
+            scrubbed_median / 1e9,
+            ours_median / 1e9,
+            scrubbed_median / ours_median
+        );
+    }
     Ok(())
 }
 
-fn config_text(options: &BenchE2eOptions) -> String {
+fn config_text(options: &BenchE2eOptions, scrub_mib_per_s: u32) -> String {
     format!(
         r#"[gateway]
 cores = {cores}
@@ -174,6 +206,7 @@ buffer_bytes = "{block}"
 backend = "uring"
 path = "{store}"
 queue_depth = {depth}
+scrub_mib_per_s = {scrub_mib_per_s}
 [[namespace]]
 name = "bench"
 layers = {LAYERS}
